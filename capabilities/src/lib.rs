@@ -1,0 +1,3 @@
+//! Built-in capabilities. Each module registers itself with
+//! `inventory::submit!`; binaries must link this crate
+//! (`use banger_capabilities as _;`) for the registrations to exist.

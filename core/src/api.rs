@@ -1,0 +1,186 @@
+//! The daemon's HTTP API: paths and JSON types shared by `bangerd`, the CLI
+//! and anyone scripting it with `curl --unix-socket`.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | /v1/version | | [`VersionInfo`] |
+//! | GET | /v1/status | | [`DaemonStatus`] |
+//! | POST | /v1/shutdown | | 202, daemon exits gracefully |
+//! | GET | /v1/capabilities | | `[CapView]` |
+//! | GET | /v1/vms | | `[VmView]` |
+//! | POST | /v1/vms | [`CreateVmRequest`] | NDJSON [`Event`]s |
+//! | GET | /v1/vms/{name} | | [`VmView`] |
+//! | PATCH | /v1/vms/{name} | [`SetVmRequest`] | [`VmView`] |
+//! | DELETE | /v1/vms/{name} | | [`VmView`] (as it was) |
+//! | POST | /v1/vms/{name}/start | | NDJSON [`Event`]s |
+//! | POST | /v1/vms/{name}/restart | | NDJSON [`Event`]s |
+//! | POST | /v1/vms/{name}/stop | | [`VmView`] |
+//! | POST | /v1/vms/{name}/kill | | [`VmView`] |
+//! | GET | /v1/vms/{name}/logs?follow=true | | serial console, `text/plain` stream |
+//!
+//! Errors are a non-2xx status with an [`ErrorBody`]. Streams end with exactly
+//! one `done` or `failed` event.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capability::CapSource;
+use crate::model::VmRecord;
+
+/// Path prefix of this API version.
+pub const PREFIX: &str = "/v1";
+
+/// `vm create` arguments. Numeric fields are signed and sizes are strings so
+/// the daemon can reject zero, negative and garbage values with a clear
+/// message instead of a deserialisation error.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// VM name; generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Kernel image path on the host.
+    pub kernel: PathBuf,
+    /// Optional initrd path.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Root filesystem image; the VM gets its own copy.
+    pub rootfs: PathBuf,
+    /// vCPUs; config default when absent.
+    #[serde(default)]
+    pub vcpus: Option<i64>,
+    /// Memory in MiB; config default when absent.
+    #[serde(default)]
+    pub memory_mib: Option<i64>,
+    /// Work disk size (`8G`); config default when absent.
+    #[serde(default)]
+    pub disk_size: Option<String>,
+    /// `--cap` arguments in order (`NAME`, `NAME:k=v,...`, `-NAME`).
+    #[serde(default)]
+    pub caps: Vec<String>,
+    /// Extra kernel command line.
+    #[serde(default)]
+    pub boot_args: Option<String>,
+    /// Create without starting.
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+/// `vm set` arguments; only allowed while the VM is not running.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetVmRequest {
+    /// New vCPU count.
+    #[serde(default)]
+    pub vcpus: Option<i64>,
+    /// New memory in MiB.
+    #[serde(default)]
+    pub memory_mib: Option<i64>,
+    /// New work disk size; may only grow.
+    #[serde(default)]
+    pub disk_size: Option<String>,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmView {
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: VmRecord,
+    /// The VM's directory on the host.
+    pub dir: PathBuf,
+}
+
+/// A capability as `banger cap list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapView {
+    /// Name used with `--cap`.
+    pub name: String,
+    /// One line of description.
+    pub description: String,
+    /// Built-in or plugin (with its file).
+    pub source: CapSource,
+    /// Enabled for new VMs by default (config `default_caps`).
+    pub default: bool,
+}
+
+/// Version of a banger binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Crate version.
+    pub version: String,
+    /// Git commit it was built from.
+    pub commit: String,
+    /// Unix time of the build.
+    pub built_at: u64,
+}
+
+impl VersionInfo {
+    /// The version of the binary this code is linked into.
+    pub fn current() -> Self {
+        VersionInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            commit: env!("BANGER_GIT_COMMIT").to_string(),
+            built_at: env!("BANGER_BUILD_EPOCH").parse().unwrap_or(0),
+        }
+    }
+}
+
+/// What `banger daemon status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The daemon's own version.
+    pub version: VersionInfo,
+    /// Daemon pid.
+    pub pid: u32,
+    /// Unix time the daemon started.
+    pub started_at: u64,
+    /// API socket.
+    pub socket: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Number of VMs by state name.
+    pub vms: std::collections::BTreeMap<String, usize>,
+    /// Plugins that failed to load, with why.
+    pub plugin_errors: Vec<String>,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The whole error chain, rendered.
+    pub error: String,
+}
+
+/// One line of an NDJSON progress stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A named stage began (`clone_rootfs`, `prepare_host:work-disk`, `launch_vmm`).
+    Stage {
+        /// Stage name.
+        stage: String,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// A log line from a capability or the core.
+    Log {
+        /// `info` or `warn`.
+        level: String,
+        /// The line.
+        message: String,
+    },
+    /// The operation succeeded; the VM as it now is.
+    Done {
+        /// The VM.
+        vm: Box<VmView>,
+    },
+    /// The operation failed.
+    Failed {
+        /// The stage that failed, if any.
+        stage: Option<String>,
+        /// The whole error chain.
+        error: String,
+    },
+}

@@ -1,0 +1,315 @@
+//! The capability interface: everything host- or guest-integrated is a
+//! capability with five lifecycle hooks. The core only sequences them.
+//!
+//! Built-ins register a [`BuiltinCapability`] factory with
+//! `inventory::submit!`; plugins are adapted into the same trait by
+//! `plugin_host`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::GuestConfig;
+use crate::hostops::HostOps;
+use crate::machine::MachineSpec;
+use crate::model::{CapOptions, VmRecord};
+
+/// The fixed hook points of a VM's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    /// Host resources: disks, taps, DNS records, firewall rules.
+    PrepareHost,
+    /// Mutate the VMM-neutral machine spec.
+    ConfigureMachine,
+    /// Add to the guest config bundle.
+    GuestConfig,
+    /// Work that needs a live guest.
+    PostStart,
+    /// Undo PrepareHost (stop, delete, rollback).
+    Teardown,
+}
+
+impl Hook {
+    /// Stage name used in progress events and failures (`prepare_host`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::PrepareHost => "prepare_host",
+            Hook::ConfigureMachine => "configure_machine",
+            Hook::GuestConfig => "guest_config",
+            Hook::PostStart => "post_start",
+            Hook::Teardown => "teardown",
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why Teardown runs. Capabilities keep persistent data on `Stop`, delete it on
+/// `Delete`, and on `Rollback` delete only what this attempt created for a VM
+/// that never booted (see [`VmRecord::booted_once`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeardownReason {
+    /// The VM stopped (or its VMM died); it may start again.
+    Stop,
+    /// The VM is being deleted.
+    Delete,
+    /// A later hook failed; undo this start attempt.
+    Rollback,
+}
+
+/// Where a capability comes from, for `banger cap list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "path")]
+pub enum CapSource {
+    /// Compiled into the daemon.
+    Builtin,
+    /// Loaded from a plugin library.
+    Plugin(PathBuf),
+}
+
+impl fmt::Display for CapSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CapSource::Builtin => f.write_str("builtin"),
+            CapSource::Plugin(p) => write!(f, "plugin {}", p.display()),
+        }
+    }
+}
+
+/// A hook failure. The lifecycle wraps it with the stage and capability name.
+#[derive(Debug, thiserror::Error)]
+pub enum CapError {
+    /// The per-VM options are wrong; the message says which and how to fix it.
+    #[error("{0}")]
+    InvalidOptions(String),
+    /// Anything else, with its cause.
+    #[error("{msg}")]
+    Failed {
+        /// What was being done.
+        msg: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl CapError {
+    /// A failure without an underlying error.
+    pub fn msg(msg: impl Into<String>) -> Self {
+        CapError::Failed {
+            msg: msg.into(),
+            source: None,
+        }
+    }
+
+    /// A failure caused by `source` while doing `msg`.
+    pub fn with(
+        msg: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        CapError::Failed {
+            msg: msg.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+/// Receives a capability's log lines; the lifecycle forwards them to the
+/// operation's progress stream and to the daemon log.
+pub trait HookLog: Send + Sync {
+    /// One human-readable line.
+    fn info(&self, msg: &str);
+    /// A warning the user should see.
+    fn warn(&self, msg: &str);
+}
+
+/// What a hook can see and use. Hook-specific data (machine spec, guest
+/// config) is passed as a separate argument to the hooks that own it.
+pub struct HookCtx<'a> {
+    /// The VM being operated on.
+    pub vm: &'a VmRecord,
+    /// The VM's private directory; capabilities keep their files here.
+    pub vm_dir: &'a Path,
+    /// This capability's per-VM options.
+    pub options: &'a CapOptions,
+    /// Privileged host operations.
+    pub host: &'a dyn HostOps,
+    /// Progress and diagnostics.
+    pub log: &'a dyn HookLog,
+}
+
+impl fmt::Debug for HookCtx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookCtx")
+            .field("vm", &self.vm.name)
+            .field("vm_dir", &self.vm_dir)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A capability. Hooks are synchronous and run on a blocking thread; they
+/// should be idempotent where they can be, because start after stop runs them
+/// again. Every hook has a no-op default.
+pub trait Capability: Send + Sync + fmt::Debug {
+    /// Unique name, used with `--cap`.
+    fn name(&self) -> &str;
+
+    /// One line for `banger cap list`.
+    fn description(&self) -> &str;
+
+    /// Where it comes from.
+    fn source(&self) -> CapSource {
+        CapSource::Builtin
+    }
+
+    /// Checks per-VM options when the VM is created, before anything exists.
+    fn validate_options(&self, _options: &CapOptions) -> Result<(), CapError> {
+        Ok(())
+    }
+
+    /// Sets up host resources.
+    fn prepare_host(&self, _ctx: &HookCtx<'_>) -> Result<(), CapError> {
+        Ok(())
+    }
+
+    /// Adds devices or boot arguments to the machine.
+    fn configure_machine(
+        &self,
+        _ctx: &HookCtx<'_>,
+        _machine: &mut MachineSpec,
+    ) -> Result<(), CapError> {
+        Ok(())
+    }
+
+    /// Adds mounts, files, network or commands for the guest.
+    fn guest_config(&self, _ctx: &HookCtx<'_>, _guest: &mut GuestConfig) -> Result<(), CapError> {
+        Ok(())
+    }
+
+    /// Runs once the VMM is up.
+    fn post_start(&self, _ctx: &HookCtx<'_>) -> Result<(), CapError> {
+        Ok(())
+    }
+
+    /// Undoes `prepare_host`. Must tolerate resources that are already gone.
+    fn teardown(&self, _ctx: &HookCtx<'_>, _reason: TeardownReason) -> Result<(), CapError> {
+        Ok(())
+    }
+}
+
+/// Registration record for a built-in capability. `inventory::submit!` needs
+/// a const expression, so we register a factory, not an instance.
+#[derive(Debug)]
+pub struct BuiltinCapability {
+    /// Makes the capability.
+    pub make: fn() -> Arc<dyn Capability>,
+}
+
+inventory::collect!(BuiltinCapability);
+
+/// Every built-in capability linked into this binary, sorted by name.
+///
+/// A crate nobody references is not linked and its registrations vanish, so
+/// binaries must `use banger_capabilities as _;`.
+pub fn builtins() -> Vec<Arc<dyn Capability>> {
+    let mut caps: Vec<Arc<dyn Capability>> = inventory::iter::<BuiltinCapability>
+        .into_iter()
+        .map(|b| (b.make)())
+        .collect();
+    caps.sort_by(|a, b| a.name().cmp(b.name()));
+    caps
+}
+
+/// The capabilities this daemon knows: built-ins plus loaded plugins.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    caps: Vec<Arc<dyn Capability>>,
+}
+
+/// A registry lookup or composition failure.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    /// Nothing with that name is registered.
+    #[error("Unknown capability {name:?}; available: {available}. See `banger cap list`")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// Comma-separated known names.
+        available: String,
+    },
+    /// Two capabilities claim one name (e.g. a plugin shadowing a built-in).
+    #[error("Capability {name:?} from {second} is already provided by {first}; it was not loaded")]
+    Duplicate {
+        /// The contested name.
+        name: String,
+        /// Who has it.
+        first: String,
+        /// Who was refused.
+        second: String,
+    },
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry { caps: Vec::new() }
+    }
+
+    /// A registry with every linked built-in.
+    pub fn with_builtins() -> Self {
+        let mut r = Registry::new();
+        for c in builtins() {
+            // Built-in names are unique by construction (a test pins the set).
+            let _ = r.add(c);
+        }
+        r
+    }
+
+    /// Adds a capability unless its name is taken.
+    pub fn add(&mut self, cap: Arc<dyn Capability>) -> Result<(), RegistryError> {
+        if let Some(existing) = self.caps.iter().find(|c| c.name() == cap.name()) {
+            return Err(RegistryError::Duplicate {
+                name: cap.name().to_string(),
+                first: existing.source().to_string(),
+                second: cap.source().to_string(),
+            });
+        }
+        self.caps.push(cap);
+        Ok(())
+    }
+
+    /// Looks a capability up by name.
+    pub fn get(&self, name: &str) -> Result<Arc<dyn Capability>, RegistryError> {
+        self.caps
+            .iter()
+            .find(|c| c.name() == name)
+            .cloned()
+            .ok_or_else(|| RegistryError::Unknown {
+                name: name.to_string(),
+                available: self.names().join(", "),
+            })
+    }
+
+    /// All names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.caps.iter().map(|c| c.name().to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// All capabilities, sorted by name.
+    pub fn all(&self) -> Vec<Arc<dyn Capability>> {
+        let mut v = self.caps.clone();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+}

@@ -1,0 +1,213 @@
+//! Privileged host operations behind one interface. Capabilities never touch
+//! the host's network configuration directly: they ask `HostOps`, which runs
+//! in-process when the daemon has the rights and (later) through the narrow
+//! `banger-helper` RPC when it does not. A recording implementation lets
+//! capability code be tested without root.
+
+use std::fmt;
+use std::sync::Mutex;
+
+/// A privileged operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostOpsError {
+    /// The argument is not acceptable (e.g. a bad interface name).
+    #[error("Invalid argument for {op}: {why}")]
+    InvalidArgument {
+        /// Operation name.
+        op: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// The operation failed on the host.
+    #[error("{op} {target} failed")]
+    Failed {
+        /// Operation name.
+        op: &'static str,
+        /// What it acted on.
+        target: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The privileged operations capabilities may ask for.
+pub trait HostOps: Send + Sync + fmt::Debug {
+    /// Creates a persistent tap device owned by `owner_uid` (idempotent).
+    fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError>;
+    /// Deletes a tap device; a missing device is not an error.
+    fn delete_tap(&self, name: &str) -> Result<(), HostOpsError>;
+}
+
+/// Linux interface names: 1-15 bytes, no '/', whitespace or ':'.
+pub fn validate_ifname(op: &'static str, name: &str) -> Result<(), HostOpsError> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(HostOpsError::InvalidArgument {
+            op,
+            why: format!("{name:?} is not a valid interface name (1-15 of [A-Za-z0-9._-])"),
+        })
+    }
+}
+
+/// Host operations performed by this process (needs CAP_NET_ADMIN).
+#[derive(Debug, Default)]
+pub struct InProcessHostOps;
+
+// From <linux/if_tun.h>.
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+nix::ioctl_write_int!(tun_set_iff, b'T', 202);
+nix::ioctl_write_int!(tun_set_persist, b'T', 203);
+nix::ioctl_write_int!(tun_set_owner, b'T', 204);
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+fn tun_open(op: &'static str, name: &str) -> Result<std::fs::File, HostOpsError> {
+    use std::os::fd::AsRawFd;
+    let fail = |source| HostOpsError::Failed {
+        op,
+        target: name.to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(fail)?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `file` is an open /dev/net/tun fd and `req` is a properly sized,
+    // NUL-terminated `struct ifreq` that outlives the call.
+    unsafe { tun_set_iff(file.as_raw_fd(), &mut req as *mut IfReq as u64) }
+        .map_err(|e| fail(std::io::Error::from(e)))?;
+    Ok(file)
+}
+
+impl HostOps for InProcessHostOps {
+    fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError> {
+        use std::os::fd::AsRawFd;
+        validate_ifname("create_tap", name)?;
+        let file = tun_open("create_tap", name)?;
+        let fail = |e: nix::Error| HostOpsError::Failed {
+            op: "create_tap",
+            target: name.to_string(),
+            source: e.into(),
+        };
+        // SAFETY: `file` is a tun fd attached to `name`; these ioctls take an
+        // integer argument.
+        unsafe { tun_set_owner(file.as_raw_fd(), owner_uid as u64) }.map_err(fail)?;
+        // SAFETY: as above.
+        unsafe { tun_set_persist(file.as_raw_fd(), 1) }.map_err(fail)?;
+        Ok(())
+    }
+
+    fn delete_tap(&self, name: &str) -> Result<(), HostOpsError> {
+        use std::os::fd::AsRawFd;
+        validate_ifname("delete_tap", name)?;
+        if !std::path::Path::new("/sys/class/net").join(name).exists() {
+            return Ok(());
+        }
+        let file = tun_open("delete_tap", name)?;
+        // SAFETY: `file` is a tun fd attached to `name`; clearing persistence
+        // makes the device go away when the fd closes.
+        unsafe { tun_set_persist(file.as_raw_fd(), 0) }.map_err(|e| HostOpsError::Failed {
+            op: "delete_tap",
+            target: name.to_string(),
+            source: e.into(),
+        })?;
+        Ok(())
+    }
+}
+
+/// Records every call and succeeds; for tests of capability code.
+#[derive(Debug, Default)]
+pub struct RecordingHostOps {
+    calls: Mutex<Vec<String>>,
+}
+
+impl RecordingHostOps {
+    /// The calls so far, as `op arg...` lines.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn record(&self, line: String) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(line);
+        }
+    }
+}
+
+impl HostOps for RecordingHostOps {
+    fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError> {
+        validate_ifname("create_tap", name)?;
+        self.record(format!("create_tap {name} {owner_uid}"));
+        Ok(())
+    }
+
+    fn delete_tap(&self, name: &str) -> Result<(), HostOpsError> {
+        validate_ifname("delete_tap", name)?;
+        self.record(format!("delete_tap {name}"));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_interface_names() {
+        for bad in ["", "a/b", "has space", "sixteen-chars-xx", "..", "eth0:1"] {
+            assert!(validate_ifname("t", bad).is_err(), "{bad}");
+        }
+        assert!(validate_ifname("t", "bg-tap0").is_ok());
+    }
+
+    #[test]
+    fn recording_ops_record_in_order() {
+        let r = RecordingHostOps::default();
+        r.create_tap("t0", 1000).unwrap();
+        r.delete_tap("t0").unwrap();
+        assert_eq!(r.calls(), vec!["create_tap t0 1000", "delete_tap t0"]);
+    }
+
+    #[test]
+    fn creates_and_deletes_a_real_tap_when_root() {
+        if !nix::unistd::Uid::effective().is_root()
+            || !std::path::Path::new("/dev/net/tun").exists()
+        {
+            eprintln!(
+                "SKIPPED creates_and_deletes_a_real_tap_when_root: needs root and /dev/net/tun"
+            );
+            return;
+        }
+        let name = format!("bgt{}", std::process::id() % 100_000);
+        let ops = InProcessHostOps;
+        ops.create_tap(&name, 0).unwrap();
+        ops.create_tap(&name, 0).unwrap();
+        assert!(std::path::Path::new("/sys/class/net").join(&name).exists());
+        ops.delete_tap(&name).unwrap();
+        assert!(!std::path::Path::new("/sys/class/net").join(&name).exists());
+        ops.delete_tap(&name).unwrap();
+    }
+}

@@ -1,0 +1,19 @@
+//! banger's daemon library.
+//!
+//! The core owns the VM state machine, persistence, locking and the order of
+//! lifecycle hooks; everything host- or guest-integrated lives in
+//! capabilities (see [`capability`]). See `docs/architecture.md` for the map.
+
+pub mod api;
+pub mod capability;
+pub mod client;
+pub mod config;
+pub mod disk;
+pub mod guest;
+pub mod hostops;
+pub mod machine;
+pub mod model;
+pub mod paths;
+pub mod plugin_host;
+pub mod store;
+pub mod vmm;

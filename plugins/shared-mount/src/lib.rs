@@ -1,0 +1,1 @@
+//! Plugin shared-mount (placeholder).

@@ -1,0 +1,1 @@
+//! Plugin faulty (placeholder).

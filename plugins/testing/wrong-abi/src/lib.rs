@@ -1,0 +1,1 @@
+//! Plugin wrong-abi (placeholder).
