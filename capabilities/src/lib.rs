@@ -1,3 +1,8 @@
 //! Built-in capabilities. Each module registers itself with
 //! `inventory::submit!`; binaries must link this crate
 //! (`use banger_capabilities as _;`) for the registrations to exist.
+
+pub mod work_disk;
+
+#[cfg(test)]
+mod tests;

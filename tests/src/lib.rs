@@ -39,3 +39,260 @@ pub fn workspace_cdylib(crate_name: &str) -> PathBuf {
     );
     p
 }
+
+/// An isolated banger installation for one test: its own HOME and XDG
+/// directories in a temp dir, the fake firecracker as `firecracker_bin`, and a
+/// record file of every Firecracker API call. Dropping it stops the daemon and
+/// kills every VMM it started.
+#[derive(Debug)]
+pub struct BangerEnv {
+    dir: tempfile::TempDir,
+    extra_env: Vec<(String, String)>,
+}
+
+/// The outcome of one CLI run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Panics with both streams unless the command succeeded.
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "command failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    /// Panics unless the command failed.
+    pub fn failed(self) -> Self {
+        assert_ne!(self.code, 0, "command unexpectedly succeeded\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+impl BangerEnv {
+    /// A fresh environment with the default config (fake firecracker, plugins
+    /// dir inside the env).
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("bg").tempdir_in("/tmp").unwrap();
+        let env = BangerEnv {
+            dir,
+            extra_env: Vec::new(),
+        };
+        for d in ["home", "config/banger/plugins", "state", "cache", "run"] {
+            std::fs::create_dir_all(env.root().join(d)).unwrap();
+        }
+        env.write_config("");
+        env
+    }
+
+    /// Adds an environment variable for every process this env starts
+    /// (e.g. the fake firecracker's fault injection knobs).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.extra_env.retain(|(k, _)| k != key);
+        self.extra_env.push((key.to_string(), value.to_string()));
+    }
+
+    /// The env's root directory.
+    pub fn root(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The plugins directory the daemon loads from.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.root().join("config/banger/plugins")
+    }
+
+    /// banger's state dir (`$XDG_STATE_HOME/banger`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.root().join("state/banger")
+    }
+
+    /// The daemon socket.
+    pub fn socket(&self) -> PathBuf {
+        self.root().join("run/banger/bangerd.sock")
+    }
+
+    /// Writes config.toml: `firecracker_bin` pointing at the fake plus `extra`.
+    pub fn write_config(&self, extra: &str) {
+        let fake = fake_firecracker();
+        let text = format!(
+            "firecracker_bin = {:?}\nstop_timeout_secs = 3\n{extra}\n",
+            fake.display().to_string()
+        );
+        std::fs::write(self.root().join("config/banger/config.toml"), text).unwrap();
+    }
+
+    /// Where the fake firecracker records API calls.
+    pub fn record_file(&self) -> PathBuf {
+        self.root().join("fc-calls.jsonl")
+    }
+
+    fn command(&self, program: &std::path::Path) -> std::process::Command {
+        let mut c = std::process::Command::new(program);
+        let r = self.root();
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", r.join("home"))
+            .env("XDG_CONFIG_HOME", r.join("config"))
+            .env("XDG_STATE_HOME", r.join("state"))
+            .env("XDG_CACHE_HOME", r.join("cache"))
+            .env("XDG_RUNTIME_DIR", r.join("run"))
+            .env("BANGER_DAEMON_BIN", workspace_bin("bangerd"))
+            .env("FAKE_FC_RECORD", self.record_file())
+            .stdin(std::process::Stdio::null());
+        for (k, v) in &self.extra_env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs the real `banger` CLI with `args`.
+    pub fn banger(&self, args: &[&str]) -> Run {
+        let out = self.command(&workspace_bin("banger")).args(args).output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Starts `bangerd` directly (not through the CLI) and waits until its
+    /// socket answers.
+    pub fn spawn_daemon(&self) -> std::process::Child {
+        let log = std::fs::File::create(self.root().join("bangerd-direct.log")).unwrap();
+        let child = self
+            .command(&workspace_bin("bangerd"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sock = self.socket();
+        wait_until(std::time::Duration::from_secs(20), "bangerd socket answers", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        child
+    }
+
+    /// The daemon pid from its pid file, if any.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.root().join("run/banger/bangerd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Every recorded Firecracker API call, in order.
+    pub fn fc_calls(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.record_file())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// `vm show NAME --json`, parsed.
+    pub fn show(&self, name: &str) -> banger_core::api::VmView {
+        let r = self.banger(&["vm", "show", name, "--json"]).ok();
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+
+    /// `vm list --json`, parsed.
+    pub fn list(&self) -> Vec<banger_core::api::VmView> {
+        let r = self.banger(&["vm", "list", "--json"]).ok();
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+
+    /// A fake kernel and a small root image to boot (the fake firecracker
+    /// only checks that they exist).
+    pub fn boot_files(&self) -> (PathBuf, PathBuf) {
+        let k = self.root().join("vmlinux");
+        let r = self.root().join("rootfs.ext4");
+        if !k.exists() {
+            std::fs::write(&k, b"\x7fELF fake kernel").unwrap();
+            let f = std::fs::File::create(&r).unwrap();
+            f.set_len(32 << 20).unwrap();
+            use std::io::{Seek, Write};
+            let mut f = f;
+            f.seek(std::io::SeekFrom::Start(1 << 20)).unwrap();
+            f.write_all(b"root image payload").unwrap();
+        }
+        (k, r)
+    }
+
+    /// `vm create` with the env's boot files plus `extra` args.
+    pub fn create(&self, name: &str, extra: &[&str]) -> Run {
+        let (k, r) = self.boot_files();
+        let (k, r) = (k.display().to_string(), r.display().to_string());
+        let mut args = vec!["vm", "create", "--name", name, "--kernel", &k, "--rootfs", &r, "--disk-size", "64M"];
+        args.extend_from_slice(extra);
+        self.banger(&args)
+    }
+
+    fn vmm_pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .fc_calls()
+            .iter()
+            .filter_map(|c| c.get("pid").and_then(|p| p.as_i64()))
+            .map(|p| p as i32)
+            .collect();
+        pids.sort();
+        pids.dedup();
+        pids
+    }
+}
+
+impl Default for BangerEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for BangerEnv {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        if let Some(pid) = self.daemon_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        for pid in self.vmm_pids() {
+            // Only kill our own fake VMMs (pid reuse is unlikely but cheap to rule out).
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim().starts_with("fake-firecracke") {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The fake firecracker built by this package.
+pub fn fake_firecracker() -> PathBuf {
+    workspace_bin("fake-firecracker")
+}
+
+/// Polls `cond` until it holds or `timeout` passes (then panics naming
+/// `what`). For waiting on other processes, never as a fixed sleep.
+pub fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut delay = std::time::Duration::from_millis(5);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(std::time::Duration::from_millis(200));
+    }
+}
+
+/// True if `pid` is a live (non-zombie) process.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(s.rsplit(')').next().map(|r| r.trim_start().chars().next()), Some(Some('Z' | 'X'))),
+        Err(_) => false,
+    }
+}

@@ -1,6 +1,32 @@
-//! `bangerd`: the banger daemon.
+//! `bangerd`: the banger daemon. Serves the API on
+//! `$XDG_RUNTIME_DIR/banger/bangerd.sock` until SIGTERM or
+//! `POST /v1/shutdown`. Log level from `BANGER_LOG` (default `info`).
 
 // Linking the built-ins is what registers them with `inventory`.
 use banger_capabilities as _;
 
-fn main() {}
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        let v = banger_core::api::VersionInfo::current();
+        println!("bangerd {} ({})", v.version, v.commit);
+        return;
+    }
+
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bangerd: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(banger_core::daemon::run()) {
+        let chain = banger_core::lifecycle::render_chain(&e);
+        tracing::error!("{chain}");
+        eprintln!("bangerd: {chain}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,212 @@
+//! Tests of the built-ins through the same trait the lifecycle uses.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use banger_core::capability::{Capability, HookCtx, HookLog, TeardownReason, builtins};
+use banger_core::guest::GuestConfig;
+use banger_core::hostops::RecordingHostOps;
+use banger_core::machine::MachineSpec;
+use banger_core::model::{ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+
+use crate::work_disk::{self, WorkDisk};
+
+#[derive(Default)]
+struct Lines(Mutex<Vec<String>>);
+
+impl HookLog for Lines {
+    fn info(&self, msg: &str) {
+        self.0.lock().unwrap().push(format!("info {msg}"));
+    }
+    fn warn(&self, msg: &str) {
+        self.0.lock().unwrap().push(format!("warn {msg}"));
+    }
+}
+
+fn vm(disk: u64, booted_once: bool) -> VmRecord {
+    VmRecord {
+        id: VmId::generate(),
+        name: VmName::parse("t1").unwrap(),
+        state: VmState::Starting,
+        spec: VmSpec {
+            vcpus: 1,
+            memory_mib: 256,
+            disk_size: ByteSize(disk),
+            kernel: "/k".into(),
+            initrd: None,
+            rootfs_source: "/r".into(),
+            extra_boot_args: None,
+            vmm: VmmKind::Firecracker,
+        },
+        caps: vec![],
+        prepared: vec![],
+        vmm: None,
+        last_error: None,
+        machine: None,
+        guest: None,
+        booted_once,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+fn with_ctx<R>(vm: &VmRecord, dir: &Path, f: impl FnOnce(&HookCtx<'_>) -> R) -> (R, Vec<String>) {
+    let host = RecordingHostOps::default();
+    let log = Lines::default();
+    let options = CapOptions::new();
+    let ctx = HookCtx {
+        vm,
+        vm_dir: dir,
+        options: &options,
+        host: &host,
+        log: &log,
+    };
+    let r = f(&ctx);
+    let lines = log.0.lock().unwrap().clone();
+    (r, lines)
+}
+
+fn have_e2fsprogs() -> bool {
+    std::process::Command::new("mkfs.ext4").arg("-V").output().is_ok()
+}
+
+fn debugfs(img: &Path, cmd: &str) -> String {
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", cmd])
+        .arg(img)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn exactly_the_expected_builtins_are_registered() {
+    let names: Vec<String> = builtins().iter().map(|c| c.name().to_string()).collect();
+    assert_eq!(names, vec!["work-disk"]);
+}
+
+#[test]
+fn work_disk_rejects_options() {
+    let mut o = CapOptions::new();
+    o.insert("size".into(), "1G".into());
+    let err = WorkDisk.validate_options(&o).unwrap_err().to_string();
+    assert!(err.contains("--disk-size"), "{err}");
+    assert!(WorkDisk.validate_options(&CapOptions::new()).is_ok());
+}
+
+#[test]
+fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
+    if !have_e2fsprogs() {
+        eprintln!("SKIPPED work_disk_is_created_sparse_attached_and_mounted_at_root: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let v = vm(256 << 20, false);
+    let (r, lines) = with_ctx(&v, dir.path(), |ctx| WorkDisk.prepare_host(ctx));
+    r.unwrap();
+    assert!(lines.iter().any(|l| l.contains("creating")), "{lines:?}");
+    let img = dir.path().join(work_disk::FILE_NAME);
+    let meta = std::fs::metadata(&img).unwrap();
+    assert_eq!(meta.len(), 256 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < 64 << 20, "work disk is not sparse: {} bytes allocated", meta.blocks() * 512);
+    assert!(debugfs(&img, "stats").contains("banger-work"));
+
+    let mut m = MachineSpec {
+        kernel: "/k".into(),
+        initrd: None,
+        boot_args: String::new(),
+        vcpus: 1,
+        memory_mib: 256,
+        drives: vec![],
+        nics: vec![],
+        vsock: None,
+        serial_log: "/s".into(),
+    };
+    with_ctx(&v, dir.path(), |ctx| WorkDisk.configure_machine(ctx, &mut m)).0.unwrap();
+    assert_eq!(m.drives.len(), 1);
+    assert_eq!(m.drives[0].id, work_disk::DRIVE_ID);
+    assert_eq!(m.drives[0].path, img);
+    assert!(!m.drives[0].read_only);
+
+    let mut g = GuestConfig::new("t1");
+    with_ctx(&v, dir.path(), |ctx| WorkDisk.guest_config(ctx, &mut g)).0.unwrap();
+    assert_eq!(g.mounts.len(), 1);
+    assert_eq!(g.mounts[0].mount_point, Path::new("/root"));
+    assert_eq!(g.mounts[0].drive_id, work_disk::DRIVE_ID);
+}
+
+#[test]
+fn work_disk_survives_stop_and_booted_rollback_but_not_delete() {
+    if !have_e2fsprogs() {
+        eprintln!("SKIPPED work_disk_survives_stop_and_booted_rollback_but_not_delete: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join(work_disk::FILE_NAME);
+    let booted = vm(64 << 20, true);
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
+    // Put user data on it, then prove each teardown keeps or drops it.
+    let data = dir.path().join("data.txt");
+    std::fs::write(&data, b"precious").unwrap();
+    let st = std::process::Command::new("debugfs")
+        .args(["-w", "-R", &format!("write {} data.txt", data.display())])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Stop)).0.unwrap();
+    assert!(img.exists());
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Rollback)).0.unwrap();
+    assert!(img.exists(), "rollback of a VM that has booted must keep its data");
+    // Start again: the existing disk is reused, not recreated.
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
+    assert_eq!(debugfs(&img, "cat /data.txt"), "precious");
+
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Delete)).0.unwrap();
+    assert!(!img.exists());
+    // Idempotent: a second delete teardown is fine.
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Delete)).0.unwrap();
+}
+
+#[test]
+fn work_disk_rollback_of_first_start_removes_it() {
+    if !have_e2fsprogs() {
+        eprintln!("SKIPPED work_disk_rollback_of_first_start_removes_it: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = vm(64 << 20, false);
+    with_ctx(&fresh, dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
+    assert!(dir.path().join(work_disk::FILE_NAME).exists());
+    with_ctx(&fresh, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Rollback)).0.unwrap();
+    assert!(!dir.path().join(work_disk::FILE_NAME).exists());
+}
+
+#[test]
+fn work_disk_grows_when_the_size_was_raised() {
+    if !have_e2fsprogs() {
+        eprintln!("SKIPPED work_disk_grows_when_the_size_was_raised: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    with_ctx(&vm(64 << 20, true), dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
+    let (r, lines) = with_ctx(&vm(128 << 20, true), dir.path(), |ctx| WorkDisk.prepare_host(ctx));
+    r.unwrap();
+    assert!(lines.iter().any(|l| l.contains("growing")), "{lines:?}");
+    let img = dir.path().join(work_disk::FILE_NAME);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 128 << 20);
+    let stats = debugfs(&img, "stats");
+    let blocks: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap();
+    let bsize: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap();
+    assert_eq!(blocks * bsize, 128 << 20);
+}

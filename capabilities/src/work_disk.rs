@@ -1,0 +1,120 @@
+//! `work-disk`: a persistent ext4 disk mounted at `/root`. Sparse, sized by
+//! `--disk-size` (or `[vm_defaults] disk_size`), created at the VM's first
+//! start, grown when the size was raised with `vm set`, kept across
+//! stop/start and removed with the VM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::disk;
+use banger_core::guest::{GuestConfig, GuestMount};
+use banger_core::machine::{Drive, DriveRole, MachineSpec};
+use banger_core::model::CapOptions;
+
+/// Name used with `--cap`.
+pub const NAME: &str = "work-disk";
+/// Drive id in the machine spec; the guest config's mount refers to it.
+pub const DRIVE_ID: &str = "work";
+/// File name inside the VM's directory.
+pub const FILE_NAME: &str = "work.ext4";
+/// Where the guest mounts it.
+pub const MOUNT_POINT: &str = "/root";
+
+/// The work-disk capability.
+#[derive(Debug, Default)]
+pub struct WorkDisk;
+
+fn make() -> Arc<dyn Capability> {
+    Arc::new(WorkDisk)
+}
+
+inventory::submit! { BuiltinCapability { make } }
+
+fn disk_path(ctx: &HookCtx<'_>) -> PathBuf {
+    ctx.vm_dir.join(FILE_NAME)
+}
+
+impl Capability for WorkDisk {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn description(&self) -> &str {
+        "Persistent ext4 disk mounted at /root; sized by --disk-size, kept across stop/start, removed on delete"
+    }
+
+    fn validate_options(&self, options: &CapOptions) -> Result<(), CapError> {
+        match options.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(CapError::InvalidOptions(format!(
+                "unknown option {k:?}: work-disk takes no options; size it with --disk-size"
+            ))),
+        }
+    }
+
+    fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
+        let path = disk_path(ctx);
+        let want = ctx.vm.spec.disk_size;
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() >= want.0 => Ok(()),
+            Ok(meta) => {
+                ctx.log.info(&format!(
+                    "growing work disk from {} to {want}",
+                    banger_core::model::ByteSize(meta.len())
+                ));
+                disk::grow_ext4(&path, want).map_err(|e| CapError::with("Cannot grow the work disk", e))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                ctx.log.info(&format!("creating {want} work disk for /root"));
+                disk::create_ext4(&path, want, "banger-work")
+                    .map_err(|e| CapError::with("Cannot create the work disk", e))
+            }
+            Err(e) => Err(CapError::with(format!("Cannot inspect {}", path.display()), e)),
+        }
+    }
+
+    fn configure_machine(&self, ctx: &HookCtx<'_>, machine: &mut MachineSpec) -> Result<(), CapError> {
+        machine
+            .add_drive(Drive {
+                id: DRIVE_ID.to_string(),
+                path: disk_path(ctx),
+                read_only: false,
+                role: DriveRole::Work,
+            })
+            .map_err(|e| CapError::with("Cannot attach the work disk", e))
+    }
+
+    fn guest_config(&self, _ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
+        guest
+            .add_mount(GuestMount {
+                drive_id: DRIVE_ID.to_string(),
+                mount_point: MOUNT_POINT.into(),
+                fstype: "ext4".to_string(),
+                read_only: false,
+            })
+            .map_err(|e| CapError::with("Cannot mount the work disk", e))
+    }
+
+    fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
+        let remove = match reason {
+            TeardownReason::Stop => false,
+            TeardownReason::Delete => true,
+            // A VM that never booted has nothing of the user's on its disk;
+            // one that did keeps its data even when a later start fails.
+            TeardownReason::Rollback => !ctx.vm.booted_once,
+        };
+        if !remove {
+            return Ok(());
+        }
+        let path = disk_path(ctx);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                ctx.log.info("removed work disk");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CapError::with(format!("Cannot remove {}", path.display()), e)),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! `bangerd`: assembles the store, registry, plugins, host operations and
+//! VMM backend, reconciles with the host, and serves the API on a Unix
+//! socket (mode 0600) until told to stop. VMs keep running across daemon
+//! restarts.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::capability::Registry;
+use crate::config::Config;
+use crate::hostops::InProcessHostOps;
+use crate::lifecycle::{Lifecycle, render_chain};
+use crate::machine::MachineSpec;
+use crate::model::{VmmProcess, now_unix};
+use crate::paths::Paths;
+use crate::store::Store;
+use crate::vmm::firecracker::Firecracker;
+use crate::vmm::{LaunchPaths, Vmm, VmmError};
+
+mod server;
+
+/// The daemon could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No usable home/XDG directories.
+    #[error(transparent)]
+    Paths(#[from] crate::paths::NoHome),
+    /// Creating banger's directories failed.
+    #[error("Cannot create banger's directories under {0}")]
+    CreateDirs(PathBuf, #[source] std::io::Error),
+    /// Another daemon holds the pid file lock.
+    #[error("bangerd is already running (pid {pid}); stop it with `banger daemon stop`")]
+    AlreadyRunning {
+        /// Its pid, as written in the pid file.
+        pid: String,
+    },
+    /// The pid file could not be created or locked.
+    #[error("Cannot lock {0}")]
+    PidFile(PathBuf, #[source] std::io::Error),
+    /// config.toml is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The database could not be opened.
+    #[error("Cannot open the state database")]
+    Store(#[from] crate::store::StoreError),
+    /// Reconciliation with running VMMs failed.
+    #[error("Cannot reconcile VMs with the host")]
+    Reconcile(#[source] crate::lifecycle::OpError),
+    /// Binding or serving the socket failed.
+    #[error("Cannot serve the API on {0}")]
+    Serve(PathBuf, #[source] std::io::Error),
+}
+
+/// Stands in for a backend whose binary is not available, so the daemon still
+/// serves everything else and creates fail with the configuration hint.
+#[derive(Debug)]
+struct UnavailableVmm {
+    reason: String,
+}
+
+impl Vmm for UnavailableVmm {
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+
+    fn launch(&self, _machine: &MachineSpec, _paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
+        Err(VmmError::NotReady(self.reason.clone()))
+    }
+
+    fn shutdown(&self, process: &VmmProcess, _grace: Duration) -> Result<(), VmmError> {
+        self.kill(process)
+    }
+
+    fn kill(&self, process: &VmmProcess) -> Result<(), VmmError> {
+        // A VMM started by an earlier daemon may still run; kill only if it is
+        // the same process.
+        if crate::vmm::process_alive(process) {
+            let pid = nix::unistd::Pid::from_raw(process.pid as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+                .map_err(|e| VmmError::Signal(process.pid, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Holds the pid file lock for the daemon's lifetime.
+#[derive(Debug)]
+struct PidLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    path: PathBuf,
+}
+
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn lock_pid_file(path: PathBuf) -> Result<PidLock, DaemonError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| DaemonError::PidFile(path.clone(), e))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+            return Err(DaemonError::AlreadyRunning { pid });
+        }
+        Err((_, e)) => return Err(DaemonError::PidFile(path, e.into())),
+    };
+    lock.set_len(0).map_err(|e| DaemonError::PidFile(path.clone(), e))?;
+    writeln!(&mut *lock, "{}", std::process::id()).map_err(|e| DaemonError::PidFile(path.clone(), e))?;
+    Ok(PidLock { _lock: lock, path })
+}
+
+/// Runs the daemon until SIGTERM, SIGINT or `POST /v1/shutdown`.
+pub async fn run() -> Result<(), DaemonError> {
+    let paths = Paths::from_env()?;
+    paths
+        .create_all()
+        .map_err(|e| DaemonError::CreateDirs(paths.state_dir.clone(), e))?;
+    let _pid = lock_pid_file(paths.pid_file())?;
+    let config = Config::load(&paths.config_file())?;
+    let store = Arc::new(Store::open(&paths.database())?);
+
+    let mut registry = Registry::with_builtins();
+    let mut plugin_errors = Vec::new();
+    let plugins_dir = config.plugins_dir(&paths);
+    let report = crate::plugin_host::load_plugins(&plugins_dir);
+    for cap in report.loaded {
+        tracing::info!(name = cap.name(), source = %cap.source(), "plugin loaded");
+        if let Err(e) = registry.add(cap) {
+            tracing::error!("{e}");
+            plugin_errors.push(e.to_string());
+        }
+    }
+    for e in report.errors {
+        let msg = render_chain(&e);
+        tracing::error!("{msg}");
+        plugin_errors.push(msg);
+    }
+
+    let vmm: Arc<dyn Vmm> = match config.firecracker_bin() {
+        Ok(bin) => Arc::new(Firecracker::new(bin)),
+        Err(e) => {
+            let reason = render_chain(&e);
+            tracing::warn!("{reason}");
+            Arc::new(UnavailableVmm { reason })
+        }
+    };
+    let lifecycle = Arc::new(Lifecycle::new(
+        paths.clone(),
+        config,
+        store,
+        registry,
+        Arc::new(InProcessHostOps),
+        vmm,
+    ));
+    for r in lifecycle.reconcile().await.map_err(DaemonError::Reconcile)? {
+        tracing::info!("reconciled: {r:?}");
+    }
+
+    let socket = paths.socket();
+    let listener = bind_private(&socket)?;
+    let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
+    let state = Arc::new(server::ApiState {
+        lifecycle: lifecycle.clone(),
+        started_at: now_unix(),
+        socket: socket.clone(),
+        plugin_errors,
+        shutdown: shutdown_tx,
+    });
+
+    let monitor_lc = lifecycle.clone();
+    let monitor = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = monitor_lc.reap_dead().await {
+                tracing::warn!("checking VMM processes failed: {}", render_chain(&e));
+            }
+        }
+    });
+
+    tracing::info!(socket = %socket.display(), pid = std::process::id(), "bangerd serving");
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_signal = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = shutdown_rx.wait_for(|v| *v) => {}
+        }
+        tracing::info!("shutting down; VMs keep running");
+        let _ = signalled_tx.send(());
+    };
+    let serve = axum::serve(listener, server::router(state)).with_graceful_shutdown(stop_signal);
+    // Long streams (`vm logs -f`) would hold a graceful shutdown forever: give
+    // in-flight requests a bounded time after the signal.
+    let deadline = async {
+        if signalled_rx.await.is_ok() {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = serve => r.map_err(|e| DaemonError::Serve(socket.clone(), e)),
+        _ = deadline => Ok(()),
+    };
+    monitor.abort();
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+/// Binds the API socket so that only the owner can ever connect: the umask
+/// makes the socket 0600 at creation (no window), and we check it after.
+fn bind_private(socket: &std::path::Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    let err = |e| DaemonError::Serve(socket.to_path_buf(), e);
+    // We hold the pid lock, so any socket file here is stale.
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(err)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}

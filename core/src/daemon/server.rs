@@ -1,0 +1,310 @@
+//! The HTTP front end. It only parses: requests become calls on
+//! [`Lifecycle`], which owns every state rule.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+
+use crate::api::{CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, SetVmRequest, VersionInfo, VmView};
+use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
+use crate::model::{VmRecord, VmState};
+
+/// Shared state of the API handlers.
+#[derive(Debug)]
+pub(crate) struct ApiState {
+    pub lifecycle: Arc<Lifecycle>,
+    pub started_at: u64,
+    pub socket: PathBuf,
+    pub plugin_errors: Vec<String>,
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+type S = State<Arc<ApiState>>;
+
+/// An error answer: status plus `ErrorBody`.
+struct ApiError(StatusCode, String);
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        let status = match &e {
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::Invalid(_) => StatusCode::BAD_REQUEST,
+            OpError::WrongState { .. } | OpError::NameTaken(_) => StatusCode::CONFLICT,
+            OpError::Stage { .. } | OpError::Store(_) | OpError::Io(..) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, render_chain(&e))
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, format!("Invalid request body: {}", e.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+/// The router for API version 1.
+pub(crate) fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/status", get(status))
+        .route("/v1/shutdown", post(shutdown))
+        .route("/v1/capabilities", get(capabilities))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(show_vm).patch(set_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/restart", post(restart_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/kill", post(kill_vm))
+        .route("/v1/vms/{name}/logs", get(vm_logs))
+        .fallback(|| async {
+            ApiError(StatusCode::NOT_FOUND, "No such API path; see docs/api.md".to_string())
+        })
+        .with_state(state)
+}
+
+async fn version() -> Json<VersionInfo> {
+    Json(VersionInfo::current())
+}
+
+async fn status(State(st): S) -> Result<Json<DaemonStatus>, ApiError> {
+    let mut vms = std::collections::BTreeMap::new();
+    for vm in st.lifecycle.list().await? {
+        *vms.entry(vm.state.to_string()).or_insert(0) += 1;
+    }
+    Ok(Json(DaemonStatus {
+        version: VersionInfo::current(),
+        pid: std::process::id(),
+        started_at: st.started_at,
+        socket: st.socket.clone(),
+        state_dir: st.lifecycle.paths().state_dir.clone(),
+        vms,
+        plugin_errors: st.plugin_errors.clone(),
+    }))
+}
+
+async fn shutdown(State(st): S) -> StatusCode {
+    let _ = st.shutdown.send(true);
+    StatusCode::ACCEPTED
+}
+
+async fn capabilities(State(st): S) -> Result<Json<Vec<CapView>>, ApiError> {
+    let lc = &st.lifecycle;
+    let defaults: Vec<String> = lc
+        .config()
+        .default_caps()
+        .map(|v| v.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default();
+    Ok(Json(
+        lc.registry()
+            .all()
+            .into_iter()
+            .map(|c| CapView {
+                name: c.name().to_string(),
+                description: c.description().to_string(),
+                source: c.source(),
+                default: defaults.iter().any(|d| d == c.name()),
+            })
+            .collect(),
+    ))
+}
+
+async fn list_vms(State(st): S) -> Result<Json<Vec<VmView>>, ApiError> {
+    let lc = &st.lifecycle;
+    Ok(Json(lc.list().await?.into_iter().map(|v| lc.view(v)).collect()))
+}
+
+async fn show_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
+    let lc = &st.lifecycle;
+    Ok(Json(lc.view(lc.get(&name).await?)))
+}
+
+async fn set_vm(
+    State(st): S,
+    Path(name): Path<String>,
+    body: Result<Json<SetVmRequest>, JsonRejection>,
+) -> Result<Json<VmView>, ApiError> {
+    let Json(req) = body?;
+    let lc = &st.lifecycle;
+    Ok(Json(lc.view(lc.set(&name, req).await?)))
+}
+
+async fn delete_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
+    let lc = st.lifecycle.clone();
+    // Run to completion even if the client goes away mid-delete.
+    let res = tokio::spawn(async move { lc.delete(&name, &Progress::none()).await }).await;
+    let vm = joined(res)?;
+    Ok(Json(st.lifecycle.view(vm)))
+}
+
+async fn stop_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
+    let lc = st.lifecycle.clone();
+    let res = tokio::spawn(async move { lc.stop(&name, &Progress::none()).await }).await;
+    Ok(Json(st.lifecycle.view(joined(res)?)))
+}
+
+async fn kill_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
+    let lc = st.lifecycle.clone();
+    let res = tokio::spawn(async move { lc.kill(&name, &Progress::none()).await }).await;
+    Ok(Json(st.lifecycle.view(joined(res)?)))
+}
+
+fn joined(res: Result<Result<VmRecord, OpError>, tokio::task::JoinError>) -> Result<VmRecord, ApiError> {
+    match res {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("Operation task failed: {e}"))),
+    }
+}
+
+async fn create_vm(State(st): S, body: Result<Json<CreateVmRequest>, JsonRejection>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    Ok(stream_operation(st, move |lc, p| async move { lc.create(req, &p).await }))
+}
+
+async fn start_vm(State(st): S, Path(name): Path<String>) -> Response {
+    stream_operation(st, move |lc, p| async move { lc.start(&name, &p).await })
+}
+
+async fn restart_vm(State(st): S, Path(name): Path<String>) -> Response {
+    stream_operation(st, move |lc, p| async move { lc.restart(&name, &p).await })
+}
+
+/// Runs a long operation in its own task (so a client that disconnects does
+/// not cancel it half-way) and streams its progress as NDJSON, ending with
+/// exactly one `done` or `failed` event.
+fn stream_operation<F, Fut>(st: Arc<ApiState>, op: F) -> Response
+where
+    F: FnOnce(Arc<Lifecycle>, Progress) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<VmRecord, OpError>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
+    let lc = st.lifecycle.clone();
+    tokio::spawn(async move {
+        let progress = Progress::to(tx.clone());
+        let result = op(lc.clone(), progress).await;
+        let last = match result {
+            Ok(vm) => Event::Done {
+                vm: Box::new(lc.view(vm)),
+            },
+            Err(e) => Event::Failed {
+                stage: e.stage().map(str::to_string),
+                error: render_chain(&e),
+            },
+        };
+        let _ = tx.send(last);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let mut line = serde_json::to_vec(&ev).unwrap_or_else(|e| {
+            format!("{{\"type\":\"failed\",\"stage\":null,\"error\":\"cannot encode event: {e}\"}}").into_bytes()
+        });
+        line.push(b'\n');
+        Some((Ok::<Bytes, Infallible>(Bytes::from(line)), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The guest console. With `follow`, keeps streaming new output while the VM
+/// runs (like `tail -f`), and ends when it stops.
+async fn vm_logs(State(st): S, Path(name): Path<String>, Query(q): Query<LogsQuery>) -> Result<Response, ApiError> {
+    let lc = st.lifecycle.clone();
+    let vm = lc.get(&name).await?;
+    let path = lc.view(vm.clone()).dir.join(crate::lifecycle::SERIAL_LOG_FILE);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Cannot read {}: {e}", path.display()),
+            ));
+        }
+    };
+    if !q.follow {
+        let mut buf = Vec::new();
+        if let Some(mut f) = file {
+            f.read_to_end(&mut buf)
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("Cannot read {}: {e}", path.display())))?;
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], buf).into_response());
+    }
+    struct Tail {
+        file: Option<tokio::fs::File>,
+        path: PathBuf,
+        pos: u64,
+        lc: Arc<Lifecycle>,
+        name: String,
+        done: bool,
+    }
+    let tail = Tail {
+        file,
+        path,
+        pos: 0,
+        lc,
+        name,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(tail, |mut t| async move {
+        loop {
+            if t.file.is_none() {
+                t.file = tokio::fs::File::open(&t.path).await.ok();
+            }
+            if let Some(f) = t.file.as_mut() {
+                let mut buf = vec![0u8; 64 * 1024];
+                if f.seek(std::io::SeekFrom::Start(t.pos)).await.is_ok() {
+                    if let Ok(n) = f.read(&mut buf).await {
+                        if n > 0 {
+                            t.pos += n as u64;
+                            buf.truncate(n);
+                            return Some((Ok::<Bytes, Infallible>(Bytes::from(buf)), t));
+                        }
+                    }
+                }
+            }
+            // At the end of the file: stop once the VM is no longer running,
+            // after one last read, else wait for more output.
+            let running = matches!(t.lc.get(&t.name).await.map(|v| v.state), Ok(VmState::Running | VmState::Starting));
+            if !running {
+                if t.done {
+                    return None;
+                }
+                t.done = true;
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}

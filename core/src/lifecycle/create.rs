@@ -1,0 +1,186 @@
+//! `create`: validate everything before anything exists, record the VM,
+//! give it its own root disk, then start it.
+
+use std::path::Path;
+
+use crate::api::CreateVmRequest;
+use crate::capability::Capability;
+use crate::disk;
+use crate::lifecycle::start::ROOT_DISK;
+use crate::lifecycle::{Lifecycle, OpError, Progress, blocking};
+use crate::model::{
+    ByteSize, CapChoice, VmId, VmName, VmRecord, VmSpec, VmState, now_unix, resolve_caps, validate_memory_mib,
+    validate_vcpus,
+};
+use crate::store::StoreError;
+
+/// Why a create request was refused before anything was created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// A path argument does not name a regular file.
+    #[error("{flag} {path}: not a readable file; pass an existing {what}")]
+    MissingFile {
+        /// The flag (`--kernel`).
+        flag: &'static str,
+        /// The path given.
+        path: String,
+        /// What the file should be.
+        what: &'static str,
+    },
+    /// A path argument is relative (the daemon has its own working directory).
+    #[error("{flag} {path}: path must be absolute")]
+    RelativePath {
+        /// The flag.
+        flag: &'static str,
+        /// The path given.
+        path: String,
+    },
+}
+
+impl Lifecycle {
+    /// Validates `req`, records the VM, clones its root disk and (unless
+    /// `no_start`) starts it. On failure before the start sequence nothing is
+    /// left behind; a failed start leaves the VM in `error` for inspection.
+    pub async fn create(&self, req: CreateVmRequest, progress: &Progress) -> Result<VmRecord, OpError> {
+        progress.stage("validate", "checking the request");
+        let mut vm = self.validate_create(&req)?;
+
+        // Name check and insert are serialised so two creates cannot race
+        // past each other; the UNIQUE constraint backs this up.
+        let guard = self.locks.lock(&vm.id).await;
+        {
+            let _create = self.create_lock.lock().await;
+            let store = self.store.clone();
+            let rec = vm.clone();
+            match blocking(move || store.insert_vm(&rec)).await? {
+                Ok(()) => {}
+                Err(StoreError::NameTaken(n)) => return Err(OpError::NameTaken(n)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        let dir = self.vm_dir(&vm.id);
+        progress.stage("clone_rootfs", format!("copying {} for {}", vm.spec.rootfs_source.display(), vm.name));
+        let src = vm.spec.rootfs_source.clone();
+        let dst = dir.join(ROOT_DISK);
+        let dir2 = dir.clone();
+        let cloned = blocking(move || -> Result<disk::CloneKind, OpError> {
+            std::fs::create_dir_all(&dir2).map_err(|e| OpError::Io(format!("Cannot create {}", dir2.display()), e))?;
+            disk::clone_file(&src, &dst).map_err(|e| OpError::Stage {
+                stage: "clone_rootfs".to_string(),
+                source: Box::new(e),
+            })
+        })
+        .await?;
+        match cloned {
+            Ok(kind) => tracing::info!(vm = %vm.name, ?kind, "root disk cloned"),
+            Err(e) => {
+                // Nothing of this VM may survive a failed clone.
+                let _ = std::fs::remove_dir_all(&dir);
+                let store = self.store.clone();
+                let id = vm.id.clone();
+                let _ = blocking(move || store.delete_vm(&id)).await;
+                drop(guard);
+                self.locks.forget(&vm.id);
+                return Err(e);
+            }
+        }
+
+        if req.no_start {
+            return Ok(vm);
+        }
+        self.start_locked(&mut vm, progress).await?;
+        Ok(vm)
+    }
+
+    fn validate_create(&self, req: &CreateVmRequest) -> Result<VmRecord, OpError> {
+        let invalid = |e: &dyn std::fmt::Display| OpError::Invalid(e.to_string());
+        let name = match &req.name {
+            Some(n) => VmName::parse(n).map_err(|e| invalid(&e))?,
+            None => VmName::generate(),
+        };
+        let d = &self.config.vm_defaults;
+        let vcpus = match req.vcpus {
+            Some(n) => validate_vcpus(n).map_err(|e| invalid(&e))?,
+            None => d.vcpus,
+        };
+        let memory_mib = match req.memory_mib {
+            Some(n) => validate_memory_mib(n).map_err(|e| invalid(&e))?,
+            None => d.memory_mib,
+        };
+        let disk_size = match &req.disk_size {
+            Some(s) => s.parse::<ByteSize>().map_err(|e| invalid(&e))?,
+            None => d.disk_size,
+        };
+        check_file("--kernel", &req.kernel, "kernel image (vmlinux)")?;
+        if let Some(initrd) = &req.initrd {
+            check_file("--initrd", initrd, "initrd image")?;
+        }
+        check_file("--rootfs", &req.rootfs, "root filesystem image")?;
+
+        let choices: Vec<CapChoice> = req
+            .caps
+            .iter()
+            .map(|c| c.parse::<CapChoice>().map_err(|e| invalid(&e)))
+            .collect::<Result<_, _>>()?;
+        let defaults = self.config.default_caps().map_err(|e| invalid(&e))?;
+        let caps = resolve_caps(&defaults, &choices);
+        for c in &caps {
+            let cap: std::sync::Arc<dyn Capability> = self.registry.get(&c.name).map_err(|e| invalid(&e))?;
+            cap.validate_options(&c.options)
+                .map_err(|e| OpError::Invalid(format!("--cap {}: {e}", c.name)))?;
+        }
+
+        let now = now_unix();
+        Ok(VmRecord {
+            id: VmId::generate(),
+            name,
+            state: VmState::Created,
+            spec: VmSpec {
+                vcpus,
+                memory_mib,
+                disk_size,
+                kernel: req.kernel.clone(),
+                initrd: req.initrd.clone(),
+                rootfs_source: req.rootfs.clone(),
+                extra_boot_args: req.boot_args.clone(),
+                vmm: self.config.vmm,
+            },
+            caps,
+            prepared: Vec::new(),
+            vmm: None,
+            last_error: None,
+            machine: None,
+            guest: None,
+            booted_once: false,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+}
+
+fn check_file(flag: &'static str, path: &Path, what: &'static str) -> Result<(), OpError> {
+    if !path.is_absolute() {
+        return Err(OpError::Invalid(
+            CreateError::RelativePath {
+                flag,
+                path: path.display().to_string(),
+            }
+            .to_string(),
+        ));
+    }
+    let ok = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false)
+        && std::fs::File::open(path).is_ok();
+    if ok {
+        Ok(())
+    } else {
+        Err(OpError::Invalid(
+            CreateError::MissingFile {
+                flag,
+                path: path.display().to_string(),
+                what,
+            }
+            .to_string(),
+        ))
+    }
+}

@@ -1,0 +1,53 @@
+//! `delete`: kill the VMM if needed, Teardown(delete) for every enabled
+//! capability in reverse order, then remove the VM's directory and row.
+//! A teardown failure keeps the VM (in `error`) so nothing leaks and the
+//! delete can be retried.
+
+use crate::capability::TeardownReason;
+use crate::lifecycle::stop::StopMode;
+use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, set_failure};
+use crate::model::VmRecord;
+
+impl Lifecycle {
+    /// Deletes a VM and everything it owns. Returns the record as it was.
+    pub async fn delete(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
+        let (guard, mut vm) = self.lock_by_name(name).await?;
+        let before = vm.clone();
+        self.stop_locked(&mut vm, StopMode::Kill, progress).await?;
+
+        // Capabilities keep data across stops (the work disk): every enabled
+        // one gets Teardown(delete), whether or not it is prepared now.
+        let mut order: Vec<String> = vm.prepared.iter().rev().cloned().collect();
+        for c in vm.caps.iter().rev() {
+            if !order.contains(&c.name) {
+                order.push(c.name.clone());
+            }
+        }
+        let errors = self.teardown(&mut vm, order, TeardownReason::Delete, progress).await;
+        if let Some(e) = errors.into_iter().next() {
+            set_failure(&mut vm, &e);
+            self.save(&mut vm).await?;
+            return Err(e);
+        }
+
+        progress.stage("remove", format!("removing {}", vm.name));
+        let dir = self.vm_dir(&vm.id);
+        let sock = self.paths.vmm_socket(&vm.id);
+        let removed = blocking(move || {
+            let _ = std::fs::remove_file(&sock);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(OpError::Io(format!("Cannot remove {}", dir.display()), e)),
+            }
+        })
+        .await?;
+        removed?;
+        let store = self.store.clone();
+        let id = vm.id.clone();
+        blocking(move || store.delete_vm(&id)).await??;
+        drop(guard);
+        self.locks.forget(&vm.id);
+        Ok(before)
+    }
+}

@@ -1,0 +1,438 @@
+//! The lifecycle: the VM state machine, per-VM locking, persistence and the
+//! one place that sequences capability hooks.
+//!
+//! ```text
+//! create:  validate → record → clone root disk → start
+//! start:   PrepareHost → ConfigureMachine → GuestConfig → launch VMM → PostStart → running
+//! stop:    VMM shutdown → Teardown(stop), reverse order of preparation
+//! delete:  kill VMM → Teardown(delete), reverse order → remove dir and row
+//! failure: Teardown(rollback) of everything prepared, reverse order → error(stage, cause)
+//! ```
+//!
+//! One file per verb; they share the helpers here.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::api::{Event, VmView};
+use crate::capability::{CapError, Capability, Hook, HookCtx, HookLog, Registry, TeardownReason};
+use crate::config::Config;
+use crate::hostops::HostOps;
+use crate::model::{EnabledCap, VmId, VmRecord, VmState, now_unix};
+use crate::paths::Paths;
+use crate::store::{Store, StoreError};
+use crate::vmm::Vmm;
+
+mod create;
+mod delete;
+mod reconcile;
+mod set;
+mod start;
+mod stop;
+
+pub use create::CreateError;
+pub use reconcile::Reconciled;
+/// File name of the captured guest console inside a VM's directory.
+pub use start::SERIAL_LOG as SERIAL_LOG_FILE;
+
+/// A lifecycle operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// No VM has that name.
+    #[error("No VM named {0:?}; see `banger vm list`")]
+    NotFound(String),
+    /// The request is invalid; the message names the input and the fix.
+    #[error("{0}")]
+    Invalid(String),
+    /// The VM is in a state where this operation makes no sense.
+    #[error("VM {name} is {state}: {hint}")]
+    WrongState {
+        /// VM name.
+        name: String,
+        /// Its state.
+        state: VmState,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// The name is taken.
+    #[error("A VM named {0:?} already exists; pick another --name or delete it first")]
+    NameTaken(String),
+    /// A stage of the operation failed.
+    #[error("Stage {stage} failed")]
+    Stage {
+        /// The stage (`prepare_host:work-disk`, `launch_vmm`, ...).
+        stage: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store failed.
+    #[error("State database error")]
+    Store(#[from] StoreError),
+    /// Host filesystem work failed.
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+}
+
+impl OpError {
+    /// The failing stage, if the error came from one.
+    pub fn stage(&self) -> Option<&str> {
+        match self {
+            OpError::Stage { stage, .. } => Some(stage),
+            _ => None,
+        }
+    }
+}
+
+/// Renders an error and its whole source chain on one line.
+pub fn render_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.ends_with(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// Where an operation reports progress. Sends never fail the operation: a
+/// client that went away just stops listening.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    tx: Option<UnboundedSender<Event>>,
+}
+
+impl Progress {
+    /// Progress sent to `tx`.
+    pub fn to(tx: UnboundedSender<Event>) -> Self {
+        Progress { tx: Some(tx) }
+    }
+
+    /// Progress nobody listens to.
+    pub fn none() -> Self {
+        Progress { tx: None }
+    }
+
+    /// A stage began.
+    pub fn stage(&self, stage: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(stage, "{message}");
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Event::Stage {
+                stage: stage.to_string(),
+                message,
+            });
+        }
+    }
+
+    fn log(&self, level: &str, message: &str) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Event::Log {
+                level: level.to_string(),
+                message: message.to_string(),
+            });
+        }
+    }
+}
+
+/// Forwards a capability's log lines to the progress stream and the daemon log.
+struct CapLog {
+    cap: String,
+    vm: String,
+    progress: Progress,
+}
+
+impl HookLog for CapLog {
+    fn info(&self, msg: &str) {
+        tracing::info!(vm = %self.vm, cap = %self.cap, "{msg}");
+        self.progress.log("info", &format!("{}: {msg}", self.cap));
+    }
+
+    fn warn(&self, msg: &str) {
+        tracing::warn!(vm = %self.vm, cap = %self.cap, "{msg}");
+        self.progress.log("warn", &format!("{}: {msg}", self.cap));
+    }
+}
+
+/// Per-VM operation locks: same-VM operations are serialised, different VMs
+/// proceed in parallel. The map lock is held only to fetch or insert the
+/// VM's lock, and the `Arc` is cloned under it, so two callers can never end
+/// up holding different locks for one VM.
+#[derive(Debug, Default)]
+struct VmLocks {
+    map: std::sync::Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl VmLocks {
+    async fn lock(&self, id: &VmId) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(id.clone()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    fn forget(&self, id: &VmId) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(id);
+    }
+}
+
+/// The daemon's lifecycle engine. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Lifecycle {
+    paths: Paths,
+    config: Config,
+    store: Arc<Store>,
+    registry: Registry,
+    host: Arc<dyn HostOps>,
+    vmm: Arc<dyn Vmm>,
+    locks: VmLocks,
+    /// Serialises name checks with inserts during create.
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+impl Lifecycle {
+    /// Assembles the engine.
+    pub fn new(
+        paths: Paths,
+        config: Config,
+        store: Arc<Store>,
+        registry: Registry,
+        host: Arc<dyn HostOps>,
+        vmm: Arc<dyn Vmm>,
+    ) -> Self {
+        Lifecycle {
+            paths,
+            config,
+            store,
+            registry,
+            host,
+            vmm,
+            locks: VmLocks::default(),
+            create_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The capability registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The daemon's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Host paths.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// The API view of a record.
+    pub fn view(&self, vm: VmRecord) -> VmView {
+        let dir = self.paths.vm_dir(&vm.id);
+        VmView { record: vm, dir }
+    }
+
+    /// Every VM.
+    pub async fn list(&self) -> Result<Vec<VmRecord>, OpError> {
+        let store = self.store.clone();
+        Ok(blocking(move || store.list_vms()).await??)
+    }
+
+    /// One VM by name.
+    pub async fn get(&self, name: &str) -> Result<VmRecord, OpError> {
+        let store = self.store.clone();
+        let n = name.to_string();
+        blocking(move || store.find_vm(&n))
+            .await??
+            .ok_or_else(|| OpError::NotFound(name.to_string()))
+    }
+
+    /// Looks `name` up, takes its lock, and re-reads the record under the
+    /// lock (it may have changed or gone while we waited).
+    async fn lock_by_name(&self, name: &str) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord), OpError> {
+        let vm = self.get(name).await?;
+        let guard = self.locks.lock(&vm.id).await;
+        let store = self.store.clone();
+        let id = vm.id.clone();
+        let vm = blocking(move || store.get_vm(&id))
+            .await??
+            .ok_or_else(|| OpError::NotFound(name.to_string()))?;
+        Ok((guard, vm))
+    }
+
+    /// Persists `vm`, bumping its update time.
+    async fn save(&self, vm: &mut VmRecord) -> Result<(), OpError> {
+        vm.updated_at = now_unix();
+        let store = self.store.clone();
+        let copy = vm.clone();
+        blocking(move || store.update_vm(&copy)).await??;
+        Ok(())
+    }
+
+    /// The capabilities enabled for `vm`, resolved against the registry.
+    fn caps_of(&self, caps: &[EnabledCap]) -> Result<Vec<(Arc<dyn Capability>, EnabledCap)>, OpError> {
+        caps.iter()
+            .map(|c| {
+                self.registry
+                    .get(&c.name)
+                    .map(|cap| (cap, c.clone()))
+                    .map_err(|e| OpError::Invalid(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Runs one hook of one capability on a blocking thread. `payload` is the
+    /// hook's mutable data (machine spec or guest config) or `()`.
+    async fn run_hook<T: Send + 'static>(
+        &self,
+        hook: Hook,
+        cap: Arc<dyn Capability>,
+        enabled: &EnabledCap,
+        vm: &VmRecord,
+        progress: &Progress,
+        payload: T,
+        f: fn(&dyn Capability, &HookCtx<'_>, &mut T) -> Result<(), CapError>,
+    ) -> Result<T, OpError> {
+        let stage = format!("{}:{}", hook, cap.name());
+        progress.stage(&stage, format!("{} {}", hook_verb(hook), cap.name()));
+        let vm = vm.clone();
+        let vm_dir = self.paths.vm_dir(&vm.id);
+        let host = self.host.clone();
+        let options = enabled.options.clone();
+        let log = CapLog {
+            cap: cap.name().to_string(),
+            vm: vm.name.to_string(),
+            progress: progress.clone(),
+        };
+        let res = blocking(move || {
+            let ctx = HookCtx {
+                vm: &vm,
+                vm_dir: &vm_dir,
+                options: &options,
+                host: host.as_ref(),
+                log: &log,
+            };
+            let mut payload = payload;
+            // A panicking built-in must fail only this operation.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(cap.as_ref(), &ctx, &mut payload)));
+            match r {
+                Ok(Ok(())) => Ok(payload),
+                Ok(Err(e)) => Err(e),
+                Err(panic) => Err(CapError::msg(format!("capability panicked: {}", panic_message(&panic)))),
+            }
+        })
+        .await?;
+        res.map_err(|e| OpError::Stage {
+            stage,
+            source: Box::new(e),
+        })
+    }
+
+    /// Tears down `names` (in the order given) with `reason`, removing each
+    /// from `vm.prepared` as it succeeds and persisting after each step.
+    /// Failures are collected, not fatal: everything that can be undone is.
+    async fn teardown(
+        &self,
+        vm: &mut VmRecord,
+        names: Vec<String>,
+        reason: TeardownReason,
+        progress: &Progress,
+    ) -> Vec<OpError> {
+        let mut errors = Vec::new();
+        for name in names {
+            let enabled = vm
+                .caps
+                .iter()
+                .find(|c| c.name == name)
+                .cloned()
+                .unwrap_or(EnabledCap {
+                    name: name.clone(),
+                    options: Default::default(),
+                });
+            let cap = match self.registry.get(&name) {
+                Ok(c) => c,
+                Err(e) => {
+                    progress.log("warn", &format!("cannot tear down {name}: {e}"));
+                    errors.push(OpError::Invalid(e.to_string()));
+                    continue;
+                }
+            };
+            let r = self
+                .run_hook(Hook::Teardown, cap, &enabled, vm, progress, reason, |c, ctx, reason| {
+                    c.teardown(ctx, *reason)
+                })
+                .await;
+            match r {
+                Ok(_) => {
+                    vm.prepared.retain(|p| p != &name);
+                    if let Err(e) = self.save(vm).await {
+                        errors.push(e);
+                    }
+                }
+                Err(e) => {
+                    progress.log("warn", &render_chain(&e));
+                    errors.push(e);
+                }
+            }
+        }
+        errors
+    }
+
+    /// Graceful stop timeout.
+    fn stop_grace(&self) -> Duration {
+        Duration::from_secs(self.config.stop_timeout_secs)
+    }
+
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.paths.vm_dir(id)
+    }
+}
+
+fn hook_verb(h: Hook) -> &'static str {
+    match h {
+        Hook::PrepareHost => "preparing host for",
+        Hook::ConfigureMachine => "configuring machine for",
+        Hook::GuestConfig => "adding guest config for",
+        Hook::PostStart => "finishing start of",
+        Hook::Teardown => "tearing down",
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+/// Runs blocking work (SQLite, hooks, VMM control) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| OpError::Stage {
+        stage: "internal".to_string(),
+        source: Box::new(e),
+    })
+}
+
+/// Marks `vm` failed at `stage`.
+fn set_failure(vm: &mut VmRecord, err: &OpError) {
+    vm.state = VmState::Error;
+    vm.last_error = Some(crate::model::Failure {
+        stage: err.stage().unwrap_or("internal").to_string(),
+        cause: render_chain(err),
+        at: now_unix(),
+    });
+}

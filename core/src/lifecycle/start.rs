@@ -1,0 +1,152 @@
+//! `start`: PrepareHost → ConfigureMachine → GuestConfig → launch VMM →
+//! PostStart. Any failure rolls back everything prepared, in reverse.
+
+use crate::capability::{Hook, TeardownReason};
+use crate::guest::GuestConfig;
+use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain, set_failure};
+use crate::machine::{Drive, DriveRole, MachineSpec};
+use crate::model::{VmRecord, VmState};
+use crate::vmm::LaunchPaths;
+
+/// Kernel command line every VM gets before capabilities add to it.
+pub(crate) const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// File name of a VM's own root disk inside its directory.
+pub(crate) const ROOT_DISK: &str = "rootfs.ext4";
+/// File name of the captured guest console inside a VM's directory.
+pub const SERIAL_LOG: &str = "serial.log";
+/// File name of the VMM's own log inside a VM's directory.
+pub(crate) const VMM_LOG: &str = "vmm.log";
+
+impl Lifecycle {
+    /// Starts a stopped, created or failed VM.
+    pub async fn start(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
+        let (_guard, mut vm) = self.lock_by_name(name).await?;
+        match vm.state {
+            VmState::Created | VmState::Stopped | VmState::Error => {}
+            VmState::Running => return Ok(vm),
+            state @ (VmState::Starting | VmState::Stopping) => {
+                return Err(OpError::WrongState {
+                    name: name.to_string(),
+                    state,
+                    hint: "wait for the current operation to finish",
+                });
+            }
+        }
+        self.start_locked(&mut vm, progress).await?;
+        Ok(vm)
+    }
+
+    /// The start sequence; the caller holds the VM's lock.
+    pub(crate) async fn start_locked(&self, vm: &mut VmRecord, progress: &Progress) -> Result<(), OpError> {
+        // Leftovers from an earlier failure whose teardown itself failed.
+        if !vm.prepared.is_empty() {
+            let leftovers: Vec<String> = vm.prepared.iter().rev().cloned().collect();
+            let errors = self.teardown(vm, leftovers, TeardownReason::Rollback, progress).await;
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e);
+            }
+        }
+        vm.state = VmState::Starting;
+        self.save(vm).await?;
+        match self.run_start(vm, progress).await {
+            Ok(()) => {
+                vm.state = VmState::Running;
+                vm.booted_once = true;
+                vm.last_error = None;
+                self.save(vm).await?;
+                progress.stage("running", format!("{} is running", vm.name));
+                Ok(())
+            }
+            Err(err) => {
+                progress.stage("rollback", format!("{}; rolling back", render_chain(&err)));
+                if let Some(p) = vm.vmm.take() {
+                    let vmm = self.vmm.clone();
+                    let _ = blocking(move || vmm.kill(&p)).await;
+                }
+                let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();
+                let _ = self.teardown(vm, prepared, TeardownReason::Rollback, progress).await;
+                set_failure(vm, &err);
+                self.save(vm).await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn run_start(&self, vm: &mut VmRecord, progress: &Progress) -> Result<(), OpError> {
+        let caps = self.caps_of(&vm.caps)?;
+        let dir = self.vm_dir(&vm.id);
+
+        for (cap, enabled) in &caps {
+            self.run_hook(Hook::PrepareHost, cap.clone(), enabled, vm, progress, (), |c, ctx, _| {
+                c.prepare_host(ctx)
+            })
+            .await?;
+            vm.prepared.push(enabled.name.clone());
+            self.save(vm).await?;
+        }
+
+        let boot_args = match &vm.spec.extra_boot_args {
+            Some(extra) if !extra.trim().is_empty() => format!("{BASE_BOOT_ARGS} {}", extra.trim()),
+            _ => BASE_BOOT_ARGS.to_string(),
+        };
+        let mut machine = MachineSpec {
+            kernel: vm.spec.kernel.clone(),
+            initrd: vm.spec.initrd.clone(),
+            boot_args,
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory_mib,
+            drives: vec![Drive {
+                id: "root".to_string(),
+                path: dir.join(ROOT_DISK),
+                read_only: false,
+                role: DriveRole::Root,
+            }],
+            nics: Vec::new(),
+            vsock: None,
+            serial_log: dir.join(SERIAL_LOG),
+        };
+        for (cap, enabled) in &caps {
+            machine = self
+                .run_hook(Hook::ConfigureMachine, cap.clone(), enabled, vm, progress, machine, |c, ctx, m| {
+                    c.configure_machine(ctx, m)
+                })
+                .await?;
+        }
+
+        let mut guest = GuestConfig::new(vm.name.as_str());
+        for (cap, enabled) in &caps {
+            guest = self
+                .run_hook(Hook::GuestConfig, cap.clone(), enabled, vm, progress, guest, |c, ctx, g| {
+                    c.guest_config(ctx, g)
+                })
+                .await?;
+        }
+        vm.machine = Some(machine.clone());
+        vm.guest = Some(guest);
+        self.save(vm).await?;
+
+        progress.stage("launch_vmm", format!("launching {}", self.vmm.name()));
+        let paths = LaunchPaths {
+            vm_dir: dir.clone(),
+            api_socket: self.paths.vmm_socket(&vm.id),
+            vmm_log: dir.join(VMM_LOG),
+        };
+        let vmm = self.vmm.clone();
+        let launched = blocking(move || vmm.launch(&machine, &paths)).await?;
+        let process = launched.map_err(|e| OpError::Stage {
+            stage: "launch_vmm".to_string(),
+            source: Box::new(e),
+        })?;
+        vm.vmm = Some(process);
+        self.save(vm).await?;
+
+        for (cap, enabled) in &caps {
+            self.run_hook(Hook::PostStart, cap.clone(), enabled, vm, progress, (), |c, ctx, _| {
+                c.post_start(ctx)
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
