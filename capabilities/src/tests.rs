@@ -67,7 +67,10 @@ fn with_ctx<R>(vm: &VmRecord, dir: &Path, f: impl FnOnce(&HookCtx<'_>) -> R) -> 
 }
 
 fn have_e2fsprogs() -> bool {
-    std::process::Command::new("mkfs.ext4").arg("-V").output().is_ok()
+    std::process::Command::new("mkfs.ext4")
+        .arg("-V")
+        .output()
+        .is_ok()
 }
 
 fn debugfs(img: &Path, cmd: &str) -> String {
@@ -97,7 +100,9 @@ fn work_disk_rejects_options() {
 #[test]
 fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
     if !have_e2fsprogs() {
-        eprintln!("SKIPPED work_disk_is_created_sparse_attached_and_mounted_at_root: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        eprintln!(
+            "SKIPPED work_disk_is_created_sparse_attached_and_mounted_at_root: mkfs.ext4 missing (apt-get install e2fsprogs)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +114,11 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
     let meta = std::fs::metadata(&img).unwrap();
     assert_eq!(meta.len(), 256 << 20);
     use std::os::unix::fs::MetadataExt;
-    assert!(meta.blocks() * 512 < 64 << 20, "work disk is not sparse: {} bytes allocated", meta.blocks() * 512);
+    assert!(
+        meta.blocks() * 512 < 64 << 20,
+        "work disk is not sparse: {} bytes allocated",
+        meta.blocks() * 512
+    );
     assert!(debugfs(&img, "stats").contains("banger-work"));
 
     let mut m = MachineSpec {
@@ -123,14 +132,20 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
         vsock: None,
         serial_log: "/s".into(),
     };
-    with_ctx(&v, dir.path(), |ctx| WorkDisk.configure_machine(ctx, &mut m)).0.unwrap();
+    with_ctx(&v, dir.path(), |ctx| {
+        WorkDisk.configure_machine(ctx, &mut m)
+    })
+    .0
+    .unwrap();
     assert_eq!(m.drives.len(), 1);
     assert_eq!(m.drives[0].id, work_disk::DRIVE_ID);
     assert_eq!(m.drives[0].path, img);
     assert!(!m.drives[0].read_only);
 
     let mut g = GuestConfig::new("t1");
-    with_ctx(&v, dir.path(), |ctx| WorkDisk.guest_config(ctx, &mut g)).0.unwrap();
+    with_ctx(&v, dir.path(), |ctx| WorkDisk.guest_config(ctx, &mut g))
+        .0
+        .unwrap();
     assert_eq!(g.mounts.len(), 1);
     assert_eq!(g.mounts[0].mount_point, Path::new("/root"));
     assert_eq!(g.mounts[0].drive_id, work_disk::DRIVE_ID);
@@ -139,13 +154,17 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
 #[test]
 fn work_disk_survives_stop_and_booted_rollback_but_not_delete() {
     if !have_e2fsprogs() {
-        eprintln!("SKIPPED work_disk_survives_stop_and_booted_rollback_but_not_delete: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        eprintln!(
+            "SKIPPED work_disk_survives_stop_and_booted_rollback_but_not_delete: mkfs.ext4 missing (apt-get install e2fsprogs)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join(work_disk::FILE_NAME);
     let booted = vm(64 << 20, true);
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx))
+        .0
+        .unwrap();
     // Put user data on it, then prove each teardown keeps or drops it.
     let data = dir.path().join("data.txt");
     std::fs::write(&data, b"precious").unwrap();
@@ -156,43 +175,80 @@ fn work_disk_survives_stop_and_booted_rollback_but_not_delete() {
         .unwrap();
     assert!(st.status.success());
 
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Stop)).0.unwrap();
+    with_ctx(&booted, dir.path(), |ctx| {
+        WorkDisk.teardown(ctx, TeardownReason::Stop)
+    })
+    .0
+    .unwrap();
     assert!(img.exists());
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Rollback)).0.unwrap();
-    assert!(img.exists(), "rollback of a VM that has booted must keep its data");
+    with_ctx(&booted, dir.path(), |ctx| {
+        WorkDisk.teardown(ctx, TeardownReason::Rollback)
+    })
+    .0
+    .unwrap();
+    assert!(
+        img.exists(),
+        "rollback of a VM that has booted must keep its data"
+    );
     // Start again: the existing disk is reused, not recreated.
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
+    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx))
+        .0
+        .unwrap();
     assert_eq!(debugfs(&img, "cat /data.txt"), "precious");
 
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Delete)).0.unwrap();
+    with_ctx(&booted, dir.path(), |ctx| {
+        WorkDisk.teardown(ctx, TeardownReason::Delete)
+    })
+    .0
+    .unwrap();
     assert!(!img.exists());
     // Idempotent: a second delete teardown is fine.
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Delete)).0.unwrap();
+    with_ctx(&booted, dir.path(), |ctx| {
+        WorkDisk.teardown(ctx, TeardownReason::Delete)
+    })
+    .0
+    .unwrap();
 }
 
 #[test]
 fn work_disk_rollback_of_first_start_removes_it() {
     if !have_e2fsprogs() {
-        eprintln!("SKIPPED work_disk_rollback_of_first_start_removes_it: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        eprintln!(
+            "SKIPPED work_disk_rollback_of_first_start_removes_it: mkfs.ext4 missing (apt-get install e2fsprogs)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let fresh = vm(64 << 20, false);
-    with_ctx(&fresh, dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
+    with_ctx(&fresh, dir.path(), |ctx| WorkDisk.prepare_host(ctx))
+        .0
+        .unwrap();
     assert!(dir.path().join(work_disk::FILE_NAME).exists());
-    with_ctx(&fresh, dir.path(), |ctx| WorkDisk.teardown(ctx, TeardownReason::Rollback)).0.unwrap();
+    with_ctx(&fresh, dir.path(), |ctx| {
+        WorkDisk.teardown(ctx, TeardownReason::Rollback)
+    })
+    .0
+    .unwrap();
     assert!(!dir.path().join(work_disk::FILE_NAME).exists());
 }
 
 #[test]
 fn work_disk_grows_when_the_size_was_raised() {
     if !have_e2fsprogs() {
-        eprintln!("SKIPPED work_disk_grows_when_the_size_was_raised: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        eprintln!(
+            "SKIPPED work_disk_grows_when_the_size_was_raised: mkfs.ext4 missing (apt-get install e2fsprogs)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    with_ctx(&vm(64 << 20, true), dir.path(), |ctx| WorkDisk.prepare_host(ctx)).0.unwrap();
-    let (r, lines) = with_ctx(&vm(128 << 20, true), dir.path(), |ctx| WorkDisk.prepare_host(ctx));
+    with_ctx(&vm(64 << 20, true), dir.path(), |ctx| {
+        WorkDisk.prepare_host(ctx)
+    })
+    .0
+    .unwrap();
+    let (r, lines) = with_ctx(&vm(128 << 20, true), dir.path(), |ctx| {
+        WorkDisk.prepare_host(ctx)
+    });
     r.unwrap();
     assert!(lines.iter().any(|l| l.contains("growing")), "{lines:?}");
     let img = dir.path().join(work_disk::FILE_NAME);

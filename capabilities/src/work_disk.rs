@@ -63,18 +63,27 @@ impl Capability for WorkDisk {
                     "growing work disk from {} to {want}",
                     banger_core::model::ByteSize(meta.len())
                 ));
-                disk::grow_ext4(&path, want).map_err(|e| CapError::with("Cannot grow the work disk", e))
+                disk::grow_ext4(&path, want)
+                    .map_err(|e| CapError::with("Cannot grow the work disk", e))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                ctx.log.info(&format!("creating {want} work disk for /root"));
+                ctx.log
+                    .info(&format!("creating {want} work disk for /root"));
                 disk::create_ext4(&path, want, "banger-work")
                     .map_err(|e| CapError::with("Cannot create the work disk", e))
             }
-            Err(e) => Err(CapError::with(format!("Cannot inspect {}", path.display()), e)),
+            Err(e) => Err(CapError::with(
+                format!("Cannot inspect {}", path.display()),
+                e,
+            )),
         }
     }
 
-    fn configure_machine(&self, ctx: &HookCtx<'_>, machine: &mut MachineSpec) -> Result<(), CapError> {
+    fn configure_machine(
+        &self,
+        ctx: &HookCtx<'_>,
+        machine: &mut MachineSpec,
+    ) -> Result<(), CapError> {
         machine
             .add_drive(Drive {
                 id: DRIVE_ID.to_string(),
@@ -114,7 +123,10 @@ impl Capability for WorkDisk {
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(CapError::with(format!("Cannot remove {}", path.display()), e)),
+            Err(e) => Err(CapError::with(
+                format!("Cannot remove {}", path.display()),
+                e,
+            )),
         }
     }
 }

@@ -64,13 +64,21 @@ pub struct Run {
 impl Run {
     /// Panics with both streams unless the command succeeded.
     pub fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "command failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
     /// Panics unless the command failed.
     pub fn failed(self) -> Self {
-        assert_ne!(self.code, 0, "command unexpectedly succeeded\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_ne!(
+            self.code, 0,
+            "command unexpectedly succeeded\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -79,7 +87,10 @@ impl BangerEnv {
     /// A fresh environment with the default config (fake firecracker, plugins
     /// dir inside the env).
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("bg").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bg")
+            .tempdir_in("/tmp")
+            .unwrap();
         let env = BangerEnv {
             dir,
             extra_env: Vec::new(),
@@ -154,7 +165,11 @@ impl BangerEnv {
 
     /// Runs the real `banger` CLI with `args`.
     pub fn banger(&self, args: &[&str]) -> Run {
-        let out = self.command(&workspace_bin("banger")).args(args).output().unwrap();
+        let out = self
+            .command(&workspace_bin("banger"))
+            .args(args)
+            .output()
+            .unwrap();
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -173,9 +188,11 @@ impl BangerEnv {
             .spawn()
             .unwrap();
         let sock = self.socket();
-        wait_until(std::time::Duration::from_secs(20), "bangerd socket answers", || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
+        wait_until(
+            std::time::Duration::from_secs(20),
+            "bangerd socket answers",
+            || std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+        );
         child
     }
 
@@ -231,7 +248,18 @@ impl BangerEnv {
     pub fn create(&self, name: &str, extra: &[&str]) -> Run {
         let (k, r) = self.boot_files();
         let (k, r) = (k.display().to_string(), r.display().to_string());
-        let mut args = vec!["vm", "create", "--name", name, "--kernel", &k, "--rootfs", &r, "--disk-size", "64M"];
+        let mut args = vec![
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--kernel",
+            &k,
+            "--rootfs",
+            &r,
+            "--disk-size",
+            "64M",
+        ];
         args.extend_from_slice(extra);
         self.banger(&args)
     }
@@ -283,7 +311,10 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut
     let deadline = std::time::Instant::now() + timeout;
     let mut delay = std::time::Duration::from_millis(5);
     while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
         std::thread::sleep(delay);
         delay = (delay * 2).min(std::time::Duration::from_millis(200));
     }
@@ -292,7 +323,10 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut
 /// True if `pid` is a live (non-zombie) process.
 pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(s.rsplit(')').next().map(|r| r.trim_start().chars().next()), Some(Some('Z' | 'X'))),
+        Ok(s) => !matches!(
+            s.rsplit(')').next().map(|r| r.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
         Err(_) => false,
     }
 }

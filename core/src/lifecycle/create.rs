@@ -9,8 +9,8 @@ use crate::disk;
 use crate::lifecycle::start::ROOT_DISK;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking};
 use crate::model::{
-    ByteSize, CapChoice, VmId, VmName, VmRecord, VmSpec, VmState, now_unix, resolve_caps, validate_memory_mib,
-    validate_vcpus,
+    ByteSize, CapChoice, VmId, VmName, VmRecord, VmSpec, VmState, now_unix, resolve_caps,
+    validate_memory_mib, validate_vcpus,
 };
 use crate::store::StoreError;
 
@@ -41,7 +41,11 @@ impl Lifecycle {
     /// Validates `req`, records the VM, clones its root disk and (unless
     /// `no_start`) starts it. On failure before the start sequence nothing is
     /// left behind; a failed start leaves the VM in `error` for inspection.
-    pub async fn create(&self, req: CreateVmRequest, progress: &Progress) -> Result<VmRecord, OpError> {
+    pub async fn create(
+        &self,
+        req: CreateVmRequest,
+        progress: &Progress,
+    ) -> Result<VmRecord, OpError> {
         progress.stage("validate", "checking the request");
         let mut vm = self.validate_create(&req)?;
 
@@ -60,12 +64,20 @@ impl Lifecycle {
         }
 
         let dir = self.vm_dir(&vm.id);
-        progress.stage("clone_rootfs", format!("copying {} for {}", vm.spec.rootfs_source.display(), vm.name));
+        progress.stage(
+            "clone_rootfs",
+            format!(
+                "copying {} for {}",
+                vm.spec.rootfs_source.display(),
+                vm.name
+            ),
+        );
         let src = vm.spec.rootfs_source.clone();
         let dst = dir.join(ROOT_DISK);
         let dir2 = dir.clone();
         let cloned = blocking(move || -> Result<disk::CloneKind, OpError> {
-            std::fs::create_dir_all(&dir2).map_err(|e| OpError::Io(format!("Cannot create {}", dir2.display()), e))?;
+            std::fs::create_dir_all(&dir2)
+                .map_err(|e| OpError::Io(format!("Cannot create {}", dir2.display()), e))?;
             disk::clone_file(&src, &dst).map_err(|e| OpError::Stage {
                 stage: "clone_rootfs".to_string(),
                 source: Box::new(e),
@@ -126,7 +138,8 @@ impl Lifecycle {
         let defaults = self.config.default_caps().map_err(|e| invalid(&e))?;
         let caps = resolve_caps(&defaults, &choices);
         for c in &caps {
-            let cap: std::sync::Arc<dyn Capability> = self.registry.get(&c.name).map_err(|e| invalid(&e))?;
+            let cap: std::sync::Arc<dyn Capability> =
+                self.registry.get(&c.name).map_err(|e| invalid(&e))?;
             cap.validate_options(&c.options)
                 .map_err(|e| OpError::Invalid(format!("--cap {}: {e}", c.name)))?;
         }
@@ -169,7 +182,9 @@ fn check_file(flag: &'static str, path: &Path, what: &'static str) -> Result<(),
             .to_string(),
         ));
     }
-    let ok = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false)
+    let ok = std::fs::metadata(path)
+        .map(|m| m.is_file())
+        .unwrap_or(false)
         && std::fs::File::open(path).is_ok();
     if ok {
         Ok(())

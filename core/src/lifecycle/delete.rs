@@ -23,7 +23,9 @@ impl Lifecycle {
                 order.push(c.name.clone());
             }
         }
-        let errors = self.teardown(&mut vm, order, TeardownReason::Delete, progress).await;
+        let errors = self
+            .teardown(&mut vm, order, TeardownReason::Delete, progress)
+            .await;
         if let Some(e) = errors.into_iter().next() {
             set_failure(&mut vm, &e);
             self.save(&mut vm).await?;

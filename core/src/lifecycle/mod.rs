@@ -186,6 +186,9 @@ impl VmLocks {
     }
 }
 
+/// A resolved capability with its per-VM options.
+type CapEntry = (Arc<dyn Capability>, EnabledCap);
+
 /// The daemon's lifecycle engine. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Lifecycle {
@@ -260,7 +263,10 @@ impl Lifecycle {
 
     /// Looks `name` up, takes its lock, and re-reads the record under the
     /// lock (it may have changed or gone while we waited).
-    async fn lock_by_name(&self, name: &str) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord), OpError> {
+    async fn lock_by_name(
+        &self,
+        name: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord), OpError> {
         let vm = self.get(name).await?;
         let guard = self.locks.lock(&vm.id).await;
         let store = self.store.clone();
@@ -281,7 +287,7 @@ impl Lifecycle {
     }
 
     /// The capabilities enabled for `vm`, resolved against the registry.
-    fn caps_of(&self, caps: &[EnabledCap]) -> Result<Vec<(Arc<dyn Capability>, EnabledCap)>, OpError> {
+    fn caps_of(&self, caps: &[EnabledCap]) -> Result<Vec<CapEntry>, OpError> {
         caps.iter()
             .map(|c| {
                 self.registry
@@ -297,13 +303,13 @@ impl Lifecycle {
     async fn run_hook<T: Send + 'static>(
         &self,
         hook: Hook,
-        cap: Arc<dyn Capability>,
-        enabled: &EnabledCap,
+        (cap, enabled): &CapEntry,
         vm: &VmRecord,
         progress: &Progress,
         payload: T,
         f: fn(&dyn Capability, &HookCtx<'_>, &mut T) -> Result<(), CapError>,
     ) -> Result<T, OpError> {
+        let cap = cap.clone();
         let stage = format!("{}:{}", hook, cap.name());
         progress.stage(&stage, format!("{} {}", hook_verb(hook), cap.name()));
         let vm = vm.clone();
@@ -325,11 +331,16 @@ impl Lifecycle {
             };
             let mut payload = payload;
             // A panicking built-in must fail only this operation.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(cap.as_ref(), &ctx, &mut payload)));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f(cap.as_ref(), &ctx, &mut payload)
+            }));
             match r {
                 Ok(Ok(())) => Ok(payload),
                 Ok(Err(e)) => Err(e),
-                Err(panic) => Err(CapError::msg(format!("capability panicked: {}", panic_message(&panic)))),
+                Err(panic) => Err(CapError::msg(format!(
+                    "capability panicked: {}",
+                    panic_message(&panic)
+                ))),
             }
         })
         .await?;
@@ -369,9 +380,14 @@ impl Lifecycle {
                 }
             };
             let r = self
-                .run_hook(Hook::Teardown, cap, &enabled, vm, progress, reason, |c, ctx, reason| {
-                    c.teardown(ctx, *reason)
-                })
+                .run_hook(
+                    Hook::Teardown,
+                    &(cap, enabled),
+                    vm,
+                    progress,
+                    reason,
+                    |c, ctx, reason| c.teardown(ctx, *reason),
+                )
                 .await;
             match r {
                 Ok(_) => {
@@ -421,10 +437,12 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 /// Runs blocking work (SQLite, hooks, VMM control) off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, OpError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| OpError::Stage {
-        stage: "internal".to_string(),
-        source: Box::new(e),
-    })
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpError::Stage {
+            stage: "internal".to_string(),
+            source: Box::new(e),
+        })
 }
 
 /// Marks `vm` failed at `stage`.

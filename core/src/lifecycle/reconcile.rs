@@ -42,7 +42,12 @@ impl Lifecycle {
                     }
                     let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();
                     let _ = self
-                        .teardown(&mut vm, prepared, TeardownReason::Rollback, &Progress::none())
+                        .teardown(
+                            &mut vm,
+                            prepared,
+                            TeardownReason::Rollback,
+                            &Progress::none(),
+                        )
                         .await;
                     let err = OpError::Stage {
                         stage: "daemon_restart".to_string(),
@@ -82,7 +87,9 @@ impl Lifecycle {
     async fn mark_stopped(&self, vm: &mut VmRecord) -> Result<(), OpError> {
         vm.vmm = None;
         let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();
-        let errors = self.teardown(vm, prepared, TeardownReason::Stop, &Progress::none()).await;
+        let errors = self
+            .teardown(vm, prepared, TeardownReason::Stop, &Progress::none())
+            .await;
         vm.state = VmState::Stopped;
         if let Some(e) = errors.into_iter().next() {
             tracing::warn!(vm = %vm.name, "teardown after VMM exit failed: {}", render_chain(&e));

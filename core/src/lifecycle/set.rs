@@ -8,8 +8,16 @@ impl Lifecycle {
     /// Applies `req`; the work disk grows at the next start (never shrinks).
     pub async fn set(&self, name: &str, req: SetVmRequest) -> Result<VmRecord, OpError> {
         let invalid = |e: &dyn std::fmt::Display| OpError::Invalid(e.to_string());
-        let vcpus = req.vcpus.map(validate_vcpus).transpose().map_err(|e| invalid(&e))?;
-        let memory = req.memory_mib.map(validate_memory_mib).transpose().map_err(|e| invalid(&e))?;
+        let vcpus = req
+            .vcpus
+            .map(validate_vcpus)
+            .transpose()
+            .map_err(|e| invalid(&e))?;
+        let memory = req
+            .memory_mib
+            .map(validate_memory_mib)
+            .transpose()
+            .map_err(|e| invalid(&e))?;
         let disk = req
             .disk_size
             .as_deref()
@@ -22,7 +30,10 @@ impl Lifecycle {
             ));
         }
         let (_guard, mut vm) = self.lock_by_name(name).await?;
-        if matches!(vm.state, VmState::Running | VmState::Starting | VmState::Stopping) {
+        if matches!(
+            vm.state,
+            VmState::Running | VmState::Starting | VmState::Stopping
+        ) {
             return Err(OpError::WrongState {
                 name: name.to_string(),
                 state: vm.state,

@@ -38,11 +38,17 @@ impl Lifecycle {
     }
 
     /// The start sequence; the caller holds the VM's lock.
-    pub(crate) async fn start_locked(&self, vm: &mut VmRecord, progress: &Progress) -> Result<(), OpError> {
+    pub(crate) async fn start_locked(
+        &self,
+        vm: &mut VmRecord,
+        progress: &Progress,
+    ) -> Result<(), OpError> {
         // Leftovers from an earlier failure whose teardown itself failed.
         if !vm.prepared.is_empty() {
             let leftovers: Vec<String> = vm.prepared.iter().rev().cloned().collect();
-            let errors = self.teardown(vm, leftovers, TeardownReason::Rollback, progress).await;
+            let errors = self
+                .teardown(vm, leftovers, TeardownReason::Rollback, progress)
+                .await;
             if let Some(e) = errors.into_iter().next() {
                 return Err(e);
             }
@@ -65,7 +71,9 @@ impl Lifecycle {
                     let _ = blocking(move || vmm.kill(&p)).await;
                 }
                 let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();
-                let _ = self.teardown(vm, prepared, TeardownReason::Rollback, progress).await;
+                let _ = self
+                    .teardown(vm, prepared, TeardownReason::Rollback, progress)
+                    .await;
                 set_failure(vm, &err);
                 self.save(vm).await?;
                 Err(err)
@@ -77,12 +85,12 @@ impl Lifecycle {
         let caps = self.caps_of(&vm.caps)?;
         let dir = self.vm_dir(&vm.id);
 
-        for (cap, enabled) in &caps {
-            self.run_hook(Hook::PrepareHost, cap.clone(), enabled, vm, progress, (), |c, ctx, _| {
+        for entry in &caps {
+            self.run_hook(Hook::PrepareHost, entry, vm, progress, (), |c, ctx, _| {
                 c.prepare_host(ctx)
             })
             .await?;
-            vm.prepared.push(enabled.name.clone());
+            vm.prepared.push(entry.1.name.clone());
             self.save(vm).await?;
         }
 
@@ -106,20 +114,30 @@ impl Lifecycle {
             vsock: None,
             serial_log: dir.join(SERIAL_LOG),
         };
-        for (cap, enabled) in &caps {
+        for entry in &caps {
             machine = self
-                .run_hook(Hook::ConfigureMachine, cap.clone(), enabled, vm, progress, machine, |c, ctx, m| {
-                    c.configure_machine(ctx, m)
-                })
+                .run_hook(
+                    Hook::ConfigureMachine,
+                    entry,
+                    vm,
+                    progress,
+                    machine,
+                    |c, ctx, m| c.configure_machine(ctx, m),
+                )
                 .await?;
         }
 
         let mut guest = GuestConfig::new(vm.name.as_str());
-        for (cap, enabled) in &caps {
+        for entry in &caps {
             guest = self
-                .run_hook(Hook::GuestConfig, cap.clone(), enabled, vm, progress, guest, |c, ctx, g| {
-                    c.guest_config(ctx, g)
-                })
+                .run_hook(
+                    Hook::GuestConfig,
+                    entry,
+                    vm,
+                    progress,
+                    guest,
+                    |c, ctx, g| c.guest_config(ctx, g),
+                )
                 .await?;
         }
         vm.machine = Some(machine.clone());
@@ -141,8 +159,8 @@ impl Lifecycle {
         vm.vmm = Some(process);
         self.save(vm).await?;
 
-        for (cap, enabled) in &caps {
-            self.run_hook(Hook::PostStart, cap.clone(), enabled, vm, progress, (), |c, ctx, _| {
+        for entry in &caps {
+            self.run_hook(Hook::PostStart, entry, vm, progress, (), |c, ctx, _| {
                 c.post_start(ctx)
             })
             .await?;

@@ -19,7 +19,8 @@ impl Lifecycle {
     /// down leftovers.
     pub async fn stop(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
         let (_guard, mut vm) = self.lock_by_name(name).await?;
-        self.stop_locked(&mut vm, StopMode::Graceful, progress).await?;
+        self.stop_locked(&mut vm, StopMode::Graceful, progress)
+            .await?;
         Ok(vm)
     }
 
@@ -33,7 +34,8 @@ impl Lifecycle {
     /// Stops (if running) and starts a VM, under one lock.
     pub async fn restart(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
         let (_guard, mut vm) = self.lock_by_name(name).await?;
-        self.stop_locked(&mut vm, StopMode::Graceful, progress).await?;
+        self.stop_locked(&mut vm, StopMode::Graceful, progress)
+            .await?;
         self.start_locked(&mut vm, progress).await?;
         Ok(vm)
     }
@@ -74,7 +76,9 @@ impl Lifecycle {
             self.save(vm).await?;
         }
         let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();
-        let errors = self.teardown(vm, prepared, TeardownReason::Stop, progress).await;
+        let errors = self
+            .teardown(vm, prepared, TeardownReason::Stop, progress)
+            .await;
         if let Some(e) = errors.into_iter().next() {
             let stage = e.stage().unwrap_or("teardown").to_string();
             vm.state = VmState::Error;
@@ -86,7 +90,10 @@ impl Lifecycle {
             self.save(vm).await?;
             return Err(e);
         }
-        if matches!(was, VmState::Running | VmState::Starting | VmState::Stopping) {
+        if matches!(
+            was,
+            VmState::Running | VmState::Starting | VmState::Stopping
+        ) {
             vm.state = VmState::Stopped;
             self.save(vm).await?;
             progress.stage("stopped", format!("{} stopped", vm.name));
