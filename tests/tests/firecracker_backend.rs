@@ -89,6 +89,20 @@ mod tests {
             }
         }
 
+        /// Where the wrapper script writes the fake's pid.
+        fn pid_file(&self) -> PathBuf {
+            self.dir.path().join("fc.pid")
+        }
+
+        /// The pid of the fake the wrapper started.
+        fn fake_pid(&self) -> u32 {
+            fs::read_to_string(self.pid_file())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        }
+
         fn record(&self) -> PathBuf {
             self.dir.path().join("calls.jsonl")
         }
@@ -103,7 +117,11 @@ mod tests {
             for (k, v) in env {
                 script.push_str(&format!("export {k}='{v}'\n"));
             }
-            script.push_str(&format!("exec '{FAKE}' \"$@\"\n"));
+            // exec keeps the pid, so the file names the fake itself.
+            script.push_str(&format!(
+                "echo $$ > '{}'\nexec '{FAKE}' \"$@\"\n",
+                self.pid_file().display()
+            ));
             let p = self.dir.path().join("fc.sh");
             let _guard = fork_lock();
             fs::write(&p, script).unwrap();
@@ -380,7 +398,7 @@ mod tests {
         assert!(err.to_string().contains("PUT /drives/work"), "{err}");
         assert!(!w.paths.api_socket.exists());
         let pids = recorded_pids(&w.record());
-        assert_eq!(pids.len(), 1);
+        assert_eq!(pids, [w.fake_pid()]);
         assert_gone(pids[0]);
         let calls = w.calls(&w.record());
         assert_eq!(calls.last().unwrap().1, "/drives/work");
@@ -415,6 +433,7 @@ mod tests {
         assert!(msg.contains("injected early exit"), "{msg}");
         assert!(!w.paths.api_socket.exists());
         assert!(!w.record().exists(), "no request was ever served");
+        assert_gone(w.fake_pid());
     }
 
     #[test]
@@ -447,6 +466,7 @@ mod tests {
         };
         assert!(msg.contains("did not answer"), "{msg}");
         assert!(!w.paths.api_socket.exists());
+        assert_gone(w.fake_pid());
     }
 
     #[test]
