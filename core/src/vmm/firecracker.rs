@@ -162,7 +162,7 @@ impl Vmm for Firecracker {
                 }
                 Err(e) => tracing::warn!(
                     pid = process.pid,
-                    error = %crate_chain(&e),
+                    error = %error_chain(&e),
                     "Graceful shutdown request failed; killing the VMM"
                 ),
             }
@@ -306,7 +306,7 @@ impl Launched<'_> {
             tracing::warn!(pid = self.pid, "The VMM did not exit after SIGKILL");
         }
         if let Err(e) = remove_socket(self.api_socket) {
-            tracing::warn!(error = %crate_chain(&e), "Failed to remove the VMM socket");
+            tracing::warn!(error = %error_chain(&e), "Failed to remove the VMM socket");
         }
         err
     }
@@ -420,7 +420,7 @@ fn io_err(what: impl Into<String>, e: io::Error) -> VmmError {
 }
 
 /// The whole error chain on one line, for logs.
-fn crate_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
