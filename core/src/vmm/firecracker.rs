@@ -1,1 +1,464 @@
-//! Firecracker backend (placeholder).
+//! The Firecracker backend: spawns `firecracker --api-sock`, configures the
+//! machine through its HTTP API and boots it with `InstanceStart`; stops it
+//! with `SendCtrlAltDel`, then SIGKILL after a grace period.
+//!
+//! The VMM runs in its own session so it outlives the daemon; its stdout and
+//! stderr (the guest serial console) are appended to `machine.serial_log`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use super::uds_http;
+use super::{LaunchPaths, Vmm, VmmError, process_alive, process_start_time};
+use crate::machine::MachineSpec;
+use crate::model::VmmProcess;
+
+const NAME: &str = "firecracker";
+/// How often readiness and exit are polled.
+const POLL: Duration = Duration::from_millis(10);
+/// How many serial-log lines an early-exit error quotes.
+const LOG_TAIL_LINES: usize = 10;
+
+/// How long the backend waits for the VMM at each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From spawn until the API socket answers `GET /`.
+    pub socket_ready: Duration,
+    /// Each API request's reads and writes.
+    pub request: Duration,
+    /// From SIGKILL until the process is gone.
+    pub exit: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            socket_ready: Duration::from_secs(5),
+            request: Duration::from_secs(10),
+            exit: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The Firecracker VMM backend.
+#[derive(Debug, Clone)]
+pub struct Firecracker {
+    bin: PathBuf,
+    timeouts: Timeouts,
+}
+
+impl Firecracker {
+    /// A backend running the `firecracker` binary at `bin`, default timeouts.
+    pub fn new(bin: PathBuf) -> Self {
+        Self::with_timeouts(bin, Timeouts::default())
+    }
+
+    /// A backend with explicit timeouts (tests use short ones).
+    pub fn with_timeouts(bin: PathBuf, timeouts: Timeouts) -> Self {
+        Firecracker { bin, timeouts }
+    }
+}
+
+impl Vmm for Firecracker {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
+        prepare_files(machine, paths)?;
+        let serial = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&machine.serial_log)
+            .map_err(|e| io_err(format!("opening {}", machine.serial_log.display()), e))?;
+        let serial_err = serial
+            .try_clone()
+            .map_err(|e| io_err("duplicating the serial log handle", e))?;
+
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--api-sock")
+            .arg(&paths.api_socket)
+            .stdin(Stdio::null())
+            .stdout(serial)
+            .stderr(serial_err);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls setsid(2), which is async-signal-safe and allocates nothing.
+        // A session of its own detaches the VMM from the daemon's terminal and
+        // process group, so it survives the daemon's exit or a Ctrl-C.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        // Read before the reaper can reap: the pid cannot be reused until then.
+        let start_time = process_start_time(pid);
+
+        // Reap the child from a detached thread so no zombie lingers while the
+        // daemon lives; the channel tells launch if it died during setup.
+        let (exited_tx, exited) = mpsc::channel::<io::Result<ExitStatus>>();
+        std::thread::Builder::new()
+            .name(format!("reap-firecracker-{pid}"))
+            .spawn(move || {
+                let _ = exited_tx.send(child.wait());
+            })
+            .map_err(|e| {
+                // The child went down with the closure, unreaped: kill it at least.
+                let _ = kill(pid_of(pid), Signal::SIGKILL);
+                let _ = remove_socket(&paths.api_socket);
+                io_err("starting the VMM reaper thread", e)
+            })?;
+
+        let launched = Launched {
+            pid,
+            exited,
+            api_socket: &paths.api_socket,
+            exit_timeout: self.timeouts.exit,
+        };
+        let Some(start_time) = start_time else {
+            return Err(launched.abort(VmmError::NotReady(format!(
+                "{NAME} (pid {pid}) vanished right after it was started"
+            ))));
+        };
+        let process = VmmProcess {
+            pid,
+            start_time,
+            api_socket: paths.api_socket.clone(),
+        };
+        if let Err(e) = self.wait_ready(&launched, &machine.serial_log) {
+            return Err(launched.abort(e));
+        }
+        if let Err(e) = self.configure_and_start(machine, paths) {
+            return Err(launched.abort(e));
+        }
+        Ok(process)
+    }
+
+    fn shutdown(&self, process: &VmmProcess, grace: Duration) -> Result<(), VmmError> {
+        if process_alive(process) {
+            let asked = self.put(
+                &process.api_socket,
+                "/actions",
+                &json!({"action_type": "SendCtrlAltDel"}),
+            );
+            match asked {
+                Ok(()) => {
+                    let deadline = Instant::now() + grace;
+                    while process_alive(process) && Instant::now() < deadline {
+                        std::thread::sleep(POLL);
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    pid = process.pid,
+                    error = %error_chain(&e),
+                    "Graceful shutdown request failed; killing the VMM"
+                ),
+            }
+            kill_and_wait(process, self.timeouts.exit)?;
+        }
+        remove_socket(&process.api_socket)
+    }
+
+    fn kill(&self, process: &VmmProcess) -> Result<(), VmmError> {
+        kill_and_wait(process, self.timeouts.exit)?;
+        remove_socket(&process.api_socket)
+    }
+}
+
+impl Firecracker {
+    /// Polls `GET /` until it answers, the child exits, or the deadline passes.
+    fn wait_ready(&self, launched: &Launched<'_>, serial_log: &Path) -> Result<(), VmmError> {
+        let deadline = Instant::now() + self.timeouts.socket_ready;
+        loop {
+            if let Ok(status) = launched.exited.try_recv() {
+                let how = match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("an unknown status ({e})"),
+                };
+                return Err(VmmError::NotReady(format!(
+                    "{NAME} exited with {how} before its API socket was ready; last lines of {}:\n{}",
+                    serial_log.display(),
+                    log_tail(serial_log, LOG_TAIL_LINES)
+                )));
+            }
+            let probe_timeout = self.timeouts.request.min(Duration::from_secs(1));
+            let probe = uds_http::request(launched.api_socket, "GET", "/", None, probe_timeout);
+            if probe.is_ok_and(|r| r.is_success()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VmmError::NotReady(format!(
+                    "{NAME} API socket {} did not answer within {:?}; last lines of {}:\n{}",
+                    launched.api_socket.display(),
+                    self.timeouts.socket_ready,
+                    serial_log.display(),
+                    log_tail(serial_log, LOG_TAIL_LINES)
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The configuration calls, in the order Firecracker documents, then boot.
+    fn configure_and_start(&self, m: &MachineSpec, paths: &LaunchPaths) -> Result<(), VmmError> {
+        let sock = &paths.api_socket;
+        self.put(
+            sock,
+            "/logger",
+            &json!({"log_path": paths.vmm_log, "level": "Info", "show_level": true, "show_log_origin": false}),
+        )?;
+        let mut boot = json!({"kernel_image_path": m.kernel, "boot_args": m.boot_args});
+        if let Some(initrd) = &m.initrd {
+            boot["initrd_path"] = json!(initrd);
+        }
+        self.put(sock, "/boot-source", &boot)?;
+        self.put(
+            sock,
+            "/machine-config",
+            &json!({"vcpu_count": m.vcpus, "mem_size_mib": m.memory_mib}),
+        )?;
+        for (i, d) in m.drives.iter().enumerate() {
+            self.put(
+                sock,
+                &format!("/drives/{}", d.id),
+                &json!({
+                    "drive_id": d.id,
+                    "path_on_host": d.path,
+                    "is_root_device": i == 0,
+                    "is_read_only": d.read_only,
+                }),
+            )?;
+        }
+        for n in &m.nics {
+            self.put(
+                sock,
+                &format!("/network-interfaces/{}", n.id),
+                &json!({"iface_id": n.id, "host_dev_name": n.tap, "guest_mac": n.mac}),
+            )?;
+        }
+        if let Some(v) = &m.vsock {
+            self.put(
+                sock,
+                "/vsock",
+                &json!({"guest_cid": v.guest_cid, "uds_path": v.uds_path}),
+            )?;
+        }
+        self.put(sock, "/actions", &json!({"action_type": "InstanceStart"}))
+    }
+
+    /// `PUT path` with a JSON body; a non-2xx answer becomes `VmmError::Api`.
+    fn put(&self, sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
+        let request = format!("PUT {path}");
+        let r = uds_http::request(
+            sock,
+            "PUT",
+            path,
+            Some(&body.to_string()),
+            self.timeouts.request,
+        )
+        .map_err(|e| io_err(format!("sending {request}"), e))?;
+        if r.is_success() {
+            return Ok(());
+        }
+        Err(VmmError::Api {
+            vmm: NAME,
+            request,
+            fault: fault_message(r.status, &r.body),
+        })
+    }
+}
+
+/// A VMM process spawned by this launch, not yet handed to the caller.
+struct Launched<'a> {
+    pid: u32,
+    exited: mpsc::Receiver<io::Result<ExitStatus>>,
+    api_socket: &'a Path,
+    exit_timeout: Duration,
+}
+
+impl Launched<'_> {
+    /// Kills the child (still ours: the reaper has not reported it gone, so
+    /// the pid cannot have been reused), waits for the reaper, removes the
+    /// socket, and returns `err` for the caller.
+    fn abort(self, err: VmmError) -> VmmError {
+        let gone = match self.exited.try_recv() {
+            Ok(_) | Err(mpsc::TryRecvError::Disconnected) => true,
+            Err(mpsc::TryRecvError::Empty) => {
+                if let Err(e) = kill(pid_of(self.pid), Signal::SIGKILL) {
+                    tracing::warn!(pid = self.pid, error = %e, "Failed to kill the VMM");
+                }
+                self.exited.recv_timeout(self.exit_timeout).is_ok()
+            }
+        };
+        if !gone {
+            tracing::warn!(pid = self.pid, "The VMM did not exit after SIGKILL");
+        }
+        if let Err(e) = remove_socket(self.api_socket) {
+            tracing::warn!(error = %error_chain(&e), "Failed to remove the VMM socket");
+        }
+        err
+    }
+}
+
+/// Removes stale sockets and creates what Firecracker needs before spawn.
+fn prepare_files(machine: &MachineSpec, paths: &LaunchPaths) -> Result<(), VmmError> {
+    remove_socket(&paths.api_socket)?;
+    // Firecracker refuses to bind a vsock socket left by a previous run.
+    if let Some(v) = &machine.vsock {
+        if fs::symlink_metadata(&v.uds_path).is_ok_and(|m| m.file_type().is_socket()) {
+            remove_socket(&v.uds_path)?;
+        }
+    }
+    for file in [&paths.api_socket, &paths.vmm_log, &machine.serial_log] {
+        if let Some(dir) = file.parent() {
+            fs::create_dir_all(dir)
+                .map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
+        }
+    }
+    // Firecracker's logger only opens an existing file.
+    File::create(&paths.vmm_log)
+        .map_err(|e| io_err(format!("creating {}", paths.vmm_log.display()), e))?;
+    Ok(())
+}
+
+/// SIGKILLs `p` if it is still the same process, then waits until it is gone.
+fn kill_and_wait(p: &VmmProcess, timeout: Duration) -> Result<(), VmmError> {
+    // process_alive compares the start time, so a reused pid is left alone.
+    if !process_alive(p) {
+        return Ok(());
+    }
+    match kill(pid_of(p.pid), Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => return Err(VmmError::Signal(p.pid, e)),
+    }
+    let deadline = Instant::now() + timeout;
+    while process_alive(p) {
+        if Instant::now() >= deadline {
+            return Err(io_err(
+                format!("waiting for pid {} to exit after SIGKILL", p.pid),
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("still alive after {timeout:?}"),
+                ),
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+fn remove_socket(path: &Path) -> Result<(), VmmError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Firecracker's `fault_message`, or the raw body when it sent something else.
+fn fault_message(status: u16, body: &[u8]) -> String {
+    let parsed = serde_json::from_slice::<Value>(body).ok();
+    if let Some(msg) = parsed
+        .as_ref()
+        .and_then(|v| v.get("fault_message"))
+        .and_then(Value::as_str)
+    {
+        return msg.to_owned();
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {text}")
+    }
+}
+
+/// The last `n` lines of `path` (at most its last 8 KiB), for error messages.
+fn log_tail(path: &Path, n: usize) -> String {
+    let read = || -> io::Result<String> {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(8 << 10)))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+            if tail.trim().is_empty() {
+                "(empty)".to_owned()
+            } else {
+                tail
+            }
+        }
+        Err(e) => format!("(unreadable: {e})"),
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(pid as i32)
+}
+
+fn io_err(what: impl Into<String>, e: io::Error) -> VmmError {
+    VmmError::Io(what.into(), e)
+}
+
+/// The whole error chain on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_message_prefers_firecrackers_field() {
+        assert_eq!(
+            fault_message(400, br#"{"fault_message":"Invalid block device path"}"#),
+            "Invalid block device path"
+        );
+        assert_eq!(fault_message(500, b"  oops \n"), "HTTP 500: oops");
+        assert_eq!(fault_message(404, b""), "HTTP 404");
+        assert_eq!(
+            fault_message(400, br#"{"other":1}"#),
+            r#"HTTP 400: {"other":1}"#
+        );
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        fs::write(&p, text).unwrap();
+        let tail = log_tail(&p, 3);
+        assert_eq!(tail, "line 28\nline 29\nline 30");
+        assert!(log_tail(&dir.path().join("nope"), 3).starts_with("(unreadable"));
+        fs::write(&p, "").unwrap();
+        assert_eq!(log_tail(&p, 3), "(empty)");
+    }
+}

@@ -12,6 +12,7 @@ use crate::machine::MachineSpec;
 use crate::model::VmmProcess;
 
 pub mod firecracker;
+mod uds_http;
 
 /// Host paths a backend may use for one VM.
 #[derive(Debug, Clone)]

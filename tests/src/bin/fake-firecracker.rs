@@ -1,1 +1,468 @@
-fn main() {}
+//! A fake `firecracker` for tests: serves Firecracker's HTTP API on the
+//! `--api-sock` Unix socket, validates requests the way the real one does
+//! (as far as banger can tell), records every request, and "boots" by
+//! printing console lines on stdout, then runs until killed or until the
+//! guest is asked to shut down with `SendCtrlAltDel`.
+//!
+//! Usage: `fake-firecracker --api-sock PATH [other flags, ignored]`.
+//!
+//! Environment:
+//! - `FAKE_FC_RECORD=FILE`: append every request as one JSON line
+//!   `{"pid":..,"sock":"..","method":"PUT","path":"/drives/x","body":{..}}`
+//!   to FILE (one `O_APPEND` write per line). Default: `<api-sock>.calls.jsonl`.
+//! - `FAKE_FC_FAIL="PUT /drives/work"`: that request (method and path) is
+//!   answered 400 with a `fault_message` naming it.
+//! - `FAKE_FC_EXIT_EARLY=1`: print an error on stderr and exit 1 before binding.
+//! - `FAKE_FC_START_DELAY_MS=N`: wait N ms before binding the socket.
+//! - `FAKE_FC_IGNORE_CTRLALTDEL=1`: answer `SendCtrlAltDel` with 204 but keep
+//!   running (so callers must kill after their grace period).
+//!
+//! Validation, all answered `400 {"fault_message": ...}` like Firecracker:
+//! logger `log_path`, boot-source `kernel_image_path`/`initrd_path` and drive
+//! `path_on_host` must exist; `InstanceStart` needs boot-source and
+//! machine-config and happens once; pre-boot resources are refused after it;
+//! `SendCtrlAltDel` needs a running guest. Success is `204 No Content`;
+//! `GET /` answers the instance info.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut api_sock: Option<PathBuf> = None;
+    while let Some(a) = args.next() {
+        if a == "--api-sock" {
+            api_sock = args.next().map(PathBuf::from);
+        } else if let Some(v) = a.strip_prefix("--api-sock=") {
+            api_sock = Some(PathBuf::from(v));
+        }
+    }
+    let Some(api_sock) = api_sock else {
+        eprintln!("fake-firecracker: missing --api-sock PATH");
+        std::process::exit(2);
+    };
+    if env_flag("FAKE_FC_EXIT_EARLY") {
+        eprintln!("fake-firecracker: error: injected early exit (FAKE_FC_EXIT_EARLY)");
+        std::process::exit(1);
+    }
+    if let Some(ms) = std::env::var("FAKE_FC_START_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let listener = match UnixListener::bind(&api_sock) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "fake-firecracker: error: failed to bind {}: {e}",
+                api_sock.display()
+            );
+            std::process::exit(1);
+        }
+    };
+    let record = std::env::var_os("FAKE_FC_RECORD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let mut p = api_sock.clone().into_os_string();
+            p.push(".calls.jsonl");
+            PathBuf::from(p)
+        });
+    let server = Arc::new(Server {
+        sock: api_sock,
+        record,
+        fail: std::env::var("FAKE_FC_FAIL").ok(),
+        ignore_ctrl_alt_del: env_flag("FAKE_FC_IGNORE_CTRLALTDEL"),
+        state: Mutex::new(State::default()),
+    });
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let server = Arc::clone(&server);
+        std::thread::spawn(move || server.serve(stream));
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+#[derive(Default)]
+struct State {
+    started: bool,
+    boot_source: bool,
+    machine_config: bool,
+    /// drive_id -> is_root_device, in the order first seen.
+    drives: BTreeMap<String, bool>,
+}
+
+struct Server {
+    sock: PathBuf,
+    record: PathBuf,
+    fail: Option<String>,
+    ignore_ctrl_alt_del: bool,
+    state: Mutex<State>,
+}
+
+/// What to do after answering.
+enum After {
+    Nothing,
+    Boot,
+    Exit,
+}
+
+struct Reply {
+    status: u16,
+    body: Option<Value>,
+    after: After,
+}
+
+impl Reply {
+    fn ok() -> Self {
+        Reply {
+            status: 204,
+            body: None,
+            after: After::Nothing,
+        }
+    }
+    fn json(v: Value) -> Self {
+        Reply {
+            status: 200,
+            body: Some(v),
+            after: After::Nothing,
+        }
+    }
+    fn fault(msg: impl Into<String>) -> Self {
+        Reply {
+            status: 400,
+            body: Some(json!({ "fault_message": msg.into() })),
+            after: After::Nothing,
+        }
+    }
+}
+
+impl Server {
+    /// Serves requests on one connection until it closes (keep-alive aware).
+    fn serve(&self, stream: UnixStream) {
+        let Ok(read_half) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(read_half);
+        let mut out = stream;
+        loop {
+            let Some((method, path, headers, body)) = read_request(&mut reader) else {
+                return;
+            };
+            self.record(&method, &path, &body);
+            let reply = self.handle(&method, &path, &body);
+            let close = headers
+                .get("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            let wrote = write_reply(&mut out, &reply, close);
+            match reply.after {
+                After::Nothing => {}
+                After::Boot => boot_console(),
+                After::Exit => {
+                    println!("fake-firecracker: guest rebooted on Ctrl-Alt-Del, exiting");
+                    let _ = std::io::stdout().flush();
+                    let _ = std::fs::remove_file(&self.sock);
+                    std::process::exit(0);
+                }
+            }
+            if close || wrote.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn record(&self, method: &str, path: &str, body: &[u8]) {
+        let body: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+        };
+        let line = json!({
+            "pid": std::process::id(),
+            "sock": self.sock,
+            "method": method,
+            "path": path,
+            "body": body,
+        });
+        let mut bytes = line.to_string().into_bytes();
+        bytes.push(b'\n');
+        match OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.record)
+        {
+            // One write of the whole line: O_APPEND keeps concurrent writers'
+            // lines whole.
+            Ok(mut f) => {
+                if let Err(e) = f.write_all(&bytes) {
+                    eprintln!(
+                        "fake-firecracker: cannot record to {}: {e}",
+                        self.record.display()
+                    );
+                }
+            }
+            Err(e) => eprintln!(
+                "fake-firecracker: cannot open {}: {e}",
+                self.record.display()
+            ),
+        }
+    }
+
+    fn handle(&self, method: &str, path: &str, raw: &[u8]) -> Reply {
+        let request = format!("{method} {path}");
+        if self.fail.as_deref() == Some(request.as_str()) {
+            return Reply::fault(format!("Injected failure for {request} (FAKE_FC_FAIL)"));
+        }
+        let Ok(mut st) = self.state.lock() else {
+            return Reply::fault("Internal error: state lock poisoned");
+        };
+        if method == "GET" && path == "/" {
+            return Reply::json(json!({
+                "id": "anonymous-instance",
+                "state": if st.started { "Running" } else { "Not started" },
+                "vmm_version": "fake",
+                "app_name": "Firecracker",
+            }));
+        }
+        if method != "PUT" {
+            return Reply::fault(format!(
+                "Invalid request method and/or path: {method} {path}."
+            ));
+        }
+        let body: Value = match serde_json::from_slice(raw) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                return Reply::fault(
+                    "An error occurred when deserializing the json body of a request: expected a JSON object.",
+                );
+            }
+        };
+        let resource = path.trim_start_matches('/');
+        let (kind, id) = match resource.split_once('/') {
+            Some((k, i)) => (k, Some(i)),
+            None => (resource, None),
+        };
+        let pre_boot = matches!(
+            kind,
+            "logger" | "boot-source" | "machine-config" | "drives" | "network-interfaces" | "vsock"
+        );
+        if pre_boot && st.started {
+            return Reply::fault(format!(
+                "The requested operation is not supported after starting the microVM: {request}."
+            ));
+        }
+        match (kind, id) {
+            ("logger", None) => {
+                let Some(p) = str_field(&body, "log_path") else {
+                    return Reply::fault("Missing log_path.");
+                };
+                if !Path::new(p).exists() {
+                    return Reply::fault(format!(
+                        "Failed to open log file {p}: No such file or directory (os error 2)"
+                    ));
+                }
+                Reply::ok()
+            }
+            ("boot-source", None) => {
+                let Some(k) = str_field(&body, "kernel_image_path") else {
+                    return Reply::fault("Missing kernel_image_path.");
+                };
+                if !Path::new(k).is_file() {
+                    return Reply::fault(format!(
+                        "The kernel file cannot be opened: {k}: No such file or directory (os error 2)"
+                    ));
+                }
+                if let Some(i) = str_field(&body, "initrd_path") {
+                    if !Path::new(i).is_file() {
+                        return Reply::fault(format!(
+                            "The initrd file cannot be opened: {i}: No such file or directory (os error 2)"
+                        ));
+                    }
+                }
+                st.boot_source = true;
+                Reply::ok()
+            }
+            ("machine-config", None) => {
+                let vcpus = body.get("vcpu_count").and_then(Value::as_u64);
+                let mem = body.get("mem_size_mib").and_then(Value::as_u64);
+                match (vcpus, mem) {
+                    (Some(v), Some(m)) if (1..=32).contains(&v) && m > 0 => {
+                        st.machine_config = true;
+                        Reply::ok()
+                    }
+                    _ => Reply::fault(
+                        "The vCPU number is invalid! The number of vCPUs must be between 1 and 32, and memory must be positive.",
+                    ),
+                }
+            }
+            ("drives", Some(id)) => {
+                if str_field(&body, "drive_id") != Some(id) {
+                    return Reply::fault(
+                        "The id from the path does not match the id from the body!",
+                    );
+                }
+                let Some(p) = str_field(&body, "path_on_host") else {
+                    return Reply::fault("Missing path_on_host.");
+                };
+                let Some(root) = body.get("is_root_device").and_then(Value::as_bool) else {
+                    return Reply::fault("Missing is_root_device.");
+                };
+                if !Path::new(p).exists() {
+                    return Reply::fault(format!(
+                        "Unable to create the block device: {p}: No such file or directory (os error 2)"
+                    ));
+                }
+                if root && st.drives.iter().any(|(d, r)| *r && d != id) {
+                    return Reply::fault("A root block device already exists!");
+                }
+                st.drives.insert(id.to_owned(), root);
+                Reply::ok()
+            }
+            ("network-interfaces", Some(id)) => {
+                if str_field(&body, "iface_id") != Some(id) {
+                    return Reply::fault(
+                        "The id from the path does not match the id from the body!",
+                    );
+                }
+                if str_field(&body, "host_dev_name").is_none() {
+                    return Reply::fault("Missing host_dev_name.");
+                }
+                Reply::ok()
+            }
+            ("vsock", None) => {
+                let cid = body.get("guest_cid").and_then(Value::as_u64);
+                if cid.is_none_or(|c| c < 3) || str_field(&body, "uds_path").is_none() {
+                    return Reply::fault(
+                        "Invalid vsock config: guest_cid must be >= 3 and uds_path set.",
+                    );
+                }
+                Reply::ok()
+            }
+            ("actions", None) => match str_field(&body, "action_type") {
+                Some("InstanceStart") => {
+                    if st.started {
+                        return Reply::fault("The microVM is already running.");
+                    }
+                    if !st.boot_source {
+                        return Reply::fault("Cannot start microvm without kernel configuration.");
+                    }
+                    if !st.machine_config {
+                        return Reply::fault("Cannot start microvm without machine configuration.");
+                    }
+                    st.started = true;
+                    Reply {
+                        after: After::Boot,
+                        ..Reply::ok()
+                    }
+                }
+                Some("SendCtrlAltDel") => {
+                    if !st.started {
+                        return Reply::fault(
+                            "The requested operation is not supported before starting the microVM.",
+                        );
+                    }
+                    if self.ignore_ctrl_alt_del {
+                        println!(
+                            "fake-firecracker: ignoring Ctrl-Alt-Del (FAKE_FC_IGNORE_CTRLALTDEL)"
+                        );
+                        let _ = std::io::stdout().flush();
+                        return Reply::ok();
+                    }
+                    Reply {
+                        after: After::Exit,
+                        ..Reply::ok()
+                    }
+                }
+                Some("FlushMetrics") => Reply::ok(),
+                other => Reply::fault(format!("Invalid action_type {other:?}.")),
+            },
+            _ => Reply::fault(format!(
+                "Invalid request method and/or path: {method} {path}."
+            )),
+        }
+    }
+}
+
+fn str_field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
+    v.get(name).and_then(Value::as_str)
+}
+
+fn boot_console() {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "fake-firecracker: Linux version 6.1.0-fake (banger tests)"
+    );
+    let _ = writeln!(out, "fake-firecracker: Run /init as init process");
+    let _ = writeln!(out, "fake-firecracker: guest booted");
+    let _ = out.flush();
+}
+
+type Request = (String, String, BTreeMap<String, String>, Vec<u8>);
+
+/// Reads one request; `None` on end of stream or a malformed request.
+fn read_request(r: &mut impl BufRead) -> Option<Request> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let path = parts.next()?.to_owned();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).ok()?;
+    Some((method, path, headers, body))
+}
+
+fn write_reply(out: &mut impl Write, reply: &Reply, close: bool) -> std::io::Result<()> {
+    let reason = match reply.status {
+        200 => "OK",
+        204 => "No Content",
+        _ => "Bad Request",
+    };
+    let conn = if close { "close" } else { "keep-alive" };
+    let mut msg = format!(
+        "HTTP/1.1 {} {reason}\r\nServer: Firecracker API\r\nConnection: {conn}\r\n",
+        reply.status
+    );
+    match &reply.body {
+        Some(b) => {
+            let b = b.to_string();
+            msg.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            ));
+        }
+        None => msg.push_str("\r\n"),
+    }
+    out.write_all(msg.as_bytes())?;
+    out.flush()
+}
