@@ -8,7 +8,10 @@ use banger_capabilities as _;
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
     if std::env::args().nth(1).as_deref() == Some("--version") {
         let v = banger_core::api::VersionInfo::current();
@@ -16,7 +19,10 @@ fn main() {
         return;
     }
 
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bangerd: cannot start the async runtime: {e}");

@@ -107,16 +107,22 @@ fn lock_pid_file(path: PathBuf) -> Result<PidLock, DaemonError> {
         .truncate(false)
         .open(&path)
         .map_err(|e| DaemonError::PidFile(path.clone(), e))?;
-    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
         Ok(l) => l,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+            let pid = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             return Err(DaemonError::AlreadyRunning { pid });
         }
         Err((_, e)) => return Err(DaemonError::PidFile(path, e.into())),
     };
-    lock.set_len(0).map_err(|e| DaemonError::PidFile(path.clone(), e))?;
-    writeln!(&mut *lock, "{}", std::process::id()).map_err(|e| DaemonError::PidFile(path.clone(), e))?;
+    lock.set_len(0)
+        .map_err(|e| DaemonError::PidFile(path.clone(), e))?;
+    writeln!(&mut *lock, "{}", std::process::id())
+        .map_err(|e| DaemonError::PidFile(path.clone(), e))?;
     Ok(PidLock { _lock: lock, path })
 }
 
@@ -163,7 +169,11 @@ pub async fn run() -> Result<(), DaemonError> {
         Arc::new(InProcessHostOps),
         vmm,
     ));
-    for r in lifecycle.reconcile().await.map_err(DaemonError::Reconcile)? {
+    for r in lifecycle
+        .reconcile()
+        .await
+        .map_err(DaemonError::Reconcile)?
+    {
         tracing::info!("reconciled: {r:?}");
     }
 
@@ -192,7 +202,8 @@ pub async fn run() -> Result<(), DaemonError> {
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "bangerd serving");
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let stop_signal = async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -19,7 +19,9 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
-use crate::api::{CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, SetVmRequest, VersionInfo, VmView};
+use crate::api::{
+    CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, SetVmRequest, VersionInfo, VmView,
+};
 use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
 use crate::model::{VmRecord, VmState};
 
@@ -44,7 +46,9 @@ impl From<OpError> for ApiError {
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
             OpError::WrongState { .. } | OpError::NameTaken(_) => StatusCode::CONFLICT,
-            OpError::Stage { .. } | OpError::Store(_) | OpError::Io(..) => StatusCode::INTERNAL_SERVER_ERROR,
+            OpError::Stage { .. } | OpError::Store(_) | OpError::Io(..) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, render_chain(&e))
     }
@@ -52,7 +56,10 @@ impl From<OpError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, format!("Invalid request body: {}", e.body_text()))
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid request body: {}", e.body_text()),
+        )
     }
 }
 
@@ -70,14 +77,20 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/capabilities", get(capabilities))
         .route("/v1/vms", get(list_vms).post(create_vm))
-        .route("/v1/vms/{name}", get(show_vm).patch(set_vm).delete(delete_vm))
+        .route(
+            "/v1/vms/{name}",
+            get(show_vm).patch(set_vm).delete(delete_vm),
+        )
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/restart", post(restart_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/kill", post(kill_vm))
         .route("/v1/vms/{name}/logs", get(vm_logs))
         .fallback(|| async {
-            ApiError(StatusCode::NOT_FOUND, "No such API path; see docs/api.md".to_string())
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "No such API path; see docs/api.md".to_string(),
+            )
         })
         .with_state(state)
 }
@@ -130,7 +143,9 @@ async fn capabilities(State(st): S) -> Result<Json<Vec<CapView>>, ApiError> {
 
 async fn list_vms(State(st): S) -> Result<Json<Vec<VmView>>, ApiError> {
     let lc = &st.lifecycle;
-    Ok(Json(lc.list().await?.into_iter().map(|v| lc.view(v)).collect()))
+    Ok(Json(
+        lc.list().await?.into_iter().map(|v| lc.view(v)).collect(),
+    ))
 }
 
 async fn show_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
@@ -168,16 +183,26 @@ async fn kill_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>,
     Ok(Json(st.lifecycle.view(joined(res)?)))
 }
 
-fn joined(res: Result<Result<VmRecord, OpError>, tokio::task::JoinError>) -> Result<VmRecord, ApiError> {
+fn joined(
+    res: Result<Result<VmRecord, OpError>, tokio::task::JoinError>,
+) -> Result<VmRecord, ApiError> {
     match res {
         Ok(r) => Ok(r?),
-        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("Operation task failed: {e}"))),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Operation task failed: {e}"),
+        )),
     }
 }
 
-async fn create_vm(State(st): S, body: Result<Json<CreateVmRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn create_vm(
+    State(st): S,
+    body: Result<Json<CreateVmRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    Ok(stream_operation(st, move |lc, p| async move { lc.create(req, &p).await }))
+    Ok(stream_operation(st, move |lc, p| async move {
+        lc.create(req, &p).await
+    }))
 }
 
 async fn start_vm(State(st): S, Path(name): Path<String>) -> Response {
@@ -215,7 +240,8 @@ where
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let ev = rx.recv().await?;
         let mut line = serde_json::to_vec(&ev).unwrap_or_else(|e| {
-            format!("{{\"type\":\"failed\",\"stage\":null,\"error\":\"cannot encode event: {e}\"}}").into_bytes()
+            format!("{{\"type\":\"failed\",\"stage\":null,\"error\":\"cannot encode event: {e}\"}}")
+                .into_bytes()
         });
         line.push(b'\n');
         Some((Ok::<Bytes, Infallible>(Bytes::from(line)), rx))
@@ -234,10 +260,17 @@ struct LogsQuery {
 
 /// The guest console. With `follow`, keeps streaming new output while the VM
 /// runs (like `tail -f`), and ends when it stops.
-async fn vm_logs(State(st): S, Path(name): Path<String>, Query(q): Query<LogsQuery>) -> Result<Response, ApiError> {
+async fn vm_logs(
+    State(st): S,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
     let lc = st.lifecycle.clone();
     let vm = lc.get(&name).await?;
-    let path = lc.view(vm.clone()).dir.join(crate::lifecycle::SERIAL_LOG_FILE);
+    let path = lc
+        .view(vm.clone())
+        .dir
+        .join(crate::lifecycle::SERIAL_LOG_FILE);
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => Some(f),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -251,9 +284,12 @@ async fn vm_logs(State(st): S, Path(name): Path<String>, Query(q): Query<LogsQue
     if !q.follow {
         let mut buf = Vec::new();
         if let Some(mut f) = file {
-            f.read_to_end(&mut buf)
-                .await
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("Cannot read {}: {e}", path.display())))?;
+            f.read_to_end(&mut buf).await.map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("Cannot read {}: {e}", path.display()),
+                )
+            })?;
         }
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], buf).into_response());
     }
@@ -292,7 +328,10 @@ async fn vm_logs(State(st): S, Path(name): Path<String>, Query(q): Query<LogsQue
             }
             // At the end of the file: stop once the VM is no longer running,
             // after one last read, else wait for more output.
-            let running = matches!(t.lc.get(&t.name).await.map(|v| v.state), Ok(VmState::Running | VmState::Starting));
+            let running = matches!(
+                t.lc.get(&t.name).await.map(|v| v.state),
+                Ok(VmState::Running | VmState::Starting)
+            );
             if !running {
                 if t.done {
                     return None;
