@@ -2,6 +2,7 @@
 //! Unix socket. One connection per request: requests are rare and the socket
 //! is local, so pooling would only add state.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -159,11 +160,11 @@ impl Client {
 
     /// `GET path` answered with a raw byte stream (the serial console);
     /// calls `on_chunk` with each piece as it arrives until the daemon closes
-    /// the stream.
+    /// the stream or `on_chunk` breaks (e.g. its reader went away).
     pub async fn stream_raw(
         &self,
         path: &str,
-        mut on_chunk: impl FnMut(&[u8]),
+        mut on_chunk: impl FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), ClientError> {
         let mut body = self
             .request::<()>(Method::GET, path, None)
@@ -171,8 +172,10 @@ impl Client {
             .into_body();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ClientError::Protocol(format!("reading stream: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                on_chunk(&data);
+            if let Ok(data) = frame.into_data()
+                && on_chunk(&data).is_break()
+            {
+                break;
             }
         }
         Ok(())
@@ -617,7 +620,10 @@ mod tests {
         let (sock, seen) = serve_once(dir.path(), chunked(&["boot line 1\n", "login: "]));
         let mut got = Vec::new();
         Client::new(sock)
-            .stream_raw("/v1/vms/dev/logs?follow=true", |c| got.extend_from_slice(c))
+            .stream_raw("/v1/vms/dev/logs?follow=true", |c| {
+                got.extend_from_slice(c);
+                ControlFlow::Continue(())
+            })
             .await
             .unwrap();
         assert_eq!(got, b"boot line 1\nlogin: ");
