@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use banger_core::api::{DaemonStatus, VersionInfo};
-use banger_core::client::{Client, ClientError, Method};
+use banger_core::client::{Client, Method};
 use banger_core::paths::Paths;
 use tokio::time::Instant;
 
@@ -99,10 +99,12 @@ pub async fn stop(client: &Client) -> Result<bool> {
     }
     let deadline = Instant::now() + STOP_DEADLINE;
     loop {
-        match client.get::<VersionInfo>("/v1/version").await {
-            Err(e) if e.daemon_absent() => return Ok(true),
-            // Mid-shutdown the daemon may accept and drop connections.
-            Ok(_) | Err(ClientError::Protocol(_)) | Err(_) => {}
+        // Mid-shutdown the daemon may still answer, or accept and drop
+        // connections; only "nobody listens" means it is gone.
+        if let Err(e) = client.get::<VersionInfo>("/v1/version").await
+            && e.daemon_absent()
+        {
+            return Ok(true);
         }
         if Instant::now() >= deadline {
             bail!(
@@ -242,5 +244,80 @@ mod tests {
         assert_eq!(lines[1], "stdin-eof", "{text}");
         assert_eq!(lines[2], pid.to_string(), "not a session leader: {text}");
         assert_eq!(lines[3], format!("pid {pid}"), "{text}");
+    }
+
+    const FAKE_DAEMON: &str = r#"#!/usr/bin/env python3
+import os, socket, sys
+path = sys.argv[0] + ".sock"
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(8)
+print("fake bangerd listening", flush=True)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = c.recv(1024)
+        if not d:
+            break
+        data += d
+    line = data.split(b"\r\n")[0].decode()
+    stop = line.startswith("POST /v1/shutdown ")
+    if line.startswith("GET /v1/version "):
+        status, body = "200 OK", b'{"version":"0.0.1","commit":"fake","built_at":1}'
+    elif stop:
+        status, body = "202 Accepted", b""
+    else:
+        status, body = "404 Not Found", b'{"error":"no route"}'
+    head = "HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (status, len(body))
+    c.sendall(head.encode() + body)
+    c.close()
+    if stop:
+        s.close()
+        os.unlink(path)
+        sys.exit(0)
+"#;
+
+    /// Kills a process this test started if the test fails midway.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn start_waits_until_the_daemon_answers_and_stop_until_it_is_gone() {
+        if system_bin("python3").is_none() {
+            eprintln!(
+                "SKIPPED start_waits_until_the_daemon_answers_and_stop_until_it_is_gone: no python3"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-bangerd");
+        std::fs::write(&script, FAKE_DAEMON).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let log = dir.path().join("bangerd.log");
+        let client = Client::new(dir.path().join("fake-bangerd.sock"));
+        assert_eq!(probe(&client).await.unwrap(), None);
+        let pid = start_bin(&script, &log, &client).await.unwrap();
+        let _guard = KillOnDrop(pid);
+        let v = probe(&client)
+            .await
+            .unwrap()
+            .expect("daemon answers after start");
+        assert_eq!(v.commit, "fake");
+        assert!(stop(&client).await.unwrap(), "stop should find it running");
+        assert_eq!(probe(&client).await.unwrap(), None);
+        assert!(!client.socket().exists());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("fake bangerd listening"), "{text}");
     }
 }

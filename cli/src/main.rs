@@ -62,11 +62,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;
             match cmd {
                 VmCommand::Create(a) => vm::create(&client, a).await,
-                VmCommand::Start(n) => vm::lifecycle_all(&client, Verb::Start, &n.names).await,
-                VmCommand::Stop(n) => vm::lifecycle_all(&client, Verb::Stop, &n.names).await,
-                VmCommand::Restart(n) => vm::lifecycle_all(&client, Verb::Restart, &n.names).await,
-                VmCommand::Delete(n) => vm::lifecycle_all(&client, Verb::Delete, &n.names).await,
-                VmCommand::Kill(n) => vm::lifecycle_all(&client, Verb::Kill, &n.names).await,
+                VmCommand::Start(n) => verb_all(&client, Verb::Start, &n.names).await,
+                VmCommand::Stop(n) => verb_all(&client, Verb::Stop, &n.names).await,
+                VmCommand::Restart(n) => verb_all(&client, Verb::Restart, &n.names).await,
+                VmCommand::Delete(n) => verb_all(&client, Verb::Delete, &n.names).await,
+                VmCommand::Kill(n) => verb_all(&client, Verb::Kill, &n.names).await,
                 VmCommand::Set(a) => vm::set(&client, a).await,
                 VmCommand::List { json } => vm::list(&client, json).await,
                 VmCommand::Show { name, json } => vm::show(&client, &name, json).await,
@@ -74,6 +74,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
     }
+}
+
+async fn verb_all(
+    client: &banger_core::client::Client,
+    verb: Verb,
+    names: &[String],
+) -> Result<ExitCode> {
+    vm::lifecycle_all(client, verb, names, &mut std::io::stdout()).await
 }
 
 /// `banger version`: never starts the daemon.

@@ -235,6 +235,7 @@ pub fn event_line(prefix: Option<&str>, e: &Event) -> Option<String> {
         Event::Stage { stage, message } if message.is_empty() => format!("==> {stage}"),
         Event::Stage { stage, message } => format!("==> {stage}: {message}"),
         Event::Log { level, message } if level == "info" => format!("    {message}"),
+        Event::Log { level, message } if level == "warn" => format!("warning: {message}"),
         Event::Log { level, message } => format!("{level}: {message}"),
         Event::Done { .. } | Event::Failed { .. } => return None,
     };
@@ -297,7 +298,7 @@ mod tests {
             level: "warn".into(),
             message: "slow".into(),
         };
-        assert_eq!(event_line(None, &warn).unwrap(), "warn: slow");
+        assert_eq!(event_line(None, &warn).unwrap(), "warning: slow");
         let failed = Event::Failed {
             stage: None,
             error: "x".into(),
