@@ -133,10 +133,10 @@ pub fn vm_details(v: &VmView) -> String {
     );
     if let Some(f) = &r.last_error {
         kv(
-            "last error",
-            format!("{} at stage {}", timestamp(f.at), f.stage),
+            "error stage",
+            format!("{} (at {})", f.stage, timestamp(f.at)),
         );
-        kv("  cause", f.cause.clone());
+        kv("error", f.cause.clone());
     }
     if r.caps.is_empty() {
         kv("caps", "-".into());
@@ -153,6 +153,19 @@ pub fn vm_details(v: &VmView) -> String {
         o.push_str(&table_body(&rows));
     }
     if let Some(m) = &r.machine {
+        let _ = writeln!(o, "{:<12} {}", "cmdline:", m.boot_args);
+        if let Some(v) = &m.vsock {
+            let _ = writeln!(
+                o,
+                "{:<12} cid {} at {}",
+                "vsock:",
+                v.guest_cid,
+                v.uds_path.display()
+            );
+        }
+        for n in &m.nics {
+            let _ = writeln!(o, "{:<12} {} tap {} mac {}", "nic:", n.id, n.tap, n.mac);
+        }
         let _ = writeln!(o, "drives:");
         let rows: Vec<Vec<String>> = m
             .drives
@@ -304,5 +317,105 @@ mod tests {
             error: "x".into(),
         };
         assert_eq!(event_line(None, &failed), None);
+    }
+
+    #[test]
+    fn vm_details_show_caps_error_drives_and_mounts() {
+        use banger_core::guest::{GuestConfig, GuestMount};
+        use banger_core::machine::{Drive, DriveRole, MachineSpec};
+        use banger_core::model::{
+            CapOptions, EnabledCap, Failure, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind,
+            VmmProcess,
+        };
+        let mut guest = GuestConfig::new("dev");
+        guest.mounts.push(GuestMount {
+            drive_id: "work".into(),
+            mount_point: "/root".into(),
+            fstype: "ext4".into(),
+            read_only: false,
+        });
+        let vm = VmView {
+            record: VmRecord {
+                id: VmId::from_stored("00000000deadbeef".into()),
+                name: VmName::parse("dev").unwrap(),
+                state: VmState::Error,
+                spec: VmSpec {
+                    vcpus: 2,
+                    memory_mib: 1536,
+                    disk_size: ByteSize(8 << 30),
+                    kernel: "/k/vmlinux".into(),
+                    initrd: None,
+                    rootfs_source: "/img/root.ext4".into(),
+                    extra_boot_args: Some("quiet".into()),
+                    vmm: VmmKind::Firecracker,
+                },
+                caps: vec![
+                    EnabledCap {
+                        name: "work-disk".into(),
+                        options: CapOptions::new(),
+                    },
+                    EnabledCap {
+                        name: "shared-mount".into(),
+                        options: [("guest", "/mnt"), ("host", "/src")]
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .into(),
+                    },
+                ],
+                prepared: vec![],
+                vmm: Some(VmmProcess {
+                    pid: 4242,
+                    start_time: 1,
+                    api_socket: "/run/x.sock".into(),
+                }),
+                last_error: Some(Failure {
+                    stage: "prepare_host:work-disk".into(),
+                    cause: "mkfs.ext4 failed: exit 1".into(),
+                    at: 0,
+                }),
+                machine: Some(MachineSpec {
+                    kernel: "/k/vmlinux".into(),
+                    initrd: None,
+                    boot_args: "console=ttyS0 quiet".into(),
+                    vcpus: 2,
+                    memory_mib: 1536,
+                    drives: vec![Drive {
+                        id: "rootfs".into(),
+                        path: "/vms/dev/root.ext4".into(),
+                        read_only: true,
+                        role: DriveRole::Root,
+                    }],
+                    nics: vec![],
+                    vsock: None,
+                    serial_log: "/vms/dev/serial.log".into(),
+                }),
+                guest: Some(guest),
+                booted_once: false,
+                created_at: 0,
+                updated_at: 0,
+            },
+            dir: "/vms/00000000deadbeef".into(),
+        };
+        let text = vm_details(&vm);
+        let has = |line: &str| {
+            assert!(
+                text.lines().any(|l| l.trim_end() == line),
+                "missing line {line:?} in:\n{text}"
+            )
+        };
+        has("name:        dev");
+        has("id:          00000000deadbeef");
+        has("dir:         /vms/00000000deadbeef");
+        has("state:       error");
+        has("memory:      1536M");
+        has("disk size:   8G");
+        has("initrd:      -");
+        has("pid:         4242");
+        has("error stage: prepare_host:work-disk (at 1970-01-01T00:00:00Z)");
+        has("error:       mkfs.ext4 failed: exit 1");
+        has("cmdline:     console=ttyS0 quiet");
+        has("  work-disk");
+        has("  shared-mount  guest=/mnt,host=/src");
+        has("  rootfs  root  ro  /vms/dev/root.ext4");
+        has("  /root  work  ext4  rw");
     }
 }
