@@ -1,1 +1,157 @@
-fn main() {}
+//! `banger`: the command-line client of `bangerd`. Exit codes: 0 ok,
+//! 1 failure, 2 usage error, 3 `daemon status` when the daemon is not running.
+
+mod args;
+mod daemon;
+mod ordered;
+mod output;
+mod vm;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use banger_core::api::VersionInfo;
+use banger_core::paths::Paths;
+use clap::{CommandFactory, Parser};
+
+use crate::args::{CapCommand, Cli, Command, DaemonCommand, Shell, VmCommand};
+use crate::vm::Verb;
+
+/// `daemon status` exit code when bangerd is not running.
+const EXIT_NOT_RUNNING: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: Starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Completion { shell } => {
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version { json } => version(json).await,
+        Command::Daemon(cmd) => daemon_cmd(cmd).await,
+        Command::Cap(CapCommand::List { json }) => {
+            let client = daemon::ensure_running(&Paths::from_env()?).await?;
+            vm::cap_list(&client, json).await
+        }
+        Command::Vm(cmd) => {
+            let client = daemon::ensure_running(&Paths::from_env()?).await?;
+            match cmd {
+                VmCommand::Create(a) => vm::create(&client, a).await,
+                VmCommand::Start(n) => verb_all(&client, Verb::Start, &n.names).await,
+                VmCommand::Stop(n) => verb_all(&client, Verb::Stop, &n.names).await,
+                VmCommand::Restart(n) => verb_all(&client, Verb::Restart, &n.names).await,
+                VmCommand::Delete(n) => verb_all(&client, Verb::Delete, &n.names).await,
+                VmCommand::Kill(n) => verb_all(&client, Verb::Kill, &n.names).await,
+                VmCommand::Set(a) => vm::set(&client, a).await,
+                VmCommand::List { json } => vm::list(&client, json).await,
+                VmCommand::Show { name, json } => vm::show(&client, &name, json).await,
+                VmCommand::Logs { name, follow } => vm::logs(&client, &name, follow).await,
+            }
+        }
+    }
+}
+
+async fn verb_all(
+    client: &banger_core::client::Client,
+    verb: Verb,
+    names: &[String],
+) -> Result<ExitCode> {
+    vm::lifecycle_all(client, verb, names, &mut std::io::stdout()).await
+}
+
+/// `banger version`: never starts the daemon.
+async fn version(json: bool) -> Result<ExitCode> {
+    let mine = VersionInfo::current();
+    let theirs = match Paths::from_env() {
+        Ok(paths) => daemon::probe(&daemon::client(&paths)).await.unwrap_or(None),
+        Err(_) => None,
+    };
+    if json {
+        let v = serde_json::json!({ "client": mine, "daemon": theirs });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("banger   {}", output::version_line(&mine));
+        match theirs {
+            Some(d) => println!("bangerd  {}", output::version_line(&d)),
+            None => println!("bangerd  not running"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn daemon_cmd(cmd: DaemonCommand) -> Result<ExitCode> {
+    let paths = Paths::from_env()?;
+    let client = daemon::client(&paths);
+    match cmd {
+        DaemonCommand::Start => match daemon::status(&client).await? {
+            Some(s) => println!("bangerd: already running (pid {})", s.pid),
+            None => {
+                let pid = daemon::start(&paths, &client).await?;
+                println!("bangerd: started (pid {pid})");
+            }
+        },
+        DaemonCommand::Stop => {
+            if daemon::stop(&client).await? {
+                println!("bangerd: stopped");
+            } else {
+                println!("bangerd: not running");
+            }
+        }
+        DaemonCommand::Status { json } => match daemon::status(&client).await? {
+            None => {
+                println!("bangerd: not running");
+                return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+            }
+            Some(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+            Some(s) => {
+                println!("bangerd: running (pid {})", s.pid);
+                println!("version:  {}", output::version_line(&s.version));
+                println!(
+                    "started:  {} ({} ago)",
+                    output::timestamp(s.started_at),
+                    output::age(s.started_at, banger_core::model::now_unix())
+                );
+                println!("socket:   {}", s.socket.display());
+                println!("state:    {}", s.state_dir.display());
+                let counts: Vec<String> = s.vms.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                println!(
+                    "vms:      {}",
+                    if counts.is_empty() {
+                        "none".to_string()
+                    } else {
+                        counts.join(", ")
+                    }
+                );
+                for e in &s.plugin_errors {
+                    println!("plugin error: {e}");
+                }
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}

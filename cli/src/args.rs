@@ -1,0 +1,467 @@
+//! The command line: clap definitions and the value parsers that validate
+//! user input before anything is sent to the daemon (which validates again).
+
+use std::path::PathBuf;
+
+use banger_core::model::{self, ByteSize, CapChoice, VmName};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// banger: disposable Linux microVM sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "banger", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and manage VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Inspect capabilities.
+    #[command(subcommand)]
+    Cap(CapCommand),
+    /// Control the bangerd daemon.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+    /// Show the client's version and the running daemon's.
+    Version {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// The shell.
+        shell: Shell,
+    },
+}
+
+/// Shells we generate completions for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    /// GNU bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
+}
+
+/// `banger vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM from a kernel and a root filesystem image, and start it.
+    Create(Box<CreateArgs>),
+    /// Start stopped VMs.
+    Start(NamesArgs),
+    /// Stop running VMs gracefully.
+    Stop(NamesArgs),
+    /// Stop and start VMs again.
+    Restart(NamesArgs),
+    /// Delete VMs and their disks.
+    Delete(NamesArgs),
+    /// Kill VMs' VMM processes at once.
+    Kill(NamesArgs),
+    /// Change a stopped VM's shape.
+    Set(SetArgs),
+    /// List VMs.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show everything about one VM.
+    Show {
+        /// VM name.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a VM's serial console log.
+    Logs {
+        /// VM name.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Keep printing new output until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// `vm create` flags.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Kernel image (uncompressed vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initrd image.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Root filesystem image; the VM gets its own copy.
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: PathBuf,
+    /// VM name (generated when absent).
+    #[arg(long, value_parser = parse_name, allow_hyphen_values = true)]
+    pub name: Option<String>,
+    /// Shape flags shared with `vm set`.
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Capability choice: NAME, NAME:key=value,... or -NAME (repeatable).
+    #[arg(long = "cap", value_name = "CAP", value_parser = parse_cap, allow_hyphen_values = true)]
+    pub caps: Vec<String>,
+    /// Extra kernel command line.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub boot_args: Option<String>,
+    /// Create without starting.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+/// vCPU, memory and disk flags.
+#[derive(Debug, Args)]
+pub struct ShapeArgs {
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", value_parser = parse_vcpus, allow_hyphen_values = true)]
+    pub vcpu: Option<i64>,
+    /// Memory: MiB (2048) or a size with suffix (2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_mib, allow_hyphen_values = true)]
+    pub memory: Option<i64>,
+    /// Work disk size (8G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
+    pub disk_size: Option<String>,
+}
+
+/// `vm set` flags.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpu", "memory", "disk_size"]))]
+pub struct SetArgs {
+    /// VM name.
+    #[arg(value_parser = parse_name)]
+    pub name: String,
+    /// New shape.
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+}
+
+/// One or more VM names.
+#[derive(Debug, Args)]
+pub struct NamesArgs {
+    /// VM names; each is handled concurrently and reported in this order.
+    #[arg(required = true, value_name = "NAME", value_parser = parse_name)]
+    pub names: Vec<String>,
+}
+
+/// `banger cap ...`
+#[derive(Debug, Subcommand)]
+pub enum CapCommand {
+    /// List built-in and plugin capabilities.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `banger daemon ...`
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Start bangerd in the background if it is not running.
+    Start,
+    /// Ask bangerd to exit and wait until it has.
+    Stop,
+    /// Show whether bangerd runs (exit 3 when it does not).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    VmName::parse(s)
+        .map(String::from)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_cap(s: &str) -> Result<String, String> {
+    s.parse::<CapChoice>()
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_vcpus(s: &str) -> Result<i64, String> {
+    let n: i64 = s.trim().parse().map_err(|_| {
+        format!(
+            "Invalid vCPU count {s:?}: use a whole number from 1 to {}",
+            model::MAX_VCPUS
+        )
+    })?;
+    model::validate_vcpus(n)
+        .map(i64::from)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<String, String> {
+    s.parse::<ByteSize>()
+        .map(|_| s.trim().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--memory`: a bare number is MiB (`2048`); a suffixed size (`2G`, `512M`)
+/// must be a whole number of MiB.
+pub fn parse_memory_mib(s: &str) -> Result<i64, String> {
+    let t = s.trim();
+    let mib: i64 = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse().map_err(|_| memory_garbage(s))?
+    } else if let Some(n) = t.strip_prefix('-').and_then(|n| n.parse::<i64>().ok()) {
+        -n
+    } else {
+        let size: ByteSize = t.parse().map_err(|_| memory_garbage(s))?;
+        if size.0 % (1 << 20) != 0 {
+            return Err(format!(
+                "Invalid memory {s:?}: use a whole number of MiB (e.g. 2048 or 2G)"
+            ));
+        }
+        i64::try_from(size.mib()).map_err(|_| memory_garbage(s))?
+    };
+    model::validate_memory_mib(mib)
+        .map(i64::from)
+        .map_err(|e| e.to_string())
+}
+
+fn memory_garbage(s: &str) -> String {
+    format!("Invalid memory {s:?}: use MiB (2048) or a size with a suffix (2G, 512M)")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("banger").chain(args.iter().copied()))
+    }
+
+    /// The rendered error for `args`, which must be a usage error (exit 2).
+    fn usage_error(args: &[&str]) -> String {
+        let e = parse(args).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_parses_every_flag() {
+        let cli = parse(&[
+            "vm",
+            "create",
+            "--kernel",
+            "vmlinux",
+            "--initrd",
+            "/boot/initrd",
+            "--rootfs",
+            "root.ext4",
+            "--name",
+            "dev-1",
+            "--vcpu",
+            "4",
+            "--memory",
+            "2G",
+            "--disk-size",
+            "16G",
+            "--cap",
+            "nat",
+            "--cap",
+            "-dns",
+            "--cap",
+            "shared-mount:host=/src,guest=/mnt",
+            "--boot-args",
+            "quiet loglevel=3",
+            "--no-start",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Create(c)) = cli.command else {
+            panic!("expected vm create");
+        };
+        assert_eq!(c.kernel, PathBuf::from("vmlinux"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/boot/initrd")));
+        assert_eq!(c.rootfs, PathBuf::from("root.ext4"));
+        assert_eq!(c.name.as_deref(), Some("dev-1"));
+        assert_eq!(c.shape.vcpu, Some(4));
+        assert_eq!(c.shape.memory, Some(2048));
+        assert_eq!(c.shape.disk_size.as_deref(), Some("16G"));
+        assert_eq!(c.caps, ["nat", "-dns", "shared-mount:host=/src,guest=/mnt"]);
+        assert_eq!(c.boot_args.as_deref(), Some("quiet loglevel=3"));
+        assert!(c.no_start);
+    }
+
+    #[test]
+    fn create_needs_kernel_and_rootfs() {
+        usage_error(&["vm", "create", "--rootfs", "r"]);
+        usage_error(&["vm", "create", "--kernel", "k"]);
+        let cli = parse(&["vm", "create", "--kernel", "k", "--rootfs", "r"]).unwrap();
+        let Command::Vm(VmCommand::Create(c)) = cli.command else {
+            panic!("expected vm create");
+        };
+        assert_eq!((c.name, c.shape.vcpu, c.shape.memory), (None, None, None));
+        assert!(c.caps.is_empty() && !c.no_start);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_naming_the_flag() {
+        let base = ["vm", "create", "--kernel", "k", "--rootfs", "r"];
+        for (flag, value, says) in [
+            ("--vcpu", "0", "vCPU"),
+            ("--vcpu", "-1", "vCPU"),
+            ("--vcpu", "33", "vCPU"),
+            ("--vcpu", "two", "vCPU"),
+            ("--memory", "-5", "memory"),
+            ("--memory", "0", "memory"),
+            ("--memory", "64", "memory"),
+            ("--memory", "lots", "memory"),
+            ("--memory", "1536K", "whole number of MiB"),
+            ("--disk-size", "0", "size"),
+            ("--disk-size", "-8G", "size"),
+            ("--disk-size", "8X", "size"),
+            ("--name", "Bad_Name", "VM name"),
+            ("--name", "-x", "VM name"),
+            ("--cap", "Bad Cap", "capability"),
+            ("--cap", "x:novalue", "capability"),
+        ] {
+            let mut args = base.to_vec();
+            args.extend([flag, value]);
+            let msg = usage_error(&args);
+            assert!(msg.contains(flag), "{flag} {value}: {msg}");
+            assert!(msg.contains(says), "{flag} {value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn memory_flag_takes_mib_or_suffixed_sizes() {
+        assert_eq!(parse_memory_mib("2048"), Ok(2048));
+        assert_eq!(parse_memory_mib("2G"), Ok(2048));
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("512MiB"), Ok(512));
+        assert_eq!(parse_memory_mib("1048576K"), Ok(1024));
+        for bad in [
+            "",
+            "0",
+            "-5",
+            "127",
+            "0G",
+            "1.5G",
+            "G",
+            "2X",
+            "99999999999999999999",
+        ] {
+            assert!(parse_memory_mib(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_commands_take_several_names() {
+        for verb in ["start", "stop", "restart", "delete", "kill"] {
+            let cli = parse(&["vm", verb, "a", "b-2", "c"]).unwrap();
+            let Command::Vm(cmd) = cli.command else {
+                panic!("expected vm");
+            };
+            let names = match cmd {
+                VmCommand::Start(n)
+                | VmCommand::Stop(n)
+                | VmCommand::Restart(n)
+                | VmCommand::Delete(n)
+                | VmCommand::Kill(n) => n.names,
+                other => panic!("{verb} parsed as {other:?}"),
+            };
+            assert_eq!(names, ["a", "b-2", "c"], "{verb}");
+            usage_error(&["vm", verb]);
+            assert!(usage_error(&["vm", verb, "ok", "../etc"]).contains("VM name"));
+        }
+    }
+
+    #[test]
+    fn set_needs_at_least_one_change() {
+        usage_error(&["vm", "set", "dev"]);
+        let cli = parse(&["vm", "set", "dev", "--memory", "4096", "--disk-size", "20G"]).unwrap();
+        let Command::Vm(VmCommand::Set(s)) = cli.command else {
+            panic!("expected vm set");
+        };
+        assert_eq!(s.name, "dev");
+        assert_eq!(
+            (s.shape.vcpu, s.shape.memory, s.shape.disk_size.as_deref()),
+            (None, Some(4096), Some("20G"))
+        );
+        assert!(usage_error(&["vm", "set", "dev", "--vcpu", "0"]).contains("--vcpu"));
+    }
+
+    #[test]
+    fn listing_commands_take_json() {
+        assert!(matches!(
+            parse(&["vm", "list", "--json"]).unwrap().command,
+            Command::Vm(VmCommand::List { json: true })
+        ));
+        assert!(matches!(
+            parse(&["vm", "list"]).unwrap().command,
+            Command::Vm(VmCommand::List { json: false })
+        ));
+        assert!(matches!(
+            parse(&["vm", "show", "dev", "--json"]).unwrap().command,
+            Command::Vm(VmCommand::Show { json: true, ref name }) if name == "dev"
+        ));
+        assert!(matches!(
+            parse(&["cap", "list", "--json"]).unwrap().command,
+            Command::Cap(CapCommand::List { json: true })
+        ));
+        assert!(matches!(
+            parse(&["daemon", "status", "--json"]).unwrap().command,
+            Command::Daemon(DaemonCommand::Status { json: true })
+        ));
+        assert!(matches!(
+            parse(&["version", "--json"]).unwrap().command,
+            Command::Version { json: true }
+        ));
+    }
+
+    #[test]
+    fn logs_daemon_and_completion_parse() {
+        assert!(matches!(
+            parse(&["vm", "logs", "dev", "-f"]).unwrap().command,
+            Command::Vm(VmCommand::Logs { follow: true, ref name }) if name == "dev"
+        ));
+        assert!(matches!(
+            parse(&["vm", "logs", "dev"]).unwrap().command,
+            Command::Vm(VmCommand::Logs { follow: false, .. })
+        ));
+        assert!(matches!(
+            parse(&["daemon", "start"]).unwrap().command,
+            Command::Daemon(DaemonCommand::Start)
+        ));
+        assert!(matches!(
+            parse(&["daemon", "stop"]).unwrap().command,
+            Command::Daemon(DaemonCommand::Stop)
+        ));
+        for (s, want) in [
+            ("bash", Shell::Bash),
+            ("zsh", Shell::Zsh),
+            ("fish", Shell::Fish),
+        ] {
+            assert!(matches!(
+                parse(&["completion", s]).unwrap().command,
+                Command::Completion { shell } if shell == want
+            ));
+        }
+        usage_error(&["completion", "powershell"]);
+        usage_error(&["vm", "frobnicate"]);
+    }
+}

@@ -1,0 +1,323 @@
+//! Finding, starting and stopping `bangerd`.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use banger_core::api::{DaemonStatus, VersionInfo};
+use banger_core::client::{Client, Method};
+use banger_core::paths::Paths;
+use tokio::time::Instant;
+
+/// How long a freshly spawned daemon may take to answer.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a stopping daemon may take to go away.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+/// After the spawned process exits, how long another daemon (one that won
+/// the pid-file race) may take to answer before we give up.
+const EXITED_GRACE: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(50);
+
+/// The installation's paths and a client of its socket.
+pub fn client(paths: &Paths) -> Client {
+    Client::new(paths.socket())
+}
+
+/// The daemon's version, or `None` when it is not running. Never starts it.
+pub async fn probe(client: &Client) -> Result<Option<VersionInfo>> {
+    match client.get::<VersionInfo>("/v1/version").await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.daemon_absent() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A client of a running daemon, starting one first when none answers.
+pub async fn ensure_running(paths: &Paths) -> Result<Client> {
+    let client = client(paths);
+    if probe(&client).await?.is_none() {
+        start(paths, &client).await?;
+    }
+    Ok(client)
+}
+
+/// Spawns `bangerd` detached and waits until it answers. Returns its pid.
+pub async fn start(paths: &Paths, client: &Client) -> Result<u32> {
+    start_bin(&daemon_bin(), &paths.daemon_log(), client).await
+}
+
+async fn start_bin(bin: &Path, log: &Path, client: &Client) -> Result<u32> {
+    let mut child = spawn_detached(bin, log)?;
+    let pid = child.id();
+    let deadline = Instant::now() + START_DEADLINE;
+    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+    loop {
+        if probe(client).await?.is_some() {
+            return Ok(pid);
+        }
+        if exited.is_none()
+            && let Some(status) = child.try_wait().context("Checking the started bangerd")?
+        {
+            exited = Some((status, Instant::now()));
+        }
+        let now = Instant::now();
+        if let Some((status, at)) = exited
+            && now >= at + EXITED_GRACE
+        {
+            bail!(
+                "bangerd ({}) exited with {status} before answering; see {}",
+                bin.display(),
+                log.display()
+            );
+        }
+        if now >= deadline {
+            bail!(
+                "bangerd ({}) did not answer on {} within {}s; see {}",
+                bin.display(),
+                client.socket().display(),
+                START_DEADLINE.as_secs(),
+                log.display()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Asks the daemon to exit and waits until its socket stops answering.
+/// Returns false when it was not running.
+pub async fn stop(client: &Client) -> Result<bool> {
+    match client
+        .send::<(), serde::de::IgnoredAny>(Method::POST, "/v1/shutdown", None)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.daemon_absent() => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    let deadline = Instant::now() + STOP_DEADLINE;
+    loop {
+        // Mid-shutdown the daemon may still answer, or accept and drop
+        // connections; only "nobody listens" means it is gone.
+        if let Err(e) = client.get::<VersionInfo>("/v1/version").await
+            && e.daemon_absent()
+        {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "bangerd still answers on {} {}s after being asked to stop",
+                client.socket().display(),
+                STOP_DEADLINE.as_secs()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The daemon's status, or `None` when it is not running.
+pub async fn status(client: &Client) -> Result<Option<DaemonStatus>> {
+    match client.get::<DaemonStatus>("/v1/status").await {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.daemon_absent() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `BANGER_DAEMON_BIN`, else `bangerd` next to this executable, else `bangerd`
+/// from `PATH`.
+fn daemon_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BANGER_DAEMON_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("bangerd")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("bangerd"))
+}
+
+/// Starts `bin` in its own session with stdin from /dev/null and output
+/// appended to `log`, so it outlives this process and its terminal.
+fn spawn_detached(bin: &Path, log: &Path) -> Result<Child> {
+    if let Some(dir) = log.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("Creating {}", dir.display()))?;
+    }
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("Opening the daemon log {}", log.display()))?;
+    let err = out
+        .try_clone()
+        .with_context(|| format!("Opening the daemon log {}", log.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setsid(2), which is async-signal-safe and touches no shared state.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn().with_context(|| {
+        format!(
+            "Starting {} (set BANGER_DAEMON_BIN to its path)",
+            bin.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn system_bin(name: &str) -> Option<PathBuf> {
+        ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+    }
+
+    #[tokio::test]
+    async fn absent_daemon_is_not_running_for_probe_status_and_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Client::new(dir.path().join("none.sock"));
+        assert_eq!(probe(&c).await.unwrap(), None);
+        assert!(status(&c).await.unwrap().is_none());
+        assert!(!stop(&c).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn daemon_that_exits_early_is_an_error_naming_the_log() {
+        let Some(bin) = system_bin("false") else {
+            eprintln!("SKIPPED daemon_that_exits_early_is_an_error_naming_the_log: no `false`");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("state/bangerd.log");
+        let c = Client::new(dir.path().join("bangerd.sock"));
+        let err = start_bin(&bin, &log, &c).await.unwrap_err().to_string();
+        assert!(err.contains(&log.display().to_string()), "{err}");
+        assert!(err.contains("exited"), "{err}");
+        assert!(log.is_file(), "the log file was not created");
+    }
+
+    #[test]
+    fn spawned_daemon_gets_its_own_session_and_the_log() {
+        if system_bin("sh").is_none() {
+            eprintln!("SKIPPED spawned_daemon_gets_its_own_session_and_the_log: no `sh`");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("bangerd.log");
+        std::fs::write(&log, "earlier\n").unwrap();
+        // `sh` with stdin at /dev/null reads EOF and exits; it prints its
+        // session id to the log first.
+        let mut child = {
+            let script = dir.path().join("fake-bangerd");
+            std::fs::write(
+                &script,
+                "#!/bin/sh\nread -r line || echo \"stdin-eof\"\nread -r _pid _comm _state _ppid _pgrp sid _rest < /proc/$$/stat\necho \"$sid\"\necho \"pid $$\"\n",
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+            spawn_detached(&script, &log).unwrap()
+        };
+        let pid = child.id();
+        assert!(child.wait().unwrap().success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        assert_eq!(lines[0], "earlier", "log was truncated: {text}");
+        assert_eq!(lines[1], "stdin-eof", "{text}");
+        assert_eq!(lines[2], pid.to_string(), "not a session leader: {text}");
+        assert_eq!(lines[3], format!("pid {pid}"), "{text}");
+    }
+
+    const FAKE_DAEMON: &str = r#"#!/usr/bin/env python3
+import os, socket, sys
+path = sys.argv[0] + ".sock"
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(8)
+print("fake bangerd listening", flush=True)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = c.recv(1024)
+        if not d:
+            break
+        data += d
+    line = data.split(b"\r\n")[0].decode()
+    stop = line.startswith("POST /v1/shutdown ")
+    if line.startswith("GET /v1/version "):
+        status, body = "200 OK", b'{"version":"0.0.1","commit":"fake","built_at":1}'
+    elif stop:
+        status, body = "202 Accepted", b""
+    else:
+        status, body = "404 Not Found", b'{"error":"no route"}'
+    head = "HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (status, len(body))
+    c.sendall(head.encode() + body)
+    c.close()
+    if stop:
+        s.close()
+        os.unlink(path)
+        sys.exit(0)
+"#;
+
+    /// Kills a process this test started if the test fails midway.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn start_waits_until_the_daemon_answers_and_stop_until_it_is_gone() {
+        if system_bin("python3").is_none() {
+            eprintln!(
+                "SKIPPED start_waits_until_the_daemon_answers_and_stop_until_it_is_gone: no python3"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-bangerd");
+        std::fs::write(&script, FAKE_DAEMON).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let log = dir.path().join("bangerd.log");
+        let client = Client::new(dir.path().join("fake-bangerd.sock"));
+        assert_eq!(probe(&client).await.unwrap(), None);
+        let pid = start_bin(&script, &log, &client).await.unwrap();
+        let _guard = KillOnDrop(pid);
+        let v = probe(&client)
+            .await
+            .unwrap()
+            .expect("daemon answers after start");
+        assert_eq!(v.commit, "fake");
+        assert!(stop(&client).await.unwrap(), "stop should find it running");
+        assert_eq!(probe(&client).await.unwrap(), None);
+        assert!(!client.socket().exists());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("fake bangerd listening"), "{text}");
+    }
+}

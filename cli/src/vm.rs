@@ -1,0 +1,413 @@
+//! `banger vm ...` and `banger cap list`: thin calls of the daemon API.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use banger_core::api::{CapView, CreateVmRequest, SetVmRequest, VmView};
+use banger_core::client::{Client, ClientError, Method};
+
+use crate::args::{CreateArgs, SetArgs};
+use crate::ordered::run_in_order;
+use crate::output;
+
+/// A lifecycle verb that takes several VM names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// `POST .../start`, streamed.
+    Start,
+    /// `POST .../stop`.
+    Stop,
+    /// `POST .../restart`, streamed.
+    Restart,
+    /// `DELETE /v1/vms/{name}`.
+    Delete,
+    /// `POST .../kill`.
+    Kill,
+}
+
+impl Verb {
+    /// What the report says after success.
+    fn done(self) -> &'static str {
+        match self {
+            Verb::Start => "started",
+            Verb::Stop => "stopped",
+            Verb::Restart => "restarted",
+            Verb::Delete => "deleted",
+            Verb::Kill => "killed",
+        }
+    }
+}
+
+fn vm_path(name: &str) -> String {
+    // Names are validated (a-z, 0-9, '-') so they need no escaping.
+    format!("/v1/vms/{name}")
+}
+
+fn print_event(prefix: Option<&str>, e: &banger_core::api::Event) {
+    if let Some(line) = output::event_line(prefix, e) {
+        eprintln!("{line}");
+    }
+}
+
+/// `vm create`: streams progress to stderr, prints the VM on stdout.
+pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
+    let abs = |p: &std::path::Path| {
+        std::path::absolute(p).with_context(|| format!("Resolving {}", p.display()))
+    };
+    let req = CreateVmRequest {
+        name: a.name,
+        kernel: abs(&a.kernel)?,
+        initrd: a.initrd.as_deref().map(abs).transpose()?,
+        rootfs: abs(&a.rootfs)?,
+        vcpus: a.shape.vcpu,
+        memory_mib: a.shape.memory,
+        disk_size: a.shape.disk_size,
+        caps: a.caps,
+        boot_args: a.boot_args,
+        no_start: a.no_start,
+    };
+    let vm = client
+        .stream_events(Method::POST, "/v1/vms", Some(&req), |e| {
+            print_event(None, e)
+        })
+        .await?;
+    print!("{}", output::vm_details(&vm));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One lifecycle request for one VM.
+async fn lifecycle(
+    client: &Client,
+    verb: Verb,
+    name: &str,
+    prefix: bool,
+) -> Result<VmView, ClientError> {
+    let path = vm_path(name);
+    let prefix = prefix.then_some(name);
+    let none: Option<&()> = None;
+    match verb {
+        Verb::Start => {
+            client
+                .stream_events(Method::POST, &format!("{path}/start"), none, |e| {
+                    print_event(prefix, e)
+                })
+                .await
+        }
+        Verb::Restart => {
+            client
+                .stream_events(Method::POST, &format!("{path}/restart"), none, |e| {
+                    print_event(prefix, e)
+                })
+                .await
+        }
+        Verb::Stop => {
+            client
+                .send(Method::POST, &format!("{path}/stop"), none)
+                .await
+        }
+        Verb::Kill => {
+            client
+                .send(Method::POST, &format!("{path}/kill"), none)
+                .await
+        }
+        Verb::Delete => client.send(Method::DELETE, &path, none).await,
+    }
+}
+
+/// `vm start|stop|restart|delete|kill NAME...`: one request per name, all at
+/// once; one result line per name on `out`, in the order given; exit 1 if any
+/// failed.
+pub async fn lifecycle_all(
+    client: &Client,
+    verb: Verb,
+    names: &[String],
+    out: &mut dyn Write,
+) -> Result<ExitCode> {
+    let several = names.len() > 1;
+    let mut write_err = None;
+    let failed = run_in_order(
+        names,
+        |name| async move { lifecycle(client, verb, &name, several).await },
+        |name, result| {
+            let line = match result {
+                Ok(_) => format!("{name}: {}", verb.done()),
+                Err(e) => format!("{name}: error: {}", error_chain(&e)),
+            };
+            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                write_err.get_or_insert(e);
+            }
+        },
+    )
+    .await;
+    if let Some(e) = write_err {
+        return Err(e).context("Writing results to stdout");
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// `vm set`.
+pub async fn set(client: &Client, a: SetArgs) -> Result<ExitCode> {
+    let req = SetVmRequest {
+        vcpus: a.shape.vcpu,
+        memory_mib: a.shape.memory,
+        disk_size: a.shape.disk_size,
+    };
+    let vm: VmView = client
+        .send(Method::PATCH, &vm_path(&a.name), Some(&req))
+        .await?;
+    print!("{}", output::vm_details(&vm));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vm list`.
+pub async fn list(client: &Client, json: bool) -> Result<ExitCode> {
+    let vms: Vec<VmView> = client.get("/v1/vms").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vms)?);
+    } else {
+        print!("{}", output::vm_table(&vms));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vm show`.
+pub async fn show(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
+    let vm: VmView = client.get(&vm_path(name)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vm)?);
+    } else {
+        print!("{}", output::vm_details(&vm));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vm logs [-f]`: the serial console, raw, to stdout.
+pub async fn logs(client: &Client, name: &str, follow: bool) -> Result<ExitCode> {
+    let mut path = format!("{}/logs", vm_path(name));
+    if follow {
+        path.push_str("?follow=true");
+    }
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    client
+        .stream_raw(&path, |chunk| {
+            match out.write_all(chunk).and_then(|()| out.flush()) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    write_err = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })
+        .await?;
+    match write_err {
+        // The reader went away (`| head`): that is a normal end.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Some(e) => Err(e).context("Writing the log to stdout"),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `cap list`.
+pub async fn cap_list(client: &Client, json: bool) -> Result<ExitCode> {
+    let caps: Vec<CapView> = client.get("/v1/capabilities").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&caps)?);
+    } else {
+        print!("{}", output::cap_table(&caps));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use banger_core::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixListener;
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    fn vm_view(name: &str, state: VmState) -> VmView {
+        VmView {
+            record: VmRecord {
+                id: VmId::from_stored("0011223344556677".into()),
+                name: VmName::parse(name).unwrap(),
+                state,
+                spec: VmSpec {
+                    vcpus: 1,
+                    memory_mib: 512,
+                    disk_size: ByteSize(1 << 30),
+                    kernel: "/k".into(),
+                    initrd: None,
+                    rootfs_source: "/r".into(),
+                    extra_boot_args: None,
+                    vmm: VmmKind::Firecracker,
+                },
+                caps: vec![],
+                prepared: vec![],
+                vmm: None,
+                last_error: None,
+                machine: None,
+                guest: None,
+                booted_once: true,
+                created_at: 0,
+                updated_at: 0,
+            },
+            dir: "/d".into(),
+        }
+    }
+
+    /// A fake daemon on a real Unix socket: every connection gets its own
+    /// task; `route(method, path)` decides the answer. Returns the socket and
+    /// the log of request lines.
+    fn fake_daemon<F, Fut>(dir: &Path, route: F) -> (PathBuf, Arc<Mutex<Vec<String>>>)
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = (u16, String)> + Send,
+    {
+        let sock = dir.join("bangerd.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (route, log) = (Arc::new(route), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let (route, log) = (route.clone(), log.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 512];
+                        let n = s.read(&mut chunk).await.unwrap();
+                        assert!(n > 0);
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let line = text.lines().next().unwrap().to_string();
+                    let req = line.rsplit_once(' ').unwrap().0.to_string();
+                    log.lock().unwrap().push(req.clone());
+                    let (status, body) = route(req).await;
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    s.write_all(resp.as_bytes()).await.unwrap();
+                    s.shutdown().await.unwrap();
+                });
+            }
+        });
+        (sock, seen)
+    }
+
+    #[tokio::test]
+    async fn multi_vm_stop_reports_in_order_and_survives_unknown_names() {
+        let dir = tempfile::tempdir().unwrap();
+        // `a` answers only after `c` was asked: sequential requests would
+        // hang (caught by the timeout), and `a` still must be reported first.
+        let c_asked = Arc::new(Notify::new());
+        let notify = c_asked.clone();
+        let (sock, seen) = fake_daemon(dir.path(), move |req| {
+            let notify = notify.clone();
+            async move {
+                match req.as_str() {
+                    "POST /v1/vms/a/stop" => {
+                        notify.notified().await;
+                        let vm = vm_view("a", VmState::Stopped);
+                        (200, serde_json::to_string(&vm).unwrap())
+                    }
+                    "POST /v1/vms/c/stop" => {
+                        notify.notify_one();
+                        let vm = vm_view("c", VmState::Stopped);
+                        (200, serde_json::to_string(&vm).unwrap())
+                    }
+                    _ => (404, r#"{"error":"No VM named \"ghost\""}"#.to_string()),
+                }
+            }
+        });
+        let names = ["a", "ghost", "c"].map(String::from);
+        let mut out = Vec::new();
+        let code = tokio::time::timeout(
+            Duration::from_secs(10),
+            lifecycle_all(&Client::new(sock), Verb::Stop, &names, &mut out),
+        )
+        .await
+        .expect("requests were not concurrent")
+        .unwrap();
+        assert_eq!(code, ExitCode::FAILURE);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "a: stopped\nghost: error: No VM named \"ghost\"\nc: stopped\n"
+        );
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "POST /v1/vms/a/stop",
+                "POST /v1/vms/c/stop",
+                "POST /v1/vms/ghost/stop"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn every_verb_uses_its_endpoint_and_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sock, seen) = fake_daemon(dir.path(), |req| async move {
+            let vm = vm_view("dev", VmState::Running);
+            if req.ends_with("/start") || req.ends_with("/restart") {
+                let done = banger_core::api::Event::Done { vm: Box::new(vm) };
+                (200, serde_json::to_string(&done).unwrap() + "\n")
+            } else {
+                (200, serde_json::to_string(&vm).unwrap())
+            }
+        });
+        let client = Client::new(sock);
+        let names = ["dev".to_string()];
+        for (verb, line) in [
+            (Verb::Start, "dev: started\n"),
+            (Verb::Stop, "dev: stopped\n"),
+            (Verb::Restart, "dev: restarted\n"),
+            (Verb::Kill, "dev: killed\n"),
+            (Verb::Delete, "dev: deleted\n"),
+        ] {
+            let mut out = Vec::new();
+            let code = lifecycle_all(&client, verb, &names, &mut out)
+                .await
+                .unwrap();
+            assert_eq!(code, ExitCode::SUCCESS, "{verb:?}");
+            assert_eq!(String::from_utf8(out).unwrap(), line);
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "POST /v1/vms/dev/start",
+                "POST /v1/vms/dev/stop",
+                "POST /v1/vms/dev/restart",
+                "POST /v1/vms/dev/kill",
+                "DELETE /v1/vms/dev",
+            ]
+        );
+    }
+}
