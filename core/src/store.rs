@@ -887,6 +887,23 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_on_two_connections_wait_instead_of_failing() {
+        let (_dir, path, first) = open_temp();
+        let second = Store::open(&path).unwrap();
+        std::thread::scope(|s| {
+            for (t, store) in [(1u64, &first), (2, &second)] {
+                s.spawn(move || {
+                    for i in 0..50u64 {
+                        let vm = minimal(&format!("{t:08x}{i:08x}"), &format!("vm-{t}-{i}"), i);
+                        store.insert_vm(&vm).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(first.list_vms().unwrap().len(), 100);
+    }
+
+    #[test]
     fn migrates_an_empty_database_and_reopens_idempotently() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("banger.db");
