@@ -40,6 +40,14 @@ pub enum ConfigError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A `default_caps` entry of a `Config` built in code does not parse.
+    #[error("Invalid entry in default_caps of {}: {message}", path.display())]
+    DefaultCap {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// No Firecracker binary is configured and none is on `PATH`.
     #[error("Cannot find firecracker on PATH: install firecracker or set firecracker_bin in {}", path.display())]
     FirecrackerNotFound {
@@ -203,11 +211,9 @@ impl Config {
         let mut choices = Vec::new();
         for s in &self.default_caps {
             choices.push(
-                parse_default_cap(s).map_err(|message| ConfigError::Invalid {
+                parse_default_cap(s).map_err(|message| ConfigError::DefaultCap {
                     path: self.path.clone(),
-                    line: 1,
-                    column: 1,
-                    message: format!("default_caps: {message}"),
+                    message,
                 })?,
             );
         }
@@ -677,8 +683,11 @@ disk_size = "20G"
         assert!(msg.contains("leave \"nat\" out of the list"), "{msg}");
         let msg = err("default_caps = [\"Bad Name\"]\n");
         assert!(msg.contains("invalid entry in default_caps"), "{msg}");
-        let empty = parse("default_caps = []\n").unwrap();
-        assert!(empty.default_caps().unwrap().is_empty());
+        let mut cfg = parse("default_caps = []\n").unwrap();
+        assert!(cfg.default_caps().unwrap().is_empty());
+        cfg.default_caps = vec!["-nat".into()];
+        let msg = cfg.default_caps().unwrap_err().to_string();
+        assert!(msg.contains("Invalid entry in default_caps"), "{msg}");
     }
 
     #[test]
