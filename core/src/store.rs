@@ -168,7 +168,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database at `path`.
+    /// Opens (creating if needed) and migrates the database at `path`. The
+    /// parent directory must exist (see `Paths::create_all`).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
