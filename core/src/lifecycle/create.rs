@@ -58,7 +58,7 @@ impl Lifecycle {
             let rec = vm.clone();
             match blocking(move || store.insert_vm(&rec)).await? {
                 Ok(()) => {}
-                Err(StoreError::NameTaken(n)) => return Err(OpError::NameTaken(n)),
+                Err(StoreError::NameTaken(n)) => return Err(OpError::NameTaken(n.to_string())),
                 Err(e) => return Err(e.into()),
             }
         }
