@@ -78,6 +78,17 @@ pub enum PluginLoadError {
         /// The daemon's banger-plugin-abi version.
         expected: String,
     },
+    /// abi_stable found that the types crossing the boundary differ.
+    #[error(
+        "Plugin {} was built against banger-plugin-abi {found}, whose types differ from this daemon's banger-plugin-abi {}: rebuild it against banger-plugin-abi {}",
+        path.display(), abi_crate_version(), abi_crate_version()
+    )]
+    Layout {
+        /// The plugin file.
+        path: PathBuf,
+        /// The plugin's banger-plugin-abi version.
+        found: String,
+    },
     /// The plugin's constructor failed.
     #[error("Plugin {} failed to start: {msg}", path.display())]
     Init {
@@ -107,6 +118,7 @@ impl PluginLoadError {
             PluginLoadError::Open { path, .. }
             | PluginLoadError::AbiVersion { path, .. }
             | PluginLoadError::CrateVersion { path, .. }
+            | PluginLoadError::Layout { path, .. }
             | PluginLoadError::Init { path, .. }
             | PluginLoadError::InvalidName { path, .. } => path,
         }
@@ -149,9 +161,16 @@ pub fn load_plugins(dir: &Path) -> LoadReport {
 
 /// Loads one plugin file and adapts it into a capability.
 pub fn load_plugin(path: &Path) -> Result<Arc<dyn Capability>, PluginLoadError> {
-    let module = lib_header_from_path(path)
-        .and_then(|h| h.init_root_module::<PluginModuleRef>())
-        .map_err(|e| library_error(path, e))?;
+    let header = lib_header_from_path(path).map_err(|e| library_error(path, e))?;
+    let module = header
+        .init_root_module::<PluginModuleRef>()
+        .map_err(|e| match e {
+            LibraryError::AbiInstability(_) => PluginLoadError::Layout {
+                path: path.to_path_buf(),
+                found: header.version_strings().version.to_string(),
+            },
+            other => library_error(path, other),
+        })?;
     let found = module.abi_version();
     if found != ABI_VERSION {
         return Err(PluginLoadError::AbiVersion {
