@@ -240,6 +240,11 @@ mod tests {
         assert_eq!(guest.mounts[0].mount_point, PathBuf::from("/mnt/shared"));
         assert_eq!(guest.mounts[0].fstype, "ext4");
         assert!(guest.mounts[0].read_only);
+        // A second mount on the same point is refused by add_mount; bundle untouched.
+        let before = guest.clone();
+        let err = cap.guest_config(&h.ctx(), &mut guest).unwrap_err();
+        assert!(message(&err).contains("plugin shared-mount"), "{err}");
+        assert_eq!(guest, before);
 
         cap.teardown(&h.ctx(), TeardownReason::Delete).unwrap();
         assert!(!image.exists());
