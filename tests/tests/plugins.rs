@@ -1,0 +1,385 @@
+//! The plugin boundary end to end: real cdylibs loaded through
+//! `banger_core::plugin_host`, hooks run through the adapter against real
+//! temp dirs and real ext4 tools.
+//!
+//! Needs the plugins built first:
+//! `cargo build -p banger-plugin-shared-mount -p banger-plugin-faulty -p banger-plugin-wrong-abi`.
+
+// Inside a cfg(test) module so the workspace's test-only lint allowances
+// (unwrap in tests) cover the helpers too.
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::{Arc, Mutex};
+
+    use banger_core::capability::{
+        CapError, CapSource, Capability, HookCtx, HookLog, TeardownReason,
+    };
+    use banger_core::guest::GuestConfig;
+    use banger_core::hostops::RecordingHostOps;
+    use banger_core::machine::{Drive, DriveRole, MachineSpec};
+    use banger_core::model::{
+        ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind,
+    };
+    use banger_core::plugin_host::{ABI_VERSION, PluginLoadError, load_plugin, load_plugins};
+    use test_infra::workspace_cdylib;
+
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<String>>);
+
+    impl HookLog for Lines {
+        fn info(&self, msg: &str) {
+            self.0.lock().unwrap().push(format!("info {msg}"));
+        }
+        fn warn(&self, msg: &str) {
+            self.0.lock().unwrap().push(format!("warn {msg}"));
+        }
+    }
+
+    impl Lines {
+        fn all(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    fn record() -> VmRecord {
+        VmRecord {
+            id: VmId::from_stored("0123456789abcdef".into()),
+            name: VmName::parse("plug-test").unwrap(),
+            state: VmState::Starting,
+            spec: VmSpec {
+                vcpus: 2,
+                memory_mib: 512,
+                disk_size: ByteSize(1 << 30),
+                kernel: "/k/vmlinux".into(),
+                initrd: None,
+                rootfs_source: "/images/root.ext4".into(),
+                extra_boot_args: None,
+                vmm: VmmKind::Firecracker,
+            },
+            caps: vec![],
+            prepared: vec![],
+            vmm: None,
+            last_error: None,
+            machine: None,
+            guest: None,
+            booted_once: false,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn spec(vm_dir: &Path) -> MachineSpec {
+        MachineSpec {
+            kernel: "/k/vmlinux".into(),
+            initrd: None,
+            boot_args: "console=ttyS0".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            drives: vec![Drive {
+                id: "root".into(),
+                path: vm_dir.join("root.ext4"),
+                read_only: false,
+                role: DriveRole::Root,
+            }],
+            nics: vec![],
+            vsock: None,
+            serial_log: vm_dir.join("serial.log"),
+        }
+    }
+
+    fn options(pairs: &[(&str, &str)]) -> CapOptions {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Runs `f` with a hook context for `vm_dir` and `opts`.
+    struct Harness {
+        vm: VmRecord,
+        host: RecordingHostOps,
+        log: Lines,
+        options: CapOptions,
+        vm_dir: PathBuf,
+    }
+
+    impl Harness {
+        fn new(vm_dir: &Path, opts: CapOptions) -> Self {
+            Harness {
+                vm: record(),
+                host: RecordingHostOps::default(),
+                log: Lines::default(),
+                options: opts,
+                vm_dir: vm_dir.to_path_buf(),
+            }
+        }
+
+        fn ctx(&self) -> HookCtx<'_> {
+            HookCtx {
+                vm: &self.vm,
+                vm_dir: &self.vm_dir,
+                options: &self.options,
+                host: &self.host,
+                log: &self.log,
+            }
+        }
+    }
+
+    fn sbin_tool(name: &str) -> Option<PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    }
+
+    fn debugfs_cat(debugfs: &Path, image: &Path, file: &str) -> String {
+        let out = Command::new(debugfs)
+            .arg("-R")
+            .arg(format!("cat {file}"))
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "debugfs cat {file} failed: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn shared_mount() -> (PathBuf, Arc<dyn Capability>) {
+        let path = workspace_cdylib("banger-plugin-shared-mount");
+        let cap = load_plugin(&path).unwrap();
+        (path, cap)
+    }
+
+    fn faulty() -> Arc<dyn Capability> {
+        load_plugin(&workspace_cdylib("banger-plugin-faulty")).unwrap()
+    }
+
+    fn message(err: &CapError) -> String {
+        err.to_string()
+    }
+
+    #[test]
+    fn shared_mount_loads_with_name_description_and_source() {
+        let (path, cap) = shared_mount();
+        assert_eq!(cap.name(), "shared-mount");
+        assert!(!cap.description().is_empty());
+        assert_eq!(cap.source(), CapSource::Plugin(path));
+    }
+
+    #[test]
+    fn shared_mount_builds_attaches_mounts_and_removes_a_read_only_image() {
+        let (Some(_mkfs), Some(debugfs)) = (sbin_tool("mkfs.ext4"), sbin_tool("debugfs")) else {
+            eprintln!(
+                "SKIPPED shared_mount_builds_attaches_mounts_and_removes_a_read_only_image: mkfs.ext4/debugfs not installed"
+            );
+            return;
+        };
+        let (_, cap) = shared_mount();
+        let tmp = tempfile::tempdir().unwrap();
+        let host_dir = tmp.path().join("src");
+        let vm_dir = tmp.path().join("vm");
+        std::fs::create_dir_all(host_dir.join("sub")).unwrap();
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        std::fs::write(host_dir.join("file"), "hello from the host\n").unwrap();
+        std::fs::write(host_dir.join("sub/inner.txt"), "nested\n").unwrap();
+
+        let opts = options(&[
+            ("host", host_dir.to_str().unwrap()),
+            ("guest", "/mnt/shared"),
+        ]);
+        cap.validate_options(&opts).unwrap();
+        let h = Harness::new(&vm_dir, opts);
+
+        cap.prepare_host(&h.ctx()).unwrap();
+        let image = vm_dir.join("shared-mount.ext4");
+        assert!(image.is_file());
+        assert_eq!(
+            debugfs_cat(&debugfs, &image, "/file"),
+            "hello from the host\n"
+        );
+        assert_eq!(debugfs_cat(&debugfs, &image, "/sub/inner.txt"), "nested\n");
+        // Only the published image is left: no staging files.
+        let names: Vec<String> = std::fs::read_dir(&vm_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["shared-mount.ext4".to_string()]);
+        // The plugin's log lines came through the host callback.
+        let lines = h.log.all();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("info ") && l.contains(host_dir.to_str().unwrap())),
+            "{lines:?}"
+        );
+
+        let mut machine = spec(&vm_dir);
+        cap.configure_machine(&h.ctx(), &mut machine).unwrap();
+        assert_eq!(machine.drives.len(), 2);
+        assert_eq!(
+            machine.drives[1],
+            Drive {
+                id: "shared-mount".into(),
+                path: image.clone(),
+                read_only: true,
+                role: DriveRole::Extra,
+            }
+        );
+        // A second attach conflicts in the host's add_drive and leaves the spec alone.
+        let before = machine.clone();
+        let err = cap.configure_machine(&h.ctx(), &mut machine).unwrap_err();
+        assert!(message(&err).contains("plugin shared-mount"), "{err}");
+        assert_eq!(machine, before);
+
+        let mut guest = GuestConfig::new("plug-test");
+        cap.guest_config(&h.ctx(), &mut guest).unwrap();
+        assert_eq!(guest.mounts.len(), 1);
+        assert_eq!(guest.mounts[0].drive_id, "shared-mount");
+        assert_eq!(guest.mounts[0].mount_point, PathBuf::from("/mnt/shared"));
+        assert_eq!(guest.mounts[0].fstype, "ext4");
+        assert!(guest.mounts[0].read_only);
+        // A second mount on the same point is refused by add_mount; bundle untouched.
+        let before = guest.clone();
+        let err = cap.guest_config(&h.ctx(), &mut guest).unwrap_err();
+        assert!(message(&err).contains("plugin shared-mount"), "{err}");
+        assert_eq!(guest, before);
+
+        cap.teardown(&h.ctx(), TeardownReason::Delete).unwrap();
+        assert!(!image.exists());
+        // Teardown tolerates an image that is already gone.
+        cap.teardown(&h.ctx(), TeardownReason::Stop).unwrap();
+        assert!(h.host.calls().is_empty(), "no privileged host ops needed");
+    }
+
+    #[test]
+    fn shared_mount_rejects_bad_options_naming_the_plugin() {
+        let (_, cap) = shared_mount();
+        let err = cap
+            .validate_options(&options(&[("host", "relative"), ("guest", "/mnt")]))
+            .unwrap_err();
+        assert!(matches!(err, CapError::InvalidOptions(_)), "{err:?}");
+        let msg = message(&err);
+        assert!(msg.starts_with("plugin shared-mount: "), "{msg}");
+        assert!(msg.contains("host="), "{msg}");
+    }
+
+    #[test]
+    fn shared_mount_prepare_fails_cleanly_when_the_host_dir_vanished() {
+        let (_, cap) = shared_mount();
+        let tmp = tempfile::tempdir().unwrap();
+        let vm_dir = tmp.path().join("vm");
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        let h = Harness::new(
+            &vm_dir,
+            options(&[("host", "/nonexistent/banger-src"), ("guest", "/mnt")]),
+        );
+        let err = cap.prepare_host(&h.ctx()).unwrap_err();
+        assert!(message(&err).contains("plugin shared-mount"), "{err}");
+        assert_eq!(std::fs::read_dir(&vm_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn wrong_abi_plugin_is_refused_naming_the_file_and_both_versions() {
+        let path = workspace_cdylib("banger-plugin-wrong-abi");
+        let err = load_plugin(&path).unwrap_err();
+        assert!(
+            matches!(err, PluginLoadError::AbiVersion { found, .. } if found == ABI_VERSION + 1),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(msg.contains(&format!("ABI {}", ABI_VERSION + 1)), "{msg}");
+        assert!(msg.contains(&format!("ABI {ABI_VERSION}")), "{msg}");
+    }
+
+    #[test]
+    fn faulty_panic_comes_back_as_an_error_and_the_process_survives() {
+        let cap = faulty();
+        let tmp = tempfile::tempdir().unwrap();
+        let h = Harness::new(tmp.path(), options(&[("panic", "prepare_host")]));
+        cap.validate_options(&h.options).unwrap();
+
+        let err = cap.prepare_host(&h.ctx()).unwrap_err();
+        let msg = message(&err);
+        assert!(
+            msg.contains("plugin faulty panicked in prepare_host"),
+            "{msg}"
+        );
+        assert!(!tmp.path().join("faulty.marker").exists());
+
+        // Still alive, and the same plugin keeps working.
+        cap.post_start(&h.ctx()).unwrap();
+        cap.teardown(&h.ctx(), TeardownReason::Rollback).unwrap();
+        let calls = std::fs::read_to_string(tmp.path().join("faulty.calls")).unwrap();
+        assert_eq!(
+            calls.lines().collect::<Vec<_>>(),
+            ["prepare_host", "post_start", "teardown rollback"]
+        );
+    }
+
+    #[test]
+    fn faulty_failure_returns_the_plugins_error_and_leaves_the_spec_alone() {
+        let cap = faulty();
+        let tmp = tempfile::tempdir().unwrap();
+        let h = Harness::new(tmp.path(), options(&[("fail", "configure_machine")]));
+
+        cap.prepare_host(&h.ctx()).unwrap();
+        assert!(tmp.path().join("faulty.marker").is_file());
+        let mut machine = spec(tmp.path());
+        let before = machine.clone();
+        let err = cap.configure_machine(&h.ctx(), &mut machine).unwrap_err();
+        let msg = message(&err);
+        assert!(msg.starts_with("plugin faulty: "), "{msg}");
+        assert!(msg.contains("fail in configure_machine"), "{msg}");
+        assert_eq!(machine, before);
+
+        cap.teardown(&h.ctx(), TeardownReason::Rollback).unwrap();
+        assert!(!tmp.path().join("faulty.marker").exists());
+        let calls = std::fs::read_to_string(tmp.path().join("faulty.calls")).unwrap();
+        assert_eq!(
+            calls.lines().collect::<Vec<_>>(),
+            ["prepare_host", "configure_machine", "teardown rollback"]
+        );
+        // Each call logged one line through the host callback.
+        assert_eq!(h.log.all().len(), 3, "{:?}", h.log.all());
+    }
+
+    #[test]
+    fn faulty_rejects_unknown_hook_names() {
+        let cap = faulty();
+        let err = cap
+            .validate_options(&options(&[("fail", "reboot")]))
+            .unwrap_err();
+        assert!(matches!(err, CapError::InvalidOptions(_)), "{err:?}");
+        assert!(message(&err).contains("fail=reboot"), "{err}");
+    }
+
+    #[test]
+    fn load_plugins_loads_the_good_one_and_reports_the_others_by_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let good = tmp.path().join("libbanger_plugin_shared_mount.so");
+        let wrong = tmp.path().join("libbanger_plugin_wrong_abi.so");
+        let garbage = tmp.path().join("libgarbage.so");
+        std::fs::copy(workspace_cdylib("banger-plugin-shared-mount"), &good).unwrap();
+        std::fs::copy(workspace_cdylib("banger-plugin-wrong-abi"), &wrong).unwrap();
+        std::fs::write(&garbage, b"\x7fELF but not really").unwrap();
+        std::fs::write(tmp.path().join("notes.txt"), b"not a plugin").unwrap();
+
+        let report = load_plugins(tmp.path());
+        assert_eq!(report.loaded.len(), 1, "{:?}", report.errors);
+        assert_eq!(report.loaded[0].name(), "shared-mount");
+        assert_eq!(report.loaded[0].source(), CapSource::Plugin(good));
+
+        let paths: Vec<&Path> = report.errors.iter().map(|e| e.path()).collect();
+        assert_eq!(paths, [wrong.as_path(), garbage.as_path()]);
+        for (err, file) in report
+            .errors
+            .iter()
+            .zip(["libbanger_plugin_wrong_abi.so", "libgarbage.so"])
+        {
+            assert!(err.to_string().contains(file), "{err}");
+        }
+    }
+}
