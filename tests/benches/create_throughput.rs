@@ -26,7 +26,11 @@ fn run(env: &BangerEnv, concurrency: usize, round: usize) -> f64 {
     });
     let secs = start.elapsed().as_secs_f64();
     // Clean up outside the timed region.
-    let names: Vec<String> = env.list().into_iter().map(|v| v.record.name.to_string()).collect();
+    let names: Vec<String> = env
+        .list()
+        .into_iter()
+        .map(|v| v.record.name.to_string())
+        .collect();
     let mut args = vec!["vm", "delete"];
     args.extend(names.iter().map(String::as_str));
     env.banger(&args).ok();
@@ -44,5 +48,8 @@ fn main() {
     let concurrent = run(&env, 32, 1);
     println!("create_throughput/1-concurrent:  {sequential:8.2} creates/s ({CREATES} creates)");
     println!("create_throughput/32-concurrent: {concurrent:8.2} creates/s ({CREATES} creates)");
-    println!("create_throughput/ratio 32:1:    {:8.2}x", concurrent / sequential);
+    println!(
+        "create_throughput/ratio 32:1:    {:8.2}x",
+        concurrent / sequential
+    );
 }

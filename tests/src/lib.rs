@@ -1,5 +1,9 @@
 //! Shared test infrastructure for banger's cross-crate tests: locating built
-//! artifacts, and (later) the daemon harness.
+//! artifacts, an isolated banger installation per test, and polling helpers.
+//!
+//! This is test code: a panic here is a test failure with a message, which is
+//! what we want, so unwrapping is allowed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 

@@ -2,605 +2,612 @@
 //! firecracker: API call order, stop/start/delete, validation, rollback at
 //! every hook, daemon restarts, plugins, multi-VM commands.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+// Inside a cfg(test) module so the workspace's test-only lint allowances
+// (unwrap in tests) cover the helpers too.
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
 
-use banger_core::model::VmState;
-use test_infra::{BangerEnv, pid_alive, wait_until, workspace_cdylib};
+    use banger_core::model::VmState;
+    use test_infra::{BangerEnv, pid_alive, wait_until, workspace_cdylib};
 
-fn calls_for(env: &BangerEnv, pid: u32) -> Vec<(String, String, serde_json::Value)> {
-    env.fc_calls()
-        .into_iter()
-        .filter(|c| c["pid"].as_u64() == Some(pid as u64))
-        .map(|c| {
+    fn calls_for(env: &BangerEnv, pid: u32) -> Vec<(String, String, serde_json::Value)> {
+        env.fc_calls()
+            .into_iter()
+            .filter(|c| c["pid"].as_u64() == Some(pid as u64))
+            .map(|c| {
+                (
+                    c["method"].as_str().unwrap_or_default().to_string(),
+                    c["path"].as_str().unwrap_or_default().to_string(),
+                    c["body"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn position(calls: &[(String, String, serde_json::Value)], method: &str, path: &str) -> usize {
+        calls
+            .iter()
+            .position(|(m, p, _)| m == method && p == path)
+            .unwrap_or_else(|| panic!("no {method} {path} in {calls:#?}"))
+    }
+
+    fn debugfs(img: &Path, cmd: &str) -> String {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn vm_dir_entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn install_plugin(env: &BangerEnv, crate_name: &str) -> PathBuf {
+        let src = workspace_cdylib(crate_name);
+        let dst = env.plugins_dir().join(src.file_name().unwrap());
+        std::fs::copy(&src, &dst).unwrap();
+        dst
+    }
+
+    #[test]
+    fn create_configures_firecracker_in_a_valid_order() {
+        let env = BangerEnv::new();
+        let out = env.create("web", &["--vcpu", "2", "--memory", "512"]).ok();
+        assert!(
+            out.stderr.contains("launch_vmm"),
+            "create must print live stages:\n{}",
+            out.stderr
+        );
+        let vm = env.show("web");
+        assert_eq!(vm.record.state, VmState::Running);
+        let pid = vm.record.vmm.as_ref().expect("running VM has a VMM").pid;
+        assert!(pid_alive(pid as i32));
+
+        let calls = calls_for(&env, pid);
+        let boot = position(&calls, "PUT", "/boot-source");
+        let mc = position(&calls, "PUT", "/machine-config");
+        let root = position(&calls, "PUT", "/drives/root");
+        let work = position(&calls, "PUT", "/drives/work");
+        let start = calls
+            .iter()
+            .position(|(m, p, b)| {
+                m == "PUT" && p == "/actions" && b["action_type"] == "InstanceStart"
+            })
+            .expect("InstanceStart");
+        assert!(boot < start && mc < start && root < start && work < start);
+        assert!(root < work, "the root drive must be attached first");
+        assert_eq!(
+            start,
+            calls.len() - 1,
+            "nothing may be configured after InstanceStart"
+        );
+
+        let (k, _) = env.boot_files();
+        assert_eq!(calls[boot].2["kernel_image_path"], k.display().to_string());
+        assert_eq!(calls[mc].2["vcpu_count"], 2);
+        assert_eq!(calls[mc].2["mem_size_mib"], 512);
+        assert_eq!(calls[root].2["is_root_device"], true);
+        assert_eq!(
+            calls[root].2["path_on_host"],
+            vm.dir.join("rootfs.ext4").display().to_string()
+        );
+        assert_eq!(calls[work].2["is_root_device"], false);
+        assert_eq!(
+            calls[work].2["path_on_host"],
+            vm.dir.join("work.ext4").display().to_string()
+        );
+
+        // The VM's root disk is its own copy; the given file is untouched.
+        let (_, rootfs) = env.boot_files();
+        assert_eq!(
+            std::fs::read(vm.dir.join("rootfs.ext4")).unwrap(),
+            std::fs::read(rootfs).unwrap()
+        );
+        // The guest config bundle is built and inspectable.
+        let guest = vm.record.guest.expect("guest config recorded");
+        assert_eq!(guest.hostname, "web");
+        assert!(
+            guest
+                .mounts
+                .iter()
+                .any(|m| m.mount_point == Path::new("/root"))
+        );
+        // The serial console is captured for `vm logs`.
+        wait_until(Duration::from_secs(10), "console output appears", || {
+            !env.banger(&["vm", "logs", "web"]).ok().stdout.is_empty()
+        });
+    }
+
+    #[test]
+    fn stop_start_keeps_the_work_disk_and_delete_removes_everything() {
+        let env = BangerEnv::new();
+        env.create("keep", &[]).ok();
+        let vm = env.show("keep");
+        let first_pid = vm.record.vmm.unwrap().pid;
+        let work = vm.dir.join("work.ext4");
+
+        env.banger(&["vm", "stop", "keep"]).ok();
+        let stopped = env.show("keep");
+        assert_eq!(stopped.record.state, VmState::Stopped);
+        assert!(stopped.record.vmm.is_none());
+        wait_until(Duration::from_secs(10), "the VMM exits", || {
+            !pid_alive(first_pid as i32)
+        });
+        let ctrl_alt_del = calls_for(&env, first_pid)
+            .iter()
+            .any(|(_, p, b)| p == "/actions" && b["action_type"] == "SendCtrlAltDel");
+        assert!(ctrl_alt_del, "stop must ask the guest to shut down first");
+
+        // Write into the work disk while stopped, as the guest would have.
+        let data = env.root().join("note.txt");
+        std::fs::write(&data, b"kept across restarts").unwrap();
+        let st = std::process::Command::new("debugfs")
+            .args(["-w", "-R", &format!("write {} note.txt", data.display())])
+            .arg(&work)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+
+        env.banger(&["vm", "start", "keep"]).ok();
+        let running = env.show("keep");
+        assert_eq!(running.record.state, VmState::Running);
+        assert_ne!(running.record.vmm.as_ref().unwrap().pid, first_pid);
+        assert_eq!(debugfs(&work, "cat /note.txt"), "kept across restarts");
+
+        let second_pid = running.record.vmm.unwrap().pid;
+        env.banger(&["vm", "delete", "keep"]).ok();
+        assert!(!running.dir.exists(), "VM dir must be gone");
+        assert!(env.list().is_empty(), "row must be gone");
+        wait_until(Duration::from_secs(10), "the VMM exits", || {
+            !pid_alive(second_pid as i32)
+        });
+        let r = env.banger(&["vm", "show", "keep"]).failed();
+        assert!(r.stderr.contains("keep"), "{}", r.stderr);
+    }
+
+    #[test]
+    fn invalid_inputs_are_rejected_before_anything_is_created() {
+        let env = BangerEnv::new();
+        let (k, r) = env.boot_files();
+        let (k, r) = (k.display().to_string(), r.display().to_string());
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (vec!["--name", "Bad_Name"], "Bad_Name"),
+            (vec!["--name", "ok1", "--vcpu", "0"], "vcpu"),
+            (vec!["--name", "ok2", "--vcpu", "-3"], "vcpu"),
+            (vec!["--name", "ok3", "--memory", "0"], "memory"),
+            (vec!["--name", "ok4", "--memory", "lots"], "memory"),
+            (vec!["--name", "ok5", "--disk-size", "0"], "0"),
+            (vec!["--name", "ok6", "--disk-size", "8X"], "8X"),
+            (vec!["--name", "ok7", "--cap", "no-such-cap"], "no-such-cap"),
             (
-                c["method"].as_str().unwrap_or_default().to_string(),
-                c["path"].as_str().unwrap_or_default().to_string(),
-                c["body"].clone(),
-            )
-        })
-        .collect()
-}
-
-fn position(calls: &[(String, String, serde_json::Value)], method: &str, path: &str) -> usize {
-    calls
-        .iter()
-        .position(|(m, p, _)| m == method && p == path)
-        .unwrap_or_else(|| panic!("no {method} {path} in {calls:#?}"))
-}
-
-fn debugfs(img: &Path, cmd: &str) -> String {
-    let out = std::process::Command::new("debugfs")
-        .args(["-R", cmd])
-        .arg(img)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn vm_dir_entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn install_plugin(env: &BangerEnv, crate_name: &str) -> PathBuf {
-    let src = workspace_cdylib(crate_name);
-    let dst = env.plugins_dir().join(src.file_name().unwrap());
-    std::fs::copy(&src, &dst).unwrap();
-    dst
-}
-
-#[test]
-fn create_configures_firecracker_in_a_valid_order() {
-    let env = BangerEnv::new();
-    let out = env.create("web", &["--vcpu", "2", "--memory", "512"]).ok();
-    assert!(
-        out.stderr.contains("launch_vmm"),
-        "create must print live stages:\n{}",
-        out.stderr
-    );
-    let vm = env.show("web");
-    assert_eq!(vm.record.state, VmState::Running);
-    let pid = vm.record.vmm.as_ref().expect("running VM has a VMM").pid;
-    assert!(pid_alive(pid as i32));
-
-    let calls = calls_for(&env, pid);
-    let boot = position(&calls, "PUT", "/boot-source");
-    let mc = position(&calls, "PUT", "/machine-config");
-    let root = position(&calls, "PUT", "/drives/root");
-    let work = position(&calls, "PUT", "/drives/work");
-    let start = calls
-        .iter()
-        .position(|(m, p, b)| m == "PUT" && p == "/actions" && b["action_type"] == "InstanceStart")
-        .expect("InstanceStart");
-    assert!(boot < start && mc < start && root < start && work < start);
-    assert!(root < work, "the root drive must be attached first");
-    assert_eq!(
-        start,
-        calls.len() - 1,
-        "nothing may be configured after InstanceStart"
-    );
-
-    let (k, _) = env.boot_files();
-    assert_eq!(calls[boot].2["kernel_image_path"], k.display().to_string());
-    assert_eq!(calls[mc].2["vcpu_count"], 2);
-    assert_eq!(calls[mc].2["mem_size_mib"], 512);
-    assert_eq!(calls[root].2["is_root_device"], true);
-    assert_eq!(
-        calls[root].2["path_on_host"],
-        vm.dir.join("rootfs.ext4").display().to_string()
-    );
-    assert_eq!(calls[work].2["is_root_device"], false);
-    assert_eq!(
-        calls[work].2["path_on_host"],
-        vm.dir.join("work.ext4").display().to_string()
-    );
-
-    // The VM's root disk is its own copy; the given file is untouched.
-    let (_, rootfs) = env.boot_files();
-    assert_eq!(
-        std::fs::read(vm.dir.join("rootfs.ext4")).unwrap(),
-        std::fs::read(rootfs).unwrap()
-    );
-    // The guest config bundle is built and inspectable.
-    let guest = vm.record.guest.expect("guest config recorded");
-    assert_eq!(guest.hostname, "web");
-    assert!(
-        guest
-            .mounts
-            .iter()
-            .any(|m| m.mount_point == Path::new("/root"))
-    );
-    // The serial console is captured for `vm logs`.
-    wait_until(Duration::from_secs(10), "console output appears", || {
-        !env.banger(&["vm", "logs", "web"]).ok().stdout.is_empty()
-    });
-}
-
-#[test]
-fn stop_start_keeps_the_work_disk_and_delete_removes_everything() {
-    let env = BangerEnv::new();
-    env.create("keep", &[]).ok();
-    let vm = env.show("keep");
-    let first_pid = vm.record.vmm.unwrap().pid;
-    let work = vm.dir.join("work.ext4");
-
-    env.banger(&["vm", "stop", "keep"]).ok();
-    let stopped = env.show("keep");
-    assert_eq!(stopped.record.state, VmState::Stopped);
-    assert!(stopped.record.vmm.is_none());
-    wait_until(Duration::from_secs(10), "the VMM exits", || {
-        !pid_alive(first_pid as i32)
-    });
-    let ctrl_alt_del = calls_for(&env, first_pid)
-        .iter()
-        .any(|(_, p, b)| p == "/actions" && b["action_type"] == "SendCtrlAltDel");
-    assert!(ctrl_alt_del, "stop must ask the guest to shut down first");
-
-    // Write into the work disk while stopped, as the guest would have.
-    let data = env.root().join("note.txt");
-    std::fs::write(&data, b"kept across restarts").unwrap();
-    let st = std::process::Command::new("debugfs")
-        .args(["-w", "-R", &format!("write {} note.txt", data.display())])
-        .arg(&work)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
-
-    env.banger(&["vm", "start", "keep"]).ok();
-    let running = env.show("keep");
-    assert_eq!(running.record.state, VmState::Running);
-    assert_ne!(running.record.vmm.as_ref().unwrap().pid, first_pid);
-    assert_eq!(debugfs(&work, "cat /note.txt"), "kept across restarts");
-
-    let second_pid = running.record.vmm.unwrap().pid;
-    env.banger(&["vm", "delete", "keep"]).ok();
-    assert!(!running.dir.exists(), "VM dir must be gone");
-    assert!(env.list().is_empty(), "row must be gone");
-    wait_until(Duration::from_secs(10), "the VMM exits", || {
-        !pid_alive(second_pid as i32)
-    });
-    let r = env.banger(&["vm", "show", "keep"]).failed();
-    assert!(r.stderr.contains("keep"), "{}", r.stderr);
-}
-
-#[test]
-fn invalid_inputs_are_rejected_before_anything_is_created() {
-    let env = BangerEnv::new();
-    let (k, r) = env.boot_files();
-    let (k, r) = (k.display().to_string(), r.display().to_string());
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--name", "Bad_Name"], "Bad_Name"),
-        (vec!["--name", "ok1", "--vcpu", "0"], "vcpu"),
-        (vec!["--name", "ok2", "--vcpu", "-3"], "vcpu"),
-        (vec!["--name", "ok3", "--memory", "0"], "memory"),
-        (vec!["--name", "ok4", "--memory", "lots"], "memory"),
-        (vec!["--name", "ok5", "--disk-size", "0"], "0"),
-        (vec!["--name", "ok6", "--disk-size", "8X"], "8X"),
-        (vec!["--name", "ok7", "--cap", "no-such-cap"], "no-such-cap"),
-        (
-            vec!["--name", "ok8", "--cap", "work-disk:size=1G"],
-            "--disk-size",
-        ),
-    ];
-    for (extra, needle) in cases {
-        let mut args = vec!["vm", "create", "--kernel", &k, "--rootfs", &r];
-        args.extend(extra.iter());
-        let out = env.banger(&args).failed();
+                vec!["--name", "ok8", "--cap", "work-disk:size=1G"],
+                "--disk-size",
+            ),
+        ];
+        for (extra, needle) in cases {
+            let mut args = vec!["vm", "create", "--kernel", &k, "--rootfs", &r];
+            args.extend(extra.iter());
+            let out = env.banger(&args).failed();
+            assert!(
+                out.stderr.contains(needle),
+                "{args:?}: error should mention {needle:?}:\n{}",
+                out.stderr
+            );
+        }
+        let missing = env
+            .banger(&[
+                "vm",
+                "create",
+                "--name",
+                "nok",
+                "--kernel",
+                "/nonexistent/vmlinux",
+                "--rootfs",
+                &r,
+            ])
+            .failed();
         assert!(
-            out.stderr.contains(needle),
-            "{args:?}: error should mention {needle:?}:\n{}",
+            missing.stderr.contains("/nonexistent/vmlinux"),
+            "{}",
+            missing.stderr
+        );
+
+        if env.socket().exists() {
+            assert!(env.list().is_empty(), "no VM may have been recorded");
+        }
+        assert!(
+            vm_dir_entries(&env.state_dir().join("vms")).is_empty(),
+            "no VM dir may exist"
+        );
+        assert!(env.fc_calls().is_empty(), "no VMM may have been started");
+    }
+
+    #[test]
+    fn a_failure_at_each_hook_rolls_back_and_names_the_stage() {
+        let env = BangerEnv::new();
+        install_plugin(&env, "banger-plugin-faulty");
+        for hook in [
+            "prepare_host",
+            "configure_machine",
+            "guest_config",
+            "post_start",
+        ] {
+            let name = format!("f-{}", hook.replace('_', "-"));
+            let cap = format!("faulty:fail={hook}");
+            let out = env.create(&name, &["--cap", &cap]).failed();
+            let stage = format!("{hook}:faulty");
+            assert!(
+                out.stderr.contains(&stage),
+                "{hook}: error must name {stage}:\n{}",
+                out.stderr
+            );
+
+            let vm = env.show(&name);
+            assert_eq!(vm.record.state, VmState::Error, "{hook}");
+            let failure = vm.record.last_error.expect("failure recorded");
+            assert_eq!(failure.stage, stage);
+            assert!(
+                vm.record.prepared.is_empty(),
+                "{hook}: still prepared: {:?}",
+                vm.record.prepared
+            );
+            assert!(vm.record.vmm.is_none());
+            // Everything the hooks prepared is gone: the work disk (work-disk is
+            // prepared before faulty) and faulty's marker.
+            let left = vm_dir_entries(&vm.dir);
+            assert!(!left.contains(&"work.ext4".to_string()), "{hook}: {left:?}");
+            assert!(
+                !left.contains(&"faulty.marker".to_string()),
+                "{hook}: {left:?}"
+            );
+            let calls = std::fs::read_to_string(vm.dir.join("faulty.calls")).unwrap_or_default();
+            assert!(
+                calls.contains("teardown rollback") || hook == "prepare_host",
+                "{hook}: {calls}"
+            );
+            assert!(
+                !calls.contains("teardown rollback") || hook != "prepare_host",
+                "a hook that failed to prepare is not torn down: {calls}"
+            );
+        }
+        // post_start fails after launch: that VMM must be gone.
+        for pid in env.fc_calls().iter().filter_map(|c| c["pid"].as_i64()) {
+            wait_until(Duration::from_secs(10), "rolled-back VMM exits", || {
+                !pid_alive(pid as i32)
+            });
+        }
+        // Deleting failed VMs leaves nothing at all.
+        for hook in [
+            "prepare-host",
+            "configure-machine",
+            "guest-config",
+            "post-start",
+        ] {
+            env.banger(&["vm", "delete", &format!("f-{hook}")]).ok();
+        }
+        assert!(env.list().is_empty());
+        assert!(vm_dir_entries(&env.state_dir().join("vms")).is_empty());
+    }
+
+    #[test]
+    fn a_vmm_api_failure_rolls_back_with_firecrackers_message() {
+        let mut env = BangerEnv::new();
+        env.set_env("FAKE_FC_FAIL", "PUT /drives/work");
+        let out = env.create("fcfail", &[]).failed();
+        assert!(out.stderr.contains("launch_vmm"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("/drives/work"),
+            "Firecracker's fault message must surface:\n{}",
             out.stderr
         );
+        let vm = env.show("fcfail");
+        assert_eq!(vm.record.state, VmState::Error);
+        assert_eq!(vm.record.last_error.unwrap().stage, "launch_vmm");
+        assert!(!vm.dir.join("work.ext4").exists());
+        for pid in env.fc_calls().iter().filter_map(|c| c["pid"].as_i64()) {
+            wait_until(Duration::from_secs(10), "failed VMM exits", || {
+                !pid_alive(pid as i32)
+            });
+        }
     }
-    let missing = env
-        .banger(&[
+
+    #[test]
+    fn daemon_restart_keeps_running_vms_and_notices_dead_ones() {
+        let env = BangerEnv::new();
+        env.create("one", &[]).ok();
+        env.create("two", &[]).ok();
+        let pid1 = env.show("one").record.vmm.unwrap().pid;
+        let pid2 = env.show("two").record.vmm.unwrap().pid;
+
+        let daemon = env.daemon_pid().expect("daemon pid file");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(10), "bangerd dies", || {
+            !pid_alive(daemon)
+        });
+        assert!(
+            pid_alive(pid1 as i32) && pid_alive(pid2 as i32),
+            "VMMs must outlive the daemon"
+        );
+
+        // Restart via the CLI (on demand): both still running with the same pids.
+        let vms = env.list();
+        assert_ne!(env.daemon_pid(), Some(daemon));
+        for (name, pid) in [("one", pid1), ("two", pid2)] {
+            let vm = vms.iter().find(|v| v.record.name.as_str() == name).unwrap();
+            assert_eq!(vm.record.state, VmState::Running, "{name}");
+            assert_eq!(vm.record.vmm.as_ref().unwrap().pid, pid, "{name}");
+        }
+
+        // Kill the daemon again, and one VM behind its back while it is down.
+        let daemon = env.daemon_pid().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(10), "bangerd dies", || {
+            !pid_alive(daemon)
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid2 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(10), "VM two dies", || {
+            !pid_alive(pid2 as i32)
+        });
+
+        assert_eq!(env.show("one").record.state, VmState::Running);
+        let two = env.show("two");
+        assert_eq!(two.record.state, VmState::Stopped);
+        assert!(two.record.vmm.is_none());
+
+        // And while the daemon runs, a VMM that exits is noticed too.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid1 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_until(
+            Duration::from_secs(15),
+            "the daemon marks one stopped",
+            || env.show("one").record.state == VmState::Stopped,
+        );
+        // A stopped VM starts again with its work disk.
+        env.banger(&["vm", "start", "two"]).ok();
+        assert_eq!(env.show("two").record.state, VmState::Running);
+    }
+
+    #[test]
+    fn shared_mount_plugin_loads_lists_and_attaches_its_drive() {
+        let env = BangerEnv::new();
+        let so = install_plugin(&env, "banger-plugin-shared-mount");
+        let caps = env.banger(&["cap", "list"]).ok().stdout;
+        let line = caps
+            .lines()
+            .find(|l| l.starts_with("shared-mount"))
+            .unwrap_or_else(|| panic!("{caps}"));
+        assert!(
+            line.contains(&so.display().to_string()) || line.contains("plugin"),
+            "{line}"
+        );
+        assert!(
+            caps.lines()
+                .any(|l| l.starts_with("work-disk") && l.contains("builtin")),
+            "{caps}"
+        );
+
+        let share = env.root().join("share");
+        std::fs::create_dir_all(share.join("sub")).unwrap();
+        std::fs::write(share.join("sub/hello.txt"), b"hello from the host").unwrap();
+        let cap = format!("shared-mount:host={},guest=/mnt/share", share.display());
+        env.create("sm", &["--cap", &cap]).ok();
+        let vm = env.show("sm");
+        let pid = vm.record.vmm.as_ref().unwrap().pid;
+        let calls = calls_for(&env, pid);
+        let drive = position(&calls, "PUT", "/drives/shared-mount");
+        assert_eq!(calls[drive].2["is_read_only"], true);
+        let img = PathBuf::from(calls[drive].2["path_on_host"].as_str().unwrap());
+        assert_eq!(debugfs(&img, "cat /sub/hello.txt"), "hello from the host");
+        assert!(
+            vm.record
+                .guest
+                .unwrap()
+                .mounts
+                .iter()
+                .any(|m| m.mount_point == Path::new("/mnt/share") && m.read_only)
+        );
+        let shown = env.banger(&["vm", "show", "sm"]).ok().stdout;
+        assert!(
+            shown.contains("shared-mount"),
+            "vm show must list the capability:\n{shown}"
+        );
+
+        env.banger(&["vm", "stop", "sm"]).ok();
+        assert!(!img.exists(), "teardown removes the image");
+    }
+
+    #[test]
+    fn bad_plugins_are_refused_and_a_panicking_hook_fails_only_its_vm() {
+        let env = BangerEnv::new();
+        let wrong = install_plugin(&env, "banger-plugin-wrong-abi");
+        install_plugin(&env, "banger-plugin-faulty");
+        std::fs::write(env.plugins_dir().join("libgarbage.so"), b"not a library").unwrap();
+
+        env.banger(&["daemon", "start"]).ok();
+        let status = env.banger(&["daemon", "status", "--json"]).ok();
+        let st: banger_core::api::DaemonStatus = serde_json::from_str(&status.stdout).unwrap();
+        let wrong_err = st
+            .plugin_errors
+            .iter()
+            .find(|e| e.contains(&wrong.display().to_string()))
+            .unwrap_or_else(|| panic!("wrong-abi not reported: {:?}", st.plugin_errors));
+        let abi = banger_plugin_abi_version();
+        assert!(
+            wrong_err.contains(&abi.to_string()) && wrong_err.contains(&(abi + 1).to_string()),
+            "{wrong_err}"
+        );
+        assert!(
+            st.plugin_errors.iter().any(|e| e.contains("libgarbage.so")),
+            "{:?}",
+            st.plugin_errors
+        );
+        let caps = env.banger(&["cap", "list"]).ok().stdout;
+        assert!(
+            caps.contains("faulty"),
+            "the good plugin still loads:\n{caps}"
+        );
+
+        env.create("calm", &[]).ok();
+        let out = env
+            .create("boom", &["--cap", "faulty:panic=configure_machine"])
+            .failed();
+        assert!(out.stderr.contains("faulty"), "{}", out.stderr);
+        assert!(out.stderr.contains("panick"), "{}", out.stderr);
+        assert_eq!(env.show("boom").record.state, VmState::Error);
+        // The daemon survived and the other VM is untouched.
+        assert_eq!(env.show("calm").record.state, VmState::Running);
+        assert_eq!(env.daemon_pid(), Some(st.pid as i32));
+    }
+
+    fn banger_plugin_abi_version() -> u32 {
+        // The version this workspace's host speaks.
+        banger_plugin_abi::ABI_VERSION
+    }
+
+    #[test]
+    fn multi_vm_commands_run_all_and_report_in_order() {
+        let env = BangerEnv::new();
+        env.create("m1", &["--no-start"]).ok();
+        env.create("m2", &["--no-start"]).ok();
+        let out = env.banger(&["vm", "start", "m2", "ghost", "m1"]).failed();
+        let lines: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let pos = |n: &str| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(n))
+                .unwrap_or_else(|| panic!("{n} missing: {lines:?}"))
+        };
+        assert!(
+            pos("m2") < pos("ghost") && pos("ghost") < pos("m1"),
+            "{lines:?}"
+        );
+        assert!(out.stdout.contains("ghost") || out.stderr.contains("ghost"));
+        assert_eq!(env.show("m1").record.state, VmState::Running);
+        assert_eq!(env.show("m2").record.state, VmState::Running);
+        env.banger(&["vm", "delete", "m1", "m2"]).ok();
+        assert!(env.list().is_empty());
+    }
+
+    #[test]
+    fn concurrent_starts_of_one_vm_launch_it_once() {
+        let env = BangerEnv::new();
+        env.create("solo", &["--no-start"]).ok();
+        std::thread::scope(|s| {
+            let a = s.spawn(|| env.banger(&["vm", "start", "solo"]));
+            let b = s.spawn(|| env.banger(&["vm", "start", "solo"]));
+            a.join().unwrap().ok();
+            b.join().unwrap().ok();
+        });
+        let starts = env
+            .fc_calls()
+            .iter()
+            .filter(|c| c["body"]["action_type"] == "InstanceStart")
+            .count();
+        assert_eq!(starts, 1, "same-VM operations must be serialised");
+    }
+
+    #[test]
+    fn set_changes_shape_only_when_stopped_and_grows_the_disk() {
+        let env = BangerEnv::new();
+        env.create("shape", &[]).ok();
+        let r = env.banger(&["vm", "set", "shape", "--vcpu", "3"]).failed();
+        assert!(r.stderr.contains("stop"), "{}", r.stderr);
+        env.banger(&["vm", "stop", "shape"]).ok();
+        env.banger(&["vm", "set", "shape", "--vcpu", "0"]).failed();
+        env.banger(&["vm", "set", "shape", "--disk-size", "32M"])
+            .failed();
+        env.banger(&[
             "vm",
-            "create",
-            "--name",
-            "nok",
-            "--kernel",
-            "/nonexistent/vmlinux",
-            "--rootfs",
-            &r,
+            "set",
+            "shape",
+            "--vcpu",
+            "3",
+            "--memory",
+            "768",
+            "--disk-size",
+            "128M",
         ])
-        .failed();
-    assert!(
-        missing.stderr.contains("/nonexistent/vmlinux"),
-        "{}",
-        missing.stderr
-    );
-
-    if env.socket().exists() {
-        assert!(env.list().is_empty(), "no VM may have been recorded");
-    }
-    assert!(
-        vm_dir_entries(&env.state_dir().join("vms")).is_empty(),
-        "no VM dir may exist"
-    );
-    assert!(env.fc_calls().is_empty(), "no VMM may have been started");
-}
-
-#[test]
-fn a_failure_at_each_hook_rolls_back_and_names_the_stage() {
-    let env = BangerEnv::new();
-    install_plugin(&env, "banger-plugin-faulty");
-    for hook in [
-        "prepare_host",
-        "configure_machine",
-        "guest_config",
-        "post_start",
-    ] {
-        let name = format!("f-{}", hook.replace('_', "-"));
-        let cap = format!("faulty:fail={hook}");
-        let out = env.create(&name, &["--cap", &cap]).failed();
-        let stage = format!("{hook}:faulty");
-        assert!(
-            out.stderr.contains(&stage),
-            "{hook}: error must name {stage}:\n{}",
-            out.stderr
-        );
-
-        let vm = env.show(&name);
-        assert_eq!(vm.record.state, VmState::Error, "{hook}");
-        let failure = vm.record.last_error.expect("failure recorded");
-        assert_eq!(failure.stage, stage);
-        assert!(
-            vm.record.prepared.is_empty(),
-            "{hook}: still prepared: {:?}",
-            vm.record.prepared
-        );
-        assert!(vm.record.vmm.is_none());
-        // Everything the hooks prepared is gone: the work disk (work-disk is
-        // prepared before faulty) and faulty's marker.
-        let left = vm_dir_entries(&vm.dir);
-        assert!(!left.contains(&"work.ext4".to_string()), "{hook}: {left:?}");
-        assert!(
-            !left.contains(&"faulty.marker".to_string()),
-            "{hook}: {left:?}"
-        );
-        let calls = std::fs::read_to_string(vm.dir.join("faulty.calls")).unwrap_or_default();
-        assert!(
-            calls.contains("teardown rollback") || hook == "prepare_host",
-            "{hook}: {calls}"
-        );
-        assert!(
-            !calls.contains("teardown rollback") || hook != "prepare_host",
-            "a hook that failed to prepare is not torn down: {calls}"
+        .ok();
+        env.banger(&["vm", "start", "shape"]).ok();
+        let vm = env.show("shape");
+        let pid = vm.record.vmm.unwrap().pid;
+        let calls = calls_for(&env, pid);
+        let mc = position(&calls, "PUT", "/machine-config");
+        assert_eq!(calls[mc].2["vcpu_count"], 3);
+        assert_eq!(calls[mc].2["mem_size_mib"], 768);
+        assert_eq!(
+            std::fs::metadata(vm.dir.join("work.ext4")).unwrap().len(),
+            128 << 20
         );
     }
-    // post_start fails after launch: that VMM must be gone.
-    for pid in env.fc_calls().iter().filter_map(|c| c["pid"].as_i64()) {
-        wait_until(Duration::from_secs(10), "rolled-back VMM exits", || {
-            !pid_alive(pid as i32)
-        });
-    }
-    // Deleting failed VMs leaves nothing at all.
-    for hook in [
-        "prepare-host",
-        "configure-machine",
-        "guest-config",
-        "post-start",
-    ] {
-        env.banger(&["vm", "delete", &format!("f-{hook}")]).ok();
-    }
-    assert!(env.list().is_empty());
-    assert!(vm_dir_entries(&env.state_dir().join("vms")).is_empty());
-}
 
-#[test]
-fn a_vmm_api_failure_rolls_back_with_firecrackers_message() {
-    let mut env = BangerEnv::new();
-    env.set_env("FAKE_FC_FAIL", "PUT /drives/work");
-    let out = env.create("fcfail", &[]).failed();
-    assert!(out.stderr.contains("launch_vmm"), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("/drives/work"),
-        "Firecracker's fault message must surface:\n{}",
-        out.stderr
-    );
-    let vm = env.show("fcfail");
-    assert_eq!(vm.record.state, VmState::Error);
-    assert_eq!(vm.record.last_error.unwrap().stage, "launch_vmm");
-    assert!(!vm.dir.join("work.ext4").exists());
-    for pid in env.fc_calls().iter().filter_map(|c| c["pid"].as_i64()) {
-        wait_until(Duration::from_secs(10), "failed VMM exits", || {
-            !pid_alive(pid as i32)
-        });
-    }
-}
-
-#[test]
-fn daemon_restart_keeps_running_vms_and_notices_dead_ones() {
-    let env = BangerEnv::new();
-    env.create("one", &[]).ok();
-    env.create("two", &[]).ok();
-    let pid1 = env.show("one").record.vmm.unwrap().pid;
-    let pid2 = env.show("two").record.vmm.unwrap().pid;
-
-    let daemon = env.daemon_pid().expect("daemon pid file");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_until(Duration::from_secs(10), "bangerd dies", || {
-        !pid_alive(daemon)
-    });
-    assert!(
-        pid_alive(pid1 as i32) && pid_alive(pid2 as i32),
-        "VMMs must outlive the daemon"
-    );
-
-    // Restart via the CLI (on demand): both still running with the same pids.
-    let vms = env.list();
-    assert_ne!(env.daemon_pid(), Some(daemon));
-    for (name, pid) in [("one", pid1), ("two", pid2)] {
-        let vm = vms.iter().find(|v| v.record.name.as_str() == name).unwrap();
-        assert_eq!(vm.record.state, VmState::Running, "{name}");
-        assert_eq!(vm.record.vmm.as_ref().unwrap().pid, pid, "{name}");
-    }
-
-    // Kill the daemon again, and one VM behind its back while it is down.
-    let daemon = env.daemon_pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_until(Duration::from_secs(10), "bangerd dies", || {
-        !pid_alive(daemon)
-    });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid2 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_until(Duration::from_secs(10), "VM two dies", || {
-        !pid_alive(pid2 as i32)
-    });
-
-    assert_eq!(env.show("one").record.state, VmState::Running);
-    let two = env.show("two");
-    assert_eq!(two.record.state, VmState::Stopped);
-    assert!(two.record.vmm.is_none());
-
-    // And while the daemon runs, a VMM that exits is noticed too.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid1 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_until(
-        Duration::from_secs(15),
-        "the daemon marks one stopped",
-        || env.show("one").record.state == VmState::Stopped,
-    );
-    // A stopped VM starts again with its work disk.
-    env.banger(&["vm", "start", "two"]).ok();
-    assert_eq!(env.show("two").record.state, VmState::Running);
-}
-
-#[test]
-fn shared_mount_plugin_loads_lists_and_attaches_its_drive() {
-    let env = BangerEnv::new();
-    let so = install_plugin(&env, "banger-plugin-shared-mount");
-    let caps = env.banger(&["cap", "list"]).ok().stdout;
-    let line = caps
-        .lines()
-        .find(|l| l.starts_with("shared-mount"))
-        .unwrap_or_else(|| panic!("{caps}"));
-    assert!(
-        line.contains(&so.display().to_string()) || line.contains("plugin"),
-        "{line}"
-    );
-    assert!(
-        caps.lines()
-            .any(|l| l.starts_with("work-disk") && l.contains("builtin")),
-        "{caps}"
-    );
-
-    let share = env.root().join("share");
-    std::fs::create_dir_all(share.join("sub")).unwrap();
-    std::fs::write(share.join("sub/hello.txt"), b"hello from the host").unwrap();
-    let cap = format!("shared-mount:host={},guest=/mnt/share", share.display());
-    env.create("sm", &["--cap", &cap]).ok();
-    let vm = env.show("sm");
-    let pid = vm.record.vmm.as_ref().unwrap().pid;
-    let calls = calls_for(&env, pid);
-    let drive = position(&calls, "PUT", "/drives/shared-mount");
-    assert_eq!(calls[drive].2["is_read_only"], true);
-    let img = PathBuf::from(calls[drive].2["path_on_host"].as_str().unwrap());
-    assert_eq!(debugfs(&img, "cat /sub/hello.txt"), "hello from the host");
-    assert!(
-        vm.record
-            .guest
+    #[test]
+    fn daemon_socket_is_private_and_daemon_commands_work() {
+        use std::os::unix::fs::PermissionsExt;
+        let env = BangerEnv::new();
+        let st = env.banger(&["daemon", "status"]);
+        assert_eq!(st.code, 3, "status of a stopped daemon: {st:?}");
+        env.banger(&["daemon", "start"]).ok();
+        let mode = std::fs::metadata(env.socket())
             .unwrap()
-            .mounts
-            .iter()
-            .any(|m| m.mount_point == Path::new("/mnt/share") && m.read_only)
-    );
-    let shown = env.banger(&["vm", "show", "sm"]).ok().stdout;
-    assert!(
-        shown.contains("shared-mount"),
-        "vm show must list the capability:\n{shown}"
-    );
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let v = env.banger(&["version", "--json"]).ok();
+        let j: serde_json::Value = serde_json::from_str(&v.stdout).unwrap();
+        assert!(j.to_string().contains(env!("CARGO_PKG_VERSION")), "{j}");
+        env.banger(&["daemon", "stop"]).ok();
+        wait_until(Duration::from_secs(10), "socket is removed", || {
+            !env.socket().exists()
+        });
+        assert_eq!(env.banger(&["daemon", "status"]).code, 3);
+    }
 
-    env.banger(&["vm", "stop", "sm"]).ok();
-    assert!(!img.exists(), "teardown removes the image");
-}
-
-#[test]
-fn bad_plugins_are_refused_and_a_panicking_hook_fails_only_its_vm() {
-    let env = BangerEnv::new();
-    let wrong = install_plugin(&env, "banger-plugin-wrong-abi");
-    install_plugin(&env, "banger-plugin-faulty");
-    std::fs::write(env.plugins_dir().join("libgarbage.so"), b"not a library").unwrap();
-
-    env.banger(&["daemon", "start"]).ok();
-    let status = env.banger(&["daemon", "status", "--json"]).ok();
-    let st: banger_core::api::DaemonStatus = serde_json::from_str(&status.stdout).unwrap();
-    let wrong_err = st
-        .plugin_errors
-        .iter()
-        .find(|e| e.contains(&wrong.display().to_string()))
-        .unwrap_or_else(|| panic!("wrong-abi not reported: {:?}", st.plugin_errors));
-    let abi = banger_plugin_abi_version();
-    assert!(
-        wrong_err.contains(&abi.to_string()) && wrong_err.contains(&(abi + 1).to_string()),
-        "{wrong_err}"
-    );
-    assert!(
-        st.plugin_errors.iter().any(|e| e.contains("libgarbage.so")),
-        "{:?}",
-        st.plugin_errors
-    );
-    let caps = env.banger(&["cap", "list"]).ok().stdout;
-    assert!(
-        caps.contains("faulty"),
-        "the good plugin still loads:\n{caps}"
-    );
-
-    env.create("calm", &[]).ok();
-    let out = env
-        .create("boom", &["--cap", "faulty:panic=configure_machine"])
-        .failed();
-    assert!(out.stderr.contains("faulty"), "{}", out.stderr);
-    assert!(out.stderr.contains("panick"), "{}", out.stderr);
-    assert_eq!(env.show("boom").record.state, VmState::Error);
-    // The daemon survived and the other VM is untouched.
-    assert_eq!(env.show("calm").record.state, VmState::Running);
-    assert_eq!(env.daemon_pid(), Some(st.pid as i32));
-}
-
-fn banger_plugin_abi_version() -> u32 {
-    // The version this workspace's host speaks.
-    banger_plugin_abi::ABI_VERSION
-}
-
-#[test]
-fn multi_vm_commands_run_all_and_report_in_order() {
-    let env = BangerEnv::new();
-    env.create("m1", &["--no-start"]).ok();
-    env.create("m2", &["--no-start"]).ok();
-    let out = env.banger(&["vm", "start", "m2", "ghost", "m1"]).failed();
-    let lines: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    let pos = |n: &str| {
-        lines
-            .iter()
-            .position(|l| l.starts_with(n))
-            .unwrap_or_else(|| panic!("{n} missing: {lines:?}"))
-    };
-    assert!(
-        pos("m2") < pos("ghost") && pos("ghost") < pos("m1"),
-        "{lines:?}"
-    );
-    assert!(out.stdout.contains("ghost") || out.stderr.contains("ghost"));
-    assert_eq!(env.show("m1").record.state, VmState::Running);
-    assert_eq!(env.show("m2").record.state, VmState::Running);
-    env.banger(&["vm", "delete", "m1", "m2"]).ok();
-    assert!(env.list().is_empty());
-}
-
-#[test]
-fn concurrent_starts_of_one_vm_launch_it_once() {
-    let env = BangerEnv::new();
-    env.create("solo", &["--no-start"]).ok();
-    std::thread::scope(|s| {
-        let a = s.spawn(|| env.banger(&["vm", "start", "solo"]));
-        let b = s.spawn(|| env.banger(&["vm", "start", "solo"]));
-        a.join().unwrap().ok();
-        b.join().unwrap().ok();
-    });
-    let starts = env
-        .fc_calls()
-        .iter()
-        .filter(|c| c["body"]["action_type"] == "InstanceStart")
-        .count();
-    assert_eq!(starts, 1, "same-VM operations must be serialised");
-}
-
-#[test]
-fn set_changes_shape_only_when_stopped_and_grows_the_disk() {
-    let env = BangerEnv::new();
-    env.create("shape", &[]).ok();
-    let r = env.banger(&["vm", "set", "shape", "--vcpu", "3"]).failed();
-    assert!(r.stderr.contains("stop"), "{}", r.stderr);
-    env.banger(&["vm", "stop", "shape"]).ok();
-    env.banger(&["vm", "set", "shape", "--vcpu", "0"]).failed();
-    env.banger(&["vm", "set", "shape", "--disk-size", "32M"])
-        .failed();
-    env.banger(&[
-        "vm",
-        "set",
-        "shape",
-        "--vcpu",
-        "3",
-        "--memory",
-        "768",
-        "--disk-size",
-        "128M",
-    ])
-    .ok();
-    env.banger(&["vm", "start", "shape"]).ok();
-    let vm = env.show("shape");
-    let pid = vm.record.vmm.unwrap().pid;
-    let calls = calls_for(&env, pid);
-    let mc = position(&calls, "PUT", "/machine-config");
-    assert_eq!(calls[mc].2["vcpu_count"], 3);
-    assert_eq!(calls[mc].2["mem_size_mib"], 768);
-    assert_eq!(
-        std::fs::metadata(vm.dir.join("work.ext4")).unwrap().len(),
-        128 << 20
-    );
-}
-
-#[test]
-fn daemon_socket_is_private_and_daemon_commands_work() {
-    use std::os::unix::fs::PermissionsExt;
-    let env = BangerEnv::new();
-    let st = env.banger(&["daemon", "status"]);
-    assert_eq!(st.code, 3, "status of a stopped daemon: {st:?}");
-    env.banger(&["daemon", "start"]).ok();
-    let mode = std::fs::metadata(env.socket())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o600);
-    let v = env.banger(&["version", "--json"]).ok();
-    let j: serde_json::Value = serde_json::from_str(&v.stdout).unwrap();
-    assert!(j.to_string().contains(env!("CARGO_PKG_VERSION")), "{j}");
-    env.banger(&["daemon", "stop"]).ok();
-    wait_until(Duration::from_secs(10), "socket is removed", || {
-        !env.socket().exists()
-    });
-    assert_eq!(env.banger(&["daemon", "status"]).code, 3);
-}
-
-#[test]
-fn a_bad_config_key_is_named_with_the_fix() {
-    let env = BangerEnv::new();
-    env.write_config("[vm_defaults]\nvcpu = 2\n");
-    let r = env.banger(&["vm", "list"]).failed();
-    let all = format!(
-        "{}{}",
-        r.stderr,
-        std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap_or_default()
-    );
-    assert!(all.contains("vcpu"), "{all}");
-    assert!(
-        all.contains("vcpus"),
-        "the error should name the valid key:\n{all}"
-    );
+    #[test]
+    fn a_bad_config_key_is_named_with_the_fix() {
+        let env = BangerEnv::new();
+        env.write_config("[vm_defaults]\nvcpu = 2\n");
+        let r = env.banger(&["vm", "list"]).failed();
+        let all = format!(
+            "{}{}",
+            r.stderr,
+            std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap_or_default()
+        );
+        assert!(all.contains("vcpu"), "{all}");
+        assert!(
+            all.contains("vcpus"),
+            "the error should name the valid key:\n{all}"
+        );
+    }
 }
