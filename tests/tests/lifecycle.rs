@@ -373,6 +373,13 @@ mod tests {
         });
 
         assert_eq!(env.show("one").record.state, VmState::Running);
+        // Reconciliation at daemon start (not the periodic monitor) found it.
+        let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
+        assert!(
+            log.contains("reconciled two: VMM gone, marked stopped"),
+            "{log}"
+        );
+        assert!(log.contains("reconciled one: still running"), "{log}");
         let two = env.show("two");
         assert_eq!(two.record.state, VmState::Stopped);
         assert!(two.record.vmm.is_none());

@@ -174,7 +174,7 @@ pub async fn run() -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Reconcile)?
     {
-        tracing::info!("reconciled: {r:?}");
+        tracing::info!("reconciled {r}");
     }
 
     let socket = paths.socket();

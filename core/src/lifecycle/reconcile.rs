@@ -18,6 +18,18 @@ pub enum Reconciled {
     MarkedError(String),
 }
 
+impl std::fmt::Display for Reconciled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reconciled::StillRunning(n) => write!(f, "{n}: still running"),
+            Reconciled::MarkedStopped(n) => write!(f, "{n}: VMM gone, marked stopped"),
+            Reconciled::MarkedError(n) => {
+                write!(f, "{n}: caught mid-start, rolled back, marked error")
+            }
+        }
+    }
+}
+
 impl Lifecycle {
     /// Reconciles every VM with the host. Called once at daemon start.
     pub async fn reconcile(&self) -> Result<Vec<Reconciled>, OpError> {
