@@ -123,7 +123,7 @@ fn build_image(host: &Path, vm_dir: &Path, log: &Log<'_>) -> Result<PathBuf, Plu
     let image = vm_dir.join(IMAGE_NAME);
     let staging = vm_dir.join(format!(".{IMAGE_NAME}.tmp-{}", std::process::id()));
     log.info(&format!(
-        "shared-mount: copying {} ({} files, {} KiB) into a {} MiB read-only image",
+        "copying {} ({} files, {} KiB) into a {} MiB read-only image",
         host.display(),
         entries,
         bytes.div_ceil(1024),
@@ -178,7 +178,7 @@ impl Plugin for SharedMount {
         let s = settings(&req.options)?;
         let image = build_image(&s.host, &req.vm.vm_dir, log)?;
         log.info(&format!(
-            "shared-mount: {} will appear read-only at {} in the guest",
+            "{} will appear read-only at {} in the guest",
             image.display(),
             s.guest.display()
         ));
