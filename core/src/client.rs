@@ -44,11 +44,9 @@ pub enum ClientError {
     /// The daemon answered something this client does not understand.
     #[error("Unexpected answer from bangerd: {0}")]
     Protocol(String),
-    /// A streamed operation ended with a `failed` event.
-    #[error("{}", match stage {
-        Some(s) => format!("Failed at stage {s}: {error}"),
-        None => format!("Failed: {error}"),
-    })]
+    /// A streamed operation ended with a `failed` event. The daemon's
+    /// rendering already names the failing stage.
+    #[error("{error}")]
     Operation {
         /// The stage that failed, if the daemon named one.
         stage: Option<String>,
@@ -574,7 +572,8 @@ mod tests {
             }
             other => panic!("expected Operation, got {other:?}"),
         }
-        assert_eq!(err.to_string(), "Failed at stage launch_vmm: no kvm");
+        // The daemon already names the stage in its text; nothing is added.
+        assert_eq!(err.to_string(), "no kvm");
     }
 
     #[tokio::test]
