@@ -63,7 +63,7 @@ pub enum VmCommand {
     /// Stop and start VMs again.
     Restart(NamesArgs),
     /// Delete VMs and their disks.
-    Delete(NamesArgs),
+    Delete(DeleteArgs),
     /// Kill VMs' VMM processes at once.
     Kill(NamesArgs),
     /// Change a stopped VM's shape.
@@ -155,6 +155,18 @@ pub struct NamesArgs {
     /// VM names; each is handled concurrently and reported in this order.
     #[arg(required = true, value_name = "NAME", value_parser = parse_name)]
     pub names: Vec<String>,
+}
+
+/// `vm delete` arguments.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The VMs.
+    #[command(flatten)]
+    pub vms: NamesArgs,
+    /// Delete even if a capability's teardown fails (its leftovers are
+    /// reported, not retried).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `banger cap ...`
@@ -380,8 +392,8 @@ mod tests {
                 VmCommand::Start(n)
                 | VmCommand::Stop(n)
                 | VmCommand::Restart(n)
-                | VmCommand::Delete(n)
                 | VmCommand::Kill(n) => n.names,
+                VmCommand::Delete(d) => d.vms.names,
                 other => panic!("{verb} parsed as {other:?}"),
             };
             assert_eq!(names, ["a", "b-2", "c"], "{verb}");

@@ -65,7 +65,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 VmCommand::Start(n) => verb_all(&client, Verb::Start, &n.names).await,
                 VmCommand::Stop(n) => verb_all(&client, Verb::Stop, &n.names).await,
                 VmCommand::Restart(n) => verb_all(&client, Verb::Restart, &n.names).await,
-                VmCommand::Delete(n) => verb_all(&client, Verb::Delete, &n.names).await,
+                VmCommand::Delete(d) => {
+                    let verb = Verb::Delete { force: d.force };
+                    verb_all(&client, verb, &d.vms.names).await
+                }
                 VmCommand::Kill(n) => verb_all(&client, Verb::Kill, &n.names).await,
                 VmCommand::Set(a) => vm::set(&client, a).await,
                 VmCommand::List { json } => vm::list(&client, json).await,

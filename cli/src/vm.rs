@@ -21,8 +21,11 @@ pub enum Verb {
     Stop,
     /// `POST .../restart`, streamed.
     Restart,
-    /// `DELETE /v1/vms/{name}`.
-    Delete,
+    /// `DELETE /v1/vms/{name}[?force=true]`.
+    Delete {
+        /// Go on when a teardown fails.
+        force: bool,
+    },
     /// `POST .../kill`.
     Kill,
 }
@@ -34,7 +37,7 @@ impl Verb {
             Verb::Start => "started",
             Verb::Stop => "stopped",
             Verb::Restart => "restarted",
-            Verb::Delete => "deleted",
+            Verb::Delete { .. } => "deleted",
             Verb::Kill => "killed",
         }
     }
@@ -112,7 +115,12 @@ async fn lifecycle(
                 .send(Method::POST, &format!("{path}/kill"), none)
                 .await
         }
-        Verb::Delete => client.send(Method::DELETE, &path, none).await,
+        Verb::Delete { force: false } => client.send(Method::DELETE, &path, none).await,
+        Verb::Delete { force: true } => {
+            client
+                .send(Method::DELETE, &format!("{path}?force=true"), none)
+                .await
+        }
     }
 }
 
@@ -390,7 +398,7 @@ mod tests {
             (Verb::Stop, "dev: stopped\n"),
             (Verb::Restart, "dev: restarted\n"),
             (Verb::Kill, "dev: killed\n"),
-            (Verb::Delete, "dev: deleted\n"),
+            (Verb::Delete { force: false }, "dev: deleted\n"),
         ] {
             let mut out = Vec::new();
             let code = lifecycle_all(&client, verb, &names, &mut out)

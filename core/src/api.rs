@@ -11,7 +11,7 @@
 //! | POST | /v1/vms | [`CreateVmRequest`] | NDJSON [`Event`]s |
 //! | GET | /v1/vms/{name} | | [`VmView`] |
 //! | PATCH | /v1/vms/{name} | [`SetVmRequest`] | [`VmView`] |
-//! | DELETE | /v1/vms/{name} | | [`VmView`] (as it was) |
+//! | DELETE | /v1/vms/{name}[?force=true] | | [`VmView`] (as it was) |
 //! | POST | /v1/vms/{name}/start | | NDJSON [`Event`]s |
 //! | POST | /v1/vms/{name}/restart | | NDJSON [`Event`]s |
 //! | POST | /v1/vms/{name}/stop | | [`VmView`] |

@@ -301,6 +301,42 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_teardown_keeps_the_vm_until_a_forced_delete() {
+        let env = BangerEnv::new();
+        install_plugin(&env, "banger-plugin-faulty");
+        env.create("tf", &["--cap", "faulty:fail=teardown"]).ok();
+        let vm = env.show("tf");
+        let pid = vm.record.vmm.as_ref().unwrap().pid;
+
+        let out = env.banger(&["vm", "stop", "tf"]).failed();
+        assert!(
+            out.stdout.contains("teardown:faulty") || out.stderr.contains("teardown:faulty"),
+            "{out:?}"
+        );
+        let stopped = env.show("tf");
+        assert_eq!(stopped.record.state, VmState::Error);
+        assert_eq!(stopped.record.last_error.unwrap().stage, "teardown:faulty");
+        assert!(stopped.record.vmm.is_none());
+        wait_until(Duration::from_secs(10), "the VMM exits", || {
+            !pid_alive(pid as i32)
+        });
+        assert_eq!(
+            stopped.record.prepared,
+            vec!["faulty".to_string()],
+            "faulty is still prepared"
+        );
+
+        // A plain delete refuses to forget resources it could not release.
+        env.banger(&["vm", "delete", "tf"]).failed();
+        assert!(vm.dir.exists());
+        assert_eq!(env.list().len(), 1);
+        // --force deletes anyway.
+        env.banger(&["vm", "delete", "--force", "tf"]).ok();
+        assert!(!vm.dir.exists());
+        assert!(env.list().is_empty());
+    }
+
+    #[test]
     fn a_vmm_api_failure_rolls_back_with_firecrackers_message() {
         let mut env = BangerEnv::new();
         env.set_env("FAKE_FC_FAIL", "PUT /drives/work");

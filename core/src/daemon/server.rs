@@ -163,10 +163,20 @@ async fn set_vm(
     Ok(Json(lc.view(lc.set(&name, req).await?)))
 }
 
-async fn delete_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_vm(
+    State(st): S,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<Json<VmView>, ApiError> {
     let lc = st.lifecycle.clone();
     // Run to completion even if the client goes away mid-delete.
-    let res = tokio::spawn(async move { lc.delete(&name, &Progress::none()).await }).await;
+    let res = tokio::spawn(async move { lc.delete(&name, q.force, &Progress::none()).await }).await;
     let vm = joined(res)?;
     Ok(Json(st.lifecycle.view(vm)))
 }

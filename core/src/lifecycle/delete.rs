@@ -1,7 +1,8 @@
 //! `delete`: kill the VMM if needed, Teardown(delete) for every enabled
 //! capability in reverse order, then remove the VM's directory and row.
 //! A teardown failure keeps the VM (in `error`) so nothing leaks and the
-//! delete can be retried.
+//! delete can be retried; `force` deletes anyway and reports what may have
+//! leaked.
 
 use crate::capability::TeardownReason;
 use crate::lifecycle::stop::StopMode;
@@ -10,10 +11,22 @@ use crate::model::VmRecord;
 
 impl Lifecycle {
     /// Deletes a VM and everything it owns. Returns the record as it was.
-    pub async fn delete(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
+    /// With `force`, teardown failures are logged and the delete goes on.
+    pub async fn delete(
+        &self,
+        name: &str,
+        force: bool,
+        progress: &Progress,
+    ) -> Result<VmRecord, OpError> {
         let (guard, mut vm) = self.lock_by_name(name).await?;
         let before = vm.clone();
-        self.stop_locked(&mut vm, StopMode::Kill, progress).await?;
+        if let Err(e) = self.stop_locked(&mut vm, StopMode::Kill, progress).await {
+            // A VMM we could not kill is still running: never forget it.
+            if !force || vm.vmm.is_some() {
+                return Err(e);
+            }
+            tracing::warn!(vm = %vm.name, "forced delete: {}", crate::lifecycle::render_chain(&e));
+        }
 
         // Capabilities keep data across stops (the work disk): every enabled
         // one gets Teardown(delete), whether or not it is prepared now.
@@ -26,7 +39,11 @@ impl Lifecycle {
         let errors = self
             .teardown(&mut vm, order, TeardownReason::Delete, progress)
             .await;
-        if let Some(e) = errors.into_iter().next() {
+        if force {
+            for e in &errors {
+                tracing::warn!(vm = %vm.name, "forced delete: {}", crate::lifecycle::render_chain(e));
+            }
+        } else if let Some(e) = errors.into_iter().next() {
             set_failure(&mut vm, &e);
             self.save(&mut vm).await?;
             return Err(e);
