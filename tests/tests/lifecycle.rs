@@ -337,6 +337,28 @@ mod tests {
     }
 
     #[test]
+    fn logs_follow_streams_the_console_and_ends_when_the_vm_stops() {
+        let env = BangerEnv::new();
+        env.create("tail", &[]).ok();
+        wait_until(Duration::from_secs(10), "console output appears", || {
+            !env.banger(&["vm", "logs", "tail"]).ok().stdout.is_empty()
+        });
+        std::thread::scope(|s| {
+            let follower = s.spawn(|| env.banger(&["vm", "logs", "tail", "-f"]));
+            // Stopping makes the fake print its shutdown line, then exit; the
+            // follower must deliver it and return on its own.
+            env.banger(&["vm", "stop", "tail"]).ok();
+            let out = follower.join().unwrap().ok();
+            let whole = std::fs::read_to_string(env.show("tail").dir.join("serial.log")).unwrap();
+            assert_eq!(
+                out.stdout, whole,
+                "follow must print the whole console, in order"
+            );
+            assert!(!whole.is_empty());
+        });
+    }
+
+    #[test]
     fn a_vmm_api_failure_rolls_back_with_firecrackers_message() {
         let mut env = BangerEnv::new();
         env.set_env("FAKE_FC_FAIL", "PUT /drives/work");

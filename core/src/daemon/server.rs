@@ -336,11 +336,12 @@ async fn vm_logs(
                     }
                 }
             }
-            // At the end of the file: stop once the VM is no longer running,
-            // after one last read, else wait for more output.
+            // At the end of the file: stop once the VMM is gone (a stopping
+            // VM still prints its shutdown), after one last read; else wait
+            // for more output.
             let running = matches!(
                 t.lc.get(&t.name).await.map(|v| v.state),
-                Ok(VmState::Running | VmState::Starting)
+                Ok(VmState::Running | VmState::Starting | VmState::Stopping)
             );
             if !running {
                 if t.done {
