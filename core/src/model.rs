@@ -583,3 +583,118 @@ mod tests {
         assert_eq!(out[0].options["host"], "/b");
     }
 }
+
+/// How a VM created from an image finds its kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ImageKernel {
+    /// A local kernel by name (pulled from the kernel catalog on demand).
+    Named {
+        /// Kernel name (`banger kernel list`).
+        name: String,
+    },
+    /// Explicit files (registered images).
+    Files {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Optional initrd.
+        initrd: Option<PathBuf>,
+    },
+}
+
+/// Where an image came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ImageSource {
+    /// Pulled from an OCI registry and flattened.
+    Oci {
+        /// The reference pulled.
+        reference: String,
+        /// The manifest digest.
+        digest: String,
+    },
+    /// Downloaded as a bundle from the image catalog.
+    Catalog {
+        /// The catalog entry.
+        name: String,
+        /// The bundle URL.
+        url: String,
+    },
+    /// Registered in place: banger points at files it does not own.
+    Registered,
+    /// Copied into banger's state from an unmanaged image.
+    Promoted {
+        /// The file it was copied from.
+        from: PathBuf,
+    },
+}
+
+/// A root filesystem image VMs can be created from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Unique name (`debian-bookworm`).
+    pub name: String,
+    /// The ext4 root image.
+    pub rootfs: PathBuf,
+    /// Its kernel.
+    pub kernel: ImageKernel,
+    /// Where it came from.
+    pub source: ImageSource,
+    /// True if banger owns the files (they live in its state dir and are
+    /// removed with the image); false for registered images.
+    pub managed: bool,
+    /// Size of the rootfs file in bytes.
+    pub size_bytes: u64,
+    /// OCI layer digests it was built from (keeps them from being pruned).
+    #[serde(default)]
+    pub layers: Vec<String>,
+    /// Unix time it was added.
+    pub created_at: u64,
+}
+
+/// Validates the name of an image or kernel: 1-64 of `[a-z0-9._-]`,
+/// starting with a letter or digit, so it is safe as a directory name.
+pub fn validate_artifact_name(kind: &'static str, s: &str) -> Result<(), ArtifactNameError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+        && !s.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(ArtifactNameError {
+            kind,
+            name: s.to_string(),
+        })
+    }
+}
+
+/// An image or kernel name that is not acceptable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "Invalid {kind} name {name:?}: use 1-64 characters a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+)]
+pub struct ArtifactNameError {
+    /// `image` or `kernel`.
+    pub kind: &'static str,
+    /// The name given.
+    pub name: String,
+}
+
+#[cfg(test)]
+mod artifact_tests {
+    use super::*;
+
+    #[test]
+    fn artifact_names_are_safe_directory_names() {
+        for ok in ["debian-bookworm", "fc-6.12_x86", "a"] {
+            assert!(validate_artifact_name("image", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../x", "a/b", "A", ".hidden", "a..b", &"a".repeat(65)] {
+            assert!(validate_artifact_name("image", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -11,11 +11,14 @@ use std::time::Duration;
 
 use rusqlite::{Connection, Row, params};
 
+mod images;
+
 use crate::model::{Failure, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind, VmmProcess};
 
 /// Schema migrations, in order. Step `i` brings the database to
 /// `user_version = i + 1`. Never edit a released step; append a new one.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE vms (
     id              TEXT PRIMARY KEY NOT NULL,
     name            TEXT NOT NULL UNIQUE,
@@ -43,7 +46,16 @@ CREATE TABLE vms (
     updated_at      INTEGER NOT NULL
 );
 CREATE INDEX vms_created ON vms (created_at, name);
-"];
+",
+    r"
+CREATE TABLE images (
+    name       TEXT PRIMARY KEY NOT NULL,
+    rootfs     TEXT NOT NULL,
+    record     TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+",
+];
 
 /// How long a connection waits for another writer before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -158,6 +170,20 @@ pub enum StoreError {
     /// Reading VMs failed.
     #[error("Cannot read VMs from the database")]
     Read(#[source] rusqlite::Error),
+    /// Another image already has this name.
+    #[error("An image named \"{0}\" already exists; pick another --name or delete it first")]
+    ImageNameTaken(String),
+    /// An image operation failed.
+    #[error("Cannot {op} image {name}")]
+    Image {
+        /// What was being done (`insert`, `read`, `delete`).
+        op: &'static str,
+        /// The image.
+        name: String,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
 }
 
 /// The daemon's database. One connection behind a mutex: SQLite serialises
@@ -961,7 +987,7 @@ mod tests {
         let mut steps: Vec<&str> = MIGRATIONS.to_vec();
         // Succeeds halfway (creates a table, alters vms), then fails.
         steps.push(
-            "CREATE TABLE images (id TEXT); ALTER TABLE vms ADD COLUMN x INTEGER; \
+            "CREATE TABLE later_table (id TEXT); ALTER TABLE vms ADD COLUMN x INTEGER; \
              INSERT INTO no_such_table VALUES (1);",
         );
         let err = migrate(&mut conn, &path, &steps).unwrap_err();
@@ -974,14 +1000,14 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
-        let images: i64 = conn
+        let later: i64 = conn
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'images'",
+                "SELECT count(*) FROM sqlite_master WHERE name = 'later_table'",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(images, 0);
+        assert_eq!(later, 0);
         let has_x: i64 = conn
             .query_row(
                 "SELECT count(*) FROM pragma_table_info('vms') WHERE name = 'x'",
