@@ -268,6 +268,18 @@ mod tests {
         assert_eq!(last_download, Some((total, total)));
     }
 
+    #[test]
+    fn pull_future_is_send_so_the_daemon_can_spawn_it() {
+        fn assert_send<T: Send>(_: &T) {}
+        let (_d, store) = store();
+        let catalog = Catalog::parse("").unwrap();
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let fut = pull(&store, &catalog, "k", false, move |p| {
+            let _ = tx.send(p);
+        });
+        assert_send(&fut);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pull_refuses_existing_kernel_unless_forced_then_replaces_it() {
         let server = Server::start();

@@ -184,14 +184,16 @@ fn finish_bundle(
         return Err(KernelError::MissingVmlinux(url.to_owned()));
     }
     let meta = read_metadata(dir)?.unwrap_or_default();
+    // Move conventional alternatives into place only where nothing of the
+    // local name exists yet.
     let initrd = dir.join("initrd");
     let initrd_img = dir.join("initrd.img");
-    if !initrd.is_file() && initrd_img.is_file() {
+    if !exists(&initrd) && initrd_img.is_file() {
         fs::rename(&initrd_img, &initrd).map_err(KernelError::io("rename", &initrd_img))?;
     }
     let modules = dir.join("modules");
     let lib_modules = dir.join("lib/modules");
-    if !is_real_dir(&modules) && is_real_dir(&lib_modules) {
+    if !exists(&modules) && is_real_dir(&lib_modules) {
         fs::rename(&lib_modules, &modules).map_err(KernelError::io("rename", &lib_modules))?;
         // Only succeeds when `lib/` held nothing else.
         let _ = fs::remove_dir(dir.join("lib"));
@@ -205,10 +207,16 @@ fn finish_bundle(
         source: format!("pull:{url}"),
         imported_at: now_rfc3339(),
         has_initrd: initrd.is_file(),
-        has_modules: is_real_dir(&modules),
+        has_modules: modules.is_dir(),
     })
 }
 
+/// Whether anything (even a dangling link) is at `p`.
+fn exists(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok()
+}
+
+/// A directory, not a link to one.
 fn is_real_dir(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }
