@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -185,7 +185,13 @@ pub fn extract_tar<R: Read>(
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(write_err)?;
-                io::copy(&mut entry, &mut file).map_err(ArchiveError::Read)?;
+                copy_entry(&mut entry, &mut file).map_err(|e| match e {
+                    CopyError::Read(e) => ArchiveError::Read(e),
+                    CopyError::Write(source) => ArchiveError::Write {
+                        entry: name.clone(),
+                        source,
+                    },
+                })?;
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -241,6 +247,25 @@ pub fn extract_tar<R: Read>(
         }
     }
     Ok(report)
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// `io::copy`, but telling a bad archive from a full disk.
+fn copy_entry(from: &mut impl Read, to: &mut impl Write) -> Result<(), CopyError> {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        };
+        to.write_all(&buf[..n]).map_err(CopyError::Write)?;
+    }
 }
 
 /// The normal components of an entry path, refusing absolute paths and `..`.

@@ -248,9 +248,9 @@ impl Staging {
 
     /// Writes `manifest.toml` into the staging dir (tmp file, then rename).
     pub(super) fn write_manifest(&self, manifest: &KernelManifest) -> Result<(), KernelError> {
-        let text = toml::to_string(manifest)
-            .map_err(|e| KernelError::ReadManifest(self.path.join(MANIFEST), Box::new(e)))?;
         let tmp = self.path.join(".manifest.toml.tmp");
+        let text = toml::to_string(manifest)
+            .map_err(|e| KernelError::io("write", &tmp)(io::Error::other(e)))?;
         let dest = self.path.join(MANIFEST);
         // A bundle may ship anything under that name: replace it, never follow it.
         let _ = fs::remove_file(&tmp);
