@@ -5,6 +5,7 @@
 //! capabilities (see [`capability`]). See `docs/architecture.md` for the map.
 
 pub mod api;
+pub mod archive;
 pub mod capability;
 pub mod client;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod disk;
 pub mod guest;
 pub mod hostops;
+pub mod kernels;
 pub mod library;
 pub mod lifecycle;
 pub mod machine;

@@ -1,0 +1,183 @@
+//! The kernel catalog: kernels `banger kernel pull` can fetch, embedded in
+//! the binary (`core/catalog/kernels.toml`), with a base URL that config can
+//! point at a mirror.
+
+use serde::Deserialize;
+
+use super::{KernelError, validate_name};
+
+const EMBEDDED: &str = include_str!("../../catalog/kernels.toml");
+
+/// One pullable kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    /// The kernel's name (also its local name once pulled).
+    pub name: String,
+    /// Architecture (`x86_64`).
+    pub arch: String,
+    /// Distribution or build family.
+    pub distro: String,
+    /// Kernel version.
+    pub version: String,
+    /// Tarball URL: absolute, or relative to the catalog's base URL.
+    pub url: String,
+    /// Hex sha256 of the tarball (`.tar.zst`).
+    pub sha256: String,
+    /// Size of the tarball in bytes.
+    pub size: u64,
+    /// One line for `banger kernel list --available`.
+    pub description: String,
+    /// Whether `vm create` uses this kernel when none is given.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// The set of pullable kernels and where relative URLs point.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    /// Base for relative entry URLs.
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default, rename = "kernel")]
+    entries: Vec<CatalogEntry>,
+}
+
+impl Catalog {
+    /// The catalog compiled into this binary.
+    pub fn embedded() -> Result<Catalog, KernelError> {
+        Catalog::parse(EMBEDDED)
+    }
+
+    /// Parses and checks catalog TOML: `base_url` and `[[kernel]]` tables.
+    pub fn parse(text: &str) -> Result<Catalog, KernelError> {
+        let catalog: Catalog =
+            toml::from_str(text).map_err(|e| KernelError::ParseCatalog(e.to_string()))?;
+        let bad = |msg: String| Err(KernelError::ParseCatalog(msg));
+        let mut names = std::collections::HashSet::new();
+        for e in &catalog.entries {
+            validate_name(&e.name)?;
+            if !names.insert(e.name.as_str()) {
+                return bad(format!("kernel {:?} is listed twice", e.name));
+            }
+            let hex = e.sha256.len() == 64
+                && e.sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex {
+                return bad(format!(
+                    "kernel {:?} needs a sha256 of 64 lowercase hex digits",
+                    e.name
+                ));
+            }
+            if e.url.is_empty() {
+                return bad(format!("kernel {:?} has an empty url", e.name));
+            }
+        }
+        if catalog.entries.iter().filter(|e| e.default).count() > 1 {
+            return bad("more than one kernel is marked default".into());
+        }
+        Ok(catalog)
+    }
+
+    /// The same catalog with relative URLs resolved against `base_url`
+    /// (the config override for mirrors and tests).
+    pub fn with_base_url(mut self, base_url: impl Into<String>) -> Catalog {
+        self.base_url = Some(base_url.into());
+        self
+    }
+
+    /// Every entry, in file order.
+    pub fn entries(&self) -> &[CatalogEntry] {
+        &self.entries
+    }
+
+    /// The entry called `name`.
+    pub fn find(&self, name: &str) -> Result<&CatalogEntry, KernelError> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| KernelError::NotInCatalog(name.to_owned()))
+    }
+
+    /// The entry marked `default = true`, if any.
+    pub fn default_entry(&self) -> Option<&CatalogEntry> {
+        self.entries.iter().find(|e| e.default)
+    }
+
+    /// The absolute URL of an entry's tarball.
+    pub fn url_of(&self, entry: &CatalogEntry) -> Result<String, KernelError> {
+        if entry.url.contains("://") {
+            return Ok(entry.url.clone());
+        }
+        match &self.base_url {
+            Some(base) => Ok(format!(
+                "{}/{}",
+                base.trim_end_matches('/'),
+                entry.url.trim_start_matches('/')
+            )),
+            None => Err(KernelError::NoBaseUrl {
+                name: entry.name.clone(),
+                url: entry.url.clone(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn entry(name: &str, url: &str, default: bool) -> String {
+        format!(
+            "[[kernel]]\nname = {name:?}\narch = \"x86_64\"\ndistro = \"d\"\nversion = \"1\"\nurl = {url:?}\nsha256 = {SHA:?}\nsize = 10\ndescription = \"x\"\ndefault = {default}\n"
+        )
+    }
+
+    #[test]
+    fn embedded_catalog_parses_with_one_default() {
+        let c = Catalog::embedded().unwrap();
+        assert!(!c.entries().is_empty());
+        let d = c.default_entry().unwrap();
+        assert!(c.url_of(d).unwrap().starts_with("https://"));
+    }
+
+    #[test]
+    fn resolves_relative_urls_against_the_override() {
+        let text = format!(
+            "base_url = \"https://a.example/x/\"\n{}",
+            entry("k", "kernels/k.tar.zst", true)
+        );
+        let c = Catalog::parse(&text).unwrap();
+        let k = c.find("k").unwrap().clone();
+        assert_eq!(
+            c.url_of(&k).unwrap(),
+            "https://a.example/x/kernels/k.tar.zst"
+        );
+        let c = c.with_base_url("http://127.0.0.1:1");
+        assert_eq!(
+            c.url_of(&k).unwrap(),
+            "http://127.0.0.1:1/kernels/k.tar.zst"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_catalogs() {
+        let two_defaults = format!("{}{}", entry("a", "u", true), entry("b", "u", true));
+        let dup = format!("{}{}", entry("a", "u", false), entry("a", "u", false));
+        let bad_name = entry("../a", "u", false);
+        let bad_sha = entry("a", "u", false).replace(SHA, "abc");
+        for text in [two_defaults, dup, bad_name, bad_sha] {
+            assert!(Catalog::parse(&text).is_err(), "{text}");
+        }
+        let c = Catalog::parse(&entry("a", "rel", false)).unwrap();
+        assert!(matches!(
+            c.url_of(&c.entries()[0]),
+            Err(KernelError::NoBaseUrl { .. })
+        ));
+        assert!(matches!(c.find("zz"), Err(KernelError::NotInCatalog(n)) if n == "zz"));
+    }
+}

@@ -1,0 +1,272 @@
+//! Discovering kernel artifacts in a directory and copying them into staging.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{KernelError, KernelManifest};
+
+/// Metadata files looked for first, in this order.
+const METADATA_FILES: [&str; 2] = ["banger-kernel.toml", "manifest.toml"];
+
+/// Optional metadata next to kernel artifacts (in an import dir or at the
+/// top of a tarball). Unknown keys are ignored, so a kernel dir's own
+/// `manifest.toml` reads as metadata too.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct Metadata {
+    /// The kernel file, relative to the directory.
+    pub kernel: Option<PathBuf>,
+    /// The initrd file, relative to the directory.
+    pub initrd: Option<PathBuf>,
+    /// The modules directory (holding `<version>/`), relative to the directory.
+    pub modules: Option<PathBuf>,
+    pub distro: Option<String>,
+    pub version: Option<String>,
+    pub arch: Option<String>,
+}
+
+/// Artifacts found in an import directory.
+#[derive(Debug)]
+pub(super) struct Found {
+    dir: PathBuf,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    modules: Option<PathBuf>,
+    distro: String,
+    version: String,
+    arch: String,
+}
+
+/// Reads the first metadata file present in `dir`, if any.
+pub(super) fn read_metadata(dir: &Path) -> Result<Option<Metadata>, KernelError> {
+    for name in METADATA_FILES {
+        let path = dir.join(name);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                return toml::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| KernelError::ReadManifest(path, Box::new(e)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(KernelError::ReadManifest(path, Box::new(e))),
+        }
+    }
+    Ok(None)
+}
+
+/// Finds the kernel, initrd and modules in `from`: a metadata file first,
+/// then the conventional names.
+pub(super) fn discover(from: &Path) -> Result<Found, KernelError> {
+    let dir = fs::canonicalize(from).map_err(KernelError::io("open", from))?;
+    let fail = |reason: String| KernelError::Discover {
+        dir: dir.clone(),
+        reason,
+    };
+    if !dir.is_dir() {
+        return Err(fail("not a directory".into()));
+    }
+    let meta = read_metadata(&dir)?.unwrap_or_default();
+    let named = |p: &Path| -> Result<PathBuf, KernelError> {
+        let inside = p
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !inside {
+            return Err(fail(format!(
+                "the metadata file names {p:?}; use a path relative to the directory, without `..`"
+            )));
+        }
+        let full = dir.join(p);
+        if !full.exists() {
+            return Err(fail(format!(
+                "the metadata file names {p:?}, which does not exist"
+            )));
+        }
+        Ok(full)
+    };
+    let names = file_names(&dir)?;
+    let kernel = match &meta.kernel {
+        Some(p) => named(p)?,
+        None => one_of(&dir, &names, &["vmlinux"], "kernel")?.ok_or_else(|| {
+            fail("no `vmlinux*` file; add one or a banger-kernel.toml naming it".into())
+        })?,
+    };
+    if !kernel.is_file() {
+        return Err(fail(format!(
+            "the kernel {} is not a regular file",
+            kernel.display()
+        )));
+    }
+    let initrd = match &meta.initrd {
+        Some(p) => Some(named(p)?),
+        None => one_of(&dir, &names, &["initrd", "initramfs"], "initrd")?,
+    };
+    let modules = match &meta.modules {
+        Some(p) => Some(named(p)?),
+        None => ["lib/modules", "modules"]
+            .iter()
+            .map(|m| dir.join(m))
+            .find(|p| p.is_dir()),
+    };
+    let version = meta.version.clone().unwrap_or_else(|| {
+        let file = kernel
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let v = file
+            .trim_start_matches("vmlinux")
+            .trim_start_matches(['-', '.', '_']);
+        if v.is_empty() {
+            "unknown".to_owned()
+        } else {
+            v.to_owned()
+        }
+    });
+    Ok(Found {
+        kernel,
+        initrd,
+        modules,
+        distro: meta.distro.clone().unwrap_or_else(|| "unknown".into()),
+        version,
+        arch: meta
+            .arch
+            .clone()
+            .unwrap_or_else(|| std::env::consts::ARCH.into()),
+        dir,
+    })
+}
+
+fn file_names(dir: &Path) -> Result<Vec<String>, KernelError> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).map_err(KernelError::io("read", dir))? {
+        let entry = entry.map_err(KernelError::io("read", dir))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The single regular file whose name starts with one of `prefixes`.
+fn one_of(
+    dir: &Path,
+    names: &[String],
+    prefixes: &[&str],
+    what: &str,
+) -> Result<Option<PathBuf>, KernelError> {
+    let hits: Vec<&String> = names
+        .iter()
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p)) && dir.join(n).is_file())
+        .collect();
+    match hits.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(dir.join(one))),
+        many => Err(KernelError::Discover {
+            dir: dir.to_path_buf(),
+            reason: format!(
+                "several {what} candidates ({}); keep one or name it in banger-kernel.toml",
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// Copies the artifacts into `staging` and returns the manifest to write.
+pub(super) fn copy_into(
+    found: &Found,
+    staging: &Path,
+    name: &str,
+) -> Result<KernelManifest, KernelError> {
+    let sha256 = copy_hashing(&found.kernel, &staging.join("vmlinux"))?;
+    if let Some(initrd) = &found.initrd {
+        copy_hashing(initrd, &staging.join("initrd"))?;
+    }
+    if let Some(modules) = &found.modules {
+        copy_tree(modules, &staging.join("modules"))?;
+    }
+    Ok(KernelManifest {
+        name: name.to_owned(),
+        distro: found.distro.clone(),
+        arch: found.arch.clone(),
+        version: found.version.clone(),
+        sha256,
+        source: format!("import:{}", found.dir.display()),
+        imported_at: now_rfc3339(),
+        has_initrd: found.initrd.is_some(),
+        has_modules: found.modules.is_some(),
+    })
+}
+
+pub(super) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Lowercase hex of a digest.
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Copies `src` to the new file `dest`, returning the sha256 of the content.
+fn copy_hashing(src: &Path, dest: &Path) -> Result<String, KernelError> {
+    let mut input = fs::File::open(src).map_err(KernelError::io("open", src))?;
+    let mut output = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dest)
+        .map_err(KernelError::io("create", dest))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = input.read(&mut buf).map_err(KernelError::io("read", src))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        output
+            .write_all(&buf[..n])
+            .map_err(KernelError::io("write", dest))?;
+    }
+    output.sync_all().map_err(KernelError::io("write", dest))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// The sha256 of a file's content.
+pub(super) fn hash_file(path: &Path) -> Result<String, KernelError> {
+    let mut input = fs::File::open(path).map_err(KernelError::io("open", path))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut input, &mut hasher).map_err(KernelError::io("read", path))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Copies a directory tree without following symlinks (they are copied as
+/// links); sockets, fifos and devices are refused.
+fn copy_tree(src: &Path, dest: &Path) -> Result<(), KernelError> {
+    fs::create_dir(dest).map_err(KernelError::io("create", dest))?;
+    for entry in fs::read_dir(src).map_err(KernelError::io("read", src))? {
+        let entry = entry.map_err(KernelError::io("read", src))?;
+        let from = entry.path();
+        let to = dest.join(entry.file_name());
+        let kind = entry.file_type().map_err(KernelError::io("read", &from))?;
+        if kind.is_dir() {
+            copy_tree(&from, &to)?;
+        } else if kind.is_symlink() {
+            let target = fs::read_link(&from).map_err(KernelError::io("read", &from))?;
+            std::os::unix::fs::symlink(&target, &to).map_err(KernelError::io("create", &to))?;
+        } else if kind.is_file() {
+            fs::copy(&from, &to).map_err(KernelError::io("copy", &from))?;
+        } else {
+            return Err(KernelError::Discover {
+                dir: src.to_path_buf(),
+                reason: format!("{} is not a file, directory or symlink", from.display()),
+            });
+        }
+    }
+    Ok(())
+}
