@@ -131,6 +131,12 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     /// Shape of new VMs.
     pub vm_defaults: VmDefaults,
+    /// Overrides the kernel catalog's base URL (mirrors, tests).
+    pub kernel_catalog_url: Option<String>,
+    /// Overrides the image catalog's base URL (mirrors, tests).
+    pub image_catalog_url: Option<String>,
+    /// Registries (`host:port`) that may be reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -140,6 +146,9 @@ const TOP_KEYS: &[&str] = &[
     "vmm",
     "stop_timeout_secs",
     "vm_defaults",
+    "kernel_catalog_url",
+    "image_catalog_url",
+    "insecure_registries",
 ];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 
@@ -153,6 +162,9 @@ impl Config {
             default_caps: vec!["work-disk".to_string()],
             vmm: VmmKind::default(),
             stop_timeout_secs: 10,
+            kernel_catalog_url: None,
+            image_catalog_url: None,
+            insecure_registries: Vec::new(),
             vm_defaults: VmDefaults::for_this_host(),
         }
     }
@@ -255,6 +267,15 @@ type Entries<'t, 'i> = Vec<(
     &'t Spanned<DeValue<'i>>,
 )>;
 
+/// `host` or `host:port`, as registries are named in image references.
+fn valid_registry_host(h: &str) -> bool {
+    !h.is_empty()
+        && !h.contains("://")
+        && !h.contains('/')
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
 impl Parser<'_> {
     fn parse(&self) -> Result<Config, ConfigError> {
         let doc = DeTable::parse(self.text).map_err(|e| {
@@ -308,6 +329,31 @@ impl Parser<'_> {
                     cfg.stop_timeout_secs =
                         self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
                             as u64;
+                }
+                "kernel_catalog_url" => cfg.kernel_catalog_url = Some(self.url(key, value)?),
+                "image_catalog_url" => cfg.image_catalog_url = Some(self.url(key, value)?),
+                "insecure_registries" => {
+                    let DeValue::Array(items) = value.get_ref() else {
+                        return Err(self.error(
+                            span,
+                            "insecure_registries must be a list of \"host:port\" strings, e.g. [\"127.0.0.1:5000\"]".into(),
+                        ));
+                    };
+                    let mut hosts = Vec::new();
+                    for item in items.iter() {
+                        match item.get_ref() {
+                            DeValue::String(h) if valid_registry_host(h) => {
+                                hosts.push(h.to_string())
+                            }
+                            _ => {
+                                return Err(self.error(
+                                    item.span(),
+                                    "insecure_registries entries must be \"host\" or \"host:port\", without a scheme or path, e.g. \"127.0.0.1:5000\"".into(),
+                                ));
+                            }
+                        }
+                    }
+                    cfg.insecure_registries = hosts;
                 }
                 "vm_defaults" => {
                     let DeValue::Table(t) = value.get_ref() else {
@@ -384,6 +430,27 @@ impl Parser<'_> {
                     kind(other)
                 ),
             )),
+        }
+    }
+
+    fn url(
+        &self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Result<String, ConfigError> {
+        let s = self.string(key, value)?;
+        if (s.starts_with("http://") || s.starts_with("https://"))
+            && !s.contains(char::is_whitespace)
+        {
+            Ok(s.trim_end_matches('/').to_string())
+        } else {
+            Err(self.error(
+                value.span(),
+                format!(
+                    "{} must be an http:// or https:// URL, e.g. \"https://mirror.example/banger\"",
+                    key.get_ref()
+                ),
+            ))
         }
     }
 
@@ -743,5 +810,33 @@ disk_size = "20G"
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
         let msg = cfg.firecracker_bin_in(None).unwrap_err().to_string();
         assert!(msg.contains("is not an executable file"), "{msg}");
+    }
+
+    #[test]
+    fn catalog_urls_and_insecure_registries_parse_and_are_checked() {
+        let cfg = Config::parse(
+            "kernel_catalog_url = \"http://127.0.0.1:8080/k/\"\nimage_catalog_url = \"https://m.example/i\"\ninsecure_registries = [\"127.0.0.1:5000\", \"localhost\"]\n",
+            Path::new("/c/config.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.kernel_catalog_url.as_deref(),
+            Some("http://127.0.0.1:8080/k")
+        );
+        assert_eq!(
+            cfg.image_catalog_url.as_deref(),
+            Some("https://m.example/i")
+        );
+        assert_eq!(cfg.insecure_registries, ["127.0.0.1:5000", "localhost"]);
+
+        let msg = err("kernel_catalog_url = \"ftp://x\"\n");
+        assert!(
+            msg.contains("kernel_catalog_url must be an http:// or https:// URL"),
+            "{msg}"
+        );
+        let msg = err("insecure_registries = [\"http://127.0.0.1:5000\"]\n");
+        assert!(msg.contains("without a scheme"), "{msg}");
+        let msg = err("insecure_registries = \"127.0.0.1:5000\"\n");
+        assert!(msg.contains("must be a list"), "{msg}");
     }
 }
