@@ -385,7 +385,9 @@ mod tests {
         let (sock, seen) = fake_daemon(dir.path(), |req| async move {
             let vm = vm_view("dev", VmState::Running);
             if req.ends_with("/start") || req.ends_with("/restart") {
-                let done = banger_core::api::Event::Done { vm: Box::new(vm) };
+                let done = banger_core::api::Event::Done {
+                    result: serde_json::to_value(vm).unwrap(),
+                };
                 (200, serde_json::to_string(&done).unwrap() + "\n")
             } else {
                 (200, serde_json::to_string(&vm).unwrap())

@@ -171,10 +171,11 @@ pub enum Event {
         /// The line.
         message: String,
     },
-    /// The operation succeeded; the VM as it now is.
+    /// The operation succeeded. `result` is what it produced: a
+    /// [`VmView`] for VM operations, an image or kernel for pulls.
     Done {
-        /// The VM.
-        vm: Box<VmView>,
+        /// The operation's result.
+        result: serde_json::Value,
     },
     /// The operation failed.
     Failed {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use crate::api::{ErrorBody, Event, VmView};
+use crate::api::{ErrorBody, Event};
 
 pub use hyper::Method;
 
@@ -108,18 +108,19 @@ impl Client {
     }
 
     /// A request answered with an NDJSON [`Event`] stream. Calls `on_event`
-    /// for every event as it arrives and returns the VM of the `done` event;
-    /// a `failed` event becomes [`ClientError::Operation`].
-    pub async fn stream_events<B: Serialize>(
+    /// for every event as it arrives and returns the result of the `done`
+    /// event (a [`VmView`] for VM operations); a `failed` event becomes
+    /// [`ClientError::Operation`].
+    pub async fn stream_events<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
         mut on_event: impl FnMut(&Event),
-    ) -> Result<VmView, ClientError> {
+    ) -> Result<T, ClientError> {
         let mut body_in = self.request(method, path, body).await?.into_body();
         let mut lines = NdjsonLines::default();
-        let mut handle = |line: &[u8]| -> Result<Option<Result<VmView, ClientError>>, ClientError> {
+        let mut handle = |line: &[u8]| -> Result<Option<Result<T, ClientError>>, ClientError> {
             let event: Event = serde_json::from_slice(line).map_err(|e| {
                 ClientError::Protocol(format!(
                     "invalid event {:?}: {e}",
@@ -128,7 +129,9 @@ impl Client {
             })?;
             on_event(&event);
             Ok(match event {
-                Event::Done { vm } => Some(Ok(*vm)),
+                Event::Done { result } => Some(T::deserialize(result).map_err(|e| {
+                    ClientError::Protocol(format!("unexpected result of {path}: {e}"))
+                })),
                 Event::Failed { stage, error } => {
                     Some(Err(ClientError::Operation { stage, error }))
                 }
@@ -291,7 +294,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::api::VersionInfo;
+    use crate::api::{VersionInfo, VmView};
     use crate::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
 
     /// What the test server saw.
@@ -507,7 +510,7 @@ mod tests {
         let stage = r#"{"type":"stage","stage":"clone_rootfs","message":"copying"}"#;
         let warn = r#"{"type":"log","level":"warn","message":"slow disk"}"#;
         let done = serde_json::to_string(&Event::Done {
-            vm: Box::new(vm_view("dev")),
+            result: serde_json::to_value(vm_view("dev")).unwrap(),
         })
         .unwrap();
         let all = format!("{stage}\n{warn}\n\n{done}\n");
@@ -523,7 +526,7 @@ mod tests {
             rootfs: "/r".into(),
             ..Default::default()
         };
-        let vm = Client::new(sock)
+        let vm: VmView = Client::new(sock)
             .stream_events(Method::POST, "/v1/vms", Some(&req), |e| {
                 events.push(e.clone())
             })
@@ -562,7 +565,7 @@ mod tests {
             ]),
         );
         let err = Client::new(sock)
-            .stream_events::<()>(Method::POST, "/v1/vms/dev/start", None, |_| {})
+            .stream_events::<(), VmView>(Method::POST, "/v1/vms/dev/start", None, |_| {})
             .await
             .unwrap_err();
         match &err {
@@ -585,7 +588,7 @@ mod tests {
         );
         let mut n = 0;
         let err = Client::new(sock)
-            .stream_events::<()>(Method::POST, "/v1/vms/dev/start", None, |_| n += 1)
+            .stream_events::<(), VmView>(Method::POST, "/v1/vms/dev/start", None, |_| n += 1)
             .await
             .unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
@@ -604,7 +607,7 @@ mod tests {
             )],
         );
         let err = Client::new(sock)
-            .stream_events::<()>(Method::POST, "/v1/vms/dev/start", None, |_| {})
+            .stream_events::<(), VmView>(Method::POST, "/v1/vms/dev/start", None, |_| {})
             .await
             .unwrap_err();
         assert!(

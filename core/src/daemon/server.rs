@@ -238,7 +238,7 @@ where
         let result = op(lc.clone(), progress).await;
         let last = match result {
             Ok(vm) => Event::Done {
-                vm: Box::new(lc.view(vm)),
+                result: serde_json::to_value(lc.view(vm)).unwrap_or_default(),
             },
             Err(e) => Event::Failed {
                 stage: e.stage().map(str::to_string),
