@@ -19,21 +19,11 @@ pub struct KernelStore {
     root: PathBuf,
 }
 
-/// Checks a kernel name: `[a-z0-9][a-z0-9._-]{0,63}` without `..`.
+/// Checks a kernel name: `[a-z0-9][a-z0-9._-]{0,63}` without `..` (the
+/// rule images share, see [`crate::model::validate_artifact_name`]).
 pub fn validate_name(name: &str) -> Result<(), KernelError> {
-    let bytes = name.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 64
-        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b))
-        && !name.contains("..");
-    if ok {
-        Ok(())
-    } else {
-        Err(KernelError::InvalidName(name.to_owned()))
-    }
+    crate::model::validate_artifact_name("kernel", name)
+        .map_err(|_| KernelError::InvalidName(name.to_owned()))
 }
 
 impl KernelStore {
