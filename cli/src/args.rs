@@ -96,16 +96,24 @@ pub enum VmCommand {
 
 /// `vm create` flags.
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("root").required(true).args(["image", "rootfs"]))]
 pub struct CreateArgs {
-    /// Kernel image (uncompressed vmlinux).
+    /// Image to create the VM from (`banger image list`).
+    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+    pub image: Option<String>,
+    /// Root filesystem image to bring instead of an image; the VM gets its own copy.
+    #[arg(long, value_name = "PATH", conflicts_with = "image")]
+    pub rootfs: Option<PathBuf>,
+    /// Kernel by name (`banger kernel list --available`), pulled if missing.
+    /// Default: the image's kernel, else the catalog's default kernel.
+    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, conflicts_with = "kernel")]
+    pub kernel_ref: Option<String>,
+    /// Kernel image to bring (uncompressed vmlinux).
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
-    /// Initrd image.
-    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initrd image, with --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// Root filesystem image; the VM gets its own copy.
-    #[arg(long, value_name = "PATH")]
-    pub rootfs: PathBuf,
     /// VM name (generated when absent).
     #[arg(long, value_parser = parse_name, allow_hyphen_values = true)]
     pub name: Option<String>,
@@ -193,6 +201,13 @@ pub enum DaemonCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// An image or kernel name.
+pub fn parse_artifact_name(s: &str) -> Result<String, String> {
+    model::validate_artifact_name("image or kernel", s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -306,9 +321,9 @@ mod tests {
         let Command::Vm(VmCommand::Create(c)) = cli.command else {
             panic!("expected vm create");
         };
-        assert_eq!(c.kernel, PathBuf::from("vmlinux"));
+        assert_eq!(c.kernel, Some(PathBuf::from("vmlinux")));
         assert_eq!(c.initrd, Some(PathBuf::from("/boot/initrd")));
-        assert_eq!(c.rootfs, PathBuf::from("root.ext4"));
+        assert_eq!(c.rootfs, Some(PathBuf::from("root.ext4")));
         assert_eq!(c.name.as_deref(), Some("dev-1"));
         assert_eq!(c.shape.vcpu, Some(4));
         assert_eq!(c.shape.memory, Some(2048));
@@ -319,9 +334,36 @@ mod tests {
     }
 
     #[test]
-    fn create_needs_kernel_and_rootfs() {
-        usage_error(&["vm", "create", "--rootfs", "r"]);
+    fn create_needs_an_image_or_a_rootfs_and_at_most_one_kernel_source() {
+        // A root filesystem must come from somewhere.
         usage_error(&["vm", "create", "--kernel", "k"]);
+        usage_error(&["vm", "create"]);
+        // ...from exactly one place.
+        usage_error(&["vm", "create", "--image", "deb", "--rootfs", "r"]);
+        // Kernels: a file or a name, not both; an initrd only with a file.
+        usage_error(&[
+            "vm",
+            "create",
+            "--rootfs",
+            "r",
+            "--kernel",
+            "k",
+            "--kernel-ref",
+            "fc",
+        ]);
+        usage_error(&["vm", "create", "--rootfs", "r", "--initrd", "i"]);
+        usage_error(&["vm", "create", "--image", "../x"]);
+        // The kernel may be left to the image or the catalog default.
+        parse(&["vm", "create", "--rootfs", "r"]).unwrap();
+        parse(&[
+            "vm",
+            "create",
+            "--image",
+            "debian-bookworm",
+            "--kernel-ref",
+            "fc-6.12",
+        ])
+        .unwrap();
         let cli = parse(&["vm", "create", "--kernel", "k", "--rootfs", "r"]).unwrap();
         let Command::Vm(VmCommand::Create(c)) = cli.command else {
             panic!("expected vm create");

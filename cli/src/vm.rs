@@ -61,9 +61,11 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
     };
     let req = CreateVmRequest {
         name: a.name,
-        kernel: abs(&a.kernel)?,
+        image: a.image,
+        kernel_ref: a.kernel_ref,
+        kernel: a.kernel.as_deref().map(abs).transpose()?,
         initrd: a.initrd.as_deref().map(abs).transpose()?,
-        rootfs: abs(&a.rootfs)?,
+        rootfs: a.rootfs.as_deref().map(abs).transpose()?,
         vcpus: a.shape.vcpu,
         memory_mib: a.shape.memory,
         disk_size: a.shape.disk_size,
@@ -71,7 +73,7 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         boot_args: a.boot_args,
         no_start: a.no_start,
     };
-    let vm = client
+    let vm: VmView = client
         .stream_events(Method::POST, "/v1/vms", Some(&req), |e| {
             print_event(None, e)
         })

@@ -40,13 +40,21 @@ pub struct CreateVmRequest {
     /// VM name; generated when absent.
     #[serde(default)]
     pub name: Option<String>,
-    /// Kernel image path on the host.
-    pub kernel: PathBuf,
-    /// Optional initrd path.
+    /// Image to create the VM from (`banger image list`).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Kernel by name (`banger kernel list`); pulled if missing.
+    #[serde(default)]
+    pub kernel_ref: Option<String>,
+    /// Kernel image path on the host (bring your own).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Optional initrd path, with `kernel`.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
-    /// Root filesystem image; the VM gets its own copy.
-    pub rootfs: PathBuf,
+    /// Root filesystem image (bring your own); the VM gets its own copy.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
     /// vCPUs; config default when absent.
     #[serde(default)]
     pub vcpus: Option<i64>,

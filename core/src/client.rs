@@ -522,8 +522,8 @@ mod tests {
         let mut events = Vec::new();
         let req = crate::api::CreateVmRequest {
             name: Some("dev".into()),
-            kernel: "/k".into(),
-            rootfs: "/r".into(),
+            kernel: Some("/k".into()),
+            rootfs: Some("/r".into()),
             ..Default::default()
         };
         let vm: VmView = Client::new(sock)

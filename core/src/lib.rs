@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod artifacts;
 pub mod capability;
 pub mod client;
 pub mod config;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::artifacts::Artifacts;
 use crate::capability::Registry;
 use crate::config::Config;
 use crate::hostops::InProcessHostOps;
@@ -46,6 +47,9 @@ pub enum DaemonError {
     /// The database could not be opened.
     #[error("Cannot open the state database")]
     Store(#[from] crate::store::StoreError),
+    /// The image or kernel stores could not be set up.
+    #[error("Cannot set up images and kernels")]
+    Artifacts(#[source] crate::artifacts::ArtifactError),
     /// Reconciliation with running VMMs failed.
     #[error("Cannot reconcile VMs with the host")]
     Reconcile(#[source] crate::lifecycle::OpError),
@@ -161,6 +165,12 @@ pub async fn run() -> Result<(), DaemonError> {
             Arc::new(UnavailableVmm { reason })
         }
     };
+    let artifacts =
+        Arc::new(Artifacts::new(&paths, store.clone(), &config).map_err(DaemonError::Artifacts)?);
+    let cleaned = artifacts.cleanup_staging();
+    if cleaned > 0 {
+        tracing::info!("removed {cleaned} staging dir(s) left by an interrupted pull");
+    }
     let lifecycle = Arc::new(Lifecycle::new(
         paths.clone(),
         config,
@@ -168,6 +178,7 @@ pub async fn run() -> Result<(), DaemonError> {
         registry,
         Arc::new(InProcessHostOps),
         vmm,
+        artifacts,
     ));
     for r in lifecycle
         .reconcile()

@@ -1,7 +1,7 @@
 //! `create`: validate everything before anything exists, record the VM,
 //! give it its own root disk, then start it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::api::CreateVmRequest;
 use crate::capability::Capability;
@@ -48,6 +48,26 @@ impl Lifecycle {
     ) -> Result<VmRecord, OpError> {
         progress.stage("validate", "checking the request");
         let mut vm = self.validate_create(&req)?;
+        // Only now, with the request known to be sound, may we pull.
+        let boot = self
+            .artifacts
+            .resolve_boot(&req, progress)
+            .await
+            .map_err(|e| match e {
+                crate::artifacts::ArtifactError::Invalid(m) => OpError::Invalid(m),
+                other => OpError::Stage {
+                    stage: "resolve_boot".to_string(),
+                    source: Box::new(other),
+                },
+            })?;
+        check_file("--kernel", &boot.kernel, "kernel image (vmlinux)")?;
+        if let Some(initrd) = &boot.initrd {
+            check_file("--initrd", initrd, "initrd image")?;
+        }
+        check_file("--rootfs", &boot.rootfs, "root filesystem image")?;
+        vm.spec.kernel = boot.kernel;
+        vm.spec.initrd = boot.initrd;
+        vm.spec.rootfs_source = boot.rootfs;
 
         // Name check and insert are serialised so two creates cannot race
         // past each other; the UNIQUE constraint backs this up.
@@ -124,11 +144,16 @@ impl Lifecycle {
             Some(s) => s.parse::<ByteSize>().map_err(|e| invalid(&e))?,
             None => d.disk_size,
         };
-        check_file("--kernel", &req.kernel, "kernel image (vmlinux)")?;
+        // Explicit paths are checked before anything is pulled.
+        if let Some(k) = &req.kernel {
+            check_file("--kernel", k, "kernel image (vmlinux)")?;
+        }
         if let Some(initrd) = &req.initrd {
             check_file("--initrd", initrd, "initrd image")?;
         }
-        check_file("--rootfs", &req.rootfs, "root filesystem image")?;
+        if let Some(r) = &req.rootfs {
+            check_file("--rootfs", r, "root filesystem image")?;
+        }
 
         let choices: Vec<CapChoice> = req
             .caps
@@ -153,9 +178,10 @@ impl Lifecycle {
                 vcpus,
                 memory_mib,
                 disk_size,
-                kernel: req.kernel.clone(),
-                initrd: req.initrd.clone(),
-                rootfs_source: req.rootfs.clone(),
+                // Filled in from the resolved boot files.
+                kernel: PathBuf::new(),
+                initrd: None,
+                rootfs_source: PathBuf::new(),
                 extra_boot_args: req.boot_args.clone(),
                 vmm: self.config.vmm,
             },

@@ -133,6 +133,12 @@ impl Progress {
         }
     }
 
+    /// An informational line for the user.
+    pub fn log_info(&self, message: &str) {
+        tracing::info!("{message}");
+        self.log("info", message);
+    }
+
     fn log(&self, level: &str, message: &str) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Event::Log {
@@ -198,6 +204,7 @@ pub struct Lifecycle {
     registry: Registry,
     host: Arc<dyn HostOps>,
     vmm: Arc<dyn Vmm>,
+    artifacts: Arc<crate::artifacts::Artifacts>,
     locks: VmLocks,
     /// Serialises name checks with inserts during create.
     create_lock: tokio::sync::Mutex<()>,
@@ -212,6 +219,7 @@ impl Lifecycle {
         registry: Registry,
         host: Arc<dyn HostOps>,
         vmm: Arc<dyn Vmm>,
+        artifacts: Arc<crate::artifacts::Artifacts>,
     ) -> Self {
         Lifecycle {
             paths,
@@ -220,6 +228,7 @@ impl Lifecycle {
             registry,
             host,
             vmm,
+            artifacts,
             locks: VmLocks::default(),
             create_lock: tokio::sync::Mutex::new(()),
         }
@@ -233,6 +242,11 @@ impl Lifecycle {
     /// The daemon's configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Images and kernels.
+    pub fn artifacts(&self) -> &Arc<crate::artifacts::Artifacts> {
+        &self.artifacts
     }
 
     /// Host paths.

@@ -1,0 +1,220 @@
+//! Images and kernels as the daemon serves them: the image library, local
+//! kernels and the kernel catalog, and how `vm create` turns `--image`,
+//! `--kernel-ref`, `--kernel` and `--rootfs` into boot files, pulling what is
+//! missing as a visible stage.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::api::CreateVmRequest;
+use crate::config::Config;
+use crate::kernels::{Catalog, KernelError, KernelStore, LocalKernel, PullProgress};
+use crate::library::{ImageLibrary, LibraryError};
+use crate::lifecycle::Progress;
+use crate::model::ImageKernel;
+use crate::paths::Paths;
+use crate::store::Store;
+
+/// An image or kernel operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// The request is invalid; the message names the input and the fix.
+    #[error("{0}")]
+    Invalid(String),
+    /// A kernel operation failed.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// An image library operation failed.
+    #[error(transparent)]
+    Library(#[from] LibraryError),
+    /// A blocking task died.
+    #[error("Internal task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The files a new VM boots from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// Root filesystem to clone.
+    pub rootfs: PathBuf,
+}
+
+/// The daemon's images and kernels.
+#[derive(Debug)]
+pub struct Artifacts {
+    /// Local images.
+    pub library: ImageLibrary,
+    /// Local kernels.
+    pub kernels: KernelStore,
+    kernel_catalog: Catalog,
+    /// Serialises pulls so two requests for one artifact do not race.
+    pulls: tokio::sync::Mutex<()>,
+}
+
+impl Artifacts {
+    /// Assembles the artifact stores from the configuration.
+    pub fn new(paths: &Paths, store: Arc<Store>, config: &Config) -> Result<Self, ArtifactError> {
+        let mut kernel_catalog = Catalog::embedded()?;
+        if let Some(url) = &config.kernel_catalog_url {
+            kernel_catalog = kernel_catalog.with_base_url(url.clone());
+        }
+        Ok(Artifacts {
+            library: ImageLibrary::new(paths, store),
+            kernels: KernelStore::new(paths.state_dir.join("kernels")),
+            kernel_catalog,
+            pulls: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Removes staging left by a crash mid-pull. Called at daemon start.
+    pub fn cleanup_staging(&self) -> usize {
+        self.library.cleanup_staging() + self.kernels.cleanup_staging().unwrap_or(0)
+    }
+
+    /// The kernel catalog.
+    pub fn kernel_catalog(&self) -> &Catalog {
+        &self.kernel_catalog
+    }
+
+    /// Pulls a kernel from the catalog.
+    pub async fn pull_kernel(
+        &self,
+        name: &str,
+        force: bool,
+        progress: &Progress,
+    ) -> Result<LocalKernel, ArtifactError> {
+        let _one = self.pulls.lock().await;
+        let entry = self.kernel_catalog.find(name)?;
+        progress.stage(
+            "pull_kernel",
+            format!(
+                "pulling kernel {name} ({} {}) from the catalog",
+                entry.distro, entry.version
+            ),
+        );
+        let mut last_tenth = None;
+        let kernel =
+            crate::kernels::pull(
+                &self.kernels,
+                &self.kernel_catalog,
+                name,
+                force,
+                |p| match p {
+                    PullProgress::Downloading { received, total } if total > 0 => {
+                        let tenth = received * 10 / total;
+                        if last_tenth != Some(tenth) {
+                            last_tenth = Some(tenth);
+                            progress.log_info(&format!(
+                                "kernel {name}: {}% of {total} bytes",
+                                tenth * 10
+                            ));
+                        }
+                    }
+                    PullProgress::Downloading { .. } => {}
+                    PullProgress::Verified => {
+                        progress.log_info(&format!("kernel {name}: checksum verified"))
+                    }
+                },
+            )
+            .await?;
+        Ok(kernel)
+    }
+
+    /// A local kernel, pulled from the catalog first if it is not local.
+    pub async fn ensure_kernel(
+        &self,
+        name: &str,
+        progress: &Progress,
+    ) -> Result<LocalKernel, ArtifactError> {
+        let kernels = self.kernels.clone();
+        let n = name.to_string();
+        if let Some(k) = tokio::task::spawn_blocking(move || kernels.get(&n)).await?? {
+            return Ok(k);
+        }
+        match self.pull_kernel(name, false, progress).await {
+            // Another request pulled it while we waited.
+            Err(ArtifactError::Kernel(KernelError::AlreadyExists(_))) => {
+                let kernels = self.kernels.clone();
+                let n = name.to_string();
+                tokio::task::spawn_blocking(move || kernels.get(&n))
+                    .await??
+                    .ok_or_else(|| KernelError::NotFound(name.to_string()).into())
+            }
+            Err(ArtifactError::Kernel(KernelError::NotInCatalog(_))) => {
+                Err(ArtifactError::Invalid(format!(
+                    "Kernel {name:?} is neither local nor in the kernel catalog; see `banger kernel list --available`"
+                )))
+            }
+            other => other,
+        }
+    }
+
+    /// Works out what a new VM boots from: `--rootfs` or `--image` for the
+    /// root filesystem; `--kernel`, `--kernel-ref`, the image's kernel or the
+    /// catalog's default kernel, in that order, for the kernel.
+    pub async fn resolve_boot(
+        &self,
+        req: &CreateVmRequest,
+        progress: &Progress,
+    ) -> Result<BootFiles, ArtifactError> {
+        if req.kernel.is_some() && req.kernel_ref.is_some() {
+            return Err(ArtifactError::Invalid(
+                "Pass either --kernel PATH or --kernel-ref NAME, not both".to_string(),
+            ));
+        }
+        if req.initrd.is_some() && req.kernel.is_none() {
+            return Err(ArtifactError::Invalid(
+                "--initrd goes with --kernel PATH; named kernels bring their own initrd"
+                    .to_string(),
+            ));
+        }
+        let (rootfs, image_kernel) = match (&req.rootfs, &req.image) {
+            (Some(_), Some(_)) => {
+                return Err(ArtifactError::Invalid(
+                    "Pass either --image NAME or --rootfs PATH, not both".to_string(),
+                ));
+            }
+            (Some(r), None) => (r.clone(), None),
+            (None, Some(name)) => {
+                let library = self.library.clone();
+                let n = name.clone();
+                let image = tokio::task::spawn_blocking(move || library.get(&n)).await??;
+                (image.rootfs, Some(image.kernel))
+            }
+            (None, None) => {
+                return Err(ArtifactError::Invalid(
+                    "Pass --image NAME (see `banger image list`) or --rootfs PATH".to_string(),
+                ));
+            }
+        };
+        let (kernel, initrd) = if let Some(k) = &req.kernel {
+            (k.clone(), req.initrd.clone())
+        } else {
+            let name = match (&req.kernel_ref, image_kernel) {
+                (Some(r), _) => r.clone(),
+                (None, Some(ImageKernel::Files { kernel, initrd })) => {
+                    return Ok(BootFiles { kernel, initrd, rootfs });
+                }
+                (None, Some(ImageKernel::Named { name })) => name,
+                (None, None) => self
+                    .kernel_catalog
+                    .default_entry()
+                    .map(|e| e.name.clone())
+                    .ok_or_else(|| {
+                        ArtifactError::Invalid("Pass --kernel PATH or --kernel-ref NAME (the kernel catalog has no default)".to_string())
+                    })?,
+            };
+            let k = self.ensure_kernel(&name, progress).await?;
+            (k.vmlinux, k.initrd)
+        };
+        Ok(BootFiles {
+            kernel,
+            initrd,
+            rootfs,
+        })
+    }
+}
