@@ -21,6 +21,12 @@ pub enum Command {
     /// Create and manage VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Manage root filesystem images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Manage kernels.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
     /// Inspect capabilities.
     #[command(subcommand)]
     Cap(CapCommand),
@@ -163,6 +169,107 @@ pub struct NamesArgs {
     /// VM names; each is handled concurrently and reported in this order.
     #[arg(required = true, value_name = "NAME", value_parser = parse_name)]
     pub names: Vec<String>,
+}
+
+/// `banger image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List local images.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one image, with its rootfs and kernel paths.
+    Show {
+        /// Image name.
+        #[arg(value_parser = parse_artifact_name)]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete images (refused while a VM was created from one).
+    Delete {
+        /// Image names.
+        #[arg(required = true, value_parser = parse_artifact_name)]
+        names: Vec<String>,
+    },
+    /// Register an existing root image in place (banger will not own its files).
+    #[command(group = clap::ArgGroup::new("kernel_source").required(true).args(["kernel_ref", "kernel"]))]
+    Register {
+        /// Image name.
+        #[arg(long, value_parser = parse_artifact_name)]
+        name: String,
+        /// The ext4 root filesystem.
+        #[arg(long, value_name = "PATH")]
+        rootfs: PathBuf,
+        /// Kernel by name (`banger kernel list`).
+        #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+        kernel_ref: Option<String>,
+        /// Kernel file.
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// Initrd file, with --kernel.
+        #[arg(long, value_name = "PATH", requires = "kernel")]
+        initrd: Option<PathBuf>,
+    },
+    /// Copy a registered image into banger's state so it owns the files.
+    Promote {
+        /// Image name.
+        #[arg(value_parser = parse_artifact_name)]
+        name: String,
+    },
+}
+
+/// `banger kernel ...`
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// List local kernels, or the catalog with --available.
+    List {
+        /// Show the catalog instead of local kernels.
+        #[arg(long)]
+        available: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one local kernel.
+    Show {
+        /// Kernel name.
+        #[arg(value_parser = parse_artifact_name)]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove local kernels (refused while a VM boots from one).
+    Rm {
+        /// Kernel names.
+        #[arg(required = true, value_parser = parse_artifact_name)]
+        names: Vec<String>,
+    },
+    /// Import a kernel from a directory (vmlinux, optional initrd and modules).
+    Import {
+        /// Name for the kernel.
+        #[arg(value_parser = parse_artifact_name)]
+        name: String,
+        /// Directory holding the kernel artifacts.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Replace a kernel of the same name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Download a kernel from the catalog.
+    Pull {
+        /// Catalog name (`banger kernel list --available`).
+        #[arg(value_parser = parse_artifact_name)]
+        name: String,
+        /// Replace a local kernel of the same name.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `vm delete` arguments.

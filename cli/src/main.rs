@@ -2,6 +2,7 @@
 //! 1 failure, 2 usage error, 3 `daemon status` when the daemon is not running.
 
 mod args;
+mod artifacts;
 mod daemon;
 mod ordered;
 mod output;
@@ -54,6 +55,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Version { json } => version(json).await,
         Command::Daemon(cmd) => daemon_cmd(cmd).await,
+        Command::Image(cmd) => {
+            let client = daemon::ensure_running(&Paths::from_env()?).await?;
+            artifacts::image(&client, cmd).await
+        }
+        Command::Kernel(cmd) => {
+            let client = daemon::ensure_running(&Paths::from_env()?).await?;
+            artifacts::kernel(&client, cmd).await
+        }
         Command::Cap(CapCommand::List { json }) => {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;
             vm::cap_list(&client, json).await

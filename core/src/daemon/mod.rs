@@ -21,7 +21,10 @@ use crate::store::Store;
 use crate::vmm::firecracker::Firecracker;
 use crate::vmm::{LaunchPaths, Vmm, VmmError};
 
+mod artifacts_api;
 mod server;
+
+pub use artifacts_api::{CatalogKernelView, ImportKernelRequest, KernelView};
 
 /// The daemon could not start or serve.
 #[derive(Debug, thiserror::Error)]

@@ -35,10 +35,10 @@ pub(crate) struct ApiState {
     pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
-type S = State<Arc<ApiState>>;
+pub(crate) type S = State<Arc<ApiState>>;
 
 /// An error answer: status plus `ErrorBody`.
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub StatusCode, pub String);
 
 impl From<OpError> for ApiError {
     fn from(e: OpError) -> Self {
@@ -71,6 +71,18 @@ impl IntoResponse for ApiError {
 
 /// The router for API version 1.
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
+    super::artifacts_api::routes()
+        .merge(vm_routes())
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "No such API path; see docs/api.md".to_string(),
+            )
+        })
+        .with_state(state)
+}
+
+fn vm_routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/v1/version", get(version))
         .route("/v1/status", get(status))
@@ -86,13 +98,6 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/kill", post(kill_vm))
         .route("/v1/vms/{name}/logs", get(vm_logs))
-        .fallback(|| async {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                "No such API path; see docs/api.md".to_string(),
-            )
-        })
-        .with_state(state)
 }
 
 async fn version() -> Json<VersionInfo> {
@@ -231,19 +236,35 @@ where
     F: FnOnce(Arc<Lifecycle>, Progress) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<VmRecord, OpError>> + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let lc = st.lifecycle.clone();
+    stream_task(move |progress| async move {
+        match op(lc.clone(), progress).await {
+            Ok(vm) => Ok(lc.view(vm)),
+            Err(e) => Err((e.stage().map(str::to_string), render_chain(&e))),
+        }
+    })
+}
+
+/// Runs `op` in its own task and streams its progress as NDJSON; its result
+/// becomes the `done` event, its error (stage, text) the `failed` event.
+pub(crate) fn stream_task<T, F, Fut>(op: F) -> Response
+where
+    T: serde::Serialize,
+    F: FnOnce(Progress) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, (Option<String>, String)>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
     tokio::spawn(async move {
-        let progress = Progress::to(tx.clone());
-        let result = op(lc.clone(), progress).await;
+        let result = op(Progress::to(tx.clone())).await;
         let last = match result {
-            Ok(vm) => Event::Done {
-                result: serde_json::to_value(lc.view(vm)).unwrap_or_default(),
+            Ok(v) => match serde_json::to_value(v) {
+                Ok(result) => Event::Done { result },
+                Err(e) => Event::Failed {
+                    stage: None,
+                    error: format!("Cannot encode the result: {e}"),
+                },
             },
-            Err(e) => Event::Failed {
-                stage: e.stage().map(str::to_string),
-                error: render_chain(&e),
-            },
+            Err((stage, error)) => Event::Failed { stage, error },
         };
         let _ = tx.send(last);
     });

@@ -1,0 +1,293 @@
+//! `banger image ...` and `banger kernel ...`: thin calls of the daemon API.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use banger_core::client::{Client, Method};
+use banger_core::daemon::{CatalogKernelView, ImportKernelRequest, KernelView};
+use banger_core::kernels::KernelManifest;
+use banger_core::library::RegisterImageRequest;
+use banger_core::model::{ByteSize, ImageKernel, ImageRecord, ImageSource};
+
+use crate::args::{ImageCommand, KernelCommand};
+use crate::output;
+
+fn abs(p: &std::path::Path) -> Result<std::path::PathBuf> {
+    std::path::absolute(p).with_context(|| format!("Resolving {}", p.display()))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn kernel_of(i: &ImageRecord) -> String {
+    match &i.kernel {
+        ImageKernel::Named { name } => name.clone(),
+        ImageKernel::Files { kernel, .. } => kernel.display().to_string(),
+    }
+}
+
+fn source_of(i: &ImageRecord) -> String {
+    match &i.source {
+        ImageSource::Oci { reference, .. } => format!("oci {reference}"),
+        ImageSource::Catalog { name, .. } => format!("catalog {name}"),
+        ImageSource::Registered => "registered".to_string(),
+        ImageSource::Promoted { from } => format!("promoted from {}", from.display()),
+    }
+}
+
+fn image_details(i: &ImageRecord) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<9}{v}\n", format!("{k}:")));
+    line("name", i.name.clone());
+    line("rootfs", i.rootfs.display().to_string());
+    line("size", ByteSize(i.size_bytes).to_string());
+    match &i.kernel {
+        ImageKernel::Named { name } => {
+            line("kernel", format!("{name} (banger kernel show {name})"))
+        }
+        ImageKernel::Files { kernel, initrd } => {
+            line("kernel", kernel.display().to_string());
+            line(
+                "initrd",
+                initrd
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+    }
+    line("source", source_of(i));
+    line(
+        "managed",
+        if i.managed {
+            "yes".into()
+        } else {
+            "no (registered in place)".into()
+        },
+    );
+    line("added", output::timestamp(i.created_at));
+    out
+}
+
+fn kernel_details(k: &KernelView) -> String {
+    let m = &k.manifest;
+    let opt = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    format!(
+        "name:     {}\ndistro:   {}\narch:     {}\nversion:  {}\nsha256:   {}\nsource:   {}\nadded:    {}\nvmlinux:  {}\ninitrd:   {}\nmodules:  {}\n",
+        m.name,
+        m.distro,
+        m.arch,
+        m.version,
+        m.sha256,
+        m.source,
+        m.imported_at,
+        k.vmlinux.display(),
+        opt(&k.initrd),
+        opt(&k.modules)
+    )
+}
+
+/// Runs `banger image ...`.
+pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
+    match cmd {
+        ImageCommand::List { json } => {
+            let images: Vec<ImageRecord> = client.get("/v1/images").await?;
+            if json {
+                print_json(&images)?;
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            ByteSize(i.size_bytes).to_string(),
+                            kernel_of(i),
+                            source_of(i),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(&["NAME", "SIZE", "KERNEL", "SOURCE"], &rows)
+                );
+            }
+        }
+        ImageCommand::Show { name, json } => {
+            let i: ImageRecord = client.get(&format!("/v1/images/{name}")).await?;
+            if json {
+                print_json(&i)?;
+            } else {
+                print!("{}", image_details(&i));
+            }
+        }
+        ImageCommand::Delete { names } => {
+            let mut failed = false;
+            for name in names {
+                match client
+                    .send::<(), ImageRecord>(Method::DELETE, &format!("/v1/images/{name}"), None)
+                    .await
+                {
+                    Ok(_) => println!("{name}: deleted"),
+                    Err(e) => {
+                        println!("{name}: error: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        ImageCommand::Register {
+            name,
+            rootfs,
+            kernel_ref,
+            kernel,
+            initrd,
+        } => {
+            let req = RegisterImageRequest {
+                name,
+                rootfs: abs(&rootfs)?,
+                kernel_ref,
+                kernel: kernel.as_deref().map(abs).transpose()?,
+                initrd: initrd.as_deref().map(abs).transpose()?,
+            };
+            let i: ImageRecord = client
+                .send(Method::POST, "/v1/images/register", Some(&req))
+                .await?;
+            print!("{}", image_details(&i));
+        }
+        ImageCommand::Promote { name } => {
+            let i: ImageRecord = client
+                .send::<(), _>(Method::POST, &format!("/v1/images/{name}/promote"), None)
+                .await?;
+            print!("{}", image_details(&i));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `banger kernel ...`.
+pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
+    match cmd {
+        KernelCommand::List {
+            available: false,
+            json,
+        } => {
+            let ks: Vec<KernelManifest> = client.get("/v1/kernels").await?;
+            if json {
+                print_json(&ks)?;
+            } else {
+                let rows: Vec<Vec<String>> = ks
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.name.clone(),
+                            k.distro.clone(),
+                            k.version.clone(),
+                            k.arch.clone(),
+                            k.source.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(&["NAME", "DISTRO", "VERSION", "ARCH", "SOURCE"], &rows)
+                );
+            }
+        }
+        KernelCommand::List {
+            available: true,
+            json,
+        } => {
+            let ks: Vec<CatalogKernelView> = client.get("/v1/kernels/catalog").await?;
+            if json {
+                print_json(&ks)?;
+            } else {
+                let yes = |b: bool| if b { "yes" } else { "" }.to_string();
+                let rows: Vec<Vec<String>> = ks
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.name.clone(),
+                            k.version.clone(),
+                            k.arch.clone(),
+                            yes(k.default),
+                            yes(k.local),
+                            k.description.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(
+                        &["NAME", "VERSION", "ARCH", "DEFAULT", "LOCAL", "DESCRIPTION"],
+                        &rows
+                    )
+                );
+            }
+        }
+        KernelCommand::Show { name, json } => {
+            let k: KernelView = client.get(&format!("/v1/kernels/{name}")).await?;
+            if json {
+                print_json(&k)?;
+            } else {
+                print!("{}", kernel_details(&k));
+            }
+        }
+        KernelCommand::Rm { names } => {
+            let mut failed = false;
+            for name in names {
+                match client
+                    .send::<(), KernelView>(Method::DELETE, &format!("/v1/kernels/{name}"), None)
+                    .await
+                {
+                    Ok(_) => println!("{name}: removed"),
+                    Err(e) => {
+                        println!("{name}: error: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        KernelCommand::Import { name, from, force } => {
+            let req = ImportKernelRequest {
+                name,
+                from: abs(&from)?,
+                force,
+            };
+            let k: KernelView = client
+                .send(Method::POST, "/v1/kernels/import", Some(&req))
+                .await?;
+            print!("{}", kernel_details(&k));
+        }
+        KernelCommand::Pull { name, force } => {
+            let path = format!(
+                "/v1/kernels/{name}/pull{}",
+                if force { "?force=true" } else { "" }
+            );
+            let k: KernelView = client
+                .stream_events::<(), _>(Method::POST, &path, None, |e| {
+                    if let Some(line) = output::event_line(None, e) {
+                        eprintln!("{line}");
+                    }
+                })
+                .await?;
+            print!("{}", kernel_details(&k));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,294 @@
+//! API routes for kernels and images. Like the VM routes, they only parse
+//! and map errors; the work is in [`crate::artifacts`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::server::{ApiError, ApiState, S, stream_task};
+use crate::artifacts::ArtifactError;
+use crate::kernels::{KernelError, KernelManifest, LocalKernel};
+use crate::library::{LibraryError, RegisterImageRequest};
+use crate::lifecycle::render_chain;
+use crate::model::ImageRecord;
+use crate::store::StoreError;
+
+/// A local kernel as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelView {
+    /// The manifest.
+    #[serde(flatten)]
+    pub manifest: KernelManifest,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The kernel image.
+    pub vmlinux: PathBuf,
+    /// Its initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// Its modules tree, if any.
+    pub modules: Option<PathBuf>,
+}
+
+impl From<LocalKernel> for KernelView {
+    fn from(k: LocalKernel) -> Self {
+        KernelView {
+            manifest: k.manifest,
+            dir: k.dir,
+            vmlinux: k.vmlinux,
+            initrd: k.initrd,
+            modules: k.modules,
+        }
+    }
+}
+
+/// A kernel catalog entry as `kernel list --available` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogKernelView {
+    /// Name to pull.
+    pub name: String,
+    /// Architecture.
+    pub arch: String,
+    /// Distribution or build family.
+    pub distro: String,
+    /// Kernel version.
+    pub version: String,
+    /// Download size in bytes (0 if unknown).
+    pub size: u64,
+    /// One line of description.
+    pub description: String,
+    /// The kernel VMs get when none is named.
+    pub default: bool,
+    /// Already pulled.
+    pub local: bool,
+}
+
+/// `kernel import` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportKernelRequest {
+    /// Name for the kernel.
+    pub name: String,
+    /// Directory holding vmlinux (and optional initrd, modules, metadata).
+    pub from: PathBuf,
+    /// Replace an existing kernel of that name.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+impl From<ArtifactError> for ApiError {
+    fn from(e: ArtifactError) -> Self {
+        let status = match &e {
+            ArtifactError::Invalid(_)
+            | ArtifactError::Kernel(KernelError::InvalidName(_) | KernelError::Discover { .. })
+            | ArtifactError::Library(LibraryError::Invalid(_)) => StatusCode::BAD_REQUEST,
+            ArtifactError::Kernel(KernelError::NotFound(_) | KernelError::NotInCatalog(_))
+            | ArtifactError::Library(LibraryError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ArtifactError::Kernel(KernelError::AlreadyExists(_))
+            | ArtifactError::Library(
+                LibraryError::InUse { .. }
+                | LibraryError::AlreadyManaged(_)
+                | LibraryError::Store(StoreError::ImageNameTaken(_)),
+            ) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, render_chain(&e))
+    }
+}
+
+impl From<LibraryError> for ApiError {
+    fn from(e: LibraryError) -> Self {
+        ArtifactError::from(e).into()
+    }
+}
+
+impl From<KernelError> for ApiError {
+    fn from(e: KernelError) -> Self {
+        ArtifactError::from(e).into()
+    }
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ArtifactError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Task failed: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+pub(crate) fn routes() -> Router<Arc<ApiState>> {
+    Router::new()
+        .route("/v1/kernels", get(list_kernels))
+        .route("/v1/kernels/catalog", get(kernel_catalog))
+        .route("/v1/kernels/import", post(import_kernel))
+        .route("/v1/kernels/{name}", get(show_kernel).delete(delete_kernel))
+        .route("/v1/kernels/{name}/pull", post(pull_kernel))
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/register", post(register_image))
+        .route("/v1/images/{name}", get(show_image).delete(delete_image))
+        .route("/v1/images/{name}/promote", post(promote_image))
+}
+
+async fn list_kernels(State(st): S) -> Result<Json<Vec<KernelManifest>>, ApiError> {
+    let kernels = st.lifecycle.artifacts().kernels.clone();
+    Ok(Json(blocking(move || Ok(kernels.list()?)).await?))
+}
+
+async fn kernel_catalog(State(st): S) -> Result<Json<Vec<CatalogKernelView>>, ApiError> {
+    let artifacts = st.lifecycle.artifacts().clone();
+    Ok(Json(
+        blocking(move || {
+            let local: Vec<String> = artifacts
+                .kernels
+                .list()?
+                .into_iter()
+                .map(|k| k.name)
+                .collect();
+            Ok(artifacts
+                .kernel_catalog()
+                .entries()
+                .iter()
+                .map(|e| CatalogKernelView {
+                    name: e.name.clone(),
+                    arch: e.arch.clone(),
+                    distro: e.distro.clone(),
+                    version: e.version.clone(),
+                    size: e.size,
+                    description: e.description.clone(),
+                    default: e.default,
+                    local: local.contains(&e.name),
+                })
+                .collect())
+        })
+        .await?,
+    ))
+}
+
+async fn show_kernel(State(st): S, Path(name): Path<String>) -> Result<Json<KernelView>, ApiError> {
+    let kernels = st.lifecycle.artifacts().kernels.clone();
+    let k = blocking(move || {
+        kernels
+            .get(&name)?
+            .ok_or_else(|| KernelError::NotFound(name).into())
+    })
+    .await?;
+    Ok(Json(k.into()))
+}
+
+async fn delete_kernel(
+    State(st): S,
+    Path(name): Path<String>,
+) -> Result<Json<KernelView>, ApiError> {
+    let lc = st.lifecycle.clone();
+    let vms = lc.list().await?;
+    let kernels = lc.artifacts().kernels.clone();
+    let k = blocking(move || {
+        let k = kernels
+            .get(&name)?
+            .ok_or_else(|| KernelError::NotFound(name.clone()))?;
+        let users: Vec<String> = vms
+            .iter()
+            .filter(|vm| vm.spec.kernel.starts_with(&k.dir))
+            .map(|vm| vm.name.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(ArtifactError::Invalid(format!(
+                "Kernel {name} is used by {}; delete those VMs first",
+                users.join(", ")
+            )));
+        }
+        kernels.remove(&name)?;
+        Ok(k)
+    })
+    .await?;
+    Ok(Json(k.into()))
+}
+
+async fn import_kernel(
+    State(st): S,
+    body: Result<Json<ImportKernelRequest>, JsonRejection>,
+) -> Result<Json<KernelView>, ApiError> {
+    let Json(req) = body?;
+    if !req.from.is_absolute() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("--from {}: path must be absolute", req.from.display()),
+        ));
+    }
+    let kernels = st.lifecycle.artifacts().kernels.clone();
+    let k = blocking(move || Ok(kernels.import(&req.name, &req.from, req.force)?)).await?;
+    Ok(Json(k.into()))
+}
+
+async fn pull_kernel(
+    State(st): S,
+    Path(name): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> Response {
+    let artifacts = st.lifecycle.artifacts().clone();
+    stream_task(move |progress| async move {
+        artifacts
+            .pull_kernel(&name, q.force, &progress)
+            .await
+            .map(KernelView::from)
+            .map_err(|e| (Some("pull_kernel".to_string()), render_chain(&e)))
+    })
+}
+
+async fn list_images(State(st): S) -> Result<Json<Vec<ImageRecord>>, ApiError> {
+    let library = st.lifecycle.artifacts().library.clone();
+    Ok(Json(blocking(move || Ok(library.list()?)).await?))
+}
+
+async fn show_image(State(st): S, Path(name): Path<String>) -> Result<Json<ImageRecord>, ApiError> {
+    let library = st.lifecycle.artifacts().library.clone();
+    Ok(Json(blocking(move || Ok(library.get(&name)?)).await?))
+}
+
+async fn delete_image(
+    State(st): S,
+    Path(name): Path<String>,
+) -> Result<Json<ImageRecord>, ApiError> {
+    let lc = st.lifecycle.clone();
+    let vms = lc.list().await?;
+    let library = lc.artifacts().library.clone();
+    Ok(Json(
+        blocking(move || Ok(library.delete(&name, &vms)?)).await?,
+    ))
+}
+
+async fn register_image(
+    State(st): S,
+    body: Result<Json<RegisterImageRequest>, JsonRejection>,
+) -> Result<Json<ImageRecord>, ApiError> {
+    let Json(req) = body?;
+    let library = st.lifecycle.artifacts().library.clone();
+    Ok(Json(blocking(move || Ok(library.register(req)?)).await?))
+}
+
+async fn promote_image(
+    State(st): S,
+    Path(name): Path<String>,
+) -> Result<Json<ImageRecord>, ApiError> {
+    let library = st.lifecycle.artifacts().library.clone();
+    Ok(Json(blocking(move || Ok(library.promote(&name)?)).await?))
+}
