@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod disk;
 pub mod guest;
 pub mod hostops;
+pub mod images;
 pub mod lifecycle;
 pub mod machine;
 pub mod model;
