@@ -69,6 +69,8 @@ struct Meta {
     mode: u32,
     uid: u64,
     gid: u64,
+    /// Modification time (seconds since the epoch) from the tar header.
+    mtime: u64,
     /// Device numbers for char/block nodes, which exist only in the table.
     rdev: Option<(u32, u32)>,
 }
@@ -166,7 +168,6 @@ fn join(parts: &[OsString]) -> PathBuf {
 
 impl Tree {
     fn create(root: &Path) -> Result<Self, ImageError> {
-        remove_any(root);
         std::fs::create_dir(root).map_err(|source| ImageError::Write {
             path: root.to_path_buf(),
             source,
@@ -242,6 +243,7 @@ impl Tree {
         let perm = header.mode().map_err(|e| bad(e.to_string()))? & 0o7777;
         let uid = header.uid().map_err(|e| bad(e.to_string()))?;
         let gid = header.gid().map_err(|e| bad(e.to_string()))?;
+        let mtime = header.mtime().unwrap_or(0);
 
         let Some((name, parents)) = comps.split_last() else {
             // The root directory itself (`./`).
@@ -252,6 +254,7 @@ impl Tree {
                         mode: S_IFDIR | perm,
                         uid,
                         gid,
+                        mtime,
                         rdev: None,
                     },
                 );
@@ -288,6 +291,7 @@ impl Tree {
             mode: perm,
             uid,
             gid,
+            mtime,
             rdev: None,
         };
         match kind {
@@ -511,7 +515,6 @@ impl Tree {
     fn build_ext4(&self, image: &Path, size: ByteSize) -> Result<(), ImageError> {
         let mkfs = find_tool("mkfs.ext4")?;
         let debugfs = find_tool("debugfs")?;
-        remove_any(image);
         let f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -547,23 +550,31 @@ impl Tree {
         self.verify(&debugfs, image)
     }
 
-    /// One script: create device nodes, then owner, group and mode of every
-    /// path (mkfs copies our own uid, so everything is set).
+    /// One script: create device nodes, then owner, group, mode and mtime of
+    /// every path (mkfs copies our own uid and the extraction time, so
+    /// everything is set).
     fn debugfs_script(&self) -> Result<String, ImageError> {
         let mut s = String::new();
         for (rel, m) in &self.meta {
             let p = quote(rel)?;
             if let Some((major, minor)) = m.rdev {
+                // debugfs mknod links the name into the cwd as given.
+                let parent = quote(rel.parent().unwrap_or(Path::new("")))?;
+                let name = rel.file_name().unwrap_or_default().to_string_lossy();
+                let name = format!("\"{}\"", name.replace('"', "\"\""));
+                writeln!(s, "cd {parent}").ok();
                 match m.mode & S_IFMT {
-                    S_IFIFO => writeln!(s, "mknod {p} p"),
-                    S_IFBLK => writeln!(s, "mknod {p} b {major} {minor}"),
-                    _ => writeln!(s, "mknod {p} c {major} {minor}"),
+                    S_IFIFO => writeln!(s, "mknod {name} p"),
+                    S_IFBLK => writeln!(s, "mknod {name} b {major} {minor}"),
+                    _ => writeln!(s, "mknod {name} c {major} {minor}"),
                 }
                 .ok();
+                writeln!(s, "cd /").ok();
             }
             writeln!(s, "sif {p} uid {}", m.uid).ok();
             writeln!(s, "sif {p} gid {}", m.gid).ok();
             writeln!(s, "sif {p} mode 0{:o}", m.mode).ok();
+            writeln!(s, "sif {p} mtime @{}", m.mtime).ok();
         }
         Ok(s)
     }
@@ -630,6 +641,7 @@ fn dir_meta(perm: u32) -> Meta {
         mode: S_IFDIR | perm,
         uid: 0,
         gid: 0,
+        mtime: 0,
         rdev: None,
     }
 }
@@ -769,6 +781,62 @@ mod tests {
         assert_eq!(
             std::fs::read(tree.join("outside/owned2")).unwrap(),
             b"via relative"
+        );
+    }
+
+    #[test]
+    fn device_nodes_and_fifos_are_made_by_debugfs() {
+        if !Path::new("/usr/sbin/debugfs").exists() {
+            eprintln!("SKIPPED device_nodes_and_fifos_are_made_by_debugfs: debugfs not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let l = layer(dir.path(), "l", |b| {
+            for (path, kind) in [
+                (&b"dev/null"[..], tar::EntryType::Char),
+                (b"dev/loop0", tar::EntryType::Block),
+                (b"run/fifo", tar::EntryType::Fifo),
+                (b"dev/gone", tar::EntryType::Char),
+            ] {
+                let mut h = header(path, kind, 0o660, 0);
+                h.set_device_major(7).unwrap();
+                h.set_device_minor(3).unwrap();
+                h.set_gid(6);
+                h.set_cksum();
+                b.append(&h, io::empty()).unwrap();
+            }
+        });
+        let upper = layer(dir.path(), "upper", |b| file(b, b"dev/.wh.gone", b""));
+        let image = dir.path().join("img.ext4");
+        let built = build(
+            &dir.path().join("tree"),
+            &[l, upper],
+            &image,
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(built.size, ByteSize(GIB));
+        let stat = |p: &str| {
+            let out = Command::new("/usr/sbin/debugfs")
+                .args(["-R", &format!("stat {p}")])
+                .arg(&image)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let null = stat("/dev/null");
+        assert!(null.contains("Type: character special"), "{null}");
+        assert!(
+            null.contains("Mode:  0660") && null.contains("Group:     6"),
+            "{null}"
+        );
+        assert!(null.contains("major/minor number: 07:03"), "{null}");
+        assert!(stat("/dev/loop0").contains("Type: block special"));
+        assert!(stat("/run/fifo").contains("Type: FIFO"));
+        assert!(
+            !stat("/dev/gone").contains("Inode:"),
+            "whiteout removes a table-only node"
         );
     }
 

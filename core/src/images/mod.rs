@@ -142,24 +142,31 @@ async fn pull_into(
 
     let tree = staging_dir.join(".rootfs-tree");
     let rootfs = staging_dir.join("rootfs.ext4");
+    for p in [&tree, &rootfs] {
+        if std::fs::symlink_metadata(p).is_ok() {
+            return Err(ImageError::StagingBusy(p.clone()));
+        }
+    }
     created.track(&tree, true);
     created.track(&rootfs, false);
     let layers = image.layers.clone();
     let size = opts.size;
-    let built = {
-        let tree = tree.clone();
-        let rootfs = rootfs.clone();
-        let mut events = Vec::new();
-        let res = tokio::task::spawn_blocking(move || {
-            flatten::build(&tree, &layers, &rootfs, size, &mut |e| events.push(e))
-                .map(|b| (b, events))
+    // Flattening is blocking I/O; its progress streams back over a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = {
+        let (tree, rootfs) = (tree.clone(), rootfs.clone());
+        tokio::task::spawn_blocking(move || {
+            flatten::build(&tree, &layers, &rootfs, size, &mut |e| {
+                let _ = tx.send(e);
+            })
         })
-        .await
-        .map_err(|e| ImageError::Worker(e.to_string()))?;
-        let (built, events) = res?;
-        events.into_iter().for_each(&mut progress);
-        built
     };
+    while let Some(e) = rx.recv().await {
+        progress(e);
+    }
+    let built = worker
+        .await
+        .map_err(|e| ImageError::Worker(e.to_string()))??;
     Ok(PulledRootfs {
         rootfs,
         digest: image.digest,
@@ -229,6 +236,9 @@ pub enum ImageError {
     /// The staging directory passed in does not exist.
     #[error("Staging directory {} does not exist", .0.display())]
     StagingMissing(PathBuf),
+    /// A previous pull left its output in the staging directory.
+    #[error("{} already exists: remove it or use an empty staging directory", .0.display())]
+    StagingBusy(PathBuf),
     /// The docker config file could not be read or parsed.
     #[error("Cannot read docker config {}: fix or remove it", path.display())]
     DockerConfig {
