@@ -414,34 +414,33 @@ impl Registry {
         (digest, manifest.len(), digests)
     }
 
-    /// Pushes an index as `repo:tag` with a linux/arm64 image (listed first)
-    /// and a linux/amd64 image; returns the index digest and amd64 layers.
-    pub async fn push_index(
-        &self,
-        repo_tag: &str,
-        arm64: &[TestLayer],
-        amd64: &[TestLayer],
-    ) -> Pushed {
+    /// Pushes an index as `repo:tag` listing one linux image per
+    /// `(architecture, layers)`, in the order given; returns the index digest
+    /// and the amd64 image's layers (empty if there is none).
+    pub async fn push_index(&self, repo_tag: &str, platforms: &[(&str, &[TestLayer])]) -> Pushed {
         let (client, auth) = self.client();
         let reference: Reference = format!("{}/{repo_tag}", self.host).parse().unwrap();
         client
             .auth(&reference, &auth, oci_client::RegistryOperation::Push)
             .await
             .unwrap();
-        let arm_ref: Reference = format!("{}/{repo_tag}-arm64", self.host).parse().unwrap();
-        let amd_ref: Reference = format!("{}/{repo_tag}-amd64", self.host).parse().unwrap();
-        let (arm_digest, arm_size, _) = self.push_image(&client, &arm_ref, "arm64", arm64).await;
-        let (amd_digest, amd_size, amd_layers) =
-            self.push_image(&client, &amd_ref, "amd64", amd64).await;
+        let mut entries = Vec::new();
+        let mut amd64_layers = Vec::new();
+        for (arch, layers) in platforms {
+            let r: Reference = format!("{}/{repo_tag}-{arch}", self.host).parse().unwrap();
+            let (digest, size, layer_digests) = self.push_image(&client, &r, arch, layers).await;
+            if *arch == "amd64" {
+                amd64_layers = layer_digests;
+            }
+            entries.push(serde_json::json!({
+                "mediaType": OCI_MANIFEST, "digest": digest, "size": size,
+                "platform": {"architecture": arch, "os": "linux"}
+            }));
+        }
         let index = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
-            "manifests": [
-                {"mediaType": OCI_MANIFEST, "digest": arm_digest, "size": arm_size,
-                 "platform": {"architecture": "arm64", "os": "linux"}},
-                {"mediaType": OCI_MANIFEST, "digest": amd_digest, "size": amd_size,
-                 "platform": {"architecture": "amd64", "os": "linux"}},
-            ]
+            "manifests": entries,
         }))
         .unwrap();
         let digest = sha256(&index);
@@ -451,7 +450,7 @@ impl Registry {
             .unwrap();
         Pushed {
             digest,
-            layers: amd_layers,
+            layers: amd64_layers,
         }
     }
 }

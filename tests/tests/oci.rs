@@ -348,11 +348,26 @@ mod tests {
         let d = dirs();
         let arm = vec![layer(true, vec![Entry::file("arch", "arm64\n")])];
         let amd = vec![layer(true, vec![Entry::file("arch", "amd64\n")])];
-        let pushed = reg.push_index("banger/multi:v1", &arm, &amd).await;
+        // arm64 is listed first: the resolver must pick by platform.
+        let pushed = reg
+            .push_index("banger/multi:v1", &[("arm64", &arm), ("amd64", &amd)])
+            .await;
         let reference = format!("{}/banger/multi:v1", reg.host());
         let p = pull(&reference, &d, &opts(&reg, &d)).await.0.unwrap();
         assert_eq!(cat(&p.rootfs, "/arch"), "amd64\n");
         assert_eq!(p.layers, pushed.layers);
+        assert_ne!(
+            p.digest, pushed.digest,
+            "the digest is the amd64 manifest's, not the index's"
+        );
+
+        std::fs::remove_file(&p.rootfs).unwrap();
+        reg.push_index("banger/armonly:v1", &[("arm64", &arm)])
+            .await;
+        let reference = format!("{}/banger/armonly:v1", reg.host());
+        let err = pull(&reference, &d, &opts(&reg, &d)).await.0.unwrap_err();
+        assert!(matches!(err, ImageError::NoAmd64(_)), "{err}");
+        assert!(staging_entries(&d).is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -473,6 +473,7 @@ impl Tree {
         children.extend(
             self.meta
                 .range(dir.to_path_buf()..)
+                .take_while(|(k, _)| k.starts_with(dir))
                 .filter(|(k, m)| k.parent() == Some(dir) && m.rdev.is_some())
                 .map(|(k, _)| k.clone()),
         );
@@ -838,6 +839,43 @@ mod tests {
             !stat("/dev/gone").contains("Inode:"),
             "whiteout removes a table-only node"
         );
+    }
+
+    #[test]
+    fn symlink_loops_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layer(dir.path(), "l", |b| {
+            link(b, b"a", tar::EntryType::Symlink, "b");
+            link(b, b"b", tar::EntryType::Symlink, "/a");
+            file(b, b"a/x", b"x");
+        });
+        let mut t = Tree::create(&dir.path().join("tree")).unwrap();
+        let err = t.apply_layer(&l).unwrap_err();
+        assert!(
+            err.to_string().contains("too many levels of symlinks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hardlinks_resolve_in_root_and_share_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layer(dir.path(), "l", |b| {
+            let mut h = header(b"etc/shadow", tar::EntryType::Regular, 0o640, 2);
+            h.set_gid(42);
+            h.set_cksum();
+            b.append(&h, &b"pw"[..]).unwrap();
+            link(b, b"copy", tar::EntryType::Link, "/etc/shadow");
+        });
+        let tree = dir.path().join("tree");
+        let mut t = Tree::create(&tree).unwrap();
+        t.apply_layer(&l).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let a = std::fs::metadata(tree.join("etc/shadow")).unwrap();
+        let b = std::fs::metadata(tree.join("copy")).unwrap();
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(t.meta[Path::new("copy")].gid, 42);
+        assert_eq!(t.meta[Path::new("copy")].mode, S_IFREG | 0o640);
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub async fn pull_rootfs(
     opts: &PullOptions,
     progress: impl FnMut(PullEvent) + Send,
 ) -> Result<PulledRootfs, ImageError> {
-    let created = Created::new(staging_dir);
+    let created = Created::default();
     let out = pull_into(reference, staging_dir, opts, progress, &created).await;
     match out {
         Ok(p) => {
@@ -185,19 +185,14 @@ pub fn cache_prune(
     oci::prune(cache_dir, keep_digests)
 }
 
-/// Paths a pull created in the caller's staging dir, for cleanup.
-#[derive(Debug)]
+/// Paths a pull created in the caller's staging dir, for cleanup; scratch
+/// paths are removed on success too.
+#[derive(Debug, Default)]
 struct Created {
     entries: std::sync::Mutex<Vec<(PathBuf, bool)>>,
 }
 
 impl Created {
-    fn new(_staging: &Path) -> Self {
-        Created {
-            entries: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
     fn track(&self, path: &Path, scratch: bool) {
         if let Ok(mut e) = self.entries.lock() {
             e.push((path.to_path_buf(), scratch));
@@ -271,6 +266,9 @@ pub enum ImageError {
     /// The image or tag does not exist.
     #[error("Image {0} not found in its registry: check the name and tag")]
     NotFound(String),
+    /// The image index has no `linux/amd64` entry.
+    #[error("Image {0} has no linux/amd64 variant; banger guests are x86_64")]
+    NoAmd64(String),
     /// Fetching the manifest failed for another reason.
     #[error("Cannot fetch the manifest of {reference}")]
     Manifest {

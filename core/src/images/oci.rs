@@ -52,7 +52,7 @@ pub(crate) async fn fetch(
     };
     let (manifest, digest) = match client.pull_image_manifest(image, &auth).await {
         Ok(m) => m,
-        Err(e) => return Err(manifest_error(e, shown, &host, opts)),
+        Err(e) => return Err(manifest_error(e, shown, &host, opts).await),
     };
     progress(PullEvent::Resolved {
         digest: digest.clone(),
@@ -138,7 +138,7 @@ async fn download(
     Ok(len)
 }
 
-fn manifest_error(
+async fn manifest_error(
     e: OciDistributionError,
     shown: &str,
     host: &str,
@@ -148,6 +148,9 @@ fn manifest_error(
         OciDistributionError::AuthenticationFailure(_)
         | OciDistributionError::UnauthorizedError { .. } => {
             return ImageError::Unauthorized(shown.to_string());
+        }
+        OciDistributionError::ImageManifestNotFoundError(msg) if msg.contains("image index") => {
+            return ImageError::NoAmd64(shown.to_string());
         }
         OciDistributionError::ImageManifestNotFoundError(_) => {
             return ImageError::NotFound(shown.to_string());
@@ -171,9 +174,15 @@ fn manifest_error(
             return ImageError::Unauthorized(shown.to_string());
         }
         OciDistributionError::RequestError(_)
-            if !opts.insecure_registries.iter().any(|h| h == host) && speaks_plain_http(host) =>
+            if !opts.insecure_registries.iter().any(|h| h == host) =>
         {
-            return ImageError::PlainHttpRegistry(host.to_string());
+            let probe_host = host.to_string();
+            let plain = tokio::task::spawn_blocking(move || speaks_plain_http(&probe_host))
+                .await
+                .unwrap_or(false);
+            if plain {
+                return ImageError::PlainHttpRegistry(host.to_string());
+            }
         }
         _ => {}
     }
