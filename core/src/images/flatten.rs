@@ -225,7 +225,14 @@ impl Tree {
         digest: &str,
         entry: &mut tar::Entry<'_, R>,
     ) -> Result<(), ImageError> {
-        let raw_path = entry.path().map(|p| p.into_owned()).unwrap_or_default();
+        let raw_path = entry
+            .path()
+            .map(|p| p.into_owned())
+            .map_err(|e| ImageError::BadEntry {
+                digest: digest.to_string(),
+                entry: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
+                reason: e.to_string(),
+            })?;
         let bad = |reason: String| ImageError::BadEntry {
             digest: digest.to_string(),
             entry: raw_path.display().to_string(),

@@ -1,7 +1,7 @@
 //! OCI images: pull an image from a registry and turn it into a flattened,
 //! bootable ext4 root filesystem.
 //!
-//! The pipeline is: parse the reference ([`reference`]), find credentials
+//! The pipeline is: parse the reference (`reference`), find credentials
 //! (`auth`), fetch the `linux/amd64` manifest and every layer into a
 //! digest-addressed cache (`oci`), apply the layers in order inside a staging
 //! tree while recording ownership and modes from the tar headers, and build
@@ -17,7 +17,7 @@ use crate::model::ByteSize;
 mod auth;
 mod flatten;
 mod oci;
-pub mod reference;
+mod reference;
 
 pub use reference::default_image_name;
 
