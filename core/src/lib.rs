@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod disk;
 pub mod guest;
 pub mod hostops;
+pub mod images;
 pub mod kernels;
 pub mod library;
 pub mod lifecycle;
