@@ -220,6 +220,30 @@ pub enum ImageCommand {
         #[arg(value_parser = parse_artifact_name)]
         name: String,
     },
+    /// Pull an image: an image catalog name, or an OCI reference flattened to ext4.
+    Pull {
+        /// Catalog name or OCI reference (`debian:bookworm`, `127.0.0.1:5000/x:tag`).
+        reference: String,
+        /// Image name (default: derived from the reference, `debian:bookworm` -> `debian-bookworm`).
+        #[arg(long, value_parser = parse_artifact_name)]
+        name: Option<String>,
+        /// Root filesystem size (default: max(tree × 1.25, 1G)).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        size: Option<String>,
+        /// Kernel for VMs made from it (default: the kernel catalog's default).
+        #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+        kernel_ref: Option<String>,
+    },
+    /// Manage the OCI layer cache.
+    #[command(subcommand)]
+    Cache(ImageCacheCommand),
+}
+
+/// `banger image cache ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCacheCommand {
+    /// Remove cached layers no image refers to; prints what was freed.
+    Prune,
 }
 
 /// `banger kernel ...`

@@ -3,13 +3,15 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use banger_core::artifacts::PullImageRequest;
 use banger_core::client::{Client, Method};
 use banger_core::daemon::{CatalogKernelView, ImportKernelRequest, KernelView};
+use banger_core::images::PruneReport;
 use banger_core::kernels::KernelManifest;
 use banger_core::library::RegisterImageRequest;
 use banger_core::model::{ByteSize, ImageKernel, ImageRecord, ImageSource};
 
-use crate::args::{ImageCommand, KernelCommand};
+use crate::args::{ImageCacheCommand, ImageCommand, KernelCommand};
 use crate::output;
 
 fn abs(p: &std::path::Path) -> Result<std::path::PathBuf> {
@@ -164,6 +166,40 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
                 .send(Method::POST, "/v1/images/register", Some(&req))
                 .await?;
             print!("{}", image_details(&i));
+        }
+        ImageCommand::Pull {
+            reference,
+            name,
+            size,
+            kernel_ref,
+        } => {
+            let req = PullImageRequest {
+                reference,
+                name,
+                size,
+                kernel_ref,
+            };
+            let i: ImageRecord = client
+                .stream_events(Method::POST, "/v1/images/pull", Some(&req), |e| {
+                    if let Some(line) = output::event_line(None, e) {
+                        eprintln!("{line}");
+                    }
+                })
+                .await?;
+            print!("{}", image_details(&i));
+        }
+        ImageCommand::Cache(ImageCacheCommand::Prune) => {
+            let r: PruneReport = client
+                .send::<(), _>(Method::POST, "/v1/images/cache/prune", None)
+                .await?;
+            for d in &r.removed {
+                println!("removed {d}");
+            }
+            println!(
+                "freed {} in {} layer(s)",
+                ByteSize(r.freed_bytes),
+                r.removed.len()
+            );
         }
         ImageCommand::Promote { name } => {
             let i: ImageRecord = client

@@ -3,15 +3,19 @@
 //! `--kernel-ref`, `--kernel` and `--rootfs` into boot files, pulling what is
 //! missing as a visible stage.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::api::CreateVmRequest;
 use crate::config::Config;
+use crate::images::{PruneReport, PullEvent, PullOptions, default_image_name};
 use crate::kernels::{Catalog, KernelError, KernelStore, LocalKernel, PullProgress};
 use crate::library::{ImageLibrary, LibraryError};
 use crate::lifecycle::Progress;
-use crate::model::ImageKernel;
+use crate::model::{ByteSize, ImageKernel, ImageRecord, ImageSource, now_unix};
 use crate::paths::Paths;
 use crate::store::Store;
 
@@ -27,6 +31,9 @@ pub enum ArtifactError {
     /// An image library operation failed.
     #[error(transparent)]
     Library(#[from] LibraryError),
+    /// An OCI pull failed.
+    #[error(transparent)]
+    Oci(#[from] crate::images::ImageError),
     /// A blocking task died.
     #[error("Internal task failed")]
     Join(#[from] tokio::task::JoinError),
@@ -43,6 +50,23 @@ pub struct BootFiles {
     pub rootfs: PathBuf,
 }
 
+/// `image pull` arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullImageRequest {
+    /// An image catalog name or an OCI reference (`debian:bookworm`).
+    pub reference: String,
+    /// Image name; derived from the reference when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Root filesystem size (`4G`); default max(tree × 1.25, 1 GiB).
+    #[serde(default)]
+    pub size: Option<String>,
+    /// Kernel for VMs made from it; default: the kernel catalog's default.
+    #[serde(default)]
+    pub kernel_ref: Option<String>,
+}
+
 /// The daemon's images and kernels.
 #[derive(Debug)]
 pub struct Artifacts {
@@ -51,6 +75,7 @@ pub struct Artifacts {
     /// Local kernels.
     pub kernels: KernelStore,
     kernel_catalog: Catalog,
+    oci: PullOptions,
     /// Serialises pulls so two requests for one artifact do not race.
     pulls: tokio::sync::Mutex<()>,
 }
@@ -66,6 +91,12 @@ impl Artifacts {
             library: ImageLibrary::new(paths, store),
             kernels: KernelStore::new(paths.state_dir.join("kernels")),
             kernel_catalog,
+            oci: PullOptions {
+                insecure_registries: config.insecure_registries.clone(),
+                docker_config: None,
+                cache_dir: paths.cache_dir.join("oci"),
+                size: None,
+            },
             pulls: tokio::sync::Mutex::new(()),
         })
     }
@@ -122,6 +153,101 @@ impl Artifacts {
             )
             .await?;
         Ok(kernel)
+    }
+
+    /// Pulls an image: from the image catalog if it names an entry there,
+    /// else from an OCI registry, flattened to ext4. Its kernel is resolved
+    /// (pulled if needed) first, so the result is bootable.
+    pub async fn pull_image(
+        &self,
+        req: PullImageRequest,
+        progress: &Progress,
+    ) -> Result<ImageRecord, ArtifactError> {
+        let name = match &req.name {
+            Some(n) => n.clone(),
+            None => default_image_name(&req.reference)?,
+        };
+        let size = req
+            .size
+            .as_deref()
+            .map(str::parse::<ByteSize>)
+            .transpose()
+            .map_err(|e| ArtifactError::Invalid(format!("--size: {e}")))?;
+        {
+            let library = self.library.clone();
+            let n = name.clone();
+            tokio::task::spawn_blocking(move || library.check_new_name(&n)).await??;
+        }
+        let kernel = match &req.kernel_ref {
+            Some(k) => k.clone(),
+            None => self
+                .kernel_catalog
+                .default_entry()
+                .map(|e| e.name.clone())
+                .ok_or_else(|| {
+                    ArtifactError::Invalid(
+                        "Pass --kernel-ref NAME (the kernel catalog has no default)".into(),
+                    )
+                })?,
+        };
+        self.ensure_kernel(&kernel, progress).await?;
+
+        let _one = self.pulls.lock().await;
+        let staging = self.library.stage(&name)?;
+        progress.stage(
+            "pull_image",
+            format!("pulling {} as image {name}", req.reference),
+        );
+        let opts = PullOptions {
+            size,
+            ..self.oci.clone()
+        };
+        let pulled =
+            crate::images::pull_rootfs(&req.reference, staging.path(), &opts, |e| match e {
+                PullEvent::Resolved { digest, layers } => {
+                    progress.log_info(&format!("resolved {digest} ({layers} layers)"))
+                }
+                PullEvent::LayerCached { digest } => {
+                    progress.log_info(&format!("layer {digest}: cached"))
+                }
+                PullEvent::LayerDownloaded { digest, bytes } => {
+                    progress.log_info(&format!("layer {digest}: downloaded {bytes} bytes"))
+                }
+                PullEvent::Applying { digest } => progress.log_info(&format!("applying {digest}")),
+                PullEvent::BuildingFilesystem { size } => {
+                    progress.stage("build_rootfs", format!("building a {size} ext4"))
+                }
+            })
+            .await?;
+        let record = ImageRecord {
+            name,
+            rootfs: pulled.rootfs,
+            kernel: ImageKernel::Named { name: kernel },
+            source: ImageSource::Oci {
+                reference: req.reference,
+                digest: pulled.digest,
+            },
+            managed: true,
+            size_bytes: pulled.size.0,
+            layers: pulled.layers,
+            created_at: now_unix(),
+        };
+        progress.stage("publish", format!("publishing image {}", record.name));
+        let library = self.library.clone();
+        Ok(tokio::task::spawn_blocking(move || library.publish(staging, record)).await??)
+    }
+
+    /// Removes cached OCI layers no image refers to.
+    pub async fn prune_cache(&self) -> Result<PruneReport, ArtifactError> {
+        let _one = self.pulls.lock().await;
+        let library = self.library.clone();
+        let cache = self.oci.cache_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let keep: HashSet<String> =
+                library.list()?.into_iter().flat_map(|i| i.layers).collect();
+            Ok(crate::images::cache_prune(&cache, &keep)?)
+        })
+        .await?
     }
 
     /// A local kernel, pulled from the catalog first if it is not local.

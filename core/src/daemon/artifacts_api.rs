@@ -13,7 +13,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::server::{ApiError, ApiState, S, stream_task};
-use crate::artifacts::ArtifactError;
+use crate::artifacts::{ArtifactError, PullImageRequest};
+use crate::images::PruneReport;
 use crate::kernels::{KernelError, KernelManifest, LocalKernel};
 use crate::library::{LibraryError, RegisterImageRequest};
 use crate::lifecycle::render_chain;
@@ -144,6 +145,8 @@ pub(crate) fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/kernels/{name}/pull", post(pull_kernel))
         .route("/v1/images", get(list_images))
         .route("/v1/images/register", post(register_image))
+        .route("/v1/images/pull", post(pull_image))
+        .route("/v1/images/cache/prune", post(prune_cache))
         .route("/v1/images/{name}", get(show_image).delete(delete_image))
         .route("/v1/images/{name}/promote", post(promote_image))
 }
@@ -274,6 +277,24 @@ async fn delete_image(
     Ok(Json(
         blocking(move || Ok(library.delete(&name, &vms)?)).await?,
     ))
+}
+
+async fn pull_image(
+    State(st): S,
+    body: Result<Json<PullImageRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let artifacts = st.lifecycle.artifacts().clone();
+    Ok(stream_task(move |progress| async move {
+        artifacts
+            .pull_image(req, &progress)
+            .await
+            .map_err(|e| (Some("pull_image".to_string()), render_chain(&e)))
+    }))
+}
+
+async fn prune_cache(State(st): S) -> Result<Json<PruneReport>, ApiError> {
+    Ok(Json(st.lifecycle.artifacts().prune_cache().await?))
 }
 
 async fn register_image(

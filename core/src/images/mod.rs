@@ -86,7 +86,7 @@ pub enum PullEvent {
 }
 
 /// What [`cache_prune`] removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PruneReport {
     /// Digests of the blobs removed.
     pub removed: Vec<String>,
