@@ -83,7 +83,18 @@ pub struct Artifacts {
 impl Artifacts {
     /// Assembles the artifact stores from the configuration.
     pub fn new(paths: &Paths, store: Arc<Store>, config: &Config) -> Result<Self, ArtifactError> {
-        let mut kernel_catalog = Catalog::embedded()?;
+        let mut kernel_catalog = match &config.kernel_catalog_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ArtifactError::Invalid(format!(
+                        "Cannot read kernel_catalog_file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Catalog::parse(&text)?
+            }
+            None => Catalog::embedded()?,
+        };
         if let Some(url) = &config.kernel_catalog_url {
             kernel_catalog = kernel_catalog.with_base_url(url.clone());
         }

@@ -133,6 +133,11 @@ pub struct Config {
     pub vm_defaults: VmDefaults,
     /// Overrides the kernel catalog's base URL (mirrors, tests).
     pub kernel_catalog_url: Option<String>,
+    /// Replaces the embedded kernel catalog with this file (mirrors carrying
+    /// their own builds, air-gapped hosts, tests).
+    pub kernel_catalog_file: Option<PathBuf>,
+    /// Replaces the embedded image catalog with this file.
+    pub image_catalog_file: Option<PathBuf>,
     /// Overrides the image catalog's base URL (mirrors, tests).
     pub image_catalog_url: Option<String>,
     /// Registries (`host:port`) that may be reached over plain HTTP.
@@ -147,7 +152,9 @@ const TOP_KEYS: &[&str] = &[
     "stop_timeout_secs",
     "vm_defaults",
     "kernel_catalog_url",
+    "kernel_catalog_file",
     "image_catalog_url",
+    "image_catalog_file",
     "insecure_registries",
 ];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
@@ -163,6 +170,8 @@ impl Config {
             vmm: VmmKind::default(),
             stop_timeout_secs: 10,
             kernel_catalog_url: None,
+            kernel_catalog_file: None,
+            image_catalog_file: None,
             image_catalog_url: None,
             insecure_registries: Vec::new(),
             vm_defaults: VmDefaults::for_this_host(),
@@ -332,6 +341,12 @@ impl Parser<'_> {
                 }
                 "kernel_catalog_url" => cfg.kernel_catalog_url = Some(self.url(key, value)?),
                 "image_catalog_url" => cfg.image_catalog_url = Some(self.url(key, value)?),
+                "kernel_catalog_file" => {
+                    cfg.kernel_catalog_file = Some(self.absolute_path(key, value)?)
+                }
+                "image_catalog_file" => {
+                    cfg.image_catalog_file = Some(self.absolute_path(key, value)?)
+                }
                 "insecure_registries" => {
                     let DeValue::Array(items) = value.get_ref() else {
                         return Err(self.error(

@@ -1,0 +1,355 @@
+//! Kernels and images through the real CLI and daemon: import, register,
+//! promote, OCI pull from a real loopback registry, booting VMs from them,
+//! in-use refusals, cache pruning.
+
+// Inside a cfg(test) module so the workspace's test-only lint allowances
+// (unwrap in tests) cover the helpers too.
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use banger_core::api::VmView;
+    use banger_core::model::{ImageRecord, ImageSource};
+    use test_infra::registry::{Entry, Registry, TestLayer};
+    use test_infra::{BangerEnv, Run};
+
+    fn boot_source(env: &BangerEnv, vm: &VmView) -> serde_json::Value {
+        let pid = vm.record.vmm.as_ref().expect("running").pid as u64;
+        env.fc_calls()
+            .into_iter()
+            .find(|c| c["pid"].as_u64() == Some(pid) && c["path"] == "/boot-source")
+            .expect("boot-source call")["body"]
+            .clone()
+    }
+
+    fn root_drive(env: &BangerEnv, vm: &VmView) -> PathBuf {
+        let pid = vm.record.vmm.as_ref().expect("running").pid as u64;
+        let call = env
+            .fc_calls()
+            .into_iter()
+            .find(|c| c["pid"].as_u64() == Some(pid) && c["path"] == "/drives/root")
+            .expect("root drive call");
+        PathBuf::from(call["body"]["path_on_host"].as_str().unwrap())
+    }
+
+    fn kernel_dir(env: &BangerEnv, with_initrd: bool) -> PathBuf {
+        let d = env.root().join("kbuild");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("vmlinux"), b"\x7fELF imported kernel").unwrap();
+        if with_initrd {
+            std::fs::write(d.join("initrd.img"), b"070701 initrd").unwrap();
+        }
+        d
+    }
+
+    fn both(r: &Run) -> String {
+        format!("{}{}", r.stdout, r.stderr)
+    }
+
+    #[test]
+    fn kernels_import_boot_and_are_kept_while_used() {
+        let env = BangerEnv::new();
+        let from = kernel_dir(&env, true);
+        env.banger(&["kernel", "import", "k1", "--from", from.to_str().unwrap()])
+            .ok();
+        let again = env
+            .banger(&["kernel", "import", "k1", "--from", from.to_str().unwrap()])
+            .failed();
+        assert!(both(&again).contains("--force"), "{again:?}");
+        env.banger(&[
+            "kernel",
+            "import",
+            "../evil",
+            "--from",
+            from.to_str().unwrap(),
+        ])
+        .failed();
+
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&env.banger(&["kernel", "list", "--json"]).ok().stdout).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0]["name"], "k1");
+        let show: serde_json::Value =
+            serde_json::from_str(&env.banger(&["kernel", "show", "k1", "--json"]).ok().stdout)
+                .unwrap();
+        let vmlinux = PathBuf::from(show["vmlinux"].as_str().unwrap());
+        let initrd = PathBuf::from(show["initrd"].as_str().unwrap());
+        assert_eq!(std::fs::read(&vmlinux).unwrap(), b"\x7fELF imported kernel");
+        assert!(
+            vmlinux.starts_with(env.state_dir()),
+            "imported kernels are copied in"
+        );
+
+        let (_, rootfs) = env.boot_files();
+        let r = rootfs.display().to_string();
+        env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "kv",
+            "--rootfs",
+            &r,
+            "--kernel-ref",
+            "k1",
+            "--disk-size",
+            "64M",
+        ])
+        .ok();
+        let vm = env.show("kv");
+        let boot = boot_source(&env, &vm);
+        assert_eq!(boot["kernel_image_path"], vmlinux.display().to_string());
+        assert_eq!(boot["initrd_path"], initrd.display().to_string());
+
+        let refused = env.banger(&["kernel", "rm", "k1"]).failed();
+        assert!(
+            both(&refused).contains("kv"),
+            "the error must name the VM: {refused:?}"
+        );
+        env.banger(&["vm", "delete", "kv"]).ok();
+        env.banger(&["kernel", "rm", "k1"]).ok();
+        assert!(!vmlinux.exists());
+        assert_eq!(
+            env.banger(&["kernel", "list", "--json"]).ok().stdout.trim(),
+            "[]"
+        );
+
+        // A kernel that is neither local nor in the catalog: a clear error
+        // that says how to see what is available, and no VM.
+        let missing = env
+            .banger(&[
+                "vm",
+                "create",
+                "--name",
+                "nok",
+                "--rootfs",
+                &r,
+                "--kernel-ref",
+                "nope",
+            ])
+            .failed();
+        assert!(
+            both(&missing).contains("banger kernel list --available"),
+            "{missing:?}"
+        );
+        assert!(env.list().is_empty());
+    }
+
+    #[test]
+    fn images_register_promote_boot_and_refuse_deletion_while_used() {
+        let env = BangerEnv::new();
+        let (kernel, rootfs) = env.boot_files();
+        let (k, r) = (kernel.display().to_string(), rootfs.display().to_string());
+        let original = std::fs::read(&rootfs).unwrap();
+        env.banger(&[
+            "image", "register", "--name", "img1", "--rootfs", &r, "--kernel", &k,
+        ])
+        .ok();
+        let dup = env
+            .banger(&[
+                "image", "register", "--name", "img1", "--rootfs", &r, "--kernel", &k,
+            ])
+            .failed();
+        assert!(both(&dup).contains("img1"), "{dup:?}");
+
+        env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "v1",
+            "--image",
+            "img1",
+            "--disk-size",
+            "64M",
+        ])
+        .ok();
+        let v1 = env.show("v1");
+        assert_eq!(boot_source(&env, &v1)["kernel_image_path"], k);
+        assert_eq!(v1.record.spec.rootfs_source, rootfs);
+        let refused = env.banger(&["image", "delete", "img1"]).failed();
+        assert!(
+            both(&refused).contains("v1"),
+            "the error must name the VM: {refused:?}"
+        );
+
+        // Promote: banger copies the files in and owns them from now on.
+        env.banger(&["image", "promote", "img1"]).ok();
+        let img: ImageRecord =
+            serde_json::from_str(&env.banger(&["image", "show", "img1", "--json"]).ok().stdout)
+                .unwrap();
+        assert!(img.managed);
+        assert!(
+            img.rootfs.starts_with(env.state_dir().join("images/img1")),
+            "{:?}",
+            img.rootfs
+        );
+        assert_eq!(
+            img.source,
+            ImageSource::Promoted {
+                from: rootfs.clone()
+            }
+        );
+        assert_eq!(std::fs::read(&img.rootfs).unwrap(), original);
+        assert_eq!(
+            std::fs::read(&rootfs).unwrap(),
+            original,
+            "the registered file is never written"
+        );
+
+        env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "v2",
+            "--image",
+            "img1",
+            "--disk-size",
+            "64M",
+        ])
+        .ok();
+        let v2 = env.show("v2");
+        assert_eq!(v2.record.spec.rootfs_source, img.rootfs);
+        env.banger(&["image", "delete", "img1"]).failed();
+        env.banger(&["vm", "delete", "v1", "v2"]).ok();
+        env.banger(&["image", "delete", "img1"]).ok();
+        assert!(
+            !env.state_dir().join("images/img1").exists(),
+            "a managed image's files go with it"
+        );
+        assert!(rootfs.exists(), "the original registered file stays");
+        assert_eq!(
+            env.banger(&["image", "list", "--json"]).ok().stdout.trim(),
+            "[]"
+        );
+    }
+
+    fn small_image() -> Vec<TestLayer> {
+        vec![
+            TestLayer {
+                gzip: true,
+                entries: vec![
+                    Entry::dir("etc", 0o755),
+                    Entry::file("etc/os-release", "ID=bangertest\n"),
+                    Entry::file("etc/doomed", "x"),
+                ],
+            },
+            TestLayer {
+                gzip: false,
+                entries: vec![
+                    Entry::whiteout("etc/doomed"),
+                    Entry::owned("usr/bin/sudo", "#!sudo\n", 0o4755, 0, 0),
+                ],
+            },
+        ]
+    }
+
+    fn debugfs(img: &Path, cmd: &str) -> String {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn oci_image_pulls_through_the_daemon_boots_and_its_layers_are_pruned_after_delete() {
+        let Some(registry) = Registry::start(
+            "oci_image_pulls_through_the_daemon_boots_and_its_layers_are_pruned_after_delete",
+        ) else {
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pushed =
+            rt.block_on(registry.push("banger-test/debian:bookworm", "amd64", &small_image()));
+        let env = BangerEnv::new();
+        env.write_config(&format!("insecure_registries = [{:?}]\n", registry.host()));
+        let from = kernel_dir(&env, false);
+        env.banger(&["kernel", "import", "k1", "--from", from.to_str().unwrap()])
+            .ok();
+
+        let reference = format!("{}/banger-test/debian:bookworm", registry.host());
+        let pull = env
+            .banger(&["image", "pull", &reference, "--kernel-ref", "k1"])
+            .ok();
+        assert!(
+            pull.stderr.contains("pull_image"),
+            "pull must show its stages:\n{}",
+            pull.stderr
+        );
+        let images: Vec<ImageRecord> =
+            serde_json::from_str(&env.banger(&["image", "list", "--json"]).ok().stdout).unwrap();
+        assert_eq!(images.len(), 1);
+        let img = &images[0];
+        assert_eq!(
+            img.name, "debian-bookworm",
+            "the default name comes from the reference"
+        );
+        assert_eq!(img.layers, pushed.layers);
+        assert!(matches!(&img.source, ImageSource::Oci { reference: r, .. } if *r == reference));
+        assert_eq!(
+            debugfs(&img.rootfs, "cat /etc/os-release"),
+            "ID=bangertest\n"
+        );
+        assert!(debugfs(&img.rootfs, "ls /etc").contains("os-release"));
+        assert!(
+            !debugfs(&img.rootfs, "ls /etc").contains("doomed"),
+            "whiteouts apply"
+        );
+        assert!(
+            debugfs(&img.rootfs, "stat /usr/bin/sudo").contains("Mode:  04755"),
+            "setuid survives"
+        );
+        assert!(
+            std::fs::read_dir(env.state_dir().join("images"))
+                .unwrap()
+                .count()
+                == 1,
+            "no staging dir is left"
+        );
+
+        let again = env
+            .banger(&["image", "pull", &reference, "--kernel-ref", "k1"])
+            .failed();
+        assert!(both(&again).contains("already exists"), "{again:?}");
+
+        env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "ov",
+            "--image",
+            "debian-bookworm",
+            "--disk-size",
+            "64M",
+        ])
+        .ok();
+        let vm = env.show("ov");
+        let root = root_drive(&env, &vm);
+        assert!(root.starts_with(&vm.dir), "the VM boots its own copy");
+        assert_eq!(debugfs(&root, "cat /etc/os-release"), "ID=bangertest\n");
+        assert!(
+            boot_source(&env, &vm)["kernel_image_path"]
+                .as_str()
+                .unwrap()
+                .ends_with("kernels/k1/vmlinux")
+        );
+
+        // Layers in use are kept; after the image goes, prune frees them.
+        let kept = env.banger(&["image", "cache", "prune"]).ok();
+        assert!(kept.stdout.contains("in 0 layer"), "{kept:?}");
+        env.banger(&["image", "delete", "debian-bookworm"]).failed();
+        env.banger(&["vm", "delete", "ov"]).ok();
+        env.banger(&["image", "delete", "debian-bookworm"]).ok();
+        let pruned = env.banger(&["image", "cache", "prune"]).ok();
+        for layer in &pushed.layers {
+            assert!(
+                pruned.stdout.contains(layer.as_str()),
+                "{layer} not pruned:\n{}",
+                pruned.stdout
+            );
+        }
+    }
+}
