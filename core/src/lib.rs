@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod disk;
+pub mod download;
 pub mod guest;
 pub mod hostops;
 pub mod kernels;

@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+pub mod http;
+
 /// The cargo target profile directory the running test binary lives in
 /// (`target/debug`), derived from the test executable's own path.
 pub fn target_dir() -> PathBuf {
