@@ -14,6 +14,7 @@ pub mod disk;
 pub mod download;
 pub mod guest;
 pub mod hostops;
+pub mod imagecat;
 pub mod kernels;
 pub mod library;
 pub mod lifecycle;
