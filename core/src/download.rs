@@ -102,10 +102,12 @@ const PROGRESS_STEP: u64 = 1 << 20;
 
 /// Downloads `source` and extracts it into the existing directory `dest`.
 ///
-/// Extraction runs on a blocking thread that owns `hold` until it is done,
-/// so a caller can keep `dest` alive (e.g. an `Arc` of its staging guard)
-/// even if this future is dropped midway; a dropped future makes the
-/// extractor fail at its next read instead of running on.
+/// `dest` must be a staging directory the pull owns. Extraction runs on a
+/// blocking thread that owns `hold` until it is done, so a caller can keep
+/// `dest` alive (e.g. an `Arc` of its staging guard). If this future is
+/// dropped midway, the extractor fails at its next read and then removes
+/// `dest` itself: only it knows when writing has stopped, so a caller's
+/// cleanup racing a still-running extractor cannot leave files behind.
 pub async fn fetch_bundle<H: Send + 'static>(
     source: BundleSource<'_>,
     dest: PathBuf,
@@ -132,15 +134,22 @@ pub async fn fetch_bundle<H: Send + 'static>(
 
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
     let complete = Arc::new(AtomicBool::new(false));
+    let abandoned = Arc::new(AtomicBool::new(false));
     let reader = ChannelReader {
         rx,
         chunk: Bytes::new(),
         complete: Arc::clone(&complete),
+        abandoned: Arc::clone(&abandoned),
     };
     let extractor = tokio::task::spawn_blocking(move || {
-        let _hold = hold;
-        let decoder = zstd::stream::read::Decoder::new(reader).map_err(ArchiveError::Read)?;
-        extract_tar(decoder, &dest, &limits)
+        let extracted = zstd::stream::read::Decoder::new(reader)
+            .map_err(ArchiveError::Read)
+            .and_then(|decoder| extract_tar(decoder, &dest, &limits));
+        if abandoned.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+        drop(hold);
+        extracted
     });
 
     let mut hasher = Sha256::new();
@@ -226,11 +235,13 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A blocking `Read` over chunks sent from the async download loop. An
 /// `Err` chunk fails the read; a closed channel is end of stream only if the
-/// download completed, otherwise (the download future was dropped) an error.
+/// download completed, otherwise the download future was dropped: the read
+/// fails and `abandoned` is set.
 struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     chunk: Bytes,
     complete: Arc<AtomicBool>,
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Read for ChannelReader {
@@ -240,7 +251,10 @@ impl Read for ChannelReader {
                 Some(Ok(b)) => self.chunk = b,
                 Some(Err(e)) => return Err(e),
                 None if self.complete.load(Ordering::SeqCst) => return Ok(0),
-                None => return Err(io::Error::other("download interrupted")),
+                None => {
+                    self.abandoned.store(true, Ordering::SeqCst);
+                    return Err(io::Error::other("download abandoned"));
+                }
             }
         }
         let n = buf.len().min(self.chunk.len());

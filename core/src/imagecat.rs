@@ -12,8 +12,6 @@
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Deserialize;
 
@@ -271,7 +269,8 @@ impl Bundle {
 ///
 /// Writes only inside `staging_dir`. On error the directory is left empty
 /// (the caller's staging guard removes it); if the future is dropped midway,
-/// the directory is removed once the extractor thread has stopped writing.
+/// the directory is removed once the extractor thread has stopped writing
+/// (see [`crate::download::fetch_bundle`]).
 pub async fn pull_bundle(
     catalog: &ImageCatalog,
     name: &str,
@@ -287,12 +286,6 @@ pub async fn pull_bundle(
         return Err(ImageCatalogError::Staging(staging_dir.to_path_buf()));
     }
 
-    let abandoned = Arc::new(AtomicBool::new(false));
-    let on_drop = MarkAbandoned(Some(Arc::clone(&abandoned)));
-    let hold = RemoveIfAbandoned {
-        dir: staging_dir.to_path_buf(),
-        abandoned,
-    };
     let source = BundleSource {
         url: &url,
         sha256: &entry.sha256,
@@ -304,16 +297,7 @@ pub async fn pull_bundle(
         max_entries: 64,
         ..ExtractLimits::default()
     };
-    let fetched = fetch_bundle(
-        source,
-        staging_dir.to_path_buf(),
-        limits,
-        hold,
-        &mut progress,
-    )
-    .await;
-    // The extractor has finished: from here on this function cleans up.
-    on_drop.disarm();
+    let fetched = fetch_bundle(source, staging_dir.to_path_buf(), limits, (), &mut progress).await;
     let result = match fetched {
         Ok(_report) => finish_bundle(staging_dir, entry, &url),
         Err(e) => Err(ImageCatalogError::Download(name.to_owned(), e)),
@@ -410,40 +394,6 @@ fn clear_dir(dir: &Path) -> Result<(), ImageCatalogError> {
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageCatalogError {
     let path = path.to_path_buf();
     move |source| ImageCatalogError::Io { op, path, source }
-}
-
-/// Lives in the pull future: dropping it armed (the future was dropped
-/// before the download finished) marks the pull abandoned.
-struct MarkAbandoned(Option<Arc<AtomicBool>>);
-
-impl MarkAbandoned {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for MarkAbandoned {
-    fn drop(&mut self) {
-        if let Some(flag) = &self.0 {
-            flag.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Held by the extractor thread, dropped once it stops writing: if the pull
-/// was abandoned, nobody else can clean up safely, so remove the dir (the
-/// caller's staging guard, dropped with the future, would have).
-struct RemoveIfAbandoned {
-    dir: PathBuf,
-    abandoned: Arc<AtomicBool>,
-}
-
-impl Drop for RemoveIfAbandoned {
-    fn drop(&mut self) {
-        if self.abandoned.load(Ordering::SeqCst) {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
 }
 
 #[cfg(test)]
