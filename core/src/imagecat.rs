@@ -62,16 +62,24 @@ pub struct ImageCatalog {
     entries: Vec<CatalogImage>,
 }
 
-/// A bundle's `manifest.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A bundle's `manifest.toml`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleManifest {
-    /// The kernel the rootfs boots with, by name; must equal the catalog's.
-    #[serde(rename = "kernel")]
-    pub kernel_ref: Option<String>,
+    /// The kernel the rootfs boots with, by name (equal to the catalog's).
+    pub kernel_ref: String,
     /// Free text about the image.
-    #[serde(default)]
     pub description: Option<String>,
+}
+
+/// `manifest.toml` as written; `kernel` is optional here only so that its
+/// absence gets its own error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    kernel: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
 }
 
 /// A pulled bundle, ready to publish from the staging directory.
@@ -79,7 +87,7 @@ pub struct BundleManifest {
 pub struct Bundle {
     /// `<staging_dir>/rootfs.ext4`.
     pub rootfs: PathBuf,
-    /// The parsed manifest (its file is already removed); `kernel_ref` is set.
+    /// The parsed manifest (its file is already removed).
     pub manifest: BundleManifest,
     /// The catalog entry's name.
     pub name: String,
@@ -250,7 +258,7 @@ impl Bundle {
             name: image_name.to_owned(),
             rootfs: self.rootfs.clone(),
             kernel: ImageKernel::Named {
-                name: self.manifest.kernel_ref.clone().unwrap_or_default(),
+                name: self.manifest.kernel_ref.clone(),
             },
             source: ImageSource::Catalog {
                 name: self.name.clone(),
@@ -341,17 +349,21 @@ fn finish_bundle(dir: &Path, entry: &CatalogImage, url: &str) -> Result<Bundle, 
     if !is_regular(&manifest_path) {
         return Err(ImageCatalogError::MissingManifest(url.to_owned()));
     }
-    let manifest = read_manifest(&manifest_path, url)?;
-    let Some(kernel) = manifest.kernel_ref.as_deref().filter(|k| !k.is_empty()) else {
+    let raw = read_manifest(&manifest_path, url)?;
+    let Some(kernel) = raw.kernel.filter(|k| !k.is_empty()) else {
         return Err(ImageCatalogError::ManifestNoKernel(url.to_owned()));
     };
     if kernel != entry.kernel {
         return Err(ImageCatalogError::KernelMismatch {
             url: url.to_owned(),
             catalog: entry.kernel.clone(),
-            manifest: kernel.to_owned(),
+            manifest: kernel,
         });
     }
+    let manifest = BundleManifest {
+        kernel_ref: kernel,
+        description: raw.description,
+    };
     fs::remove_file(&manifest_path).map_err(io_err("remove", &manifest_path))?;
     Ok(Bundle {
         rootfs,
@@ -361,7 +373,7 @@ fn finish_bundle(dir: &Path, entry: &CatalogImage, url: &str) -> Result<Bundle, 
     })
 }
 
-fn read_manifest(path: &Path, url: &str) -> Result<BundleManifest, ImageCatalogError> {
+fn read_manifest(path: &Path, url: &str) -> Result<RawManifest, ImageCatalogError> {
     let bad = |e: Box<dyn std::error::Error + Send + Sync>| {
         ImageCatalogError::ReadManifest(url.to_owned(), e)
     };

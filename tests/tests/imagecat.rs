@@ -151,7 +151,7 @@ mod tests {
 
         assert_eq!(bundle.rootfs, dirs.staging().join("rootfs.ext4"));
         assert!(fs::read(&bundle.rootfs).unwrap() == rootfs, "rootfs bytes");
-        assert_eq!(bundle.manifest.kernel_ref.as_deref(), Some(KERNEL));
+        assert_eq!(bundle.manifest.kernel_ref, KERNEL);
         assert_eq!(bundle.manifest.description.as_deref(), Some("test image"));
         assert_eq!(bundle.name, "deb");
         assert_eq!(bundle.url, format!("{}/images/deb.tar.zst", server.base));
