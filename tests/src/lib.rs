@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 pub mod registry;
+pub mod http;
 
 /// The cargo target profile directory the running test binary lives in
 /// (`target/debug`), derived from the test executable's own path.

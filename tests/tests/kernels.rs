@@ -6,142 +6,17 @@
 // (unwrap in tests) cover the helpers too.
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::fs;
-    use std::io::{self, Read, Write};
-    use std::net::{TcpListener, TcpStream};
     use std::path::Path;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use banger_core::archive::ArchiveError;
     use banger_core::kernels::{Catalog, KernelError, KernelStore, PullProgress, pull};
-    use sha2::{Digest, Sha256};
+    use test_infra::http::{Entry as E, Reply, Server, noise, sha256, tar_zst};
 
-    // ---- a loopback HTTP server ------------------------------------------
-
-    #[derive(Clone)]
-    enum Reply {
-        Body(Vec<u8>),
-        /// Promise `claimed` bytes, send `body`, close.
-        Truncated {
-            body: Vec<u8>,
-            claimed: usize,
-        },
-        /// Send the headers and `body` (part of `claimed`), then hang until
-        /// the client goes away.
-        Stall {
-            body: Vec<u8>,
-            claimed: usize,
-        },
-    }
-
-    struct Server {
-        base: String,
-        routes: Arc<Mutex<HashMap<String, Reply>>>,
-    }
-
-    impl Server {
-        fn start() -> Server {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let base = format!("http://{}", listener.local_addr().unwrap());
-            let routes: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
-            let shared = Arc::clone(&routes);
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
-                    let routes = Arc::clone(&shared);
-                    std::thread::spawn(move || {
-                        let _ = serve(conn, &routes);
-                    });
-                }
-            });
-            Server { base, routes }
-        }
-
-        fn route(&self, path: &str, reply: Reply) {
-            self.routes.lock().unwrap().insert(path.to_owned(), reply);
-        }
-    }
-
-    fn serve(mut conn: TcpStream, routes: &Mutex<HashMap<String, Reply>>) -> io::Result<()> {
-        let mut req = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = conn.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            req.extend_from_slice(&buf[..n]);
-        }
-        let line = String::from_utf8_lossy(&req)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_owned();
-        let path = line.split(' ').nth(1).unwrap_or("").to_owned();
-        let reply = routes.lock().unwrap().get(&path).cloned();
-        let head = |status: &str, len: usize| {
-            format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
-        };
-        match reply {
-            None => conn.write_all(head("404 Not Found", 0).as_bytes())?,
-            Some(Reply::Body(body)) => {
-                conn.write_all(head("200 OK", body.len()).as_bytes())?;
-                conn.write_all(&body)?;
-            }
-            Some(Reply::Truncated { body, claimed }) => {
-                conn.write_all(head("200 OK", claimed).as_bytes())?;
-                conn.write_all(&body)?;
-            }
-            Some(Reply::Stall { body, claimed }) => {
-                conn.write_all(head("200 OK", claimed).as_bytes())?;
-                conn.write_all(&body)?;
-                conn.flush()?;
-                // Returns once the client drops the connection.
-                while conn.read(&mut buf)? > 0 {}
-            }
-        }
-        Ok(())
-    }
-
-    // ---- tarballs ----------------------------------------------------------
-
-    enum E<'a> {
-        File(&'a str, &'a [u8]),
-        Sym(&'a str, &'a str),
-    }
-
-    /// A raw header with `name` and `link` written byte for byte, so
-    /// hostile names the tar crate's builder would refuse can be made.
-    fn header(name: &str, kind: tar::EntryType, size: u64, link: &str) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
-        h.set_entry_type(kind);
-        h.set_size(size);
-        h.set_mode(0o644);
-        h.set_cksum();
-        h
-    }
-
-    fn tar_zst(entries: &[E<'_>]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for e in entries {
-            match e {
-                E::File(n, data) => {
-                    let h = header(n, tar::EntryType::Regular, data.len() as u64, "");
-                    b.append(&h, *data).unwrap();
-                }
-                E::Sym(n, t) => {
-                    let h = header(n, tar::EntryType::Symlink, 0, t);
-                    b.append(&h, io::empty()).unwrap();
-                }
-            }
-        }
-        zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
-    }
+    // ---- bundles -----------------------------------------------------------
 
     fn good_bundle(kernel: &[u8]) -> Vec<u8> {
         tar_zst(&[
@@ -154,13 +29,6 @@ mod tests {
                 b"distro = \"test-distro\"\nversion = \"6.12.7\"\n",
             ),
         ])
-    }
-
-    fn sha256(data: &[u8]) -> String {
-        Sha256::digest(data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
     }
 
     /// One catalog entry for `name`, served at `kernels/<name>.tar.zst`.
@@ -481,19 +349,6 @@ mod tests {
         assert!(err.to_string().contains("vmlinux"), "{err}");
 
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
-    }
-
-    /// Incompressible bytes, so a bundle stays as large as its kernel.
-    fn noise(len: usize) -> Vec<u8> {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,9 @@ use std::io;
 use std::path::PathBuf;
 
 pub use catalog::{Catalog, CatalogEntry};
-pub use pull::{PullProgress, pull};
+pub use pull::pull;
+
+pub use crate::download::PullProgress;
 use serde::{Deserialize, Serialize};
 pub use store::{KernelStore, validate_name};
 

@@ -1,40 +1,18 @@
-//! `kernel pull`: stream a catalog tarball through sha256 and a zstd-decoded,
-//! checked tar extraction into staging, then publish by rename.
+//! `kernel pull`: stream a catalog tarball through [`crate::download`] into
+//! staging, normalise its layout, then publish by rename.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-
-use super::import::{hash_file, hex, now_rfc3339, read_metadata};
+use super::import::{hash_file, now_rfc3339, read_metadata};
 use super::store::Staging;
 use super::{
     Catalog, CatalogEntry, KernelError, KernelManifest, KernelStore, LocalKernel, validate_name,
 };
-use crate::archive::{ArchiveError, ExtractLimits, extract_tar};
-
-/// Progress of one pull, for streaming to the user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PullProgress {
-    /// Bytes received so far; `total` is the catalog size (0 if unknown).
-    Downloading {
-        /// Bytes received.
-        received: u64,
-        /// Bytes expected.
-        total: u64,
-    },
-    /// The download matched its sha256 and was extracted; publishing.
-    Verified,
-}
-
-/// Report download progress at most once per this many bytes.
-const PROGRESS_STEP: u64 = 1 << 20;
+use crate::archive::ExtractLimits;
+use crate::download::{BundleSource, DownloadError, PullProgress, fetch_bundle};
 
 /// Pulls the catalog kernel `name` into `store`. Refuses to replace a local
 /// kernel of the same name unless `force`. On any failure nothing is left in
@@ -73,100 +51,31 @@ async fn download_and_extract(
     staging: Arc<Staging>,
     progress: &mut impl FnMut(PullProgress),
 ) -> Result<(), KernelError> {
-    let download = |source: reqwest::Error| KernelError::Download {
-        url: url.to_owned(),
-        source: Box::new(source),
+    let source = BundleSource {
+        url,
+        sha256: &entry.sha256,
+        size: entry.size,
     };
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(download)?;
-    let response = client.get(url).send().await.map_err(download)?;
-    if !response.status().is_success() {
-        return Err(KernelError::HttpStatus {
-            url: url.to_owned(),
-            status: response.status().as_u16(),
-        });
-    }
+    let dest = staging.path().to_path_buf();
+    fetch_bundle(source, dest, ExtractLimits::default(), staging, progress)
+        .await
+        .map(|_report| ())
+        .map_err(KernelError::from)
+}
 
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
-    let extractor = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            chunk: Bytes::new(),
-        };
-        let decoder = zstd::stream::read::Decoder::new(reader).map_err(ArchiveError::Read)?;
-        extract_tar(decoder, staging.path(), &ExtractLimits::default())
-    });
-
-    let mut hasher = Sha256::new();
-    let mut received = 0u64;
-    let mut reported = 0u64;
-    let mut failed = None;
-    let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let bytes = match chunk {
-            Ok(b) => b,
-            Err(e) => {
-                failed = Some(download(e));
-                break;
+impl From<DownloadError> for KernelError {
+    fn from(e: DownloadError) -> Self {
+        match e {
+            DownloadError::Request { url, source } => KernelError::Download { url, source },
+            DownloadError::HttpStatus { url, status } => KernelError::HttpStatus { url, status },
+            DownloadError::SizeMismatch { url, expected, got } => {
+                KernelError::SizeMismatch { url, expected, got }
             }
-        };
-        received += bytes.len() as u64;
-        if entry.size > 0 && received > entry.size {
-            failed = Some(KernelError::SizeMismatch {
-                url: url.to_owned(),
-                expected: entry.size,
-                got: received,
-            });
-            break;
+            DownloadError::ChecksumMismatch { url, expected, got } => {
+                KernelError::ChecksumMismatch { url, expected, got }
+            }
+            DownloadError::Extract { url, source } => KernelError::Extract(url, source),
         }
-        hasher.update(&bytes);
-        // The extractor may already have stopped (end of archive or a
-        // rejected entry); keep hashing the rest regardless.
-        let _ = tx.send(Ok(bytes)).await;
-        if received - reported >= PROGRESS_STEP {
-            reported = received;
-            progress(PullProgress::Downloading {
-                received,
-                total: entry.size,
-            });
-        }
-    }
-    if failed.is_some() {
-        let _ = tx.send(Err(io::Error::other("download failed"))).await;
-    }
-    drop(tx);
-    let extracted = extractor.await;
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    progress(PullProgress::Downloading {
-        received,
-        total: entry.size,
-    });
-    if entry.size > 0 && received != entry.size {
-        return Err(KernelError::SizeMismatch {
-            url: url.to_owned(),
-            expected: entry.size,
-            got: received,
-        });
-    }
-    let got = hex(&hasher.finalize());
-    if got != entry.sha256 {
-        return Err(KernelError::ChecksumMismatch {
-            url: url.to_owned(),
-            expected: entry.sha256.clone(),
-            got,
-        });
-    }
-    match extracted {
-        Ok(Ok(_report)) => Ok(()),
-        Ok(Err(e)) => Err(KernelError::Extract(url.to_owned(), e)),
-        Err(join) => Err(KernelError::Extract(
-            url.to_owned(),
-            ArchiveError::Read(io::Error::other(join.to_string())),
-        )),
     }
 }
 
@@ -219,27 +128,4 @@ fn exists(p: &Path) -> bool {
 /// A directory, not a link to one.
 fn is_real_dir(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
-}
-
-/// A blocking `Read` over chunks sent from the async download loop. An
-/// `Err` chunk fails the read; a closed channel is end of stream.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    chunk: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.chunk = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        let _ = self.chunk.split_to(n);
-        Ok(n)
-    }
 }

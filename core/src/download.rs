@@ -1,0 +1,265 @@
+//! The one download pipeline for catalog bundles (kernels, images): an HTTP
+//! body streamed through sha256 and, at the same time, through zstd into the
+//! checked tar extractor ([`crate::archive::extract_tar`]), so a bundle is
+//! never held in memory or on disk twice.
+//!
+//! The sha256 and size are checked over the whole body; extraction errors
+//! are reported only after a mismatch is ruled out, so a corrupt download is
+//! named as such rather than as whatever garbage it decoded to. On error the
+//! destination may hold a partial tree: callers extract into staging.
+
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::archive::{ArchiveError, ExtractLimits, ExtractReport, extract_tar};
+
+/// Progress of one pull, for streaming to the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullProgress {
+    /// Bytes received so far; `total` is the catalog size (0 if unknown).
+    Downloading {
+        /// Bytes received.
+        received: u64,
+        /// Bytes expected.
+        total: u64,
+    },
+    /// The download matched its sha256 and was extracted; publishing.
+    Verified,
+}
+
+/// What to fetch and what it must hash to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BundleSource<'a> {
+    /// Absolute URL of the `.tar.zst`.
+    pub url: &'a str,
+    /// Expected hex sha256 of the compressed body.
+    pub sha256: &'a str,
+    /// Expected size in bytes of the compressed body; 0 if unknown.
+    pub size: u64,
+}
+
+/// A failed download or extraction.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// The request failed (connection, TLS, truncated body).
+    #[error("Cannot download {url}")]
+    Request {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The server answered with an error status.
+    #[error("Cannot download {url}: the server answered HTTP {status}")]
+    HttpStatus {
+        /// The URL.
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The body's size differs from the expected one.
+    #[error("Download of {url} is {got} bytes but {expected} were expected")]
+    SizeMismatch {
+        /// The URL.
+        url: String,
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes received (so far, if more than expected).
+        got: u64,
+    },
+    /// The body's sha256 differs from the expected one.
+    #[error("Checksum mismatch for {url}: expected sha256 {expected}, got {got}")]
+    ChecksumMismatch {
+        /// The URL.
+        url: String,
+        /// The expected sha256.
+        expected: String,
+        /// The body's sha256.
+        got: String,
+    },
+    /// The body could not be decompressed or was rejected as unsafe.
+    #[error("Cannot extract {url}")]
+    Extract {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: ArchiveError,
+    },
+}
+
+/// Report download progress at most once per this many bytes.
+const PROGRESS_STEP: u64 = 1 << 20;
+
+/// Downloads `source` and extracts it into the existing directory `dest`.
+///
+/// `dest` must be a staging directory the pull owns. Extraction runs on a
+/// blocking thread that owns `hold` until it is done, so a caller can keep
+/// `dest` alive (e.g. an `Arc` of its staging guard). If this future is
+/// dropped midway, the extractor fails at its next read and then removes
+/// `dest` itself: only it knows when writing has stopped, so a caller's
+/// cleanup racing a still-running extractor cannot leave files behind.
+pub async fn fetch_bundle<H: Send + 'static>(
+    source: BundleSource<'_>,
+    dest: PathBuf,
+    limits: ExtractLimits,
+    hold: H,
+    progress: &mut impl FnMut(PullProgress),
+) -> Result<ExtractReport, DownloadError> {
+    let url = source.url;
+    let request = |e: reqwest::Error| DownloadError::Request {
+        url: url.to_owned(),
+        source: Box::new(e),
+    };
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(request)?;
+    let response = client.get(url).send().await.map_err(request)?;
+    if !response.status().is_success() {
+        return Err(DownloadError::HttpStatus {
+            url: url.to_owned(),
+            status: response.status().as_u16(),
+        });
+    }
+
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
+    let complete = Arc::new(AtomicBool::new(false));
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let reader = ChannelReader {
+        rx,
+        chunk: Bytes::new(),
+        complete: Arc::clone(&complete),
+        abandoned: Arc::clone(&abandoned),
+    };
+    let extractor = tokio::task::spawn_blocking(move || {
+        let extracted = zstd::stream::read::Decoder::new(reader)
+            .map_err(ArchiveError::Read)
+            .and_then(|decoder| extract_tar(decoder, &dest, &limits));
+        if abandoned.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+        drop(hold);
+        extracted
+    });
+
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut reported = 0u64;
+    let mut failed = None;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let bytes = match chunk {
+            Ok(b) => b,
+            Err(e) => {
+                failed = Some(request(e));
+                break;
+            }
+        };
+        received += bytes.len() as u64;
+        if source.size > 0 && received > source.size {
+            failed = Some(DownloadError::SizeMismatch {
+                url: url.to_owned(),
+                expected: source.size,
+                got: received,
+            });
+            break;
+        }
+        hasher.update(&bytes);
+        // The extractor may already have stopped (end of archive or a
+        // rejected entry); keep hashing the rest regardless.
+        let _ = tx.send(Ok(bytes)).await;
+        if received - reported >= PROGRESS_STEP {
+            reported = received;
+            progress(PullProgress::Downloading {
+                received,
+                total: source.size,
+            });
+        }
+    }
+    if failed.is_some() {
+        let _ = tx.send(Err(io::Error::other("download failed"))).await;
+    } else {
+        complete.store(true, Ordering::SeqCst);
+    }
+    drop(tx);
+    let extracted = extractor.await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    progress(PullProgress::Downloading {
+        received,
+        total: source.size,
+    });
+    if source.size > 0 && received != source.size {
+        return Err(DownloadError::SizeMismatch {
+            url: url.to_owned(),
+            expected: source.size,
+            got: received,
+        });
+    }
+    let got = hex(&hasher.finalize());
+    if got != source.sha256 {
+        return Err(DownloadError::ChecksumMismatch {
+            url: url.to_owned(),
+            expected: source.sha256.to_owned(),
+            got,
+        });
+    }
+    let extract = |source| DownloadError::Extract {
+        url: url.to_owned(),
+        source,
+    };
+    match extracted {
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(e)) => Err(extract(e)),
+        Err(join) => Err(extract(ArchiveError::Read(io::Error::other(
+            join.to_string(),
+        )))),
+    }
+}
+
+/// Lowercase hex of a digest.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A blocking `Read` over chunks sent from the async download loop. An
+/// `Err` chunk fails the read; a closed channel is end of stream only if the
+/// download completed, otherwise the download future was dropped: the read
+/// fails and `abandoned` is set.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    chunk: Bytes,
+    complete: Arc<AtomicBool>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => return Err(e),
+                None if self.complete.load(Ordering::SeqCst) => return Ok(0),
+                None => {
+                    self.abandoned.store(true, Ordering::SeqCst);
+                    return Err(io::Error::other("download abandoned"));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        let _ = self.chunk.split_to(n);
+        Ok(n)
+    }
+}

@@ -1,0 +1,508 @@
+//! The image catalog: images `banger image pull NAME` fetches as a bundle
+//! before falling through to OCI. The catalog is embedded in the binary
+//! (`core/catalog/images.toml`), with a base URL that config can point at a
+//! mirror.
+//!
+//! A bundle is a `.tar.zst` holding exactly two regular files at its top
+//! level: `rootfs.ext4` and `manifest.toml` ([`BundleManifest`]). It is
+//! streamed through [`crate::download`] (sha256, size, checked extraction)
+//! into the caller's staging directory; the manifest is parsed and removed,
+//! so only `rootfs.ext4` is left to publish.
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::archive::ExtractLimits;
+use crate::download::{BundleSource, DownloadError, PullProgress, fetch_bundle};
+use crate::library::ROOTFS_FILE;
+use crate::model::{ImageKernel, ImageRecord, ImageSource, now_unix, validate_artifact_name};
+
+const EMBEDDED: &str = include_str!("../catalog/images.toml");
+
+/// File name of a bundle's manifest; removed once parsed.
+pub const MANIFEST_FILE: &str = "manifest.toml";
+
+/// Manifests are a few lines; refuse to read anything much larger.
+const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+
+/// One pullable image.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogImage {
+    /// The image's name (also its local name unless renamed).
+    pub name: String,
+    /// Architecture (`x86_64`).
+    pub arch: String,
+    /// Bundle URL: absolute, or relative to the catalog's base URL.
+    pub url: String,
+    /// Hex sha256 of the bundle (`.tar.zst`).
+    pub sha256: String,
+    /// Size of the bundle in bytes; 0 if unknown (not checked).
+    #[serde(default)]
+    pub size: u64,
+    /// The kernel the image boots with, by name (`banger kernel list`).
+    pub kernel: String,
+    /// One line for listings.
+    pub description: String,
+    /// Whether `vm create` uses this image when none is given.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// The set of pullable images and where relative URLs point.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageCatalog {
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default, rename = "image")]
+    entries: Vec<CatalogImage>,
+}
+
+/// A bundle's `manifest.toml`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleManifest {
+    /// The kernel the rootfs boots with, by name (equal to the catalog's).
+    pub kernel_ref: String,
+    /// Free text about the image.
+    pub description: Option<String>,
+}
+
+/// `manifest.toml` as written; `kernel` is optional here only so that its
+/// absence gets its own error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    kernel: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// A pulled bundle, ready to publish from the staging directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// `<staging_dir>/rootfs.ext4`.
+    pub rootfs: PathBuf,
+    /// The parsed manifest (its file is already removed).
+    pub manifest: BundleManifest,
+    /// The catalog entry's name.
+    pub name: String,
+    /// The absolute URL it was downloaded from.
+    pub url: String,
+}
+
+/// A failed catalog or bundle operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageCatalogError {
+    /// The catalog text is invalid.
+    #[error("Invalid image catalog: {0}")]
+    ParseCatalog(String),
+    /// The catalog has no entry of that name.
+    #[error("No image named {0:?} in the image catalog")]
+    NotInCatalog(String),
+    /// A catalog entry's URL cannot be resolved.
+    #[error(
+        "Image {name:?} has the relative URL {url:?} but the image catalog has no base URL; set one in config"
+    )]
+    NoBaseUrl {
+        /// The image.
+        name: String,
+        /// Its relative URL.
+        url: String,
+    },
+    /// The staging directory is missing or already holds something.
+    #[error("Staging directory {0} must exist and be empty")]
+    Staging(PathBuf),
+    /// Downloading or extracting the bundle failed.
+    #[error("Cannot pull image bundle {0:?}")]
+    Download(String, #[source] DownloadError),
+    /// The bundle holds something besides `rootfs.ext4` and `manifest.toml`.
+    #[error(
+        "Image bundle {url} holds the unexpected entry {entry:?}; a bundle holds exactly `rootfs.ext4` and `manifest.toml`"
+    )]
+    UnexpectedEntry {
+        /// The bundle URL.
+        url: String,
+        /// The top-level entry.
+        entry: String,
+    },
+    /// The bundle has no regular file `rootfs.ext4`.
+    #[error("Image bundle {0} has no regular file `rootfs.ext4` at its top level")]
+    MissingRootfs(String),
+    /// The bundle has no regular file `manifest.toml`.
+    #[error("Image bundle {0} has no regular file `manifest.toml` at its top level")]
+    MissingManifest(String),
+    /// The manifest cannot be read or parsed.
+    #[error("Cannot read the manifest of image bundle {0}")]
+    ReadManifest(String, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The manifest names no kernel.
+    #[error("The manifest of image bundle {0} names no kernel; it needs `kernel = \"NAME\"`")]
+    ManifestNoKernel(String),
+    /// The manifest's kernel differs from the catalog's.
+    #[error(
+        "Image bundle {url} boots kernel {manifest:?} but the catalog says {catalog:?}; the catalog is stale or the bundle wrong"
+    )]
+    KernelMismatch {
+        /// The bundle URL.
+        url: String,
+        /// The catalog entry's kernel.
+        catalog: String,
+        /// The manifest's kernel.
+        manifest: String,
+    },
+    /// A filesystem operation in the staging directory failed.
+    #[error("Cannot {op} {path}")]
+    Io {
+        /// The operation (`list`, `remove`, ...).
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ImageCatalog {
+    /// The catalog compiled into this binary.
+    pub fn embedded() -> Result<ImageCatalog, ImageCatalogError> {
+        ImageCatalog::parse(EMBEDDED)
+    }
+
+    /// Parses and checks catalog TOML: `base_url` and `[[image]]` tables.
+    pub fn parse(text: &str) -> Result<ImageCatalog, ImageCatalogError> {
+        let catalog: ImageCatalog =
+            toml::from_str(text).map_err(|e| ImageCatalogError::ParseCatalog(e.to_string()))?;
+        let bad = |msg: String| Err(ImageCatalogError::ParseCatalog(msg));
+        let mut names = std::collections::HashSet::new();
+        for e in &catalog.entries {
+            if let Err(err) = validate_artifact_name("image", &e.name) {
+                return bad(err.to_string());
+            }
+            if let Err(err) = validate_artifact_name("kernel", &e.kernel) {
+                return bad(format!("image {:?}: {err}", e.name));
+            }
+            if !names.insert(e.name.as_str()) {
+                return bad(format!("image {:?} is listed twice", e.name));
+            }
+            let hex = e.sha256.len() == 64
+                && e.sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex {
+                return bad(format!(
+                    "image {:?} needs a sha256 of 64 lowercase hex digits",
+                    e.name
+                ));
+            }
+            if e.url.is_empty() {
+                return bad(format!("image {:?} has an empty url", e.name));
+            }
+        }
+        if catalog.entries.iter().filter(|e| e.default).count() > 1 {
+            return bad("more than one image is marked default".into());
+        }
+        Ok(catalog)
+    }
+
+    /// The same catalog with relative URLs resolved against `base_url`
+    /// (the config override for mirrors and tests).
+    pub fn with_base_url(mut self, base_url: impl Into<String>) -> ImageCatalog {
+        self.base_url = Some(base_url.into());
+        self
+    }
+
+    /// Every entry, in file order.
+    pub fn entries(&self) -> &[CatalogImage] {
+        &self.entries
+    }
+
+    /// The entry called `name`; `None` means "not in the catalog, try OCI".
+    pub fn find(&self, name: &str) -> Option<&CatalogImage> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// The entry marked `default = true`, if any.
+    pub fn default_entry(&self) -> Option<&CatalogImage> {
+        self.entries.iter().find(|e| e.default)
+    }
+
+    /// The absolute URL of an entry's bundle.
+    pub fn url_of(&self, entry: &CatalogImage) -> Result<String, ImageCatalogError> {
+        if entry.url.contains("://") {
+            return Ok(entry.url.clone());
+        }
+        match &self.base_url {
+            Some(base) => Ok(format!(
+                "{}/{}",
+                base.trim_end_matches('/'),
+                entry.url.trim_start_matches('/')
+            )),
+            None => Err(ImageCatalogError::NoBaseUrl {
+                name: entry.name.clone(),
+                url: entry.url.clone(),
+            }),
+        }
+    }
+}
+
+impl Bundle {
+    /// The library record for this bundle published as image `image_name`
+    /// (paths still point into staging; `ImageLibrary::publish` rebases them).
+    pub fn record(&self, image_name: &str) -> ImageRecord {
+        ImageRecord {
+            name: image_name.to_owned(),
+            rootfs: self.rootfs.clone(),
+            kernel: ImageKernel::Named {
+                name: self.manifest.kernel_ref.clone(),
+            },
+            source: ImageSource::Catalog {
+                name: self.name.clone(),
+                url: self.url.clone(),
+            },
+            managed: true,
+            size_bytes: fs::metadata(&self.rootfs).map(|m| m.len()).unwrap_or(0),
+            layers: Vec::new(),
+            created_at: now_unix(),
+        }
+    }
+}
+
+/// Downloads catalog image `name` into the existing, empty `staging_dir`,
+/// checks the bundle's layout, parses and removes its manifest.
+///
+/// Writes only inside `staging_dir`. On error the directory is left empty
+/// (the caller's staging guard removes it); if the future is dropped midway,
+/// the directory is removed once the extractor thread has stopped writing
+/// (see [`crate::download::fetch_bundle`]).
+pub async fn pull_bundle(
+    catalog: &ImageCatalog,
+    name: &str,
+    staging_dir: &Path,
+    mut progress: impl FnMut(PullProgress),
+) -> Result<Bundle, ImageCatalogError> {
+    let entry = catalog
+        .find(name)
+        .ok_or_else(|| ImageCatalogError::NotInCatalog(name.to_owned()))?;
+    let url = catalog.url_of(entry)?;
+    let empty = fs::read_dir(staging_dir).is_ok_and(|mut rd| rd.next().is_none());
+    if !empty {
+        return Err(ImageCatalogError::Staging(staging_dir.to_path_buf()));
+    }
+
+    let source = BundleSource {
+        url: &url,
+        sha256: &entry.sha256,
+        size: entry.size,
+    };
+    // Two files are expected; a little slack for `./` entries before the
+    // layout check names what is wrong.
+    let limits = ExtractLimits {
+        max_entries: 64,
+        ..ExtractLimits::default()
+    };
+    let fetched = fetch_bundle(source, staging_dir.to_path_buf(), limits, (), &mut progress).await;
+    let result = match fetched {
+        Ok(_report) => finish_bundle(staging_dir, entry, &url),
+        Err(e) => Err(ImageCatalogError::Download(name.to_owned(), e)),
+    };
+    match result {
+        Ok(bundle) => {
+            progress(PullProgress::Verified);
+            Ok(bundle)
+        }
+        Err(e) => {
+            clear_dir(staging_dir)?;
+            Err(e)
+        }
+    }
+}
+
+/// Checks an extracted bundle holds exactly a regular `rootfs.ext4` and
+/// `manifest.toml`, parses the manifest and removes it.
+fn finish_bundle(dir: &Path, entry: &CatalogImage, url: &str) -> Result<Bundle, ImageCatalogError> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let e = e.map_err(io_err("list", dir))?;
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    if let Some(extra) = names
+        .iter()
+        .find(|n| *n != ROOTFS_FILE && *n != MANIFEST_FILE)
+    {
+        return Err(ImageCatalogError::UnexpectedEntry {
+            url: url.to_owned(),
+            entry: extra.clone(),
+        });
+    }
+    let is_regular = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file());
+    let rootfs = dir.join(ROOTFS_FILE);
+    if !is_regular(&rootfs) {
+        return Err(ImageCatalogError::MissingRootfs(url.to_owned()));
+    }
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if !is_regular(&manifest_path) {
+        return Err(ImageCatalogError::MissingManifest(url.to_owned()));
+    }
+    let raw = read_manifest(&manifest_path, url)?;
+    let Some(kernel) = raw.kernel.filter(|k| !k.is_empty()) else {
+        return Err(ImageCatalogError::ManifestNoKernel(url.to_owned()));
+    };
+    if kernel != entry.kernel {
+        return Err(ImageCatalogError::KernelMismatch {
+            url: url.to_owned(),
+            catalog: entry.kernel.clone(),
+            manifest: kernel,
+        });
+    }
+    let manifest = BundleManifest {
+        kernel_ref: kernel,
+        description: raw.description,
+    };
+    fs::remove_file(&manifest_path).map_err(io_err("remove", &manifest_path))?;
+    Ok(Bundle {
+        rootfs,
+        manifest,
+        name: entry.name.clone(),
+        url: url.to_owned(),
+    })
+}
+
+fn read_manifest(path: &Path, url: &str) -> Result<RawManifest, ImageCatalogError> {
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| {
+        ImageCatalogError::ReadManifest(url.to_owned(), e)
+    };
+    let file = fs::File::open(path).map_err(|e| bad(Box::new(e)))?;
+    let mut text = String::new();
+    file.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(Box::new(e)))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(bad(format!("larger than {MAX_MANIFEST_BYTES} bytes").into()));
+    }
+    toml::from_str(&text).map_err(|e| bad(Box::new(e)))
+}
+
+/// Removes everything inside `dir` (never following links), keeping `dir`.
+fn clear_dir(dir: &Path) -> Result<(), ImageCatalogError> {
+    for e in fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let path = e.map_err(io_err("list", dir))?.path();
+        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        let removed = if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(io_err("remove", &path))?;
+    }
+    Ok(())
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageCatalogError {
+    let path = path.to_path_buf();
+    move |source| ImageCatalogError::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Catalog;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn entry(name: &str, url: &str, kernel: &str, default: bool) -> String {
+        format!(
+            "[[image]]\nname = {name:?}\narch = \"x86_64\"\nurl = {url:?}\nsha256 = {SHA:?}\nkernel = {kernel:?}\ndescription = \"x\"\ndefault = {default}\n"
+        )
+    }
+
+    #[test]
+    fn embedded_catalog_has_one_default_whose_kernel_is_the_default_kernel() {
+        let c = ImageCatalog::embedded().unwrap();
+        let d = c.default_entry().unwrap();
+        assert_eq!(c.entries().iter().filter(|e| e.default).count(), 1);
+        assert!(c.url_of(d).unwrap().starts_with("https://"));
+        let kernels = Catalog::embedded().unwrap();
+        assert_eq!(
+            Some(d.kernel.as_str()),
+            kernels.default_entry().map(|k| k.name.as_str())
+        );
+    }
+
+    #[test]
+    fn find_answers_none_for_names_to_try_as_oci() {
+        let c = ImageCatalog::parse(&entry("deb", "a.tar.zst", "k", false)).unwrap();
+        assert_eq!(c.find("deb").map(|e| e.kernel.as_str()), Some("k"));
+        assert_eq!(c.find("docker.io/library/debian:12"), None);
+        assert_eq!(c.default_entry(), None);
+        assert_eq!(c.entries()[0].size, 0, "size is optional");
+    }
+
+    #[test]
+    fn resolves_relative_urls_against_the_override() {
+        let text = format!(
+            "base_url = \"https://a.example/x/\"\n{}{}",
+            entry("rel", "images/r.tar.zst", "k", true),
+            entry("abs", "https://b.example/a.tar.zst", "k", false)
+        );
+        let c = ImageCatalog::parse(&text).unwrap();
+        let rel = c.find("rel").unwrap().clone();
+        let abs = c.find("abs").unwrap().clone();
+        assert_eq!(
+            c.url_of(&rel).unwrap(),
+            "https://a.example/x/images/r.tar.zst"
+        );
+        let c = c.with_base_url("http://127.0.0.1:1");
+        assert_eq!(
+            c.url_of(&rel).unwrap(),
+            "http://127.0.0.1:1/images/r.tar.zst"
+        );
+        assert_eq!(c.url_of(&abs).unwrap(), "https://b.example/a.tar.zst");
+    }
+
+    #[test]
+    fn rejects_bad_catalogs() {
+        let two_defaults = format!(
+            "{}{}",
+            entry("a", "u", "k", true),
+            entry("b", "u", "k", true)
+        );
+        let dup = format!(
+            "{}{}",
+            entry("a", "u", "k", false),
+            entry("a", "u", "k", false)
+        );
+        let bad_name = entry("../a", "u", "k", false);
+        let bad_kernel = entry("a", "u", "../k", false);
+        let bad_sha = entry("a", "u", "k", false).replace(SHA, "abc");
+        let no_kernel = entry("a", "u", "k", false).replace("kernel = \"k\"\n", "");
+        let unknown = format!("{}typo = 1\n", entry("a", "u", "k", false));
+        for text in [
+            two_defaults,
+            dup,
+            bad_name,
+            bad_kernel,
+            bad_sha,
+            no_kernel,
+            unknown,
+        ] {
+            assert!(
+                matches!(
+                    ImageCatalog::parse(&text),
+                    Err(ImageCatalogError::ParseCatalog(_))
+                ),
+                "{text}"
+            );
+        }
+        let c = ImageCatalog::parse(&entry("a", "rel", "k", false)).unwrap();
+        assert!(matches!(
+            c.url_of(&c.entries()[0]),
+            Err(ImageCatalogError::NoBaseUrl { .. })
+        ));
+    }
+}
