@@ -174,8 +174,11 @@ pub struct NamesArgs {
 /// `banger image ...`
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// List local images.
+    /// List local images, or the image catalog with --available.
     List {
+        /// Show the catalog instead of local images.
+        #[arg(long)]
+        available: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,

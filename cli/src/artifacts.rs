@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use banger_core::artifacts::PullImageRequest;
 use banger_core::client::{Client, Method};
-use banger_core::daemon::{CatalogKernelView, ImportKernelRequest, KernelView};
+use banger_core::daemon::{CatalogImageView, CatalogKernelView, ImportKernelRequest, KernelView};
 use banger_core::images::PruneReport;
 use banger_core::kernels::KernelManifest;
 use banger_core::library::RegisterImageRequest;
@@ -98,7 +98,41 @@ fn kernel_details(k: &KernelView) -> String {
 /// Runs `banger image ...`.
 pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
     match cmd {
-        ImageCommand::List { json } => {
+        ImageCommand::List {
+            available: true,
+            json,
+        } => {
+            let is: Vec<CatalogImageView> = client.get("/v1/images/catalog").await?;
+            if json {
+                print_json(&is)?;
+            } else {
+                let yes = |b: bool| if b { "yes" } else { "" }.to_string();
+                let rows: Vec<Vec<String>> = is
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.kernel.clone(),
+                            yes(i.default),
+                            yes(i.local),
+                            i.description.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(
+                        &["NAME", "KERNEL", "DEFAULT", "LOCAL", "DESCRIPTION"],
+                        &rows
+                    )
+                );
+                println!("Any OCI reference can be pulled too: banger image pull REF");
+            }
+        }
+        ImageCommand::List {
+            available: false,
+            json,
+        } => {
             let images: Vec<ImageRecord> = client.get("/v1/images").await?;
             if json {
                 print_json(&images)?;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::CreateVmRequest;
 use crate::config::Config;
+use crate::imagecat::ImageCatalog;
 use crate::images::{PruneReport, PullEvent, PullOptions, default_image_name};
 use crate::kernels::{Catalog, KernelError, KernelStore, LocalKernel, PullProgress};
 use crate::library::{ImageLibrary, LibraryError};
@@ -31,6 +32,9 @@ pub enum ArtifactError {
     /// An image library operation failed.
     #[error(transparent)]
     Library(#[from] LibraryError),
+    /// An image catalog operation failed.
+    #[error(transparent)]
+    ImageCatalog(#[from] crate::imagecat::ImageCatalogError),
     /// An OCI pull failed.
     #[error(transparent)]
     Oci(#[from] crate::images::ImageError),
@@ -75,6 +79,7 @@ pub struct Artifacts {
     /// Local kernels.
     pub kernels: KernelStore,
     kernel_catalog: Catalog,
+    image_catalog: ImageCatalog,
     oci: PullOptions,
     /// Serialises pulls so two requests for one artifact do not race.
     pulls: tokio::sync::Mutex<()>,
@@ -98,10 +103,26 @@ impl Artifacts {
         if let Some(url) = &config.kernel_catalog_url {
             kernel_catalog = kernel_catalog.with_base_url(url.clone());
         }
+        let mut image_catalog = match &config.image_catalog_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ArtifactError::Invalid(format!(
+                        "Cannot read image_catalog_file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                ImageCatalog::parse(&text)?
+            }
+            None => ImageCatalog::embedded()?,
+        };
+        if let Some(url) = &config.image_catalog_url {
+            image_catalog = image_catalog.with_base_url(url.clone());
+        }
         Ok(Artifacts {
             library: ImageLibrary::new(paths, store),
             kernels: KernelStore::new(paths.state_dir.join("kernels")),
             kernel_catalog,
+            image_catalog,
             oci: PullOptions {
                 insecure_registries: config.insecure_registries.clone(),
                 docker_config: None,
@@ -120,6 +141,11 @@ impl Artifacts {
     /// The kernel catalog.
     pub fn kernel_catalog(&self) -> &Catalog {
         &self.kernel_catalog
+    }
+
+    /// The image catalog.
+    pub fn image_catalog(&self) -> &ImageCatalog {
+        &self.image_catalog
     }
 
     /// Pulls a kernel from the catalog.
@@ -174,6 +200,9 @@ impl Artifacts {
         req: PullImageRequest,
         progress: &Progress,
     ) -> Result<ImageRecord, ArtifactError> {
+        if self.image_catalog.find(&req.reference).is_some() {
+            return self.pull_bundle(req, progress).await;
+        }
         let name = match &req.name {
             Some(n) => n.clone(),
             None => default_image_name(&req.reference)?,
@@ -248,6 +277,66 @@ impl Artifacts {
         Ok(tokio::task::spawn_blocking(move || library.publish(staging, record)).await??)
     }
 
+    /// Pulls an image catalog bundle, resolves its kernel and publishes it.
+    async fn pull_bundle(
+        &self,
+        req: PullImageRequest,
+        progress: &Progress,
+    ) -> Result<ImageRecord, ArtifactError> {
+        if req.size.is_some() {
+            return Err(ArtifactError::Invalid(format!(
+                "--size does not apply to catalog image {}: its root filesystem comes ready-made",
+                req.reference
+            )));
+        }
+        let name = req.name.clone().unwrap_or_else(|| req.reference.clone());
+        {
+            let library = self.library.clone();
+            let n = name.clone();
+            tokio::task::spawn_blocking(move || library.check_new_name(&n)).await??;
+        }
+        let one = self.pulls.lock().await;
+        let staging = self.library.stage(&name)?;
+        progress.stage(
+            "pull_image",
+            format!("pulling {} from the image catalog", req.reference),
+        );
+        let mut last_tenth = None;
+        let bundle = crate::imagecat::pull_bundle(
+            &self.image_catalog,
+            &req.reference,
+            staging.path(),
+            |p| {
+                if let PullProgress::Downloading { received, total } = p
+                    && total > 0
+                {
+                    let tenth = received * 10 / total;
+                    if last_tenth != Some(tenth) {
+                        last_tenth = Some(tenth);
+                        progress.log_info(&format!(
+                            "image {}: {}% of {total} bytes",
+                            req.reference,
+                            tenth * 10
+                        ));
+                    }
+                }
+            },
+        )
+        .await?;
+        // The kernel pull below takes the same lock.
+        drop(one);
+        let kernel = req
+            .kernel_ref
+            .clone()
+            .unwrap_or_else(|| bundle.manifest.kernel_ref.clone());
+        self.ensure_kernel(&kernel, progress).await?;
+        let mut record = bundle.record(&name);
+        record.kernel = ImageKernel::Named { name: kernel };
+        progress.stage("publish", format!("publishing image {name}"));
+        let library = self.library.clone();
+        Ok(tokio::task::spawn_blocking(move || library.publish(staging, record)).await??)
+    }
+
     /// Removes cached OCI layers no image refers to.
     pub async fn prune_cache(&self) -> Result<PruneReport, ArtifactError> {
         let _one = self.pulls.lock().await;
@@ -259,6 +348,41 @@ impl Artifacts {
             Ok(crate::images::cache_prune(&cache, &keep)?)
         })
         .await?
+    }
+
+    /// A local image, pulled from the image catalog first if it is not local.
+    pub async fn ensure_image(
+        &self,
+        name: &str,
+        progress: &Progress,
+    ) -> Result<ImageRecord, ArtifactError> {
+        let library = self.library.clone();
+        let n = name.to_string();
+        match tokio::task::spawn_blocking(move || library.get(&n)).await? {
+            Ok(image) => return Ok(image),
+            Err(LibraryError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if self.image_catalog.find(name).is_none() {
+            return Err(ArtifactError::Invalid(format!(
+                "Image {name:?} is neither local nor in the image catalog; see `banger image list --available`, or pull an OCI image with `banger image pull REF --name {name}`"
+            )));
+        }
+        let req = PullImageRequest {
+            reference: name.to_string(),
+            ..Default::default()
+        };
+        match self.pull_image(req, progress).await {
+            // Another request pulled it while we waited.
+            Err(ArtifactError::Library(LibraryError::Store(
+                crate::store::StoreError::ImageNameTaken(_),
+            ))) => {
+                let library = self.library.clone();
+                let n = name.to_string();
+                Ok(tokio::task::spawn_blocking(move || library.get(&n)).await??)
+            }
+            other => other,
+        }
     }
 
     /// A local kernel, pulled from the catalog first if it is not local.
@@ -317,9 +441,7 @@ impl Artifacts {
             }
             (Some(r), None) => (r.clone(), None),
             (None, Some(name)) => {
-                let library = self.library.clone();
-                let n = name.clone();
-                let image = tokio::task::spawn_blocking(move || library.get(&n)).await??;
+                let image = self.ensure_image(name, progress).await?;
                 (image.rootfs, Some(image.kernel))
             }
             (None, None) => {

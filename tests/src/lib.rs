@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-pub mod registry;
 pub mod http;
+pub mod registry;
 
 /// The cargo target profile directory the running test binary lives in
 /// (`target/debug`), derived from the test executable's own path.

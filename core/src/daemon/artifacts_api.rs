@@ -70,6 +70,25 @@ pub struct CatalogKernelView {
     pub local: bool,
 }
 
+/// An image catalog entry as `image list --available` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogImageView {
+    /// Name to pull.
+    pub name: String,
+    /// Architecture.
+    pub arch: String,
+    /// Kernel it boots with.
+    pub kernel: String,
+    /// Download size in bytes (0 if unknown).
+    pub size: u64,
+    /// One line of description.
+    pub description: String,
+    /// The image VMs get when none is named.
+    pub default: bool,
+    /// Already pulled.
+    pub local: bool,
+}
+
 /// `kernel import` arguments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,6 +163,7 @@ pub(crate) fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/kernels/{name}", get(show_kernel).delete(delete_kernel))
         .route("/v1/kernels/{name}/pull", post(pull_kernel))
         .route("/v1/images", get(list_images))
+        .route("/v1/images/catalog", get(image_catalog))
         .route("/v1/images/register", post(register_image))
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/cache/prune", post(prune_cache))
@@ -260,6 +280,35 @@ async fn pull_kernel(
 async fn list_images(State(st): S) -> Result<Json<Vec<ImageRecord>>, ApiError> {
     let library = st.lifecycle.artifacts().library.clone();
     Ok(Json(blocking(move || Ok(library.list()?)).await?))
+}
+
+async fn image_catalog(State(st): S) -> Result<Json<Vec<CatalogImageView>>, ApiError> {
+    let artifacts = st.lifecycle.artifacts().clone();
+    Ok(Json(
+        blocking(move || {
+            let local: Vec<String> = artifacts
+                .library
+                .list()?
+                .into_iter()
+                .map(|i| i.name)
+                .collect();
+            Ok(artifacts
+                .image_catalog()
+                .entries()
+                .iter()
+                .map(|e| CatalogImageView {
+                    name: e.name.clone(),
+                    arch: e.arch.clone(),
+                    kernel: e.kernel.clone(),
+                    size: e.size,
+                    description: e.description.clone(),
+                    default: e.default,
+                    local: local.contains(&e.name),
+                })
+                .collect())
+        })
+        .await?,
+    ))
 }
 
 async fn show_image(State(st): S, Path(name): Path<String>) -> Result<Json<ImageRecord>, ApiError> {

@@ -24,7 +24,7 @@ use crate::vmm::{LaunchPaths, Vmm, VmmError};
 mod artifacts_api;
 mod server;
 
-pub use artifacts_api::{CatalogKernelView, ImportKernelRequest, KernelView};
+pub use artifacts_api::{CatalogImageView, CatalogKernelView, ImportKernelRequest, KernelView};
 
 /// The daemon could not start or serve.
 #[derive(Debug, thiserror::Error)]
