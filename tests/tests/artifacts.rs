@@ -352,4 +352,214 @@ mod tests {
             );
         }
     }
+
+    /// A loopback "release host" serving one kernel and one image bundle,
+    /// with catalog files pointing at it, written into `env`'s config.
+    struct Catalogs {
+        server: test_infra::http::Server,
+        image_bundle: Vec<u8>,
+    }
+
+    fn serve_catalogs(env: &BangerEnv) -> Catalogs {
+        use test_infra::http::{Entry as T, Reply, Server, sha256, tar_zst};
+        let server = Server::start();
+        let kernel = tar_zst(&[T::File("vmlinux", b"\x7fELF catalog kernel")]);
+        let rootfs = test_infra::http::noise(2 << 20);
+        let image = tar_zst(&[
+            T::File("rootfs.ext4", &rootfs),
+            T::File(
+                "manifest.toml",
+                b"kernel = \"kdef\"\ndescription = \"test image\"\n",
+            ),
+        ]);
+        let evil = tar_zst(&[
+            T::File("../evil", b"x"),
+            T::File("manifest.toml", b"kernel = \"kdef\"\n"),
+        ]);
+        server.route("/k/kdef.tar.zst", Reply::Body(kernel.clone()));
+        server.route("/i/img.tar.zst", Reply::Body(image.clone()));
+        server.route("/i/evil.tar.zst", Reply::Body(evil.clone()));
+        let kcat = format!(
+            "base_url = {:?}\n[[kernel]]\nname = \"kdef\"\narch = \"x86_64\"\ndistro = \"test\"\nversion = \"6.12\"\nurl = \"k/kdef.tar.zst\"\nsha256 = {:?}\nsize = {}\ndescription = \"test kernel\"\ndefault = true\n",
+            server.base,
+            sha256(&kernel),
+            kernel.len()
+        );
+        let icat = format!(
+            "base_url = {base:?}\n\
+             [[image]]\nname = \"img\"\narch = \"x86_64\"\nurl = \"i/img.tar.zst\"\nsha256 = {:?}\nsize = {}\nkernel = \"kdef\"\ndescription = \"test image\"\ndefault = true\n\
+             [[image]]\nname = \"evil\"\narch = \"x86_64\"\nurl = \"i/evil.tar.zst\"\nsha256 = {:?}\nsize = {}\nkernel = \"kdef\"\ndescription = \"hostile\"\n",
+            sha256(&image),
+            image.len(),
+            sha256(&evil),
+            evil.len(),
+            base = server.base,
+        );
+        let kfile = env.root().join("kernels.toml");
+        let ifile = env.root().join("images.toml");
+        std::fs::write(&kfile, kcat).unwrap();
+        std::fs::write(&ifile, icat).unwrap();
+        env.write_config(&format!(
+            "kernel_catalog_file = {kfile:?}\nimage_catalog_file = {ifile:?}\n"
+        ));
+        Catalogs {
+            server,
+            image_bundle: image,
+        }
+    }
+
+    #[test]
+    fn vm_create_pulls_a_missing_image_and_its_kernel_from_the_catalogs() {
+        let env = BangerEnv::new();
+        let _catalogs = serve_catalogs(&env);
+        let avail = env.banger(&["image", "list", "--available"]).ok().stdout;
+        assert!(
+            avail
+                .lines()
+                .any(|l| l.starts_with("img") && l.contains("kdef")),
+            "{avail}"
+        );
+
+        let out = env
+            .banger(&[
+                "vm",
+                "create",
+                "--name",
+                "auto",
+                "--image",
+                "img",
+                "--disk-size",
+                "64M",
+            ])
+            .ok();
+        assert!(
+            out.stderr.contains("pull_image"),
+            "the pull is a visible stage:\n{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("pull_kernel"),
+            "so is the kernel's:\n{}",
+            out.stderr
+        );
+        let vm = env.show("auto");
+        assert!(
+            boot_source(&env, &vm)["kernel_image_path"]
+                .as_str()
+                .unwrap()
+                .ends_with("kernels/kdef/vmlinux")
+        );
+        let img: ImageRecord =
+            serde_json::from_str(&env.banger(&["image", "show", "img", "--json"]).ok().stdout)
+                .unwrap();
+        assert_eq!(vm.record.spec.rootfs_source, img.rootfs);
+        assert!(matches!(img.source, ImageSource::Catalog { .. }));
+        assert!(
+            !img.rootfs.parent().unwrap().join("manifest.toml").exists(),
+            "the manifest is stripped"
+        );
+
+        // A bring-your-own rootfs gets the catalog's default kernel.
+        let (_, rootfs) = env.boot_files();
+        env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "byo",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--disk-size",
+            "64M",
+        ])
+        .ok();
+        assert!(
+            boot_source(&env, &env.show("byo"))["kernel_image_path"]
+                .as_str()
+                .unwrap()
+                .ends_with("kdef/vmlinux")
+        );
+
+        // Neither local nor in a catalog: says how to list what is available.
+        let none = env
+            .banger(&["vm", "create", "--name", "x", "--image", "nowhere"])
+            .failed();
+        assert!(
+            both(&none).contains("banger image list --available"),
+            "{none:?}"
+        );
+
+        // A hostile bundle fails cleanly: no row, no directory.
+        let evil = env.banger(&["image", "pull", "evil"]).failed();
+        assert!(both(&evil).contains("../evil"), "{evil:?}");
+        let names: Vec<String> = std::fs::read_dir(env.state_dir().join("images"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["img"]);
+        assert_eq!(
+            serde_json::from_str::<Vec<ImageRecord>>(
+                &env.banger(&["image", "list", "--json"]).ok().stdout
+            )
+            .unwrap()
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_pull_interrupted_by_a_daemon_crash_leaves_nothing_and_can_be_retried() {
+        use test_infra::http::Reply;
+        let env = BangerEnv::new();
+        let catalogs = serve_catalogs(&env);
+        // The image download stalls half-way.
+        let half = catalogs.image_bundle[..catalogs.image_bundle.len() / 2].to_vec();
+        catalogs.server.route(
+            "/i/img.tar.zst",
+            Reply::Stall {
+                body: half,
+                claimed: catalogs.image_bundle.len(),
+            },
+        );
+        env.banger(&["daemon", "start"]).ok();
+        let images = env.state_dir().join("images");
+        std::thread::scope(|s| {
+            let puller = s.spawn(|| env.banger(&["image", "pull", "img"]));
+            test_infra::wait_until(
+                std::time::Duration::from_secs(20),
+                "the pull has a staging dir",
+                || {
+                    std::fs::read_dir(&images)
+                        .map(|rd| rd.count() > 0)
+                        .unwrap_or(false)
+                },
+            );
+            let daemon = env.daemon_pid().unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            puller.join().unwrap().failed();
+        });
+        assert!(
+            std::fs::read_dir(&images).unwrap().count() > 0,
+            "the crash left staging behind"
+        );
+
+        // Restart (on demand): the staging dir is gone, and the pull works.
+        catalogs
+            .server
+            .route("/i/img.tar.zst", Reply::Body(catalogs.image_bundle.clone()));
+        assert_eq!(
+            env.banger(&["image", "list", "--json"]).ok().stdout.trim(),
+            "[]"
+        );
+        let left: Vec<String> = std::fs::read_dir(&images)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(left.is_empty(), "staging left after restart: {left:?}");
+        env.banger(&["image", "pull", "img"]).ok();
+        assert!(images.join("img/rootfs.ext4").exists());
+    }
 }
