@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use banger_core::artifacts::PullImageRequest;
 use banger_core::client::{Client, Method};
-use banger_core::daemon::{CatalogImageView, CatalogKernelView, ImportKernelRequest, KernelView};
+use banger_core::daemon::{
+    CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
+};
 use banger_core::images::PruneReport;
 use banger_core::kernels::KernelManifest;
 use banger_core::library::RegisterImageRequest;
@@ -133,12 +135,13 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
             available: false,
             json,
         } => {
-            let images: Vec<ImageRecord> = client.get("/v1/images").await?;
+            let images: Vec<ImageView> = client.get("/v1/images").await?;
             if json {
                 print_json(&images)?;
             } else {
                 let rows: Vec<Vec<String>> = images
                     .iter()
+                    .map(|v| &v.record)
                     .map(|i| {
                         vec![
                             i.name.clone(),
@@ -155,11 +158,21 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
             }
         }
         ImageCommand::Show { name, json } => {
-            let i: ImageRecord = client.get(&format!("/v1/images/{name}")).await?;
+            let v: ImageView = client.get(&format!("/v1/images/{name}")).await?;
             if json {
-                print_json(&i)?;
+                print_json(&v)?;
             } else {
-                print!("{}", image_details(&i));
+                print!("{}", image_details(&v.record));
+                let path = |p: &Option<std::path::PathBuf>, none: &str| {
+                    p.as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| none.to_string())
+                };
+                println!(
+                    "vmlinux: {}",
+                    path(&v.kernel_path, "(not pulled yet; VMs pull it on create)")
+                );
+                println!("initrd:  {}", path(&v.initrd_path, "-"));
             }
         }
         ImageCommand::Delete { names } => {

@@ -18,7 +18,7 @@ use crate::images::PruneReport;
 use crate::kernels::{KernelError, KernelManifest, LocalKernel};
 use crate::library::{LibraryError, RegisterImageRequest};
 use crate::lifecycle::render_chain;
-use crate::model::ImageRecord;
+use crate::model::{ImageKernel, ImageRecord};
 use crate::store::StoreError;
 
 /// A local kernel as the API shows it.
@@ -68,6 +68,34 @@ pub struct CatalogKernelView {
     pub default: bool,
     /// Already pulled.
     pub local: bool,
+}
+
+/// An image as the API shows it: the record plus the kernel files it boots
+/// with right now (`None` while a named kernel has not been pulled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageView {
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: ImageRecord,
+    /// The kernel image path.
+    pub kernel_path: Option<PathBuf>,
+    /// The initrd path, if any.
+    pub initrd_path: Option<PathBuf>,
+}
+
+fn image_view(kernels: &crate::kernels::KernelStore, record: ImageRecord) -> ImageView {
+    let (kernel_path, initrd_path) = match &record.kernel {
+        ImageKernel::Files { kernel, initrd } => (Some(kernel.clone()), initrd.clone()),
+        ImageKernel::Named { name } => match kernels.get(name) {
+            Ok(Some(k)) => (Some(k.vmlinux), k.initrd),
+            _ => (None, None),
+        },
+    };
+    ImageView {
+        record,
+        kernel_path,
+        initrd_path,
+    }
 }
 
 /// An image catalog entry as `image list --available` shows it.
@@ -277,9 +305,18 @@ async fn pull_kernel(
     })
 }
 
-async fn list_images(State(st): S) -> Result<Json<Vec<ImageRecord>>, ApiError> {
-    let library = st.lifecycle.artifacts().library.clone();
-    Ok(Json(blocking(move || Ok(library.list()?)).await?))
+async fn list_images(State(st): S) -> Result<Json<Vec<ImageView>>, ApiError> {
+    let artifacts = st.lifecycle.artifacts().clone();
+    Ok(Json(
+        blocking(move || {
+            let images = artifacts.library.list()?;
+            Ok(images
+                .into_iter()
+                .map(|i| image_view(&artifacts.kernels, i))
+                .collect())
+        })
+        .await?,
+    ))
 }
 
 async fn image_catalog(State(st): S) -> Result<Json<Vec<CatalogImageView>>, ApiError> {
@@ -311,9 +348,17 @@ async fn image_catalog(State(st): S) -> Result<Json<Vec<CatalogImageView>>, ApiE
     ))
 }
 
-async fn show_image(State(st): S, Path(name): Path<String>) -> Result<Json<ImageRecord>, ApiError> {
-    let library = st.lifecycle.artifacts().library.clone();
-    Ok(Json(blocking(move || Ok(library.get(&name)?)).await?))
+async fn show_image(State(st): S, Path(name): Path<String>) -> Result<Json<ImageView>, ApiError> {
+    let artifacts = st.lifecycle.artifacts().clone();
+    Ok(Json(
+        blocking(move || {
+            Ok(image_view(
+                &artifacts.kernels,
+                artifacts.library.get(&name)?,
+            ))
+        })
+        .await?,
+    ))
 }
 
 async fn delete_image(

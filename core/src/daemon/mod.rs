@@ -24,7 +24,9 @@ use crate::vmm::{LaunchPaths, Vmm, VmmError};
 mod artifacts_api;
 mod server;
 
-pub use artifacts_api::{CatalogImageView, CatalogKernelView, ImportKernelRequest, KernelView};
+pub use artifacts_api::{
+    CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
+};
 
 /// The daemon could not start or serve.
 #[derive(Debug, thiserror::Error)]
