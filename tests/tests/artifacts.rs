@@ -294,6 +294,21 @@ mod tests {
             "ID=bangertest\n"
         );
         assert!(debugfs(&img.rootfs, "ls /etc").contains("os-release"));
+        // show --json gives the rootfs and the kernel paths it boots with.
+        let shown: serde_json::Value = serde_json::from_str(
+            &env.banger(&["image", "show", "debian-bookworm", "--json"])
+                .ok()
+                .stdout,
+        )
+        .unwrap();
+        assert_eq!(shown["rootfs"], img.rootfs.display().to_string());
+        assert!(
+            shown["kernel_path"]
+                .as_str()
+                .unwrap()
+                .ends_with("kernels/k1/vmlinux"),
+            "{shown}"
+        );
         assert!(
             !debugfs(&img.rootfs, "ls /etc").contains("doomed"),
             "whiteouts apply"
