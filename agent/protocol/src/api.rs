@@ -1,0 +1,61 @@
+//! The agent's HTTP API over vsock. The host reaches it through the VMM's
+//! hybrid-vsock Unix socket: connect, send `CONNECT <port>\n`, read an
+//! `OK <n>\n` line, then speak HTTP/1.1.
+
+use serde::{Deserialize, Serialize};
+
+/// The vsock port the agent's HTTP service listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Agent version.
+    pub version: String,
+    /// Seconds since the agent started.
+    pub uptime_secs: u64,
+    /// Guest memory from /proc/meminfo, in KiB.
+    #[serde(default)]
+    pub mem_total_kib: u64,
+    /// Available guest memory, in KiB.
+    #[serde(default)]
+    pub mem_available_kib: u64,
+}
+
+/// Transport protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// One listening socket, from `GET /ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    /// Protocol.
+    pub proto: Proto,
+    /// Local address (`0.0.0.0`, `::`, `127.0.0.1`).
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Owning process id, if found.
+    pub pid: Option<u32>,
+    /// Process name (`comm`).
+    pub process: Option<String>,
+    /// Command line.
+    pub command: Option<String>,
+}
+
+/// One SSH host key, from `GET /ssh-host-keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKey {
+    /// Key type (`ssh-ed25519`).
+    pub algorithm: String,
+    /// The public key line as in `/etc/ssh/ssh_host_*_key.pub`.
+    pub public_key: String,
+    /// `SHA256:...` fingerprint, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+}

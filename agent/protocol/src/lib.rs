@@ -1,0 +1,10 @@
+//! What the banger host and the guest agent agree on, and nothing else: the
+//! guest config bundle capabilities build ([`bundle`]), how it is written to
+//! the config drive ([`drive`]), and the agent's vsock API ([`api`]).
+//!
+//! The agent depends only on this crate; the daemon re-exports the bundle as
+//! `banger_core::guest`.
+
+pub mod api;
+pub mod bundle;
+pub mod drive;
