@@ -177,34 +177,12 @@ impl ImageCatalog {
     pub fn parse(text: &str) -> Result<ImageCatalog, ImageCatalogError> {
         let catalog: ImageCatalog =
             toml::from_str(text).map_err(|e| ImageCatalogError::ParseCatalog(e.to_string()))?;
-        let bad = |msg: String| Err(ImageCatalogError::ParseCatalog(msg));
-        let mut names = std::collections::HashSet::new();
+        crate::catalog::check_entries("image", &catalog.entries)
+            .map_err(ImageCatalogError::ParseCatalog)?;
         for e in &catalog.entries {
-            if let Err(err) = validate_artifact_name("image", &e.name) {
-                return bad(err.to_string());
-            }
-            if let Err(err) = validate_artifact_name("kernel", &e.kernel) {
-                return bad(format!("image {:?}: {err}", e.name));
-            }
-            if !names.insert(e.name.as_str()) {
-                return bad(format!("image {:?} is listed twice", e.name));
-            }
-            let hex = e.sha256.len() == 64
-                && e.sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if !hex {
-                return bad(format!(
-                    "image {:?} needs a sha256 of 64 lowercase hex digits",
-                    e.name
-                ));
-            }
-            if e.url.is_empty() {
-                return bad(format!("image {:?} has an empty url", e.name));
-            }
-        }
-        if catalog.entries.iter().filter(|e| e.default).count() > 1 {
-            return bad("more than one image is marked default".into());
+            validate_artifact_name("kernel", &e.kernel).map_err(|err| {
+                ImageCatalogError::ParseCatalog(format!("image {:?}: {err}", e.name))
+            })?;
         }
         Ok(catalog)
     }
@@ -233,20 +211,27 @@ impl ImageCatalog {
 
     /// The absolute URL of an entry's bundle.
     pub fn url_of(&self, entry: &CatalogImage) -> Result<String, ImageCatalogError> {
-        if entry.url.contains("://") {
-            return Ok(entry.url.clone());
-        }
-        match &self.base_url {
-            Some(base) => Ok(format!(
-                "{}/{}",
-                base.trim_end_matches('/'),
-                entry.url.trim_start_matches('/')
-            )),
-            None => Err(ImageCatalogError::NoBaseUrl {
+        crate::catalog::resolve_url(self.base_url.as_deref(), &entry.url).ok_or_else(|| {
+            ImageCatalogError::NoBaseUrl {
                 name: entry.name.clone(),
                 url: entry.url.clone(),
-            }),
-        }
+            }
+        })
+    }
+}
+
+impl crate::catalog::CatalogItem for CatalogImage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn sha256(&self) -> &str {
+        &self.sha256
+    }
+    fn is_default(&self) -> bool {
+        self.default
     }
 }
 

@@ -8,6 +8,7 @@ pub mod api;
 pub mod archive;
 pub mod artifacts;
 pub mod capability;
+pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::{KernelError, validate_name};
+use super::KernelError;
 
 const EMBEDDED: &str = include_str!("../../catalog/kernels.toml");
 
@@ -54,30 +54,8 @@ impl Catalog {
     pub fn parse(text: &str) -> Result<Catalog, KernelError> {
         let catalog: Catalog =
             toml::from_str(text).map_err(|e| KernelError::ParseCatalog(e.to_string()))?;
-        let bad = |msg: String| Err(KernelError::ParseCatalog(msg));
-        let mut names = std::collections::HashSet::new();
-        for e in &catalog.entries {
-            validate_name(&e.name)?;
-            if !names.insert(e.name.as_str()) {
-                return bad(format!("kernel {:?} is listed twice", e.name));
-            }
-            let hex = e.sha256.len() == 64
-                && e.sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if !hex {
-                return bad(format!(
-                    "kernel {:?} needs a sha256 of 64 lowercase hex digits",
-                    e.name
-                ));
-            }
-            if e.url.is_empty() {
-                return bad(format!("kernel {:?} has an empty url", e.name));
-            }
-        }
-        if catalog.entries.iter().filter(|e| e.default).count() > 1 {
-            return bad("more than one kernel is marked default".into());
-        }
+        crate::catalog::check_entries("kernel", &catalog.entries)
+            .map_err(KernelError::ParseCatalog)?;
         Ok(catalog)
     }
 
@@ -108,20 +86,12 @@ impl Catalog {
 
     /// The absolute URL of an entry's tarball.
     pub fn url_of(&self, entry: &CatalogEntry) -> Result<String, KernelError> {
-        if entry.url.contains("://") {
-            return Ok(entry.url.clone());
-        }
-        match &self.base_url {
-            Some(base) => Ok(format!(
-                "{}/{}",
-                base.trim_end_matches('/'),
-                entry.url.trim_start_matches('/')
-            )),
-            None => Err(KernelError::NoBaseUrl {
+        crate::catalog::resolve_url(self.base_url.as_deref(), &entry.url).ok_or_else(|| {
+            KernelError::NoBaseUrl {
                 name: entry.name.clone(),
                 url: entry.url.clone(),
-            }),
-        }
+            }
+        })
     }
 }
 
@@ -179,5 +149,20 @@ mod tests {
             Err(KernelError::NoBaseUrl { .. })
         ));
         assert!(matches!(c.find("zz"), Err(KernelError::NotInCatalog(n)) if n == "zz"));
+    }
+}
+
+impl crate::catalog::CatalogItem for CatalogEntry {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn sha256(&self) -> &str {
+        &self.sha256
+    }
+    fn is_default(&self) -> bool {
+        self.default
     }
 }
