@@ -95,6 +95,21 @@ impl Catalog {
     }
 }
 
+impl crate::catalog::CatalogItem for CatalogEntry {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn sha256(&self) -> &str {
+        &self.sha256
+    }
+    fn is_default(&self) -> bool {
+        self.default
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,20 +164,5 @@ mod tests {
             Err(KernelError::NoBaseUrl { .. })
         ));
         assert!(matches!(c.find("zz"), Err(KernelError::NotInCatalog(n)) if n == "zz"));
-    }
-}
-
-impl crate::catalog::CatalogItem for CatalogEntry {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn url(&self) -> &str {
-        &self.url
-    }
-    fn sha256(&self) -> &str {
-        &self.sha256
-    }
-    fn is_default(&self) -> bool {
-        self.default
     }
 }
