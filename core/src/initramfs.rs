@@ -73,6 +73,19 @@ pub fn build_initrd(
     Ok(Built::Fresh)
 }
 
+/// Removes an initrd written by [`build_initrd`] and its cache stamp;
+/// missing files are fine.
+pub fn remove_initrd(dest: &Path) -> Result<(), InitramfsError> {
+    for p in [sibling(dest, ".sha256"), dest.to_path_buf()] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(InitramfsError::WriteOutput(p, e)),
+        }
+    }
+    Ok(())
+}
+
 /// The agent archive alone: directories, `dev/console`, `/init` and the
 /// trailer.
 pub fn agent_archive(agent: &[u8]) -> Vec<u8> {
@@ -375,6 +388,13 @@ mod tests {
         assert_eq!(
             build_initrd(&agent, Some(&kernel), &dest).unwrap(),
             Built::Fresh
+        );
+        remove_initrd(&dest).unwrap();
+        remove_initrd(&dest).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "only the inputs remain"
         );
         let leftovers: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
