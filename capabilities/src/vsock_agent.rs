@@ -4,9 +4,13 @@
 //! answers `/healthz` through it.
 //!
 //! Options (`--cap vsock-agent:timeout=30,agent=/path/to/banger-agent`):
-//! - `timeout`: seconds to wait for `/healthz` (default 60).
-//! - `agent`: the agent binary. Without it, `$BANGER_AGENT_BIN` (read by the
-//!   daemon), then `banger-agent` next to the daemon, then `PATH`.
+//! - `timeout`: seconds to wait for `/healthz`. Without it,
+//!   `$BANGER_AGENT_TIMEOUT_SECS` in the daemon's environment, else 60.
+//! - `agent`: the agent binary. Without it, `$BANGER_AGENT_BIN` in the
+//!   daemon's environment, then `banger-agent` next to the daemon, then `PATH`.
+//!
+//! Capabilities get no daemon config, so the config keys `agent_bin` and
+//! `agent_timeout_secs` reach this capability through those two variables.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +33,8 @@ pub const INITRD_FILE: &str = "initramfs.cpio";
 pub const GUEST_CID: u32 = 3;
 /// Environment variable naming the agent binary when no option does.
 pub const AGENT_BIN_ENV: &str = "BANGER_AGENT_BIN";
+/// Environment variable with the health wait in seconds when no option sets it.
+pub const TIMEOUT_ENV: &str = "BANGER_AGENT_TIMEOUT_SECS";
 
 /// Longest Unix socket path the kernel accepts (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -47,25 +53,31 @@ inventory::submit! { BuiltinCapability { make } }
 
 /// The options, checked.
 struct Options {
-    timeout: Duration,
+    timeout: Option<Duration>,
     agent: Option<PathBuf>,
+}
+
+fn seconds(v: &str) -> Option<Duration> {
+    let secs = v.trim().parse::<u64>().ok()?;
+    (1..=3600)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
 }
 
 fn options(o: &CapOptions) -> Result<Options, CapError> {
     let mut out = Options {
-        timeout: Duration::from_secs(DEFAULT_AGENT_TIMEOUT_SECS),
+        timeout: None,
         agent: None,
     };
     for (k, v) in o {
         match k.as_str() {
             "timeout" => {
-                let secs = v.parse::<u64>().ok().filter(|s| (1..=3600).contains(s));
-                let Some(secs) = secs else {
+                let Some(t) = seconds(v) else {
                     return Err(CapError::InvalidOptions(format!(
                         "invalid vsock-agent timeout {v:?}: use a number of seconds from 1 to 3600, e.g. vsock-agent:timeout=30"
                     )));
                 };
-                out.timeout = Duration::from_secs(secs);
+                out.timeout = Some(t);
             }
             "agent" => {
                 let p = PathBuf::from(v);
@@ -84,6 +96,22 @@ fn options(o: &CapOptions) -> Result<Options, CapError> {
         }
     }
     Ok(out)
+}
+
+/// The health wait for this VM: the option, else the environment, else the
+/// default.
+fn timeout(opts: &Options) -> Result<Duration, CapError> {
+    if let Some(t) = opts.timeout {
+        return Ok(t);
+    }
+    match std::env::var(TIMEOUT_ENV) {
+        Ok(v) if !v.is_empty() => seconds(&v).ok_or_else(|| {
+            CapError::msg(format!(
+                "Invalid {TIMEOUT_ENV}={v:?} in the daemon's environment: use a number of seconds from 1 to 3600"
+            ))
+        }),
+        _ => Ok(Duration::from_secs(DEFAULT_AGENT_TIMEOUT_SECS)),
+    }
 }
 
 /// The agent binary for this VM: the option, else the environment, else the
@@ -155,10 +183,10 @@ impl Capability for VsockAgent {
     }
 
     fn post_start(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        let opts = options(ctx.options)?;
+        let wait = timeout(&options(ctx.options)?)?;
         let uds = socket_path(ctx.vm_dir);
         let started = Instant::now();
-        let deadline = started + opts.timeout;
+        let deadline = started + wait;
         let mut delay = Duration::from_millis(50);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -179,7 +207,7 @@ impl Capability for VsockAgent {
                     format!(
                         "The guest agent did not answer /healthz on {} within {}s; see the guest console with `banger vm logs {}`",
                         uds.display(),
-                        opts.timeout.as_secs(),
+                        wait.as_secs(),
                         ctx.vm.name
                     ),
                     err,

@@ -154,11 +154,14 @@ mod tests {
 
     #[test]
     fn vsock_agent_without_an_agent_fails_at_post_start_and_rolls_back() {
-        let env = BangerEnv::new();
+        let mut env = BangerEnv::new();
+        // The wait comes from the daemon's environment (how the config's
+        // agent_timeout_secs reaches the capability).
+        env.set_env("BANGER_AGENT_TIMEOUT_SECS", "1");
         // A per-VM agent binary; the fake firecracker serves no agent.
         let agent = env.root().join("my-agent");
         std::fs::write(&agent, b"not really an agent").unwrap();
-        let cap = format!("vsock-agent:timeout=2,agent={}", agent.display());
+        let cap = format!("vsock-agent:agent={}", agent.display());
         let out = env.create("na", &["--cap", &cap]).failed();
         assert!(
             out.stderr.contains("post_start:vsock-agent"),
@@ -172,6 +175,7 @@ mod tests {
         let failure = vm.record.last_error.expect("failure recorded");
         assert_eq!(failure.stage, "post_start:vsock-agent");
         assert!(failure.cause.contains("/healthz"), "{}", failure.cause);
+        assert!(failure.cause.contains("within 1s"), "{}", failure.cause);
         assert!(vm.record.prepared.is_empty(), "{:?}", vm.record.prepared);
         assert!(vm.record.vmm.is_none());
         assert!(!vm.dir.join("work.ext4").exists());
