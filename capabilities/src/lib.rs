@@ -2,6 +2,7 @@
 //! `inventory::submit!`; binaries must link this crate
 //! (`use banger_capabilities as _;`) for the registrations to exist.
 
+pub mod vsock_agent;
 pub mod work_disk;
 
 #[cfg(test)]

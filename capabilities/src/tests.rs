@@ -9,6 +9,7 @@ use banger_core::hostops::RecordingHostOps;
 use banger_core::machine::MachineSpec;
 use banger_core::model::{ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
 
+use crate::vsock_agent::{self, VsockAgent};
 use crate::work_disk::{self, WorkDisk};
 
 #[derive(Default)]
@@ -51,13 +52,21 @@ fn vm(disk: u64, booted_once: bool) -> VmRecord {
 }
 
 fn with_ctx<R>(vm: &VmRecord, dir: &Path, f: impl FnOnce(&HookCtx<'_>) -> R) -> (R, Vec<String>) {
+    with_opts(vm, dir, &CapOptions::new(), f)
+}
+
+fn with_opts<R>(
+    vm: &VmRecord,
+    dir: &Path,
+    options: &CapOptions,
+    f: impl FnOnce(&HookCtx<'_>) -> R,
+) -> (R, Vec<String>) {
     let host = RecordingHostOps::default();
     let log = Lines::default();
-    let options = CapOptions::new();
     let ctx = HookCtx {
         vm,
         vm_dir: dir,
-        options: &options,
+        options,
         host: &host,
         log: &log,
     };
@@ -85,7 +94,7 @@ fn debugfs(img: &Path, cmd: &str) -> String {
 #[test]
 fn exactly_the_expected_builtins_are_registered() {
     let names: Vec<String> = builtins().iter().map(|c| c.name().to_string()).collect();
-    assert_eq!(names, vec!["work-disk"]);
+    assert_eq!(names, vec!["vsock-agent", "work-disk"]);
 }
 
 #[test]
@@ -265,4 +274,166 @@ fn work_disk_grows_when_the_size_was_raised() {
         .map(|s| s.trim().parse().unwrap())
         .unwrap();
     assert_eq!(blocks * bsize, 128 << 20);
+}
+
+fn opts(pairs: &[(&str, &str)]) -> CapOptions {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn bare_machine() -> MachineSpec {
+    MachineSpec {
+        kernel: "/k".into(),
+        initrd: None,
+        boot_args: String::new(),
+        vcpus: 1,
+        memory_mib: 256,
+        drives: vec![],
+        nics: vec![],
+        vsock: None,
+        serial_log: "/s".into(),
+    }
+}
+
+#[test]
+fn vsock_agent_checks_its_options() {
+    assert!(VsockAgent.validate_options(&CapOptions::new()).is_ok());
+    assert!(
+        VsockAgent
+            .validate_options(&opts(&[("timeout", "30"), ("agent", "/opt/banger-agent")]))
+            .is_ok()
+    );
+    for (o, needle) in [
+        (opts(&[("timeout", "0")]), "from 1 to 3600"),
+        (opts(&[("timeout", "soon")]), "timeout=30"),
+        (opts(&[("agent", "banger-agent")]), "absolute path"),
+        (opts(&[("port", "1")]), "valid options: timeout, agent"),
+    ] {
+        let err = VsockAgent.validate_options(&o).unwrap_err().to_string();
+        assert!(err.contains(needle), "{o:?}: {err}");
+    }
+}
+
+#[test]
+fn vsock_agent_adds_a_per_vm_socket_and_an_initrd_with_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("agent-bin");
+    std::fs::write(&agent, b"agent bytes").unwrap();
+    let o = opts(&[("agent", agent.to_str().unwrap())]);
+    let v = vm(1 << 20, false);
+    let mut m = bare_machine();
+    let (r, lines) = with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.configure_machine(ctx, &mut m)
+    });
+    r.unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("built initramfs")),
+        "{lines:?}"
+    );
+    let vs = m.vsock.clone().unwrap();
+    assert!(vs.guest_cid >= 3);
+    assert_eq!(vs.uds_path, dir.path().join(vsock_agent::SOCKET_FILE));
+    let initrd = m.initrd.clone().unwrap();
+    assert_eq!(initrd, dir.path().join(vsock_agent::INITRD_FILE));
+    let bytes = std::fs::read(&initrd).unwrap();
+    assert!(bytes.starts_with(b"070701"));
+    assert!(bytes.windows(11).any(|w| w == b"agent bytes"));
+
+    // A second vsock device is refused rather than silently replaced.
+    let (r, _) = with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.configure_machine(ctx, &mut m)
+    });
+    assert!(r.unwrap_err().to_string().contains("already has a vsock"));
+
+    // Delete removes the socket and the initrd; stop keeps the initrd.
+    std::fs::write(&vs.uds_path, b"").unwrap();
+    with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.teardown(ctx, TeardownReason::Stop)
+    })
+    .0
+    .unwrap();
+    assert!(!vs.uds_path.exists() && initrd.exists());
+    with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.teardown(ctx, TeardownReason::Delete)
+    })
+    .0
+    .unwrap();
+    assert!(!initrd.exists());
+}
+
+#[test]
+fn vsock_agent_reports_a_missing_agent_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(&[("agent", "/nonexistent/banger-agent")]);
+    let mut m = bare_machine();
+    let (r, _) = with_opts(&vm(1 << 20, false), dir.path(), &o, |ctx| {
+        VsockAgent.configure_machine(ctx, &mut m)
+    });
+    let err = banger_core::lifecycle::render_chain(&r.unwrap_err());
+    assert!(err.contains("/nonexistent/banger-agent"), "{err}");
+    assert!(m.initrd.is_none() && m.vsock.is_none());
+}
+
+/// Serves one hybrid-vsock connection like a VMM fronting a healthy agent.
+fn fake_agent(sock: &Path) -> std::thread::JoinHandle<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut connect = String::new();
+        r.read_line(&mut connect).unwrap();
+        let mut w = s;
+        w.write_all(b"OK 52\n").unwrap();
+        let mut request = String::new();
+        r.read_line(&mut request).unwrap();
+        let body = br#"{"version":"9.9.9","uptime_secs":1}"#;
+        write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        w.write_all(body).unwrap();
+        format!("{connect}{request}")
+    })
+}
+
+#[test]
+fn vsock_agent_post_start_waits_for_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = fake_agent(&dir.path().join(vsock_agent::SOCKET_FILE));
+    let (r, lines) = with_opts(
+        &vm(1 << 20, false),
+        dir.path(),
+        &opts(&[("timeout", "10")]),
+        |ctx| VsockAgent.post_start(ctx),
+    );
+    r.unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("agent 9.9.9 answered")),
+        "{lines:?}"
+    );
+    let seen = server.join().unwrap();
+    assert!(seen.starts_with("CONNECT 1024\nGET /healthz "), "{seen}");
+}
+
+#[test]
+fn vsock_agent_post_start_timeout_points_at_vm_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let (r, _) = with_opts(
+        &vm(1 << 20, false),
+        dir.path(),
+        &opts(&[("timeout", "1")]),
+        |ctx| VsockAgent.post_start(ctx),
+    );
+    let err = banger_core::lifecycle::render_chain(&r.unwrap_err());
+    assert!(err.contains("/healthz"), "{err}");
+    assert!(err.contains("within 1s"), "{err}");
+    assert!(err.contains("`banger vm logs t1`"), "{err}");
+    assert!(err.contains("vsock.sock"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }

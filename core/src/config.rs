@@ -54,6 +54,27 @@ pub enum ConfigError {
         /// The config file to edit.
         path: PathBuf,
     },
+    /// The configured agent binary does not exist.
+    #[error(
+        "agent_bin {} (set in {}) is not a file: build banger-agent or fix the path",
+        bin.display(),
+        path.display()
+    )]
+    AgentNotFound {
+        /// The configured binary.
+        bin: PathBuf,
+        /// The config file.
+        path: PathBuf,
+    },
+    /// No agent binary is configured, installed beside the daemon or on `PATH`.
+    #[error(
+        "Cannot find banger-agent next to the daemon or on PATH: install it or set agent_bin in {}",
+        path.display()
+    )]
+    AgentNotOnPath {
+        /// The config file to edit.
+        path: PathBuf,
+    },
     /// The configured Firecracker binary is not an executable file.
     #[error(
         "firecracker_bin {} (set in {}) is not an executable file: fix the path or remove the key to search PATH",
@@ -142,6 +163,11 @@ pub struct Config {
     pub image_catalog_url: Option<String>,
     /// Registries (`host:port`) that may be reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// The static `banger-agent` put into every guest's initramfs; `None`
+    /// looks next to the running daemon, then on `PATH`.
+    pub agent_bin: Option<PathBuf>,
+    /// Seconds to wait for a booting guest's agent to answer `/healthz`.
+    pub agent_timeout_secs: u64,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -156,6 +182,8 @@ const TOP_KEYS: &[&str] = &[
     "image_catalog_url",
     "image_catalog_file",
     "insecure_registries",
+    "agent_bin",
+    "agent_timeout_secs",
 ];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 
@@ -174,6 +202,8 @@ impl Config {
             image_catalog_file: None,
             image_catalog_url: None,
             insecure_registries: Vec::new(),
+            agent_bin: None,
+            agent_timeout_secs: DEFAULT_AGENT_TIMEOUT_SECS,
             vm_defaults: VmDefaults::for_this_host(),
         }
     }
@@ -219,6 +249,21 @@ impl Config {
         }
     }
 
+    /// The guest agent binary: the configured one, else `banger-agent` next
+    /// to the running executable, else the first on `PATH`.
+    pub fn agent_bin(&self) -> Result<PathBuf, ConfigError> {
+        match &self.agent_bin {
+            Some(bin) if bin.is_file() => Ok(bin.clone()),
+            Some(bin) => Err(ConfigError::AgentNotFound {
+                bin: bin.clone(),
+                path: self.path.clone(),
+            }),
+            None => default_agent_bin().ok_or_else(|| ConfigError::AgentNotOnPath {
+                path: self.path.clone(),
+            }),
+        }
+    }
+
     /// The plugin directory.
     pub fn plugins_dir(&self, paths: &Paths) -> PathBuf {
         self.plugins_dir
@@ -240,6 +285,28 @@ impl Config {
         }
         Ok(resolve_caps(&[], &choices))
     }
+}
+
+/// Default for `agent_timeout_secs`.
+pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 60;
+/// File name of the guest agent binary.
+pub const AGENT_BIN_NAME: &str = "banger-agent";
+
+/// `banger-agent` next to the running executable (installs put `bangerd` and
+/// the agent side by side), else the first one on `PATH`.
+pub fn default_agent_bin() -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(AGENT_BIN_NAME)))
+        .filter(|p| p.is_file());
+    beside.or_else(|| {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .filter(|d| d.is_absolute())
+                .map(|d| d.join(AGENT_BIN_NAME))
+                .find(|p| p.is_file())
+        })
+    })
 }
 
 /// One `default_caps` entry. Removals (`-NAME`) mean nothing in a default set.
@@ -336,6 +403,12 @@ impl Parser<'_> {
                 }
                 "stop_timeout_secs" => {
                     cfg.stop_timeout_secs =
+                        self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
+                            as u64;
+                }
+                "agent_bin" => cfg.agent_bin = Some(self.absolute_path(key, value)?),
+                "agent_timeout_secs" => {
+                    cfg.agent_timeout_secs =
                         self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
                             as u64;
                 }
@@ -825,6 +898,31 @@ disk_size = "20G"
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
         let msg = cfg.firecracker_bin_in(None).unwrap_err().to_string();
         assert!(msg.contains("is not an executable file"), "{msg}");
+    }
+
+    #[test]
+    fn agent_keys_parse_default_and_are_checked() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.agent_timeout_secs, 60);
+        assert_eq!(cfg.agent_bin, None);
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("banger-agent");
+        std::fs::write(&bin, b"agent").unwrap();
+        let cfg = parse(&format!(
+            "agent_bin = {:?}\nagent_timeout_secs = 5\n",
+            bin.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(cfg.agent_timeout_secs, 5);
+        assert_eq!(cfg.agent_bin().unwrap(), bin);
+        let missing = parse("agent_bin = \"/nonexistent/banger-agent\"\n").unwrap();
+        let msg = missing.agent_bin().unwrap_err().to_string();
+        assert!(msg.contains("/nonexistent/banger-agent"), "{msg}");
+        assert!(msg.contains("fix the path"), "{msg}");
+        let msg = err("agent_bin = \"banger-agent\"\n");
+        assert!(msg.contains("agent_bin must be an absolute path"), "{msg}");
+        let msg = err("agent_timeout_secs = 0\n");
+        assert!(msg.contains("invalid agent_timeout_secs 0"), "{msg}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! PostStart. Any failure rolls back everything prepared, in reverse.
 
 use crate::capability::{Hook, TeardownReason};
+use crate::config_drive;
 use crate::guest::GuestConfig;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain, set_failure};
 use crate::machine::{Drive, DriveRole, MachineSpec};
@@ -17,6 +18,53 @@ pub(crate) const ROOT_DISK: &str = "rootfs.ext4";
 pub const SERIAL_LOG: &str = "serial.log";
 /// File name of the VMM's own log inside a VM's directory.
 pub(crate) const VMM_LOG: &str = "vmm.log";
+
+/// Stage name of the config drive step in progress events and failures.
+const CONFIG_DRIVE_STAGE: &str = "config_drive";
+
+/// Appends the read-only config drive after every capability's drives, names
+/// its device on the kernel command line and renders it into the VM dir.
+async fn attach_config_drive(
+    machine: &mut MachineSpec,
+    guest: &GuestConfig,
+    dir: &std::path::Path,
+) -> Result<(), OpError> {
+    let stage = |e: Box<dyn std::error::Error + Send + Sync>| OpError::Stage {
+        stage: CONFIG_DRIVE_STAGE.to_string(),
+        source: e,
+    };
+    machine
+        .add_drive(Drive {
+            id: config_drive::DRIVE_ID.to_string(),
+            path: dir.join(config_drive::FILE_NAME),
+            read_only: true,
+            role: DriveRole::Config,
+        })
+        .map_err(|e| stage(Box::new(e)))?;
+    let (m, g, path) = (
+        machine.clone(),
+        guest.clone(),
+        dir.join(config_drive::FILE_NAME),
+    );
+    let drive = blocking(move || config_drive::render(&m, &g, &path))
+        .await?
+        .map_err(|e| stage(Box::new(e)))?;
+    let device = drive
+        .device_of(config_drive::DRIVE_ID)
+        .ok_or_else(|| {
+            stage(
+                format!(
+                    "The config drive is drive {} of the machine; at most 26 drives (vda-vdz) are supported",
+                    machine.drives.len()
+                )
+                .into(),
+            )
+        })?;
+    machine
+        .boot_args
+        .push_str(&format!(" {}={device}", config_drive::BOOT_ARG));
+    Ok(())
+}
 
 impl Lifecycle {
     /// Starts a stopped, created or failed VM.
@@ -140,6 +188,7 @@ impl Lifecycle {
                 )
                 .await?;
         }
+        attach_config_drive(&mut machine, &guest, &dir).await?;
         vm.machine = Some(machine.clone());
         vm.guest = Some(guest);
         self.save(vm).await?;

@@ -16,6 +16,11 @@
 //! - `FAKE_FC_START_DELAY_MS=N`: wait N ms before binding the socket.
 //! - `FAKE_FC_IGNORE_CTRLALTDEL=1`: answer `SendCtrlAltDel` with 204 but keep
 //!   running (so callers must kill after their grace period).
+//! - `FAKE_FC_AGENT=1`: at `InstanceStart`, bind the vsock `uds_path` and act
+//!   as a guest agent behind Firecracker's hybrid vsock: `CONNECT 1024\n` is
+//!   answered `OK <n>\n`, then `GET /healthz` (version `fake`), `/ports` and
+//!   `/ssh-host-keys` (empty lists) are served; other ports get the
+//!   connection closed, as Firecracker does when nothing listens.
 //!
 //! Validation, all answered `400 {"fault_message": ...}` like Firecracker:
 //! logger `log_path`, boot-source `kernel_image_path`/`initrd_path` and drive
@@ -80,6 +85,7 @@ fn main() {
         record,
         fail: std::env::var("FAKE_FC_FAIL").ok(),
         ignore_ctrl_alt_del: env_flag("FAKE_FC_IGNORE_CTRLALTDEL"),
+        fake_agent: env_flag("FAKE_FC_AGENT"),
         state: Mutex::new(State::default()),
     });
     for stream in listener.incoming() {
@@ -100,6 +106,8 @@ struct State {
     machine_config: bool,
     /// drive_id -> is_root_device, in the order first seen.
     drives: BTreeMap<String, bool>,
+    /// The vsock device's host socket, once configured.
+    vsock_uds: Option<PathBuf>,
 }
 
 struct Server {
@@ -107,13 +115,15 @@ struct Server {
     record: PathBuf,
     fail: Option<String>,
     ignore_ctrl_alt_del: bool,
+    fake_agent: bool,
     state: Mutex<State>,
 }
 
 /// What to do after answering.
 enum After {
     Nothing,
-    Boot,
+    /// Print the boot console; start the fake agent on this vsock socket.
+    Boot(Option<PathBuf>),
     Exit,
 }
 
@@ -167,7 +177,12 @@ impl Server {
             let wrote = write_reply(&mut out, &reply, close);
             match reply.after {
                 After::Nothing => {}
-                After::Boot => boot_console(),
+                After::Boot(vsock) => {
+                    boot_console();
+                    if let Some(uds) = vsock.filter(|_| self.fake_agent) {
+                        start_fake_agent(&uds);
+                    }
+                }
                 After::Exit => {
                     println!("fake-firecracker: guest rebooted on Ctrl-Alt-Del, exiting");
                     let _ = std::io::stdout().flush();
@@ -347,6 +362,7 @@ impl Server {
                         "Invalid vsock config: guest_cid must be >= 3 and uds_path set.",
                     );
                 }
+                st.vsock_uds = str_field(&body, "uds_path").map(PathBuf::from);
                 Reply::ok()
             }
             ("actions", None) => match str_field(&body, "action_type") {
@@ -362,7 +378,7 @@ impl Server {
                     }
                     st.started = true;
                     Reply {
-                        after: After::Boot,
+                        after: After::Boot(st.vsock_uds.clone()),
                         ..Reply::ok()
                     }
                 }
@@ -396,6 +412,61 @@ impl Server {
 
 fn str_field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
     v.get(name).and_then(Value::as_str)
+}
+
+/// Binds `uds` and serves each connection as the guest agent would.
+fn start_fake_agent(uds: &Path) {
+    let listener = match UnixListener::bind(uds) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "fake-firecracker: cannot bind vsock socket {}: {e}",
+                uds.display()
+            );
+            return;
+        }
+    };
+    let booted = std::time::Instant::now();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || serve_agent(stream, booted));
+        }
+    });
+}
+
+fn serve_agent(stream: UnixStream, booted: std::time::Instant) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut out = stream;
+    let mut connect = String::new();
+    if reader.read_line(&mut connect).is_err() {
+        return;
+    }
+    if connect.trim_end() != "CONNECT 1024" {
+        // Nothing listens on that guest port: Firecracker closes the stream.
+        return;
+    }
+    if out.write_all(b"OK 1073741824\n").is_err() {
+        return;
+    }
+    let Some((method, path, _, _)) = read_request(&mut reader) else {
+        return;
+    };
+    let reply = match (method.as_str(), path.as_str()) {
+        ("GET", "/healthz") => Reply::json(json!({
+            "version": "fake",
+            "uptime_secs": booted.elapsed().as_secs(),
+        })),
+        ("GET", "/ports" | "/ssh-host-keys") => Reply::json(json!([])),
+        _ => Reply {
+            status: 404,
+            ..Reply::fault(format!("no route {method} {path}"))
+        },
+    };
+    let _ = write_reply(&mut out, &reply, true);
 }
 
 fn boot_console() {
@@ -446,6 +517,7 @@ fn write_reply(out: &mut impl Write, reply: &Reply, close: bool) -> std::io::Res
     let reason = match reply.status {
         200 => "OK",
         204 => "No Content",
+        404 => "Not Found",
         _ => "Bad Request",
     };
     let conn = if close { "close" } else { "keep-alive" };

@@ -1,0 +1,242 @@
+//! `vsock-agent`: boots the guest with banger's initramfs (the agent as
+//! `/init`), gives the machine a vsock device whose host side is a Unix
+//! socket in the VM's directory, and after launch waits until the agent
+//! answers `/healthz` through it.
+//!
+//! Options (`--cap vsock-agent:timeout=30,agent=/path/to/banger-agent`):
+//! - `timeout`: seconds to wait for `/healthz`. Without it,
+//!   `$BANGER_AGENT_TIMEOUT_SECS` in the daemon's environment, else 60.
+//! - `agent`: the agent binary. Without it, `$BANGER_AGENT_BIN` in the
+//!   daemon's environment, then `banger-agent` next to the daemon, then `PATH`.
+//!
+//! Capabilities get no daemon config, so the config keys `agent_bin` and
+//! `agent_timeout_secs` reach this capability through those two variables.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::config::{DEFAULT_AGENT_TIMEOUT_SECS, default_agent_bin};
+use banger_core::initramfs::{self, Built};
+use banger_core::machine::{MachineSpec, Vsock};
+use banger_core::model::CapOptions;
+use banger_core::vsock::AgentClient;
+
+/// Name used with `--cap`.
+pub const NAME: &str = "vsock-agent";
+/// The host side of the guest's vsock device, inside the VM's directory.
+pub const SOCKET_FILE: &str = "vsock.sock";
+/// The initrd built for the VM, inside its directory.
+pub const INITRD_FILE: &str = "initramfs.cpio";
+/// Guest context id. Each VM has its own socket, so one CID serves all.
+pub const GUEST_CID: u32 = 3;
+/// Environment variable naming the agent binary when no option does.
+pub const AGENT_BIN_ENV: &str = "BANGER_AGENT_BIN";
+/// Environment variable with the health wait in seconds when no option sets it.
+pub const TIMEOUT_ENV: &str = "BANGER_AGENT_TIMEOUT_SECS";
+
+/// Longest Unix socket path the kernel accepts (`sun_path` minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Upper bound of a single `/healthz` attempt.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The vsock-agent capability.
+#[derive(Debug, Default)]
+pub struct VsockAgent;
+
+fn make() -> Arc<dyn Capability> {
+    Arc::new(VsockAgent)
+}
+
+inventory::submit! { BuiltinCapability { make } }
+
+/// The options, checked.
+struct Options {
+    timeout: Option<Duration>,
+    agent: Option<PathBuf>,
+}
+
+fn seconds(v: &str) -> Option<Duration> {
+    let secs = v.trim().parse::<u64>().ok()?;
+    (1..=3600)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
+}
+
+fn options(o: &CapOptions) -> Result<Options, CapError> {
+    let mut out = Options {
+        timeout: None,
+        agent: None,
+    };
+    for (k, v) in o {
+        match k.as_str() {
+            "timeout" => {
+                let Some(t) = seconds(v) else {
+                    return Err(CapError::InvalidOptions(format!(
+                        "invalid vsock-agent timeout {v:?}: use a number of seconds from 1 to 3600, e.g. vsock-agent:timeout=30"
+                    )));
+                };
+                out.timeout = Some(t);
+            }
+            "agent" => {
+                let p = PathBuf::from(v);
+                if !p.is_absolute() {
+                    return Err(CapError::InvalidOptions(format!(
+                        "vsock-agent agent={v:?} must be an absolute path to banger-agent"
+                    )));
+                }
+                out.agent = Some(p);
+            }
+            other => {
+                return Err(CapError::InvalidOptions(format!(
+                    "unknown vsock-agent option {other:?}; valid options: timeout, agent"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The health wait for this VM: the option, else the environment, else the
+/// default.
+fn timeout(opts: &Options) -> Result<Duration, CapError> {
+    if let Some(t) = opts.timeout {
+        return Ok(t);
+    }
+    match std::env::var(TIMEOUT_ENV) {
+        Ok(v) if !v.is_empty() => seconds(&v).ok_or_else(|| {
+            CapError::msg(format!(
+                "Invalid {TIMEOUT_ENV}={v:?} in the daemon's environment: use a number of seconds from 1 to 3600"
+            ))
+        }),
+        _ => Ok(Duration::from_secs(DEFAULT_AGENT_TIMEOUT_SECS)),
+    }
+}
+
+/// The agent binary for this VM: the option, else the environment, else the
+/// daemon's neighbourhood and `PATH`.
+fn agent_bin(opts: &Options) -> Result<PathBuf, CapError> {
+    if let Some(p) = &opts.agent {
+        return Ok(p.clone());
+    }
+    if let Some(p) = std::env::var_os(AGENT_BIN_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    default_agent_bin().ok_or_else(|| {
+        CapError::msg(format!(
+            "Cannot find banger-agent next to the daemon or on PATH: install it, set {AGENT_BIN_ENV}, or use --cap vsock-agent:agent=/path/to/banger-agent"
+        ))
+    })
+}
+
+fn socket_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join(SOCKET_FILE)
+}
+
+impl Capability for VsockAgent {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn description(&self) -> &str {
+        "Boots the guest with banger-agent as /init and waits for its vsock health check; options timeout=SECS, agent=PATH"
+    }
+
+    fn validate_options(&self, o: &CapOptions) -> Result<(), CapError> {
+        options(o).map(|_| ())
+    }
+
+    fn configure_machine(
+        &self,
+        ctx: &HookCtx<'_>,
+        machine: &mut MachineSpec,
+    ) -> Result<(), CapError> {
+        let opts = options(ctx.options)?;
+        if let Some(v) = &machine.vsock {
+            return Err(CapError::msg(format!(
+                "The machine already has a vsock device ({}); vsock-agent needs its own",
+                v.uds_path.display()
+            )));
+        }
+        let uds = socket_path(ctx.vm_dir);
+        if uds.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(CapError::msg(format!(
+                "The vsock socket path {} is longer than {MAX_SOCKET_PATH} bytes; move banger's state directory somewhere shorter",
+                uds.display()
+            )));
+        }
+        let agent = agent_bin(&opts)?;
+        let dest = ctx.vm_dir.join(INITRD_FILE);
+        let built = initramfs::build_initrd(&agent, machine.initrd.as_deref(), &dest)
+            .map_err(|e| CapError::with("Cannot build the agent initramfs", e))?;
+        if built == Built::Fresh {
+            ctx.log
+                .info(&format!("built initramfs with {}", agent.display()));
+        }
+        machine.initrd = Some(dest);
+        machine.vsock = Some(Vsock {
+            guest_cid: GUEST_CID,
+            uds_path: uds,
+        });
+        Ok(())
+    }
+
+    fn post_start(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
+        let wait = timeout(&options(ctx.options)?)?;
+        let uds = socket_path(ctx.vm_dir);
+        let started = Instant::now();
+        let deadline = started + wait;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = left.min(ATTEMPT_TIMEOUT).max(Duration::from_millis(10));
+            let err = match AgentClient::new(&uds, attempt).healthz() {
+                Ok(h) => {
+                    ctx.log.info(&format!(
+                        "agent {} answered after {:.1}s",
+                        h.version,
+                        started.elapsed().as_secs_f64()
+                    ));
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(CapError::with(
+                    format!(
+                        "The guest agent did not answer /healthz on {} within {}s; see the guest console with `banger vm logs {}`",
+                        uds.display(),
+                        wait.as_secs(),
+                        ctx.vm.name
+                    ),
+                    err,
+                ));
+            }
+            // Polling a guest that is still booting: nothing to wait on but time.
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
+        // The VMM leaves its socket behind; the initrd is a cache worth
+        // keeping until the VM is deleted.
+        let uds = socket_path(ctx.vm_dir);
+        match std::fs::remove_file(&uds) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(CapError::with(
+                    format!("Cannot remove {}", uds.display()),
+                    e,
+                ));
+            }
+        }
+        if reason == TeardownReason::Delete {
+            initramfs::remove_initrd(&ctx.vm_dir.join(INITRD_FILE))
+                .map_err(|e| CapError::with("Cannot remove the agent initramfs", e))?;
+        }
+        Ok(())
+    }
+}

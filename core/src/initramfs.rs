@@ -1,0 +1,415 @@
+//! The tiny initramfs banger boots every VM with: an uncompressed cpio
+//! "newc" archive holding the static `banger-agent` as `/init` and the
+//! directories it mounts onto (`dev proc sys run newroot`).
+//!
+//! A kernel that ships its own initrd gets our archive appended to it: the
+//! kernel unpacks concatenated archives (compressed or not) in order, so the
+//! agent's `/init` wins. The result is cached next to `dest` by the sha256 of
+//! its inputs, so starting a VM again does not rebuild it.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Bumped when the archive layout changes, so cached initrds are rebuilt.
+const LAYOUT_VERSION: &[u8] = b"banger-initramfs-1";
+
+/// Directories the agent needs before it can mount anything.
+const DIRS: &[&str] = &["dev", "proc", "sys", "run", "newroot"];
+
+/// An initrd that could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum InitramfsError {
+    /// Reading the agent binary or the kernel's initrd failed.
+    #[error("Cannot read {}", .0.display())]
+    ReadInput(PathBuf, #[source] io::Error),
+    /// Writing or publishing the result failed.
+    #[error("Cannot write {}", .0.display())]
+    WriteOutput(PathBuf, #[source] io::Error),
+}
+
+/// Whether [`build_initrd`] had to write the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Built {
+    /// `dest` was (re)written.
+    Fresh,
+    /// `dest` already held the archive for these exact inputs.
+    Cached,
+}
+
+/// Writes the initrd for `agent` (optionally appended to `kernel_initrd`) to
+/// `dest`, staged and renamed. Skips the work when `dest` was built from the
+/// same inputs before (recorded in `<dest>.sha256`).
+pub fn build_initrd(
+    agent: &Path,
+    kernel_initrd: Option<&Path>,
+    dest: &Path,
+) -> Result<Built, InitramfsError> {
+    let agent_bytes = fs::read(agent).map_err(|e| InitramfsError::ReadInput(agent.into(), e))?;
+    let kernel_bytes = match kernel_initrd {
+        Some(p) => Some(fs::read(p).map_err(|e| InitramfsError::ReadInput(p.into(), e))?),
+        None => None,
+    };
+    let key = input_hash(&agent_bytes, kernel_bytes.as_deref());
+    let stamp = sibling(dest, ".sha256");
+    if dest.is_file() && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == key) {
+        return Ok(Built::Cached);
+    }
+
+    let mut out = kernel_bytes.unwrap_or_default();
+    // Each archive must start 4-byte aligned; the kernel skips zero padding.
+    out.resize(out.len().next_multiple_of(4), 0);
+    out.extend_from_slice(&agent_archive(&agent_bytes));
+
+    // The stamp goes first and is removed before the archive is replaced, so
+    // a crash between the two renames can never pair a stale archive with a
+    // fresh stamp.
+    let _ = fs::remove_file(&stamp);
+    publish(dest, &out, 0o644)?;
+    publish(&stamp, format!("{key}\n").as_bytes(), 0o644)?;
+    Ok(Built::Fresh)
+}
+
+/// Removes an initrd written by [`build_initrd`] and its cache stamp;
+/// missing files are fine.
+pub fn remove_initrd(dest: &Path) -> Result<(), InitramfsError> {
+    for p in [sibling(dest, ".sha256"), dest.to_path_buf()] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(InitramfsError::WriteOutput(p, e)),
+        }
+    }
+    Ok(())
+}
+
+/// The agent archive alone: directories, `dev/console`, `/init` and the
+/// trailer.
+pub fn agent_archive(agent: &[u8]) -> Vec<u8> {
+    let mut w = Newc::default();
+    for d in DIRS {
+        w.entry(d, S_IFDIR | 0o755, 2, (0, 0), &[]);
+    }
+    // The kernel opens /dev/console for init's stdio; most kernels create it
+    // from their built-in archive, but ours must not depend on that.
+    w.entry("dev/console", S_IFCHR | 0o600, 1, (5, 1), &[]);
+    w.entry("init", S_IFREG | 0o755, 1, (0, 0), agent);
+    w.finish()
+}
+
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFCHR: u32 = 0o020000;
+
+/// A cpio "newc" (SVR4, no CRC) writer: 110-byte ASCII headers, name and
+/// data each padded to 4 bytes, ended by `TRAILER!!!`.
+#[derive(Debug, Default)]
+struct Newc {
+    out: Vec<u8>,
+    next_ino: u32,
+}
+
+impl Newc {
+    fn entry(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) {
+        self.next_ino += 1;
+        let fields = [
+            self.next_ino,
+            mode,
+            0, // uid
+            0, // gid
+            nlink,
+            0, // mtime: fixed, so the archive is reproducible
+            data.len() as u32,
+            0, // devmajor
+            0, // devminor
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0, // check
+        ];
+        self.out.extend_from_slice(b"070701");
+        for f in fields {
+            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        let n = self.out.len().next_multiple_of(4);
+        self.out.resize(n, 0);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        // The trailer's inode must not collide with a real entry's.
+        self.next_ino = 0;
+        self.entry("TRAILER!!!", 0, 1, (0, 0), &[]);
+        self.out
+    }
+}
+
+fn input_hash(agent: &[u8], kernel_initrd: Option<&[u8]>) -> String {
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION);
+    h.update((agent.len() as u64).to_le_bytes());
+    h.update(agent);
+    match kernel_initrd {
+        Some(k) => {
+            h.update([1]);
+            h.update(k);
+        }
+        None => h.update([0]),
+    }
+    h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Writes `bytes` to a temporary sibling, syncs it and renames it over `dest`.
+fn publish(dest: &Path, bytes: &[u8], mode: u32) -> Result<(), InitramfsError> {
+    let tmp = sibling(dest, &format!(".tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, dest)
+    })();
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        InitramfsError::WriteOutput(dest.into(), e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    fn have_cpio() -> bool {
+        Command::new("cpio").arg("--version").output().is_ok()
+    }
+
+    /// `cpio -t -v` listing of `archive` (names with their ls-style modes).
+    fn cpio_list(archive: &Path) -> String {
+        let out = Command::new("cpio")
+            .args(["-t", "-v", "--quiet", "-F"])
+            .arg(archive)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn extract(archive: &Path, into: &Path) {
+        let st = Command::new("cpio")
+            .args(["-i", "-d", "--quiet", "--no-absolute-filenames", "-F"])
+            .arg(archive)
+            .current_dir(into)
+            .stderr(Stdio::inherit())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn headers_are_110_bytes_and_everything_is_4_aligned() {
+        let a = agent_archive(b"abc");
+        assert_eq!(&a[..6], b"070701");
+        assert_eq!(a.len() % 4, 0);
+        // First entry "dev": 110 header + 4 name bytes = 114 -> padded to 116.
+        assert_eq!(&a[110..114], b"dev\0");
+        assert_eq!(&a[116..122], b"070701");
+        let tail = b"TRAILER!!!\0";
+        assert!(a.windows(tail.len()).any(|w| w == tail));
+    }
+
+    #[test]
+    fn real_cpio_reads_dirs_init_and_modes() {
+        if !have_cpio() {
+            eprintln!(
+                "SKIPPED real_cpio_reads_dirs_init_and_modes: cpio missing (apt-get install cpio)"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent");
+        fs::write(&agent, b"#!agent binary\x00\x01\x02 of odd length").unwrap();
+        let dest = dir.path().join("initramfs.cpio");
+        assert_eq!(build_initrd(&agent, None, &dest).unwrap(), Built::Fresh);
+
+        let listing = cpio_list(&dest);
+        let names: Vec<&str> = listing
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "dev",
+                "proc",
+                "sys",
+                "run",
+                "newroot",
+                "dev/console",
+                "init"
+            ]
+        );
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")),
+            "{listing}"
+        );
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with("crw-------") && l.ends_with(" dev/console")),
+            "{listing}"
+        );
+
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            extract(&dest, &root);
+            assert_eq!(
+                fs::read(root.join("init")).unwrap(),
+                fs::read(&agent).unwrap()
+            );
+            assert_eq!(mode_of(&root.join("init")), 0o755);
+            for d in DIRS {
+                assert!(root.join(d).is_dir(), "{d}");
+                assert_eq!(mode_of(&root.join(d)), 0o755, "{d}");
+            }
+        } else {
+            eprintln!(
+                "SKIPPED real_cpio_reads_dirs_init_and_modes (extraction part): dev/console needs root to mknod"
+            );
+        }
+    }
+
+    #[test]
+    fn appends_to_a_kernel_initrd_and_the_agent_init_comes_last() {
+        if !have_cpio() {
+            eprintln!(
+                "SKIPPED appends_to_a_kernel_initrd_and_the_agent_init_comes_last: cpio missing (apt-get install cpio)"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // A "kernel initrd" made by the real cpio, with its own /init and a
+        // module directory, so we can see both archives are unpacked.
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("lib/modules")).unwrap();
+        fs::write(src.join("init"), b"distro init").unwrap();
+        fs::write(src.join("lib/modules/virtio.ko"), b"module").unwrap();
+        let kernel_initrd = dir.path().join("distro.cpio");
+        let mut child = Command::new("cpio")
+            .args(["-o", "-H", "newc", "--quiet", "-F"])
+            .arg(&kernel_initrd)
+            .current_dir(&src)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"init\nlib\nlib/modules\nlib/modules/virtio.ko\n")
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+
+        let agent = dir.path().join("agent");
+        fs::write(&agent, b"the banger agent").unwrap();
+        let dest = dir.path().join("initramfs.cpio");
+        build_initrd(&agent, Some(&kernel_initrd), &dest).unwrap();
+        let bytes = fs::read(&dest).unwrap();
+        let distro = fs::read(&kernel_initrd).unwrap();
+        assert_eq!(&bytes[..distro.len()], &distro[..], "kernel initrd first");
+
+        // GNU cpio reads one archive per invocation: the first is the distro's,
+        // and what follows its end (after zero padding) is ours.
+        let first = cpio_list(&dest);
+        assert!(first.contains("lib/modules/virtio.ko"), "{first}");
+        let ours = dir.path().join("ours.cpio");
+        let start = distro.len().next_multiple_of(4);
+        assert!(bytes[distro.len()..start].iter().all(|b| *b == 0));
+        fs::write(&ours, &bytes[start..]).unwrap();
+        let out = Command::new("cpio")
+            .args(["-i", "--quiet", "--to-stdout", "-F"])
+            .arg(&ours)
+            .arg("init")
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, b"the banger agent");
+    }
+
+    #[test]
+    fn rebuilds_only_when_an_input_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent");
+        fs::write(&agent, b"v1").unwrap();
+        let dest = dir.path().join("initramfs.cpio");
+        assert_eq!(build_initrd(&agent, None, &dest).unwrap(), Built::Fresh);
+        assert_eq!(build_initrd(&agent, None, &dest).unwrap(), Built::Cached);
+        fs::write(&agent, b"v2").unwrap();
+        assert_eq!(build_initrd(&agent, None, &dest).unwrap(), Built::Fresh);
+        let kernel = dir.path().join("k.cpio");
+        fs::write(&kernel, b"07070").unwrap();
+        assert_eq!(
+            build_initrd(&agent, Some(&kernel), &dest).unwrap(),
+            Built::Fresh
+        );
+        // A stamp without its archive does not count.
+        fs::remove_file(&dest).unwrap();
+        assert_eq!(
+            build_initrd(&agent, Some(&kernel), &dest).unwrap(),
+            Built::Fresh
+        );
+        remove_initrd(&dest).unwrap();
+        remove_initrd(&dest).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "only the inputs remain"
+        );
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_missing_agent_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err =
+            build_initrd(&dir.path().join("nope"), None, &dir.path().join("out.cpio")).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        assert!(!dir.path().join("out.cpio").exists());
+    }
+}

@@ -1,0 +1,523 @@
+//! The host side of hybrid vsock, as Firecracker and `vhost-device-vsock`
+//! expose it: connect to the VM's Unix socket, send `CONNECT <port>\n`, read
+//! one `OK <n>\n` line, then the stream reaches the guest's vsock port. On
+//! top of that, a minimal HTTP/1.1 `GET` client for the guest agent's API.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger_guest_protocol::api::{AGENT_PORT, Health, HostKey, Listener};
+use serde::de::DeserializeOwned;
+
+/// Largest response body accepted from the agent.
+const MAX_BODY: usize = 16 << 20;
+/// Longest handshake, status or header line accepted.
+const MAX_LINE: usize = 8 << 10;
+
+/// Talking to a guest over hybrid vsock failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The VMM's vsock socket could not be reached.
+    #[error("Cannot connect to the vsock socket {}", .0.display())]
+    Connect(PathBuf, #[source] io::Error),
+    /// Nothing arrived in time.
+    #[error("Timed out after {0:?} while {1}")]
+    Timeout(Duration, &'static str),
+    /// The VMM answered the `CONNECT` with something other than `OK`
+    /// (usually: nothing listens on that guest port yet).
+    #[error("The VMM refused CONNECT {port}: {reply:?}")]
+    Refused {
+        /// The guest port.
+        port: u32,
+        /// What came back instead of `OK <n>`.
+        reply: String,
+    },
+    /// Reading or writing the stream failed.
+    #[error("I/O failed while {0}")]
+    Io(&'static str, #[source] io::Error),
+    /// The peer closed the stream early.
+    #[error("The connection closed while {0}")]
+    Closed(&'static str),
+    /// The HTTP response does not parse.
+    #[error("Malformed HTTP response: {0}")]
+    BadResponse(String),
+    /// The agent answered with a non-2xx status.
+    #[error("The agent answered GET {path} with {status}: {body}")]
+    Status {
+        /// The request path.
+        path: String,
+        /// The HTTP status.
+        status: u16,
+        /// The body, lossily decoded and shortened.
+        body: String,
+    },
+    /// The body is not the JSON the protocol defines.
+    #[error("The agent's answer to GET {0} is not valid JSON for it")]
+    Decode(String, #[source] serde_json::Error),
+}
+
+/// Opens a stream to guest vsock `port` through the hybrid-vsock socket
+/// `uds`, giving up after `timeout` for the handshake. The stream keeps
+/// `timeout` as its read and write timeout.
+pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
+    let mut stream = UnixStream::connect(uds).map_err(|e| VsockError::Connect(uds.into(), e))?;
+    set_timeouts(&stream, timeout).map_err(|e| VsockError::Io("setting timeouts", e))?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| io_error(e, timeout, "sending CONNECT"))?;
+    // Read byte by byte: anything after the newline belongs to the guest.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) if line.is_empty() => return Err(VsockError::Closed("waiting for OK")),
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() >= MAX_LINE => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(e, timeout, "waiting for OK")),
+        }
+    }
+    let reply = String::from_utf8_lossy(&line).trim_end().to_string();
+    // Firecracker answers `OK <host port>`; other VMMs pick other numbers.
+    if reply
+        .strip_prefix("OK ")
+        .is_some_and(|n| !n.trim().is_empty())
+    {
+        Ok(stream)
+    } else {
+        Err(VsockError::Refused { port, reply })
+    }
+}
+
+/// A client for the guest agent's HTTP API behind one VM's vsock socket.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    uds: PathBuf,
+    timeout: Duration,
+}
+
+impl AgentClient {
+    /// A client for the agent behind `uds`; `timeout` bounds each request.
+    pub fn new(uds: &Path, timeout: Duration) -> Self {
+        AgentClient {
+            uds: uds.to_path_buf(),
+            timeout,
+        }
+    }
+
+    /// `GET /healthz`.
+    pub fn healthz(&self) -> Result<Health, VsockError> {
+        self.get_json("/healthz")
+    }
+
+    /// `GET /ports`: the guest's listening sockets.
+    pub fn ports(&self) -> Result<Vec<Listener>, VsockError> {
+        self.get_json("/ports")
+    }
+
+    /// `GET /ssh-host-keys`: the guest's SSH host keys and fingerprints.
+    pub fn ssh_host_keys(&self) -> Result<Vec<HostKey>, VsockError> {
+        self.get_json("/ssh-host-keys")
+    }
+
+    /// `GET path`, decoding a 2xx JSON body as `T`.
+    pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, VsockError> {
+        let body = self.get(path)?;
+        serde_json::from_slice(&body).map_err(|e| VsockError::Decode(path.to_string(), e))
+    }
+
+    /// `GET path`; the body of a 2xx answer.
+    pub fn get(&self, path: &str) -> Result<Vec<u8>, VsockError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut stream = connect(&self.uds, AGENT_PORT, self.timeout)?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: banger-agent\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| io_error(e, self.timeout, "sending the request"))?;
+        let (status, body) = read_response(BufReader::new(stream), deadline, self.timeout)?;
+        if (200..300).contains(&status) {
+            Ok(body)
+        } else {
+            let full = String::from_utf8_lossy(&body);
+            let mut text: String = full.trim().chars().take(200).collect();
+            if text.len() < full.trim().len() {
+                text.push('…');
+            }
+            Err(VsockError::Status {
+                path: path.to_string(),
+                status,
+                body: text,
+            })
+        }
+    }
+}
+
+fn set_timeouts(s: &UnixStream, t: Duration) -> io::Result<()> {
+    // A zero timeout means "block forever" to the OS; keep a floor instead.
+    let t = t.max(Duration::from_millis(1));
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))
+}
+
+fn io_error(e: io::Error, timeout: Duration, what: &'static str) -> VsockError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => VsockError::Timeout(timeout, what),
+        io::ErrorKind::UnexpectedEof => VsockError::Closed(what),
+        _ => VsockError::Io(what, e),
+    }
+}
+
+/// Reads a status line, headers and a body framed by `Content-Length`,
+/// chunked encoding, or the end of the stream (we sent `Connection: close`).
+fn read_response(
+    mut r: BufReader<UnixStream>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), VsockError> {
+    let status_line = read_line(&mut r, deadline, timeout, "reading the status line")?
+        .ok_or(VsockError::Closed("reading the status line"))?;
+    let mut parts = status_line.splitn(3, ' ');
+    let status = match (parts.next(), parts.next()) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/1.") => code.parse::<u16>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| VsockError::BadResponse(format!("status line {status_line:?}")))?;
+
+    let mut length: Option<usize> = None;
+    let mut chunked = false;
+    loop {
+        let line = read_line(&mut r, deadline, timeout, "reading headers")?
+            .ok_or(VsockError::Closed("reading headers"))?;
+        if line.is_empty() {
+            break;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(VsockError::BadResponse(format!("header line {line:?}")));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = value
+                .parse::<usize>()
+                .map_err(|_| VsockError::BadResponse(format!("Content-Length {value:?}")))?;
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.eq_ignore_ascii_case("chunked");
+        }
+    }
+
+    let body = if chunked {
+        read_chunked(&mut r, deadline, timeout)?
+    } else if let Some(n) = length {
+        if n > MAX_BODY {
+            return Err(VsockError::BadResponse(format!(
+                "{n}-byte body is too large"
+            )));
+        }
+        let mut body = vec![0; n];
+        check_deadline(&r, deadline, timeout, "reading the body")?;
+        r.read_exact(&mut body)
+            .map_err(|e| io_error(e, timeout, "reading the body"))?;
+        body
+    } else {
+        let mut body = Vec::new();
+        check_deadline(&r, deadline, timeout, "reading the body")?;
+        r.by_ref()
+            .take(MAX_BODY as u64 + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| io_error(e, timeout, "reading the body"))?;
+        if body.len() > MAX_BODY {
+            return Err(VsockError::BadResponse("body is too large".to_string()));
+        }
+        body
+    };
+    Ok((status, body))
+}
+
+fn read_chunked(
+    r: &mut BufReader<UnixStream>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u8>, VsockError> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(r, deadline, timeout, "reading a chunk size")?
+            .ok_or(VsockError::Closed("reading a chunk size"))?;
+        let size = line.split(';').next().unwrap_or("").trim();
+        let n = usize::from_str_radix(size, 16)
+            .map_err(|_| VsockError::BadResponse(format!("chunk size {line:?}")))?;
+        if n == 0 {
+            // Trailers, if any, end with an empty line.
+            while let Some(l) = read_line(r, deadline, timeout, "reading trailers")? {
+                if l.is_empty() {
+                    break;
+                }
+            }
+            return Ok(body);
+        }
+        if body.len() + n > MAX_BODY {
+            return Err(VsockError::BadResponse("body is too large".to_string()));
+        }
+        let start = body.len();
+        body.resize(start + n, 0);
+        r.read_exact(&mut body[start..])
+            .map_err(|e| io_error(e, timeout, "reading a chunk"))?;
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)
+            .map_err(|e| io_error(e, timeout, "reading a chunk"))?;
+    }
+}
+
+/// One CRLF- or LF-terminated line without its terminator; `None` at a clean
+/// end of stream.
+fn read_line(
+    r: &mut BufReader<UnixStream>,
+    deadline: Instant,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<Option<String>, VsockError> {
+    check_deadline(r, deadline, timeout, what)?;
+    let mut buf = Vec::new();
+    let n = r
+        .by_ref()
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut buf)
+        .map_err(|e| io_error(e, timeout, what))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') {
+        return Err(if n >= MAX_LINE {
+            VsockError::BadResponse("line too long".to_string())
+        } else {
+            VsockError::Closed(what)
+        });
+    }
+    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+/// Shrinks the socket's read timeout to what is left of the request's
+/// deadline, so a slow trickle cannot stretch one request indefinitely.
+fn check_deadline(
+    r: &BufReader<UnixStream>,
+    deadline: Instant,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<(), VsockError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(VsockError::Timeout(timeout, what));
+    }
+    set_timeouts(r.get_ref(), left).map_err(|e| VsockError::Io("setting timeouts", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::thread::JoinHandle;
+
+    use super::*;
+
+    /// A fake VMM vsock socket: every connection gets `handshake` to its
+    /// CONNECT line, then (if it was OK) `response` to whatever request
+    /// follows. Returns the CONNECT line and request it saw.
+    fn serve_once(
+        sock: &Path,
+        handshake: &'static str,
+        response: &'static [u8],
+    ) -> JoinHandle<(String, String)> {
+        let listener = UnixListener::bind(sock).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut connect = String::new();
+            r.read_line(&mut connect).unwrap();
+            let mut w = s;
+            w.write_all(handshake.as_bytes()).unwrap();
+            let mut request = String::new();
+            if handshake.starts_with("OK") {
+                loop {
+                    let mut l = String::new();
+                    if r.read_line(&mut l).unwrap() == 0 || l == "\r\n" {
+                        break;
+                    }
+                    request.push_str(&l);
+                }
+                w.write_all(response).unwrap();
+            }
+            (connect, request)
+        })
+    }
+
+    fn client(sock: &Path) -> AgentClient {
+        AgentClient::new(sock, Duration::from_secs(5))
+    }
+
+    #[test]
+    fn healthz_through_the_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = serve_once(
+            &sock,
+            "OK 1073741824\n",
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 37\r\n\r\n{\"version\":\"0.1.0\",\"uptime_secs\":42}\n",
+        );
+        let h = client(&sock).healthz().unwrap();
+        assert_eq!(h.version, "0.1.0");
+        assert_eq!(h.uptime_secs, 42);
+        assert_eq!(h.mem_total_kib, 0);
+        let (connect, request) = server.join().unwrap();
+        assert_eq!(connect, format!("CONNECT {AGENT_PORT}\n"));
+        assert!(
+            request.starts_with("GET /healthz HTTP/1.1\r\n"),
+            "{request}"
+        );
+    }
+
+    #[test]
+    fn ports_with_a_chunked_body_and_any_ok_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = serve_once(
+            &sock,
+            "OK 7\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              10\r\n[{\"proto\":\"tcp\",\r\n\
+              4d\r\n\"address\":\"0.0.0.0\",\"port\":22,\"pid\":90,\"process\":\"sshd\",\"command\":\"sshd -D\"}]\r\n\
+              0\r\n\r\n",
+        );
+        let ports = client(&sock).ports().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].port, 22);
+        assert_eq!(ports[0].process.as_deref(), Some("sshd"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn ssh_host_keys_with_a_body_until_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = serve_once(
+            &sock,
+            "OK 1\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n[{\"algorithm\":\"ssh-ed25519\",\"public_key\":\"ssh-ed25519 AAAA\",\"fingerprint\":\"SHA256:abc\"}]",
+        );
+        let keys = client(&sock).ssh_host_keys().unwrap();
+        assert_eq!(keys[0].fingerprint, "SHA256:abc");
+        let (_, request) = server.join().unwrap();
+        assert!(request.starts_with("GET /ssh-host-keys "), "{request}");
+    }
+
+    #[test]
+    fn a_refused_connect_names_the_port_and_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = serve_once(&sock, "FAILURE no listener\n", b"");
+        let err = client(&sock).healthz().unwrap_err();
+        match &err {
+            VsockError::Refused { port, reply } => {
+                assert_eq!(*port, AGENT_PORT);
+                assert_eq!(reply, "FAILURE no listener");
+            }
+            other => panic!("{other:?}"),
+        }
+        server.join().unwrap();
+        // "OK" without a number is not a valid reply either.
+        std::fs::remove_file(&sock).unwrap();
+        let server = serve_once(&sock, "OK\n", b"");
+        assert!(matches!(
+            client(&sock).healthz(),
+            Err(VsockError::Refused { .. })
+        ));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_peer_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            // Hold the connection open without answering until the client
+            // has given up.
+            rx.recv().unwrap();
+            drop(s);
+        });
+        let started = Instant::now();
+        let err = AgentClient::new(&sock, Duration::from_millis(300))
+            .healthz()
+            .unwrap_err();
+        assert!(matches!(err, VsockError::Timeout(_, _)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tx.send(()).unwrap();
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_peer_closing_early_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        // Closes right after accepting.
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || drop(listener.accept().unwrap()));
+        let err = client(&sock).healthz().unwrap_err();
+        assert!(
+            matches!(err, VsockError::Closed(_) | VsockError::Io(_, _)),
+            "{err:?}"
+        );
+        server.join().unwrap();
+
+        // Closes in the middle of a declared body.
+        std::fs::remove_file(&sock).unwrap();
+        let server = serve_once(
+            &sock,
+            "OK 1\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"version\"",
+        );
+        let err = client(&sock).healthz().unwrap_err();
+        assert!(matches!(err, VsockError::Closed(_)), "{err:?}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn errors_statuses_and_bad_json_are_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = serve_once(
+            &sock,
+            "OK 1\n",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nno route\n",
+        );
+        let err = client(&sock).ports().unwrap_err();
+        assert!(
+            matches!(&err, VsockError::Status { status: 404, body, .. } if body == "no route"),
+            "{err:?}"
+        );
+        server.join().unwrap();
+
+        std::fs::remove_file(&sock).unwrap();
+        let server = serve_once(
+            &sock,
+            "OK 1\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        );
+        let err = client(&sock).healthz().unwrap_err();
+        assert!(matches!(err, VsockError::Decode(_, _)), "{err:?}");
+        server.join().unwrap();
+
+        let missing = dir.path().join("missing.sock");
+        let err = client(&missing).healthz().unwrap_err();
+        assert!(matches!(err, VsockError::Connect(_, _)), "{err:?}");
+        assert!(err.to_string().contains("missing.sock"), "{err}");
+    }
+}
