@@ -63,11 +63,13 @@ fn with_opts<R>(
 ) -> (R, Vec<String>) {
     let host = RecordingHostOps::default();
     let log = Lines::default();
+    let config = banger_core::config::Config::defaults(Path::new("/nonexistent/config.toml"));
     let ctx = HookCtx {
         vm,
         vm_dir: dir,
         options,
         host: &host,
+        config: &config,
         log: &log,
     };
     let r = f(&ctx);

@@ -5,19 +5,16 @@
 //!
 //! Options (`--cap vsock-agent:timeout=30,agent=/path/to/banger-agent`):
 //! - `timeout`: seconds to wait for `/healthz`. Without it,
-//!   `$BANGER_AGENT_TIMEOUT_SECS` in the daemon's environment, else 60.
-//! - `agent`: the agent binary. Without it, `$BANGER_AGENT_BIN` in the
-//!   daemon's environment, then `banger-agent` next to the daemon, then `PATH`.
-//!
-//! Capabilities get no daemon config, so the config keys `agent_bin` and
-//! `agent_timeout_secs` reach this capability through those two variables.
+//!   config `agent_timeout_secs` (default 60).
+//! - `agent`: the agent binary. Without it, config `agent_bin`, then
+//!   `banger-agent` next to the daemon, then `PATH`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
-use banger_core::config::{DEFAULT_AGENT_TIMEOUT_SECS, default_agent_bin};
+use banger_core::config::Config;
 use banger_core::initramfs::{self, Built};
 use banger_core::machine::{MachineSpec, Vsock};
 use banger_core::model::CapOptions;
@@ -31,10 +28,6 @@ pub const SOCKET_FILE: &str = "vsock.sock";
 pub const INITRD_FILE: &str = "initramfs.cpio";
 /// Guest context id. Each VM has its own socket, so one CID serves all.
 pub const GUEST_CID: u32 = 3;
-/// Environment variable naming the agent binary when no option does.
-pub const AGENT_BIN_ENV: &str = "BANGER_AGENT_BIN";
-/// Environment variable with the health wait in seconds when no option sets it.
-pub const TIMEOUT_ENV: &str = "BANGER_AGENT_TIMEOUT_SECS";
 
 /// Longest Unix socket path the kernel accepts (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -98,36 +91,21 @@ fn options(o: &CapOptions) -> Result<Options, CapError> {
     Ok(out)
 }
 
-/// The health wait for this VM: the option, else the environment, else the
-/// default.
-fn timeout(opts: &Options) -> Result<Duration, CapError> {
-    if let Some(t) = opts.timeout {
-        return Ok(t);
-    }
-    match std::env::var(TIMEOUT_ENV) {
-        Ok(v) if !v.is_empty() => seconds(&v).ok_or_else(|| {
-            CapError::msg(format!(
-                "Invalid {TIMEOUT_ENV}={v:?} in the daemon's environment: use a number of seconds from 1 to 3600"
-            ))
-        }),
-        _ => Ok(Duration::from_secs(DEFAULT_AGENT_TIMEOUT_SECS)),
-    }
+/// The health wait for this VM: the option, else config `agent_timeout_secs`.
+fn timeout(opts: &Options, config: &Config) -> Duration {
+    opts.timeout
+        .unwrap_or(Duration::from_secs(config.agent_timeout_secs))
 }
 
-/// The agent binary for this VM: the option, else the environment, else the
-/// daemon's neighbourhood and `PATH`.
-fn agent_bin(opts: &Options) -> Result<PathBuf, CapError> {
-    if let Some(p) = &opts.agent {
-        return Ok(p.clone());
+/// The agent binary for this VM: the option, else config `agent_bin`, else
+/// `banger-agent` next to the daemon, else `PATH`.
+fn agent_bin(opts: &Options, config: &Config) -> Result<PathBuf, CapError> {
+    match &opts.agent {
+        Some(p) => Ok(p.clone()),
+        None => config
+            .agent_bin()
+            .map_err(|e| CapError::with("Cannot find the guest agent (or use --cap vsock-agent:agent=/path/to/banger-agent)", e)),
     }
-    if let Some(p) = std::env::var_os(AGENT_BIN_ENV).filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    default_agent_bin().ok_or_else(|| {
-        CapError::msg(format!(
-            "Cannot find banger-agent next to the daemon or on PATH: install it, set {AGENT_BIN_ENV}, or use --cap vsock-agent:agent=/path/to/banger-agent"
-        ))
-    })
 }
 
 fn socket_path(vm_dir: &Path) -> PathBuf {
@@ -166,7 +144,7 @@ impl Capability for VsockAgent {
                 uds.display()
             )));
         }
-        let agent = agent_bin(&opts)?;
+        let agent = agent_bin(&opts, ctx.config)?;
         let dest = ctx.vm_dir.join(INITRD_FILE);
         let built = initramfs::build_initrd(&agent, machine.initrd.as_deref(), &dest)
             .map_err(|e| CapError::with("Cannot build the agent initramfs", e))?;
@@ -183,7 +161,7 @@ impl Capability for VsockAgent {
     }
 
     fn post_start(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        let wait = timeout(&options(ctx.options)?)?;
+        let wait = timeout(&options(ctx.options)?, ctx.config);
         let uds = socket_path(ctx.vm_dir);
         let started = Instant::now();
         let deadline = started + wait;

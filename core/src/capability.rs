@@ -142,6 +142,8 @@ pub struct HookCtx<'a> {
     pub options: &'a CapOptions,
     /// Privileged host operations.
     pub host: &'a dyn HostOps,
+    /// The daemon's configuration.
+    pub config: &'a crate::config::Config,
     /// Progress and diagnostics.
     pub log: &'a dyn HookLog,
 }

@@ -133,7 +133,7 @@ mod tests {
             .expect("the agent initrd is passed to the VMM")
             .to_string();
         assert!(Path::new(&initrd).starts_with(&vm.dir), "{initrd}");
-        // With no option and no BANGER_AGENT_BIN, the daemon uses the
+        // With no option and no agent_bin in config, the daemon uses the
         // banger-agent installed beside it.
         if let Some(init) = init_of(
             Path::new(&initrd),
@@ -154,10 +154,9 @@ mod tests {
 
     #[test]
     fn vsock_agent_without_an_agent_fails_at_post_start_and_rolls_back() {
-        let mut env = BangerEnv::new();
-        // The wait comes from the daemon's environment (how the config's
-        // agent_timeout_secs reaches the capability).
-        env.set_env("BANGER_AGENT_TIMEOUT_SECS", "1");
+        let env = BangerEnv::new();
+        // The wait comes from the daemon's config.
+        env.write_config("agent_timeout_secs = 1\n");
         // A per-VM agent binary; the fake firecracker serves no agent.
         let agent = env.root().join("my-agent");
         std::fs::write(&agent, b"not really an agent").unwrap();

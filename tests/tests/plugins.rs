@@ -103,6 +103,7 @@ mod tests {
         log: Lines,
         options: CapOptions,
         vm_dir: PathBuf,
+        config: banger_core::config::Config,
     }
 
     impl Harness {
@@ -113,6 +114,9 @@ mod tests {
                 log: Lines::default(),
                 options: opts,
                 vm_dir: vm_dir.to_path_buf(),
+                config: banger_core::config::Config::defaults(Path::new(
+                    "/nonexistent/config.toml",
+                )),
             }
         }
 
@@ -122,6 +126,7 @@ mod tests {
                 vm_dir: &self.vm_dir,
                 options: &self.options,
                 host: &self.host,
+                config: &self.config,
                 log: &self.log,
             }
         }

@@ -329,6 +329,7 @@ impl Lifecycle {
         let vm = vm.clone();
         let vm_dir = self.paths.vm_dir(&vm.id);
         let host = self.host.clone();
+        let config = self.config.clone();
         let options = enabled.options.clone();
         let log = CapLog {
             cap: cap.name().to_string(),
@@ -341,6 +342,7 @@ impl Lifecycle {
                 vm_dir: &vm_dir,
                 options: &options,
                 host: host.as_ref(),
+                config: &config,
                 log: &log,
             };
             let mut payload = payload;
