@@ -13,6 +13,8 @@
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
@@ -338,7 +340,8 @@ mod tests {
 
     /// A static /init: loads the virtio and power-button modules it is given,
     /// prints each virtio disk's size and device, then powers off on
-    /// KEY_POWER, so the host can see drive order and a graceful stop.
+    /// KEY_POWER, so the host can see drive order and a graceful stop. It
+    /// also greets every connection on vsock port 1024.
     const PROBE_INIT: &str = r#"
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -350,13 +353,16 @@ mod tests {
 #include <sys/syscall.h>
 #include <sys/reboot.h>
 #include <sys/select.h>
+#include <sys/socket.h>
 #include <linux/input.h>
+#include <linux/vm_sockets.h>
 int main(void) {
   mount("proc", "/proc", "proc", 0, 0);
   mount("sysfs", "/sys", "sysfs", 0, 0);
   mount("dev", "/dev", "devtmpfs", 0, 0);
-  const char *mods[] = {"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "button", "evdev"};
-  for (int i = 0; i < 6; i++) {
+  const char *mods[] = {"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "button", "evdev",
+    "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"};
+  for (int i = 0; i < 9; i++) {
     char p[128]; snprintf(p, sizeof p, "/mods/%s.ko", mods[i]);
     int fd = open(p, O_RDONLY);
     if (fd >= 0) { syscall(SYS_finit_module, fd, "", 0); close(fd); }
@@ -367,6 +373,18 @@ int main(void) {
     FILE *f = fopen(p, "r"); if (!f) continue;
     long s = 0; if (fscanf(f, "%ld", &s) != 1) s = -1; fclose(f);
     printf("DISK vd%c %ld\n", c, s);
+  }
+  /* A vsock listener on port 1024 greets every connection. */
+  int ls = socket(AF_VSOCK, SOCK_STREAM, 0);
+  struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = 1024};
+  if (ls >= 0 && bind(ls, (struct sockaddr *)&a, sizeof a) == 0 && listen(ls, 4) == 0) {
+    printf("VSOCK LISTENING\n"); fflush(stdout);
+    if (fork() == 0) {
+      for (;;) {
+        int c = accept(ls, 0, 0);
+        if (c >= 0) { write(c, "hello from the guest\n", 21); close(c); }
+      }
+    }
   }
   int fds[16], n = 0; DIR *d = opendir("/dev/input"); struct dirent *e;
   while (d && (e = readdir(d)) && n < 16) {
@@ -464,6 +482,9 @@ int main(void) {
             "drivers/block/virtio_blk.ko",
             "drivers/acpi/button.ko",
             "drivers/input/evdev.ko",
+            "net/vmw_vsock/vsock.ko",
+            "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+            "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
         ] {
             let Ok(data) = fs::read(modules.join(rel)) else {
                 continue; // built in, or compressed: the guest reports what it sees
@@ -541,6 +562,51 @@ int main(void) {
         assert!(w.serial().contains("POWER KEY"), "{}", w.serial());
         assert!(!process_alive(&p));
         assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+    }
+
+    #[test]
+    fn host_reaches_a_guest_vsock_listener_through_the_hybrid_socket() {
+        let test = "host_reaches_a_guest_vsock_listener_through_the_hybrid_socket";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        let Some(backend) = vsock_backend_bin() else {
+            return skip(test, "vhost-device-vsock not installed");
+        };
+        let mut w = World::new(&k);
+        match probe_initramfs(w.dir.path(), &k) {
+            Ok(p) => w.machine.initrd = Some(p),
+            Err(why) => return skip(test, &why),
+        }
+        w.machine.boot_args = "console=ttyS0 tsc_early_khz=2000000".into();
+        let uds = w.dir.path().join("v.sock");
+        w.machine.vsock = Some(Vsock {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        });
+        let vmm = Qemu::new(QemuSettings {
+            vhost_device_vsock_bin: backend,
+            ..settings(q)
+        });
+        let p = vmm.launch(&w.machine, &w.paths).unwrap();
+        let _guard = Guard(&vmm, Some(p));
+        wait_until(BOOT, "the probe init reports READY", || {
+            w.serial().contains("READY")
+        });
+        assert!(w.serial().contains("VSOCK LISTENING"), "{}", w.serial());
+
+        // Firecracker's hybrid vsock protocol: CONNECT <port>, then OK <n>.
+        let mut s = UnixStream::connect(&uds).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"CONNECT 1024\n").unwrap();
+        let mut r = BufReader::new(s);
+        let mut ok = String::new();
+        r.read_line(&mut ok).unwrap();
+        let n = ok.strip_prefix("OK ").map(|n| n.trim().parse::<u32>());
+        assert!(matches!(n, Some(Ok(_))), "handshake answer {ok:?}");
+        let mut greeting = String::new();
+        r.read_line(&mut greeting).unwrap();
+        assert_eq!(greeting, "hello from the guest\n");
     }
 
     #[test]
