@@ -610,6 +610,84 @@ int main(void) {
     }
 
     #[test]
+    fn a_failed_qemu_start_stops_the_vsock_backend_too() {
+        let test = "a_failed_qemu_start_stops_the_vsock_backend_too";
+        let Some((q, _)) = requirements(test) else {
+            return;
+        };
+        let Some(backend) = vsock_backend_bin() else {
+            return skip(test, "vhost-device-vsock not installed");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = World::new(&dir.path().join("missing-vmlinux"));
+        let uds = w.dir.path().join("v.sock");
+        w.machine.vsock = Some(Vsock {
+            guest_cid: 5,
+            uds_path: uds.clone(),
+        });
+        let vmm = Qemu::new(QemuSettings {
+            vhost_device_vsock_bin: backend,
+            ..settings(q)
+        });
+        let err = vmm.launch(&w.machine, &w.paths).unwrap_err();
+        assert!(err.to_string().contains("missing-vmlinux"), "{err}");
+        let needle = format!("uds-path={}", uds.display());
+        assert!(
+            processes_mentioning(&needle).is_empty(),
+            "backend left running"
+        );
+        assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+    }
+
+    /// The ELF `vmlinux` inside a Debian (xz-compressed) bzImage.
+    fn extract_vmlinux(bz: &Path, out: &Path) -> Result<(), String> {
+        let data = fs::read(bz).map_err(|e| e.to_string())?;
+        let magic = [0xfd, b'7', b'z', b'X', b'Z', 0];
+        let at = data
+            .windows(magic.len())
+            .position(|w| w == magic)
+            .ok_or("no xz payload in the kernel image")?;
+        let mut child = std::process::Command::new("xz")
+            .args(["-dc", "--single-stream"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(fs::File::create(out).unwrap())
+            .spawn()
+            .map_err(|e| format!("cannot run xz: {e}"))?;
+        let mut stdin = child.stdin.take().unwrap();
+        // xz stops reading after the stream; a broken pipe here is fine.
+        let _ = stdin.write_all(&data[at..]);
+        drop(stdin);
+        child.wait().map_err(|e| e.to_string())?;
+        let elf = fs::read(out).map_err(|e| e.to_string())?;
+        if elf.starts_with(b"\x7fELF") {
+            Ok(())
+        } else {
+            Err("the payload is not an ELF image".into())
+        }
+    }
+
+    #[test]
+    fn boots_an_elf_vmlinux_through_its_pvh_note() {
+        let test = "boots_an_elf_vmlinux_through_its_pvh_note";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        let mut w = World::new(&k);
+        let vmlinux = w.dir.path().join("vmlinux");
+        if let Err(why) = extract_vmlinux(&k, &vmlinux) {
+            return skip(
+                test,
+                &format!("cannot get an ELF vmlinux from {}: {why}", k.display()),
+            );
+        }
+        w.machine.kernel = vmlinux;
+        let vmm = Qemu::new(settings(q));
+        let p = vmm.launch(&w.machine, &w.paths).unwrap();
+        let _guard = Guard(&vmm, Some(p));
+        w.wait_for_banner();
+    }
+
+    #[test]
     fn missing_qemu_binary_is_a_clear_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let w = World::new(&dir.path().join("vmlinux"));

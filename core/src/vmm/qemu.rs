@@ -323,7 +323,7 @@ impl Vmm for Qemu {
 
     fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
         let side = SideFiles::of(&paths.api_socket);
-        prepare_files(machine, paths, &side)?;
+        prepare_files(machine, paths, &side, self.settings.timeouts.exit)?;
         let backend = match &machine.vsock {
             Some(v) => Some(self.start_vsock_backend(v, paths, &side)?),
             None => None,
@@ -334,7 +334,8 @@ impl Vmm for Qemu {
                 if let Some(b) = backend {
                     b.abort(self.settings.timeouts.exit);
                 }
-                cleanup(&paths.api_socket, &side);
+                let uds = machine.vsock.as_ref().map(|v| v.uds_path.as_path());
+                cleanup(&paths.api_socket, &side, uds);
                 Err(e)
             }
         }
@@ -508,9 +509,10 @@ fn prepare_files(
     machine: &MachineSpec,
     paths: &LaunchPaths,
     side: &SideFiles,
+    exit_timeout: Duration,
 ) -> Result<(), VmmError> {
     // A record left by a crashed daemon may name a backend still running.
-    stop_vsock_backend(side, Duration::from_secs(5))?;
+    stop_vsock_backend(side, exit_timeout)?;
     remove_socket(&paths.api_socket)?;
     remove_socket(&side.vhost_socket)?;
     if let Some(v) = &machine.vsock {
@@ -528,8 +530,10 @@ fn prepare_files(
 }
 
 /// Best-effort removal after a failed launch.
-fn cleanup(qmp_socket: &Path, side: &SideFiles) {
-    for p in [qmp_socket, &side.vhost_socket, &side.backend_record] {
+fn cleanup(qmp_socket: &Path, side: &SideFiles, uds: Option<&Path>) {
+    let mut files = vec![qmp_socket, &side.vhost_socket, &side.backend_record];
+    files.extend(uds);
+    for p in files {
         if let Err(e) = remove_socket(p) {
             tracing::warn!(error = %error_chain(&e), "Failed to clean up after a failed launch");
         }
