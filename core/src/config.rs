@@ -14,6 +14,7 @@ use crate::model::{
     ByteSize, CapChoice, EnabledCap, MAX_VCPUS, MIN_MEMORY_MIB, VmmKind, resolve_caps,
 };
 use crate::paths::Paths;
+use crate::vmm::qemu::{QemuAccel, QemuSettings};
 
 /// Errors from loading or using the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +169,13 @@ pub struct Config {
     pub agent_bin: Option<PathBuf>,
     /// Seconds to wait for a booting guest's agent to answer `/healthz`.
     pub agent_timeout_secs: u64,
+    /// QEMU binary for the qemu backend; `None` searches `PATH` for
+    /// `qemu-system-x86_64`.
+    pub qemu_bin: Option<PathBuf>,
+    /// Accelerator for the qemu backend (see `docs/vmm.md`).
+    pub qemu_accel: QemuAccel,
+    /// vhost-device-vsock binary for the qemu backend; `None` searches `PATH`.
+    pub vhost_device_vsock_bin: Option<PathBuf>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -184,6 +192,9 @@ const TOP_KEYS: &[&str] = &[
     "insecure_registries",
     "agent_bin",
     "agent_timeout_secs",
+    "qemu_bin",
+    "qemu_accel",
+    "vhost_device_vsock_bin",
 ];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 
@@ -205,6 +216,9 @@ impl Config {
             agent_bin: None,
             agent_timeout_secs: DEFAULT_AGENT_TIMEOUT_SECS,
             vm_defaults: VmDefaults::for_this_host(),
+            qemu_bin: None,
+            qemu_accel: QemuAccel::Auto,
+            vhost_device_vsock_bin: None,
         }
     }
 
@@ -261,6 +275,33 @@ impl Config {
             None => default_agent_bin().ok_or_else(|| ConfigError::AgentNotOnPath {
                 path: self.path.clone(),
             }),
+        }
+    }
+
+    /// How the qemu backend runs: configured binaries, else the first on
+    /// `PATH`, else the bare name (so a failed start names the binary).
+    pub fn qemu_settings(&self) -> QemuSettings {
+        self.qemu_settings_in(std::env::var_os("PATH").as_deref())
+    }
+
+    fn qemu_settings_in(&self, path_var: Option<&std::ffi::OsStr>) -> QemuSettings {
+        let defaults = QemuSettings::default();
+        let resolve = |configured: &Option<PathBuf>, default: PathBuf| {
+            configured.clone().unwrap_or_else(|| {
+                let name = default.to_string_lossy().into_owned();
+                path_var
+                    .and_then(|p| find_in_path(&name, p))
+                    .unwrap_or(default)
+            })
+        };
+        QemuSettings {
+            qemu_bin: resolve(&self.qemu_bin, defaults.qemu_bin.clone()),
+            vhost_device_vsock_bin: resolve(
+                &self.vhost_device_vsock_bin,
+                defaults.vhost_device_vsock_bin.clone(),
+            ),
+            accel: self.qemu_accel,
+            ..defaults
         }
     }
 
@@ -368,6 +409,14 @@ impl Parser<'_> {
                     cfg.firecracker_bin = Some(self.absolute_path(key, value)?);
                 }
                 "plugins_dir" => cfg.plugins_dir = Some(self.absolute_path(key, value)?),
+                "qemu_bin" => cfg.qemu_bin = Some(self.absolute_path(key, value)?),
+                "vhost_device_vsock_bin" => {
+                    cfg.vhost_device_vsock_bin = Some(self.absolute_path(key, value)?)
+                }
+                "qemu_accel" => {
+                    let s = self.string(key, value)?;
+                    cfg.qemu_accel = s.parse().map_err(|m| self.error(span, m))?;
+                }
                 "default_caps" => {
                     let DeValue::Array(items) = value.get_ref() else {
                         return Err(self.error(
@@ -397,7 +446,7 @@ impl Parser<'_> {
                         .map_err(|_| {
                             self.error(
                                 span,
-                                format!("unknown vmm {s:?}; valid values: firecracker"),
+                                format!("unknown vmm {s:?}; valid values: firecracker, qemu"),
                             )
                         })?;
                 }
@@ -681,6 +730,46 @@ mod tests {
         assert!((512..=8192).contains(&cfg.vm_defaults.memory_mib));
         // An empty file is the same as no file.
         assert_eq!(parse("").unwrap().vm_defaults, cfg.vm_defaults);
+    }
+
+    #[test]
+    fn qemu_keys_parse_and_default_to_path_search_and_auto() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.qemu_accel, QemuAccel::Auto);
+        let empty = tempfile::tempdir().unwrap();
+        let s = cfg.qemu_settings_in(Some(empty.path().as_os_str()));
+        assert_eq!(s.qemu_bin, Path::new("qemu-system-x86_64"));
+        assert_eq!(s.vhost_device_vsock_bin, Path::new("vhost-device-vsock"));
+
+        let bin = empty.path().join("qemu-system-x86_64");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = cfg.qemu_settings_in(Some(empty.path().as_os_str()));
+        assert_eq!(s.qemu_bin, bin);
+
+        let cfg = parse(
+            "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nqemu_bin = \"/opt/q\"\nvhost_device_vsock_bin = \"/opt/v\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.vmm, VmmKind::Qemu);
+        let s = cfg.qemu_settings_in(None);
+        assert_eq!(
+            (s.qemu_bin, s.vhost_device_vsock_bin, s.accel),
+            (
+                PathBuf::from("/opt/q"),
+                PathBuf::from("/opt/v"),
+                QemuAccel::Tcg
+            )
+        );
+    }
+
+    #[test]
+    fn bad_qemu_keys_name_the_valid_values() {
+        let msg = err("qemu_accel = \"hvf\"");
+        assert!(msg.contains("line 1"), "{msg}");
+        assert!(msg.contains("valid values: auto, kvm, tcg"), "{msg}");
+        assert!(err("qemu_bin = \"qemu\"").contains("absolute path"));
+        assert!(err("vmm = \"xen\"").contains("valid values: firecracker, qemu"));
     }
 
     #[test]

@@ -279,6 +279,8 @@ pub enum VmmKind {
     /// Firecracker (the default).
     #[default]
     Firecracker,
+    /// QEMU's `microvm` machine (KVM or TCG); see `docs/vmm.md`.
+    Qemu,
 }
 
 impl VmmKind {
@@ -286,6 +288,7 @@ impl VmmKind {
     pub fn as_str(self) -> &'static str {
         match self {
             VmmKind::Firecracker => "firecracker",
+            VmmKind::Qemu => "qemu",
         }
     }
 }

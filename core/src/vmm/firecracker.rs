@@ -6,28 +6,21 @@
 //! stderr (the guest serial console) are appended to `machine.serial_log`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use super::uds_http;
-use super::{LaunchPaths, Vmm, VmmError, process_alive, process_start_time};
+use super::{
+    LOG_TAIL_LINES, LaunchPaths, POLL, Spawned, Vmm, VmmError, error_chain, io_err, kill_and_wait,
+    log_tail, process_alive, remove_socket, spawn_detached, uds_http, wait_gone,
+};
 use crate::machine::MachineSpec;
 use crate::model::VmmProcess;
 
 const NAME: &str = "firecracker";
-/// How often readiness and exit are polled.
-const POLL: Duration = Duration::from_millis(10);
-/// How many serial-log lines an early-exit error quotes.
-const LOG_TAIL_LINES: usize = 10;
 
 /// How long the backend waits for the VMM at each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,39 +84,13 @@ impl Vmm for Firecracker {
             .stdin(Stdio::null())
             .stdout(serial)
             .stderr(serial_err);
-        // SAFETY: the closure runs in the forked child before exec and only
-        // calls setsid(2), which is async-signal-safe and allocates nothing.
-        // A session of its own detaches the VMM from the daemon's terminal and
-        // process group, so it survives the daemon's exit or a Ctrl-C.
-        unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
-        }
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            bin: self.bin.clone(),
-            source,
+        let spawned = spawn_detached(cmd, &self.bin, NAME).inspect_err(|_| {
+            let _ = remove_socket(&paths.api_socket);
         })?;
-        let pid = child.id();
-        // Read before the reaper can reap: the pid cannot be reused until then.
-        let start_time = process_start_time(pid);
-
-        // Reap the child from a detached thread so no zombie lingers while the
-        // daemon lives; the channel tells launch if it died during setup.
-        let (exited_tx, exited) = mpsc::channel::<io::Result<ExitStatus>>();
-        std::thread::Builder::new()
-            .name(format!("reap-firecracker-{pid}"))
-            .spawn(move || {
-                let _ = exited_tx.send(child.wait());
-            })
-            .map_err(|e| {
-                // The child went down with the closure, unreaped: kill it at least.
-                let _ = kill(pid_of(pid), Signal::SIGKILL);
-                let _ = remove_socket(&paths.api_socket);
-                io_err("starting the VMM reaper thread", e)
-            })?;
-
+        let pid = spawned.pid;
+        let start_time = spawned.start_time;
         let launched = Launched {
-            pid,
-            exited,
+            spawned,
             api_socket: &paths.api_socket,
             exit_timeout: self.timeouts.exit,
         };
@@ -154,12 +121,7 @@ impl Vmm for Firecracker {
                 &json!({"action_type": "SendCtrlAltDel"}),
             );
             match asked {
-                Ok(()) => {
-                    let deadline = Instant::now() + grace;
-                    while process_alive(process) && Instant::now() < deadline {
-                        std::thread::sleep(POLL);
-                    }
-                }
+                Ok(()) => wait_gone(process, grace),
                 Err(e) => tracing::warn!(
                     pid = process.pid,
                     error = %error_chain(&e),
@@ -182,11 +144,7 @@ impl Firecracker {
     fn wait_ready(&self, launched: &Launched<'_>, serial_log: &Path) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.timeouts.socket_ready;
         loop {
-            if let Ok(status) = launched.exited.try_recv() {
-                let how = match status {
-                    Ok(s) => s.to_string(),
-                    Err(e) => format!("an unknown status ({e})"),
-                };
+            if let Some(how) = launched.spawned.exit_status() {
                 return Err(VmmError::NotReady(format!(
                     "{NAME} exited with {how} before its API socket was ready; last lines of {}:\n{}",
                     serial_log.display(),
@@ -282,29 +240,15 @@ impl Firecracker {
 
 /// A VMM process spawned by this launch, not yet handed to the caller.
 struct Launched<'a> {
-    pid: u32,
-    exited: mpsc::Receiver<io::Result<ExitStatus>>,
+    spawned: Spawned,
     api_socket: &'a Path,
     exit_timeout: Duration,
 }
 
 impl Launched<'_> {
-    /// Kills the child (still ours: the reaper has not reported it gone, so
-    /// the pid cannot have been reused), waits for the reaper, removes the
-    /// socket, and returns `err` for the caller.
+    /// Kills the child, removes the socket, and returns `err` for the caller.
     fn abort(self, err: VmmError) -> VmmError {
-        let gone = match self.exited.try_recv() {
-            Ok(_) | Err(mpsc::TryRecvError::Disconnected) => true,
-            Err(mpsc::TryRecvError::Empty) => {
-                if let Err(e) = kill(pid_of(self.pid), Signal::SIGKILL) {
-                    tracing::warn!(pid = self.pid, error = %e, "Failed to kill the VMM");
-                }
-                self.exited.recv_timeout(self.exit_timeout).is_ok()
-            }
-        };
-        if !gone {
-            tracing::warn!(pid = self.pid, "The VMM did not exit after SIGKILL");
-        }
+        self.spawned.abort(self.exit_timeout);
         if let Err(e) = remove_socket(self.api_socket) {
             tracing::warn!(error = %error_chain(&e), "Failed to remove the VMM socket");
         }
@@ -333,41 +277,6 @@ fn prepare_files(machine: &MachineSpec, paths: &LaunchPaths) -> Result<(), VmmEr
     Ok(())
 }
 
-/// SIGKILLs `p` if it is still the same process, then waits until it is gone.
-fn kill_and_wait(p: &VmmProcess, timeout: Duration) -> Result<(), VmmError> {
-    // process_alive compares the start time, so a reused pid is left alone.
-    if !process_alive(p) {
-        return Ok(());
-    }
-    match kill(pid_of(p.pid), Signal::SIGKILL) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => return Err(VmmError::Signal(p.pid, e)),
-    }
-    let deadline = Instant::now() + timeout;
-    while process_alive(p) {
-        if Instant::now() >= deadline {
-            return Err(io_err(
-                format!("waiting for pid {} to exit after SIGKILL", p.pid),
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("still alive after {timeout:?}"),
-                ),
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
-    Ok(())
-}
-
-fn remove_socket(path: &Path) -> Result<(), VmmError> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(io_err(format!("removing {}", path.display()), e))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Firecracker's `fault_message`, or the raw body when it sent something else.
 fn fault_message(status: u16, body: &[u8]) -> String {
     let parsed = serde_json::from_slice::<Value>(body).ok();
@@ -387,50 +296,6 @@ fn fault_message(status: u16, body: &[u8]) -> String {
     }
 }
 
-/// The last `n` lines of `path` (at most its last 8 KiB), for error messages.
-fn log_tail(path: &Path, n: usize) -> String {
-    let read = || -> io::Result<String> {
-        let mut f = File::open(path)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(8 << 10)))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    match read() {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
-            if tail.trim().is_empty() {
-                "(empty)".to_owned()
-            } else {
-                tail
-            }
-        }
-        Err(e) => format!("(unreadable: {e})"),
-    }
-}
-
-fn pid_of(pid: u32) -> Pid {
-    Pid::from_raw(pid as i32)
-}
-
-fn io_err(what: impl Into<String>, e: io::Error) -> VmmError {
-    VmmError::Io(what.into(), e)
-}
-
-/// The whole error chain on one line, for logs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,18 +312,5 @@ mod tests {
             fault_message(400, br#"{"other":1}"#),
             r#"HTTP 400: {"other":1}"#
         );
-    }
-
-    #[test]
-    fn log_tail_keeps_the_last_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("serial.log");
-        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
-        fs::write(&p, text).unwrap();
-        let tail = log_tail(&p, 3);
-        assert_eq!(tail, "line 28\nline 29\nline 30");
-        assert!(log_tail(&dir.path().join("nope"), 3).starts_with("(unreadable"));
-        fs::write(&p, "").unwrap();
-        assert_eq!(log_tail(&p, 3), "(empty)");
     }
 }

@@ -5,13 +5,22 @@
 //! found again by pid + start time (see [`process_alive`]).
 
 use std::fmt;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use crate::machine::MachineSpec;
 use crate::model::VmmProcess;
 
 pub mod firecracker;
+pub mod qemu;
 mod uds_http;
 
 /// Host paths a backend may use for one VM.
@@ -101,9 +110,185 @@ pub fn process_alive(p: &VmmProcess) -> bool {
     fields.nth(18).and_then(|s| s.parse::<u64>().ok()) == Some(p.start_time)
 }
 
+/// How often backends poll readiness and exit.
+const POLL: Duration = Duration::from_millis(10);
+/// How many log lines an early-exit error quotes.
+const LOG_TAIL_LINES: usize = 10;
+
+/// A process a backend spawned in its own session, reaped by a thread.
+struct Spawned {
+    pid: u32,
+    /// `None` if the process vanished before its start time could be read.
+    start_time: Option<u64>,
+    /// Receives the exit status once the reaper has reaped it.
+    exited: mpsc::Receiver<io::Result<ExitStatus>>,
+}
+
+/// Spawns `cmd` in a session of its own (so it outlives the daemon and
+/// ignores its terminal) and reaps it from a detached thread so no zombie
+/// lingers while the daemon lives.
+fn spawn_detached(mut cmd: Command, bin: &Path, label: &str) -> Result<Spawned, VmmError> {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setsid(2), which is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+    }
+    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+        bin: bin.to_path_buf(),
+        source,
+    })?;
+    let pid = child.id();
+    // Read before the reaper can reap: the pid cannot be reused until then.
+    let start_time = process_start_time(pid);
+    let (exited_tx, exited) = mpsc::channel::<io::Result<ExitStatus>>();
+    std::thread::Builder::new()
+        .name(format!("reap-{label}-{pid}"))
+        .spawn(move || {
+            let _ = exited_tx.send(child.wait());
+        })
+        .map_err(|e| {
+            // The child went down with the closure, unreaped: kill it at least.
+            let _ = kill(pid_of(pid), Signal::SIGKILL);
+            io_err("starting the VMM reaper thread", e)
+        })?;
+    Ok(Spawned {
+        pid,
+        start_time,
+        exited,
+    })
+}
+
+impl Spawned {
+    /// The exit status, if the process has already exited.
+    fn exit_status(&self) -> Option<String> {
+        self.exited.try_recv().ok().map(|status| match status {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("an unknown status ({e})"),
+        })
+    }
+
+    /// Kills the process (still ours: the reaper has not reported it gone,
+    /// so the pid cannot have been reused) and waits for the reaper.
+    fn abort(self, exit_timeout: Duration) {
+        let gone = match self.exited.try_recv() {
+            Ok(_) | Err(mpsc::TryRecvError::Disconnected) => true,
+            Err(mpsc::TryRecvError::Empty) => {
+                if let Err(e) = kill(pid_of(self.pid), Signal::SIGKILL) {
+                    tracing::warn!(pid = self.pid, error = %e, "Failed to kill the VMM");
+                }
+                self.exited.recv_timeout(exit_timeout).is_ok()
+            }
+        };
+        if !gone {
+            tracing::warn!(pid = self.pid, "The VMM did not exit after SIGKILL");
+        }
+    }
+}
+
+/// SIGKILLs `p` if it is still the same process, then waits until it is gone.
+fn kill_and_wait(p: &VmmProcess, timeout: Duration) -> Result<(), VmmError> {
+    // process_alive compares the start time, so a reused pid is left alone.
+    if !process_alive(p) {
+        return Ok(());
+    }
+    match kill(pid_of(p.pid), Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => return Err(VmmError::Signal(p.pid, e)),
+    }
+    let deadline = Instant::now() + timeout;
+    while process_alive(p) {
+        if Instant::now() >= deadline {
+            return Err(io_err(
+                format!("waiting for pid {} to exit after SIGKILL", p.pid),
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("still alive after {timeout:?}"),
+                ),
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// Waits up to `grace` for `p` to exit on its own.
+fn wait_gone(p: &VmmProcess, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while process_alive(p) && Instant::now() < deadline {
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Removes a socket or state file; a missing one is fine.
+fn remove_socket(path: &Path) -> Result<(), VmmError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The last `n` lines of `path` (at most its last 8 KiB), for error messages.
+fn log_tail(path: &Path, n: usize) -> String {
+    let read = || -> io::Result<String> {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(8 << 10)))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+            if tail.trim().is_empty() {
+                "(empty)".to_owned()
+            } else {
+                tail
+            }
+        }
+        Err(e) => format!("(unreadable: {e})"),
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(pid as i32)
+}
+
+fn io_err(what: impl Into<String>, e: io::Error) -> VmmError {
+    VmmError::Io(what.into(), e)
+}
+
+/// The whole error chain on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let tail = log_tail(&p, 3);
+        assert_eq!(tail, "line 28\nline 29\nline 30");
+        assert!(log_tail(&dir.path().join("nope"), 3).starts_with("(unreadable"));
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(log_tail(&p, 3), "(empty)");
+    }
 
     #[test]
     fn own_process_is_alive_and_pid_reuse_is_detected() {
