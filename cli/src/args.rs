@@ -135,6 +135,18 @@ pub struct CreateArgs {
     /// Create without starting.
     #[arg(long)]
     pub no_start: bool,
+    /// VMM backend (default: config `vmm`, else firecracker).
+    #[arg(long, value_enum)]
+    pub vmm: Option<VmmArg>,
+}
+
+/// `--vmm` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VmmArg {
+    /// Firecracker.
+    Firecracker,
+    /// qemu-system-x86_64 -M microvm.
+    Qemu,
 }
 
 /// vCPU, memory and disk flags.

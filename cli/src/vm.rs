@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use banger_core::api::{CapView, CreateVmRequest, SetVmRequest, VmView};
 use banger_core::client::{Client, ClientError, Method};
 
-use crate::args::{CreateArgs, SetArgs};
+use banger_core::model::VmmKind;
+
+use crate::args::{CreateArgs, SetArgs, VmmArg};
 use crate::ordered::run_in_order;
 use crate::output;
 
@@ -72,6 +74,10 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         caps: a.caps,
         boot_args: a.boot_args,
         no_start: a.no_start,
+        vmm: a.vmm.map(|v| match v {
+            VmmArg::Firecracker => VmmKind::Firecracker,
+            VmmArg::Qemu => VmmKind::Qemu,
+        }),
     };
     let vm: VmView = client
         .stream_events(Method::POST, "/v1/vms", Some(&req), |e| {

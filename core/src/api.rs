@@ -73,6 +73,9 @@ pub struct CreateVmRequest {
     /// Create without starting.
     #[serde(default)]
     pub no_start: bool,
+    /// VMM backend; config `vmm` when absent.
+    #[serde(default)]
+    pub vmm: Option<crate::model::VmmKind>,
 }
 
 /// `vm set` arguments; only allowed while the VM is not running.

@@ -19,7 +19,8 @@ use crate::model::{VmmProcess, now_unix};
 use crate::paths::Paths;
 use crate::store::Store;
 use crate::vmm::firecracker::Firecracker;
-use crate::vmm::{LaunchPaths, Vmm, VmmError};
+use crate::vmm::qemu::Qemu;
+use crate::vmm::{Backends, LaunchPaths, Vmm, VmmError};
 
 mod artifacts_api;
 mod server;
@@ -162,7 +163,7 @@ pub async fn run() -> Result<(), DaemonError> {
         plugin_errors.push(msg);
     }
 
-    let vmm: Arc<dyn Vmm> = match config.firecracker_bin() {
+    let firecracker: Arc<dyn Vmm> = match config.firecracker_bin() {
         Ok(bin) => Arc::new(Firecracker::new(bin)),
         Err(e) => {
             let reason = render_chain(&e);
@@ -170,6 +171,7 @@ pub async fn run() -> Result<(), DaemonError> {
             Arc::new(UnavailableVmm { reason })
         }
     };
+    let backends = Backends::new(firecracker, Arc::new(Qemu::new(config.qemu_settings())));
     let artifacts =
         Arc::new(Artifacts::new(&paths, store.clone(), &config).map_err(DaemonError::Artifacts)?);
     let cleaned = artifacts.cleanup_staging();
@@ -182,7 +184,7 @@ pub async fn run() -> Result<(), DaemonError> {
         store,
         registry,
         Arc::new(InProcessHostOps),
-        vmm,
+        backends,
         artifacts,
     ));
     for r in lifecycle

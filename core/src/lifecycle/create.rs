@@ -183,7 +183,7 @@ impl Lifecycle {
                 initrd: None,
                 rootfs_source: PathBuf::new(),
                 extra_boot_args: req.boot_args.clone(),
-                vmm: self.config.vmm,
+                vmm: req.vmm.unwrap_or(self.config.vmm),
             },
             caps,
             prepared: Vec::new(),

@@ -25,7 +25,7 @@ use crate::hostops::HostOps;
 use crate::model::{EnabledCap, VmId, VmRecord, VmState, now_unix};
 use crate::paths::Paths;
 use crate::store::{Store, StoreError};
-use crate::vmm::Vmm;
+use crate::vmm::{Backends, Vmm};
 
 mod create;
 mod delete;
@@ -203,7 +203,7 @@ pub struct Lifecycle {
     store: Arc<Store>,
     registry: Registry,
     host: Arc<dyn HostOps>,
-    vmm: Arc<dyn Vmm>,
+    backends: Backends,
     artifacts: Arc<crate::artifacts::Artifacts>,
     locks: VmLocks,
     /// Serialises name checks with inserts during create.
@@ -218,7 +218,7 @@ impl Lifecycle {
         store: Arc<Store>,
         registry: Registry,
         host: Arc<dyn HostOps>,
-        vmm: Arc<dyn Vmm>,
+        backends: Backends,
         artifacts: Arc<crate::artifacts::Artifacts>,
     ) -> Self {
         Lifecycle {
@@ -227,7 +227,7 @@ impl Lifecycle {
             store,
             registry,
             host,
-            vmm,
+            backends,
             artifacts,
             locks: VmLocks::default(),
             create_lock: tokio::sync::Mutex::new(()),
@@ -419,6 +419,11 @@ impl Lifecycle {
             }
         }
         errors
+    }
+
+    /// The backend that runs `vm`.
+    fn vmm_for(&self, vm: &VmRecord) -> Arc<dyn Vmm> {
+        self.backends.get(vm.spec.vmm)
     }
 
     /// Graceful stop timeout.

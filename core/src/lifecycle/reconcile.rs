@@ -49,7 +49,7 @@ impl Lifecycle {
                 (VmState::Starting, _) => {
                     // We cannot know how far the start got: undo it.
                     if let Some(p) = vm.vmm.take() {
-                        let vmm = self.vmm.clone();
+                        let vmm = self.vmm_for(&vm);
                         let _ = super::blocking(move || vmm.kill(&p)).await;
                     }
                     let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();

@@ -115,7 +115,7 @@ impl Lifecycle {
             Err(err) => {
                 progress.stage("rollback", format!("{}; rolling back", render_chain(&err)));
                 if let Some(p) = vm.vmm.take() {
-                    let vmm = self.vmm.clone();
+                    let vmm = self.vmm_for(vm);
                     let _ = blocking(move || vmm.kill(&p)).await;
                 }
                 let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();
@@ -193,13 +193,16 @@ impl Lifecycle {
         vm.guest = Some(guest);
         self.save(vm).await?;
 
-        progress.stage("launch_vmm", format!("launching {}", self.vmm.name()));
+        progress.stage(
+            "launch_vmm",
+            format!("launching {}", self.vmm_for(vm).name()),
+        );
         let paths = LaunchPaths {
             vm_dir: dir.clone(),
             api_socket: self.paths.vmm_socket(&vm.id),
             vmm_log: dir.join(VMM_LOG),
         };
-        let vmm = self.vmm.clone();
+        let vmm = self.vmm_for(vm);
         let launched = blocking(move || vmm.launch(&machine, &paths)).await?;
         let process = launched.map_err(|e| OpError::Stage {
             stage: "launch_vmm".to_string(),

@@ -50,7 +50,7 @@ impl Lifecycle {
         if let Some(process) = vm.vmm.clone() {
             vm.state = VmState::Stopping;
             self.save(vm).await?;
-            let vmm = self.vmm.clone();
+            let vmm = self.vmm_for(vm);
             let grace = self.stop_grace();
             let result = match mode {
                 StopMode::Graceful => {

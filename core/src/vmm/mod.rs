@@ -10,14 +10,14 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::machine::MachineSpec;
-use crate::model::VmmProcess;
+use crate::model::{VmmKind, VmmProcess};
 
 pub mod firecracker;
 pub mod qemu;
@@ -82,6 +82,36 @@ pub trait Vmm: Send + Sync + fmt::Debug {
 
     /// Kills the VMM at once and waits until it is gone.
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError>;
+}
+
+/// One backend per [`VmmKind`]; each VM uses the one its spec names.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    firecracker: Arc<dyn Vmm>,
+    qemu: Arc<dyn Vmm>,
+}
+
+impl Backends {
+    /// The daemon's backends.
+    pub fn new(firecracker: Arc<dyn Vmm>, qemu: Arc<dyn Vmm>) -> Self {
+        Backends { firecracker, qemu }
+    }
+
+    /// The same backend for every kind (tests).
+    pub fn single(vmm: Arc<dyn Vmm>) -> Self {
+        Backends {
+            firecracker: vmm.clone(),
+            qemu: vmm,
+        }
+    }
+
+    /// The backend for `kind`.
+    pub fn get(&self, kind: VmmKind) -> Arc<dyn Vmm> {
+        match kind {
+            VmmKind::Firecracker => self.firecracker.clone(),
+            VmmKind::Qemu => self.qemu.clone(),
+        }
+    }
 }
 
 /// The start time (clock ticks since boot) of `pid`, from `/proc/PID/stat`.
