@@ -1,0 +1,9 @@
+//! Host networking: the bridge every VM hangs off, stable per-VM leases,
+//! the warm tap pool, NAT rules and the `.vm` DNS server.
+//!
+//! Privileged work goes through [`crate::hostops::HostOps`]; the in-process
+//! implementation uses [`netlink`] for links and addresses and [`nft`] for
+//! filtering and NAT.
+
+pub(crate) mod netlink;
+pub mod nft;

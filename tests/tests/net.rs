@@ -1,0 +1,206 @@
+//! Host networking against the real kernel: bridge, taps, addresses and NAT
+//! rules, each test inside its own network namespace so the host's is never
+//! touched. Needs root (CLONE_NEWNET, CAP_NET_ADMIN), `ip` (iproute2, only to
+//! inspect results) and `nft` (nftables).
+
+// Inside a cfg(test) module so the test-only lint allowances cover helpers.
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use banger_core::hostops::{HostOps, InProcessHostOps};
+
+    /// Runs `body` on a thread that has its own fresh network namespace, or
+    /// prints SKIPPED and returns false when that is impossible here.
+    fn in_netns(test: &str, needs: &[&str], body: impl FnOnce() + Send + 'static) -> bool {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED {test}: needs root for a network namespace");
+            return false;
+        }
+        for tool in needs {
+            let found = std::process::Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok();
+            if !found {
+                eprintln!("SKIPPED {test}: {tool} missing (apt-get install iproute2 nftables)");
+                return false;
+            }
+        }
+        let handle = std::thread::spawn(move || {
+            // SAFETY: unshare only changes this thread's namespaces; the thread
+            // is ours and ends with the test body.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            body();
+        });
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+        true
+    }
+
+    /// `ip -j ARGS` in the calling thread's namespace, parsed.
+    fn ip_json(args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new("ip")
+            .arg("-j")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn link(name: &str) -> Option<serde_json::Value> {
+        ip_json(&["link", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["ifname"] == name)
+            .cloned()
+    }
+
+    fn addresses(name: &str) -> Vec<String> {
+        ip_json(&["-4", "addr", "show", "dev", name])[0]["addr_info"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+            .collect()
+    }
+
+    fn nft_rules() -> Vec<serde_json::Value> {
+        let out = std::process::Command::new("nft")
+            .args(["-j", "list", "ruleset"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i.get("rule").cloned())
+            .collect()
+    }
+
+    fn comments(rules: &[serde_json::Value]) -> Vec<String> {
+        rules
+            .iter()
+            .map(|r| r["comment"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn bridge_is_created_addressed_and_up_idempotently() {
+        in_netns(
+            "bridge_is_created_addressed_and_up_idempotently",
+            &["ip"],
+            || {
+                let ops = InProcessHostOps;
+                let gw = Ipv4Addr::new(172, 30, 0, 1);
+                ops.ensure_bridge("bgtest0", gw, 24).unwrap();
+                ops.ensure_bridge("bgtest0", gw, 24).unwrap();
+                let l = link("bgtest0").expect("bridge exists");
+                assert!(
+                    l["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+                    "{l}"
+                );
+                assert_eq!(addresses("bgtest0"), vec!["172.30.0.1/24"]);
+                let detail = ip_json(&["-d", "link", "show", "bgtest0"]);
+                assert_eq!(detail[0]["linkinfo"]["info_kind"], "bridge");
+
+                ops.delete_link("bgtest0").unwrap();
+                assert!(link("bgtest0").is_none());
+                ops.delete_link("bgtest0").unwrap();
+            },
+        );
+    }
+
+    #[test]
+    fn tap_is_attached_to_the_bridge_and_brought_up() {
+        in_netns(
+            "tap_is_attached_to_the_bridge_and_brought_up",
+            &["ip"],
+            || {
+                let ops = InProcessHostOps;
+                ops.ensure_bridge("bgtest1", Ipv4Addr::new(10, 9, 0, 1), 24)
+                    .unwrap();
+                ops.create_tap("bgtap0", 0).unwrap();
+                ops.attach_to_bridge("bgtap0", "bgtest1").unwrap();
+                ops.set_link_up("bgtap0").unwrap();
+                let tap = link("bgtap0").expect("tap exists");
+                assert_eq!(tap["master"], "bgtest1", "{tap}");
+                assert!(
+                    tap["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+                    "{tap}"
+                );
+                let err = ops.attach_to_bridge("bgtap0", "nosuchbr").unwrap_err();
+                assert!(
+                    banger_core::lifecycle::render_chain(&err).contains("nosuchbr"),
+                    "{err}"
+                );
+                ops.delete_link("bgtap0").unwrap();
+                assert!(link("bgtap0").is_none());
+            },
+        );
+    }
+
+    #[test]
+    fn nat_rules_are_tagged_per_vm_and_removed_exactly() {
+        in_netns(
+            "nat_rules_are_tagged_per_vm_and_removed_exactly",
+            &["ip", "nft"],
+            || {
+                let ops = InProcessHostOps;
+                let a = Ipv4Addr::new(172, 30, 0, 2);
+                let b = Ipv4Addr::new(172, 30, 0, 3);
+                ops.add_nat("aaaa", "banger0", a).unwrap();
+                ops.add_nat("bbbb", "banger0", b).unwrap();
+                // Re-adding replaces rather than duplicates.
+                ops.add_nat("aaaa", "banger0", a).unwrap();
+                let rules = nft_rules();
+                let c = comments(&rules);
+                assert_eq!(c.iter().filter(|c| *c == "banger:aaaa").count(), 3, "{c:?}");
+                assert_eq!(c.iter().filter(|c| *c == "banger:bbbb").count(), 3, "{c:?}");
+                let masq = rules
+                    .iter()
+                    .find(|r| r["chain"] == "postrouting" && r["comment"] == "banger:aaaa")
+                    .unwrap();
+                let text = masq.to_string();
+                assert!(text.contains("masquerade"), "{text}");
+                assert!(text.contains("172.30.0.2"), "{text}");
+                assert_eq!(
+                    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                        .unwrap()
+                        .trim(),
+                    "1"
+                );
+
+                ops.remove_nat("aaaa").unwrap();
+                let c = comments(&nft_rules());
+                assert!(!c.iter().any(|c| c == "banger:aaaa"), "{c:?}");
+                assert_eq!(c.iter().filter(|c| *c == "banger:bbbb").count(), 3, "{c:?}");
+                ops.remove_nat("aaaa").unwrap();
+                ops.remove_nat("bbbb").unwrap();
+                assert!(nft_rules().is_empty());
+            },
+        );
+    }
+
+    #[test]
+    fn nat_refuses_a_vm_id_that_could_inject_rules() {
+        let err = InProcessHostOps
+            .add_nat("x\" ; flush ruleset", "banger0", Ipv4Addr::new(10, 0, 0, 2))
+            .unwrap_err();
+        assert!(err.to_string().contains("Invalid argument"), "{err}");
+    }
+}
