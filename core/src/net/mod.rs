@@ -5,5 +5,11 @@
 //! implementation uses [`netlink`] for links and addresses and [`nft`] for
 //! filtering and NAT.
 
+mod addr;
 pub(crate) mod netlink;
 pub mod nft;
+
+pub use addr::{InvalidMac, InvalidSubnet, MacAddr, Subnet};
+mod taps;
+
+pub use taps::{DEFAULT_WARM, TAP_PREFIX, TapPool};
