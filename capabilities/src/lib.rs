@@ -2,7 +2,11 @@
 //! `inventory::submit!`; binaries must link this crate
 //! (`use banger_capabilities as _;`) for the registrations to exist.
 
+pub mod nat;
+pub mod network;
 pub mod work_disk;
 
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod tests;

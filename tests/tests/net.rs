@@ -203,4 +203,101 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("Invalid argument"), "{err}");
     }
+
+    struct Quiet;
+
+    impl banger_core::capability::HookLog for Quiet {
+        fn info(&self, _: &str) {}
+        fn warn(&self, _: &str) {}
+    }
+
+    fn vm(name: &str) -> banger_core::model::VmRecord {
+        use banger_core::model::*;
+        VmRecord {
+            id: VmId::generate(),
+            name: VmName::parse(name).unwrap(),
+            state: VmState::Starting,
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 256,
+                disk_size: ByteSize(1 << 20),
+                kernel: "/k".into(),
+                initrd: None,
+                rootfs_source: "/r".into(),
+                extra_boot_args: None,
+                vmm: VmmKind::Firecracker,
+            },
+            caps: vec![],
+            prepared: vec![],
+            vmm: None,
+            last_error: None,
+            machine: None,
+            guest: None,
+            booted_once: false,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn network_and_nat_capabilities_wire_a_vm_and_leave_nothing_after_delete() {
+        in_netns(
+            "network_and_nat_capabilities_wire_a_vm_and_leave_nothing_after_delete",
+            &["ip", "nft"],
+            || {
+                use std::sync::Arc;
+
+                use banger_capabilities::nat::Nat;
+                use banger_capabilities::network::Network;
+                use banger_core::capability::{Capability, HookCtx, TeardownReason};
+                use banger_core::config::NetworkConfig;
+                use banger_core::net::HostNetwork;
+                use banger_core::store::Store;
+
+                let dir = tempfile::tempdir().unwrap();
+                let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+                let config = NetworkConfig {
+                    bridge: "bgtest2".into(),
+                    subnet: "10.77.0.0/24".parse().unwrap(),
+                    dns_port: 0,
+                };
+                let net = Arc::new(HostNetwork::new(config, store, dir.path(), 0));
+                let network = Network::with(net.clone());
+                let nat = Nat::with(net.clone());
+                let host = InProcessHostOps;
+                let v = vm("web");
+                let vm_dir = dir.path().join("vm");
+                std::fs::create_dir_all(&vm_dir).unwrap();
+                let options = banger_core::model::CapOptions::new();
+                let ctx = HookCtx {
+                    vm: &v,
+                    vm_dir: &vm_dir,
+                    options: &options,
+                    host: &host,
+                    log: &Quiet,
+                };
+
+                network.prepare_host(&ctx).unwrap();
+                nat.prepare_host(&ctx).unwrap();
+                assert_eq!(addresses("bgtest2"), vec!["10.77.0.1/24"]);
+                let tap = link("bgtap0").expect("the VM's tap exists");
+                assert_eq!(tap["master"], "bgtest2", "{tap}");
+                // Two more kept warm on the bridge.
+                for warm in ["bgtap1", "bgtap2"] {
+                    assert_eq!(link(warm).expect(warm)["master"], "bgtest2");
+                }
+                let tag = format!("banger:{}", v.id);
+                let rules = nft_rules();
+                assert_eq!(comments(&rules).iter().filter(|c| **c == tag).count(), 3);
+                assert!(rules.iter().any(|r| r.to_string().contains("10.77.0.2")));
+
+                nat.teardown(&ctx, TeardownReason::Delete).unwrap();
+                network.teardown(&ctx, TeardownReason::Delete).unwrap();
+                assert!(nft_rules().is_empty(), "{:?}", nft_rules());
+                assert!(link("bgtap0").is_none(), "pool was full, tap deleted");
+                net.taps().drain(&host).unwrap();
+                assert!(link("bgtap1").is_none() && link("bgtap2").is_none());
+            },
+        );
+    }
 }

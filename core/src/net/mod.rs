@@ -13,3 +13,6 @@ pub use addr::{InvalidMac, InvalidSubnet, MacAddr, Subnet};
 mod taps;
 
 pub use taps::{DEFAULT_WARM, TAP_PREFIX, TapPool};
+mod host;
+
+pub use host::{HostNetwork, NetError, NicState, install, installed};

@@ -135,6 +135,17 @@ impl TapPool {
         Ok(tap_name(i))
     }
 
+    /// Takes over `name` for a VM that already held it (a start after a
+    /// daemon restart), making sure it exists, is attached and up.
+    pub fn adopt(&self, host: &dyn HostOps, name: &str) -> Result<(), HostOpsError> {
+        if let Some(i) = tap_index(name) {
+            let mut t = self.lock();
+            t.free.remove(&i);
+            t.used.insert(i);
+        }
+        self.make_ready(host, name)
+    }
+
     /// Takes a tap back: kept warm if the pool is short, deleted otherwise.
     /// Names the pool does not own are ignored.
     pub fn release(&self, host: &dyn HostOps, name: &str) -> Result<(), HostOpsError> {
