@@ -2,6 +2,7 @@
 //! `inventory::submit!`; binaries must link this crate
 //! (`use banger_capabilities as _;`) for the registrations to exist.
 
+pub mod dns;
 pub mod nat;
 pub mod network;
 pub mod work_disk;

@@ -1,6 +1,7 @@
 //! Tests of `network`, `nat` and `dns` through the capability trait, with a
 //! real SQLite lease store and recorded host operations.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use banger_core::capability::{Capability, HookCtx, HookLog, TeardownReason};
@@ -9,9 +10,10 @@ use banger_core::guest::GuestConfig;
 use banger_core::hostops::{HostOps, RecordingHostOps};
 use banger_core::machine::MachineSpec;
 use banger_core::model::{ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
-use banger_core::net::HostNetwork;
+use banger_core::net::{HostNetwork, dns};
 use banger_core::store::Store;
 
+use crate::dns::Dns;
 use crate::nat::Nat;
 use crate::network::Network;
 
@@ -202,13 +204,28 @@ fn nat_adds_rules_for_the_vm_address_and_always_removes_them() {
 }
 
 #[test]
+fn dns_publishes_the_record_while_prepared() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Dns::with(e.net.clone());
+    let a = vm("web");
+    e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    let records = dns::read_records(&dns::records_path(e.dir.path())).unwrap();
+    assert_eq!(records.get("web"), Some(&Ipv4Addr::new(172, 30, 0, 2)));
+    e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Stop))
+        .unwrap();
+    assert!(dns::read_records(e.net.dns_records()).unwrap().is_empty());
+}
+
+#[test]
 fn capabilities_without_host_networking_fail_with_a_fix() {
     let e = env();
     let host = RecordingHostOps::default();
     let a = vm("a");
-    let caps: [Box<dyn Capability>; 2] = [
+    let caps: [Box<dyn Capability>; 3] = [
         Box::new(Network::default()),
         Box::new(Nat::default()),
+        Box::new(Dns::default()),
     ];
     for cap in caps {
         let err = e.run(&a, &host, |c| cap.prepare_host(c)).unwrap_err();

@@ -300,4 +300,95 @@ mod tests {
             },
         );
     }
+
+    /// One real DNS query over UDP; returns the response code and A answers.
+    async fn query(
+        server: std::net::SocketAddr,
+        name: &str,
+        qtype: &str,
+    ) -> (String, Vec<Ipv4Addr>) {
+        use hickory_proto::op::{Message, MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RData, RecordType};
+
+        let rtype = match qtype {
+            "A" => RecordType::A,
+            "AAAA" => RecordType::AAAA,
+            other => panic!("{other}"),
+        };
+        let mut msg = Message::new(0x4242, MessageType::Query, OpCode::Query);
+        msg.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&msg.to_vec().unwrap(), server).await.unwrap();
+        let mut buf = vec![0u8; 1500];
+        let (n, _) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), sock.recv_from(&mut buf))
+                .await
+                .expect("DNS server answered within 5s")
+                .unwrap();
+        let resp = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(resp.metadata.id, 0x4242);
+        let ips = resp
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        (format!("{:?}", resp.metadata.response_code), ips)
+    }
+
+    #[test]
+    fn dns_server_answers_vm_names_from_the_records_file_and_follows_changes() {
+        use banger_core::net::dns;
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let records = dns::records_path(dir.path());
+            dns::set_record(&records, "web", Some(Ipv4Addr::new(172, 30, 0, 2))).unwrap();
+            let server = dns::DnsServer::start(records.clone(), &["127.0.0.1:0".parse().unwrap()])
+                .await
+                .unwrap();
+            let addr = server.local_addrs()[0];
+            assert!(addr.ip().is_loopback() && addr.port() != 0);
+
+            assert_eq!(
+                query(addr, "web.vm.", "A").await,
+                ("NoError".to_string(), vec![Ipv4Addr::new(172, 30, 0, 2)])
+            );
+            assert_eq!(
+                query(addr, "WEB.vm.", "A").await.1,
+                vec![Ipv4Addr::new(172, 30, 0, 2)],
+                "names are case-insensitive"
+            );
+            // Known name, no IPv6: NODATA rather than NXDOMAIN.
+            assert_eq!(
+                query(addr, "web.vm.", "AAAA").await,
+                ("NoError".to_string(), vec![])
+            );
+            assert_eq!(query(addr, "nope.vm.", "A").await.0, "NXDomain");
+            assert_eq!(query(addr, "example.com.", "A").await.0, "NXDomain");
+
+            // A new VM, then the first one's removal, are seen without a restart.
+            dns::set_record(&records, "db", Some(Ipv4Addr::new(172, 30, 0, 3))).unwrap();
+            assert_eq!(
+                query(addr, "db.vm.", "A").await.1,
+                vec![Ipv4Addr::new(172, 30, 0, 3)]
+            );
+            dns::set_record(&records, "web", None).unwrap();
+            assert_eq!(query(addr, "web.vm.", "A").await.0, "NXDomain");
+
+            // A corrupt file keeps the last good answers.
+            std::fs::write(&records, b"{not json").unwrap();
+            assert_eq!(
+                query(addr, "db.vm.", "A").await.1,
+                vec![Ipv4Addr::new(172, 30, 0, 3)]
+            );
+            server.shutdown().await;
+        });
+    }
 }

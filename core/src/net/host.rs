@@ -117,7 +117,7 @@ impl HostNetwork {
             config,
             store,
             taps,
-            dns_records: state_dir.join("dns").join("records.json"),
+            dns_records: super::dns::records_path(state_dir),
         }
     }
 

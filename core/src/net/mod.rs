@@ -13,6 +13,7 @@ pub use addr::{InvalidMac, InvalidSubnet, MacAddr, Subnet};
 mod taps;
 
 pub use taps::{DEFAULT_WARM, TAP_PREFIX, TapPool};
+pub mod dns;
 mod host;
 
 pub use host::{HostNetwork, NetError, NicState, install, installed};
