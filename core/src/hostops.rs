@@ -74,6 +74,23 @@ pub trait HostOps: Send + Sync + fmt::Debug {
     fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
         Err(unsupported("remove_nat", vm_id))
     }
+
+    /// When systemd-resolved runs, sends queries for `domain` (e.g. `vm`) to
+    /// `server` through `link`. Returns whether resolved was there to ask.
+    fn route_dns_domain(
+        &self,
+        link: &str,
+        server: Ipv4Addr,
+        domain: &str,
+    ) -> Result<bool, HostOpsError> {
+        let _ = (server, domain);
+        Err(unsupported("route_dns_domain", link))
+    }
+
+    /// Undoes [`HostOps::route_dns_domain`] for `link`; nothing to undo is fine.
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        Err(unsupported("unroute_dns", link))
+    }
 }
 
 /// The default for operations an implementation does not offer.
@@ -215,6 +232,42 @@ impl HostOps for InProcessHostOps {
     fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
         crate::net::nft::remove_nat(vm_id)
     }
+
+    fn route_dns_domain(
+        &self,
+        link: &str,
+        server: Ipv4Addr,
+        domain: &str,
+    ) -> Result<bool, HostOpsError> {
+        validate_ifname("route_dns_domain", link)?;
+        validate_domain("route_dns_domain", domain)?;
+        crate::net::resolved::route(link, server, domain)
+    }
+
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("unroute_dns", link)?;
+        crate::net::resolved::unroute(link)
+    }
+}
+
+/// A DNS routing domain: lowercase labels of [a-z0-9-], dot-separated.
+fn validate_domain(op: &'static str, domain: &str) -> Result<(), HostOpsError> {
+    let ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(HostOpsError::InvalidArgument {
+            op,
+            why: format!("{domain:?} is not a DNS domain (dot-separated labels of [a-z0-9-])"),
+        })
+    }
 }
 
 fn validate_prefix(op: &'static str, prefix: u8) -> Result<(), HostOpsError> {
@@ -296,6 +349,24 @@ impl HostOps for RecordingHostOps {
         self.record(format!("remove_nat {vm_id}"));
         Ok(())
     }
+
+    fn route_dns_domain(
+        &self,
+        link: &str,
+        server: Ipv4Addr,
+        domain: &str,
+    ) -> Result<bool, HostOpsError> {
+        validate_ifname("route_dns_domain", link)?;
+        validate_domain("route_dns_domain", domain)?;
+        self.record(format!("route_dns_domain {link} {server} {domain}"));
+        Ok(true)
+    }
+
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("unroute_dns", link)?;
+        self.record(format!("unroute_dns {link}"));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +387,25 @@ mod tests {
         r.create_tap("t0", 1000).unwrap();
         r.delete_tap("t0").unwrap();
         assert_eq!(r.calls(), vec!["create_tap t0 1000", "delete_tap t0"]);
+    }
+
+    #[test]
+    fn network_ops_validate_names_before_recording() {
+        let r = RecordingHostOps::default();
+        let gw = Ipv4Addr::new(10, 0, 0, 1);
+        assert!(r.ensure_bridge("bad name", gw, 24).is_err());
+        assert!(r.ensure_bridge("br0", gw, 31).is_err());
+        assert!(r.route_dns_domain("br0", gw, "~vm").is_err());
+        assert!(r.route_dns_domain("br0", gw, "Vm").is_err());
+        r.ensure_bridge("br0", gw, 24).unwrap();
+        assert!(r.route_dns_domain("br0", gw, "vm").unwrap());
+        assert_eq!(
+            r.calls(),
+            vec![
+                "ensure_bridge br0 10.0.0.1/24",
+                "route_dns_domain br0 10.0.0.1 vm"
+            ]
+        );
     }
 
     #[test]
