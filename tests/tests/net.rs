@@ -391,4 +391,62 @@ mod tests {
             server.shutdown().await;
         });
     }
+
+    #[test]
+    fn daemon_bring_up_warms_taps_and_serves_dns_on_loopback_and_bridge() {
+        in_netns(
+            "daemon_bring_up_warms_taps_and_serves_dns_on_loopback_and_bridge",
+            &["ip"],
+            || {
+                use std::sync::Arc;
+
+                use banger_core::config::NetworkConfig;
+                use banger_core::net::{HostNetwork, dns};
+                use banger_core::store::Store;
+
+                let host = InProcessHostOps;
+                host.set_link_up("lo").unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+                let config = NetworkConfig {
+                    bridge: "bgtest3".into(),
+                    subnet: "10.88.0.0/24".parse().unwrap(),
+                    dns_port: 5353,
+                };
+                let net = HostNetwork::new(config, store, dir.path(), 0);
+                // bgtap0 belongs to a VM that survived a daemon restart.
+                net.bring_up(&host, &["bgtap0"]).unwrap();
+                assert_eq!(addresses("bgtest3"), vec!["10.88.0.1/24"]);
+                assert!(link("bgtap0").is_none());
+                assert_eq!(net.taps().free(), vec!["bgtap1", "bgtap2"]);
+                for t in ["bgtap1", "bgtap2"] {
+                    assert_eq!(link(t).expect(t)["master"], "bgtest3");
+                }
+
+                dns::set_record(net.dns_records(), "web", Some(Ipv4Addr::new(10, 88, 0, 2)))
+                    .unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let server = net.serve_dns().await.unwrap();
+                    let bound: Vec<String> =
+                        server.local_addrs().iter().map(|a| a.to_string()).collect();
+                    assert_eq!(bound, ["127.0.0.1:5353", "10.88.0.1:53"]);
+                    for addr in server.local_addrs() {
+                        assert_eq!(
+                            query(*addr, "web.vm.", "A").await.1,
+                            vec![Ipv4Addr::new(10, 88, 0, 2)],
+                            "via {addr}"
+                        );
+                    }
+                    server.shutdown().await;
+                });
+                net.shut_down(&host);
+                assert!(link("bgtap1").is_none() && link("bgtap2").is_none());
+                assert!(link("bgtest3").is_some(), "the bridge outlives the daemon");
+            },
+        );
+    }
 }

@@ -273,6 +273,16 @@ impl DnsServer {
         Ok(DnsServer { addrs, server })
     }
 
+    /// Also serves on `addr`; returns the address actually bound.
+    pub async fn add_listener(&mut self, addr: SocketAddr) -> Result<SocketAddr, DnsError> {
+        let bind = |source| DnsError::Bind { addr, source };
+        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(bind)?;
+        let local = sock.local_addr().map_err(bind)?;
+        self.server.register_socket(sock);
+        self.addrs.push(local);
+        Ok(local)
+    }
+
     /// The addresses actually bound.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs

@@ -151,6 +151,70 @@ impl HostNetwork {
         .map_err(NetError::Host)
     }
 
+    /// Daemon startup: the bridge exists with its address and is up, taps
+    /// that running VMs hold (`running_taps`) are not handed out again, the
+    /// pool is warm, and `.vm` lookups on this host are routed to us when
+    /// systemd-resolved runs. Only the bridge is essential; the rest warns.
+    pub fn bring_up(&self, host: &dyn HostOps, running_taps: &[&str]) -> Result<(), NetError> {
+        self.ensure_bridge(host)?;
+        self.taps.mark_in_use(running_taps.iter().copied());
+        if let Err(e) = self.taps.fill(host) {
+            tracing::warn!(
+                "cannot pre-create taps: {}",
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+        match host.route_dns_domain(&self.config.bridge, self.gateway(), super::dns::ZONE) {
+            Ok(true) => tracing::info!(
+                "systemd-resolved sends .{} lookups to {}",
+                super::dns::ZONE,
+                self.gateway()
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "cannot route .{} through systemd-resolved: {}",
+                super::dns::ZONE,
+                crate::lifecycle::render_chain(&e)
+            ),
+        }
+        Ok(())
+    }
+
+    /// Starts the `.vm` DNS server on `127.0.0.1:dns_port` (required) and on
+    /// the bridge address, port 53, for guests and systemd-resolved (needs
+    /// the bridge up and the right to bind port 53; warns otherwise).
+    pub async fn serve_dns(&self) -> Result<super::dns::DnsServer, super::dns::DnsError> {
+        let loopback = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, self.config.dns_port));
+        let mut server =
+            super::dns::DnsServer::start(self.dns_records.clone(), &[loopback]).await?;
+        let bridge = std::net::SocketAddr::from((self.gateway(), 53));
+        if let Err(e) = server.add_listener(bridge).await {
+            tracing::warn!(
+                "guests cannot resolve .{} names: {}",
+                super::dns::ZONE,
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+        Ok(server)
+    }
+
+    /// Daemon shutdown: deletes the warm taps and the resolved routing. The
+    /// bridge and VMs' taps stay, because VMs outlive the daemon.
+    pub fn shut_down(&self, host: &dyn HostOps) {
+        if let Err(e) = self.taps.drain(host) {
+            tracing::warn!(
+                "cannot delete warm taps: {}",
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+        if let Err(e) = host.unroute_dns(&self.config.bridge) {
+            tracing::warn!(
+                "cannot undo systemd-resolved routing: {}",
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+    }
+
     /// The VM's lease: its existing one, or a new one (idempotent).
     pub fn lease(&self, vm: &VmId) -> Result<Lease, NetError> {
         self.store
