@@ -161,6 +161,8 @@ mod tests {
             &["ip", "nft"],
             || {
                 let ops = InProcessHostOps;
+                // Nothing to remove yet (no table at all): not an error.
+                ops.remove_nat("aaaa").unwrap();
                 let a = Ipv4Addr::new(172, 30, 0, 2);
                 let b = Ipv4Addr::new(172, 30, 0, 3);
                 ops.add_nat("aaaa", "banger0", a).unwrap();
@@ -405,7 +407,12 @@ mod tests {
                 use banger_core::store::Store;
 
                 let host = InProcessHostOps;
-                host.set_link_up("lo").unwrap();
+                // Also callable from async code (the daemon's startup).
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(async { host.set_link_up("lo") })
+                    .unwrap();
                 let dir = tempfile::tempdir().unwrap();
                 let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
                 let config = NetworkConfig {

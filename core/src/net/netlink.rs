@@ -28,28 +28,40 @@ fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
 }
 
 /// Runs `f` with a fresh netlink handle on a private current-thread runtime.
-fn with_handle<T>(
+/// Called from inside a tokio runtime (where `block_on` would panic), the
+/// work moves to a scoped thread, which inherits this thread's namespace.
+fn with_handle<T: Send>(
     op: &'static str,
     target: &str,
-    f: impl AsyncFnOnce(Handle) -> Result<T, std::io::Error>,
+    f: impl AsyncFnOnce(Handle) -> Result<T, std::io::Error> + Send,
 ) -> Result<T, HostOpsError> {
     let fail = |source| HostOpsError::Failed {
         op,
         target: target.to_string(),
         source,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(fail)?;
-    rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        let task = tokio::spawn(conn);
-        let r = f(handle).await;
-        task.abort();
-        r
-    })
-    .map_err(fail)
+    let run = move || -> Result<T, std::io::Error> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            let task = tokio::spawn(conn);
+            let r = f(handle).await;
+            task.abort();
+            r
+        })
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(run)
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("netlink worker panicked")))
+        })
+        .map_err(fail)
+    } else {
+        run().map_err(fail)
+    }
 }
 
 async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, std::io::Error> {
