@@ -21,7 +21,9 @@ use crate::store::{Lease, Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The daemon did not set up host networking.
-    #[error("Host networking is not set up in this daemon; restart bangerd")]
+    #[error(
+        "Host networking is not available in this daemon (it needs root for the bridge; see the daemon log, then restart bangerd)"
+    )]
     NotInstalled,
     /// Leasing or releasing an address failed.
     #[error("Cannot manage the VM's address")]
