@@ -128,6 +128,17 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Frees leases of VMs that no longer exist (a delete interrupted by a
+    /// crash between removing the row and tearing down). Returns how many.
+    pub fn prune_orphan_leases(&self) -> Result<usize, StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM leases WHERE vm_id NOT IN (SELECT id FROM vms)",
+                [],
+            )
+            .map_err(|e| lease_err("prune", &VmId::from_stored(String::new()), e))
+    }
+
     /// Every lease, by address.
     pub fn list_leases(&self) -> Result<Vec<Lease>, StoreError> {
         let conn = self.lock();
@@ -182,6 +193,31 @@ mod tests {
         // The freed address goes to the next VM.
         assert_eq!(s.acquire_lease(&id("c"), &net).unwrap().ip, a.ip);
         assert_eq!(s.list_leases().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn pruning_frees_only_leases_of_vms_without_a_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let net: Subnet = "172.30.0.0/24".parse().unwrap();
+        s.lock()
+            .execute_batch(
+                "INSERT INTO vms (id, name, state, vcpus, memory_mib, disk_size, kernel, \
+                 rootfs_source, vmm, booted_once, caps, prepared, created_at, updated_at) \
+                 VALUES ('live', 'live', 'stopped', 1, 256, 1, '/k', '/r', 'firecracker', 0, \
+                 '[]', '[]', 0, 0)",
+            )
+            .unwrap();
+        s.acquire_lease(&id("live"), &net).unwrap();
+        s.acquire_lease(&id("gone"), &net).unwrap();
+        assert_eq!(s.prune_orphan_leases().unwrap(), 1);
+        let left: Vec<String> = s
+            .list_leases()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.vm_id.to_string())
+            .collect();
+        assert_eq!(left, ["live"]);
     }
 
     #[test]
