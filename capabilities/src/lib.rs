@@ -2,8 +2,13 @@
 //! `inventory::submit!`; binaries must link this crate
 //! (`use banger_capabilities as _;`) for the registrations to exist.
 
+pub mod dns;
+pub mod nat;
+pub mod network;
 pub mod vsock_agent;
 pub mod work_disk;
 
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod tests;

@@ -96,7 +96,10 @@ fn debugfs(img: &Path, cmd: &str) -> String {
 #[test]
 fn exactly_the_expected_builtins_are_registered() {
     let names: Vec<String> = builtins().iter().map(|c| c.name().to_string()).collect();
-    assert_eq!(names, vec!["vsock-agent", "work-disk"]);
+    assert_eq!(
+        names,
+        vec!["dns", "nat", "network", "vsock-agent", "work-disk"]
+    );
 }
 
 #[test]

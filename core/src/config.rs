@@ -136,6 +136,27 @@ fn host_ram_bytes() -> u64 {
     (pages as u64).saturating_mul(page_size as u64)
 }
 
+/// Host networking (`[network]`); see `docs/networking.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The bridge every VM's tap joins.
+    pub bridge: String,
+    /// The bridge's subnet; the bridge takes the first host address.
+    pub subnet: crate::net::Subnet,
+    /// Loopback port of the `.vm` DNS server.
+    pub dns_port: u16,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            bridge: "banger0".to_string(),
+            subnet: crate::net::Subnet::DEFAULT,
+            dns_port: 5353,
+        }
+    }
+}
+
 /// banger's settings. Every field has a default; see `docs/config.md`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -176,6 +197,8 @@ pub struct Config {
     pub qemu_accel: QemuAccel,
     /// vhost-device-vsock binary for the qemu backend; `None` searches `PATH`.
     pub vhost_device_vsock_bin: Option<PathBuf>,
+    /// Host networking.
+    pub network: NetworkConfig,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -195,7 +218,9 @@ const TOP_KEYS: &[&str] = &[
     "qemu_bin",
     "qemu_accel",
     "vhost_device_vsock_bin",
+    "network",
 ];
+const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port"];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 
 impl Config {
@@ -219,6 +244,7 @@ impl Config {
             qemu_bin: None,
             qemu_accel: QemuAccel::Auto,
             vhost_device_vsock_bin: None,
+            network: NetworkConfig::default(),
         }
     }
 
@@ -501,6 +527,15 @@ impl Parser<'_> {
                     };
                     self.vm_defaults(t, &mut cfg.vm_defaults)?;
                 }
+                "network" => {
+                    let DeValue::Table(t) = value.get_ref() else {
+                        return Err(self.error(
+                            span,
+                            "network must be a table: write [network] on its own line, then its keys".into(),
+                        ));
+                    };
+                    self.network(t, &mut cfg.network)?;
+                }
                 other => return Err(self.unknown_key(key.span(), other, None, TOP_KEYS)),
             }
         }
@@ -546,6 +581,39 @@ impl Parser<'_> {
                         Some("vm_defaults"),
                         VM_DEFAULTS_KEYS,
                     ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn network(&self, table: &DeTable<'_>, out: &mut NetworkConfig) -> Result<(), ConfigError> {
+        for (key, value) in sorted(table) {
+            match key.get_ref().as_ref() {
+                "bridge" => {
+                    let s = self.string(key, value)?;
+                    crate::hostops::validate_ifname("config", &s).map_err(|_| {
+                        self.error(
+                            value.span(),
+                            format!(
+                                "invalid bridge {s:?} in [network]; use an interface name of 1-15 characters [A-Za-z0-9._-], e.g. \"banger0\""
+                            ),
+                        )
+                    })?;
+                    out.bridge = s;
+                }
+                "subnet" => {
+                    let s = self.string(key, value)?;
+                    out.subnet = s.parse().map_err(|e: crate::net::InvalidSubnet| {
+                        self.error(value.span(), format!("{e} (in [network])"))
+                    })?;
+                }
+                "dns_port" => {
+                    out.dns_port =
+                        self.integer(key, value, 1, 65535, "a port number from 1 to 65535")? as u16;
+                }
+                other => {
+                    return Err(self.unknown_key(key.span(), other, Some("network"), NETWORK_KEYS));
                 }
             }
         }
@@ -1040,5 +1108,33 @@ disk_size = "20G"
         assert!(msg.contains("without a scheme"), "{msg}");
         let msg = err("insecure_registries = \"127.0.0.1:5000\"\n");
         assert!(msg.contains("must be a list"), "{msg}");
+    }
+
+    #[test]
+    fn network_table_has_defaults_and_checks_each_key() {
+        let d = Config::defaults(Path::new("/c.toml")).network;
+        assert_eq!(d.bridge, "banger0");
+        assert_eq!(d.subnet.to_string(), "172.30.0.0/24");
+        assert_eq!(d.dns_port, 5353);
+        let cfg = Config::parse(
+            "[network]\nbridge = \"br-test\"\nsubnet = \"10.44.0.0/16\"\ndns_port = 5454\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.network.bridge, "br-test");
+        assert_eq!(cfg.network.subnet.to_string(), "10.44.0.0/16");
+        assert_eq!(cfg.network.dns_port, 5454);
+
+        let msg = err("[network]\nsubnet = \"10.44.0.5/16\"\n");
+        assert!(msg.contains("line 2") && msg.contains("CIDR"), "{msg}");
+        let msg = err("[network]\nbridge = \"a bridge\"\n");
+        assert!(msg.contains("invalid bridge"), "{msg}");
+        let msg = err("[network]\ndns_port = 0\n");
+        assert!(msg.contains("invalid dns_port"), "{msg}");
+        let msg = err("[network]\nmtu = 1500\n");
+        assert!(
+            msg.contains("valid keys: bridge, subnet, dns_port"),
+            "{msg}"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! capability code be tested without root.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 /// A privileged operation failed.
@@ -37,6 +38,71 @@ pub trait HostOps: Send + Sync + fmt::Debug {
     fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError>;
     /// Deletes a tap device; a missing device is not an error.
     fn delete_tap(&self, name: &str) -> Result<(), HostOpsError>;
+
+    /// Creates bridge `name` if missing, gives it `addr/prefix` if it lacks
+    /// it, and brings it up (idempotent).
+    fn ensure_bridge(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
+        let _ = (addr, prefix);
+        Err(unsupported("ensure_bridge", name))
+    }
+
+    /// Enslaves `link` (a tap) to `bridge`.
+    fn attach_to_bridge(&self, link: &str, bridge: &str) -> Result<(), HostOpsError> {
+        let _ = bridge;
+        Err(unsupported("attach_to_bridge", link))
+    }
+
+    /// Brings `link` up.
+    fn set_link_up(&self, link: &str) -> Result<(), HostOpsError> {
+        Err(unsupported("set_link_up", link))
+    }
+
+    /// Deletes any link (bridge, tap, veth); a missing link is not an error.
+    fn delete_link(&self, link: &str) -> Result<(), HostOpsError> {
+        Err(unsupported("delete_link", link))
+    }
+
+    /// Lets the VM at `ip` behind `bridge` reach the outside, masqueraded,
+    /// with rules tagged by `vm_id` in the `banger` nftables table. Replaces
+    /// that VM's earlier rules, so it is idempotent.
+    fn add_nat(&self, vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
+        let _ = (bridge, ip);
+        Err(unsupported("add_nat", vm_id))
+    }
+
+    /// Removes exactly the NAT rules tagged by `vm_id`; none is not an error.
+    fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        Err(unsupported("remove_nat", vm_id))
+    }
+
+    /// When systemd-resolved runs, sends queries for `domain` (e.g. `vm`) to
+    /// `server` through `link`. Returns whether resolved was there to ask.
+    fn route_dns_domain(
+        &self,
+        link: &str,
+        server: Ipv4Addr,
+        domain: &str,
+    ) -> Result<bool, HostOpsError> {
+        let _ = (server, domain);
+        Err(unsupported("route_dns_domain", link))
+    }
+
+    /// Undoes [`HostOps::route_dns_domain`] for `link`; nothing to undo is fine.
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        Err(unsupported("unroute_dns", link))
+    }
+}
+
+/// The default for operations an implementation does not offer.
+fn unsupported(op: &'static str, target: &str) -> HostOpsError {
+    HostOpsError::Failed {
+        op,
+        target: target.to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "not supported by this HostOps implementation",
+        ),
+    }
 }
 
 /// Linux interface names: 1-15 bytes, no '/', whitespace or ':'.
@@ -136,6 +202,83 @@ impl HostOps for InProcessHostOps {
         })?;
         Ok(())
     }
+
+    fn ensure_bridge(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
+        validate_ifname("ensure_bridge", name)?;
+        validate_prefix("ensure_bridge", prefix)?;
+        crate::net::netlink::ensure_bridge(name, addr, prefix)
+    }
+
+    fn attach_to_bridge(&self, link: &str, bridge: &str) -> Result<(), HostOpsError> {
+        validate_ifname("attach_to_bridge", link)?;
+        validate_ifname("attach_to_bridge", bridge)?;
+        crate::net::netlink::attach_to_bridge(link, bridge)
+    }
+
+    fn set_link_up(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("set_link_up", link)?;
+        crate::net::netlink::set_link_up(link)
+    }
+
+    fn delete_link(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("delete_link", link)?;
+        crate::net::netlink::delete_link(link)
+    }
+
+    fn add_nat(&self, vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
+        crate::net::nft::add_nat(vm_id, bridge, ip)
+    }
+
+    fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        crate::net::nft::remove_nat(vm_id)
+    }
+
+    fn route_dns_domain(
+        &self,
+        link: &str,
+        server: Ipv4Addr,
+        domain: &str,
+    ) -> Result<bool, HostOpsError> {
+        validate_ifname("route_dns_domain", link)?;
+        validate_domain("route_dns_domain", domain)?;
+        crate::net::resolved::route(link, server, domain)
+    }
+
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("unroute_dns", link)?;
+        crate::net::resolved::unroute(link)
+    }
+}
+
+/// A DNS routing domain: lowercase labels of [a-z0-9-], dot-separated.
+fn validate_domain(op: &'static str, domain: &str) -> Result<(), HostOpsError> {
+    let ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(HostOpsError::InvalidArgument {
+            op,
+            why: format!("{domain:?} is not a DNS domain (dot-separated labels of [a-z0-9-])"),
+        })
+    }
+}
+
+fn validate_prefix(op: &'static str, prefix: u8) -> Result<(), HostOpsError> {
+    if (1..=30).contains(&prefix) {
+        Ok(())
+    } else {
+        Err(HostOpsError::InvalidArgument {
+            op,
+            why: format!("prefix length /{prefix} leaves no room for hosts (use /1 to /30)"),
+        })
+    }
 }
 
 /// Records every call and succeeds; for tests of capability code.
@@ -169,6 +312,61 @@ impl HostOps for RecordingHostOps {
         self.record(format!("delete_tap {name}"));
         Ok(())
     }
+
+    fn ensure_bridge(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
+        validate_ifname("ensure_bridge", name)?;
+        validate_prefix("ensure_bridge", prefix)?;
+        self.record(format!("ensure_bridge {name} {addr}/{prefix}"));
+        Ok(())
+    }
+
+    fn attach_to_bridge(&self, link: &str, bridge: &str) -> Result<(), HostOpsError> {
+        validate_ifname("attach_to_bridge", link)?;
+        validate_ifname("attach_to_bridge", bridge)?;
+        self.record(format!("attach_to_bridge {link} {bridge}"));
+        Ok(())
+    }
+
+    fn set_link_up(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("set_link_up", link)?;
+        self.record(format!("set_link_up {link}"));
+        Ok(())
+    }
+
+    fn delete_link(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("delete_link", link)?;
+        self.record(format!("delete_link {link}"));
+        Ok(())
+    }
+
+    fn add_nat(&self, vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
+        validate_ifname("add_nat", bridge)?;
+        self.record(format!("add_nat {vm_id} {bridge} {ip}"));
+        Ok(())
+    }
+
+    fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        self.record(format!("remove_nat {vm_id}"));
+        Ok(())
+    }
+
+    fn route_dns_domain(
+        &self,
+        link: &str,
+        server: Ipv4Addr,
+        domain: &str,
+    ) -> Result<bool, HostOpsError> {
+        validate_ifname("route_dns_domain", link)?;
+        validate_domain("route_dns_domain", domain)?;
+        self.record(format!("route_dns_domain {link} {server} {domain}"));
+        Ok(true)
+    }
+
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        validate_ifname("unroute_dns", link)?;
+        self.record(format!("unroute_dns {link}"));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +387,25 @@ mod tests {
         r.create_tap("t0", 1000).unwrap();
         r.delete_tap("t0").unwrap();
         assert_eq!(r.calls(), vec!["create_tap t0 1000", "delete_tap t0"]);
+    }
+
+    #[test]
+    fn network_ops_validate_names_before_recording() {
+        let r = RecordingHostOps::default();
+        let gw = Ipv4Addr::new(10, 0, 0, 1);
+        assert!(r.ensure_bridge("bad name", gw, 24).is_err());
+        assert!(r.ensure_bridge("br0", gw, 31).is_err());
+        assert!(r.route_dns_domain("br0", gw, "~vm").is_err());
+        assert!(r.route_dns_domain("br0", gw, "Vm").is_err());
+        r.ensure_bridge("br0", gw, 24).unwrap();
+        assert!(r.route_dns_domain("br0", gw, "vm").unwrap());
+        assert_eq!(
+            r.calls(),
+            vec![
+                "ensure_bridge br0 10.0.0.1/24",
+                "route_dns_domain br0 10.0.0.1 vm"
+            ]
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod library;
 pub mod lifecycle;
 pub mod machine;
 pub mod model;
+pub mod net;
 pub mod paths;
 pub mod plugin_host;
 pub mod store;

@@ -12,6 +12,9 @@ use std::time::Duration;
 use rusqlite::{Connection, Row, params};
 
 mod images;
+mod leases;
+
+pub use leases::Lease;
 
 use crate::model::{Failure, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind, VmmProcess};
 
@@ -52,6 +55,16 @@ CREATE TABLE images (
     name       TEXT PRIMARY KEY NOT NULL,
     rootfs     TEXT NOT NULL,
     record     TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+",
+    // Stable per-VM addresses on the bridge (net::Subnet). No foreign key to
+    // vms: the network capability releases the lease at Teardown(delete).
+    r"
+CREATE TABLE leases (
+    vm_id      TEXT PRIMARY KEY NOT NULL,
+    ip         TEXT NOT NULL UNIQUE,
+    mac        TEXT NOT NULL UNIQUE,
     created_at INTEGER NOT NULL
 );
 ",
@@ -173,6 +186,22 @@ pub enum StoreError {
     /// Another image already has this name.
     #[error("An image named \"{0}\" already exists; pick another --name or delete it first")]
     ImageNameTaken(String),
+    /// Every address of the bridge subnet is leased.
+    #[error(
+        "No free address left in subnet {0}; delete unused VMs or widen [network] subnet in the config"
+    )]
+    SubnetFull(String),
+    /// A lease operation failed.
+    #[error("Cannot {op} the network lease of VM {vm_id}")]
+    Lease {
+        /// What was being done.
+        op: &'static str,
+        /// The VM.
+        vm_id: VmId,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
     /// An image operation failed.
     #[error("Cannot {op} image {name}")]
     Image {

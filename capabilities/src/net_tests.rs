@@ -1,0 +1,239 @@
+//! Tests of `network`, `nat` and `dns` through the capability trait, with a
+//! real SQLite lease store and recorded host operations.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use banger_core::capability::{Capability, HookCtx, HookLog, TeardownReason};
+use banger_core::config::NetworkConfig;
+use banger_core::guest::GuestConfig;
+use banger_core::hostops::{HostOps, RecordingHostOps};
+use banger_core::machine::MachineSpec;
+use banger_core::model::{ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+use banger_core::net::{HostNetwork, dns};
+use banger_core::store::Store;
+
+use crate::dns::Dns;
+use crate::nat::Nat;
+use crate::network::Network;
+
+struct Quiet;
+
+impl HookLog for Quiet {
+    fn info(&self, _: &str) {}
+    fn warn(&self, _: &str) {}
+}
+
+fn vm(name: &str) -> VmRecord {
+    VmRecord {
+        id: VmId::generate(),
+        name: VmName::parse(name).unwrap(),
+        state: VmState::Starting,
+        spec: VmSpec {
+            vcpus: 1,
+            memory_mib: 256,
+            disk_size: ByteSize(1 << 20),
+            kernel: "/k".into(),
+            initrd: None,
+            rootfs_source: "/r".into(),
+            extra_boot_args: None,
+            vmm: VmmKind::Firecracker,
+        },
+        caps: vec![],
+        prepared: vec![],
+        vmm: None,
+        last_error: None,
+        machine: None,
+        guest: None,
+        booted_once: false,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+fn machine() -> MachineSpec {
+    MachineSpec {
+        kernel: "/k".into(),
+        initrd: None,
+        boot_args: String::new(),
+        vcpus: 1,
+        memory_mib: 256,
+        drives: vec![],
+        nics: vec![],
+        vsock: None,
+        serial_log: "/s".into(),
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+    net: Arc<HostNetwork>,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+    let net = Arc::new(HostNetwork::new(
+        NetworkConfig::default(),
+        store.clone(),
+        dir.path(),
+        1000,
+    ));
+    Env { dir, store, net }
+}
+
+impl Env {
+    fn vm_dir(&self, vm: &VmRecord) -> std::path::PathBuf {
+        self.dir.path().join("vms").join(vm.id.as_str())
+    }
+
+    fn run<R>(&self, vm: &VmRecord, host: &dyn HostOps, f: impl FnOnce(&HookCtx<'_>) -> R) -> R {
+        let dir = self.vm_dir(vm);
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = CapOptions::new();
+        let ctx = HookCtx {
+            vm,
+            vm_dir: &dir,
+            options: &options,
+            host,
+            log: &Quiet,
+        };
+        f(&ctx)
+    }
+}
+
+#[test]
+fn network_leases_attaches_and_configures_the_guest() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Network::with(e.net.clone());
+    let a = vm("a");
+    e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    let calls = host.calls();
+    assert_eq!(calls[0], "ensure_bridge banger0 172.30.0.1/24");
+    assert!(
+        calls.contains(&"attach_to_bridge bgtap0 banger0".to_string()),
+        "{calls:?}"
+    );
+
+    let mut m = machine();
+    e.run(&a, &host, |c| cap.configure_machine(c, &mut m))
+        .unwrap();
+    assert_eq!(m.nics.len(), 1);
+    assert_eq!(m.nics[0].tap, "bgtap0");
+    assert_eq!(m.nics[0].mac, "06:00:ac:1e:00:02");
+
+    let mut g = GuestConfig::new("a");
+    e.run(&a, &host, |c| cap.guest_config(c, &mut g)).unwrap();
+    assert_eq!(g.network.len(), 1);
+    let n = &g.network[0];
+    assert_eq!(n.nic_id, m.nics[0].id);
+    assert_eq!(n.address, "172.30.0.2/24");
+    assert_eq!(n.gateway.as_deref(), Some("172.30.0.1"));
+    assert_eq!(n.nameservers, vec!["172.30.0.1"]);
+    assert_eq!(n.mtu, Some(1500));
+    // A second contribution for the same NIC is refused, not duplicated.
+    assert!(e.run(&a, &host, |c| cap.guest_config(c, &mut g)).is_err());
+
+    // A second VM gets its own address and tap.
+    let b = vm("b");
+    e.run(&b, &host, |c| cap.prepare_host(c)).unwrap();
+    let mut mb = machine();
+    e.run(&b, &host, |c| cap.configure_machine(c, &mut mb))
+        .unwrap();
+    assert_ne!(mb.nics[0].tap, "bgtap0");
+    assert_eq!(mb.nics[0].mac, "06:00:ac:1e:00:03");
+}
+
+#[test]
+fn network_keeps_the_address_across_stop_and_frees_it_on_delete() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Network::with(e.net.clone());
+    let a = vm("a");
+    e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    let first = e.store.get_lease(&a.id).unwrap().unwrap();
+
+    e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Stop))
+        .unwrap();
+    assert_eq!(e.store.get_lease(&a.id).unwrap(), Some(first.clone()));
+    assert!(!e.vm_dir(&a).join("network.json").exists());
+    // The configure hook now has nothing to attach: it says so.
+    let err = e
+        .run(&a, &host, |c| cap.configure_machine(c, &mut machine()))
+        .unwrap_err();
+    assert!(err.to_string().contains("no tap"), "{err}");
+
+    // Another VM arriving meanwhile does not take a's address.
+    let b = vm("b");
+    e.run(&b, &host, |c| cap.prepare_host(c)).unwrap();
+    e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    assert_eq!(e.store.get_lease(&a.id).unwrap(), Some(first.clone()));
+
+    e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
+        .unwrap();
+    assert_eq!(e.store.get_lease(&a.id).unwrap(), None);
+    // Teardown tolerates what is already gone.
+    e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
+        .unwrap();
+    let c_vm = vm("c");
+    assert_eq!(e.net.lease(&c_vm.id).unwrap().ip, first.ip);
+}
+
+#[test]
+fn nat_adds_rules_for_the_vm_address_and_always_removes_them() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Nat::with(e.net.clone());
+    let a = vm("a");
+    e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    let ip = e.store.get_lease(&a.id).unwrap().unwrap().ip;
+    assert_eq!(host.calls(), vec![format!("add_nat {} banger0 {ip}", a.id)]);
+    for reason in [TeardownReason::Rollback, TeardownReason::Stop] {
+        e.run(&a, &host, |c| cap.teardown(c, reason)).unwrap();
+        assert_eq!(
+            host.calls().last().unwrap(),
+            &format!("remove_nat {}", a.id)
+        );
+    }
+    assert!(e.store.get_lease(&a.id).unwrap().is_some());
+    e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
+        .unwrap();
+    assert!(e.store.get_lease(&a.id).unwrap().is_none());
+}
+
+#[test]
+fn dns_publishes_the_record_while_prepared() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Dns::with(e.net.clone());
+    let a = vm("web");
+    e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    let records = dns::read_records(&dns::records_path(e.dir.path())).unwrap();
+    assert_eq!(records.get("web"), Some(&Ipv4Addr::new(172, 30, 0, 2)));
+    e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Stop))
+        .unwrap();
+    assert!(dns::read_records(e.net.dns_records()).unwrap().is_empty());
+}
+
+#[test]
+fn capabilities_without_host_networking_fail_with_a_fix() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let a = vm("a");
+    let caps: [Box<dyn Capability>; 3] = [
+        Box::new(Network::default()),
+        Box::new(Nat::default()),
+        Box::new(Dns::default()),
+    ];
+    for cap in caps {
+        let err = e.run(&a, &host, |c| cap.prepare_host(c)).unwrap_err();
+        let chain = banger_core::lifecycle::render_chain(&err);
+        assert!(chain.contains("restart bangerd"), "{chain}");
+        let mut o = CapOptions::new();
+        o.insert("x".into(), "1".into());
+        assert!(cap.validate_options(&o).is_err());
+    }
+    assert!(host.calls().is_empty());
+}

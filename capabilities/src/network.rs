@@ -1,0 +1,172 @@
+//! `network`: every VM's link to the host. PrepareHost leases the VM's
+//! stable IP and MAC and takes a warm tap on the bridge; ConfigureMachine
+//! adds the NIC; GuestConfig tells the agent its address, gateway, MTU and
+//! nameserver (the bridge, where the `.vm` DNS server listens). Stop returns
+//! the tap; delete also frees the address.
+
+use std::sync::Arc;
+
+use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::guest::{GuestConfig, GuestNetwork};
+use banger_core::machine::{MachineSpec, Nic};
+use banger_core::model::CapOptions;
+use banger_core::net::{HostNetwork, NicState};
+
+/// Name used with `--cap`.
+pub const NAME: &str = "network";
+/// NIC id in the machine spec and the guest config.
+pub const NIC_ID: &str = "eth0";
+/// Guest interface MTU (the bridge's, untagged Ethernet).
+pub const MTU: u32 = 1500;
+
+/// The network capability. `None` uses the daemon's installed networking.
+#[derive(Debug, Default)]
+pub struct Network {
+    net: Option<Arc<HostNetwork>>,
+}
+
+impl Network {
+    /// A capability bound to `net` rather than the installed one (tests).
+    pub fn with(net: Arc<HostNetwork>) -> Self {
+        Network { net: Some(net) }
+    }
+}
+
+fn make() -> Arc<dyn Capability> {
+    Arc::new(Network::default())
+}
+
+inventory::submit! { BuiltinCapability { make } }
+
+/// `explicit`, else the daemon's installed host networking.
+pub(crate) fn host_network(
+    explicit: &Option<Arc<HostNetwork>>,
+) -> Result<Arc<HostNetwork>, CapError> {
+    explicit
+        .clone()
+        .or_else(banger_core::net::installed)
+        .ok_or_else(|| {
+            CapError::with(
+                "Cannot reach host networking",
+                banger_core::net::NetError::NotInstalled,
+            )
+        })
+}
+
+pub(crate) fn no_options(name: &str, options: &CapOptions) -> Result<(), CapError> {
+    match options.keys().next() {
+        None => Ok(()),
+        Some(k) => Err(CapError::InvalidOptions(format!(
+            "unknown option {k:?}: {name} takes no options; configure it in [network] of config.toml"
+        ))),
+    }
+}
+
+fn nic_state(ctx: &HookCtx<'_>) -> Result<NicState, CapError> {
+    NicState::load(ctx.vm_dir)
+        .map_err(|e| CapError::with("Cannot read the VM's network state", e))?
+        .ok_or_else(|| CapError::msg("The VM has no tap: network's prepare_host did not run"))
+}
+
+impl Capability for Network {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn description(&self) -> &str {
+        "Bridge networking: a stable IP and MAC per VM, a tap on the bridge, address and resolver in the guest"
+    }
+
+    fn validate_options(&self, options: &CapOptions) -> Result<(), CapError> {
+        no_options(NAME, options)
+    }
+
+    fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
+        let net = host_network(&self.net)?;
+        net.ensure_bridge(ctx.host)
+            .map_err(|e| CapError::with("Cannot set up the bridge", e))?;
+        let lease = net
+            .lease(&ctx.vm.id)
+            .map_err(|e| CapError::with("Cannot lease an address", e))?;
+        let previous = NicState::load(ctx.vm_dir)
+            .map_err(|e| CapError::with("Cannot read the VM's network state", e))?;
+        let tap = match previous {
+            // A start after an unclean stop: keep the same tap.
+            Some(s) => {
+                net.taps()
+                    .adopt(ctx.host, &s.tap)
+                    .map_err(|e| CapError::with("Cannot reuse the VM's tap", e))?;
+                s.tap
+            }
+            None => net
+                .taps()
+                .acquire(ctx.host)
+                .map_err(|e| CapError::with("Cannot get a tap device", e))?,
+        };
+        let state = NicState {
+            tap: tap.clone(),
+            ip: lease.ip,
+            mac: lease.mac.to_string(),
+        };
+        if let Err(e) = state.save(ctx.vm_dir) {
+            let _ = net.taps().release(ctx.host, &tap);
+            return Err(CapError::with("Cannot record the VM's tap", e));
+        }
+        ctx.log.info(&format!("address {} on {tap}", lease.ip));
+        Ok(())
+    }
+
+    fn configure_machine(
+        &self,
+        ctx: &HookCtx<'_>,
+        machine: &mut MachineSpec,
+    ) -> Result<(), CapError> {
+        let state = nic_state(ctx)?;
+        machine
+            .add_nic(Nic {
+                id: NIC_ID.to_string(),
+                tap: state.tap,
+                mac: state.mac,
+            })
+            .map_err(|e| CapError::with("Cannot attach the network interface", e))
+    }
+
+    fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
+        let net = host_network(&self.net)?;
+        let state = nic_state(ctx)?;
+        if guest.network.iter().any(|n| n.nic_id == NIC_ID) {
+            return Err(CapError::msg(format!(
+                "Another capability already configures {NIC_ID}"
+            )));
+        }
+        let gateway = net.gateway().to_string();
+        guest.network.push(GuestNetwork {
+            nic_id: NIC_ID.to_string(),
+            address: format!("{}/{}", state.ip, net.config().subnet.prefix()),
+            gateway: Some(gateway.clone()),
+            mtu: Some(MTU),
+            nameservers: vec![gateway],
+        });
+        Ok(())
+    }
+
+    fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
+        let net = host_network(&self.net)?;
+        if let Some(state) = NicState::load(ctx.vm_dir)
+            .map_err(|e| CapError::with("Cannot read the VM's network state", e))?
+        {
+            net.taps()
+                .release(ctx.host, &state.tap)
+                .map_err(|e| CapError::with(format!("Cannot return tap {}", state.tap), e))?;
+            NicState::remove(ctx.vm_dir)
+                .map_err(|e| CapError::with("Cannot clear the VM's network state", e))?;
+        }
+        // The address stays the VM's across stop/start (and a failed start);
+        // only deletion frees it.
+        if reason == TeardownReason::Delete {
+            net.release_lease(&ctx.vm.id)
+                .map_err(|e| CapError::with("Cannot free the VM's address", e))?;
+        }
+        Ok(())
+    }
+}

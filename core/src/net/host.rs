@@ -1,0 +1,248 @@
+//! [`HostNetwork`]: what the `network`, `nat` and `dns` capabilities share in
+//! one daemon: settings, the lease store, the tap pool and the DNS records.
+//!
+//! Built-in capabilities are made by argument-less factories, so the daemon
+//! [`install`]s its `HostNetwork` once at startup and the capabilities look
+//! it up when a hook runs. Tests build capabilities around their own.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::TapPool;
+use crate::config::NetworkConfig;
+use crate::hostops::{HostOps, HostOpsError};
+use crate::model::VmId;
+use crate::store::{Lease, Store, StoreError};
+
+/// A host networking step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The daemon did not set up host networking.
+    #[error(
+        "Host networking is not available in this daemon (it needs root for the bridge; see the daemon log, then restart bangerd)"
+    )]
+    NotInstalled,
+    /// Leasing or releasing an address failed.
+    #[error("Cannot manage the VM's address")]
+    Lease(#[source] StoreError),
+    /// A privileged link or firewall operation failed.
+    #[error("Host network operation failed")]
+    Host(#[source] HostOpsError),
+    /// The VM's NIC state file could not be read or written.
+    #[error("Cannot access {}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The NIC a VM got at PrepareHost, kept in its directory
+/// (`network.json`) so later hooks and Teardown see the same tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicState {
+    /// Host tap device.
+    pub tap: String,
+    /// Guest address.
+    pub ip: Ipv4Addr,
+    /// Guest MAC, `06:00:..`.
+    pub mac: String,
+}
+
+const NIC_STATE: &str = "network.json";
+
+impl NicState {
+    /// Reads the VM's NIC state, if it has one.
+    pub fn load(vm_dir: &Path) -> Result<Option<NicState>, NetError> {
+        let path = vm_dir.join(NIC_STATE);
+        let err = |source| NetError::State {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| err(e.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Writes it by stage-then-rename.
+    pub fn save(&self, vm_dir: &Path) -> Result<(), NetError> {
+        let path = vm_dir.join(NIC_STATE);
+        let tmp = vm_dir.join(format!(".{NIC_STATE}.tmp"));
+        let err = |source| NetError::State {
+            path: path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec(self).map_err(|e| err(e.into()))?;
+        std::fs::create_dir_all(vm_dir).map_err(err)?;
+        std::fs::write(&tmp, body).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })
+    }
+
+    /// Removes it; a missing file is fine.
+    pub fn remove(vm_dir: &Path) -> Result<(), NetError> {
+        let path = vm_dir.join(NIC_STATE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(NetError::State { path, source }),
+        }
+    }
+}
+
+/// Host networking shared by every VM of one daemon.
+#[derive(Debug)]
+pub struct HostNetwork {
+    config: NetworkConfig,
+    store: Arc<Store>,
+    taps: TapPool,
+    dns_records: PathBuf,
+}
+
+impl HostNetwork {
+    /// Networking per `config`, leases in `store`, DNS records under
+    /// `state_dir`, taps owned by `owner_uid` (the user running the VMM).
+    pub fn new(config: NetworkConfig, store: Arc<Store>, state_dir: &Path, owner_uid: u32) -> Self {
+        let taps = TapPool::new(&config.bridge, owner_uid, super::DEFAULT_WARM);
+        HostNetwork {
+            config,
+            store,
+            taps,
+            dns_records: super::dns::records_path(state_dir),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    /// The warm tap pool.
+    pub fn taps(&self) -> &TapPool {
+        &self.taps
+    }
+
+    /// The `.vm` records file the DNS server reads.
+    pub fn dns_records(&self) -> &Path {
+        &self.dns_records
+    }
+
+    /// The bridge's address (the subnet's gateway).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.config.subnet.gateway()
+    }
+
+    /// Creates the bridge with the gateway address if needed and brings it up.
+    pub fn ensure_bridge(&self, host: &dyn HostOps) -> Result<(), NetError> {
+        host.ensure_bridge(
+            &self.config.bridge,
+            self.gateway(),
+            self.config.subnet.prefix(),
+        )
+        .map_err(NetError::Host)
+    }
+
+    /// Daemon startup: the bridge exists with its address and is up, taps
+    /// that running VMs hold (`running_taps`) are not handed out again, the
+    /// pool is warm, and `.vm` lookups on this host are routed to us when
+    /// systemd-resolved runs. Only the bridge is essential; the rest warns.
+    pub fn bring_up(&self, host: &dyn HostOps, running_taps: &[&str]) -> Result<(), NetError> {
+        self.ensure_bridge(host)?;
+        self.taps.mark_in_use(running_taps.iter().copied());
+        if let Err(e) = self.taps.fill(host) {
+            tracing::warn!(
+                "cannot pre-create taps: {}",
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+        match host.route_dns_domain(&self.config.bridge, self.gateway(), super::dns::ZONE) {
+            Ok(true) => tracing::info!(
+                "systemd-resolved sends .{} lookups to {}",
+                super::dns::ZONE,
+                self.gateway()
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "cannot route .{} through systemd-resolved: {}",
+                super::dns::ZONE,
+                crate::lifecycle::render_chain(&e)
+            ),
+        }
+        Ok(())
+    }
+
+    /// Starts the `.vm` DNS server on `127.0.0.1:dns_port` (required) and on
+    /// the bridge address, port 53, for guests and systemd-resolved (needs
+    /// the bridge up and the right to bind port 53; warns otherwise).
+    pub async fn serve_dns(&self) -> Result<super::dns::DnsServer, super::dns::DnsError> {
+        let loopback = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, self.config.dns_port));
+        let mut server =
+            super::dns::DnsServer::start(self.dns_records.clone(), &[loopback]).await?;
+        let bridge = std::net::SocketAddr::from((self.gateway(), 53));
+        if let Err(e) = server.add_listener(bridge).await {
+            tracing::warn!(
+                "guests cannot resolve .{} names: {}",
+                super::dns::ZONE,
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+        Ok(server)
+    }
+
+    /// Daemon shutdown: deletes the warm taps and the resolved routing. The
+    /// bridge and VMs' taps stay, because VMs outlive the daemon.
+    pub fn shut_down(&self, host: &dyn HostOps) {
+        if let Err(e) = self.taps.drain(host) {
+            tracing::warn!(
+                "cannot delete warm taps: {}",
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+        if let Err(e) = host.unroute_dns(&self.config.bridge) {
+            tracing::warn!(
+                "cannot undo systemd-resolved routing: {}",
+                crate::lifecycle::render_chain(&e)
+            );
+        }
+    }
+
+    /// The VM's lease: its existing one, or a new one (idempotent).
+    pub fn lease(&self, vm: &VmId) -> Result<Lease, NetError> {
+        self.store
+            .acquire_lease(vm, &self.config.subnet)
+            .map_err(NetError::Lease)
+    }
+
+    /// Frees the VM's address.
+    pub fn release_lease(&self, vm: &VmId) -> Result<(), NetError> {
+        self.store
+            .release_lease(vm)
+            .map(|_| ())
+            .map_err(NetError::Lease)
+    }
+}
+
+static INSTALLED: RwLock<Option<Arc<HostNetwork>>> = RwLock::new(None);
+
+/// Makes `net` the host networking the built-in capabilities use. The
+/// daemon calls this once at startup; a later call replaces it.
+pub fn install(net: Arc<HostNetwork>) {
+    let mut slot = INSTALLED.write().unwrap_or_else(|e| e.into_inner());
+    *slot = Some(net);
+}
+
+/// The installed host networking, if any.
+pub fn installed() -> Option<Arc<HostNetwork>> {
+    INSTALLED.read().unwrap_or_else(|e| e.into_inner()).clone()
+}

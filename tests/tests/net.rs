@@ -1,0 +1,463 @@
+//! Host networking against the real kernel: bridge, taps, addresses and NAT
+//! rules, each test inside its own network namespace so the host's is never
+//! touched. Needs root (CLONE_NEWNET, CAP_NET_ADMIN), `ip` (iproute2, only to
+//! inspect results) and `nft` (nftables).
+
+// Inside a cfg(test) module so the test-only lint allowances cover helpers.
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use banger_core::hostops::{HostOps, InProcessHostOps};
+
+    /// Runs `body` on a thread that has its own fresh network namespace, or
+    /// prints SKIPPED and returns false when that is impossible here.
+    fn in_netns(test: &str, needs: &[&str], body: impl FnOnce() + Send + 'static) -> bool {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED {test}: needs root for a network namespace");
+            return false;
+        }
+        for tool in needs {
+            let found = std::process::Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok();
+            if !found {
+                eprintln!("SKIPPED {test}: {tool} missing (apt-get install iproute2 nftables)");
+                return false;
+            }
+        }
+        let handle = std::thread::spawn(move || {
+            // SAFETY: unshare only changes this thread's namespaces; the thread
+            // is ours and ends with the test body.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            body();
+        });
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+        true
+    }
+
+    /// `ip -j ARGS` in the calling thread's namespace, parsed.
+    fn ip_json(args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new("ip")
+            .arg("-j")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn link(name: &str) -> Option<serde_json::Value> {
+        ip_json(&["link", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["ifname"] == name)
+            .cloned()
+    }
+
+    fn addresses(name: &str) -> Vec<String> {
+        ip_json(&["-4", "addr", "show", "dev", name])[0]["addr_info"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+            .collect()
+    }
+
+    fn nft_rules() -> Vec<serde_json::Value> {
+        let out = std::process::Command::new("nft")
+            .args(["-j", "list", "ruleset"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i.get("rule").cloned())
+            .collect()
+    }
+
+    fn comments(rules: &[serde_json::Value]) -> Vec<String> {
+        rules
+            .iter()
+            .map(|r| r["comment"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn bridge_is_created_addressed_and_up_idempotently() {
+        in_netns(
+            "bridge_is_created_addressed_and_up_idempotently",
+            &["ip"],
+            || {
+                let ops = InProcessHostOps;
+                let gw = Ipv4Addr::new(172, 30, 0, 1);
+                ops.ensure_bridge("bgtest0", gw, 24).unwrap();
+                ops.ensure_bridge("bgtest0", gw, 24).unwrap();
+                let l = link("bgtest0").expect("bridge exists");
+                assert!(
+                    l["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+                    "{l}"
+                );
+                assert_eq!(addresses("bgtest0"), vec!["172.30.0.1/24"]);
+                let detail = ip_json(&["-d", "link", "show", "bgtest0"]);
+                assert_eq!(detail[0]["linkinfo"]["info_kind"], "bridge");
+
+                ops.delete_link("bgtest0").unwrap();
+                assert!(link("bgtest0").is_none());
+                ops.delete_link("bgtest0").unwrap();
+            },
+        );
+    }
+
+    #[test]
+    fn tap_is_attached_to_the_bridge_and_brought_up() {
+        in_netns(
+            "tap_is_attached_to_the_bridge_and_brought_up",
+            &["ip"],
+            || {
+                let ops = InProcessHostOps;
+                ops.ensure_bridge("bgtest1", Ipv4Addr::new(10, 9, 0, 1), 24)
+                    .unwrap();
+                ops.create_tap("bgtap0", 0).unwrap();
+                ops.attach_to_bridge("bgtap0", "bgtest1").unwrap();
+                ops.set_link_up("bgtap0").unwrap();
+                let tap = link("bgtap0").expect("tap exists");
+                assert_eq!(tap["master"], "bgtest1", "{tap}");
+                assert!(
+                    tap["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+                    "{tap}"
+                );
+                let err = ops.attach_to_bridge("bgtap0", "nosuchbr").unwrap_err();
+                assert!(
+                    banger_core::lifecycle::render_chain(&err).contains("nosuchbr"),
+                    "{err}"
+                );
+                ops.delete_link("bgtap0").unwrap();
+                assert!(link("bgtap0").is_none());
+            },
+        );
+    }
+
+    #[test]
+    fn nat_rules_are_tagged_per_vm_and_removed_exactly() {
+        in_netns(
+            "nat_rules_are_tagged_per_vm_and_removed_exactly",
+            &["ip", "nft"],
+            || {
+                let ops = InProcessHostOps;
+                // Nothing to remove yet (no table at all): not an error.
+                ops.remove_nat("aaaa").unwrap();
+                let a = Ipv4Addr::new(172, 30, 0, 2);
+                let b = Ipv4Addr::new(172, 30, 0, 3);
+                ops.add_nat("aaaa", "banger0", a).unwrap();
+                ops.add_nat("bbbb", "banger0", b).unwrap();
+                // Re-adding replaces rather than duplicates.
+                ops.add_nat("aaaa", "banger0", a).unwrap();
+                let rules = nft_rules();
+                let c = comments(&rules);
+                assert_eq!(c.iter().filter(|c| *c == "banger:aaaa").count(), 3, "{c:?}");
+                assert_eq!(c.iter().filter(|c| *c == "banger:bbbb").count(), 3, "{c:?}");
+                let masq = rules
+                    .iter()
+                    .find(|r| r["chain"] == "postrouting" && r["comment"] == "banger:aaaa")
+                    .unwrap();
+                let text = masq.to_string();
+                assert!(text.contains("masquerade"), "{text}");
+                assert!(text.contains("172.30.0.2"), "{text}");
+                assert_eq!(
+                    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                        .unwrap()
+                        .trim(),
+                    "1"
+                );
+
+                ops.remove_nat("aaaa").unwrap();
+                let c = comments(&nft_rules());
+                assert!(!c.iter().any(|c| c == "banger:aaaa"), "{c:?}");
+                assert_eq!(c.iter().filter(|c| *c == "banger:bbbb").count(), 3, "{c:?}");
+                ops.remove_nat("aaaa").unwrap();
+                ops.remove_nat("bbbb").unwrap();
+                assert!(nft_rules().is_empty());
+            },
+        );
+    }
+
+    #[test]
+    fn nat_refuses_a_vm_id_that_could_inject_rules() {
+        let err = InProcessHostOps
+            .add_nat("x\" ; flush ruleset", "banger0", Ipv4Addr::new(10, 0, 0, 2))
+            .unwrap_err();
+        assert!(err.to_string().contains("Invalid argument"), "{err}");
+    }
+
+    struct Quiet;
+
+    impl banger_core::capability::HookLog for Quiet {
+        fn info(&self, _: &str) {}
+        fn warn(&self, _: &str) {}
+    }
+
+    fn vm(name: &str) -> banger_core::model::VmRecord {
+        use banger_core::model::*;
+        VmRecord {
+            id: VmId::generate(),
+            name: VmName::parse(name).unwrap(),
+            state: VmState::Starting,
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 256,
+                disk_size: ByteSize(1 << 20),
+                kernel: "/k".into(),
+                initrd: None,
+                rootfs_source: "/r".into(),
+                extra_boot_args: None,
+                vmm: VmmKind::Firecracker,
+            },
+            caps: vec![],
+            prepared: vec![],
+            vmm: None,
+            last_error: None,
+            machine: None,
+            guest: None,
+            booted_once: false,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn network_and_nat_capabilities_wire_a_vm_and_leave_nothing_after_delete() {
+        in_netns(
+            "network_and_nat_capabilities_wire_a_vm_and_leave_nothing_after_delete",
+            &["ip", "nft"],
+            || {
+                use std::sync::Arc;
+
+                use banger_capabilities::nat::Nat;
+                use banger_capabilities::network::Network;
+                use banger_core::capability::{Capability, HookCtx, TeardownReason};
+                use banger_core::config::NetworkConfig;
+                use banger_core::net::HostNetwork;
+                use banger_core::store::Store;
+
+                let dir = tempfile::tempdir().unwrap();
+                let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+                let config = NetworkConfig {
+                    bridge: "bgtest2".into(),
+                    subnet: "10.77.0.0/24".parse().unwrap(),
+                    dns_port: 0,
+                };
+                let net = Arc::new(HostNetwork::new(config, store, dir.path(), 0));
+                let network = Network::with(net.clone());
+                let nat = Nat::with(net.clone());
+                let host = InProcessHostOps;
+                let v = vm("web");
+                let vm_dir = dir.path().join("vm");
+                std::fs::create_dir_all(&vm_dir).unwrap();
+                let options = banger_core::model::CapOptions::new();
+                let config = banger_core::config::Config::defaults(std::path::Path::new(
+                    "/nonexistent/config.toml",
+                ));
+                let ctx = HookCtx {
+                    vm: &v,
+                    vm_dir: &vm_dir,
+                    options: &options,
+                    host: &host,
+                    config: &config,
+                    log: &Quiet,
+                };
+
+                network.prepare_host(&ctx).unwrap();
+                nat.prepare_host(&ctx).unwrap();
+                assert_eq!(addresses("bgtest2"), vec!["10.77.0.1/24"]);
+                let tap = link("bgtap0").expect("the VM's tap exists");
+                assert_eq!(tap["master"], "bgtest2", "{tap}");
+                // Two more kept warm on the bridge.
+                for warm in ["bgtap1", "bgtap2"] {
+                    assert_eq!(link(warm).expect(warm)["master"], "bgtest2");
+                }
+                let tag = format!("banger:{}", v.id);
+                let rules = nft_rules();
+                assert_eq!(comments(&rules).iter().filter(|c| **c == tag).count(), 3);
+                assert!(rules.iter().any(|r| r.to_string().contains("10.77.0.2")));
+
+                nat.teardown(&ctx, TeardownReason::Delete).unwrap();
+                network.teardown(&ctx, TeardownReason::Delete).unwrap();
+                assert!(nft_rules().is_empty(), "{:?}", nft_rules());
+                assert!(link("bgtap0").is_none(), "pool was full, tap deleted");
+                net.taps().drain(&host).unwrap();
+                assert!(link("bgtap1").is_none() && link("bgtap2").is_none());
+            },
+        );
+    }
+
+    /// One real DNS query over UDP; returns the response code and A answers.
+    async fn query(
+        server: std::net::SocketAddr,
+        name: &str,
+        qtype: &str,
+    ) -> (String, Vec<Ipv4Addr>) {
+        use hickory_proto::op::{Message, MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RData, RecordType};
+
+        let rtype = match qtype {
+            "A" => RecordType::A,
+            "AAAA" => RecordType::AAAA,
+            other => panic!("{other}"),
+        };
+        let mut msg = Message::new(0x4242, MessageType::Query, OpCode::Query);
+        msg.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&msg.to_vec().unwrap(), server).await.unwrap();
+        let mut buf = vec![0u8; 1500];
+        let (n, _) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), sock.recv_from(&mut buf))
+                .await
+                .expect("DNS server answered within 5s")
+                .unwrap();
+        let resp = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(resp.metadata.id, 0x4242);
+        let ips = resp
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        (format!("{:?}", resp.metadata.response_code), ips)
+    }
+
+    #[test]
+    fn dns_server_answers_vm_names_from_the_records_file_and_follows_changes() {
+        use banger_core::net::dns;
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let records = dns::records_path(dir.path());
+            dns::set_record(&records, "web", Some(Ipv4Addr::new(172, 30, 0, 2))).unwrap();
+            let server = dns::DnsServer::start(records.clone(), &["127.0.0.1:0".parse().unwrap()])
+                .await
+                .unwrap();
+            let addr = server.local_addrs()[0];
+            assert!(addr.ip().is_loopback() && addr.port() != 0);
+
+            assert_eq!(
+                query(addr, "web.vm.", "A").await,
+                ("NoError".to_string(), vec![Ipv4Addr::new(172, 30, 0, 2)])
+            );
+            assert_eq!(
+                query(addr, "WEB.vm.", "A").await.1,
+                vec![Ipv4Addr::new(172, 30, 0, 2)],
+                "names are case-insensitive"
+            );
+            // Known name, no IPv6: NODATA rather than NXDOMAIN.
+            assert_eq!(
+                query(addr, "web.vm.", "AAAA").await,
+                ("NoError".to_string(), vec![])
+            );
+            assert_eq!(query(addr, "nope.vm.", "A").await.0, "NXDomain");
+            assert_eq!(query(addr, "example.com.", "A").await.0, "NXDomain");
+
+            // A new VM, then the first one's removal, are seen without a restart.
+            dns::set_record(&records, "db", Some(Ipv4Addr::new(172, 30, 0, 3))).unwrap();
+            assert_eq!(
+                query(addr, "db.vm.", "A").await.1,
+                vec![Ipv4Addr::new(172, 30, 0, 3)]
+            );
+            dns::set_record(&records, "web", None).unwrap();
+            assert_eq!(query(addr, "web.vm.", "A").await.0, "NXDomain");
+
+            // A corrupt file keeps the last good answers.
+            std::fs::write(&records, b"{not json").unwrap();
+            assert_eq!(
+                query(addr, "db.vm.", "A").await.1,
+                vec![Ipv4Addr::new(172, 30, 0, 3)]
+            );
+            server.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn daemon_bring_up_warms_taps_and_serves_dns_on_loopback_and_bridge() {
+        in_netns(
+            "daemon_bring_up_warms_taps_and_serves_dns_on_loopback_and_bridge",
+            &["ip"],
+            || {
+                use std::sync::Arc;
+
+                use banger_core::config::NetworkConfig;
+                use banger_core::net::{HostNetwork, dns};
+                use banger_core::store::Store;
+
+                let host = InProcessHostOps;
+                // Also callable from async code (the daemon's startup).
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(async { host.set_link_up("lo") })
+                    .unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+                let config = NetworkConfig {
+                    bridge: "bgtest3".into(),
+                    subnet: "10.88.0.0/24".parse().unwrap(),
+                    dns_port: 5353,
+                };
+                let net = HostNetwork::new(config, store, dir.path(), 0);
+                // bgtap0 belongs to a VM that survived a daemon restart.
+                net.bring_up(&host, &["bgtap0"]).unwrap();
+                assert_eq!(addresses("bgtest3"), vec!["10.88.0.1/24"]);
+                assert!(link("bgtap0").is_none());
+                assert_eq!(net.taps().free(), vec!["bgtap1", "bgtap2"]);
+                for t in ["bgtap1", "bgtap2"] {
+                    assert_eq!(link(t).expect(t)["master"], "bgtest3");
+                }
+
+                dns::set_record(net.dns_records(), "web", Some(Ipv4Addr::new(10, 88, 0, 2)))
+                    .unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let server = net.serve_dns().await.unwrap();
+                    let bound: Vec<String> =
+                        server.local_addrs().iter().map(|a| a.to_string()).collect();
+                    assert_eq!(bound, ["127.0.0.1:5353", "10.88.0.1:53"]);
+                    for addr in server.local_addrs() {
+                        assert_eq!(
+                            query(*addr, "web.vm.", "A").await.1,
+                            vec![Ipv4Addr::new(10, 88, 0, 2)],
+                            "via {addr}"
+                        );
+                    }
+                    server.shutdown().await;
+                });
+                net.shut_down(&host);
+                assert!(link("bgtap1").is_none() && link("bgtap2").is_none());
+                assert!(link("bgtest3").is_some(), "the bridge outlives the daemon");
+            },
+        );
+    }
+}
