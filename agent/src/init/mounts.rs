@@ -58,15 +58,19 @@ pub fn mount_kernel_fs(root: &Path) -> Vec<MountError> {
 }
 
 /// Mounts the root drive `device` at `target`, trying common filesystems.
+/// On failure reports the first (ext4) error: the later ones mostly say the
+/// kernel lacks that filesystem, which hides the real cause.
 pub fn mount_root(device: &str, target: &Path) -> Result<(), MountError> {
-    let mut last = None;
+    let mut first = None;
     for fstype in ROOT_FSTYPES {
         match do_mount(device, target, fstype, MsFlags::empty(), None) {
             Ok(()) => return Ok(()),
-            Err(e) => last = Some(e),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
         }
     }
-    Err(last.unwrap_or_else(|| {
+    Err(first.unwrap_or_else(|| {
         MountError::Mount(device.into(), "?".into(), target.into(), Errno::EINVAL)
     }))
 }

@@ -106,6 +106,7 @@ pub fn supervise(mut service: Option<Pid>, spawn_service: impl Fn() -> Option<Pi
     }
     let root = Path::new("/");
     let mut sshd = start_sshd(root);
+    let (mut sshd_backoff, mut service_backoff) = (Backoff::default(), Backoff::default());
     console::log("no init system: staying PID 1 (reaping children, supervising sshd)");
     loop {
         if STOP.load(Ordering::SeqCst) {
@@ -115,14 +116,16 @@ pub fn supervise(mut service: Option<Pid>, spawn_service: impl Fn() -> Option<Pi
             Ok(status) => {
                 let pid = status.pid();
                 if pid.is_some() && pid == sshd {
-                    console::log(&format!("sshd exited ({status:?}); restarting in 1s"));
-                    std::thread::sleep(Duration::from_secs(1));
+                    let wait = sshd_backoff.next();
+                    console::log(&format!("sshd exited ({status:?}); restarting in {wait:?}"));
+                    std::thread::sleep(wait);
                     sshd = start_sshd(root);
                 } else if pid.is_some() && pid == service {
+                    let wait = service_backoff.next();
                     console::log(&format!(
-                        "agent service exited ({status:?}); restarting in 1s"
+                        "agent service exited ({status:?}); restarting in {wait:?}"
                     ));
-                    std::thread::sleep(Duration::from_secs(1));
+                    std::thread::sleep(wait);
                     service = spawn_service();
                 }
             }
@@ -130,6 +133,39 @@ pub fn supervise(mut service: Option<Pid>, spawn_service: impl Fn() -> Option<Pi
             // Nothing to reap right now; wait for a signal or an orphan.
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
         }
+    }
+}
+
+/// Restart delays: 1s doubling to 64s for a child that keeps dying
+/// quickly (vsock missing from the kernel, broken sshd config), back to 1s
+/// once it has run for a minute.
+#[derive(Debug)]
+struct Backoff {
+    delay: Duration,
+    last: Instant,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            delay: Duration::from_secs(1),
+            last: Instant::now(),
+        }
+    }
+}
+
+impl Backoff {
+    const MAX: Duration = Duration::from_secs(64);
+    const STABLE: Duration = Duration::from_secs(60);
+
+    fn next(&mut self) -> Duration {
+        if self.last.elapsed() > Self::STABLE + self.delay {
+            self.delay = Duration::from_secs(1);
+        }
+        let wait = self.delay;
+        self.delay = (self.delay * 2).min(Self::MAX);
+        self.last = Instant::now();
+        wait
     }
 }
 
@@ -189,6 +225,13 @@ mod tests {
     use std::fs;
 
     use super::*;
+
+    #[test]
+    fn restart_delay_doubles_up_to_the_cap() {
+        let mut b = Backoff::default();
+        let waits: Vec<u64> = (0..9).map(|_| b.next().as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 64, 64]);
+    }
 
     #[test]
     fn finds_first_existing_init_following_symlinks() {
