@@ -20,6 +20,8 @@ use crate::{console, serve};
 
 /// Where the root drive is mounted before the switch.
 const NEW_ROOT: &str = "/newroot";
+/// PATH for everything the agent starts when the kernel gave none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Root device when the config drive is missing.
 const DEFAULT_ROOT_DEVICE: &str = "/dev/vda";
 
@@ -27,6 +29,13 @@ const DEFAULT_ROOT_DEVICE: &str = "/dev/vda";
 /// in the PID 1 supervisor.
 pub fn run() -> ! {
     let pid1 = std::process::id() == 1;
+    // The kernel starts init with only HOME and TERM; ssh-keygen, sshd and
+    // guest.commands need a PATH.
+    if std::env::var_os("PATH").is_none() {
+        // SAFETY: no other thread exists yet, so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("PATH", DEFAULT_PATH) };
+    }
     for e in mounts::mount_kernel_fs(Path::new("/")) {
         console::error("mount kernel filesystems", &e);
     }
