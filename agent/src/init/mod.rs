@@ -64,6 +64,8 @@ pub fn run() -> ! {
     let switched = mount_and_switch(config.as_ref());
     if let Some(c) = &config {
         write_guest_files(c);
+        // The VM may be killed rather than shut down; keep what was written.
+        nix::unistd::sync();
     }
 
     let service = spawn_service(config.as_ref(), true);
