@@ -13,10 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept4, bind, listen, socket,
+    AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept4, bind, listen, setsockopt,
+    socket, sockopt,
 };
+use nix::sys::time::TimeVal;
 use serde::Serialize;
 
+/// How long a client may take to send its request head.
+const READ_TIMEOUT_SECS: i64 = 10;
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -121,6 +125,12 @@ fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
 
 /// Answers one request; I/O errors just drop the connection.
 fn handle(mut conn: File, root: &Path, started: Instant) {
+    // A client that never finishes its request must not pin a thread.
+    let _ = setsockopt(
+        &conn,
+        sockopt::ReceiveTimeout,
+        &TimeVal::new(READ_TIMEOUT_SECS, 0),
+    );
     let response = match read_head(&mut conn) {
         Some(head) => route(&head, root, started),
         None => reply(400, "text/plain", b"bad request\n".to_vec()),
@@ -198,4 +208,41 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Vec<u8> {
     .into_bytes();
     out.extend_from_slice(&body);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(response: &[u8]) -> &str {
+        std::str::from_utf8(response)
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+    }
+
+    #[test]
+    fn routes_known_paths_and_refuses_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let now = Instant::now();
+        let get = |p: &str| route(&format!("GET {p} HTTP/1.1\r\n\r\n"), root.path(), now);
+        assert_eq!(status_of(&get("/healthz")), "200");
+        assert_eq!(status_of(&get("/healthz?verbose=1")), "200");
+        assert_eq!(status_of(&get("/ssh-host-keys")), "200");
+        assert_eq!(status_of(&get("/")), "404");
+        let post = route("POST /ports HTTP/1.1\r\n\r\n", root.path(), now);
+        assert_eq!(status_of(&post), "405");
+    }
+
+    #[test]
+    fn refuses_oversized_or_truncated_request_heads() {
+        let huge = vec![b'a'; MAX_HEAD + 1];
+        assert_eq!(read_head(&mut &huge[..]), None);
+        assert_eq!(read_head(&mut &b"GET / HTTP/1.1\r\n"[..]), None);
+        assert_eq!(
+            read_head(&mut &b"GET / HTTP/1.1\r\n\r\n"[..]).as_deref(),
+            Some("GET / HTTP/1.1\r\n\r\n")
+        );
+    }
 }
