@@ -181,6 +181,7 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
     match unsafe { nix::unistd::fork() } {
         Ok(ForkResult::Parent { child }) => Some(child),
         Ok(ForkResult::Child) => {
+            supervise::reset_signal_mask();
             let _ = nix::unistd::setsid();
             if run_commands {
                 if let Some(c) = config.filter(|c| !c.guest.commands.is_empty()) {

@@ -4,13 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sigaction};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
@@ -80,60 +82,107 @@ pub fn run_commands(
         .collect()
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// A supervised child and when it may be restarted.
+#[derive(Debug, Default)]
+struct Supervised {
+    pid: Option<Pid>,
+    backoff: Backoff,
+    restart_at: Option<Instant>,
+}
 
-extern "C" fn request_stop(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+impl Supervised {
+    /// Records that `pid` exited if it is this child; schedules a restart.
+    fn exited(&mut self, pid: Option<Pid>, what: &str, status: &WaitStatus) {
+        if pid.is_some() && pid == self.pid {
+            let wait = self.backoff.next();
+            console::log(&format!(
+                "{what} exited ({status:?}); restarting in {wait:?}"
+            ));
+            self.pid = None;
+            self.restart_at = Some(Instant::now() + wait);
+        }
+    }
+
+    /// Restarts the child with `start` if its time has come.
+    fn restart_due(&mut self, start: impl FnOnce() -> Option<Pid>) {
+        if self.restart_at.is_some_and(|t| t <= Instant::now()) {
+            self.restart_at = None;
+            self.pid = start();
+        }
+    }
 }
 
 /// PID 1 without an init system: supervises sshd (if present) and the
 /// agent service (`spawn_service` forks a new one), reaps everything, and
 /// reboots the VM (which ends it) when asked to stop.
-pub fn supervise(mut service: Option<Pid>, spawn_service: impl Fn() -> Option<Pid>) -> ! {
+///
+/// Signals arrive through a signalfd (SIGCHLD, SIGINT, SIGTERM blocked), so
+/// none is lost between reaping and waiting, and restarts are timers rather
+/// than sleeps, so a stop request is handled at once.
+pub fn supervise(service: Option<Pid>, spawn_service: impl Fn() -> Option<Pid>) -> ! {
     // Ctrl-Alt-Del becomes SIGINT to PID 1 instead of an instant reboot.
     let _ = nix::sys::reboot::set_cad_enabled(false);
-    let action = SigAction::new(
-        SigHandler::Handler(request_stop),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe.
-        if let Err(e) = unsafe { sigaction(sig, &action) } {
-            console::log(&format!("cannot handle {sig}: {e}"));
-        }
+    let mut mask = SigSet::empty();
+    for sig in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM] {
+        mask.add(sig);
     }
+    let signals = match mask.thread_block().and_then(|()| SignalFd::new(&mask)) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            console::error("set up signal handling (polling instead)", &e);
+            None
+        }
+    };
     let root = Path::new("/");
-    let mut sshd = start_sshd(root);
-    let (mut sshd_backoff, mut service_backoff) = (Backoff::default(), Backoff::default());
+    let mut sshd = Supervised {
+        pid: start_sshd(root),
+        ..Default::default()
+    };
+    let mut service = Supervised {
+        pid: service,
+        ..Default::default()
+    };
     console::log("no init system: staying PID 1 (reaping children, supervising sshd)");
     loop {
-        if STOP.load(Ordering::SeqCst) {
-            shutdown();
-        }
-        match waitpid(None::<Pid>, None) {
-            Ok(status) => {
-                let pid = status.pid();
-                if pid.is_some() && pid == sshd {
-                    let wait = sshd_backoff.next();
-                    console::log(&format!("sshd exited ({status:?}); restarting in {wait:?}"));
-                    std::thread::sleep(wait);
-                    sshd = start_sshd(root);
-                } else if pid.is_some() && pid == service {
-                    let wait = service_backoff.next();
-                    console::log(&format!(
-                        "agent service exited ({status:?}); restarting in {wait:?}"
-                    ));
-                    std::thread::sleep(wait);
-                    service = spawn_service();
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) => {
+                    sshd.exited(status.pid(), "sshd", &status);
+                    service.exited(status.pid(), "agent service", &status);
                 }
             }
-            Err(Errno::EINTR) => {}
-            // Nothing to reap right now; wait for a signal or an orphan.
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+        sshd.restart_due(|| start_sshd(root));
+        service.restart_due(&spawn_service);
+        let next = [sshd.restart_at, service.restart_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        let Some(fd) = &signals else {
+            let nap = Duration::from_millis(500);
+            std::thread::sleep(next.map_or(nap, |n| n.min(nap)));
+            continue;
+        };
+        let timeout = next
+            .and_then(|d| PollTimeout::try_from(d + Duration::from_millis(1)).ok())
+            .unwrap_or(PollTimeout::NONE);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        if matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+            if let Ok(Some(info)) = fd.read_signal() {
+                let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+                if signo == libc::SIGINT || signo == libc::SIGTERM {
+                    shutdown();
+                }
+            }
         }
     }
+}
+
+/// Undoes the supervisor's signal mask in a forked child.
+pub fn reset_signal_mask() {
+    let _ = SigSet::empty().thread_set_mask();
 }
 
 /// Restart delays: 1s doubling to 64s for a child that keeps dying
