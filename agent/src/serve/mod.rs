@@ -1,0 +1,248 @@
+//! The service role: a small HTTP/1.1 server over AF_VSOCK (or TCP for
+//! host-side tests), one thread per connection, `Connection: close`.
+
+mod health;
+mod host_keys;
+mod ports;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept4, bind, listen, setsockopt,
+    socket, sockopt,
+};
+use nix::sys::time::TimeVal;
+use serde::Serialize;
+
+/// How long a client may take to send its request head.
+const READ_TIMEOUT_SECS: i64 = 10;
+/// Largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Where the service listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// AF_VSOCK on this port, any CID.
+    Vsock(u32),
+    /// TCP (tests and debugging).
+    Tcp(SocketAddr),
+}
+
+/// Serving failed before any request was handled.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listening socket could not be created.
+    #[error("Cannot listen on {0:?}")]
+    Listen(Endpoint, #[source] std::io::Error),
+    /// Accepting a connection failed.
+    #[error("Cannot accept a connection")]
+    Accept(#[source] std::io::Error),
+}
+
+/// A bound, not yet serving, agent API.
+#[derive(Debug)]
+pub struct Server {
+    socket: Socket,
+    root: PathBuf,
+    started: Instant,
+}
+
+#[derive(Debug)]
+enum Socket {
+    Vsock(OwnedFd),
+    Tcp(TcpListener),
+}
+
+impl Server {
+    /// Binds `endpoint`; answers about the system whose `/etc` lives under
+    /// `root` (`/` in a guest) and whose processes are in `/proc`.
+    pub fn bind(endpoint: Endpoint, root: &Path) -> Result<Server, ServeError> {
+        let socket = match endpoint {
+            Endpoint::Tcp(addr) => {
+                Socket::Tcp(TcpListener::bind(addr).map_err(|e| ServeError::Listen(endpoint, e))?)
+            }
+            Endpoint::Vsock(port) => {
+                Socket::Vsock(listen_vsock(port).map_err(|e| ServeError::Listen(endpoint, e))?)
+            }
+        };
+        Ok(Server {
+            socket,
+            root: root.to_path_buf(),
+            started: Instant::now(),
+        })
+    }
+
+    /// What the server is listening on, for the startup log line.
+    pub fn describe(&self) -> String {
+        match &self.socket {
+            Socket::Tcp(l) => l
+                .local_addr()
+                .map(|a| format!("tcp {a}"))
+                .unwrap_or_else(|_| "tcp".into()),
+            Socket::Vsock(_) => "vsock".into(),
+        }
+    }
+
+    /// Serves until accepting fails.
+    pub fn run(self) -> Result<(), ServeError> {
+        loop {
+            let conn: File = match &self.socket {
+                Socket::Tcp(l) => {
+                    let (s, _) = l.accept().map_err(ServeError::Accept)?;
+                    File::from(OwnedFd::from(s))
+                }
+                Socket::Vsock(fd) => {
+                    let raw = accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+                        .map_err(|e| ServeError::Accept(e.into()))?;
+                    // SAFETY: accept4 just returned this descriptor and
+                    // nothing else owns it.
+                    unsafe { File::from_raw_fd(raw) }
+                }
+            };
+            let root = self.root.clone();
+            let started = self.started;
+            std::thread::spawn(move || handle(conn, &root, started));
+        }
+    }
+}
+
+fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
+    listen(&fd, Backlog::new(16)?)?;
+    Ok(fd)
+}
+
+/// Answers one request; I/O errors just drop the connection.
+fn handle(mut conn: File, root: &Path, started: Instant) {
+    // A client that never finishes its request must not pin a thread.
+    let _ = setsockopt(
+        &conn,
+        sockopt::ReceiveTimeout,
+        &TimeVal::new(READ_TIMEOUT_SECS, 0),
+    );
+    let response = match read_head(&mut conn) {
+        Some(head) => route(&head, root, started),
+        None => reply(400, "text/plain", b"bad request\n".to_vec()),
+    };
+    let _ = conn.write_all(&response);
+}
+
+/// Reads up to the blank line ending the request head.
+fn read_head(conn: &mut impl Read) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).ok()?;
+        if n == 0 || head.len() + n > MAX_HEAD {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(head).ok()
+}
+
+fn route(head: &str, root: &Path, started: Instant) -> Vec<u8> {
+    let mut first = head.lines().next().unwrap_or_default().split(' ');
+    let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if !matches!(path, "/healthz" | "/ports" | "/ssh-host-keys") {
+        return reply(404, "text/plain", b"not found\n".to_vec());
+    }
+    if method != "GET" {
+        return reply(405, "text/plain", b"method not allowed\n".to_vec());
+    }
+    let proc = Path::new("/proc");
+    match path {
+        "/healthz" => json(&health::health(started, &proc.join("meminfo"))),
+        "/ports" => match ports::listeners(proc) {
+            Ok(l) => json(&l),
+            Err(e) => error(&e),
+        },
+        _ => match host_keys::host_keys(&root.join("etc/ssh")) {
+            Ok(k) => json(&k),
+            Err(e) => error(&e),
+        },
+    }
+}
+
+fn json(value: &impl Serialize) -> Vec<u8> {
+    match serde_json::to_vec(value) {
+        Ok(body) => reply(200, "application/json", body),
+        Err(e) => error(&e),
+    }
+}
+
+fn error(e: &dyn std::error::Error) -> Vec<u8> {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    reply(500, "text/plain", format!("{text}\n").into_bytes())
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Internal Server Error",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(response: &[u8]) -> &str {
+        std::str::from_utf8(response)
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+    }
+
+    #[test]
+    fn routes_known_paths_and_refuses_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let now = Instant::now();
+        let get = |p: &str| route(&format!("GET {p} HTTP/1.1\r\n\r\n"), root.path(), now);
+        assert_eq!(status_of(&get("/healthz")), "200");
+        assert_eq!(status_of(&get("/healthz?verbose=1")), "200");
+        assert_eq!(status_of(&get("/ssh-host-keys")), "200");
+        assert_eq!(status_of(&get("/")), "404");
+        let post = route("POST /ports HTTP/1.1\r\n\r\n", root.path(), now);
+        assert_eq!(status_of(&post), "405");
+    }
+
+    #[test]
+    fn refuses_oversized_or_truncated_request_heads() {
+        let huge = vec![b'a'; MAX_HEAD + 1];
+        assert_eq!(read_head(&mut &huge[..]), None);
+        assert_eq!(read_head(&mut &b"GET / HTTP/1.1\r\n"[..]), None);
+        assert_eq!(
+            read_head(&mut &b"GET / HTTP/1.1\r\n\r\n"[..]).as_deref(),
+            Some("GET / HTTP/1.1\r\n\r\n")
+        );
+    }
+}
