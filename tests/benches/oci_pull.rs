@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use banger_core::images::{PullOptions, PulledRootfs, pull_rootfs};
-use test_infra::registry::{Entry, Registry, TestLayer, tar_bytes};
+use test_infra::registry::{Entry, Registry, TestLayer};
 
 const REPO_TAG: &str = "bench/rootfs:v1";
 const ROUNDS: usize = 3;
@@ -290,6 +290,7 @@ fn banger_pull(host: &str, cache: &Path) -> (Duration, tempfile::TempDir, Pulled
         .build()
         .unwrap();
     let reference = format!("{host}/{REPO_TAG}");
+    settle();
     let start = Instant::now();
     let pulled = rt
         .block_on(pull_rootfs(&reference, staging.path(), &opts, |_| {}))
@@ -312,6 +313,7 @@ fn baseline(tools: &Tools, host: &str, size_bytes: u64) -> (Duration, tempfile::
     let layout = format!("{}:v1", dir.path().join("layout").display());
     let bundle = dir.path().join("bundle");
     let image = dir.path().join("rootfs.ext4");
+    settle();
     let start = Instant::now();
     run(Command::new(&tools.skopeo)
         .args(["--insecure-policy", "copy", "-q", "--src-tls-verify=false"])
@@ -326,6 +328,12 @@ fn baseline(tools: &Tools, host: &str, size_bytes: u64) -> (Duration, tempfile::
         .arg(&image)
         .arg(format!("{}k", size_bytes / 1024)));
     (start.elapsed(), dir)
+}
+
+/// Flushes the previous measurement's dirty pages so its writeback is not
+/// billed to the next one.
+fn settle() {
+    run(&mut Command::new("sync"));
 }
 
 fn debugfs(tools: &Tools, image: &Path, request: &str) -> (Vec<u8>, String) {
@@ -390,7 +398,12 @@ fn check_equal_work(tools: &Tools, image: &Image, banger: &Path, base: &Path) {
     );
 }
 
-fn median(mut v: Vec<Duration>) -> f64 {
+fn median(what: &str, mut v: Vec<Duration>) -> f64 {
+    let runs: Vec<String> = v
+        .iter()
+        .map(|d| format!("{:.2}", d.as_secs_f64()))
+        .collect();
+    eprintln!("oci_pull/{what} runs (s): {}", runs.join(" "));
     v.sort();
     v[v.len() / 2].as_secs_f64()
 }
@@ -401,7 +414,7 @@ fn main() {
         match tool(name) {
             Some(p) => found.push(p),
             None => {
-                println!("SKIPPED oci_pull: {name} not installed (scripts/bench installs it)");
+                eprintln!("SKIPPED oci_pull: {name} not installed (scripts/bench installs it)");
                 return;
             }
         }
@@ -413,27 +426,22 @@ fn main() {
         debugfs: found[4].clone(),
     };
     let Some(registry) = Registry::start("oci_pull") else {
-        println!("SKIPPED oci_pull: docker-registry not installed (scripts/bench installs it)");
+        eprintln!("SKIPPED oci_pull: docker-registry not installed (scripts/bench installs it)");
         return;
     };
     let host = registry.host().to_string();
 
     let image = build_image();
-    let compressed: usize = image
-        .layers
-        .iter()
-        .map(|l| {
-            let tar = tar_bytes(&l.entries);
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            std::io::Write::write_all(&mut gz, &tar).unwrap();
-            gz.finish().unwrap().len()
-        })
-        .sum();
-    tokio::runtime::Builder::new_multi_thread()
+    let pushed = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap()
         .block_on(registry.push(REPO_TAG, "amd64", &image.layers));
+    let compressed: u64 = pushed
+        .layers
+        .iter()
+        .map(|d| std::fs::metadata(registry.blob_file(d)).unwrap().len())
+        .sum();
     println!(
         "oci_pull/image: {} layers, {} files, {:.1} MiB uncompressed, {:.1} MiB gzip",
         image.layers.len(),
@@ -480,7 +488,11 @@ fn main() {
         }
     }
 
-    let (cold, cached, base) = (median(cold), median(cached), median(base));
+    let (cold, cached, base) = (
+        median("banger-cold", cold),
+        median("banger-cached", cached),
+        median("baseline", base),
+    );
     println!("oci_pull/banger-cold:   {cold:6.2} s (median of {ROUNDS})");
     println!(
         "oci_pull/baseline:      {base:6.2} s (skopeo copy + umoci unpack + mkfs.ext4 -d, median of {ROUNDS})"
