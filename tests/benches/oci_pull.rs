@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use banger_core::images::{PullOptions, PulledRootfs, pull_rootfs};
+use banger_core::images::{PullEvent, PullOptions, PulledRootfs, pull_rootfs};
 use test_infra::registry::{Entry, Registry, TestLayer};
 
 const REPO_TAG: &str = "bench/rootfs:v1";
@@ -274,7 +274,22 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn banger_pull(host: &str, cache: &Path) -> (Duration, tempfile::TempDir, PulledRootfs) {
+/// One timed banger pull and where its time went.
+struct Pull {
+    total: Duration,
+    /// Resolve + download (or cache lookup), until the first layer applies.
+    fetch: Duration,
+    /// Applying the layers into the staging tree.
+    apply: Duration,
+    /// `mkfs.ext4 -d`, the ownership pass and its verification.
+    ext4: Duration,
+    /// Layers the pull found in the cache.
+    cached_layers: usize,
+    staging: tempfile::TempDir,
+    pulled: PulledRootfs,
+}
+
+fn banger_pull(host: &str, cache: &Path) -> Pull {
     let staging = tempfile::Builder::new()
         .prefix("bench-banger")
         .tempdir()
@@ -290,12 +305,33 @@ fn banger_pull(host: &str, cache: &Path) -> (Duration, tempfile::TempDir, Pulled
         .build()
         .unwrap();
     let reference = format!("{host}/{REPO_TAG}");
+    let (mut applying, mut building, mut cached_layers) = (None, None, 0);
     settle();
     let start = Instant::now();
     let pulled = rt
-        .block_on(pull_rootfs(&reference, staging.path(), &opts, |_| {}))
+        .block_on(pull_rootfs(
+            &reference,
+            staging.path(),
+            &opts,
+            |e| match e {
+                PullEvent::LayerCached { .. } => cached_layers += 1,
+                PullEvent::Applying { .. } if applying.is_none() => applying = Some(Instant::now()),
+                PullEvent::BuildingFilesystem { .. } => building = Some(Instant::now()),
+                _ => {}
+            },
+        ))
         .unwrap();
-    (start.elapsed(), staging, pulled)
+    let end = Instant::now();
+    let (applying, building) = (applying.unwrap(), building.unwrap());
+    Pull {
+        total: end - start,
+        fetch: applying - start,
+        apply: building - applying,
+        ext4: end - building,
+        cached_layers,
+        staging,
+        pulled,
+    }
 }
 
 struct Tools {
@@ -398,14 +434,23 @@ fn check_equal_work(tools: &Tools, image: &Image, banger: &Path, base: &Path) {
     );
 }
 
-fn median(what: &str, mut v: Vec<Duration>) -> f64 {
+fn show_runs(what: &str, v: &[Duration]) {
     let runs: Vec<String> = v
         .iter()
         .map(|d| format!("{:.2}", d.as_secs_f64()))
         .collect();
     eprintln!("oci_pull/{what} runs (s): {}", runs.join(" "));
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64()
+}
+
+/// The 1/5/15-minute load averages: 2 shared cores make timings noisy.
+fn load_average() -> String {
+    let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 fn main() {
@@ -450,25 +495,32 @@ fn main() {
         compressed as f64 / (1 << 20) as f64
     );
 
+    let load_before = load_average();
     let (mut cold, mut cached, mut base) = (Vec::new(), Vec::new(), Vec::new());
     let mut size = None;
     for round in 0..ROUNDS {
-        let mut banger_round = |size: &mut Option<u64>| {
+        let mut banger_round = || {
             let cache = tempfile::Builder::new()
                 .prefix("bench-cache")
                 .tempdir()
                 .unwrap();
-            let (t, staging, pulled) = banger_pull(&host, cache.path());
-            cold.push(t);
-            let (t2, staging2, pulled2) = banger_pull(&host, cache.path());
-            cached.push(t2);
-            assert_eq!(pulled.digest, pulled2.digest);
-            *size = Some(pulled.size.0);
-            drop(staging2);
+            let first = banger_pull(&host, cache.path());
+            assert_eq!(first.cached_layers, 0, "the cold pull found cached layers");
+            let again = banger_pull(&host, cache.path());
+            assert_eq!(
+                again.cached_layers,
+                image.layers.len(),
+                "the re-pull did not use the cache for every layer"
+            );
+            assert_eq!(first.pulled.digest, again.pulled.digest);
+            let (staging, pulled) = (first.staging, first.pulled);
+            cold.push((first.total, first.fetch, first.apply, first.ext4));
+            cached.push((again.total, again.fetch, again.apply, again.ext4));
             (staging, pulled)
         };
         if round % 2 == 0 {
-            let (staging, pulled) = banger_round(&mut size);
+            let (staging, pulled) = banger_round();
+            size = Some(pulled.size.0);
             let (t, dir) = baseline(&tools, &host, pulled.size.0);
             base.push(t);
             if round == 0 {
@@ -484,14 +536,37 @@ fn main() {
             // The baseline goes first; it needs banger's size, known from round 0.
             let (t, _dir) = baseline(&tools, &host, size.unwrap());
             base.push(t);
-            banger_round(&mut size);
+            banger_round();
         }
     }
 
+    let phases = |what: &str, runs: &[(Duration, Duration, Duration, Duration)]| {
+        let pick = |f: fn(&(Duration, Duration, Duration, Duration)) -> Duration| {
+            median(runs.iter().map(f).collect())
+        };
+        println!(
+            "oci_pull/{what} phases: fetch {:.2} s, apply layers {:.2} s, ext4 {:.2} s (medians)",
+            pick(|r| r.1),
+            pick(|r| r.2),
+            pick(|r| r.3)
+        );
+    };
+    phases("banger-cold", &cold);
+    phases("banger-cached", &cached);
+    show_runs("banger-cold", &cold.iter().map(|r| r.0).collect::<Vec<_>>());
+    show_runs(
+        "banger-cached",
+        &cached.iter().map(|r| r.0).collect::<Vec<_>>(),
+    );
+    show_runs("baseline", &base);
     let (cold, cached, base) = (
-        median("banger-cold", cold),
-        median("banger-cached", cached),
-        median("baseline", base),
+        median(cold.iter().map(|r| r.0).collect()),
+        median(cached.iter().map(|r| r.0).collect()),
+        median(base),
+    );
+    println!(
+        "oci_pull/load average: {load_before} before, {} after",
+        load_average()
     );
     println!("oci_pull/banger-cold:   {cold:6.2} s (median of {ROUNDS})");
     println!(
