@@ -92,11 +92,14 @@ impl Env {
         let dir = self.vm_dir(vm);
         std::fs::create_dir_all(&dir).unwrap();
         let options = CapOptions::new();
+        let config =
+            banger_core::config::Config::defaults(std::path::Path::new("/nonexistent/config.toml"));
         let ctx = HookCtx {
             vm,
             vm_dir: &dir,
             options: &options,
             host,
+            config: &config,
             log: &Quiet,
         };
         f(&ctx)
