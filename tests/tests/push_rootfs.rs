@@ -14,14 +14,16 @@ mod tests {
 
     const DEBUGFS: &str = "/usr/sbin/debugfs";
 
+    /// Shaped like mmdebstrap's output: every path starts with `./`.
     fn rootfs_tar() -> Vec<u8> {
         tar_bytes(&[
-            Entry::dir("etc", 0o755),
-            Entry::file("etc/os-release", "ID=banger-test\n"),
-            Entry::dir("usr", 0o755),
-            Entry::dir("usr/sbin", 0o755),
-            Entry::owned("usr/sbin/sshd", "#!/bin/sh\n", 0o755, 0, 0),
-            Entry::dir("root", 0o700),
+            Entry::dir("./", 0o755),
+            Entry::dir("./etc/", 0o755),
+            Entry::file("./etc/os-release", "ID=banger-test\n"),
+            Entry::dir("./usr/", 0o755),
+            Entry::dir("./usr/sbin/", 0o755),
+            Entry::owned("./usr/sbin/sshd", "#!/bin/sh\n", 0o755, 0, 0),
+            Entry::dir("./root/", 0o700),
         ])
     }
 
@@ -98,14 +100,19 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&cat.stdout), "ID=banger-test\n");
-        let stat = Command::new(DEBUGFS)
-            .arg("-R")
-            .arg("stat /usr/sbin/sshd")
-            .arg(&pulled.rootfs)
-            .output()
-            .unwrap();
-        let stat = String::from_utf8_lossy(&stat.stdout);
-        assert!(stat.contains("Mode:  0755"), "{stat}");
+        let mode = |path: &str| {
+            let out = Command::new(DEBUGFS)
+                .arg("-R")
+                .arg(format!("stat {path}"))
+                .arg(&pulled.rootfs)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let sshd = mode("/usr/sbin/sshd");
+        assert!(sshd.contains("Mode:  0755"), "{sshd}");
+        let root = mode("/root");
+        assert!(root.contains("Mode:  0700"), "{root}");
     }
 
     #[test]
