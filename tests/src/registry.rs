@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -198,6 +199,126 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// One image layer ready to push: the blob as stored in the registry, its
+/// media type, and the digest of its uncompressed tar (the config's
+/// `diff_id`).
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    /// The blob bytes (gzip-compressed or plain tar).
+    pub blob: Vec<u8>,
+    /// `application/vnd.oci.image.layer.v1.tar+gzip` or `…tar`.
+    pub media_type: &'static str,
+    /// `sha256:…` of the uncompressed tar.
+    pub diff_id: String,
+}
+
+impl LayerBlob {
+    /// A gzip layer at `level` from an uncompressed tar read from `tar`,
+    /// hashed and compressed in one pass (a rootfs tarball is never held in
+    /// memory uncompressed).
+    pub fn gzip_from(mut tar: impl Read, level: flate2::Compression) -> std::io::Result<Self> {
+        let mut hasher = Sha256::new();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), level);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = tar.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            gz.write_all(&buf[..n])?;
+        }
+        Ok(LayerBlob {
+            blob: gz.finish()?,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+            diff_id: format!("sha256:{:x}", hasher.finalize()),
+        })
+    }
+
+    /// A gzip layer from an uncompressed tar in memory.
+    pub fn gzip(tar: &[u8]) -> std::io::Result<Self> {
+        Self::gzip_from(tar, flate2::Compression::default())
+    }
+
+    /// A plain (uncompressed) tar layer.
+    pub fn plain(tar: Vec<u8>) -> Self {
+        LayerBlob {
+            diff_id: sha256(&tar),
+            blob: tar,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+        }
+    }
+}
+
+/// An oci-client that talks plain HTTP to `plain_http_hosts` (loopback test
+/// registries) and HTTPS to everything else.
+pub fn oci_client_for(plain_http_hosts: &[&str]) -> Client {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(
+            plain_http_hosts.iter().map(|h| h.to_string()).collect(),
+        ),
+        ..Default::default()
+    })
+}
+
+/// Pushes a single-platform image (`os: linux`, `architecture: arch`) made of
+/// `layers`, bottom first, as `reference`, with an already authenticated
+/// `client`. Returns the manifest digest with the layer digests, and the
+/// manifest's size in bytes.
+pub async fn push_layers(
+    client: &Client,
+    reference: &Reference,
+    arch: &str,
+    layers: &[LayerBlob],
+) -> anyhow::Result<(Pushed, usize)> {
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut digests = Vec::new();
+    for layer in layers {
+        let digest = sha256(&layer.blob);
+        client
+            .push_blob(reference, layer.blob.clone(), &digest)
+            .await
+            .with_context(|| format!("Pushing layer {digest}"))?;
+        descs.push(serde_json::json!({
+            "mediaType": layer.media_type, "digest": digest, "size": layer.blob.len()
+        }));
+        diff_ids.push(layer.diff_id.clone());
+        digests.push(digest);
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": {}
+    }))?;
+    let config_digest = sha256(&config);
+    client
+        .push_blob(reference, config.clone(), &config_digest)
+        .await
+        .context("Pushing the image config")?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
+        "layers": descs,
+    }))?;
+    let digest = sha256(&manifest);
+    client
+        .push_manifest_raw(reference, manifest.clone(), OCI_MANIFEST.parse()?)
+        .await
+        .with_context(|| format!("Pushing the manifest as {reference}"))?;
+    Ok((
+        Pushed {
+            digest,
+            layers: digests,
+        },
+        manifest.len(),
+    ))
+}
+
 impl Registry {
     /// Starts an anonymous registry, or prints `SKIPPED <test>: …` and
     /// returns `None` when `docker-registry` is not installed.
@@ -322,13 +443,7 @@ impl Registry {
     }
 
     fn client(&self) -> (Client, RegistryAuth) {
-        if rustls::crypto::CryptoProvider::get_default().is_none() {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(vec![self.host.clone()]),
-            ..Default::default()
-        });
+        let client = oci_client_for(&[self.host.as_str()]);
         let auth = match &self.auth {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
@@ -361,57 +476,19 @@ impl Registry {
         arch: &str,
         layers: &[TestLayer],
     ) -> (String, usize, Vec<String>) {
-        let mut descs = Vec::new();
-        let mut diff_ids = Vec::new();
-        let mut digests = Vec::new();
-        for layer in layers {
-            let tar = tar_bytes(&layer.entries);
-            diff_ids.push(sha256(&tar));
-            let (blob, media) = if layer.gzip {
-                let mut gz =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                gz.write_all(&tar).unwrap();
-                (
-                    gz.finish().unwrap(),
-                    "application/vnd.oci.image.layer.v1.tar+gzip",
-                )
-            } else {
-                (tar, "application/vnd.oci.image.layer.v1.tar")
-            };
-            let digest = sha256(&blob);
-            client
-                .push_blob(reference, blob.clone(), &digest)
-                .await
-                .unwrap();
-            descs.push(
-                serde_json::json!({"mediaType": media, "digest": digest, "size": blob.len()}),
-            );
-            digests.push(digest);
-        }
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": arch, "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            "config": {}
-        }))
-        .unwrap();
-        let config_digest = sha256(&config);
-        client
-            .push_blob(reference, config.clone(), &config_digest)
-            .await
-            .unwrap();
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
-            "layers": descs,
-        }))
-        .unwrap();
-        let digest = sha256(&manifest);
-        client
-            .push_manifest_raw(reference, manifest.clone(), OCI_MANIFEST.parse().unwrap())
-            .await
-            .unwrap();
-        (digest, manifest.len(), digests)
+        let blobs: Vec<LayerBlob> = layers
+            .iter()
+            .map(|layer| {
+                let tar = tar_bytes(&layer.entries);
+                if layer.gzip {
+                    LayerBlob::gzip(&tar).unwrap()
+                } else {
+                    LayerBlob::plain(tar)
+                }
+            })
+            .collect();
+        let (pushed, size) = push_layers(client, reference, arch, &blobs).await.unwrap();
+        (pushed.digest, size, pushed.layers)
     }
 
     /// Pushes an index as `repo:tag` listing one linux image per
