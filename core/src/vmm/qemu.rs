@@ -181,6 +181,25 @@ struct BackendRecord {
     uds_path: PathBuf,
 }
 
+/// TSC frequency given to TCG guests. Under TCG the kernel cannot calibrate
+/// its clock against the PIT and microvm has no HPET or PM timer to fall back
+/// on, so boot hangs after "Marking TSC unstable" unless it is told.
+const TCG_TSC_KHZ: &str = "tsc_early_khz=2000000";
+
+/// The kernel command line for `accel`: under TCG, `tsc_early_khz` is added
+/// unless the caller set one.
+fn boot_args(args: &str, accel: Accel) -> String {
+    if accel == Accel::Tcg
+        && !args
+            .split_whitespace()
+            .any(|a| a.starts_with("tsc_early_khz="))
+    {
+        format!("{} {TCG_TSC_KHZ}", args.trim()).trim().to_string()
+    } else {
+        args.to_string()
+    }
+}
+
 /// The QEMU arguments for `machine` (everything after the binary name).
 /// `vhost_socket` is where the vsock backend listens, used only when the
 /// machine has a vsock device.
@@ -226,7 +245,7 @@ pub fn render_args(
     if let Some(initrd) = &machine.initrd {
         push(&[&"-initrd", initrd]);
     }
-    push(&[&"-append", &machine.boot_args]);
+    push(&[&"-append", &boot_args(&machine.boot_args, accel)]);
     push(&[
         &"-chardev",
         &opt_with_path("file,id=serial0,append=on,path=", &machine.serial_log),
@@ -703,7 +722,7 @@ mod tests {
             "-initrd",
             "/k/initrd.cpio",
             "-append",
-            "console=ttyS0 reboot=k panic=1",
+            "console=ttyS0 reboot=k panic=1 tsc_early_khz=2000000",
             "-chardev",
             "file,id=serial0,append=on,path=/vm/serial.log",
             "-serial",
@@ -762,5 +781,18 @@ mod tests {
             s.backend_record,
             Path::new("/run/banger/abc.sock.vsock-backend.json")
         );
+    }
+
+    #[test]
+    fn tcg_guests_get_a_tsc_frequency_unless_they_chose_one() {
+        assert_eq!(
+            boot_args("console=ttyS0", Accel::Tcg),
+            "console=ttyS0 tsc_early_khz=2000000"
+        );
+        assert_eq!(
+            boot_args("tsc_early_khz=1000 quiet", Accel::Tcg),
+            "tsc_early_khz=1000 quiet"
+        );
+        assert_eq!(boot_args("console=ttyS0", Accel::Kvm), "console=ttyS0");
     }
 }
