@@ -89,6 +89,15 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the guest's listening ports (through its agent).
+    Ports {
+        /// VM name.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a VM's serial console log.
     Logs {
         /// VM name.

@@ -83,6 +83,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 VmCommand::List { json } => vm::list(&client, json).await,
                 VmCommand::Show { name, json } => vm::show(&client, &name, json).await,
                 VmCommand::Logs { name, follow } => vm::logs(&client, &name, follow).await,
+                VmCommand::Ports { name, json } => vm::ports(&client, &name, json).await,
             }
         }
     }

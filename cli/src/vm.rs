@@ -56,6 +56,32 @@ fn print_event(prefix: Option<&str>, e: &banger_core::api::Event) {
     }
 }
 
+/// `vm ports`: the guest's listeners as `NAME.vm:PORT` endpoints.
+pub async fn ports(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
+    let ports: Vec<banger_core::api::PortView> =
+        client.get(&format!("{}/ports", vm_path(name))).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ports)?);
+    } else {
+        let rows: Vec<Vec<String>> = ports
+            .iter()
+            .map(|p| {
+                vec![
+                    p.proto.clone(),
+                    p.endpoint.clone(),
+                    p.process.clone().unwrap_or_else(|| "-".into()),
+                    p.command.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            output::table(&["PROTO", "ENDPOINT", "PROCESS", "COMMAND"], &rows)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vm create`: streams progress to stderr, prints the VM on stdout.
 pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
     let abs = |p: &std::path::Path| {

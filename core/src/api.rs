@@ -17,6 +17,7 @@
 //! | POST | /v1/vms/{name}/stop | | [`VmView`] |
 //! | POST | /v1/vms/{name}/kill | | [`VmView`] |
 //! | GET | /v1/vms/{name}/logs?follow=true | | serial console, `text/plain` stream |
+//! | GET | /v1/vms/{name}/ports | | `[PortView]` from the guest agent |
 //!
 //! Errors are a non-2xx status with an [`ErrorBody`]. Streams end with exactly
 //! one `done` or `failed` event.
@@ -101,6 +102,25 @@ pub struct VmView {
     pub record: VmRecord,
     /// The VM's directory on the host.
     pub dir: PathBuf,
+}
+
+/// One listening socket in a guest, as `banger vm ports` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortView {
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// `NAME.vm:PORT`.
+    pub endpoint: String,
+    /// The address it is bound to in the guest.
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Owning process id.
+    pub pid: Option<u32>,
+    /// Process name.
+    pub process: Option<String>,
+    /// Command line.
+    pub command: Option<String>,
 }
 
 /// A capability as `banger cap list` shows it.

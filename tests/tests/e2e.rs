@@ -213,7 +213,19 @@ mod tests {
             },
         );
 
+        // `vm ports` shows it as NAME.vm:PORT, once although sshd listens on
+        // both 0.0.0.0 and ::.
+        let ports = env.banger(&["vm", "ports", "g1"]).ok().stdout;
+        let ssh: Vec<&str> = ports.lines().filter(|l| l.contains("g1.vm:22")).collect();
+        assert_eq!(ssh.len(), 1, "{ports}");
+        assert!(
+            ssh[0].starts_with("tcp") && ssh[0].contains("sshd"),
+            "{ports}"
+        );
+
         env.banger(&["vm", "stop", "g1"]).ok();
+        let refused = env.banger(&["vm", "ports", "g1"]).failed();
+        assert!(refused.stderr.contains("start it first"), "{refused:?}");
         wait_until(Duration::from_secs(30), "qemu exits", || {
             !pid_alive(qemu_pid)
         });

@@ -29,6 +29,7 @@ use crate::vmm::{Backends, Vmm};
 
 mod create;
 mod delete;
+mod inspect;
 mod reconcile;
 mod set;
 mod start;
