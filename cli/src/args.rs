@@ -89,6 +89,15 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show a running VM's CPU and memory use.
+    Stats {
+        /// VM name.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the guest's listening ports (through its agent).
     Ports {
         /// VM name.

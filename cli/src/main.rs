@@ -84,6 +84,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 VmCommand::Show { name, json } => vm::show(&client, &name, json).await,
                 VmCommand::Logs { name, follow } => vm::logs(&client, &name, follow).await,
                 VmCommand::Ports { name, json } => vm::ports(&client, &name, json).await,
+                VmCommand::Stats { name, json } => vm::stats(&client, &name, json).await,
             }
         }
     }

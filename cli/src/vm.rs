@@ -56,6 +56,31 @@ fn print_event(prefix: Option<&str>, e: &banger_core::api::Event) {
     }
 }
 
+/// `vm stats`: VMM CPU and RSS, and guest memory from its agent.
+pub async fn stats(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
+    let s: banger_core::api::StatsView = client.get(&format!("{}/stats", vm_path(name))).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let kib = |k: Option<u64>| {
+        k.map(|k| banger_core::model::ByteSize(k * 1024).to_string())
+            .unwrap_or_else(|| "- (no agent)".into())
+    };
+    println!("vmm pid:       {}", s.pid);
+    println!("vmm cpu:       {:.2}s", s.vmm_cpu_ms as f64 / 1000.0);
+    println!(
+        "vmm rss:       {:.1} MiB",
+        s.vmm_rss_bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!("guest memory:  {}", kib(s.guest_mem_total_kib));
+    println!("guest free:    {}", kib(s.guest_mem_available_kib));
+    if let Some(u) = s.guest_uptime_secs {
+        println!("agent uptime:  {u}s");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vm ports`: the guest's listeners as `NAME.vm:PORT` endpoints.
 pub async fn ports(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
     let ports: Vec<banger_core::api::PortView> =

@@ -18,6 +18,7 @@
 //! | POST | /v1/vms/{name}/kill | | [`VmView`] |
 //! | GET | /v1/vms/{name}/logs?follow=true | | serial console, `text/plain` stream |
 //! | GET | /v1/vms/{name}/ports | | `[PortView]` from the guest agent |
+//! | GET | /v1/vms/{name}/stats | | [`StatsView`] |
 //!
 //! Errors are a non-2xx status with an [`ErrorBody`]. Streams end with exactly
 //! one `done` or `failed` event.
@@ -121,6 +122,23 @@ pub struct PortView {
     pub process: Option<String>,
     /// Command line.
     pub command: Option<String>,
+}
+
+/// Resource use of a running VM, as `banger vm stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    /// The VMM process.
+    pub pid: u32,
+    /// CPU time the VMM has used (user + system), in milliseconds.
+    pub vmm_cpu_ms: u64,
+    /// The VMM's resident memory, in bytes.
+    pub vmm_rss_bytes: u64,
+    /// Guest memory, from its agent (absent without one).
+    pub guest_mem_total_kib: Option<u64>,
+    /// Guest memory available, from its agent.
+    pub guest_mem_available_kib: Option<u64>,
+    /// Seconds since the agent started.
+    pub guest_uptime_secs: Option<u64>,
 }
 
 /// A capability as `banger cap list` shows it.

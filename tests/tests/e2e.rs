@@ -223,6 +223,18 @@ mod tests {
             "{ports}"
         );
 
+        let stats: banger_core::api::StatsView =
+            serde_json::from_str(&env.banger(&["vm", "stats", "g1", "--json"]).ok().stdout)
+                .unwrap();
+        assert_eq!(stats.pid as i32, qemu_pid);
+        let total = stats
+            .guest_mem_total_kib
+            .expect("the agent reports guest memory");
+        assert!(
+            total > 512 * 1024 && total <= 1024 * 1024,
+            "guest sees its 1024 MiB: {total} KiB"
+        );
+
         env.banger(&["vm", "stop", "g1"]).ok();
         let refused = env.banger(&["vm", "ports", "g1"]).failed();
         assert!(refused.stderr.contains("start it first"), "{refused:?}");

@@ -359,6 +359,27 @@ mod tests {
     }
 
     #[test]
+    fn stats_show_the_vmm_process_and_need_a_running_vm() {
+        let env = BangerEnv::new();
+        env.create("st", &[]).ok();
+        let pid = env.show("st").record.vmm.unwrap().pid;
+        let out = env.banger(&["vm", "stats", "st", "--json"]).ok();
+        let s: banger_core::api::StatsView = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(s.pid, pid);
+        assert!(s.vmm_rss_bytes > 0);
+        assert_eq!(s.guest_mem_total_kib, None, "no agent, no guest view");
+        assert!(
+            env.banger(&["vm", "stats", "st"])
+                .ok()
+                .stdout
+                .contains("no agent")
+        );
+        env.banger(&["vm", "stop", "st"]).ok();
+        let refused = env.banger(&["vm", "stats", "st"]).failed();
+        assert!(refused.stderr.contains("start it first"), "{refused:?}");
+    }
+
+    #[test]
     fn a_vmm_api_failure_rolls_back_with_firecrackers_message() {
         let mut env = BangerEnv::new();
         env.set_env("FAKE_FC_FAIL", "PUT /drives/work");

@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
 use crate::api::{
-    CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, PortView, SetVmRequest, VersionInfo,
-    VmView,
+    CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, PortView, SetVmRequest, StatsView,
+    VersionInfo, VmView,
 };
 use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
 use crate::model::{VmRecord, VmState};
@@ -100,6 +100,7 @@ fn vm_routes() -> Router<Arc<ApiState>> {
         .route("/v1/vms/{name}/kill", post(kill_vm))
         .route("/v1/vms/{name}/logs", get(vm_logs))
         .route("/v1/vms/{name}/ports", get(vm_ports))
+        .route("/v1/vms/{name}/stats", get(vm_stats))
 }
 
 async fn version() -> Json<VersionInfo> {
@@ -283,6 +284,10 @@ where
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn vm_stats(State(st): S, Path(name): Path<String>) -> Result<Json<StatsView>, ApiError> {
+    Ok(Json(st.lifecycle.stats(&name).await?))
 }
 
 async fn vm_ports(State(st): S, Path(name): Path<String>) -> Result<Json<Vec<PortView>>, ApiError> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::api::PortView;
+use crate::api::{PortView, StatsView};
 use crate::lifecycle::{Lifecycle, OpError, blocking};
 use crate::model::VmState;
 use crate::vsock::AgentClient;
@@ -39,6 +39,71 @@ impl Lifecycle {
     }
 }
 
+impl Lifecycle {
+    /// CPU and memory of a running VM's VMM process (from `/proc`), and the
+    /// guest's memory from its agent when it has one.
+    pub async fn stats(&self, name: &str) -> Result<StatsView, OpError> {
+        let vm = self.get(name).await?;
+        let Some(process) = vm.vmm.clone().filter(|_| vm.state == VmState::Running) else {
+            return Err(OpError::WrongState {
+                name: name.to_string(),
+                state: vm.state,
+                hint: "start it first (`banger vm start`)",
+            });
+        };
+        let pid = process.pid;
+        let (cpu, rss) = blocking(move || proc_usage(pid))
+            .await?
+            .ok_or_else(|| OpError::Invalid(format!("VMM process {pid} of {name} is gone")))?;
+        let uds = vm
+            .machine
+            .as_ref()
+            .and_then(|m| m.vsock.as_ref())
+            .map(|v| v.uds_path.clone());
+        let health = match uds {
+            Some(uds) => {
+                blocking(move || {
+                    AgentClient::new(&uds, Duration::from_secs(5))
+                        .healthz()
+                        .ok()
+                })
+                .await?
+            }
+            None => None,
+        };
+        Ok(StatsView {
+            pid,
+            vmm_cpu_ms: cpu,
+            vmm_rss_bytes: rss,
+            guest_mem_total_kib: health.as_ref().map(|h| h.mem_total_kib),
+            guest_mem_available_kib: health.as_ref().map(|h| h.mem_available_kib),
+            guest_uptime_secs: health.map(|h| h.uptime_secs),
+        })
+    }
+}
+
+/// (CPU milliseconds, RSS bytes) of `pid` from `/proc`.
+fn proc_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Some(((utime + stime) * 1000 / ticks.max(1), rss_kib * 1024))
+}
+
 fn collapse(name: &str, listeners: Vec<banger_guest_protocol::api::Listener>) -> Vec<PortView> {
     let mut out: Vec<PortView> = Vec::new();
     for l in listeners {
@@ -70,7 +135,21 @@ fn collapse(name: &str, listeners: Vec<banger_guest_protocol::api::Listener>) ->
 mod tests {
     use banger_guest_protocol::api::{Listener, Proto};
 
-    use super::collapse;
+    use super::{collapse, proc_usage};
+
+    #[test]
+    fn proc_usage_reads_our_own_process() {
+        // Burn a little CPU so the counters are not trivially zero.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        assert!(x > 0);
+        let (cpu_ms, rss) = proc_usage(std::process::id()).unwrap();
+        assert!(rss > 1 << 20, "rss {rss}");
+        assert!(cpu_ms > 0, "cpu {cpu_ms}");
+        assert_eq!(proc_usage(u32::MAX - 1), None);
+    }
 
     fn l(proto: Proto, address: &str, port: u16, pid: u32) -> Listener {
         Listener {
