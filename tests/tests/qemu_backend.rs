@@ -27,7 +27,12 @@ mod tests {
     use test_infra::wait_until;
 
     /// Booting under TCG on a loaded 2-core host can be slow.
-    const BOOT: Duration = Duration::from_secs(90);
+    const BOOT: Duration = Duration::from_secs(180);
+
+    /// TCG guests share 2 cores: two booting at once each take several
+    /// times as long, so the tests that boot one take turns. Held by
+    /// [`World`], which every test drops last (after its VM is killed).
+    static ONE_GUEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn skip(test: &str, why: &str) {
         eprintln!("SKIPPED {test}: {why}");
@@ -104,10 +109,16 @@ mod tests {
         dir: TempDir,
         machine: MachineSpec,
         paths: LaunchPaths,
+        _turn: std::sync::MutexGuard<'static, ()>,
     }
 
     impl World {
         fn new(kernel: &Path) -> Self {
+            // A test that panicked while holding the lock still released
+            // its guest (Guard drops first), so a poisoned lock is fine.
+            let turn = ONE_GUEST_AT_A_TIME
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let dir = tempfile::Builder::new()
                 .prefix("qm")
                 .tempdir_in("/tmp")
@@ -154,6 +165,7 @@ mod tests {
                 dir,
                 machine,
                 paths,
+                _turn: turn,
             }
         }
 
