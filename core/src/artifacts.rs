@@ -71,6 +71,25 @@ pub struct PullImageRequest {
     pub kernel_ref: Option<String>,
 }
 
+/// Reports a download in 10% steps instead of once per chunk.
+#[derive(Debug, Default)]
+struct Tenths(Option<u64>);
+
+impl Tenths {
+    /// The percentage to report for `received` of `total`, if it is a new
+    /// step (`None` when the total is unknown).
+    fn step(&mut self, received: u64, total: u64) -> Option<u64> {
+        if total == 0 {
+            return None;
+        }
+        let tenth = received * 10 / total;
+        (self.0 != Some(tenth)).then(|| {
+            self.0 = Some(tenth);
+            tenth * 10
+        })
+    }
+}
+
 /// The daemon's images and kernels.
 #[derive(Debug)]
 pub struct Artifacts {
@@ -164,7 +183,7 @@ impl Artifacts {
                 entry.distro, entry.version
             ),
         );
-        let mut last_tenth = None;
+        let mut tenths = Tenths::default();
         let kernel =
             crate::kernels::pull(
                 &self.kernels,
@@ -172,17 +191,11 @@ impl Artifacts {
                 name,
                 force,
                 |p| match p {
-                    PullProgress::Downloading { received, total } if total > 0 => {
-                        let tenth = received * 10 / total;
-                        if last_tenth != Some(tenth) {
-                            last_tenth = Some(tenth);
-                            progress.log_info(&format!(
-                                "kernel {name}: {}% of {total} bytes",
-                                tenth * 10
-                            ));
+                    PullProgress::Downloading { received, total } => {
+                        if let Some(pct) = tenths.step(received, total) {
+                            progress.log_info(&format!("kernel {name}: {pct}% of {total} bytes"));
                         }
                     }
-                    PullProgress::Downloading { .. } => {}
                     PullProgress::Verified => {
                         progress.log_info(&format!("kernel {name}: checksum verified"))
                     }
@@ -301,24 +314,16 @@ impl Artifacts {
             "pull_image",
             format!("pulling {} from the image catalog", req.reference),
         );
-        let mut last_tenth = None;
+        let mut tenths = Tenths::default();
         let bundle = crate::imagecat::pull_bundle(
             &self.image_catalog,
             &req.reference,
             staging.path(),
             |p| {
                 if let PullProgress::Downloading { received, total } = p
-                    && total > 0
+                    && let Some(pct) = tenths.step(received, total)
                 {
-                    let tenth = received * 10 / total;
-                    if last_tenth != Some(tenth) {
-                        last_tenth = Some(tenth);
-                        progress.log_info(&format!(
-                            "image {}: {}% of {total} bytes",
-                            req.reference,
-                            tenth * 10
-                        ));
-                    }
+                    progress.log_info(&format!("image {}: {pct}% of {total} bytes", req.reference));
                 }
             },
         )
@@ -475,5 +480,22 @@ impl Artifacts {
             initrd,
             rootfs,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tenths;
+
+    #[test]
+    fn download_progress_is_reported_once_per_ten_percent() {
+        let mut t = Tenths::default();
+        let reported: Vec<u64> = (0..=100).filter_map(|r| t.step(r, 100)).collect();
+        assert_eq!(reported, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+        assert_eq!(
+            Tenths::default().step(5, 0),
+            None,
+            "unknown totals report nothing"
+        );
     }
 }

@@ -106,20 +106,8 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> LibraryError {
     move |e| LibraryError::Io(what, e)
 }
 
-fn check_file(flag: &str, p: &Path) -> Result<(), LibraryError> {
-    if !p.is_absolute() {
-        return Err(LibraryError::Invalid(format!(
-            "{flag} {}: path must be absolute",
-            p.display()
-        )));
-    }
-    match std::fs::metadata(p) {
-        Ok(m) if m.is_file() => Ok(()),
-        _ => Err(LibraryError::Invalid(format!(
-            "{flag} {}: not a readable file; pass an existing file",
-            p.display()
-        ))),
-    }
+fn check_file(flag: &'static str, p: &Path, what: &'static str) -> Result<(), LibraryError> {
+    crate::paths::check_input_file(flag, p, what).map_err(|e| LibraryError::Invalid(e.to_string()))
 }
 
 impl ImageLibrary {
@@ -218,7 +206,7 @@ impl ImageLibrary {
     /// Registers an existing rootfs in place (banger will not own or delete it).
     pub fn register(&self, req: RegisterImageRequest) -> Result<ImageRecord, LibraryError> {
         self.check_new_name(&req.name)?;
-        check_file("--rootfs", &req.rootfs)?;
+        check_file("--rootfs", &req.rootfs, "root filesystem image")?;
         let kernel = match (&req.kernel_ref, &req.kernel) {
             (Some(r), None) => {
                 if req.initrd.is_some() {
@@ -232,9 +220,9 @@ impl ImageLibrary {
                 ImageKernel::Named { name: r.clone() }
             }
             (None, Some(k)) => {
-                check_file("--kernel", k)?;
+                check_file("--kernel", k, "kernel image (vmlinux)")?;
                 if let Some(i) = &req.initrd {
-                    check_file("--initrd", i)?;
+                    check_file("--initrd", i, "initrd image")?;
                 }
                 ImageKernel::Files {
                     kernel: k.clone(),

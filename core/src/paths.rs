@@ -134,6 +134,56 @@ impl Paths {
     }
 }
 
+/// A path argument the user gave that does not name a usable file.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InputFileError {
+    /// Relative paths mean nothing to the daemon (it has its own cwd).
+    #[error("{flag} {path}: path must be absolute")]
+    Relative {
+        /// The flag (`--kernel`).
+        flag: &'static str,
+        /// The path given.
+        path: String,
+    },
+    /// Missing, not a regular file, or unreadable.
+    #[error("{flag} {path}: not a readable file; pass an existing {what}")]
+    Missing {
+        /// The flag.
+        flag: &'static str,
+        /// The path given.
+        path: String,
+        /// What the file should be.
+        what: &'static str,
+    },
+}
+
+/// Checks that `path`, given with `flag`, is an absolute path to a readable
+/// regular file (a `what`).
+pub fn check_input_file(
+    flag: &'static str,
+    path: &Path,
+    what: &'static str,
+) -> Result<(), InputFileError> {
+    let shown = || path.display().to_string();
+    if !path.is_absolute() {
+        return Err(InputFileError::Relative {
+            flag,
+            path: shown(),
+        });
+    }
+    let readable =
+        std::fs::metadata(path).is_ok_and(|m| m.is_file()) && std::fs::File::open(path).is_ok();
+    if readable {
+        Ok(())
+    } else {
+        Err(InputFileError::Missing {
+            flag,
+            path: shown(),
+            what,
+        })
+    }
+}
+
 /// Whether `p` is under `root` after lexical normalisation (no `..` escapes).
 pub fn is_within(root: &Path, p: &Path) -> bool {
     use std::path::Component;
@@ -216,5 +266,29 @@ mod tests {
         assert!(is_within(root, Path::new("/a/b/c/../d")));
         assert!(!is_within(root, Path::new("/a/b/../c")));
         assert!(!is_within(root, Path::new("/a/c")));
+    }
+
+    #[test]
+    fn input_files_must_be_absolute_existing_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("vmlinux");
+        std::fs::write(&f, b"k").unwrap();
+        assert_eq!(check_input_file("--kernel", &f, "kernel"), Ok(()));
+        let rel = check_input_file("--kernel", Path::new("vmlinux"), "kernel").unwrap_err();
+        assert!(
+            rel.to_string()
+                .contains("--kernel vmlinux: path must be absolute"),
+            "{rel}"
+        );
+        let missing =
+            check_input_file("--rootfs", &dir.path().join("nope"), "root image").unwrap_err();
+        assert!(
+            missing.to_string().contains("pass an existing root image"),
+            "{missing}"
+        );
+        assert!(
+            check_input_file("--rootfs", dir.path(), "root image").is_err(),
+            "a directory is not a file"
+        );
     }
 }

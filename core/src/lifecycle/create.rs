@@ -14,29 +14,6 @@ use crate::model::{
 };
 use crate::store::StoreError;
 
-/// Why a create request was refused before anything was created.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateError {
-    /// A path argument does not name a regular file.
-    #[error("{flag} {path}: not a readable file; pass an existing {what}")]
-    MissingFile {
-        /// The flag (`--kernel`).
-        flag: &'static str,
-        /// The path given.
-        path: String,
-        /// What the file should be.
-        what: &'static str,
-    },
-    /// A path argument is relative (the daemon has its own working directory).
-    #[error("{flag} {path}: path must be absolute")]
-    RelativePath {
-        /// The flag.
-        flag: &'static str,
-        /// The path given.
-        path: String,
-    },
-}
-
 impl Lifecycle {
     /// Validates `req`, records the VM, clones its root disk and (unless
     /// `no_start`) starts it. On failure before the start sequence nothing is
@@ -199,29 +176,5 @@ impl Lifecycle {
 }
 
 fn check_file(flag: &'static str, path: &Path, what: &'static str) -> Result<(), OpError> {
-    if !path.is_absolute() {
-        return Err(OpError::Invalid(
-            CreateError::RelativePath {
-                flag,
-                path: path.display().to_string(),
-            }
-            .to_string(),
-        ));
-    }
-    let ok = std::fs::metadata(path)
-        .map(|m| m.is_file())
-        .unwrap_or(false)
-        && std::fs::File::open(path).is_ok();
-    if ok {
-        Ok(())
-    } else {
-        Err(OpError::Invalid(
-            CreateError::MissingFile {
-                flag,
-                path: path.display().to_string(),
-                what,
-            }
-            .to_string(),
-        ))
-    }
+    crate::paths::check_input_file(flag, path, what).map_err(|e| OpError::Invalid(e.to_string()))
 }

@@ -35,7 +35,6 @@ mod set;
 mod start;
 mod stop;
 
-pub use create::CreateError;
 pub use reconcile::Reconciled;
 /// File name of the captured guest console inside a VM's directory.
 pub use start::SERIAL_LOG as SERIAL_LOG_FILE;
