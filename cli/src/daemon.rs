@@ -19,6 +19,8 @@ const STOP_DEADLINE: Duration = Duration::from_secs(30);
 /// After the spawned process exits, how long another daemon (one that won
 /// the pid-file race) may take to answer before we give up.
 const EXITED_GRACE: Duration = Duration::from_secs(2);
+/// How long a daemon that drops connections unanswered may take to die.
+const DYING_DEADLINE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(50);
 
 /// The installation's paths and a client of its socket.
@@ -27,11 +29,21 @@ pub fn client(paths: &Paths) -> Client {
 }
 
 /// The daemon's version, or `None` when it is not running. Never starts it.
+///
+/// A daemon that was just killed can still accept a connection into its
+/// backlog and then drop it unanswered; that is a daemon going away, so we
+/// ask again until the socket answers or refuses.
 pub async fn probe(client: &Client) -> Result<Option<VersionInfo>> {
-    match client.get::<VersionInfo>("/v1/version").await {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.daemon_absent() => Ok(None),
-        Err(e) => Err(e.into()),
+    let deadline = Instant::now() + DYING_DEADLINE;
+    loop {
+        match client.get::<VersionInfo>("/v1/version").await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.daemon_absent() => return Ok(None),
+            Err(e) if e.daemon_dropped() && Instant::now() < deadline => {
+                tokio::time::sleep(POLL).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

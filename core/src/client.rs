@@ -33,6 +33,17 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The daemon accepted the connection and closed it without answering:
+    /// it is going away (killed or shutting down) and the socket will stop
+    /// accepting in a moment.
+    #[error("bangerd at {} closed the connection without answering", socket.display())]
+    Dropped {
+        /// The socket we tried.
+        socket: PathBuf,
+        /// What the HTTP layer saw.
+        #[source]
+        source: hyper::Error,
+    },
     /// The daemon answered with an error status.
     #[error("{message}")]
     Api {
@@ -62,6 +73,12 @@ impl ClientError {
         use std::io::ErrorKind;
         matches!(self, ClientError::Connect { source, .. }
             if matches!(source.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused))
+    }
+
+    /// True when a daemon accepted the connection but dropped it unanswered,
+    /// which is what a dying daemon does to connections still in its backlog.
+    pub fn daemon_dropped(&self) -> bool {
+        matches!(self, ClientError::Dropped { .. })
     }
 }
 
@@ -219,10 +236,16 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(payload)))
             .map_err(|e| ClientError::Protocol(format!("building request for {path}: {e}")))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Protocol(format!("sending {path}: {e}")))?;
+        let resp = sender.send_request(req).await.map_err(|e| {
+            if closed_unanswered(&e) {
+                ClientError::Dropped {
+                    socket: self.socket.clone(),
+                    source: e,
+                }
+            } else {
+                ClientError::Protocol(format!("sending {path}: {e}"))
+            }
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -230,6 +253,26 @@ impl Client {
         let bytes = collect(resp.into_body()).await?;
         Err(api_error(status, &bytes))
     }
+}
+
+/// True when the peer closed (or reset) the connection before any response.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    use std::io::ErrorKind;
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Maps an error answer to [`ClientError::Api`], preferring the daemon's
@@ -660,6 +703,21 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.daemon_absent(), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_unanswered_counts_as_dropped_not_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        // Reads the request, answers nothing, closes: a daemon going away.
+        let (sock, seen) = serve_once(dir.path(), vec![]);
+        let err = Client::new(sock.clone())
+            .get::<VersionInfo>("/v1/version")
+            .await
+            .unwrap_err();
+        seen.await.unwrap();
+        assert!(err.daemon_dropped(), "{err:?}");
+        assert!(!err.daemon_absent(), "{err:?}");
+        assert!(err.to_string().contains(&sock.display().to_string()));
     }
 
     #[test]
