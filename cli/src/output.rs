@@ -101,6 +101,9 @@ pub fn vm_details(v: &VmView) -> String {
     kv("id", r.id.to_string());
     kv("dir", v.dir.display().to_string());
     kv("state", r.state.to_string());
+    if let Some(ip) = v.address {
+        kv("address", format!("{ip} ({}.vm)", r.name));
+    }
     kv("vcpus", s.vcpus.to_string());
     kv("memory", mib(s.memory_mib));
     kv("disk size", s.disk_size.to_string());
@@ -335,6 +338,7 @@ mod tests {
             read_only: false,
         });
         let vm = VmView {
+            address: None,
             record: VmRecord {
                 id: VmId::from_stored("00000000deadbeef".into()),
                 name: VmName::parse("dev").unwrap(),

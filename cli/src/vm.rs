@@ -318,6 +318,7 @@ mod tests {
 
     fn vm_view(name: &str, state: VmState) -> VmView {
         VmView {
+            address: None,
             record: VmRecord {
                 id: VmId::from_stored("0011223344556677".into()),
                 name: VmName::parse(name).unwrap(),

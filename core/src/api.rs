@@ -103,6 +103,10 @@ pub struct VmView {
     pub record: VmRecord,
     /// The VM's directory on the host.
     pub dir: PathBuf,
+    /// Its stable guest address, when it has one (the `network` capability
+    /// leased it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 /// One listening socket in a guest, as `banger vm ports` shows it.

@@ -414,6 +414,7 @@ mod tests {
 
     fn vm_view(name: &str) -> VmView {
         VmView {
+            address: None,
             record: VmRecord {
                 id: VmId::from_stored("00112233aabbccdd".into()),
                 name: VmName::parse(name).unwrap(),

@@ -257,7 +257,13 @@ impl Lifecycle {
     /// The API view of a record.
     pub fn view(&self, vm: VmRecord) -> VmView {
         let dir = self.paths.vm_dir(&vm.id);
-        VmView { record: vm, dir }
+        // A store error here only hides the address from a view.
+        let address = self.store.get_lease(&vm.id).ok().flatten().map(|l| l.ip);
+        VmView {
+            record: vm,
+            dir,
+            address,
+        }
     }
 
     /// Every VM.
