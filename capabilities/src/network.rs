@@ -83,7 +83,7 @@ impl Capability for Network {
 
     fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
         let net = host_network(&self.net)?;
-        net.ensure_bridge(ctx.host)
+        net.ensure_up(ctx.host, &[])
             .map_err(|e| CapError::with("Cannot set up the bridge", e))?;
         let lease = net
             .lease(&ctx.vm.id)

@@ -147,6 +147,9 @@ pub struct CreateArgs {
     /// Capability choice: NAME, NAME:key=value,... or -NAME (repeatable).
     #[arg(long = "cap", value_name = "CAP", value_parser = parse_cap, allow_hyphen_values = true)]
     pub caps: Vec<String>,
+    /// Give the VM outbound internet through the host (same as `--cap nat`).
+    #[arg(long)]
+    pub nat: bool,
     /// Extra kernel command line.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub boot_args: Option<String>,

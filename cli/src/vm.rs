@@ -107,6 +107,14 @@ pub async fn ports(client: &Client, name: &str, json: bool) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--nat` is `--cap nat`.
+fn with_nat(mut caps: Vec<String>, nat: bool) -> Vec<String> {
+    if nat && !caps.iter().any(|c| c == "nat" || c.starts_with("nat:")) {
+        caps.push("nat".to_string());
+    }
+    caps
+}
+
 /// `vm create`: streams progress to stderr, prints the VM on stdout.
 pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
     let abs = |p: &std::path::Path| {
@@ -122,7 +130,7 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         vcpus: a.shape.vcpu,
         memory_mib: a.shape.memory,
         disk_size: a.shape.disk_size,
-        caps: a.caps,
+        caps: with_nat(a.caps, a.nat),
         boot_args: a.boot_args,
         no_start: a.no_start,
         vmm: a.vmm.map(|v| match v {
@@ -307,6 +315,13 @@ pub async fn cap_list(client: &Client, json: bool) -> Result<ExitCode> {
 mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn nat_flag_adds_the_nat_cap_once() {
+        assert_eq!(with_nat(vec!["dns".into()], true), ["dns", "nat"]);
+        assert_eq!(with_nat(vec!["nat".into()], true), ["nat"]);
+        assert_eq!(with_nat(vec!["dns".into()], false), ["dns"]);
+    }
     use std::time::Duration;
 
     use banger_core::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};

@@ -152,7 +152,7 @@ impl Default for NetworkConfig {
         NetworkConfig {
             bridge: "banger0".to_string(),
             subnet: crate::net::Subnet::DEFAULT,
-            dns_port: 5353,
+            dns_port: 53053,
         }
     }
 }
@@ -226,11 +226,13 @@ const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 impl Config {
     /// The built-in defaults, attributed to `path`.
     pub fn defaults(path: &Path) -> Config {
+        /// Every VM gets a work disk, an address, a `.vm` name and the agent.
+        const DEFAULT_CAPS: &[&str] = &["work-disk", "network", "dns", "vsock-agent"];
         Config {
             path: path.to_path_buf(),
             firecracker_bin: None,
             plugins_dir: None,
-            default_caps: vec!["work-disk".to_string()],
+            default_caps: DEFAULT_CAPS.iter().map(|c| c.to_string()).collect(),
             vmm: VmmKind::default(),
             stop_timeout_secs: 10,
             kernel_catalog_url: None,
@@ -790,7 +792,10 @@ mod tests {
         assert_eq!(cfg.path, path);
         assert_eq!(cfg.firecracker_bin, None);
         assert_eq!(cfg.plugins_dir, None);
-        assert_eq!(cfg.default_caps, vec!["work-disk".to_string()]);
+        assert_eq!(
+            cfg.default_caps,
+            ["work-disk", "network", "dns", "vsock-agent"]
+        );
         assert_eq!(cfg.vmm, VmmKind::Firecracker);
         assert_eq!(cfg.stop_timeout_secs, 10);
         assert_eq!(cfg.vm_defaults.disk_size, ByteSize(8 * GIB));
@@ -1115,7 +1120,7 @@ disk_size = "20G"
         let d = Config::defaults(Path::new("/c.toml")).network;
         assert_eq!(d.bridge, "banger0");
         assert_eq!(d.subnet.to_string(), "172.30.0.0/24");
-        assert_eq!(d.dns_port, 5353);
+        assert_eq!(d.dns_port, 53053);
         let cfg = Config::parse(
             "[network]\nbridge = \"br-test\"\nsubnet = \"10.44.0.0/16\"\ndns_port = 5454\n",
             Path::new("/c.toml"),

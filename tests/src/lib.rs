@@ -139,8 +139,15 @@ impl BangerEnv {
     /// Writes config.toml: `firecracker_bin` pointing at the fake plus `extra`.
     pub fn write_config(&self, extra: &str) {
         let fake = fake_firecracker();
+        // The fake firecracker boots no guest (no agent) and parallel tests
+        // must not share the host's bridge: only the work disk by default.
+        let caps = if extra.contains("default_caps") {
+            ""
+        } else {
+            "default_caps = [\"work-disk\"]\n"
+        };
         let text = format!(
-            "firecracker_bin = {:?}\nstop_timeout_secs = 3\n{extra}\n",
+            "firecracker_bin = {:?}\nstop_timeout_secs = 3\n{caps}{extra}\n",
             fake.display().to_string()
         );
         std::fs::write(self.root().join("config/banger/config.toml"), text).unwrap();

@@ -16,6 +16,7 @@ use crate::hostops::InProcessHostOps;
 use crate::lifecycle::{Lifecycle, render_chain};
 use crate::machine::MachineSpec;
 use crate::model::{VmmProcess, now_unix};
+use crate::net::{HostNetwork, NicState};
 use crate::paths::Paths;
 use crate::store::Store;
 use crate::vmm::firecracker::Firecracker;
@@ -178,6 +179,22 @@ pub async fn run() -> Result<(), DaemonError> {
     if cleaned > 0 {
         tracing::info!("removed {cleaned} staging dir(s) left by an interrupted pull");
     }
+    // Host networking is installed for the built-in network capabilities
+    // but only touches the host (bridge, taps) when a VM first needs it.
+    match store.prune_orphan_leases() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("freed {n} address(es) of VMs that no longer exist"),
+        Err(e) => tracing::warn!("cannot prune leases: {}", render_chain(&e)),
+    }
+    let network = Arc::new(HostNetwork::new(
+        config.network.clone(),
+        store.clone(),
+        &paths.state_dir,
+        nix::unistd::getuid().as_raw(),
+    ));
+    crate::net::install(network.clone());
+    let dns = start_dns(&network).await;
+
     let lifecycle = Arc::new(Lifecycle::new(
         paths.clone(),
         config,
@@ -194,6 +211,8 @@ pub async fn run() -> Result<(), DaemonError> {
     {
         tracing::info!("reconciled {r}");
     }
+
+    adopt_running_taps(&lifecycle, &network).await;
 
     let socket = paths.socket();
     let listener = bind_private(&socket)?;
@@ -246,7 +265,64 @@ pub async fn run() -> Result<(), DaemonError> {
     };
     monitor.abort();
     let _ = std::fs::remove_file(&socket);
+    let net = network.clone();
+    let _ = tokio::task::spawn_blocking(move || net.shut_down(&InProcessHostOps)).await;
+    if let Some(dns) = dns {
+        dns.shutdown().await;
+    }
     result
+}
+
+/// Serves `.vm` names on the configured loopback port and on the bridge
+/// address. A port another process holds costs only name resolution, so it
+/// is a warning, not a reason to refuse to start.
+async fn start_dns(net: &HostNetwork) -> Option<crate::net::dns::DnsServer> {
+    match net.serve_dns().await {
+        Ok(server) => {
+            tracing::info!(addrs = ?server.local_addrs(), "serving .vm DNS");
+            Some(server)
+        }
+        Err(e) => {
+            tracing::warn!("no .vm DNS: {}", render_chain(&e));
+            None
+        }
+    }
+}
+
+/// VMs that kept running while no daemon ran hold taps: bring networking up
+/// around them so their taps are not handed out again.
+async fn adopt_running_taps(lifecycle: &Lifecycle, net: &Arc<HostNetwork>) {
+    let vms = match lifecycle.list().await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("cannot list VMs: {}", render_chain(&e));
+            return;
+        }
+    };
+    let taps: Vec<String> = vms
+        .iter()
+        .filter(|vm| vm.state == crate::model::VmState::Running)
+        .filter_map(|vm| {
+            NicState::load(&lifecycle.paths().vm_dir(&vm.id))
+                .ok()
+                .flatten()
+        })
+        .map(|s| s.tap)
+        .collect();
+    if taps.is_empty() {
+        return;
+    }
+    let net = net.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = taps.iter().map(String::as_str).collect();
+        net.ensure_up(&InProcessHostOps, &refs)
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot bring host networking up: {}", render_chain(&e)),
+        Err(e) => tracing::warn!("bringing host networking up: {e}"),
+    }
 }
 
 /// Binds the API socket so that only the owner can ever connect: the umask

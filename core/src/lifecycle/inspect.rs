@@ -35,8 +35,67 @@ impl Lifecycle {
                 stage: "agent_ports".to_string(),
                 source: Box::new(e),
             })?;
-        Ok(collapse(name, listeners))
+        let mut ports = collapse(name, listeners);
+        if let Some(ip) = self.store.get_lease(&vm.id).ok().flatten().map(|l| l.ip) {
+            label_web_services(ip, &mut ports).await;
+        }
+        Ok(ports)
     }
+}
+
+/// How long one probe of one port may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Marks TCP listeners reachable on the guest's address that speak HTTPS or
+/// HTTP, probed in parallel from the host: HTTPS first (a TLS server
+/// answers a plain request with garbage or a 400, never the other way
+/// round).
+async fn label_web_services(ip: std::net::Ipv4Addr, ports: &mut [PortView]) {
+    let probes = ports.iter().map(|p| {
+        let reachable = p.proto == "tcp" && !is_loopback(&p.address);
+        let port = p.port;
+        async move {
+            if reachable {
+                probe_web(std::net::SocketAddr::from((ip, port))).await
+            } else {
+                None
+            }
+        }
+    });
+    let found = futures_util::future::join_all(probes).await;
+    for (p, kind) in ports.iter_mut().zip(found) {
+        if let Some(kind) = kind {
+            p.proto = kind.to_string();
+        }
+    }
+}
+
+fn is_loopback(address: &str) -> bool {
+    address
+        .parse::<std::net::IpAddr>()
+        .map(|a| a.is_loopback())
+        .unwrap_or(false)
+}
+
+/// `"https"` or `"http"` when the server at `addr` answers an HTTP request
+/// that way (any status counts), else `None`.
+pub(crate) async fn probe_web(addr: std::net::SocketAddr) -> Option<&'static str> {
+    let client = reqwest::Client::builder()
+        // We ask what the service speaks, not whether to trust it.
+        .danger_accept_invalid_certs(true)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(PROBE_TIMEOUT)
+        .timeout(PROBE_TIMEOUT)
+        .build()
+        .ok()?;
+    for scheme in ["https", "http"] {
+        let url = format!("{scheme}://{addr}/");
+        if client.get(&url).send().await.is_ok() {
+            return Some(scheme);
+        }
+    }
+    None
 }
 
 impl Lifecycle {
@@ -135,7 +194,79 @@ fn collapse(name: &str, listeners: Vec<banger_guest_protocol::api::Listener>) ->
 mod tests {
     use banger_guest_protocol::api::{Listener, Proto};
 
-    use super::{collapse, proc_usage};
+    use super::{collapse, probe_web, proc_usage};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Answers every connection on a loopback port with `reply` (after
+    /// reading what the client sent first, unless `banner`).
+    async fn serve(reply: &'static [u8], banner: bool) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    if !banner {
+                        let _ = s.read(&mut buf).await;
+                    }
+                    let _ = s.write_all(reply).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A real TLS server (self-signed) that answers HTTP inside the tunnel.
+    async fn serve_https() -> std::net::SocketAddr {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn probing_tells_https_http_and_other_services_apart() {
+        let http = serve(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nhi", false).await;
+        let ssh = serve(b"SSH-2.0-OpenSSH_9.2\r\n", true).await;
+        let https = serve_https().await;
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        assert_eq!(probe_web(https).await, Some("https"));
+        assert_eq!(probe_web(http).await, Some("http"));
+        assert_eq!(probe_web(ssh).await, None);
+        assert_eq!(probe_web(closed).await, None);
+    }
 
     #[test]
     fn proc_usage_reads_our_own_process() {

@@ -236,6 +236,31 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
+/// A non-blocking UDP socket bound to `addr` with `IP_FREEBIND` set.
+fn bind_freebind(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
+    };
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    if addr.is_ipv4() {
+        setsockopt(&fd, sockopt::IpFreebind, &true)?;
+    }
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))
+}
+
 /// A running DNS server. Dropping it stops it (its tasks are aborted).
 pub struct DnsServer {
     addrs: Vec<SocketAddr>,
@@ -273,10 +298,12 @@ impl DnsServer {
         Ok(DnsServer { addrs, server })
     }
 
-    /// Also serves on `addr`; returns the address actually bound.
+    /// Also serves on `addr`; returns the address actually bound. The
+    /// address need not exist yet (`IP_FREEBIND`): the daemon listens on the
+    /// bridge's address before the bridge is created on first use.
     pub async fn add_listener(&mut self, addr: SocketAddr) -> Result<SocketAddr, DnsError> {
         let bind = |source| DnsError::Bind { addr, source };
-        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(bind)?;
+        let sock = bind_freebind(addr).map_err(bind)?;
         let local = sock.local_addr().map_err(bind)?;
         self.server.register_socket(sock);
         self.addrs.push(local);
@@ -321,6 +348,20 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["records.json"]);
+    }
+
+    #[tokio::test]
+    async fn listens_on_an_address_the_host_does_not_have_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = DnsServer::start(records_path(dir.path()), &[])
+            .await
+            .unwrap();
+        // TEST-NET-1: on no interface of any host (the bridge before it exists).
+        let absent: SocketAddr = "192.0.2.77:0".parse().unwrap();
+        let bound = server.add_listener(absent).await.unwrap();
+        assert_eq!(bound.ip(), absent.ip());
+        assert_ne!(bound.port(), 0);
+        server.shutdown().await;
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,9 @@ pub struct HostNetwork {
     store: Arc<Store>,
     taps: TapPool,
     dns_records: PathBuf,
+    /// Whether [`HostNetwork::ensure_up`] brought the bridge up in this
+    /// daemon (guards the one-time work and what shutdown undoes).
+    up: Mutex<bool>,
 }
 
 impl HostNetwork {
@@ -120,6 +123,7 @@ impl HostNetwork {
             store,
             taps,
             dns_records: super::dns::records_path(state_dir),
+            up: Mutex::new(false),
         }
     }
 
@@ -153,11 +157,37 @@ impl HostNetwork {
         .map_err(NetError::Host)
     }
 
+    /// Brings host networking up once per daemon ([`HostNetwork::bring_up`]),
+    /// on first use: a daemon whose VMs never ask for networking never
+    /// touches the host's links. Later calls only re-check the bridge.
+    pub fn ensure_up(&self, host: &dyn HostOps, running_taps: &[&str]) -> Result<(), NetError> {
+        let mut up = self.up.lock().unwrap_or_else(|e| e.into_inner());
+        if *up {
+            self.taps.mark_in_use(running_taps.iter().copied());
+            return self.ensure_bridge(host);
+        }
+        self.bring_up_unlocked(host, running_taps)?;
+        *up = true;
+        Ok(())
+    }
+
+    /// Whether this daemon brought host networking up.
+    pub fn is_up(&self) -> bool {
+        *self.up.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Daemon startup: the bridge exists with its address and is up, taps
     /// that running VMs hold (`running_taps`) are not handed out again, the
     /// pool is warm, and `.vm` lookups on this host are routed to us when
     /// systemd-resolved runs. Only the bridge is essential; the rest warns.
     pub fn bring_up(&self, host: &dyn HostOps, running_taps: &[&str]) -> Result<(), NetError> {
+        let mut up = self.up.lock().unwrap_or_else(|e| e.into_inner());
+        self.bring_up_unlocked(host, running_taps)?;
+        *up = true;
+        Ok(())
+    }
+
+    fn bring_up_unlocked(&self, host: &dyn HostOps, running_taps: &[&str]) -> Result<(), NetError> {
         self.ensure_bridge(host)?;
         self.taps.mark_in_use(running_taps.iter().copied());
         if let Err(e) = self.taps.fill(host) {
@@ -182,27 +212,40 @@ impl HostNetwork {
         Ok(())
     }
 
-    /// Starts the `.vm` DNS server on `127.0.0.1:dns_port` (required) and on
-    /// the bridge address, port 53, for guests and systemd-resolved (needs
-    /// the bridge up and the right to bind port 53; warns otherwise).
+    /// Starts the `.vm` DNS server on `127.0.0.1:dns_port` and on the bridge
+    /// address, port 53, for guests and systemd-resolved. The bridge address
+    /// is bound before the bridge exists (`IP_FREEBIND`). A listener that
+    /// cannot bind (port taken, no right to bind 53) is a warning; only a
+    /// server with no listener at all is an error.
     pub async fn serve_dns(&self) -> Result<super::dns::DnsServer, super::dns::DnsError> {
         let loopback = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, self.config.dns_port));
-        let mut server =
-            super::dns::DnsServer::start(self.dns_records.clone(), &[loopback]).await?;
         let bridge = std::net::SocketAddr::from((self.gateway(), 53));
-        if let Err(e) = server.add_listener(bridge).await {
-            tracing::warn!(
-                "guests cannot resolve .{} names: {}",
-                super::dns::ZONE,
-                crate::lifecycle::render_chain(&e)
-            );
+        let mut server = super::dns::DnsServer::start(self.dns_records.clone(), &[]).await?;
+        let mut last = None;
+        for addr in [loopback, bridge] {
+            if let Err(e) = server.add_listener(addr).await {
+                tracing::warn!(
+                    "no .{} DNS on {addr}: {}",
+                    super::dns::ZONE,
+                    crate::lifecycle::render_chain(&e)
+                );
+                last = Some(e);
+            }
         }
-        Ok(server)
+        match last {
+            Some(e) if server.local_addrs().is_empty() => Err(e),
+            _ => Ok(server),
+        }
     }
 
     /// Daemon shutdown: deletes the warm taps and the resolved routing. The
     /// bridge and VMs' taps stay, because VMs outlive the daemon.
     pub fn shut_down(&self, host: &dyn HostOps) {
+        let mut up = self.up.lock().unwrap_or_else(|e| e.into_inner());
+        if !*up {
+            return;
+        }
+        *up = false;
         if let Err(e) = self.taps.drain(host) {
             tracing::warn!(
                 "cannot delete warm taps: {}",
