@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+pub mod dns;
 pub mod http;
 pub mod registry;
 

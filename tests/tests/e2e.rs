@@ -2,7 +2,8 @@
 //! `guest/rootfs/build` is pushed to a loopback registry, pulled with
 //! `banger image pull`, and booted with the kernel built by
 //! `guest/kernel/build` under QEMU (TCG) through the real CLI and daemon,
-//! with banger's initramfs and agent. Then stop/start/delete.
+//! with banger's initramfs and agent, on a real bridge with NAT and DNS,
+//! reached over ssh. Then stop/start/delete and a check that nothing is left.
 //!
 //! Needs (cached under `~/.cache/banger-ci`, built by the recipes):
 //! `kernel-*/vmlinux`, `rootfs-systemd-*.tar`, the static agent from
@@ -79,11 +80,24 @@ mod tests {
                 "no guest kernel in ~/.cache/banger-ci/kernel-*/ (run guest/kernel/build)",
             );
         };
-        let Some(rootfs_tar) = newest("rootfs-systemd-", "") else {
-            return skip(
-                "no rootfs in ~/.cache/banger-ci/rootfs-systemd-*.tar (run guest/rootfs/build)",
-            );
+        let flavour = if test.contains("no_init") {
+            "noinit"
+        } else {
+            "systemd"
         };
+        let Some(rootfs_tar) = newest(&format!("rootfs-{flavour}-"), "") else {
+            return skip(&format!(
+                "no rootfs in ~/.cache/banger-ci/rootfs-{flavour}-*.tar (run guest/rootfs/build)"
+            ));
+        };
+        if on_path("ssh").is_none() || on_path("ip").is_none() || on_path("nft").is_none() {
+            return skip(
+                "ssh, ip or nft missing (apt-get install openssh-client iproute2 nftables)",
+            );
+        }
+        if !nix::unistd::Uid::effective().is_root() {
+            return skip("needs root for the bridge, taps and NAT");
+        }
         let agent = target_dir()
             .parent()
             .map(|t| t.join("banger-agent"))
@@ -113,17 +127,127 @@ mod tests {
             .unwrap_or_default()
     }
 
-    #[test]
-    fn pulled_debian_image_boots_with_the_agent_and_survives_stop_start() {
-        let test = "pulled_debian_image_boots_with_the_agent_and_survives_stop_start";
-        let Some(a) = artifacts(test) else {
-            return;
-        };
-        let Some(registry) = Registry::start(test) else {
-            return;
-        };
+    /// Real guests under TCG need both cores: one at a time.
+    static ONE_GUEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// The guests' bridge and subnet: not the defaults, so a real banger on
+    /// the same host is never disturbed.
+    const BRIDGE: &str = "bge2e0";
+    const SUBNET: &str = "10.213.0.0/24";
+
+    fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(cmd).args(args).output().unwrap()
+    }
+
+    fn free_udp_port() -> u16 {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A stand-in for the internet: a network namespace behind a veth pair,
+    /// with an HTTP server on `SERVER:8080`. It has no route back to the
+    /// guests' subnet, like the real internet has none to private addresses:
+    /// only NAT'ed traffic gets an answer.
+    struct Internet {
+        ns: String,
+        host_if: String,
+        server: String,
+    }
+
+    const GREETING: &str = "hello-from-the-internet";
+
+    impl Internet {
+        fn start(tag: &str, net: u8) -> Internet {
+            let pid = std::process::id() % 100_000;
+            let ns = format!("bge2e-{pid}-{tag}");
+            let host_if = format!("bgi{pid}{tag}");
+            let peer = format!("bgo{pid}{tag}");
+            let host_ip = format!("198.51.{net}.1/24");
+            let server = format!("198.51.{net}.2");
+            let ok = |args: &[&str]| {
+                let out = run("ip", args);
+                assert!(out.status.success(), "ip {args:?}: {out:?}");
+            };
+            ok(&["netns", "add", &ns]);
+            let internet = Internet {
+                ns: ns.clone(),
+                host_if: host_if.clone(),
+                server: server.clone(),
+            };
+            ok(&[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
+            ]);
+            ok(&["link", "set", &peer, "netns", &ns]);
+            ok(&["addr", "add", &host_ip, "dev", &host_if]);
+            ok(&["link", "set", &host_if, "up"]);
+            ok(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{server}/24"),
+                "dev",
+                &peer,
+            ]);
+            ok(&["-n", &ns, "link", "set", &peer, "up"]);
+            ok(&["-n", &ns, "link", "set", "lo", "up"]);
+
+            let (tx, rx) = std::sync::mpsc::channel();
+            let ns_path = format!("/run/netns/{ns}");
+            let addr = format!("{server}:8080");
+            std::thread::spawn(move || {
+                let f = std::fs::File::open(&ns_path).unwrap();
+                // SAFETY: setns only moves this thread, which we own and which
+                // only serves the test's HTTP answers, into the namespace.
+                let rc =
+                    unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                let listener = std::net::TcpListener::bind(&addr).unwrap();
+                tx.send(()).unwrap();
+                for conn in listener.incoming() {
+                    let Ok(mut c) = conn else { continue };
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 2048];
+                    let _ = c.read(&mut buf);
+                    let _ = write!(
+                        c,
+                        "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{GREETING}",
+                        GREETING.len()
+                    );
+                }
+            });
+            rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            internet
+        }
+
+        fn url(&self) -> String {
+            format!("http://{}:8080/", self.server)
+        }
+    }
+
+    impl Drop for Internet {
+        fn drop(&mut self) {
+            let _ = run("ip", &["link", "del", &self.host_if]);
+            let _ = run("ip", &["netns", "del", &self.ns]);
+        }
+    }
+
+    /// A banger env set up for real guests on the e2e bridge, with the
+    /// image pushed to a loopback registry and pulled as `image`.
+    struct Rig {
+        env: BangerEnv,
+        dns: std::net::SocketAddr,
+        _registry: Registry,
+    }
+
+    fn rig(test: &str, image: &str) -> Option<(Rig, Artifacts)> {
+        let a = artifacts(test)?;
+        let registry = Registry::start(test)?;
         let tar = std::fs::read(&a.rootfs_tar).unwrap();
-        let reference = format!("{}/banger/debian:bookworm", registry.host());
+        let reference = format!("{}/banger/debian:{image}", registry.host());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -137,9 +261,17 @@ mod tests {
         });
 
         let env = BangerEnv::new();
+        let dns_port = free_udp_port();
+        std::fs::copy(
+            test_infra::workspace_cdylib("banger-plugin-shared-mount"),
+            env.plugins_dir().join("libbanger_plugin_shared_mount.so"),
+        )
+        .unwrap();
         env.write_config(&format!(
             "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {:?}\nagent_timeout_secs = 240\n\
-             insecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\n",
+             insecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\n\
+             default_caps = [\"work-disk\", \"network\", \"dns\", \"vsock-agent\"]\n\
+             [network]\nbridge = {BRIDGE:?}\nsubnet = {SUBNET:?}\ndns_port = {dns_port}\n",
             a.agent,
             registry.host(),
             a.vhost
@@ -156,38 +288,253 @@ mod tests {
             "image",
             "pull",
             &reference,
+            "--name",
+            image,
             "--kernel-ref",
             "fc",
             "--size",
             "2G",
         ])
         .ok();
+        let rig = Rig {
+            env,
+            dns: std::net::SocketAddr::from(([127, 0, 0, 1], dns_port)),
+            _registry: registry,
+        };
+        Some((rig, a))
+    }
 
-        let out = env.banger(&[
-            "vm",
-            "create",
-            "--name",
+    impl Rig {
+        /// `vm create` that must succeed, with the console in the failure.
+        fn create(&self, name: &str, args: &[&str]) -> banger_core::api::VmView {
+            let mut all = vec![
+                "vm",
+                "create",
+                "--name",
+                name,
+                "--memory",
+                "1024",
+                "--disk-size",
+                "256M",
+            ];
+            all.extend_from_slice(args);
+            let out = self.env.banger(&all);
+            let logs = self.env.banger(&["vm", "logs", name]).stdout;
+            assert_eq!(
+                out.code, 0,
+                "create failed:\n{}\nconsole:\n{logs}",
+                out.stderr
+            );
+            self.env.show(name)
+        }
+
+        fn resolve(&self, name: &str) -> Vec<std::net::Ipv4Addr> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(test_infra::dns::query(
+                self.dns,
+                &format!("{name}.vm."),
+                "A",
+            ))
+            .1
+        }
+
+        /// Waits until sshd listens in the guest and its host keys exist;
+        /// returns a known_hosts file pinning them for `NAME.vm`.
+        fn pin_host_keys(&self, vm: &banger_core::api::VmView) -> PathBuf {
+            let uds = vm.dir.join("vsock.sock");
+            wait_until(
+                Duration::from_secs(180),
+                "sshd listens on 22 in the guest",
+                || {
+                    agent_ports(&uds).iter().any(|(p, port, proc_)| {
+                        *p == Proto::Tcp && *port == 22 && proc_.as_deref() == Some("sshd")
+                    })
+                },
+            );
+            let keys = AgentClient::new(&uds, Duration::from_secs(10))
+                .ssh_host_keys()
+                .unwrap();
+            assert!(!keys.is_empty(), "the agent reports host keys");
+            let name = vm.record.name.as_str();
+            let lines: String = keys
+                .iter()
+                .map(|k| {
+                    let mut f = k.public_key.split_whitespace();
+                    format!("{name}.vm {} {}\n", f.next().unwrap(), f.next().unwrap())
+                })
+                .collect();
+            let path = self.env.root().join(format!("known_hosts-{name}"));
+            std::fs::write(&path, lines).unwrap();
+            path
+        }
+
+        /// `ssh` with banger's key to `root@ip`, checking the host key
+        /// against `known_hosts` only (no trust on first use).
+        fn ssh(
+            &self,
+            name: &str,
+            ip: std::net::Ipv4Addr,
+            known_hosts: &Path,
+            cmd: &str,
+        ) -> std::process::Output {
+            let key = self.env.state_dir().join("ssh/id_ed25519");
+            run(
+                "ssh",
+                &[
+                    "-i",
+                    key.to_str().unwrap(),
+                    "-o",
+                    "IdentitiesOnly=yes",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "StrictHostKeyChecking=yes",
+                    "-o",
+                    &format!("UserKnownHostsFile={}", known_hosts.display()),
+                    "-o",
+                    &format!("HostKeyAlias={name}.vm"),
+                    "-o",
+                    "ConnectTimeout=20",
+                    "-o",
+                    "LogLevel=ERROR",
+                    &format!("root@{ip}"),
+                    cmd,
+                ],
+            )
+        }
+
+        fn ssh_ok(
+            &self,
+            name: &str,
+            ip: std::net::Ipv4Addr,
+            known_hosts: &Path,
+            cmd: &str,
+        ) -> String {
+            let out = self.ssh(name, ip, known_hosts, cmd);
+            assert!(
+                out.status.success(),
+                "ssh {cmd:?}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// Deletes every VM, stops the daemon, and checks that nothing of
+        /// them is left on the host: taps, nft rules, DNS records, VM dirs,
+        /// processes.
+        fn delete_all_and_check_clean(&self, vms: &[banger_core::api::VmView]) {
+            for vm in vms {
+                self.env
+                    .banger(&["vm", "delete", vm.record.name.as_str()])
+                    .ok();
+            }
+            self.env.banger(&["daemon", "stop"]).ok();
+            let root = self.env.root().to_string_lossy().into_owned();
+            wait_until(
+                Duration::from_secs(30),
+                "no process of this env is left",
+                || own_processes(&root).is_empty(),
+            );
+            let links =
+                String::from_utf8_lossy(&run("ip", &["-o", "link", "show"]).stdout).into_owned();
+            assert!(
+                !links.lines().any(|l| l.contains("bgtap")),
+                "taps left:\n{links}"
+            );
+            let rules = String::from_utf8_lossy(&run("nft", &["-a", "list", "ruleset"]).stdout)
+                .into_owned();
+            for vm in vms {
+                assert!(!vm.dir.exists(), "{} left", vm.dir.display());
+                let tag = format!("banger:{}", vm.record.id);
+                assert!(!rules.contains(&tag), "nft rules of {tag} left:\n{rules}");
+            }
+            let records = std::fs::read_to_string(self.env.state_dir().join("dns/records.json"))
+                .unwrap_or_default();
+            for vm in vms {
+                assert!(
+                    !records.contains(&format!("\"{}\"", vm.record.name)),
+                    "DNS record left: {records}"
+                );
+            }
+        }
+    }
+
+    impl Drop for Rig {
+        /// A failed test still leaves the host clean: its VMs deleted (taps,
+        /// rules, records), stray processes killed, and the test's bridge
+        /// (which outlives daemons by design) removed.
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                // Nothing here may panic again (that would abort the run).
+                let listed = self.env.banger(&["vm", "list", "--json"]).stdout;
+                let vms: Vec<banger_core::api::VmView> =
+                    serde_json::from_str(&listed).unwrap_or_default();
+                for vm in vms {
+                    let _ = self
+                        .env
+                        .banger(&["vm", "delete", "--force", vm.record.name.as_str()]);
+                }
+                let _ = self.env.banger(&["daemon", "stop"]);
+                let root = self.env.root().to_string_lossy().into_owned();
+                for pid in own_processes(&root) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let _ = run("ip", &["link", "del", BRIDGE]);
+        }
+    }
+
+    /// Pids whose command line mentions `root` (this env's paths).
+    fn own_processes(root: &str) -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(root))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pulled_debian_image_boots_networked_reachable_by_ssh_and_keeps_its_work_disk() {
+        let test = "pulled_debian_image_boots_networked_reachable_by_ssh_and_keeps_its_work_disk";
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some((rig, _a)) = rig(test, "bookworm") else {
+            return;
+        };
+        let env = &rig.env;
+        let internet = Internet::start("a", 100);
+        let share = env.root().join("share");
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::write(share.join("hello.txt"), "shared-hello\n").unwrap();
+
+        let vm = rig.create(
             "g1",
-            "--image",
-            "debian-bookworm",
-            "--cap",
-            "vsock-agent",
-            "--memory",
-            "1024",
-            "--disk-size",
-            "256M",
-        ]);
-        let logs = env.banger(&["vm", "logs", "g1"]).stdout;
-        assert_eq!(
-            out.code, 0,
-            "create failed:\n{}\nconsole:\n{logs}",
-            out.stderr
+            &[
+                "--image",
+                "bookworm",
+                "--nat",
+                "--cap",
+                &format!("shared-mount:host={},guest=/mnt/share", share.display()),
+            ],
         );
-        let vm = env.show("g1");
         assert_eq!(vm.record.state, VmState::Running);
+        let ip = vm.address.expect("a networked VM has an address");
+        assert!(ip.to_string().starts_with("10.213.0."), "{ip}");
         let qemu_pid = vm.record.vmm.as_ref().unwrap().pid as i32;
-        // The agent ran as /init, applied the config drive and handed over
-        // to the image's systemd.
+        let logs = env.banger(&["vm", "logs", "g1"]).stdout;
         for line in [
             "banger-agent: read config drive",
             "banger-agent: hostname g1",
@@ -197,25 +544,87 @@ mod tests {
         ] {
             assert!(logs.contains(line), "console lacks {line:?}:\n{logs}");
         }
-        // The agent answers through the vsock and sees the guest's sshd.
         let uds = vm.dir.join("vsock.sock");
         let health = AgentClient::new(&uds, Duration::from_secs(10))
             .healthz()
             .unwrap();
         assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
+
+        // g1.vm resolves to its address through banger's DNS server, and ssh
+        // with banger's key works against exactly the host keys the agent
+        // reported.
+        assert_eq!(rig.resolve("g1"), vec![ip]);
+        assert!(rig.resolve("nope").is_empty());
+        let known = rig.pin_host_keys(&vm);
+        let resolved = rig.resolve("g1")[0];
+        let facts = rig.ssh_ok(
+            "g1",
+            resolved,
+            &known,
+            "hostname; hostname -I; getent hosts g1.vm; cat /mnt/share/hello.txt",
+        );
+        let lines: Vec<&str> = facts.lines().map(str::trim).collect();
+        assert_eq!(lines[0], "g1", "{facts}");
+        assert_eq!(lines[1], ip.to_string(), "{facts}");
+        assert!(
+            lines[2].starts_with(&ip.to_string()),
+            "guest resolves .vm: {facts}"
+        );
+        assert_eq!(lines[3], "shared-hello", "{facts}");
+        // A host key the agent did not report is refused.
+        let stranger = env.root().join("stranger");
+        assert!(
+            run(
+                "ssh-keygen",
+                &[
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-f",
+                    stranger.to_str().unwrap()
+                ]
+            )
+            .status
+            .success()
+        );
+        let fake = std::fs::read_to_string(stranger.with_extension("pub")).unwrap();
+        let mut f = fake.split_whitespace();
+        let wrong = env.root().join("known_hosts-wrong");
+        std::fs::write(
+            &wrong,
+            format!("g1.vm {} {}\n", f.next().unwrap(), f.next().unwrap()),
+        )
+        .unwrap();
+        assert!(!rig.ssh("g1", ip, &wrong, "true").status.success());
+
+        // --nat: the guest reaches the "internet".
+        let got = rig.ssh_ok(
+            "g1",
+            ip,
+            &known,
+            &format!("busybox wget -q -T 10 -O - {}", internet.url()),
+        );
+        assert_eq!(got.trim(), GREETING);
+
+        // `vm ports`: sshd once (dual stack collapsed), a web server as http.
+        rig.ssh_ok("g1", ip, &known, "busybox httpd -p 8080 -h /mnt/share");
+        let mut ports = String::new();
         wait_until(
-            Duration::from_secs(120),
-            "sshd listens on 22 in the guest",
+            Duration::from_secs(30),
+            "vm ports shows the web server",
             || {
-                agent_ports(&uds).iter().any(|(p, port, proc_)| {
-                    *p == Proto::Tcp && *port == 22 && proc_.as_deref() == Some("sshd")
-                })
+                ports = env.banger(&["vm", "ports", "g1"]).ok().stdout;
+                ports.lines().any(|l| l.contains("g1.vm:8080"))
             },
         );
-
-        // `vm ports` shows it as NAME.vm:PORT, once although sshd listens on
-        // both 0.0.0.0 and ::.
-        let ports = env.banger(&["vm", "ports", "g1"]).ok().stdout;
+        let web: Vec<&str> = ports.lines().filter(|l| l.contains("g1.vm:8080")).collect();
+        assert_eq!(web.len(), 1, "{ports}");
+        assert!(
+            web[0].starts_with("http ") && web[0].contains("busybox"),
+            "{ports}"
+        );
         let ssh: Vec<&str> = ports.lines().filter(|l| l.contains("g1.vm:22")).collect();
         assert_eq!(ssh.len(), 1, "{ports}");
         assert!(
@@ -235,24 +644,66 @@ mod tests {
             "guest sees its 1024 MiB: {total} KiB"
         );
 
+        // The work disk keeps /root across stop/start; the address stays.
+        rig.ssh_ok("g1", ip, &known, "echo keep-me > /root/keep.txt && sync");
         env.banger(&["vm", "stop", "g1"]).ok();
         let refused = env.banger(&["vm", "ports", "g1"]).failed();
         assert!(refused.stderr.contains("start it first"), "{refused:?}");
         wait_until(Duration::from_secs(30), "qemu exits", || {
             !pid_alive(qemu_pid)
         });
+        assert!(rig.resolve("g1").is_empty(), "a stopped VM has no record");
         env.banger(&["vm", "start", "g1"]).ok();
         let again = env.show("g1");
         assert_eq!(again.record.state, VmState::Running);
-        assert!(
-            AgentClient::new(&uds, Duration::from_secs(10))
-                .healthz()
-                .is_ok()
+        assert_eq!(again.address, Some(ip));
+        let known = rig.pin_host_keys(&again);
+        assert_eq!(
+            rig.ssh_ok("g1", ip, &known, "cat /root/keep.txt").trim(),
+            "keep-me"
         );
 
-        let pid = again.record.vmm.as_ref().unwrap().pid as i32;
-        env.banger(&["vm", "delete", "g1"]).ok();
-        wait_until(Duration::from_secs(30), "qemu exits", || !pid_alive(pid));
-        assert!(!vm.dir.exists(), "the VM dir is gone");
+        rig.delete_all_and_check_clean(&[again]);
+    }
+
+    #[test]
+    fn no_init_image_boots_with_the_agent_as_pid_1_and_no_nat_means_no_internet() {
+        let test = "no_init_image_boots_with_the_agent_as_pid_1_and_no_nat_means_no_internet";
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some((rig, _a)) = rig(test, "noinit") else {
+            return;
+        };
+        let env = &rig.env;
+        let internet = Internet::start("b", 101);
+        let vm = rig.create("g2", &["--image", "noinit"]);
+        let ip = vm.address.expect("a networked VM has an address");
+        let known = rig.pin_host_keys(&vm);
+        let logs = env.banger(&["vm", "logs", "g2"]).stdout;
+        for line in [
+            "no init system: staying PID 1",
+            "generating SSH host keys",
+            "started sshd",
+        ] {
+            assert!(logs.contains(line), "console lacks {line:?}:\n{logs}");
+        }
+        assert_eq!(rig.resolve("g2"), vec![ip]);
+        let out = rig.ssh_ok("g2", ip, &known, "cat /proc/1/comm; hostname");
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        assert_eq!(lines, ["init", "g2"], "{out}");
+        // Without --nat the same server is out of reach.
+        let blocked = rig.ssh(
+            "g2",
+            ip,
+            &known,
+            &format!("busybox wget -q -T 5 -O - {}", internet.url()),
+        );
+        assert!(
+            !blocked.status.success(),
+            "reached the internet without NAT: {}",
+            String::from_utf8_lossy(&blocked.stdout)
+        );
+        rig.delete_all_and_check_clean(&[vm]);
     }
 }
