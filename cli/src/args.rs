@@ -107,6 +107,22 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// SSH into a running VM as root with banger's key, or run CMD there.
+    ///
+    /// The guest's host keys come from its agent and are pinned (no trust on
+    /// first use); the VM needs the `vsock-agent` and `network` capabilities.
+    Ssh {
+        /// VM name.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Print the ssh command line (shell-quoted, one line) instead of
+        /// running it; its known_hosts file is written either way.
+        #[arg(long)]
+        print: bool,
+        /// Command to run in the guest instead of a login shell (after `--`).
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Print a VM's serial console log.
     Logs {
         /// VM name.

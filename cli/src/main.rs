@@ -85,6 +85,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 VmCommand::Logs { name, follow } => vm::logs(&client, &name, follow).await,
                 VmCommand::Ports { name, json } => vm::ports(&client, &name, json).await,
                 VmCommand::Stats { name, json } => vm::stats(&client, &name, json).await,
+                VmCommand::Ssh {
+                    name,
+                    print,
+                    command,
+                } => vm::ssh(&client, &name, print, &command).await,
             }
         }
     }

@@ -2,13 +2,15 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::os::unix::fs::DirBuilderExt;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use banger_core::api::{CapView, CreateVmRequest, SetVmRequest, VmView};
+use banger_core::api::{CapView, CreateVmRequest, SetVmRequest, SshTarget, VmView};
 use banger_core::client::{Client, ClientError, Method};
 
 use banger_core::model::VmmKind;
+use banger_core::paths::Paths;
 
 use crate::args::{CreateArgs, SetArgs, VmmArg};
 use crate::ordered::run_in_order;
@@ -53,6 +55,99 @@ fn vm_path(name: &str) -> String {
 fn print_event(prefix: Option<&str>, e: &banger_core::api::Event) {
     if let Some(line) = output::event_line(prefix, e) {
         eprintln!("{line}");
+    }
+}
+
+/// `ssh`'s exit code when ssh itself (not the remote command) failed.
+const SSH_OWN_FAILURE: i32 = 255;
+
+/// `vm ssh`: asks the daemon for the target, pins the guest's host keys in
+/// `<state>/ssh/known_hosts.d/NAME`, then runs (or with `print`, prints) the
+/// system `ssh` and exits with its code.
+pub async fn ssh(client: &Client, name: &str, print: bool, command: &[String]) -> Result<ExitCode> {
+    let target: SshTarget = client.get(&format!("{}/ssh", vm_path(name))).await?;
+    let address = target.address.with_context(|| {
+        format!("VM {name} has no address; it needs the network capability (--cap network)")
+    })?;
+    let dir = Paths::from_env()?.ssh_dir().join("known_hosts.d");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("Creating {}", dir.display()))?;
+    let known_hosts = dir.join(name);
+    banger_core::ssh::write_staged(&known_hosts, target.known_hosts.as_bytes(), 0o600)?;
+    let args = ssh_args(&target, address, &known_hosts, command);
+    if print {
+        let words: Vec<String> = std::iter::once("ssh".to_string())
+            .chain(args.iter().map(|a| shell_quote(a)))
+            .collect();
+        println!("{}", words.join(" "));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = match std::process::Command::new("ssh").args(&args).status() {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("ssh is not on PATH; install the openssh-client package")
+        }
+        Err(e) => return Err(e).context("Running ssh"),
+    };
+    let code = match status.code() {
+        Some(c) => c,
+        // Killed by a signal: report it the way shells do.
+        None => 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0),
+    };
+    if code == SSH_OWN_FAILURE {
+        eprintln!(
+            "hint: ssh itself failed (exit 255). Is sshd running in the guest? \
+             `banger vm ports {name}` lists its listeners, `banger vm logs {name}` shows its console."
+        );
+    }
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// The arguments after `ssh`: banger's identity only, the pinned host keys
+/// only, and the host key looked up as `NAME.vm` whatever the address.
+fn ssh_args(
+    target: &SshTarget,
+    address: std::net::Ipv4Addr,
+    known_hosts: &std::path::Path,
+    command: &[String],
+) -> Vec<String> {
+    let mut args = vec![
+        "-i".to_string(),
+        target.identity_file.display().to_string(),
+        "-o".to_string(),
+        "IdentitiesOnly=yes".to_string(),
+        "-o".to_string(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
+        "-o".to_string(),
+        "StrictHostKeyChecking=yes".to_string(),
+        "-o".to_string(),
+        format!("HostKeyAlias={}.vm", target.name),
+        "-o".to_string(),
+        "LogLevel=ERROR".to_string(),
+        format!("{}@{address}", target.user),
+    ];
+    if !command.is_empty() {
+        // Keeps a command starting with `-` from being read as ssh options.
+        args.push("--".to_string());
+        args.extend(command.iter().cloned());
+    }
+    args
+}
+
+/// `word` as a POSIX shell reads it back: bare when it is made of safe
+/// characters, single-quoted otherwise.
+fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 
@@ -494,5 +589,58 @@ mod tests {
                 "DELETE /v1/vms/dev",
             ]
         );
+    }
+
+    fn target() -> SshTarget {
+        SshTarget {
+            name: "web".into(),
+            address: Some("10.0.0.7".parse().unwrap()),
+            user: "root".into(),
+            identity_file: PathBuf::from("/s/banger/ssh/id_ed25519"),
+            known_hosts: String::new(),
+        }
+    }
+
+    #[test]
+    fn ssh_args_pin_the_identity_and_host_keys_and_guard_the_command() {
+        let t = target();
+        let kh = Path::new("/s/banger/ssh/known_hosts.d/web");
+        let ip = t.address.unwrap();
+        let args = super::ssh_args(&t, ip, kh, &[]);
+        assert_eq!(
+            args.join(" "),
+            "-i /s/banger/ssh/id_ed25519 -o IdentitiesOnly=yes \
+             -o UserKnownHostsFile=/s/banger/ssh/known_hosts.d/web \
+             -o StrictHostKeyChecking=yes -o HostKeyAlias=web.vm -o LogLevel=ERROR root@10.0.0.7"
+        );
+        let cmd = ["-x".to_string(), "uname".to_string()];
+        let args = super::ssh_args(&t, ip, kh, &cmd);
+        assert_eq!(
+            args[args.len() - 4..],
+            ["root@10.0.0.7", "--", "-x", "uname"]
+        );
+    }
+
+    #[test]
+    fn shell_quoting_round_trips_through_sh() {
+        let words = [
+            "plain/path_1.0",
+            "two words",
+            "it's",
+            "",
+            "$HOME `x` \\ \"q\" *",
+            "UserKnownHostsFile=/a b/c",
+        ];
+        let line: Vec<String> = words.iter().map(|w| super::shell_quote(w)).collect();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\n' {}", line.join(" ")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let got = String::from_utf8(out.stdout).unwrap();
+        let got: Vec<&str> = got.lines().collect();
+        assert_eq!(got, words);
+        assert_eq!(super::shell_quote("plain/path_1.0"), "plain/path_1.0");
     }
 }

@@ -19,6 +19,7 @@
 //! | GET | /v1/vms/{name}/logs?follow=true | | serial console, `text/plain` stream |
 //! | GET | /v1/vms/{name}/ports | | `[PortView]` from the guest agent |
 //! | GET | /v1/vms/{name}/stats | | [`StatsView`] |
+//! | GET | /v1/vms/{name}/ssh | | [`SshTarget`], host keys from the guest agent |
 //!
 //! Errors are a non-2xx status with an [`ErrorBody`]. Streams end with exactly
 //! one `done` or `failed` event.
@@ -126,6 +127,22 @@ pub struct PortView {
     pub process: Option<String>,
     /// Command line.
     pub command: Option<String>,
+}
+
+/// How to reach a running VM over SSH, as `banger vm ssh` uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshTarget {
+    /// VM name; `NAME.vm` is the host key alias in `known_hosts`.
+    pub name: String,
+    /// The guest address to connect to.
+    pub address: Option<std::net::Ipv4Addr>,
+    /// The user banger's key is authorized for (`root`).
+    pub user: String,
+    /// banger's private key, for `ssh -i`.
+    pub identity_file: PathBuf,
+    /// OpenSSH `known_hosts` lines pinning the guest's host keys under
+    /// `NAME.vm` and its address, read from the guest agent.
+    pub known_hosts: String,
 }
 
 /// Resource use of a running VM, as `banger vm stats` shows it.

@@ -28,6 +28,7 @@ pub mod model;
 pub mod net;
 pub mod paths;
 pub mod plugin_host;
+pub mod ssh;
 pub mod store;
 pub mod vmm;
 pub mod vsock;

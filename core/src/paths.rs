@@ -87,6 +87,11 @@ impl Paths {
         self.vms_dir().join(id.as_str())
     }
 
+    /// banger's SSH identity and pinned guest host keys.
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.state_dir.join("ssh")
+    }
+
     /// The daemon's log when started on demand by the CLI.
     pub fn daemon_log(&self) -> PathBuf {
         self.state_dir.join("bangerd.log")

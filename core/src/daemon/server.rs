@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
 use crate::api::{
-    CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, PortView, SetVmRequest, StatsView,
-    VersionInfo, VmView,
+    CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, PortView, SetVmRequest, SshTarget,
+    StatsView, VersionInfo, VmView,
 };
 use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
 use crate::model::{VmRecord, VmState};
@@ -101,6 +101,7 @@ fn vm_routes() -> Router<Arc<ApiState>> {
         .route("/v1/vms/{name}/logs", get(vm_logs))
         .route("/v1/vms/{name}/ports", get(vm_ports))
         .route("/v1/vms/{name}/stats", get(vm_stats))
+        .route("/v1/vms/{name}/ssh", get(vm_ssh))
 }
 
 async fn version() -> Json<VersionInfo> {
@@ -288,6 +289,10 @@ where
 
 async fn vm_stats(State(st): S, Path(name): Path<String>) -> Result<Json<StatsView>, ApiError> {
     Ok(Json(st.lifecycle.stats(&name).await?))
+}
+
+async fn vm_ssh(State(st): S, Path(name): Path<String>) -> Result<Json<SshTarget>, ApiError> {
+    Ok(Json(st.lifecycle.ssh_target(&name).await?))
 }
 
 async fn vm_ports(State(st): S, Path(name): Path<String>) -> Result<Json<Vec<PortView>>, ApiError> {

@@ -32,6 +32,7 @@ mod delete;
 mod inspect;
 mod reconcile;
 mod set;
+mod ssh;
 mod start;
 mod stop;
 

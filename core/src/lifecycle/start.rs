@@ -7,6 +7,7 @@ use crate::guest::GuestConfig;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain, set_failure};
 use crate::machine::{Drive, DriveRole, MachineSpec};
 use crate::model::{VmRecord, VmState};
+use crate::ssh::SshIdentity;
 use crate::vmm::LaunchPaths;
 
 /// Kernel command line every VM gets before capabilities add to it.
@@ -18,6 +19,9 @@ pub(crate) const ROOT_DISK: &str = "rootfs.ext4";
 pub const SERIAL_LOG: &str = "serial.log";
 /// File name of the VMM's own log inside a VM's directory.
 pub(crate) const VMM_LOG: &str = "vmm.log";
+
+/// Stage name of adding banger's own key to the guest's authorized_keys.
+const SSH_IDENTITY_STAGE: &str = "guest_config:ssh-identity";
 
 /// Stage name of the config drive step in progress events and failures.
 const CONFIG_DRIVE_STAGE: &str = "config_drive";
@@ -176,6 +180,17 @@ impl Lifecycle {
         }
 
         let mut guest = GuestConfig::new(vm.name.as_str());
+        progress.stage(SSH_IDENTITY_STAGE, "authorizing banger's SSH key");
+        let ssh_dir = self.paths.ssh_dir();
+        let identity = blocking(move || SshIdentity::load_or_create(&ssh_dir))
+            .await?
+            .map_err(|e| OpError::Stage {
+                stage: SSH_IDENTITY_STAGE.to_string(),
+                source: Box::new(e),
+            })?;
+        guest
+            .authorized_keys
+            .push(identity.public_line().to_string());
         for entry in &caps {
             guest = self
                 .run_hook(

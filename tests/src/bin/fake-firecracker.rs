@@ -21,6 +21,8 @@
 //!   answered `OK <n>\n`, then `GET /healthz` (version `fake`), `/ports` and
 //!   `/ssh-host-keys` (empty lists) are served; other ports get the
 //!   connection closed, as Firecracker does when nothing listens.
+//! - `FAKE_FC_HOST_KEYS=FILE`: the fake agent's `/ssh-host-keys` answer is
+//!   the JSON array in FILE instead of `[]`.
 //!
 //! Validation, all answered `400 {"fault_message": ...}` like Firecracker:
 //! logger `log_path`, boot-source `kernel_image_path`/`initrd_path` and drive
@@ -460,13 +462,23 @@ fn serve_agent(stream: UnixStream, booted: std::time::Instant) {
             "version": "fake",
             "uptime_secs": booted.elapsed().as_secs(),
         })),
-        ("GET", "/ports" | "/ssh-host-keys") => Reply::json(json!([])),
+        ("GET", "/ssh-host-keys") => Reply::json(fake_host_keys()),
+        ("GET", "/ports") => Reply::json(json!([])),
         _ => Reply {
             status: 404,
             ..Reply::fault(format!("no route {method} {path}"))
         },
     };
     let _ = write_reply(&mut out, &reply, true);
+}
+
+/// The agent's host keys: the JSON array in `FAKE_FC_HOST_KEYS`'s file, or
+/// none (sshd not started yet).
+fn fake_host_keys() -> Value {
+    std::env::var_os("FAKE_FC_HOST_KEYS")
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| json!([]))
 }
 
 fn boot_console() {

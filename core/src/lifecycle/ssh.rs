@@ -1,0 +1,70 @@
+//! `ssh`: everything a client needs to reach a running guest over SSH with
+//! banger's identity and the guest's host keys pinned (no trust on first use).
+
+use std::time::Duration;
+
+use crate::api::SshTarget;
+use crate::lifecycle::{Lifecycle, OpError, blocking};
+use crate::model::VmState;
+use crate::ssh::{SshIdentity, known_hosts};
+use crate::vsock::AgentClient;
+
+/// The user banger's key is authorized for in every guest.
+const SSH_USER: &str = "root";
+
+impl Lifecycle {
+    /// The address, user, identity file and `known_hosts` lines (from the
+    /// guest agent) for `ssh` into a running VM.
+    pub async fn ssh_target(&self, name: &str) -> Result<SshTarget, OpError> {
+        let vm = self.get(name).await?;
+        if vm.state != VmState::Running {
+            return Err(OpError::WrongState {
+                name: name.to_string(),
+                state: vm.state,
+                hint: "start it first (`banger vm start`)",
+            });
+        }
+        let Some(uds) = vm
+            .machine
+            .as_ref()
+            .and_then(|m| m.vsock.as_ref())
+            .map(|v| v.uds_path.clone())
+        else {
+            return Err(OpError::Invalid(format!(
+                "VM {name} has no guest agent to read its SSH host keys from; create VMs with --cap vsock-agent"
+            )));
+        };
+        let address = self.view(vm).address;
+        let Some(ip) = address else {
+            return Err(OpError::Invalid(format!(
+                "VM {name} has no address to connect to; it needs the network capability (--cap network)"
+            )));
+        };
+        let keys = blocking(move || AgentClient::new(&uds, Duration::from_secs(5)).ssh_host_keys())
+            .await?
+            .map_err(|e| OpError::Stage {
+                stage: "agent_ssh_host_keys".to_string(),
+                source: Box::new(e),
+            })?;
+        let known = known_hosts(&[format!("{name}.vm"), ip.to_string()], &keys);
+        if known.is_empty() {
+            return Err(OpError::Invalid(format!(
+                "VM {name} has no SSH host keys yet: sshd has not started in the guest (is openssh-server in the image?); try again shortly"
+            )));
+        }
+        let dir = self.paths.ssh_dir();
+        let identity = blocking(move || SshIdentity::load_or_create(&dir))
+            .await?
+            .map_err(|e| OpError::Stage {
+                stage: "ssh_identity".to_string(),
+                source: Box::new(e),
+            })?;
+        Ok(SshTarget {
+            name: name.to_string(),
+            address,
+            user: SSH_USER.to_string(),
+            identity_file: identity.private_key_path().to_path_buf(),
+            known_hosts: known,
+        })
+    }
+}
