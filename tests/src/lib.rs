@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+pub mod guest_artifacts;
 pub mod http;
 pub mod registry;
 
