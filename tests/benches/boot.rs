@@ -271,6 +271,66 @@ fn banger_boot(env: &BangerEnv, name: &str) -> (Duration, VmView) {
     (took, vm)
 }
 
+/// The daemon's progress stages logged since byte `from` of its log, as
+/// (stage, seconds spent in it), each lasting until the next stage began.
+/// Ends at the `running` stage. Timestamps are the tracing ones (UTC).
+fn stages(log: &Path, from: usize) -> Vec<(String, f64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let text = text.get(from..).unwrap_or_default();
+    let mut marks: Vec<(String, f64)> = Vec::new();
+    for line in text.lines() {
+        let line = strip_ansi(line);
+        let Some(stage) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("stage="))
+        else {
+            continue;
+        };
+        // 2026-11-24T06:50:01.123456Z: seconds into the day.
+        let Some(clock) = line
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.split_once('T'))
+        else {
+            continue;
+        };
+        let hms: Vec<f64> = clock
+            .1
+            .trim_end_matches('Z')
+            .split(':')
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if let [h, m, sec] = hms[..] {
+            marks.push((
+                stage.trim_matches('"').to_string(),
+                h * 3600.0 + m * 60.0 + sec,
+            ));
+        }
+    }
+    marks
+        .windows(2)
+        .map(|w| (w[0].0.clone(), w[1].1 - w[0].1))
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ params final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn median(mut v: Vec<Duration>) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64()
@@ -345,14 +405,25 @@ fn main() {
     ])
     .ok();
 
+    // The daemon and CLI are the binaries of the profile this bench was
+    // built with (`./scripts/bench`: release).
+    let profile = test_infra::target_dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!("boot/binaries: target/{profile} banger and bangerd, {n} boots per side");
     let load_before = load_average();
     let mut banger = Vec::new();
     let mut raw = Vec::new();
     let mut tmpl: Option<Template> = None;
+    let daemon_log = env.state_dir().join("bangerd.log");
+    let mut phases: Vec<Vec<(String, f64)>> = Vec::new();
     for round in 0..n {
         let name = format!("boot{round}");
+        let from = std::fs::metadata(&daemon_log).map_or(0, |m| m.len() as usize);
         let (took, vm) = banger_boot(&env, &name);
         banger.push(took);
+        phases.push(stages(&daemon_log, from));
         if tmpl.is_none() {
             tmpl = Some(template(&vm));
         }
@@ -367,6 +438,10 @@ fn main() {
     }
     runs("banger", &banger);
     runs("raw", &raw);
+    for (round, p) in phases.iter().enumerate() {
+        let list: Vec<String> = p.iter().map(|(s, t)| format!("{s} {t:.2}")).collect();
+        eprintln!("boot/banger round {round} stages (s): {}", list.join(", "));
+    }
 
     let (bmed, bmin) = (median(banger.clone()), min(&banger));
     let (rmed, rmin) = (median(raw.clone()), min(&raw));
@@ -380,6 +455,30 @@ fn main() {
     println!(
         "boot/raw:    {rmed:6.2} s median, {rmin:6.2} s min (vhost-device-vsock + qemu -M microvm until /healthz, {n} boots)"
     );
+    // Where banger's time goes: each daemon stage's median over the rounds,
+    // and what is left for the CLI, the API round trip and the daemon
+    // outside its stages.
+    if let Some(first) = phases.first().filter(|p| !p.is_empty()) {
+        let mut parts = Vec::new();
+        let mut staged = 0.0;
+        for (i, (stage, _)) in first.iter().enumerate() {
+            let mut v: Vec<f64> = phases
+                .iter()
+                .filter_map(|p| p.get(i).filter(|(s, _)| s == stage).map(|(_, t)| *t))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            let m = v[v.len() / 2];
+            staged += m;
+            parts.push(format!("{stage} {m:.2} s"));
+        }
+        println!("boot/banger stages: {} (medians)", parts.join(", "));
+        println!(
+            "boot/banger outside stages: {:.2} s (CLI, API round trip, daemon before the first stage)",
+            bmed - staged
+        );
+    } else {
+        eprintln!("boot/banger stages: none found in {}", daemon_log.display());
+    }
     println!(
         "boot/ratio banger:raw {:5.2}x median, {:5.2}x min",
         bmed / rmed,
