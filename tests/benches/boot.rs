@@ -469,9 +469,14 @@ fn main() {
             v.sort_by(f64::total_cmp);
             let m = v[v.len() / 2];
             staged += m;
-            parts.push(format!("{stage} {m:.2} s"));
+            if m >= 0.005 {
+                parts.push(format!("{stage} {m:.2} s"));
+            }
         }
-        println!("boot/banger stages: {} (medians)", parts.join(", "));
+        println!(
+            "boot/banger stages: {} (medians; stages under 0.01 s left out)",
+            parts.join(", ")
+        );
         println!(
             "boot/banger outside stages: {:.2} s (CLI, API round trip, daemon before the first stage)",
             bmed - staged
