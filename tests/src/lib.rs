@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 pub mod dns;
+pub mod guest_artifacts;
 pub mod http;
 pub mod registry;
 
