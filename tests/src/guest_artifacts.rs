@@ -59,6 +59,12 @@ impl GuestArtifacts {
     /// The agent is looked up next to the target dir (`target/banger-agent`)
     /// of the running test binary, where `scripts/build-agent` puts it.
     pub fn find() -> Result<GuestArtifacts, String> {
+        Self::find_flavour("systemd")
+    }
+
+    /// Like [`GuestArtifacts::find`], with the rootfs of `flavour`
+    /// (`systemd` or `noinit`, as `guest/rootfs/build` names them).
+    pub fn find_flavour(flavour: &str) -> Result<GuestArtifacts, String> {
         let qemu = on_path("qemu-system-x86_64")
             .ok_or("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")?;
         let vhost = on_path("vhost-device-vsock")
@@ -69,9 +75,11 @@ impl GuestArtifacts {
             .ok_or("vhost-device-vsock missing (scripts/test builds it)")?;
         let kernel_dir = newest("kernel-", "vmlinux")
             .ok_or("no guest kernel in ~/.cache/banger-ci/kernel-*/ (run guest/kernel/build)")?;
-        let rootfs_tar = newest("rootfs-systemd-", "").ok_or(
-            "no rootfs in ~/.cache/banger-ci/rootfs-systemd-*.tar (run guest/rootfs/build)",
-        )?;
+        let rootfs_tar = newest(&format!("rootfs-{flavour}-"), "").ok_or_else(|| {
+            format!(
+                "no rootfs in ~/.cache/banger-ci/rootfs-{flavour}-*.tar (run guest/rootfs/build)"
+            )
+        })?;
         let agent = crate::target_dir()
             .parent()
             .map(|t| t.join("banger-agent"))

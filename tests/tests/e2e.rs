@@ -20,75 +20,23 @@ mod tests {
     use banger_core::model::VmState;
     use banger_core::vsock::AgentClient;
     use banger_guest_protocol::api::Proto;
+    use test_infra::guest_artifacts::{GuestArtifacts, on_path};
     use test_infra::registry::{LayerBlob, Registry, oci_client_for, push_layers};
-    use test_infra::{BangerEnv, pid_alive, target_dir, wait_until};
+    use test_infra::{BangerEnv, pid_alive, wait_until};
 
-    fn cache() -> PathBuf {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/banger-ci")
-    }
-
-    /// The newest cache entry named `prefix*` that holds `inner` (or is a
-    /// file when `inner` is empty).
-    fn newest(prefix: &str, inner: &str) -> Option<PathBuf> {
-        let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(cache())
-            .ok()?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-            .map(|e| e.path())
-            .filter(|p| {
-                if inner.is_empty() {
-                    p.is_file()
-                } else {
-                    p.join(inner).is_file()
-                }
-            })
-            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-            .collect();
-        found.sort();
-        found.pop().map(|(_, p)| p)
-    }
-
-    fn on_path(bin: &str) -> Option<PathBuf> {
-        std::env::split_paths(&std::env::var_os("PATH")?)
-            .map(|d| d.join(bin))
-            .find(|p| p.is_file())
-    }
-
-    struct Artifacts {
-        kernel_dir: PathBuf,
-        rootfs_tar: PathBuf,
-        agent: PathBuf,
-        vhost: PathBuf,
-    }
-
-    fn artifacts(test: &str) -> Option<Artifacts> {
+    fn artifacts(test: &str) -> Option<GuestArtifacts> {
         let skip = |why: &str| {
             eprintln!("SKIPPED {test}: {why}");
             None
-        };
-        if on_path("qemu-system-x86_64").is_none() {
-            return skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)");
-        }
-        let Some(vhost) = on_path("vhost-device-vsock").or_else(|| {
-            let p = cache().join("tools/bin/vhost-device-vsock");
-            p.is_file().then_some(p)
-        }) else {
-            return skip("vhost-device-vsock missing (scripts/test builds it)");
-        };
-        let Some(kernel_dir) = newest("kernel-", "vmlinux") else {
-            return skip(
-                "no guest kernel in ~/.cache/banger-ci/kernel-*/ (run guest/kernel/build)",
-            );
         };
         let flavour = if test.contains("no_init") {
             "noinit"
         } else {
             "systemd"
         };
-        let Some(rootfs_tar) = newest(&format!("rootfs-{flavour}-"), "") else {
-            return skip(&format!(
-                "no rootfs in ~/.cache/banger-ci/rootfs-{flavour}-*.tar (run guest/rootfs/build)"
-            ));
+        let a = match GuestArtifacts::find_flavour(flavour) {
+            Ok(a) => a,
+            Err(why) => return skip(&why),
         };
         if on_path("ssh").is_none() || on_path("ip").is_none() || on_path("nft").is_none() {
             return skip(
@@ -98,22 +46,7 @@ mod tests {
         if !nix::unistd::Uid::effective().is_root() {
             return skip("needs root for the bridge, taps and NAT");
         }
-        let agent = target_dir()
-            .parent()
-            .map(|t| t.join("banger-agent"))
-            .unwrap_or_default();
-        if !agent.is_file() {
-            return skip(&format!(
-                "no static agent at {} (run scripts/build-agent)",
-                agent.display()
-            ));
-        }
-        Some(Artifacts {
-            kernel_dir,
-            rootfs_tar,
-            agent,
-            vhost,
-        })
+        Some(a)
     }
 
     fn agent_ports(uds: &Path) -> Vec<(Proto, u16, Option<String>)> {
@@ -249,7 +182,7 @@ mod tests {
         _registry: Registry,
     }
 
-    fn rig(test: &str, image: &str) -> Option<(Rig, Artifacts)> {
+    fn rig(test: &str, image: &str) -> Option<(Rig, GuestArtifacts)> {
         let a = artifacts(test)?;
         let registry = Registry::start(test)?;
         let tar = std::fs::read(&a.rootfs_tar).unwrap();
