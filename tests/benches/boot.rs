@@ -36,7 +36,7 @@ use banger_core::api::VmView;
 use banger_core::vsock::AgentClient;
 use test_infra::BangerEnv;
 use test_infra::guest_artifacts::GuestArtifacts;
-use test_infra::registry::{LayerBlob, Registry, oci_client_for, push_layers};
+use test_infra::registry::Registry;
 
 const DEFAULT_BOOTS: usize = 3;
 /// How long one boot may take before the bench gives up (TCG is slow).
@@ -368,19 +368,7 @@ fn main() {
     eprintln!("boot/artifacts: {}", a.describe());
 
     // Setup, untimed: push, import, pull.
-    let tar = std::fs::read(&a.rootfs_tar).unwrap();
-    let reference = format!("{}/banger/debian:bookworm", registry.host());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = oci_client_for(&[registry.host()]);
-        let r: oci_client::Reference = reference.parse().unwrap();
-        push_layers(&client, &r, "amd64", &[LayerBlob::plain(tar)])
-            .await
-            .unwrap();
-    });
+    let reference = registry.push_rootfs_tar("banger/debian:bookworm", &a.rootfs_tar);
     let env = BangerEnv::new();
     env.write_config(&format!(
         "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {:?}\nagent_timeout_secs = {}\n\

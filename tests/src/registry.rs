@@ -417,6 +417,26 @@ impl Registry {
         &self.host
     }
 
+    /// Pushes the root filesystem tarball `tar` as a one-layer amd64 image
+    /// `HOST/repo_tag` and returns that reference (what the guest recipes'
+    /// rootfs becomes for `banger image pull`).
+    pub fn push_rootfs_tar(&self, repo_tag: &str, tar: &std::path::Path) -> String {
+        let blob = std::fs::read(tar).unwrap();
+        let reference = format!("{}/{repo_tag}", self.host);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = oci_client_for(&[self.host()]);
+            let r: Reference = reference.parse().unwrap();
+            push_layers(&client, &r, "amd64", &[LayerBlob::plain(blob)])
+                .await
+                .unwrap();
+        });
+        reference
+    }
+
     /// The registry's storage root (blobs under
     /// `docker/registry/v2/blobs/sha256/<xx>/<hex>/data`).
     pub fn storage(&self) -> PathBuf {

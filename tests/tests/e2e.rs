@@ -21,7 +21,7 @@ mod tests {
     use banger_core::vsock::AgentClient;
     use banger_guest_protocol::api::Proto;
     use test_infra::guest_artifacts::{GuestArtifacts, on_path};
-    use test_infra::registry::{LayerBlob, Registry, oci_client_for, push_layers};
+    use test_infra::registry::Registry;
     use test_infra::{BangerEnv, pid_alive, wait_until};
 
     fn artifacts(test: &str) -> Option<GuestArtifacts> {
@@ -185,19 +185,7 @@ mod tests {
     fn rig(test: &str, image: &str) -> Option<(Rig, GuestArtifacts)> {
         let a = artifacts(test)?;
         let registry = Registry::start(test)?;
-        let tar = std::fs::read(&a.rootfs_tar).unwrap();
-        let reference = format!("{}/banger/debian:{image}", registry.host());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let client = oci_client_for(&[registry.host()]);
-            let r: oci_client::Reference = reference.parse().unwrap();
-            push_layers(&client, &r, "amd64", &[LayerBlob::plain(tar)])
-                .await
-                .unwrap();
-        });
+        let reference = registry.push_rootfs_tar(&format!("banger/debian:{image}"), &a.rootfs_tar);
 
         let env = BangerEnv::new();
         let dns_port = free_udp_port();

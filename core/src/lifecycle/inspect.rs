@@ -11,24 +11,7 @@ impl Lifecycle {
     /// The guest's listening sockets, from its agent, as `name.vm:port`
     /// endpoints. A service listening on both IPv4 and IPv6 is listed once.
     pub async fn ports(&self, name: &str) -> Result<Vec<PortView>, OpError> {
-        let vm = self.get(name).await?;
-        if vm.state != VmState::Running {
-            return Err(OpError::WrongState {
-                name: name.to_string(),
-                state: vm.state,
-                hint: "start it first (`banger vm start`)",
-            });
-        }
-        let Some(uds) = vm
-            .machine
-            .as_ref()
-            .and_then(|m| m.vsock.as_ref())
-            .map(|v| v.uds_path.clone())
-        else {
-            return Err(OpError::Invalid(format!(
-                "VM {name} has no guest agent to ask; create VMs with --cap vsock-agent"
-            )));
-        };
+        let (vm, uds) = self.running_agent(name, "to ask").await?;
         let listeners = blocking(move || AgentClient::new(&uds, Duration::from_secs(5)).ports())
             .await?
             .map_err(|e| OpError::Stage {
@@ -99,6 +82,35 @@ pub(crate) async fn probe_web(addr: std::net::SocketAddr) -> Option<&'static str
 }
 
 impl Lifecycle {
+    /// A running VM and its agent's vsock socket, or the error that says
+    /// which of the two is missing and what to do. `why` completes "has no
+    /// guest agent …" in that error.
+    pub(crate) async fn running_agent(
+        &self,
+        name: &str,
+        why: &str,
+    ) -> Result<(crate::model::VmRecord, std::path::PathBuf), OpError> {
+        let vm = self.get(name).await?;
+        if vm.state != VmState::Running {
+            return Err(OpError::WrongState {
+                name: name.to_string(),
+                state: vm.state,
+                hint: "start it first (`banger vm start`)",
+            });
+        }
+        let Some(uds) = vm
+            .machine
+            .as_ref()
+            .and_then(|m| m.vsock.as_ref())
+            .map(|v| v.uds_path.clone())
+        else {
+            return Err(OpError::Invalid(format!(
+                "VM {name} has no guest agent {why}; create VMs with --cap vsock-agent"
+            )));
+        };
+        Ok((vm, uds))
+    }
+
     /// CPU and memory of a running VM's VMM process (from `/proc`), and the
     /// guest's memory from its agent when it has one.
     pub async fn stats(&self, name: &str) -> Result<StatsView, OpError> {

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use crate::api::SshTarget;
 use crate::lifecycle::{Lifecycle, OpError, blocking};
-use crate::model::VmState;
 use crate::ssh::{SshIdentity, known_hosts};
 use crate::vsock::AgentClient;
 
@@ -16,24 +15,9 @@ impl Lifecycle {
     /// The address, user, identity file and `known_hosts` lines (from the
     /// guest agent) for `ssh` into a running VM.
     pub async fn ssh_target(&self, name: &str) -> Result<SshTarget, OpError> {
-        let vm = self.get(name).await?;
-        if vm.state != VmState::Running {
-            return Err(OpError::WrongState {
-                name: name.to_string(),
-                state: vm.state,
-                hint: "start it first (`banger vm start`)",
-            });
-        }
-        let Some(uds) = vm
-            .machine
-            .as_ref()
-            .and_then(|m| m.vsock.as_ref())
-            .map(|v| v.uds_path.clone())
-        else {
-            return Err(OpError::Invalid(format!(
-                "VM {name} has no guest agent to read its SSH host keys from; create VMs with --cap vsock-agent"
-            )));
-        };
+        let (vm, uds) = self
+            .running_agent(name, "to read its SSH host keys from")
+            .await?;
         let address = self.view(vm).address;
         let Some(ip) = address else {
             return Err(OpError::Invalid(format!(
