@@ -186,18 +186,26 @@ struct BackendRecord {
 /// on, so boot hangs after "Marking TSC unstable" unless it is told.
 const TCG_TSC_KHZ: &str = "tsc_early_khz=2000000";
 
-/// The kernel command line for `accel`: under TCG, `tsc_early_khz` is added
-/// unless the caller set one.
+/// How the guest resets. With `-no-reboot` a guest reboot must make QEMU
+/// exit (that is how a VM stops from inside), but on `-M microvm` only a
+/// triple fault does so reliably: the keyboard-controller (`reboot=k`, what
+/// Firecracker wants) and ACPI resets restart the guest about half the time
+/// instead (measured under TCG, 6 of 12 boots).
+const REBOOT: &str = "reboot=t";
+
+/// The kernel command line for `accel`: any `reboot=` choice is replaced by
+/// [`REBOOT`], and under TCG `tsc_early_khz` is added unless the caller set
+/// one.
 fn boot_args(args: &str, accel: Accel) -> String {
-    if accel == Accel::Tcg
-        && !args
-            .split_whitespace()
-            .any(|a| a.starts_with("tsc_early_khz="))
-    {
-        format!("{} {TCG_TSC_KHZ}", args.trim()).trim().to_string()
-    } else {
-        args.to_string()
+    let mut words: Vec<&str> = args
+        .split_whitespace()
+        .filter(|a| !a.starts_with("reboot="))
+        .collect();
+    words.push(REBOOT);
+    if accel == Accel::Tcg && !words.iter().any(|a| a.starts_with("tsc_early_khz=")) {
+        words.push(TCG_TSC_KHZ);
     }
+    words.join(" ")
 }
 
 /// The QEMU arguments for `machine` (everything after the binary name).
@@ -722,7 +730,7 @@ mod tests {
             "-initrd",
             "/k/initrd.cpio",
             "-append",
-            "console=ttyS0 reboot=k panic=1 tsc_early_khz=2000000",
+            "console=ttyS0 panic=1 reboot=t tsc_early_khz=2000000",
             "-chardev",
             "file,id=serial0,append=on,path=/vm/serial.log",
             "-serial",
@@ -784,15 +792,18 @@ mod tests {
     }
 
     #[test]
-    fn tcg_guests_get_a_tsc_frequency_unless_they_chose_one() {
+    fn guests_triple_fault_to_reboot_and_tcg_guests_get_a_tsc_frequency() {
         assert_eq!(
             boot_args("console=ttyS0", Accel::Tcg),
-            "console=ttyS0 tsc_early_khz=2000000"
+            "console=ttyS0 reboot=t tsc_early_khz=2000000"
         );
         assert_eq!(
             boot_args("tsc_early_khz=1000 quiet", Accel::Tcg),
-            "tsc_early_khz=1000 quiet"
+            "tsc_early_khz=1000 quiet reboot=t"
         );
-        assert_eq!(boot_args("console=ttyS0", Accel::Kvm), "console=ttyS0");
+        assert_eq!(
+            boot_args("console=ttyS0 reboot=k", Accel::Kvm),
+            "console=ttyS0 reboot=t"
+        );
     }
 }
