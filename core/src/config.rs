@@ -165,6 +165,17 @@ pub enum DefaultSource {
     Builtin,
 }
 
+impl std::fmt::Display for DefaultSource {
+    /// `config`, `host` or `built-in`, for provenance columns.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DefaultSource::Config => "config",
+            DefaultSource::Host => "host",
+            DefaultSource::Builtin => "built-in",
+        })
+    }
+}
+
 /// The defaults for new VMs with where each value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolvedVmDefaults {
@@ -1244,6 +1255,8 @@ mod tests {
         );
         assert_eq!(r.disk_from, DefaultSource::Config);
         assert_eq!(r.values.to_string(), "8 vcpu · 1024 MiB · 2G disk");
+        let sources = [r.vcpus_from, r.memory_from].map(|s| s.to_string());
+        assert_eq!(sources, ["config", "built-in"]);
     }
 
     #[test]
