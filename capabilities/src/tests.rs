@@ -98,7 +98,14 @@ fn exactly_the_expected_builtins_are_registered() {
     let names: Vec<String> = builtins().iter().map(|c| c.name().to_string()).collect();
     assert_eq!(
         names,
-        vec!["dns", "nat", "network", "vsock-agent", "work-disk"]
+        vec![
+            "dns",
+            "file-sync",
+            "nat",
+            "network",
+            "vsock-agent",
+            "work-disk"
+        ]
     );
 }
 

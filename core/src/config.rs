@@ -90,7 +90,7 @@ pub enum ConfigError {
     },
 }
 
-/// Size and shape of new VMs when `vm create` does not say (`[vm_defaults]`).
+/// Size and shape of a new VM when `vm create` does not say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmDefaults {
     /// vCPUs.
@@ -102,26 +102,137 @@ pub struct VmDefaults {
 }
 
 impl VmDefaults {
-    /// Defaults sized for a host with `cpus` CPUs and `ram_bytes` of memory:
-    /// a quarter of the CPUs (1 to 4) and an eighth of the RAM (512 MiB to
-    /// 8 GiB), so a few VMs fit beside the developer's own work.
-    pub fn for_host(cpus: u64, ram_bytes: u64) -> Self {
-        VmDefaults {
-            vcpus: (cpus / 4).clamp(1, 4) as u32,
-            memory_mib: (ram_bytes / 8 / (1 << 20)).clamp(512, 8192) as u32,
-            disk_size: ByteSize(8 << 30),
-        }
-    }
+    /// The floors used when neither the config nor the host says more.
+    pub const BUILTIN: VmDefaults = VmDefaults {
+        vcpus: 1,
+        memory_mib: 1024,
+        disk_size: ByteSize(8 << 30),
+    };
+}
 
-    /// Defaults for this host.
-    pub fn for_this_host() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-        Self::for_host(cpus, host_ram_bytes())
+impl std::fmt::Display for VmDefaults {
+    /// `4 vcpu · 8192 MiB · 8G disk`, the `spec:` line's wording.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} vcpu · {} MiB · {} disk",
+            self.vcpus, self.memory_mib, self.disk_size
+        )
     }
 }
 
-/// Total physical memory, or 0 (which yields the minimum default) if unknown.
-fn host_ram_bytes() -> u64 {
+/// The `[vm_defaults]` keys the config file set; unset keys are derived from
+/// the host by [`resolve_vm_defaults`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmDefaultsConfig {
+    /// `vcpus`.
+    pub vcpus: Option<u32>,
+    /// `memory_mib`.
+    pub memory_mib: Option<u32>,
+    /// `disk_size`.
+    pub disk_size: Option<ByteSize>,
+}
+
+/// What the host offers, as far as it could be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostFacts {
+    /// CPUs this process may run on (affinity and cgroup quota applied).
+    pub cpus: Option<u64>,
+    /// Total physical memory in bytes.
+    pub ram_bytes: Option<u64>,
+}
+
+impl HostFacts {
+    /// Reads this host's facts; unreadable ones are `None`.
+    pub fn probe() -> Self {
+        HostFacts {
+            cpus: std::thread::available_parallelism()
+                .ok()
+                .map(|n| n.get() as u64),
+            ram_bytes: host_ram_bytes(),
+        }
+    }
+}
+
+/// Where a resolved default came from (shown by `--help` and diagnostics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultSource {
+    /// `[vm_defaults]` in the config file.
+    Config,
+    /// Derived from the host's CPUs or memory.
+    Host,
+    /// banger's built-in floor.
+    Builtin,
+}
+
+impl std::fmt::Display for DefaultSource {
+    /// `config`, `host` or `built-in`, for provenance columns.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DefaultSource::Config => "config",
+            DefaultSource::Host => "host",
+            DefaultSource::Builtin => "built-in",
+        })
+    }
+}
+
+/// The defaults for new VMs with where each value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedVmDefaults {
+    /// The values.
+    pub values: VmDefaults,
+    /// Source of `values.vcpus`.
+    pub vcpus_from: DefaultSource,
+    /// Source of `values.memory_mib`.
+    pub memory_from: DefaultSource,
+    /// Source of `values.disk_size`.
+    pub disk_from: DefaultSource,
+}
+
+/// Largest host-derived vCPU count and memory: a few VMs must fit beside the
+/// developer's own work.
+const HOST_MAX_VCPUS: u64 = 4;
+const HOST_MAX_MEMORY_MIB: u64 = 8192;
+
+/// Each default from `set` (the `[vm_defaults]` keys), else from `host` (a
+/// quarter of the CPUs, 1 to 4; an eighth of the RAM, 1 GiB to 8 GiB), else
+/// [`VmDefaults::BUILTIN`]. Pure, so tests inject the host.
+pub fn resolve_vm_defaults(set: &VmDefaultsConfig, host: &HostFacts) -> ResolvedVmDefaults {
+    let floor = VmDefaults::BUILTIN;
+    let host_vcpus = host
+        .cpus
+        .filter(|&n| n > 0)
+        .map(|n| (n / 4).clamp(1, HOST_MAX_VCPUS) as u32);
+    let host_memory = host.ram_bytes.filter(|&n| n > 0).map(|n| {
+        (n / 8 / (1 << 20)).clamp(u64::from(floor.memory_mib), HOST_MAX_MEMORY_MIB) as u32
+    });
+    let pick =
+        |configured: Option<u32>, derived: Option<u32>, builtin: u32| match (configured, derived) {
+            (Some(v), _) => (v, DefaultSource::Config),
+            (None, Some(v)) => (v, DefaultSource::Host),
+            (None, None) => (builtin, DefaultSource::Builtin),
+        };
+    let (vcpus, vcpus_from) = pick(set.vcpus, host_vcpus, floor.vcpus);
+    let (memory_mib, memory_from) = pick(set.memory_mib, host_memory, floor.memory_mib);
+    // The host says nothing useful about disk: a work disk is sparse.
+    let (disk_size, disk_from) = match set.disk_size {
+        Some(d) => (d, DefaultSource::Config),
+        None => (floor.disk_size, DefaultSource::Builtin),
+    };
+    ResolvedVmDefaults {
+        values: VmDefaults {
+            vcpus,
+            memory_mib,
+            disk_size,
+        },
+        vcpus_from,
+        memory_from,
+        disk_from,
+    }
+}
+
+/// Total physical memory, if the host reports it.
+fn host_ram_bytes() -> Option<u64> {
     // SAFETY: sysconf only reads system information and has no memory-safety
     // preconditions.
     let (pages, page_size) = unsafe {
@@ -131,9 +242,142 @@ fn host_ram_bytes() -> u64 {
         )
     };
     if pages <= 0 || page_size <= 0 {
-        return 0;
+        return None;
     }
-    (pages as u64).saturating_mul(page_size as u64)
+    Some((pages as u64).saturating_mul(page_size as u64))
+}
+
+/// Where a `[[file_sync]]` entry reads from on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncSource {
+    /// An absolute host path.
+    Absolute(PathBuf),
+    /// A path under the daemon user's home, written `~/REST` (holds `REST`).
+    Home(PathBuf),
+}
+
+impl SyncSource {
+    /// The host path, with `~/` taken from `home`; `None` when the entry
+    /// needs a home and there is none.
+    pub fn resolve(&self, home: Option<&Path>) -> Option<PathBuf> {
+        match self {
+            SyncSource::Absolute(p) => Some(p.clone()),
+            SyncSource::Home(rest) => home.map(|h| h.join(rest)),
+        }
+    }
+}
+
+impl std::fmt::Display for SyncSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncSource::Absolute(p) => write!(f, "{}", p.display()),
+            SyncSource::Home(rest) => write!(f, "~/{}", rest.display()),
+        }
+    }
+}
+
+/// One `[[file_sync]]` entry: a host file or directory the `file-sync`
+/// capability copies into the guest at every start; see `docs/file-sync.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSyncEntry {
+    /// What to copy.
+    pub host: SyncSource,
+    /// Where it lands: an absolute guest path strictly below `/root`.
+    pub guest: PathBuf,
+    /// Mode of a file entry (`None`: 0600); directory entries keep each
+    /// file's own mode.
+    pub mode: Option<u32>,
+}
+
+/// Guest home: the work disk's mount point, the only place files may land.
+const GUEST_HOME: &str = "/root";
+
+/// `host` of `[[file_sync]]` entry `index`, or what is wrong with it.
+fn parse_sync_host(index: usize, s: &str) -> Result<SyncSource, String> {
+    let field = format!("file_sync[{index}].host");
+    if s.is_empty() {
+        return Err(format!(
+            "{field} is empty; name a file or directory on this machine, e.g. \"~/.aws\""
+        ));
+    }
+    let source = if let Some(rest) = s.strip_prefix("~/") {
+        if Path::new(rest).components().next().is_none() {
+            return Err(format!(
+                "{field} {s:?} names your whole home directory; name a file or directory in it, e.g. \"~/.aws\""
+            ));
+        }
+        SyncSource::Home(PathBuf::from(rest))
+    } else if s.starts_with('~') {
+        return Err(format!(
+            "{field} {s:?}: ~user paths are not supported; use ~/... (the daemon user's home) or an absolute path"
+        ));
+    } else if s.starts_with('/') {
+        SyncSource::Absolute(PathBuf::from(s))
+    } else {
+        return Err(format!(
+            "{field} {s:?} is relative; use an absolute path or ~/..."
+        ));
+    };
+    if has_parent_dir(s) {
+        return Err(format!(
+            "{field} {s:?} contains '..'; write the path without it"
+        ));
+    }
+    Ok(source)
+}
+
+/// `guest` of `[[file_sync]]` entry `index` as an absolute path below
+/// `/root`, or what is wrong with it.
+fn parse_sync_guest(index: usize, s: &str) -> Result<PathBuf, String> {
+    let field = format!("file_sync[{index}].guest");
+    if s.is_empty() {
+        return Err(format!(
+            "{field} is empty; name a path under /root, e.g. \"~/.aws\""
+        ));
+    }
+    let path = if s == "~" {
+        PathBuf::from(GUEST_HOME)
+    } else if let Some(rest) = s.strip_prefix("~/") {
+        Path::new(GUEST_HOME).join(rest)
+    } else if s.starts_with('~') {
+        return Err(format!(
+            "{field} {s:?}: ~user paths are not supported; use ~/... (the guest's /root)"
+        ));
+    } else if s.starts_with('/') {
+        PathBuf::from(s)
+    } else {
+        return Err(format!("{field} {s:?} is relative; use ~/... or /root/..."));
+    };
+    if has_parent_dir(s) {
+        return Err(format!(
+            "{field} {s:?} contains '..'; write the path without it"
+        ));
+    }
+    // Components drop "." and doubled or trailing slashes.
+    let path: PathBuf = path.components().collect();
+    match path.strip_prefix(GUEST_HOME) {
+        Ok(rest) if rest.components().next().is_some() => Ok(path),
+        _ => Err(format!(
+            "{field} {s:?} is not below /root, the guest's work disk; use ~/NAME or /root/NAME"
+        )),
+    }
+}
+
+/// `mode` of `[[file_sync]]` entry `index`: 3 or 4 octal digits.
+fn parse_sync_mode(index: usize, s: &str) -> Result<u32, String> {
+    let ok = (3..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if ok => Ok(mode),
+        _ => Err(format!(
+            "file_sync[{index}].mode {s:?} is not an octal mode; write 3 or 4 octal digits in quotes, e.g. \"0644\" or \"600\""
+        )),
+    }
+}
+
+fn has_parent_dir(s: &str) -> bool {
+    Path::new(s)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
 }
 
 /// Host networking (`[network]`); see `docs/networking.md`.
@@ -172,8 +416,9 @@ pub struct Config {
     pub vmm: VmmKind,
     /// Seconds a graceful stop may take before the VMM is killed.
     pub stop_timeout_secs: u64,
-    /// Shape of new VMs.
-    pub vm_defaults: VmDefaults,
+    /// The `[vm_defaults]` keys that were set; see
+    /// [`Config::resolved_vm_defaults`] for the values new VMs get.
+    pub vm_defaults: VmDefaultsConfig,
     /// Overrides the kernel catalog's base URL (mirrors, tests).
     pub kernel_catalog_url: Option<String>,
     /// Replaces the embedded kernel catalog with this file (mirrors carrying
@@ -199,6 +444,8 @@ pub struct Config {
     pub vhost_device_vsock_bin: Option<PathBuf>,
     /// Host networking.
     pub network: NetworkConfig,
+    /// `[[file_sync]]` entries, in file order.
+    pub file_sync: Vec<FileSyncEntry>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -219,15 +466,18 @@ const TOP_KEYS: &[&str] = &[
     "qemu_accel",
     "vhost_device_vsock_bin",
     "network",
+    "file_sync",
 ];
+const FILE_SYNC_KEYS: &[&str] = &["host", "guest", "mode"];
 const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port"];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 
 impl Config {
     /// The built-in defaults, attributed to `path`.
     pub fn defaults(path: &Path) -> Config {
-        /// Every VM gets a work disk, an address, a `.vm` name and the agent.
-        const DEFAULT_CAPS: &[&str] = &["work-disk", "network", "dns", "vsock-agent"];
+        /// Every VM gets a work disk, an address, a `.vm` name, the
+        /// `[[file_sync]]` files (none unless configured) and the agent.
+        const DEFAULT_CAPS: &[&str] = &["work-disk", "network", "dns", "file-sync", "vsock-agent"];
         Config {
             path: path.to_path_buf(),
             firecracker_bin: None,
@@ -242,11 +492,12 @@ impl Config {
             insecure_registries: Vec::new(),
             agent_bin: None,
             agent_timeout_secs: DEFAULT_AGENT_TIMEOUT_SECS,
-            vm_defaults: VmDefaults::for_this_host(),
+            vm_defaults: VmDefaultsConfig::default(),
             qemu_bin: None,
             qemu_accel: QemuAccel::Auto,
             vhost_device_vsock_bin: None,
             network: NetworkConfig::default(),
+            file_sync: Vec::new(),
         }
     }
 
@@ -331,6 +582,13 @@ impl Config {
             accel: self.qemu_accel,
             ..defaults
         }
+    }
+
+    /// The shape of new VMs on this host: `[vm_defaults]`, else derived
+    /// from this host's CPUs and memory, else built-in floors. Reads the
+    /// host each call; see [`resolve_vm_defaults`] for the rule.
+    pub fn resolved_vm_defaults(&self) -> ResolvedVmDefaults {
+        resolve_vm_defaults(&self.vm_defaults, &HostFacts::probe())
     }
 
     /// The plugin directory.
@@ -538,43 +796,48 @@ impl Parser<'_> {
                     };
                     self.network(t, &mut cfg.network)?;
                 }
+                "file_sync" => cfg.file_sync = self.file_sync(value)?,
                 other => return Err(self.unknown_key(key.span(), other, None, TOP_KEYS)),
             }
         }
         Ok(cfg)
     }
 
-    fn vm_defaults(&self, table: &DeTable<'_>, out: &mut VmDefaults) -> Result<(), ConfigError> {
+    fn vm_defaults(
+        &self,
+        table: &DeTable<'_>,
+        out: &mut VmDefaultsConfig,
+    ) -> Result<(), ConfigError> {
         for (key, value) in sorted(table) {
             match key.get_ref().as_ref() {
                 "vcpus" => {
-                    out.vcpus = self.integer(
+                    out.vcpus = Some(self.integer(
                         key,
                         value,
                         1,
                         MAX_VCPUS,
                         &format!("a whole number from 1 to {MAX_VCPUS}"),
-                    )? as u32;
+                    )? as u32);
                 }
                 "memory_mib" => {
-                    out.memory_mib = self.integer(
+                    out.memory_mib = Some(self.integer(
                         key,
                         value,
                         MIN_MEMORY_MIB,
                         i64::from(u32::MAX),
                         &format!("a number of MiB, at least {MIN_MEMORY_MIB}"),
-                    )? as u32;
+                    )? as u32);
                 }
                 "disk_size" => {
                     let s = self.string(key, value)?;
-                    out.disk_size = s.parse().map_err(|_| {
+                    out.disk_size = Some(s.parse().map_err(|_| {
                         self.error(
                             value.span(),
                             format!(
                                 "invalid disk_size {s:?} in [vm_defaults]; use a positive size with an optional K, M, G or T suffix, e.g. \"8G\""
                             ),
                         )
-                    })?;
+                    })?);
                 }
                 other => {
                     return Err(self.unknown_key(
@@ -587,6 +850,69 @@ impl Parser<'_> {
             }
         }
         Ok(())
+    }
+
+    fn file_sync(&self, value: &Spanned<DeValue<'_>>) -> Result<Vec<FileSyncEntry>, ConfigError> {
+        const SHAPE: &str = "write each entry as [[file_sync]] on its own line, then host = \"~/...\" and guest = \"~/...\"";
+        let DeValue::Array(items) = value.get_ref() else {
+            return Err(self.error(
+                value.span(),
+                format!("file_sync must be a list of tables: {SHAPE}"),
+            ));
+        };
+        let mut entries = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let DeValue::Table(table) = item.get_ref() else {
+                return Err(self.error(
+                    item.span(),
+                    format!("file_sync[{index}] must be a table: {SHAPE}"),
+                ));
+            };
+            let (mut host, mut guest, mut mode) = (None, None, None);
+            for (key, value) in sorted(table) {
+                let name = key.get_ref().as_ref();
+                let text = |v: &Spanned<DeValue<'_>>| match v.get_ref() {
+                    DeValue::String(s) => Ok(s.to_string()),
+                    other => Err(self.error(
+                        v.span(),
+                        format!(
+                            "file_sync[{index}].{name} must be a string (in quotes), found {}{}",
+                            kind(other),
+                            if name == "mode" {
+                                ", e.g. mode = \"0644\""
+                            } else {
+                                ""
+                            }
+                        ),
+                    )),
+                };
+                let at = |m: String| self.error(value.span(), m);
+                match name {
+                    "host" => host = Some(parse_sync_host(index, &text(value)?).map_err(at)?),
+                    "guest" => guest = Some(parse_sync_guest(index, &text(value)?).map_err(at)?),
+                    "mode" => mode = Some(parse_sync_mode(index, &text(value)?).map_err(at)?),
+                    other => {
+                        return Err(self.error(
+                            key.span(),
+                            format!(
+                                "unknown key {other:?} in file_sync[{index}]; valid keys: {}",
+                                FILE_SYNC_KEYS.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+            let missing = |field: &str, example: &str| {
+                self.error(
+                    item.span(),
+                    format!("file_sync[{index}] has no {field}; add {field} = {example:?}"),
+                )
+            };
+            let host = host.ok_or_else(|| missing("host", "~/.aws"))?;
+            let guest = guest.ok_or_else(|| missing("guest", "~/.aws"))?;
+            entries.push(FileSyncEntry { host, guest, mode });
+        }
+        Ok(entries)
     }
 
     fn network(&self, table: &DeTable<'_>, out: &mut NetworkConfig) -> Result<(), ConfigError> {
@@ -794,15 +1120,22 @@ mod tests {
         assert_eq!(cfg.plugins_dir, None);
         assert_eq!(
             cfg.default_caps,
-            ["work-disk", "network", "dns", "vsock-agent"]
+            ["work-disk", "network", "dns", "file-sync", "vsock-agent"]
         );
         assert_eq!(cfg.vmm, VmmKind::Firecracker);
         assert_eq!(cfg.stop_timeout_secs, 10);
-        assert_eq!(cfg.vm_defaults.disk_size, ByteSize(8 * GIB));
-        assert!((1..=4).contains(&cfg.vm_defaults.vcpus));
-        assert!((512..=8192).contains(&cfg.vm_defaults.memory_mib));
+        assert_eq!(cfg.vm_defaults, VmDefaultsConfig::default());
+        assert!(cfg.file_sync.is_empty());
+        let d = cfg.resolved_vm_defaults().values;
+        assert_eq!(d.disk_size, ByteSize(8 * GIB));
+        assert!((1..=4).contains(&d.vcpus));
+        assert!((1024..=8192).contains(&d.memory_mib));
         // An empty file is the same as no file.
-        assert_eq!(parse("").unwrap().vm_defaults, cfg.vm_defaults);
+        let empty = parse("").unwrap();
+        assert_eq!(
+            (empty.vm_defaults, empty.default_caps, empty.file_sync),
+            (cfg.vm_defaults, cfg.default_caps, cfg.file_sync)
+        );
     }
 
     #[test]
@@ -845,16 +1178,92 @@ mod tests {
         assert!(err("vmm = \"xen\"").contains("valid values: firecracker, qemu"));
     }
 
+    fn host(cpus: u64, ram: u64) -> HostFacts {
+        HostFacts {
+            cpus: Some(cpus),
+            ram_bytes: Some(ram),
+        }
+    }
+
     #[test]
-    fn vm_defaults_scale_with_the_host_within_bounds() {
-        let small = VmDefaults::for_host(2, GIB);
-        assert_eq!((small.vcpus, small.memory_mib), (1, 512));
-        let mid = VmDefaults::for_host(8, 16 * GIB);
+    fn unset_vm_defaults_scale_with_the_host_within_bounds() {
+        let unset = VmDefaultsConfig::default();
+        let values = |h: HostFacts| resolve_vm_defaults(&unset, &h).values;
+        // A quarter of the CPUs, an eighth of the RAM...
+        let mid = values(host(8, 16 * GIB));
         assert_eq!((mid.vcpus, mid.memory_mib), (2, 2048));
-        let big = VmDefaults::for_host(64, 256 * GIB);
+        // ...at least 1 vCPU and 1 GiB on a small host...
+        let small = values(host(2, 2 * GIB));
+        assert_eq!((small.vcpus, small.memory_mib), (1, 1024));
+        // ...at most 4 vCPUs and 8 GiB on a big one.
+        let big = values(host(64, 256 * GIB));
         assert_eq!((big.vcpus, big.memory_mib), (4, 8192));
-        assert_eq!(VmDefaults::for_host(0, 0).vcpus, 1);
+        assert_eq!(values(host(16, 32 * GIB)).vcpus, 4);
+        // The disk does not depend on the host.
         assert_eq!(big.disk_size, ByteSize(8 * GIB));
+        assert_eq!(small.disk_size, ByteSize(8 * GIB));
+
+        let r = resolve_vm_defaults(&unset, &host(8, 16 * GIB));
+        assert_eq!(
+            (r.vcpus_from, r.memory_from, r.disk_from),
+            (
+                DefaultSource::Host,
+                DefaultSource::Host,
+                DefaultSource::Builtin
+            )
+        );
+    }
+
+    #[test]
+    fn an_unreadable_host_falls_back_to_builtin_floors() {
+        let r = resolve_vm_defaults(&VmDefaultsConfig::default(), &HostFacts::default());
+        assert_eq!(r.values, VmDefaults::BUILTIN);
+        assert_eq!((r.values.vcpus, r.values.memory_mib), (1, 1024));
+        assert_eq!(r.vcpus_from, DefaultSource::Builtin);
+        assert_eq!(r.memory_from, DefaultSource::Builtin);
+        // A host reporting zero is as good as unreadable.
+        let zero = resolve_vm_defaults(&VmDefaultsConfig::default(), &host(0, 0));
+        assert_eq!(zero.values, VmDefaults::BUILTIN);
+        assert_eq!(zero.memory_from, DefaultSource::Builtin);
+    }
+
+    #[test]
+    fn configured_vm_defaults_win_over_the_host_key_by_key() {
+        let cfg = parse("[vm_defaults]\nmemory_mib = 300\n").unwrap();
+        let r = resolve_vm_defaults(&cfg.vm_defaults, &host(64, 256 * GIB));
+        assert_eq!(
+            r.values,
+            VmDefaults {
+                vcpus: 4,
+                memory_mib: 300,
+                disk_size: ByteSize(8 * GIB)
+            }
+        );
+        assert_eq!(
+            (r.vcpus_from, r.memory_from, r.disk_from),
+            (
+                DefaultSource::Host,
+                DefaultSource::Config,
+                DefaultSource::Builtin
+            )
+        );
+        let cfg = parse("[vm_defaults]\nvcpus = 8\ndisk_size = \"2G\"\n").unwrap();
+        let r = resolve_vm_defaults(&cfg.vm_defaults, &HostFacts::default());
+        assert_eq!(
+            (r.values.vcpus, r.values.memory_mib, r.values.disk_size),
+            (8, 1024, ByteSize(2 * GIB))
+        );
+        assert_eq!(r.disk_from, DefaultSource::Config);
+        assert_eq!(r.values.to_string(), "8 vcpu · 1024 MiB · 2G disk");
+        let sources = [r.vcpus_from, r.memory_from].map(|s| s.to_string());
+        assert_eq!(sources, ["config", "built-in"]);
+    }
+
+    #[test]
+    fn the_live_host_resolves_within_the_host_bounds() {
+        let r = Config::defaults(Path::new("/c.toml")).resolved_vm_defaults();
+        assert!((1..=4).contains(&r.values.vcpus), "{r:?}");
+        assert!((1024..=8192).contains(&r.values.memory_mib), "{r:?}");
     }
 
     #[test]
@@ -885,10 +1294,10 @@ disk_size = "20G"
         assert_eq!(cfg.stop_timeout_secs, 30);
         assert_eq!(
             cfg.vm_defaults,
-            VmDefaults {
-                vcpus: 3,
-                memory_mib: 2048,
-                disk_size: ByteSize(20 * GIB)
+            VmDefaultsConfig {
+                vcpus: Some(3),
+                memory_mib: Some(2048),
+                disk_size: Some(ByteSize(20 * GIB))
             }
         );
         let caps = cfg.default_caps().unwrap();
@@ -1141,5 +1550,212 @@ disk_size = "20G"
             msg.contains("valid keys: bridge, subnet, dns_port"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn file_sync_entries_parse_with_home_and_guest_mapping() {
+        let cfg = parse(
+            r#"
+[[file_sync]]
+host = "~/.local/share/opencode/auth.json"
+guest = "~/.local/share/opencode/auth.json"
+
+[[file_sync]]
+host = "/etc/aws"
+guest = "/root/.aws/"
+
+[[file_sync]]
+host = "~/bin/tool"
+guest = "~/bin//./tool"
+mode = "0755"
+
+[[file_sync]]
+host = "/srv/key"
+guest = "/root/key"
+mode = "600"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.file_sync,
+            [
+                FileSyncEntry {
+                    host: SyncSource::Home(".local/share/opencode/auth.json".into()),
+                    guest: "/root/.local/share/opencode/auth.json".into(),
+                    mode: None,
+                },
+                FileSyncEntry {
+                    host: SyncSource::Absolute("/etc/aws".into()),
+                    guest: "/root/.aws".into(),
+                    mode: None,
+                },
+                FileSyncEntry {
+                    host: SyncSource::Home("bin/tool".into()),
+                    guest: "/root/bin/tool".into(),
+                    mode: Some(0o755),
+                },
+                FileSyncEntry {
+                    host: SyncSource::Absolute("/srv/key".into()),
+                    guest: "/root/key".into(),
+                    mode: Some(0o600),
+                },
+            ]
+        );
+        let home = cfg.file_sync[0].host.resolve(Some(Path::new("/home/u")));
+        assert_eq!(
+            home.as_deref(),
+            Some(Path::new("/home/u/.local/share/opencode/auth.json"))
+        );
+        assert_eq!(cfg.file_sync[0].host.resolve(None), None);
+        assert_eq!(
+            cfg.file_sync[1].host.resolve(None).as_deref(),
+            Some(Path::new("/etc/aws"))
+        );
+        assert_eq!(cfg.file_sync[2].host.to_string(), "~/bin/tool");
+    }
+
+    /// A config whose second entry has `line` as its last line.
+    fn second_entry(line: &str) -> String {
+        format!(
+            "[[file_sync]]\nhost = \"~/a\"\nguest = \"~/a\"\n\n[[file_sync]]\nhost = \"~/b\"\nguest = \"~/b\"\n{line}\n"
+        )
+    }
+
+    /// The error for a second entry whose `key` is `value` (a TOML value),
+    /// written on line 8.
+    fn entry_err(key: &str, value: &str) -> String {
+        let text = second_entry("").replace(&format!("{key} = \"~/b\"\n"), "")
+            + &format!("{key} = {value}\n");
+        err(&text)
+    }
+
+    #[test]
+    fn file_sync_host_rules_name_the_entry_field_and_fix() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "\"\"",
+                "file_sync[1].host is empty; name a file or directory",
+            ),
+            (
+                "\"aws\"",
+                "file_sync[1].host \"aws\" is relative; use an absolute path or ~/...",
+            ),
+            ("\"./aws\"", "is relative"),
+            (
+                "\"~bob/.aws\"",
+                "file_sync[1].host \"~bob/.aws\": ~user paths are not supported; use ~/...",
+            ),
+            ("\"~\"", "~user paths are not supported"),
+            ("\"~/\"", "names your whole home directory"),
+            (
+                "\"/etc/../root/x\"",
+                "file_sync[1].host \"/etc/../root/x\" contains '..'; write the path without it",
+            ),
+            ("\"~/a/../../etc\"", "contains '..'"),
+            (
+                "5",
+                "file_sync[1].host must be a string (in quotes), found an integer",
+            ),
+        ];
+        for (value, want) in cases {
+            let msg = entry_err("host", value);
+            assert!(msg.contains(want), "host = {value}: {msg}");
+            assert!(msg.contains("line 8"), "host = {value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn file_sync_guest_rules_name_the_entry_field_and_fix() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "\"\"",
+                "file_sync[1].guest is empty; name a path under /root",
+            ),
+            (
+                "\".aws\"",
+                "file_sync[1].guest \".aws\" is relative; use ~/... or /root/...",
+            ),
+            (
+                "\"/etc/passwd\"",
+                "file_sync[1].guest \"/etc/passwd\" is not below /root, the guest's work disk; use ~/NAME or /root/NAME",
+            ),
+            ("\"/rootkit/x\"", "is not below /root"),
+            ("\"/root\"", "is not below /root"),
+            ("\"~\"", "is not below /root"),
+            ("\"~/\"", "is not below /root"),
+            (
+                "\"~bob/x\"",
+                "file_sync[1].guest \"~bob/x\": ~user paths are not supported",
+            ),
+            (
+                "\"/root/../etc/x\"",
+                "file_sync[1].guest \"/root/../etc/x\" contains '..'",
+            ),
+            ("\"~/x/../../etc\"", "contains '..'"),
+            (
+                "[\"~/x\"]",
+                "file_sync[1].guest must be a string (in quotes), found a list",
+            ),
+        ];
+        for (value, want) in cases {
+            let msg = entry_err("guest", value);
+            assert!(msg.contains(want), "guest = {value}: {msg}");
+        }
+    }
+
+    #[test]
+    fn file_sync_modes_are_octal_strings() {
+        for bad in [
+            "\"644x\"",
+            "\"0899\"",
+            "\"64\"",
+            "\"00644\"",
+            "\"rw-r--r--\"",
+            "\"\"",
+        ] {
+            let msg = entry_err("mode", bad);
+            assert!(
+                msg.contains("file_sync[1].mode")
+                    && msg.contains("is not an octal mode; write 3 or 4 octal digits in quotes, e.g. \"0644\" or \"600\""),
+                "mode = {bad}: {msg}"
+            );
+        }
+        let msg = entry_err("mode", "644");
+        assert!(
+            msg.contains("file_sync[1].mode must be a string (in quotes), found an integer, e.g. mode = \"0644\""),
+            "{msg}"
+        );
+        let ok = parse(&second_entry("mode = \"4755\"")).unwrap();
+        assert_eq!(ok.file_sync[1].mode, Some(0o4755));
+    }
+
+    #[test]
+    fn file_sync_shape_errors_name_the_entry() {
+        let msg = err(&second_entry("owner = \"me\""));
+        assert!(msg.contains("line 8, column 1"), "{msg}");
+        assert!(
+            msg.contains("unknown key \"owner\" in file_sync[1]; valid keys: host, guest, mode"),
+            "{msg}"
+        );
+        let msg = err("[[file_sync]]\nhost = \"~/a\"\n");
+        assert!(
+            msg.contains("file_sync[0] has no guest; add guest = \"~/.aws\""),
+            "{msg}"
+        );
+        let msg = err("[[file_sync]]\nguest = \"~/a\"\n");
+        assert!(
+            msg.contains("file_sync[0] has no host; add host ="),
+            "{msg}"
+        );
+        let msg = err("file_sync = \"~/.aws\"\n");
+        assert!(
+            msg.contains("file_sync must be a list of tables: write each entry as [[file_sync]]"),
+            "{msg}"
+        );
+        let msg = err("file_sync = [\"~/.aws\"]\n");
+        assert!(msg.contains("file_sync[0] must be a table"), "{msg}");
+        // The inline form is the same list of tables.
+        let cfg = parse("file_sync = [{ host = \"/h\", guest = \"~/g\" }]\n").unwrap();
+        assert_eq!(cfg.file_sync[0].guest, Path::new("/root/g"));
     }
 }

@@ -108,7 +108,7 @@ impl Lifecycle {
             Some(n) => VmName::parse(n).map_err(|e| invalid(&e))?,
             None => VmName::generate(),
         };
-        let d = &self.config.vm_defaults;
+        let d = self.config.resolved_vm_defaults().values;
         let vcpus = match req.vcpus {
             Some(n) => validate_vcpus(n).map_err(|e| invalid(&e))?,
             None => d.vcpus,

@@ -1,0 +1,706 @@
+//! `file-sync`: copies the `[[file_sync]]` host files and directories into
+//! the guest at every start, as files in the guest config bundle (so they
+//! travel on the config drive and the agent writes them before the image's
+//! init runs). See `docs/file-sync.md`.
+//!
+//! Files keep the entry's mode (default 0600); files found in a synced
+//! directory keep their own permission bits. Symlinks inside a directory are
+//! skipped with a warning, never followed; a missing host path is a warning.
+//! Everything is owned by root in the guest.
+
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, HookLog};
+use banger_core::config::FileSyncEntry;
+use banger_core::guest::{GuestConfig, GuestFile};
+use banger_core::model::CapOptions;
+
+/// Name used with `--cap`.
+pub const NAME: &str = "file-sync";
+
+/// Most bytes all entries may bring together. The config drive holds at most
+/// 64 MiB of JSON and file contents are encoded as decimal byte lists (up to
+/// four characters a byte), so a quarter of it, less room for the rest of
+/// the bundle.
+pub const MAX_TOTAL_BYTES: u64 = 12 << 20;
+
+/// What each file costs beyond its contents in the budget (path, owner,
+/// mode and JSON punctuation), so many tiny files are bounded too.
+const PER_FILE_OVERHEAD: u64 = 64;
+
+/// A `[[file_sync]]` entry that cannot be copied. Each names the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum FileSyncError {
+    /// A `~/` host path, but the daemon has no home directory.
+    #[error(
+        "file_sync[{index}]: host {host} is under ~/, but the daemon has no HOME; set HOME for the daemon or use an absolute path"
+    )]
+    NoHome {
+        /// Entry index.
+        index: usize,
+        /// The host path as configured.
+        host: String,
+    },
+    /// A host file could not be opened, inspected or read.
+    #[error("file_sync[{index}]: Cannot read {}", path.display())]
+    Read {
+        /// Entry index.
+        index: usize,
+        /// The host file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host directory could not be listed.
+    #[error("file_sync[{index}]: Cannot list {}", path.display())]
+    ReadDir {
+        /// Entry index.
+        index: usize,
+        /// The host directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The files would not fit on the config drive.
+    #[error(
+        "file_sync[{index}]: {} brings the synced files past {} MiB, the most the config drive carries; sync fewer or smaller files (e.g. a subdirectory)",
+        path.display(),
+        MAX_TOTAL_BYTES >> 20
+    )]
+    TooLarge {
+        /// Entry index.
+        index: usize,
+        /// The file that crossed the limit.
+        path: PathBuf,
+    },
+}
+
+/// The guest files for `entries`, in entry order (a later entry overwrites
+/// an earlier one at the same guest path). `~/` host paths are taken from
+/// `home`. Skipped paths are reported through `log` as warnings.
+pub fn collect(
+    entries: &[FileSyncEntry],
+    home: Option<&Path>,
+    log: &dyn HookLog,
+) -> Result<Vec<GuestFile>, FileSyncError> {
+    let mut out = Collected::default();
+    for (index, entry) in entries.iter().enumerate() {
+        let host = entry
+            .host
+            .resolve(home)
+            .ok_or_else(|| FileSyncError::NoHome {
+                index,
+                host: entry.host.to_string(),
+            })?;
+        // The top-level path is followed if it is a symlink: the user named
+        // it. Only links found inside a synced directory are refused.
+        let meta = match std::fs::metadata(&host) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                log.warn(&format!(
+                    "file_sync[{index}]: {} does not exist on the host; skipped",
+                    host.display()
+                ));
+                continue;
+            }
+            Err(source) => {
+                return Err(FileSyncError::Read {
+                    index,
+                    path: host,
+                    source,
+                });
+            }
+        };
+        if meta.is_dir() {
+            if entry.mode.is_some() {
+                log.warn(&format!(
+                    "file_sync[{index}]: mode applies to files only; the files in {} keep their own modes",
+                    host.display()
+                ));
+            }
+            out.directory(index, &host, &entry.guest, log)?;
+        } else if meta.is_file() {
+            let mode = entry.mode.unwrap_or(0o600);
+            let opened = open(index, &host, false)?;
+            if let Some((file, meta)) = opened {
+                out.file(index, &host, file, &meta, entry.guest.clone(), mode)?;
+            }
+        } else {
+            log.warn(&format!(
+                "file_sync[{index}]: {} is not a regular file or directory; skipped",
+                host.display()
+            ));
+        }
+    }
+    Ok(out.files)
+}
+
+#[derive(Default)]
+struct Collected {
+    files: Vec<GuestFile>,
+    bytes: u64,
+}
+
+impl Collected {
+    /// Copies the tree under `host` to `guest`, without following symlinks.
+    fn directory(
+        &mut self,
+        index: usize,
+        host: &Path,
+        guest: &Path,
+        log: &dyn HookLog,
+    ) -> Result<(), FileSyncError> {
+        let mut pending = vec![(host.to_path_buf(), guest.to_path_buf())];
+        while let Some((dir, guest_dir)) = pending.pop() {
+            let list_err = |source| FileSyncError::ReadDir {
+                index,
+                path: dir.clone(),
+                source,
+            };
+            let mut children = Vec::new();
+            for child in std::fs::read_dir(&dir).map_err(list_err)? {
+                let child = child.map_err(list_err)?;
+                children.push((child.file_name(), child.path(), child.file_type()));
+            }
+            // Stable order: the bundle is the same for the same tree.
+            children.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut subdirs = Vec::new();
+            for (name, path, kind) in children {
+                let kind = kind.map_err(|source| FileSyncError::Read {
+                    index,
+                    path: path.clone(),
+                    source,
+                })?;
+                let Some(name) = name.to_str() else {
+                    // The bundle is JSON: a non-UTF-8 name cannot travel.
+                    log.warn(&format!(
+                        "file_sync[{index}]: skipped {}: its name is not UTF-8",
+                        path.display()
+                    ));
+                    continue;
+                };
+                let target = guest_dir.join(name);
+                if kind.is_symlink() {
+                    log.warn(&format!(
+                        "file_sync[{index}]: skipped symlink {} (links inside a synced directory are never followed)",
+                        path.display()
+                    ));
+                } else if kind.is_dir() {
+                    subdirs.push((path, target));
+                } else if kind.is_file() {
+                    match open(index, &path, true)? {
+                        Some((file, meta)) => {
+                            let mode = meta.permissions().mode() & 0o777;
+                            self.file(index, &path, file, &meta, target, mode)?;
+                        }
+                        None => log.warn(&format!(
+                            "file_sync[{index}]: skipped {}: it changed into a symlink or special file while copying",
+                            path.display()
+                        )),
+                    }
+                } else {
+                    log.warn(&format!(
+                        "file_sync[{index}]: skipped {}: not a regular file or directory",
+                        path.display()
+                    ));
+                }
+            }
+            // Depth-first in name order.
+            pending.extend(subdirs.into_iter().rev());
+        }
+        Ok(())
+    }
+
+    /// Reads `file` (already open at `host`) into a guest file at `guest`.
+    fn file(
+        &mut self,
+        index: usize,
+        host: &Path,
+        file: File,
+        meta: &Metadata,
+        guest: PathBuf,
+        mode: u32,
+    ) -> Result<(), FileSyncError> {
+        let too_large = || FileSyncError::TooLarge {
+            index,
+            path: host.to_path_buf(),
+        };
+        let cost = |len: u64| {
+            len.saturating_add(PER_FILE_OVERHEAD)
+                .saturating_add(guest.as_os_str().len() as u64)
+        };
+        let budget = MAX_TOTAL_BYTES.saturating_sub(self.bytes);
+        if cost(meta.len()) > budget {
+            return Err(too_large());
+        }
+        // Bounded, in case the file grows while it is read.
+        let mut contents = Vec::with_capacity(meta.len() as usize);
+        file.take(budget.saturating_add(1))
+            .read_to_end(&mut contents)
+            .map_err(|source| FileSyncError::Read {
+                index,
+                path: host.to_path_buf(),
+                source,
+            })?;
+        let spent = cost(contents.len() as u64);
+        if spent > budget {
+            return Err(too_large());
+        }
+        self.bytes += spent;
+        self.files.push(GuestFile {
+            path: guest,
+            contents,
+            mode,
+            uid: 0,
+            gid: 0,
+        });
+        Ok(())
+    }
+}
+
+/// Opens a regular file for reading without blocking on FIFOs; with
+/// `no_follow`, a symlink swapped in since the directory was listed is
+/// refused. `None` when it is not a regular file (any more).
+fn open(
+    index: usize,
+    path: &Path,
+    no_follow: bool,
+) -> Result<Option<(File, Metadata)>, FileSyncError> {
+    let read_err = |source| FileSyncError::Read {
+        index,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut flags = libc::O_NONBLOCK;
+    if no_follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
+        Ok(f) => f,
+        // ELOOP is how O_NOFOLLOW reports a symlink.
+        Err(e) if no_follow && e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(read_err(e)),
+    };
+    let meta = file.metadata().map_err(read_err)?;
+    Ok(meta.is_file().then_some((file, meta)))
+}
+
+/// The file-sync capability.
+#[derive(Debug, Default)]
+pub struct FileSync;
+
+fn make() -> Arc<dyn Capability> {
+    Arc::new(FileSync)
+}
+
+inventory::submit! { BuiltinCapability { make } }
+
+/// The daemon user's home, for `~/` host paths.
+fn daemon_home() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+}
+
+impl Capability for FileSync {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn description(&self) -> &str {
+        "Copies the [[file_sync]] host files and directories from config.toml into the guest at every start"
+    }
+
+    fn validate_options(&self, options: &CapOptions) -> Result<(), CapError> {
+        match options.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(CapError::InvalidOptions(format!(
+                "unknown option {k:?}: file-sync takes no options; list files as [[file_sync]] entries in config.toml"
+            ))),
+        }
+    }
+
+    fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
+        let entries = &ctx.config.file_sync;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let files = collect(entries, daemon_home().as_deref(), ctx.log)
+            .map_err(|e| CapError::with("Cannot copy the [[file_sync]] entries", e))?;
+        let bytes: usize = files.iter().map(|f| f.contents.len()).sum();
+        ctx.log.info(&format!(
+            "syncing {} file(s), {bytes} bytes, into the guest",
+            files.len()
+        ));
+        guest.files.extend(files);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+    use std::sync::Mutex;
+
+    use banger_core::config::{Config, SyncSource};
+    use banger_core::hostops::RecordingHostOps;
+    use banger_core::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Warnings(Mutex<Vec<String>>);
+
+    impl HookLog for Warnings {
+        fn info(&self, _msg: &str) {}
+        fn warn(&self, msg: &str) {
+            self.0.lock().unwrap().push(msg.to_string());
+        }
+    }
+
+    impl Warnings {
+        fn lines(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    fn entry(host: &Path, guest: &str, mode: Option<u32>) -> FileSyncEntry {
+        FileSyncEntry {
+            host: SyncSource::Absolute(host.to_path_buf()),
+            guest: guest.into(),
+            mode,
+        }
+    }
+
+    fn write(path: &Path, contents: &str, mode: u32) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// (guest path, contents, mode) of each file, in bundle order.
+    fn summary(files: &[GuestFile]) -> Vec<(String, String, u32)> {
+        files
+            .iter()
+            .map(|f| {
+                assert_eq!((f.uid, f.gid), (0, 0), "{}", f.path.display());
+                (
+                    f.path.display().to_string(),
+                    String::from_utf8(f.contents.clone()).unwrap(),
+                    f.mode,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_lands_with_its_mode_and_defaults_to_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("tool"));
+        write(&a, "{}", 0o644);
+        write(&b, "#!/bin/sh\n", 0o700);
+        let log = Warnings::default();
+        let files = collect(
+            &[
+                entry(&a, "/root/.config/a.json", None),
+                entry(&b, "/root/bin/tool", Some(0o755)),
+            ],
+            None,
+            &log,
+        )
+        .unwrap();
+        assert_eq!(
+            summary(&files),
+            [
+                ("/root/.config/a.json".into(), "{}".into(), 0o600),
+                ("/root/bin/tool".into(), "#!/bin/sh\n".into(), 0o755),
+            ]
+        );
+        assert!(log.lines().is_empty(), "{:?}", log.lines());
+    }
+
+    #[test]
+    fn a_directory_is_copied_recursively_keeping_each_files_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let aws = dir.path().join("aws");
+        write(&aws.join("credentials"), "secret", 0o600);
+        write(&aws.join("config"), "region", 0o644);
+        write(&aws.join("sso/cache/token.json"), "tok", 0o640);
+        write(&aws.join("bin/helper"), "run", 0o750);
+        std::fs::create_dir_all(aws.join("empty")).unwrap();
+        let log = Warnings::default();
+        let files = collect(&[entry(&aws, "/root/.aws", Some(0o600))], None, &log).unwrap();
+        assert_eq!(
+            summary(&files),
+            [
+                ("/root/.aws/config".into(), "region".into(), 0o644),
+                ("/root/.aws/credentials".into(), "secret".into(), 0o600),
+                ("/root/.aws/bin/helper".into(), "run".into(), 0o750),
+                (
+                    "/root/.aws/sso/cache/token.json".into(),
+                    "tok".into(),
+                    0o640
+                ),
+            ]
+        );
+        // The entry's mode does not apply to a directory, and it says so.
+        let lines = log.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("mode applies to files only"), "{lines:?}");
+    }
+
+    #[test]
+    fn symlinks_inside_a_directory_are_skipped_with_a_warning_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        write(&outside.join("secret"), "TOP SECRET", 0o600);
+        let tree = dir.path().join("tree");
+        write(&tree.join("real"), "ok", 0o644);
+        symlink(outside.join("secret"), tree.join("file-link")).unwrap();
+        symlink(&outside, tree.join("dir-link")).unwrap();
+        symlink(tree.join("real"), tree.join("inner-link")).unwrap();
+        let log = Warnings::default();
+        let files = collect(&[entry(&tree, "/root/tree", None)], None, &log).unwrap();
+        assert_eq!(
+            summary(&files),
+            [("/root/tree/real".into(), "ok".into(), 0o644)]
+        );
+        assert!(
+            files.iter().all(|f| f.contents != b"TOP SECRET"),
+            "a symlink was followed out of the tree"
+        );
+        let lines = log.lines();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for name in ["dir-link", "file-link", "inner-link"] {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("skipped symlink") && l.contains(name)),
+                "{name}: {lines:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_named_symlink_is_followed_because_the_user_chose_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("real/f"), "x", 0o644);
+        symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let log = Warnings::default();
+        let files = collect(
+            &[entry(&dir.path().join("link"), "/root/d", None)],
+            None,
+            &log,
+        )
+        .unwrap();
+        assert_eq!(summary(&files), [("/root/d/f".into(), "x".into(), 0o644)]);
+    }
+
+    #[test]
+    fn a_missing_host_path_warns_and_skips() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("here"), "1", 0o600);
+        let missing = dir.path().join("gone");
+        let log = Warnings::default();
+        let files = collect(
+            &[
+                entry(&missing, "/root/gone", None),
+                entry(&dir.path().join("here"), "/root/here", None),
+            ],
+            None,
+            &log,
+        )
+        .unwrap();
+        assert_eq!(summary(&files), [("/root/here".into(), "1".into(), 0o600)]);
+        let lines = log.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("file_sync[0]: ")
+                && lines[0].contains(&missing.display().to_string())
+                && lines[0].contains("does not exist on the host; skipped"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn other_host_errors_fail_naming_the_entry_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        write(&file, "x", 0o600);
+        // A path through a regular file fails with ENOTDIR, even as root.
+        let bad = file.join("child");
+        let err = collect(&[entry(&bad, "/root/x", None)], None, &Warnings::default()).unwrap_err();
+        assert!(
+            matches!(err, FileSyncError::Read { index: 0, .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("file_sync[0]: Cannot read ")
+                && msg.contains(&bad.display().to_string()),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn home_paths_need_a_home_and_map_guest_tilde_to_root() {
+        let home = tempfile::tempdir().unwrap();
+        write(&home.path().join(".tool/auth.json"), "tok", 0o600);
+        let cfg = Config::parse(
+            "[[file_sync]]\nhost = \"~/.tool/auth.json\"\nguest = \"~/.tool/auth.json\"\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        let files = collect(&cfg.file_sync, Some(home.path()), &Warnings::default()).unwrap();
+        assert_eq!(
+            summary(&files),
+            [("/root/.tool/auth.json".into(), "tok".into(), 0o600)]
+        );
+        let msg = collect(&cfg.file_sync, None, &Warnings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(
+                "file_sync[0]: host ~/.tool/auth.json is under ~/, but the daemon has no HOME"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn more_than_the_config_drive_carries_is_refused_with_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("small"), "s", 0o600);
+        let big = dir.path().join("big.bin");
+        let f = File::create(&big).unwrap();
+        f.set_len(MAX_TOTAL_BYTES).unwrap();
+        let err = collect(
+            &[
+                entry(&dir.path().join("small"), "/root/small", None),
+                entry(&big, "/root/big.bin", None),
+            ],
+            None,
+            &Warnings::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, FileSyncError::TooLarge { index: 1, .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("past 12 MiB"), "{msg}");
+        assert!(msg.contains("big.bin"), "{msg}");
+        // Alone and a little smaller, a big file fits.
+        f.set_len(MAX_TOTAL_BYTES - 1024).unwrap();
+        let files = collect(
+            &[entry(&big, "/root/big.bin", None)],
+            None,
+            &Warnings::default(),
+        )
+        .unwrap();
+        assert_eq!(files[0].contents.len() as u64, MAX_TOTAL_BYTES - 1024);
+    }
+
+    fn vm() -> VmRecord {
+        VmRecord {
+            id: VmId::generate(),
+            name: VmName::parse("fs").unwrap(),
+            state: VmState::Starting,
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 256,
+                disk_size: ByteSize(1 << 30),
+                kernel: "/k".into(),
+                initrd: None,
+                rootfs_source: "/r".into(),
+                extra_boot_args: None,
+                vmm: VmmKind::Firecracker,
+            },
+            caps: vec![],
+            prepared: vec![],
+            vmm: None,
+            last_error: None,
+            machine: None,
+            guest: None,
+            booted_once: false,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    /// Runs the GuestConfig hook as the lifecycle does, with `config`.
+    fn guest_config(config: &Config) -> (Result<GuestConfig, CapError>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (vm, host, log, options) = (
+            vm(),
+            RecordingHostOps::default(),
+            Warnings::default(),
+            CapOptions::new(),
+        );
+        let ctx = HookCtx {
+            vm: &vm,
+            vm_dir: dir.path(),
+            options: &options,
+            host: &host,
+            config,
+            log: &log,
+        };
+        let mut guest = GuestConfig::new("fs");
+        let r = FileSync.guest_config(&ctx, &mut guest).map(|()| guest);
+        (r, log.lines())
+    }
+
+    #[test]
+    fn the_hook_adds_the_files_and_is_a_no_op_without_entries() {
+        let empty = Config::defaults(Path::new("/c.toml"));
+        let (guest, lines) = guest_config(&empty);
+        assert_eq!(guest.unwrap(), GuestConfig::new("fs"));
+        assert!(lines.is_empty());
+
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("f"), "hello", 0o644);
+        let text = format!(
+            "[[file_sync]]\nhost = {:?}\nguest = \"~/f\"\nmode = \"0640\"\n[[file_sync]]\nhost = \"/nonexistent/banger-test\"\nguest = \"~/g\"\n",
+            dir.path().join("f").display().to_string()
+        );
+        let cfg = Config::parse(&text, Path::new("/c.toml")).unwrap();
+        let (guest, lines) = guest_config(&cfg);
+        assert_eq!(
+            summary(&guest.unwrap().files),
+            [("/root/f".into(), "hello".into(), 0o640)]
+        );
+        assert!(
+            lines.len() == 1 && lines[0].contains("/nonexistent/banger-test"),
+            "{lines:?}"
+        );
+
+        let text = "[[file_sync]]\nhost = \"/etc/passwd/x\"\nguest = \"~/x\"\n";
+        let cfg = Config::parse(text, Path::new("/c.toml")).unwrap();
+        let err = guest_config(&cfg).0.unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            chain.contains(
+                "Cannot copy the [[file_sync]] entries: file_sync[0]: Cannot read /etc/passwd/x"
+            ),
+            "{chain}"
+        );
+    }
+
+    #[test]
+    fn options_are_refused_pointing_at_the_config() {
+        let mut o = CapOptions::new();
+        o.insert("host".into(), "/x".into());
+        let msg = FileSync.validate_options(&o).unwrap_err().to_string();
+        assert!(
+            msg.contains("[[file_sync]] entries in config.toml"),
+            "{msg}"
+        );
+        assert!(FileSync.validate_options(&CapOptions::new()).is_ok());
+    }
+}
