@@ -22,12 +22,18 @@ mod tests {
     }
 
     /// The guest bundle on the VM's config drive, checked against the one
-    /// the record shows.
+    /// the record shows, which keeps every file but none of their contents.
     fn drive_files(env: &BangerEnv, name: &str) -> Vec<GuestFile> {
         let view = env.show(name);
         let image = view.dir.join(config_drive::FILE_NAME);
         let drive = ConfigDrive::decode(&std::fs::read(&image).unwrap()).unwrap();
-        assert_eq!(Some(&drive.guest), view.record.guest.as_ref());
+        let mut stripped = drive.guest.clone();
+        for f in &mut stripped.files {
+            f.contents.clear();
+        }
+        // Equal to the stripped bundle: the record (and so `vm show`) holds
+        // no synced secret.
+        assert_eq!(Some(&stripped), view.record.guest.as_ref());
         drive.guest.files
     }
 

@@ -205,7 +205,7 @@ impl Lifecycle {
         }
         attach_config_drive(&mut machine, &guest, &dir).await?;
         vm.machine = Some(machine.clone());
-        vm.guest = Some(guest);
+        vm.guest = Some(without_file_contents(guest));
         self.save(vm).await?;
 
         progress.stage(
@@ -234,4 +234,14 @@ impl Lifecycle {
         }
         Ok(())
     }
+}
+
+/// The guest bundle as the VM record keeps it: files' contents (synced
+/// credentials, keys) stay only on the VM's own config drive, never in the
+/// database or in `vm show`.
+fn without_file_contents(mut guest: GuestConfig) -> GuestConfig {
+    for f in &mut guest.files {
+        f.contents.clear();
+    }
+    guest
 }
