@@ -182,7 +182,7 @@ mod tests {
         _registry: Registry,
     }
 
-    fn rig(test: &str, image: &str) -> Option<(Rig, GuestArtifacts)> {
+    fn rig(test: &str, image: &str, extra_config: &str) -> Option<(Rig, GuestArtifacts)> {
         let a = artifacts(test)?;
         let registry = Registry::start(test)?;
         let reference = registry.push_rootfs_tar(&format!("banger/debian:{image}"), &a.rootfs_tar);
@@ -197,7 +197,8 @@ mod tests {
         env.write_config(&format!(
             "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {:?}\nagent_timeout_secs = 240\n\
              insecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\n\
-             default_caps = [\"work-disk\", \"network\", \"dns\", \"vsock-agent\"]\n\
+             default_caps = [\"work-disk\", \"network\", \"dns\", \"file-sync\", \"vsock-agent\"]\n\
+             {extra_config}\n\
              [network]\nbridge = {BRIDGE:?}\nsubnet = {SUBNET:?}\ndns_port = {dns_port}\n",
             a.agent,
             registry.host(),
@@ -444,10 +445,27 @@ mod tests {
         let _turn = ONE_GUEST_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let Some((rig, _a)) = rig(test, "bookworm") else {
+        // Host files for file_sync, under the env's HOME: a file with its
+        // own mode, a directory with a subdirectory, and a symlink out of it.
+        let sync_config = "[[file_sync]]\nhost = \"~/.tool/auth.json\"\nguest = \"~/.tool/auth.json\"\nmode = \"0640\"\n\
+             [[file_sync]]\nhost = \"~/.aws\"\nguest = \"~/.aws\"\n";
+        let Some((rig, _a)) = rig(test, "bookworm", sync_config) else {
             return;
         };
         let env = &rig.env;
+        let home = env.root().join("home");
+        let put = |rel: &str, body: &str, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            let p = home.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        put(".tool/auth.json", "{\"token\":\"t0k\"}", 0o600);
+        put(".aws/config", "[default]\n", 0o644);
+        put(".aws/sub/creds", "key=1\n", 0o600);
+        put("outside/secret", "NOT FOR THE GUEST", 0o600);
+        std::os::unix::fs::symlink(home.join("outside/secret"), home.join(".aws/leak")).unwrap();
         let internet = Internet::start("a", 100);
         let share = env.root().join("share");
         std::fs::create_dir_all(&share).unwrap();
@@ -504,6 +522,28 @@ mod tests {
             "guest resolves .vm: {facts}"
         );
         assert_eq!(lines[3], "shared-hello", "{facts}");
+
+        // file_sync: modes kept (0640 asked for, a directory's own 0644 and
+        // 0600), recursion, and the symlink out of the tree never followed.
+        let synced = rig.ssh_ok(
+            "g1",
+            ip,
+            &known,
+            "stat -c '%a %U %n' /root/.tool/auth.json /root/.aws/config /root/.aws/sub/creds; \
+             cat /root/.tool/auth.json; echo; test -e /root/.aws/leak && echo LEAKED || echo no-leak",
+        );
+        let lines: Vec<&str> = synced.lines().map(str::trim).collect();
+        assert_eq!(
+            lines,
+            [
+                "640 root /root/.tool/auth.json",
+                "644 root /root/.aws/config",
+                "600 root /root/.aws/sub/creds",
+                "{\"token\":\"t0k\"}",
+                "no-leak"
+            ],
+            "{synced}"
+        );
         // A host key the agent did not report is refused.
         let stranger = env.root().join("stranger");
         assert!(
@@ -607,7 +647,7 @@ mod tests {
         let _turn = ONE_GUEST_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let Some((rig, _a)) = rig(test, "noinit") else {
+        let Some((rig, _a)) = rig(test, "noinit", "") else {
             return;
         };
         let env = &rig.env;
