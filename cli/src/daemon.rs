@@ -79,8 +79,11 @@ async fn start_bin(bin: &Path, log: &Path, client: &Client) -> Result<u32> {
         if let Some((status, at)) = exited
             && now >= at + EXITED_GRACE
         {
+            let why = last_fatal_line(log)
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default();
             bail!(
-                "bangerd ({}) exited with {status} before answering; see {}",
+                "bangerd ({}) exited with {status} before answering{why}\nsee {}",
                 bin.display(),
                 log.display()
             );
@@ -96,6 +99,16 @@ async fn start_bin(bin: &Path, log: &Path, client: &Client) -> Result<u32> {
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// The last `bangerd: ...` line the daemon printed to its log before
+/// exiting (its fatal error, e.g. a config mistake with line and column).
+fn last_fatal_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("bangerd: "))
+        .map(str::to_string)
 }
 
 /// Asks the daemon to exit and waits until its socket stops answering.

@@ -174,13 +174,14 @@ guest = "~/not-there"
         env.write_config(
             "[[file_sync]]\nhost = \"~/a\"\nguest = \"~/a\"\n[[file_sync]]\nhost = \"~/b\"\nguest = \"/etc/b\"\n",
         );
-        // The daemon refuses to start on a bad config; the CLI points at its
-        // log, which holds the config error with its line.
+        // The daemon refuses to start on a bad config; the CLI shows its
+        // error (with the line) and points at its log, which holds it too.
         let out = env.create("bad", &["--cap", "file-sync"]).failed();
         assert!(out.stderr.contains("bangerd.log"), "{}", out.stderr);
         let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
         let want = "line 9, column 9: file_sync[1].guest \"/etc/b\" is not below /root, the guest's work disk; use ~/NAME or /root/NAME";
         assert!(log.contains(want), "{log}");
+        assert!(out.stderr.contains(want), "{}", out.stderr);
         // Fixed, the same install works and no VM was left from the refusal.
         env.write_config("[[file_sync]]\nhost = \"~/a\"\nguest = \"~/a\"\n");
         assert!(env.list().is_empty());
