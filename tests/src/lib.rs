@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 pub mod dns;
 pub mod guest_artifacts;
+pub mod guest_rig;
 pub mod http;
 pub mod registry;
 
