@@ -85,7 +85,7 @@ pub enum WorkspaceError {
     Write(PathBuf, #[source] std::io::Error),
     /// A step in the guest failed.
     #[error("Workspace step {0} in the guest failed")]
-    Guest(&'static str, #[source] GuestSshError),
+    Guest(&'static str, #[source] Box<GuestSshError>),
     /// Background work panicked or was cancelled.
     #[error("Workspace task failed: {0}")]
     Task(String),

@@ -525,3 +525,260 @@ fn identity(root: &Path, scope: &str) -> GitIdentity {
         email: get("user.email"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn have_git() -> bool {
+        Command::new("git").arg("--version").output().is_ok()
+    }
+
+    /// Runs git in `dir` with a fixed identity and no user/system config.
+    fn g(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
+            .args(args)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A repo with a.txt, gone.txt, run.sh (0755), .gitignore (*.log),
+    /// committed; then a.txt modified, gone.txt deleted, new.txt untracked,
+    /// debug.log ignored.
+    fn repo() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        g(r, &["init", "-q", "-b", "main"]);
+        fs::write(r.join("a.txt"), "a\n").unwrap();
+        fs::write(r.join("gone.txt"), "g\n").unwrap();
+        fs::write(r.join("run.sh"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(r.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(r.join(".gitignore"), "*.log\n").unwrap();
+        g(r, &["add", "."]);
+        g(r, &["commit", "-q", "-m", "init"]);
+        fs::write(r.join("a.txt"), "a\nchanged\n").unwrap();
+        fs::remove_file(r.join("gone.txt")).unwrap();
+        fs::write(r.join("new.txt"), "new\n").unwrap();
+        fs::write(r.join("debug.log"), "noise\n").unwrap();
+        d
+    }
+
+    fn listing(p: &Plan) -> Vec<(String, FileKind, Option<FileType>)> {
+        p.files
+            .iter()
+            .map(|f| (f.path.display().to_string(), f.kind, f.file_type))
+            .collect()
+    }
+
+    macro_rules! need_git {
+        ($name:literal) => {
+            if !have_git() {
+                eprintln!("SKIPPED {}: git missing", $name);
+                return;
+            }
+        };
+    }
+
+    #[test]
+    fn tracked_changes_only_by_default_and_untracked_are_counted() {
+        need_git!("tracked_changes_only_by_default_and_untracked_are_counted");
+        let d = repo();
+        let p = plan(d.path(), &PrepareOptions::default()).unwrap();
+        assert_eq!(p.mode, Mode::Tracked);
+        assert_eq!(
+            listing(&p),
+            [
+                ("a.txt".into(), FileKind::Modified, Some(FileType::Regular)),
+                ("gone.txt".into(), FileKind::Deleted, None),
+            ]
+        );
+        assert_eq!(p.skipped_untracked, 1, "new.txt; debug.log is ignored");
+        assert_eq!(p.root, d.path().canonicalize().unwrap());
+        let head = g(d.path(), &["rev-parse", "HEAD"]);
+        assert_eq!(p.head_commit, head.trim());
+        assert_eq!(p.base_commit, p.head_commit);
+        assert_eq!(p.head_branch.as_deref(), Some("main"));
+        let note = p.skipped_note().unwrap();
+        assert!(note.contains("--include-untracked"), "{note}");
+        assert!(
+            p.render().contains("  deleted   gone.txt\n"),
+            "{}",
+            p.render()
+        );
+    }
+
+    #[test]
+    fn include_untracked_adds_untracked_but_never_ignored_files() {
+        need_git!("include_untracked_adds_untracked_but_never_ignored_files");
+        let d = repo();
+        let opts = PrepareOptions {
+            include_untracked: true,
+            ..Default::default()
+        };
+        let p = plan(d.path(), &opts).unwrap();
+        assert_eq!(p.mode, Mode::TrackedAndUntracked);
+        let paths: Vec<String> = listing(&p).into_iter().map(|f| f.0).collect();
+        assert_eq!(paths, ["a.txt", "gone.txt", "new.txt"]);
+        assert_eq!(p.files[2].kind, FileKind::Untracked);
+        assert_eq!(p.skipped_untracked, 0);
+        assert!(p.skipped_note().is_none());
+    }
+
+    #[test]
+    fn symlinks_and_executable_bits_are_recorded() {
+        need_git!("symlinks_and_executable_bits_are_recorded");
+        let d = repo();
+        let r = d.path();
+        fs::write(r.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+        symlink("a.txt", r.join("link")).unwrap();
+        fs::write(r.join("tool"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(r.join("tool"), fs::Permissions::from_mode(0o700)).unwrap();
+        let opts = PrepareOptions {
+            include_untracked: true,
+            ..Default::default()
+        };
+        let p = plan(r, &opts).unwrap();
+        let l = listing(&p);
+        assert!(
+            l.contains(&(
+                "run.sh".into(),
+                FileKind::Modified,
+                Some(FileType::Executable)
+            )),
+            "{l:?}"
+        );
+        assert!(
+            l.contains(&("link".into(), FileKind::Untracked, Some(FileType::Symlink))),
+            "{l:?}"
+        );
+        assert!(
+            l.contains(&(
+                "tool".into(),
+                FileKind::Untracked,
+                Some(FileType::Executable)
+            )),
+            "{l:?}"
+        );
+    }
+
+    #[test]
+    fn a_subdirectory_resolves_to_the_enclosing_repository() {
+        need_git!("a_subdirectory_resolves_to_the_enclosing_repository");
+        let d = repo();
+        fs::create_dir(d.path().join("sub")).unwrap();
+        let p = plan(&d.path().join("sub"), &PrepareOptions::default()).unwrap();
+        assert_eq!(p.root, d.path().canonicalize().unwrap());
+        assert_eq!(p.files.len(), 2);
+    }
+
+    #[test]
+    fn bare_repositories_are_rejected() {
+        need_git!("bare_repositories_are_rejected");
+        let d = tempfile::tempdir().unwrap();
+        g(d.path(), &["init", "-q", "--bare"]);
+        let err = plan(d.path(), &PrepareOptions::default()).unwrap_err();
+        assert!(matches!(err, WorkspaceError::BareRepository(_)), "{err}");
+        assert!(err.to_string().contains("bare"), "{err}");
+    }
+
+    #[test]
+    fn non_repositories_and_empty_repositories_are_rejected() {
+        need_git!("non_repositories_and_empty_repositories_are_rejected");
+        let d = tempfile::tempdir().unwrap();
+        let err = plan(d.path(), &PrepareOptions::default()).unwrap_err();
+        assert!(matches!(err, WorkspaceError::NotARepository(_)), "{err}");
+        g(d.path(), &["init", "-q"]);
+        let err = plan(d.path(), &PrepareOptions::default()).unwrap_err();
+        assert!(matches!(err, WorkspaceError::NoCommits(_)), "{err}");
+    }
+
+    #[test]
+    fn submodules_are_rejected_unless_full_copy() {
+        need_git!("submodules_are_rejected_unless_full_copy");
+        let d = repo();
+        let r = d.path();
+        let head = g(r, &["rev-parse", "HEAD"]);
+        // A gitlink entry is what `git submodule add` puts in the index.
+        g(
+            r,
+            &[
+                "update-index",
+                "--add",
+                "--cacheinfo",
+                &format!("160000,{},vendor/lib", head.trim()),
+            ],
+        );
+        let err = plan(r, &PrepareOptions::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, WorkspaceError::Submodules(..)), "{text}");
+        assert!(text.contains("vendor/lib"), "{text}");
+        assert!(text.contains("--full-copy"), "{text}");
+
+        let opts = PrepareOptions {
+            full_copy: true,
+            ..Default::default()
+        };
+        let p = plan(r, &opts).unwrap();
+        assert_eq!(p.mode, Mode::FullCopy);
+        let l = listing(&p);
+        for want in [".git", ".git/HEAD", "a.txt", "debug.log", "new.txt"] {
+            assert!(l.iter().any(|f| f.0 == want), "{want} in {l:?}");
+        }
+        assert!(l.iter().all(|f| f.1 == FileKind::Copied));
+        assert!(!l.iter().any(|f| f.0 == "gone.txt"));
+    }
+
+    #[test]
+    fn from_needs_branch_and_starts_clean() {
+        need_git!("from_needs_branch_and_starts_clean");
+        let d = repo();
+        let r = d.path();
+        let err = plan(
+            r,
+            &PrepareOptions {
+                from: Some("HEAD".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, WorkspaceError::FromWithoutBranch), "{err}");
+
+        let first = g(r, &["rev-parse", "HEAD"]);
+        g(r, &["commit", "-q", "-a", "-m", "second"]);
+        let p = plan(
+            r,
+            &PrepareOptions {
+                branch: Some("try".into()),
+                from: Some("HEAD~1".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.mode, Mode::Clean);
+        assert_eq!(p.base_commit, first.trim());
+        assert_ne!(p.head_commit, p.base_commit);
+        assert!(p.files.is_empty());
+
+        for (branch, from) in [("bad..name", None), ("-x", None), ("ok", Some("nope"))] {
+            let err = plan(
+                r,
+                &PrepareOptions {
+                    branch: Some(branch.into()),
+                    from: from.map(String::from),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+            assert!(err.is_user_error(), "{err}");
+        }
+    }
+}

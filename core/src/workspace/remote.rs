@@ -59,7 +59,7 @@ pub async fn prepare(
     let q_stage = shell_quote_path(&stage);
     let staged_repo = stage.join("repo");
     let q_staged = shell_quote_path(&staged_repo);
-    let step = |name: &'static str| move |e| WorkspaceError::Guest(name, e);
+    let step = |name: &'static str| move |e| WorkspaceError::Guest(name, Box::new(e));
 
     ssh.run(&format!("rm -rf {q_stage} && mkdir -p {q_stage}"), None)
         .await
@@ -208,7 +208,7 @@ pub async fn export(
             None,
         )
         .await
-        .map_err(|e| WorkspaceError::Guest("resolve_base", e))?;
+        .map_err(|e| WorkspaceError::Guest("resolve_base", Box::new(e)))?;
     let resolved = String::from_utf8_lossy(&resolved).trim().to_string();
     check_base_commit(&resolved)?;
     let script = format!(
@@ -221,7 +221,7 @@ pub async fn export(
     let patch = ssh
         .run(&script, None)
         .await
-        .map_err(|e| WorkspaceError::Guest("diff", e))?;
+        .map_err(|e| WorkspaceError::Guest("diff", Box::new(e)))?;
     Ok((resolved, patch))
 }
 
@@ -248,7 +248,7 @@ async fn send_file(ssh: &GuestSsh, src: &Path, dst: &Path) -> Result<(), Workspa
         Some(&mut file),
     )
     .await
-    .map_err(|e| WorkspaceError::Guest("upload_bundle", e))?;
+    .map_err(|e| WorkspaceError::Guest("upload_bundle", Box::new(e)))?;
     Ok(())
 }
 
