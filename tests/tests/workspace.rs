@@ -590,4 +590,49 @@ mod tests {
             "a refused command started the daemon"
         );
     }
+
+    #[test]
+    fn daemon_routes_name_what_is_missing_for_a_vm_without_an_agent() {
+        if let Some(why) = git_missing() {
+            eprintln!(
+                "SKIPPED daemon_routes_name_what_is_missing_for_a_vm_without_an_agent: {why}"
+            );
+            return;
+        }
+        let env = BangerEnv::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let host = host_repo(tmp.path());
+        let h = host.to_str().unwrap();
+        let run = env
+            .banger(&["vm", "workspace", "export", "nosuch"])
+            .failed();
+        assert!(
+            run.stderr.contains("No VM named \"nosuch\""),
+            "{}",
+            run.stderr
+        );
+        // Test envs default to the work-disk capability only: no agent to
+        // read host keys from, so no SSH.
+        env.create("w", &[]).ok();
+        let run = env.banger(&["vm", "workspace", "prepare", "w", h]).failed();
+        assert!(run.stderr.contains("--cap vsock-agent"), "{}", run.stderr);
+        let run = env.banger(&["vm", "workspace", "export", "w"]).failed();
+        assert!(run.stderr.contains("--cap vsock-agent"), "{}", run.stderr);
+        // The plan is checked before the guest is: input errors come first.
+        let run = env
+            .banger(&[
+                "vm",
+                "workspace",
+                "prepare",
+                "w",
+                tmp.path().to_str().unwrap(),
+            ])
+            .failed();
+        assert!(
+            run.stderr.contains("not inside a git repository"),
+            "{}",
+            run.stderr
+        );
+        assert!(!env.show("w").dir.join("workspace.json").exists());
+    }
 }
