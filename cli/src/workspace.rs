@@ -117,28 +117,32 @@ fn dry_run(a: PrepareArgs) -> Result<ExitCode> {
 /// `vm workspace prepare` against the daemon; prints the result and the
 /// skipped-untracked note.
 pub async fn prepare(client: &Client, a: PrepareArgs) -> Result<ExitCode> {
-    let view = prepare_view(client, &a.name, &a).await?;
+    let req = WorkspacePrepareRequest {
+        path: std::path::absolute(&a.path)
+            .with_context(|| format!("Resolving {}", a.path.display()))?,
+        include_untracked: a.include_untracked,
+        branch: a.branch,
+        from: a.from,
+        full_copy: a.full_copy,
+    };
+    let view = prepare_view(client, &a.name, &req).await?;
     print!("{}", render_view(&view));
     Ok(ExitCode::SUCCESS)
 }
 
-/// Sends the prepare request for `name` and returns the daemon's result,
-/// printing progress and the skipped-untracked note on stderr.
-pub async fn prepare_view(client: &Client, name: &str, a: &PrepareArgs) -> Result<WorkspaceView> {
-    let path =
-        std::path::absolute(&a.path).with_context(|| format!("Resolving {}", a.path.display()))?;
-    let req = WorkspacePrepareRequest {
-        path,
-        include_untracked: a.include_untracked,
-        branch: a.branch.clone(),
-        from: a.from.clone(),
-        full_copy: a.full_copy,
-    };
+/// Sends the prepare request for VM `name` (`req.path` absolute) and
+/// returns the daemon's result, printing progress and the
+/// skipped-untracked note on stderr. `vm run` uses this too.
+pub async fn prepare_view(
+    client: &Client,
+    name: &str,
+    req: &WorkspacePrepareRequest,
+) -> Result<WorkspaceView> {
     let view: WorkspaceView = client
         .stream_events(
             Method::POST,
             &format!("/v1/vms/{name}/workspace/prepare"),
-            Some(&req),
+            Some(req),
             |e| {
                 if let Some(line) = output::event_line(None, e) {
                     eprintln!("{line}");
