@@ -123,6 +123,9 @@ pub enum VmCommand {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Import a git workspace into a VM, or export the guest's work as a patch.
+    #[command(subcommand)]
+    Workspace(crate::workspace::WorkspaceCommand),
     /// Print a VM's serial console log.
     Logs {
         /// VM name.
@@ -393,7 +396,7 @@ pub fn parse_artifact_name(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-fn parse_name(s: &str) -> Result<String, String> {
+pub(crate) fn parse_name(s: &str) -> Result<String, String> {
     VmName::parse(s)
         .map(String::from)
         .map_err(|e| e.to_string())

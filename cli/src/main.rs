@@ -7,6 +7,7 @@ mod daemon;
 mod ordered;
 mod output;
 mod vm;
+mod workspace;
 
 use std::process::ExitCode;
 
@@ -67,6 +68,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;
             vm::cap_list(&client, json).await
         }
+        // Starts the daemon itself, and not at all for --dry-run.
+        Command::Vm(VmCommand::Workspace(cmd)) => workspace::run(cmd).await,
         Command::Vm(cmd) => {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;
             match cmd {
@@ -90,6 +93,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     print,
                     command,
                 } => vm::ssh(&client, &name, print, &command).await,
+                VmCommand::Workspace(cmd) => workspace::run(cmd).await,
             }
         }
     }

@@ -20,6 +20,8 @@
 //! | GET | /v1/vms/{name}/ports | | `[PortView]` from the guest agent |
 //! | GET | /v1/vms/{name}/stats | | [`StatsView`] |
 //! | GET | /v1/vms/{name}/ssh | | [`SshTarget`], host keys from the guest agent |
+//! | POST | /v1/vms/{name}/workspace/prepare | [`WorkspacePrepareRequest`] | NDJSON [`Event`]s, `done` holds a [`WorkspaceView`] |
+//! | GET | /v1/vms/{name}/workspace/export[?base=SHA] | | [`WorkspaceExport`] |
 //!
 //! Errors are a non-2xx status with an [`ErrorBody`]. Streams end with exactly
 //! one `done` or `failed` event.
@@ -143,6 +145,61 @@ pub struct SshTarget {
     /// OpenSSH `known_hosts` lines pinning the guest's host keys under
     /// `NAME.vm` and its address, read from the guest agent.
     pub known_hosts: String,
+}
+
+/// `vm workspace prepare` arguments. `path` is read by the daemon, which
+/// runs on the same host as the CLI.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspacePrepareRequest {
+    /// A path inside the git repository to import (absolute).
+    pub path: PathBuf,
+    /// Also copy untracked, non-ignored files.
+    #[serde(default)]
+    pub include_untracked: bool,
+    /// Create this guest-only branch.
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// Start `branch` at this host ref, without the working-tree changes
+    /// (requires `branch`).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Copy the directory as is (`.git` and submodules included).
+    #[serde(default)]
+    pub full_copy: bool,
+}
+
+/// A prepared workspace, as `vm workspace prepare` reports it; the daemon
+/// also keeps it in the VM directory so `export` knows its base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceView {
+    /// The checkout in the guest (`/root/repo`).
+    pub repo: PathBuf,
+    /// What was sent (`tracked`, `tracked+untracked`, `clean`, `full-copy`).
+    pub mode: String,
+    /// The commit the guest checkout started from: the default base of
+    /// `export`.
+    pub base_commit: String,
+    /// The host's HEAD at prepare time.
+    pub head_commit: String,
+    /// The branch checked out in the guest, if any.
+    pub branch: Option<String>,
+    /// Paths overlaid (or copied, in full-copy mode).
+    pub files: usize,
+    /// Untracked files left out because `include_untracked` was not set.
+    pub skipped_untracked: usize,
+}
+
+/// `vm workspace export`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceExport {
+    /// The commit the patch is relative to (full id).
+    pub base_commit: String,
+    /// Where the base came from: `request`, `prepare` or `guest-head`.
+    pub base_source: String,
+    /// The patch (`git diff --binary`), base64-encoded; `git apply` it on a
+    /// checkout of `base_commit`.
+    pub patch_base64: String,
 }
 
 /// Resource use of a running VM, as `banger vm stats` shows it.

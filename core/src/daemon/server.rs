@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{
     CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, PortView, SetVmRequest, SshTarget,
-    StatsView, VersionInfo, VmView,
+    StatsView, VersionInfo, VmView, WorkspaceExport, WorkspacePrepareRequest,
 };
 use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
 use crate::model::{VmRecord, VmState};
@@ -102,6 +102,8 @@ fn vm_routes() -> Router<Arc<ApiState>> {
         .route("/v1/vms/{name}/ports", get(vm_ports))
         .route("/v1/vms/{name}/stats", get(vm_stats))
         .route("/v1/vms/{name}/ssh", get(vm_ssh))
+        .route("/v1/vms/{name}/workspace/prepare", post(workspace_prepare))
+        .route("/v1/vms/{name}/workspace/export", get(workspace_export))
 }
 
 async fn version() -> Json<VersionInfo> {
@@ -293,6 +295,36 @@ async fn vm_stats(State(st): S, Path(name): Path<String>) -> Result<Json<StatsVi
 
 async fn vm_ssh(State(st): S, Path(name): Path<String>) -> Result<Json<SshTarget>, ApiError> {
     Ok(Json(st.lifecycle.ssh_target(&name).await?))
+}
+
+async fn workspace_prepare(
+    State(st): S,
+    Path(name): Path<String>,
+    body: Result<Json<WorkspacePrepareRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let lc = st.lifecycle.clone();
+    Ok(stream_task(move |p| async move {
+        crate::workspace::prepare_vm(&lc, &name, req, &p)
+            .await
+            .map_err(|e| (e.stage().map(str::to_string), render_chain(&e)))
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct ExportQuery {
+    #[serde(default)]
+    base: Option<String>,
+}
+
+async fn workspace_export(
+    State(st): S,
+    Path(name): Path<String>,
+    Query(q): Query<ExportQuery>,
+) -> Result<Json<WorkspaceExport>, ApiError> {
+    Ok(Json(
+        crate::workspace::export_vm(&st.lifecycle, &name, q.base).await?,
+    ))
 }
 
 async fn vm_ports(State(st): S, Path(name): Path<String>) -> Result<Json<Vec<PortView>>, ApiError> {

@@ -1,0 +1,203 @@
+//! `banger vm workspace prepare|export`: a host git repository into a VM's
+//! `/root/repo`, and the guest's work back as one patch.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use banger_core::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
+use banger_core::client::{Client, Method};
+use banger_core::paths::Paths;
+use banger_core::workspace::{PrepareOptions, plan, skipped_untracked_note};
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+
+use crate::output;
+
+/// `banger vm workspace ...`
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Import the git repository enclosing PATH into the VM at /root/repo.
+    ///
+    /// History goes over as a git bundle; the working tree is overlaid on
+    /// top: tracked changes (modified and deleted files) by default,
+    /// untracked non-ignored files only with --include-untracked, ignored
+    /// files never. Symlinks and executable bits survive. Your global git
+    /// user.name/email go to the guest's ~/.gitconfig, a repository-local
+    /// identity to the checkout. An existing /root/repo is replaced.
+    Prepare(PrepareArgs),
+    /// Print the guest's work since the prepared base as one binary patch.
+    ///
+    /// Commits made in the guest and uncommitted changes (untracked files
+    /// included) come back in one `git diff --binary`, so
+    /// `git apply` on a checkout of the base reproduces the guest's tree.
+    /// The base used is printed on stderr.
+    Export(ExportArgs),
+}
+
+/// `vm workspace prepare` flags.
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// VM name.
+    #[arg(value_parser = crate::args::parse_name)]
+    pub name: String,
+    /// A path inside the repository.
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    /// Also copy untracked files that are not ignored.
+    #[arg(long)]
+    pub include_untracked: bool,
+    /// Create this branch in the guest (never on the host).
+    #[arg(long, value_name = "BRANCH")]
+    pub branch: Option<String>,
+    /// Start --branch at this ref, without the working-tree changes.
+    #[arg(long, value_name = "REF", requires = "branch")]
+    pub from: Option<String>,
+    /// Copy the directory as is (.git and submodules included) instead of
+    /// bundle + overlay; needed for repositories with submodules.
+    #[arg(long, conflicts_with_all = ["include_untracked", "branch", "from"])]
+    pub full_copy: bool,
+    /// Print the mode and the exact file list, then exit; no daemon, no VM.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `vm workspace export` flags.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// VM name.
+    #[arg(value_parser = crate::args::parse_name)]
+    pub name: String,
+    /// Diff against this commit instead of the one recorded at prepare time.
+    #[arg(long, value_name = "SHA", value_parser = parse_sha)]
+    pub base_commit: Option<String>,
+    /// Write the patch to FILE instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+fn parse_sha(s: &str) -> Result<String, String> {
+    banger_core::workspace::check_base_commit(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Runs a workspace command; the daemon is started only when needed (never
+/// for `--dry-run`).
+pub async fn run(cmd: WorkspaceCommand) -> Result<ExitCode> {
+    match cmd {
+        WorkspaceCommand::Prepare(a) if a.dry_run => dry_run(a),
+        WorkspaceCommand::Prepare(a) => {
+            let client = crate::daemon::ensure_running(&Paths::from_env()?).await?;
+            prepare(&client, a).await
+        }
+        WorkspaceCommand::Export(a) => {
+            let client = crate::daemon::ensure_running(&Paths::from_env()?).await?;
+            export(&client, a).await
+        }
+    }
+}
+
+fn options(a: &PrepareArgs) -> PrepareOptions {
+    PrepareOptions {
+        include_untracked: a.include_untracked,
+        branch: a.branch.clone(),
+        from: a.from.clone(),
+        full_copy: a.full_copy,
+    }
+}
+
+fn dry_run(a: PrepareArgs) -> Result<ExitCode> {
+    let plan = plan(&a.path, &options(&a))?;
+    print!("{}", plan.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vm workspace prepare` against the daemon; prints the result and the
+/// skipped-untracked note.
+pub async fn prepare(client: &Client, a: PrepareArgs) -> Result<ExitCode> {
+    let req = WorkspacePrepareRequest {
+        path: std::path::absolute(&a.path)
+            .with_context(|| format!("Resolving {}", a.path.display()))?,
+        include_untracked: a.include_untracked,
+        branch: a.branch,
+        from: a.from,
+        full_copy: a.full_copy,
+    };
+    let view = prepare_view(client, &a.name, &req).await?;
+    print!("{}", render_view(&view));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends the prepare request for VM `name` (`req.path` absolute) and
+/// returns the daemon's result, printing progress and the
+/// skipped-untracked note on stderr. `vm run` uses this too.
+pub async fn prepare_view(
+    client: &Client,
+    name: &str,
+    req: &WorkspacePrepareRequest,
+) -> Result<WorkspaceView> {
+    let view: WorkspaceView = client
+        .stream_events(
+            Method::POST,
+            &format!("/v1/vms/{name}/workspace/prepare"),
+            Some(req),
+            |e| {
+                if let Some(line) = output::event_line(None, e) {
+                    eprintln!("{line}");
+                }
+            },
+        )
+        .await?;
+    if let Some(note) = skipped_untracked_note(view.skipped_untracked) {
+        eprintln!("{note}");
+    }
+    Ok(view)
+}
+
+fn render_view(v: &WorkspaceView) -> String {
+    let mut out = format!(
+        "repo:    {}\nmode:    {}\nbase:    {}\nhead:    {}\n",
+        v.repo.display(),
+        v.mode,
+        v.base_commit,
+        v.head_commit
+    );
+    if let Some(b) = &v.branch {
+        out.push_str(&format!("branch:  {b}\n"));
+    }
+    out.push_str(&format!("files:   {}\n", v.files));
+    out
+}
+
+async fn export(client: &Client, a: ExportArgs) -> Result<ExitCode> {
+    let mut path = format!("/v1/vms/{}/workspace/export", a.name);
+    if let Some(b) = &a.base_commit {
+        // Validated hex: no escaping needed.
+        path.push_str(&format!("?base={b}"));
+    }
+    let ex: WorkspaceExport = client.get(&path).await?;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(ex.patch_base64.as_bytes())
+        .context("The daemon sent a patch that is not valid base64")?;
+    let source = match ex.base_source.as_str() {
+        "request" => "from --base-commit",
+        "prepare" => "recorded at prepare",
+        "guest-head" => "the guest's HEAD: no workspace was prepared",
+        other => other,
+    };
+    eprintln!("base: {} ({source})", ex.base_commit);
+    match a.output {
+        Some(file) => {
+            banger_core::ssh::write_staged(&file, &patch, 0o644)?;
+            eprintln!("wrote {} bytes to {}", patch.len(), file.display());
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&patch).context("Writing the patch")?;
+            out.flush().context("Writing the patch")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

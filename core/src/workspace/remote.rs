@@ -1,0 +1,304 @@
+//! The guest side: carrying a [`Plan`] into a guest over SSH, and reading
+//! the guest's work back as a patch.
+
+use std::fs;
+use std::io::{self, Cursor};
+use std::path::{Path, PathBuf};
+
+use crate::api::WorkspaceView;
+use crate::guest_ssh::{GuestSsh, shell_quote_path};
+use crate::lifecycle::Progress;
+
+use super::plan::{FileKind, FileType, GitIdentity, Plan};
+use super::{WorkspaceError, check_base_commit};
+
+/// Where a workspace lives in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPaths {
+    /// The checkout (`/root/repo`).
+    pub repo: PathBuf,
+    /// The guest user's global git config (`/root/.gitconfig`).
+    pub gitconfig: PathBuf,
+}
+
+impl Default for GuestPaths {
+    fn default() -> Self {
+        GuestPaths {
+            repo: PathBuf::from("/root/repo"),
+            gitconfig: PathBuf::from("/root/.gitconfig"),
+        }
+    }
+}
+
+impl GuestPaths {
+    /// A sibling of the checkout where the import is staged before it is
+    /// renamed into place.
+    fn staging(&self) -> PathBuf {
+        let name = self
+            .repo
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "repo".to_string());
+        self.repo.with_file_name(format!(".{name}.banger-import"))
+    }
+}
+
+/// Imports `plan` into the guest behind `ssh`: bundle + clone + checkout +
+/// overlay (or, in full-copy mode, one archive of the tree), the git
+/// identity, then one rename over `guest.repo`, so a failed import leaves
+/// the previous checkout untouched. `scratch` is a host directory for the
+/// bundle (removed afterwards).
+pub async fn prepare(
+    ssh: &GuestSsh,
+    plan: &Plan,
+    guest: &GuestPaths,
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<WorkspaceView, WorkspaceError> {
+    let stage = guest.staging();
+    let q_stage = shell_quote_path(&stage);
+    let staged_repo = stage.join("repo");
+    let q_staged = shell_quote_path(&staged_repo);
+    let step = |name: &'static str| move |e| WorkspaceError::Guest(name, Box::new(e));
+
+    ssh.run(&format!("rm -rf {q_stage} && mkdir -p {q_stage}"), None)
+        .await
+        .map_err(step("stage"))?;
+
+    if plan.mode == super::Mode::FullCopy {
+        progress.stage(
+            "workspace_copy",
+            format!(
+                "copying {} entries of {}",
+                plan.files.len(),
+                plan.root.display()
+            ),
+        );
+        let tar = blocking({
+            let plan = plan.clone();
+            move || overlay_tar(&plan)
+        })
+        .await??;
+        ssh.run(
+            &format!("mkdir -p {q_staged} && tar -x -f - -C {q_staged}"),
+            Some(&mut Cursor::new(tar)),
+        )
+        .await
+        .map_err(step("copy"))?;
+    } else {
+        progress.stage("workspace_bundle", "bundling the repository history");
+        let bundle = scratch.join(format!(".workspace-{}.bundle", std::process::id()));
+        let made = blocking({
+            let plan = plan.clone();
+            let bundle = bundle.clone();
+            move || plan.write_bundle(&bundle)
+        })
+        .await?;
+        let sent = match made {
+            Ok(()) => send_file(ssh, &bundle, &stage.join("repo.bundle")).await,
+            Err(e) => Err(e),
+        };
+        let _ = fs::remove_file(&bundle);
+        sent?;
+
+        progress.stage("workspace_clone", "cloning the bundle in the guest");
+        let q_bundle = shell_quote_path(&stage.join("repo.bundle"));
+        let checkout = match (&plan.branch, &plan.head_branch) {
+            (Some(b), _) => format!("git checkout -q -b {} {}", q(b), plan.base_commit),
+            (None, Some(h)) => format!("git checkout -q -B {} {}", q(h), plan.head_commit),
+            (None, None) => format!("git checkout -q --detach {}", plan.head_commit),
+        };
+        ssh.run(
+            &format!(
+                "set -e; git clone -q --no-checkout {q_bundle} {q_staged}; cd {q_staged}; \
+                 git remote remove origin; {checkout}; rm -f {q_bundle}"
+            ),
+            None,
+        )
+        .await
+        .map_err(step("clone"))?;
+
+        if !plan.files.is_empty() {
+            progress.stage(
+                "workspace_overlay",
+                format!("copying {} changed paths", plan.files.len()),
+            );
+            let mut deleted = Vec::new();
+            for f in plan.files.iter().filter(|f| f.kind == FileKind::Deleted) {
+                use std::os::unix::ffi::OsStrExt;
+                deleted.extend_from_slice(f.path.as_os_str().as_bytes());
+                deleted.push(0);
+            }
+            if !deleted.is_empty() {
+                ssh.run(
+                    &format!("cd {q_staged} && xargs -0 -r rm -f --"),
+                    Some(&mut Cursor::new(deleted)),
+                )
+                .await
+                .map_err(step("delete"))?;
+            }
+            let tar = blocking({
+                let plan = plan.clone();
+                move || overlay_tar(&plan)
+            })
+            .await??;
+            ssh.run(
+                &format!("tar -x -f - -C {q_staged}"),
+                Some(&mut Cursor::new(tar)),
+            )
+            .await
+            .map_err(step("overlay"))?;
+        }
+    }
+
+    let mut identity = Vec::new();
+    push_identity(&mut identity, &plan.global_identity, |key, value| {
+        format!(
+            "git config --file {} {key} {}",
+            shell_quote_path(&guest.gitconfig),
+            q(value)
+        )
+    });
+    push_identity(&mut identity, &plan.local_identity, |key, value| {
+        format!("git -C {q_staged} config {key} {}", q(value))
+    });
+    if !identity.is_empty() {
+        ssh.run(&format!("set -e; {}", identity.join("; ")), None)
+            .await
+            .map_err(step("git_identity"))?;
+    }
+
+    let q_repo = shell_quote_path(&guest.repo);
+    ssh.run(
+        &format!("set -e; rm -rf {q_repo}; mv {q_staged} {q_repo}; rm -rf {q_stage}"),
+        None,
+    )
+    .await
+    .map_err(step("publish"))?;
+
+    Ok(WorkspaceView {
+        repo: guest.repo.clone(),
+        mode: plan.mode.as_str().to_string(),
+        base_commit: plan.base_commit.clone(),
+        head_commit: plan.head_commit.clone(),
+        branch: plan.branch.clone().or_else(|| plan.head_branch.clone()),
+        files: plan.files.len(),
+        skipped_untracked: plan.skipped_untracked,
+    })
+}
+
+/// The guest's work since `base` (a commit id; `None` = the guest's HEAD)
+/// as one `git diff --binary` patch covering commits, staged, unstaged and
+/// untracked (non-ignored) changes. The guest's real index is untouched:
+/// `git add -A` goes to a temporary copy. Returns the full base id and the
+/// patch.
+pub async fn export(
+    ssh: &GuestSsh,
+    repo: &Path,
+    base: Option<&str>,
+) -> Result<(String, Vec<u8>), WorkspaceError> {
+    if let Some(b) = base {
+        check_base_commit(b)?;
+    }
+    let q_repo = shell_quote_path(repo);
+    let rev = base.unwrap_or("HEAD");
+    let resolved = ssh
+        .run(
+            &format!("git -C {q_repo} rev-parse --verify --quiet '{rev}^{{commit}}'"),
+            None,
+        )
+        .await
+        .map_err(|e| WorkspaceError::Guest("resolve_base", Box::new(e)))?;
+    let resolved = String::from_utf8_lossy(&resolved).trim().to_string();
+    check_base_commit(&resolved)?;
+    let script = format!(
+        "set -e; cd {q_repo}; idx=$(mktemp); trap 'rm -f \"$idx\"' EXIT; \
+         real=$(git rev-parse --git-path index); \
+         if [ -f \"$real\" ]; then cp \"$real\" \"$idx\"; else rm -f \"$idx\"; fi; \
+         GIT_INDEX_FILE=$idx git add -A; tree=$(GIT_INDEX_FILE=$idx git write-tree); \
+         git diff --binary --full-index --no-color --no-ext-diff --no-textconv {resolved} \"$tree\""
+    );
+    let patch = ssh
+        .run(&script, None)
+        .await
+        .map_err(|e| WorkspaceError::Guest("diff", Box::new(e)))?;
+    Ok((resolved, patch))
+}
+
+fn q(s: &str) -> String {
+    crate::guest_ssh::shell_quote(s)
+}
+
+fn push_identity(out: &mut Vec<String>, id: &GitIdentity, line: impl Fn(&str, &str) -> String) {
+    if let Some(n) = &id.name {
+        out.push(line("user.name", n));
+    }
+    if let Some(e) = &id.email {
+        out.push(line("user.email", e));
+    }
+}
+
+/// Streams the host file `src` into `dst` in the guest.
+async fn send_file(ssh: &GuestSsh, src: &Path, dst: &Path) -> Result<(), WorkspaceError> {
+    let mut file = tokio::fs::File::open(src)
+        .await
+        .map_err(|e| WorkspaceError::ReadPath(src.into(), e))?;
+    ssh.run(
+        &format!("umask 077; cat > {}", shell_quote_path(dst)),
+        Some(&mut file),
+    )
+    .await
+    .map_err(|e| WorkspaceError::Guest("upload_bundle", Box::new(e)))?;
+    Ok(())
+}
+
+/// A tar of every present path of the plan, relative to the repository
+/// root, owned by root, with the host's modes; symlinks stay links.
+fn overlay_tar(plan: &Plan) -> Result<Vec<u8>, WorkspaceError> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for f in &plan.files {
+        let Some(t) = f.file_type else { continue };
+        let abs = plan.root.join(&f.path);
+        let err = |e| WorkspaceError::Archive(abs.clone(), e);
+        let meta = fs::symlink_metadata(&abs).map_err(err)?;
+        let mut h = tar::Header::new_gnu();
+        h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        h.set_uid(0);
+        h.set_gid(0);
+        let _ = h.set_username("root");
+        let _ = h.set_groupname("root");
+        match t {
+            FileType::Symlink => {
+                let target = fs::read_link(&abs).map_err(err)?;
+                h.set_size(0);
+                builder.append_link(&mut h, &f.path, &target).map_err(err)?;
+            }
+            FileType::Directory => {
+                h.set_size(0);
+                builder
+                    .append_data(&mut h, &f.path, io::empty())
+                    .map_err(err)?;
+            }
+            FileType::Regular | FileType::Executable => {
+                let file = fs::File::open(&abs).map_err(err)?;
+                // The size in the header must match what is read; a file
+                // growing meanwhile is cut at its size when listed.
+                h.set_size(meta.len());
+                builder
+                    .append_data(&mut h, &f.path, io::Read::take(file, meta.len()))
+                    .map_err(err)?;
+            }
+        }
+    }
+    builder
+        .into_inner()
+        .map_err(|e| WorkspaceError::Archive(plan.root.clone(), e))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, WorkspaceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| WorkspaceError::Task(e.to_string()))
+}

@@ -1,0 +1,186 @@
+//! The daemon's glue: a VM name to an SSH endpoint, and the prepared
+//! workspace remembered in the VM directory (so `export` knows its base
+//! across daemon restarts).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use base64::Engine as _;
+
+use super::{GuestPaths, PrepareOptions, WorkspaceError, check_base_commit, plan};
+use crate::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
+use crate::guest_ssh::{GuestEndpoint, GuestSsh};
+use crate::lifecycle::{Lifecycle, OpError, Progress};
+
+/// The prepared workspace of a VM, in its directory.
+const RECORD: &str = "workspace.json";
+/// The port guests run sshd on.
+const SSH_PORT: u16 = 22;
+
+/// One import or export at a time per VM: two imports would race on the
+/// guest's staging directory, and an export during an import would read a
+/// half-built checkout.
+static VM_LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Default::default);
+
+async fn lock_vm(name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    let m = {
+        let mut map = VM_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    };
+    m.lock_owned().await
+}
+
+/// `POST /v1/vms/{name}/workspace/prepare`: plans the import of
+/// `req.path`, carries it into the running VM at `/root/repo`, and records
+/// the result in the VM directory.
+pub async fn prepare_vm(
+    lc: &Lifecycle,
+    name: &str,
+    req: WorkspacePrepareRequest,
+    progress: &Progress,
+) -> Result<WorkspaceView, OpError> {
+    let opts = PrepareOptions {
+        include_untracked: req.include_untracked,
+        branch: req.branch,
+        from: req.from,
+        full_copy: req.full_copy,
+    };
+    if !req.path.is_absolute() {
+        return Err(OpError::Invalid(format!(
+            "Workspace path {} is not absolute; the CLI sends absolute paths",
+            req.path.display()
+        )));
+    }
+    progress.stage(
+        "workspace_plan",
+        format!("inspecting {}", req.path.display()),
+    );
+    let path = req.path.clone();
+    let plan = run_blocking(move || plan(&path, &opts))
+        .await?
+        .map_err(op)?;
+    let _guard = lock_vm(name).await;
+    let ssh = connect(lc, name).await?;
+    let dir = vm_dir(lc, name).await?;
+    let view = super::prepare(&ssh, &plan, &GuestPaths::default(), &dir, progress)
+        .await
+        .map_err(op);
+    ssh.close().await;
+    let view = view?;
+    write_record(&dir, &view)?;
+    Ok(view)
+}
+
+/// `GET /v1/vms/{name}/workspace/export[?base=SHA]`: the guest's work since
+/// `base`, else since the base recorded at prepare time, else since the
+/// guest's HEAD.
+pub async fn export_vm(
+    lc: &Lifecycle,
+    name: &str,
+    base: Option<String>,
+) -> Result<WorkspaceExport, OpError> {
+    if let Some(b) = &base {
+        check_base_commit(b).map_err(op)?;
+    }
+    let _guard = lock_vm(name).await;
+    let dir = vm_dir(lc, name).await?;
+    let recorded = read_record(&dir)?;
+    let (base, source) = match (base, recorded) {
+        (Some(b), _) => (Some(b), "request"),
+        (None, Some(view)) => (Some(view.base_commit), "prepare"),
+        (None, None) => (None, "guest-head"),
+    };
+    let repo = GuestPaths::default().repo;
+    let ssh = connect(lc, name).await?;
+    let out = super::export(&ssh, &repo, base.as_deref())
+        .await
+        .map_err(op);
+    ssh.close().await;
+    let (base_commit, patch) = out?;
+    Ok(WorkspaceExport {
+        base_commit,
+        base_source: source.to_string(),
+        patch_base64: base64::engine::general_purpose::STANDARD.encode(patch),
+    })
+}
+
+fn op(e: WorkspaceError) -> OpError {
+    if e.is_user_error() {
+        OpError::Invalid(crate::lifecycle::render_chain(&e))
+    } else {
+        let stage = match &e {
+            WorkspaceError::Guest(step, _) => format!("workspace:{step}"),
+            _ => "workspace".to_string(),
+        };
+        OpError::Stage {
+            stage,
+            source: Box::new(e),
+        }
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpError::Stage {
+            stage: "internal".to_string(),
+            source: Box::new(e),
+        })
+}
+
+async fn vm_dir(lc: &Lifecycle, name: &str) -> Result<PathBuf, OpError> {
+    Ok(lc.view(lc.get(name).await?).dir)
+}
+
+async fn connect(lc: &Lifecycle, name: &str) -> Result<GuestSsh, OpError> {
+    let target = lc.ssh_target(name).await?;
+    let Some(ip) = target.address else {
+        return Err(OpError::Invalid(format!(
+            "VM {name} has no address to connect to; it needs the network capability (--cap network)"
+        )));
+    };
+    let endpoint = GuestEndpoint {
+        addr: SocketAddr::new(ip.into(), SSH_PORT),
+        user: target.user,
+        identity_file: target.identity_file,
+        known_hosts: target.known_hosts,
+    };
+    GuestSsh::connect(&endpoint)
+        .await
+        .map_err(|e| OpError::Stage {
+            stage: "workspace:connect".to_string(),
+            source: Box::new(e),
+        })
+}
+
+fn write_record(dir: &Path, view: &WorkspaceView) -> Result<(), OpError> {
+    let path = dir.join(RECORD);
+    let bytes = serde_json::to_vec_pretty(view)
+        .map_err(|e| OpError::Io(format!("Cannot encode {}", path.display()), e.into()))?;
+    crate::ssh::write_staged(&path, &bytes, 0o600).map_err(|e| OpError::Stage {
+        stage: "workspace:record".to_string(),
+        source: Box::new(e),
+    })
+}
+
+fn read_record(dir: &Path) -> Result<Option<WorkspaceView>, OpError> {
+    let path = dir.join(RECORD);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            OpError::Io(
+                format!(
+                    "Cannot parse {}; delete it and prepare again",
+                    path.display()
+                ),
+                e.into(),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(OpError::Io(format!("Cannot read {}", path.display()), e)),
+    }
+}
