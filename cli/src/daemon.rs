@@ -114,6 +114,13 @@ fn last_fatal_line(log: &Path) -> Option<String> {
 /// Asks the daemon to exit and waits until its socket stops answering.
 /// Returns false when it was not running.
 pub async fn stop(client: &Client) -> Result<bool> {
+    // Its pid, to wait for the exit itself: the socket stops answering
+    // before the daemon has finished shutting down (warm taps, DNS).
+    let pid = match status(client).await {
+        Ok(Some(s)) => Some(s.pid),
+        Ok(None) => return Ok(false),
+        Err(_) => None,
+    };
     match client
         .send::<(), serde::de::IgnoredAny>(Method::POST, "/v1/shutdown", None)
         .await
@@ -128,17 +135,30 @@ pub async fn stop(client: &Client) -> Result<bool> {
         // connections; only "nobody listens" means it is gone.
         if let Err(e) = client.get::<VersionInfo>("/v1/version").await
             && e.daemon_absent()
+            && !pid.is_some_and(alive)
         {
             return Ok(true);
         }
         if Instant::now() >= deadline {
             bail!(
-                "bangerd still answers on {} {}s after being asked to stop",
+                "bangerd (pid {}) still runs on {} {}s after being asked to stop",
+                pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
                 client.socket().display(),
                 STOP_DEADLINE.as_secs()
             );
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Whether process `pid` still exists (a zombie counts as gone: it has
+/// finished everything it will ever do).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
     }
 }
 
