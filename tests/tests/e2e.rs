@@ -264,4 +264,186 @@ mod tests {
         );
         rig.delete_all_and_check_clean(&[vm]);
     }
+
+    /// `git -C repo ARGS` with HOME set to `home` (so `--global` is the
+    /// test's own); panics with git's words on failure.
+    fn git(home: &std::path::Path, repo: &std::path::Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .env("HOME", home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .arg("-C")
+            .arg(repo)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn workspace_prepare_and_export_round_trip_through_a_real_guest() {
+        let test = "workspace_prepare_and_export_round_trip_through_a_real_guest";
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some((rig, _a)) = rig(test, "bookworm", "") else {
+            return;
+        };
+        let env = &rig.env;
+        // The daemon's HOME is the env's: its global git identity is the
+        // one the guest must get.
+        let home = env.root().join("home");
+        let repo = env.root().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&home, &repo, &["init", "-q", "-b", "main"]);
+        git(
+            &home,
+            &repo,
+            &["config", "--global", "user.name", "Host Person"],
+        );
+        git(
+            &home,
+            &repo,
+            &["config", "--global", "user.email", "host@example.com"],
+        );
+        let write = |rel: &str, body: &[u8]| {
+            let p = repo.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        };
+        write("a.txt", b"committed\n");
+        write("b.txt", b"to be deleted\n");
+        write(".gitignore", b"*.log\n");
+        write("bin/tool", b"#!/bin/sh\necho tool\n");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                repo.join("bin/tool"),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
+        }
+        std::os::unix::fs::symlink("a.txt", repo.join("link")).unwrap();
+        git(&home, &repo, &["add", "-A"]);
+        git(&home, &repo, &["commit", "-q", "-m", "base"]);
+        let base = git(&home, &repo, &["rev-parse", "HEAD"]);
+        write("a.txt", b"changed on the host\n");
+        std::fs::remove_file(repo.join("b.txt")).unwrap();
+        write("untracked.txt", b"new\n");
+        write("noise.log", b"ignored\n");
+
+        let vm = rig.create("ws1", &["--image", "bookworm"]);
+        let ip = vm.address.unwrap();
+        let known = rig.pin_host_keys(&vm);
+        let out = env
+            .banger(&["vm", "workspace", "prepare", "ws1", repo.to_str().unwrap()])
+            .ok();
+        assert!(
+            out.stderr.contains("1 untracked file was not copied")
+                && out.stderr.contains("--include-untracked"),
+            "{}",
+            out.stderr
+        );
+        let probe = "cd /root/repo && git status --porcelain; git rev-parse HEAD; cat a.txt; \
+                     stat -c %a bin/tool; readlink link; \
+                     for f in b.txt untracked.txt noise.log; do test -e $f && echo has-$f || echo no-$f; done; \
+                     git config user.name";
+        let got = rig.ssh_ok("ws1", ip, &known, probe);
+        let lines: Vec<&str> = got.lines().map(str::trim).collect();
+        assert_eq!(
+            lines,
+            [
+                "M a.txt",
+                "D b.txt",
+                base.as_str(),
+                "changed on the host",
+                "755",
+                "a.txt",
+                "no-b.txt",
+                "no-untracked.txt",
+                "no-noise.log",
+                "Host Person"
+            ],
+            "{got}"
+        );
+        // With the flag the untracked file comes too; ignored never does.
+        env.banger(&[
+            "vm",
+            "workspace",
+            "prepare",
+            "ws1",
+            repo.to_str().unwrap(),
+            "--include-untracked",
+        ])
+        .ok();
+        let got = rig.ssh_ok(
+            "ws1",
+            ip,
+            &known,
+            "cd /root/repo; cat untracked.txt; test -e noise.log && echo has-noise || echo no-noise",
+        );
+        assert_eq!(
+            got.lines().collect::<Vec<_>>(),
+            ["new", "no-noise"],
+            "{got}"
+        );
+
+        // Work in the guest: a commit, then uncommitted edits, a deletion
+        // and a new binary file. The export applied to a clean host checkout
+        // of the base gives the guest's tree.
+        rig.ssh_ok(
+            "ws1",
+            ip,
+            &known,
+            "cd /root/repo && git add -A && git -c user.name=g -c user.email=g@g commit -q -m guest && \
+             echo more >> a.txt && rm bin/tool && printf '\\000\\001\\002binary' > blob.bin && \
+             mkdir -p deep/er && echo x > deep/er/y.txt",
+        );
+        let guest_tree = rig
+            .ssh_ok(
+                "ws1",
+                ip,
+                &known,
+                "cd /root/repo && export GIT_INDEX_FILE=$(mktemp -u) && git add -A && git write-tree; rm -f $GIT_INDEX_FILE",
+            )
+            .trim()
+            .to_string();
+        let patch = env.root().join("guest.patch");
+        let out = env
+            .banger(&[
+                "vm",
+                "workspace",
+                "export",
+                "ws1",
+                "--output",
+                patch.to_str().unwrap(),
+            ])
+            .ok();
+        assert!(
+            out.stderr.contains(&base[..12]),
+            "the ref used is printed: {}",
+            out.stderr
+        );
+        let clean = env.root().join("clean");
+        git(
+            &home,
+            env.root(),
+            &[
+                "clone",
+                "-q",
+                repo.to_str().unwrap(),
+                clean.to_str().unwrap(),
+            ],
+        );
+        git(&home, &clean, &["checkout", "-q", &base]);
+        git(
+            &home,
+            &clean,
+            &["apply", "--binary", patch.to_str().unwrap()],
+        );
+        git(&home, &clean, &["add", "-A"]);
+        assert_eq!(git(&home, &clean, &["write-tree"]), guest_tree);
+
+        rig.delete_all_and_check_clean(&[vm]);
+    }
 }
