@@ -59,12 +59,19 @@ pub async fn prepare(
     let q_stage = shell_quote_path(&stage);
     let staged_repo = stage.join("repo");
     let q_staged = shell_quote_path(&staged_repo);
-    let step = |name: &'static str| move |e| WorkspaceError::Guest(name, Box::new(e));
+    let q_repo = shell_quote_path(&guest.repo);
 
-    ssh.run(&format!("rm -rf {q_stage} && mkdir -p {q_stage}"), None)
-        .await
-        .map_err(step("stage"))?;
-
+    // Everything travels as one tar on one exec's stdin and one guest
+    // script does the rest: each exec costs a process start in the guest,
+    // which is what dominates under emulation (and over slow links).
+    let mut parcel = tar::Builder::new(Vec::new());
+    let mut script = vec![
+        "set -e".to_string(),
+        format!("rm -rf {q_stage}"),
+        format!("mkdir -p {q_stage}"),
+        format!("cd {q_stage}"),
+        "tar -x -f -".to_string(),
+    ];
     if plan.mode == super::Mode::FullCopy {
         progress.stage(
             "workspace_copy",
@@ -79,12 +86,9 @@ pub async fn prepare(
             move || overlay_tar(&plan)
         })
         .await??;
-        ssh.run(
-            &format!("mkdir -p {q_staged} && tar -x -f - -C {q_staged}"),
-            Some(&mut Cursor::new(tar)),
-        )
-        .await
-        .map_err(step("copy"))?;
+        add_file(&mut parcel, "tree.tar", &tar, &plan.root)?;
+        script.push(format!("mkdir -p {q_staged}"));
+        script.push(format!("tar -x -f tree.tar -C {q_staged}"));
     } else {
         progress.stage("workspace_bundle", "bundling the repository history");
         let bundle = scratch.join(format!(".workspace-{}.bundle", std::process::id()));
@@ -94,87 +98,69 @@ pub async fn prepare(
             move || plan.write_bundle(&bundle)
         })
         .await?;
-        let sent = match made {
-            Ok(()) => send_file(ssh, &bundle, &stage.join("repo.bundle")).await,
-            Err(e) => Err(e),
-        };
+        let read = made.and_then(|()| {
+            fs::read(&bundle).map_err(|e| WorkspaceError::ReadPath(bundle.clone(), e))
+        });
         let _ = fs::remove_file(&bundle);
-        sent?;
+        add_file(&mut parcel, "repo.bundle", &read?, &plan.root)?;
 
-        progress.stage("workspace_clone", "cloning the bundle in the guest");
-        let q_bundle = shell_quote_path(&stage.join("repo.bundle"));
         let checkout = match (&plan.branch, &plan.head_branch) {
             (Some(b), _) => format!("git checkout -q -b {} {}", q(b), plan.base_commit),
             (None, Some(h)) => format!("git checkout -q -B {} {}", q(h), plan.head_commit),
             (None, None) => format!("git checkout -q --detach {}", plan.head_commit),
         };
-        ssh.run(
-            &format!(
-                "set -e; git clone -q --no-checkout {q_bundle} {q_staged}; cd {q_staged}; \
-                 git remote remove origin; {checkout}; rm -f {q_bundle}"
-            ),
-            None,
-        )
-        .await
-        .map_err(step("clone"))?;
+        script.push(format!("git clone -q --no-checkout repo.bundle {q_staged}"));
+        script.push(format!("cd {q_staged}"));
+        script.push("git remote remove origin".to_string());
+        script.push(checkout);
 
         if !plan.files.is_empty() {
-            progress.stage(
-                "workspace_overlay",
-                format!("copying {} changed paths", plan.files.len()),
-            );
             let mut deleted = Vec::new();
             for f in plan.files.iter().filter(|f| f.kind == FileKind::Deleted) {
                 use std::os::unix::ffi::OsStrExt;
                 deleted.extend_from_slice(f.path.as_os_str().as_bytes());
                 deleted.push(0);
             }
-            if !deleted.is_empty() {
-                ssh.run(
-                    &format!("cd {q_staged} && xargs -0 -r rm -f --"),
-                    Some(&mut Cursor::new(deleted)),
-                )
-                .await
-                .map_err(step("delete"))?;
-            }
             let tar = blocking({
                 let plan = plan.clone();
                 move || overlay_tar(&plan)
             })
             .await??;
-            ssh.run(
-                &format!("tar -x -f - -C {q_staged}"),
-                Some(&mut Cursor::new(tar)),
-            )
-            .await
-            .map_err(step("overlay"))?;
+            add_file(&mut parcel, "deleted", &deleted, &plan.root)?;
+            add_file(&mut parcel, "overlay.tar", &tar, &plan.root)?;
+            script.push(format!("xargs -0 -r rm -f -- < {q_stage}/deleted"));
+            script.push(format!("tar -x -f {q_stage}/overlay.tar"));
         }
+        progress.stage(
+            "workspace_clone",
+            format!(
+                "cloning in the guest and applying {} changed paths",
+                plan.files.len()
+            ),
+        );
     }
 
-    let mut identity = Vec::new();
-    push_identity(&mut identity, &plan.global_identity, |key, value| {
+    push_identity(&mut script, &plan.global_identity, |key, value| {
         format!(
             "git config --file {} {key} {}",
             shell_quote_path(&guest.gitconfig),
             q(value)
         )
     });
-    push_identity(&mut identity, &plan.local_identity, |key, value| {
+    push_identity(&mut script, &plan.local_identity, |key, value| {
         format!("git -C {q_staged} config {key} {}", q(value))
     });
-    if !identity.is_empty() {
-        ssh.run(&format!("set -e; {}", identity.join("; ")), None)
-            .await
-            .map_err(step("git_identity"))?;
-    }
+    script.push("cd /".to_string());
+    script.push(format!("rm -rf {q_repo}"));
+    script.push(format!("mv {q_staged} {q_repo}"));
+    script.push(format!("rm -rf {q_stage}"));
 
-    let q_repo = shell_quote_path(&guest.repo);
-    ssh.run(
-        &format!("set -e; rm -rf {q_repo}; mv {q_staged} {q_repo}; rm -rf {q_stage}"),
-        None,
-    )
-    .await
-    .map_err(step("publish"))?;
+    let parcel = parcel
+        .into_inner()
+        .map_err(|e| WorkspaceError::Archive(plan.root.clone(), e))?;
+    ssh.run(&script.join("\n"), Some(&mut Cursor::new(parcel)))
+        .await
+        .map_err(|e| WorkspaceError::Guest("import", Box::new(e)))?;
 
     Ok(WorkspaceView {
         repo: guest.repo.clone(),
@@ -238,18 +224,20 @@ fn push_identity(out: &mut Vec<String>, id: &GitIdentity, line: impl Fn(&str, &s
     }
 }
 
-/// Streams the host file `src` into `dst` in the guest.
-async fn send_file(ssh: &GuestSsh, src: &Path, dst: &Path) -> Result<(), WorkspaceError> {
-    let mut file = tokio::fs::File::open(src)
-        .await
-        .map_err(|e| WorkspaceError::ReadPath(src.into(), e))?;
-    ssh.run(
-        &format!("umask 077; cat > {}", shell_quote_path(dst)),
-        Some(&mut file),
-    )
-    .await
-    .map_err(|e| WorkspaceError::Guest("upload_bundle", Box::new(e)))?;
-    Ok(())
+/// Adds `data` as the regular file `name` (0600) to the parcel.
+fn add_file(
+    parcel: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    data: &[u8],
+    root: &Path,
+) -> Result<(), WorkspaceError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o600);
+    h.set_entry_type(tar::EntryType::Regular);
+    parcel
+        .append_data(&mut h, name, data)
+        .map_err(|e| WorkspaceError::Archive(root.to_path_buf(), e))
 }
 
 /// A tar of every present path of the plan, relative to the repository
