@@ -6,6 +6,7 @@ mod artifacts;
 mod daemon;
 mod ordered;
 mod output;
+mod run;
 mod vm;
 
 use std::process::ExitCode;
@@ -67,9 +68,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;
             vm::cap_list(&client, json).await
         }
+        // Before the daemon is started: a dry run or a refused plan must not
+        // even do that.
+        Command::Vm(VmCommand::Run(a)) => run::run(*a).await,
         Command::Vm(cmd) => {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;
             match cmd {
+                VmCommand::Run(a) => run::run(*a).await,
                 VmCommand::Create(a) => vm::create(&client, a).await,
                 VmCommand::Start(n) => verb_all(&client, Verb::Start, &n.names).await,
                 VmCommand::Stop(n) => verb_all(&client, Verb::Stop, &n.names).await,
