@@ -3,6 +3,7 @@
 //! (`use banger_capabilities as _;`) for the registrations to exist.
 
 pub mod dns;
+pub mod mise;
 pub mod nat;
 pub mod network;
 pub mod vsock_agent;
