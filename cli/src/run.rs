@@ -53,7 +53,6 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     // From here on an interrupt must not kill banger before `--rm` has
     // cleaned up: it stops the wait, and the ssh child gets its own copy.
     let mut interrupt = signal(SignalKind::interrupt()).context("Handling Ctrl-C")?;
-    let _terminate = signal(SignalKind::terminate()).context("Handling SIGTERM")?;
     let wait = Duration::from_secs(config.ssh_wait_timeout_secs);
     match use_vm(&client, &plan, &name, wait, &mut interrupt).await {
         Err(Failure::SshWait(e)) => {
@@ -111,9 +110,13 @@ async fn use_vm(
 ) -> Result<ExitCode, Failure> {
     let target = wait_for_ssh(client, name, wait, interrupt).await?;
     if let Some(ws) = &plan.workspace {
-        let view = prepare_workspace(client, name, &ws.request)
-            .await
-            .with_context(|| format!("Importing {} into {name}", ws.root.display()))?;
+        let view = tokio::select! {
+            r = prepare_workspace(client, name, &ws.request) => r
+                .with_context(|| format!("Importing {} into {name}", ws.root.display()))?,
+            _ = interrupt.recv() => {
+                return Err(Failure::Other(anyhow!("Interrupted while importing into VM {name}")));
+            }
+        };
         eprintln!(
             "workspace: {} files ({}) at {}, base {}",
             view.files,

@@ -224,6 +224,21 @@ mod tests {
     }
 
     #[test]
+    fn detach_waits_for_ssh_then_leaves_the_vm_running_with_a_reconnect_hint() {
+        if !ssh_keygen_present("detach_waits_for_ssh_then_leaves_the_vm_running") {
+            return;
+        }
+        let keydir = tempfile::tempdir().unwrap();
+        let env = env_for_run(&host_keys_json(keydir.path()), "");
+        let leased = lease_when_created(&env, "bg");
+        let out = env.banger(&run_args("bg", &["-d"])).ok();
+        leased.join().unwrap();
+        assert!(out.stdout.contains("banger vm ssh bg"), "{out:?}");
+        assert_eq!(env.show("bg").record.state, VmState::Running);
+        assert!(ssh_calls(&env).is_empty(), "detached runs open no session");
+    }
+
+    #[test]
     fn detach_with_rm_or_a_command_is_refused_before_anything_exists() {
         let env = BangerEnv::new();
         for extra in [
