@@ -68,8 +68,8 @@ pub enum VmCommand {
     /// to /root/repo (tracked files; see --include-untracked) and its tools
     /// installed with mise when it has .mise.toml, mise.toml or
     /// .tool-versions (needs --nat; skip with --no-bootstrap).
-    /// `vm run [PATH] -- CMD...`: runs CMD in the guest (in /root/repo's VM,
-    /// without the bootstrap) and exits with its exit code.
+    /// `vm run [PATH] -- CMD...`: runs CMD in the guest (in /root/repo when
+    /// PATH is given; never the bootstrap) and exits with its exit code.
     Run(Box<RunArgs>),
     /// Create a VM from a kernel and a root filesystem image, and start it.
     Create(Box<CreateArgs>),
