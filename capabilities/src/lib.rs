@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod file_sync;
+pub mod mise;
 pub mod nat;
 pub mod network;
 pub mod vsock_agent;

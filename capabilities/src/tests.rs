@@ -101,12 +101,45 @@ fn exactly_the_expected_builtins_are_registered() {
         vec![
             "dns",
             "file-sync",
+            "mise",
             "nat",
             "network",
             "vsock-agent",
             "work-disk"
         ]
     );
+}
+
+#[test]
+fn mise_refuses_a_vm_without_nat_naming_both_fixes() {
+    use banger_core::model::EnabledCap;
+
+    use crate::mise::Mise;
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = vm(64 << 20, false);
+    let cap = |name: &str| EnabledCap {
+        name: name.into(),
+        options: CapOptions::new(),
+    };
+    v.caps = vec![cap("work-disk"), cap("mise")];
+    let err = with_ctx(&v, dir.path(), |ctx| Mise.prepare_host(ctx))
+        .0
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--nat") && err.contains("--no-bootstrap"),
+        "{err}"
+    );
+    v.caps.push(cap("nat"));
+    with_ctx(&v, dir.path(), |ctx| Mise.prepare_host(ctx))
+        .0
+        .unwrap();
+
+    assert!(Mise.validate_options(&CapOptions::new()).is_ok());
+    let mut o = CapOptions::new();
+    o.insert("version".into(), "1".into());
+    let err = Mise.validate_options(&o).unwrap_err().to_string();
+    assert!(err.contains("takes no options"), "{err}");
 }
 
 #[test]

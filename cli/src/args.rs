@@ -60,6 +60,17 @@ pub enum Shell {
 /// `banger vm ...`
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
+    /// Create a VM and use it at once: ssh into it, import a git workspace,
+    /// or run a command and exit with its code.
+    ///
+    /// `vm run` alone: a fresh VM and an interactive ssh session.
+    /// `vm run PATH`: the same with the git repository around PATH imported
+    /// to /root/repo (tracked files; see --include-untracked) and its tools
+    /// installed with mise when it has .mise.toml, mise.toml or
+    /// .tool-versions (needs --nat; skip with --no-bootstrap).
+    /// `vm run [PATH] -- CMD...`: runs CMD in the guest (in /root/repo when
+    /// PATH is given; never the bootstrap) and exits with its exit code.
+    Run(Box<RunArgs>),
     /// Create a VM from a kernel and a root filesystem image, and start it.
     Create(Box<CreateArgs>),
     /// Start stopped VMs.
@@ -178,6 +189,63 @@ pub struct CreateArgs {
     /// VMM backend (default: config `vmm`, else firecracker).
     #[arg(long, value_enum)]
     pub vmm: Option<VmmArg>,
+}
+
+/// `vm run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A directory inside the git repository to import to /root/repo.
+    #[arg(value_name = "PATH")]
+    pub path: Option<PathBuf>,
+    /// VM name (generated when absent).
+    #[arg(long, value_parser = parse_name, allow_hyphen_values = true)]
+    pub name: Option<String>,
+    /// Image to create the VM from (default: the catalog's default image,
+    /// pulled if missing).
+    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+    pub image: Option<String>,
+    /// Shape flags shared with `vm create`.
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// Capability choice: NAME, NAME:key=value,... or -NAME (repeatable).
+    #[arg(long = "cap", value_name = "CAP", value_parser = parse_cap, allow_hyphen_values = true)]
+    pub caps: Vec<String>,
+    /// Give the VM outbound internet through the host (same as `--cap nat`).
+    #[arg(long)]
+    pub nat: bool,
+    /// VMM backend (default: config `vmm`, else firecracker).
+    #[arg(long, value_enum)]
+    pub vmm: Option<VmmArg>,
+    /// Delete the VM when the session or command ends, whatever its exit
+    /// code (kept when sshd never came up, for `banger vm logs`).
+    #[arg(long)]
+    pub rm: bool,
+    /// Create, import and bootstrap, then exit with a reconnect hint instead
+    /// of opening a session.
+    #[arg(short = 'd', long, conflicts_with_all = ["rm", "command"])]
+    pub detach: bool,
+    /// Skip the mise tool install even when the workspace asks for one.
+    #[arg(long)]
+    pub no_bootstrap: bool,
+    /// Also copy untracked, non-ignored files (ignored files never go).
+    #[arg(long, requires = "path")]
+    pub include_untracked: bool,
+    /// Create this guest-only branch in /root/repo.
+    #[arg(long, value_name = "BRANCH", requires = "path")]
+    pub branch: Option<String>,
+    /// Start --branch at this host ref, without the working-tree changes.
+    #[arg(long, value_name = "REF", requires = "branch")]
+    pub from: Option<String>,
+    /// Copy the directory as it is (`.git` and submodules included) instead
+    /// of a git import.
+    #[arg(long, requires = "path")]
+    pub full_copy: bool,
+    /// Print the spec and what would happen; create nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Command to run in the guest instead of a session (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// `--vmm` values.

@@ -6,6 +6,7 @@ mod artifacts;
 mod daemon;
 mod ordered;
 mod output;
+mod run;
 mod vm;
 mod workspace;
 
@@ -70,9 +71,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         // Starts the daemon itself, and not at all for --dry-run.
         Command::Vm(VmCommand::Workspace(cmd)) => workspace::run(cmd).await,
+        // Before the daemon is started: a dry run or a refused plan must not
+        // even do that.
+        Command::Vm(VmCommand::Run(a)) => run::run(*a).await,
         Command::Vm(cmd) => {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;
             match cmd {
+                VmCommand::Run(a) => run::run(*a).await,
                 VmCommand::Create(a) => vm::create(&client, a).await,
                 VmCommand::Start(n) => verb_all(&client, Verb::Start, &n.names).await,
                 VmCommand::Stop(n) => verb_all(&client, Verb::Stop, &n.names).await,

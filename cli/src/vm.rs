@@ -47,12 +47,12 @@ impl Verb {
     }
 }
 
-fn vm_path(name: &str) -> String {
+pub(crate) fn vm_path(name: &str) -> String {
     // Names are validated (a-z, 0-9, '-') so they need no escaping.
     format!("/v1/vms/{name}")
 }
 
-fn print_event(prefix: Option<&str>, e: &banger_core::api::Event) {
+pub(crate) fn print_event(prefix: Option<&str>, e: &banger_core::api::Event) {
     if let Some(line) = output::event_line(prefix, e) {
         eprintln!("{line}");
     }
@@ -66,6 +66,25 @@ const SSH_OWN_FAILURE: i32 = 255;
 /// system `ssh` and exits with its code.
 pub async fn ssh(client: &Client, name: &str, print: bool, command: &[String]) -> Result<ExitCode> {
     let target: SshTarget = client.get(&format!("{}/ssh", vm_path(name))).await?;
+    let args = pinned_ssh_args(&target, command)?;
+    if print {
+        let words: Vec<String> = std::iter::once("ssh".to_string())
+            .chain(args.iter().map(|a| shell_quote(a)))
+            .collect();
+        println!("{}", words.join(" "));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let code = run_ssh(name, &args)?;
+    if command.is_empty() {
+        note_still_running(client, name).await;
+    }
+    Ok(exit_code(code))
+}
+
+/// Writes `target`'s host keys to `<state>/ssh/known_hosts.d/NAME` and
+/// returns the arguments for the system `ssh` (see [`ssh_args`]).
+pub(crate) fn pinned_ssh_args(target: &SshTarget, command: &[String]) -> Result<Vec<String>> {
+    let name = &target.name;
     let address = target.address.with_context(|| {
         format!("VM {name} has no address; it needs the network capability (--cap network)")
     })?;
@@ -77,15 +96,13 @@ pub async fn ssh(client: &Client, name: &str, print: bool, command: &[String]) -
         .with_context(|| format!("Creating {}", dir.display()))?;
     let known_hosts = dir.join(name);
     banger_core::ssh::write_staged(&known_hosts, target.known_hosts.as_bytes(), 0o600)?;
-    let args = ssh_args(&target, address, &known_hosts, command);
-    if print {
-        let words: Vec<String> = std::iter::once("ssh".to_string())
-            .chain(args.iter().map(|a| shell_quote(a)))
-            .collect();
-        println!("{}", words.join(" "));
-        return Ok(ExitCode::SUCCESS);
-    }
-    let status = match std::process::Command::new("ssh").args(&args).status() {
+    Ok(ssh_args(target, address, &known_hosts, command))
+}
+
+/// Runs the system `ssh` with `args` (from [`pinned_ssh_args`]) and returns
+/// its exit code, hinting at the guest side when ssh itself failed.
+pub(crate) fn run_ssh(name: &str, args: &[String]) -> Result<i32> {
+    let status = match std::process::Command::new("ssh").args(args).status() {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             anyhow::bail!("ssh is not on PATH; install the openssh-client package")
@@ -103,7 +120,26 @@ pub async fn ssh(client: &Client, name: &str, print: bool, command: &[String]) -
              `banger vm ports {name}` lists its listeners, `banger vm logs {name}` shows its console."
         );
     }
-    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+    Ok(code)
+}
+
+/// An exit code as the process's own (codes outside 0..=255 become 1).
+pub(crate) fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// After an interactive session: one line saying the VM still runs (it
+/// costs memory until stopped) and how to stop or delete it. Silent when
+/// the VM is no longer running or the daemon cannot say.
+pub(crate) async fn note_still_running(client: &Client, name: &str) {
+    if let Ok(vm) = client.get::<VmView>(&vm_path(name)).await
+        && vm.record.state == banger_core::model::VmState::Running
+    {
+        eprintln!(
+            "VM {name} is still running: `banger vm stop {name}` stops it, \
+             `banger vm delete {name}` deletes it."
+        );
+    }
 }
 
 /// The arguments after `ssh`: banger's identity only, the pinned host keys
@@ -132,14 +168,25 @@ fn ssh_args(
     if !command.is_empty() {
         // Keeps a command starting with `-` from being read as ssh options.
         args.push("--".to_string());
-        args.extend(command.iter().cloned());
+        args.extend(remote_command(command));
     }
     args
 }
 
+/// The command words as ssh should send them. ssh joins its arguments with
+/// spaces for the remote shell, which would split `sh -c 'a; b'` apart: one
+/// word is a shell command line and goes as is; several words are an argv
+/// and each is quoted so the guest runs exactly those words.
+pub(crate) fn remote_command(command: &[String]) -> Vec<String> {
+    match command {
+        [line] => vec![line.clone()],
+        words => words.iter().map(|w| shell_quote(w)).collect(),
+    }
+}
+
 /// `word` as a POSIX shell reads it back: bare when it is made of safe
 /// characters, single-quoted otherwise.
-fn shell_quote(word: &str) -> String {
+pub(crate) fn shell_quote(word: &str) -> String {
     let safe = !word.is_empty()
         && word
             .chars()
@@ -203,7 +250,7 @@ pub async fn ports(client: &Client, name: &str, json: bool) -> Result<ExitCode> 
 }
 
 /// `--nat` is `--cap nat`.
-fn with_nat(mut caps: Vec<String>, nat: bool) -> Vec<String> {
+pub(crate) fn with_nat(mut caps: Vec<String>, nat: bool) -> Vec<String> {
     if nat && !caps.iter().any(|c| c == "nat" || c.starts_with("nat:")) {
         caps.push("nat".to_string());
     }
@@ -619,6 +666,30 @@ mod tests {
             args[args.len() - 4..],
             ["root@10.0.0.7", "--", "-x", "uname"]
         );
+    }
+
+    #[test]
+    fn several_command_words_reach_the_guest_shell_as_an_argv() {
+        // What ssh sends is the words joined by spaces; a shell reads it.
+        let sent = |words: &[&str]| {
+            let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+            let line = super::remote_command(&words).join(" ");
+            let out = std::process::Command::new("sh")
+                .args(["-c", &line])
+                .output()
+                .unwrap();
+            (out.status.code(), String::from_utf8(out.stdout).unwrap())
+        };
+        assert_eq!(
+            sent(&["sh", "-c", "echo one; echo two; exit 7"]),
+            (Some(7), "one\ntwo\n".to_string())
+        );
+        assert_eq!(
+            sent(&["printf", "%s|", "a b", "it's"]),
+            (Some(0), "a b|it's|".into())
+        );
+        // One word is a command line for the guest's shell.
+        assert_eq!(sent(&["echo x | tr x y; exit 3"]), (Some(3), "y\n".into()));
     }
 
     #[test]

@@ -435,6 +435,9 @@ pub struct Config {
     pub agent_bin: Option<PathBuf>,
     /// Seconds to wait for a booting guest's agent to answer `/healthz`.
     pub agent_timeout_secs: u64,
+    /// How long `vm run` waits for the guest's sshd (and its host keys)
+    /// after create before giving up and keeping the VM for `vm logs`.
+    pub ssh_wait_timeout_secs: u64,
     /// QEMU binary for the qemu backend; `None` searches `PATH` for
     /// `qemu-system-x86_64`.
     pub qemu_bin: Option<PathBuf>,
@@ -462,6 +465,7 @@ const TOP_KEYS: &[&str] = &[
     "insecure_registries",
     "agent_bin",
     "agent_timeout_secs",
+    "ssh_wait_timeout_secs",
     "qemu_bin",
     "qemu_accel",
     "vhost_device_vsock_bin",
@@ -492,6 +496,7 @@ impl Config {
             insecure_registries: Vec::new(),
             agent_bin: None,
             agent_timeout_secs: DEFAULT_AGENT_TIMEOUT_SECS,
+            ssh_wait_timeout_secs: DEFAULT_SSH_WAIT_TIMEOUT_SECS,
             vm_defaults: VmDefaultsConfig::default(),
             qemu_bin: None,
             qemu_accel: QemuAccel::Auto,
@@ -614,6 +619,8 @@ impl Config {
     }
 }
 
+/// Default for `ssh_wait_timeout_secs`.
+pub const DEFAULT_SSH_WAIT_TIMEOUT_SECS: u64 = 120;
 /// Default for `agent_timeout_secs`.
 pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 60;
 /// File name of the guest agent binary.
@@ -742,6 +749,11 @@ impl Parser<'_> {
                             as u64;
                 }
                 "agent_bin" => cfg.agent_bin = Some(self.absolute_path(key, value)?),
+                "ssh_wait_timeout_secs" => {
+                    cfg.ssh_wait_timeout_secs =
+                        self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
+                            as u64;
+                }
                 "agent_timeout_secs" => {
                     cfg.agent_timeout_secs =
                         self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
@@ -1469,6 +1481,15 @@ disk_size = "20G"
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
         let msg = cfg.firecracker_bin_in(None).unwrap_err().to_string();
         assert!(msg.contains("is not an executable file"), "{msg}");
+    }
+
+    #[test]
+    fn ssh_wait_timeout_defaults_to_two_minutes_and_is_checked() {
+        assert_eq!(parse("").unwrap().ssh_wait_timeout_secs, 120);
+        let cfg = parse("ssh_wait_timeout_secs = 3\n").unwrap();
+        assert_eq!(cfg.ssh_wait_timeout_secs, 3);
+        let msg = err("ssh_wait_timeout_secs = 0\n");
+        assert!(msg.contains("invalid ssh_wait_timeout_secs 0"), "{msg}");
     }
 
     #[test]
