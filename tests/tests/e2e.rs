@@ -446,4 +446,174 @@ mod tests {
 
         rig.delete_all_and_check_clean(&[vm]);
     }
+
+    #[test]
+    fn vm_run_imports_the_workspace_runs_commands_and_bootstraps_detached() {
+        let test = "vm_run_imports_the_workspace_runs_commands_and_bootstraps_detached";
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // mise cannot be downloaded here: a stand-in on the guest's PATH
+        // (~/.local/bin, where the bootstrap looks first), delivered by
+        // file_sync, records that `mise install` ran in the checkout.
+        let sync = "[[file_sync]]\nhost = \"~/fake-mise\"\nguest = \"~/.local/bin/mise\"\nmode = \"0755\"\n";
+        let Some((rig, _a)) = rig(test, "bookworm", sync) else {
+            return;
+        };
+        let env = &rig.env;
+        let home = env.root().join("home");
+        std::fs::write(
+            home.join("fake-mise"),
+            "#!/bin/sh\n[ \"$1\" = install ] && pwd > /root/repo/.mise-ran && cat .tool-versions >> /root/repo/.mise-ran\n",
+        )
+        .unwrap();
+        let repo = env.root().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&home, &repo, &["init", "-q", "-b", "main"]);
+        git(
+            &home,
+            &repo,
+            &["config", "--global", "user.name", "Host Person"],
+        );
+        git(
+            &home,
+            &repo,
+            &["config", "--global", "user.email", "host@example.com"],
+        );
+        std::fs::write(repo.join("a.txt"), "committed\n").unwrap();
+        std::fs::write(repo.join(".gitignore"), "*.log\n").unwrap();
+        std::fs::write(repo.join(".tool-versions"), "nodejs 20.0.0\n").unwrap();
+        git(&home, &repo, &["add", "-A"]);
+        git(&home, &repo, &["commit", "-q", "-m", "base"]);
+        std::fs::write(repo.join("a.txt"), "changed on the host\n").unwrap();
+        std::fs::write(repo.join("untracked.txt"), "new\n").unwrap();
+        std::fs::write(repo.join("noise.log"), "ignored\n").unwrap();
+        let r = repo.to_str().unwrap();
+
+        // A workspace that asks for tools, without --nat: refused before
+        // any VM exists.
+        let refused = env
+            .banger(&["vm", "run", r, "--image", "bookworm"])
+            .failed();
+        assert!(
+            refused.stderr.contains("--nat") && refused.stderr.contains("--no-bootstrap"),
+            "{}",
+            refused.stderr
+        );
+        assert!(env.list().is_empty());
+
+        // Command mode with --rm: the host's uncommitted change is there,
+        // untracked and ignored files are not, the exit code comes through,
+        // and the VM is gone afterwards.
+        let cmd = "git -C /root/repo status --porcelain; ls -a /root/repo; exit 7";
+        let out = env.banger(&[
+            "vm",
+            "run",
+            r,
+            "--image",
+            "bookworm",
+            "--name",
+            "r1",
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+            "--rm",
+            "--",
+            "sh",
+            "-c",
+            cmd,
+        ]);
+        assert_eq!(out.code, 7, "{}\n{}", out.stdout, out.stderr);
+        let spec = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("spec: "))
+            .unwrap_or_default();
+        assert!(
+            spec.contains("1024 MiB") && spec.contains("256M disk"),
+            "{}",
+            out.stderr
+        );
+        let listed: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+        assert!(listed.contains(&"M a.txt"), "{}", out.stdout);
+        assert!(
+            listed.contains(&"a.txt") && listed.contains(&".tool-versions"),
+            "{}",
+            out.stdout
+        );
+        assert!(!listed.contains(&"untracked.txt"), "{}", out.stdout);
+        assert!(!listed.contains(&"noise.log"), "{}", out.stdout);
+        assert!(out.stderr.contains("--include-untracked"), "{}", out.stderr);
+        assert!(env.list().is_empty(), "--rm deleted the VM");
+        let vms_dir = env.state_dir().join("vms");
+        let left: Vec<_> = std::fs::read_dir(&vms_dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "VM dirs left: {left:?}");
+        assert!(rig.resolve("r1").is_empty(), "no DNS record left");
+        let rules = String::from_utf8_lossy(&run("nft", &["list", "ruleset"]).stdout).into_owned();
+        assert!(!rules.contains("comment \"banger:"), "{rules}");
+
+        // With --include-untracked the untracked file comes too; ignored never.
+        let out = env.banger(&[
+            "vm",
+            "run",
+            r,
+            "--image",
+            "bookworm",
+            "--name",
+            "r2",
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+            "--rm",
+            "--include-untracked",
+            "--",
+            "ls",
+            "-a",
+            "/root/repo",
+        ]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let listed: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+        assert!(listed.contains(&"untracked.txt"), "{}", out.stdout);
+        assert!(!listed.contains(&"noise.log"), "{}", out.stdout);
+        assert!(env.list().is_empty());
+
+        // Detached with --nat: returns once the bootstrap has finished, the
+        // VM keeps running, and vm ssh passes exit codes without prompts.
+        let out = env.banger(&[
+            "vm",
+            "run",
+            r,
+            "--image",
+            "bookworm",
+            "--name",
+            "d1",
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+            "--nat",
+            "-d",
+        ]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(out.stdout.contains("banger vm ssh d1"), "{}", out.stdout);
+        let d1 = env.show("d1");
+        assert_eq!(d1.record.state, VmState::Running);
+        let ran = env.banger(&["vm", "ssh", "d1", "--", "cat", "/root/repo/.mise-ran"]);
+        assert_eq!(ran.code, 0, "{}", ran.stderr);
+        assert_eq!(
+            ran.stdout.lines().collect::<Vec<_>>(),
+            ["/root/repo", "nodejs 20.0.0"],
+            "{}",
+            ran.stdout
+        );
+        let three = env.banger(&["vm", "ssh", "d1", "--", "exit", "3"]);
+        assert_eq!(three.code, 3, "{}", three.stderr);
+        assert!(!three.stderr.contains("yes/no"), "{}", three.stderr);
+
+        rig.delete_all_and_check_clean(&[d1]);
+    }
 }

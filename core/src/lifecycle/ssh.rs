@@ -7,9 +7,12 @@ use crate::api::SshTarget;
 use crate::lifecycle::{Lifecycle, OpError, blocking};
 use crate::ssh::{SshIdentity, known_hosts};
 use crate::vsock::AgentClient;
+use banger_guest_protocol::api::Proto;
 
 /// The user banger's key is authorized for in every guest.
 const SSH_USER: &str = "root";
+/// Where the guest's sshd listens.
+const SSH_PORT: u16 = 22;
 
 impl Lifecycle {
     /// The address, user, identity file and `known_hosts` lines (from the
@@ -24,12 +27,27 @@ impl Lifecycle {
                 "VM {name} has no address to connect to; it needs the network capability (--cap network)"
             )));
         };
-        let keys = blocking(move || AgentClient::new(&uds, Duration::from_secs(5)).ssh_host_keys())
-            .await?
-            .map_err(|e| OpError::Stage {
-                stage: "agent_ssh_host_keys".to_string(),
-                source: Box::new(e),
-            })?;
+        // Host keys exist a moment before sshd listens (they are generated
+        // just before it starts): only a listener on 22 means "ready".
+        let (keys, listening) = blocking(move || {
+            let agent = AgentClient::new(&uds, Duration::from_secs(5));
+            let keys = agent.ssh_host_keys()?;
+            let listening = agent
+                .ports()?
+                .iter()
+                .any(|l| l.proto == Proto::Tcp && l.port == SSH_PORT);
+            Ok::<_, crate::vsock::VsockError>((keys, listening))
+        })
+        .await?
+        .map_err(|e| OpError::Stage {
+            stage: "agent_ssh_host_keys".to_string(),
+            source: Box::new(e),
+        })?;
+        if !listening {
+            return Err(OpError::Invalid(format!(
+                "VM {name}'s sshd has not started: nothing listens on port {SSH_PORT} in the guest yet (is openssh-server in the image?); try again shortly"
+            )));
+        }
         let known = known_hosts(&[format!("{name}.vm"), ip.to_string()], &keys);
         if known.is_empty() {
             return Err(OpError::Invalid(format!(

@@ -22,7 +22,8 @@
 //!   `/ssh-host-keys` (empty lists) are served; other ports get the
 //!   connection closed, as Firecracker does when nothing listens.
 //! - `FAKE_FC_HOST_KEYS=FILE`: the fake agent's `/ssh-host-keys` answer is
-//!   the JSON array in FILE instead of `[]`.
+//!   the JSON array in FILE instead of `[]`, and (a started sshd) `/ports`
+//!   lists sshd on TCP 22.
 //!
 //! Validation, all answered `400 {"fault_message": ...}` like Firecracker:
 //! logger `log_path`, boot-source `kernel_image_path`/`initrd_path` and drive
@@ -463,7 +464,7 @@ fn serve_agent(stream: UnixStream, booted: std::time::Instant) {
             "uptime_secs": booted.elapsed().as_secs(),
         })),
         ("GET", "/ssh-host-keys") => Reply::json(fake_host_keys()),
-        ("GET", "/ports") => Reply::json(json!([])),
+        ("GET", "/ports") => Reply::json(fake_listeners()),
         _ => Reply {
             status: 404,
             ..Reply::fault(format!("no route {method} {path}"))
@@ -479,6 +480,18 @@ fn fake_host_keys() -> Value {
         .and_then(|p| std::fs::read(p).ok())
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_else(|| json!([]))
+}
+
+/// With host keys the fake guest's sshd runs: one listener on 22, as the
+/// real agent reports it. Without, nothing listens.
+fn fake_listeners() -> Value {
+    let keys = fake_host_keys();
+    if keys.as_array().is_some_and(|k| !k.is_empty()) {
+        json!([{"proto": "tcp", "address": "0.0.0.0", "port": 22, "pid": 200,
+                "process": "sshd", "command": "sshd: /usr/sbin/sshd -D"}])
+    } else {
+        json!([])
+    }
 }
 
 fn boot_console() {
