@@ -14,11 +14,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use banger_core::api::{CreateVmRequest, SshTarget, VmView, WorkspacePrepareRequest};
+use banger_core::api::{
+    BootstrapRequest, BootstrapView, CreateVmRequest, SshTarget, VmView, WorkspacePrepareRequest,
+};
 use banger_core::client::{Client, ClientError, Method};
 use banger_core::config::Config;
 use banger_core::model::{ByteSize, VmmKind};
 use banger_core::paths::Paths;
+use banger_core::workspace::bootstrap::MISE_LOG;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::args::{RunArgs, VmmArg};
@@ -28,8 +31,6 @@ use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args, print_even
 const GUEST_REPO: &str = "/root/repo";
 /// Files that make a workspace ask for the mise bootstrap, in lookup order.
 const MISE_FILES: &[&str] = &[".mise.toml", "mise.toml", ".tool-versions"];
-/// The bootstrap's log in the guest.
-const MISE_LOG: &str = "/root/.cache/banger/mise-bootstrap.log";
 
 /// `vm run`. Nothing is created before the plan is known to be sound, and
 /// with `--dry-run` nothing is created (nor the daemon started) at all.
@@ -125,7 +126,7 @@ async fn use_vm(
         );
     }
     if let Some(file) = plan.bootstrap {
-        bootstrap(&target, file, plan.after == After::Detach)?;
+        bootstrap(client, name, file, plan.after == After::Detach).await?;
     }
     match &plan.after {
         After::Detach => {
@@ -197,65 +198,36 @@ async fn wait_for_ssh(
     }
 }
 
-/// The mise bootstrap as a guest command over ssh: to completion (output
-/// shown and logged) when detached, else started in the background with
-/// its log path printed, so the session opens at once.
-fn bootstrap(target: &SshTarget, file: &str, wait: bool) -> Result<()> {
-    let name = &target.name;
-    let line = guest_line(&mise_script(), wait, MISE_LOG);
+/// The mise bootstrap, run by the daemon over its own SSH connection: to
+/// completion (output shown, logged in the guest) when detached, else
+/// started in the background with its log path printed, so the session
+/// opens at once.
+async fn bootstrap(client: &Client, name: &str, file: &str, wait: bool) -> Result<()> {
     eprintln!(
         "bootstrap: {file} found; running `mise install` in {GUEST_REPO}{}",
         if wait { "" } else { " in the background" }
     );
-    let args = pinned_ssh_args(target, &[line])?;
-    let code = vm::run_ssh(name, &args)?;
-    if code != 0 {
-        bail!(
+    let view: BootstrapView = client
+        .stream_events(
+            Method::POST,
+            &format!("{}/bootstrap", vm_path(name)),
+            Some(&BootstrapRequest { wait }),
+            |e| print_event(None, e),
+        )
+        .await
+        .with_context(|| format!("Bootstrapping VM {name}"))?;
+    eprint!("{}", view.output);
+    match view.status {
+        Some(0) | None => {}
+        Some(code) => bail!(
             "The mise bootstrap failed (exit {code}); its log is {MISE_LOG} in the guest \
              (`banger vm ssh {name} -- cat {MISE_LOG}`)"
-        );
+        ),
     }
     if !wait {
         eprintln!("bootstrap log: {MISE_LOG} (`tail -f {MISE_LOG}` in the guest)");
     }
     Ok(())
-}
-
-/// The guest command line running `script` with its output in `log`: in
-/// the foreground, shown as well, exiting with the script's code (`wait`);
-/// else detached from the ssh session so that returns at once.
-fn guest_line(script: &str, wait: bool, log: &str) -> String {
-    let script = vm::shell_quote(script);
-    let dir = Path::new(log)
-        .parent()
-        .map_or_else(|| "/".to_string(), |d| d.display().to_string());
-    if wait {
-        format!(
-            "mkdir -p {dir} && {{ sh -c {script} 2>&1; echo $? > {log}.rc; }} | tee {log}; exit \"$(cat {log}.rc)\""
-        )
-    } else {
-        format!("mkdir -p {dir} && nohup sh -c {script} > {log} 2>&1 < /dev/null &")
-    }
-}
-
-/// Installs mise when the guest lacks it (official script, needs NAT), then
-/// the workspace's tools. Config files in the imported checkout are trusted:
-/// the user asked for this workspace.
-fn mise_script() -> String {
-    format!(
-        r#"set -e
-export PATH="$HOME/.local/bin:$PATH" MISE_YES=1 MISE_TRUSTED_CONFIG_PATHS={GUEST_REPO}
-cd {GUEST_REPO}
-if ! command -v mise >/dev/null 2>&1; then
-  echo "mise is not in the guest; installing it from https://mise.run"
-  if command -v curl >/dev/null 2>&1; then curl -fsSL https://mise.run | sh
-  elif command -v wget >/dev/null 2>&1; then wget -qO- https://mise.run | sh
-  else echo "neither curl nor wget is in the guest to fetch mise" >&2; exit 1
-  fi
-fi
-mise install
-echo "mise bootstrap: done""#
-    )
 }
 
 /// `--rm`: the VM goes, whatever the session's outcome.
@@ -723,44 +695,5 @@ mod tests {
         assert!(!nat_enabled(&s(&["nat"]), &s(&["-nat"])));
         assert!(nat_enabled(&s(&["nat"]), &s(&["-nat", "nat"])));
         assert!(!nat_enabled(&s(&[]), &s(&["natty"])));
-    }
-
-    #[test]
-    fn the_bootstrap_wrapper_logs_and_reports_the_scripts_exit_code() {
-        // The guest-side wrappers, run by a local sh as the guest would.
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("logs/boot.log");
-        let log = log.to_str().unwrap();
-        let script = "echo \"it's installing\"; exit 5";
-        let out = std::process::Command::new("sh")
-            .args(["-c", &guest_line(script, true, log)])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(5), "{out:?}");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's installing\n");
-        assert_eq!(std::fs::read_to_string(log).unwrap(), "it's installing\n");
-
-        // In the background the caller returns at once with success and the
-        // log fills in later.
-        std::fs::remove_file(log).unwrap();
-        let script = format!("echo later; touch {log}.done");
-        let st = std::process::Command::new("sh")
-            .args(["-c", &guest_line(&script, false, log)])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let done = format!("{log}.done");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !Path::new(&done).exists() {
-            assert!(Instant::now() < deadline, "the background script never ran");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(std::fs::read_to_string(log).unwrap(), "later\n");
-        // The script itself parses.
-        let st = std::process::Command::new("sh")
-            .args(["-n", "-c", &mise_script()])
-            .status()
-            .unwrap();
-        assert!(st.success());
     }
 }

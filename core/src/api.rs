@@ -190,6 +190,30 @@ pub struct WorkspaceView {
     pub skipped_untracked: usize,
 }
 
+/// `POST /v1/vms/{name}/bootstrap`: install the workspace's tools with
+/// mise in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapRequest {
+    /// Run to completion (detached `vm run`) instead of starting it in the
+    /// background (interactive `vm run`).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// The bootstrap's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapView {
+    /// Its log in the guest.
+    pub log: PathBuf,
+    /// Whether it ran to completion.
+    pub waited: bool,
+    /// Its exit status, when it ran to completion.
+    pub status: Option<u32>,
+    /// Its output, when it ran to completion.
+    pub output: String,
+}
+
 /// `vm workspace export`'s answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkspaceExport {

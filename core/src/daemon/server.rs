@@ -103,6 +103,7 @@ fn vm_routes() -> Router<Arc<ApiState>> {
         .route("/v1/vms/{name}/stats", get(vm_stats))
         .route("/v1/vms/{name}/ssh", get(vm_ssh))
         .route("/v1/vms/{name}/workspace/prepare", post(workspace_prepare))
+        .route("/v1/vms/{name}/bootstrap", post(vm_bootstrap))
         .route("/v1/vms/{name}/workspace/export", get(workspace_export))
 }
 
@@ -306,6 +307,20 @@ async fn workspace_prepare(
     let lc = st.lifecycle.clone();
     Ok(stream_task(move |p| async move {
         crate::workspace::prepare_vm(&lc, &name, req, &p)
+            .await
+            .map_err(|e| (e.stage().map(str::to_string), render_chain(&e)))
+    }))
+}
+
+async fn vm_bootstrap(
+    State(st): S,
+    Path(name): Path<String>,
+    body: Result<Json<crate::api::BootstrapRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let lc = st.lifecycle.clone();
+    Ok(stream_task(move |p| async move {
+        crate::workspace::bootstrap_vm(&lc, &name, req, &p)
             .await
             .map_err(|e| (e.stage().map(str::to_string), render_chain(&e)))
     }))

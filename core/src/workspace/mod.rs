@@ -16,10 +16,12 @@ use std::path::PathBuf;
 
 use crate::guest_ssh::GuestSshError;
 
+pub mod bootstrap;
 mod plan;
 mod remote;
 mod vm;
 
+pub use bootstrap::bootstrap_vm;
 pub use plan::{
     FileKind, FileType, GitIdentity, Mode, Plan, PlanFile, PrepareOptions, plan,
     skipped_untracked_note,

@@ -25,7 +25,7 @@ const SSH_PORT: u16 = 22;
 static VM_LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
     LazyLock::new(Default::default);
 
-async fn lock_vm(name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+pub(super) async fn lock_vm(name: &str) -> tokio::sync::OwnedMutexGuard<()> {
     let m = {
         let mut map = VM_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(name.to_string()).or_default().clone()
@@ -137,7 +137,7 @@ async fn vm_dir(lc: &Lifecycle, name: &str) -> Result<PathBuf, OpError> {
     Ok(lc.view(lc.get(name).await?).dir)
 }
 
-async fn connect(lc: &Lifecycle, name: &str) -> Result<GuestSsh, OpError> {
+pub(super) async fn connect(lc: &Lifecycle, name: &str) -> Result<GuestSsh, OpError> {
     let target = lc.ssh_target(name).await?;
     let Some(ip) = target.address else {
         return Err(OpError::Invalid(format!(
