@@ -520,6 +520,39 @@ fn memory_garbage(s: &str) -> String {
     format!("Invalid memory {s:?}: use MiB (2048) or a size with a suffix (2G, 512M)")
 }
 
+/// The CLI with `--vcpu`, `--memory` and `--disk-size` of `vm create` and
+/// `vm run` showing what they default to on this host (config
+/// `[vm_defaults]`, else derived from the host, else built-in), with where
+/// each value comes from. A config that does not load leaves the plain help.
+pub fn command_with_resolved_defaults(cmd: clap::Command) -> clap::Command {
+    let resolved = banger_core::paths::Paths::from_env()
+        .ok()
+        .and_then(|p| banger_core::config::Config::load(&p.config_file()).ok())
+        .map(|c| c.resolved_vm_defaults());
+    let Some(r) = resolved else {
+        return cmd;
+    };
+    let v = r.values;
+    let vcpu = format!("Number of vCPUs [default: {} ({})]", v.vcpus, r.vcpus_from);
+    let memory = format!(
+        "Memory: MiB (2048) or a size with suffix (2G) [default: {} MiB ({})]",
+        v.memory_mib, r.memory_from
+    );
+    let disk = format!(
+        "Work disk size [default: {} ({})]",
+        v.disk_size, r.disk_from
+    );
+    let shape = |c: clap::Command| {
+        c.mut_arg("vcpu", |a| a.help(vcpu.clone()))
+            .mut_arg("memory", |a| a.help(memory.clone()))
+            .mut_arg("disk_size", |a| a.help(disk.clone()))
+    };
+    cmd.mut_subcommand("vm", |vm| {
+        vm.mut_subcommand("create", shape)
+            .mut_subcommand("run", shape)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use banger_core::api::VersionInfo;
 use banger_core::paths::Paths;
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 
 use crate::args::{CapCommand, Cli, Command, DaemonCommand, Shell, VmCommand};
 use crate::vm::Verb;
@@ -24,7 +24,14 @@ use crate::vm::Verb;
 const EXIT_NOT_RUNNING: u8 = 3;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = {
+        use clap::FromArgMatches;
+        let matches = args::command_with_resolved_defaults(Cli::command()).get_matches();
+        match Cli::from_arg_matches(&matches) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -384,4 +384,16 @@ mod tests {
         assert_eq!(env.show("slow").record.state, VmState::Running);
         assert!(ssh_calls(&env).is_empty(), "ssh ran without a target");
     }
+
+    #[test]
+    fn help_shows_the_defaults_this_host_would_use_and_where_they_come_from() {
+        let env = BangerEnv::new();
+        env.write_config("[vm_defaults]\nvcpus = 3\n");
+        for sub in ["run", "create"] {
+            let help = env.banger(&["vm", sub, "--help"]).ok().stdout;
+            assert!(help.contains("[default: 3 (config)]"), "{sub}: {help}");
+            assert!(help.contains("MiB (host)]"), "{sub}: {help}");
+            assert!(help.contains("[default: 8G (built-in)]"), "{sub}: {help}");
+        }
+    }
 }
