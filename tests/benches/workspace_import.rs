@@ -167,6 +167,17 @@ fn main() {
         let took = t.elapsed();
         assert_eq!(out.code, 0, "prepare: {}", out.stderr);
         check("banger");
+        if round == 0 {
+            // Where banger's time went: the daemon's stage lines.
+            let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
+            for line in log.lines().filter(|l| l.contains("workspace")) {
+                let plain: String = line
+                    .split('\x1b')
+                    .map(|p| p.split_once('m').map_or(p, |(_, r)| r))
+                    .collect();
+                eprintln!("workspace_import/daemon: {plain}");
+            }
+        }
         banger.push(took);
 
         ssh("rm -rf /root/repo /root/repo.bundle");

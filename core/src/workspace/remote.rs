@@ -158,9 +158,15 @@ pub async fn prepare(
     let parcel = parcel
         .into_inner()
         .map_err(|e| WorkspaceError::Archive(plan.root.clone(), e))?;
+    let bytes = parcel.len();
+    let started = std::time::Instant::now();
     ssh.run(&script.join("\n"), Some(&mut Cursor::new(parcel)))
         .await
         .map_err(|e| WorkspaceError::Guest("import", Box::new(e)))?;
+    tracing::info!(
+        "workspace: {bytes} bytes sent and unpacked, cloned and published in the guest in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
 
     Ok(WorkspaceView {
         repo: guest.repo.clone(),
