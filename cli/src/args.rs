@@ -150,9 +150,9 @@ pub enum VmCommand {
 
 /// `vm create` flags.
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("root").required(true).args(["image", "rootfs"]))]
 pub struct CreateArgs {
-    /// Image to create the VM from (`banger image list`).
+    /// Image to create the VM from (`banger image list`). Default: the image
+    /// catalog's default image, pulled with its kernel when missing.
     #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
     pub image: Option<String>,
     /// Root filesystem image to bring instead of an image; the VM gets its own copy.
@@ -621,11 +621,10 @@ mod tests {
     }
 
     #[test]
-    fn create_needs_an_image_or_a_rootfs_and_at_most_one_kernel_source() {
-        // A root filesystem must come from somewhere.
-        usage_error(&["vm", "create", "--kernel", "k"]);
-        usage_error(&["vm", "create"]);
-        // ...from exactly one place.
+    fn create_takes_at_most_one_root_and_one_kernel_source() {
+        // No root named means the catalog's default image (the daemon's call).
+        parse(&["vm", "create"]).unwrap();
+        // A root from at most one place.
         usage_error(&["vm", "create", "--image", "deb", "--rootfs", "r"]);
         // Kernels: a file or a name, not both; an initrd only with a file.
         usage_error(&[

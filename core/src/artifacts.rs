@@ -449,10 +449,16 @@ impl Artifacts {
                 let image = self.ensure_image(name, progress).await?;
                 (image.rootfs, Some(image.kernel))
             }
+            // No image named: the image catalog's default, pulled (with its
+            // kernel) when missing, as `banger vm run` promises.
             (None, None) => {
-                return Err(ArtifactError::Invalid(
-                    "Pass --image NAME (see `banger image list`) or --rootfs PATH".to_string(),
-                ));
+                let Some(name) = self.image_catalog.default_entry().map(|e| e.name.clone()) else {
+                    return Err(ArtifactError::Invalid(
+                        "Pass --image NAME (see `banger image list`) or --rootfs PATH; the image catalog has no default".to_string(),
+                    ));
+                };
+                let image = self.ensure_image(&name, progress).await?;
+                (image.rootfs, Some(image.kernel))
             }
         };
         let (kernel, initrd) = if let Some(k) = &req.kernel {

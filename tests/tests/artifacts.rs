@@ -474,6 +474,14 @@ mod tests {
             "the manifest is stripped"
         );
 
+        // Naming no image at all means the catalog's default one (here the
+        // same image, now local: no second pull).
+        let out = env
+            .banger(&["vm", "create", "--name", "plain", "--disk-size", "64M"])
+            .ok();
+        assert!(!out.stderr.contains("pull_image"), "{}", out.stderr);
+        assert_eq!(env.show("plain").record.spec.rootfs_source, img.rootfs);
+
         // A bring-your-own rootfs gets the catalog's default kernel.
         let (_, rootfs) = env.boot_files();
         env.banger(&[
