@@ -280,6 +280,23 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// A new repository on `main` at `repo`, with the host's (the env's
+    /// HOME's) global git identity set.
+    fn init_repo(home: &std::path::Path, repo: &std::path::Path) {
+        std::fs::create_dir_all(repo).unwrap();
+        git(home, repo, &["init", "-q", "-b", "main"]);
+        git(
+            home,
+            repo,
+            &["config", "--global", "user.name", "Host Person"],
+        );
+        git(
+            home,
+            repo,
+            &["config", "--global", "user.email", "host@example.com"],
+        );
+    }
+
     #[test]
     fn workspace_prepare_and_export_round_trip_through_a_real_guest() {
         let test = "workspace_prepare_and_export_round_trip_through_a_real_guest";
@@ -294,18 +311,7 @@ mod tests {
         // one the guest must get.
         let home = env.root().join("home");
         let repo = env.root().join("repo");
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&home, &repo, &["init", "-q", "-b", "main"]);
-        git(
-            &home,
-            &repo,
-            &["config", "--global", "user.name", "Host Person"],
-        );
-        git(
-            &home,
-            &repo,
-            &["config", "--global", "user.email", "host@example.com"],
-        );
+        init_repo(&home, &repo);
         let write = |rel: &str, body: &[u8]| {
             let p = repo.join(rel);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -468,18 +474,7 @@ mod tests {
         )
         .unwrap();
         let repo = env.root().join("repo");
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&home, &repo, &["init", "-q", "-b", "main"]);
-        git(
-            &home,
-            &repo,
-            &["config", "--global", "user.name", "Host Person"],
-        );
-        git(
-            &home,
-            &repo,
-            &["config", "--global", "user.email", "host@example.com"],
-        );
+        init_repo(&home, &repo);
         std::fs::write(repo.join("a.txt"), "committed\n").unwrap();
         std::fs::write(repo.join(".gitignore"), "*.log\n").unwrap();
         std::fs::write(repo.join(".tool-versions"), "nodejs 20.0.0\n").unwrap();
