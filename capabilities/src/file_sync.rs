@@ -350,7 +350,7 @@ mod tests {
 
     use banger_core::config::{Config, SyncSource};
     use banger_core::hostops::RecordingHostOps;
-    use banger_core::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+    use banger_core::model::{ByteSize, VmName, VmRecord, VmSpec, VmState, VmmKind};
 
     use super::*;
 
@@ -608,11 +608,9 @@ mod tests {
     }
 
     fn vm() -> VmRecord {
-        VmRecord {
-            id: VmId::generate(),
-            name: VmName::parse("fs").unwrap(),
-            state: VmState::Starting,
-            spec: VmSpec {
+        let mut vm = VmRecord::new(
+            VmName::parse("fs").unwrap(),
+            VmSpec {
                 vcpus: 1,
                 memory_mib: 256,
                 disk_size: ByteSize(1 << 30),
@@ -622,16 +620,11 @@ mod tests {
                 extra_boot_args: None,
                 vmm: VmmKind::Firecracker,
             },
-            caps: vec![],
-            prepared: vec![],
-            vmm: None,
-            last_error: None,
-            machine: None,
-            guest: None,
-            booted_once: false,
-            created_at: 0,
-            updated_at: 0,
-        }
+            vec![],
+            0,
+        );
+        vm.state = VmState::Starting;
+        vm
     }
 
     /// Runs the GuestConfig hook as the lifecycle does, with `config`.

@@ -9,7 +9,7 @@ use banger_core::config::NetworkConfig;
 use banger_core::guest::GuestConfig;
 use banger_core::hostops::{HostOps, RecordingHostOps};
 use banger_core::machine::MachineSpec;
-use banger_core::model::{ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
 use banger_core::net::{HostNetwork, dns};
 use banger_core::store::Store;
 
@@ -25,11 +25,9 @@ impl HookLog for Quiet {
 }
 
 fn vm(name: &str) -> VmRecord {
-    VmRecord {
-        id: VmId::generate(),
-        name: VmName::parse(name).unwrap(),
-        state: VmState::Starting,
-        spec: VmSpec {
+    let mut vm = VmRecord::new(
+        VmName::parse(name).unwrap(),
+        VmSpec {
             vcpus: 1,
             memory_mib: 256,
             disk_size: ByteSize(1 << 20),
@@ -39,16 +37,11 @@ fn vm(name: &str) -> VmRecord {
             extra_boot_args: None,
             vmm: VmmKind::Firecracker,
         },
-        caps: vec![],
-        prepared: vec![],
-        vmm: None,
-        last_error: None,
-        machine: None,
-        guest: None,
-        booted_once: false,
-        created_at: 0,
-        updated_at: 0,
-    }
+        vec![],
+        0,
+    );
+    vm.state = VmState::Starting;
+    vm
 }
 
 fn machine() -> MachineSpec {

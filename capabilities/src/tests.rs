@@ -7,7 +7,7 @@ use banger_core::capability::{Capability, HookCtx, HookLog, TeardownReason, buil
 use banger_core::guest::GuestConfig;
 use banger_core::hostops::RecordingHostOps;
 use banger_core::machine::MachineSpec;
-use banger_core::model::{ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
 
 use crate::vsock_agent::{self, VsockAgent};
 use crate::work_disk::{self, WorkDisk};
@@ -25,11 +25,9 @@ impl HookLog for Lines {
 }
 
 fn vm(disk: u64, booted_once: bool) -> VmRecord {
-    VmRecord {
-        id: VmId::generate(),
-        name: VmName::parse("t1").unwrap(),
-        state: VmState::Starting,
-        spec: VmSpec {
+    let mut vm = VmRecord::new(
+        VmName::parse("t1").unwrap(),
+        VmSpec {
             vcpus: 1,
             memory_mib: 256,
             disk_size: ByteSize(disk),
@@ -39,16 +37,12 @@ fn vm(disk: u64, booted_once: bool) -> VmRecord {
             extra_boot_args: None,
             vmm: VmmKind::Firecracker,
         },
-        caps: vec![],
-        prepared: vec![],
-        vmm: None,
-        last_error: None,
-        machine: None,
-        guest: None,
-        booted_once,
-        created_at: 0,
-        updated_at: 0,
-    }
+        vec![],
+        0,
+    );
+    vm.state = VmState::Starting;
+    vm.booted_once = booted_once;
+    vm
 }
 
 fn with_ctx<R>(vm: &VmRecord, dir: &Path, f: impl FnOnce(&HookCtx<'_>) -> R) -> (R, Vec<String>) {

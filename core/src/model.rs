@@ -455,6 +455,28 @@ pub struct VmRecord {
     pub updated_at: u64,
 }
 
+impl VmRecord {
+    /// A VM just created at `now`: a new id, state `created`, nothing
+    /// prepared, never run.
+    pub fn new(name: VmName, spec: VmSpec, caps: Vec<EnabledCap>, now: u64) -> VmRecord {
+        VmRecord {
+            id: VmId::generate(),
+            name,
+            state: VmState::Created,
+            spec,
+            caps,
+            prepared: Vec::new(),
+            vmm: None,
+            last_error: None,
+            machine: None,
+            guest: None,
+            booted_once: false,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()

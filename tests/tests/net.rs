@@ -215,11 +215,9 @@ mod tests {
 
     fn vm(name: &str) -> banger_core::model::VmRecord {
         use banger_core::model::*;
-        VmRecord {
-            id: VmId::generate(),
-            name: VmName::parse(name).unwrap(),
-            state: VmState::Starting,
-            spec: VmSpec {
+        let mut vm = VmRecord::new(
+            VmName::parse(name).unwrap(),
+            VmSpec {
                 vcpus: 1,
                 memory_mib: 256,
                 disk_size: ByteSize(1 << 20),
@@ -229,16 +227,11 @@ mod tests {
                 extra_boot_args: None,
                 vmm: VmmKind::Firecracker,
             },
-            caps: vec![],
-            prepared: vec![],
-            vmm: None,
-            last_error: None,
-            machine: None,
-            guest: None,
-            booted_once: false,
-            created_at: 0,
-            updated_at: 0,
-        }
+            vec![],
+            0,
+        );
+        vm.state = VmState::Starting;
+        vm
     }
 
     #[test]

@@ -44,11 +44,9 @@ mod tests {
     }
 
     fn record() -> VmRecord {
-        VmRecord {
-            id: VmId::from_stored("0123456789abcdef".into()),
-            name: VmName::parse("plug-test").unwrap(),
-            state: VmState::Starting,
-            spec: VmSpec {
+        let mut vm = VmRecord::new(
+            VmName::parse("plug-test").unwrap(),
+            VmSpec {
                 vcpus: 2,
                 memory_mib: 512,
                 disk_size: ByteSize(1 << 30),
@@ -58,16 +56,12 @@ mod tests {
                 extra_boot_args: None,
                 vmm: VmmKind::Firecracker,
             },
-            caps: vec![],
-            prepared: vec![],
-            vmm: None,
-            last_error: None,
-            machine: None,
-            guest: None,
-            booted_once: false,
-            created_at: 0,
-            updated_at: 0,
-        }
+            vec![],
+            0,
+        );
+        vm.id = VmId::from_stored("0123456789abcdef".into());
+        vm.state = VmState::Starting;
+        vm
     }
 
     fn spec(vm_dir: &Path) -> MachineSpec {

@@ -9,8 +9,8 @@ use crate::disk;
 use crate::lifecycle::start::ROOT_DISK;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking};
 use crate::model::{
-    ByteSize, CapChoice, VmId, VmName, VmRecord, VmSpec, VmState, now_unix, resolve_caps,
-    validate_memory_mib, validate_vcpus,
+    ByteSize, CapChoice, VmName, VmRecord, VmSpec, now_unix, resolve_caps, validate_memory_mib,
+    validate_vcpus,
 };
 use crate::store::StoreError;
 
@@ -146,12 +146,9 @@ impl Lifecycle {
                 .map_err(|e| OpError::Invalid(format!("--cap {}: {e}", c.name)))?;
         }
 
-        let now = now_unix();
-        Ok(VmRecord {
-            id: VmId::generate(),
+        Ok(VmRecord::new(
             name,
-            state: VmState::Created,
-            spec: VmSpec {
+            VmSpec {
                 vcpus,
                 memory_mib,
                 disk_size,
@@ -163,15 +160,8 @@ impl Lifecycle {
                 vmm: req.vmm.unwrap_or(self.config.vmm),
             },
             caps,
-            prepared: Vec::new(),
-            vmm: None,
-            last_error: None,
-            machine: None,
-            guest: None,
-            booted_once: false,
-            created_at: now,
-            updated_at: now,
-        })
+            now_unix(),
+        ))
     }
 }
 
