@@ -248,12 +248,14 @@ pub fn version_line(v: &VersionInfo) -> String {
 /// caller reports itself. `prefix` names the VM when several run at once.
 pub fn event_line(prefix: Option<&str>, e: &Event) -> Option<String> {
     let body = match e {
-        Event::Stage { stage, message } if message.is_empty() => format!("==> {stage}"),
-        Event::Stage { stage, message } => format!("==> {stage}: {message}"),
+        Event::Stage { stage, message, .. } if message.is_empty() => format!("==> {stage}"),
+        Event::Stage { stage, message, .. } => format!("==> {stage}: {message}"),
         Event::Log { level, message } if level == "info" => format!("    {message}"),
         Event::Log { level, message } if level == "warn" => format!("warning: {message}"),
         Event::Log { level, message } => format!("{level}: {message}"),
-        Event::Done { .. } | Event::Failed { .. } => return None,
+        Event::Done { .. } | Event::Failed { .. } | Event::Progress { .. } | Event::Unknown => {
+            return None;
+        }
     };
     Some(match prefix {
         Some(p) => format!("{p}: {body}"),
@@ -301,6 +303,7 @@ mod tests {
         let stage = Event::Stage {
             stage: "launch_vmm".into(),
             message: "firecracker".into(),
+            expected_secs: None,
         };
         assert_eq!(
             event_line(None, &stage).unwrap(),

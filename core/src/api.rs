@@ -304,7 +304,8 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// One line of an NDJSON progress stream.
+/// One line of an NDJSON progress stream. Clients ignore event types and
+/// fields they do not know, so the daemon can add both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -314,6 +315,26 @@ pub enum Event {
         stage: String,
         /// Human-readable detail.
         message: String,
+        /// How long the stage usually takes, when the daemon knows (a local
+        /// kernel build), so the client can say "about N minutes".
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_secs: Option<u64>,
+    },
+    /// How far a long step of the current stage has come: a download, an
+    /// upload, a list of layers. Sent at most ~10 times a second per
+    /// label, and always once with `done == total` when the step completes.
+    Progress {
+        /// The stage the step belongs to.
+        stage: String,
+        /// What is counted (`kernel void-6.12`, `layer sha256:ab12…`).
+        label: String,
+        /// Units done so far.
+        done: u64,
+        /// Units in all, when known.
+        #[serde(default)]
+        total: Option<u64>,
+        /// What `done` and `total` count.
+        unit: ProgressUnit,
     },
     /// A log line from a capability or the core.
     Log {
@@ -335,4 +356,104 @@ pub enum Event {
         /// The whole error chain.
         error: String,
     },
+    /// An event type this client does not know (sent by a newer daemon).
+    /// Clients skip it; the daemon never sends it.
+    #[serde(other)]
+    Unknown,
+}
+
+/// What an [`Event::Progress`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressUnit {
+    /// Bytes downloaded, uploaded or written.
+    Bytes,
+    /// Things of a kind (layers, files).
+    Items,
+    /// Steps of a fixed plan.
+    Steps,
+    /// A unit this client does not know (sent by a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_events_round_trip_through_json() {
+        let events = [
+            Event::Stage {
+                stage: "build_kernel".into(),
+                message: "compiling linux 6.12".into(),
+                expected_secs: Some(1200),
+            },
+            Event::Progress {
+                stage: "pull_image".into(),
+                label: "layer sha256:ab".into(),
+                done: 512,
+                total: Some(4096),
+                unit: ProgressUnit::Bytes,
+            },
+            Event::Progress {
+                stage: "pull_image".into(),
+                label: "files".into(),
+                done: 3,
+                total: None,
+                unit: ProgressUnit::Items,
+            },
+        ];
+        for e in events {
+            let line = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), e, "{line}");
+        }
+    }
+
+    #[test]
+    fn progress_events_have_the_documented_wire_form() {
+        let e = Event::Progress {
+            stage: "pull_kernel".into(),
+            label: "kernel k".into(),
+            done: 1,
+            total: Some(2),
+            unit: ProgressUnit::Steps,
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"type": "progress", "stage": "pull_kernel", "label": "kernel k",
+                "done": 1, "total": 2, "unit": "steps"})
+        );
+        let plain = Event::Stage {
+            stage: "s".into(),
+            message: String::new(),
+            expected_secs: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({"type": "stage", "stage": "s", "message": ""}),
+            "an unknown duration is left out, so old clients see the old event"
+        );
+    }
+
+    #[test]
+    fn unknown_event_types_and_units_parse_as_unknown() {
+        let e: Event = serde_json::from_str(r#"{"type":"eta","seconds":3}"#).unwrap();
+        assert_eq!(e, Event::Unknown);
+        let e: Event = serde_json::from_str(
+            r#"{"type":"progress","stage":"s","label":"l","done":1,"unit":"frames"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                e,
+                Event::Progress {
+                    unit: ProgressUnit::Other,
+                    total: None,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
 }

@@ -71,25 +71,6 @@ pub struct PullImageRequest {
     pub kernel_ref: Option<String>,
 }
 
-/// Reports a download in 10% steps instead of once per chunk.
-#[derive(Debug, Default)]
-struct Tenths(Option<u64>);
-
-impl Tenths {
-    /// The percentage to report for `received` of `total`, if it is a new
-    /// step (`None` when the total is unknown).
-    fn step(&mut self, received: u64, total: u64) -> Option<u64> {
-        if total == 0 {
-            return None;
-        }
-        let tenth = received * 10 / total;
-        (self.0 != Some(tenth)).then(|| {
-            self.0 = Some(tenth);
-            tenth * 10
-        })
-    }
-}
-
 /// The daemon's images and kernels.
 #[derive(Debug)]
 pub struct Artifacts {
@@ -183,7 +164,7 @@ impl Artifacts {
                 entry.distro, entry.version
             ),
         );
-        let mut tenths = Tenths::default();
+        let label = format!("kernel {name}");
         let kernel =
             crate::kernels::pull(
                 &self.kernels,
@@ -192,9 +173,7 @@ impl Artifacts {
                 force,
                 |p| match p {
                     PullProgress::Downloading { received, total } => {
-                        if let Some(pct) = tenths.step(received, total) {
-                            progress.log_info(&format!("kernel {name}: {pct}% of {total} bytes"));
-                        }
+                        progress.bytes(&label, received, known_total(total))
                     }
                     PullProgress::Verified => {
                         progress.log_info(&format!("kernel {name}: checksum verified"))
@@ -263,6 +242,11 @@ impl Artifacts {
                 PullEvent::LayerCached { digest } => {
                     progress.log_info(&format!("layer {digest}: cached"))
                 }
+                PullEvent::LayerProgress {
+                    digest,
+                    received,
+                    total,
+                } => progress.bytes(&format!("layer {digest}"), received, total),
                 PullEvent::LayerDownloaded { digest, bytes } => {
                     progress.log_info(&format!("layer {digest}: downloaded {bytes} bytes"))
                 }
@@ -314,16 +298,14 @@ impl Artifacts {
             "pull_image",
             format!("pulling {} from the image catalog", req.reference),
         );
-        let mut tenths = Tenths::default();
+        let label = format!("image {}", req.reference);
         let bundle = crate::imagecat::pull_bundle(
             &self.image_catalog,
             &req.reference,
             staging.path(),
             |p| {
-                if let PullProgress::Downloading { received, total } = p
-                    && let Some(pct) = tenths.step(received, total)
-                {
-                    progress.log_info(&format!("image {}: {pct}% of {total} bytes", req.reference));
+                if let PullProgress::Downloading { received, total } = p {
+                    progress.bytes(&label, received, known_total(total));
                 }
             },
         )
@@ -489,19 +471,8 @@ impl Artifacts {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Tenths;
-
-    #[test]
-    fn download_progress_is_reported_once_per_ten_percent() {
-        let mut t = Tenths::default();
-        let reported: Vec<u64> = (0..=100).filter_map(|r| t.step(r, 100)).collect();
-        assert_eq!(reported, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
-        assert_eq!(
-            Tenths::default().step(5, 0),
-            None,
-            "unknown totals report nothing"
-        );
-    }
+/// A download's total as progress reports it: downloads report 0 when the
+/// server sent no length.
+fn known_total(total: u64) -> Option<u64> {
+    (total > 0).then_some(total)
 }

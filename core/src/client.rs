@@ -144,6 +144,10 @@ impl Client {
                     String::from_utf8_lossy(line)
                 ))
             })?;
+            // A newer daemon's event type: nothing to show or to return.
+            if event == Event::Unknown {
+                return Ok(None);
+            }
             on_event(&event);
             Ok(match event {
                 Event::Done { result } => Some(T::deserialize(result).map_err(|e| {
@@ -152,7 +156,10 @@ impl Client {
                 Event::Failed { stage, error } => {
                     Some(Err(ClientError::Operation { stage, error }))
                 }
-                Event::Stage { .. } | Event::Log { .. } => None,
+                Event::Stage { .. }
+                | Event::Log { .. }
+                | Event::Progress { .. }
+                | Event::Unknown => None,
             })
         };
         while let Some(frame) = body_in.frame().await {
@@ -582,7 +589,8 @@ mod tests {
             events[0],
             Event::Stage {
                 stage: "clone_rootfs".into(),
-                message: "copying".into()
+                message: "copying".into(),
+                expected_secs: None,
             }
         );
         assert_eq!(
@@ -596,6 +604,39 @@ mod tests {
         assert!(seen.head.starts_with("POST /v1/vms HTTP/1.1\r\n"));
         let sent: crate::api::CreateVmRequest = serde_json::from_slice(&seen.body).unwrap();
         assert_eq!(sent, req);
+    }
+
+    #[tokio::test]
+    async fn event_types_from_a_newer_daemon_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = r#"{"type":"eta","stage":"pull_image","seconds":30}"#;
+        let stage = r#"{"type":"stage","stage":"pull_image","message":"","colour":"blue"}"#;
+        let done = r#"{"type":"done","result":null}"#;
+        let (sock, _seen) = serve_once(
+            dir.path(),
+            chunked(&[&format!("{newer}\n{stage}\n{done}\n")]),
+        );
+        let mut events = Vec::new();
+        Client::new(sock)
+            .stream_events::<(), ()>(Method::POST, "/v1/images/pull", None, |e| {
+                events.push(e.clone())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            events,
+            [
+                Event::Stage {
+                    stage: "pull_image".into(),
+                    message: String::new(),
+                    expected_secs: None,
+                },
+                Event::Done {
+                    result: serde_json::Value::Null
+                }
+            ],
+            "the unknown type is skipped, the unknown field ignored"
+        );
     }
 
     #[tokio::test]

@@ -66,6 +66,15 @@ pub enum PullEvent {
         /// Layer digest.
         digest: String,
     },
+    /// A layer download is under way.
+    LayerProgress {
+        /// Layer digest.
+        digest: String,
+        /// Compressed bytes received so far.
+        received: u64,
+        /// Compressed bytes in all, as the manifest states.
+        total: Option<u64>,
+    },
     /// A layer download finished and was verified.
     LayerDownloaded {
         /// Layer digest.

@@ -11,12 +11,15 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use tokio::io::AsyncWrite;
 
 use super::auth::Credentials;
 use super::flatten::{Compression, Layer};
@@ -80,7 +83,15 @@ pub(crate) async fn fetch(
                 digest: desc.digest.clone(),
             });
         } else {
-            let bytes = download(&client, image, shown, desc, &path).await?;
+            let total = u64::try_from(desc.size).ok();
+            let mut report = |received| {
+                progress(PullEvent::LayerProgress {
+                    digest: desc.digest.clone(),
+                    received,
+                    total,
+                })
+            };
+            let bytes = download(&client, image, shown, desc, &path, &mut report).await?;
             progress(PullEvent::LayerDownloaded {
                 digest: desc.digest.clone(),
                 bytes,
@@ -101,6 +112,7 @@ async fn download(
     shown: &str,
     desc: &oci_client::manifest::OciDescriptor,
     dst: &Path,
+    report: &mut (impl FnMut(u64) + Send),
 ) -> Result<u64, ImageError> {
     let tmp = dst.with_extension(format!(
         "partial-{}-{}",
@@ -112,6 +124,11 @@ async fn download(
         source,
     };
     let file = tokio::fs::File::create(&tmp).await.map_err(cache_err)?;
+    let file = Counted {
+        inner: file,
+        written: 0,
+        report,
+    };
     let res = client.pull_blob(image, desc, file).await;
     if let Err(source) = res {
         let _ = std::fs::remove_file(&tmp);
@@ -136,6 +153,38 @@ async fn download(
         }
     })?;
     Ok(len)
+}
+
+/// A writer that reports how many bytes went through it, so a layer
+/// download can be shown as it goes.
+struct Counted<'a, W, F> {
+    inner: W,
+    written: u64,
+    report: &'a mut F,
+}
+
+impl<W: AsyncWrite + Unpin, F: FnMut(u64)> AsyncWrite for Counted<'_, W, F> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            this.written += n as u64;
+            (this.report)(this.written);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn manifest_error(
