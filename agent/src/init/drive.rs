@@ -1,10 +1,13 @@
 //! Finding and reading the config drive: the device named by the kernel
 //! argument `banger.config=/dev/vdX`, else the first `vd*` device in the
-//! device directory that starts with the config drive magic.
+//! device directory that starts with the config drive magic. Drivers loaded
+//! as modules probe their devices asynchronously, so the lookup retries
+//! until the drive shows up or a deadline passes.
 
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use banger_guest_protocol::drive::{self, ConfigDrive, DriveError, HEADER_LEN, MAX_PAYLOAD};
 
@@ -26,6 +29,31 @@ pub enum DiscoverError {
     /// The device's contents are not a valid config drive.
     #[error("Cannot decode config drive {0}")]
     Decode(PathBuf, #[source] DriveError),
+}
+
+/// How often [`discover_within`] looks again. It waits for the kernel to
+/// probe devices, nothing else, so polling is the simple honest way.
+const POLL: Duration = Duration::from_millis(50);
+
+/// [`discover`], retried while the drive is not there yet (not found, or
+/// the named device cannot be opened) until `wait` has passed. A drive
+/// that is there but corrupt fails at once.
+pub fn discover_within(
+    dev: &Path,
+    cmdline: &str,
+    wait: Duration,
+) -> Result<(PathBuf, ConfigDrive), DiscoverError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match discover(dev, cmdline) {
+            Err(DiscoverError::NotFound(_) | DiscoverError::Read(..))
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(POLL);
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Finds the config drive using the kernel command line `cmdline`, scanning
@@ -120,6 +148,49 @@ mod tests {
         let (path, drive) = discover(dev.path(), &cmdline).unwrap();
         assert_eq!(path, named);
         assert_eq!(drive.guest.hostname, "named");
+    }
+
+    #[test]
+    fn waits_for_a_drive_that_appears_late() {
+        let dev = tempfile::tempdir().unwrap();
+        let path = dev.path().join("vdb");
+        let late = path.clone();
+        // The drive shows up while the lookup is already polling, as a
+        // device does when its driver module probes asynchronously.
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            fs::write(late, config("late").encode()).unwrap();
+        });
+        let (found, drive) = discover_within(dev.path(), "", Duration::from_secs(30)).unwrap();
+        writer.join().unwrap();
+        assert_eq!(found, path);
+        assert_eq!(drive.guest.hostname, "late");
+    }
+
+    #[test]
+    fn gives_up_after_the_deadline_but_not_on_a_corrupt_drive() {
+        let dev = tempfile::tempdir().unwrap();
+        let wait = Duration::from_millis(200);
+        let started = Instant::now();
+        let named = format!("{CONFIG_ARG}{}/vdz", dev.path().display());
+        assert!(matches!(
+            discover_within(dev.path(), &named, wait),
+            Err(DiscoverError::Read(..))
+        ));
+        assert!(started.elapsed() >= wait);
+
+        let mut bytes = config("x").encode();
+        bytes[HEADER_LEN + 1] ^= 1;
+        fs::write(dev.path().join("vda"), bytes).unwrap();
+        let started = Instant::now();
+        assert!(matches!(
+            discover_within(dev.path(), "", Duration::from_secs(60)),
+            Err(DiscoverError::Decode(_, DriveError::Checksum))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no waiting on a corrupt drive"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod drive;
 mod files;
+mod modules;
 mod mounts;
 mod net;
 mod supervise;
@@ -11,6 +12,7 @@ mod supervise;
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::Duration;
 
 use banger_guest_protocol::api::AGENT_PORT;
 use banger_guest_protocol::drive::ConfigDrive;
@@ -24,6 +26,10 @@ const NEW_ROOT: &str = "/newroot";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Root device when the config drive is missing.
 const DEFAULT_ROOT_DEVICE: &str = "/dev/vda";
+/// How long to wait for the config drive to appear: drivers loaded as
+/// modules probe asynchronously, and TCG guests are slow. Only a VM without
+/// a config drive waits this long.
+const CONFIG_DRIVE_WAIT: Duration = Duration::from_secs(20);
 
 /// Runs the whole boot and never returns: it ends in the image's init or
 /// in the PID 1 supervisor.
@@ -48,7 +54,8 @@ pub fn run() -> ! {
     ));
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let config = match drive::discover(Path::new("/dev"), &cmdline) {
+    modules::load_listed(Path::new(modules::LOAD_LIST), &cmdline);
+    let config = match drive::discover_within(Path::new("/dev"), &cmdline, CONFIG_DRIVE_WAIT) {
         Ok((path, config)) => {
             console::log(&format!("read config drive {}", path.display()));
             Some(config)
