@@ -1,5 +1,6 @@
-//! The one download pipeline for catalog bundles (kernels, images): an HTTP
-//! body streamed through sha256 and, at the same time, through zstd into the
+//! The one download pipeline for catalog bundles (kernels, images): a byte
+//! stream (an HTTP body here, an OCI blob in [`crate::oci_artifact`])
+//! streamed through sha256 and, at the same time, through zstd into the
 //! checked tar extractor ([`crate::archive::extract_tar`]), so a bundle is
 //! never held in memory or on disk twice.
 //!
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -38,7 +39,8 @@ pub enum PullProgress {
 /// What to fetch and what it must hash to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BundleSource<'a> {
-    /// Absolute URL of the `.tar.zst`.
+    /// Absolute URL of the `.tar.zst` for [`fetch_bundle`]; for
+    /// [`extract_stream`] whatever names the stream's origin in errors.
     pub url: &'a str,
     /// Expected hex sha256 of the compressed body.
     pub sha256: &'a str,
@@ -132,6 +134,36 @@ pub async fn fetch_bundle<H: Send + 'static>(
         });
     }
 
+    extract_stream(
+        source,
+        response.bytes_stream(),
+        dest,
+        limits,
+        hold,
+        progress,
+    )
+    .await
+}
+
+/// The checked half of [`fetch_bundle`] for any byte stream: hashes and
+/// counts `body` against `source.sha256` and `source.size` while extracting
+/// it (zstd, then tar) into the existing directory `dest`, with the same
+/// staging, `hold` and abandonment rules. A stream error is reported as
+/// [`DownloadError::Request`] naming `source.url`.
+pub async fn extract_stream<S, E, H>(
+    source: BundleSource<'_>,
+    body: S,
+    dest: PathBuf,
+    limits: ExtractLimits,
+    hold: H,
+    progress: &mut impl FnMut(PullProgress),
+) -> Result<ExtractReport, DownloadError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    H: Send + 'static,
+{
+    let url = source.url;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
     let complete = Arc::new(AtomicBool::new(false));
     let abandoned = Arc::new(AtomicBool::new(false));
@@ -156,12 +188,15 @@ pub async fn fetch_bundle<H: Send + 'static>(
     let mut received = 0u64;
     let mut reported = 0u64;
     let mut failed = None;
-    let mut stream = response.bytes_stream();
+    let mut stream = std::pin::pin!(body);
     while let Some(chunk) = stream.next().await {
         let bytes = match chunk {
             Ok(b) => b,
             Err(e) => {
-                failed = Some(request(e));
+                failed = Some(DownloadError::Request {
+                    url: url.to_owned(),
+                    source: e.into(),
+                });
                 break;
             }
         };
@@ -261,5 +296,114 @@ impl Read for ChannelReader {
         buf[..n].copy_from_slice(&self.chunk[..n]);
         let _ = self.chunk.split_to(n);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A `.tar.zst` holding one file `name` with `content`.
+    fn bundle(name: &str, content: &[u8]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(content.len() as u64);
+        tar.append_data(&mut h, name, content).unwrap();
+        zstd::encode_all(tar.into_inner().unwrap().as_slice(), 3).unwrap()
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        hex(&Sha256::digest(bytes))
+    }
+
+    /// `bytes` as a stream of 7-byte chunks, then `tail`.
+    fn chunks(
+        bytes: &[u8],
+        tail: Option<io::Error>,
+    ) -> impl Stream<Item = Result<Bytes, io::Error>> + use<> {
+        let mut items: Vec<Result<Bytes, io::Error>> = bytes
+            .chunks(7)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        items.extend(tail.map(Err));
+        futures_util::stream::iter(items)
+    }
+
+    async fn extract(
+        body: impl Stream<Item = Result<Bytes, io::Error>>,
+        sha256: &str,
+        size: u64,
+        dest: &std::path::Path,
+    ) -> Result<ExtractReport, DownloadError> {
+        let source = BundleSource {
+            url: "test-stream",
+            sha256,
+            size,
+        };
+        let limits = ExtractLimits::default();
+        extract_stream(source, body, dest.to_path_buf(), limits, (), &mut |_| {}).await
+    }
+
+    #[tokio::test]
+    async fn a_stream_matching_its_digest_is_extracted() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle("vmlinux", b"kernel");
+        let report = extract(chunks(&b, None), &sha(&b), b.len() as u64, dir.path())
+            .await
+            .unwrap();
+        assert_eq!(report.bytes, 6);
+        assert_eq!(
+            std::fs::read(dir.path().join("vmlinux")).unwrap(),
+            b"kernel"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_is_named_before_any_extraction_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle("vmlinux", b"kernel");
+        let want = sha(&b);
+        // Corrupt the zstd frame too: the checksum, not garbage, is reported.
+        let last = b.len() - 1;
+        b[last] ^= 0xff;
+        b[4] ^= 0xff;
+        let err = extract(chunks(&b, None), &want, b.len() as u64, dir.path())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DownloadError::ChecksumMismatch { expected, got, .. }
+                if *expected == want && *got == sha(&b)),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_longer_stream_than_expected_is_a_size_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle("vmlinux", b"kernel");
+        let err = extract(chunks(&b, None), &sha(&b), 10, dir.path())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DownloadError::SizeMismatch { expected: 10, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_error_is_a_request_error_naming_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bundle("vmlinux", b"kernel");
+        let cut = chunks(&b[..10], Some(io::Error::other("connection reset")));
+        let err = extract(cut, &sha(&b), b.len() as u64, dir.path())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DownloadError::Request { url, .. } if url == "test-stream"),
+            "{err:?}"
+        );
     }
 }

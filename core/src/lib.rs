@@ -27,6 +27,7 @@ pub mod lifecycle;
 pub mod machine;
 pub mod model;
 pub mod net;
+pub mod oci_artifact;
 pub mod paths;
 pub mod plugin_host;
 pub mod ssh;

@@ -62,6 +62,17 @@ pub(crate) fn default_config_path() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
 }
 
+/// Credentials for `host` from the docker config `opts` names (or the
+/// default one), with helpers looked up in `$PATH`.
+pub(crate) fn for_registry(
+    host: &str,
+    opts: &super::PullOptions,
+) -> Result<Option<Credentials>, ImageError> {
+    let docker_config = opts.docker_config.clone().or_else(default_config_path);
+    let path_env = std::env::var_os("PATH");
+    lookup(host, docker_config.as_deref(), path_env.as_deref())
+}
+
 /// Credentials for `host` from the docker config at `config` (absent file:
 /// none). Helpers are looked up in `path_env`.
 pub(crate) fn lookup(

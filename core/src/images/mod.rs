@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 use crate::model::ByteSize;
 
-mod auth;
+pub(crate) mod auth;
 mod flatten;
-mod oci;
-mod reference;
+pub(crate) mod oci;
+pub(crate) mod reference;
 
 pub use reference::default_image_name;
 
@@ -137,16 +137,7 @@ async fn pull_into(
     if !staging_dir.is_dir() {
         return Err(ImageError::StagingMissing(staging_dir.to_path_buf()));
     }
-    let docker_config = opts
-        .docker_config
-        .clone()
-        .or_else(auth::default_config_path);
-    let path_env = std::env::var_os("PATH");
-    let creds = auth::lookup(
-        parsed.resolve_registry(),
-        docker_config.as_deref(),
-        path_env.as_deref(),
-    )?;
+    let creds = auth::for_registry(parsed.resolve_registry(), opts)?;
     let image = oci::fetch(&parsed, reference, opts, creds, &mut progress).await?;
 
     let tree = staging_dir.join(".rootfs-tree");

@@ -41,18 +41,8 @@ pub(crate) async fn fetch(
     creds: Option<Credentials>,
     progress: &mut (impl FnMut(PullEvent) + Send),
 ) -> Result<Fetched, ImageError> {
-    install_crypto_provider();
     let host = image.resolve_registry().to_string();
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(opts.insecure_registries.clone()),
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
-        connect_timeout: Some(Duration::from_secs(30)),
-        ..Default::default()
-    });
-    let auth = match creds {
-        Some(c) => RegistryAuth::Basic(c.username, c.secret),
-        None => RegistryAuth::Anonymous,
-    };
+    let (client, auth) = session(opts, creds);
     let (manifest, digest) = match client.pull_image_manifest(image, &auth).await {
         Ok(m) => m,
         Err(e) => return Err(manifest_error(e, shown, &host, opts).await),
@@ -104,6 +94,25 @@ pub(crate) async fn fetch(
         });
     }
     Ok(Fetched { digest, layers })
+}
+
+/// The registry client and credentials every registry operation uses
+/// (image pulls here, artifacts in [`crate::oci_artifact`]): plain HTTP only
+/// for `opts.insecure_registries`, a 30 s connect timeout, `linux/amd64`
+/// from an index, and `creds` (from [`super::auth::lookup`]) or anonymous.
+pub(crate) fn session(opts: &PullOptions, creds: Option<Credentials>) -> (Client, RegistryAuth) {
+    install_crypto_provider();
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(opts.insecure_registries.clone()),
+        platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        connect_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    });
+    let auth = match creds {
+        Some(c) => RegistryAuth::Basic(c.username, c.secret),
+        None => RegistryAuth::Anonymous,
+    };
+    (client, auth)
 }
 
 async fn download(
@@ -187,7 +196,9 @@ impl<W: AsyncWrite + Unpin, F: FnMut(u64)> AsyncWrite for Counted<'_, W, F> {
     }
 }
 
-async fn manifest_error(
+/// Names a failed manifest fetch: not found, unauthorized, a plain-HTTP
+/// registry not listed as insecure, or the library's error.
+pub(crate) async fn manifest_error(
     e: OciDistributionError,
     shown: &str,
     host: &str,
@@ -293,7 +304,7 @@ fn compression(media_type: &str) -> Option<Compression> {
 
 /// The hex part of a `sha256:` digest; anything else is refused (it becomes
 /// a file name in the cache).
-fn sha256_hex(digest: &str) -> Result<&str, ImageError> {
+pub(crate) fn sha256_hex(digest: &str) -> Result<&str, ImageError> {
     digest
         .strip_prefix("sha256:")
         .filter(|h| {
