@@ -100,20 +100,30 @@ pub fn agent_archive(agent: &[u8]) -> Vec<u8> {
     w.finish()
 }
 
-const S_IFDIR: u32 = 0o040000;
-const S_IFREG: u32 = 0o100000;
+pub(crate) const S_IFDIR: u32 = 0o040000;
+pub(crate) const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
 
 /// A cpio "newc" (SVR4, no CRC) writer: 110-byte ASCII headers, name and
-/// data each padded to 4 bytes, ended by `TRAILER!!!`.
+/// data each padded to 4 bytes, ended by `TRAILER!!!`. The one cpio writer
+/// in banger: the agent archive and the boot modules archive
+/// (`kernels::modules`) both use it.
 #[derive(Debug, Default)]
-struct Newc {
+pub(crate) struct Newc {
     out: Vec<u8>,
     next_ino: u32,
 }
 
 impl Newc {
-    fn entry(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) {
+    /// Appends one entry; `name` is relative (no leading `/`).
+    pub(crate) fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) {
         self.next_ino += 1;
         let fields = [
             self.next_ino,
@@ -146,7 +156,8 @@ impl Newc {
         self.out.resize(n, 0);
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    /// Ends the archive with its trailer and returns the bytes.
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         // The trailer's inode must not collide with a real entry's.
         self.next_ino = 0;
         self.entry("TRAILER!!!", 0, 1, (0, 0), &[]);
@@ -179,7 +190,7 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Writes `bytes` to a temporary sibling, syncs it and renames it over `dest`.
-fn publish(dest: &Path, bytes: &[u8], mode: u32) -> Result<(), InitramfsError> {
+pub(crate) fn publish(dest: &Path, bytes: &[u8], mode: u32) -> Result<(), InitramfsError> {
     let tmp = sibling(dest, &format!(".tmp-{}", std::process::id()));
     let written = (|| {
         let mut f = fs::OpenOptions::new()

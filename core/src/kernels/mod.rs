@@ -10,6 +10,7 @@
 
 mod catalog;
 mod import;
+mod modules;
 mod pull;
 mod store;
 
@@ -17,6 +18,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use catalog::{Catalog, CatalogEntry};
+pub use modules::{BootModules, DEFAULT_BOOT_MODULES, MODULES_LOAD, boot_modules_archive};
 pub use pull::pull;
 
 pub use crate::download::PullProgress;
@@ -153,6 +155,40 @@ pub enum KernelError {
     /// A manifest could not be read or parsed.
     #[error("Cannot read kernel manifest {0}")]
     ReadManifest(PathBuf, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The modules tree has no directory for the kernel version.
+    #[error(
+        "No modules for kernel {version} under {}: expected lib/modules/{version}/ or {version}/ holding kernel/ or modules.builtin",
+        root.display()
+    )]
+    ModulesDir {
+        /// Where they were looked for.
+        root: PathBuf,
+        /// The kernel version.
+        version: String,
+    },
+    /// A boot module is neither a module file nor built into the kernel.
+    #[error(
+        "Kernel module {name:?}{} is neither under kernel/ nor listed in modules.builtin; banger's guests need it: use a kernel that has it (as a module or built in)",
+        needed_by.as_ref().map(|m| format!(" (needed by {m})")).unwrap_or_default()
+    )]
+    ModuleNotFound {
+        /// The module.
+        name: String,
+        /// The module that depends on it, if it was not asked for directly.
+        needed_by: Option<String>,
+    },
+    /// A module file could not be decompressed or is not a kernel module.
+    #[error("Cannot read kernel module {}", path.display())]
+    Module {
+        /// The module file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Modules depend on each other in a circle (a broken modules tree).
+    #[error("Kernel modules depend on each other in a cycle among {}", .0.join(", "))]
+    ModuleCycle(Vec<String>),
     /// A filesystem operation in the kernels root failed.
     #[error("Cannot {op} {path}")]
     Io {
