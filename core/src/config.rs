@@ -389,6 +389,9 @@ pub struct NetworkConfig {
     pub subnet: crate::net::Subnet,
     /// Loopback port of the `.vm` DNS server.
     pub dns_port: u16,
+    /// Where the DNS server forwards names outside `.vm`; `None` means the
+    /// nameservers in the host's `/etc/resolv.conf`.
+    pub dns_upstream: Option<Vec<std::net::SocketAddr>>,
 }
 
 impl Default for NetworkConfig {
@@ -397,6 +400,7 @@ impl Default for NetworkConfig {
             bridge: "banger0".to_string(),
             subnet: crate::net::Subnet::DEFAULT,
             dns_port: 53053,
+            dns_upstream: None,
         }
     }
 }
@@ -473,7 +477,7 @@ const TOP_KEYS: &[&str] = &[
     "file_sync",
 ];
 const FILE_SYNC_KEYS: &[&str] = &["host", "guest", "mode"];
-const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port"];
+const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port", "dns_upstream"];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 
 impl Config {
@@ -951,6 +955,27 @@ impl Parser<'_> {
                 "dns_port" => {
                     out.dns_port =
                         self.integer(key, value, 1, 65535, "a port number from 1 to 65535")? as u16;
+                }
+                "dns_upstream" => {
+                    let DeValue::Array(items) = value.get_ref() else {
+                        return Err(self.error(
+                            value.span(),
+                            "dns_upstream in [network] must be a list of \"IP[:PORT]\" strings, e.g. [\"192.168.1.1\", \"127.0.0.1:5353\"]".into(),
+                        ));
+                    };
+                    let mut servers = Vec::new();
+                    for item in items.iter() {
+                        let DeValue::String(s) = item.get_ref() else {
+                            return Err(self.error(
+                                item.span(),
+                                "dns_upstream entries must be strings, e.g. \"192.168.1.1\"".into(),
+                            ));
+                        };
+                        servers.push(crate::net::dns::parse_upstream(s).map_err(|m| {
+                            self.error(item.span(), format!("{m} (in [network] dns_upstream)"))
+                        })?);
+                    }
+                    out.dns_upstream = Some(servers);
                 }
                 other => {
                     return Err(self.unknown_key(key.span(), other, Some("network"), NETWORK_KEYS));
@@ -1559,6 +1584,28 @@ disk_size = "20G"
         assert_eq!(cfg.network.bridge, "br-test");
         assert_eq!(cfg.network.subnet.to_string(), "10.44.0.0/16");
         assert_eq!(cfg.network.dns_port, 5454);
+        assert_eq!(
+            cfg.network.dns_upstream, None,
+            "unset: the host's resolv.conf"
+        );
+        let cfg = Config::parse(
+            "[network]\ndns_upstream = [\"192.0.2.1\", \"127.0.0.1:5353\", \"[2001:db8::1]:54\"]\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        let want: Vec<std::net::SocketAddr> =
+            ["192.0.2.1:53", "127.0.0.1:5353", "[2001:db8::1]:54"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect();
+        assert_eq!(cfg.network.dns_upstream, Some(want));
+        let msg = err("[network]\ndns_upstream = [\"dns.example\"]\n");
+        assert!(
+            msg.contains("line 2") && msg.contains("\"dns.example\" is not an upstream DNS server"),
+            "{msg}"
+        );
+        let msg = err("[network]\ndns_upstream = \"192.0.2.1\"\n");
+        assert!(msg.contains("must be a list"), "{msg}");
 
         let msg = err("[network]\nsubnet = \"10.44.0.5/16\"\n");
         assert!(msg.contains("line 2") && msg.contains("CIDR"), "{msg}");
@@ -1568,7 +1615,7 @@ disk_size = "20G"
         assert!(msg.contains("invalid dns_port"), "{msg}");
         let msg = err("[network]\nmtu = 1500\n");
         assert!(
-            msg.contains("valid keys: bridge, subnet, dns_port"),
+            msg.contains("valid keys: bridge, subnet, dns_port, dns_upstream"),
             "{msg}"
         );
     }

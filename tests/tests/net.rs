@@ -255,6 +255,7 @@ mod tests {
                     bridge: "bgtest2".into(),
                     subnet: "10.77.0.0/24".parse().unwrap(),
                     dns_port: 0,
+                    dns_upstream: None,
                 };
                 let net = Arc::new(HostNetwork::new(config, store, dir.path(), 0));
                 let network = Network::with(net.clone());
@@ -314,9 +315,13 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let records = dns::records_path(dir.path());
             dns::set_record(&records, "web", Some(Ipv4Addr::new(172, 30, 0, 2))).unwrap();
-            let server = dns::DnsServer::start(records.clone(), &["127.0.0.1:0".parse().unwrap()])
-                .await
-                .unwrap();
+            let server = dns::DnsServer::start(
+                records.clone(),
+                &["127.0.0.1:0".parse().unwrap()],
+                dns::Upstream::Servers(vec![]),
+            )
+            .await
+            .unwrap();
             let addr = server.local_addrs()[0];
             assert!(addr.ip().is_loopback() && addr.port() != 0);
 
@@ -335,7 +340,8 @@ mod tests {
                 ("NoError".to_string(), vec![])
             );
             assert_eq!(query(addr, "nope.vm.", "A").await.0, "NXDomain");
-            assert_eq!(query(addr, "example.com.", "A").await.0, "NXDomain");
+            // Outside .vm with nothing to forward to: the server failed.
+            assert_eq!(query(addr, "example.com.", "A").await.0, "ServFail");
 
             // A new VM, then the first one's removal, are seen without a restart.
             dns::set_record(&records, "db", Some(Ipv4Addr::new(172, 30, 0, 3))).unwrap();
@@ -381,6 +387,7 @@ mod tests {
                     bridge: "bgtest3".into(),
                     subnet: "10.88.0.0/24".parse().unwrap(),
                     dns_port: 5353,
+                    dns_upstream: None,
                 };
                 let net = HostNetwork::new(config, store, dir.path(), 0);
                 // bgtap0 belongs to a VM that survived a daemon restart.

@@ -1,20 +1,30 @@
-//! The in-daemon DNS server answering `<name>.vm` with the VM's address.
+//! The in-daemon DNS server: `<name>.vm` from banger's records, every other
+//! name forwarded to the host's upstream resolvers.
 //!
 //! Records live in one JSON file, `<state>/dns/records.json`
 //! (`{"version":1,"records":{"name":"172.30.0.2"}}`), written atomically by
 //! the `dns` capability. The server checks the file's identity (inode, size,
 //! mtime) on every query and reloads it when it changed, so a record is
 //! answerable as soon as its hook returns, without a signal or a watcher.
-//! Anything that is not a live `<name>.vm` gets NXDOMAIN.
+//! A name under `.vm` that is not a live VM gets NXDOMAIN and is never
+//! forwarded. Other names go through a hickory resolver to the
+//! [`Upstream`] servers (by default the host's `/etc/resolv.conf`, re-read
+//! when it changes), minus the server's own listen addresses; an upstream
+//! that fails or does not answer within [`FORWARD_DEADLINE`] gives SERVFAIL.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use hickory_proto::op::{Metadata, ResponseCode};
+use hickory_proto::op::{Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError as UpstreamError, NetError};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -25,6 +35,21 @@ pub const ZONE: &str = "vm";
 
 /// TTL of answers: short, because VMs come and go.
 const TTL: u32 = 5;
+
+/// The host's resolver configuration, whose nameservers are the default
+/// upstream.
+pub const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The longest a forwarded query may take before the client gets SERVFAIL:
+/// below the 5 s a glibc stub waits for an answer, so it sees the failure
+/// rather than a silence.
+pub const FORWARD_DEADLINE: Duration = Duration::from_secs(4);
+
+/// How long one attempt at one upstream server may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a TCP client may stay silent before its connection is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// A DNS records or server operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +87,56 @@ pub enum DnsError {
 struct RecordsFile {
     version: u32,
     records: BTreeMap<String, Ipv4Addr>,
+}
+
+/// Where names outside `.vm` are forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The nameservers of this resolv.conf-format file, re-read whenever it
+    /// changes (a laptop moving between networks).
+    ResolvConf(PathBuf),
+    /// Exactly these servers (`dns_upstream` in the config); an empty list
+    /// forwards nothing.
+    Servers(Vec<SocketAddr>),
+}
+
+impl Upstream {
+    /// `dns_upstream` when the config sets it, else the host's resolv.conf.
+    pub fn from_config(dns_upstream: Option<&[SocketAddr]>) -> Upstream {
+        match dns_upstream {
+            Some(servers) => Upstream::Servers(servers.to_vec()),
+            None => Upstream::ResolvConf(PathBuf::from(HOST_RESOLV_CONF)),
+        }
+    }
+}
+
+/// Parses one upstream server, `IP` or `IP:PORT` (IPv6 as `[IP]:PORT`);
+/// the port defaults to 53.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| {
+            format!(
+                "{s:?} is not an upstream DNS server; write an IP address with an optional port, e.g. \"192.168.1.1\", \"127.0.0.1:5353\" or \"[2001:db8::1]:53\""
+            )
+        })
+}
+
+/// The nameservers a resolv.conf names, each on port 53.
+fn resolv_conf_servers(path: &Path) -> Result<Vec<SocketAddr>, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (config, _) = hickory_resolver::system_conf::parse_resolv_conf(text)
+        .map_err(|e| format!("cannot use {}: {e}", path.display()))?;
+    Ok(config
+        .name_servers
+        .iter()
+        .map(|ns| SocketAddr::new(ns.ip, 53))
+        .collect())
+}
+
+/// Whether a query to `upstream` would reach a socket bound at `own`.
+fn is_own(upstream: SocketAddr, own: SocketAddr) -> bool {
+    upstream.port() == own.port() && (upstream.ip() == own.ip() || own.ip().is_unspecified())
 }
 
 /// `<state>/dns/records.json`.
@@ -145,10 +220,175 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.ino(), m.len(), m.modified().ok()?))
 }
 
+/// The forwarding half: a hickory resolver over the upstream servers, built
+/// lazily and rebuilt when the resolv.conf or the server's own addresses
+/// change.
+struct Forwarder {
+    upstream: Upstream,
+    state: Mutex<ForwardState>,
+}
+
+#[derive(Default)]
+struct ForwardState {
+    /// The server's own listen addresses: never forwarded to.
+    own: Vec<SocketAddr>,
+    /// The resolver for one version of the upstream list (`None`: nothing
+    /// to forward to), with the stamp of the resolv.conf it came from.
+    built: Option<(Stamp, Option<Arc<TokioResolver>>)>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the upstream said about a forwarded query.
+#[derive(Debug)]
+enum Forwarded {
+    /// Records (CNAME chain included).
+    Answer(Vec<Record>),
+    /// NXDOMAIN or NODATA, with the authority records (SOA) that let the
+    /// client cache the negative answer.
+    Negative(ResponseCode, Vec<Record>),
+    /// No upstream, an upstream error, or no answer in time.
+    Failed,
+}
+
+impl Forwarder {
+    fn new(upstream: Upstream) -> Self {
+        Forwarder {
+            upstream,
+            state: Mutex::new(ForwardState::default()),
+        }
+    }
+
+    /// Never forwards to `addr` (one of the server's own listeners).
+    fn exclude(&self, addr: SocketAddr) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.own.push(addr);
+        state.built = None;
+    }
+
+    /// The resolver for the current upstream list.
+    fn resolver(&self) -> Option<Arc<TokioResolver>> {
+        let stamp = match &self.upstream {
+            Upstream::ResolvConf(path) => stamp(path),
+            Upstream::Servers(_) => None,
+        };
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((built_for, resolver)) = &state.built
+            && *built_for == stamp
+        {
+            return resolver.clone();
+        }
+        let resolver = self.build(&state.own).map(Arc::new);
+        state.built = Some((stamp, resolver.clone()));
+        resolver
+    }
+
+    fn build(&self, own: &[SocketAddr]) -> Option<TokioResolver> {
+        let listed = match &self.upstream {
+            Upstream::Servers(s) => s.clone(),
+            Upstream::ResolvConf(path) => match resolv_conf_servers(path) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("not forwarding DNS queries outside .{ZONE}: {e}");
+                    return None;
+                }
+            },
+        };
+        let (ours, servers): (Vec<SocketAddr>, Vec<SocketAddr>) = listed
+            .into_iter()
+            .partition(|u| own.iter().any(|o| is_own(*u, *o)));
+        if !ours.is_empty() {
+            tracing::info!(?ours, "not forwarding DNS queries to this server itself");
+        }
+        if servers.is_empty() {
+            tracing::warn!(
+                upstream = ?self.upstream,
+                "no upstream DNS server: names outside .{ZONE} get SERVFAIL; set dns_upstream in [network]"
+            );
+            return None;
+        }
+        tracing::info!(?servers, "forwarding DNS queries outside .{ZONE}");
+        let name_servers = servers
+            .iter()
+            .map(|s| {
+                let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+                for c in &mut ns.connections {
+                    c.port = s.port();
+                }
+                ns
+            })
+            .collect();
+        let mut opts = ResolverOpts::default();
+        opts.timeout = ATTEMPT_TIMEOUT;
+        opts.attempts = 2;
+        // The client asked for this exact name: no search list, no host
+        // file, and the CNAME chain kept in the answer as a server must.
+        opts.use_hosts_file = ResolveHosts::Never;
+        opts.preserve_intermediates = true;
+        opts.ndots = 0;
+        let config = ResolverConfig::from_parts(None, vec![], name_servers);
+        match TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .with_options(opts)
+            .build()
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("cannot forward DNS queries outside .{ZONE}: {e}");
+                None
+            }
+        }
+    }
+
+    async fn forward(&self, name: &Name, qtype: RecordType) -> Forwarded {
+        let Some(resolver) = self.resolver() else {
+            return Forwarded::Failed;
+        };
+        let lookup = tokio::time::timeout(FORWARD_DEADLINE, resolver.lookup(name.clone(), qtype));
+        match lookup.await {
+            Ok(Ok(found)) => Forwarded::Answer(found.answers().to_vec()),
+            Ok(Err(NetError::Dns(UpstreamError::NoRecordsFound(no)))) => {
+                let mut authority: Vec<Record> =
+                    no.authorities.as_deref().unwrap_or_default().to_vec();
+                if authority.is_empty()
+                    && let Some(soa) = no.soa
+                {
+                    authority.push(soa.into_record_of_rdata());
+                }
+                match no.response_code {
+                    code @ (ResponseCode::NXDomain | ResponseCode::NoError) => {
+                        Forwarded::Negative(code, authority)
+                    }
+                    code => {
+                        tracing::debug!("upstream answered {name} {qtype} with {code}");
+                        Forwarded::Failed
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("cannot forward {name} {qtype}: {e}");
+                Forwarded::Failed
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "no upstream answer for {name} {qtype} within {FORWARD_DEADLINE:?}"
+                );
+                Forwarded::Failed
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Handler {
     path: PathBuf,
     cache: Mutex<(Stamp, BTreeMap<String, Ipv4Addr>)>,
+    forwarder: Arc<Forwarder>,
 }
 
 impl Handler {
@@ -165,11 +405,34 @@ impl Handler {
         cache.1.get(label).copied()
     }
 
+    /// Whether `name` is `vm.` or under it: answered here, never forwarded.
+    fn in_zone(name: &Name) -> bool {
+        let lower = name.to_lowercase().to_ascii();
+        lower == format!("{ZONE}.") || lower.ends_with(&format!(".{ZONE}."))
+    }
+
     /// The VM name in `<name>.vm.`, if the query is for one.
     fn vm_label(name: &Name) -> Option<String> {
         let lower = name.to_lowercase().to_ascii();
         let label = lower.strip_suffix(&format!(".{ZONE}."))?;
         (!label.is_empty() && !label.contains('.')).then(|| label.to_string())
+    }
+
+    /// The answer for `qname` inside `.vm`: the VM's address, NODATA for
+    /// another type (and the zone apex), NXDOMAIN for anything else.
+    fn answer_locally(&self, qname: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record>) {
+        if qname.to_lowercase().to_ascii() == format!("{ZONE}.") {
+            return (ResponseCode::NoError, vec![]);
+        }
+        match Self::vm_label(qname).and_then(|l| self.lookup(&l)) {
+            Some(ip) if matches!(qtype, RecordType::A | RecordType::ANY) => (
+                ResponseCode::NoError,
+                vec![Record::from_rdata(qname.clone(), TTL, RData::A(A(ip)))],
+            ),
+            // The name exists but has no record of this type: NODATA.
+            Some(_) => (ResponseCode::NoError, vec![]),
+            None => (ResponseCode::NXDomain, vec![]),
+        }
     }
 }
 
@@ -182,8 +445,7 @@ impl RequestHandler for Handler {
     ) -> ResponseInfo {
         let builder = MessageResponseBuilder::from_message_request(request);
         let mut meta = Metadata::response_from_request(&request.metadata);
-        meta.authoritative = true;
-        meta.recursion_available = false;
+        meta.recursion_available = true;
         let info = match request.request_info() {
             Ok(i) => i,
             Err(_) => {
@@ -191,21 +453,35 @@ impl RequestHandler for Handler {
                 return send(&mut response_handle, resp, &request.metadata).await;
             }
         };
+        if request.metadata.op_code != OpCode::Query {
+            let resp = builder.error_msg(&request.metadata, ResponseCode::NotImp);
+            return send(&mut response_handle, resp, &request.metadata).await;
+        }
+        if info.query.query_class() != DNSClass::IN {
+            let resp = builder.error_msg(&request.metadata, ResponseCode::Refused);
+            return send(&mut response_handle, resp, &request.metadata).await;
+        }
         let qname: Name = info.query.name().into();
         let qtype = info.query.query_type();
-        let found = Self::vm_label(&qname).and_then(|l| self.lookup(&l));
-        let answers: Vec<Record> = match found {
-            Some(ip) if matches!(qtype, RecordType::A | RecordType::ANY) => {
-                vec![Record::from_rdata(qname.clone(), TTL, RData::A(A(ip)))]
-            }
-            // The name exists but has no record of this type: NODATA.
-            Some(_) => vec![],
-            None => {
-                meta.response_code = ResponseCode::NXDomain;
-                vec![]
+        let (answers, authority) = if Self::in_zone(&qname) {
+            meta.authoritative = true;
+            let (code, answers) = self.answer_locally(&qname, qtype);
+            meta.response_code = code;
+            (answers, vec![])
+        } else {
+            match self.forwarder.forward(&qname, qtype).await {
+                Forwarded::Answer(answers) => (answers, vec![]),
+                Forwarded::Negative(code, authority) => {
+                    meta.response_code = code;
+                    (vec![], authority)
+                }
+                Forwarded::Failed => {
+                    let resp = builder.error_msg(&request.metadata, ResponseCode::ServFail);
+                    return send(&mut response_handle, resp, &request.metadata).await;
+                }
             }
         };
-        let resp = builder.build(meta, answers.iter(), [], [], []);
+        let resp = builder.build(meta, answers.iter(), authority.iter(), [], []);
         send(&mut response_handle, resp, &request.metadata).await
     }
 }
@@ -236,8 +512,11 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
-/// A non-blocking UDP socket bound to `addr` with `IP_FREEBIND` set.
-fn bind_freebind(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+/// A non-blocking socket of `kind` bound to `addr` with `IP_FREEBIND` set.
+fn bind_freebind(
+    addr: SocketAddr,
+    kind: nix::sys::socket::SockType,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
     };
@@ -247,55 +526,81 @@ fn bind_freebind(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     };
     let fd = socket(
         family,
-        SockType::Datagram,
+        kind,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
     if addr.is_ipv4() {
         setsockopt(&fd, sockopt::IpFreebind, &true)?;
     }
+    if kind == SockType::Stream {
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
     bind(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         &SockaddrStorage::from(addr),
     )?;
+    Ok(fd)
+}
+
+fn udp_freebind(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let fd = bind_freebind(addr, nix::sys::socket::SockType::Datagram)?;
     tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))
+}
+
+fn tcp_freebind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use nix::sys::socket::{Backlog, listen};
+    let fd = bind_freebind(addr, nix::sys::socket::SockType::Stream)?;
+    listen(&fd, Backlog::new(64)?)?;
+    tokio::net::TcpListener::from_std(std::net::TcpListener::from(fd))
 }
 
 /// A running DNS server. Dropping it stops it (its tasks are aborted).
 pub struct DnsServer {
     addrs: Vec<SocketAddr>,
     server: hickory_server::Server<Handler>,
+    forwarder: Arc<Forwarder>,
 }
 
 impl std::fmt::Debug for DnsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DnsServer")
             .field("addrs", &self.addrs)
+            .field("upstream", &self.forwarder.upstream)
             .finish_non_exhaustive()
     }
 }
 
 impl DnsServer {
-    /// Serves `records` over UDP on every address in `listen` (port 0 picks
-    /// a free port; see [`DnsServer::local_addrs`]). Must run inside a tokio
-    /// runtime.
-    pub async fn start(records: PathBuf, listen: &[SocketAddr]) -> Result<DnsServer, DnsError> {
+    /// Serves `records`, forwarding other names to `upstream`, over UDP and
+    /// TCP on every address in `listen` (port 0 picks a free port; see
+    /// [`DnsServer::local_addrs`]). Must run inside a tokio runtime.
+    pub async fn start(
+        records: PathBuf,
+        listen: &[SocketAddr],
+        upstream: Upstream,
+    ) -> Result<DnsServer, DnsError> {
+        let forwarder = Arc::new(Forwarder::new(upstream));
         let handler = Handler {
             path: records,
             cache: Mutex::new((None, BTreeMap::new())),
+            forwarder: forwarder.clone(),
         };
-        let mut server = hickory_server::Server::new(handler);
-        let mut addrs = Vec::new();
+        let mut server = DnsServer {
+            addrs: Vec::new(),
+            server: hickory_server::Server::new(handler),
+            forwarder,
+        };
         for addr in listen {
             let bind = |source| DnsError::Bind {
                 addr: *addr,
                 source,
             };
             let sock = tokio::net::UdpSocket::bind(addr).await.map_err(bind)?;
-            addrs.push(sock.local_addr().map_err(bind)?);
-            server.register_socket(sock);
+            let local = sock.local_addr().map_err(bind)?;
+            server.register(sock, local).await;
         }
-        Ok(DnsServer { addrs, server })
+        Ok(server)
     }
 
     /// Also serves on `addr`; returns the address actually bound. The
@@ -303,14 +608,26 @@ impl DnsServer {
     /// bridge's address before the bridge is created on first use.
     pub async fn add_listener(&mut self, addr: SocketAddr) -> Result<SocketAddr, DnsError> {
         let bind = |source| DnsError::Bind { addr, source };
-        let sock = bind_freebind(addr).map_err(bind)?;
+        let sock = udp_freebind(addr).map_err(bind)?;
         let local = sock.local_addr().map_err(bind)?;
-        self.server.register_socket(sock);
-        self.addrs.push(local);
+        self.register(sock, local).await;
         Ok(local)
     }
 
-    /// The addresses actually bound.
+    /// Serves UDP on `sock` (bound at `local`) and TCP on the same address:
+    /// answers too large for a UDP packet come back truncated and the client
+    /// retries over TCP. A TCP port another process holds is a warning.
+    async fn register(&mut self, sock: tokio::net::UdpSocket, local: SocketAddr) {
+        self.forwarder.exclude(local);
+        self.server.register_socket(sock);
+        match tcp_freebind(local) {
+            Ok(listener) => self.server.register_listener(listener, TCP_IDLE, 32),
+            Err(e) => tracing::warn!("no .{ZONE} DNS over TCP on {local}: {e}"),
+        }
+        self.addrs.push(local);
+    }
+
+    /// The UDP addresses actually bound (TCP listens on the same ones).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }
@@ -353,7 +670,7 @@ mod tests {
     #[tokio::test]
     async fn listens_on_an_address_the_host_does_not_have_yet() {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = DnsServer::start(records_path(dir.path()), &[])
+        let mut server = DnsServer::start(records_path(dir.path()), &[], Upstream::Servers(vec![]))
             .await
             .unwrap();
         // TEST-NET-1: on no interface of any host (the bridge before it exists).
@@ -365,11 +682,66 @@ mod tests {
     }
 
     #[test]
+    fn upstreams_parse_with_the_default_port_and_bad_ones_say_how() {
+        let p = |s: &str| parse_upstream(s).map(|a| a.to_string());
+        assert_eq!(p("192.0.2.1"), Ok("192.0.2.1:53".to_string()));
+        assert_eq!(p("127.0.0.1:5353"), Ok("127.0.0.1:5353".to_string()));
+        assert_eq!(p("2001:db8::1"), Ok("[2001:db8::1]:53".to_string()));
+        assert_eq!(p("[2001:db8::1]:54"), Ok("[2001:db8::1]:54".to_string()));
+        let e = p("dns.example:53").unwrap_err();
+        assert!(
+            e.contains("\"dns.example:53\"") && e.contains("e.g."),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_host_resolv_conf_gives_its_nameservers_on_port_53() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("resolv.conf");
+        std::fs::write(
+            &conf,
+            "# generated\nsearch lan\nnameserver 127.0.0.53\nnameserver 2001:db8::53\noptions edns0 trust-ad\n",
+        )
+        .unwrap();
+        let got: Vec<String> = resolv_conf_servers(&conf)
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, ["127.0.0.53:53", "[2001:db8::53]:53"]);
+        let missing = resolv_conf_servers(&dir.path().join("nope")).unwrap_err();
+        assert!(missing.contains("nope"), "{missing}");
+    }
+
+    #[tokio::test]
+    async fn never_forwards_to_its_own_listeners() {
+        let own: SocketAddr = "10.1.2.1:53".parse().unwrap();
+        let other: SocketAddr = "10.1.2.9:53".parse().unwrap();
+        assert!(is_own(own, own));
+        assert!(!is_own(other, own));
+        assert!(!is_own("10.1.2.1:5353".parse().unwrap(), own));
+        assert!(is_own(other, "0.0.0.0:53".parse().unwrap()));
+
+        // Only itself listed: nothing to forward to.
+        let f = Forwarder::new(Upstream::Servers(vec![own]));
+        assert!(f.resolver().is_some(), "not yet known as its own address");
+        f.exclude(own);
+        assert!(f.resolver().is_none());
+        let f = Forwarder::new(Upstream::Servers(vec![own, other]));
+        f.exclude(own);
+        assert!(f.resolver().is_some());
+    }
+
+    #[test]
     fn only_single_labels_under_vm_are_vm_names() {
         let l = |s: &str| Handler::vm_label(&Name::from_ascii(s).unwrap());
         assert_eq!(l("Web.VM."), Some("web".to_string()));
         assert_eq!(l("a.b.vm."), None);
         assert_eq!(l("vm."), None);
         assert_eq!(l("web.example."), None);
+        let z = |s: &str| Handler::in_zone(&Name::from_ascii(s).unwrap());
+        assert!(z("VM.") && z("a.b.vm.") && z("web.vm."));
+        assert!(!z("vm.example.") && !z("novm.") && !z("."));
     }
 }

@@ -220,7 +220,9 @@ impl HostNetwork {
     pub async fn serve_dns(&self) -> Result<super::dns::DnsServer, super::dns::DnsError> {
         let loopback = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, self.config.dns_port));
         let bridge = std::net::SocketAddr::from((self.gateway(), 53));
-        let mut server = super::dns::DnsServer::start(self.dns_records.clone(), &[]).await?;
+        let upstream = super::dns::Upstream::from_config(self.config.dns_upstream.as_deref());
+        let mut server =
+            super::dns::DnsServer::start(self.dns_records.clone(), &[], upstream).await?;
         let mut last = None;
         for addr in [loopback, bridge] {
             if let Err(e) = server.add_listener(addr).await {
