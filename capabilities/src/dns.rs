@@ -1,6 +1,8 @@
 //! `dns`: `<name>.vm` resolves to the VM's address while it runs.
 //! PrepareHost publishes the record to the daemon's DNS server (through its
-//! records file); every Teardown withdraws it.
+//! records file); every Teardown withdraws it. The server itself, which also
+//! forwards names outside `.vm` to the host's resolvers, is the daemon's
+//! (`banger_core::net::dns`).
 
 use std::sync::Arc;
 
@@ -38,7 +40,7 @@ impl Capability for Dns {
     }
 
     fn description(&self) -> &str {
-        "<name>.vm resolves to the VM's address (daemon DNS server on loopback and the bridge)"
+        "<name>.vm resolves to the VM's address (daemon DNS server on loopback and the bridge, which forwards other names upstream)"
     }
 
     fn validate_options(&self, options: &CapOptions) -> Result<(), CapError> {
