@@ -33,6 +33,14 @@ pub enum Command {
     /// Control the bangerd daemon.
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Check this host: backends, KVM, tools, privileges, the default
+    /// image and kernel, the SSH identity and the daemon. Never starts the
+    /// daemon; exits non-zero when a check fails.
+    Doctor {
+        /// Print JSON: an array of {check, status, detail, fix}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the client's version and the running daemon's.
     Version {
         /// Print JSON.
@@ -186,7 +194,8 @@ pub struct CreateArgs {
     /// Create without starting.
     #[arg(long)]
     pub no_start: bool,
-    /// VMM backend (default: config `vmm`, else firecracker).
+    /// VMM backend (default: config `vmm`, else auto: firecracker where it
+    /// is installed and KVM boots a standard guest, else qemu).
     #[arg(long, value_enum)]
     pub vmm: Option<VmmArg>,
 }
@@ -213,7 +222,8 @@ pub struct RunArgs {
     /// Give the VM outbound internet through the host (same as `--cap nat`).
     #[arg(long)]
     pub nat: bool,
-    /// VMM backend (default: config `vmm`, else firecracker).
+    /// VMM backend (default: config `vmm`, else auto: firecracker where it
+    /// is installed and KVM boots a standard guest, else qemu).
     #[arg(long, value_enum)]
     pub vmm: Option<VmmArg>,
     /// Delete the VM when the session or command ends, whatever its exit
@@ -255,6 +265,16 @@ pub enum VmmArg {
     Firecracker,
     /// qemu-system-x86_64 -M microvm.
     Qemu,
+}
+
+impl VmmArg {
+    /// The backend this flag names.
+    pub fn kind(self) -> banger_core::model::VmmKind {
+        match self {
+            VmmArg::Firecracker => banger_core::model::VmmKind::Firecracker,
+            VmmArg::Qemu => banger_core::model::VmmKind::Qemu,
+        }
+    }
 }
 
 /// vCPU, memory and disk flags.
@@ -788,6 +808,10 @@ mod tests {
             Command::Daemon(DaemonCommand::Start)
         ));
         assert!(matches!(
+        assert!(matches!(
+            parse(&["doctor", "--json"]).unwrap().command,
+            Command::Doctor { json: true }
+        ));
             parse(&["daemon", "stop"]).unwrap().command,
             Command::Daemon(DaemonCommand::Stop)
         ));

@@ -47,13 +47,74 @@ pub async fn probe(client: &Client) -> Result<Option<VersionInfo>> {
     }
 }
 
-/// A client of a running daemon, starting one first when none answers.
+/// A client of a running daemon, starting one first when none answers. A
+/// daemon of another build (an upgrade since it started) is restarted when
+/// it runs no operation, else left alone with a warning saying how.
 pub async fn ensure_running(paths: &Paths) -> Result<Client> {
     let client = client(paths);
-    if probe(&client).await?.is_none() {
-        start(paths, &client).await?;
+    let bin = daemon_bin();
+    let mine = VersionInfo::current();
+    let note = ensure_current(&bin, &paths.daemon_log(), &client, &mine).await?;
+    if let Some(line) = note {
+        eprintln!("{line}");
     }
     Ok(client)
+}
+
+/// Whether two binaries come from the same build: the same version and git
+/// commit. `built_at` is not compared: one commit is stamped at different
+/// times when cargo builds the core for different feature sets (`cargo
+/// build -p banger-cli` after a workspace build), and such a CLI must not
+/// restart its own daemon on every command. A side that could not read its
+/// commit (`unknown`) cannot tell, and counts as the same.
+pub fn same_build(a: &VersionInfo, b: &VersionInfo) -> bool {
+    const UNKNOWN: &str = "unknown";
+    a.version == b.version && (a.commit == b.commit || a.commit == UNKNOWN || b.commit == UNKNOWN)
+}
+
+/// Starts the daemon when none answers; restarts one of another build than
+/// `mine` when it reports no running operation. Returns the line to tell
+/// the user, if any.
+async fn ensure_current(
+    bin: &Path,
+    log: &Path,
+    client: &Client,
+    mine: &VersionInfo,
+) -> Result<Option<String>> {
+    let theirs = match probe(client).await? {
+        None => {
+            start_bin(bin, log, client).await?;
+            return Ok(None);
+        }
+        Some(v) if same_build(&v, mine) => return Ok(None),
+        Some(v) => v,
+    };
+    let builds = format!(
+        "bangerd runs {} but this banger is {}",
+        crate::output::version_line(&theirs),
+        crate::output::version_line(mine)
+    );
+    let running = status(client).await?.and_then(|s| s.operations);
+    match running {
+        Some(0) => {
+            stop(client)
+                .await
+                .with_context(|| format!("{builds}; stopping it to start this build failed"))?;
+            let pid = start_bin(bin, log, client).await?;
+            Ok(Some(format!(
+                "bangerd: restarted as this build (pid {pid}); it ran {}",
+                crate::output::version_line(&theirs)
+            )))
+        }
+        Some(n) => Ok(Some(format!(
+            "warning: {builds}; it has {n} operation(s) running, so it is left as it is: \
+             run `banger daemon stop` when they finish (the next command starts this build)"
+        ))),
+        None => Ok(Some(format!(
+            "warning: {builds}; it cannot say whether operations are running, so it is left \
+             as it is: run `banger daemon stop` when none are (the next command starts this build)"
+        ))),
+    }
 }
 
 /// Spawns `bangerd` detached and waits until it answers. Returns its pid.
@@ -294,6 +355,12 @@ mod tests {
     const FAKE_DAEMON: &str = r#"#!/usr/bin/env python3
 import os, socket, sys
 path = sys.argv[0] + ".sock"
+# The build this daemon reports is fixed when it starts, like a real one's.
+BUILD = sys.argv[0] + ".commit"
+COMMIT = open(BUILD).read().strip() if os.path.exists(BUILD) else "fake"
+VERSION = '{"version":"0.0.1","commit":"%s","built_at":1}' % COMMIT
+# Running operations, read per request.
+OPS = sys.argv[0] + ".ops"
 s = socket.socket(socket.AF_UNIX)
 s.bind(path)
 s.listen(8)
@@ -309,7 +376,12 @@ while True:
     line = data.split(b"\r\n")[0].decode()
     stop = line.startswith("POST /v1/shutdown ")
     if line.startswith("GET /v1/version "):
-        status, body = "200 OK", b'{"version":"0.0.1","commit":"fake","built_at":1}'
+        status, body = "200 OK", VERSION.encode()
+    elif line.startswith("GET /v1/status "):
+        ops = open(OPS).read().strip() if os.path.exists(OPS) else "0"
+        status = "200 OK"
+        body = ('{"version":%s,"pid":%d,"started_at":1,"socket":"%s","state_dir":"/",'
+                '"vms":{},"plugin_errors":[],"operations":%s}' % (VERSION, os.getpid(), path, ops)).encode()
     elif stop:
         status, body = "202 Accepted", b""
     else:
@@ -334,6 +406,114 @@ while True:
         }
     }
 
+    /// The fake daemon script in `dir`, its log and a client of its socket.
+    fn fake_daemon(dir: &Path) -> (PathBuf, PathBuf, Client) {
+        let script = dir.join("fake-bangerd");
+        std::fs::write(&script, FAKE_DAEMON).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        (
+            script,
+            dir.join("bangerd.log"),
+            Client::new(dir.join("fake-bangerd.sock")),
+        )
+    }
+
+    fn build(commit: &str) -> VersionInfo {
+        VersionInfo {
+            version: "0.0.1".into(),
+            commit: commit.into(),
+            built_at: 1,
+        }
+    }
+
+    #[test]
+    fn a_build_is_its_version_and_commit() {
+        let mut other_time = build("abc");
+        other_time.built_at = 2;
+        assert!(same_build(&build("abc"), &other_time));
+        assert!(!same_build(&build("abc"), &build("def")));
+        assert!(same_build(&build("abc"), &build("unknown")));
+        let mut other_version = build("abc");
+        other_version.version = "0.0.2".into();
+        assert!(!same_build(&build("abc"), &other_version));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_of_another_build_is_restarted_when_idle() {
+        if system_bin("python3").is_none() {
+            eprintln!("SKIPPED a_daemon_of_another_build_is_restarted_when_idle: no python3");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (script, log, client) = fake_daemon(dir.path());
+        std::fs::write(dir.path().join("fake-bangerd.commit"), "old").unwrap();
+        let old_pid = start_bin(&script, &log, &client).await.unwrap();
+        let _old = KillOnDrop(old_pid);
+        // The upgrade: binaries started from now on are build "new".
+        std::fs::write(dir.path().join("fake-bangerd.commit"), "new").unwrap();
+        let note = ensure_current(&script, &log, &client, &build("new"))
+            .await
+            .unwrap()
+            .expect("a restart is reported");
+        let new = status(&client).await.unwrap().expect("a daemon answers");
+        let _new = KillOnDrop(new.pid);
+        assert_eq!(new.version.commit, "new");
+        assert_ne!(new.pid, old_pid);
+        assert!(!alive(old_pid), "the old daemon still runs");
+        assert!(
+            note.starts_with(&format!(
+                "bangerd: restarted as this build (pid {})",
+                new.pid
+            )),
+            "{note}"
+        );
+        assert!(note.contains("commit old"), "{note}");
+        // Same build now: nothing to do or say.
+        assert_eq!(
+            ensure_current(&script, &log, &client, &build("new"))
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(status(&client).await.unwrap().unwrap().pid, new.pid);
+        assert!(stop(&client).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_busy_daemon_of_another_build_is_left_running_with_a_warning() {
+        if system_bin("python3").is_none() {
+            eprintln!(
+                "SKIPPED a_busy_daemon_of_another_build_is_left_running_with_a_warning: no python3"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (script, log, client) = fake_daemon(dir.path());
+        std::fs::write(dir.path().join("fake-bangerd.commit"), "old").unwrap();
+        std::fs::write(dir.path().join("fake-bangerd.ops"), "2").unwrap();
+        let pid = start_bin(&script, &log, &client).await.unwrap();
+        let _guard = KillOnDrop(pid);
+        let note = ensure_current(&script, &log, &client, &build("new"))
+            .await
+            .unwrap()
+            .expect("a warning");
+        assert!(
+            note.starts_with("warning: bangerd runs 0.0.1 (commit old"),
+            "{note}"
+        );
+        assert!(
+            note.contains("it has 2 operation(s) running")
+                && note.contains("run `banger daemon stop` when they finish"),
+            "{note}"
+        );
+        let s = status(&client).await.unwrap().expect("still running");
+        assert_eq!((s.pid, s.version.commit.as_str()), (pid, "old"));
+        assert!(stop(&client).await.unwrap());
+    }
+
     #[tokio::test]
     async fn start_waits_until_the_daemon_answers_and_stop_until_it_is_gone() {
         if system_bin("python3").is_none() {
@@ -343,14 +523,7 @@ while True:
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("fake-bangerd");
-        std::fs::write(&script, FAKE_DAEMON).unwrap();
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let log = dir.path().join("bangerd.log");
-        let client = Client::new(dir.path().join("fake-bangerd.sock"));
+        let (script, log, client) = fake_daemon(dir.path());
         assert_eq!(probe(&client).await.unwrap(), None);
         let pid = start_bin(&script, &log, &client).await.unwrap();
         let _guard = KillOnDrop(pid);

@@ -4,6 +4,7 @@
 mod args;
 mod artifacts;
 mod daemon;
+mod doctor;
 mod ordered;
 mod output;
 mod run;
@@ -63,6 +64,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Version { json } => version(json).await,
+        Command::Doctor { json } => doctor::run(json).await,
         Command::Daemon(cmd) => daemon_cmd(cmd).await,
         Command::Image(cmd) => {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;

@@ -19,12 +19,13 @@ use banger_core::api::{
 };
 use banger_core::client::{Client, ClientError, Method};
 use banger_core::config::Config;
-use banger_core::model::{ByteSize, VmmKind};
+use banger_core::model::ByteSize;
 use banger_core::paths::Paths;
+use banger_core::vmm::choice::BackendPlan;
 use banger_core::workspace::bootstrap::MISE_LOG;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::args::{RunArgs, VmmArg};
+use crate::args::{RunArgs, ShapeArgs, VmmArg};
 use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args, print_event, vm_path};
 
 /// Where the workspace lands in the guest.
@@ -258,20 +259,41 @@ enum After {
     Detach,
 }
 
-/// The VM's shape as it will be created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Spec {
-    vcpus: u32,
-    memory_mib: u32,
-    disk: ByteSize,
+/// The VM's shape and backend as it will be created: what the `spec:`
+/// line shows (`vm run` and `vm create`), and what the request then asks
+/// for explicitly, so the VM is exactly what was printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Spec {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disk: ByteSize,
+    /// The backend and accelerator, each with why.
+    pub backend: BackendPlan,
+}
+
+impl Spec {
+    /// Flags, else the config's and this host's defaults; `--vmm`, else the
+    /// config's `vmm` resolved for this host.
+    pub(crate) fn resolve(shape: &ShapeArgs, vmm: Option<VmmArg>, config: &Config) -> Result<Spec> {
+        let d = config.resolved_vm_defaults().values;
+        Ok(Spec {
+            vcpus: shape.vcpu.map_or(Ok(d.vcpus), u32::try_from)?,
+            memory_mib: shape.memory.map_or(Ok(d.memory_mib), u32::try_from)?,
+            disk: match &shape.disk_size {
+                Some(s) => s.parse()?,
+                None => d.disk_size,
+            },
+            backend: config.backend_plan(vmm.map(VmmArg::kind)),
+        })
+    }
 }
 
 impl fmt::Display for Spec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "spec: {} vcpu · {} MiB · {} disk",
-            self.vcpus, self.memory_mib, self.disk
+            "spec: {} vcpu · {} MiB · {} disk · {}",
+            self.vcpus, self.memory_mib, self.disk, self.backend
         )
     }
 }
@@ -299,15 +321,7 @@ struct Plan {
 
 impl Plan {
     fn new(a: RunArgs, config: &Config) -> Result<Plan> {
-        let d = config.resolved_vm_defaults().values;
-        let spec = Spec {
-            vcpus: a.shape.vcpu.map_or(Ok(d.vcpus), u32::try_from)?,
-            memory_mib: a.shape.memory.map_or(Ok(d.memory_mib), u32::try_from)?,
-            disk: match &a.shape.disk_size {
-                Some(s) => s.parse()?,
-                None => d.disk_size,
-            },
-        };
+        let spec = Spec::resolve(&a.shape, a.vmm, config)?;
         let after = if a.detach {
             After::Detach
         } else if a.command.is_empty() {
@@ -358,10 +372,7 @@ impl Plan {
             memory_mib: Some(i64::from(spec.memory_mib)),
             disk_size: Some(spec.disk.to_string()),
             caps,
-            vmm: a.vmm.map(|v| match v {
-                VmmArg::Firecracker => VmmKind::Firecracker,
-                VmmArg::Qemu => VmmKind::Qemu,
-            }),
+            vmm: Some(spec.backend.vmm),
             ..CreateVmRequest::default()
         };
         Ok(Plan {
@@ -522,6 +533,7 @@ fn nat_enabled(defaults: &[String], caps: &[String]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use banger_core::model::VmmKind;
     use clap::Parser;
 
     use super::*;
@@ -537,7 +549,8 @@ mod tests {
 
     fn config() -> Config {
         Config::parse(
-            "[vm_defaults]\nvcpus = 2\nmemory_mib = 1024\ndisk_size = \"4G\"\n",
+            "vmm = \"qemu\"\nqemu_accel = \"tcg\"\n\
+             [vm_defaults]\nvcpus = 2\nmemory_mib = 1024\ndisk_size = \"4G\"\n",
             Path::new("/c.toml"),
         )
         .unwrap()
@@ -584,10 +597,31 @@ mod tests {
     #[test]
     fn spec_comes_from_flags_then_config_and_is_sent_explicitly() {
         let plan = Plan::new(run_args(&[]).unwrap(), &config()).unwrap();
-        assert_eq!(plan.spec.to_string(), "spec: 2 vcpu · 1024 MiB · 4G disk");
-        let a = run_args(&["--vcpu", "4", "--memory", "8G", "--disk-size", "8G"]).unwrap();
+        assert_eq!(
+            plan.spec.to_string(),
+            "spec: 2 vcpu · 1024 MiB · 4G disk · vmm qemu (config), accel tcg (config qemu_accel)"
+        );
+        assert_eq!(plan.request.vmm, Some(VmmKind::Qemu));
+        let a = run_args(&[
+            "--vcpu",
+            "4",
+            "--memory",
+            "8G",
+            "--disk-size",
+            "8G",
+            "--vmm",
+            "firecracker",
+        ])
+        .unwrap();
         let plan = Plan::new(a, &config()).unwrap();
-        assert_eq!(plan.spec.to_string(), "spec: 4 vcpu · 8192 MiB · 8G disk");
+        assert!(
+            plan.spec.to_string().starts_with(
+                "spec: 4 vcpu · 8192 MiB · 8G disk · vmm firecracker (--vmm), accel kvm ("
+            ),
+            "{}",
+            plan.spec
+        );
+        assert_eq!(plan.request.vmm, Some(VmmKind::Firecracker));
         assert_eq!(plan.request.vcpus, Some(4));
         assert_eq!(plan.request.memory_mib, Some(8192));
         assert_eq!(plan.request.disk_size.as_deref(), Some("8G"));
@@ -669,7 +703,10 @@ mod tests {
         let a = run_args(&[p, "--nat", "--rm", "--name", "box", "--dry-run"]).unwrap();
         let text = Plan::new(a, &config()).unwrap().describe();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "spec: 2 vcpu · 1024 MiB · 4G disk");
+        assert_eq!(
+            lines[0],
+            "spec: 2 vcpu · 1024 MiB · 4G disk · vmm qemu (config), accel tcg (config qemu_accel)"
+        );
         assert!(text.contains("box from the default image"), "{text}");
         assert!(text.contains("with nat mise"), "{text}");
         assert!(text.contains("tracked files"), "{text}");

@@ -9,10 +9,9 @@ use anyhow::{Context, Result};
 use banger_core::api::{CapView, CreateVmRequest, SetVmRequest, SshTarget, VmView};
 use banger_core::client::{Client, ClientError, Method};
 
-use banger_core::model::VmmKind;
 use banger_core::paths::Paths;
 
-use crate::args::{CreateArgs, SetArgs, VmmArg};
+use crate::args::{CreateArgs, SetArgs};
 use crate::ordered::run_in_order;
 use crate::output;
 
@@ -257,11 +256,16 @@ pub(crate) fn with_nat(mut caps: Vec<String>, nat: bool) -> Vec<String> {
     caps
 }
 
-/// `vm create`: streams progress to stderr, prints the VM on stdout.
+/// `vm create`: prints the `spec:` line and streams progress to stderr,
+/// prints the VM on stdout. The shape and backend printed are sent
+/// explicitly, so the VM is exactly what the line said.
 pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
     let abs = |p: &std::path::Path| {
         std::path::absolute(p).with_context(|| format!("Resolving {}", p.display()))
     };
+    let config = banger_core::config::Config::load(&Paths::from_env()?.config_file())?;
+    let spec = crate::run::Spec::resolve(&a.shape, a.vmm, &config)?;
+    eprintln!("{spec}");
     let req = CreateVmRequest {
         name: a.name,
         image: a.image,
@@ -269,16 +273,13 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         kernel: a.kernel.as_deref().map(abs).transpose()?,
         initrd: a.initrd.as_deref().map(abs).transpose()?,
         rootfs: a.rootfs.as_deref().map(abs).transpose()?,
-        vcpus: a.shape.vcpu,
-        memory_mib: a.shape.memory,
-        disk_size: a.shape.disk_size,
+        vcpus: Some(i64::from(spec.vcpus)),
+        memory_mib: Some(i64::from(spec.memory_mib)),
+        disk_size: Some(spec.disk.to_string()),
         caps: with_nat(a.caps, a.nat),
         boot_args: a.boot_args,
         no_start: a.no_start,
-        vmm: a.vmm.map(|v| match v {
-            VmmArg::Firecracker => VmmKind::Firecracker,
-            VmmArg::Qemu => VmmKind::Qemu,
-        }),
+        vmm: Some(spec.backend.vmm),
     };
     let vm: VmView = client
         .stream_events(Method::POST, "/v1/vms", Some(&req), |e| {

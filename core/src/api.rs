@@ -295,6 +295,11 @@ pub struct DaemonStatus {
     pub vms: std::collections::BTreeMap<String, usize>,
     /// Plugins that failed to load, with why.
     pub plugin_errors: Vec<String>,
+    /// Operations running now (create, start, stop, pulls, ...); `None`
+    /// from a daemon too old to say. A CLI of another build restarts the
+    /// daemon only when this is `Some(0)`.
+    #[serde(default)]
+    pub operations: Option<usize>,
 }
 
 /// An error answer.

@@ -14,7 +14,8 @@ use crate::model::{
     ByteSize, CapChoice, EnabledCap, MAX_VCPUS, MIN_MEMORY_MIB, VmmKind, resolve_caps,
 };
 use crate::paths::Paths;
-use crate::vmm::qemu::{QemuAccel, QemuSettings};
+use crate::vmm::choice::{BackendFacts, BackendPlan, VmmChoice, choose_backend};
+use crate::vmm::qemu::{HostFacts as KvmFacts, QemuAccel, QemuSettings};
 
 /// Errors from loading or using the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -416,8 +417,9 @@ pub struct Config {
     pub plugins_dir: Option<PathBuf>,
     /// Capabilities enabled for new VMs, in `--cap` syntax.
     pub default_caps: Vec<String>,
-    /// VMM backend for new VMs.
-    pub vmm: VmmKind,
+    /// VMM backend for new VMs; `auto` picks one for this host (see
+    /// [`Config::backend_plan`]).
+    pub vmm: VmmChoice,
     /// Seconds a graceful stop may take before the VMM is killed.
     pub stop_timeout_secs: u64,
     /// The `[vm_defaults]` keys that were set; see
@@ -491,7 +493,7 @@ impl Config {
             firecracker_bin: None,
             plugins_dir: None,
             default_caps: DEFAULT_CAPS.iter().map(|c| c.to_string()).collect(),
-            vmm: VmmKind::default(),
+            vmm: VmmChoice::Auto,
             stop_timeout_secs: 10,
             kernel_catalog_url: None,
             kernel_catalog_file: None,
@@ -548,6 +550,28 @@ impl Config {
                 .ok_or_else(|| ConfigError::FirecrackerNotFound {
                     path: self.path.clone(),
                 }),
+        }
+    }
+
+    /// The backend and accelerator a new VM gets on this host, and why:
+    /// `flag` (`--vmm`) wins, then `vmm`; `auto` probes for firecracker and
+    /// asks the KVM rule. See [`choose_backend`].
+    pub fn backend_plan(&self, flag: Option<VmmKind>) -> BackendPlan {
+        choose_backend(flag, self.vmm, self.qemu_accel, &self.backend_facts())
+    }
+
+    /// What [`Config::backend_plan`] decides on, probed from this host.
+    pub fn backend_facts(&self) -> BackendFacts {
+        let firecracker = self.firecracker_bin().map_err(|e| match e {
+            ConfigError::FirecrackerNotExecutable { bin, .. } => format!(
+                "firecracker_bin {} is not an executable file",
+                bin.display()
+            ),
+            _ => "firecracker not found on PATH".to_string(),
+        });
+        BackendFacts {
+            firecracker,
+            host: KvmFacts::probe(),
         }
     }
 
@@ -658,9 +682,16 @@ fn parse_default_cap(s: &str) -> Result<CapChoice, String> {
     }
 }
 
-fn is_executable(p: &Path) -> bool {
+/// Whether `p` is a file with an execute bit.
+pub fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The first executable `name` in the directories of this process's
+/// `PATH`, found the way the backends find their binaries.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    find_in_path(name, &std::env::var_os("PATH")?)
 }
 
 fn find_in_path(name: &str, path_var: &std::ffi::OsStr) -> Option<PathBuf> {
@@ -739,13 +770,7 @@ impl Parser<'_> {
                 }
                 "vmm" => {
                     let s = self.string(key, value)?;
-                    cfg.vmm = serde_json::from_value(serde_json::Value::String(s.clone()))
-                        .map_err(|_| {
-                            self.error(
-                                span,
-                                format!("unknown vmm {s:?}; valid values: firecracker, qemu"),
-                            )
-                        })?;
+                    cfg.vmm = s.parse().map_err(|m| self.error(span, m))?;
                 }
                 "stop_timeout_secs" => {
                     cfg.stop_timeout_secs =
@@ -1159,7 +1184,7 @@ mod tests {
             cfg.default_caps,
             ["work-disk", "network", "dns", "file-sync", "vsock-agent"]
         );
-        assert_eq!(cfg.vmm, VmmKind::Firecracker);
+        assert_eq!(cfg.vmm, VmmChoice::Auto);
         assert_eq!(cfg.stop_timeout_secs, 10);
         assert_eq!(cfg.vm_defaults, VmDefaultsConfig::default());
         assert!(cfg.file_sync.is_empty());
@@ -1194,7 +1219,7 @@ mod tests {
             "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nqemu_bin = \"/opt/q\"\nvhost_device_vsock_bin = \"/opt/v\"\n",
         )
         .unwrap();
-        assert_eq!(cfg.vmm, VmmKind::Qemu);
+        assert_eq!(cfg.vmm, VmmChoice::Fixed(VmmKind::Qemu));
         let s = cfg.qemu_settings_in(None);
         assert_eq!(
             (s.qemu_bin, s.vhost_device_vsock_bin, s.accel),
@@ -1207,12 +1232,43 @@ mod tests {
     }
 
     #[test]
+    fn vmm_takes_auto_firecracker_or_qemu() {
+        assert_eq!(parse("vmm = \"auto\"").unwrap().vmm, VmmChoice::Auto);
+        assert_eq!(
+            parse("vmm = \"firecracker\"").unwrap().vmm,
+            VmmChoice::Fixed(VmmKind::Firecracker)
+        );
+        let msg = err("\n\nvmm = \"Auto\"\n");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("unknown vmm \"Auto\""), "{msg}");
+        assert!(err("vmm = 1").contains("vmm"));
+    }
+
+    #[test]
+    fn backend_facts_name_a_bad_firecracker_bin() {
+        let mut cfg = parse("").unwrap();
+        cfg.firecracker_bin = Some(PathBuf::from("/nonexistent/firecracker"));
+        assert_eq!(
+            cfg.backend_facts().firecracker,
+            Err("firecracker_bin /nonexistent/firecracker is not an executable file".to_string())
+        );
+        // An explicit choice does not depend on the host.
+        cfg.vmm = VmmChoice::Fixed(VmmKind::Firecracker);
+        let plan = cfg.backend_plan(None);
+        assert_eq!(
+            (plan.vmm, plan.vmm_why.as_str()),
+            (VmmKind::Firecracker, "config")
+        );
+        assert_eq!(cfg.backend_plan(Some(VmmKind::Qemu)).vmm_why, "--vmm");
+    }
+
+    #[test]
     fn bad_qemu_keys_name_the_valid_values() {
         let msg = err("qemu_accel = \"hvf\"");
         assert!(msg.contains("line 1"), "{msg}");
         assert!(msg.contains("valid values: auto, kvm, tcg"), "{msg}");
         assert!(err("qemu_bin = \"qemu\"").contains("absolute path"));
-        assert!(err("vmm = \"xen\"").contains("valid values: firecracker, qemu"));
+        assert!(err("vmm = \"xen\"").contains("valid values: auto, firecracker, qemu"));
     }
 
     fn host(cpus: u64, ram: u64) -> HostFacts {
@@ -1457,7 +1513,7 @@ disk_size = "20G"
     fn rejects_unknown_vmm_and_bad_timeouts() {
         let msg = err("vmm = \"qemu-kvm\"\n");
         assert!(
-            msg.contains("unknown vmm \"qemu-kvm\"; valid values: firecracker"),
+            msg.contains("unknown vmm \"qemu-kvm\"; valid values: auto, firecracker, qemu"),
             "{msg}"
         );
         let msg = err("stop_timeout_secs = 0\n");

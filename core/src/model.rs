@@ -272,12 +272,13 @@ impl fmt::Display for VmState {
     }
 }
 
-/// Which VMM backend runs a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+/// Which VMM backend runs a VM. A VM's record always names one; the
+/// `vmm = "auto"` setting is resolved before a VM exists
+/// (`vmm::choice::VmmChoice`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmmKind {
-    /// Firecracker (the default).
-    #[default]
+    /// Firecracker.
     Firecracker,
     /// QEMU's `microvm` machine (KVM or TCG); see `docs/vmm.md`.
     Qemu,

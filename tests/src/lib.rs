@@ -139,7 +139,8 @@ impl BangerEnv {
         self.root().join("run/banger/bangerd.sock")
     }
 
-    /// Writes config.toml: `firecracker_bin` pointing at the fake plus `extra`.
+    /// Writes config.toml: `firecracker_bin` pointing at the fake (and
+    /// `vmm = "firecracker"` unless `extra` sets `vmm`) plus `extra`.
     pub fn write_config(&self, extra: &str) {
         let fake = fake_firecracker();
         // The fake firecracker boots no guest (no agent) and parallel tests
@@ -149,8 +150,15 @@ impl BangerEnv {
         } else {
             "default_caps = [\"work-disk\"]\n"
         };
+        // `vmm = "auto"` would take qemu on a host where KVM cannot boot a
+        // standard guest; these envs mean the fake firecracker.
+        let vmm = if extra.contains("vmm =") {
+            ""
+        } else {
+            "vmm = \"firecracker\"\n"
+        };
         let text = format!(
-            "firecracker_bin = {:?}\nstop_timeout_secs = 3\n{caps}{extra}\n",
+            "firecracker_bin = {:?}\nstop_timeout_secs = 3\n{caps}{vmm}{extra}\n",
             fake.display().to_string()
         );
         std::fs::write(self.root().join("config/banger/config.toml"), text).unwrap();

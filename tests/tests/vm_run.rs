@@ -147,9 +147,11 @@ mod tests {
         leased.join().unwrap();
         assert_eq!(out.code, 7, "{out:?}");
         // The spec comes before any progress.
-        assert_eq!(
-            out.stderr.lines().next(),
-            Some("spec: 1 vcpu · 512 MiB · 64M disk"),
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(
+                "spec: 1 vcpu · 512 MiB · 64M disk · vmm firecracker (config), accel kvm"
+            ),
             "{out:?}"
         );
         let calls = ssh_calls(&env);
@@ -338,7 +340,10 @@ mod tests {
             .banger(&["vm", "run", "--dry-run", "--name", "dry", "--", "uname"])
             .ok();
         let lines: Vec<&str> = out.stdout.lines().collect();
-        assert_eq!(lines[0], "spec: 3 vcpu · 768 MiB · 3G disk", "{out:?}");
+        assert!(
+            lines[0].starts_with("spec: 3 vcpu · 768 MiB · 3G disk · vmm firecracker (config)"),
+            "{out:?}"
+        );
         assert!(out.stdout.contains("run `uname`"), "{out:?}");
         let out = env
             .banger(&[
@@ -353,9 +358,10 @@ mod tests {
                 "2G",
             ])
             .ok();
-        assert_eq!(
-            out.stdout.lines().next(),
-            Some("spec: 2 vcpu · 1024 MiB · 2G disk")
+        let first = out.stdout.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("spec: 2 vcpu · 1024 MiB · 2G disk · vmm "),
+            "{out:?}"
         );
         assert_eq!(
             env.daemon_pid(),

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -37,6 +38,30 @@ pub(crate) struct ApiState {
 }
 
 pub(crate) type S = State<Arc<ApiState>>;
+
+/// Operations running now: streamed operations (create, start, pulls,
+/// workspace, bootstrap) and the spawned stop, kill and delete. `/v1/status`
+/// reports it, so a CLI of another build restarts this daemon only when
+/// nothing would be cut short. One per daemon process, like the process
+/// itself.
+static OPERATIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one running operation while it lives.
+#[derive(Debug)]
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        OPERATIONS.fetch_add(1, Ordering::SeqCst);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        OPERATIONS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// An error answer: status plus `ErrorBody`.
 pub(crate) struct ApiError(pub StatusCode, pub String);
@@ -124,6 +149,7 @@ async fn status(State(st): S) -> Result<Json<DaemonStatus>, ApiError> {
         state_dir: st.lifecycle.paths().state_dir.clone(),
         vms,
         plugin_errors: st.plugin_errors.clone(),
+        operations: Some(OPERATIONS.load(Ordering::SeqCst)),
     }))
 }
 
@@ -187,21 +213,36 @@ async fn delete_vm(
     Query(q): Query<DeleteQuery>,
 ) -> Result<Json<VmView>, ApiError> {
     let lc = st.lifecycle.clone();
+    let running = Running::start();
     // Run to completion even if the client goes away mid-delete.
-    let res = tokio::spawn(async move { lc.delete(&name, q.force, &Progress::none()).await }).await;
+    let res = tokio::spawn(async move {
+        let _running = running;
+        lc.delete(&name, q.force, &Progress::none()).await
+    })
+    .await;
     let vm = joined(res)?;
     Ok(Json(st.lifecycle.view(vm)))
 }
 
 async fn stop_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
     let lc = st.lifecycle.clone();
-    let res = tokio::spawn(async move { lc.stop(&name, &Progress::none()).await }).await;
+    let running = Running::start();
+    let res = tokio::spawn(async move {
+        let _running = running;
+        lc.stop(&name, &Progress::none()).await
+    })
+    .await;
     Ok(Json(st.lifecycle.view(joined(res)?)))
 }
 
 async fn kill_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
     let lc = st.lifecycle.clone();
-    let res = tokio::spawn(async move { lc.kill(&name, &Progress::none()).await }).await;
+    let running = Running::start();
+    let res = tokio::spawn(async move {
+        let _running = running;
+        lc.kill(&name, &Progress::none()).await
+    })
+    .await;
     Ok(Json(st.lifecycle.view(joined(res)?)))
 }
 
@@ -261,7 +302,9 @@ where
     Fut: std::future::Future<Output = Result<T, (Option<String>, String)>> + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
+    let running = Running::start();
     tokio::spawn(async move {
+        let _running = running;
         let result = op(Progress::to(tx.clone())).await;
         let last = match result {
             Ok(v) => match serde_json::to_value(v) {

@@ -157,7 +157,9 @@ impl Lifecycle {
                 initrd: None,
                 rootfs_source: PathBuf::new(),
                 extra_boot_args: req.boot_args.clone(),
-                vmm: req.vmm.unwrap_or(self.config.vmm),
+                vmm: req
+                    .vmm
+                    .unwrap_or_else(|| self.config.backend_plan(None).vmm),
             },
             caps,
             now_unix(),

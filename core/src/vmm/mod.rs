@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use crate::machine::MachineSpec;
 use crate::model::{VmmKind, VmmProcess};
 
+pub mod choice;
 pub mod firecracker;
 pub mod qemu;
 mod uds_http;

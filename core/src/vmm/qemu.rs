@@ -68,6 +68,16 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    /// The name QEMU and the `spec:` line use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
 /// What the host offers, as far as choosing an accelerator goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostFacts {
@@ -90,6 +100,18 @@ impl HostFacts {
             nested_pvm: Path::new("/sys/module/kvm_pvm").exists(),
         }
     }
+
+    /// Why KVM cannot boot a standard guest here, or `None` when it can.
+    /// The one KVM rule: `qemu_accel = "auto"` and `vmm = "auto"` both ask it.
+    pub fn kvm_blocker(&self) -> Option<&'static str> {
+        if !self.kvm_usable {
+            Some("/dev/kvm cannot be opened read-write")
+        } else if self.nested_pvm {
+            Some("nested PVM (/sys/module/kvm_pvm)")
+        } else {
+            None
+        }
+    }
 }
 
 /// The rule for `qemu_accel`: an explicit choice wins; `auto` picks KVM only
@@ -98,7 +120,7 @@ pub fn choose_accel(requested: QemuAccel, facts: HostFacts) -> Accel {
     match requested {
         QemuAccel::Kvm => Accel::Kvm,
         QemuAccel::Tcg => Accel::Tcg,
-        QemuAccel::Auto if facts.kvm_usable && !facts.nested_pvm => Accel::Kvm,
+        QemuAccel::Auto if facts.kvm_blocker().is_none() => Accel::Kvm,
         QemuAccel::Auto => Accel::Tcg,
     }
 }

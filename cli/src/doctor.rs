@@ -1,0 +1,843 @@
+//! `banger doctor`: what this host has and lacks for a first sandbox, one
+//! line per check (`PASS`/`WARN`/`FAIL`), each FAIL with its fix. It reads
+//! the same config and paths as every other command, never starts the
+//! daemon, and exits non-zero when any check fails. See `docs/doctor.md`.
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use banger_core::api::VersionInfo;
+use banger_core::config::{Config, find_on_path, is_executable};
+use banger_core::imagecat::ImageCatalog;
+use banger_core::kernels::KernelStore;
+use banger_core::model::VmmKind;
+use banger_core::paths::Paths;
+use banger_core::vmm::choice::BackendPlan;
+use banger_core::vmm::qemu::{HostFacts, QemuAccel};
+use serde::Serialize;
+
+/// Firecracker releases banger supports: from 1.10 up to, not including, 2.0
+/// (its API is versioned; a 2.x may change what banger calls).
+const FIRECRACKER_MIN: (u64, u64) = (1, 10);
+const FIRECRACKER_BELOW: (u64, u64) = (2, 0);
+/// How long a `--version` run may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Unix socket paths hold at most this many bytes.
+const MAX_SOCKET_PATH: usize = 107;
+/// The vsock-agent's socket in a VM directory (`capabilities/vsock_agent.rs`).
+const VSOCK_SOCKET_FILE: &str = "vsock.sock";
+
+const INSTALL_QEMU: &str = "sudo apt-get install qemu-system-x86";
+const INSTALL_VHOST: &str = "cargo install vhost-device-vsock --locked, then put its bin/ on \
+     PATH or set vhost_device_vsock_bin";
+const INSTALL_FIRECRACKER: &str = "install a Firecracker release 1.10-1.x from \
+     https://github.com/firecracker-microvm/firecracker/releases on PATH (or set firecracker_bin)";
+
+/// A check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Fine.
+    Pass,
+    /// Works, but slower or with less than it could.
+    Warn,
+    /// Something banger needs is missing or broken.
+    Fail,
+}
+
+/// One check's outcome, as printed and as `--json` gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// Short name (`kvm`, `qemu`, ...).
+    pub check: &'static str,
+    /// The verdict.
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it (always set for a FAIL).
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn pass(check: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            check,
+            status: Status::Pass,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn warn(check: &'static str, detail: impl Into<String>, fix: Option<String>) -> Check {
+        Check {
+            check,
+            status: Status::Warn,
+            detail: detail.into(),
+            fix,
+        }
+    }
+
+    fn fail(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            check,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    /// `FAIL qemu: detail; fix: ...`
+    fn line(&self) -> String {
+        let status = match self.status {
+            Status::Pass => "PASS",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        };
+        match &self.fix {
+            Some(fix) => format!("{status} {}: {}; fix: {fix}", self.check, self.detail),
+            None => format!("{status} {}: {}", self.check, self.detail),
+        }
+    }
+}
+
+/// `banger doctor [--json]`.
+pub async fn run(json: bool) -> Result<ExitCode> {
+    let checks = all_checks().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!("{}", c.line());
+        }
+    }
+    Ok(if checks.iter().any(|c| c.status == Status::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn all_checks() -> Vec<Check> {
+    let paths = match Paths::from_env() {
+        Ok(p) => p,
+        Err(e) => return vec![Check::fail("paths", e.to_string(), "set HOME")],
+    };
+    let (config, config_check) = load_config(&paths);
+    let host = HostFacts::probe();
+    let plan = config.backend_plan(None);
+    let tools = Backends::find(&config);
+    let mut out = vec![
+        config_check,
+        architecture(),
+        kvm(&host, &plan, &config),
+        Check::pass("backend", plan.to_string()),
+    ];
+    out.extend(backend_checks(&config, &plan, &host, &tools));
+    out.push(vsock(&paths, plan.vmm));
+    out.push(nft());
+    out.push(privileges(&config));
+    out.push(default_artifacts(&config, &paths));
+    out.push(ssh_identity(&paths));
+    out.push(ssh_client());
+    out.push(daemon(&paths).await);
+    out
+}
+
+fn load_config(paths: &Paths) -> (Config, Check) {
+    let file = paths.config_file();
+    match Config::load(&file) {
+        Ok(c) if file.exists() => (c, Check::pass("config", file.display().to_string())),
+        Ok(c) => (
+            c,
+            Check::pass(
+                "config",
+                format!("no {}: built-in defaults", file.display()),
+            ),
+        ),
+        Err(e) => (
+            Config::defaults(&file),
+            Check::fail(
+                "config",
+                format!("{e}; the other checks use the defaults"),
+                format!("edit {} as the error says", file.display()),
+            ),
+        ),
+    }
+}
+
+fn architecture() -> Check {
+    let machine = nix::sys::utsname::uname()
+        .map(|u| u.machine().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| std::env::consts::ARCH.to_string());
+    if machine == "x86_64" {
+        Check::pass("architecture", machine)
+    } else {
+        Check::fail(
+            "architecture",
+            format!("{machine}: banger's backends, kernels and images are x86_64 only"),
+            "run banger on an x86_64 host",
+        )
+    }
+}
+
+fn kvm(host: &HostFacts, plan: &BackendPlan, config: &Config) -> Check {
+    let Some(blocker) = host.kvm_blocker() else {
+        return Check::pass("kvm", "/dev/kvm usable; standard guests boot under KVM");
+    };
+    let fix = if host.nested_pvm {
+        "none needed for qemu; for KVM speed use a host with hardware virtualisation".to_string()
+    } else if Path::new("/dev/kvm").exists() {
+        "sudo usermod -aG kvm $USER, then log in again".to_string()
+    } else {
+        "sudo modprobe kvm_intel (or kvm_amd) if this machine has virtualisation".to_string()
+    };
+    let needs_kvm = plan.vmm == VmmKind::Firecracker || config.qemu_accel == QemuAccel::Kvm;
+    let detail = format!("KVM cannot boot a standard guest here: {blocker}");
+    if needs_kvm {
+        Check::fail(
+            "kvm",
+            format!("{detail}, but the configuration asks for KVM"),
+            format!("{fix}; or set vmm = \"auto\" and qemu_accel = \"auto\""),
+        )
+    } else {
+        Check::warn(
+            "kvm",
+            format!("{detail}: qemu with TCG (software emulation, slower) will be used"),
+            Some(fix),
+        )
+    }
+}
+
+/// A binary the backends need: where it is, or why it is not usable.
+#[derive(Debug)]
+enum Tool {
+    Found(PathBuf),
+    Missing(String),
+    /// Set in config but not an executable file.
+    Broken(String),
+}
+
+impl Tool {
+    fn find(key: &str, configured: &Option<PathBuf>, name: &str) -> Tool {
+        match configured {
+            Some(p) if is_executable(p) => Tool::Found(p.clone()),
+            Some(p) => Tool::Broken(format!("{key} {} is not an executable file", p.display())),
+            None => match find_on_path(name) {
+                Some(p) => Tool::Found(p),
+                None => Tool::Missing(format!("{name} not found on PATH")),
+            },
+        }
+    }
+
+    fn found(&self) -> Option<&Path> {
+        match self {
+            Tool::Found(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// The three backend binaries.
+#[derive(Debug)]
+struct Backends {
+    firecracker: Tool,
+    qemu: Tool,
+    vhost: Tool,
+}
+
+impl Backends {
+    fn find(config: &Config) -> Backends {
+        Backends {
+            firecracker: Tool::find("firecracker_bin", &config.firecracker_bin, "firecracker"),
+            qemu: Tool::find("qemu_bin", &config.qemu_bin, "qemu-system-x86_64"),
+            vhost: Tool::find(
+                "vhost_device_vsock_bin",
+                &config.vhost_device_vsock_bin,
+                "vhost-device-vsock",
+            ),
+        }
+    }
+}
+
+fn backend_checks(
+    config: &Config,
+    plan: &BackendPlan,
+    host: &HostFacts,
+    tools: &Backends,
+) -> Vec<Check> {
+    let fc_version = tools
+        .firecracker
+        .found()
+        .map(|bin| tool_version(bin).and_then(|v| firecracker_in_window(&v).map(|()| v)));
+    let fc_usable = matches!(fc_version, Some(Ok(_))) && host.kvm_blocker().is_none();
+    let qemu_usable = tools.qemu.found().is_some() && tools.vhost.found().is_some();
+    let cfg = config.path.display();
+    let firecracker = match (&tools.firecracker, fc_version) {
+        (Tool::Found(bin), Some(Ok(v))) => match host.kvm_blocker() {
+            None => Check::pass("firecracker", format!("{v} at {}", bin.display())),
+            Some(_) => Check::warn(
+                "firecracker",
+                format!(
+                    "{v} at {}, but it needs KVM, which cannot boot a standard guest here",
+                    bin.display()
+                ),
+                None,
+            ),
+        },
+        (Tool::Found(bin), Some(Err(why))) => {
+            let detail = format!("{} {why}", bin.display());
+            if plan.vmm == VmmKind::Firecracker {
+                Check::fail("firecracker", detail, INSTALL_FIRECRACKER)
+            } else {
+                Check::warn("firecracker", detail, Some(INSTALL_FIRECRACKER.to_string()))
+            }
+        }
+        (Tool::Broken(why), _) => Check::fail(
+            "firecracker",
+            why.clone(),
+            format!("fix firecracker_bin in {cfg}, or remove it to search PATH"),
+        ),
+        (_, _) if plan.vmm == VmmKind::Firecracker => Check::fail(
+            "firecracker",
+            "firecracker not found on PATH, and vmm = \"firecracker\" in config",
+            format!("{INSTALL_FIRECRACKER}; or set vmm = \"auto\" in {cfg}"),
+        ),
+        (_, _) if qemu_usable => Check::warn(
+            "firecracker",
+            "firecracker not found on PATH: the qemu backend is used",
+            Some(format!("optional: {INSTALL_FIRECRACKER}")),
+        ),
+        (_, _) => Check::fail(
+            "firecracker",
+            "firecracker not found on PATH, and the qemu backend lacks a binary (see qemu and \
+             vhost-device-vsock): no backend can run a VM",
+            format!(
+                "install the qemu backend's binaries as their checks say, or {INSTALL_FIRECRACKER}"
+            ),
+        ),
+    };
+    let qemu_needed = plan.vmm == VmmKind::Qemu || !fc_usable;
+    let qemu = needed_tool(
+        "qemu",
+        &tools.qemu,
+        "qemu_bin",
+        qemu_needed,
+        INSTALL_QEMU,
+        &cfg.to_string(),
+    );
+    let vhost = needed_tool(
+        "vhost-device-vsock",
+        &tools.vhost,
+        "vhost_device_vsock_bin",
+        qemu_needed,
+        INSTALL_VHOST,
+        &cfg.to_string(),
+    );
+    vec![firecracker, qemu, vhost]
+}
+
+/// A qemu-backend binary: FAIL when missing and the qemu backend is (or
+/// must be) used, WARN when it only removes the fallback.
+fn needed_tool(
+    check: &'static str,
+    tool: &Tool,
+    key: &str,
+    needed: bool,
+    install: &str,
+    cfg: &str,
+) -> Check {
+    match tool {
+        Tool::Found(bin) => match tool_version(bin) {
+            Ok(v) => Check::pass(check, format!("{v} at {}", bin.display())),
+            Err(_) => Check::pass(check, bin.display().to_string()),
+        },
+        Tool::Broken(why) => Check::fail(
+            check,
+            why.clone(),
+            format!("fix {key} in {cfg}, or remove it to search PATH"),
+        ),
+        Tool::Missing(why) if needed => Check::fail(check, why.clone(), install),
+        Tool::Missing(why) => Check::warn(
+            check,
+            format!("{why}: no qemu fallback"),
+            Some(install.to_string()),
+        ),
+    }
+}
+
+/// The first line of `bin --version`, or why there is none.
+fn tool_version(bin: &Path) -> Result<String, String> {
+    let mut child = Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot be run: {e}"))?;
+    let deadline = Instant::now() + VERSION_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "did not answer --version within {}s",
+                    VERSION_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    match out.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) if status.success() => Ok(line.to_string()),
+        _ => Err(format!("--version failed ({status})")),
+    }
+}
+
+/// Whether a `firecracker --version` line names a supported release.
+fn firecracker_in_window(line: &str) -> Result<(), String> {
+    let version = line
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_prefix('v')
+                .filter(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .ok_or_else(|| format!("answers --version with {line:?}, which names no version"))?;
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u64>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        return Err(format!("has version {version:?}, which banger cannot read"));
+    };
+    if (major, minor) >= FIRECRACKER_MIN && (major, minor) < FIRECRACKER_BELOW {
+        Ok(())
+    } else {
+        Err(format!(
+            "is version {version}, outside the supported {}.{} to {}.x",
+            FIRECRACKER_MIN.0,
+            FIRECRACKER_MIN.1,
+            FIRECRACKER_BELOW.0 - 1
+        ))
+    }
+}
+
+/// Hybrid vsock (firecracker, and qemu through vhost-device-vsock) is a
+/// Unix socket per VM: nothing to load on the host, but the path must fit.
+fn vsock(paths: &Paths, vmm: VmmKind) -> Check {
+    let id = "0123456789abcdef"; // VM ids are 16 hex digits
+    let mut sockets = vec![paths.state_dir.join("vms").join(id).join(VSOCK_SOCKET_FILE)];
+    if vmm == VmmKind::Qemu {
+        sockets.push(
+            paths
+                .runtime_dir
+                .join("vms")
+                .join(format!("{id}.sock.vhost")),
+        );
+    }
+    let longest = sockets
+        .iter()
+        .max_by_key(|p| p.as_os_str().len())
+        .cloned()
+        .unwrap_or_default();
+    let len = longest.as_os_str().len();
+    let how = match vmm {
+        VmmKind::Firecracker => "firecracker's hybrid vsock",
+        VmmKind::Qemu => "hybrid vsock through vhost-device-vsock",
+    };
+    if len <= MAX_SOCKET_PATH {
+        Check::pass(
+            "vsock",
+            format!("{how}; longest socket path {len} of {MAX_SOCKET_PATH} bytes"),
+        )
+    } else {
+        Check::fail(
+            "vsock",
+            format!(
+                "{how}: socket paths such as {} are {len} bytes, over the {MAX_SOCKET_PATH}-byte limit",
+                longest.display()
+            ),
+            "set XDG_STATE_HOME and XDG_RUNTIME_DIR to shorter directories",
+        )
+    }
+}
+
+fn nft() -> Check {
+    match find_on_path("nft") {
+        Some(p) => Check::pass("nft", format!("{} (for --nat)", p.display())),
+        None => Check::warn(
+            "nft",
+            "nft not found on PATH: VMs with --nat cannot reach outside",
+            Some("sudo apt-get install nftables".to_string()),
+        ),
+    }
+}
+
+/// CAP_NET_ADMIN's bit in the capability sets of `/proc/PID/status`.
+const CAP_NET_ADMIN_BIT: u32 = 12;
+
+fn has_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN_BIT) != 0)
+}
+
+fn privileges(config: &Config) -> Check {
+    const NETWORKED: &[&str] = &["network", "dns", "nat"];
+    let tun = Path::new("/dev/net/tun").exists();
+    let caps: Vec<String> = config
+        .default_caps()
+        .map(|v| v.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default();
+    let networked: Vec<&str> = caps
+        .iter()
+        .map(String::as_str)
+        .filter(|c| NETWORKED.contains(c))
+        .collect();
+    let who = if nix::unistd::geteuid().is_root() {
+        Some("running as root")
+    } else if has_net_admin() {
+        Some("CAP_NET_ADMIN held")
+    } else {
+        None
+    };
+    match (who, networked.is_empty()) {
+        (_, true) => Check::pass(
+            "privileges",
+            "default_caps need no host networking (bridge, taps, nft)",
+        ),
+        (Some(_), false) if !tun => Check::fail(
+            "privileges",
+            "no /dev/net/tun: the network capability cannot create taps",
+            "sudo modprobe tun",
+        ),
+        (Some(who), false) => Check::pass(
+            "privileges",
+            format!(
+                "{who}: the daemon can manage the bridge, taps and nft rules for {}",
+                networked.join(", ")
+            ),
+        ),
+        (None, false) => Check::fail(
+            "privileges",
+            format!(
+                "not root and no CAP_NET_ADMIN: the daemon (started as this user) cannot create \
+                 the bridge and taps that default_caps' {} need",
+                networked.join(", ")
+            ),
+            format!(
+                "run banger as root (sudo -E banger ...), or leave {} out of default_caps in {}",
+                networked.join(", "),
+                config.path.display()
+            ),
+        ),
+    }
+}
+
+/// The catalog's default image and its kernel: present locally, else
+/// whether this host can obtain them.
+fn default_artifacts(config: &Config, paths: &Paths) -> Check {
+    let catalog = match &config.image_catalog_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read image_catalog_file {}: {e}", f.display()))
+            .and_then(|t| ImageCatalog::parse(&t).map_err(|e| e.to_string())),
+        None => ImageCatalog::embedded().map_err(|e| e.to_string()),
+    };
+    let entry = match &catalog {
+        Ok(c) => c.default_entry(),
+        Err(e) => {
+            return Check::fail(
+                "default image",
+                e.clone(),
+                format!("fix image_catalog_file in {}", config.path.display()),
+            );
+        }
+    };
+    let Some(entry) = entry else {
+        return Check::warn(
+            "default image",
+            "the image catalog marks no default: `vm run` needs --image",
+            None,
+        );
+    };
+    let (image, kernel) = (entry.name.as_str(), entry.kernel.as_str());
+    let image_here = paths.state_dir.join("images").join(image).is_dir();
+    let kernel_here = KernelStore::new(paths.state_dir.join("kernels"))
+        .get(kernel)
+        .is_ok_and(|k| k.is_some());
+    let what = format!("image {image} with kernel {kernel}");
+    if image_here && kernel_here {
+        return Check::pass("default image", format!("{what}: both local"));
+    }
+    match buildable_here(find_on_path, Path::new("/etc/apt")) {
+        Ok(source) => Check::pass(
+            "default image",
+            format!(
+                "{what}: not local yet; obtained on first use (buildable here from {})",
+                source.display()
+            ),
+        ),
+        Err((why, fix)) => Check::fail(
+            "default image",
+            format!("{what}: not local, and it cannot be built here: {why}"),
+            fix,
+        ),
+    }
+}
+
+/// Whether this host can build the default kernel and image from its own
+/// Debian/Ubuntu packages: the tools on PATH and an apt source under
+/// `apt_dir`. Returns the file naming the source, or (what is missing, the
+/// fix). The one place to point at the catalog's recipes once entries
+/// carry them.
+fn buildable_here(
+    find: impl Fn(&str) -> Option<PathBuf>,
+    apt_dir: &Path,
+) -> Result<PathBuf, (String, String)> {
+    const TOOLS: &[(&str, &str)] = &[
+        ("apt-get", "apt"),
+        ("dpkg-deb", "dpkg"),
+        ("mmdebstrap", "mmdebstrap"),
+    ];
+    let missing: Vec<(&str, &str)> = TOOLS
+        .iter()
+        .copied()
+        .filter(|(tool, _)| find(tool).is_none())
+        .collect();
+    if !missing.is_empty() {
+        let tools: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
+        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        return Err((
+            format!("{} not found on PATH", tools.join(", ")),
+            format!("sudo apt-get install {}", packages.join(" ")),
+        ));
+    }
+    debian_source(apt_dir).ok_or_else(|| {
+        (
+            format!(
+                "no Debian or Ubuntu package source in {}",
+                apt_dir.display()
+            ),
+            format!(
+                "add a Debian mirror to {}/sources.list.d/debian.sources",
+                apt_dir.display()
+            ),
+        )
+    })
+}
+
+/// The first apt source file under `apt_dir` naming a Debian or Ubuntu
+/// archive (`sources.list`, `sources.list.d/*.list` and `*.sources`).
+fn debian_source(apt_dir: &Path) -> Option<PathBuf> {
+    let mut files = vec![apt_dir.join("sources.list")];
+    if let Ok(rd) = std::fs::read_dir(apt_dir.join("sources.list.d")) {
+        let mut more: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(OsStr::to_str),
+                    Some("list" | "sources")
+                )
+            })
+            .collect();
+        more.sort();
+        files.extend(more);
+    }
+    files.into_iter().find(|f| {
+        std::fs::read_to_string(f).is_ok_and(|text| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.starts_with('#'))
+                .any(|l| {
+                    (l.starts_with("deb ") || l.starts_with("URIs:"))
+                        && (l.contains("debian") || l.contains("ubuntu"))
+                })
+        })
+    })
+}
+
+fn ssh_identity(paths: &Paths) -> Check {
+    let key = paths.ssh_dir().join("id_ed25519");
+    let meta = match std::fs::metadata(&key) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Check::pass(
+                "ssh identity",
+                format!(
+                    "{} not created yet; the daemon creates it on first use",
+                    key.display()
+                ),
+            );
+        }
+        Err(e) => {
+            return Check::fail(
+                "ssh identity",
+                format!("cannot read {}: {e}", key.display()),
+                format!("make {} readable by this user", key.display()),
+            );
+        }
+    };
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Check::fail(
+            "ssh identity",
+            format!(
+                "{} has mode {:o}: ssh refuses a private key others can read",
+                key.display(),
+                meta.permissions().mode() & 0o777
+            ),
+            format!("chmod 600 {}", key.display()),
+        );
+    }
+    let public = paths.ssh_dir().join("id_ed25519.pub");
+    match std::fs::read_to_string(&public) {
+        Ok(p) if p.starts_with("ssh-ed25519 ") => {
+            Check::pass("ssh identity", format!("{} (ed25519)", key.display()))
+        }
+        _ => Check::fail(
+            "ssh identity",
+            format!(
+                "{} is missing or not an ed25519 public key",
+                public.display()
+            ),
+            format!(
+                "remove {} and {}; the daemon creates a new pair",
+                key.display(),
+                public.display()
+            ),
+        ),
+    }
+}
+
+fn ssh_client() -> Check {
+    match find_on_path("ssh") {
+        Some(p) => Check::pass("ssh client", p.display().to_string()),
+        None => Check::fail(
+            "ssh client",
+            "ssh not found on PATH: `vm run` and `vm ssh` use it",
+            "sudo apt-get install openssh-client",
+        ),
+    }
+}
+
+async fn daemon(paths: &Paths) -> Check {
+    let client = crate::daemon::client(paths);
+    let mine = VersionInfo::current();
+    match crate::daemon::probe(&client).await {
+        Ok(None) => Check::warn(
+            "daemon",
+            format!(
+                "not running on {}; it starts on demand",
+                client.socket().display()
+            ),
+            None,
+        ),
+        Ok(Some(v)) if crate::daemon::same_build(&v, &mine) => Check::pass(
+            "daemon",
+            format!("running, same build ({})", crate::output::version_line(&v)),
+        ),
+        Ok(Some(v)) => Check::warn(
+            "daemon",
+            format!(
+                "runs {}, but this banger is {}",
+                crate::output::version_line(&v),
+                crate::output::version_line(&mine)
+            ),
+            Some("banger daemon stop (the next command starts this build)".to_string()),
+        ),
+        Err(e) => Check::fail(
+            "daemon",
+            format!("{} does not answer: {e:#}", client.socket().display()),
+            "banger daemon stop, then retry",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_window_is_1_10_to_1_x() {
+        assert_eq!(firecracker_in_window("Firecracker v1.10.1"), Ok(()));
+        assert_eq!(firecracker_in_window("Firecracker v1.12.0-dev"), Ok(()));
+        assert_eq!(
+            firecracker_in_window("Firecracker v1.9.0"),
+            Err("is version 1.9.0, outside the supported 1.10 to 1.x".to_string())
+        );
+        assert!(firecracker_in_window("Firecracker v2.0.0").is_err());
+        assert_eq!(
+            firecracker_in_window("firecracker"),
+            Err("answers --version with \"firecracker\", which names no version".to_string())
+        );
+    }
+
+    #[test]
+    fn buildable_needs_the_tools_and_a_debian_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let apt = dir.path();
+        let all = |_: &str| Some(PathBuf::from("/usr/bin/x"));
+        let (why, fix) = buildable_here(all, apt).unwrap_err();
+        assert!(
+            why.starts_with("no Debian or Ubuntu package source"),
+            "{why}"
+        );
+        assert!(fix.contains("sources.list.d/debian.sources"), "{fix}");
+
+        std::fs::create_dir_all(apt.join("sources.list.d")).unwrap();
+        std::fs::write(
+            apt.join("sources.list.d/debian.sources.disabled"),
+            "URIs: http://deb.debian.org/debian\n",
+        )
+        .unwrap();
+        std::fs::write(
+            apt.join("sources.list.d/other.list"),
+            "# deb http://deb.debian.org/debian bookworm main\ndeb http://example.com/x y z\n",
+        )
+        .unwrap();
+        assert!(
+            buildable_here(all, apt).is_err(),
+            "disabled and commented sources count"
+        );
+        let real = apt.join("sources.list.d/debian.sources");
+        std::fs::write(
+            &real,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n",
+        )
+        .unwrap();
+        assert_eq!(buildable_here(all, apt), Ok(real));
+
+        let no_mmdebstrap = |t: &str| (t != "mmdebstrap").then(|| PathBuf::from("/usr/bin/x"));
+        assert_eq!(
+            buildable_here(no_mmdebstrap, apt),
+            Err((
+                "mmdebstrap not found on PATH".to_string(),
+                "sudo apt-get install mmdebstrap".to_string()
+            ))
+        );
+    }
+
+    #[test]
+    fn lines_carry_the_fix_only_when_there_is_one() {
+        assert_eq!(Check::pass("arch", "x86_64").line(), "PASS arch: x86_64");
+        assert_eq!(
+            Check::fail("qemu", "gone", "install it").line(),
+            "FAIL qemu: gone; fix: install it"
+        );
+        assert_eq!(
+            serde_json::to_value(Check::warn("kvm", "slow", None)).unwrap(),
+            serde_json::json!({"check": "kvm", "status": "warn", "detail": "slow", "fix": null})
+        );
+    }
+}
