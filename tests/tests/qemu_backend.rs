@@ -9,6 +9,12 @@
 //! `PATH`, else `~/.cache/banger-ci/tools/bin/`. The guest-userspace test
 //! also needs `cc` with a static libc and, for a modular kernel, its modules
 //! under `<prefix>/lib/modules/<version>/` beside `<prefix>/boot/vmlinuz-<version>`.
+//!
+//! The real-agent test boots the static agent (`scripts/build-agent`) on a
+//! distribution kernel with banger's boot modules archive: an unpacked
+//! linux-image package (`boot/`, `lib/modules/<version>/` with
+//! `modules.builtin`, optionally an ELF `vmlinux` at its top) from
+//! `$BANGER_TEST_DISTRO_KERNEL`, else `~/.cache/banger-ci/kernel`.
 
 #[cfg(test)]
 mod tests {
@@ -18,10 +24,15 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
+    use banger_core::initramfs::build_initrd;
+    use banger_core::kernels::{BootModules, DEFAULT_BOOT_MODULES, boot_modules_archive};
     use banger_core::machine::{Drive, DriveRole, MachineSpec, Vsock};
     use banger_core::model::VmmProcess;
     use banger_core::vmm::qemu::{Qemu, QemuAccel, QemuSettings};
     use banger_core::vmm::{LaunchPaths, Vmm, VmmError, process_alive};
+    use banger_core::vsock::AgentClient;
+    use banger_guest_protocol::bundle::GuestConfig;
+    use banger_guest_protocol::drive::ConfigDrive;
     use nix::unistd::{Pid, getsid};
     use tempfile::TempDir;
     use test_infra::wait_until;
@@ -310,15 +321,7 @@ mod tests {
             return;
         };
         let mut w = World::new(&k);
-        let uds = w.dir.path().join("v.sock");
-        w.machine.vsock = Some(Vsock {
-            guest_cid: 42,
-            uds_path: uds.clone(),
-        });
-        let vmm = Qemu::new(QemuSettings {
-            vhost_device_vsock_bin: backend,
-            ..settings(q)
-        });
+        let (vmm, uds) = with_vsock(&mut w, q, backend, 42);
         let p = vmm.launch(&w.machine, &w.paths).unwrap();
         let mut guard = Guard(&vmm, Some(p.clone()));
         // QEMU got through the vhost-user handshake (it refuses to start
@@ -350,7 +353,8 @@ mod tests {
         assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
     }
 
-    /// A static /init: loads the virtio and power-button modules it is given,
+    /// A static /init: loads the modules banger's boot modules archive lists
+    /// in /banger/modules.load (virtio, vsock, power button),
     /// prints each virtio disk's size and device, then powers off on
     /// KEY_POWER, so the host can see drive order and a graceful stop. It
     /// also greets every connection on vsock port 1024.
@@ -372,11 +376,10 @@ int main(void) {
   mount("proc", "/proc", "proc", 0, 0);
   mount("sysfs", "/sys", "sysfs", 0, 0);
   mount("dev", "/dev", "devtmpfs", 0, 0);
-  const char *mods[] = {"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "button", "evdev",
-    "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"};
-  for (int i = 0; i < 9; i++) {
-    char p[128]; snprintf(p, sizeof p, "/mods/%s.ko", mods[i]);
-    int fd = open(p, O_RDONLY);
+  FILE *list = fopen("/banger/modules.load", "r"); char line[512];
+  while (list && fgets(line, sizeof line, list)) {
+    line[strcspn(line, "\n")] = 0;
+    int fd = open(line, O_RDONLY);
     if (fd >= 0) { syscall(SYS_finit_module, fd, "", 0); close(fd); }
   }
   for (int t = 0; t < 100 && access("/sys/block/vdc", F_OK) != 0; t++) usleep(100000);
@@ -421,45 +424,64 @@ int main(void) {
 }
 "#;
 
-    /// Appends one newc cpio entry.
-    fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
-        let header = format!(
-            "070701{ino:08X}{mode:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            0,
-            0,
-            name.len() + 1,
-            0
-        );
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
-            out.push(0);
-        }
-    }
+    /// The modules the probe init needs, by name.
+    const PROBE_MODULES: &[&str] = &[
+        "virtio_mmio",
+        "virtio_blk",
+        "button",
+        "evdev",
+        "vsock",
+        "vmw_vsock_virtio_transport",
+    ];
 
-    /// The modules directory of `kernel` (`X/boot/vmlinuz-V` → `X/lib/modules/V`).
-    fn modules_of(kernel: &Path) -> Option<PathBuf> {
+    /// The unpacked package and version of `kernel`
+    /// (`X/boot/vmlinuz-V` → `X`, `V`) when `X/lib/modules/V` exists.
+    fn modules_of(kernel: &Path) -> Option<(PathBuf, String)> {
         let version = kernel.file_name()?.to_str()?.strip_prefix("vmlinuz-")?;
         let prefix = kernel.parent()?.parent()?;
-        let dir = prefix.join("lib/modules").join(version).join("kernel");
-        dir.is_dir().then_some(dir)
+        prefix
+            .join("lib/modules")
+            .join(version)
+            .is_dir()
+            .then(|| (prefix.to_path_buf(), version.to_owned()))
+    }
+
+    /// `init` as /init on top of banger's boot modules archive of kernel
+    /// `version` in `prefix` for `wanted`, built by the same code the kernel
+    /// store uses, written to `dir/initrd`.
+    fn initrd_with_modules(
+        dir: &Path,
+        init: &Path,
+        (prefix, version): (&Path, &str),
+        wanted: &[&str],
+    ) -> Result<(PathBuf, BootModules), String> {
+        let modules = boot_modules_archive(prefix, version, wanted)
+            .map_err(|e| format!("cannot build the boot modules archive: {e}"))?;
+        let archive = dir.join("modules.cpio");
+        modules.write(&archive).map_err(|e| e.to_string())?;
+        let out = dir.join("initrd");
+        build_initrd(init, Some(&archive), &out).map_err(|e| e.to_string())?;
+        Ok((out, modules))
+    }
+
+    /// Gives `w`'s machine a vsock device with `cid` and returns the QEMU
+    /// backend that serves it through `backend`, and the hybrid socket.
+    fn with_vsock(w: &mut World, q: PathBuf, backend: PathBuf, cid: u32) -> (Qemu, PathBuf) {
+        let uds = w.dir.path().join("v.sock");
+        w.machine.vsock = Some(Vsock {
+            guest_cid: cid,
+            uds_path: uds.clone(),
+        });
+        let vmm = Qemu::new(QemuSettings {
+            vhost_device_vsock_bin: backend,
+            ..settings(q)
+        });
+        (vmm, uds)
     }
 
     /// Builds the probe initramfs in `dir`, or says why it cannot.
     fn probe_initramfs(dir: &Path, kernel: &Path) -> Result<PathBuf, String> {
-        let modules = modules_of(kernel).ok_or_else(|| {
+        let (prefix, version) = modules_of(kernel).ok_or_else(|| {
             format!(
                 "no modules directory for {} (need virtio_mmio, virtio_blk, button, evdev)",
                 kernel.display()
@@ -480,38 +502,7 @@ int main(void) {
                 String::from_utf8_lossy(&built.stderr)
             ));
         }
-        let mut cpio = Vec::new();
-        let mut ino = 1;
-        for d in ["proc", "sys", "dev", "mods"] {
-            cpio_entry(&mut cpio, ino, d, 0o040755, &[]);
-            ino += 1;
-        }
-        cpio_entry(&mut cpio, ino, "init", 0o100755, &fs::read(&init).unwrap());
-        for rel in [
-            "drivers/virtio/virtio_ring.ko",
-            "drivers/virtio/virtio.ko",
-            "drivers/virtio/virtio_mmio.ko",
-            "drivers/block/virtio_blk.ko",
-            "drivers/acpi/button.ko",
-            "drivers/input/evdev.ko",
-            "net/vmw_vsock/vsock.ko",
-            "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
-            "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
-        ] {
-            let Ok(data) = fs::read(modules.join(rel)) else {
-                continue; // built in, or compressed: the guest reports what it sees
-            };
-            ino += 1;
-            let name = format!(
-                "mods/{}",
-                Path::new(rel).file_name().unwrap().to_string_lossy()
-            );
-            cpio_entry(&mut cpio, ino, &name, 0o100644, &data);
-        }
-        cpio_entry(&mut cpio, 0, "TRAILER!!!", 0, &[]);
-        let out = dir.join("probe.cpio");
-        fs::write(&out, cpio).unwrap();
-        Ok(out)
+        initrd_with_modules(dir, &init, (&prefix, &version), PROBE_MODULES).map(|(p, _)| p)
     }
 
     #[test]
@@ -591,15 +582,7 @@ int main(void) {
             Err(why) => return skip(test, &why),
         }
         w.machine.boot_args = "console=ttyS0 tsc_early_khz=2000000".into();
-        let uds = w.dir.path().join("v.sock");
-        w.machine.vsock = Some(Vsock {
-            guest_cid: 3,
-            uds_path: uds.clone(),
-        });
-        let vmm = Qemu::new(QemuSettings {
-            vhost_device_vsock_bin: backend,
-            ..settings(q)
-        });
+        let (vmm, uds) = with_vsock(&mut w, q, backend, 3);
         let p = vmm.launch(&w.machine, &w.paths).unwrap();
         let _guard = Guard(&vmm, Some(p));
         wait_until(BOOT, "the probe init reports READY", || {
@@ -621,6 +604,126 @@ int main(void) {
         assert_eq!(greeting, "hello from the guest\n");
     }
 
+    /// An unpacked distribution kernel package: its directory, the kernel
+    /// to boot (the top-level ELF `vmlinux` when there is one, as banger's
+    /// kernel store keeps it, else `boot/vmlinuz-<version>`) and its version.
+    fn distro_kernel() -> Result<(PathBuf, PathBuf, String), String> {
+        let dir = std::env::var_os("BANGER_TEST_DISTRO_KERNEL")
+            .map_or_else(|| home().join(".cache/banger-ci/kernel"), PathBuf::from);
+        let vmlinuz = first_vmlinuz(&dir.join("boot")).ok_or_else(|| {
+            format!(
+                "no boot/vmlinuz-* in {} (set BANGER_TEST_DISTRO_KERNEL to an unpacked linux-image package)",
+                dir.display()
+            )
+        })?;
+        let (_, version) = modules_of(&vmlinuz)
+            .ok_or_else(|| format!("no lib/modules/<version>/ beside {}", vmlinuz.display()))?;
+        let vmlinux = dir.join("vmlinux");
+        let kernel = if vmlinux.is_file() { vmlinux } else { vmlinuz };
+        Ok((dir, kernel, version))
+    }
+
+    #[test]
+    fn real_agent_loads_distribution_kernel_modules_and_answers_healthz() {
+        let test = "real_agent_loads_distribution_kernel_modules_and_answers_healthz";
+        let Some(q) = qemu_bin() else {
+            return skip(
+                test,
+                "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)",
+            );
+        };
+        let Some(backend) = vsock_backend_bin() else {
+            return skip(test, "vhost-device-vsock not installed");
+        };
+        let (kdir, kernel, version) = match distro_kernel() {
+            Ok(k) => k,
+            Err(why) => return skip(test, &why),
+        };
+        let agent = test_infra::target_dir()
+            .parent()
+            .map(|t| t.join("banger-agent"))
+            .unwrap_or_default();
+        if !agent.is_file() {
+            return skip(
+                test,
+                &format!(
+                    "no static agent at {} (run scripts/build-agent)",
+                    agent.display()
+                ),
+            );
+        }
+        let mut w = World::new(&kernel);
+        let d = w.dir.path().to_path_buf();
+
+        // An empty ext4 root (the agent then stays PID 1 and serves its API)
+        // and a real config drive after it.
+        let root = d.join("root.img");
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&root)
+            .arg("16M")
+            .output();
+        match mkfs {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => {
+                return skip(
+                    test,
+                    &format!("cannot run mkfs.ext4 (apt-get install e2fsprogs): {e}"),
+                );
+            }
+        }
+        let config = ConfigDrive {
+            drives: vec!["root".into(), "config".into()],
+            guest: GuestConfig::new("modular"),
+        };
+        fs::write(d.join("config.img"), config.encode()).unwrap();
+
+        let (initrd, modules) =
+            initrd_with_modules(&d, &agent, (&kdir, &version), DEFAULT_BOOT_MODULES).unwrap();
+        assert!(
+            modules.loaded.iter().any(|m| m == "virtio_blk"),
+            "this test wants a kernel with virtio_blk as a module: {modules:?}"
+        );
+        w.machine.initrd = Some(initrd);
+        w.machine.kernel = kernel;
+        w.machine.boot_args = "console=ttyS0 tsc_early_khz=2000000".into();
+        let (vmm, uds) = with_vsock(&mut w, q, backend, 3);
+        let p = vmm.launch(&w.machine, &w.paths).unwrap();
+        let _guard = Guard(&vmm, Some(p));
+        let client = AgentClient::new(&uds, Duration::from_secs(5));
+        wait_until(BOOT, "the agent answers /healthz over vsock", || {
+            client.healthz().is_ok()
+        });
+        let health = client.healthz().unwrap();
+        assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
+
+        // The console ends lines with CRLF.
+        let serial = w.serial();
+        let lines: Vec<&str> = serial.lines().map(str::trim_end).collect();
+        let agent_lines: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("banger-agent: "))
+            .collect();
+        let loaded: Vec<&str> = agent_lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("loaded module "))
+            .collect();
+        assert_eq!(loaded, modules.loaded, "load order:\n{serial}");
+        assert!(
+            !agent_lines.iter().any(|l| l.contains("FAILED")),
+            "{serial}"
+        );
+        for line in [
+            "read config drive /dev/vdb",
+            "hostname modular",
+            "mounted root /dev/vda",
+            "switched root",
+        ] {
+            assert!(agent_lines.contains(&line), "missing {line:?}:\n{serial}");
+        }
+    }
+
     #[test]
     fn a_failed_qemu_start_stops_the_vsock_backend_too() {
         let test = "a_failed_qemu_start_stops_the_vsock_backend_too";
@@ -632,15 +735,7 @@ int main(void) {
         };
         let dir = tempfile::tempdir().unwrap();
         let mut w = World::new(&dir.path().join("missing-vmlinux"));
-        let uds = w.dir.path().join("v.sock");
-        w.machine.vsock = Some(Vsock {
-            guest_cid: 5,
-            uds_path: uds.clone(),
-        });
-        let vmm = Qemu::new(QemuSettings {
-            vhost_device_vsock_bin: backend,
-            ..settings(q)
-        });
+        let (vmm, uds) = with_vsock(&mut w, q, backend, 5);
         let err = vmm.launch(&w.machine, &w.paths).unwrap_err();
         assert!(err.to_string().contains("missing-vmlinux"), "{err}");
         let needle = format!("uds-path={}", uds.display());
@@ -651,31 +746,53 @@ int main(void) {
         assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
     }
 
-    /// The ELF `vmlinux` inside a Debian (xz-compressed) bzImage.
+    /// The ELF `vmlinux` inside a bzImage: the compressed payload the setup
+    /// header points at (`setup_sects` at 0x1f1, `payload_offset` and
+    /// `payload_length` at 0x248), zstd (Debian 12's cloud kernel) or xz
+    /// (older Debian kernels).
     fn extract_vmlinux(bz: &Path, out: &Path) -> Result<(), String> {
         let data = fs::read(bz).map_err(|e| e.to_string())?;
-        let magic = [0xfd, b'7', b'z', b'X', b'Z', 0];
-        let at = data
-            .windows(magic.len())
-            .position(|w| w == magic)
-            .ok_or("no xz payload in the kernel image")?;
-        let mut child = std::process::Command::new("xz")
-            .args(["-dc", "--single-stream"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(fs::File::create(out).unwrap())
-            .spawn()
-            .map_err(|e| format!("cannot run xz: {e}"))?;
-        let mut stdin = child.stdin.take().unwrap();
-        // xz stops reading after the stream; a broken pipe here is fine.
-        let _ = stdin.write_all(&data[at..]);
-        drop(stdin);
-        child.wait().map_err(|e| e.to_string())?;
-        let elf = fs::read(out).map_err(|e| e.to_string())?;
-        if elf.starts_with(b"\x7fELF") {
-            Ok(())
+        let u32_at = |at: usize| {
+            data.get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .ok_or("the kernel image is too short for a setup header")
+        };
+        let setup_sects = match data.get(0x1f1) {
+            Some(0) => 4,
+            Some(n) => usize::from(*n),
+            None => return Err("the kernel image is too short for a setup header".into()),
+        };
+        let start = (setup_sects + 1) * 512 + u32_at(0x248)?;
+        let payload = data
+            .get(start..start + u32_at(0x24c)?)
+            .ok_or("the payload lies outside the kernel image")?;
+        let elf = if payload.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            // The last 4 bytes are the decompressed size, not zstd data.
+            zstd::decode_all(&payload[..payload.len().saturating_sub(4)])
+                .map_err(|e| format!("cannot decompress the zstd payload: {e}"))?
+        } else if payload.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+            let mut child = std::process::Command::new("xz")
+                .args(["-dc", "--single-stream"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot run xz: {e}"))?;
+            let mut stdin = child.stdin.take().unwrap();
+            let payload = payload.to_vec();
+            // xz stops reading after the stream; a broken pipe there is fine.
+            let feeder = std::thread::spawn(move || {
+                let _ = stdin.write_all(&payload);
+            });
+            let done = child.wait_with_output().map_err(|e| e.to_string())?;
+            let _ = feeder.join();
+            done.stdout
         } else {
-            Err("the payload is not an ELF image".into())
+            return Err("the payload is neither zstd nor xz".into());
+        };
+        if !elf.starts_with(b"\x7fELF") {
+            return Err("the payload is not an ELF image".into());
         }
+        fs::write(out, elf).map_err(|e| e.to_string())
     }
 
     #[test]
