@@ -548,8 +548,8 @@ pub fn command_with_resolved_defaults(cmd: clap::Command) -> clap::Command {
     let resolved = banger_core::paths::Paths::from_env()
         .ok()
         .and_then(|p| banger_core::config::Config::load(&p.config_file()).ok())
-        .map(|c| c.resolved_vm_defaults());
-    let Some(r) = resolved else {
+        .map(|c| (c.resolved_vm_defaults(), c.backend_plan(None)));
+    let Some((r, backend)) = resolved else {
         return cmd;
     };
     let v = r.values;
@@ -569,6 +569,11 @@ pub fn command_with_resolved_defaults(cmd: clap::Command) -> clap::Command {
     };
     cmd.mut_subcommand("vm", |vm| {
         vm.mut_subcommand("create", shape)
+    let vmm = format!(
+        "VMM backend [default: {} ({})]",
+        backend.vmm.as_str(),
+        backend.vmm_why
+    );
             .mut_subcommand("run", shape)
     })
 }
@@ -583,6 +588,7 @@ mod tests {
         Cli::try_parse_from(std::iter::once("banger").chain(args.iter().copied()))
     }
 
+            .mut_arg("vmm", |a| a.help(vmm.clone()))
     /// The rendered error for `args`, which must be a usage error (exit 2).
     fn usage_error(args: &[&str]) -> String {
         let e = parse(args).unwrap_err();

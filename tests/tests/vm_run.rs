@@ -400,6 +400,11 @@ mod tests {
             assert!(help.contains("[default: 3 (config)]"), "{sub}: {help}");
             assert!(help.contains("MiB (host)]"), "{sub}: {help}");
             assert!(help.contains("[default: 8G (built-in)]"), "{sub}: {help}");
+            // The env's config says vmm = "firecracker".
+            assert!(
+                help.contains("VMM backend [default: firecracker (config)]"),
+                "{sub}: {help}"
+            );
         }
     }
 }
