@@ -227,11 +227,12 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
                 kernel_ref,
             };
             let i: ImageRecord = client
-                .stream_events(Method::POST, "/v1/images/pull", Some(&req), |e| {
-                    if let Some(line) = output::event_line(None, e) {
-                        eprintln!("{line}");
-                    }
-                })
+                .stream_events(
+                    Method::POST,
+                    "/v1/images/pull",
+                    Some(&req),
+                    output::show_events(None),
+                )
                 .await?;
             print!("{}", image_details(&i));
         }
@@ -363,11 +364,7 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
                 if force { "?force=true" } else { "" }
             );
             let k: KernelView = client
-                .stream_events::<(), _>(Method::POST, &path, None, |e| {
-                    if let Some(line) = output::event_line(None, e) {
-                        eprintln!("{line}");
-                    }
-                })
+                .stream_events::<(), _>(Method::POST, &path, None, output::show_events(None))
                 .await?;
             print!("{}", kernel_details(&k));
         }

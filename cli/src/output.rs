@@ -6,6 +6,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use banger_core::api::{CapView, Event, VersionInfo, VmView};
 use banger_core::model::{ByteSize, now_unix};
 
+mod progress;
+
+pub use progress::show_events;
+
 /// Left-aligned columns separated by two spaces, no trailing blanks.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -248,8 +252,20 @@ pub fn version_line(v: &VersionInfo) -> String {
 /// caller reports itself. `prefix` names the VM when several run at once.
 pub fn event_line(prefix: Option<&str>, e: &Event) -> Option<String> {
     let body = match e {
-        Event::Stage { stage, message, .. } if message.is_empty() => format!("==> {stage}"),
-        Event::Stage { stage, message, .. } => format!("==> {stage}: {message}"),
+        Event::Stage {
+            stage,
+            message,
+            expected_secs,
+        } => {
+            let mut line = format!("==> {stage}");
+            if !message.is_empty() {
+                line.push_str(&format!(": {message}"));
+            }
+            if let Some(secs) = expected_secs {
+                line.push_str(&format!(" ({} expected)", progress::expected(*secs)));
+            }
+            line
+        }
         Event::Log { level, message } if level == "info" => format!("    {message}"),
         Event::Log { level, message } if level == "warn" => format!("warning: {message}"),
         Event::Log { level, message } => format!("{level}: {message}"),

@@ -26,7 +26,8 @@ use banger_core::workspace::bootstrap::MISE_LOG;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::args::{RunArgs, ShapeArgs, VmmArg};
-use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args, print_event, vm_path};
+use crate::output;
+use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args, vm_path};
 
 /// Where the workspace lands in the guest.
 const GUEST_REPO: &str = "/root/repo";
@@ -46,9 +47,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     eprintln!("{}", plan.spec);
     let client = crate::daemon::ensure_running(&paths).await?;
     let vm: VmView = client
-        .stream_events(Method::POST, "/v1/vms", Some(&plan.request), |e| {
-            print_event(None, e)
-        })
+        .stream_events(
+            Method::POST,
+            "/v1/vms",
+            Some(&plan.request),
+            output::show_events(None),
+        )
         .await?;
     let name = vm.record.name.to_string();
     // From here on an interrupt must not kill banger before `--rm` has
@@ -213,7 +217,7 @@ async fn bootstrap(client: &Client, name: &str, file: &str, wait: bool) -> Resul
             Method::POST,
             &format!("{}/bootstrap", vm_path(name)),
             Some(&BootstrapRequest { wait }),
-            |e| print_event(None, e),
+            output::show_events(None),
         )
         .await
         .with_context(|| format!("Bootstrapping VM {name}"))?;

@@ -51,12 +51,6 @@ pub(crate) fn vm_path(name: &str) -> String {
     format!("/v1/vms/{name}")
 }
 
-pub(crate) fn print_event(prefix: Option<&str>, e: &banger_core::api::Event) {
-    if let Some(line) = output::event_line(prefix, e) {
-        eprintln!("{line}");
-    }
-}
-
 /// `ssh`'s exit code when ssh itself (not the remote command) failed.
 const SSH_OWN_FAILURE: i32 = 255;
 
@@ -282,9 +276,12 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         vmm: Some(spec.backend.vmm),
     };
     let vm: VmView = client
-        .stream_events(Method::POST, "/v1/vms", Some(&req), |e| {
-            print_event(None, e)
-        })
+        .stream_events(
+            Method::POST,
+            "/v1/vms",
+            Some(&req),
+            output::show_events(None),
+        )
         .await?;
     print!("{}", output::vm_details(&vm));
     Ok(ExitCode::SUCCESS)
@@ -303,16 +300,22 @@ async fn lifecycle(
     match verb {
         Verb::Start => {
             client
-                .stream_events(Method::POST, &format!("{path}/start"), none, |e| {
-                    print_event(prefix, e)
-                })
+                .stream_events(
+                    Method::POST,
+                    &format!("{path}/start"),
+                    none,
+                    output::show_events(prefix),
+                )
                 .await
         }
         Verb::Restart => {
             client
-                .stream_events(Method::POST, &format!("{path}/restart"), none, |e| {
-                    print_event(prefix, e)
-                })
+                .stream_events(
+                    Method::POST,
+                    &format!("{path}/restart"),
+                    none,
+                    output::show_events(prefix),
+                )
                 .await
         }
         Verb::Stop => {

@@ -143,11 +143,7 @@ pub async fn prepare_view(
             Method::POST,
             &format!("/v1/vms/{name}/workspace/prepare"),
             Some(req),
-            |e| {
-                if let Some(line) = output::event_line(None, e) {
-                    eprintln!("{line}");
-                }
-            },
+            output::show_events(None),
         )
         .await?;
     if let Some(note) = skipped_untracked_note(view.skipped_untracked) {

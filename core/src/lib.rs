@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod config_drive;
+pub mod counting;
 pub mod daemon;
 pub mod disk;
 pub mod download;

@@ -11,15 +11,12 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use tokio::io::AsyncWrite;
 
 use super::auth::Credentials;
 use super::flatten::{Compression, Layer};
@@ -133,11 +130,7 @@ async fn download(
         source,
     };
     let file = tokio::fs::File::create(&tmp).await.map_err(cache_err)?;
-    let file = Counted {
-        inner: file,
-        written: 0,
-        report,
-    };
+    let file = crate::counting::Counting::new(file, report);
     let res = client.pull_blob(image, desc, file).await;
     if let Err(source) = res {
         let _ = std::fs::remove_file(&tmp);
@@ -162,38 +155,6 @@ async fn download(
         }
     })?;
     Ok(len)
-}
-
-/// A writer that reports how many bytes went through it, so a layer
-/// download can be shown as it goes.
-struct Counted<'a, W, F> {
-    inner: W,
-    written: u64,
-    report: &'a mut F,
-}
-
-impl<W: AsyncWrite + Unpin, F: FnMut(u64)> AsyncWrite for Counted<'_, W, F> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            this.written += n as u64;
-            (this.report)(this.written);
-        }
-        res
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Names a failed manifest fetch: not found, unauthorized, a plain-HTTP

@@ -6,6 +6,7 @@ use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 
 use crate::api::WorkspaceView;
+use crate::counting::Counting;
 use crate::guest_ssh::{GuestSsh, shell_quote_path};
 use crate::lifecycle::Progress;
 
@@ -160,7 +161,11 @@ pub async fn prepare(
         .map_err(|e| WorkspaceError::Archive(plan.root.clone(), e))?;
     let bytes = parcel.len();
     let started = std::time::Instant::now();
-    ssh.run(&script.join("\n"), Some(&mut Cursor::new(parcel)))
+    let total = Some(bytes as u64);
+    let mut upload = Counting::new(Cursor::new(parcel), |sent| {
+        progress.bytes("workspace upload", sent, total)
+    });
+    ssh.run(&script.join("\n"), Some(&mut upload))
         .await
         .map_err(|e| WorkspaceError::Guest("import", Box::new(e)))?;
     tracing::info!(
