@@ -8,6 +8,7 @@
 //! `url`, `sha256` and `size`: they described another bundle.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -77,8 +78,15 @@ pub fn write(path: &Path, header: &str, catalog: &Table) -> anyhow::Result<()> {
     let mut staged = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("Cannot stage a file in {}", dir.display()))?;
     let text = format!("{header}\n{body}");
+    // Catalogs are committed to the repository: world-readable like any
+    // source file (the staging file starts out 0600).
     staged
         .write_all(text.as_bytes())
+        .and_then(|()| {
+            staged
+                .as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+        })
         .and_then(|()| staged.as_file().sync_all())
         .with_context(|| format!("Cannot write {}", staged.path().display()))?;
     staged
@@ -153,5 +161,7 @@ mod tests {
         assert!(text.starts_with("# header\n"));
         assert_eq!(table(&text)["kernel"].as_array().unwrap().len(), 1);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
     }
 }
