@@ -552,6 +552,11 @@ pub fn command_with_resolved_defaults(cmd: clap::Command) -> clap::Command {
     let Some((r, backend)) = resolved else {
         return cmd;
     };
+    let vmm = format!(
+        "VMM backend [default: {} ({})]",
+        backend.vmm.as_str(),
+        backend.vmm_why
+    );
     let v = r.values;
     let vcpu = format!("Number of vCPUs [default: {} ({})]", v.vcpus, r.vcpus_from);
     let memory = format!(
@@ -566,14 +571,10 @@ pub fn command_with_resolved_defaults(cmd: clap::Command) -> clap::Command {
         c.mut_arg("vcpu", |a| a.help(vcpu.clone()))
             .mut_arg("memory", |a| a.help(memory.clone()))
             .mut_arg("disk_size", |a| a.help(disk.clone()))
+            .mut_arg("vmm", |a| a.help(vmm.clone()))
     };
     cmd.mut_subcommand("vm", |vm| {
         vm.mut_subcommand("create", shape)
-    let vmm = format!(
-        "VMM backend [default: {} ({})]",
-        backend.vmm.as_str(),
-        backend.vmm_why
-    );
             .mut_subcommand("run", shape)
     })
 }
@@ -588,7 +589,6 @@ mod tests {
         Cli::try_parse_from(std::iter::once("banger").chain(args.iter().copied()))
     }
 
-            .mut_arg("vmm", |a| a.help(vmm.clone()))
     /// The rendered error for `args`, which must be a usage error (exit 2).
     fn usage_error(args: &[&str]) -> String {
         let e = parse(args).unwrap_err();
@@ -797,6 +797,10 @@ mod tests {
             parse(&["version", "--json"]).unwrap().command,
             Command::Version { json: true }
         ));
+        assert!(matches!(
+            parse(&["doctor", "--json"]).unwrap().command,
+            Command::Doctor { json: true }
+        ));
     }
 
     #[test]
@@ -814,10 +818,6 @@ mod tests {
             Command::Daemon(DaemonCommand::Start)
         ));
         assert!(matches!(
-        assert!(matches!(
-            parse(&["doctor", "--json"]).unwrap().command,
-            Command::Doctor { json: true }
-        ));
             parse(&["daemon", "stop"]).unwrap().command,
             Command::Daemon(DaemonCommand::Stop)
         ));
