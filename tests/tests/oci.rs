@@ -296,6 +296,21 @@ mod tests {
             .filter(|e| matches!(e, PullEvent::LayerDownloaded { .. }))
             .count();
         assert_eq!(downloaded, 3);
+        // Each download reports its bytes as they arrive, ending at the
+        // layer's full size just before it is announced as downloaded.
+        for pair in events.windows(2) {
+            if let [before, PullEvent::LayerDownloaded { digest, bytes }] = pair {
+                assert_eq!(
+                    before,
+                    &PullEvent::LayerProgress {
+                        digest: digest.clone(),
+                        received: *bytes,
+                        total: Some(*bytes),
+                    },
+                    "{events:?}"
+                );
+            }
+        }
 
         assert_layered_rootfs(&p.rootfs, &d.outside);
         for l in &pushed.layers {
