@@ -363,6 +363,13 @@ pub enum ImageCommand {
         #[arg(value_parser = parse_artifact_name)]
         name: String,
     },
+    /// Build a catalog image on this host from its recipe (mmdebstrap from
+    /// the host's package mirror), its kernel too when missing.
+    Build {
+        /// Catalog name (default: the image catalog's default).
+        #[arg(value_parser = parse_artifact_name)]
+        name: Option<String>,
+    },
     /// Pull an image: an image catalog name, or an OCI reference flattened to ext4.
     Pull {
         /// Catalog name or OCI reference (`debian:bookworm`, `127.0.0.1:5000/x:tag`).
@@ -425,6 +432,16 @@ pub enum KernelCommand {
         #[arg(long, value_name = "DIR")]
         from: PathBuf,
         /// Replace a kernel of the same name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build a catalog kernel on this host from its recipe (the
+    /// distribution's kernel package from the host's mirror).
+    Build {
+        /// Catalog name (default: the kernel catalog's default).
+        #[arg(value_parser = parse_artifact_name)]
+        name: Option<String>,
+        /// Replace a local kernel of the same name.
         #[arg(long)]
         force: bool,
     },

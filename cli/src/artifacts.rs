@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use banger_core::artifacts::PullImageRequest;
 use banger_core::client::{Client, Method};
 use banger_core::daemon::{
-    CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
+    BuildRequest, CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
 };
 use banger_core::images::PruneReport;
 use banger_core::kernels::KernelManifest;
@@ -36,6 +36,7 @@ fn source_of(i: &ImageRecord) -> String {
     match &i.source {
         ImageSource::Oci { reference, .. } => format!("oci {reference}"),
         ImageSource::Catalog { name, .. } => format!("catalog {name}"),
+        ImageSource::Built { recipe, .. } => format!("built from recipe {recipe}"),
         ImageSource::Registered => "registered".to_string(),
         ImageSource::Promoted { from } => format!("promoted from {}", from.display()),
     }
@@ -117,6 +118,7 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
                             i.kernel.clone(),
                             yes(i.default),
                             yes(i.local),
+                            i.sources.clone(),
                             i.description.clone(),
                         ]
                     })
@@ -124,7 +126,14 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
                 print!(
                     "{}",
                     output::table(
-                        &["NAME", "KERNEL", "DEFAULT", "LOCAL", "DESCRIPTION"],
+                        &[
+                            "NAME",
+                            "KERNEL",
+                            "DEFAULT",
+                            "LOCAL",
+                            "SOURCE",
+                            "DESCRIPTION"
+                        ],
                         &rows
                     )
                 );
@@ -236,6 +245,17 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
                 .await?;
             print!("{}", image_details(&i));
         }
+        ImageCommand::Build { name } => {
+            let req = BuildRequest { name, force: false };
+            let i: ImageView = client
+                .stream_events(Method::POST, "/v1/images/build", Some(&req), |e| {
+                    if let Some(line) = output::event_line(None, e) {
+                        eprintln!("{line}");
+                    }
+                })
+                .await?;
+            print!("{}", image_details(&i.record));
+        }
         ImageCommand::Cache(ImageCacheCommand::Prune) => {
             let r: PruneReport = client
                 .send::<(), _>(Method::POST, "/v1/images/cache/prune", None)
@@ -306,6 +326,7 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
                             k.arch.clone(),
                             yes(k.default),
                             yes(k.local),
+                            k.sources.clone(),
                             k.description.clone(),
                         ]
                     })
@@ -313,7 +334,15 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
                 print!(
                     "{}",
                     output::table(
-                        &["NAME", "VERSION", "ARCH", "DEFAULT", "LOCAL", "DESCRIPTION"],
+                        &[
+                            "NAME",
+                            "VERSION",
+                            "ARCH",
+                            "DEFAULT",
+                            "LOCAL",
+                            "SOURCE",
+                            "DESCRIPTION"
+                        ],
                         &rows
                     )
                 );
@@ -355,6 +384,17 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
             };
             let k: KernelView = client
                 .send(Method::POST, "/v1/kernels/import", Some(&req))
+                .await?;
+            print!("{}", kernel_details(&k));
+        }
+        KernelCommand::Build { name, force } => {
+            let req = BuildRequest { name, force };
+            let k: KernelView = client
+                .stream_events(Method::POST, "/v1/kernels/build", Some(&req), |e| {
+                    if let Some(line) = output::event_line(None, e) {
+                        eprintln!("{line}");
+                    }
+                })
                 .await?;
             print!("{}", kernel_details(&k));
         }

@@ -38,6 +38,9 @@ pub enum ArtifactError {
     /// An OCI pull failed.
     #[error(transparent)]
     Oci(#[from] crate::images::ImageError),
+    /// A local build failed.
+    #[error(transparent)]
+    Recipe(#[from] crate::recipes::RecipeError),
     /// A blocking task died.
     #[error("Internal task failed")]
     Join(#[from] tokio::task::JoinError),
@@ -81,6 +84,8 @@ pub struct Artifacts {
     kernel_catalog: Catalog,
     image_catalog: ImageCatalog,
     oci: PullOptions,
+    /// banger's cache directory: local build scratch and package lists.
+    cache_dir: PathBuf,
     /// Serialises pulls so two requests for one artifact do not race.
     pulls: tokio::sync::Mutex<()>,
 }
@@ -129,6 +134,7 @@ impl Artifacts {
                 cache_dir: paths.cache_dir.join("oci"),
                 size: None,
             },
+            cache_dir: paths.cache_dir.clone(),
             pulls: tokio::sync::Mutex::new(()),
         })
     }
@@ -165,22 +171,22 @@ impl Artifacts {
             ),
         );
         let label = format!("kernel {name}");
-        let kernel =
-            crate::kernels::pull(
-                &self.kernels,
-                &self.kernel_catalog,
-                name,
-                force,
-                |p| match p {
-                    PullProgress::Downloading { received, total } => {
-                        progress.bytes(&label, received, known_total(total))
-                    }
-                    PullProgress::Verified => {
-                        progress.log_info(&format!("kernel {name}: checksum verified"))
-                    }
-                },
-            )
-            .await?;
+        let kernel = crate::kernels::pull(
+            &self.kernels,
+            &self.kernel_catalog,
+            name,
+            force,
+            &self.oci,
+            |p| match p {
+                PullProgress::Downloading { received, total } => {
+                    progress.bytes(&label, received, known_total(total))
+                }
+                PullProgress::Verified => {
+                    progress.log_info(&format!("kernel {name}: checksum verified"))
+                }
+            },
+        )
+        .await?;
         Ok(kernel)
     }
 
@@ -303,6 +309,7 @@ impl Artifacts {
             &self.image_catalog,
             &req.reference,
             staging.path(),
+            &self.oci,
             |p| {
                 if let PullProgress::Downloading { received, total } = p {
                     progress.bytes(&label, received, known_total(total));
@@ -350,17 +357,35 @@ impl Artifacts {
             Err(LibraryError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        if self.image_catalog.find(name).is_none() {
+        let Some(entry) = self.image_catalog.find(name) else {
             return Err(ArtifactError::Invalid(format!(
                 "Image {name:?} is neither local nor in the image catalog; see `banger image list --available`, or pull an OCI image with `banger image pull REF --name {name}`"
             )));
-        }
-        let req = PullImageRequest {
-            reference: name.to_string(),
-            ..Default::default()
         };
-        match self.pull_image(req, progress).await {
-            // Another request pulled it while we waited.
+        let got = if entry.sources.is_published() {
+            let req = PullImageRequest {
+                reference: name.to_string(),
+                ..Default::default()
+            };
+            match self.pull_image(req, progress).await {
+                Err(e) if entry.sources.recipe.is_some() && unreachable(&e) => {
+                    progress.log_warn(&format!(
+                        "image {name}: the published artifact cannot be reached ({}); building it here instead",
+                        crate::lifecycle::render_chain(&e)
+                    ));
+                    self.build_image(name, progress).await
+                }
+                other => other,
+            }
+        } else {
+            progress.log_info(&format!(
+                "image {name} has no published artifact; building it here from recipe {}",
+                entry.sources.recipe.as_deref().unwrap_or("?")
+            ));
+            self.build_image(name, progress).await
+        };
+        match got {
+            // Another request made it while we waited.
             Err(ArtifactError::Library(LibraryError::Store(
                 crate::store::StoreError::ImageNameTaken(_),
             ))) => {
@@ -383,8 +408,31 @@ impl Artifacts {
         if let Some(k) = tokio::task::spawn_blocking(move || kernels.get(&n)).await?? {
             return Ok(k);
         }
-        match self.pull_kernel(name, false, progress).await {
-            // Another request pulled it while we waited.
+        let Ok(entry) = self.kernel_catalog.find(name) else {
+            return Err(ArtifactError::Invalid(format!(
+                "Kernel {name:?} is neither local nor in the kernel catalog; see `banger kernel list --available`"
+            )));
+        };
+        let got = if entry.sources.is_published() {
+            match self.pull_kernel(name, false, progress).await {
+                Err(e) if entry.sources.recipe.is_some() && unreachable(&e) => {
+                    progress.log_warn(&format!(
+                        "kernel {name}: the published artifact cannot be reached ({}); building it here instead",
+                        crate::lifecycle::render_chain(&e)
+                    ));
+                    self.build_kernel(name, false, progress).await
+                }
+                other => other,
+            }
+        } else {
+            progress.log_info(&format!(
+                "kernel {name} has no published artifact; building it here from recipe {}",
+                entry.sources.recipe.as_deref().unwrap_or("?")
+            ));
+            self.build_kernel(name, false, progress).await
+        };
+        match got {
+            // Another request made it while we waited.
             Err(ArtifactError::Kernel(KernelError::AlreadyExists(_))) => {
                 let kernels = self.kernels.clone();
                 let n = name.to_string();
@@ -392,13 +440,95 @@ impl Artifacts {
                     .await??
                     .ok_or_else(|| KernelError::NotFound(name.to_string()).into())
             }
-            Err(ArtifactError::Kernel(KernelError::NotInCatalog(_))) => {
-                Err(ArtifactError::Invalid(format!(
-                    "Kernel {name:?} is neither local nor in the kernel catalog; see `banger kernel list --available`"
-                )))
-            }
             other => other,
         }
+    }
+
+    /// Builds catalog kernel `name` on this host from its recipe.
+    pub async fn build_kernel(
+        &self,
+        name: &str,
+        force: bool,
+        progress: &Progress,
+    ) -> Result<LocalKernel, ArtifactError> {
+        let _one = self.pulls.lock().await;
+        let entry = self.kernel_catalog.find(name)?;
+        let recipe = recipe_of("kernel", name, &entry.sources)?;
+        let recipe = crate::recipes::kernel::recipe(recipe)?;
+        progress.stage_expecting(
+            "build_kernel",
+            format!("building kernel {name} here from recipe {}", recipe.name),
+            recipe.expected,
+        );
+        let (kernels, cache, n, p) = (
+            self.kernels.clone(),
+            self.cache_dir.clone(),
+            name.to_string(),
+            progress.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || {
+            crate::recipes::build_kernel(&recipe, &n, &kernels, &cache, force, &mut |e| {
+                report(&p, "build_kernel", e)
+            })
+        })
+        .await??;
+        Ok(built)
+    }
+
+    /// Builds catalog image `name` on this host from its recipe (its
+    /// kernel first, when that is missing).
+    pub async fn build_image(
+        &self,
+        name: &str,
+        progress: &Progress,
+    ) -> Result<ImageRecord, ArtifactError> {
+        let entry = self
+            .image_catalog
+            .find(name)
+            .ok_or_else(|| crate::imagecat::ImageCatalogError::NotInCatalog(name.to_string()))?;
+        let recipe = crate::recipes::image::recipe(recipe_of("image", name, &entry.sources)?)?;
+        {
+            let library = self.library.clone();
+            let n = name.to_string();
+            tokio::task::spawn_blocking(move || library.check_new_name(&n)).await??;
+        }
+        let kernel = entry.kernel.clone();
+        self.ensure_kernel(&kernel, progress).await?;
+
+        let _one = self.pulls.lock().await;
+        let staging = self.library.stage(name)?;
+        progress.stage_expecting(
+            "build_image",
+            format!("building image {name} here from recipe {}", recipe.name),
+            recipe.expected,
+        );
+        let (dir, cache, p) = (
+            staging.path().to_path_buf(),
+            self.cache_dir.clone(),
+            progress.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || {
+            crate::recipes::build_image(&recipe, &dir, &cache, &mut |e| {
+                report(&p, "build_image", e)
+            })
+        })
+        .await??;
+        let record = ImageRecord {
+            name: name.to_string(),
+            rootfs: built.rootfs,
+            kernel: ImageKernel::Named { name: kernel },
+            source: ImageSource::Built {
+                recipe: recipe.name.to_string(),
+                from: format!("Debian {} from {}", recipe.suite, built.mirror),
+            },
+            managed: true,
+            size_bytes: built.size.0,
+            layers: Vec::new(),
+            created_at: now_unix(),
+        };
+        progress.stage("publish", format!("publishing image {name}"));
+        let library = self.library.clone();
+        Ok(tokio::task::spawn_blocking(move || library.publish(staging, record)).await??)
     }
 
     /// Works out what a new VM boots from: `--rootfs` or `--image` for the
@@ -468,6 +598,59 @@ impl Artifacts {
             initrd,
             rootfs,
         })
+    }
+}
+
+/// The recipe of a catalog entry, or an error saying it has none.
+fn recipe_of<'a>(
+    kind: &str,
+    name: &str,
+    sources: &'a crate::catalog::Sources,
+) -> Result<&'a str, ArtifactError> {
+    sources.recipe.as_deref().ok_or_else(|| {
+        ArtifactError::Invalid(format!(
+            "The {kind} catalog has no local build recipe for {name:?}; pull it with `banger {kind} pull {name}`"
+        ))
+    })
+}
+
+/// Forwards a build's events to the progress stream, its steps as
+/// sub-stages of `stage` (`build_kernel:download`).
+fn report(progress: &Progress, stage: &str, event: crate::recipes::BuildEvent) {
+    match event {
+        crate::recipes::BuildEvent::Step {
+            step,
+            message,
+            expected: Some(expected),
+        } => progress.stage_expecting(&format!("{stage}:{step}"), message, expected),
+        crate::recipes::BuildEvent::Step { step, message, .. } => {
+            progress.stage(&format!("{stage}:{step}"), message)
+        }
+        crate::recipes::BuildEvent::Info(line) => progress.log_info(&line),
+    }
+}
+
+/// Whether a pull failed because the published artifact cannot be reached
+/// (connection, name resolution, an HTTP error status), so that building
+/// it here instead is right. A checksum or digest mismatch is not: a
+/// tampered artifact is refused, never silently replaced.
+fn unreachable(e: &ArtifactError) -> bool {
+    match e {
+        ArtifactError::Kernel(KernelError::Download { .. } | KernelError::HttpStatus { .. }) => {
+            true
+        }
+        ArtifactError::Kernel(KernelError::Artifact(a))
+        | ArtifactError::ImageCatalog(crate::imagecat::ImageCatalogError::Artifact(a)) => {
+            a.is_unreachable()
+        }
+        ArtifactError::ImageCatalog(crate::imagecat::ImageCatalogError::Download(_, d)) => {
+            matches!(
+                d,
+                crate::download::DownloadError::Request { .. }
+                    | crate::download::DownloadError::HttpStatus { .. }
+            )
+        }
+        _ => false,
     }
 }
 

@@ -1,44 +1,138 @@
-//! What the kernel and image catalogs share: the rules every entry follows
-//! and how relative URLs resolve against a base URL (a mirror's, in config).
+//! What the kernel and image catalogs share: where an entry's artifact comes
+//! from ([`Sources`]), the rules every entry follows, and how relative URLs
+//! resolve against a base URL (a mirror's, in config).
+//!
+//! An entry names at least one real source: an OCI artifact pinned by
+//! manifest digest (`oci`, written by the release pipeline), a `.tar.zst`
+//! download with its sha256 (`url`), and/or a local build `recipe` the
+//! binary carries. Nothing else counts, so a catalog can never point at a
+//! placeholder.
 
 use std::collections::HashSet;
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::validate_artifact_name;
+
+/// Where one catalog entry's artifact can come from, in the order they are
+/// tried: the published artifact (`oci`, then `url`), then a local build.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sources {
+    /// OCI artifact reference pinned by digest (`host/repo@sha256:<hex>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<String>,
+    /// Tarball URL: absolute, or relative to the catalog's base URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Hex sha256 of the tarball; required with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Size of the tarball in bytes; 0 if unknown (not checked).
+    #[serde(default)]
+    pub size: u64,
+    /// A local build recipe this binary carries (`banger kernel build`,
+    /// `banger image build`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
+}
+
+impl Sources {
+    /// Whether a published artifact (OCI or URL) is listed.
+    pub fn is_published(&self) -> bool {
+        self.oci.is_some() || self.url.is_some()
+    }
+
+    /// A short label for listings: `oci`, `url`, `recipe` joined by `+`.
+    pub fn label(&self) -> String {
+        let mut kinds = Vec::new();
+        if self.oci.is_some() {
+            kinds.push("oci");
+        }
+        if self.url.is_some() {
+            kinds.push("url");
+        }
+        if self.recipe.is_some() {
+            kinds.push("build");
+        }
+        kinds.join("+")
+    }
+}
 
 /// The fields every catalog entry has.
 pub trait CatalogItem {
     /// Entry name (also the local name by default).
     fn name(&self) -> &str;
-    /// Absolute URL, or relative to the catalog's base URL.
-    fn url(&self) -> &str;
-    /// Lowercase hex sha256 of the download.
-    fn sha256(&self) -> &str;
+    /// Where its artifact comes from.
+    fn sources(&self) -> &Sources;
     /// Marked `default = true`.
     fn is_default(&self) -> bool;
 }
 
+/// Whether `s` is 64 lowercase hex digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether `reference` is an OCI reference pinned by a sha256 digest.
+pub fn is_pinned_oci(reference: &str) -> bool {
+    reference
+        .rsplit_once("@sha256:")
+        .is_some_and(|(repo, hex)| !repo.is_empty() && is_sha256_hex(hex))
+}
+
 /// Checks the shared rules for `entries` of a `kind` (`kernel`, `image`)
-/// catalog: valid unique names, 64-hex-digit sha256, a URL, at most one
-/// default. The error says which entry and what is wrong.
-pub fn check_entries<E: CatalogItem>(kind: &'static str, entries: &[E]) -> Result<(), String> {
+/// catalog: valid unique names, at least one source, a sha256 with every
+/// URL, OCI references pinned by digest, recipes among `recipes`, at most
+/// one default. The error says which entry and what is wrong.
+pub fn check_entries<E: CatalogItem>(
+    kind: &'static str,
+    entries: &[E],
+    recipes: &[&str],
+) -> Result<(), String> {
     let mut names = HashSet::new();
     for e in entries {
-        validate_artifact_name(kind, e.name()).map_err(|err| err.to_string())?;
-        if !names.insert(e.name()) {
-            return Err(format!("{kind} {:?} is listed twice", e.name()));
+        let name = e.name();
+        validate_artifact_name(kind, name).map_err(|err| err.to_string())?;
+        if !names.insert(name) {
+            return Err(format!("{kind} {name:?} is listed twice"));
         }
-        let hex = e.sha256().len() == 64
-            && e.sha256()
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !hex {
+        let s = e.sources();
+        if !s.is_published() && s.recipe.is_none() {
             return Err(format!(
-                "{kind} {:?} needs a sha256 of 64 lowercase hex digits",
-                e.name()
+                "{kind} {name:?} names no source; give it `oci`, `url` + `sha256`, or `recipe`"
             ));
         }
-        if e.url().is_empty() {
-            return Err(format!("{kind} {:?} has an empty url", e.name()));
+        match (&s.url, &s.sha256) {
+            (Some(url), _) if url.is_empty() => {
+                return Err(format!("{kind} {name:?} has an empty url"));
+            }
+            (Some(_), Some(sha)) if is_sha256_hex(sha) => {}
+            (Some(_), _) => {
+                return Err(format!(
+                    "{kind} {name:?} needs a sha256 of 64 lowercase hex digits"
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(format!("{kind} {name:?} has a sha256 but no url"));
+            }
+            (None, None) => {}
+        }
+        if let Some(oci) = &s.oci
+            && !is_pinned_oci(oci)
+        {
+            return Err(format!(
+                "{kind} {name:?}: oci {oci:?} must be pinned by digest (REPO@sha256:<64 hex digits>)"
+            ));
+        }
+        if let Some(r) = &s.recipe
+            && !recipes.contains(&r.as_str())
+        {
+            return Err(format!(
+                "{kind} {name:?}: unknown recipe {r:?}; this build of banger has: {}",
+                recipes.join(", ")
+            ));
         }
     }
     if entries.iter().filter(|e| e.is_default()).count() > 1 {
@@ -66,40 +160,110 @@ pub fn resolve_url(base: Option<&str>, url: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    struct E(&'static str, &'static str, &'static str, bool);
+    struct E(&'static str, Sources, bool);
     impl CatalogItem for E {
         fn name(&self) -> &str {
             self.0
         }
-        fn url(&self) -> &str {
-            self.1
-        }
-        fn sha256(&self) -> &str {
-            self.2
+        fn sources(&self) -> &Sources {
+            &self.1
         }
         fn is_default(&self) -> bool {
-            self.3
+            self.2
         }
     }
     const SHA: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+    fn url(u: &str, sha: &str) -> Sources {
+        Sources {
+            url: Some(u.into()),
+            sha256: Some(sha.into()),
+            ..Sources::default()
+        }
+    }
+
+    fn e(name: &'static str, s: Sources, default: bool) -> E {
+        E(name, s, default)
+    }
+
     #[test]
     fn shared_rules_name_the_entry() {
-        assert!(check_entries("image", &[E("a", "u", SHA, true), E("b", "u", SHA, false)]).is_ok());
-        let dup = check_entries("image", &[E("a", "u", SHA, false), E("a", "u", SHA, false)])
-            .unwrap_err();
+        let ok = [e("a", url("u", SHA), true), e("b", url("u", SHA), false)];
+        assert!(check_entries("image", &ok, &[]).is_ok());
+        let dup = check_entries(
+            "image",
+            &[e("a", url("u", SHA), false), e("a", url("u", SHA), false)],
+            &[],
+        )
+        .unwrap_err();
         assert!(dup.contains("\"a\" is listed twice"), "{dup}");
-        let sha = check_entries("kernel", &[E("a", "u", "ABC", false)]).unwrap_err();
+        let sha = check_entries("kernel", &[e("a", url("u", "ABC"), false)], &[]).unwrap_err();
         assert!(sha.contains("kernel \"a\" needs a sha256"), "{sha}");
-        assert!(
-            check_entries("image", &[E("a", "", SHA, false)])
-                .unwrap_err()
-                .contains("empty url")
-        );
-        assert!(check_entries("image", &[E("../a", "u", SHA, false)]).is_err());
-        let two =
-            check_entries("image", &[E("a", "u", SHA, true), E("b", "u", SHA, true)]).unwrap_err();
+        let empty = check_entries("image", &[e("a", url("", SHA), false)], &[]).unwrap_err();
+        assert!(empty.contains("empty url"), "{empty}");
+        assert!(check_entries("image", &[e("../a", url("u", SHA), false)], &[]).is_err());
+        let two = check_entries(
+            "image",
+            &[e("a", url("u", SHA), true), e("b", url("u", SHA), true)],
+            &[],
+        )
+        .unwrap_err();
         assert!(two.contains("more than one image"), "{two}");
+    }
+
+    #[test]
+    fn an_entry_needs_a_real_source() {
+        let none =
+            check_entries("kernel", &[e("k", Sources::default(), true)], &["r"]).unwrap_err();
+        assert!(none.contains("kernel \"k\" names no source"), "{none}");
+        let sha_only = Sources {
+            sha256: Some(SHA.into()),
+            recipe: Some("r".into()),
+            ..Sources::default()
+        };
+        let err = check_entries("kernel", &[e("k", sha_only, false)], &["r"]).unwrap_err();
+        assert!(err.contains("a sha256 but no url"), "{err}");
+        let recipe = Sources {
+            recipe: Some("debian".into()),
+            ..Sources::default()
+        };
+        assert!(check_entries("kernel", &[e("k", recipe.clone(), true)], &["debian"]).is_ok());
+        let unknown = check_entries("kernel", &[e("k", recipe, true)], &["other"]).unwrap_err();
+        assert!(
+            unknown.contains("unknown recipe \"debian\"") && unknown.contains("has: other"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn oci_sources_must_be_pinned_by_digest() {
+        let oci = |r: &str| Sources {
+            oci: Some(r.into()),
+            ..Sources::default()
+        };
+        let pinned = format!("127.0.0.1:5000/banger/kernel@sha256:{SHA}");
+        assert!(check_entries("kernel", &[e("k", oci(&pinned), false)], &[]).is_ok());
+        for bad in [
+            "127.0.0.1:5000/banger/kernel:latest".to_string(),
+            format!("repo@sha256:{}", &SHA[1..]),
+            format!("@sha256:{SHA}"),
+            format!("repo@sha512:{SHA}"),
+        ] {
+            let err = check_entries("kernel", &[e("k", oci(&bad), false)], &[]).unwrap_err();
+            assert!(err.contains("must be pinned by digest"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn source_labels_list_what_is_there() {
+        let s = Sources {
+            oci: Some("x".into()),
+            recipe: Some("r".into()),
+            ..Sources::default()
+        };
+        assert_eq!(s.label(), "oci+build");
+        assert!(s.is_published());
+        assert!(!Sources::default().is_published());
     }
 
     #[test]

@@ -16,9 +16,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::archive::ExtractLimits;
+use crate::catalog::Sources;
 use crate::download::{BundleSource, DownloadError, PullProgress, fetch_bundle};
+use crate::images::PullOptions;
 use crate::library::ROOTFS_FILE;
 use crate::model::{ImageKernel, ImageRecord, ImageSource, now_unix, validate_artifact_name};
+use crate::oci_artifact::{ArtifactKind, pull_artifact};
 
 const EMBEDDED: &str = include_str!("../catalog/images.toml");
 
@@ -28,28 +31,64 @@ pub const MANIFEST_FILE: &str = "manifest.toml";
 /// Manifests are a few lines; refuse to read anything much larger.
 const MAX_MANIFEST_BYTES: u64 = 64 << 10;
 
-/// One pullable image.
+/// One image the catalog offers: published (`oci`, `url`) and/or built
+/// locally from a `recipe`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawImage")]
 pub struct CatalogImage {
     /// The image's name (also its local name unless renamed).
     pub name: String,
     /// Architecture (`x86_64`).
     pub arch: String,
-    /// Bundle URL: absolute, or relative to the catalog's base URL.
-    pub url: String,
-    /// Hex sha256 of the bundle (`.tar.zst`).
-    pub sha256: String,
-    /// Size of the bundle in bytes; 0 if unknown (not checked).
-    #[serde(default)]
-    pub size: u64,
     /// The kernel the image boots with, by name (`banger kernel list`).
     pub kernel: String,
     /// One line for listings.
     pub description: String,
     /// Whether `vm create` uses this image when none is given.
-    #[serde(default)]
     pub default: bool,
+    /// Where it comes from.
+    pub sources: Sources,
+}
+
+/// An `[[image]]` table as written; unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    name: String,
+    arch: String,
+    kernel: String,
+    description: String,
+    #[serde(default)]
+    default: bool,
+    #[serde(default)]
+    oci: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    recipe: Option<String>,
+}
+
+impl From<RawImage> for CatalogImage {
+    fn from(r: RawImage) -> Self {
+        CatalogImage {
+            name: r.name,
+            arch: r.arch,
+            kernel: r.kernel,
+            description: r.description,
+            default: r.default,
+            sources: Sources {
+                oci: r.oci,
+                url: r.url,
+                sha256: r.sha256,
+                size: r.size,
+                recipe: r.recipe,
+            },
+        }
+    }
 }
 
 /// The set of pullable images and where relative URLs point.
@@ -104,6 +143,14 @@ pub enum ImageCatalogError {
     /// The catalog has no entry of that name.
     #[error("No image named {0:?} in the image catalog")]
     NotInCatalog(String),
+    /// Pulling the image's OCI artifact failed.
+    #[error(transparent)]
+    Artifact(crate::oci_artifact::ArtifactError),
+    /// The entry has no published artifact, only a local build recipe.
+    #[error(
+        "Image {0:?} has no published artifact in the image catalog; build it here with `banger image build {0}`"
+    )]
+    NotPublished(String),
     /// A catalog entry's URL cannot be resolved.
     #[error(
         "Image {name:?} has the relative URL {url:?} but the image catalog has no base URL; set one in config"
@@ -177,7 +224,7 @@ impl ImageCatalog {
     pub fn parse(text: &str) -> Result<ImageCatalog, ImageCatalogError> {
         let catalog: ImageCatalog =
             toml::from_str(text).map_err(|e| ImageCatalogError::ParseCatalog(e.to_string()))?;
-        crate::catalog::check_entries("image", &catalog.entries)
+        crate::catalog::check_entries("image", &catalog.entries, crate::recipes::IMAGE_RECIPES)
             .map_err(ImageCatalogError::ParseCatalog)?;
         for e in &catalog.entries {
             validate_artifact_name("kernel", &e.kernel).map_err(|err| {
@@ -209,14 +256,17 @@ impl ImageCatalog {
         self.entries.iter().find(|e| e.default)
     }
 
-    /// The absolute URL of an entry's bundle.
-    pub fn url_of(&self, entry: &CatalogImage) -> Result<String, ImageCatalogError> {
-        crate::catalog::resolve_url(self.base_url.as_deref(), &entry.url).ok_or_else(|| {
-            ImageCatalogError::NoBaseUrl {
+    /// The absolute URL of an entry's bundle, `None` when it has no URL.
+    pub fn url_of(&self, entry: &CatalogImage) -> Result<Option<String>, ImageCatalogError> {
+        let Some(url) = &entry.sources.url else {
+            return Ok(None);
+        };
+        crate::catalog::resolve_url(self.base_url.as_deref(), url)
+            .map(Some)
+            .ok_or_else(|| ImageCatalogError::NoBaseUrl {
                 name: entry.name.clone(),
-                url: entry.url.clone(),
-            }
-        })
+                url: url.clone(),
+            })
     }
 }
 
@@ -224,11 +274,8 @@ impl crate::catalog::CatalogItem for CatalogImage {
     fn name(&self) -> &str {
         &self.name
     }
-    fn url(&self) -> &str {
-        &self.url
-    }
-    fn sha256(&self) -> &str {
-        &self.sha256
+    fn sources(&self) -> &Sources {
+        &self.sources
     }
     fn is_default(&self) -> bool {
         self.default
@@ -268,6 +315,7 @@ pub async fn pull_bundle(
     catalog: &ImageCatalog,
     name: &str,
     staging_dir: &Path,
+    oci: &PullOptions,
     mut progress: impl FnMut(PullProgress),
 ) -> Result<Bundle, ImageCatalogError> {
     let entry = catalog
@@ -278,23 +326,45 @@ pub async fn pull_bundle(
     if !empty {
         return Err(ImageCatalogError::Staging(staging_dir.to_path_buf()));
     }
-
-    let source = BundleSource {
-        url: &url,
-        sha256: &entry.sha256,
-        size: entry.size,
-    };
     // Two files are expected; a little slack for `./` entries before the
     // layout check names what is wrong.
     let limits = ExtractLimits {
         max_entries: 64,
         ..ExtractLimits::default()
     };
-    let fetched = fetch_bundle(source, staging_dir.to_path_buf(), limits, (), &mut progress).await;
-    let result = match fetched {
-        Ok(_report) => finish_bundle(staging_dir, entry, &url),
-        Err(e) => Err(ImageCatalogError::Download(name.to_owned(), e)),
+    let dest = staging_dir.to_path_buf();
+    let (fetched, source) = match (&entry.sources.oci, url) {
+        (None, None) => return Err(ImageCatalogError::NotPublished(name.to_owned())),
+        (Some(reference), _) => {
+            let got = pull_artifact(
+                reference,
+                ArtifactKind::IMAGE,
+                oci,
+                dest,
+                limits,
+                (),
+                &mut progress,
+            )
+            .await
+            .map(|_| ())
+            .map_err(ImageCatalogError::Artifact);
+            (got, reference.clone())
+        }
+        (None, Some(url)) => {
+            let source = BundleSource {
+                url: &url,
+                // Present with every URL: checked when the catalog was parsed.
+                sha256: entry.sources.sha256.as_deref().unwrap_or_default(),
+                size: entry.sources.size,
+            };
+            let got = fetch_bundle(source, dest, limits, (), &mut progress)
+                .await
+                .map(|_| ())
+                .map_err(|e| ImageCatalogError::Download(name.to_owned(), e));
+            (got, url)
+        }
     };
+    let result = fetched.and_then(|()| finish_bundle(staging_dir, entry, &source));
     match result {
         Ok(bundle) => {
             progress(PullProgress::Verified);
@@ -411,7 +481,13 @@ mod tests {
         let c = ImageCatalog::embedded().unwrap();
         let d = c.default_entry().unwrap();
         assert_eq!(c.entries().iter().filter(|e| e.default).count(), 1);
-        assert!(c.url_of(d).unwrap().starts_with("https://"));
+        assert!(
+            d.sources
+                .recipe
+                .as_deref()
+                .is_some_and(|r| crate::recipes::IMAGE_RECIPES.contains(&r)),
+            "the default image can always be built locally: {d:?}"
+        );
         let kernels = Catalog::embedded().unwrap();
         assert_eq!(
             Some(d.kernel.as_str()),
@@ -425,7 +501,7 @@ mod tests {
         assert_eq!(c.find("deb").map(|e| e.kernel.as_str()), Some("k"));
         assert_eq!(c.find("docker.io/library/debian:12"), None);
         assert_eq!(c.default_entry(), None);
-        assert_eq!(c.entries()[0].size, 0, "size is optional");
+        assert_eq!(c.entries()[0].sources.size, 0, "size is optional");
     }
 
     #[test]
@@ -439,15 +515,18 @@ mod tests {
         let rel = c.find("rel").unwrap().clone();
         let abs = c.find("abs").unwrap().clone();
         assert_eq!(
-            c.url_of(&rel).unwrap(),
-            "https://a.example/x/images/r.tar.zst"
+            c.url_of(&rel).unwrap().as_deref(),
+            Some("https://a.example/x/images/r.tar.zst")
         );
         let c = c.with_base_url("http://127.0.0.1:1");
         assert_eq!(
-            c.url_of(&rel).unwrap(),
-            "http://127.0.0.1:1/images/r.tar.zst"
+            c.url_of(&rel).unwrap().as_deref(),
+            Some("http://127.0.0.1:1/images/r.tar.zst")
         );
-        assert_eq!(c.url_of(&abs).unwrap(), "https://b.example/a.tar.zst");
+        assert_eq!(
+            c.url_of(&abs).unwrap().as_deref(),
+            Some("https://b.example/a.tar.zst")
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod net;
 pub mod oci_artifact;
 pub mod paths;
 pub mod plugin_host;
+pub mod recipes;
 pub mod ssh;
 pub mod store;
 pub mod vmm;

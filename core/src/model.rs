@@ -646,6 +646,13 @@ pub enum ImageSource {
         /// The bundle URL.
         url: String,
     },
+    /// Built on this host from one of banger's recipes.
+    Built {
+        /// The recipe (`debian-bookworm`).
+        recipe: String,
+        /// What it was built from (suite, mirror).
+        from: String,
+    },
     /// Registered in place: banger points at files it does not own.
     Registered,
     /// Copied into banger's state from an unmanaged image.

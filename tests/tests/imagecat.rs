@@ -18,10 +18,16 @@ mod tests {
     use banger_core::imagecat::{
         Bundle, ImageCatalog, ImageCatalogError, MANIFEST_FILE, pull_bundle,
     };
+    use banger_core::images::PullOptions;
     use banger_core::library::ImageLibrary;
     use banger_core::model::{ImageKernel, ImageSource};
     use banger_core::paths::Paths;
     use banger_core::store::Store;
+
+    /// Registry settings for pulls: these catalogs list URLs, not OCI
+    /// artifacts, so the defaults are never used.
+    static NO_OCI: std::sync::LazyLock<PullOptions> =
+        std::sync::LazyLock::new(PullOptions::default);
     use test_infra::http::{Entry as E, Reply, Server, noise, sha256, tar_zst};
     use test_infra::wait_until;
 
@@ -112,7 +118,7 @@ mod tests {
 
     /// Runs a pull expected to fail and checks it left nothing behind.
     async fn pull_fails(dirs: &Dirs, catalog: &ImageCatalog, name: &str) -> ImageCatalogError {
-        let err = pull_bundle(catalog, name, &dirs.staging(), |_| {})
+        let err = pull_bundle(catalog, name, &dirs.staging(), &NO_OCI, |_| {})
             .await
             .unwrap_err();
         eprintln!("{name}: {}", chain(&err));
@@ -145,9 +151,11 @@ mod tests {
             ]),
         );
         let mut events = Vec::new();
-        let bundle = pull_bundle(&catalog, "deb", &dirs.staging(), |p| events.push(p))
-            .await
-            .unwrap();
+        let bundle = pull_bundle(&catalog, "deb", &dirs.staging(), &NO_OCI, |p| {
+            events.push(p)
+        })
+        .await
+        .unwrap();
 
         assert_eq!(bundle.rootfs, dirs.staging().join("rootfs.ext4"));
         assert!(fs::read(&bundle.rootfs).unwrap() == rootfs, "rootfs bytes");
@@ -163,7 +171,7 @@ mod tests {
         assert_eq!(Dirs::list(&dirs.outside()), Vec::<String>::new());
 
         assert_eq!(events.last(), Some(&PullProgress::Verified));
-        let total = catalog.entries()[0].size;
+        let total = catalog.entries()[0].sources.size;
         assert!(total > 3 << 20, "noise does not compress: {total}");
         let downloads: Vec<(u64, u64)> = events
             .iter()
@@ -201,7 +209,7 @@ mod tests {
 
         library.check_new_name("mine").unwrap();
         let staging = library.stage("mine").unwrap();
-        let bundle: Bundle = pull_bundle(&catalog, "deb", staging.path(), |_| {})
+        let bundle: Bundle = pull_bundle(&catalog, "deb", staging.path(), &NO_OCI, |_| {})
             .await
             .unwrap();
         let record = library.publish(staging, bundle.record("mine")).unwrap();
@@ -234,9 +242,15 @@ mod tests {
         fn assert_send<T: Send>(_: &T) {}
         let catalog = ImageCatalog::parse("").unwrap();
         let (tx, _rx) = std::sync::mpsc::channel();
-        let fut = pull_bundle(&catalog, "x", Path::new("/nonexistent"), move |p| {
-            let _ = tx.send(p);
-        });
+        let fut = pull_bundle(
+            &catalog,
+            "x",
+            Path::new("/nonexistent"),
+            &NO_OCI,
+            move |p| {
+                let _ = tx.send(p);
+            },
+        );
         assert_send(&fut);
     }
 
@@ -264,7 +278,7 @@ mod tests {
         // Someone else's file in the staging dir is neither overwritten nor
         // removed.
         fs::write(dirs.staging().join("theirs"), b"keep").unwrap();
-        let err = pull_bundle(&catalog, "deb", &dirs.staging(), |_| {})
+        let err = pull_bundle(&catalog, "deb", &dirs.staging(), &NO_OCI, |_| {})
             .await
             .unwrap_err();
         assert!(matches!(err, ImageCatalogError::Staging(_)), "{err}");
@@ -574,7 +588,7 @@ mod tests {
             let (catalog, received, staging) =
                 (catalog.clone(), Arc::clone(&received), dirs.staging());
             tokio::spawn(async move {
-                pull_bundle(&catalog, "slow", &staging, |p| {
+                pull_bundle(&catalog, "slow", &staging, &NO_OCI, |p| {
                     if let PullProgress::Downloading { received: r, .. } = p {
                         received.store(r, Ordering::SeqCst);
                     }
@@ -615,7 +629,7 @@ mod tests {
         // The next pull into a fresh staging dir succeeds.
         fs::create_dir(dirs.staging()).unwrap();
         server.route("/images/slow.tar.zst", Reply::Body(bundle));
-        let pulled = pull_bundle(&catalog, "slow", &dirs.staging(), |_| {})
+        let pulled = pull_bundle(&catalog, "slow", &dirs.staging(), &NO_OCI, |_| {})
             .await
             .unwrap();
         assert!(fs::read(&pulled.rootfs).unwrap() == rootfs);

@@ -13,6 +13,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use banger_core::archive::ArchiveError;
+    use banger_core::images::PullOptions;
     use banger_core::kernels::{Catalog, KernelError, KernelStore, PullProgress, pull};
     use test_infra::http::{Entry as E, Reply, Server, noise, sha256, tar_zst};
 
@@ -70,7 +71,7 @@ mod tests {
         name: &str,
         force: bool,
     ) -> Result<banger_core::kernels::LocalKernel, KernelError> {
-        pull(store, catalog, name, force, |_| {}).await
+        pull(store, catalog, name, force, &PullOptions::default(), |_| {}).await
     }
 
     fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -90,9 +91,16 @@ mod tests {
         let kernel = vec![0x7fu8; 3 << 20];
         let catalog = publish(&server, "fc-6.12", good_bundle(&kernel));
         let mut events = Vec::new();
-        let local = pull(&store, &catalog, "fc-6.12", false, |p| events.push(p))
-            .await
-            .unwrap();
+        let local = pull(
+            &store,
+            &catalog,
+            "fc-6.12",
+            false,
+            &PullOptions::default(),
+            |p| events.push(p),
+        )
+        .await
+        .unwrap();
 
         let m = &local.manifest;
         assert_eq!(m.name, "fc-6.12");
@@ -132,7 +140,7 @@ mod tests {
             PullProgress::Downloading { received, total } => Some((*received, *total)),
             PullProgress::Verified => None,
         });
-        let total = catalog.entries()[0].size;
+        let total = catalog.entries()[0].sources.size;
         assert_eq!(last_download, Some((total, total)));
     }
 
@@ -142,7 +150,8 @@ mod tests {
         let (_d, store) = store();
         let catalog = Catalog::parse("").unwrap();
         let (tx, _rx) = std::sync::mpsc::channel();
-        let fut = pull(&store, &catalog, "k", false, move |p| {
+        let opts = PullOptions::default();
+        let fut = pull(&store, &catalog, "k", false, &opts, move |p| {
             let _ = tx.send(p);
         });
         assert_send(&fut);
@@ -372,11 +381,18 @@ mod tests {
             let (store, catalog, received) =
                 (store.clone(), catalog.clone(), Arc::clone(&received));
             tokio::spawn(async move {
-                pull(&store, &catalog, "slow", false, |p| {
-                    if let PullProgress::Downloading { received: r, .. } = p {
-                        received.store(r, Ordering::SeqCst);
-                    }
-                })
+                pull(
+                    &store,
+                    &catalog,
+                    "slow",
+                    false,
+                    &PullOptions::default(),
+                    |p| {
+                        if let PullProgress::Downloading { received: r, .. } = p {
+                            received.store(r, Ordering::SeqCst);
+                        }
+                    },
+                )
                 .await
             })
         };

@@ -62,6 +62,10 @@ pub struct CatalogKernelView {
     pub version: String,
     /// Download size in bytes (0 if unknown).
     pub size: u64,
+    /// Where it comes from: `oci`, `url`, `build` (a local recipe), joined
+    /// by `+`.
+    #[serde(default)]
+    pub sources: String,
     /// One line of description.
     pub description: String,
     /// The kernel VMs get when none is named.
@@ -109,6 +113,10 @@ pub struct CatalogImageView {
     pub kernel: String,
     /// Download size in bytes (0 if unknown).
     pub size: u64,
+    /// Where it comes from: `oci`, `url`, `build` (a local recipe), joined
+    /// by `+`.
+    #[serde(default)]
+    pub sources: String,
     /// One line of description.
     pub description: String,
     /// The image VMs get when none is named.
@@ -126,6 +134,18 @@ pub struct ImportKernelRequest {
     /// Directory holding vmlinux (and optional initrd, modules, metadata).
     pub from: PathBuf,
     /// Replace an existing kernel of that name.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `kernel build` / `image build` arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    /// Catalog entry to build; the catalog's default when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Replace a local kernel of the same name (kernels only).
     #[serde(default)]
     pub force: bool,
 }
@@ -190,10 +210,12 @@ pub(crate) fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/kernels/import", post(import_kernel))
         .route("/v1/kernels/{name}", get(show_kernel).delete(delete_kernel))
         .route("/v1/kernels/{name}/pull", post(pull_kernel))
+        .route("/v1/kernels/build", post(build_kernel))
         .route("/v1/images", get(list_images))
         .route("/v1/images/catalog", get(image_catalog))
         .route("/v1/images/register", post(register_image))
         .route("/v1/images/pull", post(pull_image))
+        .route("/v1/images/build", post(build_image))
         .route("/v1/images/cache/prune", post(prune_cache))
         .route("/v1/images/{name}", get(show_image).delete(delete_image))
         .route("/v1/images/{name}/promote", post(promote_image))
@@ -223,7 +245,8 @@ async fn kernel_catalog(State(st): S) -> Result<Json<Vec<CatalogKernelView>>, Ap
                     arch: e.arch.clone(),
                     distro: e.distro.clone(),
                     version: e.version.clone(),
-                    size: e.size,
+                    size: e.sources.size,
+                    sources: e.sources.label(),
                     description: e.description.clone(),
                     default: e.default,
                     local: local.contains(&e.name),
@@ -337,7 +360,8 @@ async fn image_catalog(State(st): S) -> Result<Json<Vec<CatalogImageView>>, ApiE
                     name: e.name.clone(),
                     arch: e.arch.clone(),
                     kernel: e.kernel.clone(),
-                    size: e.size,
+                    size: e.sources.size,
+                    sources: e.sources.label(),
                     description: e.description.clone(),
                     default: e.default,
                     local: local.contains(&e.name),
@@ -384,6 +408,69 @@ async fn pull_image(
             .pull_image(req, &progress)
             .await
             .map_err(|e| (Some("pull_image".to_string()), render_chain(&e)))
+    }))
+}
+
+async fn build_kernel(
+    State(st): S,
+    body: Result<Json<BuildRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let artifacts = st.lifecycle.artifacts().clone();
+    let name = match req.name {
+        Some(n) => n,
+        None => artifacts
+            .kernel_catalog()
+            .default_entry()
+            .map(|e| e.name.clone())
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "The kernel catalog has no default; name the kernel to build".into(),
+                )
+            })?,
+    };
+    Ok(stream_task(move |progress| async move {
+        artifacts
+            .build_kernel(&name, req.force, &progress)
+            .await
+            .map(KernelView::from)
+            .map_err(|e| (Some("build_kernel".to_string()), render_chain(&e)))
+    }))
+}
+
+async fn build_image(
+    State(st): S,
+    body: Result<Json<BuildRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    if req.force {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "--force does not apply to images; delete the image first (`banger image delete NAME`)"
+                .into(),
+        ));
+    }
+    let artifacts = st.lifecycle.artifacts().clone();
+    let name = match req.name {
+        Some(n) => n,
+        None => artifacts
+            .image_catalog()
+            .default_entry()
+            .map(|e| e.name.clone())
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "The image catalog has no default; name the image to build".into(),
+                )
+            })?,
+    };
+    Ok(stream_task(move |progress| async move {
+        let image = artifacts
+            .build_image(&name, &progress)
+            .await
+            .map_err(|e| (Some("build_image".to_string()), render_chain(&e)))?;
+        Ok(image_view(&artifacts.kernels, image))
     }))
 }
 

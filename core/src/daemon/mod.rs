@@ -27,7 +27,7 @@ mod artifacts_api;
 mod server;
 
 pub use artifacts_api::{
-    CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
+    BuildRequest, CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
 };
 
 /// The daemon could not start or serve.

@@ -391,3 +391,47 @@ pub enum ImageError {
     #[error("Image worker failed: {0}")]
     Worker(String),
 }
+
+/// Builds `<staging_dir>/rootfs.ext4` from one root filesystem tarball on
+/// this host (a local image build), flattened exactly like a one-layer
+/// image: ownership and modes applied without root. Returns the image and
+/// its size. On error everything this created in `staging_dir` is removed.
+pub fn rootfs_from_tar(
+    tar: &Path,
+    staging_dir: &Path,
+    size: Option<ByteSize>,
+) -> Result<(std::path::PathBuf, ByteSize), ImageError> {
+    let read_err = |source| ImageError::ReadLayer {
+        digest: tar.display().to_string(),
+        source,
+    };
+    // The flattener verifies every layer against its digest.
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut file = std::fs::File::open(tar).map_err(read_err)?;
+    std::io::copy(&mut file, &mut hasher).map_err(read_err)?;
+    let layer = flatten::Layer {
+        digest: format!("sha256:{:x}", sha2::Digest::finalize(hasher)),
+        compression: flatten::Compression::None,
+        path: tar.to_path_buf(),
+    };
+    let tree = staging_dir.join(".rootfs-tree");
+    let rootfs = staging_dir.join("rootfs.ext4");
+    for p in [&tree, &rootfs] {
+        if std::fs::symlink_metadata(p).is_ok() {
+            return Err(ImageError::StagingBusy(p.clone()));
+        }
+    }
+    let created = Created::default();
+    created.track(&tree, true);
+    created.track(&rootfs, false);
+    match flatten::build(&tree, &[layer], &rootfs, size, &mut |_| {}) {
+        Ok(built) => {
+            created.remove_scratch();
+            Ok((rootfs, built.size))
+        }
+        Err(e) => {
+            created.remove_all();
+            Err(e)
+        }
+    }
+}

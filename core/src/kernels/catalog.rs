@@ -4,13 +4,16 @@
 
 use serde::Deserialize;
 
+use crate::catalog::Sources;
+
 use super::KernelError;
 
 const EMBEDDED: &str = include_str!("../../catalog/kernels.toml");
 
-/// One pullable kernel.
+/// One kernel the catalog offers: published (`oci`, `url`) and/or built
+/// locally from a `recipe`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawEntry")]
 pub struct CatalogEntry {
     /// The kernel's name (also its local name once pulled).
     pub name: String,
@@ -20,17 +23,55 @@ pub struct CatalogEntry {
     pub distro: String,
     /// Kernel version.
     pub version: String,
-    /// Tarball URL: absolute, or relative to the catalog's base URL.
-    pub url: String,
-    /// Hex sha256 of the tarball (`.tar.zst`).
-    pub sha256: String,
-    /// Size of the tarball in bytes.
-    pub size: u64,
     /// One line for `banger kernel list --available`.
     pub description: String,
     /// Whether `vm create` uses this kernel when none is given.
-    #[serde(default)]
     pub default: bool,
+    /// Where it comes from.
+    pub sources: Sources,
+}
+
+/// A `[[kernel]]` table as written; unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    name: String,
+    arch: String,
+    distro: String,
+    version: String,
+    description: String,
+    #[serde(default)]
+    default: bool,
+    #[serde(default)]
+    oci: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    recipe: Option<String>,
+}
+
+impl From<RawEntry> for CatalogEntry {
+    fn from(r: RawEntry) -> Self {
+        CatalogEntry {
+            name: r.name,
+            arch: r.arch,
+            distro: r.distro,
+            version: r.version,
+            description: r.description,
+            default: r.default,
+            sources: Sources {
+                oci: r.oci,
+                url: r.url,
+                sha256: r.sha256,
+                size: r.size,
+                recipe: r.recipe,
+            },
+        }
+    }
 }
 
 /// The set of pullable kernels and where relative URLs point.
@@ -54,7 +95,7 @@ impl Catalog {
     pub fn parse(text: &str) -> Result<Catalog, KernelError> {
         let catalog: Catalog =
             toml::from_str(text).map_err(|e| KernelError::ParseCatalog(e.to_string()))?;
-        crate::catalog::check_entries("kernel", &catalog.entries)
+        crate::catalog::check_entries("kernel", &catalog.entries, crate::recipes::KERNEL_RECIPES)
             .map_err(KernelError::ParseCatalog)?;
         Ok(catalog)
     }
@@ -84,14 +125,17 @@ impl Catalog {
         self.entries.iter().find(|e| e.default)
     }
 
-    /// The absolute URL of an entry's tarball.
-    pub fn url_of(&self, entry: &CatalogEntry) -> Result<String, KernelError> {
-        crate::catalog::resolve_url(self.base_url.as_deref(), &entry.url).ok_or_else(|| {
-            KernelError::NoBaseUrl {
+    /// The absolute URL of an entry's tarball, `None` when it has no URL.
+    pub fn url_of(&self, entry: &CatalogEntry) -> Result<Option<String>, KernelError> {
+        let Some(url) = &entry.sources.url else {
+            return Ok(None);
+        };
+        crate::catalog::resolve_url(self.base_url.as_deref(), url)
+            .map(Some)
+            .ok_or_else(|| KernelError::NoBaseUrl {
                 name: entry.name.clone(),
-                url: entry.url.clone(),
-            }
-        })
+                url: url.clone(),
+            })
     }
 }
 
@@ -99,11 +143,8 @@ impl crate::catalog::CatalogItem for CatalogEntry {
     fn name(&self) -> &str {
         &self.name
     }
-    fn url(&self) -> &str {
-        &self.url
-    }
-    fn sha256(&self) -> &str {
-        &self.sha256
+    fn sources(&self) -> &Sources {
+        &self.sources
     }
     fn is_default(&self) -> bool {
         self.default
@@ -127,7 +168,28 @@ mod tests {
         let c = Catalog::embedded().unwrap();
         assert!(!c.entries().is_empty());
         let d = c.default_entry().unwrap();
-        assert!(c.url_of(d).unwrap().starts_with("https://"));
+        // Every embedded entry names a real source: a recipe this binary
+        // carries, or a published artifact pinned by digest.
+        for e in c.entries() {
+            assert!(
+                e.sources.recipe.is_some() || e.sources.oci.is_some(),
+                "{e:?}"
+            );
+            assert!(!e.sources.url.as_deref().unwrap_or("").contains(".invalid"));
+        }
+        assert!(
+            d.sources
+                .recipe
+                .as_deref()
+                .is_some_and(|r| crate::recipes::KERNEL_RECIPES.contains(&r))
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = format!("{}mirror = \"x\"\n", entry("a", "u", false));
+        let err = Catalog::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("mirror"), "{err}");
     }
 
     #[test]
@@ -139,13 +201,13 @@ mod tests {
         let c = Catalog::parse(&text).unwrap();
         let k = c.find("k").unwrap().clone();
         assert_eq!(
-            c.url_of(&k).unwrap(),
-            "https://a.example/x/kernels/k.tar.zst"
+            c.url_of(&k).unwrap().as_deref(),
+            Some("https://a.example/x/kernels/k.tar.zst")
         );
         let c = c.with_base_url("http://127.0.0.1:1");
         assert_eq!(
-            c.url_of(&k).unwrap(),
-            "http://127.0.0.1:1/kernels/k.tar.zst"
+            c.url_of(&k).unwrap().as_deref(),
+            Some("http://127.0.0.1:1/kernels/k.tar.zst")
         );
     }
 

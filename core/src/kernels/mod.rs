@@ -84,6 +84,14 @@ pub enum KernelError {
     /// The catalog has no entry of that name.
     #[error("No kernel named {0:?} in the catalog; see `banger kernel list --available`")]
     NotInCatalog(String),
+    /// The entry has no published artifact, only a local build recipe.
+    #[error(
+        "Kernel {0:?} has no published artifact in the catalog; build it here with `banger kernel build {0}`"
+    )]
+    NotPublished(String),
+    /// Pulling the kernel's OCI artifact failed.
+    #[error(transparent)]
+    Artifact(#[from] crate::oci_artifact::ArtifactError),
     /// The catalog text is invalid.
     #[error("Invalid kernel catalog: {0}")]
     ParseCatalog(String),

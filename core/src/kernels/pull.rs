@@ -13,27 +13,54 @@ use super::{
 };
 use crate::archive::ExtractLimits;
 use crate::download::{BundleSource, DownloadError, PullProgress, fetch_bundle};
+use crate::images::PullOptions;
+use crate::oci_artifact::{ArtifactKind, pull_artifact};
 
-/// Pulls the catalog kernel `name` into `store`. Refuses to replace a local
-/// kernel of the same name unless `force`. On any failure nothing is left in
-/// the kernels root.
+/// Pulls the catalog kernel `name` into `store`: its OCI artifact when the
+/// entry has one (pinned by digest, registry settings from `oci`), else its
+/// URL. Refuses to replace a local kernel of the same name unless `force`.
+/// On any failure nothing is left in the kernels root.
 pub async fn pull(
     store: &KernelStore,
     catalog: &Catalog,
     name: &str,
     force: bool,
+    oci: &PullOptions,
     mut progress: impl FnMut(PullProgress),
 ) -> Result<LocalKernel, KernelError> {
     validate_name(name)?;
     let entry = catalog.find(name)?;
     let url = catalog.url_of(entry)?;
+    let source = match (&entry.sources.oci, &url) {
+        (Some(reference), _) => reference.clone(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => return Err(KernelError::NotPublished(name.to_owned())),
+    };
     if !force && store.root().join(name).exists() {
         return Err(KernelError::AlreadyExists(name.to_owned()));
     }
     // Shared with the extractor thread, so the directory is removed only
     // once both are done with it, even if this future is dropped midway.
     let staging = Arc::new(store.stage(name)?);
-    download_and_extract(entry, &url, Arc::clone(&staging), &mut progress).await?;
+    match (&entry.sources.oci, &url) {
+        (Some(reference), _) => {
+            let dest = staging.path().to_path_buf();
+            pull_artifact(
+                reference,
+                ArtifactKind::KERNEL,
+                oci,
+                dest,
+                ExtractLimits::default(),
+                Arc::clone(&staging),
+                &mut progress,
+            )
+            .await?;
+        }
+        (None, _) => {
+            download_and_extract(entry, &source, Arc::clone(&staging), &mut progress).await?
+        }
+    }
+    let url = source;
     let staging = Arc::try_unwrap(staging).map_err(|_| KernelError::Io {
         op: "publish",
         path: store.root().join(name),
@@ -53,8 +80,9 @@ async fn download_and_extract(
 ) -> Result<(), KernelError> {
     let source = BundleSource {
         url,
-        sha256: &entry.sha256,
-        size: entry.size,
+        // Present with every URL: checked when the catalog was parsed.
+        sha256: entry.sources.sha256.as_deref().unwrap_or_default(),
+        size: entry.sources.size,
     };
     let dest = staging.path().to_path_buf();
     fetch_bundle(source, dest, ExtractLimits::default(), staging, progress)

@@ -96,13 +96,28 @@ impl KernelStore {
     /// how artifacts are discovered). Refuses to replace an existing kernel
     /// unless `force`.
     pub fn import(&self, name: &str, from: &Path, force: bool) -> Result<LocalKernel, KernelError> {
+        self.import_as(name, from, force, None)
+    }
+
+    /// [`KernelStore::import`], recording `source` (e.g. `build:RECIPE`)
+    /// in the manifest instead of `import:<dir>` when given.
+    pub fn import_as(
+        &self,
+        name: &str,
+        from: &Path,
+        force: bool,
+        source: Option<String>,
+    ) -> Result<LocalKernel, KernelError> {
         validate_name(name)?;
         if !force && self.root.join(name).exists() {
             return Err(KernelError::AlreadyExists(name.to_owned()));
         }
         let found = import::discover(from)?;
         let staging = self.stage(name)?;
-        let manifest = import::copy_into(&found, staging.path(), name)?;
+        let mut manifest = import::copy_into(&found, staging.path(), name)?;
+        if let Some(source) = source {
+            manifest.source = source;
+        }
         staging.write_manifest(&manifest)?;
         self.publish(staging, name, force)
     }

@@ -195,6 +195,12 @@ impl Progress {
         self.log("info", message);
     }
 
+    /// A warning line for the user.
+    pub fn log_warn(&self, message: &str) {
+        tracing::warn!("{message}");
+        self.log("warn", message);
+    }
+
     fn log(&self, level: &str, message: &str) {
         self.send(Event::Log {
             level: level.to_string(),

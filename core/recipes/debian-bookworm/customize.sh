@@ -1,5 +1,6 @@
 #!/bin/sh
-# mmdebstrap --customize-hook for guest/rootfs/build: runs on the host after
+# mmdebstrap --customize-hook of the debian-bookworm image recipe (banger image
+# build, guest/rootfs/build): runs on the host after
 # packages are installed, with the new root as $1.
 set -eu
 root="$1"
