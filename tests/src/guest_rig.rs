@@ -140,11 +140,27 @@ impl Internet {
     /// A guest shell command fetching the server's page with bash
     /// alone, giving up after `secs`.
     pub fn fetch_cmd(&self, secs: u32) -> String {
+        self.fetch_cmd_to(&self.server, secs)
+    }
+
+    /// The same fetch from `host`, a name the guest resolves to the server.
+    pub fn fetch_cmd_to(&self, host: &str, secs: u32) -> String {
         format!(
-            "timeout {secs} bash -c 'exec 3<>/dev/tcp/{}/8080; \
-             printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'",
-            self.server
+            "timeout {secs} bash -c 'exec 3<>/dev/tcp/{host}/8080; \
+             printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'"
         )
+    }
+
+    /// The server's address, inside the namespace.
+    pub fn server(&self) -> std::net::Ipv4Addr {
+        self.server
+            .parse()
+            .expect("Internet::start makes a dotted quad")
+    }
+
+    /// The namespace, for threads that serve more from inside it.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.ns))
     }
 }
 

@@ -195,4 +195,24 @@ mod tests {
             server.shutdown().await;
         });
     }
+
+    #[test]
+    fn the_daemon_forwards_to_the_dns_upstream_of_its_config() {
+        let up = upstream("127.0.0.1:0", EXAMPLE);
+        let env = test_infra::BangerEnv::new();
+        let port = black_hole().1.port();
+        // Its own subnet and bridge name: the daemon binds the bridge address
+        // (port 53, a warning without root) but never creates the bridge.
+        env.write_config(&format!(
+            "[network]\nbridge = \"bgdnsfw0\"\nsubnet = \"10.214.0.0/24\"\ndns_port = {port}\n\
+             dns_upstream = [\"{}\"]\n",
+            up.addr()
+        ));
+        let mut daemon = env.spawn_daemon();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let got = runtime().block_on(query(addr, "example.test.", "A"));
+        assert_eq!(got, ("NoError".to_string(), vec![EXAMPLE]));
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+    }
 }

@@ -18,8 +18,60 @@ mod tests {
 
     use banger_core::model::VmState;
     use banger_core::vsock::AgentClient;
-    use test_infra::guest_rig::{GREETING, Internet, rig, run};
+    use test_infra::dns::{StandInUpstream, Target};
+    use test_infra::guest_rig::{GREETING, Internet, Rig, rig, run};
     use test_infra::{pid_alive, wait_until};
+
+    /// A name only the stand-in internet's DNS server knows.
+    const WEB_NAME: &str = "web.internet.test";
+
+    /// Serves [`WEB_NAME`] (the stand-in internet's web server) and nothing
+    /// else of `internet.test` from a DNS server inside its namespace, and
+    /// makes that the daemon's only upstream (`[network] dns_upstream`),
+    /// restarting the daemon so it reads it.
+    fn internet_dns(rig: &Rig, internet: &Internet) -> StandInUpstream {
+        let server = internet.server();
+        let upstream = StandInUpstream::start(
+            (server, 53).into(),
+            Some(&internet.netns_path()),
+            &["internet.test."],
+            &[("web.internet.test.", Target::A(server))],
+        );
+        let config = rig.env.root().join("config/banger/config.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert_eq!(text.matches("[network]\n").count(), 1, "{text}");
+        let line = format!("[network]\ndns_upstream = [\"{}\"]\n", upstream.addr());
+        std::fs::write(&config, text.replace("[network]\n", &line)).unwrap();
+        rig.env.banger(&["daemon", "stop"]).ok();
+        upstream
+    }
+
+    /// The fetch itself failed (timeout's 124 or bash's 1), not ssh (255).
+    fn assert_fetch_failed(out: &std::process::Output, what: &str) {
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(1) | Some(124)),
+            "{what} ({code:?}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `getent hosts NAME` in the guest: the addresses it resolved to
+    /// (none when the lookup failed).
+    fn guest_lookup(
+        rig: &Rig,
+        vm: &str,
+        ip: std::net::Ipv4Addr,
+        known: &std::path::Path,
+        name: &str,
+    ) -> Vec<String> {
+        let out = rig.ssh(vm, ip, known, &format!("getent hosts {name}"));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
 
     /// Real guests under TCG need both cores: one at a time.
     static ONE_GUEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -52,6 +104,7 @@ mod tests {
         put("outside/secret", "NOT FOR THE GUEST", 0o600);
         std::os::unix::fs::symlink(home.join("outside/secret"), home.join(".aws/leak")).unwrap();
         let internet = Internet::start("a", 100);
+        let _upstream = internet_dns(&rig, &internet);
         let share = env.root().join("share");
         std::fs::create_dir_all(&share).unwrap();
         std::fs::write(share.join("hello.txt"), "shared-hello\n").unwrap();
@@ -160,6 +213,18 @@ mod tests {
         // --nat: the guest reaches the "internet".
         let got = rig.ssh_ok("g1", ip, &known, &internet.fetch_cmd(10));
         assert!(got.trim_end().ends_with(GREETING), "{got}");
+        // ... and finds it by name: the guest asks banger's DNS server on
+        // the bridge, which forwards the name to the internet's DNS server.
+        assert_eq!(
+            guest_lookup(&rig, "g1", ip, &known, WEB_NAME),
+            [internet.server().to_string()]
+        );
+        assert!(
+            guest_lookup(&rig, "g1", ip, &known, "nope.internet.test").is_empty(),
+            "the upstream's NXDOMAIN is passed on"
+        );
+        let got = rig.ssh_ok("g1", ip, &known, &internet.fetch_cmd_to(WEB_NAME, 10));
+        assert!(got.trim_end().ends_with(GREETING), "{got}");
 
         // `vm ports`: sshd once (dual stack collapsed), a web server as http.
         rig.ssh_ok("g1", ip, &known, "busybox httpd -p 8080 -h /mnt/share");
@@ -237,6 +302,7 @@ mod tests {
         };
         let env = &rig.env;
         let internet = Internet::start("b", 101);
+        let _upstream = internet_dns(&rig, &internet);
         let vm = rig.create("g2", &["--image", "noinit"]);
         let ip = vm.address.expect("a networked VM has an address");
         let known = rig.pin_host_keys(&vm);
@@ -254,14 +320,15 @@ mod tests {
         assert_eq!(lines, ["init", "g2"], "{out}");
         // Without --nat the same server is out of reach.
         let blocked = rig.ssh("g2", ip, &known, &internet.fetch_cmd(5));
-        // The fetch itself fails (timeout's 124 or bash's 1), not ssh (255).
-        let code = blocked.status.code();
-        assert!(
-            matches!(code, Some(1) | Some(124)),
-            "reached the internet without NAT ({code:?}): {}{}",
-            String::from_utf8_lossy(&blocked.stdout),
-            String::from_utf8_lossy(&blocked.stderr)
+        assert_fetch_failed(&blocked, "reached the internet without NAT");
+        // Names still resolve (the daemon on the host asks upstream), but
+        // resolving is not reaching: the fetch by name fails the same way.
+        assert_eq!(
+            guest_lookup(&rig, "g2", ip, &known, WEB_NAME),
+            [internet.server().to_string()]
         );
+        let blocked = rig.ssh("g2", ip, &known, &internet.fetch_cmd_to(WEB_NAME, 5));
+        assert_fetch_failed(&blocked, "reached the internet by name without NAT");
         rig.delete_all_and_check_clean(&[vm]);
     }
 
