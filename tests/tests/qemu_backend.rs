@@ -618,6 +618,17 @@ int main(void) {
         })?;
         let (_, version) = modules_of(&vmlinuz)
             .ok_or_else(|| format!("no lib/modules/<version>/ beside {}", vmlinuz.display()))?;
+        // A package unpacked only in part cannot say what is built in.
+        let builtin = dir
+            .join("lib/modules")
+            .join(&version)
+            .join("modules.builtin");
+        if !builtin.is_file() {
+            return Err(format!(
+                "no {}: unpack the whole lib/modules/<version>/ of the linux-image package",
+                builtin.display()
+            ));
+        }
         let vmlinux = dir.join("vmlinux");
         let kernel = if vmlinux.is_file() { vmlinux } else { vmlinuz };
         Ok((dir, kernel, version))
