@@ -1,5 +1,5 @@
 //! Finding what a real guest boot needs: the kernel and rootfs the recipes
-//! cache under `~/.cache/banger-ci` (`guest/kernel/build`,
+//! cache under `~/.cache/banger-ci` (`banger kernel build` run by scripts/test,
 //! `guest/rootfs/build`), the static agent from `scripts/build-agent`, QEMU
 //! and `vhost-device-vsock`. Shared by tests and benches that boot a guest
 //! under QEMU/TCG.
@@ -74,7 +74,7 @@ impl GuestArtifacts {
             })
             .ok_or("vhost-device-vsock missing (scripts/test builds it)")?;
         let kernel_dir = newest("kernel-", "vmlinux")
-            .ok_or("no guest kernel in ~/.cache/banger-ci/kernel-*/ (run guest/kernel/build)")?;
+            .ok_or("no guest kernel in ~/.cache/banger-ci/kernel-*/ (scripts/test builds it with `banger kernel build`)")?;
         let rootfs_tar = newest(&format!("rootfs-{flavour}-"), "").ok_or_else(|| {
             format!(
                 "no rootfs in ~/.cache/banger-ci/rootfs-{flavour}-*.tar (run guest/rootfs/build)"
