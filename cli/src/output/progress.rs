@@ -196,7 +196,7 @@ impl Bars {
                 let bar = stage.steps.entry(label.clone()).or_insert_with(|| {
                     let bar = SCREEN.insert_after(&after, ProgressBar::no_length());
                     bar.set_style(step_style(*total, *unit));
-                    bar.set_message(label.clone());
+                    bar.set_message(short_digests(label));
                     bar
                 });
                 if let Some(t) = total {
@@ -245,6 +245,24 @@ impl Drop for Bars {
     }
 }
 
+/// `label` with every `sha256:<64 hex>` cut to 12 hex digits, as `docker`
+/// shows them, so a layer's bar fits on one line.
+fn short_digests(label: &str) -> String {
+    const PREFIX: &str = "sha256:";
+    let mut out = String::new();
+    let mut rest = label;
+    while let Some(at) = rest.find(PREFIX) {
+        let (before, from) = rest.split_at(at + PREFIX.len());
+        out.push_str(before);
+        let hex = from.chars().take_while(char::is_ascii_hexdigit).count();
+        let keep = if hex == 64 { 12 } else { hex };
+        out.push_str(&from[..keep]);
+        rest = &from[hex..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_spinner())
@@ -257,10 +275,10 @@ fn style(template: &str) -> ProgressStyle {
 fn step_style(total: Option<u64>, unit: ProgressUnit) -> ProgressStyle {
     style(match (unit, total) {
         (ProgressUnit::Bytes, Some(_)) => {
-            "    {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
+            "    {msg} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
         }
         (ProgressUnit::Bytes, None) => "    {spinner} {msg} {bytes} {binary_bytes_per_sec}",
-        (_, Some(_)) => "    {msg} [{bar:30}] {pos}/{len}",
+        (_, Some(_)) => "    {msg} [{wide_bar}] {pos}/{len}",
         (_, None) => "    {spinner} {msg} {pos}",
     })
 }
@@ -370,6 +388,21 @@ mod tests {
                 "    upload: 50% of 10 B",
             ]
         );
+    }
+
+    #[test]
+    fn bar_labels_show_digests_short() {
+        let hex = "26c2c99d0c49c7dc30e9206d97d6920aee7036f42bd795eb2629889cf2bcf7ba";
+        assert_eq!(
+            short_digests(&format!("layer sha256:{hex}")),
+            format!("layer sha256:{}", &hex[..12])
+        );
+        assert_eq!(
+            short_digests("image sha256:abc and sha256:"),
+            "image sha256:abc and sha256:",
+            "only whole digests are cut"
+        );
+        assert_eq!(short_digests("kernel void-6.12"), "kernel void-6.12");
     }
 
     #[test]
