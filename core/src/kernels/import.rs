@@ -9,7 +9,8 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{DEFAULT_BOOT_MODULES, KernelError, KernelManifest, boot_modules_archive};
+use super::modules::write_boot_initrd;
+use super::{KernelError, KernelManifest};
 
 /// Metadata files looked for first, in this order.
 const METADATA_FILES: [&str; 2] = ["banger-kernel.toml", "manifest.toml"];
@@ -191,18 +192,11 @@ pub(super) fn copy_into(
         copy_tree(modules, &staging.join("modules"))?;
     }
     // A modular kernel without an initrd of its own gets banger's boot
-    // modules archive as its initrd, so the agent can load the drivers it
-    // needs before looking for its drives.
-    let made_initrd = match (&found.initrd, &found.modules) {
-        (None, Some(_)) => {
-            let modules = staging.join("modules");
-            let version = module_version(&modules, &found.version, &found.dir)?;
-            boot_modules_archive(&modules, &version, DEFAULT_BOOT_MODULES)?
-                .write(&staging.join("initrd"))?;
-            true
-        }
-        _ => false,
-    };
+    // modules archive as its initrd.
+    let made_initrd = found.initrd.is_none() && found.modules.is_some();
+    if made_initrd {
+        write_boot_initrd(staging, &found.version)?;
+    }
     Ok(KernelManifest {
         name: name.to_owned(),
         distro: found.distro.clone(),
@@ -214,33 +208,6 @@ pub(super) fn copy_into(
         has_initrd: found.initrd.is_some() || made_initrd,
         has_modules: found.modules.is_some(),
     })
-}
-
-/// The kernel version whose modules to use: `version` when `modules` has
-/// that directory, else its only version directory.
-fn module_version(modules: &Path, version: &str, dir: &Path) -> Result<String, KernelError> {
-    if modules.join(version).is_dir() {
-        return Ok(version.to_owned());
-    }
-    let mut versions = Vec::new();
-    for entry in fs::read_dir(modules).map_err(KernelError::io("read", modules))? {
-        let entry = entry.map_err(KernelError::io("read", modules))?;
-        if entry.path().is_dir() {
-            versions.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    versions.sort();
-    match versions.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => Err(KernelError::Discover {
-            dir: dir.to_path_buf(),
-            reason: format!(
-                "the modules directory holds {} kernel versions ({}) and none is {version:?}; name the kernel's version in banger-kernel.toml (`version = \"...\"`)",
-                versions.len(),
-                versions.join(", ")
-            ),
-        }),
-    }
 }
 
 pub(super) fn now_rfc3339() -> String {

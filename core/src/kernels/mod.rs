@@ -174,6 +174,20 @@ pub enum KernelError {
         /// The kernel version.
         version: String,
     },
+    /// The modules directory holds several kernel versions, none the kernel's.
+    #[error(
+        "Cannot tell which kernel's modules to use in {}: it holds {} and none is {version:?}; set the kernel's version (`version = \"...\"` in banger-kernel.toml, or in a bundle's manifest.toml)",
+        dir.display(),
+        if found.is_empty() { "no version directory".to_owned() } else { found.join(", ") }
+    )]
+    ModuleVersion {
+        /// The modules directory.
+        dir: PathBuf,
+        /// The kernel's version.
+        version: String,
+        /// The version directories found.
+        found: Vec<String>,
+    },
     /// A boot module is neither a module file nor built into the kernel.
     #[error(
         "Kernel module {name:?}{} is neither under kernel/ nor listed in modules.builtin; banger's guests need it: use a kernel that has it (as a module or built in)",

@@ -118,6 +118,45 @@ pub fn boot_modules_archive(
     })
 }
 
+/// Writes the boot modules archive of a kernel directory (`modules/`
+/// holding `<version>/`) as its `initrd`, for [`DEFAULT_BOOT_MODULES`].
+/// `version` is the kernel's; when `modules/` has no such directory its only
+/// version directory is used. For import, pull and build alike: a modular
+/// kernel without an initrd of its own needs this one to boot banger's agent.
+pub(super) fn write_boot_initrd(
+    kernel_dir: &Path,
+    version: &str,
+) -> Result<BootModules, KernelError> {
+    let modules = kernel_dir.join("modules");
+    let version = module_version(&modules, version)?;
+    let archive = boot_modules_archive(&modules, &version, DEFAULT_BOOT_MODULES)?;
+    archive.write(&kernel_dir.join("initrd"))?;
+    Ok(archive)
+}
+
+/// `version` when `modules` has that directory, else its only one.
+fn module_version(modules: &Path, version: &str) -> Result<String, KernelError> {
+    if modules.join(version).is_dir() {
+        return Ok(version.to_owned());
+    }
+    let mut versions = Vec::new();
+    for entry in fs::read_dir(modules).map_err(KernelError::io("read", modules))? {
+        let entry = entry.map_err(KernelError::io("read", modules))?;
+        if entry.path().is_dir() {
+            versions.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    versions.sort();
+    match versions.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err(KernelError::ModuleVersion {
+            dir: modules.to_path_buf(),
+            version: version.to_owned(),
+            found: versions,
+        }),
+    }
+}
+
 /// Module names compare with `-` and `_` alike, as the kernel does.
 fn normalise(name: &str) -> String {
     name.replace('-', "_")
@@ -749,6 +788,39 @@ mod tests {
         let err = store.import("broken", s, false).unwrap_err();
         assert!(err.to_string().contains("\"virtio_blk\""), "{err}");
         assert!(store.get("broken").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_kernel_directory_initrd_uses_the_only_or_the_named_version() {
+        // A kernel store directory: `modules/<version>/`.
+        let dir = sample_tree();
+        let kernel_dir = dir.path().join("kernel-dir");
+        fs::create_dir(&kernel_dir).unwrap();
+        fs::rename(dir.path().join("lib/modules"), kernel_dir.join("modules")).unwrap();
+        let only = kernel_dir.join("modules/6.12.0-test");
+        let wanted: String = DEFAULT_BOOT_MODULES
+            .iter()
+            .map(|n| format!("kernel/{n}.ko\n"))
+            .collect();
+        fs::write(only.join("modules.builtin"), wanted).unwrap();
+
+        // The version taken from a file name may be "unknown": the only
+        // version directory is used.
+        let m = write_boot_initrd(&kernel_dir, "unknown").unwrap();
+        assert_eq!(m.version, "6.12.0-test");
+        assert!(m.loaded.is_empty(), "all built in: {m:?}");
+        assert_eq!(fs::read(kernel_dir.join("initrd")).unwrap(), m.archive);
+
+        fs::create_dir(kernel_dir.join("modules/6.1.0-other")).unwrap();
+        let err = write_boot_initrd(&kernel_dir, "unknown").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, KernelError::ModuleVersion { .. })
+                && text.contains("6.1.0-other, 6.12.0-test"),
+            "{text}"
+        );
+        let m = write_boot_initrd(&kernel_dir, "6.12.0-test").unwrap();
+        assert_eq!(m.version, "6.12.0-test");
     }
 
     /// A distribution kernel's real modules (Debian's `.ko.xz`): the
