@@ -178,8 +178,10 @@ guest = "~/not-there"
         // error (with the line) and points at its log, which holds it too.
         let out = env.create("bad", &["--cap", "file-sync"]).failed();
         assert!(out.stderr.contains("bangerd.log"), "{}", out.stderr);
+        // Line 10: write_config puts firecracker_bin, stop_timeout_secs,
+        // default_caps and vmm before these entries.
         let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
-        let want = "line 9, column 9: file_sync[1].guest \"/etc/b\" is not below /root, the guest's work disk; use ~/NAME or /root/NAME";
+        let want = "line 10, column 9: file_sync[1].guest \"/etc/b\" is not below /root, the guest's work disk; use ~/NAME or /root/NAME";
         assert!(log.contains(want), "{log}");
         assert!(out.stderr.contains(want), "{}", out.stderr);
         // Fixed, the same install works and no VM was left from the refusal.
