@@ -75,6 +75,11 @@ mod tests {
                 ("NoError".to_string(), vec![])
             );
 
+            // The upstream refuses a zone it does not serve: SERVFAIL, at once.
+            let started = Instant::now();
+            assert_eq!(query(addr, "other.example.", "A").await.0, "ServFail");
+            assert!(started.elapsed() < FORWARD_DEADLINE / 2);
+
             // .vm is answered here, even though the upstream has answers.
             assert_eq!(
                 query(addr, "web.vm.", "A").await,

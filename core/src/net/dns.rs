@@ -306,6 +306,10 @@ impl Forwarder {
         if !ours.is_empty() {
             tracing::info!(?ours, "not forwarding DNS queries to this server itself");
         }
+        if self.upstream == Upstream::Servers(vec![]) {
+            tracing::info!("dns_upstream = []: names outside .{ZONE} get SERVFAIL");
+            return None;
+        }
         if servers.is_empty() {
             tracing::warn!(
                 upstream = ?self.upstream,
