@@ -135,11 +135,17 @@ fn finish_bundle(
         // Only succeeds when `lib/` held nothing else.
         let _ = fs::remove_dir(dir.join("lib"));
     }
+    let version = meta.version.unwrap_or_else(|| entry.version.clone());
+    // A modular kernel without an initrd boots banger's agent only with its
+    // boot modules packed as one.
+    if !exists(&initrd) && is_real_dir(&modules) {
+        super::modules::write_boot_initrd(dir, &version)?;
+    }
     Ok(KernelManifest {
         name: entry.name.clone(),
         distro: meta.distro.unwrap_or_else(|| entry.distro.clone()),
         arch: entry.arch.clone(),
-        version: meta.version.unwrap_or_else(|| entry.version.clone()),
+        version,
         sha256: hash_file(&vmlinux)?,
         source: format!("pull:{url}"),
         imported_at: now_rfc3339(),
