@@ -11,7 +11,7 @@ mod tests {
     use std::process::Command;
     use std::time::Duration;
 
-    use banger_core::model::VmState;
+    use banger_core::model::{VmState, VmmKind};
     use banger_core::net::Subnet;
     use banger_core::store::Store;
     use test_infra::{BangerEnv, wait_until};
@@ -389,6 +389,46 @@ mod tests {
         );
         assert_eq!(env.show("slow").record.state, VmState::Running);
         assert!(ssh_calls(&env).is_empty(), "ssh ran without a target");
+    }
+
+    /// The backend a `spec:` line names.
+    fn spec_vmm(line: &str) -> &str {
+        line.split(" · vmm ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn create_prints_the_spec_line_and_the_vm_gets_the_backend_it_names() {
+        let env = BangerEnv::new();
+        let out = env
+            .create("fc", &["--no-start", "--vcpu", "2", "--memory", "512"])
+            .ok();
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(
+                "spec: 2 vcpu · 512 MiB · 64M disk · vmm firecracker (config), accel kvm ("
+            ),
+            "{out:?}"
+        );
+        assert_eq!(env.show("fc").record.spec.vmm, VmmKind::Firecracker);
+
+        let out = env.create("q", &["--no-start", "--vmm", "qemu"]).ok();
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert!(first.contains(" · vmm qemu (--vmm), accel "), "{out:?}");
+        assert_eq!(env.show("q").record.spec.vmm, VmmKind::Qemu);
+
+        // auto: whichever this host gets, the record says what the line said.
+        env.write_config("vmm = \"auto\"\n");
+        let out = env.create("auto", &["--no-start"]).ok();
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert!(first.contains("(auto: "), "{out:?}");
+        assert_eq!(
+            env.show("auto").record.spec.vmm.as_str(),
+            spec_vmm(first),
+            "{out:?}"
+        );
     }
 
     #[test]
