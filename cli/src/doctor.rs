@@ -130,7 +130,7 @@ async fn all_checks() -> Vec<Check> {
     let (config, config_check) = load_config(&paths);
     let host = HostFacts::probe();
     let plan = config.backend_plan(None);
-    let tools = Backends::find(&config);
+    let tools = BackendBins::find(&config);
     let mut out = vec![
         config_check,
         architecture(),
@@ -244,15 +244,15 @@ impl Tool {
 
 /// The three backend binaries.
 #[derive(Debug)]
-struct Backends {
+struct BackendBins {
     firecracker: Tool,
     qemu: Tool,
     vhost: Tool,
 }
 
-impl Backends {
-    fn find(config: &Config) -> Backends {
-        Backends {
+impl BackendBins {
+    fn find(config: &Config) -> BackendBins {
+        BackendBins {
             firecracker: Tool::find("firecracker_bin", &config.firecracker_bin, "firecracker"),
             qemu: Tool::find("qemu_bin", &config.qemu_bin, "qemu-system-x86_64"),
             vhost: Tool::find(
@@ -268,7 +268,7 @@ fn backend_checks(
     config: &Config,
     plan: &BackendPlan,
     host: &HostFacts,
-    tools: &Backends,
+    tools: &BackendBins,
 ) -> Vec<Check> {
     let fc_version = tools
         .firecracker

@@ -148,6 +148,32 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_vmm_in_config_fails_listing_the_valid_values() {
+        let Some(h) = Host::with("a_bad_vmm_in_config_fails_listing_the_valid_values", TOOLS)
+        else {
+            return;
+        };
+        h.config("\nvmm = \"xen\"\n");
+        let out = h.doctor();
+        fails(&out);
+        let config = h.config_path().display().to_string();
+        assert_eq!(
+            line(&out, "config"),
+            format!(
+                "FAIL config: {config} line 2, column 7: unknown vmm \"xen\"; valid values: auto, \
+                 firecracker, qemu; the other checks use the defaults; fix: edit {config} as the \
+                 error says"
+            )
+        );
+        // The rest still runs, on the defaults.
+        assert!(
+            line(&out, "backend").starts_with("PASS backend: vmm qemu (auto: "),
+            "{}",
+            out.stdout
+        );
+    }
+
+    #[test]
     fn missing_vhost_device_vsock_fails_with_the_cargo_install() {
         let Some(h) = Host::without(
             "missing_vhost_device_vsock_fails_with_the_cargo_install",
