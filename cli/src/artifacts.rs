@@ -248,11 +248,7 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
         ImageCommand::Build { name } => {
             let req = BuildRequest { name, force: false };
             let i: ImageView = client
-                .stream_events(Method::POST, "/v1/images/build", Some(&req), |e| {
-                    if let Some(line) = output::event_line(None, e) {
-                        eprintln!("{line}");
-                    }
-                })
+                .stream_events(Method::POST, "/v1/images/build", Some(&req), output::show_events(None))
                 .await?;
             print!("{}", image_details(&i.record));
         }
@@ -390,11 +386,7 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
         KernelCommand::Build { name, force } => {
             let req = BuildRequest { name, force };
             let k: KernelView = client
-                .stream_events(Method::POST, "/v1/kernels/build", Some(&req), |e| {
-                    if let Some(line) = output::event_line(None, e) {
-                        eprintln!("{line}");
-                    }
-                })
+                .stream_events(Method::POST, "/v1/kernels/build", Some(&req), output::show_events(None))
                 .await?;
             print!("{}", kernel_details(&k));
         }

@@ -10,202 +10,208 @@
 //! Needs root (the daemon configures the bridge), QEMU, mmdebstrap and apt
 //! with a reachable mirror: `scripts/test` installs them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+#[cfg(test)]
+mod tests {
 
-/// Runs `cmd`, killing it after `limit`.
-fn run(cmd: &mut Command, limit: Duration) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if done_rx.recv_timeout(limit).is_err() {
-            // SAFETY: kill(2) on the pid of a child we spawned and have not
-            // reaped (wait_with_output below reaps it after this fires).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    let _ = done_tx.send(());
-    watchdog.join().unwrap();
-    out
-}
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+    use std::time::{Duration, Instant};
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Why this machine cannot run the test, if it cannot.
-fn missing_requirement() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root (the daemon configures a bridge and taps)".into());
-    }
-    for tool in [
-        "qemu-system-x86_64",
-        "mmdebstrap",
-        "apt-get",
-        "git",
-        "cargo",
-    ] {
-        if test_infra::guest_artifacts::on_path(tool).is_none() {
-            return Some(format!(
-                "{tool} is not installed (scripts/test installs it)"
-            ));
-        }
-    }
-    let vsock = test_infra::guest_artifacts::cache().join("tools/bin/vhost-device-vsock");
-    if test_infra::guest_artifacts::on_path("vhost-device-vsock").is_none() && !vsock.is_file() {
-        return Some("vhost-device-vsock is missing (scripts/test builds it)".into());
-    }
-    None
-}
-
-/// A command with a newcomer's environment: HOME at `home`, no XDG
-/// variables, `home/.local/bin` first on PATH; cargo and rustup keep the
-/// real toolchain locations.
-fn newcomer(program: impl AsRef<std::ffi::OsStr>, home: &Path) -> Command {
-    let mut cmd = Command::new(program);
-    let real_home = PathBuf::from(std::env::var_os("HOME").unwrap_or_default());
-    let path = format!(
-        "{}:{}:{}",
-        home.join(".local/bin").display(),
-        std::env::var("PATH").unwrap_or_default(),
-        test_infra::guest_artifacts::cache()
-            .join("tools/bin")
-            .display()
-    );
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("XDG_") || k.to_string_lossy().starts_with("BANGER") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("HOME", home)
-        .env("PATH", path)
-        .env(
-            "CARGO_HOME",
-            std::env::var_os("CARGO_HOME").unwrap_or_else(|| real_home.join(".cargo").into()),
-        )
-        .env(
-            "RUSTUP_HOME",
-            std::env::var_os("RUSTUP_HOME").unwrap_or_else(|| real_home.join(".rustup").into()),
-        );
-    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        cmd.env("CARGO_TARGET_DIR", t);
-    } else {
-        cmd.env("CARGO_TARGET_DIR", test_infra::target_dir());
-    }
-    cmd
-}
-
-#[test]
-fn readme_commands_reach_a_running_guest_on_a_fresh_host_and_reuse_the_cache() {
-    if let Some(why) = missing_requirement() {
-        eprintln!("SKIP readme_commands_reach_a_running_guest_on_a_fresh_host: {why}");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let home = tmp.path().join("home");
-    let repo = tmp.path().join("project");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::create_dir_all(&repo).unwrap();
-    let git = |args: &[&str]| {
-        let out = newcomer("git", &home)
-            .args([
-                "-c",
-                "user.name=New Comer",
-                "-c",
-                "user.email=new@example.org",
-            ])
-            .args(args)
-            .current_dir(&repo)
-            .output()
+    /// Runs `cmd`, killing it after `limit`.
+    fn run(cmd: &mut Command, limit: Duration) -> Output {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
-    };
-    git(&["init", "-q"]);
-    let marker = format!("fresh-host-{}", std::process::id());
-    std::fs::write(repo.join("hello.txt"), format!("{marker}\n")).unwrap();
-    git(&["add", "hello.txt"]);
-    git(&["commit", "-qm", "first"]);
+        let pid = child.id();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if done_rx.recv_timeout(limit).is_err() {
+                // SAFETY: kill(2) on the pid of a child we spawned and have not
+                // reaped (wait_with_output below reaps it after this fires).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = done_tx.send(());
+        watchdog.join().unwrap();
+        out
+    }
 
-    // Command one: the install, into the newcomer's HOME.
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let t = Instant::now();
-    let install = run(
-        newcomer(workspace.join("scripts/install"), &home)
-            .env("PREFIX", home.join(".local"))
-            .current_dir(workspace),
-        Duration::from_secs(30 * 60),
-    );
-    assert!(
-        install.status.success(),
-        "scripts/install failed:\n{}\n{}",
-        text(&install.stdout),
-        text(&install.stderr)
-    );
-    eprintln!("fresh host: ./scripts/install took {:.1?}", t.elapsed());
-    let banger = home.join(".local/bin/banger");
-    assert!(banger.is_file(), "scripts/install did not install banger");
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
 
-    // Command two, twice: the guest runs the command in the imported
-    // workspace and its exit code comes back.
-    let vm_run = || {
-        let t = Instant::now();
-        let out = run(
-            newcomer(&banger, &home)
+    /// Why this machine cannot run the test, if it cannot.
+    fn missing_requirement() -> Option<String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Some("needs root (the daemon configures a bridge and taps)".into());
+        }
+        for tool in [
+            "qemu-system-x86_64",
+            "mmdebstrap",
+            "apt-get",
+            "git",
+            "cargo",
+        ] {
+            if test_infra::guest_artifacts::on_path(tool).is_none() {
+                return Some(format!(
+                    "{tool} is not installed (scripts/test installs it)"
+                ));
+            }
+        }
+        let vsock = test_infra::guest_artifacts::cache().join("tools/bin/vhost-device-vsock");
+        if test_infra::guest_artifacts::on_path("vhost-device-vsock").is_none() && !vsock.is_file()
+        {
+            return Some("vhost-device-vsock is missing (scripts/test builds it)".into());
+        }
+        None
+    }
+
+    /// A command with a newcomer's environment: HOME at `home`, no XDG
+    /// variables, `home/.local/bin` first on PATH; cargo and rustup keep the
+    /// real toolchain locations.
+    fn newcomer(program: impl AsRef<std::ffi::OsStr>, home: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        let real_home = PathBuf::from(std::env::var_os("HOME").unwrap_or_default());
+        let path = format!(
+            "{}:{}:{}",
+            home.join(".local/bin").display(),
+            std::env::var("PATH").unwrap_or_default(),
+            test_infra::guest_artifacts::cache()
+                .join("tools/bin")
+                .display()
+        );
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("XDG_") || k.to_string_lossy().starts_with("BANGER")
+            {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("HOME", home)
+            .env("PATH", path)
+            .env(
+                "CARGO_HOME",
+                std::env::var_os("CARGO_HOME").unwrap_or_else(|| real_home.join(".cargo").into()),
+            )
+            .env(
+                "RUSTUP_HOME",
+                std::env::var_os("RUSTUP_HOME").unwrap_or_else(|| real_home.join(".rustup").into()),
+            );
+        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+            cmd.env("CARGO_TARGET_DIR", t);
+        } else {
+            cmd.env("CARGO_TARGET_DIR", test_infra::target_dir());
+        }
+        cmd
+    }
+
+    #[test]
+    fn readme_commands_reach_a_running_guest_on_a_fresh_host_and_reuse_the_cache() {
+        if let Some(why) = missing_requirement() {
+            eprintln!("SKIP readme_commands_reach_a_running_guest_on_a_fresh_host: {why}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        let repo = tmp.path().join("project");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&repo).unwrap();
+        let git = |args: &[&str]| {
+            let out = newcomer("git", &home)
                 .args([
-                    "vm",
-                    "run",
-                    ".",
-                    "--rm",
-                    "--",
-                    "sh",
                     "-c",
-                    "cat /root/repo/hello.txt; exit 7",
+                    "user.name=New Comer",
+                    "-c",
+                    "user.email=new@example.org",
                 ])
-                .current_dir(&repo),
-            Duration::from_secs(20 * 60),
-        );
-        (out, t.elapsed())
-    };
-    let (first, first_took) = vm_run();
-    let (second, second_took) = vm_run();
-    let stop = newcomer(&banger, &home).args(["daemon", "stop"]).output();
-    eprintln!(
-        "fresh host: first `vm run` {first_took:.1?}, second {second_took:.1?}\n--- first run's stderr ---\n{}",
-        text(&first.stderr)
-    );
-    for (which, out) in [("first", &first), ("second", &second)] {
-        assert_eq!(
-            out.status.code(),
-            Some(7),
-            "{which} vm run: the command's exit code\nstdout:\n{}\nstderr:\n{}",
-            text(&out.stdout),
-            text(&out.stderr)
+                .args(args)
+                .current_dir(&repo)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
+        };
+        git(&["init", "-q"]);
+        let marker = format!("fresh-host-{}", std::process::id());
+        std::fs::write(repo.join("hello.txt"), format!("{marker}\n")).unwrap();
+        git(&["add", "hello.txt"]);
+        git(&["commit", "-qm", "first"]);
+
+        // Command one: the install, into the newcomer's HOME.
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let t = Instant::now();
+        let install = run(
+            newcomer(workspace.join("scripts/install"), &home)
+                .env("PREFIX", home.join(".local"))
+                .current_dir(workspace),
+            Duration::from_secs(30 * 60),
         );
         assert!(
-            text(&out.stdout).contains(&marker),
-            "{which} vm run printed the guest's file\nstdout:\n{}",
-            text(&out.stdout)
+            install.status.success(),
+            "scripts/install failed:\n{}\n{}",
+            text(&install.stdout),
+            text(&install.stderr)
         );
-    }
-    let first_err = text(&first.stderr);
-    let second_err = text(&second.stderr);
-    assert!(
-        first_err.contains("build_image") || first_err.contains("pull_image"),
-        "the first run obtains the default image:\n{first_err}"
-    );
-    for stage in ["build_kernel", "build_image", "pull_kernel", "pull_image"] {
+        eprintln!("fresh host: ./scripts/install took {:.1?}", t.elapsed());
+        let banger = home.join(".local/bin/banger");
+        assert!(banger.is_file(), "scripts/install did not install banger");
+
+        // Command two, twice: the guest runs the command in the imported
+        // workspace and its exit code comes back.
+        let vm_run = || {
+            let t = Instant::now();
+            let out = run(
+                newcomer(&banger, &home)
+                    .args([
+                        "vm",
+                        "run",
+                        ".",
+                        "--rm",
+                        "--",
+                        "sh",
+                        "-c",
+                        "cat /root/repo/hello.txt; exit 7",
+                    ])
+                    .current_dir(&repo),
+                Duration::from_secs(20 * 60),
+            );
+            (out, t.elapsed())
+        };
+        let (first, first_took) = vm_run();
+        let (second, second_took) = vm_run();
+        let stop = newcomer(&banger, &home).args(["daemon", "stop"]).output();
+        eprintln!(
+            "fresh host: first `vm run` {first_took:.1?}, second {second_took:.1?}\n--- first run's stderr ---\n{}",
+            text(&first.stderr)
+        );
+        for (which, out) in [("first", &first), ("second", &second)] {
+            assert_eq!(
+                out.status.code(),
+                Some(7),
+                "{which} vm run: the command's exit code\nstdout:\n{}\nstderr:\n{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+            assert!(
+                text(&out.stdout).contains(&marker),
+                "{which} vm run printed the guest's file\nstdout:\n{}",
+                text(&out.stdout)
+            );
+        }
+        let first_err = text(&first.stderr);
+        let second_err = text(&second.stderr);
         assert!(
-            !second_err.contains(stage),
-            "the second run reuses the cache, but ran {stage}:\n{second_err}"
+            first_err.contains("build_image") || first_err.contains("pull_image"),
+            "the first run obtains the default image:\n{first_err}"
         );
+        for stage in ["build_kernel", "build_image", "pull_kernel", "pull_image"] {
+            assert!(
+                !second_err.contains(stage),
+                "the second run reuses the cache, but ran {stage}:\n{second_err}"
+            );
+        }
+        assert!(stop.is_ok_and(|o| o.status.success()), "daemon stop");
     }
-    assert!(stop.is_ok_and(|o| o.status.success()), "daemon stop");
 }
