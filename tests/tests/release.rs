@@ -4,7 +4,9 @@
 //! `oci_artifact::pull_artifact` brings both back by digest. A tampered
 //! blob or manifest, a wrong digest, a wrong artifact kind and an unpinned
 //! reference are refused, a tampered artifact never as "unreachable", and a
-//! refused pull leaves nothing behind.
+//! refused pull leaves nothing behind. Through the real CLI, `banger kernel
+//! pull` / `image pull` fetch the release via the written catalogs and
+//! refuse a tampered one without building it locally instead.
 
 // Inside a cfg(test) module so the workspace's test-only lint allowances
 // (unwrap in tests) cover the helpers too.
@@ -19,6 +21,7 @@ mod tests {
     use banger_core::images::PullOptions;
     use banger_core::kernels::Catalog;
     use banger_core::oci_artifact::{ArtifactError, ArtifactInfo, ArtifactKind, pull_artifact};
+    use test_infra::BangerEnv;
     use test_infra::registry::Registry;
 
     /// The kernel and image names the embedded catalogs use, so the release
@@ -103,16 +106,7 @@ mod tests {
             .env("DOCKER_CONFIG", tmp.path().join("no-docker-config"))
             .output()
             .unwrap();
-        assert!(
-            run.status.success(),
-            "banger-release push failed: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let kernels =
-            Catalog::parse(&std::fs::read_to_string(out.join("kernels.toml")).unwrap()).unwrap();
-        let images =
-            ImageCatalog::parse(&std::fs::read_to_string(out.join("images.toml")).unwrap())
-                .unwrap();
+        let (kernels, images) = written_catalogs("banger-release push", &run, &out);
         let k = kernels.find(KERNEL).unwrap();
         let i = images.find(IMAGE).unwrap();
         // The release pins the artifact and keeps the local build recipe.
@@ -148,6 +142,26 @@ mod tests {
             initrd,
             rootfs,
         })
+    }
+
+    /// The catalogs `what` wrote into `out`, parsed by banger's own
+    /// parsers, once `run` is known to have succeeded.
+    fn written_catalogs(
+        what: &str,
+        run: &std::process::Output,
+        out: &Path,
+    ) -> (Catalog, ImageCatalog) {
+        assert!(
+            run.status.success(),
+            "{what} failed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let read = |file: &str| std::fs::read_to_string(out.join(file)).unwrap();
+        (
+            Catalog::parse(&read("kernels.toml")).unwrap(),
+            ImageCatalog::parse(&read("images.toml")).unwrap(),
+        )
     }
 
     fn opts(rel: &Release) -> PullOptions {
@@ -417,5 +431,141 @@ mod tests {
         let (res, _) = pull_with(&reference, ArtifactKind::KERNEL, &opts, tmp.path());
         let err = res.unwrap_err();
         assert!(err.is_unreachable(), "{err:?}");
+    }
+
+    /// A banger installation whose catalogs are the release's.
+    fn env_for(rel: &Release) -> BangerEnv {
+        env_with_catalogs(&rel.tmp.path().join("out"), rel.reg.host())
+    }
+
+    /// A banger installation using the catalogs in `out`, with `registry`
+    /// reachable over plain HTTP.
+    fn env_with_catalogs(out: &Path, registry: &str) -> BangerEnv {
+        let env = BangerEnv::new();
+        env.write_config(&format!(
+            "kernel_catalog_file = {:?}\nimage_catalog_file = {:?}\ninsecure_registries = [{:?}]\n",
+            out.join("kernels.toml").display().to_string(),
+            out.join("images.toml").display().to_string(),
+            registry
+        ));
+        env
+    }
+
+    fn json(run: test_infra::Run) -> serde_json::Value {
+        serde_json::from_str(&run.stdout).unwrap()
+    }
+
+    #[test]
+    fn banger_pulls_the_release_through_the_written_catalogs() {
+        let Some(rel) = release("banger_pulls_the_release_through_the_written_catalogs") else {
+            return;
+        };
+        let env = env_for(&rel);
+        env.banger(&["kernel", "pull", KERNEL]).ok();
+        let k = json(env.banger(&["kernel", "show", KERNEL, "--json"]).ok());
+        let vmlinux = k["vmlinux"].as_str().unwrap();
+        assert_eq!(std::fs::read(vmlinux).unwrap(), rel.vmlinux);
+        let initrd = k["initrd"].as_str().unwrap();
+        assert_eq!(std::fs::read(initrd).unwrap(), rel.initrd);
+
+        env.banger(&["image", "pull", IMAGE]).ok();
+        let i = json(env.banger(&["image", "show", IMAGE, "--json"]).ok());
+        let rootfs = i["rootfs"].as_str().unwrap();
+        assert_eq!(std::fs::read(rootfs).unwrap(), rel.rootfs);
+        assert_eq!(i["kernel"]["name"].as_str(), Some(KERNEL));
+    }
+
+    #[test]
+    fn banger_refuses_a_tampered_release_and_builds_nothing_instead() {
+        let Some(rel) = release("banger_refuses_a_tampered_release_and_builds_nothing_instead")
+        else {
+            return;
+        };
+        let blob = rel
+            .reg
+            .blob_file(&layer_of(&rel, &rel.kernel_oci, ArtifactKind::KERNEL));
+        let mut bytes = std::fs::read(&blob).unwrap();
+        bytes[100] ^= 0x01;
+        std::fs::write(&blob, &bytes).unwrap();
+
+        let env = env_for(&rel);
+        let run = env.banger(&["kernel", "pull", KERNEL]).failed();
+        assert!(
+            run.stderr.contains("tampered or corrupt"),
+            "stderr: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stdout.contains("build_kernel") && !run.stderr.contains("build_kernel"),
+            "a tampered artifact must not fall back to a local build:\n{}{}",
+            run.stdout,
+            run.stderr
+        );
+        env.banger(&["kernel", "show", KERNEL]).failed();
+        let kernels = env.state_dir().join("kernels");
+        let left: Vec<_> = std::fs::read_dir(&kernels)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left in {}: {left:?}", kernels.display());
+    }
+
+    /// The whole pipeline as a release runs it: `scripts/release-artifacts`
+    /// builds the catalog defaults from their recipes with the real CLI,
+    /// pushes them and writes pinned catalogs, which a fresh banger then
+    /// pulls from. Slow (a kernel package and an mmdebstrap run from the
+    /// host's mirror, about two minutes here).
+    #[test]
+    fn release_script_publishes_the_defaults_and_banger_pulls_them() {
+        let test = "release_script_publishes_the_defaults_and_banger_pulls_them";
+        for (tool, package) in [
+            ("mmdebstrap", "mmdebstrap"),
+            ("dpkg-deb", "dpkg"),
+            ("apt-get", "apt"),
+            ("python3", "python3"),
+        ] {
+            if test_infra::guest_artifacts::on_path(tool).is_none() {
+                eprintln!("SKIPPED {test}: {tool} not installed (apt-get install {package})");
+                return;
+            }
+        }
+        let Some(reg) = Registry::start(test) else {
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/release-artifacts");
+        for bin in ["banger", "bangerd", "banger-release"] {
+            test_infra::workspace_bin(bin);
+        }
+        let run = Command::new(script)
+            .arg(format!("{}/banger", reg.host()))
+            .arg("--insecure")
+            .arg("--out-dir")
+            .arg(&out)
+            .env("BANGER_BIN_DIR", test_infra::target_dir())
+            .env("DOCKER_CONFIG", tmp.path().join("docker"))
+            .output()
+            .unwrap();
+        let (kernels, images) = written_catalogs("release-artifacts", &run, &out);
+        let kernel = kernels.default_entry().unwrap();
+        let image = images.default_entry().unwrap();
+        for oci in [&kernel.sources.oci, &image.sources.oci] {
+            let oci = oci.as_deref().unwrap();
+            assert!(oci.starts_with(&format!("{}/banger/", reg.host())), "{oci}");
+        }
+
+        let env = env_with_catalogs(&out, reg.host());
+        env.banger(&["image", "pull", &image.name]).ok();
+        let i = json(env.banger(&["image", "show", &image.name, "--json"]).ok());
+        let rootfs = std::fs::metadata(i["rootfs"].as_str().unwrap()).unwrap();
+        assert!(rootfs.len() >= 1 << 30, "rootfs is {} bytes", rootfs.len());
+        let k = json(env.banger(&["kernel", "show", &kernel.name, "--json"]).ok());
+        assert_eq!(k["distro"].as_str(), Some(kernel.distro.as_str()));
+        assert!(
+            std::fs::metadata(k["vmlinux"].as_str().unwrap())
+                .unwrap()
+                .len()
+                > 1 << 20
+        );
     }
 }
