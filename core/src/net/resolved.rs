@@ -44,6 +44,10 @@ pub(crate) fn route(link: &str, server: Ipv4Addr, domain: &str) -> Result<bool, 
     const OP: &str = "route_dns_domain";
     resolvectl(OP, link, &["dns", link, &server.to_string()])?;
     resolvectl(OP, link, &["domain", link, &format!("~{domain}")])?;
+    // Only `~domain` goes to banger: it forwards every other name to the
+    // host's resolvers, which are resolved's stub, so a default route on the
+    // bridge would send queries round in a loop.
+    resolvectl(OP, link, &["default-route", link, "false"])?;
     Ok(true)
 }
 
