@@ -55,6 +55,7 @@ fn machine() -> MachineSpec {
         nics: vec![],
         vsock: None,
         serial_log: "/s".into(),
+        pci_devices: Vec::new(),
     }
 }
 

@@ -179,6 +179,7 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
         nics: vec![],
         vsock: None,
         serial_log: "/s".into(),
+        pci_devices: Vec::new(),
     };
     with_ctx(&v, dir.path(), |ctx| {
         WorkDisk.configure_machine(ctx, &mut m)
@@ -333,6 +334,7 @@ fn bare_machine() -> MachineSpec {
         nics: vec![],
         vsock: None,
         serial_log: "/s".into(),
+        pci_devices: Vec::new(),
     }
 }
 

@@ -410,6 +410,7 @@ mod tests {
                     nics: vec![],
                     vsock: None,
                     serial_log: "/vms/dev/serial.log".into(),
+                    pci_devices: Vec::new(),
                 }),
                 guest: Some(guest),
                 booted_once: false,

@@ -96,6 +96,7 @@ mod tests {
             nics: vec![],
             vsock: None,
             serial_log: "/s".into(),
+            pci_devices: Vec::new(),
         }
     }
 

@@ -76,6 +76,7 @@ mod tests {
                     uds_path: d.join("v.sock"),
                 }),
                 serial_log: d.join("vm/serial.log"),
+                pci_devices: Vec::new(),
             };
             let paths = LaunchPaths {
                 vm_dir: d.join("vm"),

@@ -80,6 +80,7 @@ mod tests {
             nics: vec![],
             vsock: None,
             serial_log: vm_dir.join("serial.log"),
+            pci_devices: Vec::new(),
         }
     }
 

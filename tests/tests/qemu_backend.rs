@@ -166,6 +166,7 @@ mod tests {
                 nics: vec![],
                 vsock: None,
                 serial_log: d.join("vm/serial.log"),
+                pci_devices: Vec::new(),
             };
             let paths = LaunchPaths {
                 vm_dir: d.join("vm"),

@@ -10,8 +10,10 @@ use crate::model::{VmRecord, VmState};
 use crate::ssh::SshIdentity;
 use crate::vmm::LaunchPaths;
 
-/// Kernel command line every VM gets before capabilities add to it.
-pub(crate) const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// Kernel command line every VM gets before capabilities add to it. The
+/// backend adds `pci=off` when the machine has no PCI devices
+/// (`MachineSpec::kernel_args`).
+pub(crate) const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
 
 /// File name of a VM's own root disk inside its directory.
 pub(crate) const ROOT_DISK: &str = "rootfs.ext4";
@@ -165,6 +167,7 @@ impl Lifecycle {
             nics: Vec::new(),
             vsock: None,
             serial_log: dir.join(SERIAL_LOG),
+            pci_devices: Vec::new(),
         };
         for entry in &caps {
             machine = self

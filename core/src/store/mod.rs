@@ -785,6 +785,7 @@ mod tests {
                     uds_path: "/run/banger/vms/x.vsock".into(),
                 }),
                 serial_log: "/vms/x/serial.log".into(),
+                pci_devices: Vec::new(),
             }),
             guest: Some(guest),
             booted_once: true,

@@ -68,6 +68,7 @@ impl Vmm for Firecracker {
     }
 
     fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
+        refuse_pci(machine)?;
         prepare_files(machine, paths)?;
         let serial = OpenOptions::new()
             .create(true)
@@ -177,7 +178,7 @@ impl Firecracker {
             "/logger",
             &json!({"log_path": paths.vmm_log, "level": "Info", "show_level": true, "show_log_origin": false}),
         )?;
-        let mut boot = json!({"kernel_image_path": m.kernel, "boot_args": m.boot_args});
+        let mut boot = json!({"kernel_image_path": m.kernel, "boot_args": m.kernel_args()});
         if let Some(initrd) = &m.initrd {
             boot["initrd_path"] = json!(initrd);
         }
@@ -257,6 +258,17 @@ impl Launched<'_> {
 }
 
 /// Removes stale sockets and creates what Firecracker needs before spawn.
+/// Firecracker has no PCI bus (and so no VFIO): a machine with PCI devices
+/// is refused before anything is started.
+fn refuse_pci(machine: &MachineSpec) -> Result<(), VmmError> {
+    match machine.pci_devices.first() {
+        None => Ok(()),
+        Some(d) => Err(VmmError::Unsupported(format!(
+            "{NAME} cannot attach the {d}: it has no PCI bus or VFIO; create the VM with vmm = \"qemu\" (--vmm qemu)"
+        ))),
+    }
+}
+
 fn prepare_files(machine: &MachineSpec, paths: &LaunchPaths) -> Result<(), VmmError> {
     remove_socket(&paths.api_socket)?;
     // Firecracker refuses to bind a vsock socket left by a previous run.
@@ -299,6 +311,39 @@ fn fault_message(status: u16, body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::machine::PciDevice;
+
+    #[test]
+    fn refuses_a_machine_with_pci_devices_naming_the_device_and_qemu() {
+        let mut m = MachineSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            boot_args: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            drives: vec![],
+            nics: vec![],
+            vsock: None,
+            serial_log: "/nonexistent/banger/serial.log".into(),
+            pci_devices: vec![],
+        };
+        assert!(refuse_pci(&m).is_ok());
+        m.pci_devices.push(PciDevice::Vfio {
+            address: "0000:01:00.0".parse().unwrap(),
+        });
+        // Through the trait, so nothing is spawned or created first.
+        let fc = Firecracker::new("/nonexistent/banger/firecracker".into());
+        let paths = LaunchPaths {
+            vm_dir: "/nonexistent/banger/vm".into(),
+            api_socket: "/nonexistent/banger/fc.sock".into(),
+            vmm_log: "/nonexistent/banger/vm/fc.log".into(),
+        };
+        let err = fc.launch(&m, &paths).unwrap_err();
+        assert!(matches!(err, VmmError::Unsupported(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("VFIO device 0000:01:00.0"), "{msg}");
+        assert!(msg.contains(r#"vmm = "qemu""#), "{msg}");
+    }
 
     #[test]
     fn fault_message_prefers_firecrackers_field() {

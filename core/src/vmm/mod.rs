@@ -50,6 +50,10 @@ pub enum VmmError {
     /// The VMM exited or never answered while we were setting it up.
     #[error("{0}")]
     NotReady(String),
+    /// This backend or host cannot run the machine as specified (the
+    /// message names what and the fix); nothing was started.
+    #[error("{0}")]
+    Unsupported(String),
     /// An API call was rejected; `fault` is the VMM's own message.
     #[error("{vmm} rejected {request}: {fault}")]
     Api {

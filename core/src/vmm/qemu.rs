@@ -1,5 +1,6 @@
 //! The QEMU backend: renders a [`MachineSpec`] as a `qemu-system-x86_64 -M
-//! microvm` command line, runs it in its own session, and controls it over
+//! microvm` command line (with a PCIe root, `pcie=on`, only when the machine
+//! has PCI devices), runs it in its own session, and controls it over
 //! QMP. Graceful stop is QMP `system_powerdown` (an ACPI power-button event,
 //! hence `acpi=on`), then SIGKILL after the grace period. See `docs/vmm.md`.
 //!
@@ -25,7 +26,7 @@ use super::{
     LOG_TAIL_LINES, LaunchPaths, POLL, Spawned, Vmm, VmmError, error_chain, io_err, kill_and_wait,
     log_tail, process_alive, remove_socket, spawn_detached, wait_gone,
 };
-use crate::machine::{MachineSpec, Vsock};
+use crate::machine::{MachineSpec, PciDevice, Vsock};
 use crate::model::VmmProcess;
 
 mod qmp;
@@ -247,6 +248,11 @@ pub fn render_args(
     };
     let mem = format!("{}M", machine.memory_mib);
     let mut machine_opt = "microvm,acpi=on".to_string();
+    if !machine.pci_devices.is_empty() {
+        // A PCIe root (ECAM, found through ACPI) beside the virtio-mmio
+        // devices; without PCI devices the guest gets no bus at all.
+        machine_opt.push_str(",pcie=on");
+    }
     if machine.vsock.is_some() {
         // vhost-user backends map guest memory: it must be shareable.
         machine_opt.push_str(",memory-backend=mem");
@@ -275,7 +281,7 @@ pub fn render_args(
     if let Some(initrd) = &machine.initrd {
         push(&[&"-initrd", initrd]);
     }
-    push(&[&"-append", &boot_args(&machine.boot_args, accel)]);
+    push(&[&"-append", &boot_args(&machine.kernel_args(), accel)]);
     push(&[
         &"-chardev",
         &opt_with_path("file,id=serial0,append=on,path=", &machine.serial_log),
@@ -319,7 +325,100 @@ pub fn render_args(
             &"vhost-user-vsock-device,chardev=vsock",
         ]);
     }
+    for d in &machine.pci_devices {
+        let device = match d {
+            PciDevice::Vfio { address } => format!("vfio-pci,host={address}"),
+            PciDevice::Emulated { model } => model.to_string(),
+        };
+        push(&[&"-device", &device]);
+    }
     a
+}
+
+/// The first device in an IOMMU group's `devices` directory bound to a
+/// driver other than `vfio-pci` (PCIe ports may stay on `pcieport`).
+fn group_member_on_a_host_driver(group_devices: &Path) -> Option<String> {
+    let entries = fs::read_dir(group_devices).ok()?;
+    entries.filter_map(Result::ok).find_map(|e| {
+        let driver = fs::read_link(e.path().join("driver")).ok()?;
+        let driver = driver.file_name()?.to_string_lossy().into_owned();
+        (driver != "vfio-pci" && driver != "pcieport")
+            .then(|| format!("{} ({driver})", e.file_name().to_string_lossy()))
+    })
+}
+
+/// Where [`check_vfio`] looks: the real host, or a fake tree in tests.
+#[derive(Debug, Clone)]
+pub struct VfioHost {
+    /// sysfs (`/sys`).
+    pub sysfs: PathBuf,
+    /// The VFIO device directory (`/dev/vfio`).
+    pub dev_vfio: PathBuf,
+}
+
+impl Default for VfioHost {
+    fn default() -> Self {
+        VfioHost {
+            sysfs: "/sys".into(),
+            dev_vfio: "/dev/vfio".into(),
+        }
+    }
+}
+
+/// Refuses, before anything starts, a machine whose VFIO devices this host
+/// cannot pass through: no VFIO driver, a device that does not exist, has no
+/// IOMMU group (IOMMU off), or is not bound to `vfio-pci`. Each error names
+/// the device and the fix.
+pub fn check_vfio(machine: &MachineSpec, host: &VfioHost) -> Result<(), VmmError> {
+    let unsupported = |msg: String| Err(VmmError::Unsupported(msg));
+    for d in &machine.pci_devices {
+        let PciDevice::Vfio { address } = d else {
+            continue;
+        };
+        let container = host.dev_vfio.join("vfio");
+        if !container.exists() {
+            return unsupported(format!(
+                "Cannot pass through PCI device {address}: {} does not exist; load the VFIO driver (modprobe vfio-pci) and check the IOMMU is on",
+                container.display()
+            ));
+        }
+        let device = host.sysfs.join("bus/pci/devices").join(address.as_str());
+        if !device.exists() {
+            return unsupported(format!(
+                "Cannot pass through PCI device {address}: the host has no such device ({} is missing); check the address with lspci -D",
+                device.display()
+            ));
+        }
+        let Ok(group) = fs::read_link(device.join("iommu_group")) else {
+            return unsupported(format!(
+                "Cannot pass through PCI device {address}: it has no IOMMU group; enable the IOMMU (VT-d/AMD-Vi in the firmware, intel_iommu=on or amd_iommu=on on the host kernel command line)"
+            ));
+        };
+        let driver = fs::read_link(device.join("driver")).ok();
+        let driver = driver
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned());
+        if driver.as_deref() != Some("vfio-pci") {
+            return unsupported(format!(
+                "Cannot pass through PCI device {address}: it is bound to {}, not vfio-pci; enable the vfio-passthrough capability for it (--cap vfio-passthrough:device={address})",
+                driver.as_deref().unwrap_or("no driver")
+            ));
+        }
+        if let Some(other) = group_member_on_a_host_driver(&device.join("iommu_group/devices")) {
+            return unsupported(format!(
+                "Cannot pass through PCI device {address}: {other} shares its IOMMU group and is still bound to a host driver; a group is passed through whole, so bind {other} to vfio-pci too (the vfio-passthrough capability does)"
+            ));
+        }
+        let group_node = group.file_name().map(|g| host.dev_vfio.join(g));
+        if !group_node.as_deref().is_some_and(Path::exists) {
+            return unsupported(format!(
+                "Cannot pass through PCI device {address}: its IOMMU group has no VFIO node in {}; bind every device of the group to vfio-pci",
+                host.dev_vfio.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Anything that can be one argv entry.
@@ -371,6 +470,7 @@ impl Vmm for Qemu {
     }
 
     fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
+        check_vfio(machine, &VfioHost::default())?;
         let side = SideFiles::of(&paths.api_socket);
         prepare_files(machine, paths, &side, self.settings.timeouts.exit)?;
         let backend = match &machine.vsock {
@@ -715,6 +815,7 @@ mod tests {
                 uds_path: "/vm/v.sock".into(),
             }),
             serial_log: "/vm/serial.log".into(),
+            pci_devices: Vec::new(),
         }
     }
 
@@ -752,7 +853,7 @@ mod tests {
             "-initrd",
             "/k/initrd.cpio",
             "-append",
-            "console=ttyS0 panic=1 reboot=t tsc_early_khz=2000000",
+            "console=ttyS0 panic=1 pci=off reboot=t tsc_early_khz=2000000",
             "-chardev",
             "file,id=serial0,append=on,path=/vm/serial.log",
             "-serial",
@@ -801,6 +902,179 @@ mod tests {
         for absent in ["memory-backend", "-initrd", "-drive", "-netdev", "vsock"] {
             assert!(!joined.contains(absent), "{absent} in {joined}");
         }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn pci_devices_get_a_pcie_microvm_and_a_pci_enabled_kernel() {
+        let mut m = full_spec();
+        m.pci_devices = vec![
+            PciDevice::Vfio {
+                address: "0000:3B:00.1".parse().unwrap(),
+            },
+            PciDevice::Emulated {
+                model: "virtio-rng-pci".parse().unwrap(),
+            },
+        ];
+        let got = strings(&render_args(
+            &m,
+            Path::new("/q"),
+            Path::new("/v"),
+            Accel::Kvm,
+        ));
+        assert_eq!(
+            got[..2],
+            ["-M", "microvm,acpi=on,pcie=on,memory-backend=mem"]
+        );
+        let append = got.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(got[append + 1], "console=ttyS0 panic=1 reboot=t");
+        // PCI devices come last, in order, after the virtio-mmio ones.
+        let n = got.len();
+        assert_eq!(
+            got[n - 4..],
+            [
+                "-device",
+                "vfio-pci,host=0000:3b:00.1",
+                "-device",
+                "virtio-rng-pci"
+            ]
+        );
+        assert_eq!(got.iter().filter(|a| *a == "-device").count(), 6);
+    }
+
+    #[test]
+    fn machines_without_pci_devices_stay_on_plain_microvm_with_pci_off() {
+        let got = strings(&render_args(
+            &full_spec(),
+            Path::new("/q"),
+            Path::new("/v"),
+            Accel::Kvm,
+        ));
+        assert_eq!(got[1], "microvm,acpi=on,memory-backend=mem");
+        let joined = got.join(" ");
+        assert!(joined.contains(" pci=off "), "{joined}");
+        for absent in ["pcie", "vfio", "-pci"] {
+            assert!(!joined.contains(absent), "{absent} in {joined}");
+        }
+    }
+
+    /// A fake host: `/sys/bus/pci/devices/ADDR` with `driver` and
+    /// `iommu_group` links, `/sys/kernel/iommu_groups/N/devices/ADDR` links
+    /// back, and `/dev/vfio/{vfio,N}`.
+    struct FakeHost {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeHost {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir_all(dir.path().join("dev/vfio")).unwrap();
+            fs::write(dir.path().join("dev/vfio/vfio"), "").unwrap();
+            FakeHost { dir }
+        }
+        fn host(&self) -> VfioHost {
+            VfioHost {
+                sysfs: self.dir.path().join("sys"),
+                dev_vfio: self.dir.path().join("dev/vfio"),
+            }
+        }
+        fn device(&self, addr: &str, group: Option<u32>, driver: Option<&str>) {
+            use std::os::unix::fs::symlink;
+            let sys = self.dir.path().join("sys");
+            let dev = sys.join("bus/pci/devices").join(addr);
+            fs::create_dir_all(&dev).unwrap();
+            if let Some(d) = driver {
+                let drv = sys.join("bus/pci/drivers").join(d);
+                fs::create_dir_all(&drv).unwrap();
+                symlink(&drv, dev.join("driver")).unwrap();
+            }
+            if let Some(g) = group {
+                let gdir = sys.join(format!("kernel/iommu_groups/{g}/devices"));
+                fs::create_dir_all(&gdir).unwrap();
+                symlink(&dev, gdir.join(addr)).unwrap();
+                symlink(gdir.parent().unwrap(), dev.join("iommu_group")).unwrap();
+                if driver == Some("vfio-pci") {
+                    fs::write(self.dir.path().join(format!("dev/vfio/{g}")), "").unwrap();
+                }
+            }
+        }
+    }
+
+    fn vfio_machine(addr: &str) -> MachineSpec {
+        let mut m = full_spec();
+        m.pci_devices = vec![PciDevice::Vfio {
+            address: addr.parse().unwrap(),
+        }];
+        m
+    }
+
+    fn refusal(m: &MachineSpec, host: &VfioHost) -> String {
+        match check_vfio(m, host) {
+            Err(VmmError::Unsupported(msg)) => msg,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn vfio_devices_bound_to_vfio_pci_with_a_whole_group_pass_the_host_check() {
+        let h = FakeHost::new();
+        h.device("0000:01:00.0", Some(5), Some("vfio-pci"));
+        h.device("0000:01:00.1", Some(5), Some("vfio-pci"));
+        h.device("0000:00:01.0", Some(5), Some("pcieport"));
+        check_vfio(&vfio_machine("0000:01:00.0"), &h.host()).unwrap();
+        // Emulated devices need nothing from the host.
+        let mut m = full_spec();
+        m.pci_devices = vec![PciDevice::Emulated {
+            model: "edu".parse().unwrap(),
+        }];
+        check_vfio(
+            &m,
+            &VfioHost {
+                sysfs: "/nonexistent".into(),
+                dev_vfio: "/nonexistent".into(),
+            },
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn vfio_host_check_names_the_device_and_the_fix() {
+        let h = FakeHost::new();
+        h.device("0000:02:00.0", None, Some("vfio-pci"));
+        h.device("0000:03:00.0", Some(7), Some("nvidia"));
+        h.device("0000:04:00.0", Some(8), Some("vfio-pci"));
+        h.device("0000:04:00.1", Some(8), Some("snd_hda_intel"));
+        for (addr, needles) in [
+            (
+                "0000:09:00.0",
+                &["0000:09:00.0", "no such device", "lspci -D"][..],
+            ),
+            ("0000:02:00.0", &["no IOMMU group", "intel_iommu=on"]),
+            (
+                "0000:03:00.0",
+                &[
+                    "bound to nvidia",
+                    "--cap vfio-passthrough:device=0000:03:00.0",
+                ],
+            ),
+            (
+                "0000:04:00.0",
+                &["0000:04:00.1 (snd_hda_intel)", "shares its IOMMU group"],
+            ),
+        ] {
+            let msg = refusal(&vfio_machine(addr), &h.host());
+            for n in needles {
+                assert!(msg.contains(n), "{addr}: {n:?} not in {msg}");
+            }
+        }
+        fs::remove_file(h.dir.path().join("dev/vfio/vfio")).unwrap();
+        let msg = refusal(&vfio_machine("0000:04:00.0"), &h.host());
+        assert!(msg.contains("modprobe vfio-pci"), "{msg}");
     }
 
     #[test]

@@ -28,8 +28,8 @@ use abi_stable::std_types::{RResult, RStr, RString};
 
 use crate::wire::{self, HookResponse};
 pub use crate::wire::{
-    DriveEdit, FileEdit, GuestEdits, HookName, HookRequest, MachineEdits, MountEdit, Options,
-    TeardownReason, VmInfo,
+    BadPciAddress, DriveEdit, FileEdit, GuestEdits, HookName, HookRequest, MachineEdits, MountEdit,
+    Options, PciAddress, PciDeviceEdit, TeardownReason, VmInfo,
 };
 use crate::{
     HostLoggerRef, PluginCapability, PluginCapability_TO, PluginCapabilityBox, PluginModule,

@@ -153,6 +153,94 @@ fn default_mode() -> u32 {
     0o644
 }
 
+/// A PCI address as sysfs and `lspci -D` name host devices:
+/// `DDDD:BB:DD.F` (domain, bus, device, function) in hex, kept lowercase.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PciAddress(String);
+
+/// A string that is not a `DDDD:BB:DD.F` PCI address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a PCI address: write DDDD:BB:DD.F in hex (domain:bus:device.function, device <= 1f, function <= 7), e.g. 0000:01:00.0 as `lspci -D` shows it"
+)]
+pub struct BadPciAddress(pub String);
+
+impl PciAddress {
+    /// The address text (`0000:01:00.0`).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for PciAddress {
+    type Err = BadPciAddress;
+    fn from_str(s: &str) -> Result<Self, BadPciAddress> {
+        let bad = || BadPciAddress(s.to_string());
+        let hex = |part: &str, len: usize, max: u32| {
+            (part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u32::from_str_radix(part, 16).ok())
+                .flatten()
+                .filter(|v| *v <= max)
+        };
+        let (domain, rest) = s.split_once(':').ok_or_else(bad)?;
+        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
+        let (device, function) = rest.split_once('.').ok_or_else(bad)?;
+        hex(domain, 4, 0xffff).ok_or_else(bad)?;
+        hex(bus, 2, 0xff).ok_or_else(bad)?;
+        hex(device, 2, 0x1f).ok_or_else(bad)?;
+        hex(function, 1, 7).ok_or_else(bad)?;
+        Ok(PciAddress(s.to_ascii_lowercase()))
+    }
+}
+
+impl TryFrom<String> for PciAddress {
+    type Error = BadPciAddress;
+    fn try_from(s: String) -> Result<Self, BadPciAddress> {
+        s.parse()
+    }
+}
+
+impl From<PciAddress> for String {
+    fn from(a: PciAddress) -> String {
+        a.0
+    }
+}
+
+impl std::fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A PCI device to add to the machine (QEMU backend only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PciDeviceEdit {
+    /// A host device the plugin has bound to `vfio-pci`, passed through.
+    Vfio {
+        /// Host PCI address.
+        address: PciAddress,
+    },
+    /// A device QEMU emulates, by its `-device` model name (`virtio-rng-pci`).
+    Emulated {
+        /// QEMU device model name.
+        model: String,
+    },
+}
+
+/// A network interface to append to the machine. The tap must exist on the
+/// host (create it at PrepareHost with [`HostRequest::CreateTap`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicEdit {
+    /// Unique NIC id within the VM.
+    pub id: String,
+    /// Host tap device name.
+    pub tap: String,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
 /// Edits to the machine spec, returned by ConfigureMachine.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -161,6 +249,9 @@ pub struct MachineEdits {
     pub drives: Vec<DriveEdit>,
     /// Kernel command-line arguments to append, in order.
     pub boot_args: Vec<String>,
+    /// PCI devices to add, in order (a host without them ignores nothing:
+    /// it applies them or fails the hook).
+    pub pci_devices: Vec<PciDeviceEdit>,
 }
 
 /// Edits to the guest config bundle, returned by GuestConfig.
@@ -176,7 +267,7 @@ pub struct GuestEdits {
 impl MachineEdits {
     /// True when there is nothing to apply.
     pub fn is_empty(&self) -> bool {
-        self.drives.is_empty() && self.boot_args.is_empty()
+        self.drives.is_empty() && self.boot_args.is_empty() && self.pci_devices.is_empty()
     }
 }
 
@@ -314,6 +405,14 @@ mod tests {
                     read_only: true,
                 }],
                 boot_args: vec!["quiet".into()],
+                pci_devices: vec![
+                    PciDeviceEdit::Vfio {
+                        address: "0000:01:00.0".parse().unwrap(),
+                    },
+                    PciDeviceEdit::Emulated {
+                        model: "virtio-rng-pci".into(),
+                    },
+                ],
             },
             guest: GuestEdits {
                 mounts: vec![],
@@ -348,6 +447,31 @@ mod tests {
         assert_eq!(resp.machine.drives[0].id, "a");
         assert!(!resp.machine.drives[0].read_only);
         assert!(resp.guest.is_empty());
+    }
+
+    #[test]
+    fn pci_addresses_are_domain_bus_device_function_in_hex() {
+        let a: PciAddress = "0000:3B:1f.7".parse().unwrap();
+        assert_eq!(a.as_str(), "0000:3b:1f.7");
+        for bad in [
+            "",
+            "01:00.0",
+            "0000:01:00",
+            "0000:01:20.0",
+            "0000:01:00.8",
+            "000:01:00.0",
+            "0000:1:00.0",
+            "0000:01:00.0 ",
+            "0000:0g:00.0",
+            "0000:01:00.0.1",
+            "+000:01:00.0",
+        ] {
+            let err = bad.parse::<PciAddress>().unwrap_err();
+            assert!(err.to_string().contains("DDDD:BB:DD.F"), "{bad:?}: {err}");
+        }
+        let json = r#"{"v":1,"machine":{"pci_devices":[{"kind":"vfio","address":"0000:01:00"}]}}"#;
+        let err = decode::<HookResponse>("response", json).unwrap_err();
+        assert!(format!("{err:?}").contains("not a PCI address"), "{err:?}");
     }
 
     #[test]

@@ -196,7 +196,7 @@ impl Plugin for SharedMount {
                 host_path: req.vm.vm_dir.join(IMAGE_NAME),
                 read_only: true,
             }],
-            boot_args: vec![],
+            ..MachineEdits::default()
         })
     }
 
