@@ -10,7 +10,6 @@
 mod bundle;
 mod catalog;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -114,14 +113,6 @@ fn main() -> std::process::ExitCode {
 
 async fn push(args: PushArgs) -> anyhow::Result<()> {
     let (host, prefix) = split_registry(&args.registry)?;
-    let opts = PullOptions {
-        insecure_registries: if args.insecure {
-            vec![host.to_owned()]
-        } else {
-            Vec::new()
-        },
-        ..PullOptions::default()
-    };
     let facts = kernel_facts(&args.kernel_dir)?;
     let image_kernel = args.image_kernel.as_deref().unwrap_or(&args.kernel_name);
     std::fs::create_dir_all(&args.out_dir)
@@ -133,100 +124,68 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     let image_description = existing_field(&images, "image", &args.image_name, "description")
         .or(args.image_description.clone())
         .unwrap_or_else(|| format!("{} (banger release {})", args.image_name, args.tag));
-    // Bundles are scratch: staged next to the output, removed on exit.
-    let scratch = tempfile::Builder::new()
-        .prefix(".banger-release-")
-        .tempdir_in(&args.out_dir)
-        .with_context(|| format!("Cannot create a scratch dir in {}", args.out_dir.display()))?;
-    let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let publisher = Publisher::new(&args, host, prefix)?;
 
-    let kernel_bundle = scratch.path().join("kernel.tar.zst");
+    let kernel_bundle = publisher.bundle_path("kernel");
     pack_kernel(&args.kernel_dir, &facts, &kernel_bundle, args.zstd_level)?;
-    let kernel_repo = format!("{host}/{prefix}/kernel-{}", args.kernel_name);
-    let kernel_oci = push_one(
-        &kernel_repo,
-        &args.tag,
-        ArtifactKind::KERNEL,
-        &kernel_bundle,
-        annotations(&args.kernel_name, &facts.version, &created),
-        &opts,
-    )
-    .await?;
+    let kernel_oci = publisher
+        .push(
+            ArtifactKind::KERNEL,
+            "kernel",
+            &args.kernel_name,
+            &facts.version,
+            &kernel_bundle,
+        )
+        .await?;
+    let image_bundle = publisher.bundle_path("image");
+    pack_image(&args, image_kernel, &image_description, &image_bundle)?;
+    let image_oci = publisher
+        .push(
+            ArtifactKind::IMAGE,
+            "image",
+            &args.image_name,
+            &args.tag,
+            &image_bundle,
+        )
+        .await?;
 
-    let image_bundle = scratch.path().join("image.tar.zst");
-    let mut manifest = Table::new();
-    manifest.insert("kernel".into(), Value::String(image_kernel.to_owned()));
-    manifest.insert(
-        "description".into(),
-        Value::String(image_description.clone()),
-    );
-    let manifest = toml::to_string(&manifest).context("Cannot serialise manifest.toml")?;
-    bundle::pack(
-        &image_bundle,
-        args.zstd_level,
-        &[
-            (
-                banger_core::library::ROOTFS_FILE,
-                Member::File(&args.image_rootfs),
-            ),
-            (banger_core::imagecat::MANIFEST_FILE, Member::Text(manifest)),
-        ],
-    )?;
-    let image_repo = format!("{host}/{prefix}/image-{}", args.image_name);
-    let image_oci = push_one(
-        &image_repo,
-        &args.tag,
-        ArtifactKind::IMAGE,
-        &image_bundle,
-        annotations(&args.image_name, &args.tag, &created),
-        &opts,
-    )
-    .await?;
-
+    let arch = Value::String(facts.arch.clone());
     let kernel_description = args
         .kernel_description
         .clone()
         .unwrap_or_else(|| format!("{} {} kernel", facts.distro, facts.version));
-    let mut kernel_entry = Table::new();
-    kernel_entry.insert("description".into(), Value::String(kernel_description));
-    kernel_entry.insert(
-        "default".into(),
-        Value::Boolean(!has_default(&kernels, "kernel")),
-    );
-    let arch = Value::String(facts.arch.clone());
+    let kernel_entry = new_entry(&kernels, "kernel", kernel_description);
+    let kernel_facts = [
+        ("arch", arch.clone()),
+        ("distro", Value::String(facts.distro.clone())),
+        ("version", Value::String(facts.version.clone())),
+    ];
     catalog::pin(
         &mut kernels,
         "kernel",
         &args.kernel_name,
         &kernel_oci,
         kernel_entry,
-        &[
-            ("arch", arch.clone()),
-            ("distro", Value::String(facts.distro.clone())),
-            ("version", Value::String(facts.version.clone())),
-        ],
+        &kernel_facts,
     )?;
-    let mut image_entry = Table::new();
-    image_entry.insert("description".into(), Value::String(image_description));
-    image_entry.insert(
-        "default".into(),
-        Value::Boolean(!has_default(&images, "image")),
-    );
+    let image_entry = new_entry(&images, "image", image_description);
+    let image_facts = [
+        ("arch", arch),
+        ("kernel", Value::String(image_kernel.to_owned())),
+    ];
     catalog::pin(
         &mut images,
         "image",
         &args.image_name,
         &image_oci,
         image_entry,
-        &[
-            ("arch", arch),
-            ("kernel", Value::String(image_kernel.to_owned())),
-        ],
+        &image_facts,
     )?;
     let header = format!(
-        "# Written by banger-release {} on {created}: entries pinned to the\n\
+        "# Written by banger-release {} on {}: entries pinned to the\n\
          # artifacts it pushed to {}. See docs/release.md.\n",
         env!("CARGO_PKG_VERSION"),
+        publisher.created,
         args.registry
     );
     catalog::write(&args.out_dir.join("kernels.toml"), &header, &kernels)?;
@@ -234,6 +193,80 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     println!("kernel {} {kernel_oci}", args.kernel_name);
     println!("image {} {image_oci}", args.image_name);
     Ok(())
+}
+
+/// Where and how one run publishes its artifacts.
+#[derive(Debug)]
+struct Publisher {
+    /// `HOST[:PORT]/PREFIX`.
+    repo_prefix: String,
+    tag: String,
+    opts: PullOptions,
+    /// When this run started (RFC 3339), for annotations and headers.
+    created: String,
+    /// Bundles are scratch: packed next to the output, removed on exit.
+    scratch: tempfile::TempDir,
+}
+
+impl Publisher {
+    fn new(args: &PushArgs, host: &str, prefix: &str) -> anyhow::Result<Self> {
+        let scratch = tempfile::Builder::new()
+            .prefix(".banger-release-")
+            .tempdir_in(&args.out_dir)
+            .with_context(|| {
+                format!("Cannot create a scratch dir in {}", args.out_dir.display())
+            })?;
+        let insecure_registries = if args.insecure {
+            vec![host.to_owned()]
+        } else {
+            Vec::new()
+        };
+        Ok(Publisher {
+            repo_prefix: format!("{host}/{prefix}"),
+            tag: args.tag.clone(),
+            opts: PullOptions {
+                insecure_registries,
+                ..PullOptions::default()
+            },
+            created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            scratch,
+        })
+    }
+
+    /// Where to pack the `what` bundle.
+    fn bundle_path(&self, what: &str) -> PathBuf {
+        self.scratch.path().join(format!("{what}.tar.zst"))
+    }
+
+    /// Pushes `bundle` as `PREFIX/WHAT-NAME:TAG` and returns
+    /// `HOST/PREFIX/WHAT-NAME@<manifest digest>`.
+    async fn push(
+        &self,
+        kind: ArtifactKind,
+        what: &str,
+        name: &str,
+        version: &str,
+        bundle: &Path,
+    ) -> anyhow::Result<String> {
+        let repo = format!("{}/{what}-{name}", self.repo_prefix);
+        let annotations = [
+            (oci_artifact::ANNOTATION_TITLE, name),
+            (oci_artifact::ANNOTATION_VERSION, version),
+            (oci_artifact::ANNOTATION_CREATED, &self.created),
+            (oci_artifact::ANNOTATION_NAME, name),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let artifact = ArtifactPush {
+            kind,
+            bundle,
+            annotations,
+        };
+        let reference = format!("{repo}:{}", self.tag);
+        let digest = oci_artifact::push_artifact(&reference, &artifact, &self.opts).await?;
+        Ok(format!("{repo}@{digest}"))
+    }
 }
 
 /// Splits `HOST[:PORT]/PREFIX`.
@@ -300,34 +333,33 @@ fn pack_kernel(dir: &Path, facts: &KernelFacts, out: &Path, level: i32) -> anyho
     bundle::pack(out, level, &members)
 }
 
-/// Pushes `bundle` as `repo:tag` and returns `repo@<manifest digest>`.
-async fn push_one(
-    repo: &str,
-    tag: &str,
-    kind: ArtifactKind,
-    bundle: &Path,
-    annotations: BTreeMap<String, String>,
-    opts: &PullOptions,
-) -> anyhow::Result<String> {
-    let artifact = ArtifactPush {
-        kind,
-        bundle,
-        annotations,
-    };
-    let digest = oci_artifact::push_artifact(&format!("{repo}:{tag}"), &artifact, opts).await?;
-    Ok(format!("{repo}@{digest}"))
+/// Packs the image bundle: the rootfs and a `manifest.toml` naming its
+/// kernel.
+fn pack_image(args: &PushArgs, kernel: &str, description: &str, out: &Path) -> anyhow::Result<()> {
+    let mut manifest = Table::new();
+    manifest.insert("kernel".into(), Value::String(kernel.to_owned()));
+    manifest.insert("description".into(), Value::String(description.to_owned()));
+    let manifest = toml::to_string(&manifest).context("Cannot serialise manifest.toml")?;
+    let members = [
+        (
+            banger_core::library::ROOTFS_FILE,
+            Member::File(&args.image_rootfs),
+        ),
+        (banger_core::imagecat::MANIFEST_FILE, Member::Text(manifest)),
+    ];
+    bundle::pack(out, args.zstd_level, &members)
 }
 
-fn annotations(name: &str, version: &str, created: &str) -> BTreeMap<String, String> {
-    [
-        (oci_artifact::ANNOTATION_TITLE, name),
-        (oci_artifact::ANNOTATION_VERSION, version),
-        (oci_artifact::ANNOTATION_CREATED, created),
-        (oci_artifact::ANNOTATION_NAME, name),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+/// The fields of an entry the input catalog lacks: `description`, and
+/// `default = true` when no other entry is the default.
+fn new_entry(catalog: &Table, section: &str, description: String) -> Table {
+    let mut entry = Table::new();
+    entry.insert("description".into(), Value::String(description));
+    entry.insert(
+        "default".into(),
+        Value::Boolean(!has_default(catalog, section)),
+    );
+    entry
 }
 
 /// The string `field` of the `[[section]]` entry named `name`, if any.
