@@ -61,15 +61,34 @@ pub async fn ensure_running(paths: &Paths) -> Result<Client> {
     Ok(client)
 }
 
-/// Whether two binaries come from the same build: the same version and git
-/// commit. `built_at` is not compared: one commit is stamped at different
-/// times when cargo builds the core for different feature sets (`cargo
-/// build -p banger-cli` after a workspace build), and such a CLI must not
-/// restart its own daemon on every command. A side that could not read its
-/// commit (`unknown`) cannot tell, and counts as the same.
+/// Whether two binaries come from the same build: version, git commit and
+/// build time all equal.
 pub fn same_build(a: &VersionInfo, b: &VersionInfo) -> bool {
-    const UNKNOWN: &str = "unknown";
-    a.version == b.version && (a.commit == b.commit || a.commit == UNKNOWN || b.commit == UNKNOWN)
+    a == b
+}
+
+/// Whether starting `bin` would run another executable file than the one
+/// daemon `pid` runs (`/proc/PID/exe`, which still names the old file after
+/// an upgrade replaced it). When it would not, a restart cannot change the
+/// build, whatever the two report: cargo stamps the core once per feature
+/// set, so a `banger` and a `bangerd` built in different invocations can
+/// disagree about one source tree. Unknown (no such process, not ours to
+/// read, `bin` not found) counts as another file.
+fn runs_other_binary(pid: u32, bin: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let running = std::fs::metadata(format!("/proc/{pid}/exe"));
+    let next = if bin.components().count() > 1 {
+        std::fs::metadata(bin)
+    } else {
+        banger_core::config::find_on_path(&bin.to_string_lossy()).map_or_else(
+            || Err(std::io::ErrorKind::NotFound.into()),
+            std::fs::metadata,
+        )
+    };
+    match (running, next) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) != (b.dev(), b.ino()),
+        _ => true,
+    }
 }
 
 /// Starts the daemon when none answers; restarts one of another build than
@@ -94,8 +113,16 @@ async fn ensure_current(
         crate::output::version_line(&theirs),
         crate::output::version_line(mine)
     );
-    let running = status(client).await?.and_then(|s| s.operations);
-    match running {
+    let status = status(client).await?;
+    if status
+        .as_ref()
+        .is_some_and(|s| !runs_other_binary(s.pid, bin))
+    {
+        // The same bangerd would start again: nothing to gain, and every
+        // command would restart it. `banger doctor` shows the mismatch.
+        return Ok(None);
+    }
+    match status.and_then(|s| s.operations) {
         Some(0) => {
             stop(client)
                 .await
@@ -430,15 +457,58 @@ while True:
     }
 
     #[test]
-    fn a_build_is_its_version_and_commit() {
+    fn a_build_is_its_version_commit_and_time() {
+        assert!(same_build(&build("abc"), &build("abc")));
         let mut other_time = build("abc");
         other_time.built_at = 2;
-        assert!(same_build(&build("abc"), &other_time));
+        assert!(!same_build(&build("abc"), &other_time));
         assert!(!same_build(&build("abc"), &build("def")));
-        assert!(same_build(&build("abc"), &build("unknown")));
         let mut other_version = build("abc");
         other_version.version = "0.0.2".into();
         assert!(!same_build(&build("abc"), &other_version));
+    }
+
+    #[test]
+    fn a_restart_only_counts_when_it_would_start_another_file() {
+        let (Some(sleep), Some(truth)) = (system_bin("sleep"), system_bin("true")) else {
+            eprintln!(
+                "SKIPPED a_restart_only_counts_when_it_would_start_another_file: no sleep/true"
+            );
+            return;
+        };
+        let mut child = Command::new(&sleep).arg("30").spawn().unwrap();
+        let _guard = KillOnDrop(child.id());
+        let pid = child.id();
+        assert!(!runs_other_binary(pid, &sleep), "the file it runs");
+        assert!(runs_other_binary(pid, &truth), "another file");
+        assert!(runs_other_binary(pid, Path::new("/nonexistent/bangerd")));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(runs_other_binary(pid, &sleep), "a gone process is unknown");
+    }
+
+    #[tokio::test]
+    async fn a_daemon_of_another_build_running_the_same_file_is_left_alone() {
+        if system_bin("python3").is_none() {
+            eprintln!(
+                "SKIPPED a_daemon_of_another_build_running_the_same_file_is_left_alone: no python3"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (script, log, client) = fake_daemon(dir.path());
+        std::fs::write(dir.path().join("fake-bangerd.commit"), "old").unwrap();
+        let pid = start_bin(&script, &log, &client).await.unwrap();
+        let _guard = KillOnDrop(pid);
+        // A script runs as its interpreter: starting the interpreter again
+        // would start the same file.
+        let python = std::fs::canonicalize(format!("/proc/{pid}/exe")).unwrap();
+        let note = ensure_current(&python, &log, &client, &build("new"))
+            .await
+            .unwrap();
+        assert_eq!(note, None);
+        assert_eq!(status(&client).await.unwrap().unwrap().pid, pid);
+        assert!(stop(&client).await.unwrap());
     }
 
     #[tokio::test]

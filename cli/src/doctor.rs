@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use banger_core::api::VersionInfo;
+use banger_core::catalog::Sources;
 use banger_core::config::{Config, find_on_path, is_executable};
 use banger_core::imagecat::ImageCatalog;
-use banger_core::kernels::KernelStore;
+use banger_core::kernels::{Catalog as KernelCatalog, KernelStore};
 use banger_core::model::VmmKind;
 use banger_core::paths::Paths;
 use banger_core::vmm::choice::BackendPlan;
@@ -276,8 +277,46 @@ fn backend_checks(
         .map(|bin| tool_version(bin).and_then(|v| firecracker_in_window(&v).map(|()| v)));
     let fc_usable = matches!(fc_version, Some(Ok(_))) && host.kvm_blocker().is_none();
     let qemu_usable = tools.qemu.found().is_some() && tools.vhost.found().is_some();
-    let cfg = config.path.display();
-    let firecracker = match (&tools.firecracker, fc_version) {
+    let cfg = config.path.display().to_string();
+    let firecracker = firecracker_check(
+        &tools.firecracker,
+        fc_version,
+        plan,
+        host,
+        qemu_usable,
+        &cfg,
+    );
+    let qemu_needed = plan.vmm == VmmKind::Qemu || !fc_usable;
+    let qemu = needed_tool(
+        "qemu",
+        &tools.qemu,
+        "qemu_bin",
+        qemu_needed,
+        INSTALL_QEMU,
+        &cfg,
+    );
+    let vhost = needed_tool(
+        "vhost-device-vsock",
+        &tools.vhost,
+        "vhost_device_vsock_bin",
+        qemu_needed,
+        INSTALL_VHOST,
+        &cfg,
+    );
+    vec![firecracker, qemu, vhost]
+}
+
+/// firecracker: PASS when usable; absent is a WARN while qemu can run VMs
+/// and a FAIL when it is asked for or nothing else can.
+fn firecracker_check(
+    tool: &Tool,
+    version: Option<Result<String, String>>,
+    plan: &BackendPlan,
+    host: &HostFacts,
+    qemu_usable: bool,
+    cfg: &str,
+) -> Check {
+    match (tool, version) {
         (Tool::Found(bin), Some(Ok(v))) => match host.kvm_blocker() {
             None => Check::pass("firecracker", format!("{v} at {}", bin.display())),
             Some(_) => Check::warn(
@@ -320,25 +359,7 @@ fn backend_checks(
                 "install the qemu backend's binaries as their checks say, or {INSTALL_FIRECRACKER}"
             ),
         ),
-    };
-    let qemu_needed = plan.vmm == VmmKind::Qemu || !fc_usable;
-    let qemu = needed_tool(
-        "qemu",
-        &tools.qemu,
-        "qemu_bin",
-        qemu_needed,
-        INSTALL_QEMU,
-        &cfg.to_string(),
-    );
-    let vhost = needed_tool(
-        "vhost-device-vsock",
-        &tools.vhost,
-        "vhost_device_vsock_bin",
-        qemu_needed,
-        INSTALL_VHOST,
-        &cfg.to_string(),
-    );
-    vec![firecracker, qemu, vhost]
+    }
 }
 
 /// A qemu-backend binary: FAIL when missing and the qemu backend is (or
@@ -546,79 +567,144 @@ fn privileges(config: &Config) -> Check {
     }
 }
 
-/// The catalog's default image and its kernel: present locally, else
-/// whether this host can obtain them.
+/// The image catalog's default image and its kernel: each local, else
+/// published in its catalog (pulled on first use), else built here from its
+/// recipe when this host can.
 fn default_artifacts(config: &Config, paths: &Paths) -> Check {
-    let catalog = match &config.image_catalog_file {
-        Some(f) => std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read image_catalog_file {}: {e}", f.display()))
-            .and_then(|t| ImageCatalog::parse(&t).map_err(|e| e.to_string())),
-        None => ImageCatalog::embedded().map_err(|e| e.to_string()),
+    const CHECK: &str = "default image";
+    let catalogs = image_catalog(config).and_then(|i| Ok((i, kernel_catalog(config)?)));
+    let (images, kernels) = match catalogs {
+        Ok(c) => c,
+        Err((why, fix)) => return Check::fail(CHECK, why, fix),
     };
-    let entry = match &catalog {
-        Ok(c) => c.default_entry(),
-        Err(e) => {
-            return Check::fail(
-                "default image",
-                e.clone(),
-                format!("fix image_catalog_file in {}", config.path.display()),
-            );
-        }
-    };
-    let Some(entry) = entry else {
+    let Some(entry) = images.default_entry() else {
         return Check::warn(
-            "default image",
+            CHECK,
             "the image catalog marks no default: `vm run` needs --image",
             None,
         );
     };
     let (image, kernel) = (entry.name.as_str(), entry.kernel.as_str());
-    let image_here = paths.state_dir.join("images").join(image).is_dir();
-    let kernel_here = KernelStore::new(paths.state_dir.join("kernels"))
-        .get(kernel)
-        .is_ok_and(|k| k.is_some());
-    let what = format!("image {image} with kernel {kernel}");
-    if image_here && kernel_here {
-        return Check::pass("default image", format!("{what}: both local"));
-    }
-    match buildable_here(find_on_path, Path::new("/etc/apt")) {
-        Ok(source) => Check::pass(
-            "default image",
-            format!(
-                "{what}: not local yet; obtained on first use (buildable here from {})",
-                source.display()
-            ),
+    let image_origin = origin(
+        paths.state_dir.join("images").join(image).is_dir(),
+        Some(&entry.sources),
+        IMAGE_TOOLS,
+    );
+    let kernel_origin = origin(
+        KernelStore::new(paths.state_dir.join("kernels"))
+            .get(kernel)
+            .is_ok_and(|k| k.is_some()),
+        kernels.find(kernel).ok().map(|k| &k.sources),
+        KERNEL_TOOLS,
+    );
+    match (image_origin, kernel_origin) {
+        (Ok(i), Ok(k)) => Check::pass(CHECK, format!("image {image}: {i}; kernel {kernel}: {k}")),
+        (Err((why, fix)), _) => Check::fail(
+            CHECK,
+            format!("image {image} with kernel {kernel}: the image {why}"),
+            fix,
         ),
-        Err((why, fix)) => Check::fail(
-            "default image",
-            format!("{what}: not local, and it cannot be built here: {why}"),
+        (_, Err((why, fix))) => Check::fail(
+            CHECK,
+            format!("image {image} with kernel {kernel}: the kernel {why}"),
             fix,
         ),
     }
 }
 
-/// Whether this host can build the default kernel and image from its own
-/// Debian/Ubuntu packages: the tools on PATH and an apt source under
-/// `apt_dir`. Returns the file naming the source, or (what is missing, the
-/// fix). The one place to point at the catalog's recipes once entries
-/// carry them.
+/// Tools the image recipe runs, with their Debian packages.
+const IMAGE_TOOLS: &[(&str, &str)] = &[
+    ("apt-get", "apt"),
+    ("apt-cache", "apt"),
+    ("dpkg-deb", "dpkg"),
+    ("mmdebstrap", "mmdebstrap"),
+];
+/// Tools the kernel recipe runs.
+const KERNEL_TOOLS: &[(&str, &str)] = &[
+    ("apt-get", "apt"),
+    ("apt-cache", "apt"),
+    ("dpkg-deb", "dpkg"),
+];
+
+fn image_catalog(config: &Config) -> Result<ImageCatalog, (String, String)> {
+    let fix = || format!("fix image_catalog_file in {}", config.path.display());
+    match &config.image_catalog_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read image_catalog_file {}: {e}", f.display()))
+            .and_then(|t| ImageCatalog::parse(&t).map_err(|e| e.to_string())),
+        None => ImageCatalog::embedded().map_err(|e| e.to_string()),
+    }
+    .map_err(|why| (why, fix()))
+}
+
+fn kernel_catalog(config: &Config) -> Result<KernelCatalog, (String, String)> {
+    let fix = || format!("fix kernel_catalog_file in {}", config.path.display());
+    match &config.kernel_catalog_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read kernel_catalog_file {}: {e}", f.display()))
+            .and_then(|t| KernelCatalog::parse(&t).map_err(|e| e.to_string())),
+        None => KernelCatalog::embedded().map_err(|e| e.to_string()),
+    }
+    .map_err(|why| (why, fix()))
+}
+
+/// Where one artifact will come from, or (what is wrong, the fix).
+fn origin(
+    local: bool,
+    sources: Option<&Sources>,
+    tools: &[(&str, &str)],
+) -> Result<String, (String, String)> {
+    if local {
+        return Ok("local".to_string());
+    }
+    let Some(s) = sources else {
+        return Err((
+            "is not local and not in the kernel catalog".to_string(),
+            "banger kernel import it, or point kernel_catalog_file at a catalog listing it"
+                .to_string(),
+        ));
+    };
+    if let Some(published) = s.oci.as_ref().or(s.url.as_ref()) {
+        return Ok(format!("pulled on first use from {published}"));
+    }
+    let Some(recipe) = &s.recipe else {
+        return Err((
+            "is neither local, published nor buildable".to_string(),
+            "fix the catalog entry".to_string(),
+        ));
+    };
+    buildable_here(tools, find_on_path, Path::new("/etc/apt"))
+        .map(|source| {
+            format!(
+                "built on first use from recipe {recipe} and the mirror in {}",
+                source.display()
+            )
+        })
+        .map_err(|(why, fix)| {
+            (
+                format!("is not local, and it cannot be built here: {why}"),
+                fix,
+            )
+        })
+}
+
+/// Whether this host can run a recipe: `tools` on PATH and a Debian or
+/// Ubuntu archive among the apt sources under `apt_dir`. Returns the file
+/// naming the archive, or (what is missing, the fix).
 fn buildable_here(
+    tools: &[(&str, &str)],
     find: impl Fn(&str) -> Option<PathBuf>,
     apt_dir: &Path,
 ) -> Result<PathBuf, (String, String)> {
-    const TOOLS: &[(&str, &str)] = &[
-        ("apt-get", "apt"),
-        ("dpkg-deb", "dpkg"),
-        ("mmdebstrap", "mmdebstrap"),
-    ];
-    let missing: Vec<(&str, &str)> = TOOLS
+    let missing: Vec<(&str, &str)> = tools
         .iter()
         .copied()
         .filter(|(tool, _)| find(tool).is_none())
         .collect();
     if !missing.is_empty() {
         let tools: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
-        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        let mut packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        packages.dedup();
         return Err((
             format!("{} not found on PATH", tools.join(", ")),
             format!("sudo apt-get install {}", packages.join(" ")),
@@ -788,7 +874,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let apt = dir.path();
         let all = |_: &str| Some(PathBuf::from("/usr/bin/x"));
-        let (why, fix) = buildable_here(all, apt).unwrap_err();
+        let (why, fix) = buildable_here(IMAGE_TOOLS, all, apt).unwrap_err();
         assert!(
             why.starts_with("no Debian or Ubuntu package source"),
             "{why}"
@@ -807,7 +893,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            buildable_here(all, apt).is_err(),
+            buildable_here(IMAGE_TOOLS, all, apt).is_err(),
             "disabled and commented sources count"
         );
         let real = apt.join("sources.list.d/debian.sources");
@@ -816,14 +902,23 @@ mod tests {
             "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n",
         )
         .unwrap();
-        assert_eq!(buildable_here(all, apt), Ok(real));
+        assert_eq!(buildable_here(IMAGE_TOOLS, all, apt), Ok(real));
 
         let no_mmdebstrap = |t: &str| (t != "mmdebstrap").then(|| PathBuf::from("/usr/bin/x"));
         assert_eq!(
-            buildable_here(no_mmdebstrap, apt),
+            buildable_here(IMAGE_TOOLS, no_mmdebstrap, apt),
             Err((
                 "mmdebstrap not found on PATH".to_string(),
                 "sudo apt-get install mmdebstrap".to_string()
+            ))
+        );
+        assert!(buildable_here(KERNEL_TOOLS, no_mmdebstrap, apt).is_ok());
+        let no_apt = |t: &str| (!t.starts_with("apt")).then(|| PathBuf::from("/usr/bin/x"));
+        assert_eq!(
+            buildable_here(KERNEL_TOOLS, no_apt, apt),
+            Err((
+                "apt-get, apt-cache not found on PATH".to_string(),
+                "sudo apt-get install apt".to_string()
             ))
         );
     }

@@ -18,6 +18,7 @@ mod tests {
         "qemu-system-x86_64",
         "vhost-device-vsock",
         "apt-get",
+        "apt-cache",
         "dpkg-deb",
         "mmdebstrap",
         "nft",
@@ -190,6 +191,34 @@ mod tests {
         );
     }
 
+    /// Catalogs whose default image and kernel come from `image_source`
+    /// and `kernel_source` (TOML lines), named in config.
+    fn catalogs(h: &Host, image_source: &str, kernel_source: &str) {
+        let images = h.env.root().join("images.toml");
+        std::fs::write(
+            &images,
+            format!(
+                "[[image]]\nname = \"img\"\narch = \"x86_64\"\nkernel = \"kern\"\n\
+                 description = \"test\"\ndefault = true\n{image_source}\n"
+            ),
+        )
+        .unwrap();
+        let kernels = h.env.root().join("kernels.toml");
+        std::fs::write(
+            &kernels,
+            format!(
+                "[[kernel]]\nname = \"kern\"\narch = \"x86_64\"\ndistro = \"debian\"\n\
+                 version = \"6.12\"\ndescription = \"test\"\ndefault = true\n{kernel_source}\n"
+            ),
+        )
+        .unwrap();
+        h.config(&format!(
+            "image_catalog_file = {:?}\nkernel_catalog_file = {:?}\n",
+            images.display().to_string(),
+            kernels.display().to_string()
+        ));
+    }
+
     #[test]
     fn missing_mmdebstrap_means_the_default_image_cannot_be_built() {
         let Some(h) = Host::without(
@@ -198,16 +227,63 @@ mod tests {
         ) else {
             return;
         };
+        catalogs(
+            &h,
+            "recipe = \"debian-bookworm\"",
+            "recipe = \"debian-cloud\"",
+        );
         let out = h.doctor();
         fails(&out);
-        let l = line(&out, "default image");
-        assert!(l.starts_with("FAIL default image: image "), "{l}");
-        assert!(
-            l.ends_with(
-                ": not local, and it cannot be built here: mmdebstrap not found on PATH; \
-                 fix: sudo apt-get install mmdebstrap"
-            ),
-            "{l}"
+        assert_eq!(
+            line(&out, "default image"),
+            "FAIL default image: image img with kernel kern: the image is not local, and it \
+             cannot be built here: mmdebstrap not found on PATH; fix: sudo apt-get install mmdebstrap"
+        );
+    }
+
+    #[test]
+    fn missing_apt_means_the_default_kernel_cannot_be_built() {
+        let Some(h) = Host::without(
+            "missing_apt_means_the_default_kernel_cannot_be_built",
+            "apt-cache",
+        ) else {
+            return;
+        };
+        // The image is published, so only the kernel needs building.
+        let digest = "0".repeat(64);
+        catalogs(
+            &h,
+            &format!("oci = \"127.0.0.1:5000/banger/img@sha256:{digest}\""),
+            "recipe = \"debian-cloud\"",
+        );
+        let out = h.doctor();
+        fails(&out);
+        assert_eq!(
+            line(&out, "default image"),
+            "FAIL default image: image img with kernel kern: the kernel is not local, and it \
+             cannot be built here: apt-cache not found on PATH; fix: sudo apt-get install apt"
+        );
+    }
+
+    #[test]
+    fn published_defaults_need_no_build_tools() {
+        let Some(h) = Host::without("published_defaults_need_no_build_tools", "mmdebstrap") else {
+            return;
+        };
+        let digest = "1".repeat(64);
+        catalogs(
+            &h,
+            &format!("oci = \"127.0.0.1:5000/banger/img@sha256:{digest}\""),
+            &format!("oci = \"127.0.0.1:5000/banger/kern@sha256:{digest}\""),
+        );
+        let out = h.doctor();
+        assert_eq!(
+            line(&out, "default image"),
+            format!(
+                "PASS default image: image img: pulled on first use from \
+                 127.0.0.1:5000/banger/img@sha256:{digest}; kernel kern: pulled on first use \
+                 from 127.0.0.1:5000/banger/kern@sha256:{digest}"
+            )
         );
     }
 
@@ -357,11 +433,28 @@ mod tests {
         let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
         assert_eq!(status["operations"], 0, "{status}");
         let out = h.doctor();
-        assert!(
-            line(&out, "daemon").starts_with("PASS daemon: running, same build ("),
-            "{}",
-            out.stdout
-        );
+        // `banger` and `bangerd` built by separate cargo runs carry
+        // separate stamps; doctor must then say so instead.
+        let v = h.env.banger(&["version", "--json"]).ok();
+        let v: serde_json::Value = serde_json::from_str(&v.stdout).unwrap();
+        let daemon = line(&out, "daemon");
+        if v["client"] == v["daemon"] {
+            assert!(
+                daemon.starts_with("PASS daemon: running, same build ("),
+                "{}",
+                out.stdout
+            );
+        } else {
+            eprintln!("note: banger and bangerd come from separate builds here");
+            assert!(
+                daemon.starts_with("WARN daemon: runs ")
+                    && daemon.ends_with(
+                        "; fix: banger daemon stop (the next command starts this build)"
+                    ),
+                "{}",
+                out.stdout
+            );
+        }
     }
 
     #[test]
