@@ -248,7 +248,12 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
         ImageCommand::Build { name } => {
             let req = BuildRequest { name, force: false };
             let i: ImageView = client
-                .stream_events(Method::POST, "/v1/images/build", Some(&req), output::show_events(None))
+                .stream_events(
+                    Method::POST,
+                    "/v1/images/build",
+                    Some(&req),
+                    output::show_events(None),
+                )
                 .await?;
             print!("{}", image_details(&i.record));
         }
@@ -386,7 +391,12 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
         KernelCommand::Build { name, force } => {
             let req = BuildRequest { name, force };
             let k: KernelView = client
-                .stream_events(Method::POST, "/v1/kernels/build", Some(&req), output::show_events(None))
+                .stream_events(
+                    Method::POST,
+                    "/v1/kernels/build",
+                    Some(&req),
+                    output::show_events(None),
+                )
                 .await?;
             print!("{}", kernel_details(&k));
         }

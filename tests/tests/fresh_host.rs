@@ -5,7 +5,9 @@
 //! the catalog, or built here from the host's package mirror), boot a real
 //! guest under QEMU and end with the guest's output and the command's exit
 //! code; the second run in the same HOME must reuse what the first made.
-//! Both elapsed times are printed.
+//! Both elapsed times are printed. Then what the first run built is
+//! released to a loopback registry with `banger-release` and booted from
+//! there by another fresh HOME: build → push → catalog → pull → boot.
 //!
 //! Needs root (the daemon configures the bridge), QEMU, mmdebstrap and apt
 //! with a reachable mirror: `scripts/test` installs them.
@@ -213,5 +215,96 @@ mod tests {
             );
         }
         assert!(stop.is_ok_and(|o| o.status.success()), "daemon stop");
+
+        released_defaults_boot_from_a_registry(&home, &repo, &marker);
+    }
+
+    /// The release pipeline's round trip with what the newcomer's first run
+    /// built: `banger-release push` to a loopback registry, catalogs
+    /// pinned by digest, then another fresh HOME whose config points at
+    /// those catalogs runs `vm run`: it must pull (not build) the kernel and
+    /// the image, boot them and return the command's exit code.
+    fn released_defaults_boot_from_a_registry(built_home: &Path, repo: &Path, marker: &str) {
+        let test = "released_defaults_boot_from_a_registry";
+        let Some(reg) = test_infra::registry::Registry::start(test) else {
+            return;
+        };
+        let state = built_home.join(".local/state/banger");
+        let out = built_home.join("release");
+        let t = Instant::now();
+        let push = run(
+            Command::new(test_infra::workspace_bin("banger-release"))
+                .args(["push", "--insecure", "--zstd-level", "3"])
+                .arg("--registry")
+                .arg(format!("{}/banger", reg.host()))
+                .arg("--kernel-dir")
+                .arg(state.join("kernels/debian-cloud-6.12"))
+                .args(["--kernel-name", "debian-cloud-6.12"])
+                .arg("--image-rootfs")
+                .arg(state.join("images/debian-bookworm/rootfs.ext4"))
+                .args(["--image-name", "debian-bookworm"])
+                .arg("--catalog-dir")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/catalog"))
+                .arg("--out-dir")
+                .arg(&out)
+                .env("DOCKER_CONFIG", built_home.join("no-docker-config")),
+            Duration::from_secs(10 * 60),
+        );
+        assert!(
+            push.status.success(),
+            "banger-release push: {}",
+            text(&push.stderr)
+        );
+        eprintln!(
+            "release: push of the built kernel and image took {:.1?}",
+            t.elapsed()
+        );
+
+        let home = built_home.with_file_name("home-from-release");
+        let config = home.join(".config/banger");
+        std::fs::create_dir_all(&config).unwrap();
+        std::fs::write(
+            config.join("config.toml"),
+            format!(
+                "kernel_catalog_file = {:?}\nimage_catalog_file = {:?}\ninsecure_registries = [{:?}]\n",
+                out.join("kernels.toml"),
+                out.join("images.toml"),
+                reg.host()
+            ),
+        )
+        .unwrap();
+        let banger = built_home.join(".local/bin/banger");
+        let t = Instant::now();
+        let got = run(
+            newcomer(&banger, &home)
+                .args(["vm", "run", ".", "--rm", "--", "sh", "-c"])
+                .arg("cat /root/repo/hello.txt; exit 5")
+                .current_dir(repo),
+            Duration::from_secs(15 * 60),
+        );
+        let _ = newcomer(&banger, &home).args(["daemon", "stop"]).output();
+        let err = text(&got.stderr);
+        eprintln!(
+            "release: `vm run` from the registry took {:.1?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            got.status.code(),
+            Some(5),
+            "vm run from the release:\n{err}"
+        );
+        assert!(text(&got.stdout).contains(marker), "{}", text(&got.stdout));
+        for pulled in ["pull_kernel", "pull_image"] {
+            assert!(
+                err.contains(pulled),
+                "{pulled} missing: the release was not pulled\n{err}"
+            );
+        }
+        for built in ["build_kernel", "build_image"] {
+            assert!(
+                !err.contains(built),
+                "{built}: a published release must not be rebuilt\n{err}"
+            );
+        }
     }
 }
