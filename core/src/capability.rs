@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::guest::GuestConfig;
 use crate::hostops::HostOps;
 use crate::machine::MachineSpec;
-use crate::model::{CapOptions, VmRecord};
+use crate::model::{CapOptions, VmRecord, VmmKind};
 
 /// The fixed hook points of a VM's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -173,6 +173,11 @@ pub trait Capability: Send + Sync + fmt::Debug {
         CapSource::Builtin
     }
 
+    /// What it needs from the others and which backends it supports.
+    fn manifest(&self) -> Manifest {
+        Manifest::default()
+    }
+
     /// Checks per-VM options when the VM is created, before anything exists.
     fn validate_options(&self, _options: &CapOptions) -> Result<(), CapError> {
         Ok(())
@@ -206,6 +211,111 @@ pub trait Capability: Send + Sync + fmt::Debug {
     fn teardown(&self, _ctx: &HookCtx<'_>, _reason: TeardownReason) -> Result<(), CapError> {
         Ok(())
     }
+}
+
+/// What a capability declares about the others and the backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    /// Capabilities that must be enabled too; their hooks run first.
+    pub requires: Vec<String>,
+    /// Capabilities whose hooks run first when they are enabled too.
+    pub after: Vec<String>,
+    /// The VMM backends it works with; empty means all.
+    pub backends: Vec<VmmKind>,
+}
+
+/// An enabled set that cannot run as declared.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// A required capability is not enabled.
+    #[error(
+        "Capability {cap} requires {requires}, which is not enabled for this VM: add --cap {requires}"
+    )]
+    Missing {
+        /// Who needs it.
+        cap: String,
+        /// What is missing.
+        requires: String,
+    },
+    /// The VM's backend is not one the capability supports.
+    #[error(
+        "Capability {cap} does not support the {vmm} backend (it supports {supported}): create the VM with --vmm {first}"
+    )]
+    Backend {
+        /// The capability.
+        cap: String,
+        /// The VM's backend.
+        vmm: &'static str,
+        /// Comma-separated supported backends.
+        supported: String,
+        /// The first supported backend, for the hint.
+        first: &'static str,
+    },
+    /// `requires`/`after` form a cycle.
+    #[error(
+        "Capabilities {0} must each run after another (requires/after form a cycle); drop one of them"
+    )]
+    Cycle(String),
+}
+
+/// A capability with the caller's data for it (its per-VM options, ...).
+pub type WithData<T> = (Arc<dyn Capability>, T);
+
+/// Checks `caps` (enabled, in the order given) against their manifests for
+/// a VM on `vmm`, and orders them so every capability runs after what it
+/// requires or lists in `after`. Otherwise the order given is kept (a
+/// stable topological sort).
+pub fn order_by_manifest<T>(
+    caps: Vec<WithData<T>>,
+    vmm: VmmKind,
+) -> Result<Vec<WithData<T>>, ManifestError> {
+    let manifests: Vec<Manifest> = caps.iter().map(|(c, _)| c.manifest()).collect();
+    let index = |name: &str| caps.iter().position(|(c, _)| c.name() == name);
+    // before[i]: the indices that must run before i.
+    let mut before: Vec<Vec<usize>> = vec![Vec::new(); caps.len()];
+    for (i, ((cap, _), m)) in caps.iter().zip(&manifests).enumerate() {
+        if let Some(first) = m.backends.first()
+            && !m.backends.contains(&vmm)
+        {
+            return Err(ManifestError::Backend {
+                cap: cap.name().to_string(),
+                vmm: vmm.as_str(),
+                supported: m
+                    .backends
+                    .iter()
+                    .map(|b| b.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                first: first.as_str(),
+            });
+        }
+        for r in &m.requires {
+            let j = index(r).ok_or_else(|| ManifestError::Missing {
+                cap: cap.name().to_string(),
+                requires: r.clone(),
+            })?;
+            before[i].push(j);
+        }
+        before[i].extend(m.after.iter().filter_map(|a| index(a)));
+    }
+    let mut done = vec![false; caps.len()];
+    let mut order = Vec::with_capacity(caps.len());
+    while order.len() < caps.len() {
+        // The first not-yet-placed capability whose predecessors are placed.
+        let next =
+            (0..caps.len()).find(|&i| !done[i] && before[i].iter().all(|&j| done[j] || j == i));
+        let Some(i) = next else {
+            let stuck: Vec<&str> = (0..caps.len())
+                .filter(|&i| !done[i])
+                .map(|i| caps[i].0.name())
+                .collect();
+            return Err(ManifestError::Cycle(stuck.join(", ")));
+        };
+        done[i] = true;
+        order.push(i);
+    }
+    let mut slots: Vec<Option<WithData<T>>> = caps.into_iter().map(Some).collect();
+    Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
 /// Registration record for a built-in capability. `inventory::submit!` needs
@@ -313,5 +423,91 @@ impl Registry {
         let mut v = self.caps.clone();
         v.sort_by(|a, b| a.name().cmp(b.name()));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fake(&'static str, Manifest);
+
+    impl Capability for Fake {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn description(&self) -> &str {
+            "fake"
+        }
+        fn manifest(&self) -> Manifest {
+            self.1.clone()
+        }
+    }
+
+    fn cap(name: &'static str, requires: &[&str], after: &[&str]) -> (Arc<dyn Capability>, ()) {
+        let m = Manifest {
+            requires: requires.iter().map(|s| s.to_string()).collect(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+            backends: vec![],
+        };
+        (Arc::new(Fake(name, m)), ())
+    }
+
+    fn names(caps: &[(Arc<dyn Capability>, ())]) -> Vec<&str> {
+        caps.iter().map(|(c, _)| c.name()).collect()
+    }
+
+    #[test]
+    fn manifest_order_puts_requirements_first_and_keeps_the_rest_stable() {
+        let caps = vec![
+            cap("gpu", &["network"], &["dns"]),
+            cap("work-disk", &[], &[]),
+            cap("dns", &[], &[]),
+            cap("network", &[], &[]),
+            cap("late", &[], &["absent"]),
+        ];
+        let ordered = order_by_manifest(caps, VmmKind::Qemu).unwrap();
+        assert_eq!(
+            names(&ordered),
+            ["work-disk", "dns", "network", "gpu", "late"]
+        );
+        let plain = vec![cap("b", &[], &[]), cap("a", &[], &[])];
+        let ordered = order_by_manifest(plain, VmmKind::Qemu).unwrap();
+        assert_eq!(names(&ordered), ["b", "a"]);
+    }
+
+    #[test]
+    fn manifest_refuses_missing_requirements_cycles_and_backends() {
+        let err =
+            order_by_manifest(vec![cap("gpu", &["network"], &[])], VmmKind::Qemu).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Capability gpu requires network, which is not enabled for this VM: add --cap network"
+        );
+        let err = order_by_manifest(
+            vec![
+                cap("a", &[], &["b"]),
+                cap("b", &["a"], &[]),
+                cap("c", &[], &[]),
+            ],
+            VmmKind::Qemu,
+        )
+        .unwrap_err();
+        assert_eq!(err, ManifestError::Cycle("a, b".into()));
+        let mut qemu_only = cap("vfio", &[], &[]);
+        qemu_only.0 = Arc::new(Fake(
+            "vfio",
+            Manifest {
+                backends: vec![VmmKind::Qemu],
+                ..Manifest::default()
+            },
+        ));
+        let err = order_by_manifest(vec![qemu_only.clone()], VmmKind::Firecracker).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Capability vfio does not support the firecracker backend (it supports qemu): create the VM with --vmm qemu"
+        );
+        assert!(order_by_manifest(vec![qemu_only], VmmKind::Qemu).is_ok());
     }
 }

@@ -422,6 +422,9 @@ pub struct Config {
     pub vmm: VmmChoice,
     /// Seconds a graceful stop may take before the VMM is killed.
     pub stop_timeout_secs: u64,
+    /// Seconds one plugin hook may run before the VM's operation fails (the
+    /// hung plugin thread is abandoned; see `docs/plugins.md`).
+    pub plugin_hook_timeout_secs: u64,
     /// The `[vm_defaults]` keys that were set; see
     /// [`Config::resolved_vm_defaults`] for the values new VMs get.
     pub vm_defaults: VmDefaultsConfig,
@@ -463,6 +466,7 @@ const TOP_KEYS: &[&str] = &[
     "default_caps",
     "vmm",
     "stop_timeout_secs",
+    "plugin_hook_timeout_secs",
     "vm_defaults",
     "kernel_catalog_url",
     "kernel_catalog_file",
@@ -495,6 +499,7 @@ impl Config {
             default_caps: DEFAULT_CAPS.iter().map(|c| c.to_string()).collect(),
             vmm: VmmChoice::Auto,
             stop_timeout_secs: 10,
+            plugin_hook_timeout_secs: 30,
             kernel_catalog_url: None,
             kernel_catalog_file: None,
             image_catalog_file: None,
@@ -774,6 +779,11 @@ impl Parser<'_> {
                 }
                 "stop_timeout_secs" => {
                     cfg.stop_timeout_secs =
+                        self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
+                            as u64;
+                }
+                "plugin_hook_timeout_secs" => {
+                    cfg.plugin_hook_timeout_secs =
                         self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
                             as u64;
                 }
@@ -1368,6 +1378,7 @@ plugins_dir = "/srv/banger-plugins"
 default_caps = ["work-disk", "shared-mount:host=/src,guest=/mnt/src", "nat"]
 vmm = "firecracker"
 stop_timeout_secs = 30
+plugin_hook_timeout_secs = 5
 
 [vm_defaults]
 vcpus = 3
@@ -1385,6 +1396,7 @@ disk_size = "20G"
             Some(Path::new("/srv/banger-plugins"))
         );
         assert_eq!(cfg.stop_timeout_secs, 30);
+        assert_eq!(cfg.plugin_hook_timeout_secs, 5);
         assert_eq!(
             cfg.vm_defaults,
             VmDefaultsConfig {

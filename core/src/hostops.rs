@@ -8,6 +8,9 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
+pub use banger_plugin_abi::wire::PciAddress;
+use banger_plugin_abi::wire::{self, HostCall, HostReply, WIRE_VERSION};
+
 /// A privileged operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HostOpsError {
@@ -91,6 +94,18 @@ pub trait HostOps: Send + Sync + fmt::Debug {
     fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
         Err(unsupported("unroute_dns", link))
     }
+
+    /// Binds PCI device `address` to `vfio-pci`; returns the driver it had
+    /// (`None` when it had none).
+    fn bind_vfio(&self, address: &PciAddress) -> Result<Option<String>, HostOpsError> {
+        Err(unsupported("bind_vfio", address.as_str()))
+    }
+
+    /// Gives PCI device `address` back to `driver`.
+    fn rebind_driver(&self, address: &PciAddress, driver: &str) -> Result<(), HostOpsError> {
+        let _ = driver;
+        Err(unsupported("rebind_driver", address.as_str()))
+    }
 }
 
 /// The default for operations an implementation does not offer.
@@ -100,7 +115,7 @@ fn unsupported(op: &'static str, target: &str) -> HostOpsError {
         target: target.to_string(),
         source: std::io::Error::new(
             std::io::ErrorKind::Unsupported,
-            "not supported by this HostOps implementation",
+            "not supported by this host",
         ),
     }
 }
@@ -369,8 +384,270 @@ impl HostOps for RecordingHostOps {
     }
 }
 
+/// The prefix of taps plugins may create and delete (banger's own tap pool
+/// uses `bgtap`, so the two never collide).
+pub const PLUGIN_TAP_PREFIX: &str = "bgp";
+
+/// A privileged operation a plugin asked for, validated against the
+/// allowlist. This is the whole set: anything else is refused. Requests act
+/// only on the calling VM (NAT rules are tagged with its id) and on names
+/// banger owns (taps with [`PLUGIN_TAP_PREFIX`], banger's bridge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRequest {
+    /// Create a plugin tap owned by the daemon's user.
+    CreateTap(String),
+    /// Delete a plugin tap.
+    DeleteTap(String),
+    /// Bind a PCI device to vfio-pci.
+    BindVfio(PciAddress),
+    /// Give a PCI device back to a driver.
+    RebindDriver(PciAddress, String),
+    /// Masquerade the calling VM's traffic from this address.
+    AddNat(Ipv4Addr),
+    /// Remove the calling VM's NAT rules.
+    RemoveNat,
+}
+
+/// The operation names a plugin may ask for.
+pub const ALLOWED_HOST_REQUESTS: &[&str] = &[
+    "create_tap",
+    "delete_tap",
+    "bind_vfio",
+    "rebind_driver",
+    "add_nat",
+    "remove_nat",
+];
+
+/// A host request that was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostRequestError {
+    /// The JSON is not a host request.
+    #[error("Malformed host request: {0}")]
+    Malformed(String),
+    /// The operation is not on the allowlist.
+    #[error("Host operation {0:?} is not allowed; plugins may ask for: {allowed}", allowed = ALLOWED_HOST_REQUESTS.join(", "))]
+    NotAllowed(String),
+    /// An argument is outside what plugins may touch.
+    #[error("{op} refused: {why}")]
+    Refused {
+        /// The operation.
+        op: &'static str,
+        /// What is wrong and what is allowed.
+        why: String,
+    },
+    /// The host could not do it (including "not supported by this host").
+    #[error(transparent)]
+    Failed(#[from] HostOpsError),
+}
+
+/// Where a host request runs: the calling VM and banger's network.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestScope<'a> {
+    /// The calling VM's id (NAT rules are tagged with it).
+    pub vm_id: &'a str,
+    /// Banger's bridge and subnet.
+    pub network: &'a crate::config::NetworkConfig,
+    /// Who owns created taps (the daemon's user).
+    pub owner_uid: u32,
+}
+
+impl HostRequest {
+    /// Parses and validates a [`wire::HostCall`] JSON message.
+    pub fn parse(json: &str) -> Result<Self, HostRequestError> {
+        #[derive(serde::Deserialize)]
+        struct Op {
+            op: Option<String>,
+        }
+        let op: Op = serde_json::from_str(json)
+            .map_err(|e| HostRequestError::Malformed(format!("not a JSON object: {e}")))?;
+        let op = op.op.ok_or_else(|| {
+            HostRequestError::Malformed("no \"op\" field naming the operation".into())
+        })?;
+        if !ALLOWED_HOST_REQUESTS.contains(&op.as_str()) {
+            return Err(HostRequestError::NotAllowed(op));
+        }
+        let call: HostCall = wire::decode("host request", json)
+            .map_err(|e| HostRequestError::Malformed(crate::lifecycle::render_chain(&e)))?;
+        Ok(match call.request {
+            wire::HostRequest::CreateTap { name } => {
+                HostRequest::CreateTap(plugin_tap("create_tap", name)?)
+            }
+            wire::HostRequest::DeleteTap { name } => {
+                HostRequest::DeleteTap(plugin_tap("delete_tap", name)?)
+            }
+            wire::HostRequest::BindVfio { address } => HostRequest::BindVfio(address),
+            wire::HostRequest::RebindDriver { address, driver } => {
+                let ok = !driver.is_empty()
+                    && driver.len() <= 32
+                    && driver.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                    });
+                if !ok {
+                    return Err(HostRequestError::Refused {
+                        op: "rebind_driver",
+                        why: format!("{driver:?} is not a driver name (1-32 of [a-z0-9_-])"),
+                    });
+                }
+                HostRequest::RebindDriver(address, driver)
+            }
+            wire::HostRequest::AddNat { ip } => HostRequest::AddNat(ip),
+            wire::HostRequest::RemoveNat => HostRequest::RemoveNat,
+        })
+    }
+
+    /// Runs the request through `ops` for the VM in `scope`.
+    pub fn run(
+        &self,
+        ops: &dyn HostOps,
+        scope: RequestScope<'_>,
+    ) -> Result<HostReply, HostRequestError> {
+        let mut reply = HostReply {
+            v: WIRE_VERSION,
+            previous_driver: None,
+        };
+        match self {
+            HostRequest::CreateTap(name) => ops.create_tap(name, scope.owner_uid)?,
+            HostRequest::DeleteTap(name) => ops.delete_tap(name)?,
+            HostRequest::BindVfio(address) => reply.previous_driver = ops.bind_vfio(address)?,
+            HostRequest::RebindDriver(address, driver) => ops.rebind_driver(address, driver)?,
+            HostRequest::AddNat(ip) => {
+                if !scope.network.subnet.contains_vm_host(*ip) {
+                    return Err(HostRequestError::Refused {
+                        op: "add_nat",
+                        why: format!(
+                            "{ip} is not a VM address on banger's subnet {}",
+                            scope.network.subnet
+                        ),
+                    });
+                }
+                ops.add_nat(scope.vm_id, &scope.network.bridge, *ip)?
+            }
+            HostRequest::RemoveNat => ops.remove_nat(scope.vm_id)?,
+        }
+        Ok(reply)
+    }
+}
+
+/// True for a name plugins may create: [`PLUGIN_TAP_PREFIX`] then 1-12 of `[a-z0-9-]`.
+pub fn is_plugin_tap(name: &str) -> bool {
+    let rest = name.strip_prefix(PLUGIN_TAP_PREFIX).unwrap_or("");
+    !rest.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn plugin_tap(op: &'static str, name: String) -> Result<String, HostRequestError> {
+    if is_plugin_tap(&name) {
+        Ok(name)
+    } else {
+        Err(HostRequestError::Refused {
+            op,
+            why: format!(
+                "{name:?} is not a plugin tap name: use {PLUGIN_TAP_PREFIX} followed by 1-12 of [a-z0-9-]"
+            ),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use crate::config::NetworkConfig;
+
+    fn scope(net: &NetworkConfig) -> RequestScope<'_> {
+        RequestScope {
+            vm_id: "0123456789abcdef",
+            network: net,
+            owner_uid: 1000,
+        }
+    }
+
+    #[test]
+    fn host_requests_outside_the_allowlist_are_refused_by_name() {
+        for json in [
+            r#"{"v":1,"op":"run_command","argv":["rm","-rf","/"]}"#,
+            r#"{"v":1,"op":"ensure_bridge","name":"br0"}"#,
+        ] {
+            let err = HostRequest::parse(json).unwrap_err();
+            assert!(matches!(err, HostRequestError::NotAllowed(_)), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains("is not allowed"), "{msg}");
+            assert!(msg.contains("create_tap, delete_tap, bind_vfio"), "{msg}");
+        }
+        let err = HostRequest::parse(r#"{"v":1}"#).unwrap_err();
+        assert!(err.to_string().contains("no \"op\""), "{err}");
+    }
+
+    #[test]
+    fn host_request_arguments_stay_inside_what_banger_owns() {
+        for (json, why) in [
+            (
+                r#"{"v":1,"op":"create_tap","name":"eth0"}"#,
+                "not a plugin tap name",
+            ),
+            (
+                r#"{"v":1,"op":"delete_tap","name":"bgtap0"}"#,
+                "not a plugin tap name",
+            ),
+            (
+                r#"{"v":1,"op":"create_tap","name":"bgp0123456789abc"}"#,
+                "not a plugin tap name",
+            ),
+            (
+                r#"{"v":1,"op":"rebind_driver","address":"0000:01:00.0","driver":"../x"}"#,
+                "not a driver name",
+            ),
+            (
+                r#"{"v":1,"op":"bind_vfio","address":"01:00.0"}"#,
+                "not a PCI address",
+            ),
+            (r#"{"v":2,"op":"remove_nat"}"#, "wire version"),
+        ] {
+            let err = crate::lifecycle::render_chain(&HostRequest::parse(json).unwrap_err());
+            assert!(err.contains(why), "{json}: {err}");
+        }
+        let net = NetworkConfig::default();
+        let ops = RecordingHostOps::default();
+        let outside = HostRequest::parse(r#"{"v":1,"op":"add_nat","ip":"8.8.8.8"}"#).unwrap();
+        let err = outside.run(&ops, scope(&net)).unwrap_err();
+        assert!(err.to_string().contains("not a VM address"), "{err}");
+        assert!(ops.calls().is_empty());
+    }
+
+    #[test]
+    fn allowed_host_requests_run_through_hostops_for_the_calling_vm() {
+        let net = NetworkConfig::default();
+        let ops = RecordingHostOps::default();
+        let vm_ip = net.subnet.vm_hosts().next().unwrap();
+        for json in [
+            r#"{"v":1,"op":"create_tap","name":"bgp-gpu0"}"#.to_string(),
+            format!(r#"{{"v":1,"op":"add_nat","ip":"{vm_ip}"}}"#),
+            r#"{"v":1,"op":"remove_nat"}"#.to_string(),
+            r#"{"v":1,"op":"delete_tap","name":"bgp-gpu0"}"#.to_string(),
+        ] {
+            let reply = HostRequest::parse(&json)
+                .unwrap()
+                .run(&ops, scope(&net))
+                .unwrap();
+            assert_eq!(reply.previous_driver, None);
+        }
+        assert_eq!(
+            ops.calls(),
+            [
+                "create_tap bgp-gpu0 1000".to_string(),
+                format!("add_nat 0123456789abcdef {} {vm_ip}", net.bridge),
+                "remove_nat 0123456789abcdef".to_string(),
+                "delete_tap bgp-gpu0".to_string(),
+            ]
+        );
+        // No implementation yet: a clear answer, not a crash.
+        let bind =
+            HostRequest::parse(r#"{"v":1,"op":"bind_vfio","address":"0000:01:00.0"}"#).unwrap();
+        let err = crate::lifecycle::render_chain(&bind.run(&ops, scope(&net)).unwrap_err());
+        assert!(err.contains("not supported by this host"), "{err}");
+    }
+
     use super::*;
 
     #[test]

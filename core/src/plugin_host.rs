@@ -8,21 +8,25 @@
 //! load is reported and skipped; the daemon keeps the others.
 
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RResult, RStr};
+use abi_stable::std_types::{RResult, RStr, RString};
 pub use banger_plugin_abi::ABI_VERSION;
-use banger_plugin_abi::wire::{self, HookName, HookRequest, HookResponse, VmInfo, WIRE_VERSION};
-use banger_plugin_abi::{HostLogger, HostLogger_TO, PluginCapabilityBox, PluginModuleRef};
+use banger_plugin_abi::wire::{
+    self, Backend, HookName, HookRequest, HookResponse, MachineView, VmInfo, WIRE_VERSION,
+};
+use banger_plugin_abi::{HostCallbacks, HostCallbacks_TO, PluginCapabilityBox, PluginModuleRef};
 
-use crate::capability::{CapError, CapSource, Capability, Hook, HookCtx, HookLog, TeardownReason};
+use crate::capability::{CapError, CapSource, Capability, Hook, HookCtx, Manifest, TeardownReason};
 use crate::guest::{GuestConfig, GuestFile, GuestMount};
-use crate::machine::{Drive, DriveRole, MachineSpec};
-use crate::model::CapOptions;
+use crate::hostops::{HostRequest, RequestScope};
+use crate::machine::{Drive, DriveRole, MachineSpec, Nic, PciDevice};
+use crate::model::{CapOptions, VmmKind};
 
 /// The outcome of loading a plugin directory.
 #[derive(Debug, Default)]
@@ -65,10 +69,11 @@ pub enum PluginLoadError {
         /// The ABI version the plugin reports.
         found: u32,
     },
-    /// abi_stable refused the plugin's banger-plugin-abi crate version.
+    /// The plugin was built against another major banger-plugin-abi
+    /// (another plugin ABI); abi_stable refuses it before reading anything.
     #[error(
-        "Plugin {} was built against banger-plugin-abi {found}, this daemon uses {expected}: rebuild it against banger-plugin-abi {expected}",
-        path.display()
+        "Plugin {} was built against banger-plugin-abi {found} (plugin ABI {}); this daemon loads plugins built against banger-plugin-abi {ABI_VERSION}.x (plugin ABI {ABI_VERSION}) only: rebuild it against banger-plugin-abi {expected}",
+        path.display(), abi_of_crate_version(found)
     )]
     CrateVersion {
         /// The plugin file.
@@ -97,6 +102,14 @@ pub enum PluginLoadError {
         /// The plugin's message.
         msg: String,
     },
+    /// The plugin's manifest cannot be used.
+    #[error("Plugin {} has an unusable manifest: {why}", path.display())]
+    InvalidManifest {
+        /// The plugin file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The plugin's capability name cannot be used with `--cap`.
     #[error(
         "Plugin {} has an unusable capability name {name:?}: names are 1-64 lowercase letters, digits and '-'",
@@ -120,14 +133,25 @@ impl PluginLoadError {
             | PluginLoadError::CrateVersion { path, .. }
             | PluginLoadError::Layout { path, .. }
             | PluginLoadError::Init { path, .. }
+            | PluginLoadError::InvalidManifest { path, .. }
             | PluginLoadError::InvalidName { path, .. } => path,
         }
     }
 }
 
-/// The daemon's banger-plugin-abi crate version (`0.1.0`).
+/// The daemon's banger-plugin-abi crate version (`2.0.0`).
 fn abi_crate_version() -> &'static str {
     PluginModuleRef::VERSION_STRINGS.version.as_str()
+}
+
+/// The plugin ABI a banger-plugin-abi version speaks: its major, except that
+/// every 0.x release (which followed banger's own version) was ABI 1.
+fn abi_of_crate_version(version: &str) -> String {
+    match version.split('.').next() {
+        Some("0") => "1".to_string(),
+        Some(major) => major.to_string(),
+        None => "?".to_string(),
+    }
 }
 
 /// Loads every `*.so` in `dir`, in file-name order. A missing directory is an
@@ -191,12 +215,46 @@ pub fn load_plugin(path: &Path) -> Result<Arc<dyn Capability>, PluginLoadError> 
             name,
         });
     }
+    let manifest = manifest_of(path, object.manifest().as_str())?;
     Ok(Arc::new(PluginCap {
         path: path.to_path_buf(),
         description: object.description().into_string(),
         name,
-        object,
+        manifest,
+        object: Arc::new(object),
     }))
+}
+
+/// Decodes and checks a plugin's manifest JSON.
+fn manifest_of(path: &Path, json: &str) -> Result<Manifest, PluginLoadError> {
+    let bad = |why: String| PluginLoadError::InvalidManifest {
+        path: path.to_path_buf(),
+        why,
+    };
+    let m: wire::Manifest =
+        serde_json::from_str(json).map_err(|e| bad(format!("not manifest JSON: {e}")))?;
+    if let Some(n) = m.requires.iter().chain(&m.after).find(|n| !valid_name(n)) {
+        return Err(bad(format!("{n:?} is not a capability name")));
+    }
+    let backends: Vec<VmmKind> = m
+        .backends
+        .iter()
+        .filter_map(|b| match b {
+            Backend::Firecracker => Some(VmmKind::Firecracker),
+            Backend::Qemu => Some(VmmKind::Qemu),
+            Backend::Unknown => None,
+        })
+        .collect();
+    if backends.is_empty() && !m.backends.is_empty() {
+        return Err(bad(
+            "it supports no backend this daemon has (firecracker, qemu)".into(),
+        ));
+    }
+    Ok(Manifest {
+        requires: m.requires,
+        after: m.after,
+        backends,
+    })
 }
 
 fn valid_name(s: &str) -> bool {
@@ -232,17 +290,49 @@ fn library_error(path: &Path, err: LibraryError) -> PluginLoadError {
     }
 }
 
-/// Routes a plugin's log lines to the hook's [`HookLog`].
-struct LogBridge<'a>(&'a dyn HookLog);
+/// What a hook's thread sends back to the caller while it runs.
+enum FromPlugin {
+    Info(String),
+    Warn(String),
+    /// A host request and where to send the answer.
+    Request(String, mpsc::Sender<Result<String, String>>),
+    /// The hook returned.
+    Done(RResult<RString, RString>),
+}
 
-impl HostLogger for LogBridge<'_> {
+/// The plugin thread's side of [`HostCallbacks`]: everything goes to the
+/// caller's thread, which holds the hook context. Once the caller has given
+/// up (timeout), sends fail and requests are answered with an error.
+struct ChannelHost(mpsc::Sender<FromPlugin>);
+
+impl HostCallbacks for ChannelHost {
     fn info(&self, msg: RStr<'_>) {
-        // A panicking host logger must not unwind into the plugin's frames.
-        let _ = catch_unwind(AssertUnwindSafe(|| self.0.info(msg.as_str())));
+        let _ = self.0.send(FromPlugin::Info(msg.to_string()));
     }
 
     fn warn(&self, msg: RStr<'_>) {
-        let _ = catch_unwind(AssertUnwindSafe(|| self.0.warn(msg.as_str())));
+        let _ = self.0.send(FromPlugin::Warn(msg.to_string()));
+    }
+
+    fn host_request(&self, request: RStr<'_>) -> RResult<RString, RString> {
+        let (tx, rx) = mpsc::channel();
+        let gone = || {
+            RResult::RErr(RString::from(
+                "the hook timed out; the host no longer answers",
+            ))
+        };
+        if self
+            .0
+            .send(FromPlugin::Request(request.to_string(), tx))
+            .is_err()
+        {
+            return gone();
+        }
+        match rx.recv() {
+            Ok(Ok(reply)) => RResult::ROk(RString::from(reply)),
+            Ok(Err(msg)) => RResult::RErr(RString::from(msg)),
+            Err(_) => gone(),
+        }
     }
 }
 
@@ -251,7 +341,8 @@ struct PluginCap {
     path: PathBuf,
     name: String,
     description: String,
-    object: PluginCapabilityBox,
+    manifest: Manifest,
+    object: Arc<PluginCapabilityBox>,
 }
 
 impl fmt::Debug for PluginCap {
@@ -260,6 +351,46 @@ impl fmt::Debug for PluginCap {
             .field("name", &self.name)
             .field("path", &self.path)
             .finish_non_exhaustive()
+    }
+}
+
+fn machine_view(m: &MachineSpec) -> MachineView {
+    MachineView {
+        kernel: m.kernel.clone(),
+        initrd: m.initrd.clone(),
+        boot_args: m.boot_args.clone(),
+        vcpus: m.vcpus,
+        memory_mib: m.memory_mib,
+        drives: m
+            .drives
+            .iter()
+            .map(|d| wire::DriveEdit {
+                id: d.id.clone(),
+                host_path: d.path.clone(),
+                read_only: d.read_only,
+            })
+            .collect(),
+        nics: m
+            .nics
+            .iter()
+            .map(|n| wire::NicEdit {
+                id: n.id.clone(),
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
+        pci_devices: m
+            .pci_devices
+            .iter()
+            .map(|d| match d {
+                PciDevice::Vfio { address } => wire::PciDeviceEdit::Vfio {
+                    address: address.clone(),
+                },
+                PciDevice::Emulated { model } => wire::PciDeviceEdit::Emulated {
+                    model: model.to_string(),
+                },
+            })
+            .collect(),
     }
 }
 
@@ -278,6 +409,7 @@ impl PluginCap {
         hook: Hook,
         ctx: &HookCtx<'_>,
         reason: Option<TeardownReason>,
+        machine: Option<&MachineSpec>,
     ) -> Result<HookResponse, CapError> {
         let request = HookRequest {
             v: WIRE_VERSION,
@@ -295,6 +427,10 @@ impl PluginCap {
                 memory_mib: ctx.vm.spec.memory_mib,
                 vm_dir: ctx.vm_dir.to_path_buf(),
                 booted_once: ctx.vm.booted_once,
+                vmm: Some(match ctx.vm.spec.vmm {
+                    VmmKind::Firecracker => Backend::Firecracker,
+                    VmmKind::Qemu => Backend::Qemu,
+                }),
             },
             options: ctx.options.clone(),
             teardown_reason: reason.map(|r| match r {
@@ -302,6 +438,7 @@ impl PluginCap {
                 TeardownReason::Delete => wire::TeardownReason::Delete,
                 TeardownReason::Rollback => wire::TeardownReason::Rollback,
             }),
+            machine: machine.map(machine_view),
         };
         let json = wire::encode("hook request", &request).map_err(|e| {
             CapError::with(
@@ -309,17 +446,8 @@ impl PluginCap {
                 e,
             )
         })?;
-        let bridge = LogBridge(ctx.log);
-        let log = HostLogger_TO::from_ptr(&bridge, TD_Opaque);
-        let req = RStr::from_str(&json);
-        let out = match hook {
-            Hook::PrepareHost => self.object.prepare_host(req, log),
-            Hook::ConfigureMachine => self.object.configure_machine(req, log),
-            Hook::GuestConfig => self.object.guest_config(req, log),
-            Hook::PostStart => self.object.post_start(req, log),
-            Hook::Teardown => self.object.teardown(req, log),
-        };
-        let response = match out {
+        let response = self.run_with_timeout(hook, ctx, json)?;
+        let response = match response {
             RResult::ROk(s) => s,
             RResult::RErr(msg) => return Err(self.failed(msg.as_str())),
         };
@@ -340,6 +468,95 @@ impl PluginCap {
         }
         Ok(response)
     }
+
+    /// Runs the hook on its own thread and serves its log lines and host
+    /// requests here, where the context lives, until it returns or
+    /// `plugin_hook_timeout_secs` pass. A plugin thread cannot be stopped
+    /// in-process: on timeout it is abandoned (it keeps its memory and
+    /// whatever it holds) and the hook fails, so the operation rolls back
+    /// and the VM's lock is released.
+    fn run_with_timeout(
+        &self,
+        hook: Hook,
+        ctx: &HookCtx<'_>,
+        request: String,
+    ) -> Result<RResult<RString, RString>, CapError> {
+        let limit = Duration::from_secs(ctx.config.plugin_hook_timeout_secs);
+        let (tx, rx) = mpsc::channel();
+        let object = self.object.clone();
+        std::thread::Builder::new()
+            .name(format!("plugin-{}", self.name))
+            .spawn(move || {
+                let host = ChannelHost(tx.clone());
+                let callbacks = HostCallbacks_TO::from_ptr(&host, TD_Opaque);
+                let req = RStr::from_str(&request);
+                let out = match hook {
+                    Hook::PrepareHost => object.prepare_host(req, callbacks),
+                    Hook::ConfigureMachine => object.configure_machine(req, callbacks),
+                    Hook::GuestConfig => object.guest_config(req, callbacks),
+                    Hook::PostStart => object.post_start(req, callbacks),
+                    Hook::Teardown => object.teardown(req, callbacks),
+                };
+                let _ = tx.send(FromPlugin::Done(out));
+            })
+            .map_err(|e| {
+                CapError::with(
+                    format!("plugin {}: cannot start a thread for {hook}", self.name),
+                    e,
+                )
+            })?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(FromPlugin::Info(msg)) => ctx.log.info(&msg),
+                Ok(FromPlugin::Warn(msg)) => ctx.log.warn(&msg),
+                Ok(FromPlugin::Request(json, reply)) => {
+                    let _ = reply.send(self.host_request(ctx, &json));
+                }
+                Ok(FromPlugin::Done(out)) => return Ok(out),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(CapError::msg(format!(
+                        "plugin {}: {hook} did not return within {}s (plugin_hook_timeout_secs); its thread was abandoned. Fix or remove the plugin, or raise plugin_hook_timeout_secs",
+                        self.name,
+                        limit.as_secs()
+                    )));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(CapError::msg(format!(
+                        "plugin {}: {hook} ended without an answer",
+                        self.name
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Serves one host request from the plugin: allowlisted, validated, run
+    /// through the daemon's `HostOps`. The answer goes back as JSON or an
+    /// error message; every request is logged.
+    fn host_request(&self, ctx: &HookCtx<'_>, json: &str) -> Result<String, String> {
+        let scope = RequestScope {
+            vm_id: ctx.vm.id.as_str(),
+            network: &ctx.config.network,
+            owner_uid: nix::unistd::getuid().as_raw(),
+        };
+        let result = HostRequest::parse(json).and_then(|r| {
+            let reply = r.run(ctx.host, scope)?;
+            Ok((r, reply))
+        });
+        match result {
+            Ok((r, reply)) => {
+                tracing::info!(plugin = %self.name, request = ?r, "plugin host request done");
+                wire::encode("host reply", &reply).map_err(|e| e.to_string())
+            }
+            Err(e) => {
+                let msg = crate::lifecycle::render_chain(&e);
+                ctx.log.warn(&format!("plugin {}: {msg}", self.name));
+                Err(msg)
+            }
+        }
+    }
 }
 
 impl Capability for PluginCap {
@@ -353,6 +570,10 @@ impl Capability for PluginCap {
 
     fn source(&self) -> CapSource {
         CapSource::Plugin(self.path.clone())
+    }
+
+    fn manifest(&self) -> Manifest {
+        self.manifest.clone()
     }
 
     fn validate_options(&self, options: &CapOptions) -> Result<(), CapError> {
@@ -369,7 +590,7 @@ impl Capability for PluginCap {
     }
 
     fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        self.call(Hook::PrepareHost, ctx, None).map(|_| ())
+        self.call(Hook::PrepareHost, ctx, None, None).map(|_| ())
     }
 
     fn configure_machine(
@@ -377,9 +598,14 @@ impl Capability for PluginCap {
         ctx: &HookCtx<'_>,
         machine: &mut MachineSpec,
     ) -> Result<(), CapError> {
-        let edits = self.call(Hook::ConfigureMachine, ctx, None)?.machine;
+        let edits = self
+            .call(Hook::ConfigureMachine, ctx, None, Some(machine))?
+            .machine;
         // Apply to a copy so a conflict halfway leaves the spec untouched.
         let mut staged = machine.clone();
+        let conflict = |what: &str, e: crate::machine::DuplicateDevice| {
+            CapError::with(format!("plugin {}: cannot add {what}", self.name), e)
+        };
         for d in edits.drives {
             staged
                 .add_drive(Drive {
@@ -388,22 +614,53 @@ impl Capability for PluginCap {
                     read_only: d.read_only,
                     role: DriveRole::Extra,
                 })
-                .map_err(|e| {
-                    CapError::with(format!("plugin {}: cannot add drive", self.name), e)
-                })?;
+                .map_err(|e| conflict("drive", e))?;
         }
-        for arg in edits.boot_args {
-            if !staged.boot_args.is_empty() {
-                staged.boot_args.push(' ');
+        for n in edits.nics {
+            if !crate::hostops::is_plugin_tap(&n.tap) && !staged.nics.iter().any(|x| x.tap == n.tap)
+            {
+                return Err(self.failed(&format!(
+                    "NIC {} uses tap {:?}: a plugin NIC needs a tap it created with create_tap ({}...)",
+                    n.id,
+                    n.tap,
+                    crate::hostops::PLUGIN_TAP_PREFIX
+                )));
             }
-            staged.boot_args.push_str(&arg);
+            if !valid_mac(&n.mac) {
+                return Err(self.failed(&format!(
+                    "NIC {} has MAC {:?}: write six hex pairs, aa:bb:cc:dd:ee:ff",
+                    n.id, n.mac
+                )));
+            }
+            staged
+                .add_nic(Nic {
+                    id: n.id,
+                    tap: n.tap,
+                    mac: n.mac.to_ascii_lowercase(),
+                })
+                .map_err(|e| conflict("NIC", e))?;
         }
+        for d in edits.pci_devices {
+            let device = match d {
+                wire::PciDeviceEdit::Vfio { address } => PciDevice::Vfio { address },
+                wire::PciDeviceEdit::Emulated { model } => PciDevice::Emulated {
+                    model: model.parse().map_err(|e| {
+                        CapError::with(format!("plugin {}: cannot add PCI device", self.name), e)
+                    })?,
+                },
+            };
+            staged
+                .add_pci_device(device)
+                .map_err(|e| conflict("PCI device", e))?;
+        }
+        staged.boot_args =
+            edit_boot_args(&staged.boot_args, &edits.remove_boot_args, &edits.boot_args);
         *machine = staged;
         Ok(())
     }
 
     fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
-        let edits = self.call(Hook::GuestConfig, ctx, None)?.guest;
+        let edits = self.call(Hook::GuestConfig, ctx, None, None)?.guest;
         let mut staged = guest.clone();
         for m in edits.mounts {
             staged
@@ -432,17 +689,61 @@ impl Capability for PluginCap {
                 gid: f.gid,
             });
         }
+        for (key, value) in edits.env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(self.failed(&format!("guest env name {key:?} is not usable")));
+            }
+            if staged.env.contains_key(&key) {
+                return Err(self.failed(&format!(
+                    "guest env {key} is already set by another capability"
+                )));
+            }
+            staged.env.insert(key, value);
+        }
+        for argv in edits.boot_commands {
+            if argv.first().is_none_or(|a| a.is_empty()) {
+                return Err(self.failed("a boot command has no program (argv[0] is empty)"));
+            }
+            staged.commands.push(argv);
+        }
         *guest = staged;
         Ok(())
     }
 
     fn post_start(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        self.call(Hook::PostStart, ctx, None).map(|_| ())
+        self.call(Hook::PostStart, ctx, None, None).map(|_| ())
     }
 
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
-        self.call(Hook::Teardown, ctx, Some(reason)).map(|_| ())
+        self.call(Hook::Teardown, ctx, Some(reason), None)
+            .map(|_| ())
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The command line with `remove` taken out, then `add` appended. A removal
+/// without `=` takes out that flag and every `flag=...`; with `=` only the
+/// exact argument.
+fn edit_boot_args(current: &str, remove: &[String], add: &[String]) -> String {
+    let removed = |arg: &str| {
+        remove.iter().any(|r| {
+            arg == r || (!r.contains('=') && arg.split_once('=').is_some_and(|(k, _)| k == r))
+        })
+    };
+    current
+        .split_whitespace()
+        .filter(|a| !removed(a))
+        .chain(add.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -481,6 +782,41 @@ mod tests {
         assert!(msg.contains("/x/libfoo.so"), "{msg}");
         assert!(msg.contains(&format!("ABI {}", ABI_VERSION + 1)), "{msg}");
         assert!(msg.contains(&format!("speaks ABI {ABI_VERSION}")), "{msg}");
+    }
+
+    #[test]
+    fn boot_arg_removal_takes_flags_with_any_value_or_exact_pairs() {
+        let add = ["quiet".to_string()];
+        let out = edit_boot_args(
+            "console=ttyS0 pci=off reboot=k pci  panic=1",
+            &["pci".into(), "reboot=t".into(), "panic=1".into()],
+            &add,
+        );
+        assert_eq!(out, "console=ttyS0 reboot=k quiet");
+        assert_eq!(edit_boot_args("", &[], &add), "quiet");
+    }
+
+    #[test]
+    fn manifests_name_capabilities_and_known_backends() {
+        let p = Path::new("/p/libx.so");
+        let m = manifest_of(
+            p,
+            r#"{"requires":["network"],"backends":["qemu","future"]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.requires, ["network"]);
+        assert_eq!(m.backends, [VmmKind::Qemu]);
+        for (json, why) in [
+            (
+                r#"{"after":["Bad Name"]}"#,
+                "\"Bad Name\" is not a capability name",
+            ),
+            (r#"{"backends":["future"]}"#, "supports no backend"),
+            ("\"x\"", "not manifest JSON"),
+        ] {
+            let err = manifest_of(p, json).unwrap_err().to_string();
+            assert!(err.contains("/p/libx.so") && err.contains(why), "{err}");
+        }
     }
 
     #[test]

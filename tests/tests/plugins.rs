@@ -3,7 +3,7 @@
 //! temp dirs and real ext4 tools.
 //!
 //! Needs the plugins built first:
-//! `cargo build -p banger-plugin-shared-mount -p banger-plugin-faulty -p banger-plugin-wrong-abi`.
+//! `cargo build -p banger-plugin-shared-mount -p banger-plugin-faulty -p banger-plugin-wrong-abi -p banger-plugin-v1`.
 
 // Inside a cfg(test) module so the workspace's test-only lint allowances
 // (unwrap in tests) cover the helpers too.
@@ -12,18 +12,20 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::process::Command;
     use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
 
     use banger_core::capability::{
-        CapError, CapSource, Capability, HookCtx, HookLog, TeardownReason,
+        CapError, CapSource, Capability, HookCtx, HookLog, Manifest, TeardownReason,
     };
     use banger_core::guest::GuestConfig;
     use banger_core::hostops::RecordingHostOps;
     use banger_core::machine::{Drive, DriveRole, MachineSpec};
+    use banger_core::machine::{Nic, PciDevice};
     use banger_core::model::{
         ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind,
     };
     use banger_core::plugin_host::{ABI_VERSION, PluginLoadError, load_plugin, load_plugins};
-    use test_infra::workspace_cdylib;
+    use test_infra::{BangerEnv, workspace_cdylib};
 
     #[derive(Default)]
     struct Lines(Mutex<Vec<String>>);
@@ -381,5 +383,219 @@ mod tests {
         {
             assert!(err.to_string().contains(file), "{err}");
         }
+    }
+
+    #[test]
+    fn a_v1_plugin_is_refused_naming_the_file_its_version_and_the_supported_one() {
+        let path = workspace_cdylib("banger-plugin-v1");
+        let err = load_plugin(&path).unwrap_err();
+        assert!(
+            matches!(&err, PluginLoadError::CrateVersion { found, .. } if found == "0.1.0"),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(
+            msg.contains("banger-plugin-abi 0.1.0 (plugin ABI 1)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!(
+                "banger-plugin-abi {ABI_VERSION}.x (plugin ABI {ABI_VERSION})"
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("rebuild it against banger-plugin-abi 2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_plugins_manifest_reaches_the_host() {
+        assert_eq!(
+            faulty().manifest(),
+            Manifest {
+                after: vec!["work-disk".into()],
+                ..Manifest::default()
+            }
+        );
+        let (_, cap) = shared_mount();
+        assert_eq!(cap.manifest(), Manifest::default());
+    }
+
+    #[test]
+    fn a_hung_hook_fails_after_the_timeout_and_the_plugin_keeps_working() {
+        let cap = faulty();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut h = Harness::new(tmp.path(), options(&[("hang", "prepare_host")]));
+        h.config.plugin_hook_timeout_secs = 1;
+        cap.validate_options(&h.options).unwrap();
+
+        let started = Instant::now();
+        let err = cap.prepare_host(&h.ctx()).unwrap_err();
+        let took = started.elapsed();
+        let msg = message(&err);
+        assert!(
+            msg.starts_with("plugin faulty: prepare_host did not return within 1s"),
+            "{msg}"
+        );
+        assert!(msg.contains("plugin_hook_timeout_secs"), "{msg}");
+        assert!(took >= Duration::from_secs(1), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        // The line it logged before hanging still came through.
+        assert!(
+            h.log
+                .all()
+                .contains(&"info faulty: hanging in prepare_host".to_string()),
+            "{:?}",
+            h.log.all()
+        );
+        // Other hooks run on their own threads and still answer.
+        cap.teardown(&h.ctx(), TeardownReason::Rollback).unwrap();
+        let calls = std::fs::read_to_string(tmp.path().join("faulty.calls")).unwrap();
+        assert_eq!(
+            calls.lines().collect::<Vec<_>>(),
+            ["prepare_host", "teardown rollback"]
+        );
+    }
+
+    #[test]
+    fn a_disallowed_host_operation_is_refused_and_nothing_runs() {
+        let cap = faulty();
+        let tmp = tempfile::tempdir().unwrap();
+        let h = Harness::new(
+            tmp.path(),
+            options(&[("host_op", "run_command"), ("arg.argv", "reboot")]),
+        );
+        let err = cap.prepare_host(&h.ctx()).unwrap_err();
+        let msg = message(&err);
+        assert!(msg.starts_with("plugin faulty: "), "{msg}");
+        assert!(
+            msg.contains("Host operation \"run_command\" is not allowed; plugins may ask for: create_tap, delete_tap, bind_vfio, rebind_driver, add_nat, remove_nat"),
+            "{msg}"
+        );
+        assert!(h.host.calls().is_empty(), "{:?}", h.host.calls());
+        // A tap outside the plugin prefix is refused too.
+        let h = Harness::new(
+            tmp.path(),
+            options(&[("host_op", "delete_tap"), ("arg.name", "bgtap0")]),
+        );
+        let msg = message(&cap.prepare_host(&h.ctx()).unwrap_err());
+        assert!(msg.contains("not a plugin tap name"), "{msg}");
+        assert!(h.host.calls().is_empty());
+    }
+
+    #[test]
+    fn an_allowed_host_operation_runs_through_hostops_for_the_calling_vm() {
+        let cap = faulty();
+        let tmp = tempfile::tempdir().unwrap();
+        let h = Harness::new(
+            tmp.path(),
+            options(&[("host_op", "create_tap"), ("arg.name", "bgp-faulty")]),
+        );
+        cap.prepare_host(&h.ctx()).unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        assert_eq!(h.host.calls(), [format!("create_tap bgp-faulty {uid}")]);
+        assert!(
+            h.log
+                .all()
+                .contains(&r#"info faulty: host answered {"v":1}"#.to_string()),
+            "{:?}",
+            h.log.all()
+        );
+        // No in-process implementation for VFIO yet: a clear answer.
+        let h = Harness::new(
+            tmp.path(),
+            options(&[("host_op", "bind_vfio"), ("arg.address", "0000:01:00.0")]),
+        );
+        let msg = message(&cap.prepare_host(&h.ctx()).unwrap_err());
+        assert!(msg.contains("not supported by this host"), "{msg}");
+    }
+
+    #[test]
+    fn a_hook_that_hangs_in_a_vm_start_times_out_rolls_back_and_frees_the_vm() {
+        let env = BangerEnv::new();
+        env.write_config("plugin_hook_timeout_secs = 2\n");
+        let so = workspace_cdylib("banger-plugin-faulty");
+        std::fs::copy(&so, env.plugins_dir().join(so.file_name().unwrap())).unwrap();
+
+        let out = env
+            .create("hung", &["--cap", "faulty:hang=configure_machine"])
+            .failed();
+        assert!(
+            out.stderr.contains("configure_machine:faulty"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("did not return within 2s"),
+            "{}",
+            out.stderr
+        );
+
+        let vm = env.show("hung");
+        assert_eq!(vm.record.state, VmState::Error);
+        assert!(vm.record.prepared.is_empty(), "{:?}", vm.record.prepared);
+        assert!(vm.record.vmm.is_none());
+        let calls = std::fs::read_to_string(vm.dir.join("faulty.calls")).unwrap();
+        assert_eq!(
+            calls.lines().collect::<Vec<_>>(),
+            ["prepare_host", "configure_machine", "teardown rollback"]
+        );
+        assert!(!vm.dir.join("faulty.marker").exists());
+        assert!(!vm.dir.join("work.ext4").exists());
+        // The VM's lock was released: delete goes through.
+        env.banger(&["vm", "delete", "hung"]).ok();
+        assert!(env.list().is_empty());
+    }
+
+    #[test]
+    fn a_plugin_sees_the_machine_and_backend_and_its_edits_are_applied() {
+        let cap = faulty();
+        let tmp = tempfile::tempdir().unwrap();
+        let h = Harness::new(tmp.path(), options(&[("edit", "yes")]));
+        cap.validate_options(&h.options).unwrap();
+        let mut machine = spec(tmp.path());
+        machine.boot_args = "console=ttyS0 reboot=k".into();
+        cap.configure_machine(&h.ctx(), &mut machine).unwrap();
+
+        let seen: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("faulty.seen.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(seen["vmm"], "firecracker");
+        assert_eq!(seen["machine"]["drives"][0]["id"], "root");
+        assert_eq!(seen["machine"]["boot_args"], "console=ttyS0 reboot=k");
+        assert_eq!(seen["machine"]["vcpus"], 2);
+
+        assert_eq!(machine.boot_args, "reboot=k faulty=1");
+        assert_eq!(
+            machine.nics,
+            [Nic {
+                id: "faulty".into(),
+                tap: "bgp-faulty".into(),
+                mac: "02:00:00:00:00:fa".into(),
+            }]
+        );
+        assert_eq!(
+            machine.pci_devices,
+            [PciDevice::Emulated {
+                model: "virtio-rng-pci".parse().unwrap(),
+            }]
+        );
+        // The same NIC again conflicts and leaves the spec alone.
+        let before = machine.clone();
+        let msg = message(&cap.configure_machine(&h.ctx(), &mut machine).unwrap_err());
+        assert!(msg.contains("plugin faulty: cannot add NIC"), "{msg}");
+        assert_eq!(machine, before);
+
+        let mut guest = GuestConfig::new("plug-test");
+        cap.guest_config(&h.ctx(), &mut guest).unwrap();
+        assert_eq!(guest.env.get("FAULTY").map(String::as_str), Some("1"));
+        assert_eq!(guest.commands, [vec!["true".to_string()]]);
+        // A second time the env name is taken.
+        let msg = message(&cap.guest_config(&h.ctx(), &mut guest).unwrap_err());
+        assert!(msg.contains("guest env FAULTY is already set"), "{msg}");
     }
 }

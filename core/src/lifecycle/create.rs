@@ -139,12 +139,20 @@ impl Lifecycle {
             .collect::<Result<_, _>>()?;
         let defaults = self.config.default_caps().map_err(|e| invalid(&e))?;
         let caps = resolve_caps(&defaults, &choices);
+        let vmm = req
+            .vmm
+            .unwrap_or_else(|| self.config.backend_plan(None).vmm);
+        let mut resolved = Vec::with_capacity(caps.len());
         for c in &caps {
             let cap: std::sync::Arc<dyn Capability> =
                 self.registry.get(&c.name).map_err(|e| invalid(&e))?;
             cap.validate_options(&c.options)
                 .map_err(|e| OpError::Invalid(format!("--cap {}: {e}", c.name)))?;
+            resolved.push((cap, ()));
         }
+        // Refuse a set that misses a requirement or a backend now, before
+        // anything exists (start checks again and orders the hooks).
+        crate::capability::order_by_manifest(resolved, vmm).map_err(|e| invalid(&e))?;
 
         Ok(VmRecord::new(
             name,
@@ -157,9 +165,7 @@ impl Lifecycle {
                 initrd: None,
                 rootfs_source: PathBuf::new(),
                 extra_boot_args: req.boot_args.clone(),
-                vmm: req
-                    .vmm
-                    .unwrap_or_else(|| self.config.backend_plan(None).vmm),
+                vmm,
             },
             caps,
             now_unix(),

@@ -19,7 +19,9 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::{Event, ProgressUnit, VmView};
-use crate::capability::{CapError, Capability, Hook, HookCtx, HookLog, Registry, TeardownReason};
+use crate::capability::{
+    CapError, Capability, Hook, HookCtx, HookLog, Registry, TeardownReason, order_by_manifest,
+};
 use crate::config::Config;
 use crate::hostops::HostOps;
 use crate::model::{EnabledCap, VmId, VmRecord, VmState, now_unix};
@@ -405,16 +407,21 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// The capabilities enabled for `vm`, resolved against the registry.
-    fn caps_of(&self, caps: &[EnabledCap]) -> Result<Vec<CapEntry>, OpError> {
-        caps.iter()
+    /// The capabilities enabled for `vm`, resolved against the registry and
+    /// put in hook order (their manifests' `requires`/`after`, otherwise as
+    /// enabled); a missing requirement or an unsupported backend is refused.
+    fn caps_of(&self, vm: &VmRecord) -> Result<Vec<CapEntry>, OpError> {
+        let caps = vm
+            .caps
+            .iter()
             .map(|c| {
                 self.registry
                     .get(&c.name)
                     .map(|cap| (cap, c.clone()))
                     .map_err(|e| OpError::Invalid(e.to_string()))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        order_by_manifest(caps, vm.spec.vmm).map_err(|e| OpError::Invalid(e.to_string()))
     }
 
     /// Runs one hook of one capability on a blocking thread. `payload` is the

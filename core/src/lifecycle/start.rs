@@ -136,7 +136,7 @@ impl Lifecycle {
     }
 
     async fn run_start(&self, vm: &mut VmRecord, progress: &Progress) -> Result<(), OpError> {
-        let caps = self.caps_of(&vm.caps)?;
+        let caps = self.caps_of(vm)?;
         let dir = self.vm_dir(&vm.id);
 
         for entry in &caps {

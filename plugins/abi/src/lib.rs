@@ -23,17 +23,23 @@ use abi_stable::{
 pub mod sdk;
 pub mod wire;
 
-/// The banger plugin ABI version this crate speaks. A daemon refuses plugins
-/// whose root module reports a different number. Bumped only when the
-/// binary interface changes incompatibly; data-model growth goes through
-/// [`wire`] instead.
-pub const ABI_VERSION: u32 = 1;
+/// The banger plugin ABI version this crate speaks: the major of this
+/// crate's own version (`2.0.0`), which is independent of banger's. A daemon
+/// refuses plugins whose root module reports a different number. Bumped only
+/// when the binary interface changes incompatibly; minor revisions add
+/// prefix fields and trait methods after the last prefix field, and
+/// data-model growth goes through [`wire`]. See `docs/plugins.md`.
+pub const ABI_VERSION: u32 = 2;
 
 /// The root module every plugin exports (via [`export_plugin!`]).
+///
+/// A prefix type: fields after `new_capability` (added by later minor
+/// revisions) read as `None` from a plugin built against an older one
+/// (`missing_field(option)`), never a panic.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModuleRef)))]
-#[sabi(missing_field(panic))]
+#[sabi(missing_field(option))]
 pub struct PluginModule {
     /// The [`ABI_VERSION`] the plugin was built against.
     pub abi_version: u32,
@@ -57,20 +63,25 @@ impl RootModule for PluginModuleRef {
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
 }
 
-/// The host's logger, passed to every hook call. Lines end up in the hook's
-/// progress stream and the daemon log. (A cdylib has its own globals, so a
-/// plugin cannot use the host's `tracing` subscriber.)
+/// What the host offers a plugin during one hook call: log lines (a cdylib
+/// has its own globals, so a plugin cannot use the host's `tracing`
+/// subscriber) and the allowlisted privileged host requests.
 #[sabi_trait]
-pub trait HostLogger {
-    /// One informational line.
+pub trait HostCallbacks {
+    /// One informational line for the hook's progress stream and the daemon log.
     fn info(&self, msg: RStr<'_>);
     /// A warning the user should see.
-    #[sabi(last_prefix_field)]
     fn warn(&self, msg: RStr<'_>);
+    /// One privileged host operation from the allowlist
+    /// ([`wire::HostRequest`] as JSON); answers [`wire::HostReply`] JSON or
+    /// an error message (refused, not supported by this host, failed).
+    /// New methods go below this one, with defaults.
+    #[sabi(last_prefix_field)]
+    fn host_request(&self, request: RStr<'_>) -> RResult<RString, RString>;
 }
 
-/// A borrowed [`HostLogger`] trait object, valid for one hook call.
-pub type HostLoggerRef<'a> = HostLogger_TO<'a, RRef<'a, ()>>;
+/// A borrowed [`HostCallbacks`] trait object, valid for one hook call.
+pub type HostCallbacksRef<'a> = HostCallbacks_TO<'a, RRef<'a, ()>>;
 
 /// The capability object crossing the boundary. Every hook takes a
 /// [`wire::HookRequest`] as JSON and returns a [`wire::HookResponse`] as JSON
@@ -81,23 +92,37 @@ pub trait PluginCapability: Send + Sync {
     fn name(&self) -> RString;
     /// One line for `banger cap list`.
     fn description(&self) -> RString;
+    /// The plugin's [`wire::Manifest`] as JSON (requires, after, backends).
+    fn manifest(&self) -> RString;
     /// Checks per-VM options given as a JSON object of strings.
     fn validate_options(&self, options_json: RStr<'_>) -> RResult<(), RString>;
     /// The PrepareHost hook.
-    fn prepare_host(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString>;
+    fn prepare_host(
+        &self,
+        request: RStr<'_>,
+        host: HostCallbacksRef<'_>,
+    ) -> RResult<RString, RString>;
     /// The ConfigureMachine hook.
     fn configure_machine(
         &self,
         request: RStr<'_>,
-        log: HostLoggerRef<'_>,
+        host: HostCallbacksRef<'_>,
     ) -> RResult<RString, RString>;
     /// The GuestConfig hook.
-    fn guest_config(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString>;
+    fn guest_config(
+        &self,
+        request: RStr<'_>,
+        host: HostCallbacksRef<'_>,
+    ) -> RResult<RString, RString>;
     /// The PostStart hook.
-    fn post_start(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString>;
+    fn post_start(
+        &self,
+        request: RStr<'_>,
+        host: HostCallbacksRef<'_>,
+    ) -> RResult<RString, RString>;
     /// The Teardown hook. New methods go below this one, with defaults.
     #[sabi(last_prefix_field)]
-    fn teardown(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString>;
+    fn teardown(&self, request: RStr<'_>, host: HostCallbacksRef<'_>) -> RResult<RString, RString>;
 }
 
 /// An owned [`PluginCapability`] trait object.

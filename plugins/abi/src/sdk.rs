@@ -7,8 +7,8 @@
 //! impl banger_plugin_abi::sdk::Plugin for Hello {
 //!     fn name(&self) -> &str { "hello" }
 //!     fn description(&self) -> &str { "Says hello at boot" }
-//!     fn post_start(&self, req: &HookRequest, log: &Log<'_>) -> Result<(), PluginError> {
-//!         log.info(&format!("hello, {}", req.vm.name));
+//!     fn post_start(&self, req: &HookRequest, host: &Host<'_>) -> Result<(), PluginError> {
+//!         host.info(&format!("hello, {}", req.vm.name));
 //!         Ok(())
 //!     }
 //! }
@@ -26,28 +26,34 @@ use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RStr, RString};
 
-use crate::wire::{self, HookResponse};
+use crate::wire::{self, HookResponse, HostCall, WIRE_VERSION};
 pub use crate::wire::{
-    BadPciAddress, DriveEdit, FileEdit, GuestEdits, HookName, HookRequest, MachineEdits, MountEdit,
-    Options, PciAddress, PciDeviceEdit, TeardownReason, VmInfo,
+    Backend, BadPciAddress, DriveEdit, FileEdit, GuestEdits, HookName, HookRequest, HostReply,
+    HostRequest, MachineEdits, MachineView, Manifest, MountEdit, NicEdit, Options, PciAddress,
+    PciDeviceEdit, TeardownReason, VmInfo,
 };
 use crate::{
-    HostLoggerRef, PluginCapability, PluginCapability_TO, PluginCapabilityBox, PluginModule,
+    HostCallbacksRef, PluginCapability, PluginCapability_TO, PluginCapabilityBox, PluginModule,
     PluginModuleRef,
 };
 
-/// The host's logger for the current hook call.
-pub struct Log<'a> {
-    host: HostLoggerRef<'a>,
+/// The host's services for the current hook call: log lines and the
+/// allowlisted privileged requests.
+pub struct Host<'a> {
+    host: HostCallbacksRef<'a>,
 }
 
-impl fmt::Debug for Log<'_> {
+/// The name [`Host`] had before it carried host requests.
+#[doc(hidden)]
+pub type Log<'a> = Host<'a>;
+
+impl fmt::Debug for Host<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Log")
+        f.write_str("Host")
     }
 }
 
-impl Log<'_> {
+impl Host<'_> {
     /// One informational line for the user.
     pub fn info(&self, msg: &str) {
         self.host.info(RStr::from_str(msg));
@@ -56,6 +62,30 @@ impl Log<'_> {
     /// A warning for the user.
     pub fn warn(&self, msg: &str) {
         self.host.warn(RStr::from_str(msg));
+    }
+
+    /// Asks the host for one privileged operation from the allowlist
+    /// ([`HostRequest`]). The error says why it was refused or failed.
+    pub fn request(&self, request: HostRequest) -> Result<HostReply, PluginError> {
+        let op = request.op();
+        let call = HostCall {
+            v: WIRE_VERSION,
+            request,
+        };
+        let json = wire::encode("host request", &call)?;
+        let reply = self
+            .request_json(&json)
+            .map_err(|e| PluginError::new(format!("host request {op}: {e}")))?;
+        Ok(wire::decode("host reply", &reply)?)
+    }
+
+    /// The untyped form of [`Host::request`]: sends `json` as it is and
+    /// returns the host's JSON answer. For requests newer than this SDK.
+    pub fn request_json(&self, json: &str) -> Result<String, PluginError> {
+        match self.host.host_request(RStr::from_str(json)) {
+            RResult::ROk(reply) => Ok(reply.into_string()),
+            RResult::RErr(msg) => Err(PluginError::new(msg.into_string())),
+        }
     }
 }
 
@@ -115,32 +145,43 @@ pub trait Plugin: Send + Sync + Default + 'static {
     /// One line for `banger cap list`.
     fn description(&self) -> &str;
 
+    /// What this capability needs from the others and which backends it
+    /// supports; read once when the daemon loads the plugin.
+    fn manifest(&self) -> Manifest {
+        Manifest::default()
+    }
+
     /// Checks per-VM options at VM creation; say which option is wrong and how to fix it.
     fn validate_options(&self, _options: &Options) -> Result<(), PluginError> {
         Ok(())
     }
 
     /// Sets up host resources (files under `req.vm.vm_dir`, ...).
-    fn prepare_host(&self, _req: &HookRequest, _log: &Log<'_>) -> Result<(), PluginError> {
+    fn prepare_host(&self, _req: &HookRequest, _host: &Host<'_>) -> Result<(), PluginError> {
         Ok(())
     }
 
-    /// Returns drives and boot arguments to append to the machine.
+    /// Returns edits to the machine: drives, NICs, PCI devices, boot
+    /// arguments to add or remove. `req.machine` shows the machine so far.
     fn configure_machine(
         &self,
         _req: &HookRequest,
-        _log: &Log<'_>,
+        _host: &Host<'_>,
     ) -> Result<MachineEdits, PluginError> {
         Ok(MachineEdits::default())
     }
 
-    /// Returns mounts and files to add to the guest config bundle.
-    fn guest_config(&self, _req: &HookRequest, _log: &Log<'_>) -> Result<GuestEdits, PluginError> {
+    /// Returns mounts, files, environment and boot commands for the guest.
+    fn guest_config(
+        &self,
+        _req: &HookRequest,
+        _host: &Host<'_>,
+    ) -> Result<GuestEdits, PluginError> {
         Ok(GuestEdits::default())
     }
 
     /// Runs once the guest is up.
-    fn post_start(&self, _req: &HookRequest, _log: &Log<'_>) -> Result<(), PluginError> {
+    fn post_start(&self, _req: &HookRequest, _host: &Host<'_>) -> Result<(), PluginError> {
         Ok(())
     }
 
@@ -149,7 +190,7 @@ pub trait Plugin: Send + Sync + Default + 'static {
         &self,
         _req: &HookRequest,
         _reason: TeardownReason,
-        _log: &Log<'_>,
+        _host: &Host<'_>,
     ) -> Result<(), PluginError> {
         Ok(())
     }
@@ -189,14 +230,21 @@ pub extern "C" fn new_capability<T: Plugin>() -> RResult<PluginCapabilityBox, RS
         let plugin = T::default();
         let name = plugin.name().to_string();
         let description = plugin.description().to_string();
-        Glue {
+        let manifest = wire::encode("manifest", &plugin.manifest());
+        manifest.map(|manifest| Glue {
             plugin,
             name,
             description,
-        }
+            manifest,
+        })
     });
     match made {
-        Ok(glue) => RResult::ROk(PluginCapability_TO::from_value(glue, TD_Opaque)),
+        Ok(Ok(glue)) => RResult::ROk(PluginCapability_TO::from_value(glue, TD_Opaque)),
+        Ok(Err(e)) => RResult::RErr(RString::from(format!(
+            "plugin {}: {}",
+            std::any::type_name::<T>(),
+            chain(&e)
+        ))),
         Err(payload) => RResult::RErr(RString::from(format!(
             "plugin {} panicked while starting: {}",
             std::any::type_name::<T>(),
@@ -209,6 +257,8 @@ struct Glue<T> {
     plugin: T,
     name: String,
     description: String,
+    /// The manifest as JSON, encoded once.
+    manifest: String,
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -239,8 +289,8 @@ impl<T: Plugin> Glue<T> {
         &self,
         expected: HookName,
         request: RStr<'_>,
-        log: HostLoggerRef<'_>,
-        run: impl FnOnce(&T, &HookRequest, &Log<'_>) -> Result<HookResponse, PluginError>,
+        log: HostCallbacksRef<'_>,
+        run: impl FnOnce(&T, &HookRequest, &Host<'_>) -> Result<HookResponse, PluginError>,
     ) -> RResult<RString, RString> {
         self.guarded(expected.as_str(), || {
             let req: HookRequest =
@@ -252,8 +302,8 @@ impl<T: Plugin> Glue<T> {
                     expected.as_str()
                 ));
             }
-            let log = Log { host: log };
-            let resp = run(&self.plugin, &req, &log).map_err(|e| e.0)?;
+            let host = Host { host: log };
+            let resp = run(&self.plugin, &req, &host).map_err(|e| e.0)?;
             wire::encode("hook response", &resp)
                 .map(RString::from)
                 .map_err(|e| chain(&e))
@@ -270,6 +320,10 @@ impl<T: Plugin> PluginCapability for Glue<T> {
         RString::from(self.description.as_str())
     }
 
+    fn manifest(&self) -> RString {
+        RString::from(self.manifest.as_str())
+    }
+
     fn validate_options(&self, options_json: RStr<'_>) -> RResult<(), RString> {
         self.guarded("validate_options", || {
             let options: Options = serde_json::from_str(options_json.as_str())
@@ -278,7 +332,11 @@ impl<T: Plugin> PluginCapability for Glue<T> {
         })
     }
 
-    fn prepare_host(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString> {
+    fn prepare_host(
+        &self,
+        request: RStr<'_>,
+        log: HostCallbacksRef<'_>,
+    ) -> RResult<RString, RString> {
         self.hook(HookName::PrepareHost, request, log, |p, req, log| {
             p.prepare_host(req, log).map(|()| HookResponse::default())
         })
@@ -287,7 +345,7 @@ impl<T: Plugin> PluginCapability for Glue<T> {
     fn configure_machine(
         &self,
         request: RStr<'_>,
-        log: HostLoggerRef<'_>,
+        log: HostCallbacksRef<'_>,
     ) -> RResult<RString, RString> {
         self.hook(HookName::ConfigureMachine, request, log, |p, req, log| {
             p.configure_machine(req, log).map(|machine| HookResponse {
@@ -297,7 +355,11 @@ impl<T: Plugin> PluginCapability for Glue<T> {
         })
     }
 
-    fn guest_config(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString> {
+    fn guest_config(
+        &self,
+        request: RStr<'_>,
+        log: HostCallbacksRef<'_>,
+    ) -> RResult<RString, RString> {
         self.hook(HookName::GuestConfig, request, log, |p, req, log| {
             p.guest_config(req, log).map(|guest| HookResponse {
                 guest,
@@ -306,13 +368,17 @@ impl<T: Plugin> PluginCapability for Glue<T> {
         })
     }
 
-    fn post_start(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString> {
+    fn post_start(
+        &self,
+        request: RStr<'_>,
+        log: HostCallbacksRef<'_>,
+    ) -> RResult<RString, RString> {
         self.hook(HookName::PostStart, request, log, |p, req, log| {
             p.post_start(req, log).map(|()| HookResponse::default())
         })
     }
 
-    fn teardown(&self, request: RStr<'_>, log: HostLoggerRef<'_>) -> RResult<RString, RString> {
+    fn teardown(&self, request: RStr<'_>, log: HostCallbacksRef<'_>) -> RResult<RString, RString> {
         self.hook(HookName::Teardown, request, log, |p, req, log| {
             let reason = req
                 .teardown_reason
@@ -331,7 +397,7 @@ mod tests {
 
     use super::*;
     use crate::wire::{VmInfo, WIRE_VERSION};
-    use crate::{HostLogger, HostLogger_TO};
+    use crate::{HostCallbacks, HostCallbacks_TO};
 
     #[derive(Default)]
     struct Sample;
@@ -343,15 +409,28 @@ mod tests {
         fn description(&self) -> &str {
             "A sample"
         }
+        fn manifest(&self) -> Manifest {
+            Manifest {
+                requires: vec!["network".into()],
+                backends: vec![Backend::Qemu],
+                ..Manifest::default()
+            }
+        }
         fn validate_options(&self, options: &Options) -> Result<(), PluginError> {
             if options.contains_key("bad") {
                 return Err(PluginError::new("option bad is not allowed"));
             }
             Ok(())
         }
-        fn prepare_host(&self, req: &HookRequest, log: &Log<'_>) -> Result<(), PluginError> {
-            log.info(&format!("preparing {}", req.vm.name));
-            log.warn("careful");
+        fn prepare_host(&self, req: &HookRequest, host: &Host<'_>) -> Result<(), PluginError> {
+            host.info(&format!("preparing {}", req.vm.name));
+            host.warn("careful");
+            if let Some(address) = req.options.get("vfio") {
+                let reply = host.request(HostRequest::BindVfio {
+                    address: address.parse()?,
+                })?;
+                host.info(&format!("was {:?}", reply.previous_driver));
+            }
             if req.options.contains_key("panic") {
                 panic!("boom {}", 7);
             }
@@ -363,7 +442,7 @@ mod tests {
         fn configure_machine(
             &self,
             _req: &HookRequest,
-            _log: &Log<'_>,
+            _host: &Host<'_>,
         ) -> Result<MachineEdits, PluginError> {
             Ok(MachineEdits {
                 boot_args: vec!["sample=1".into()],
@@ -374,9 +453,9 @@ mod tests {
             &self,
             _req: &HookRequest,
             reason: TeardownReason,
-            log: &Log<'_>,
+            host: &Host<'_>,
         ) -> Result<(), PluginError> {
-            log.info(&format!("teardown {}", reason.as_str()));
+            host.info(&format!("teardown {}", reason.as_str()));
             Ok(())
         }
     }
@@ -384,12 +463,23 @@ mod tests {
     #[derive(Default)]
     struct Lines(Mutex<Vec<String>>);
 
-    impl HostLogger for Lines {
+    /// Logs lines; answers bind_vfio for 0000:01:00.0 and refuses the rest.
+    impl HostCallbacks for Lines {
         fn info(&self, msg: RStr<'_>) {
             self.0.lock().unwrap().push(format!("info {msg}"));
         }
         fn warn(&self, msg: RStr<'_>) {
             self.0.lock().unwrap().push(format!("warn {msg}"));
+        }
+        fn host_request(&self, request: RStr<'_>) -> RResult<RString, RString> {
+            self.0.lock().unwrap().push(format!("request {request}"));
+            let call: HostCall = wire::decode("host call", request.as_str()).unwrap();
+            match call.request {
+                HostRequest::BindVfio { address } if address.as_str() == "0000:01:00.0" => {
+                    ROk(RString::from(r#"{"v":1,"previous_driver":"nvidia"}"#))
+                }
+                other => RErr(RString::from(format!("{} refused", other.op()))),
+            }
         }
     }
 
@@ -404,12 +494,14 @@ mod tests {
                 memory_mib: 256,
                 vm_dir: "/tmp/x".into(),
                 booted_once: false,
+                vmm: None,
             },
             options: options
                 .iter()
                 .map(|k| (k.to_string(), String::new()))
                 .collect(),
             teardown_reason: (hook == HookName::Teardown).then_some(TeardownReason::Delete),
+            machine: None,
         };
         serde_json::to_string(&req).unwrap()
     }
@@ -427,7 +519,7 @@ mod tests {
         assert_eq!(cap.name().as_str(), "sample");
         assert_eq!(cap.description().as_str(), "A sample");
         let lines = Lines::default();
-        let log = HostLogger_TO::from_ptr(&lines, TD_Opaque);
+        let log = HostCallbacks_TO::from_ptr(&lines, TD_Opaque);
         let out = cap.prepare_host(
             RStr::from_str(&request(HookName::PrepareHost, &[])),
             log.sabi_reborrow(),
@@ -453,10 +545,57 @@ mod tests {
     }
 
     #[test]
+    fn manifest_crosses_as_json() {
+        let m: Manifest = serde_json::from_str(cap().manifest().as_str()).unwrap();
+        assert_eq!(m.requires, ["network"]);
+        assert!(m.after.is_empty());
+        assert_eq!(m.backends, [Backend::Qemu]);
+    }
+
+    #[test]
+    fn host_requests_cross_as_json_and_refusals_come_back_as_errors() {
+        let cap = cap();
+        let lines = Lines::default();
+        let log = HostCallbacks_TO::from_ptr(&lines, TD_Opaque);
+        let req = |opts: &[(&str, &str)]| {
+            let mut r: HookRequest =
+                serde_json::from_str(&request(HookName::PrepareHost, &[])).unwrap();
+            r.options = opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            serde_json::to_string(&r).unwrap()
+        };
+        cap.prepare_host(
+            RStr::from_str(&req(&[("vfio", "0000:01:00.0")])),
+            log.sabi_reborrow(),
+        )
+        .unwrap();
+        assert_eq!(
+            lines.0.lock().unwrap()[2..],
+            [
+                r#"request {"v":1,"op":"bind_vfio","address":"0000:01:00.0"}"#.to_string(),
+                r#"info was Some("nvidia")"#.to_string(),
+            ]
+        );
+        let err = cap
+            .prepare_host(
+                RStr::from_str(&req(&[("vfio", "0000:02:00.0")])),
+                log.sabi_reborrow(),
+            )
+            .unwrap_err();
+        assert_eq!(err.as_str(), "host request bind_vfio: bind_vfio refused");
+        let err = cap
+            .prepare_host(RStr::from_str(&req(&[("vfio", "02:00.0")])), log)
+            .unwrap_err();
+        assert!(err.as_str().contains("not a PCI address"), "{err}");
+    }
+
+    #[test]
     fn a_panicking_hook_becomes_an_error_naming_plugin_and_hook() {
         let cap = cap();
         let lines = Lines::default();
-        let log = HostLogger_TO::from_ptr(&lines, TD_Opaque);
+        let log = HostCallbacks_TO::from_ptr(&lines, TD_Opaque);
         let err = cap
             .prepare_host(
                 RStr::from_str(&request(HookName::PrepareHost, &["panic"])),
@@ -473,7 +612,7 @@ mod tests {
     fn errors_keep_their_message_and_chain() {
         let cap = cap();
         let lines = Lines::default();
-        let log = HostLogger_TO::from_ptr(&lines, TD_Opaque);
+        let log = HostCallbacks_TO::from_ptr(&lines, TD_Opaque);
         let err = cap
             .prepare_host(
                 RStr::from_str(&request(HookName::PrepareHost, &["io"])),
@@ -492,7 +631,7 @@ mod tests {
     fn malformed_or_misrouted_requests_are_errors_not_panics() {
         let cap = cap();
         let lines = Lines::default();
-        let log = HostLogger_TO::from_ptr(&lines, TD_Opaque);
+        let log = HostCallbacks_TO::from_ptr(&lines, TD_Opaque);
         let err = cap
             .post_start(RStr::from_str("{nope"), log.sabi_reborrow())
             .unwrap_err();

@@ -86,6 +86,60 @@ pub struct VmInfo {
     /// True once the VM has been running; a VM that never ran has no user data.
     #[serde(default)]
     pub booted_once: bool,
+    /// The VMM backend that runs the VM (always sent by ABI 2 hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<Backend>,
+}
+
+/// A VMM backend kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Firecracker.
+    Firecracker,
+    /// QEMU.
+    Qemu,
+    /// A backend newer than this crate; plugins should treat it as unsupported.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Backend {
+    /// The backend's name as users write it (`qemu`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Firecracker => "firecracker",
+            Backend::Qemu => "qemu",
+            Backend::Unknown => "unknown",
+        }
+    }
+}
+
+/// A read-only view of the machine as built so far (sent to
+/// ConfigureMachine: the spec before this plugin's edits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineView {
+    /// Kernel image on the host.
+    pub kernel: PathBuf,
+    /// Initrd on the host, if any.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line, space-separated.
+    #[serde(default)]
+    pub boot_args: String,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Drives in attach order; the first is the root.
+    #[serde(default)]
+    pub drives: Vec<DriveEdit>,
+    /// NICs in attach order.
+    #[serde(default)]
+    pub nics: Vec<NicEdit>,
+    /// PCI devices.
+    #[serde(default)]
+    pub pci_devices: Vec<PciDeviceEdit>,
 }
 
 /// The input of every hook.
@@ -103,6 +157,9 @@ pub struct HookRequest {
     /// Set for Teardown only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teardown_reason: Option<TeardownReason>,
+    /// The machine so far; set for ConfigureMachine only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineView>,
 }
 
 /// A block device to append to the machine.
@@ -252,6 +309,12 @@ pub struct MachineEdits {
     /// PCI devices to add, in order (a host without them ignores nothing:
     /// it applies them or fails the hook).
     pub pci_devices: Vec<PciDeviceEdit>,
+    /// Kernel command-line arguments to remove, applied before `boot_args`
+    /// are appended: `quiet` removes `quiet`; `pci` (no `=`) removes `pci`
+    /// and every `pci=...`; `pci=off` removes exactly `pci=off`.
+    pub remove_boot_args: Vec<String>,
+    /// NICs to append, in order.
+    pub nics: Vec<NicEdit>,
 }
 
 /// Edits to the guest config bundle, returned by GuestConfig.
@@ -262,20 +325,113 @@ pub struct GuestEdits {
     pub mounts: Vec<MountEdit>,
     /// Files to write, in order.
     pub files: Vec<FileEdit>,
+    /// Environment for the commands the guest agent runs; a name another
+    /// capability already set is refused.
+    pub env: BTreeMap<String, String>,
+    /// Commands (argv) the guest agent runs at boot, after mounts and
+    /// files, in order.
+    pub boot_commands: Vec<Vec<String>>,
 }
 
 impl MachineEdits {
     /// True when there is nothing to apply.
     pub fn is_empty(&self) -> bool {
-        self.drives.is_empty() && self.boot_args.is_empty() && self.pci_devices.is_empty()
+        self == &MachineEdits::default()
     }
 }
 
 impl GuestEdits {
     /// True when there is nothing to apply.
     pub fn is_empty(&self) -> bool {
-        self.mounts.is_empty() && self.files.is_empty()
+        self == &GuestEdits::default()
     }
+}
+
+/// What a plugin declares about itself, read once at load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Manifest {
+    /// Capabilities that must also be enabled on a VM that enables this one
+    /// (their hooks also run before this one's).
+    pub requires: Vec<String>,
+    /// Capabilities whose hooks run before this one's when they are enabled
+    /// too (ordering only).
+    pub after: Vec<String>,
+    /// The VMM backends this plugin supports; empty means all.
+    pub backends: Vec<Backend>,
+}
+
+/// A privileged host operation a plugin may ask for, through
+/// `Host::request` in the SDK. This is the whole allowlist: the host
+/// validates every argument and refuses any other `op`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HostRequest {
+    /// Create a tap device owned by the daemon's user. The name must start
+    /// with `bgp` (plugin taps; banger's own pool uses `bgtap`).
+    CreateTap {
+        /// Interface name: `bgp` then 1-12 of `[a-z0-9-]`.
+        name: String,
+    },
+    /// Delete a tap made with `CreateTap`; a missing one is fine.
+    DeleteTap {
+        /// Interface name.
+        name: String,
+    },
+    /// Bind a PCI device to `vfio-pci`; the reply names the driver it had.
+    BindVfio {
+        /// The device.
+        address: PciAddress,
+    },
+    /// Give a PCI device back to `driver` (what `BindVfio` replied).
+    RebindDriver {
+        /// The device.
+        address: PciAddress,
+        /// Driver name, 1-32 of `[a-z0-9_-]`.
+        driver: String,
+    },
+    /// Masquerade this VM's traffic from `ip` on banger's bridge (nft rules
+    /// tagged with the VM's id in banger's table).
+    AddNat {
+        /// The VM's IPv4 address on banger's subnet.
+        ip: std::net::Ipv4Addr,
+    },
+    /// Remove this VM's NAT rules.
+    RemoveNat,
+}
+
+impl HostRequest {
+    /// The request's `op` name (`create_tap`).
+    pub fn op(&self) -> &'static str {
+        match self {
+            HostRequest::CreateTap { .. } => "create_tap",
+            HostRequest::DeleteTap { .. } => "delete_tap",
+            HostRequest::BindVfio { .. } => "bind_vfio",
+            HostRequest::RebindDriver { .. } => "rebind_driver",
+            HostRequest::AddNat { .. } => "add_nat",
+            HostRequest::RemoveNat => "remove_nat",
+        }
+    }
+}
+
+/// A host request on the wire: the version plus the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCall {
+    /// Wire format version.
+    pub v: u32,
+    /// The request.
+    #[serde(flatten)]
+    pub request: HostRequest,
+}
+
+/// The host's answer to a request that succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReply {
+    /// Wire format version.
+    pub v: u32,
+    /// For `BindVfio`: the driver the device had before (`None` if unbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_driver: Option<String>,
 }
 
 /// The output of every hook: edits for the host to apply.
@@ -377,9 +533,11 @@ mod tests {
                 memory_mib: 1024,
                 vm_dir: "/state/vms/0123456789abcdef".into(),
                 booted_once: true,
+                vmm: Some(Backend::Qemu),
             },
             options: [("host".to_string(), "/src".to_string())].into(),
             teardown_reason: Some(TeardownReason::Rollback),
+            machine: None,
         }
     }
 
@@ -391,6 +549,7 @@ mod tests {
         assert_eq!(value["hook"], "teardown");
         assert_eq!(value["teardown_reason"], "rollback");
         assert_eq!(value["options"]["host"], "/src");
+        assert_eq!(value["vm"]["vmm"], "qemu");
         let back: HookRequest = decode("request", &json).unwrap();
         assert_eq!(back, request());
     }
@@ -413,6 +572,12 @@ mod tests {
                         model: "virtio-rng-pci".into(),
                     },
                 ],
+                remove_boot_args: vec!["pci".into()],
+                nics: vec![NicEdit {
+                    id: "n".into(),
+                    tap: "bgp-n".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                }],
             },
             guest: GuestEdits {
                 mounts: vec![],
@@ -423,6 +588,8 @@ mod tests {
                     uid: 1,
                     gid: 2,
                 }],
+                env: [("K".to_string(), "v".to_string())].into(),
+                boot_commands: vec![vec!["true".into()]],
             },
             ..HookResponse::default()
         };
@@ -472,6 +639,47 @@ mod tests {
         let json = r#"{"v":1,"machine":{"pci_devices":[{"kind":"vfio","address":"0000:01:00"}]}}"#;
         let err = decode::<HookResponse>("response", json).unwrap_err();
         assert!(format!("{err:?}").contains("not a PCI address"), "{err:?}");
+    }
+
+    #[test]
+    fn a_version_1_request_without_the_v2_fields_still_decodes() {
+        // What an ABI 1 host sent: no vmm, no machine view.
+        let json = r#"{"v":1,"hook":"configure_machine",
+            "vm":{"id":"i","name":"n","vcpus":1,"memory_mib":256,"vm_dir":"/d"}}"#;
+        let req: HookRequest = decode("request", json).unwrap();
+        assert_eq!(req.vm.vmm, None);
+        assert_eq!(req.machine, None);
+        let json = r#"{"v":1,"hook":"prepare_host",
+            "vm":{"id":"i","name":"n","vcpus":1,"memory_mib":256,"vm_dir":"/d","vmm":"cloud-hypervisor"}}"#;
+        let req: HookRequest = decode("request", json).unwrap();
+        assert_eq!(req.vm.vmm, Some(Backend::Unknown));
+    }
+
+    #[test]
+    fn host_calls_are_tagged_by_op_and_manifests_default_to_empty() {
+        let call = HostCall {
+            v: WIRE_VERSION,
+            request: HostRequest::RebindDriver {
+                address: "0000:01:00.0".parse().unwrap(),
+                driver: "nvidia".into(),
+            },
+        };
+        let json = encode("host call", &call).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":1,"op":"rebind_driver","address":"0000:01:00.0","driver":"nvidia"}"#
+        );
+        assert_eq!(decode::<HostCall>("host call", &json).unwrap(), call);
+        let json = r#"{"v":1,"op":"remove_nat"}"#;
+        let call: HostCall = decode("host call", json).unwrap();
+        assert_eq!(call.request.op(), "remove_nat");
+
+        let m: Manifest = serde_json::from_str("{}").unwrap();
+        assert_eq!(m, Manifest::default());
+        let m: Manifest =
+            serde_json::from_str(r#"{"requires":["network"],"backends":["qemu"]}"#).unwrap();
+        assert_eq!(m.requires, ["network"]);
+        assert_eq!(m.backends, [Backend::Qemu]);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
 use banger_plugin_abi::sdk::{
-    DriveEdit, GuestEdits, HookRequest, Log, MachineEdits, MountEdit, Options, Plugin, PluginError,
-    TeardownReason,
+    DriveEdit, GuestEdits, HookRequest, Host, MachineEdits, MountEdit, Options, Plugin,
+    PluginError, TeardownReason,
 };
 
 /// The drive id the image is attached under.
@@ -116,7 +116,7 @@ fn mkfs_ext4() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("mkfs.ext4"))
 }
 
-fn build_image(host: &Path, vm_dir: &Path, log: &Log<'_>) -> Result<PathBuf, PluginError> {
+fn build_image(host: &Path, vm_dir: &Path, log: &Host<'_>) -> Result<PathBuf, PluginError> {
     let (bytes, entries) = tree_size(host)
         .map_err(|e| PluginError::with(format!("Cannot measure {}", host.display()), &e))?;
     let size = image_size(bytes, entries);
@@ -174,7 +174,7 @@ impl Plugin for SharedMount {
         settings(options).map(|_| ())
     }
 
-    fn prepare_host(&self, req: &HookRequest, log: &Log<'_>) -> Result<(), PluginError> {
+    fn prepare_host(&self, req: &HookRequest, log: &Host<'_>) -> Result<(), PluginError> {
         let s = settings(&req.options)?;
         let image = build_image(&s.host, &req.vm.vm_dir, log)?;
         log.info(&format!(
@@ -188,7 +188,7 @@ impl Plugin for SharedMount {
     fn configure_machine(
         &self,
         req: &HookRequest,
-        _log: &Log<'_>,
+        _log: &Host<'_>,
     ) -> Result<MachineEdits, PluginError> {
         Ok(MachineEdits {
             drives: vec![DriveEdit {
@@ -200,7 +200,7 @@ impl Plugin for SharedMount {
         })
     }
 
-    fn guest_config(&self, req: &HookRequest, _log: &Log<'_>) -> Result<GuestEdits, PluginError> {
+    fn guest_config(&self, req: &HookRequest, _log: &Host<'_>) -> Result<GuestEdits, PluginError> {
         let s = settings(&req.options)?;
         Ok(GuestEdits {
             mounts: vec![MountEdit {
@@ -209,7 +209,7 @@ impl Plugin for SharedMount {
                 fstype: "ext4".to_string(),
                 read_only: true,
             }],
-            files: vec![],
+            ..GuestEdits::default()
         })
     }
 
@@ -217,7 +217,7 @@ impl Plugin for SharedMount {
         &self,
         req: &HookRequest,
         _reason: TeardownReason,
-        _log: &Log<'_>,
+        _log: &Host<'_>,
     ) -> Result<(), PluginError> {
         // The image is a snapshot rebuilt at every start, so every reason removes it.
         let image = req.vm.vm_dir.join(IMAGE_NAME);
