@@ -572,7 +572,21 @@ fn privileges(config: &Config) -> Check {
 /// recipe when this host can.
 fn default_artifacts(config: &Config, paths: &Paths) -> Check {
     const CHECK: &str = "default image";
-    let catalogs = image_catalog(config).and_then(|i| Ok((i, kernel_catalog(config)?)));
+    let images = load_catalog(
+        config,
+        "image_catalog_file",
+        &config.image_catalog_file,
+        ImageCatalog::embedded,
+        ImageCatalog::parse,
+    );
+    let kernels = load_catalog(
+        config,
+        "kernel_catalog_file",
+        &config.kernel_catalog_file,
+        KernelCatalog::embedded,
+        KernelCatalog::parse,
+    );
+    let catalogs = images.and_then(|i| Ok((i, kernels?)));
     let (images, kernels) = match catalogs {
         Ok(c) => c,
         Err((why, fix)) => return Check::fail(CHECK, why, fix),
@@ -626,26 +640,21 @@ const KERNEL_TOOLS: &[(&str, &str)] = &[
     ("dpkg-deb", "dpkg"),
 ];
 
-fn image_catalog(config: &Config) -> Result<ImageCatalog, (String, String)> {
-    let fix = || format!("fix image_catalog_file in {}", config.path.display());
-    match &config.image_catalog_file {
+/// A catalog: the file config names under `key`, else the embedded one.
+fn load_catalog<C, E: std::fmt::Display>(
+    config: &Config,
+    key: &str,
+    file: &Option<PathBuf>,
+    embedded: fn() -> Result<C, E>,
+    parse: fn(&str) -> Result<C, E>,
+) -> Result<C, (String, String)> {
+    match file {
         Some(f) => std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read image_catalog_file {}: {e}", f.display()))
-            .and_then(|t| ImageCatalog::parse(&t).map_err(|e| e.to_string())),
-        None => ImageCatalog::embedded().map_err(|e| e.to_string()),
+            .map_err(|e| format!("cannot read {key} {}: {e}", f.display()))
+            .and_then(|t| parse(&t).map_err(|e| e.to_string())),
+        None => embedded().map_err(|e| e.to_string()),
     }
-    .map_err(|why| (why, fix()))
-}
-
-fn kernel_catalog(config: &Config) -> Result<KernelCatalog, (String, String)> {
-    let fix = || format!("fix kernel_catalog_file in {}", config.path.display());
-    match &config.kernel_catalog_file {
-        Some(f) => std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read kernel_catalog_file {}: {e}", f.display()))
-            .and_then(|t| KernelCatalog::parse(&t).map_err(|e| e.to_string())),
-        None => KernelCatalog::embedded().map_err(|e| e.to_string()),
-    }
-    .map_err(|why| (why, fix()))
+    .map_err(|why| (why, format!("fix {key} in {}", config.path.display())))
 }
 
 /// Where one artifact will come from, or (what is wrong, the fix).

@@ -266,6 +266,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_catalog_file_fails_naming_the_key() {
+        let Some(h) = Host::with("an_unreadable_catalog_file_fails_naming_the_key", TOOLS) else {
+            return;
+        };
+        h.config("image_catalog_file = \"/nonexistent/images.toml\"\n");
+        let out = h.doctor();
+        fails(&out);
+        assert_eq!(
+            line(&out, "default image"),
+            format!(
+                "FAIL default image: cannot read image_catalog_file /nonexistent/images.toml: \
+                 No such file or directory (os error 2); fix: fix image_catalog_file in {}",
+                h.config_path().display()
+            )
+        );
+    }
+
+    #[test]
     fn published_defaults_need_no_build_tools() {
         let Some(h) = Host::without("published_defaults_need_no_build_tools", "mmdebstrap") else {
             return;
