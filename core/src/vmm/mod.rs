@@ -39,7 +39,7 @@ pub struct LaunchPaths {
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// The VMM binary could not be found or started.
-    #[error("Failed to start {bin}")]
+    #[error("Failed to start {bin} (`banger doctor` checks this host's backends)")]
     Spawn {
         /// The binary.
         bin: PathBuf,
@@ -323,6 +323,19 @@ mod tests {
         assert!(log_tail(&dir.path().join("nope"), 3).starts_with("(unreadable"));
         std::fs::write(&p, "").unwrap();
         assert_eq!(log_tail(&p, 3), "(empty)");
+    }
+
+    #[test]
+    fn a_missing_vmm_binary_names_it_and_points_at_doctor() {
+        let bin = Path::new("/nonexistent/qemu-system-x86_64");
+        let Err(e) = spawn_detached(Command::new(bin), bin, "test") else {
+            panic!("a missing binary started");
+        };
+        assert_eq!(
+            error_chain(&e),
+            "Failed to start /nonexistent/qemu-system-x86_64 (`banger doctor` checks this \
+             host's backends): No such file or directory (os error 2)"
+        );
     }
 
     #[test]
