@@ -17,11 +17,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use banger_plugin_abi::sdk::{
-    HookRequest, Log, MachineEdits, Options, PciAddress, PciDeviceEdit, Plugin, PluginError,
-    TeardownReason,
+    Backend, HookRequest, Host, MachineEdits, Manifest, Options, PciAddress, PciDeviceEdit, Plugin,
+    PluginError, TeardownReason,
 };
 use serde::{Deserialize, Serialize};
 
+#[cfg(any(test, feature = "fake-sysfs"))]
+pub mod fake_sysfs;
 pub mod sysfs;
 
 use sysfs::{IommuGroup, Member, PciSysfs, VFIO_DRIVER};
@@ -260,21 +262,29 @@ impl Plugin for VfioPassthrough {
         "Pass a host PCI device through to a QEMU guest with VFIO (device=DDDD:BB:DD.F)"
     }
 
+    fn manifest(&self) -> Manifest {
+        // Firecracker has no PCI bus: refuse the VM at create time.
+        Manifest {
+            backends: vec![Backend::Qemu],
+            ..Manifest::default()
+        }
+    }
+
     fn validate_options(&self, options: &Options) -> Result<(), PluginError> {
         settings(options).map(|_| ())
     }
 
-    fn prepare_host(&self, req: &HookRequest, log: &Log<'_>) -> Result<(), PluginError> {
+    fn prepare_host(&self, req: &HookRequest, host: &Host<'_>) -> Result<(), PluginError> {
         let s = settings(&req.options)?;
         let taken = prepare(&s, &req.vm.vm_dir)?;
-        log.info(&format!("bound to {VFIO_DRIVER}: {}", describe(&taken)));
+        host.info(&format!("bound to {VFIO_DRIVER}: {}", describe(&taken)));
         Ok(())
     }
 
     fn configure_machine(
         &self,
         req: &HookRequest,
-        _log: &Log<'_>,
+        _host: &Host<'_>,
     ) -> Result<MachineEdits, PluginError> {
         let s = settings(&req.options)?;
         Ok(MachineEdits {
@@ -287,14 +297,14 @@ impl Plugin for VfioPassthrough {
         &self,
         req: &HookRequest,
         _reason: TeardownReason,
-        log: &Log<'_>,
+        host: &Host<'_>,
     ) -> Result<(), PluginError> {
         // Every reason gives the devices back: the host may need them
         // between runs, and the next start binds them again.
         let s = settings(&req.options)?;
         let taken = teardown(&s, &req.vm.vm_dir)?;
         if !taken.is_empty() {
-            log.info(&format!("given back: {}", describe(&taken)));
+            host.info(&format!("given back: {}", describe(&taken)));
         }
         Ok(())
     }
@@ -304,113 +314,20 @@ banger_plugin_abi::export_plugin!(VfioPassthrough);
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
-
     use super::*;
 
-    /// A sysfs tree in a temp dir, laid out as the kernel lays it out:
-    /// `bus/pci/devices/ADDR/{driver,iommu_group,driver_override,class}`,
-    /// `bus/pci/drivers/NAME/{bind,unbind}`, `bus/pci/drivers_probe` and
-    /// `kernel/iommu_groups/N/devices/ADDR`. Attribute files start empty and
-    /// keep every line written to them.
-    struct FakeSysfs {
-        dir: tempfile::TempDir,
+    use crate::fake_sysfs::FakeSysfs;
+    use crate::fake_sysfs::class::{AUDIO, BRIDGE, GPU, NVME};
+
+    /// The plugin's settings for `device` on the fake tree.
+    fn settings_for(f: &FakeSysfs, device: &str) -> Settings {
+        let opts: Options = [
+            ("device".to_string(), device.to_string()),
+            ("sysfs".to_string(), f.root().to_str().unwrap().to_string()),
+        ]
+        .into();
+        settings(&opts).unwrap()
     }
-
-    impl FakeSysfs {
-        fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            fs::create_dir_all(dir.path().join("bus/pci/devices")).unwrap();
-            fs::write(dir.path().join("bus/pci/drivers_probe"), "").unwrap();
-            FakeSysfs { dir }
-        }
-
-        fn root(&self) -> &Path {
-            self.dir.path()
-        }
-
-        fn dev(&self, addr: &str) -> PathBuf {
-            self.root().join("bus/pci/devices").join(addr)
-        }
-
-        fn driver_dir(&self, name: &str) -> PathBuf {
-            let d = self.root().join("bus/pci/drivers").join(name);
-            if !d.exists() {
-                fs::create_dir_all(&d).unwrap();
-                fs::write(d.join("bind"), "").unwrap();
-                fs::write(d.join("unbind"), "").unwrap();
-            }
-            d
-        }
-
-        /// A device of class `class` in `group` (None: IOMMU off), bound to `driver`.
-        fn device(&self, addr: &str, class: &str, group: Option<u32>, driver: Option<&str>) {
-            let dev = self.dev(addr);
-            fs::create_dir_all(&dev).unwrap();
-            fs::write(dev.join("driver_override"), "").unwrap();
-            fs::write(dev.join("class"), format!("{class}\n")).unwrap();
-            self.bind(addr, driver);
-            if let Some(g) = group {
-                let members = self.root().join(format!("kernel/iommu_groups/{g}/devices"));
-                fs::create_dir_all(&members).unwrap();
-                symlink(&dev, members.join(addr)).unwrap();
-                symlink(members.parent().unwrap(), dev.join("iommu_group")).unwrap();
-            }
-        }
-
-        /// What the kernel does after a successful (un)bind: the `driver` link.
-        fn bind(&self, addr: &str, driver: Option<&str>) {
-            let link = self.dev(addr).join("driver");
-            let _ = fs::remove_file(&link);
-            if let Some(d) = driver {
-                symlink(self.driver_dir(d), link).unwrap();
-            }
-        }
-
-        fn read(&self, rel: &str) -> String {
-            fs::read_to_string(self.root().join(rel)).unwrap()
-        }
-
-        /// Every attribute file that is not empty, with its contents.
-        fn writes(&self) -> Vec<(String, String)> {
-            let mut out = Vec::new();
-            let mut stack = vec![self.root().join("bus")];
-            while let Some(d) = stack.pop() {
-                for e in fs::read_dir(&d).unwrap() {
-                    let p = e.unwrap().path();
-                    let meta = fs::symlink_metadata(&p).unwrap();
-                    if meta.is_dir() {
-                        stack.push(p);
-                    } else if meta.is_file() && p.file_name().unwrap() != "class" {
-                        let text = fs::read_to_string(&p).unwrap();
-                        if !text.is_empty() {
-                            let rel = p.strip_prefix(self.root()).unwrap();
-                            out.push((rel.display().to_string(), text));
-                        }
-                    }
-                }
-            }
-            out.sort();
-            out
-        }
-
-        fn settings(&self, device: &str) -> Settings {
-            let opts: Options = [
-                ("device".to_string(), device.to_string()),
-                (
-                    "sysfs".to_string(),
-                    self.root().to_str().unwrap().to_string(),
-                ),
-            ]
-            .into();
-            settings(&opts).unwrap()
-        }
-    }
-
-    const GPU: &str = "0x030000";
-    const AUDIO: &str = "0x040300";
-    const BRIDGE: &str = "0x060400";
-    const NVME: &str = "0x010802";
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
@@ -420,10 +337,13 @@ mod tests {
 
     /// A GPU with its audio function behind a root port, all in group 12.
     fn gpu_host() -> FakeSysfs {
-        let f = FakeSysfs::new();
-        f.device("0000:00:01.0", BRIDGE, Some(12), Some("pcieport"));
-        f.device("0000:01:00.0", GPU, Some(12), Some("nvidia"));
-        f.device("0000:01:00.1", AUDIO, Some(12), Some("snd_hda_intel"));
+        let f = FakeSysfs::new().unwrap();
+        f.device("0000:00:01.0", BRIDGE, Some(12), Some("pcieport"))
+            .unwrap();
+        f.device("0000:01:00.0", GPU, Some(12), Some("nvidia"))
+            .unwrap();
+        f.device("0000:01:00.1", AUDIO, Some(12), Some("snd_hda_intel"))
+            .unwrap();
         f
     }
 
@@ -431,7 +351,7 @@ mod tests {
     fn binds_the_device_and_its_other_function_to_vfio_and_teardown_rebinds_them() {
         let f = gpu_host();
         let vm = tempfile::tempdir().unwrap();
-        let s = f.settings("0000:01:00.0");
+        let s = settings_for(&f, "0000:01:00.0");
         let taken = prepare(&s, vm.path()).unwrap();
         assert_eq!(
             describe(&taken),
@@ -439,7 +359,7 @@ mod tests {
         );
         // The bridge keeps pcieport; nothing else is touched.
         assert_eq!(
-            f.writes(),
+            f.writes().unwrap(),
             pairs(&[
                 ("bus/pci/devices/0000:01:00.0/driver_override", "vfio-pci\n"),
                 ("bus/pci/devices/0000:01:00.1/driver_override", "vfio-pci\n"),
@@ -453,30 +373,38 @@ mod tests {
         // A second PrepareHost (start after a daemon restart) binds nothing again.
         prepare(&s, vm.path()).unwrap();
         assert_eq!(
-            f.read("bus/pci/drivers_probe"),
+            f.read("bus/pci/drivers_probe").unwrap(),
             "0000:01:00.0\n0000:01:00.1\n"
         );
 
         // The kernel moved both to vfio-pci; now give them back.
-        f.bind("0000:01:00.0", Some("vfio-pci"));
-        f.bind("0000:01:00.1", Some("vfio-pci"));
+        f.bind("0000:01:00.0", Some("vfio-pci")).unwrap();
+        f.bind("0000:01:00.1", Some("vfio-pci")).unwrap();
         let back = teardown(&s, vm.path()).unwrap();
         assert_eq!(back, taken);
         assert_eq!(
-            f.read("bus/pci/drivers/vfio-pci/unbind"),
+            f.read("bus/pci/drivers/vfio-pci/unbind").unwrap(),
             "0000:01:00.1\n0000:01:00.0\n"
         );
-        assert_eq!(f.read("bus/pci/drivers/nvidia/bind"), "0000:01:00.0\n");
         assert_eq!(
-            f.read("bus/pci/drivers/snd_hda_intel/bind"),
+            f.read("bus/pci/drivers/nvidia/bind").unwrap(),
+            "0000:01:00.0\n"
+        );
+        assert_eq!(
+            f.read("bus/pci/drivers/snd_hda_intel/bind").unwrap(),
             "0000:01:00.1\n"
         );
         assert_eq!(
-            f.read("bus/pci/devices/0000:01:00.0/driver_override"),
+            f.read("bus/pci/devices/0000:01:00.0/driver_override")
+                .unwrap(),
             "vfio-pci\n\n",
             "an empty line clears the override"
         );
-        assert!(f.read("bus/pci/drivers/pcieport/unbind").is_empty());
+        assert!(
+            f.read("bus/pci/drivers/pcieport/unbind")
+                .unwrap()
+                .is_empty()
+        );
         assert!(!vm.path().join(STATE_FILE).exists());
         // Nothing recorded: nothing to do.
         assert!(teardown(&s, vm.path()).unwrap().is_empty());
@@ -484,32 +412,37 @@ mod tests {
 
     #[test]
     fn a_device_already_on_vfio_or_unbound_is_taken_and_left_that_way() {
-        let f = FakeSysfs::new();
-        f.device("0000:05:00.0", GPU, Some(3), Some("vfio-pci"));
-        f.device("0000:06:00.0", NVME, Some(3), None);
+        let f = FakeSysfs::new().unwrap();
+        f.device("0000:05:00.0", GPU, Some(3), Some("vfio-pci"))
+            .unwrap();
+        f.device("0000:06:00.0", NVME, Some(3), None).unwrap();
         let vm = tempfile::tempdir().unwrap();
-        let s = f.settings("0000:05:00.0");
+        let s = settings_for(&f, "0000:05:00.0");
         prepare(&s, vm.path()).unwrap();
         assert_eq!(
-            f.writes(),
+            f.writes().unwrap(),
             pairs(&[
                 ("bus/pci/devices/0000:06:00.0/driver_override", "vfio-pci\n"),
                 ("bus/pci/drivers_probe", "0000:06:00.0\n"),
             ])
         );
-        f.bind("0000:06:00.0", Some("vfio-pci"));
+        f.bind("0000:06:00.0", Some("vfio-pci")).unwrap();
         teardown(&s, vm.path()).unwrap();
         // The unbound one goes back to no driver; the vfio one stays put.
-        assert_eq!(f.read("bus/pci/drivers/vfio-pci/unbind"), "0000:06:00.0\n");
+        assert_eq!(
+            f.read("bus/pci/drivers/vfio-pci/unbind").unwrap(),
+            "0000:06:00.0\n"
+        );
         assert!(!f.root().join("bus/pci/drivers/nvme").exists());
     }
 
     #[test]
     fn refuses_a_group_holding_another_card_the_host_uses_and_writes_nothing() {
         let f = gpu_host();
-        f.device("0000:02:00.0", NVME, Some(12), Some("nvme"));
+        f.device("0000:02:00.0", NVME, Some(12), Some("nvme"))
+            .unwrap();
         let vm = tempfile::tempdir().unwrap();
-        let err = prepare(&f.settings("0000:01:00.0"), vm.path()).unwrap_err();
+        let err = prepare(&settings_for(&f, "0000:01:00.0"), vm.path()).unwrap_err();
         let msg = err.message();
         for needle in [
             "0000:02:00.0 (driver nvme)",
@@ -518,24 +451,24 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "{needle:?} not in {msg}");
         }
-        assert!(f.writes().is_empty(), "{:?}", f.writes());
+        assert!(f.writes().unwrap().is_empty(), "{:?}", f.writes().unwrap());
         assert!(!vm.path().join(STATE_FILE).exists());
     }
 
     #[test]
     fn refuses_a_device_without_an_iommu_group_or_that_does_not_exist() {
-        let f = FakeSysfs::new();
-        f.device("0000:01:00.0", GPU, None, Some("nvidia"));
+        let f = FakeSysfs::new().unwrap();
+        f.device("0000:01:00.0", GPU, None, Some("nvidia")).unwrap();
         let vm = tempfile::tempdir().unwrap();
-        let err = prepare(&f.settings("0000:01:00.0"), vm.path()).unwrap_err();
+        let err = prepare(&settings_for(&f, "0000:01:00.0"), vm.path()).unwrap_err();
         assert!(err.message().contains("has no IOMMU group"), "{err}");
         assert!(err.message().contains("intel_iommu=on"), "{err}");
-        let err = prepare(&f.settings("0000:09:00.0"), vm.path()).unwrap_err();
+        let err = prepare(&settings_for(&f, "0000:09:00.0"), vm.path()).unwrap_err();
         assert!(
             err.message().contains("0000:09:00.0 does not exist"),
             "{err}"
         );
-        assert!(f.writes().is_empty());
+        assert!(f.writes().unwrap().is_empty());
     }
 
     #[test]
@@ -546,7 +479,7 @@ mod tests {
         fs::remove_file(&probe).unwrap();
         fs::create_dir(&probe).unwrap();
         let vm = tempfile::tempdir().unwrap();
-        let err = prepare(&f.settings("0000:01:00.0"), vm.path()).unwrap_err();
+        let err = prepare(&settings_for(&f, "0000:01:00.0"), vm.path()).unwrap_err();
         assert!(
             err.message().starts_with(
                 "Cannot bind 0000:01:00.0 to vfio-pci: Cannot write \"0000:01:00.0\" to"
@@ -554,12 +487,17 @@ mod tests {
             "{err}"
         );
         assert_eq!(
-            f.read("bus/pci/devices/0000:01:00.0/driver_override"),
+            f.read("bus/pci/devices/0000:01:00.0/driver_override")
+                .unwrap(),
             "vfio-pci\n\n"
         );
-        assert_eq!(f.read("bus/pci/drivers/nvidia/bind"), "0000:01:00.0\n");
+        assert_eq!(
+            f.read("bus/pci/drivers/nvidia/bind").unwrap(),
+            "0000:01:00.0\n"
+        );
         assert!(
             f.read("bus/pci/devices/0000:01:00.1/driver_override")
+                .unwrap()
                 .is_empty()
         );
         assert!(!vm.path().join(STATE_FILE).exists());
