@@ -219,9 +219,10 @@ mod tests {
                 "/logger",
                 json!({"log_path": d.join("vm/firecracker.log"), "level": "Info", "show_level": true, "show_log_origin": false}),
             ),
+            // The backend adds pci=off: this machine has no PCI devices.
             (
                 "/boot-source",
-                json!({"kernel_image_path": d.join("vmlinux"), "initrd_path": d.join("initrd"), "boot_args": "console=ttyS0 reboot=k panic=1"}),
+                json!({"kernel_image_path": d.join("vmlinux"), "initrd_path": d.join("initrd"), "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}),
             ),
             (
                 "/machine-config",
