@@ -598,4 +598,54 @@ mod tests {
         let msg = message(&cap.guest_config(&h.ctx(), &mut guest).unwrap_err());
         assert!(msg.contains("guest env FAULTY is already set"), "{msg}");
     }
+
+    /// Builds `plugins/testing/abi-next` (its own workspace: a plugin and a
+    /// host one ABI minor revision ahead) and returns its target dir.
+    fn build_abi_next() -> PathBuf {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let target = test_infra::target_dir().parent().unwrap().join("abi-next");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--locked", "--quiet", "--manifest-path"])
+            .arg(root.join("plugins/testing/abi-next/Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "building plugins/testing/abi-next failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("debug")
+    }
+
+    #[test]
+    fn minor_revisions_a_newer_plugin_loads_and_an_older_one_is_refused_by_a_newer_host() {
+        let next = build_abi_next();
+        let next_plugin = next.join("libbanger_plugin_next_minor.so");
+        // This daemon (2.0) loads a plugin built one minor ahead: it reads
+        // the fields it knows and ignores the one it does not.
+        let cap = load_plugin(&next_plugin).unwrap();
+        assert_eq!(cap.name(), "next-minor");
+
+        // A host one minor ahead reads the new field from that plugin...
+        let out = Command::new(next.join("banger-abi-next-host"))
+            .arg(&next_plugin)
+            .arg(workspace_cdylib("banger-plugin-faulty"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("{} name=next-minor probe=21", next_plugin.display()),
+            "{stdout}"
+        );
+        // ...but refuses a plugin of the older minor: abi_stable 0.11 wants a
+        // library's prefix types to have at least the loader's fields (see
+        // the versioning policy in docs/plugins.md).
+        assert!(lines[1].contains("refused"), "{stdout}");
+        assert!(stdout.contains("too many fields"), "{stdout}");
+        assert!(!out.status.success());
+    }
 }

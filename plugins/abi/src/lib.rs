@@ -33,9 +33,10 @@ pub const ABI_VERSION: u32 = 2;
 
 /// The root module every plugin exports (via [`export_plugin!`]).
 ///
-/// A prefix type: fields after `new_capability` (added by later minor
-/// revisions) read as `None` from a plugin built against an older one
-/// (`missing_field(option)`), never a panic.
+/// A prefix type: fields after `new_capability` are added by later minor
+/// revisions and their accessors return `Option` (`missing_field(option)`),
+/// never panic. (abi_stable still refuses to load a plugin whose prefix
+/// types have fewer fields than the daemon's; see `docs/plugins.md`.)
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModuleRef)))]
@@ -46,6 +47,10 @@ pub struct PluginModule {
     /// Makes the plugin's capability object; an error says why it could not.
     #[sabi(last_prefix_field)]
     pub new_capability: extern "C" fn() -> RResult<PluginCapabilityBox, RString>,
+    /// Stands for a field the next minor revision adds (feature
+    /// `next-minor-test`, tests only): returns 21.
+    #[cfg(feature = "next-minor-test")]
+    pub next_minor_probe: extern "C" fn() -> u32,
 }
 
 impl std::fmt::Debug for PluginModule {

@@ -43,10 +43,6 @@ pub struct Host<'a> {
     host: HostCallbacksRef<'a>,
 }
 
-/// The name [`Host`] had before it carried host requests.
-#[doc(hidden)]
-pub type Log<'a> = Host<'a>;
-
 impl fmt::Debug for Host<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Host")
@@ -219,8 +215,15 @@ pub fn __root_module<T: Plugin>(abi_version: u32) -> PluginModuleRef {
     PluginModule {
         abi_version,
         new_capability: new_capability::<T>,
+        #[cfg(feature = "next-minor-test")]
+        next_minor_probe,
     }
     .leak_into_prefix()
+}
+
+#[cfg(feature = "next-minor-test")]
+extern "C" fn next_minor_probe() -> u32 {
+    21
 }
 
 /// Builds the capability object for `T`; what the root module hands out.
