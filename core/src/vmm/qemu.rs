@@ -399,11 +399,19 @@ pub fn check_vfio(machine: &MachineSpec, host: &VfioHost) -> Result<(), VmmError
             .as_deref()
             .and_then(Path::file_name)
             .map(|n| n.to_string_lossy().into_owned());
-        if driver.as_deref() != Some("vfio-pci") {
-            return unsupported(format!(
-                "Cannot pass through PCI device {address}: it is bound to {}, not vfio-pci; enable the vfio-passthrough capability for it (--cap vfio-passthrough:device={address})",
-                driver.as_deref().unwrap_or("no driver")
-            ));
+        match driver.as_deref() {
+            Some("vfio-pci") => {}
+            Some(other) => {
+                return unsupported(format!(
+                    "Cannot pass through PCI device {address}: it is bound to {other}, not vfio-pci; enable the vfio-passthrough capability for it (--cap vfio-passthrough:device={address})"
+                ));
+            }
+            // Asked for vfio-pci but nothing took it: the module is missing.
+            None => {
+                return unsupported(format!(
+                    "Cannot pass through PCI device {address}: no driver holds it; load vfio-pci (modprobe vfio-pci) and bind it (the vfio-passthrough capability does: --cap vfio-passthrough:device={address})"
+                ));
+            }
         }
         if let Some(other) = group_member_on_a_host_driver(&device.join("iommu_group/devices")) {
             return unsupported(format!(
@@ -1049,6 +1057,9 @@ mod tests {
         h.device("0000:03:00.0", Some(7), Some("nvidia"));
         h.device("0000:04:00.0", Some(8), Some("vfio-pci"));
         h.device("0000:04:00.1", Some(8), Some("snd_hda_intel"));
+        h.device("0000:05:00.0", Some(9), None);
+        h.device("0000:06:00.0", Some(10), Some("vfio-pci"));
+        fs::remove_file(h.dir.path().join("dev/vfio/10")).unwrap();
         for (addr, needles) in [
             (
                 "0000:09:00.0",
@@ -1066,6 +1077,8 @@ mod tests {
                 "0000:04:00.0",
                 &["0000:04:00.1 (snd_hda_intel)", "shares its IOMMU group"],
             ),
+            ("0000:05:00.0", &["no driver holds it", "modprobe vfio-pci"]),
+            ("0000:06:00.0", &["has no VFIO node in", "dev/vfio"]),
         ] {
             let msg = refusal(&vfio_machine(addr), &h.host());
             for n in needles {
