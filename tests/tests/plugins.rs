@@ -3,7 +3,9 @@
 //! temp dirs and real ext4 tools.
 //!
 //! Needs the plugins built first:
-//! `cargo build -p banger-plugin-shared-mount -p banger-plugin-faulty -p banger-plugin-wrong-abi -p banger-plugin-v1`.
+//! `cargo build --workspace` (the test plugins, `banger`, `bangerd`). The
+//! minor-revision test builds `plugins/testing/abi-next`, its own
+//! workspace, with `cargo build --locked`.
 
 // Inside a cfg(test) module so the workspace's test-only lint allowances
 // (unwrap in tests) cover the helpers too.
@@ -647,5 +649,30 @@ mod tests {
         assert!(lines[1].contains("refused"), "{stdout}");
         assert!(stdout.contains("too many fields"), "{stdout}");
         assert!(!out.status.success());
+    }
+
+    #[test]
+    fn vm_create_refuses_a_plugin_whose_manifest_excludes_the_backend() {
+        let env = BangerEnv::new();
+        let so = workspace_cdylib("banger-plugin-vfio-passthrough");
+        std::fs::copy(&so, env.plugins_dir().join(so.file_name().unwrap())).unwrap();
+
+        let out = env
+            .create("gpu", &["--cap", "vfio-passthrough:device=0000:01:00.0"])
+            .failed();
+        assert!(
+            out.stderr.contains(
+                "Capability vfio-passthrough does not support the firecracker backend (it supports qemu): create the VM with --vmm qemu"
+            ),
+            "{}",
+            out.stderr
+        );
+        // Refused before anything was recorded or created.
+        assert!(env.list().is_empty());
+        assert!(
+            std::fs::read_dir(env.state_dir().join("vms"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        );
     }
 }
