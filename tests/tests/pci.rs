@@ -20,7 +20,7 @@ mod tests {
     use banger_core::plugin_host::load_plugin;
     use banger_core::vmm::qemu::{Accel, VfioHost, check_vfio, render_args};
     use banger_plugin_vfio_passthrough::fake_sysfs::FakeSysfs;
-    use banger_plugin_vfio_passthrough::fake_sysfs::class::{AUDIO, BRIDGE, GPU, NVME};
+    use banger_plugin_vfio_passthrough::fake_sysfs::class::NVME;
     use test_infra::workspace_cdylib;
 
     const GPU_ADDR: &str = "0000:01:00.0";
@@ -34,17 +34,6 @@ mod tests {
 
     fn plugin() -> Arc<dyn Capability> {
         load_plugin(&workspace_cdylib("banger-plugin-vfio-passthrough")).unwrap()
-    }
-
-    /// A GPU and its audio function behind a root port, all in IOMMU group 12.
-    fn gpu_host() -> FakeSysfs {
-        let f = FakeSysfs::new().unwrap();
-        f.device("0000:00:01.0", BRIDGE, Some(12), Some("pcieport"))
-            .unwrap();
-        f.device(GPU_ADDR, GPU, Some(12), Some("nvidia")).unwrap();
-        f.device("0000:01:00.1", AUDIO, Some(12), Some("snd_hda_intel"))
-            .unwrap();
-        f
     }
 
     /// One VM on the fake host: its record, directory, options and machine.
@@ -130,7 +119,7 @@ mod tests {
 
     #[test]
     fn vfio_plugin_binds_the_group_adds_a_device_qemu_renders_and_gives_it_back() {
-        let f = gpu_host();
+        let f = FakeSysfs::with_gpu().unwrap();
         let cap = plugin();
         let mut vm = Vm::new(f.root(), GPU_ADDR);
         cap.validate_options(&vm.options).unwrap();
@@ -203,7 +192,7 @@ mod tests {
 
     #[test]
     fn vfio_plugin_refusals_name_the_plugin_and_the_cause() {
-        let f = gpu_host();
+        let f = FakeSysfs::with_gpu().unwrap();
         f.device("0000:02:00.0", NVME, Some(12), Some("nvme"))
             .unwrap();
         let cap = plugin();

@@ -38,6 +38,22 @@ impl FakeSysfs {
         Ok(FakeSysfs { dir })
     }
 
+    /// The usual passthrough host: a GPU (`0000:01:00.0`, nvidia) and its
+    /// audio function (`0000:01:00.1`, snd_hda_intel) behind a root port
+    /// (`0000:00:01.0`, pcieport), all in IOMMU group 12.
+    pub fn with_gpu() -> io::Result<Self> {
+        let f = FakeSysfs::new()?;
+        f.device("0000:00:01.0", class::BRIDGE, Some(12), Some("pcieport"))?;
+        f.device("0000:01:00.0", class::GPU, Some(12), Some("nvidia"))?;
+        f.device(
+            "0000:01:00.1",
+            class::AUDIO,
+            Some(12),
+            Some("snd_hda_intel"),
+        )?;
+        Ok(f)
+    }
+
     /// The tree's root, what `sysfs=` points at.
     pub fn root(&self) -> &Path {
         self.dir.path()

@@ -317,7 +317,7 @@ mod tests {
     use super::*;
 
     use crate::fake_sysfs::FakeSysfs;
-    use crate::fake_sysfs::class::{AUDIO, BRIDGE, GPU, NVME};
+    use crate::fake_sysfs::class::{GPU, NVME};
 
     /// The plugin's settings for `device` on the fake tree.
     fn settings_for(f: &FakeSysfs, device: &str) -> Settings {
@@ -335,21 +335,9 @@ mod tests {
             .collect()
     }
 
-    /// A GPU with its audio function behind a root port, all in group 12.
-    fn gpu_host() -> FakeSysfs {
-        let f = FakeSysfs::new().unwrap();
-        f.device("0000:00:01.0", BRIDGE, Some(12), Some("pcieport"))
-            .unwrap();
-        f.device("0000:01:00.0", GPU, Some(12), Some("nvidia"))
-            .unwrap();
-        f.device("0000:01:00.1", AUDIO, Some(12), Some("snd_hda_intel"))
-            .unwrap();
-        f
-    }
-
     #[test]
     fn binds_the_device_and_its_other_function_to_vfio_and_teardown_rebinds_them() {
-        let f = gpu_host();
+        let f = FakeSysfs::with_gpu().unwrap();
         let vm = tempfile::tempdir().unwrap();
         let s = settings_for(&f, "0000:01:00.0");
         let taken = prepare(&s, vm.path()).unwrap();
@@ -438,7 +426,7 @@ mod tests {
 
     #[test]
     fn refuses_a_group_holding_another_card_the_host_uses_and_writes_nothing() {
-        let f = gpu_host();
+        let f = FakeSysfs::with_gpu().unwrap();
         f.device("0000:02:00.0", NVME, Some(12), Some("nvme"))
             .unwrap();
         let vm = tempfile::tempdir().unwrap();
@@ -473,7 +461,7 @@ mod tests {
 
     #[test]
     fn a_failed_bind_gives_back_what_it_moved() {
-        let f = gpu_host();
+        let f = FakeSysfs::with_gpu().unwrap();
         // drivers_probe cannot be written: the first device is half moved.
         let probe = f.root().join("bus/pci/drivers_probe");
         fs::remove_file(&probe).unwrap();
