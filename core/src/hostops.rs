@@ -466,8 +466,10 @@ impl HostRequest {
         if !ALLOWED_HOST_REQUESTS.contains(&op.as_str()) {
             return Err(HostRequestError::NotAllowed(op));
         }
-        let call: HostCall = wire::decode("host request", json)
-            .map_err(|e| HostRequestError::Malformed(crate::lifecycle::render_chain(&e)))?;
+        let call: HostCall = wire::decode("host request", json).map_err(|e| {
+            let detail = std::error::Error::source(&e).map(|s| format!(": {s}"));
+            HostRequestError::Malformed(format!("{e}{}", detail.unwrap_or_default()))
+        })?;
         Ok(match call.request {
             wire::HostRequest::CreateTap { name } => {
                 HostRequest::CreateTap(plugin_tap("create_tap", name)?)
@@ -554,6 +556,7 @@ fn plugin_tap(op: &'static str, name: String) -> Result<String, HostRequestError
 #[cfg(test)]
 mod tests {
     use crate::config::NetworkConfig;
+    use crate::lifecycle::render_chain;
 
     fn scope(net: &NetworkConfig) -> RequestScope<'_> {
         RequestScope {
@@ -604,7 +607,7 @@ mod tests {
             ),
             (r#"{"v":2,"op":"remove_nat"}"#, "wire version"),
         ] {
-            let err = crate::lifecycle::render_chain(&HostRequest::parse(json).unwrap_err());
+            let err = render_chain(&HostRequest::parse(json).unwrap_err());
             assert!(err.contains(why), "{json}: {err}");
         }
         let net = NetworkConfig::default();
@@ -644,7 +647,7 @@ mod tests {
         // No implementation yet: a clear answer, not a crash.
         let bind =
             HostRequest::parse(r#"{"v":1,"op":"bind_vfio","address":"0000:01:00.0"}"#).unwrap();
-        let err = crate::lifecycle::render_chain(&bind.run(&ops, scope(&net)).unwrap_err());
+        let err = render_chain(&bind.run(&ops, scope(&net)).unwrap_err());
         assert!(err.contains("not supported by this host"), "{err}");
     }
 
