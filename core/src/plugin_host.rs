@@ -6,6 +6,12 @@
 //! and would hand back the first plugin for every later path. Libraries are
 //! never unloaded (abi_stable leaks them on purpose). A plugin that fails to
 //! load is reported and skipped; the daemon keeps the others.
+//!
+//! Each hook call runs on its own thread, bounded by
+//! `plugin_hook_timeout_secs`; the caller's thread keeps the hook context
+//! and serves the plugin's log lines and allowlisted host requests
+//! ([`HostRequest`]) over a channel. Edits come back as JSON and are applied
+//! to a copy of the machine spec or guest bundle, all or nothing.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
