@@ -3,7 +3,6 @@
 //! the same config and paths as every other command, never starts the
 //! daemon, and exits non-zero when any check fails. See `docs/doctor.md`.
 
-use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -600,16 +599,16 @@ fn default_artifacts(config: &Config, paths: &Paths) -> Check {
     };
     let (image, kernel) = (entry.name.as_str(), entry.kernel.as_str());
     let image_origin = origin(
+        "image",
         paths.state_dir.join("images").join(image).is_dir(),
         Some(&entry.sources),
-        IMAGE_TOOLS,
     );
     let kernel_origin = origin(
+        "kernel",
         KernelStore::new(paths.state_dir.join("kernels"))
             .get(kernel)
             .is_ok_and(|k| k.is_some()),
         kernels.find(kernel).ok().map(|k| &k.sources),
-        KERNEL_TOOLS,
     );
     match (image_origin, kernel_origin) {
         (Ok(i), Ok(k)) => Check::pass(CHECK, format!("image {image}: {i}; kernel {kernel}: {k}")),
@@ -625,20 +624,6 @@ fn default_artifacts(config: &Config, paths: &Paths) -> Check {
         ),
     }
 }
-
-/// Tools the image recipe runs, with their Debian packages.
-const IMAGE_TOOLS: &[(&str, &str)] = &[
-    ("apt-get", "apt"),
-    ("apt-cache", "apt"),
-    ("dpkg-deb", "dpkg"),
-    ("mmdebstrap", "mmdebstrap"),
-];
-/// Tools the kernel recipe runs.
-const KERNEL_TOOLS: &[(&str, &str)] = &[
-    ("apt-get", "apt"),
-    ("apt-cache", "apt"),
-    ("dpkg-deb", "dpkg"),
-];
 
 /// A catalog: the file config names under `key`, else the embedded one.
 fn load_catalog<C, E: std::fmt::Display>(
@@ -658,11 +643,7 @@ fn load_catalog<C, E: std::fmt::Display>(
 }
 
 /// Where one artifact will come from, or (what is wrong, the fix).
-fn origin(
-    local: bool,
-    sources: Option<&Sources>,
-    tools: &[(&str, &str)],
-) -> Result<String, (String, String)> {
+fn origin(kind: &str, local: bool, sources: Option<&Sources>) -> Result<String, (String, String)> {
     if local {
         return Ok("local".to_string());
     }
@@ -682,85 +663,25 @@ fn origin(
             "fix the catalog entry".to_string(),
         ));
     };
-    buildable_here(tools, find_on_path, Path::new("/etc/apt"))
+    let Some(tools) = banger_core::recipes::tools_of(kind, recipe) else {
+        return Err((
+            format!("names recipe {recipe:?}, which this build of banger does not have"),
+            "fix the catalog entry, or update banger".to_string(),
+        ));
+    };
+    banger_core::recipes::host_ready(tools)
         .map(|source| {
             format!(
                 "built on first use from recipe {recipe} and the mirror in {}",
                 source.display()
             )
         })
-        .map_err(|(why, fix)| {
+        .map_err(|u| {
             (
-                format!("is not local, and it cannot be built here: {why}"),
-                fix,
+                format!("is not local, and it cannot be built here: {}", u.why),
+                u.fix,
             )
         })
-}
-
-/// Whether this host can run a recipe: `tools` on PATH and a Debian or
-/// Ubuntu archive among the apt sources under `apt_dir`. Returns the file
-/// naming the archive, or (what is missing, the fix).
-fn buildable_here(
-    tools: &[(&str, &str)],
-    find: impl Fn(&str) -> Option<PathBuf>,
-    apt_dir: &Path,
-) -> Result<PathBuf, (String, String)> {
-    let missing: Vec<(&str, &str)> = tools
-        .iter()
-        .copied()
-        .filter(|(tool, _)| find(tool).is_none())
-        .collect();
-    if !missing.is_empty() {
-        let tools: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
-        let mut packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
-        packages.dedup();
-        return Err((
-            format!("{} not found on PATH", tools.join(", ")),
-            format!("sudo apt-get install {}", packages.join(" ")),
-        ));
-    }
-    debian_source(apt_dir).ok_or_else(|| {
-        (
-            format!(
-                "no Debian or Ubuntu package source in {}",
-                apt_dir.display()
-            ),
-            format!(
-                "add a Debian mirror to {}/sources.list.d/debian.sources",
-                apt_dir.display()
-            ),
-        )
-    })
-}
-
-/// The first apt source file under `apt_dir` naming a Debian or Ubuntu
-/// archive (`sources.list`, `sources.list.d/*.list` and `*.sources`).
-fn debian_source(apt_dir: &Path) -> Option<PathBuf> {
-    let mut files = vec![apt_dir.join("sources.list")];
-    if let Ok(rd) = std::fs::read_dir(apt_dir.join("sources.list.d")) {
-        let mut more: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                matches!(
-                    p.extension().and_then(OsStr::to_str),
-                    Some("list" | "sources")
-                )
-            })
-            .collect();
-        more.sort();
-        files.extend(more);
-    }
-    files.into_iter().find(|f| {
-        std::fs::read_to_string(f).is_ok_and(|text| {
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.starts_with('#'))
-                .any(|l| {
-                    (l.starts_with("deb ") || l.starts_with("URIs:"))
-                        && (l.contains("debian") || l.contains("ubuntu"))
-                })
-        })
-    })
 }
 
 fn ssh_identity(paths: &Paths) -> Check {
@@ -875,60 +796,6 @@ mod tests {
         assert_eq!(
             firecracker_in_window("firecracker"),
             Err("answers --version with \"firecracker\", which names no version".to_string())
-        );
-    }
-
-    #[test]
-    fn buildable_needs_the_tools_and_a_debian_source() {
-        let dir = tempfile::tempdir().unwrap();
-        let apt = dir.path();
-        let all = |_: &str| Some(PathBuf::from("/usr/bin/x"));
-        let (why, fix) = buildable_here(IMAGE_TOOLS, all, apt).unwrap_err();
-        assert!(
-            why.starts_with("no Debian or Ubuntu package source"),
-            "{why}"
-        );
-        assert!(fix.contains("sources.list.d/debian.sources"), "{fix}");
-
-        std::fs::create_dir_all(apt.join("sources.list.d")).unwrap();
-        std::fs::write(
-            apt.join("sources.list.d/debian.sources.disabled"),
-            "URIs: http://deb.debian.org/debian\n",
-        )
-        .unwrap();
-        std::fs::write(
-            apt.join("sources.list.d/other.list"),
-            "# deb http://deb.debian.org/debian bookworm main\ndeb http://example.com/x y z\n",
-        )
-        .unwrap();
-        assert!(
-            buildable_here(IMAGE_TOOLS, all, apt).is_err(),
-            "disabled and commented sources count"
-        );
-        let real = apt.join("sources.list.d/debian.sources");
-        std::fs::write(
-            &real,
-            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n",
-        )
-        .unwrap();
-        assert_eq!(buildable_here(IMAGE_TOOLS, all, apt), Ok(real));
-
-        let no_mmdebstrap = |t: &str| (t != "mmdebstrap").then(|| PathBuf::from("/usr/bin/x"));
-        assert_eq!(
-            buildable_here(IMAGE_TOOLS, no_mmdebstrap, apt),
-            Err((
-                "mmdebstrap not found on PATH".to_string(),
-                "sudo apt-get install mmdebstrap".to_string()
-            ))
-        );
-        assert!(buildable_here(KERNEL_TOOLS, no_mmdebstrap, apt).is_ok());
-        let no_apt = |t: &str| (!t.starts_with("apt")).then(|| PathBuf::from("/usr/bin/x"));
-        assert_eq!(
-            buildable_here(KERNEL_TOOLS, no_apt, apt),
-            Err((
-                "apt-get, apt-cache not found on PATH".to_string(),
-                "sudo apt-get install apt".to_string()
-            ))
         );
     }
 

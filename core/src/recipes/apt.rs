@@ -25,23 +25,6 @@ impl Apt {
         Apt { root: root.into() }
     }
 
-    /// Whether this host can fetch packages at all: `apt-get`, `apt-cache`
-    /// and `dpkg-deb` on PATH and a source list in /etc/apt.
-    pub fn host_ready() -> Result<(), RecipeError> {
-        for tool in ["apt-get", "apt-cache", "dpkg-deb"] {
-            if super::which(tool).is_none() {
-                return Err(RecipeError::MissingTool {
-                    tool,
-                    fix: "this recipe needs a Debian or Ubuntu host (apt and dpkg)",
-                });
-            }
-        }
-        if host_sources().is_empty() {
-            return Err(RecipeError::NoMirror);
-        }
-        Ok(())
-    }
-
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         let state = self.root.join("state");
@@ -140,14 +123,11 @@ impl Apt {
     }
 }
 
-/// The host's apt source files (one-line `.list` and deb822 `.sources`).
-pub fn host_sources() -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let main = Path::new("/etc/apt/sources.list");
-    if std::fs::read_to_string(main).is_ok_and(|t| t.lines().any(|l| l.trim().starts_with("deb"))) {
-        found.push(main.to_path_buf());
-    }
-    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+/// The apt source files under `apt_dir` (`sources.list`, then
+/// `sources.list.d/*.list` and `*.sources` in name order).
+pub fn host_sources(apt_dir: &Path) -> Vec<PathBuf> {
+    let mut found = vec![apt_dir.join("sources.list")];
+    if let Ok(dir) = std::fs::read_dir(apt_dir.join("sources.list.d")) {
         let mut parts: Vec<PathBuf> = dir
             .flatten()
             .map(|e| e.path())
@@ -156,5 +136,30 @@ pub fn host_sources() -> Vec<PathBuf> {
         parts.sort();
         found.extend(parts);
     }
+    found.retain(|p| p.is_file());
     found
+}
+
+/// Lines of an apt source file that are not comments.
+pub fn source_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The first apt source file under `apt_dir` naming a Debian or Ubuntu
+/// archive.
+pub fn debian_source(apt_dir: &Path) -> Option<PathBuf> {
+    host_sources(apt_dir).into_iter().find(|f| {
+        source_lines(f).iter().any(|l| {
+            (l.starts_with("deb ") || l.starts_with("URIs:"))
+                && (l.contains("debian") || l.contains("ubuntu"))
+        })
+    })
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{BuildEvent, RecipeError, run, scratch, which};
+use super::{BuildEvent, RecipeError, run, scratch};
 use crate::model::ByteSize;
 
 /// An image recipe.
@@ -29,6 +29,8 @@ pub struct ImageRecipe {
     pub size: ByteSize,
     /// How long it usually takes on a 2-core machine with a near mirror.
     pub expected: Duration,
+    /// The programs it runs.
+    pub tools: &'static [super::Tool],
 }
 
 /// Debian 12 with systemd, sshd, git and curl.
@@ -39,6 +41,12 @@ pub const DEBIAN_BOOKWORM: ImageRecipe = ImageRecipe {
     customize: include_str!("../../recipes/debian-bookworm/customize.sh"),
     size: ByteSize(2 << 30),
     expected: Duration::from_secs(60),
+    tools: &[
+        ("apt-get", "apt"),
+        ("apt-cache", "apt"),
+        ("dpkg-deb", "dpkg"),
+        ("mmdebstrap", "mmdebstrap"),
+    ],
 };
 
 /// Debian's own mirror, when the host's sources do not carry the suite.
@@ -86,12 +94,7 @@ pub fn build_image(
     cache_dir: &Path,
     events: &mut dyn FnMut(BuildEvent),
 ) -> Result<BuiltImage, RecipeError> {
-    if which("mmdebstrap").is_none() {
-        return Err(RecipeError::MissingTool {
-            tool: "mmdebstrap",
-            fix: "install it (apt-get install mmdebstrap) or run ./scripts/install",
-        });
-    }
+    super::host_ready(recipe.tools).map_err(RecipeError::HostNotReady)?;
     let work = scratch(cache_dir, "image")?;
     let hook = work.path().join("customize.sh");
     write_executable(&hook, recipe.customize)?;
@@ -131,14 +134,12 @@ pub fn build_image(
 
 /// The host's apt source file that carries `suite`, else Debian's mirror.
 fn mirror_for(suite: &str) -> String {
-    super::apt::host_sources()
+    super::apt::host_sources(Path::new("/etc/apt"))
         .into_iter()
         .find(|p| {
-            std::fs::read_to_string(p).is_ok_and(|t| {
-                t.lines()
-                    .filter(|l| !l.trim_start().starts_with('#'))
-                    .any(|l| l.split_whitespace().any(|w| w == suite))
-            })
+            super::apt::source_lines(p)
+                .iter()
+                .any(|l| l.split_whitespace().any(|w| w == suite))
         })
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| DEBIAN_MIRROR.to_string())

@@ -27,6 +27,8 @@ pub struct KernelRecipe {
     pub packages: &'static [&'static str],
     /// How long it usually takes on a 2-core machine with a near mirror.
     pub expected: Duration,
+    /// The programs it runs.
+    pub tools: &'static [super::Tool],
 }
 
 /// Debian's cloud kernel (6.12 where the mirror has it), or Ubuntu's
@@ -40,6 +42,11 @@ pub const DEBIAN_CLOUD: KernelRecipe = KernelRecipe {
         "linux-image-virtual",
     ],
     expected: Duration::from_secs(20),
+    tools: &[
+        ("apt-get", "apt"),
+        ("apt-cache", "apt"),
+        ("dpkg-deb", "dpkg"),
+    ],
 };
 
 /// The recipe called `name`.
@@ -69,7 +76,7 @@ pub fn build_kernel(
     if !force && store.root().join(name).exists() {
         return Err(crate::kernels::KernelError::AlreadyExists(name.to_owned()).into());
     }
-    Apt::host_ready()?;
+    super::host_ready(recipe.tools).map_err(RecipeError::HostNotReady)?;
     let apt = Apt::new(cache_dir.join("apt"));
     events(BuildEvent::Step {
         step: "apt_update",

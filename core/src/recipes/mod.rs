@@ -26,6 +26,16 @@ use std::time::Duration;
 pub use image::{ImageRecipe, build_image};
 pub use kernel::{KernelRecipe, build_kernel};
 
+/// The tools recipe `name` of `kind` (`kernel`, `image`) runs, if banger
+/// has such a recipe.
+pub fn tools_of(kind: &str, name: &str) -> Option<&'static [Tool]> {
+    match kind {
+        "kernel" => kernel::recipe(name).ok().map(|r| r.tools),
+        "image" => image::recipe(name).ok().map(|r| r.tools),
+        _ => None,
+    }
+}
+
 /// Names of the kernel recipes this binary carries.
 pub const KERNEL_RECIPES: &[&str] = &[kernel::DEBIAN_CLOUD.name];
 
@@ -61,19 +71,9 @@ pub enum RecipeError {
         /// The recipes there are.
         known: String,
     },
-    /// A tool the recipe runs is not installed.
-    #[error("`{tool}` is not installed; {fix}")]
-    MissingTool {
-        /// The program.
-        tool: &'static str,
-        /// How to get it.
-        fix: &'static str,
-    },
-    /// No apt source is configured.
-    #[error(
-        "No package mirror is configured in /etc/apt/sources.list or /etc/apt/sources.list.d; add your distribution's mirror"
-    )]
-    NoMirror,
+    /// This host lacks a tool or a package source the recipe needs.
+    #[error("This host cannot run the recipe: {}; fix: {}", .0.why, .0.fix)]
+    HostNotReady(Unready),
     /// None of the packages exists in the configured mirror.
     #[error(
         "None of these packages is in the host's package mirror: {}; check /etc/apt/sources.list*",
@@ -162,6 +162,57 @@ fn program_name(cmd: &Command) -> &'static str {
     }
 }
 
+/// A program a recipe runs, and the Debian/Ubuntu package that has it.
+pub type Tool = (&'static str, &'static str);
+
+/// What keeps this host from running a recipe, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unready {
+    /// What is missing.
+    pub why: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+/// Whether this host can run a recipe that needs `tools`: each on PATH and
+/// a Debian or Ubuntu archive among the apt sources in /etc/apt. Returns
+/// the source file naming the archive. Also what `banger doctor` asks.
+pub fn host_ready(tools: &[Tool]) -> Result<PathBuf, Unready> {
+    host_ready_with(tools, which, Path::new("/etc/apt"))
+}
+
+/// [`host_ready`] with the PATH lookup and the apt directory given.
+pub fn host_ready_with(
+    tools: &[Tool],
+    find: impl Fn(&str) -> Option<PathBuf>,
+    apt_dir: &Path,
+) -> Result<PathBuf, Unready> {
+    let missing: Vec<Tool> = tools
+        .iter()
+        .copied()
+        .filter(|(tool, _)| find(tool).is_none())
+        .collect();
+    if !missing.is_empty() {
+        let tools: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
+        let mut packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        packages.dedup();
+        return Err(Unready {
+            why: format!("{} not found on PATH", tools.join(", ")),
+            fix: format!("sudo apt-get install {}", packages.join(" ")),
+        });
+    }
+    apt::debian_source(apt_dir).ok_or_else(|| Unready {
+        why: format!(
+            "no Debian or Ubuntu package source in {}",
+            apt_dir.display()
+        ),
+        fix: format!(
+            "add a Debian mirror to {}/sources.list.d/debian.sources",
+            apt_dir.display()
+        ),
+    })
+}
+
 /// `program`'s path on PATH, if it is there.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -183,4 +234,67 @@ fn scratch(cache_dir: &Path, what: &str) -> Result<tempfile::TempDir, RecipeErro
         .prefix(&format!("{what}-"))
         .tempdir_in(&parent)
         .map_err(|e| RecipeError::io("create a directory in", &parent, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_ready_with_the_tools_and_a_debian_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let apt = dir.path();
+        let all = |_: &str| Some(PathBuf::from("/usr/bin/x"));
+        let image = image::DEBIAN_BOOKWORM.tools;
+        let kernel = kernel::DEBIAN_CLOUD.tools;
+        let err = host_ready_with(image, all, apt).unwrap_err();
+        assert!(
+            err.why.starts_with("no Debian or Ubuntu package source"),
+            "{err:?}"
+        );
+        assert!(err.fix.contains("sources.list.d/debian.sources"), "{err:?}");
+
+        std::fs::create_dir_all(apt.join("sources.list.d")).unwrap();
+        std::fs::write(
+            apt.join("sources.list.d/debian.sources.disabled"),
+            "URIs: http://deb.debian.org/debian\n",
+        )
+        .unwrap();
+        std::fs::write(
+            apt.join("sources.list.d/other.list"),
+            "# deb http://deb.debian.org/debian bookworm main\ndeb http://example.com/x y z\n",
+        )
+        .unwrap();
+        assert!(
+            host_ready_with(image, all, apt).is_err(),
+            "disabled and commented sources do not count"
+        );
+        let real = apt.join("sources.list.d/debian.sources");
+        std::fs::write(
+            &real,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n",
+        )
+        .unwrap();
+        assert_eq!(host_ready_with(image, all, apt), Ok(real));
+
+        let no_mmdebstrap = |t: &str| (t != "mmdebstrap").then(|| PathBuf::from("/usr/bin/x"));
+        assert_eq!(
+            host_ready_with(image, no_mmdebstrap, apt),
+            Err(Unready {
+                why: "mmdebstrap not found on PATH".to_string(),
+                fix: "sudo apt-get install mmdebstrap".to_string()
+            })
+        );
+        assert!(host_ready_with(kernel, no_mmdebstrap, apt).is_ok());
+        let no_apt = |t: &str| (!t.starts_with("apt")).then(|| PathBuf::from("/usr/bin/x"));
+        assert_eq!(
+            host_ready_with(kernel, no_apt, apt),
+            Err(Unready {
+                why: "apt-get, apt-cache not found on PATH".to_string(),
+                fix: "sudo apt-get install apt".to_string()
+            })
+        );
+        assert_eq!(tools_of("kernel", "debian-cloud"), Some(kernel));
+        assert_eq!(tools_of("image", "nope"), None);
+    }
 }
