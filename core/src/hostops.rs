@@ -8,8 +8,12 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
-pub use banger_plugin_abi::wire::PciAddress;
 use banger_plugin_abi::wire::{self, HostCall, HostReply, WIRE_VERSION};
+pub use banger_plugin_abi::wire::{BoundDevice, PciAddress};
+
+#[cfg(any(test, feature = "fake-sysfs"))]
+pub mod fake_sysfs;
+pub mod vfio;
 
 /// A privileged operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,14 +99,21 @@ pub trait HostOps: Send + Sync + fmt::Debug {
         Err(unsupported("unroute_dns", link))
     }
 
-    /// Binds PCI device `address` to `vfio-pci`; returns the driver it had
-    /// (`None` when it had none).
-    fn bind_vfio(&self, address: &PciAddress) -> Result<Option<String>, HostOpsError> {
+    /// Binds PCI device `address` and the members of its IOMMU group that
+    /// must go with it to `vfio-pci` (refused when another card on a host
+    /// driver shares the group); returns each with the driver it had.
+    fn bind_vfio(&self, address: &PciAddress) -> Result<Vec<BoundDevice>, HostOpsError> {
         Err(unsupported("bind_vfio", address.as_str()))
     }
 
-    /// Gives PCI device `address` back to `driver`.
-    fn rebind_driver(&self, address: &PciAddress, driver: &str) -> Result<(), HostOpsError> {
+    /// Gives PCI device `address` back to `driver`: the one recorded when
+    /// [`HostOps::bind_vfio`] took it (`None`: leave it unbound) or
+    /// `vfio-pci`; anything else is refused.
+    fn rebind_driver(
+        &self,
+        address: &PciAddress,
+        driver: Option<&str>,
+    ) -> Result<(), HostOpsError> {
         let _ = driver;
         Err(unsupported("rebind_driver", address.as_str()))
     }
@@ -139,9 +150,14 @@ pub fn validate_ifname(op: &'static str, name: &str) -> Result<(), HostOpsError>
     }
 }
 
-/// Host operations performed by this process (needs CAP_NET_ADMIN).
+/// Host operations performed by this process (needs CAP_NET_ADMIN; root
+/// for the PCI operations).
 #[derive(Debug, Default)]
-pub struct InProcessHostOps;
+pub struct InProcessHostOps {
+    /// Where sysfs and the VFIO binding records are (`/sys`,
+    /// `/run/banger/vfio`); tests point it at a fake tree.
+    pub pci: vfio::PciHost,
+}
 
 // From <linux/if_tun.h>.
 const IFF_TAP: libc::c_short = 0x0002;
@@ -263,6 +279,18 @@ impl HostOps for InProcessHostOps {
         validate_ifname("unroute_dns", link)?;
         crate::net::resolved::unroute(link)
     }
+
+    fn bind_vfio(&self, address: &PciAddress) -> Result<Vec<BoundDevice>, HostOpsError> {
+        self.pci.bind_vfio(address)
+    }
+
+    fn rebind_driver(
+        &self,
+        address: &PciAddress,
+        driver: Option<&str>,
+    ) -> Result<(), HostOpsError> {
+        self.pci.rebind_driver(address, driver)
+    }
 }
 
 /// A DNS routing domain: lowercase labels of [a-z0-9-], dot-separated.
@@ -382,6 +410,24 @@ impl HostOps for RecordingHostOps {
         self.record(format!("unroute_dns {link}"));
         Ok(())
     }
+
+    /// Answers as for a device alone in its group with no driver.
+    fn bind_vfio(&self, address: &PciAddress) -> Result<Vec<BoundDevice>, HostOpsError> {
+        self.record(format!("bind_vfio {address}"));
+        Ok(vec![BoundDevice {
+            address: address.clone(),
+            previous_driver: None,
+        }])
+    }
+
+    fn rebind_driver(
+        &self,
+        address: &PciAddress,
+        driver: Option<&str>,
+    ) -> Result<(), HostOpsError> {
+        self.record(format!("rebind_driver {address} {}", driver.unwrap_or("-")));
+        Ok(())
+    }
 }
 
 /// The prefix of taps plugins may create and delete (banger's own tap pool
@@ -400,8 +446,8 @@ pub enum HostRequest {
     DeleteTap(String),
     /// Bind a PCI device to vfio-pci.
     BindVfio(PciAddress),
-    /// Give a PCI device back to a driver.
-    RebindDriver(PciAddress, String),
+    /// Give a PCI device back to a driver (`None`: leave it unbound).
+    RebindDriver(PciAddress, Option<String>),
     /// Masquerade the calling VM's traffic from this address.
     AddNat(Ipv4Addr),
     /// Remove the calling VM's NAT rules.
@@ -478,7 +524,14 @@ impl HostRequest {
                 HostRequest::DeleteTap(plugin_tap("delete_tap", name)?)
             }
             wire::HostRequest::BindVfio { address } => HostRequest::BindVfio(address),
-            wire::HostRequest::RebindDriver { address, driver } => {
+            wire::HostRequest::RebindDriver {
+                address,
+                driver: None,
+            } => HostRequest::RebindDriver(address, None),
+            wire::HostRequest::RebindDriver {
+                address,
+                driver: Some(driver),
+            } => {
                 let ok = !driver.is_empty()
                     && driver.len() <= 32
                     && driver.bytes().all(|b| {
@@ -490,7 +543,7 @@ impl HostRequest {
                         why: format!("{driver:?} is not a driver name (1-32 of [a-z0-9_-])"),
                     });
                 }
-                HostRequest::RebindDriver(address, driver)
+                HostRequest::RebindDriver(address, Some(driver))
             }
             wire::HostRequest::AddNat { ip } => HostRequest::AddNat(ip),
             wire::HostRequest::RemoveNat => HostRequest::RemoveNat,
@@ -506,12 +559,22 @@ impl HostRequest {
         let mut reply = HostReply {
             v: WIRE_VERSION,
             previous_driver: None,
+            bound: Vec::new(),
         };
         match self {
             HostRequest::CreateTap(name) => ops.create_tap(name, scope.owner_uid)?,
             HostRequest::DeleteTap(name) => ops.delete_tap(name)?,
-            HostRequest::BindVfio(address) => reply.previous_driver = ops.bind_vfio(address)?,
-            HostRequest::RebindDriver(address, driver) => ops.rebind_driver(address, driver)?,
+            HostRequest::BindVfio(address) => {
+                reply.bound = ops.bind_vfio(address)?;
+                reply.previous_driver = reply
+                    .bound
+                    .iter()
+                    .find(|b| &b.address == address)
+                    .and_then(|b| b.previous_driver.clone());
+            }
+            HostRequest::RebindDriver(address, driver) => {
+                ops.rebind_driver(address, driver.as_deref())?
+            }
             HostRequest::AddNat(ip) => {
                 if !scope.network.subnet.contains_vm_host(*ip) {
                     return Err(HostRequestError::Refused {
@@ -644,11 +707,23 @@ mod tests {
                 "delete_tap bgp-gpu0".to_string(),
             ]
         );
-        // No implementation yet: a clear answer, not a crash.
+        // The PCI pair: the reply names the driver the device had.
         let bind =
             HostRequest::parse(r#"{"v":1,"op":"bind_vfio","address":"0000:01:00.0"}"#).unwrap();
-        let err = render_chain(&bind.run(&ops, scope(&net)).unwrap_err());
-        assert!(err.contains("not supported by this host"), "{err}");
+        let reply = bind.run(&ops, scope(&net)).unwrap();
+        assert_eq!(reply.bound.len(), 1);
+        assert_eq!(reply.bound[0].address.as_str(), "0000:01:00.0");
+        let unbound =
+            HostRequest::parse(r#"{"v":1,"op":"rebind_driver","address":"0000:01:00.0"}"#).unwrap();
+        assert_eq!(
+            unbound,
+            HostRequest::RebindDriver("0000:01:00.0".parse().unwrap(), None)
+        );
+        unbound.run(&ops, scope(&net)).unwrap();
+        assert_eq!(
+            ops.calls()[4..],
+            ["bind_vfio 0000:01:00.0", "rebind_driver 0000:01:00.0 -"]
+        );
     }
 
     use super::*;
@@ -699,7 +774,7 @@ mod tests {
             return;
         }
         let name = format!("bgt{}", std::process::id() % 100_000);
-        let ops = InProcessHostOps;
+        let ops = InProcessHostOps::default();
         ops.create_tap(&name, 0).unwrap();
         ops.create_tap(&name, 0).unwrap();
         assert!(std::path::Path::new("/sys/class/net").join(&name).exists());

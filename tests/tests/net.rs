@@ -105,7 +105,7 @@ mod tests {
             "bridge_is_created_addressed_and_up_idempotently",
             &["ip"],
             || {
-                let ops = InProcessHostOps;
+                let ops = InProcessHostOps::default();
                 let gw = Ipv4Addr::new(172, 30, 0, 1);
                 ops.ensure_bridge("bgtest0", gw, 24).unwrap();
                 ops.ensure_bridge("bgtest0", gw, 24).unwrap();
@@ -131,7 +131,7 @@ mod tests {
             "tap_is_attached_to_the_bridge_and_brought_up",
             &["ip"],
             || {
-                let ops = InProcessHostOps;
+                let ops = InProcessHostOps::default();
                 ops.ensure_bridge("bgtest1", Ipv4Addr::new(10, 9, 0, 1), 24)
                     .unwrap();
                 ops.create_tap("bgtap0", 0).unwrap();
@@ -160,7 +160,7 @@ mod tests {
             "nat_rules_are_tagged_per_vm_and_removed_exactly",
             &["ip", "nft"],
             || {
-                let ops = InProcessHostOps;
+                let ops = InProcessHostOps::default();
                 // Nothing to remove yet (no table at all): not an error.
                 ops.remove_nat("aaaa").unwrap();
                 let a = Ipv4Addr::new(172, 30, 0, 2);
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn nat_refuses_a_vm_id_that_could_inject_rules() {
-        let err = InProcessHostOps
+        let err = InProcessHostOps::default()
             .add_nat("x\" ; flush ruleset", "banger0", Ipv4Addr::new(10, 0, 0, 2))
             .unwrap_err();
         assert!(err.to_string().contains("Invalid argument"), "{err}");
@@ -260,7 +260,7 @@ mod tests {
                 let net = Arc::new(HostNetwork::new(config, store, dir.path(), 0));
                 let network = Network::with(net.clone());
                 let nat = Nat::with(net.clone());
-                let host = InProcessHostOps;
+                let host = InProcessHostOps::default();
                 let v = vm("web");
                 let vm_dir = dir.path().join("vm");
                 std::fs::create_dir_all(&vm_dir).unwrap();
@@ -374,7 +374,7 @@ mod tests {
                 use banger_core::net::{HostNetwork, dns};
                 use banger_core::store::Store;
 
-                let host = InProcessHostOps;
+                let host = InProcessHostOps::default();
                 // Also callable from async code (the daemon's startup).
                 tokio::runtime::Builder::new_current_thread()
                     .build()

@@ -1,9 +1,10 @@
 //! PCI passthrough end to end without a GPU: the real `vfio-passthrough`
-//! cdylib, loaded through `banger_core::plugin_host`, runs its hooks against
-//! a fake sysfs tree; the device it adds makes the QEMU backend render a
-//! PCIe machine with `vfio-pci`, and the backend's host check passes once
-//! the group is on vfio-pci. (A real boot with emulated PCI devices is in
-//! `qemu_backend.rs`.)
+//! cdylib, loaded through `banger_core::plugin_host`, runs its hooks; its
+//! `bind_vfio` / `rebind_driver` host requests go through the allowlist to
+//! the daemon's in-process `HostOps`, pointed at a fake sysfs tree. The
+//! device it adds makes the QEMU backend render a PCIe machine with
+//! `vfio-pci`, and the backend's host check passes once the group is on
+//! vfio-pci. (A real boot with emulated PCI devices is in `qemu_backend.rs`.)
 //!
 //! Needs the plugin built first: `cargo build -p banger-plugin-vfio-passthrough`.
 
@@ -14,13 +15,13 @@ mod tests {
     use std::sync::Arc;
 
     use banger_core::capability::{CapError, Capability, HookCtx, HookLog, TeardownReason};
-    use banger_core::hostops::RecordingHostOps;
+    use banger_core::hostops::InProcessHostOps;
+    use banger_core::hostops::fake_sysfs::FakeSysfs;
+    use banger_core::hostops::fake_sysfs::class::NVME;
     use banger_core::machine::{MachineSpec, PciDevice};
     use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmmKind};
     use banger_core::plugin_host::load_plugin;
     use banger_core::vmm::qemu::{Accel, VfioHost, check_vfio, render_args};
-    use banger_plugin_vfio_passthrough::fake_sysfs::FakeSysfs;
-    use banger_plugin_vfio_passthrough::fake_sysfs::class::NVME;
     use test_infra::workspace_cdylib;
 
     const GPU_ADDR: &str = "0000:01:00.0";
@@ -41,13 +42,13 @@ mod tests {
         record: VmRecord,
         dir: tempfile::TempDir,
         options: CapOptions,
-        host: RecordingHostOps,
+        host: InProcessHostOps,
         config: banger_core::config::Config,
         machine: MachineSpec,
     }
 
     impl Vm {
-        fn new(sysfs: &Path, device: &str) -> Self {
+        fn new(sysfs: &FakeSysfs, device: &str) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let record = VmRecord::new(
                 VmName::parse("gpu").unwrap(),
@@ -76,17 +77,16 @@ mod tests {
                 serial_log: dir.path().join("serial.log"),
                 pci_devices: Vec::new(),
             };
-            let options = [
-                ("device".to_string(), device.to_string()),
-                ("sysfs".to_string(), sysfs.to_str().unwrap().to_string()),
-            ]
-            .into_iter()
-            .collect();
+            let options = [("device".to_string(), device.to_string())]
+                .into_iter()
+                .collect();
             Vm {
                 record,
                 dir,
                 options,
-                host: RecordingHostOps::default(),
+                host: InProcessHostOps {
+                    pci: sysfs.pci_host(),
+                },
                 config: banger_core::config::Config::defaults(Path::new(
                     "/nonexistent/config.toml",
                 )),
@@ -121,7 +121,7 @@ mod tests {
     fn vfio_plugin_binds_the_group_adds_a_device_qemu_renders_and_gives_it_back() {
         let f = FakeSysfs::with_gpu().unwrap();
         let cap = plugin();
-        let mut vm = Vm::new(f.root(), GPU_ADDR);
+        let mut vm = Vm::new(&f, GPU_ADDR);
         cap.validate_options(&vm.options).unwrap();
 
         cap.prepare_host(&vm.ctx()).unwrap();
@@ -132,6 +132,15 @@ mod tests {
         assert_eq!(
             f.read("bus/pci/drivers/nvidia/unbind").unwrap(),
             "0000:01:00.0\n"
+        );
+        // The daemon recorded each original driver before writing.
+        let record = fs::read_to_string(vm.host.pci.records.join("0000:01:00.1.json")).unwrap();
+        assert!(record.contains("snd_hda_intel"), "{record}");
+        // A second PrepareHost (start after a daemon restart) asks nothing.
+        cap.prepare_host(&vm.ctx()).unwrap();
+        assert_eq!(
+            f.read("bus/pci/drivers_probe").unwrap(),
+            "0000:01:00.0\n0000:01:00.1\n"
         );
 
         let mut machine = vm.machine.clone();
@@ -174,20 +183,23 @@ mod tests {
         check_vfio(&vm.machine, &host).unwrap();
 
         cap.teardown(&vm.ctx(), TeardownReason::Stop).unwrap();
+        let given_back = f.reads(&[
+            "bus/pci/drivers/nvidia/bind",
+            "bus/pci/drivers/snd_hda_intel/bind",
+            "bus/pci/drivers/pcieport/unbind",
+        ]);
         assert_eq!(
-            f.read("bus/pci/drivers/nvidia/bind").unwrap(),
-            "0000:01:00.0\n"
+            given_back.unwrap(),
+            ["0000:01:00.0\n", "0000:01:00.1\n", ""]
         );
+        // Given back: the daemon's records are gone, and the plugin's too.
         assert_eq!(
-            f.read("bus/pci/drivers/snd_hda_intel/bind").unwrap(),
-            "0000:01:00.1\n"
+            fs::read_dir(&vm.host.pci.records).unwrap().count(),
+            0,
+            "records left in {}",
+            vm.host.pci.records.display()
         );
-        assert!(
-            f.read("bus/pci/drivers/pcieport/unbind")
-                .unwrap()
-                .is_empty()
-        );
-        assert!(vm.host.calls().is_empty(), "{:?}", vm.host.calls());
+        assert!(!vm.dir.path().join("vfio-passthrough.json").exists());
     }
 
     #[test]
@@ -197,15 +209,56 @@ mod tests {
             .unwrap();
         let cap = plugin();
 
-        let vm = Vm::new(f.root(), "01:00.0");
+        let vm = Vm::new(&f, "01:00.0");
         let err = message(cap.validate_options(&vm.options).unwrap_err());
         assert!(err.contains("vfio-passthrough"), "{err}");
         assert!(err.contains("\"01:00.0\" is not a PCI address"), "{err}");
 
-        let vm = Vm::new(f.root(), GPU_ADDR);
+        let vm = Vm::new(&f, GPU_ADDR);
         let err = message(cap.prepare_host(&vm.ctx()).unwrap_err());
         assert!(err.contains("vfio-passthrough"), "{err}");
         assert!(err.contains("0000:02:00.0 (driver nvme)"), "{err}");
         assert!(f.writes().unwrap().is_empty(), "{:?}", f.writes());
+    }
+
+    #[test]
+    fn vfio_plugin_teardown_that_cannot_give_back_keeps_its_record_and_retries() {
+        let f = FakeSysfs::with_gpu().unwrap();
+        let cap = plugin();
+        let vm = Vm::new(&f, GPU_ADDR);
+        cap.prepare_host(&vm.ctx()).unwrap();
+        f.bind(GPU_ADDR, Some("vfio-pci")).unwrap();
+        f.bind("0000:01:00.1", Some("vfio-pci")).unwrap();
+
+        // nvidia's bind file is gone (the module was unloaded meanwhile).
+        let nvidia_bind = f.root().join("bus/pci/drivers/nvidia/bind");
+        fs::remove_file(&nvidia_bind).unwrap();
+        let err = message(cap.teardown(&vm.ctx(), TeardownReason::Stop).unwrap_err());
+        assert!(
+            err.contains("Cannot give PCI devices back to their drivers: 0000:01:00.0"),
+            "{err}"
+        );
+        assert!(err.contains("nvidia/bind"), "{err}");
+        // The audio function went back; the plugin's record stays for a retry.
+        assert_eq!(
+            f.read("bus/pci/drivers/snd_hda_intel/bind").unwrap(),
+            "0000:01:00.1\n"
+        );
+        let kept = fs::read_to_string(vm.dir.path().join("vfio-passthrough.json")).unwrap();
+        assert!(
+            kept.contains(GPU_ADDR) && !kept.contains("0000:01:00.1"),
+            "{kept}"
+        );
+
+        // The module is back: the next teardown gives the GPU back too.
+        fs::write(&nvidia_bind, "").unwrap();
+        f.bind("0000:01:00.1", Some("snd_hda_intel")).unwrap();
+        f.bind(GPU_ADDR, None).unwrap();
+        cap.teardown(&vm.ctx(), TeardownReason::Stop).unwrap();
+        assert_eq!(
+            f.read("bus/pci/drivers/nvidia/bind").unwrap(),
+            "0000:01:00.0\n"
+        );
+        assert!(!vm.dir.path().join("vfio-passthrough.json").exists());
     }
 }

@@ -506,13 +506,21 @@ mod tests {
             "{:?}",
             h.log.all()
         );
-        // No in-process implementation for VFIO yet: a clear answer.
+        // The PCI pair reaches HostOps too; the reply lists what was bound
+        // (the fake-sysfs run is in pci.rs).
         let h = Harness::new(
             tmp.path(),
             options(&[("host_op", "bind_vfio"), ("arg.address", "0000:01:00.0")]),
         );
-        let msg = message(&cap.prepare_host(&h.ctx()).unwrap_err());
-        assert!(msg.contains("not supported by this host"), "{msg}");
+        cap.prepare_host(&h.ctx()).unwrap();
+        assert_eq!(h.host.calls(), ["bind_vfio 0000:01:00.0"]);
+        assert!(
+            h.log.all().iter().any(|l| l.starts_with(
+                r#"info faulty: host answered {"v":1,"bound":[{"address":"0000:01:00.0""#
+            )),
+            "{:?}",
+            h.log.all()
+        );
     }
 
     #[test]

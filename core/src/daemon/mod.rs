@@ -200,7 +200,7 @@ pub async fn run() -> Result<(), DaemonError> {
         config,
         store,
         registry,
-        Arc::new(InProcessHostOps),
+        Arc::new(InProcessHostOps::default()),
         backends,
         artifacts,
     ));
@@ -266,7 +266,7 @@ pub async fn run() -> Result<(), DaemonError> {
     monitor.abort();
     let _ = std::fs::remove_file(&socket);
     let net = network.clone();
-    let _ = tokio::task::spawn_blocking(move || net.shut_down(&InProcessHostOps)).await;
+    let _ = tokio::task::spawn_blocking(move || net.shut_down(&InProcessHostOps::default())).await;
     if let Some(dns) = dns {
         dns.shutdown().await;
     }
@@ -315,7 +315,7 @@ async fn adopt_running_taps(lifecycle: &Lifecycle, net: &Arc<HostNetwork>) {
     let net = net.clone();
     let result = tokio::task::spawn_blocking(move || {
         let refs: Vec<&str> = taps.iter().map(String::as_str).collect();
-        net.ensure_up(&InProcessHostOps, &refs)
+        net.ensure_up(&InProcessHostOps::default(), &refs)
     })
     .await;
     match result {

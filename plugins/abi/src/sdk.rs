@@ -28,9 +28,9 @@ use abi_stable::std_types::{RResult, RStr, RString};
 
 use crate::wire::{self, HookResponse, HostCall, WIRE_VERSION};
 pub use crate::wire::{
-    Backend, BadPciAddress, DriveEdit, FileEdit, GuestEdits, HookName, HookRequest, HostReply,
-    HostRequest, MachineEdits, MachineView, Manifest, MountEdit, NicEdit, Options, PciAddress,
-    PciDeviceEdit, TeardownReason, VmInfo,
+    Backend, BadPciAddress, BoundDevice, DriveEdit, FileEdit, GuestEdits, HookName, HookRequest,
+    HostReply, HostRequest, MachineEdits, MachineView, Manifest, MountEdit, NicEdit, Options,
+    PciAddress, PciDeviceEdit, TeardownReason, VmInfo,
 };
 use crate::{
     HostCallbacksRef, PluginCapability, PluginCapability_TO, PluginCapabilityBox, PluginModule,

@@ -378,17 +378,20 @@ pub enum HostRequest {
         /// Interface name.
         name: String,
     },
-    /// Bind a PCI device to `vfio-pci`; the reply names the driver it had.
+    /// Bind a PCI device and the members of its IOMMU group that must go
+    /// with it to `vfio-pci`; the reply names the driver each one had.
     BindVfio {
         /// The device.
         address: PciAddress,
     },
-    /// Give a PCI device back to `driver` (what `BindVfio` replied).
+    /// Give a PCI device back to `driver`: the driver `BindVfio` replied it
+    /// had (`None`: it had none, leave it unbound), or `vfio-pci`.
     RebindDriver {
         /// The device.
         address: PciAddress,
-        /// Driver name, 1-32 of `[a-z0-9_-]`.
-        driver: String,
+        /// Driver name, 1-32 of `[a-z0-9_-]`; absent: leave it unbound.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        driver: Option<String>,
     },
     /// Masquerade this VM's traffic from `ip` on banger's bridge (nft rules
     /// tagged with the VM's id in banger's table).
@@ -431,6 +434,21 @@ pub struct HostReply {
     pub v: u32,
     /// For `BindVfio`: the driver the device had before (`None` if unbound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_driver: Option<String>,
+    /// For `BindVfio`: every device it bound (the named one and the members
+    /// of its IOMMU group that went with it), each with its driver before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound: Vec<BoundDevice>,
+}
+
+/// A device `BindVfio` bound to `vfio-pci`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundDevice {
+    /// The device.
+    pub address: PciAddress,
+    /// Its driver before (`None`: it had none); give it back with
+    /// `RebindDriver` at Teardown.
+    #[serde(default)]
     pub previous_driver: Option<String>,
 }
 
@@ -661,7 +679,7 @@ mod tests {
             v: WIRE_VERSION,
             request: HostRequest::RebindDriver {
                 address: "0000:01:00.0".parse().unwrap(),
-                driver: "nvidia".into(),
+                driver: Some("nvidia".into()),
             },
         };
         let json = encode("host call", &call).unwrap();
@@ -673,6 +691,13 @@ mod tests {
         let json = r#"{"v":1,"op":"remove_nat"}"#;
         let call: HostCall = decode("host call", json).unwrap();
         assert_eq!(call.request.op(), "remove_nat");
+        // No driver: the device stays unbound.
+        let json = r#"{"v":1,"op":"rebind_driver","address":"0000:01:00.1"}"#;
+        let call: HostCall = decode("host call", json).unwrap();
+        assert!(
+            matches!(call.request, HostRequest::RebindDriver { driver: None, .. }),
+            "{call:?}"
+        );
 
         let m: Manifest = serde_json::from_str("{}").unwrap();
         assert_eq!(m, Manifest::default());

@@ -11,6 +11,8 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use super::vfio::PciHost;
+
 /// PCI class codes for [`FakeSysfs::device`].
 pub mod class {
     /// A VGA controller.
@@ -54,9 +56,18 @@ impl FakeSysfs {
         Ok(f)
     }
 
-    /// The tree's root, what `sysfs=` points at.
+    /// The tree's root, where sysfs would be mounted.
     pub fn root(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The PCI host operations on this tree, with their binding records in
+    /// `records/` beside it (outside `bus/`, so not in [`FakeSysfs::writes`]).
+    pub fn pci_host(&self) -> PciHost {
+        PciHost {
+            sysfs: self.root().to_path_buf(),
+            records: self.root().join("records"),
+        }
     }
 
     fn dev(&self, addr: &str) -> PathBuf {
@@ -113,6 +124,12 @@ impl FakeSysfs {
     /// The contents of the file at `rel` below the root.
     pub fn read(&self, rel: &str) -> io::Result<String> {
         fs::read_to_string(self.root().join(rel))
+    }
+
+    /// The contents of each file in `rels`, in order (one assertion checks
+    /// several attributes).
+    pub fn reads(&self, rels: &[&str]) -> io::Result<Vec<String>> {
+        rels.iter().map(|r| self.read(r)).collect()
     }
 
     /// Every attribute file under `bus/` that has been written, with its
