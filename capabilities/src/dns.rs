@@ -1,12 +1,15 @@
 //! `dns`: `<name>.vm` resolves to the VM's address while it runs.
 //! PrepareHost publishes the record to the daemon's DNS server (through its
 //! records file); every Teardown withdraws it. The server itself, which also
-//! forwards names outside `.vm` to the host's resolvers, is the daemon's
-//! (`banger_core::net::dns`).
+//! forwards names outside `.vm` to the host's resolvers, is this
+//! capability's too: `daemon_start` starts it on `127.0.0.1:dns_port` and
+//! on the bridge address (port 53), `daemon_stop` stops it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::capability::{
+    BuiltinCapability, CapEnv, CapError, Capability, DaemonCtx, HookCtx, TeardownReason,
+};
 use banger_core::model::CapOptions;
 use banger_core::net::{HostNetwork, dns};
 
@@ -15,21 +18,25 @@ use crate::network::{host_network, no_options};
 /// Name used with `--cap`.
 pub const NAME: &str = "dns";
 
-/// The DNS capability. `None` uses the daemon's installed networking.
-#[derive(Debug, Default)]
+/// The DNS capability, on the `network` capability's host networking.
+#[derive(Debug)]
 pub struct Dns {
-    net: Option<Arc<HostNetwork>>,
+    net: Arc<HostNetwork>,
+    server: Mutex<Option<dns::DnsServer>>,
 }
 
 impl Dns {
-    /// A capability bound to `net` rather than the installed one (tests).
+    /// A capability around `net`.
     pub fn with(net: Arc<HostNetwork>) -> Self {
-        Dns { net: Some(net) }
+        Dns {
+            net,
+            server: Mutex::new(None),
+        }
     }
 }
 
-fn make() -> Arc<dyn Capability> {
-    Arc::new(Dns::default())
+fn make(env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
+    Ok(Arc::new(Dns::with(host_network(env))))
 }
 
 inventory::submit! { BuiltinCapability { make } }
@@ -48,7 +55,7 @@ impl Capability for Dns {
     }
 
     fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        let net = host_network(&self.net)?;
+        let net = &self.net;
         let lease = net
             .lease(&ctx.vm.id)
             .map_err(|e| CapError::with("Cannot lease an address", e))?;
@@ -59,8 +66,34 @@ impl Capability for Dns {
         Ok(())
     }
 
+    /// A port another process holds costs only name resolution, so the
+    /// daemon logs the failure and serves anyway.
+    fn daemon_start(&self, ctx: &DaemonCtx<'_>) -> Result<(), CapError> {
+        let server = ctx
+            .runtime
+            .block_on(self.net.serve_dns())
+            .map_err(|e| CapError::with(format!("No .{} DNS", dns::ZONE), e))?;
+        tracing::info!(addrs = ?server.local_addrs(), "serving .{} DNS", dns::ZONE);
+        let old = self
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(server);
+        if let Some(old) = old {
+            ctx.runtime.block_on(old.shutdown());
+        }
+        Ok(())
+    }
+
+    fn daemon_stop(&self, ctx: &DaemonCtx<'_>) {
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(server) = server {
+            ctx.runtime.block_on(server.shutdown());
+        }
+    }
+
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
-        let net = host_network(&self.net)?;
+        let net = &self.net;
         dns::set_record(net.dns_records(), ctx.vm.name.as_str(), None)
             .map_err(|e| CapError::with("Cannot withdraw the DNS record", e))?;
         if reason == TeardownReason::Delete {

@@ -14,7 +14,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, HookLog};
+use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx, HookLog};
 use banger_core::config::FileSyncEntry;
 use banger_core::guest::{GuestConfig, GuestFile};
 use banger_core::model::CapOptions;
@@ -295,8 +295,8 @@ fn open(
 #[derive(Debug, Default)]
 pub struct FileSync;
 
-fn make() -> Arc<dyn Capability> {
-    Arc::new(FileSync)
+fn make(_env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
+    Ok(Arc::new(FileSync))
 }
 
 inventory::submit! { BuiltinCapability { make } }

@@ -13,4 +13,6 @@ pub mod work_disk;
 #[cfg(test)]
 mod net_tests;
 #[cfg(test)]
+mod test_env;
+#[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx};
+use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx};
 use banger_core::model::CapOptions;
 
 /// Name used with `--cap`.
@@ -16,8 +16,8 @@ pub const NAME: &str = "mise";
 #[derive(Debug, Default)]
 pub struct Mise;
 
-fn make() -> Arc<dyn Capability> {
-    Arc::new(Mise)
+fn make(_env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
+    Ok(Arc::new(Mise))
 }
 
 inventory::submit! { BuiltinCapability { make } }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::capability::{
+    BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
+};
 use banger_core::model::CapOptions;
 use banger_core::net::HostNetwork;
 
@@ -13,21 +15,21 @@ use crate::network::{host_network, no_options};
 /// Name used with `--cap`.
 pub const NAME: &str = "nat";
 
-/// The NAT capability. `None` uses the daemon's installed networking.
-#[derive(Debug, Default)]
+/// The NAT capability, on the `network` capability's host networking.
+#[derive(Debug)]
 pub struct Nat {
-    net: Option<Arc<HostNetwork>>,
+    net: Arc<HostNetwork>,
 }
 
 impl Nat {
-    /// A capability bound to `net` rather than the installed one (tests).
+    /// A capability around `net`.
     pub fn with(net: Arc<HostNetwork>) -> Self {
-        Nat { net: Some(net) }
+        Nat { net }
     }
 }
 
-fn make() -> Arc<dyn Capability> {
-    Arc::new(Nat::default())
+fn make(env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
+    Ok(Arc::new(Nat::with(host_network(env))))
 }
 
 inventory::submit! { BuiltinCapability { make } }
@@ -46,7 +48,7 @@ impl Capability for Nat {
     }
 
     fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        let net = host_network(&self.net)?;
+        let net = &self.net;
         // Leasing is idempotent, so this works whichever of network/nat runs first.
         let lease = net
             .lease(&ctx.vm.id)
@@ -59,7 +61,7 @@ impl Capability for Nat {
     }
 
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
-        let net = host_network(&self.net)?;
+        let net = &self.net;
         ctx.host
             .remove_nat(ctx.vm.id.as_str())
             .map_err(|e| CapError::with("Cannot remove NAT rules", e))?;

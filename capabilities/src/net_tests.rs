@@ -4,18 +4,21 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use banger_core::capability::{Capability, HookCtx, HookLog, TeardownReason};
+use banger_core::capability::{
+    Capability, DaemonCtx, HookCtx, HookLog, RunningVm, TeardownReason, builtins,
+};
 use banger_core::config::NetworkConfig;
 use banger_core::guest::GuestConfig;
 use banger_core::hostops::{HostOps, RecordingHostOps};
 use banger_core::machine::MachineSpec;
 use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
-use banger_core::net::{HostNetwork, dns};
+use banger_core::net::{HostNetwork, NicState, dns};
 use banger_core::store::Store;
 
 use crate::dns::Dns;
 use crate::nat::Nat;
-use crate::network::Network;
+use crate::network::{Network, host_network};
+use crate::test_env::TestEnv;
 
 struct Quiet;
 
@@ -215,22 +218,61 @@ fn dns_publishes_the_record_while_prepared() {
 }
 
 #[test]
-fn capabilities_without_host_networking_fail_with_a_fix() {
-    let e = env();
-    let host = RecordingHostOps::default();
-    let a = vm("a");
-    let caps: [Box<dyn Capability>; 3] = [
-        Box::new(Network::default()),
-        Box::new(Nat::default()),
-        Box::new(Dns::default()),
-    ];
-    for cap in caps {
-        let err = e.run(&a, &host, |c| cap.prepare_host(c)).unwrap_err();
-        let chain = banger_core::lifecycle::render_chain(&err);
-        assert!(chain.contains("restart bangerd"), "{chain}");
-        let mut o = CapOptions::new();
-        o.insert("x".into(), "1".into());
-        assert!(cap.validate_options(&o).is_err());
+fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
+    let t = TestEnv::new();
+    let (dir, config, store, recording) = (&t.dir, &t.config, &t.store, &t.recording);
+    let host = &t.host;
+    let env = t.env();
+    let (caps, errors) = builtins(&env);
+    assert!(errors.is_empty(), "{errors:?}");
+    // network, dns and nat asked for it while being made: one value.
+    assert!(Arc::ptr_eq(&host_network(&env), &host_network(&env)));
+    let network = caps.iter().find(|c| c.name() == "network").unwrap();
+
+    // A lease of a VM with no row, and a VM that kept running on bgtap0.
+    store
+        .acquire_lease(&vm("gone").id, &config.network.subnet)
+        .unwrap();
+    let survivor = RunningVm {
+        vm: vm("up"),
+        vm_dir: dir.path().join("up"),
+    };
+    NicState {
+        tap: "bgtap0".into(),
+        ip: Ipv4Addr::new(172, 30, 0, 9),
+        mac: "06:00:ac:1e:00:09".into(),
     }
-    assert!(host.calls().is_empty());
+    .save(&survivor.vm_dir)
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let running = [survivor];
+    let ctx = DaemonCtx {
+        host: host.as_ref(),
+        running: &running,
+        runtime: rt.handle().clone(),
+    };
+    network.daemon_start(&ctx).unwrap();
+    assert!(store.list_leases().unwrap().is_empty());
+    let calls = recording.calls();
+    assert_eq!(calls[0], "ensure_bridge banger0 172.30.0.1/24");
+    assert!(
+        calls.iter().any(|c| c.starts_with("create_tap bgtap1 ")),
+        "{calls:?}"
+    );
+    assert!(!calls.iter().any(|c| c.contains("bgtap0")), "{calls:?}");
+    assert_eq!(host_network(&env).taps().free(), vec!["bgtap1", "bgtap2"]);
+
+    network.daemon_stop(&ctx);
+    let calls = recording.calls();
+    assert_eq!(
+        calls[calls.len() - 3..],
+        [
+            "delete_link bgtap1",
+            "delete_link bgtap2",
+            "unroute_dns banger0"
+        ]
+    );
+    assert!(host_network(&env).taps().free().is_empty());
 }

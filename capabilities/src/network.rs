@@ -3,10 +3,19 @@
 //! adds the NIC; GuestConfig tells the agent its address, gateway, MTU and
 //! nameserver (the bridge, where the `.vm` DNS server listens). Stop returns
 //! the tap; delete also frees the address.
+//!
+//! It owns host networking ([`HostNetwork`]: bridge, tap pool, leases). Its
+//! factory makes it and places it in the daemon's shared state (`CapEnv::shared`), where
+//! `dns` and `nat` find the same value ([`host_network`]). At daemon start
+//! it frees the leases of VMs that no longer exist and brings networking up
+//! around the taps of VMs that kept running; otherwise the bridge is made
+//! on the first VM that needs it. At daemon stop it deletes the warm taps.
 
 use std::sync::Arc;
 
-use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::capability::{
+    BuiltinCapability, CapEnv, CapError, Capability, DaemonCtx, HookCtx, TeardownReason,
+};
 use banger_core::guest::{GuestConfig, GuestNetwork};
 use banger_core::machine::{MachineSpec, Nic};
 use banger_core::model::CapOptions;
@@ -19,38 +28,37 @@ pub const NIC_ID: &str = "eth0";
 /// Guest interface MTU (the bridge's, untagged Ethernet).
 pub const MTU: u32 = 1500;
 
-/// The network capability. `None` uses the daemon's installed networking.
-#[derive(Debug, Default)]
+/// The network capability.
+#[derive(Debug)]
 pub struct Network {
-    net: Option<Arc<HostNetwork>>,
+    net: Arc<HostNetwork>,
 }
 
 impl Network {
-    /// A capability bound to `net` rather than the installed one (tests).
+    /// A capability around `net`.
     pub fn with(net: Arc<HostNetwork>) -> Self {
-        Network { net: Some(net) }
+        Network { net }
     }
 }
 
-fn make() -> Arc<dyn Capability> {
-    Arc::new(Network::default())
+fn make(env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
+    Ok(Arc::new(Network::with(host_network(env))))
 }
 
 inventory::submit! { BuiltinCapability { make } }
 
-/// `explicit`, else the daemon's installed host networking.
-pub(crate) fn host_network(
-    explicit: &Option<Arc<HostNetwork>>,
-) -> Result<Arc<HostNetwork>, CapError> {
-    explicit
-        .clone()
-        .or_else(banger_core::net::installed)
-        .ok_or_else(|| {
-            CapError::with(
-                "Cannot reach host networking",
-                banger_core::net::NetError::NotInstalled,
-            )
-        })
+/// The daemon's host networking, from `env`'s shared state: made from
+/// `[network]` of config.toml by whichever of network/dns/nat asks first.
+/// Taps are owned by the user running the daemon (and the VMMs).
+pub fn host_network(env: &CapEnv<'_>) -> Arc<HostNetwork> {
+    env.shared.get_or_insert_with(|| {
+        HostNetwork::new(
+            env.config.network.clone(),
+            env.store.clone(),
+            &env.paths.state_dir,
+            nix::unistd::getuid().as_raw(),
+        )
+    })
 }
 
 pub(crate) fn no_options(name: &str, options: &CapOptions) -> Result<(), CapError> {
@@ -82,7 +90,7 @@ impl Capability for Network {
     }
 
     fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        let net = host_network(&self.net)?;
+        let net = &self.net;
         net.ensure_up(ctx.host, &[])
             .map_err(|e| CapError::with("Cannot set up the bridge", e))?;
         let lease = net
@@ -132,7 +140,7 @@ impl Capability for Network {
     }
 
     fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
-        let net = host_network(&self.net)?;
+        let net = &self.net;
         let state = nic_state(ctx)?;
         if guest.network.iter().any(|n| n.nic_id == NIC_ID) {
             return Err(CapError::msg(format!(
@@ -150,8 +158,38 @@ impl Capability for Network {
         Ok(())
     }
 
+    fn daemon_start(&self, ctx: &DaemonCtx<'_>) -> Result<(), CapError> {
+        match self.net.prune_orphan_leases() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("freed {n} address(es) of VMs that no longer exist"),
+            Err(e) => tracing::warn!(
+                "cannot prune leases: {}",
+                banger_core::lifecycle::render_chain(&e)
+            ),
+        }
+        // VMs that kept running while no daemon ran hold taps: bring
+        // networking up around them so their taps are not handed out again.
+        let taps: Vec<String> = ctx
+            .running
+            .iter()
+            .filter_map(|r| NicState::load(&r.vm_dir).ok().flatten())
+            .map(|s| s.tap)
+            .collect();
+        if taps.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = taps.iter().map(String::as_str).collect();
+        self.net
+            .ensure_up(ctx.host, &refs)
+            .map_err(|e| CapError::with("Cannot bring host networking up", e))
+    }
+
+    fn daemon_stop(&self, ctx: &DaemonCtx<'_>) {
+        self.net.shut_down(ctx.host);
+    }
+
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
-        let net = host_network(&self.net)?;
+        let net = &self.net;
         if let Some(state) = NicState::load(ctx.vm_dir)
             .map_err(|e| CapError::with("Cannot read the VM's network state", e))?
         {

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::capability::{
+    BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
+};
 use banger_core::config::Config;
 use banger_core::initramfs::{self, Built};
 use banger_core::machine::{MachineSpec, Vsock};
@@ -38,8 +40,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Default)]
 pub struct VsockAgent;
 
-fn make() -> Arc<dyn Capability> {
-    Arc::new(VsockAgent)
+fn make(_env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
+    Ok(Arc::new(VsockAgent))
 }
 
 inventory::submit! { BuiltinCapability { make } }

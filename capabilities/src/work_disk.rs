@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use banger_core::capability::{BuiltinCapability, CapError, Capability, HookCtx, TeardownReason};
+use banger_core::capability::{
+    BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
+};
 use banger_core::disk;
 use banger_core::guest::{GuestConfig, GuestMount};
 use banger_core::machine::{Drive, DriveRole, MachineSpec};
@@ -25,8 +27,8 @@ pub const MOUNT_POINT: &str = "/root";
 #[derive(Debug, Default)]
 pub struct WorkDisk;
 
-fn make() -> Arc<dyn Capability> {
-    Arc::new(WorkDisk)
+fn make(_env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
+    Ok(Arc::new(WorkDisk))
 }
 
 inventory::submit! { BuiltinCapability { make } }

@@ -2,12 +2,18 @@
 //! capability with five lifecycle hooks. The core only sequences them.
 //!
 //! Built-ins register a [`BuiltinCapability`] factory with
-//! `inventory::submit!`; plugins are adapted into the same trait by
-//! `plugin_host`.
+//! `inventory::submit!`; the daemon calls each factory once with a
+//! [`CapEnv`] (store, paths, config, host operations and the host-wide
+//! [`SharedState`]). Plugins are adapted into the same trait by
+//! `plugin_host`. Besides the per-VM hooks, a capability may own
+//! daemon-wide work through [`Capability::daemon_start`] and
+//! [`Capability::daemon_stop`] (the `dns` capability runs the DNS server).
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +21,8 @@ use crate::guest::GuestConfig;
 use crate::hostops::HostOps;
 use crate::machine::MachineSpec;
 use crate::model::{CapOptions, VmRecord, VmmKind};
+use crate::paths::Paths;
+use crate::store::Store;
 
 /// The fixed hook points of a VM's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -211,6 +219,109 @@ pub trait Capability: Send + Sync + fmt::Debug {
     fn teardown(&self, _ctx: &HookCtx<'_>, _reason: TeardownReason) -> Result<(), CapError> {
         Ok(())
     }
+
+    /// Daemon startup, after reconciliation and before the API serves:
+    /// host-wide work (a server, adopting what running VMs hold). A failure
+    /// is logged and the daemon serves anyway.
+    fn daemon_start(&self, _ctx: &DaemonCtx<'_>) -> Result<(), CapError> {
+        Ok(())
+    }
+
+    /// Daemon shutdown: undo `daemon_start`. VMs keep running, so anything
+    /// they use stays.
+    fn daemon_stop(&self, _ctx: &DaemonCtx<'_>) {}
+}
+
+/// Host-wide state the built-ins share within one daemon, one value per
+/// type. A capability that owns state (the `network` capability's host
+/// networking) publishes it under its own type; the capabilities that use
+/// it (`dns`, `nat`) ask for the same type and get the same value, whichever
+/// factory runs first.
+#[derive(Default)]
+pub struct SharedState {
+    values: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+}
+
+impl fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.values.lock().map(|v| v.len()).unwrap_or(0);
+        f.debug_struct("SharedState").field("values", &n).finish()
+    }
+}
+
+impl SharedState {
+    /// An empty map.
+    pub fn new() -> Self {
+        SharedState::default()
+    }
+
+    /// The `T` in the map, made by `make` and stored if there is none.
+    pub fn get_or_insert_with<T: Any + Send + Sync>(&self, make: impl FnOnce() -> T) -> Arc<T> {
+        let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        let key = TypeId::of::<T>();
+        if let Some(v) = values
+            .get(&key)
+            .and_then(|v| v.clone().downcast::<T>().ok())
+        {
+            return v;
+        }
+        let v = Arc::new(make());
+        values.insert(key, v.clone());
+        v
+    }
+}
+
+/// What a built-in's factory gets: everything host-wide it may keep.
+#[derive(Clone)]
+pub struct CapEnv<'a> {
+    /// banger's directories.
+    pub paths: &'a Paths,
+    /// The daemon's configuration; a capability reads its own section
+    /// (`network` reads `[network]`).
+    pub config: &'a crate::config::Config,
+    /// The state database.
+    pub store: &'a Arc<Store>,
+    /// Privileged host operations.
+    pub host: &'a Arc<dyn HostOps>,
+    /// Host-wide state shared between built-ins.
+    pub shared: &'a SharedState,
+}
+
+impl fmt::Debug for CapEnv<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapEnv")
+            .field("paths", &self.paths)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A VM that was running when the daemon started.
+#[derive(Debug, Clone)]
+pub struct RunningVm {
+    /// Its record.
+    pub vm: VmRecord,
+    /// Its private directory.
+    pub vm_dir: PathBuf,
+}
+
+/// What the daemon-level hooks see.
+pub struct DaemonCtx<'a> {
+    /// Privileged host operations.
+    pub host: &'a dyn HostOps,
+    /// VMs running at daemon start (empty at stop).
+    pub running: &'a [RunningVm],
+    /// The daemon's async runtime; hooks run on a blocking thread and may
+    /// `block_on` it to start or stop servers.
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl fmt::Debug for DaemonCtx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DaemonCtx")
+            .field("running", &self.running.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a capability declares about the others and the backends.
@@ -318,27 +429,35 @@ pub fn order_by_manifest<T>(
     Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
+/// Makes a built-in capability from the daemon's environment.
+pub type CapFactory = fn(&CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError>;
+
 /// Registration record for a built-in capability. `inventory::submit!` needs
 /// a const expression, so we register a factory, not an instance.
 #[derive(Debug)]
 pub struct BuiltinCapability {
     /// Makes the capability.
-    pub make: fn() -> Arc<dyn Capability>,
+    pub make: CapFactory,
 }
 
 inventory::collect!(BuiltinCapability);
 
-/// Every built-in capability linked into this binary, sorted by name.
+/// Every built-in capability linked into this binary, made with `env`,
+/// sorted by name, and the factories that failed.
 ///
 /// A crate nobody references is not linked and its registrations vanish, so
 /// binaries must `use banger_capabilities as _;`.
-pub fn builtins() -> Vec<Arc<dyn Capability>> {
-    let mut caps: Vec<Arc<dyn Capability>> = inventory::iter::<BuiltinCapability>
-        .into_iter()
-        .map(|b| (b.make)())
-        .collect();
+pub fn builtins(env: &CapEnv<'_>) -> (Vec<Arc<dyn Capability>>, Vec<CapError>) {
+    let mut caps = Vec::new();
+    let mut errors = Vec::new();
+    for b in inventory::iter::<BuiltinCapability> {
+        match (b.make)(env) {
+            Ok(c) => caps.push(c),
+            Err(e) => errors.push(e),
+        }
+    }
     caps.sort_by(|a, b| a.name().cmp(b.name()));
-    caps
+    (caps, errors)
 }
 
 /// The capabilities this daemon knows: built-ins plus loaded plugins.
@@ -376,14 +495,33 @@ impl Registry {
         Registry { caps: Vec::new() }
     }
 
-    /// A registry with every linked built-in.
-    pub fn with_builtins() -> Self {
+    /// A registry with every linked built-in made with `env`, and the
+    /// factories that failed (those built-ins are missing).
+    pub fn with_builtins(env: &CapEnv<'_>) -> (Self, Vec<CapError>) {
         let mut r = Registry::new();
-        for c in builtins() {
+        let (caps, errors) = builtins(env);
+        for c in caps {
             // Built-in names are unique by construction (a test pins the set).
             let _ = r.add(c);
         }
-        r
+        (r, errors)
+    }
+
+    /// Runs every capability's [`Capability::daemon_start`], in name order;
+    /// returns the failures as `(name, error)`.
+    pub fn daemon_start(&self, ctx: &DaemonCtx<'_>) -> Vec<(String, CapError)> {
+        self.all()
+            .iter()
+            .filter_map(|c| c.daemon_start(ctx).err().map(|e| (c.name().to_string(), e)))
+            .collect()
+    }
+
+    /// Runs every capability's [`Capability::daemon_stop`], in reverse name
+    /// order.
+    pub fn daemon_stop(&self, ctx: &DaemonCtx<'_>) {
+        for c in self.all().iter().rev() {
+            c.daemon_stop(ctx);
+        }
     }
 
     /// Adds a capability unless its name is taken.

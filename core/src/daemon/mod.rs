@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::artifacts::Artifacts;
-use crate::capability::Registry;
+use crate::capability::{CapEnv, DaemonCtx, Registry, RunningVm, SharedState};
 use crate::config::Config;
-use crate::hostops::InProcessHostOps;
+use crate::hostops::{HostOps, InProcessHostOps};
 use crate::lifecycle::{Lifecycle, render_chain};
 use crate::machine::MachineSpec;
 use crate::model::{VmmProcess, now_unix};
-use crate::net::{HostNetwork, NicState};
 use crate::paths::Paths;
 use crate::store::Store;
 use crate::vmm::firecracker::Firecracker;
@@ -147,8 +146,24 @@ pub async fn run() -> Result<(), DaemonError> {
     let config = Config::load(&paths.config_file())?;
     let store = Arc::new(Store::open(&paths.database())?);
 
-    let mut registry = Registry::with_builtins();
+    // Built-ins are made once, here, with everything host-wide they keep;
+    // the ones that share state (network, dns, nat) find it in `shared`.
+    let host: Arc<dyn HostOps> = Arc::new(InProcessHostOps::default());
+    let shared = SharedState::new();
+    let env = CapEnv {
+        paths: &paths,
+        config: &config,
+        store: &store,
+        host: &host,
+        shared: &shared,
+    };
+    let (mut registry, builtin_errors) = Registry::with_builtins(&env);
     let mut plugin_errors = Vec::new();
+    for e in builtin_errors {
+        let msg = render_chain(&e);
+        tracing::error!("{msg}");
+        plugin_errors.push(msg);
+    }
     let plugins_dir = config.plugins_dir(&paths);
     let report = crate::plugin_host::load_plugins(&plugins_dir);
     for cap in report.loaded {
@@ -179,28 +194,13 @@ pub async fn run() -> Result<(), DaemonError> {
     if cleaned > 0 {
         tracing::info!("removed {cleaned} staging dir(s) left by an interrupted pull");
     }
-    // Host networking is installed for the built-in network capabilities
-    // but only touches the host (bridge, taps) when a VM first needs it.
-    match store.prune_orphan_leases() {
-        Ok(0) => {}
-        Ok(n) => tracing::info!("freed {n} address(es) of VMs that no longer exist"),
-        Err(e) => tracing::warn!("cannot prune leases: {}", render_chain(&e)),
-    }
-    let network = Arc::new(HostNetwork::new(
-        config.network.clone(),
-        store.clone(),
-        &paths.state_dir,
-        nix::unistd::getuid().as_raw(),
-    ));
-    crate::net::install(network.clone());
-    let dns = start_dns(&network).await;
-
+    let hooks = registry.clone();
     let lifecycle = Arc::new(Lifecycle::new(
         paths.clone(),
         config,
         store,
         registry,
-        Arc::new(InProcessHostOps::default()),
+        host.clone(),
         backends,
         artifacts,
     ));
@@ -212,7 +212,10 @@ pub async fn run() -> Result<(), DaemonError> {
         tracing::info!("reconciled {r}");
     }
 
-    adopt_running_taps(&lifecycle, &network).await;
+    // Capabilities' daemon-wide work (the DNS server, adopting the taps of
+    // VMs that outlived the last daemon).
+    let running = running_vms(&lifecycle).await;
+    run_daemon_hooks(&hooks, &host, running, true).await;
 
     let socket = paths.socket();
     let listener = bind_private(&socket)?;
@@ -265,64 +268,57 @@ pub async fn run() -> Result<(), DaemonError> {
     };
     monitor.abort();
     let _ = std::fs::remove_file(&socket);
-    let net = network.clone();
-    let _ = tokio::task::spawn_blocking(move || net.shut_down(&InProcessHostOps::default())).await;
-    if let Some(dns) = dns {
-        dns.shutdown().await;
-    }
+    run_daemon_hooks(&hooks, &host, Vec::new(), false).await;
     result
 }
 
-/// Serves `.vm` names on the configured loopback port and on the bridge
-/// address. A port another process holds costs only name resolution, so it
-/// is a warning, not a reason to refuse to start.
-async fn start_dns(net: &HostNetwork) -> Option<crate::net::dns::DnsServer> {
-    match net.serve_dns().await {
-        Ok(server) => {
-            tracing::info!(addrs = ?server.local_addrs(), "serving .vm DNS");
-            Some(server)
+/// Runs every capability's `daemon_start` (`start`) or `daemon_stop` on a
+/// blocking thread; they may block on the runtime to start servers.
+async fn run_daemon_hooks(
+    registry: &Registry,
+    host: &Arc<dyn HostOps>,
+    running: Vec<RunningVm>,
+    start: bool,
+) {
+    let registry = registry.clone();
+    let host = host.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let done = tokio::task::spawn_blocking(move || {
+        let ctx = DaemonCtx {
+            host: host.as_ref(),
+            running: &running,
+            runtime,
+        };
+        if !start {
+            registry.daemon_stop(&ctx);
+            return;
         }
-        Err(e) => {
-            tracing::warn!("no .vm DNS: {}", render_chain(&e));
-            None
+        for (name, e) in registry.daemon_start(&ctx) {
+            tracing::warn!("capability {name}: {}", render_chain(&e));
         }
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::warn!("capability daemon hooks: {e}");
     }
 }
 
-/// VMs that kept running while no daemon ran hold taps: bring networking up
-/// around them so their taps are not handed out again.
-async fn adopt_running_taps(lifecycle: &Lifecycle, net: &Arc<HostNetwork>) {
+/// The VMs running now (they may have outlived an earlier daemon).
+async fn running_vms(lifecycle: &Lifecycle) -> Vec<RunningVm> {
     let vms = match lifecycle.list().await {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!("cannot list VMs: {}", render_chain(&e));
-            return;
+            return Vec::new();
         }
     };
-    let taps: Vec<String> = vms
-        .iter()
+    vms.into_iter()
         .filter(|vm| vm.state == crate::model::VmState::Running)
-        .filter_map(|vm| {
-            NicState::load(&lifecycle.paths().vm_dir(&vm.id))
-                .ok()
-                .flatten()
+        .map(|vm| RunningVm {
+            vm_dir: lifecycle.paths().vm_dir(&vm.id),
+            vm,
         })
-        .map(|s| s.tap)
-        .collect();
-    if taps.is_empty() {
-        return;
-    }
-    let net = net.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = taps.iter().map(String::as_str).collect();
-        net.ensure_up(&InProcessHostOps::default(), &refs)
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("cannot bring host networking up: {}", render_chain(&e)),
-        Err(e) => tracing::warn!("bringing host networking up: {e}"),
-    }
+        .collect()
 }
 
 /// Binds the API socket so that only the owner can ever connect: the umask

@@ -1,13 +1,13 @@
 //! [`HostNetwork`]: what the `network`, `nat` and `dns` capabilities share in
 //! one daemon: settings, the lease store, the tap pool and the DNS records.
 //!
-//! Built-in capabilities are made by argument-less factories, so the daemon
-//! [`install`]s its `HostNetwork` once at startup and the capabilities look
-//! it up when a hook runs. Tests build capabilities around their own.
+//! The `network` capability's factory makes it and places it in the
+//! daemon's shared capability state, where `dns` and `nat` find it. Tests
+//! build capabilities around their own.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,11 +20,6 @@ use crate::store::{Lease, Store, StoreError};
 /// A host networking step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// The daemon did not set up host networking.
-    #[error(
-        "Host networking is not available in this daemon (it needs root for the bridge; see the daemon log, then restart bangerd)"
-    )]
-    NotInstalled,
     /// Leasing or releasing an address failed.
     #[error("Cannot manage the VM's address")]
     Lease(#[source] StoreError),
@@ -269,6 +264,12 @@ impl HostNetwork {
             .map_err(NetError::Lease)
     }
 
+    /// Frees the addresses of VMs that no longer exist (a delete
+    /// interrupted by a crash); returns how many.
+    pub fn prune_orphan_leases(&self) -> Result<usize, NetError> {
+        self.store.prune_orphan_leases().map_err(NetError::Lease)
+    }
+
     /// Frees the VM's address.
     pub fn release_lease(&self, vm: &VmId) -> Result<(), NetError> {
         self.store
@@ -276,18 +277,4 @@ impl HostNetwork {
             .map(|_| ())
             .map_err(NetError::Lease)
     }
-}
-
-static INSTALLED: RwLock<Option<Arc<HostNetwork>>> = RwLock::new(None);
-
-/// Makes `net` the host networking the built-in capabilities use. The
-/// daemon calls this once at startup; a later call replaces it.
-pub fn install(net: Arc<HostNetwork>) {
-    let mut slot = INSTALLED.write().unwrap_or_else(|e| e.into_inner());
-    *slot = Some(net);
-}
-
-/// The installed host networking, if any.
-pub fn installed() -> Option<Arc<HostNetwork>> {
-    INSTALLED.read().unwrap_or_else(|e| e.into_inner()).clone()
 }

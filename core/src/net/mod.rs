@@ -5,9 +5,9 @@
 //! implementation uses `netlink` for links and addresses, [`nft`] for
 //! filtering and NAT, and `resolvectl` for systemd-resolved routing.
 //!
-//! Daemon wiring: build a [`HostNetwork`], call [`HostNetwork::bring_up`]
-//! and [`HostNetwork::serve_dns`] at startup, [`install`] it for the
-//! built-in capabilities, and [`HostNetwork::shut_down`] on exit.
+//! The daemon does not wire any of it: the `network` capability makes the
+//! [`HostNetwork`] and shares it with `dns` and `nat` through the
+//! capability environment; their daemon hooks bring it up and down.
 
 mod addr;
 pub mod dns;
@@ -18,5 +18,5 @@ pub(crate) mod resolved;
 mod taps;
 
 pub use addr::{InvalidMac, InvalidSubnet, MacAddr, Subnet};
-pub use host::{HostNetwork, NetError, NicState, install, installed};
+pub use host::{HostNetwork, NetError, NicState};
 pub use taps::{DEFAULT_WARM, TAP_PREFIX, TapPool};

@@ -1,0 +1,57 @@
+//! What a daemon hands the built-in factories, built in a temporary
+//! directory for tests.
+
+use std::sync::Arc;
+
+use banger_core::capability::{CapEnv, SharedState};
+use banger_core::config::Config;
+use banger_core::hostops::{HostOps, RecordingHostOps};
+use banger_core::paths::Paths;
+use banger_core::store::Store;
+
+/// Owns everything a [`CapEnv`] borrows.
+pub(crate) struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub paths: Paths,
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub recording: Arc<RecordingHostOps>,
+    pub host: Arc<dyn HostOps>,
+    pub shared: SharedState,
+}
+
+impl TestEnv {
+    /// Default config, a real store, recorded host operations.
+    pub fn new() -> TestEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            config_dir: dir.path().join("config"),
+            state_dir: dir.path().join("state"),
+            cache_dir: dir.path().join("cache"),
+            runtime_dir: dir.path().join("run"),
+        };
+        let config = Config::defaults(&paths.config_file());
+        let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+        let recording = Arc::new(RecordingHostOps::default());
+        TestEnv {
+            dir,
+            paths,
+            config,
+            store,
+            host: recording.clone(),
+            recording,
+            shared: SharedState::new(),
+        }
+    }
+
+    /// The environment the factories get.
+    pub fn env(&self) -> CapEnv<'_> {
+        CapEnv {
+            paths: &self.paths,
+            config: &self.config,
+            store: &self.store,
+            host: &self.host,
+            shared: &self.shared,
+        }
+    }
+}
