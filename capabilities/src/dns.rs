@@ -11,9 +11,11 @@ use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, DaemonCtx, HookCtx, TeardownReason,
 };
 use banger_core::model::CapOptions;
-use banger_core::net::{HostNetwork, dns};
 
-use crate::network::{host_network, no_options};
+use self::server as dns;
+use crate::network::{HostNetwork, host_network, no_options};
+
+pub mod server;
 
 /// Name used with `--cap`.
 pub const NAME: &str = "dns";
@@ -32,6 +34,34 @@ impl Dns {
             net,
             server: Mutex::new(None),
         }
+    }
+}
+
+/// Starts the `.vm` DNS server on `127.0.0.1:dns_port` and on the bridge
+/// address, port 53, for guests and systemd-resolved. The bridge address
+/// is bound before the bridge exists (`IP_FREEBIND`). A listener that
+/// cannot bind (port taken, no right to bind 53) is a warning; only a
+/// server with no listener at all is an error.
+pub async fn serve(net: &HostNetwork) -> Result<dns::DnsServer, dns::DnsError> {
+    let loopback =
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, net.config().dns_port));
+    let bridge = std::net::SocketAddr::from((net.gateway(), 53));
+    let upstream = dns::Upstream::from_config(net.config().dns_upstream.as_deref());
+    let mut server = dns::DnsServer::start(net.dns_records().to_path_buf(), &[], upstream).await?;
+    let mut last = None;
+    for addr in [loopback, bridge] {
+        if let Err(e) = server.add_listener(addr).await {
+            tracing::warn!(
+                "no .{} DNS on {addr}: {}",
+                dns::ZONE,
+                banger_core::lifecycle::render_chain(&e)
+            );
+            last = Some(e);
+        }
+    }
+    match last {
+        Some(e) if server.local_addrs().is_empty() => Err(e),
+        _ => Ok(server),
     }
 }
 
@@ -71,7 +101,7 @@ impl Capability for Dns {
     fn daemon_start(&self, ctx: &DaemonCtx<'_>) -> Result<(), CapError> {
         let server = ctx
             .runtime
-            .block_on(self.net.serve_dns())
+            .block_on(serve(&self.net))
             .map_err(|e| CapError::with(format!("No .{} DNS", dns::ZONE), e))?;
         tracing::info!(addrs = ?server.local_addrs(), "serving .{} DNS", dns::ZONE);
         let old = self

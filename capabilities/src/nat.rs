@@ -8,9 +8,8 @@ use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
 use banger_core::model::CapOptions;
-use banger_core::net::HostNetwork;
 
-use crate::network::{host_network, no_options};
+use crate::network::{HostNetwork, host_network, no_options};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "nat";

@@ -12,12 +12,11 @@ use banger_core::guest::GuestConfig;
 use banger_core::hostops::{HostOps, RecordingHostOps};
 use banger_core::machine::MachineSpec;
 use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
-use banger_core::net::{HostNetwork, NicState, dns};
 use banger_core::store::Store;
 
-use crate::dns::Dns;
+use crate::dns::{Dns, server as dns};
 use crate::nat::Nat;
-use crate::network::{Network, host_network};
+use crate::network::{HostNetwork, Network, NicState, host_network};
 use crate::test_env::TestEnv;
 
 struct Quiet;

@@ -19,7 +19,12 @@ use banger_core::capability::{
 use banger_core::guest::{GuestConfig, GuestNetwork};
 use banger_core::machine::{MachineSpec, Nic};
 use banger_core::model::CapOptions;
-use banger_core::net::{HostNetwork, NicState};
+
+mod host;
+mod taps;
+
+pub use host::{HostNetwork, NetError, NicState};
+pub use taps::{DEFAULT_WARM, TAP_PREFIX, TapPool};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "network";

@@ -481,3 +481,78 @@ fn vsock_agent_post_start_timeout_points_at_vm_logs() {
     assert!(err.contains("vsock.sock"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+/// Each built-in's code is in this crate: its module file, and for the ones
+/// that own host-wide machinery, the submodules with it.
+const BUILTIN_MODULES: &[(&str, &[&str])] = &[
+    ("dns", &["src/dns.rs", "src/dns/server.rs"]),
+    ("file-sync", &["src/file_sync.rs"]),
+    ("mise", &["src/mise.rs"]),
+    ("nat", &["src/nat.rs"]),
+    (
+        "network",
+        &[
+            "src/network.rs",
+            "src/network/host.rs",
+            "src/network/taps.rs",
+        ],
+    ),
+    ("vsock-agent", &["src/vsock_agent.rs"]),
+    ("work-disk", &["src/work_disk.rs"]),
+];
+
+/// What core may still hold of networking: address types and the low-level
+/// calls `InProcessHostOps` makes (netlink, nft, resolvectl).
+const CORE_NET_FILES: &[&str] = &["addr.rs", "mod.rs", "netlink.rs", "nft.rs", "resolved.rs"];
+
+#[test]
+fn every_builtin_lives_here_and_core_holds_none_of_their_code() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let core = here.join("../core");
+    let t = crate::test_env::TestEnv::new();
+    let (caps, _) = builtins(&t.env());
+    let listed: Vec<&str> = BUILTIN_MODULES.iter().map(|(n, _)| *n).collect();
+    let made: Vec<&str> = caps.iter().map(|c| c.name()).collect();
+    assert_eq!(made, listed, "list each built-in's modules here");
+    for (name, files) in BUILTIN_MODULES {
+        for f in *files {
+            assert!(here.join(f).is_file(), "{name}: {f} is missing");
+        }
+    }
+
+    let manifest = std::fs::read_to_string(core.join("Cargo.toml")).unwrap();
+    let deps: toml::Table = manifest.parse().unwrap();
+    let deps = deps["dependencies"].as_table().unwrap();
+    let dns_crates: Vec<&String> = deps.keys().filter(|k| k.starts_with("hickory")).collect();
+    assert!(
+        dns_crates.is_empty(),
+        "core depends on {dns_crates:?}: DNS belongs to the dns capability"
+    );
+
+    let mut net_files: Vec<String> = std::fs::read_dir(core.join("src/net"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    net_files.sort();
+    assert_eq!(net_files, CORE_NET_FILES);
+
+    // The networking capabilities' types are not named anywhere in core.
+    let mut stack = vec![core.join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for ty in ["HostNetwork", "TapPool", "DnsServer", "NicState"] {
+                assert!(
+                    !text.contains(ty),
+                    "{} names {ty}, which belongs to a capability",
+                    path.display()
+                );
+            }
+        }
+    }
+}

@@ -1006,7 +1006,7 @@ impl Parser<'_> {
                                 "dns_upstream entries must be strings, e.g. \"192.168.1.1\"".into(),
                             ));
                         };
-                        servers.push(crate::net::dns::parse_upstream(s).map_err(|m| {
+                        servers.push(crate::net::parse_upstream(s).map_err(|m| {
                             self.error(item.span(), format!("{m} (in [network] dns_upstream)"))
                         })?);
                     }

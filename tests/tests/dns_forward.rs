@@ -1,5 +1,5 @@
 //! banger's DNS server forwarding names outside `.vm`: the real server
-//! (`banger_core::net::dns`) in front of a stand-in upstream (hickory-server
+//! (`banger_capabilities::dns::server`) in front of a stand-in upstream (hickory-server
 //! on loopback), queried over UDP and TCP by a real client.
 
 // Inside a cfg(test) module so the test-only lint allowances cover helpers.
@@ -8,7 +8,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
     use std::time::{Duration, Instant};
 
-    use banger_core::net::dns::{self, DnsServer, FORWARD_DEADLINE, Upstream};
+    use banger_capabilities::dns::server::{self as dns, DnsServer, FORWARD_DEADLINE, Upstream};
     use test_infra::dns::{StandInUpstream, Target, query, query_tcp};
 
     const EXAMPLE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);

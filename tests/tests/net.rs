@@ -243,10 +243,10 @@ mod tests {
                 use std::sync::Arc;
 
                 use banger_capabilities::nat::Nat;
+                use banger_capabilities::network::HostNetwork;
                 use banger_capabilities::network::Network;
                 use banger_core::capability::{Capability, HookCtx, TeardownReason};
                 use banger_core::config::NetworkConfig;
-                use banger_core::net::HostNetwork;
                 use banger_core::store::Store;
 
                 let dir = tempfile::tempdir().unwrap();
@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn dns_server_answers_vm_names_from_the_records_file_and_follows_changes() {
-        use banger_core::net::dns;
+        use banger_capabilities::dns::server as dns;
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -370,8 +370,9 @@ mod tests {
             || {
                 use std::sync::Arc;
 
+                use banger_capabilities::dns::server as dns;
+                use banger_capabilities::network::HostNetwork;
                 use banger_core::config::NetworkConfig;
-                use banger_core::net::{HostNetwork, dns};
                 use banger_core::store::Store;
 
                 let host = InProcessHostOps::default();
@@ -406,7 +407,7 @@ mod tests {
                     .build()
                     .unwrap();
                 rt.block_on(async {
-                    let server = net.serve_dns().await.unwrap();
+                    let server = banger_capabilities::dns::serve(&net).await.unwrap();
                     let bound: Vec<String> =
                         server.local_addrs().iter().map(|a| a.to_string()).collect();
                     assert_eq!(bound, ["127.0.0.1:5353", "10.88.0.1:53"]);

@@ -13,7 +13,7 @@
 //! that fails or does not answer within [`FORWARD_DEADLINE`] gives SERVFAIL.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -108,18 +108,6 @@ impl Upstream {
             None => Upstream::ResolvConf(PathBuf::from(HOST_RESOLV_CONF)),
         }
     }
-}
-
-/// Parses one upstream server, `IP` or `IP:PORT` (IPv6 as `[IP]:PORT`);
-/// the port defaults to 53.
-pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-        .map_err(|_| {
-            format!(
-                "{s:?} is not an upstream DNS server; write an IP address with an optional port, e.g. \"192.168.1.1\", \"127.0.0.1:5353\" or \"[2001:db8::1]:53\""
-            )
-        })
 }
 
 /// The nameservers a resolv.conf names, each on port 53.
@@ -403,7 +391,7 @@ impl Handler {
             match read_records(&self.path) {
                 Ok(r) => *cache = (now, r),
                 // Keep answering from the last good version.
-                Err(e) => tracing::warn!("{}", crate::lifecycle::render_chain(&e)),
+                Err(e) => tracing::warn!("{}", banger_core::lifecycle::render_chain(&e)),
             }
         }
         cache.1.get(label).copied()
@@ -683,20 +671,6 @@ mod tests {
         assert_eq!(bound.ip(), absent.ip());
         assert_ne!(bound.port(), 0);
         server.shutdown().await;
-    }
-
-    #[test]
-    fn upstreams_parse_with_the_default_port_and_bad_ones_say_how() {
-        let p = |s: &str| parse_upstream(s).map(|a| a.to_string());
-        assert_eq!(p("192.0.2.1"), Ok("192.0.2.1:53".to_string()));
-        assert_eq!(p("127.0.0.1:5353"), Ok("127.0.0.1:5353".to_string()));
-        assert_eq!(p("2001:db8::1"), Ok("[2001:db8::1]:53".to_string()));
-        assert_eq!(p("[2001:db8::1]:54"), Ok("[2001:db8::1]:54".to_string()));
-        let e = p("dns.example:53").unwrap_err();
-        assert!(
-            e.contains("\"dns.example:53\"") && e.contains("e.g."),
-            "{e}"
-        );
     }
 
     #[test]

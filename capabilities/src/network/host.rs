@@ -1,5 +1,6 @@
 //! [`HostNetwork`]: what the `network`, `nat` and `dns` capabilities share in
 //! one daemon: settings, the lease store, the tap pool and the DNS records.
+//! The `.vm` server itself is the `dns` capability's ([`crate::dns::serve`]).
 //!
 //! The `network` capability's factory makes it and places it in the
 //! daemon's shared capability state, where `dns` and `nat` find it. Tests
@@ -11,11 +12,14 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use banger_core::config::NetworkConfig;
+use banger_core::hostops::{HostOps, HostOpsError};
+use banger_core::lifecycle::render_chain;
+use banger_core::model::VmId;
+use banger_core::store::{Lease, Store, StoreError};
+
 use super::TapPool;
-use crate::config::NetworkConfig;
-use crate::hostops::{HostOps, HostOpsError};
-use crate::model::VmId;
-use crate::store::{Lease, Store, StoreError};
+use crate::dns::server as dns;
 
 /// A host networking step failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +121,7 @@ impl HostNetwork {
             config,
             store,
             taps,
-            dns_records: super::dns::records_path(state_dir),
+            dns_records: dns::records_path(state_dir),
             up: Mutex::new(false),
         }
     }
@@ -186,53 +190,22 @@ impl HostNetwork {
         self.ensure_bridge(host)?;
         self.taps.mark_in_use(running_taps.iter().copied());
         if let Err(e) = self.taps.fill(host) {
-            tracing::warn!(
-                "cannot pre-create taps: {}",
-                crate::lifecycle::render_chain(&e)
-            );
+            tracing::warn!("cannot pre-create taps: {}", render_chain(&e));
         }
-        match host.route_dns_domain(&self.config.bridge, self.gateway(), super::dns::ZONE) {
+        match host.route_dns_domain(&self.config.bridge, self.gateway(), dns::ZONE) {
             Ok(true) => tracing::info!(
                 "systemd-resolved sends .{} lookups to {}",
-                super::dns::ZONE,
+                dns::ZONE,
                 self.gateway()
             ),
             Ok(false) => {}
             Err(e) => tracing::warn!(
                 "cannot route .{} through systemd-resolved: {}",
-                super::dns::ZONE,
-                crate::lifecycle::render_chain(&e)
+                dns::ZONE,
+                render_chain(&e)
             ),
         }
         Ok(())
-    }
-
-    /// Starts the `.vm` DNS server on `127.0.0.1:dns_port` and on the bridge
-    /// address, port 53, for guests and systemd-resolved. The bridge address
-    /// is bound before the bridge exists (`IP_FREEBIND`). A listener that
-    /// cannot bind (port taken, no right to bind 53) is a warning; only a
-    /// server with no listener at all is an error.
-    pub async fn serve_dns(&self) -> Result<super::dns::DnsServer, super::dns::DnsError> {
-        let loopback = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, self.config.dns_port));
-        let bridge = std::net::SocketAddr::from((self.gateway(), 53));
-        let upstream = super::dns::Upstream::from_config(self.config.dns_upstream.as_deref());
-        let mut server =
-            super::dns::DnsServer::start(self.dns_records.clone(), &[], upstream).await?;
-        let mut last = None;
-        for addr in [loopback, bridge] {
-            if let Err(e) = server.add_listener(addr).await {
-                tracing::warn!(
-                    "no .{} DNS on {addr}: {}",
-                    super::dns::ZONE,
-                    crate::lifecycle::render_chain(&e)
-                );
-                last = Some(e);
-            }
-        }
-        match last {
-            Some(e) if server.local_addrs().is_empty() => Err(e),
-            _ => Ok(server),
-        }
     }
 
     /// Daemon shutdown: deletes the warm taps and the resolved routing. The
@@ -244,16 +217,10 @@ impl HostNetwork {
         }
         *up = false;
         if let Err(e) = self.taps.drain(host) {
-            tracing::warn!(
-                "cannot delete warm taps: {}",
-                crate::lifecycle::render_chain(&e)
-            );
+            tracing::warn!("cannot delete warm taps: {}", render_chain(&e));
         }
         if let Err(e) = host.unroute_dns(&self.config.bridge) {
-            tracing::warn!(
-                "cannot undo systemd-resolved routing: {}",
-                crate::lifecycle::render_chain(&e)
-            );
+            tracing::warn!("cannot undo systemd-resolved routing: {}", render_chain(&e));
         }
     }
 

@@ -1,7 +1,7 @@
 //! IPv4 subnets and MAC addresses for VM leases.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,18 @@ impl TryFrom<String> for MacAddr {
     }
 }
 
+/// Parses one upstream server, `IP` or `IP:PORT` (IPv6 as `[IP]:PORT`);
+/// the port defaults to 53.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| {
+            format!(
+                "{s:?} is not an upstream DNS server; write an IP address with an optional port, e.g. \"192.168.1.1\", \"127.0.0.1:5353\" or \"[2001:db8::1]:53\""
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +207,19 @@ mod tests {
         assert_eq!("06:00:ac:1e:00:11".parse::<MacAddr>().unwrap(), m);
         assert!("06:00:ac:1e:00".parse::<MacAddr>().is_err());
         assert!("06:00:ac:1e:00:11:22".parse::<MacAddr>().is_err());
+    }
+
+    #[test]
+    fn upstreams_parse_with_the_default_port_and_bad_ones_say_how() {
+        let p = |s: &str| parse_upstream(s).map(|a| a.to_string());
+        assert_eq!(p("192.0.2.1"), Ok("192.0.2.1:53".to_string()));
+        assert_eq!(p("127.0.0.1:5353"), Ok("127.0.0.1:5353".to_string()));
+        assert_eq!(p("2001:db8::1"), Ok("[2001:db8::1]:53".to_string()));
+        assert_eq!(p("[2001:db8::1]:54"), Ok("[2001:db8::1]:54".to_string()));
+        let e = p("dns.example:53").unwrap_err();
+        assert!(
+            e.contains("\"dns.example:53\"") && e.contains("e.g."),
+            "{e}"
+        );
     }
 }
