@@ -101,10 +101,49 @@ fn exactly_the_expected_builtins_are_registered() {
             "mise",
             "nat",
             "network",
+            "ssh-identity",
             "vsock-agent",
             "work-disk"
         ]
     );
+    let always: Vec<&str> = caps
+        .iter()
+        .filter(|c| c.always_on())
+        .map(|c| c.name())
+        .collect();
+    assert_eq!(always, ["ssh-identity"]);
+}
+
+#[test]
+fn ssh_identity_authorizes_one_stable_key_and_names_a_broken_one() {
+    use crate::ssh_identity::SshIdentity;
+    let dir = tempfile::tempdir().unwrap();
+    let ssh = dir.path().join("ssh");
+    let cap = SshIdentity::new(ssh.clone());
+    let v = vm(64 << 20, false);
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let mut g = GuestConfig::new("t1");
+        with_ctx(&v, dir.path(), |ctx| cap.guest_config(ctx, &mut g))
+            .0
+            .unwrap();
+        keys.push(g.authorized_keys);
+    }
+    let public = std::fs::read_to_string(ssh.join("id_ed25519.pub")).unwrap();
+    assert_eq!(keys[0], [public.trim_end().to_string()]);
+    assert_eq!(keys[0], keys[1]);
+
+    std::fs::write(ssh.join("id_ed25519"), "not a key\n").unwrap();
+    let mut g = GuestConfig::new("t1");
+    let err = with_ctx(&v, dir.path(), |ctx| cap.guest_config(ctx, &mut g))
+        .0
+        .unwrap_err();
+    let chain = banger_core::lifecycle::render_chain(&err);
+    assert!(
+        chain.contains(&ssh.join("id_ed25519").display().to_string()),
+        "{chain}"
+    );
+    assert!(g.authorized_keys.is_empty());
 }
 
 #[test]
@@ -497,6 +536,7 @@ const BUILTIN_MODULES: &[(&str, &[&str])] = &[
             "src/network/taps.rs",
         ],
     ),
+    ("ssh-identity", &["src/ssh_identity.rs"]),
     ("vsock-agent", &["src/vsock_agent.rs"]),
     ("work-disk", &["src/work_disk.rs"]),
 ];

@@ -186,6 +186,14 @@ pub trait Capability: Send + Sync + fmt::Debug {
         Manifest::default()
     }
 
+    /// Whether every VM gets this capability whatever its enabled set. Such
+    /// a capability owns no host resources: only its `guest_config` runs,
+    /// before the enabled capabilities' (built-ins only; `ssh-identity`,
+    /// which `vm ssh`, workspaces and `vm run` log in with).
+    fn always_on(&self) -> bool {
+        false
+    }
+
     /// Checks per-VM options when the VM is created, before anything exists.
     fn validate_options(&self, _options: &CapOptions) -> Result<(), CapError> {
         Ok(())
@@ -505,6 +513,11 @@ impl Registry {
             let _ = r.add(c);
         }
         (r, errors)
+    }
+
+    /// The capabilities every VM gets ([`Capability::always_on`]), by name.
+    pub fn always_on(&self) -> Vec<Arc<dyn Capability>> {
+        self.all().into_iter().filter(|c| c.always_on()).collect()
     }
 
     /// Runs every capability's [`Capability::daemon_start`], in name order;

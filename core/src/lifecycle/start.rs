@@ -6,8 +6,7 @@ use crate::config_drive;
 use crate::guest::GuestConfig;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain, set_failure};
 use crate::machine::{Drive, DriveRole, MachineSpec};
-use crate::model::{VmRecord, VmState};
-use crate::ssh::SshIdentity;
+use crate::model::{CapOptions, EnabledCap, VmRecord, VmState};
 use crate::vmm::LaunchPaths;
 
 /// Kernel command line every VM gets before capabilities add to it. The
@@ -21,9 +20,6 @@ pub(crate) const ROOT_DISK: &str = "rootfs.ext4";
 pub const SERIAL_LOG: &str = "serial.log";
 /// File name of the VMM's own log inside a VM's directory.
 pub(crate) const VMM_LOG: &str = "vmm.log";
-
-/// Stage name of adding banger's own key to the guest's authorized_keys.
-const SSH_IDENTITY_STAGE: &str = "guest_config:ssh-identity";
 
 /// Stage name of the config drive step in progress events and failures.
 const CONFIG_DRIVE_STAGE: &str = "config_drive";
@@ -183,17 +179,30 @@ impl Lifecycle {
         }
 
         let mut guest = GuestConfig::new(vm.name.as_str());
-        progress.stage(SSH_IDENTITY_STAGE, "authorizing banger's SSH key");
-        let ssh_dir = self.paths.ssh_dir();
-        let identity = blocking(move || SshIdentity::load_or_create(&ssh_dir))
-            .await?
-            .map_err(|e| OpError::Stage {
-                stage: SSH_IDENTITY_STAGE.to_string(),
-                source: Box::new(e),
-            })?;
-        guest
-            .authorized_keys
-            .push(identity.public_line().to_string());
+        // Always-on capabilities (banger's SSH key) add theirs first, unless
+        // the VM enables one explicitly and it runs in its place below.
+        for cap in self.registry.always_on() {
+            if caps.iter().any(|(c, _)| c.name() == cap.name()) {
+                continue;
+            }
+            let entry = (
+                cap.clone(),
+                EnabledCap {
+                    name: cap.name().to_string(),
+                    options: CapOptions::new(),
+                },
+            );
+            guest = self
+                .run_hook(
+                    Hook::GuestConfig,
+                    &entry,
+                    vm,
+                    progress,
+                    guest,
+                    |c, ctx, g| c.guest_config(ctx, g),
+                )
+                .await?;
+        }
         for entry in &caps {
             guest = self
                 .run_hook(
