@@ -17,10 +17,13 @@ use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
 use banger_core::config::Config;
-use banger_core::initramfs::{self, Built};
 use banger_core::machine::{MachineSpec, Vsock};
 use banger_core::model::CapOptions;
 use banger_core::vsock::AgentClient;
+
+use self::initrd::Built;
+
+pub mod initrd;
 
 /// Name used with `--cap`.
 pub const NAME: &str = "vsock-agent";
@@ -148,7 +151,7 @@ impl Capability for VsockAgent {
         }
         let agent = agent_bin(&opts, ctx.config)?;
         let dest = ctx.vm_dir.join(INITRD_FILE);
-        let built = initramfs::build_initrd(&agent, machine.initrd.as_deref(), &dest)
+        let built = initrd::build_initrd(&agent, machine.initrd.as_deref(), &dest)
             .map_err(|e| CapError::with("Cannot build the agent initramfs", e))?;
         if built == Built::Fresh {
             ctx.log
@@ -218,7 +221,7 @@ impl Capability for VsockAgent {
             }
         }
         if reason == TeardownReason::Delete {
-            initramfs::remove_initrd(&ctx.vm_dir.join(INITRD_FILE))
+            initrd::remove_initrd(&ctx.vm_dir.join(INITRD_FILE))
                 .map_err(|e| CapError::with("Cannot remove the agent initramfs", e))?;
         }
         Ok(())

@@ -24,7 +24,7 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
-    use banger_core::initramfs::build_initrd;
+    use banger_capabilities::vsock_agent::initrd::build_initrd;
     use banger_core::kernels::{BootModules, DEFAULT_BOOT_MODULES, boot_modules_archive};
     use banger_core::machine::{Drive, DriveRole, MachineSpec, PciDevice, Vsock};
     use banger_core::model::VmmProcess;

@@ -17,7 +17,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use super::KernelError;
-use crate::initramfs::{Newc, S_IFDIR, S_IFREG, publish};
+use crate::cpio::{Newc, S_IFDIR, S_IFREG, publish};
 
 /// The modules banger's guests need, by name. Any of them may be built into
 /// the kernel instead (then `modules.builtin` lists it).
@@ -67,8 +67,7 @@ impl BootModules {
     /// Writes the archive to `dest` (staged and renamed).
     pub fn write(&self, dest: &Path) -> Result<(), KernelError> {
         publish(dest, &self.archive, 0o644).map_err(|e| match e {
-            crate::initramfs::InitramfsError::WriteOutput(path, source)
-            | crate::initramfs::InitramfsError::ReadInput(path, source) => KernelError::Io {
+            crate::cpio::CpioError::WriteOutput(path, source) => KernelError::Io {
                 op: "write",
                 path,
                 source,
