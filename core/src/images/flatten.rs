@@ -278,8 +278,13 @@ impl Tree {
                 .map_err(|source| self.write_err(&dir, source));
         }
         if let Some(hidden) = name_bytes.strip_prefix(b".wh.") {
-            if hidden.is_empty() {
-                return Err(bad("empty whiteout name".to_string()));
+            // `.wh.`, `.wh..` and `.wh...` would name the directory itself
+            // or its parent (the staging dir's parent at the top level).
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(bad(format!(
+                    "whiteout names no entry ({:?}); the layer is malformed or hostile",
+                    String::from_utf8_lossy(hidden)
+                )));
             }
             let Ok(dir) = self.resolve(parents, false) else {
                 return Ok(()); // nothing below to hide
@@ -762,6 +767,45 @@ mod tests {
         let err = t.apply_layer(&l).unwrap_err();
         assert!(matches!(err, ImageError::BadEntry { .. }), "{err}");
         assert!(!dir.path().join("escaped").exists());
+    }
+
+    #[test]
+    fn whiteouts_naming_dot_or_dotdot_are_refused() {
+        for name in [
+            &b".wh..."[..],
+            b".wh..",
+            b".wh.",
+            b"sub/.wh...",
+            b"sub/.wh..",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let staging = dir.path().join("staging");
+            std::fs::create_dir(&staging).unwrap();
+            let tree = staging.join("tree");
+            let lower = layer(dir.path(), "lower", |b| {
+                file(b, b"sub/keep", b"k");
+                file(b, b"top", b"t");
+            });
+            let upper = layer(dir.path(), "upper", |b| file(b, name, b""));
+            let mut t = Tree::create(&tree).unwrap();
+            t.apply_layer(&lower).unwrap();
+            let err = t.apply_layer(&upper).unwrap_err();
+            let shown = String::from_utf8_lossy(name).into_owned();
+            match &err {
+                ImageError::BadEntry { digest, entry, .. } => {
+                    assert_eq!(digest, &upper.digest, "{err}");
+                    assert_eq!(entry, &shown, "{err}");
+                }
+                other => panic!("{shown}: expected BadEntry, got {other}"),
+            }
+            assert!(staging.is_dir() && tree.is_dir(), "{shown}: tree removed");
+            assert_eq!(
+                std::fs::read(tree.join("sub/keep")).unwrap(),
+                b"k",
+                "{shown}"
+            );
+            assert_eq!(std::fs::read(tree.join("top")).unwrap(), b"t", "{shown}");
+        }
     }
 
     #[test]
