@@ -26,16 +26,33 @@ pub struct ExtractLimits {
     pub max_total_bytes: u64,
     /// Maximum number of entries.
     pub max_entries: u64,
+    /// Maximum expansion of a compressed stream (uncompressed bytes per
+    /// compressed byte). Checked where the compressed size is known: OCI
+    /// layers (`images::flatten`); [`extract_tar`] gets a decoded stream
+    /// and relies on the two limits above.
+    pub max_ratio: u64,
 }
 
 impl Default for ExtractLimits {
-    /// 16 GiB and 1,000,000 entries: far above any kernel or image bundle.
+    /// 16 GiB, 1,000,000 entries and 100:1: far above any kernel or image
+    /// bundle.
     fn default() -> Self {
         ExtractLimits {
             max_total_bytes: 16 << 30,
             max_entries: 1_000_000,
+            max_ratio: 100,
         }
     }
+}
+
+impl ExtractLimits {
+    /// The defaults for one OCI image pull (all layers together): 64 GiB,
+    /// 1,000,000 entries, 100:1. Config keys `image_layer_max_*` override.
+    pub const OCI_PULL: ExtractLimits = ExtractLimits {
+        max_total_bytes: 64 << 30,
+        max_entries: 1_000_000,
+        max_ratio: 100,
+    };
 }
 
 /// What an extraction wrote.
@@ -631,12 +648,14 @@ mod tests {
         let small = ExtractLimits {
             max_total_bytes: 8,
             max_entries: 100,
+            ..ExtractLimits::default()
         };
         let r = extract_tar(&data[..], dir.path(), &small);
         assert!(matches!(r, Err(ArchiveError::TooLarge(8))), "{r:?}");
         let few = ExtractLimits {
             max_total_bytes: 100,
             max_entries: 1,
+            ..ExtractLimits::default()
         };
         let r = extract_tar(&data[..], dir.path(), &few);
         assert!(matches!(r, Err(ArchiveError::TooManyEntries(1))), "{r:?}");

@@ -133,6 +133,7 @@ impl Artifacts {
                 docker_config: None,
                 cache_dir: paths.cache_dir.join("oci"),
                 size: None,
+                layer_limits: config.image_layer_limits,
             },
             cache_dir: paths.cache_dir.clone(),
             pulls: tokio::sync::Mutex::new(()),

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::archive::ExtractLimits;
 use crate::model::{
     ByteSize, CapChoice, EnabledCap, MAX_VCPUS, MIN_MEMORY_MIB, VmmKind, resolve_caps,
 };
@@ -439,6 +440,9 @@ pub struct Config {
     pub image_catalog_url: Option<String>,
     /// Registries (`host:port`) that may be reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Bounds on an OCI image pull's layers (`image_layer_max_entries`,
+    /// `image_layer_max_size`, `image_layer_max_ratio`).
+    pub image_layer_limits: ExtractLimits,
     /// The static `banger-agent` put into every guest's initramfs; `None`
     /// looks next to the running daemon, then on `PATH`.
     pub agent_bin: Option<PathBuf>,
@@ -473,6 +477,9 @@ const TOP_KEYS: &[&str] = &[
     "image_catalog_url",
     "image_catalog_file",
     "insecure_registries",
+    "image_layer_max_entries",
+    "image_layer_max_size",
+    "image_layer_max_ratio",
     "agent_bin",
     "agent_timeout_secs",
     "ssh_wait_timeout_secs",
@@ -505,6 +512,7 @@ impl Config {
             image_catalog_file: None,
             image_catalog_url: None,
             insecure_registries: Vec::new(),
+            image_layer_limits: ExtractLimits::OCI_PULL,
             agent_bin: None,
             agent_timeout_secs: DEFAULT_AGENT_TIMEOUT_SECS,
             ssh_wait_timeout_secs: DEFAULT_SSH_WAIT_TIMEOUT_SECS,
@@ -781,6 +789,36 @@ impl Parser<'_> {
                     cfg.stop_timeout_secs =
                         self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
                             as u64;
+                }
+                "image_layer_max_entries" => {
+                    cfg.image_layer_limits.max_entries = self.integer(
+                        key,
+                        value,
+                        1,
+                        1 << 40,
+                        "a number of entries of at least 1, e.g. 1000000",
+                    )? as u64;
+                }
+                "image_layer_max_size" => {
+                    let s = self.string(key, value)?;
+                    let size: ByteSize = s.parse().map_err(|_| {
+                        self.error(
+                            value.span(),
+                            format!(
+                                "invalid image_layer_max_size {s:?}; use a positive size with an optional K, M, G or T suffix, e.g. \"64G\""
+                            ),
+                        )
+                    })?;
+                    cfg.image_layer_limits.max_total_bytes = size.0;
+                }
+                "image_layer_max_ratio" => {
+                    cfg.image_layer_limits.max_ratio = self.integer(
+                        key,
+                        value,
+                        2,
+                        1_000_000,
+                        "a ratio from 2 to 1000000, e.g. 100 for 100:1",
+                    )? as u64;
                 }
                 "plugin_hook_timeout_secs" => {
                     cfg.plugin_hook_timeout_secs =
@@ -1636,6 +1674,33 @@ disk_size = "20G"
         assert!(msg.contains("without a scheme"), "{msg}");
         let msg = err("insecure_registries = \"127.0.0.1:5000\"\n");
         assert!(msg.contains("must be a list"), "{msg}");
+    }
+
+    #[test]
+    fn image_layer_limits_default_parse_and_are_checked() {
+        let d = Config::defaults(Path::new("/c.toml")).image_layer_limits;
+        assert_eq!(
+            (d.max_entries, d.max_total_bytes, d.max_ratio),
+            (1_000_000, 64 << 30, 100)
+        );
+        let cfg = parse(
+            "image_layer_max_entries = 5\nimage_layer_max_size = \"2G\"\nimage_layer_max_ratio = 1000\n",
+        )
+        .unwrap();
+        let l = cfg.image_layer_limits;
+        assert_eq!(
+            (l.max_entries, l.max_total_bytes, l.max_ratio),
+            (5, 2 << 30, 1000)
+        );
+        let msg = err("image_layer_max_size = \"lots\"\n");
+        assert!(
+            msg.contains("invalid image_layer_max_size \"lots\""),
+            "{msg}"
+        );
+        let msg = err("image_layer_max_ratio = 1\n");
+        assert!(msg.contains("image_layer_max_ratio"), "{msg}");
+        let msg = err("image_layer_max_entries = 0\n");
+        assert!(msg.contains("image_layer_max_entries"), "{msg}");
     }
 
     #[test]

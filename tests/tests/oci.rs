@@ -60,6 +60,7 @@ mod tests {
             docker_config: Some(d.cache.join("no-docker-config.json")),
             cache_dir: d.cache.clone(),
             size: None,
+            ..PullOptions::default()
         }
     }
 
@@ -175,6 +176,15 @@ mod tests {
         names
     }
 
+    /// The tools check, a registry and fresh dirs; `None` (after saying why)
+    /// when the test must skip.
+    fn registry_and_dirs(test: &str) -> Option<(Registry, Dirs)> {
+        if !tools_present(test) {
+            return None;
+        }
+        Some((Registry::start(test)?, dirs()))
+    }
+
     fn staging_entries(d: &Dirs) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&d.staging)
             .unwrap()
@@ -258,13 +268,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pulls_layered_image_with_whiteouts_links_and_ownership() {
         let test = "pulls_layered_image_with_whiteouts_links_and_ownership";
-        if !tools_present(test) {
-            return;
-        }
-        let Some(reg) = Registry::start(test) else {
+        let Some((reg, d)) = registry_and_dirs(test) else {
             return;
         };
-        let d = dirs();
         let pushed = reg
             .push("banger/layered:v1", "amd64", &layered_image(&d.outside))
             .await;
@@ -325,13 +331,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn second_pull_uses_the_layer_cache() {
         let test = "second_pull_uses_the_layer_cache";
-        if !tools_present(test) {
-            return;
-        }
-        let Some(reg) = Registry::start(test) else {
+        let Some((reg, d)) = registry_and_dirs(test) else {
             return;
         };
-        let d = dirs();
         let pushed = reg
             .push("banger/cached:v1", "amd64", &layered_image(&d.outside))
             .await;
@@ -354,13 +356,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn index_resolution_picks_linux_amd64() {
         let test = "index_resolution_picks_linux_amd64";
-        if !tools_present(test) {
-            return;
-        }
-        let Some(reg) = Registry::start(test) else {
+        let Some((reg, d)) = registry_and_dirs(test) else {
             return;
         };
-        let d = dirs();
         let arm = vec![layer(true, vec![Entry::file("arch", "arm64\n")])];
         let amd = vec![layer(true, vec![Entry::file("arch", "amd64\n")])];
         // arm64 is listed first: the resolver must pick by platform.
@@ -413,13 +411,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_pulls_leave_the_staging_dir_empty() {
         let test = "failed_pulls_leave_the_staging_dir_empty";
-        if !tools_present(test) {
-            return;
-        }
-        let Some(reg) = Registry::start(test) else {
+        let Some((reg, d)) = registry_and_dirs(test) else {
             return;
         };
-        let d = dirs();
         let o = opts(&reg, &d);
 
         let err = pull("Not A Ref!", &d, &o).await.0.unwrap_err();
@@ -463,15 +457,86 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn corrupt_cached_layer_fails_the_pull_and_is_evicted() {
-        let test = "corrupt_cached_layer_fails_the_pull_and_is_evicted";
-        if !tools_present(test) {
-            return;
-        }
-        let Some(reg) = Registry::start(test) else {
+    async fn hostile_layers_are_refused_within_their_limits() {
+        let test = "hostile_layers_are_refused_within_their_limits";
+        let Some((reg, d)) = registry_and_dirs(test) else {
             return;
         };
-        let d = dirs();
+        let o = opts(&reg, &d);
+        let cached = |d: &Dirs| -> Vec<String> {
+            std::fs::read_dir(d.cache.join("blobs/sha256"))
+                .map(|r| {
+                    r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+
+        // A registry sending more than the descriptor's size: the stored
+        // blob grows after the push, so the manifest keeps the old size.
+        let pushed = reg
+            .push(
+                "banger/oversized:v1",
+                "amd64",
+                &[layer(false, vec![Entry::file("f", "small")])],
+            )
+            .await;
+        let blob = reg.blob_file(&pushed.layers[0]);
+        let mut bytes = std::fs::read(&blob).unwrap();
+        let stated = bytes.len() as u64;
+        bytes.extend(std::iter::repeat_n(0u8, 4 << 20));
+        std::fs::write(&blob, bytes).unwrap();
+        let reference = format!("{}/banger/oversized:v1", reg.host());
+        let err = pull(&reference, &d, &o).await.0.unwrap_err();
+        match &err {
+            ImageError::BlobTooLarge { digest, expected } => {
+                assert_eq!(digest, &pushed.layers[0]);
+                assert_eq!(*expected, stated);
+            }
+            other => panic!("expected BlobTooLarge, got {other}"),
+        }
+        assert!(staging_entries(&d).is_empty());
+        assert_eq!(cached(&d), Vec::<String>::new(), "partial blob removed");
+
+        // A gzip layer of 32 MiB of zeros (about 32 KiB compressed).
+        let bomb = Entry::File {
+            path: "zeros".to_string(),
+            content: vec![0u8; 32 << 20],
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        let pushed = reg
+            .push("banger/bomb:v1", "amd64", &[layer(true, vec![bomb])])
+            .await;
+        let reference = format!("{}/banger/bomb:v1", reg.host());
+        let err = pull(&reference, &d, &o).await.0.unwrap_err();
+        assert!(
+            matches!(&err, ImageError::LayerLimit { digest, key, .. }
+                if digest == &pushed.layers[0] && *key == "image_layer_max_ratio"),
+            "{err}"
+        );
+        assert!(staging_entries(&d).is_empty());
+        // Raising the limit, as the error says, pulls it from the cache.
+        let mut raised = opts(&reg, &d);
+        raised.layer_limits.max_ratio = 100_000;
+        let (res, events) = pull(&reference, &d, &raised).await;
+        let pulled = res.unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, PullEvent::LayerCached { .. })),
+            "{events:?}"
+        );
+        assert_eq!(pulled.layers, pushed.layers);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_cached_layer_fails_the_pull_and_is_evicted() {
+        let test = "corrupt_cached_layer_fails_the_pull_and_is_evicted";
+        let Some((reg, d)) = registry_and_dirs(test) else {
+            return;
+        };
         let pushed = reg
             .push(
                 "banger/rot:v1",
@@ -539,13 +604,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn too_small_a_size_is_a_clear_error() {
         let test = "too_small_a_size_is_a_clear_error";
-        if !tools_present(test) {
-            return;
-        }
-        let Some(reg) = Registry::start(test) else {
+        let Some((reg, d)) = registry_and_dirs(test) else {
             return;
         };
-        let d = dirs();
         let big = "x".repeat(8 << 20);
         reg.push(
             "banger/big:v1",
@@ -579,6 +640,7 @@ mod tests {
                 docker_config: Some(PathBuf::from(parts[2]).join("none.json")),
                 cache_dir: PathBuf::from(parts[2]),
                 size: None,
+                ..PullOptions::default()
             };
             pull_rootfs(parts[0], Path::new(parts[1]), &o, |_| {})
                 .await

@@ -88,6 +88,7 @@ mod tests {
             docker_config: Some(tmp.path().join("no-docker-config.json")),
             cache_dir: tmp.path().join("cache"),
             size: None,
+            ..PullOptions::default()
         };
         let pulled = pull_rootfs(&reference, &staging, &opts, |_| {})
             .await

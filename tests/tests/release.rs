@@ -170,6 +170,7 @@ mod tests {
             docker_config: Some(rel.tmp.path().join("no-docker-config.json")),
             cache_dir: rel.tmp.path().join("cache"),
             size: None,
+            ..PullOptions::default()
         }
     }
 
@@ -426,6 +427,7 @@ mod tests {
             docker_config: Some(tmp.path().join("no-docker-config.json")),
             cache_dir: tmp.path().join("cache"),
             size: None,
+            ..PullOptions::default()
         };
         let reference = format!("{host}/banger/kernel-k@sha256:{}", "ab".repeat(32));
         let (res, _) = pull_with(&reference, ArtifactKind::KERNEL, &opts, tmp.path());

@@ -14,6 +14,7 @@
 //! tree and one `debugfs -w -f` run then applies the table (and creates the
 //! device nodes); a sample is read back to verify. Nothing here calls chown.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
@@ -23,10 +24,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
+use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
 use super::{ImageError, PullEvent};
+use crate::archive::ExtractLimits;
 use crate::model::ByteSize;
 
 const S_IFMT: u32 = 0o170000;
@@ -39,6 +42,9 @@ const S_IFIFO: u32 = 0o010000;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const MAX_SYMLINKS: u32 = 40;
+/// A compressed layer may always expand to this much, whatever its ratio, so
+/// small layers of empty files are not refused.
+const RATIO_FLOOR: u64 = 16 * MIB;
 
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +89,49 @@ struct Tree {
     /// Paths written by the layer being applied (whiteouts hide only lower
     /// layers).
     this_layer: HashSet<PathBuf>,
+    /// Bounds on all layers applied to this tree.
+    limits: ExtractLimits,
+    /// Entries read so far, all layers.
+    entries: u64,
+    /// Uncompressed (tar stream) bytes read so far, all layers.
+    bytes: u64,
+}
+
+/// Which bound a layer's decoded stream crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crossed {
+    TotalBytes,
+    Ratio,
+}
+
+/// Counts a layer's decoded bytes and fails the read once they pass `cap`
+/// (the pull's remaining byte budget) or `ratio_cap`, recording which.
+struct Bounded<R> {
+    inner: R,
+    read: Rc<Cell<u64>>,
+    cap: u64,
+    ratio_cap: u64,
+    crossed: Rc<Cell<Option<Crossed>>>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let total = self.read.get().saturating_add(n as u64);
+        self.read.set(total);
+        let crossed = if total > self.cap {
+            Some(Crossed::TotalBytes)
+        } else if total > self.ratio_cap {
+            Some(Crossed::Ratio)
+        } else {
+            None
+        };
+        if let Some(c) = crossed {
+            self.crossed.set(Some(c));
+            return Err(io::Error::other("layer limit exceeded"));
+        }
+        Ok(n)
+    }
 }
 
 /// Applies `layers` into a fresh tree at `tree`, then builds `image`.
@@ -91,9 +140,11 @@ pub(crate) fn build(
     layers: &[Layer],
     image: &Path,
     size: Option<ByteSize>,
+    limits: &ExtractLimits,
     progress: &mut dyn FnMut(PullEvent),
 ) -> Result<Built, ImageError> {
     let mut t = Tree::create(tree)?;
+    t.limits = *limits;
     for layer in layers {
         progress(PullEvent::Applying {
             digest: layer.digest.clone(),
@@ -179,6 +230,9 @@ impl Tree {
             root: root.to_path_buf(),
             meta,
             this_layer: HashSet::new(),
+            limits: ExtractLimits::OCI_PULL,
+            entries: 0,
+            bytes: 0,
         })
     }
 
@@ -188,11 +242,15 @@ impl Tree {
             source,
         };
         let file = File::open(&layer.path).map_err(read_err)?;
+        let compressed = file.metadata().map_err(read_err)?.len();
         let mut hashing = HashingReader {
             inner: file,
             hasher: Sha256::new(),
         };
         self.this_layer.clear();
+        let read = Rc::new(Cell::new(0u64));
+        let crossed = Rc::new(Cell::new(None));
+        let limits = self.limits;
         {
             let decoded: Box<dyn Read + '_> = match layer.compression {
                 Compression::None => Box::new(&mut hashing),
@@ -201,12 +259,59 @@ impl Tree {
                     Box::new(zstd::stream::read::Decoder::new(&mut hashing).map_err(read_err)?)
                 }
             };
-            let mut archive = tar::Archive::new(decoded);
-            for entry in archive.entries().map_err(read_err)? {
-                let mut entry = entry.map_err(read_err)?;
-                self.apply_entry(&layer.digest, &mut entry)?;
+            let ratio_cap = match layer.compression {
+                Compression::None => u64::MAX,
+                _ => compressed.saturating_mul(limits.max_ratio).max(RATIO_FLOOR),
+            };
+            let bounded = Bounded {
+                inner: decoded,
+                read: Rc::clone(&read),
+                cap: limits.max_total_bytes.saturating_sub(self.bytes),
+                ratio_cap,
+                crossed: Rc::clone(&crossed),
+            };
+            let mut archive = tar::Archive::new(bounded);
+            let mut run = || -> Result<(), ImageError> {
+                for entry in archive.entries().map_err(read_err)? {
+                    let mut entry = entry.map_err(read_err)?;
+                    self.entries += 1;
+                    if self.entries > limits.max_entries {
+                        return Err(ImageError::LayerLimit {
+                            digest: layer.digest.clone(),
+                            what: format!("entries ({} for all layers)", limits.max_entries),
+                            key: "image_layer_max_entries",
+                        });
+                    }
+                    self.apply_entry(&layer.digest, &mut entry)?;
+                }
+                Ok(())
+            };
+            let res = run();
+            let limit = match crossed.get() {
+                Some(Crossed::TotalBytes) => Some(ImageError::LayerLimit {
+                    digest: layer.digest.clone(),
+                    what: format!(
+                        "uncompressed bytes ({} for all layers)",
+                        ByteSize(limits.max_total_bytes)
+                    ),
+                    key: "image_layer_max_size",
+                }),
+                Some(Crossed::Ratio) => Some(ImageError::LayerLimit {
+                    digest: layer.digest.clone(),
+                    what: format!(
+                        "compression ratio ({}:1 of its {compressed} compressed bytes)",
+                        limits.max_ratio
+                    ),
+                    key: "image_layer_max_ratio",
+                }),
+                None => None,
+            };
+            if let Some(e) = limit {
+                return Err(e);
             }
+            res?;
         }
+        self.bytes += read.get();
         io::copy(&mut hashing, &mut io::sink()).map_err(read_err)?;
         let actual = format!("sha256:{:x}", hashing.hasher.finalize());
         if actual != layer.digest {
@@ -808,6 +913,76 @@ mod tests {
         }
     }
 
+    /// `l` recompressed with gzip, under a new digest.
+    fn gzipped(dir: &Path, l: &Layer) -> Layer {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&std::fs::read(&l.path).unwrap()).unwrap();
+        let bytes = gz.finish().unwrap();
+        let path = dir.join(format!("{}.gz", l.path.display()));
+        std::fs::write(&path, &bytes).unwrap();
+        Layer {
+            digest: format!("sha256:{:x}", Sha256::digest(&bytes)),
+            compression: Compression::Gzip,
+            path,
+        }
+    }
+
+    fn limit_key(err: &ImageError) -> &'static str {
+        match err {
+            ImageError::LayerLimit { key, .. } => key,
+            other => panic!("expected a layer limit, got {other}"),
+        }
+    }
+
+    #[test]
+    fn a_zip_bomb_layer_is_refused_by_the_ratio_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let zeros = vec![0u8; 24 << 20];
+        let plain = layer(dir.path(), "bomb", |b| file(b, b"zeros", &zeros));
+        let bomb = gzipped(dir.path(), &plain);
+        let compressed = std::fs::metadata(&bomb.path).unwrap().len();
+        assert!(compressed * 100 < RATIO_FLOOR, "not a bomb: {compressed}");
+
+        let mut t = Tree::create(&dir.path().join("tree")).unwrap();
+        let err = t.apply_layer(&bomb).unwrap_err();
+        assert_eq!(limit_key(&err), "image_layer_max_ratio");
+        assert!(err.to_string().contains(&bomb.digest), "{err}");
+
+        // The same layer passes when the ratio allows it, and uncompressed.
+        let mut t = Tree::create(&dir.path().join("tree2")).unwrap();
+        t.limits.max_ratio = 1_000_000;
+        t.apply_layer(&bomb).unwrap();
+        let mut t = Tree::create(&dir.path().join("tree3")).unwrap();
+        t.apply_layer(&plain).unwrap();
+    }
+
+    #[test]
+    fn entry_and_byte_limits_count_across_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = layer(dir.path(), "a", |b| {
+            file(b, b"one", b"1");
+            file(b, b"two", b"2");
+        });
+        let b2 = layer(dir.path(), "b", |b| file(b, b"three", &[7u8; 8192]));
+        let limited = |f: &dyn Fn(&mut ExtractLimits), name: &str| {
+            let mut t = Tree::create(&dir.path().join(name)).unwrap();
+            f(&mut t.limits);
+            t.apply_layer(&a).unwrap();
+            t.apply_layer(&b2).map(|_| t.entries)
+        };
+        assert_eq!(limited(&|_| {}, "t0").unwrap(), 3);
+        let err = limited(&|l| l.max_entries = 2, "t1").unwrap_err();
+        assert_eq!(limit_key(&err), "image_layer_max_entries");
+        assert!(err.to_string().contains(&b2.digest), "{err}");
+        // Layer a's tar stream is 3 KiB (two 512-byte entries with their
+        // data, two end blocks); b's file alone is 8 KiB.
+        assert_eq!(limited(&|l| l.max_total_bytes = 12 << 10, "t2").unwrap(), 3);
+        let err = limited(&|l| l.max_total_bytes = 8 << 10, "t3").unwrap_err();
+        assert_eq!(limit_key(&err), "image_layer_max_size");
+        assert!(err.to_string().contains(&b2.digest), "{err}");
+    }
+
     #[test]
     fn writes_through_symlinks_land_inside_the_tree() {
         let dir = tempfile::tempdir().unwrap();
@@ -865,6 +1040,7 @@ mod tests {
             &[l, upper],
             &image,
             None,
+            &ExtractLimits::OCI_PULL,
             &mut |_| {},
         )
         .unwrap();

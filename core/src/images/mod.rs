@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use crate::archive::ExtractLimits;
 use crate::model::ByteSize;
 
 pub(crate) mod auth;
@@ -22,7 +23,7 @@ pub(crate) mod reference;
 pub use reference::default_image_name;
 
 /// What a pull needs besides the reference.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PullOptions {
     /// Registries (`host[:port]`) that speak plain HTTP; all others must use
     /// HTTPS. Meant for loopback test registries.
@@ -34,6 +35,21 @@ pub struct PullOptions {
     pub cache_dir: PathBuf,
     /// The ext4 size; `None` means max(tree × 1.25, 1 GiB).
     pub size: Option<ByteSize>,
+    /// Bounds on the layers of one pull: entries and uncompressed bytes over
+    /// all layers, and each compressed layer's expansion ratio.
+    pub layer_limits: ExtractLimits,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            insecure_registries: Vec::new(),
+            docker_config: None,
+            cache_dir: PathBuf::new(),
+            size: None,
+            layer_limits: ExtractLimits::OCI_PULL,
+        }
+    }
 }
 
 /// The result of a successful pull.
@@ -151,12 +167,13 @@ async fn pull_into(
     created.track(&rootfs, false);
     let layers = image.layers.clone();
     let size = opts.size;
+    let limits = opts.layer_limits;
     // Flattening is blocking I/O; its progress streams back over a channel.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let worker = {
         let (tree, rootfs) = (tree.clone(), rootfs.clone());
         tokio::task::spawn_blocking(move || {
-            flatten::build(&tree, &layers, &rootfs, size, &mut |e| {
+            flatten::build(&tree, &layers, &rootfs, size, &limits, &mut |e| {
                 let _ = tx.send(e);
             })
         })
@@ -328,6 +345,28 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// The layers exceed one of the pull's [`ExtractLimits`].
+    #[error(
+        "Layer {digest} exceeds the limit on {what}; if the image is trusted, raise {key} in config.toml"
+    )]
+    LayerLimit {
+        /// Layer digest.
+        digest: String,
+        /// Which limit and its value.
+        what: String,
+        /// The config key that raises it.
+        key: &'static str,
+    },
+    /// A registry sent more bytes than the manifest states for a blob.
+    #[error(
+        "The registry sent more than the {expected} bytes the manifest states for blob {digest}; the download was refused and removed"
+    )]
+    BlobTooLarge {
+        /// Blob digest.
+        digest: String,
+        /// The descriptor's size.
+        expected: u64,
+    },
     /// A layer entry tries something unsafe or impossible.
     #[error("Layer {digest} has a bad entry {entry:?}: {reason}")]
     BadEntry {
@@ -424,7 +463,14 @@ pub fn rootfs_from_tar(
     let created = Created::default();
     created.track(&tree, true);
     created.track(&rootfs, false);
-    match flatten::build(&tree, &[layer], &rootfs, size, &mut |_| {}) {
+    match flatten::build(
+        &tree,
+        &[layer],
+        &rootfs,
+        size,
+        &ExtractLimits::OCI_PULL,
+        &mut |_| {},
+    ) {
         Ok(built) => {
             created.remove_scratch();
             Ok((rootfs, built.size))

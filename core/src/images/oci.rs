@@ -11,12 +11,17 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use tokio::io::AsyncWrite;
 
 use super::auth::Credentials;
 use super::flatten::{Compression, Layer};
@@ -130,8 +135,23 @@ async fn download(
         source,
     };
     let file = tokio::fs::File::create(&tmp).await.map_err(cache_err)?;
+    // A registry may not send more than the manifest says the blob holds.
+    let expected = u64::try_from(desc.size).unwrap_or(0);
+    let over = Arc::new(AtomicBool::new(false));
+    let file = Capped {
+        inner: file,
+        left: expected,
+        over: Arc::clone(&over),
+    };
     let file = crate::counting::Counting::new(file, report);
     let res = client.pull_blob(image, desc, file).await;
+    if over.load(Ordering::SeqCst) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ImageError::BlobTooLarge {
+            digest: desc.digest.clone(),
+            expected,
+        });
+    }
     if let Err(source) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(match source {
@@ -155,6 +175,41 @@ async fn download(
         }
     })?;
     Ok(len)
+}
+
+/// A blob file that refuses a write past `left` bytes, setting `over`.
+struct Capped<W> {
+    inner: W,
+    left: u64,
+    over: Arc<AtomicBool>,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Capped<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            self.over.store(true, Ordering::SeqCst);
+            return Poll::Ready(Err(std::io::Error::other(
+                "the registry sent more bytes than the blob's descriptor states",
+            )));
+        }
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            self.left -= n as u64;
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Names a failed manifest fetch: not found, unauthorized, a plain-HTTP
