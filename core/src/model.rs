@@ -29,6 +29,16 @@ pub enum ModelError {
     /// A memory size outside the supported range.
     #[error("Invalid memory {0} MiB: use at least {min} MiB", min = MIN_MEMORY_MIB)]
     InvalidMemory(i64),
+    /// More memory than the host has.
+    #[error(
+        "Invalid memory {mib} MiB: this host has {host_mib} MiB of physical memory (MemTotal in /proc/meminfo); ask for at most that"
+    )]
+    MemoryOverHost {
+        /// What was asked for.
+        mib: i64,
+        /// The host's total.
+        host_mib: u64,
+    },
     /// An unknown VM state string (store corruption or version skew).
     #[error("Unknown VM state {0:?}")]
     UnknownState(String),
@@ -216,6 +226,31 @@ pub fn validate_memory_mib(n: i64) -> Result<u32, ModelError> {
     } else {
         Err(ModelError::InvalidMemory(n))
     }
+}
+
+/// Validates a memory size in MiB for a VM on this host: the range of
+/// [`validate_memory_mib`], and at most `host_mib` (see [`host_memory_mib`];
+/// `None`, an unreadable `/proc/meminfo`, skips that check).
+pub fn validate_memory_mib_on_host(n: i64, host_mib: Option<u64>) -> Result<u32, ModelError> {
+    let mib = validate_memory_mib(n)?;
+    match host_mib {
+        Some(host_mib) if u64::from(mib) > host_mib => {
+            Err(ModelError::MemoryOverHost { mib: n, host_mib })
+        }
+        _ => Ok(mib),
+    }
+}
+
+/// This host's physical memory in MiB: `MemTotal` from `/proc/meminfo`.
+pub fn host_memory_mib() -> Option<u64> {
+    parse_mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib / 1024)
 }
 
 /// Where a VM is in its life. Transitions are decided in `lifecycle`, never by
@@ -560,6 +595,24 @@ mod tests {
         assert!(validate_memory_mib(0).is_err());
         assert!(validate_memory_mib(127).is_err());
         assert_eq!(validate_memory_mib(1024), Ok(1024));
+        assert_eq!(validate_memory_mib_on_host(1024, Some(1024)), Ok(1024));
+        assert_eq!(validate_memory_mib_on_host(1 << 30, None), Ok(1 << 30));
+        let err = validate_memory_mib_on_host(1025, Some(1024)).unwrap_err();
+        assert_eq!(
+            err,
+            ModelError::MemoryOverHost {
+                mib: 1025,
+                host_mib: 1024
+            }
+        );
+        assert!(err.to_string().contains("1025 MiB") && err.to_string().contains("1024 MiB"));
+        assert!(validate_memory_mib_on_host(127, Some(1 << 20)).is_err());
+        let meminfo = "MemTotal:       16318480 kB\nMemFree:         1234 kB\n";
+        assert_eq!(parse_mem_total(meminfo), Some(15936));
+        assert_eq!(parse_mem_total("MemFree: 5 kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: 5 MB\n"), None);
+        let host = host_memory_mib().unwrap();
+        assert!(host >= 128, "{host}");
     }
 
     #[test]

@@ -623,6 +623,37 @@ mod tests {
     }
 
     #[test]
+    fn memory_beyond_the_host_is_refused_by_create_and_set() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let host_mib = kib / 1024;
+        let too_much = (host_mib + 1).to_string();
+        let env = BangerEnv::new();
+        for r in [
+            env.create("big", &["--no-start", "--memory", &too_much])
+                .failed(),
+            {
+                env.create("small", &["--no-start", "--memory", "256"]).ok();
+                env.banger(&["vm", "set", "small", "--memory", &too_much])
+                    .failed()
+            },
+        ] {
+            assert!(
+                r.stderr.contains(&format!("{too_much} MiB"))
+                    && r.stderr.contains(&format!("{host_mib} MiB")),
+                "should name the value and the host's total: {}",
+                r.stderr
+            );
+        }
+        assert_eq!(env.list().len(), 1, "only `small` was created");
+        assert_eq!(env.show("small").record.spec.memory_mib, 256);
+    }
+
+    #[test]
     fn set_changes_shape_only_when_stopped_and_grows_the_disk() {
         let env = BangerEnv::new();
         env.create("shape", &[]).ok();

@@ -9,8 +9,8 @@ use crate::disk;
 use crate::lifecycle::start::ROOT_DISK;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking};
 use crate::model::{
-    ByteSize, CapChoice, VmName, VmRecord, VmSpec, now_unix, resolve_caps, validate_memory_mib,
-    validate_vcpus,
+    ByteSize, CapChoice, VmName, VmRecord, VmSpec, host_memory_mib, now_unix, resolve_caps,
+    validate_memory_mib_on_host, validate_vcpus,
 };
 use crate::store::StoreError;
 
@@ -114,7 +114,9 @@ impl Lifecycle {
             None => d.vcpus,
         };
         let memory_mib = match req.memory_mib {
-            Some(n) => validate_memory_mib(n).map_err(|e| invalid(&e))?,
+            Some(n) => {
+                validate_memory_mib_on_host(n, host_memory_mib()).map_err(|e| invalid(&e))?
+            }
             None => d.memory_mib,
         };
         let disk_size = match &req.disk_size {

@@ -2,7 +2,9 @@
 
 use crate::api::SetVmRequest;
 use crate::lifecycle::{Lifecycle, OpError};
-use crate::model::{ByteSize, VmRecord, VmState, validate_memory_mib, validate_vcpus};
+use crate::model::{
+    ByteSize, VmRecord, VmState, host_memory_mib, validate_memory_mib_on_host, validate_vcpus,
+};
 
 impl Lifecycle {
     /// Applies `req`; the work disk grows at the next start (never shrinks).
@@ -15,7 +17,7 @@ impl Lifecycle {
             .map_err(|e| invalid(&e))?;
         let memory = req
             .memory_mib
-            .map(validate_memory_mib)
+            .map(|n| validate_memory_mib_on_host(n, host_memory_mib()))
             .transpose()
             .map_err(|e| invalid(&e))?;
         let disk = req
