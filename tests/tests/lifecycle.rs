@@ -359,6 +359,29 @@ mod tests {
     }
 
     #[test]
+    fn logs_without_follow_return_only_the_last_mebibyte_from_a_line_start() {
+        let env = BangerEnv::new();
+        env.create("big", &["--no-start"]).ok();
+        let log = env.show("big").dir.join("serial.log");
+        let whole: String = (0..314_573).map(|i| format!("{i:09}\n")).collect();
+        std::fs::write(&log, &whole).unwrap();
+        let out = env.banger(&["vm", "logs", "big"]).ok().stdout;
+        // Every line that starts inside the last MiB, nothing before.
+        let window = whole.len() - (1 << 20);
+        let first = whole[window - 1..].find('\n').unwrap() + window;
+        assert_eq!(out.len(), whole.len() - first);
+        assert!(out == whole[first..], "not the file's tail");
+        assert!(out.starts_with("000209716\n"), "{}", &out[..20]);
+
+        // A console under the cap comes back whole.
+        std::fs::write(&log, "short\nconsole\n").unwrap();
+        assert_eq!(
+            env.banger(&["vm", "logs", "big"]).ok().stdout,
+            "short\nconsole\n"
+        );
+    }
+
+    #[test]
     fn stats_show_the_vmm_process_and_need_a_running_vm() {
         let env = BangerEnv::new();
         env.create("st", &[]).ok();

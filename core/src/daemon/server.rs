@@ -389,13 +389,38 @@ async fn vm_ports(State(st): S, Path(name): Path<String>) -> Result<Json<Vec<Por
     Ok(Json(st.lifecycle.ports(&name).await?))
 }
 
+/// How much of the console `vm logs` (without follow) returns: its end.
+const LOGS_TAIL_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Deserialize)]
 struct LogsQuery {
     #[serde(default)]
     follow: bool,
 }
 
-/// The guest console. With `follow`, keeps streaming new output while the VM
+/// The last `max` bytes of `f`, from the first line that starts inside them
+/// (the whole file when it is smaller), never reading more than `max`.
+async fn read_tail(mut f: tokio::fs::File, max: u64) -> std::io::Result<Vec<u8>> {
+    let len = f.metadata().await?.len();
+    let mut buf = Vec::new();
+    if len <= max {
+        f.take(max).read_to_end(&mut buf).await?;
+        return Ok(buf);
+    }
+    // One byte before the window: a newline there means the window starts
+    // with a whole line.
+    f.seek(std::io::SeekFrom::Start(len - max - 1)).await?;
+    f.take(max + 1).read_to_end(&mut buf).await?;
+    let cut = buf
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(buf.len(), |i| i + 1);
+    buf.drain(..cut);
+    Ok(buf)
+}
+
+/// The guest console: its last [`LOGS_TAIL_BYTES`] (from a line start). With
+/// `follow`, the whole console, and keeps streaming new output while the VM
 /// runs (like `tail -f`), and ends when it stops.
 async fn vm_logs(
     State(st): S,
@@ -420,13 +445,14 @@ async fn vm_logs(
     };
     if !q.follow {
         let mut buf = Vec::new();
-        if let Some(mut f) = file {
-            f.read_to_end(&mut buf).await.map_err(|e| {
+        if let Some(f) = file {
+            let read_err = |e: std::io::Error| {
                 ApiError(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("Cannot read {}: {e}", path.display()),
                 )
-            })?;
+            };
+            buf = read_tail(f, LOGS_TAIL_BYTES).await.map_err(read_err)?;
         }
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], buf).into_response());
     }
