@@ -382,6 +382,39 @@ mod tests {
     }
 
     #[test]
+    fn a_flooded_console_is_rotated_and_logs_keep_working() {
+        use std::io::Write as _;
+        let env = BangerEnv::new();
+        env.create("flood", &[]).ok();
+        let dir = env.show("flood").dir;
+        let log = dir.join("serial.log");
+        let cap = 64u64 << 20;
+        {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+            f.write_all(&vec![b'x'; cap as usize]).unwrap();
+            f.write_all(b"\nlast flooded line\n").unwrap();
+        }
+        let old = dir.join("serial.log.1");
+        wait_until(
+            Duration::from_secs(10),
+            "the daemon rotates serial.log",
+            || old.exists(),
+        );
+        let old_len = std::fs::metadata(&old).unwrap().len();
+        assert!(old_len > cap, "{old_len}");
+        assert!(std::fs::metadata(&log).unwrap().len() < cap);
+        // The VMM goes on appending at the new end, and logs still work.
+        env.banger(&["vm", "stop", "flood"]).ok();
+        let now = std::fs::read_to_string(&log).unwrap();
+        assert!(!now.contains("xxx"), "the flood moved to serial.log.1");
+        assert!(
+            !now.is_empty() && !now.contains('\0'),
+            "the shutdown line lands at the new end: {now:?}"
+        );
+        assert_eq!(env.banger(&["vm", "logs", "flood"]).ok().stdout, now);
+    }
+
+    #[test]
     fn stats_show_the_vmm_process_and_need_a_running_vm() {
         let env = BangerEnv::new();
         env.create("st", &[]).ok();

@@ -236,6 +236,7 @@ pub async fn run() -> Result<(), DaemonError> {
             if let Err(e) = monitor_lc.reap_dead().await {
                 tracing::warn!("checking VMM processes failed: {}", render_chain(&e));
             }
+            rotate_console_logs(&monitor_lc).await;
         }
     });
 
@@ -337,4 +338,24 @@ fn bind_private(socket: &std::path::Path) -> Result<tokio::net::UnixListener, Da
     let listener = bound.map_err(err)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
+}
+
+/// Keeps every VM's console log under [`crate::vmm::SERIAL_LOG_MAX_BYTES`]
+/// (see [`crate::vmm::rotate_console_log`]).
+async fn rotate_console_logs(lc: &Lifecycle) {
+    let Ok(vms) = lc.list().await else {
+        return;
+    };
+    let logs: Vec<PathBuf> = vms
+        .into_iter()
+        .map(|vm| lc.view(vm).dir.join(crate::lifecycle::SERIAL_LOG_FILE))
+        .collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        for log in logs {
+            if let Err(e) = crate::vmm::rotate_console_log(&log, crate::vmm::SERIAL_LOG_MAX_BYTES) {
+                tracing::warn!("rotating {} failed: {e}", log.display());
+            }
+        }
+    })
+    .await;
 }

@@ -478,6 +478,10 @@ async fn vm_logs(
                 t.file = tokio::fs::File::open(&t.path).await.ok();
             }
             if let Some(f) = t.file.as_mut() {
+                // The daemon rotated the log (truncated it): start over.
+                if f.metadata().await.is_ok_and(|m| m.len() < t.pos) {
+                    t.pos = 0;
+                }
                 let mut buf = vec![0u8; 64 * 1024];
                 if f.seek(std::io::SeekFrom::Start(t.pos)).await.is_ok() {
                     if let Ok(n) = f.read(&mut buf).await {

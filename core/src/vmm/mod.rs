@@ -119,6 +119,41 @@ impl Backends {
     }
 }
 
+/// The size at which the daemon rotates a VM's `serial.log`.
+pub const SERIAL_LOG_MAX_BYTES: u64 = 64 << 20;
+
+/// Keeps a console log under `max` bytes: past it, the log is copied to
+/// `<log>.1` (staged, then renamed over the previous one) and truncated.
+/// The VMMs write it with `O_APPEND`, so they go on at the new end; output
+/// written between the copy and the truncation is lost. Returns whether it
+/// rotated.
+pub fn rotate_console_log(log: &Path, max: u64) -> io::Result<bool> {
+    let len = match std::fs::metadata(log) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut old = log.as_os_str().to_owned();
+    old.push(".1");
+    let old = PathBuf::from(old);
+    let mut staged = old.as_os_str().to_owned();
+    staged.push(".tmp");
+    let staged = PathBuf::from(staged);
+    let copied = std::fs::copy(log, &staged).and_then(|_| std::fs::rename(&staged, &old));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)?;
+    Ok(true)
+}
+
 /// The start time (clock ticks since boot) of `pid`, from `/proc/PID/stat`.
 pub fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -310,6 +345,29 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn console_log_rotates_past_its_cap_and_keeps_appending() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        assert!(!super::rotate_console_log(&log, 10).unwrap(), "no log yet");
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        writer.write_all(b"0123456789").unwrap();
+        assert!(!super::rotate_console_log(&log, 10).unwrap());
+        writer.write_all(b"abc").unwrap();
+        assert!(super::rotate_console_log(&log, 10).unwrap());
+        let old = dir.path().join("serial.log.1");
+        assert_eq!(std::fs::read(&old).unwrap(), b"0123456789abc");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        writer.write_all(b"next").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"next", "append goes on at 0");
+        assert!(!dir.path().join("serial.log.1.tmp").exists());
+    }
+
     use super::*;
 
     #[test]
