@@ -2,9 +2,7 @@
 //! writes: the `vsock-agent` capability's initramfs and the kernel boot
 //! modules archive (`kernels::modules`) both use it.
 
-use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Publishing an archive failed.
@@ -79,22 +77,8 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Writes `bytes` to a temporary sibling, syncs it and renames it over `dest`.
+/// Writes `bytes` to `dest` by stage-then-rename ([`crate::fsutil::write_atomic`]).
 pub fn publish(dest: &Path, bytes: &[u8], mode: u32) -> Result<(), CpioError> {
-    let tmp = sibling(dest, &format!(".tmp-{}", std::process::id()));
-    let written = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, dest)
-    })();
-    written.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        CpioError::WriteOutput(dest.into(), e)
-    })
+    crate::fsutil::write_atomic(dest, bytes, mode)
+        .map_err(|e| CpioError::WriteOutput(dest.into(), e))
 }

@@ -17,6 +17,7 @@ pub mod cpio;
 pub mod daemon;
 pub mod disk;
 pub mod download;
+pub mod fsutil;
 pub mod guest;
 pub mod guest_ssh;
 pub mod hostops;

@@ -8,10 +8,9 @@
 //! over vsock and renders them with [`known_hosts`].
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use banger_guest_protocol::api::HostKey;
 use nix::fcntl::{Flock, FlockArg};
@@ -159,29 +158,7 @@ pub fn known_hosts(aliases: &[String], keys: &[HostKey]) -> String {
 /// Writes `bytes` to a temporary sibling of `path` with `mode`, syncs it and
 /// renames it over `path`, so readers see the old file or the whole new one.
 pub fn write_staged(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SshError> {
-    let err = |e| SshError::Write(path.into(), e);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    crate::fsutil::write_atomic(path, bytes, mode).map_err(|e| SshError::Write(path.into(), e))
 }
 
 fn lock(dir: &Path) -> Result<Flock<File>, SshError> {

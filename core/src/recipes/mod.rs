@@ -178,7 +178,7 @@ pub struct Unready {
 /// a Debian or Ubuntu archive among the apt sources in /etc/apt. Returns
 /// the source file naming the archive. Also what `banger doctor` asks.
 pub fn host_ready(tools: &[Tool]) -> Result<PathBuf, Unready> {
-    host_ready_with(tools, which, Path::new("/etc/apt"))
+    host_ready_with(tools, crate::config::find_on_path, Path::new("/etc/apt"))
 }
 
 /// [`host_ready`] with the PATH lookup and the apt directory given.
@@ -211,17 +211,6 @@ pub fn host_ready_with(
             apt_dir.display()
         ),
     })
-}
-
-/// `program`'s path on PATH, if it is there.
-pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }
 
 /// A scratch directory for one build under `cache_dir/builds`, on the same
