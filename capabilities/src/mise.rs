@@ -1,16 +1,44 @@
-//! `mise` (opt-in): marks a VM whose workspace tools are installed with
-//! mise. The install itself is a guest command that `banger vm run` runs
-//! over ssh after the workspace import (the daemon has no workspace until
-//! then); this capability records the intent with the VM and refuses to
+//! `mise` (opt-in): installs a workspace's tools with mise. The install
+//! needs the imported checkout, which only exists after create, so it is a
+//! guest job (`bootstrap`) that `banger vm run` asks the daemon for after
+//! the import (`POST /v1/vms/{name}/capabilities/mise/jobs/bootstrap`). At
+//! start this capability only records the intent with the VM and refuses to
 //! prepare a VM that could not reach the internet to fetch the tools.
 
 use std::sync::Arc;
 
-use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx};
-use banger_core::model::CapOptions;
+use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, GuestJob, HookCtx};
+use banger_core::model::{CapOptions, VmRecord};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "mise";
+
+/// The one guest job: `mise install` in the checkout.
+pub const BOOTSTRAP: &str = "bootstrap";
+/// The checkout the bootstrap runs in.
+const GUEST_REPO: &str = "/root/repo";
+/// Where the bootstrap's output goes in the guest.
+const LOG: &str = "/root/.cache/banger/mise-bootstrap.log";
+
+/// Installs mise when the guest lacks it (official script, needs NAT), then
+/// the workspace's tools. Config files in the imported checkout are trusted:
+/// the user asked for this workspace.
+fn bootstrap_script() -> String {
+    format!(
+        r#"set -e
+export PATH="$HOME/.local/bin:$PATH" MISE_YES=1 MISE_TRUSTED_CONFIG_PATHS={GUEST_REPO}
+cd {GUEST_REPO}
+if ! command -v mise >/dev/null 2>&1; then
+  echo "mise is not in the guest; installing it from https://mise.run"
+  if command -v curl >/dev/null 2>&1; then curl -fsSL https://mise.run | sh
+  elif command -v wget >/dev/null 2>&1; then wget -qO- https://mise.run | sh
+  else echo "neither curl nor wget is in the guest to fetch mise" >&2; exit 1
+  fi
+fi
+mise install
+echo "mise bootstrap: done""#
+    )
+}
 
 /// The mise bootstrap capability.
 #[derive(Debug, Default)]
@@ -47,5 +75,17 @@ impl Capability for Mise {
             ));
         }
         Ok(())
+    }
+
+    fn guest_jobs(&self) -> Vec<String> {
+        vec![BOOTSTRAP.to_string()]
+    }
+
+    fn guest_job(&self, job: &str, _vm: &VmRecord) -> Option<GuestJob> {
+        (job == BOOTSTRAP).then(|| GuestJob {
+            script: bootstrap_script(),
+            log: LOG.to_string(),
+            summary: format!("installing the workspace's tools with mise in {GUEST_REPO}"),
+        })
     }
 }

@@ -179,6 +179,23 @@ fn mise_refuses_a_vm_without_nat_naming_both_fixes() {
 }
 
 #[test]
+fn mise_offers_a_bootstrap_job_that_installs_in_the_checkout() {
+    use crate::mise::{BOOTSTRAP, Mise};
+    let v = vm(64 << 20, true);
+    assert_eq!(Mise.guest_jobs(), [BOOTSTRAP]);
+    assert!(Mise.guest_job("other", &v).is_none());
+    let job = Mise.guest_job(BOOTSTRAP, &v).unwrap();
+    let st = std::process::Command::new("sh")
+        .args(["-n", "-c", &job.script])
+        .status()
+        .unwrap();
+    assert!(st.success(), "the script does not parse:\n{}", job.script);
+    assert!(job.script.contains("cd /root/repo\n"), "{}", job.script);
+    assert!(job.script.contains("\nmise install\n"), "{}", job.script);
+    assert_eq!(job.log, "/root/.cache/banger/mise-bootstrap.log");
+}
+
+#[test]
 fn work_disk_rejects_options() {
     let mut o = CapOptions::new();
     o.insert("size".into(), "1G".into());
@@ -533,6 +550,7 @@ const BUILTIN_MODULES: &[(&str, &[&str])] = &[
         &[
             "src/network.rs",
             "src/network/host.rs",
+            "src/network/leases.rs",
             "src/network/taps.rs",
         ],
     ),
@@ -598,8 +616,10 @@ fn every_builtin_lives_here_and_core_holds_none_of_their_code() {
                 "TapPool",
                 "DnsServer",
                 "NicState",
+                "Lease",
                 "build_initrd",
                 "agent_archive",
+                "mise.run",
             ] {
                 assert!(
                     !text.contains(ty),

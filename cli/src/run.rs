@@ -3,9 +3,9 @@
 //! The CLI resolves everything before anything exists (shape, mode, the
 //! mise NAT precondition), prints the `spec:` line, creates the VM, waits
 //! until the daemon can hand out an ssh target (sshd up, host keys known),
-//! imports the workspace through the daemon, runs the mise bootstrap as a
-//! guest command over the system ssh, then opens the session or runs the
-//! command. `--rm` deletes the VM at the end whatever happened, except when
+//! imports the workspace through the daemon, has the daemon run the mise
+//! bootstrap (the `mise` capability's guest job), then opens the session or
+//! runs the command. `--rm` deletes the VM at the end whatever happened, except when
 //! sshd never came up: that VM is kept for `banger vm logs`.
 
 use std::fmt;
@@ -15,14 +15,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use banger_core::api::{
-    BootstrapRequest, BootstrapView, CreateVmRequest, SshTarget, VmView, WorkspacePrepareRequest,
+    CreateVmRequest, JobRequest, JobView, SshTarget, VmView, WorkspacePrepareRequest,
 };
 use banger_core::client::{Client, ClientError, Method};
 use banger_core::config::Config;
 use banger_core::model::ByteSize;
 use banger_core::paths::Paths;
 use banger_core::vmm::choice::BackendPlan;
-use banger_core::workspace::bootstrap::MISE_LOG;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::args::{RunArgs, ShapeArgs, VmmArg};
@@ -203,34 +202,35 @@ async fn wait_for_ssh(
     }
 }
 
-/// The mise bootstrap, run by the daemon over its own SSH connection: to
-/// completion (output shown, logged in the guest) when detached, else
-/// started in the background with its log path printed, so the session
-/// opens at once.
+/// The mise bootstrap, the `mise` capability's `bootstrap` job, run by the
+/// daemon over its own SSH connection: to completion (output shown, logged
+/// in the guest) when detached, else started in the background with its log
+/// path printed, so the session opens at once.
 async fn bootstrap(client: &Client, name: &str, file: &str, wait: bool) -> Result<()> {
     eprintln!(
         "bootstrap: {file} found; running `mise install` in {GUEST_REPO}{}",
         if wait { "" } else { " in the background" }
     );
-    let view: BootstrapView = client
+    let view: JobView = client
         .stream_events(
             Method::POST,
-            &format!("{}/bootstrap", vm_path(name)),
-            Some(&BootstrapRequest { wait }),
+            &format!("{}/capabilities/mise/jobs/bootstrap", vm_path(name)),
+            Some(&JobRequest { wait }),
             output::show_events(None),
         )
         .await
         .with_context(|| format!("Bootstrapping VM {name}"))?;
     eprint!("{}", view.output);
+    let log = view.log.display();
     match view.status {
         Some(0) | None => {}
         Some(code) => bail!(
-            "The mise bootstrap failed (exit {code}); its log is {MISE_LOG} in the guest \
-             (`banger vm ssh {name} -- cat {MISE_LOG}`)"
+            "The mise bootstrap failed (exit {code}); its log is {log} in the guest \
+             (`banger vm ssh {name} -- cat {log}`)"
         ),
     }
     if !wait {
-        eprintln!("bootstrap log: {MISE_LOG} (`tail -f {MISE_LOG}` in the guest)");
+        eprintln!("bootstrap log: {log} (`tail -f {log}` in the guest)");
     }
     Ok(())
 }
@@ -438,9 +438,9 @@ impl Plan {
                 Some(f) if self.after == After::Detach => {
                     format!("mise install in {GUEST_REPO} ({f}), to completion")
                 }
-                Some(f) => {
-                    format!("mise install in {GUEST_REPO} ({f}), in the background, log {MISE_LOG}")
-                }
+                Some(f) => format!(
+                    "mise install in {GUEST_REPO} ({f}), in the background (its guest log is printed)"
+                ),
             },
         );
         line(
@@ -715,7 +715,7 @@ mod tests {
         assert!(text.contains("with nat mise"), "{text}");
         assert!(text.contains("tracked files"), "{text}");
         assert!(
-            text.contains(".tool-versions") && text.contains(MISE_LOG),
+            text.contains(".tool-versions") && text.contains("in the background"),
             "{text}"
         );
         assert!(text.contains("interactive ssh session"), "{text}");

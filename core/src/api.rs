@@ -190,20 +190,20 @@ pub struct WorkspaceView {
     pub skipped_untracked: usize,
 }
 
-/// `POST /v1/vms/{name}/bootstrap`: install the workspace's tools with
-/// mise in the guest.
+/// `POST /v1/vms/{name}/capabilities/{cap}/jobs/{job}`: run a guest job
+/// a capability offers (the `mise` capability's `bootstrap`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BootstrapRequest {
+pub struct JobRequest {
     /// Run to completion (detached `vm run`) instead of starting it in the
     /// background (interactive `vm run`).
     #[serde(default)]
     pub wait: bool,
 }
 
-/// The bootstrap's outcome.
+/// A guest job's outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BootstrapView {
+pub struct JobView {
     /// Its log in the guest.
     pub log: PathBuf,
     /// Whether it ran to completion.

@@ -12,6 +12,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::guest::GuestConfig;
 use crate::hostops::HostOps;
 use crate::machine::MachineSpec;
-use crate::model::{CapOptions, VmRecord, VmmKind};
+use crate::model::{CapOptions, VmId, VmRecord, VmmKind};
 use crate::paths::Paths;
 use crate::store::Store;
 
@@ -223,6 +224,13 @@ pub trait Capability: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// The VM's address on the host's network, if this capability gives it
+    /// one (`network`: its stable address). Views, `vm ssh` and `vm ports`
+    /// use the first capability that answers; an error only hides it.
+    fn guest_address(&self, _vm: &VmId) -> Option<Ipv4Addr> {
+        None
+    }
+
     /// Undoes `prepare_host`. Must tolerate resources that are already gone.
     fn teardown(&self, _ctx: &HookCtx<'_>, _reason: TeardownReason) -> Result<(), CapError> {
         Ok(())
@@ -238,6 +246,33 @@ pub trait Capability: Send + Sync + fmt::Debug {
     /// Daemon shutdown: undo `daemon_start`. VMs keep running, so anything
     /// they use stays.
     fn daemon_stop(&self, _ctx: &DaemonCtx<'_>) {}
+
+    /// The names of the [`GuestJob`]s it offers; none by default.
+    fn guest_jobs(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Its job `job` for `vm` (one of [`Capability::guest_jobs`]), or `None`
+    /// when it offers no such job.
+    fn guest_job(&self, _job: &str, _vm: &VmRecord) -> Option<GuestJob> {
+        None
+    }
+}
+
+/// Guest work a capability offers on demand, after start, when what it
+/// needs only exists later (the `mise` install needs the imported
+/// workspace). The daemon runs it on request (`POST
+/// /v1/vms/{name}/capabilities/{cap}/jobs/{job}`) over its own SSH
+/// connection as `sh -c SCRIPT`, to completion or in the background, with
+/// its output in `log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestJob {
+    /// The shell script, run by `sh` as the guest's login user.
+    pub script: String,
+    /// Where its output goes in the guest (absolute; the directory is made).
+    pub log: String,
+    /// What it does, for progress (`installing the workspace's tools`).
+    pub summary: String,
 }
 
 /// Host-wide state the built-ins share within one daemon, one value per

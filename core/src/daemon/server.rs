@@ -40,7 +40,7 @@ pub(crate) struct ApiState {
 pub(crate) type S = State<Arc<ApiState>>;
 
 /// Operations running now: streamed operations (create, start, pulls,
-/// workspace, bootstrap) and the spawned stop, kill and delete. `/v1/status`
+/// workspace, guest jobs) and the spawned stop, kill and delete. `/v1/status`
 /// reports it, so a CLI of another build restarts this daemon only when
 /// nothing would be cut short. One per daemon process, like the process
 /// itself.
@@ -128,7 +128,10 @@ fn vm_routes() -> Router<Arc<ApiState>> {
         .route("/v1/vms/{name}/stats", get(vm_stats))
         .route("/v1/vms/{name}/ssh", get(vm_ssh))
         .route("/v1/vms/{name}/workspace/prepare", post(workspace_prepare))
-        .route("/v1/vms/{name}/bootstrap", post(vm_bootstrap))
+        .route(
+            "/v1/vms/{name}/capabilities/{cap}/jobs/{job}",
+            post(vm_guest_job),
+        )
         .route("/v1/vms/{name}/workspace/export", get(workspace_export))
 }
 
@@ -355,15 +358,18 @@ async fn workspace_prepare(
     }))
 }
 
-async fn vm_bootstrap(
+async fn vm_guest_job(
     State(st): S,
-    Path(name): Path<String>,
-    body: Result<Json<crate::api::BootstrapRequest>, JsonRejection>,
+    Path((name, cap, job)): Path<(String, String, String)>,
+    body: Result<Json<crate::api::JobRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let lc = st.lifecycle.clone();
+    // Checked before the stream starts, so a wrong request is a 4xx answer.
+    let guest_job = crate::workspace::guest_job(&lc, &name, &cap, &job).await?;
     Ok(stream_task(move |p| async move {
-        crate::workspace::bootstrap_vm(&lc, &name, req, &p)
+        let stage = format!("{cap}:{job}");
+        crate::workspace::run_guest_job(&lc, &name, &stage, guest_job, req, &p)
             .await
             .map_err(|e| (e.stage().map(str::to_string), render_chain(&e)))
     }))

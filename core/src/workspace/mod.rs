@@ -16,12 +16,12 @@ use std::path::PathBuf;
 
 use crate::guest_ssh::GuestSshError;
 
-pub mod bootstrap;
+mod jobs;
 mod plan;
 mod remote;
 mod vm;
 
-pub use bootstrap::bootstrap_vm;
+pub use jobs::{guest_job, run_guest_job};
 pub use plan::{
     FileKind, FileType, GitIdentity, Mode, Plan, PlanFile, PrepareOptions, plan,
     skipped_untracked_note,
