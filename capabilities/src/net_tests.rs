@@ -63,7 +63,6 @@ fn machine() -> MachineSpec {
 
 struct Env {
     dir: tempfile::TempDir,
-    store: Arc<Store>,
     net: Arc<HostNetwork>,
 }
 
@@ -72,11 +71,11 @@ fn env() -> Env {
     let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
     let net = Arc::new(HostNetwork::new(
         NetworkConfig::default(),
-        store.clone(),
+        store,
         dir.path(),
         1000,
     ));
-    Env { dir, store, net }
+    Env { dir, net }
 }
 
 impl Env {
@@ -152,11 +151,11 @@ fn network_keeps_the_address_across_stop_and_frees_it_on_delete() {
     let cap = Network::with(e.net.clone());
     let a = vm("a");
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
-    let first = e.store.get_lease(&a.id).unwrap().unwrap();
+    let first = e.net.leases().get(&a.id).unwrap().unwrap();
 
     e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Stop))
         .unwrap();
-    assert_eq!(e.store.get_lease(&a.id).unwrap(), Some(first.clone()));
+    assert_eq!(e.net.leases().get(&a.id).unwrap(), Some(first.clone()));
     assert!(!e.vm_dir(&a).join("network.json").exists());
     // The configure hook now has nothing to attach: it says so.
     let err = e
@@ -168,16 +167,30 @@ fn network_keeps_the_address_across_stop_and_frees_it_on_delete() {
     let b = vm("b");
     e.run(&b, &host, |c| cap.prepare_host(c)).unwrap();
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
-    assert_eq!(e.store.get_lease(&a.id).unwrap(), Some(first.clone()));
+    assert_eq!(e.net.leases().get(&a.id).unwrap(), Some(first.clone()));
 
     e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
         .unwrap();
-    assert_eq!(e.store.get_lease(&a.id).unwrap(), None);
+    assert_eq!(e.net.leases().get(&a.id).unwrap(), None);
     // Teardown tolerates what is already gone.
     e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
         .unwrap();
     let c_vm = vm("c");
     assert_eq!(e.net.lease(&c_vm.id).unwrap().ip, first.ip);
+}
+
+#[test]
+fn network_gives_views_the_leased_address_only() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Network::with(e.net.clone());
+    let a = vm("a");
+    assert_eq!(cap.guest_address(&a.id), None);
+    e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    assert_eq!(cap.guest_address(&a.id), Some(Ipv4Addr::new(172, 30, 0, 2)));
+    e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
+        .unwrap();
+    assert_eq!(cap.guest_address(&a.id), None);
 }
 
 #[test]
@@ -187,7 +200,7 @@ fn nat_adds_rules_for_the_vm_address_and_always_removes_them() {
     let cap = Nat::with(e.net.clone());
     let a = vm("a");
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
-    let ip = e.store.get_lease(&a.id).unwrap().unwrap().ip;
+    let ip = e.net.leases().get(&a.id).unwrap().unwrap().ip;
     assert_eq!(host.calls(), vec![format!("add_nat {} banger0 {ip}", a.id)]);
     for reason in [TeardownReason::Rollback, TeardownReason::Stop] {
         e.run(&a, &host, |c| cap.teardown(c, reason)).unwrap();
@@ -196,10 +209,10 @@ fn nat_adds_rules_for_the_vm_address_and_always_removes_them() {
             &format!("remove_nat {}", a.id)
         );
     }
-    assert!(e.store.get_lease(&a.id).unwrap().is_some());
+    assert!(e.net.leases().get(&a.id).unwrap().is_some());
     e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
         .unwrap();
-    assert!(e.store.get_lease(&a.id).unwrap().is_none());
+    assert!(e.net.leases().get(&a.id).unwrap().is_none());
 }
 
 #[test]
@@ -219,7 +232,7 @@ fn dns_publishes_the_record_while_prepared() {
 #[test]
 fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
     let t = TestEnv::new();
-    let (dir, config, store, recording) = (&t.dir, &t.config, &t.store, &t.recording);
+    let (dir, config, recording) = (&t.dir, &t.config, &t.recording);
     let host = &t.host;
     let env = t.env();
     let (caps, errors) = builtins(&env);
@@ -229,8 +242,9 @@ fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
     let network = caps.iter().find(|c| c.name() == "network").unwrap();
 
     // A lease of a VM with no row, and a VM that kept running on bgtap0.
-    store
-        .acquire_lease(&vm("gone").id, &config.network.subnet)
+    host_network(&env)
+        .leases()
+        .acquire(&vm("gone").id, &config.network.subnet)
         .unwrap();
     let survivor = RunningVm {
         vm: vm("up"),
@@ -253,7 +267,7 @@ fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
         runtime: rt.handle().clone(),
     };
     network.daemon_start(&ctx).unwrap();
-    assert!(store.list_leases().unwrap().is_empty());
+    assert!(host_network(&env).leases().list().unwrap().is_empty());
     let calls = recording.calls();
     assert_eq!(calls[0], "ensure_bridge banger0 172.30.0.1/24");
     assert!(

@@ -11,6 +11,7 @@
 //! around the taps of VMs that kept running; otherwise the bridge is made
 //! on the first VM that needs it. At daemon stop it deletes the warm taps.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use banger_core::capability::{
@@ -18,9 +19,10 @@ use banger_core::capability::{
 };
 use banger_core::guest::{GuestConfig, GuestNetwork};
 use banger_core::machine::{MachineSpec, Nic};
-use banger_core::model::CapOptions;
+use banger_core::model::{CapOptions, VmId};
 
 mod host;
+pub mod leases;
 mod taps;
 
 pub use host::{HostNetwork, NetError, NicState};
@@ -161,6 +163,19 @@ impl Capability for Network {
             nameservers: vec![gateway],
         });
         Ok(())
+    }
+
+    fn guest_address(&self, vm: &VmId) -> Option<Ipv4Addr> {
+        match self.net.leases().get(vm) {
+            Ok(lease) => lease.map(|l| l.ip),
+            Err(e) => {
+                tracing::debug!(
+                    "cannot read the address of VM {vm}: {}",
+                    banger_core::lifecycle::render_chain(&e)
+                );
+                None
+            }
+        }
     }
 
     fn daemon_start(&self, ctx: &DaemonCtx<'_>) -> Result<(), CapError> {

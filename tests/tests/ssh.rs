@@ -10,7 +10,9 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::process::Command;
+    use std::sync::Arc;
 
+    use banger_capabilities::network::leases::Leases;
     use banger_core::model::VmState;
     use banger_core::net::Subnet;
     use banger_core::store::Store;
@@ -125,9 +127,9 @@ mod tests {
         env.set_env("FAKE_FC_HOST_KEYS", &keys.display().to_string());
         env.create(name, &["--cap", "vsock-agent:timeout=20"]).ok();
         let id = env.show(name).record.id;
-        let store = Store::open(&env.state_dir().join("banger.db")).unwrap();
+        let store = Arc::new(Store::open(&env.state_dir().join("banger.db")).unwrap());
         let subnet: Subnet = "10.77.0.0/24".parse().unwrap();
-        let lease = store.acquire_lease(&id, &subnet).unwrap();
+        let lease = Leases::new(store).acquire(&id, &subnet).unwrap();
         assert_eq!(env.show(name).address, Some(lease.ip));
         (env, lease.ip)
     }

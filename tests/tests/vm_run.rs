@@ -9,8 +9,10 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::process::Command;
+    use std::sync::Arc;
     use std::time::Duration;
 
+    use banger_capabilities::network::leases::Leases;
     use banger_core::model::{VmState, VmmKind};
     use banger_core::net::Subnet;
     use banger_core::store::Store;
@@ -102,14 +104,14 @@ mod tests {
         let db = env.state_dir().join("banger.db");
         let name = name.to_string();
         std::thread::spawn(move || {
-            let store = Store::open(&db).unwrap();
+            let store = Arc::new(Store::open(&db).unwrap());
             let mut id = None;
             wait_until(Duration::from_secs(30), "vm run created the VM", || {
                 id = store.find_vm(&name).unwrap().map(|vm| vm.id);
                 id.is_some()
             });
             let subnet: Subnet = "10.77.0.0/24".parse().unwrap();
-            store.acquire_lease(&id.unwrap(), &subnet).unwrap();
+            Leases::new(store).acquire(&id.unwrap(), &subnet).unwrap();
         })
     }
 

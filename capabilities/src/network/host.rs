@@ -1,5 +1,5 @@
 //! [`HostNetwork`]: what the `network`, `nat` and `dns` capabilities share in
-//! one daemon: settings, the lease store, the tap pool and the DNS records.
+//! one daemon: settings, the address leases, the tap pool and the DNS records.
 //! The `.vm` server itself is the `dns` capability's ([`crate::dns::serve`]).
 //!
 //! The `network` capability's factory makes it and places it in the
@@ -16,9 +16,10 @@ use banger_core::config::NetworkConfig;
 use banger_core::hostops::{HostOps, HostOpsError};
 use banger_core::lifecycle::render_chain;
 use banger_core::model::VmId;
-use banger_core::store::{Lease, Store, StoreError};
+use banger_core::store::Store;
 
 use super::TapPool;
+use super::leases::{Lease, LeaseError, Leases};
 use crate::dns::server as dns;
 
 /// A host networking step failed.
@@ -26,7 +27,7 @@ use crate::dns::server as dns;
 pub enum NetError {
     /// Leasing or releasing an address failed.
     #[error("Cannot manage the VM's address")]
-    Lease(#[source] StoreError),
+    Lease(#[source] LeaseError),
     /// A privileged link or firewall operation failed.
     #[error("Host network operation failed")]
     Host(#[source] HostOpsError),
@@ -104,7 +105,7 @@ impl NicState {
 #[derive(Debug)]
 pub struct HostNetwork {
     config: NetworkConfig,
-    store: Arc<Store>,
+    leases: Leases,
     taps: TapPool,
     dns_records: PathBuf,
     /// Whether [`HostNetwork::ensure_up`] brought the bridge up in this
@@ -119,7 +120,7 @@ impl HostNetwork {
         let taps = TapPool::new(&config.bridge, owner_uid, super::DEFAULT_WARM);
         HostNetwork {
             config,
-            store,
+            leases: Leases::new(store),
             taps,
             dns_records: dns::records_path(state_dir),
             up: Mutex::new(false),
@@ -129,6 +130,11 @@ impl HostNetwork {
     /// The settings.
     pub fn config(&self) -> &NetworkConfig {
         &self.config
+    }
+
+    /// The VMs' addresses.
+    pub fn leases(&self) -> &Leases {
+        &self.leases
     }
 
     /// The warm tap pool.
@@ -226,22 +232,19 @@ impl HostNetwork {
 
     /// The VM's lease: its existing one, or a new one (idempotent).
     pub fn lease(&self, vm: &VmId) -> Result<Lease, NetError> {
-        self.store
-            .acquire_lease(vm, &self.config.subnet)
+        self.leases
+            .acquire(vm, &self.config.subnet)
             .map_err(NetError::Lease)
     }
 
     /// Frees the addresses of VMs that no longer exist (a delete
     /// interrupted by a crash); returns how many.
     pub fn prune_orphan_leases(&self) -> Result<usize, NetError> {
-        self.store.prune_orphan_leases().map_err(NetError::Lease)
+        self.leases.prune_orphans().map_err(NetError::Lease)
     }
 
     /// Frees the VM's address.
     pub fn release_lease(&self, vm: &VmId) -> Result<(), NetError> {
-        self.store
-            .release_lease(vm)
-            .map(|_| ())
-            .map_err(NetError::Lease)
+        self.leases.release(vm).map(|_| ()).map_err(NetError::Lease)
     }
 }

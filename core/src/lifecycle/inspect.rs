@@ -19,7 +19,7 @@ impl Lifecycle {
                 source: Box::new(e),
             })?;
         let mut ports = collapse(name, listeners);
-        if let Some(ip) = self.store.get_lease(&vm.id).ok().flatten().map(|l| l.ip) {
+        if let Some(ip) = self.guest_address(&vm.id) {
             label_web_services(ip, &mut ports).await;
         }
         Ok(ports)

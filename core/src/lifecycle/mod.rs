@@ -358,13 +358,20 @@ impl Lifecycle {
     /// The API view of a record.
     pub fn view(&self, vm: VmRecord) -> VmView {
         let dir = self.paths.vm_dir(&vm.id);
-        // A store error here only hides the address from a view.
-        let address = self.store.get_lease(&vm.id).ok().flatten().map(|l| l.ip);
+        let address = self.guest_address(&vm.id);
         VmView {
             record: vm,
             dir,
             address,
         }
+    }
+
+    /// The VM's address, from the first capability that gives it one.
+    pub fn guest_address(&self, vm: &VmId) -> Option<std::net::Ipv4Addr> {
+        self.registry
+            .all()
+            .iter()
+            .find_map(|cap| cap.guest_address(vm))
     }
 
     /// Every VM.

@@ -11,10 +11,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, Row, params};
 
+mod capability_tables;
 mod images;
-mod leases;
-
-pub use leases::Lease;
 
 use crate::model::{Failure, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind, VmmProcess};
 
@@ -58,14 +56,22 @@ CREATE TABLE images (
     created_at INTEGER NOT NULL
 );
 ",
-    // Stable per-VM addresses on the bridge (net::Subnet). No foreign key to
-    // vms: the network capability releases the lease at Teardown(delete).
+    // The `network` capability's table from before capabilities kept their
+    // own (it now creates it itself, `IF NOT EXISTS`, through
+    // `Store::capability_tables`). Kept because released steps are history.
     r"
 CREATE TABLE leases (
     vm_id      TEXT PRIMARY KEY NOT NULL,
     ip         TEXT NOT NULL UNIQUE,
     mac        TEXT NOT NULL UNIQUE,
     created_at INTEGER NOT NULL
+);
+",
+    // Each capability's own schema version (`Store::capability_tables`).
+    r"
+CREATE TABLE cap_schema (
+    owner   TEXT PRIMARY KEY NOT NULL,
+    version INTEGER NOT NULL
 );
 ",
 ];
@@ -186,22 +192,33 @@ pub enum StoreError {
     /// Another image already has this name.
     #[error("An image named \"{0}\" already exists; pick another --name or delete it first")]
     ImageNameTaken(String),
-    /// Every address of the bridge subnet is leased.
+    /// A capability's tables were written by a newer banger.
     #[error(
-        "No free address left in subnet {0}; delete unused VMs or widen [network] subnet in the config"
+        "The tables of capability \"{owner}\" have schema version {found}, but this banger only knows up to {supported}; upgrade banger"
     )]
-    SubnetFull(String),
-    /// A lease operation failed.
-    #[error("Cannot {op} the network lease of VM {vm_id}")]
-    Lease {
-        /// What was being done.
-        op: &'static str,
-        /// The VM.
-        vm_id: VmId,
+    CapabilityTooNew {
+        /// The capability.
+        owner: String,
+        /// Its version in `cap_schema`.
+        found: i64,
+        /// The newest version this binary can migrate to.
+        supported: i64,
+    },
+    /// A step of a capability's migrations failed; its tables keep the
+    /// previous version.
+    #[error("Cannot migrate the tables of capability \"{owner}\" to version {version}")]
+    CapabilityMigrate {
+        /// The capability.
+        owner: String,
+        /// The version the failed step would have produced.
+        version: i64,
         /// Why.
         #[source]
-        source: BoxError,
+        source: rusqlite::Error,
     },
+    /// A transaction could not begin or commit.
+    #[error("Cannot begin or commit a database transaction")]
+    Transaction(#[source] rusqlite::Error),
     /// An image operation failed.
     #[error("Cannot {op} image {name}")]
     Image {
