@@ -7,10 +7,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use banger_api::model::CapOptions;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, DaemonCtx, HookCtx, TeardownReason,
 };
-use banger_core::model::CapOptions;
 
 use self::server as dns;
 use crate::network::{HostNetwork, host_network, no_options};

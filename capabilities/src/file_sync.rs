@@ -14,10 +14,10 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use banger_api::config::FileSyncEntry;
+use banger_api::guest::{GuestConfig, GuestFile};
+use banger_api::model::CapOptions;
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx, HookLog};
-use banger_core::config::FileSyncEntry;
-use banger_core::guest::{GuestConfig, GuestFile};
-use banger_core::model::CapOptions;
 
 /// Name used with `--cap`.
 pub const NAME: &str = "file-sync";
@@ -348,9 +348,9 @@ mod tests {
     use std::os::unix::fs::symlink;
     use std::sync::Mutex;
 
-    use banger_core::config::{Config, SyncSource};
-    use banger_core::hostops::RecordingHostOps;
-    use banger_core::model::{ByteSize, VmName, VmRecord, VmSpec, VmState, VmmKind};
+    use banger_api::config::{Config, SyncSource};
+    use banger_api::model::{ByteSize, VmName, VmRecord, VmSpec, VmState, VmmKind};
+    use banger_host::hostops::RecordingHostOps;
 
     use super::*;
 

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
+use banger_api::model::{CapOptions, VmRecord};
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, GuestJob, HookCtx};
-use banger_core::model::{CapOptions, VmRecord};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "mise";

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use banger_api::model::CapOptions;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
-use banger_core::model::CapOptions;
 
 use crate::network::{HostNetwork, host_network, no_options};
 

@@ -4,15 +4,15 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use banger_api::config::NetworkConfig;
+use banger_api::guest::GuestConfig;
+use banger_api::machine::MachineSpec;
+use banger_api::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
 use banger_core::capability::{
     Capability, DaemonCtx, HookCtx, HookLog, RunningVm, TeardownReason, builtins,
 };
-use banger_core::config::NetworkConfig;
-use banger_core::guest::GuestConfig;
-use banger_core::hostops::{HostOps, RecordingHostOps};
-use banger_core::machine::MachineSpec;
-use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
 use banger_core::store::Store;
+use banger_host::hostops::{HostOps, RecordingHostOps};
 
 use crate::dns::{Dns, server as dns};
 use crate::nat::Nat;
@@ -88,7 +88,7 @@ impl Env {
         std::fs::create_dir_all(&dir).unwrap();
         let options = CapOptions::new();
         let config =
-            banger_core::config::Config::defaults(std::path::Path::new("/nonexistent/config.toml"));
+            banger_api::config::Config::defaults(std::path::Path::new("/nonexistent/config.toml"));
         let ctx = HookCtx {
             vm,
             vm_dir: &dir,

@@ -14,12 +14,12 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use banger_api::guest::{GuestConfig, GuestNetwork};
+use banger_api::machine::{MachineSpec, Nic};
+use banger_api::model::{CapOptions, VmId};
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, DaemonCtx, HookCtx, TeardownReason,
 };
-use banger_core::guest::{GuestConfig, GuestNetwork};
-use banger_core::machine::{MachineSpec, Nic};
-use banger_core::model::{CapOptions, VmId};
 
 mod host;
 pub mod leases;

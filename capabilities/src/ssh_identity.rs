@@ -7,10 +7,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use banger_api::guest::GuestConfig;
+use banger_api::model::CapOptions;
+use banger_api::ssh::SshIdentity as Identity;
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx};
-use banger_core::guest::GuestConfig;
-use banger_core::model::CapOptions;
-use banger_core::ssh::SshIdentity as Identity;
 
 /// Name used with `--cap` and in stage names (`guest_config:ssh-identity`).
 pub const NAME: &str = "ssh-identity";

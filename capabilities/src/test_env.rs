@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use banger_api::config::Config;
+use banger_api::paths::Paths;
 use banger_core::capability::{CapEnv, SharedState};
-use banger_core::config::Config;
-use banger_core::hostops::{HostOps, RecordingHostOps};
-use banger_core::paths::Paths;
 use banger_core::store::Store;
+use banger_host::hostops::{HostOps, RecordingHostOps};
 
 /// Owns everything a [`CapEnv`] borrows.
 pub(crate) struct TestEnv {

@@ -3,11 +3,11 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use banger_api::guest::GuestConfig;
+use banger_api::machine::MachineSpec;
+use banger_api::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
 use banger_core::capability::{Capability, HookCtx, HookLog, TeardownReason, builtins};
-use banger_core::guest::GuestConfig;
-use banger_core::hostops::RecordingHostOps;
-use banger_core::machine::MachineSpec;
-use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
+use banger_host::hostops::RecordingHostOps;
 
 use crate::vsock_agent::{self, VsockAgent};
 use crate::work_disk::{self, WorkDisk};
@@ -57,7 +57,7 @@ fn with_opts<R>(
 ) -> (R, Vec<String>) {
     let host = RecordingHostOps::default();
     let log = Lines::default();
-    let config = banger_core::config::Config::defaults(Path::new("/nonexistent/config.toml"));
+    let config = banger_api::config::Config::defaults(Path::new("/nonexistent/config.toml"));
     let ctx = HookCtx {
         vm,
         vm_dir: dir,
@@ -148,7 +148,7 @@ fn ssh_identity_authorizes_one_stable_key_and_names_a_broken_one() {
 
 #[test]
 fn mise_refuses_a_vm_without_nat_naming_both_fixes() {
-    use banger_core::model::EnabledCap;
+    use banger_api::model::EnabledCap;
 
     use crate::mise::Mise;
     let dir = tempfile::tempdir().unwrap();
@@ -562,14 +562,24 @@ const BUILTIN_MODULES: &[(&str, &[&str])] = &[
     ("work-disk", &["src/work_disk.rs"]),
 ];
 
-/// What core may still hold of networking: address types and the low-level
-/// calls `InProcessHostOps` makes (netlink, nft, resolvectl).
-const CORE_NET_FILES: &[&str] = &["addr.rs", "mod.rs", "netlink.rs", "nft.rs", "resolved.rs"];
+/// The low-level network calls `InProcessHostOps` makes (netlink, nft,
+/// resolvectl), all that banger's core crates hold of networking besides
+/// the address types of `banger_api::net`.
+const HOST_NET_FILES: &[&str] = &["mod.rs", "netlink.rs", "nft.rs", "resolved.rs"];
+
+/// banger's core crates: the daemon library and the layers under it.
+const CORE_CRATES: &[&str] = &[
+    "core",
+    "core/api",
+    "core/host",
+    "core/vmm",
+    "core/artifacts",
+];
 
 #[test]
 fn every_builtin_lives_here_and_core_holds_none_of_their_code() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let core = here.join("../core");
+    let root = here.join("..");
     let t = crate::test_env::TestEnv::new();
     let (caps, _) = builtins(&t.env());
     let listed: Vec<&str> = BUILTIN_MODULES.iter().map(|(n, _)| *n).collect();
@@ -581,28 +591,42 @@ fn every_builtin_lives_here_and_core_holds_none_of_their_code() {
         }
     }
 
-    let manifest = std::fs::read_to_string(core.join("Cargo.toml")).unwrap();
-    let deps: toml::Table = manifest.parse().unwrap();
-    let deps = deps["dependencies"].as_table().unwrap();
-    let dns_crates: Vec<&String> = deps.keys().filter(|k| k.starts_with("hickory")).collect();
-    assert!(
-        dns_crates.is_empty(),
-        "core depends on {dns_crates:?}: DNS belongs to the dns capability"
-    );
+    for krate in CORE_CRATES {
+        let manifest = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).unwrap();
+        let manifest: toml::Table = manifest.parse().unwrap();
+        let deps = manifest["dependencies"].as_table().unwrap();
+        let dns_crates: Vec<&String> = deps.keys().filter(|k| k.starts_with("hickory")).collect();
+        assert!(
+            dns_crates.is_empty(),
+            "{krate} depends on {dns_crates:?}: DNS belongs to the dns capability"
+        );
+        if *krate != "core/host" {
+            assert!(
+                !deps.contains_key("rtnetlink"),
+                "{krate} depends on rtnetlink: netlink calls belong to banger-host"
+            );
+        }
+    }
 
-    let mut net_files: Vec<String> = std::fs::read_dir(core.join("src/net"))
+    // The daemon library has no network module at all; banger-host has the
+    // low-level calls and nothing else.
+    assert!(!root.join("core/src/net").exists());
+    let mut net_files: Vec<String> = std::fs::read_dir(root.join("core/host/src/net"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     net_files.sort();
-    assert_eq!(net_files, CORE_NET_FILES);
+    assert_eq!(net_files, HOST_NET_FILES);
 
     // Core keeps only the generic cpio writer; the agent's initramfs is
     // vsock-agent's.
-    assert!(!core.join("src/initramfs.rs").exists());
+    assert!(!root.join("core/src/initramfs.rs").exists());
 
     // The capabilities' types are not named anywhere in core.
-    let mut stack = vec![core.join("src")];
+    let mut stack: Vec<_> = CORE_CRATES
+        .iter()
+        .map(|c| root.join(c).join("src"))
+        .collect();
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -620,6 +644,7 @@ fn every_builtin_lives_here_and_core_holds_none_of_their_code() {
                 "build_initrd",
                 "agent_archive",
                 "mise.run",
+                "mise install",
             ] {
                 assert!(
                     !text.contains(ty),

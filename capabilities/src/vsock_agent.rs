@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use banger_api::config::Config;
+use banger_api::machine::{MachineSpec, Vsock};
+use banger_api::model::CapOptions;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
-use banger_core::config::Config;
-use banger_core::machine::{MachineSpec, Vsock};
-use banger_core::model::CapOptions;
-use banger_core::vsock::AgentClient;
+use banger_vmm::vsock::AgentClient;
 
 use self::initrd::Built;
 

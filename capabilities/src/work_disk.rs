@@ -6,13 +6,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use banger_api::guest::{GuestConfig, GuestMount};
+use banger_api::machine::{Drive, DriveRole, MachineSpec};
+use banger_api::model::CapOptions;
+use banger_artifacts::disk;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
-use banger_core::disk;
-use banger_core::guest::{GuestConfig, GuestMount};
-use banger_core::machine::{Drive, DriveRole, MachineSpec};
-use banger_core::model::CapOptions;
 
 /// Name used with `--cap`.
 pub const NAME: &str = "work-disk";
@@ -63,7 +63,7 @@ impl Capability for WorkDisk {
             Ok(meta) => {
                 ctx.log.info(&format!(
                     "growing work disk from {} to {want}",
-                    banger_core::model::ByteSize(meta.len())
+                    banger_api::model::ByteSize(meta.len())
                 ));
                 disk::grow_ext4(&path, want)
                     .map_err(|e| CapError::with("Cannot grow the work disk", e))

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use banger_core::model::{self, ByteSize, CapChoice, VmName};
+use banger_api::model::{self, ByteSize, CapChoice, VmName};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// banger: disposable Linux microVM sandboxes.
@@ -144,7 +144,7 @@ pub enum VmCommand {
     },
     /// Import a git workspace into a VM, or export the guest's work as a patch.
     #[command(subcommand)]
-    Workspace(crate::workspace::WorkspaceCommand),
+    Workspace(WorkspaceCommand),
     /// Print a VM's serial console log.
     Logs {
         /// VM name.
@@ -269,10 +269,10 @@ pub enum VmmArg {
 
 impl VmmArg {
     /// The backend this flag names.
-    pub fn kind(self) -> banger_core::model::VmmKind {
+    pub fn kind(self) -> banger_api::model::VmmKind {
         match self {
-            VmmArg::Firecracker => banger_core::model::VmmKind::Firecracker,
-            VmmArg::Qemu => banger_core::model::VmmKind::Qemu,
+            VmmArg::Firecracker => banger_api::model::VmmKind::Firecracker,
+            VmmArg::Qemu => banger_api::model::VmmKind::Qemu,
         }
     }
 }
@@ -494,6 +494,74 @@ pub enum DaemonCommand {
     },
 }
 
+/// `banger vm workspace ...`
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Import the git repository enclosing PATH into the VM at /root/repo.
+    ///
+    /// History goes over as a git bundle; the working tree is overlaid on
+    /// top: tracked changes (modified and deleted files) by default,
+    /// untracked non-ignored files only with --include-untracked, ignored
+    /// files never. Symlinks and executable bits survive. Your global git
+    /// user.name/email go to the guest's ~/.gitconfig, a repository-local
+    /// identity to the checkout. An existing /root/repo is replaced.
+    Prepare(PrepareArgs),
+    /// Print the guest's work since the prepared base as one binary patch.
+    ///
+    /// Commits made in the guest and uncommitted changes (untracked files
+    /// included) come back in one `git diff --binary`, so
+    /// `git apply` on a checkout of the base reproduces the guest's tree.
+    /// The base used is printed on stderr.
+    Export(ExportArgs),
+}
+
+/// `vm workspace prepare` flags.
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// VM name.
+    #[arg(value_parser = parse_name)]
+    pub name: String,
+    /// A path inside the repository.
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    /// Also copy untracked files that are not ignored.
+    #[arg(long)]
+    pub include_untracked: bool,
+    /// Create this branch in the guest (never on the host).
+    #[arg(long, value_name = "BRANCH")]
+    pub branch: Option<String>,
+    /// Start --branch at this ref, without the working-tree changes.
+    #[arg(long, value_name = "REF", requires = "branch")]
+    pub from: Option<String>,
+    /// Copy the directory as is (.git and submodules included) instead of
+    /// bundle + overlay; needed for repositories with submodules.
+    #[arg(long, conflicts_with_all = ["include_untracked", "branch", "from"])]
+    pub full_copy: bool,
+    /// Print the mode and the exact file list, then exit; no daemon, no VM.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `vm workspace export` flags.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// VM name.
+    #[arg(value_parser = parse_name)]
+    pub name: String,
+    /// Diff against this commit instead of the one recorded at prepare time.
+    #[arg(long, value_name = "SHA", value_parser = parse_sha)]
+    pub base_commit: Option<String>,
+    /// Write the patch to FILE instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+fn parse_sha(s: &str) -> Result<String, String> {
+    banger_api::workspace::check_base_commit(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// An image or kernel name.
 pub fn parse_artifact_name(s: &str) -> Result<String, String> {
     model::validate_artifact_name("image or kernel", s)
@@ -562,9 +630,9 @@ fn memory_garbage(s: &str) -> String {
 /// `[vm_defaults]`, else derived from the host, else built-in), with where
 /// each value comes from. A config that does not load leaves the plain help.
 pub fn command_with_resolved_defaults(cmd: clap::Command) -> clap::Command {
-    let resolved = banger_core::paths::Paths::from_env()
+    let resolved = banger_api::paths::Paths::from_env()
         .ok()
-        .and_then(|p| banger_core::config::Config::load(&p.config_file()).ok())
+        .and_then(|p| banger_api::config::Config::load(&p.config_file()).ok())
         .map(|c| (c.resolved_vm_defaults(), c.backend_plan(None)));
     let Some((r, backend)) = resolved else {
         return cmd;

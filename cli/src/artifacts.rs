@@ -3,15 +3,12 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use banger_core::artifacts::PullImageRequest;
-use banger_core::client::{Client, Method};
-use banger_core::daemon::{
-    BuildRequest, CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
+use banger_api::api::{
+    BuildRequest, CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest,
+    KernelManifest, KernelView, PruneReport, PullImageRequest, RegisterImageRequest,
 };
-use banger_core::images::PruneReport;
-use banger_core::kernels::KernelManifest;
-use banger_core::library::RegisterImageRequest;
-use banger_core::model::{ByteSize, ImageKernel, ImageRecord, ImageSource};
+use banger_api::client::{Client, Method};
+use banger_api::model::{ByteSize, ImageKernel, ImageRecord, ImageSource};
 
 use crate::args::{ImageCacheCommand, ImageCommand, KernelCommand};
 use crate::output;

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use banger_core::api::{DaemonStatus, VersionInfo};
-use banger_core::client::{Client, Method};
-use banger_core::paths::Paths;
+use banger_api::api::{DaemonStatus, VersionInfo};
+use banger_api::client::{Client, Method};
+use banger_api::paths::Paths;
 use tokio::time::Instant;
 
 /// How long a freshly spawned daemon may take to answer.
@@ -80,7 +80,7 @@ fn runs_other_binary(pid: u32, bin: &Path) -> bool {
     let next = if bin.components().count() > 1 {
         std::fs::metadata(bin)
     } else {
-        banger_core::config::find_on_path(&bin.to_string_lossy()).map_or_else(
+        banger_api::config::find_on_path(&bin.to_string_lossy()).map_or_else(
             || Err(std::io::ErrorKind::NotFound.into()),
             std::fs::metadata,
         )

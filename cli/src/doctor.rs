@@ -10,15 +10,15 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use banger_core::api::VersionInfo;
-use banger_core::catalog::Sources;
-use banger_core::config::{Config, find_on_path, is_executable};
-use banger_core::imagecat::ImageCatalog;
-use banger_core::kernels::{Catalog as KernelCatalog, KernelStore};
-use banger_core::model::VmmKind;
-use banger_core::paths::Paths;
-use banger_core::vmm::choice::BackendPlan;
-use banger_core::vmm::qemu::{HostFacts, QemuAccel};
+use banger_api::api::VersionInfo;
+use banger_api::backend::BackendPlan;
+use banger_api::backend::{HostFacts, QemuAccel};
+use banger_api::catalog::Sources;
+use banger_api::catalog::images::ImageCatalog;
+use banger_api::catalog::kernels::Catalog as KernelCatalog;
+use banger_api::config::{Config, find_on_path, is_executable};
+use banger_api::model::VmmKind;
+use banger_api::paths::Paths;
 use serde::Serialize;
 
 /// Firecracker releases banger supports: from 1.10 up to, not including, 2.0
@@ -605,9 +605,12 @@ fn default_artifacts(config: &Config, paths: &Paths) -> Check {
     );
     let kernel_origin = origin(
         "kernel",
-        KernelStore::new(paths.state_dir.join("kernels"))
-            .get(kernel)
-            .is_ok_and(|k| k.is_some()),
+        paths
+            .state_dir
+            .join("kernels")
+            .join(kernel)
+            .join("manifest.toml")
+            .is_file(),
         kernels.find(kernel).ok().map(|k| &k.sources),
     );
     match (image_origin, kernel_origin) {
@@ -663,13 +666,13 @@ fn origin(kind: &str, local: bool, sources: Option<&Sources>) -> Result<String, 
             "fix the catalog entry".to_string(),
         ));
     };
-    let Some(tools) = banger_core::recipes::tools_of(kind, recipe) else {
+    let Some(tools) = banger_api::catalog::recipes::tools_of(kind, recipe) else {
         return Err((
             format!("names recipe {recipe:?}, which this build of banger does not have"),
             "fix the catalog entry, or update banger".to_string(),
         ));
     };
-    banger_core::recipes::host_ready(tools)
+    banger_api::catalog::recipes::host_ready(tools)
         .map(|source| {
             format!(
                 "built on first use from recipe {recipe} and the mirror in {}",

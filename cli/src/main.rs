@@ -8,14 +8,15 @@ mod doctor;
 mod ordered;
 mod output;
 mod run;
+mod spec;
 mod vm;
 mod workspace;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
-use banger_core::api::VersionInfo;
-use banger_core::paths::Paths;
+use banger_api::api::VersionInfo;
+use banger_api::paths::Paths;
 use clap::CommandFactory;
 
 use crate::args::{CapCommand, Cli, Command, DaemonCommand, Shell, VmCommand};
@@ -114,7 +115,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn verb_all(
-    client: &banger_core::client::Client,
+    client: &banger_api::client::Client,
     verb: Verb,
     names: &[String],
 ) -> Result<ExitCode> {
@@ -171,7 +172,7 @@ async fn daemon_cmd(cmd: DaemonCommand) -> Result<ExitCode> {
                 println!(
                     "started:  {} ({} ago)",
                     output::timestamp(s.started_at),
-                    output::age(s.started_at, banger_core::model::now_unix())
+                    output::age(s.started_at, banger_api::model::now_unix())
                 );
                 println!("socket:   {}", s.socket.display());
                 println!("state:    {}", s.state_dir.display());

@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
-use banger_core::api::{CapView, Event, VersionInfo, VmView};
-use banger_core::model::{ByteSize, now_unix};
+use banger_api::api::{CapView, Event, VersionInfo, VmView};
+use banger_api::model::{ByteSize, now_unix};
 
 mod progress;
 
@@ -343,9 +343,9 @@ mod tests {
 
     #[test]
     fn vm_details_show_caps_error_drives_and_mounts() {
-        use banger_core::guest::{GuestConfig, GuestMount};
-        use banger_core::machine::{Drive, DriveRole, MachineSpec};
-        use banger_core::model::{
+        use banger_api::guest::{GuestConfig, GuestMount};
+        use banger_api::machine::{Drive, DriveRole, MachineSpec};
+        use banger_api::model::{
             CapOptions, EnabledCap, Failure, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind,
             VmmProcess,
         };

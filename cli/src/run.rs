@@ -8,24 +8,22 @@
 //! runs the command. `--rm` deletes the VM at the end whatever happened, except when
 //! sshd never came up: that VM is kept for `banger vm logs`.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use banger_core::api::{
+use banger_api::api::{
     CreateVmRequest, JobRequest, JobView, SshTarget, VmView, WorkspacePrepareRequest,
 };
-use banger_core::client::{Client, ClientError, Method};
-use banger_core::config::Config;
-use banger_core::model::ByteSize;
-use banger_core::paths::Paths;
-use banger_core::vmm::choice::BackendPlan;
+use banger_api::client::{Client, ClientError, Method};
+use banger_api::config::Config;
+use banger_api::paths::Paths;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::args::{RunArgs, ShapeArgs, VmmArg};
+use crate::args::RunArgs;
 use crate::output;
+use crate::spec::Spec;
 use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args, vm_path};
 
 /// Where the workspace lands in the guest.
@@ -263,45 +261,6 @@ enum After {
     Detach,
 }
 
-/// The VM's shape and backend as it will be created: what the `spec:`
-/// line shows (`vm run` and `vm create`), and what the request then asks
-/// for explicitly, so the VM is exactly what was printed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Spec {
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub disk: ByteSize,
-    /// The backend and accelerator, each with why.
-    pub backend: BackendPlan,
-}
-
-impl Spec {
-    /// Flags, else the config's and this host's defaults; `--vmm`, else the
-    /// config's `vmm` resolved for this host.
-    pub(crate) fn resolve(shape: &ShapeArgs, vmm: Option<VmmArg>, config: &Config) -> Result<Spec> {
-        let d = config.resolved_vm_defaults().values;
-        Ok(Spec {
-            vcpus: shape.vcpu.map_or(Ok(d.vcpus), u32::try_from)?,
-            memory_mib: shape.memory.map_or(Ok(d.memory_mib), u32::try_from)?,
-            disk: match &shape.disk_size {
-                Some(s) => s.parse()?,
-                None => d.disk_size,
-            },
-            backend: config.backend_plan(vmm.map(VmmArg::kind)),
-        })
-    }
-}
-
-impl fmt::Display for Spec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spec: {} vcpu · {} MiB · {} disk · {}",
-            self.vcpus, self.memory_mib, self.disk, self.backend
-        )
-    }
-}
-
 /// The workspace part of a run.
 #[derive(Debug)]
 struct Workspace {
@@ -537,7 +496,7 @@ fn nat_enabled(defaults: &[String], caps: &[String]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use banger_core::model::VmmKind;
+    use banger_api::model::VmmKind;
     use clap::Parser;
 
     use super::*;

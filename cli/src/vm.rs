@@ -6,10 +6,10 @@ use std::os::unix::fs::DirBuilderExt;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use banger_core::api::{CapView, CreateVmRequest, SetVmRequest, SshTarget, VmView};
-use banger_core::client::{Client, ClientError, Method};
+use banger_api::api::{CapView, CreateVmRequest, SetVmRequest, SshTarget, VmView};
+use banger_api::client::{Client, ClientError, Method};
 
-use banger_core::paths::Paths;
+use banger_api::paths::Paths;
 
 use crate::args::{CreateArgs, SetArgs};
 use crate::ordered::run_in_order;
@@ -88,7 +88,7 @@ pub(crate) fn pinned_ssh_args(target: &SshTarget, command: &[String]) -> Result<
         .create(&dir)
         .with_context(|| format!("Creating {}", dir.display()))?;
     let known_hosts = dir.join(name);
-    banger_core::ssh::write_staged(&known_hosts, target.known_hosts.as_bytes(), 0o600)?;
+    banger_api::ssh::write_staged(&known_hosts, target.known_hosts.as_bytes(), 0o600)?;
     Ok(ssh_args(target, address, &known_hosts, command))
 }
 
@@ -126,7 +126,7 @@ pub(crate) fn exit_code(code: i32) -> ExitCode {
 /// the VM is no longer running or the daemon cannot say.
 pub(crate) async fn note_still_running(client: &Client, name: &str) {
     if let Ok(vm) = client.get::<VmView>(&vm_path(name)).await
-        && vm.record.state == banger_core::model::VmState::Running
+        && vm.record.state == banger_api::model::VmState::Running
     {
         eprintln!(
             "VM {name} is still running: `banger vm stop {name}` stops it, \
@@ -193,13 +193,13 @@ pub(crate) fn shell_quote(word: &str) -> String {
 
 /// `vm stats`: VMM CPU and RSS, and guest memory from its agent.
 pub async fn stats(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
-    let s: banger_core::api::StatsView = client.get(&format!("{}/stats", vm_path(name))).await?;
+    let s: banger_api::api::StatsView = client.get(&format!("{}/stats", vm_path(name))).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
     let kib = |k: Option<u64>| {
-        k.map(|k| banger_core::model::ByteSize(k * 1024).to_string())
+        k.map(|k| banger_api::model::ByteSize(k * 1024).to_string())
             .unwrap_or_else(|| "- (no agent)".into())
     };
     println!("vmm pid:       {}", s.pid);
@@ -218,7 +218,7 @@ pub async fn stats(client: &Client, name: &str, json: bool) -> Result<ExitCode> 
 
 /// `vm ports`: the guest's listeners as `NAME.vm:PORT` endpoints.
 pub async fn ports(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
-    let ports: Vec<banger_core::api::PortView> =
+    let ports: Vec<banger_api::api::PortView> =
         client.get(&format!("{}/ports", vm_path(name))).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&ports)?);
@@ -257,8 +257,8 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
     let abs = |p: &std::path::Path| {
         std::path::absolute(p).with_context(|| format!("Resolving {}", p.display()))
     };
-    let config = banger_core::config::Config::load(&Paths::from_env()?.config_file())?;
-    let spec = crate::run::Spec::resolve(&a.shape, a.vmm, &config)?;
+    let config = banger_api::config::Config::load(&Paths::from_env()?.config_file())?;
+    let spec = crate::spec::Spec::resolve(&a.shape, a.vmm, &config)?;
     eprintln!("{spec}");
     let req = CreateVmRequest {
         name: a.name,
@@ -470,7 +470,7 @@ mod tests {
     }
     use std::time::Duration;
 
-    use banger_core::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+    use banger_api::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixListener;
     use tokio::sync::Notify;
@@ -606,7 +606,7 @@ mod tests {
         let (sock, seen) = fake_daemon(dir.path(), |req| async move {
             let vm = vm_view("dev", VmState::Running);
             if req.ends_with("/start") || req.ends_with("/restart") {
-                let done = banger_core::api::Event::Done {
+                let done = banger_api::api::Event::Done {
                     result: serde_json::to_value(vm).unwrap(),
                 };
                 (200, serde_json::to_string(&done).unwrap() + "\n")

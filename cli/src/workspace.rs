@@ -2,86 +2,17 @@
 //! `/root/repo`, and the guest's work back as one patch.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use banger_core::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
-use banger_core::client::{Client, Method};
-use banger_core::paths::Paths;
-use banger_core::workspace::{PrepareOptions, plan, skipped_untracked_note};
+use banger_api::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
+use banger_api::client::{Client, Method};
+use banger_api::paths::Paths;
+use banger_api::workspace::{PrepareOptions, plan, skipped_untracked_note};
 use base64::Engine as _;
-use clap::{Args, Subcommand};
 
+use crate::args::{ExportArgs, PrepareArgs, WorkspaceCommand};
 use crate::output;
-
-/// `banger vm workspace ...`
-#[derive(Debug, Subcommand)]
-pub enum WorkspaceCommand {
-    /// Import the git repository enclosing PATH into the VM at /root/repo.
-    ///
-    /// History goes over as a git bundle; the working tree is overlaid on
-    /// top: tracked changes (modified and deleted files) by default,
-    /// untracked non-ignored files only with --include-untracked, ignored
-    /// files never. Symlinks and executable bits survive. Your global git
-    /// user.name/email go to the guest's ~/.gitconfig, a repository-local
-    /// identity to the checkout. An existing /root/repo is replaced.
-    Prepare(PrepareArgs),
-    /// Print the guest's work since the prepared base as one binary patch.
-    ///
-    /// Commits made in the guest and uncommitted changes (untracked files
-    /// included) come back in one `git diff --binary`, so
-    /// `git apply` on a checkout of the base reproduces the guest's tree.
-    /// The base used is printed on stderr.
-    Export(ExportArgs),
-}
-
-/// `vm workspace prepare` flags.
-#[derive(Debug, Args)]
-pub struct PrepareArgs {
-    /// VM name.
-    #[arg(value_parser = crate::args::parse_name)]
-    pub name: String,
-    /// A path inside the repository.
-    #[arg(default_value = ".")]
-    pub path: PathBuf,
-    /// Also copy untracked files that are not ignored.
-    #[arg(long)]
-    pub include_untracked: bool,
-    /// Create this branch in the guest (never on the host).
-    #[arg(long, value_name = "BRANCH")]
-    pub branch: Option<String>,
-    /// Start --branch at this ref, without the working-tree changes.
-    #[arg(long, value_name = "REF", requires = "branch")]
-    pub from: Option<String>,
-    /// Copy the directory as is (.git and submodules included) instead of
-    /// bundle + overlay; needed for repositories with submodules.
-    #[arg(long, conflicts_with_all = ["include_untracked", "branch", "from"])]
-    pub full_copy: bool,
-    /// Print the mode and the exact file list, then exit; no daemon, no VM.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-/// `vm workspace export` flags.
-#[derive(Debug, Args)]
-pub struct ExportArgs {
-    /// VM name.
-    #[arg(value_parser = crate::args::parse_name)]
-    pub name: String,
-    /// Diff against this commit instead of the one recorded at prepare time.
-    #[arg(long, value_name = "SHA", value_parser = parse_sha)]
-    pub base_commit: Option<String>,
-    /// Write the patch to FILE instead of stdout.
-    #[arg(long, short, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-}
-
-fn parse_sha(s: &str) -> Result<String, String> {
-    banger_core::workspace::check_base_commit(s)
-        .map(|()| s.to_string())
-        .map_err(|e| e.to_string())
-}
 
 /// Runs a workspace command; the daemon is started only when needed (never
 /// for `--dry-run`).
@@ -186,7 +117,7 @@ async fn export(client: &Client, a: ExportArgs) -> Result<ExitCode> {
     eprintln!("base: {} ({source})", ex.base_commit);
     match a.output {
         Some(file) => {
-            banger_core::ssh::write_staged(&file, &patch, 0o644)?;
+            banger_api::ssh::write_staged(&file, &patch, 0o644)?;
             eprintln!("wrote {} bytes to {}", patch.len(), file.display());
         }
         None => {

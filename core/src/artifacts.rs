@@ -7,18 +7,16 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
-use crate::api::CreateVmRequest;
-use crate::config::Config;
-use crate::imagecat::ImageCatalog;
-use crate::images::{PruneReport, PullEvent, PullOptions, default_image_name};
-use crate::kernels::{Catalog, KernelError, KernelStore, LocalKernel, PullProgress};
 use crate::library::{ImageLibrary, LibraryError};
-use crate::lifecycle::Progress;
-use crate::model::{ByteSize, ImageKernel, ImageRecord, ImageSource, now_unix};
-use crate::paths::Paths;
 use crate::store::Store;
+use banger_api::api::CreateVmRequest;
+use banger_api::config::Config;
+use banger_api::model::{ByteSize, ImageKernel, ImageRecord, ImageSource, now_unix};
+use banger_api::paths::Paths;
+use banger_api::progress::Progress;
+use banger_artifacts::imagecat::ImageCatalog;
+use banger_artifacts::images::{PruneReport, PullEvent, PullOptions, default_image_name};
+use banger_artifacts::kernels::{Catalog, KernelError, KernelStore, LocalKernel, PullProgress};
 
 /// An image or kernel operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,16 +32,26 @@ pub enum ArtifactError {
     Library(#[from] LibraryError),
     /// An image catalog operation failed.
     #[error(transparent)]
-    ImageCatalog(#[from] crate::imagecat::ImageCatalogError),
+    ImageCatalog(#[from] banger_artifacts::imagecat::ImageCatalogError),
     /// An OCI pull failed.
     #[error(transparent)]
-    Oci(#[from] crate::images::ImageError),
+    Oci(#[from] banger_artifacts::images::ImageError),
     /// A local build failed.
     #[error(transparent)]
-    Recipe(#[from] crate::recipes::RecipeError),
+    Recipe(#[from] banger_artifacts::recipes::RecipeError),
     /// A blocking task died.
     #[error("Internal task failed")]
     Join(#[from] tokio::task::JoinError),
+}
+
+impl From<banger_api::catalog::CatalogError> for ArtifactError {
+    fn from(e: banger_api::catalog::CatalogError) -> Self {
+        if e.kind() == "kernel" {
+            ArtifactError::Kernel(e.into())
+        } else {
+            ArtifactError::ImageCatalog(e.into())
+        }
+    }
 }
 
 /// The files a new VM boots from.
@@ -57,22 +65,7 @@ pub struct BootFiles {
     pub rootfs: PathBuf,
 }
 
-/// `image pull` arguments.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PullImageRequest {
-    /// An image catalog name or an OCI reference (`debian:bookworm`).
-    pub reference: String,
-    /// Image name; derived from the reference when absent.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Root filesystem size (`4G`); default max(tree × 1.25, 1 GiB).
-    #[serde(default)]
-    pub size: Option<String>,
-    /// Kernel for VMs made from it; default: the kernel catalog's default.
-    #[serde(default)]
-    pub kernel_ref: Option<String>,
-}
+pub use banger_api::api::PullImageRequest;
 
 /// The daemon's images and kernels.
 #[derive(Debug)]
@@ -172,7 +165,7 @@ impl Artifacts {
             ),
         );
         let label = format!("kernel {name}");
-        let kernel = crate::kernels::pull(
+        let kernel = banger_artifacts::kernels::pull(
             &self.kernels,
             &self.kernel_catalog,
             name,
@@ -241,8 +234,11 @@ impl Artifacts {
             size,
             ..self.oci.clone()
         };
-        let pulled =
-            crate::images::pull_rootfs(&req.reference, staging.path(), &opts, |e| match e {
+        let pulled = banger_artifacts::images::pull_rootfs(
+            &req.reference,
+            staging.path(),
+            &opts,
+            |e| match e {
                 PullEvent::Resolved { digest, layers } => {
                     progress.log_info(&format!("resolved {digest} ({layers} layers)"))
                 }
@@ -261,8 +257,9 @@ impl Artifacts {
                 PullEvent::BuildingFilesystem { size } => {
                     progress.stage("build_rootfs", format!("building a {size} ext4"))
                 }
-            })
-            .await?;
+            },
+        )
+        .await?;
         let record = ImageRecord {
             name,
             rootfs: pulled.rootfs,
@@ -306,7 +303,7 @@ impl Artifacts {
             format!("pulling {} from the image catalog", req.reference),
         );
         let label = format!("image {}", req.reference);
-        let bundle = crate::imagecat::pull_bundle(
+        let bundle = banger_artifacts::imagecat::pull_bundle(
             &self.image_catalog,
             &req.reference,
             staging.path(),
@@ -340,7 +337,7 @@ impl Artifacts {
         tokio::task::spawn_blocking(move || {
             let keep: HashSet<String> =
                 library.list()?.into_iter().flat_map(|i| i.layers).collect();
-            Ok(crate::images::cache_prune(&cache, &keep)?)
+            Ok(banger_artifacts::images::cache_prune(&cache, &keep)?)
         })
         .await?
     }
@@ -372,7 +369,7 @@ impl Artifacts {
                 Err(e) if entry.sources.recipe.is_some() && unreachable(&e) => {
                     progress.log_warn(&format!(
                         "image {name}: the published artifact cannot be reached ({}); building it here instead",
-                        crate::lifecycle::render_chain(&e)
+                        banger_api::error::render_chain(&e)
                     ));
                     self.build_image(name, progress).await
                 }
@@ -419,7 +416,7 @@ impl Artifacts {
                 Err(e) if entry.sources.recipe.is_some() && unreachable(&e) => {
                     progress.log_warn(&format!(
                         "kernel {name}: the published artifact cannot be reached ({}); building it here instead",
-                        crate::lifecycle::render_chain(&e)
+                        banger_api::error::render_chain(&e)
                     ));
                     self.build_kernel(name, false, progress).await
                 }
@@ -455,7 +452,7 @@ impl Artifacts {
         let _one = self.pulls.lock().await;
         let entry = self.kernel_catalog.find(name)?;
         let recipe = recipe_of("kernel", name, &entry.sources)?;
-        let recipe = crate::recipes::kernel::recipe(recipe)?;
+        let recipe = banger_artifacts::recipes::kernel::recipe(recipe)?;
         progress.stage_expecting(
             "build_kernel",
             format!("building kernel {name} here from recipe {}", recipe.name),
@@ -468,9 +465,14 @@ impl Artifacts {
             progress.clone(),
         );
         let built = tokio::task::spawn_blocking(move || {
-            crate::recipes::build_kernel(&recipe, &n, &kernels, &cache, force, &mut |e| {
-                report(&p, "build_kernel", e)
-            })
+            banger_artifacts::recipes::build_kernel(
+                &recipe,
+                &n,
+                &kernels,
+                &cache,
+                force,
+                &mut |e| report(&p, "build_kernel", e),
+            )
         })
         .await??;
         Ok(built)
@@ -483,11 +485,11 @@ impl Artifacts {
         name: &str,
         progress: &Progress,
     ) -> Result<ImageRecord, ArtifactError> {
-        let entry = self
-            .image_catalog
-            .find(name)
-            .ok_or_else(|| crate::imagecat::ImageCatalogError::NotInCatalog(name.to_string()))?;
-        let recipe = crate::recipes::image::recipe(recipe_of("image", name, &entry.sources)?)?;
+        let entry = self.image_catalog.find(name).ok_or_else(|| {
+            banger_artifacts::imagecat::ImageCatalogError::NotInCatalog(name.to_string())
+        })?;
+        let recipe =
+            banger_artifacts::recipes::image::recipe(recipe_of("image", name, &entry.sources)?)?;
         {
             let library = self.library.clone();
             let n = name.to_string();
@@ -509,7 +511,7 @@ impl Artifacts {
             progress.clone(),
         );
         let built = tokio::task::spawn_blocking(move || {
-            crate::recipes::build_image(&recipe, &dir, &cache, &mut |e| {
+            banger_artifacts::recipes::build_image(&recipe, &dir, &cache, &mut |e| {
                 report(&p, "build_image", e)
             })
         })
@@ -606,7 +608,7 @@ impl Artifacts {
 fn recipe_of<'a>(
     kind: &str,
     name: &str,
-    sources: &'a crate::catalog::Sources,
+    sources: &'a banger_api::catalog::Sources,
 ) -> Result<&'a str, ArtifactError> {
     sources.recipe.as_deref().ok_or_else(|| {
         ArtifactError::Invalid(format!(
@@ -617,17 +619,17 @@ fn recipe_of<'a>(
 
 /// Forwards a build's events to the progress stream, its steps as
 /// sub-stages of `stage` (`build_kernel:download`).
-fn report(progress: &Progress, stage: &str, event: crate::recipes::BuildEvent) {
+fn report(progress: &Progress, stage: &str, event: banger_artifacts::recipes::BuildEvent) {
     match event {
-        crate::recipes::BuildEvent::Step {
+        banger_artifacts::recipes::BuildEvent::Step {
             step,
             message,
             expected: Some(expected),
         } => progress.stage_expecting(&format!("{stage}:{step}"), message, expected),
-        crate::recipes::BuildEvent::Step { step, message, .. } => {
+        banger_artifacts::recipes::BuildEvent::Step { step, message, .. } => {
             progress.stage(&format!("{stage}:{step}"), message)
         }
-        crate::recipes::BuildEvent::Info(line) => progress.log_info(&line),
+        banger_artifacts::recipes::BuildEvent::Info(line) => progress.log_info(&line),
     }
 }
 
@@ -641,14 +643,17 @@ fn unreachable(e: &ArtifactError) -> bool {
             true
         }
         ArtifactError::Kernel(KernelError::Artifact(a))
-        | ArtifactError::ImageCatalog(crate::imagecat::ImageCatalogError::Artifact(a)) => {
+        | ArtifactError::ImageCatalog(banger_artifacts::imagecat::ImageCatalogError::Artifact(a)) => {
             a.is_unreachable()
         }
-        ArtifactError::ImageCatalog(crate::imagecat::ImageCatalogError::Download(_, d)) => {
+        ArtifactError::ImageCatalog(banger_artifacts::imagecat::ImageCatalogError::Download(
+            _,
+            d,
+        )) => {
             matches!(
                 d,
-                crate::download::DownloadError::Request { .. }
-                    | crate::download::DownloadError::HttpStatus { .. }
+                banger_artifacts::download::DownloadError::Request { .. }
+                    | banger_artifacts::download::DownloadError::HttpStatus { .. }
             )
         }
         _ => false,

@@ -18,12 +18,12 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::GuestConfig;
-use crate::hostops::HostOps;
-use crate::machine::MachineSpec;
-use crate::model::{CapOptions, VmId, VmRecord, VmmKind};
-use crate::paths::Paths;
 use crate::store::Store;
+use banger_api::guest::GuestConfig;
+use banger_api::machine::MachineSpec;
+use banger_api::model::{CapOptions, VmId, VmRecord, VmmKind};
+use banger_api::paths::Paths;
+use banger_host::hostops::HostOps;
 
 /// The fixed hook points of a VM's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -74,24 +74,7 @@ pub enum TeardownReason {
     Rollback,
 }
 
-/// Where a capability comes from, for `banger cap list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind", content = "path")]
-pub enum CapSource {
-    /// Compiled into the daemon.
-    Builtin,
-    /// Loaded from a plugin library.
-    Plugin(PathBuf),
-}
-
-impl fmt::Display for CapSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CapSource::Builtin => f.write_str("builtin"),
-            CapSource::Plugin(p) => write!(f, "plugin {}", p.display()),
-        }
-    }
-}
+pub use banger_api::api::CapSource;
 
 /// A hook failure. The lifecycle wraps it with the stage and capability name.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +135,7 @@ pub struct HookCtx<'a> {
     /// Privileged host operations.
     pub host: &'a dyn HostOps,
     /// The daemon's configuration.
-    pub config: &'a crate::config::Config,
+    pub config: &'a banger_api::config::Config,
     /// Progress and diagnostics.
     pub log: &'a dyn HookLog,
 }
@@ -321,7 +304,7 @@ pub struct CapEnv<'a> {
     pub paths: &'a Paths,
     /// The daemon's configuration; a capability reads its own section
     /// (`network` reads `[network]`).
-    pub config: &'a crate::config::Config,
+    pub config: &'a banger_api::config::Config,
     /// The state database.
     pub store: &'a Arc<Store>,
     /// Privileged host operations.

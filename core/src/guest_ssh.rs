@@ -1,9 +1,9 @@
 //! `guest_ssh`: the daemon's own SSH client for guests (russh), used for
 //! workspace import/export and tool bootstrap.
 //!
-//! It logs in with banger's identity ([`crate::ssh::SshIdentity`]) and
+//! It logs in with banger's identity ([`banger_api::ssh::SshIdentity`]) and
 //! accepts only the host keys the guest agent reported (the `known_hosts`
-//! text of [`crate::api::SshTarget`]): there is no trust on first use. One
+//! text of [`banger_api::api::SshTarget`]): there is no trust on first use. One
 //! connection runs any number of commands, each on its own channel, with its
 //! exit status and both output streams captured.
 

@@ -10,37 +10,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
-use crate::disk;
-use crate::model::{
+use crate::store::{Store, StoreError};
+use banger_api::model::{
     ImageKernel, ImageRecord, ImageSource, VmRecord, now_unix, validate_artifact_name,
 };
-use crate::paths::Paths;
-use crate::store::{Store, StoreError};
+use banger_api::paths::Paths;
+use banger_artifacts::disk;
 
-/// File name of an image's root filesystem inside its directory.
-pub const ROOTFS_FILE: &str = "rootfs.ext4";
+pub use banger_artifacts::imagecat::ROOTFS_FILE;
 const STAGING_PREFIX: &str = ".staging-";
 
-/// `image register` arguments.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegisterImageRequest {
-    /// Image name.
-    pub name: String,
-    /// Existing ext4 root image (absolute path).
-    pub rootfs: PathBuf,
-    /// A kernel by name (`banger kernel list`).
-    #[serde(default)]
-    pub kernel_ref: Option<String>,
-    /// Or an explicit kernel file.
-    #[serde(default)]
-    pub kernel: Option<PathBuf>,
-    /// With an optional initrd.
-    #[serde(default)]
-    pub initrd: Option<PathBuf>,
-}
+pub use banger_api::api::RegisterImageRequest;
 
 /// An image operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +87,8 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> LibraryError {
 }
 
 fn check_file(flag: &'static str, p: &Path, what: &'static str) -> Result<(), LibraryError> {
-    crate::paths::check_input_file(flag, p, what).map_err(|e| LibraryError::Invalid(e.to_string()))
+    banger_api::paths::check_input_file(flag, p, what)
+        .map_err(|e| LibraryError::Invalid(e.to_string()))
 }
 
 impl ImageLibrary {

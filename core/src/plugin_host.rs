@@ -29,10 +29,10 @@ use banger_plugin_abi::wire::{
 use banger_plugin_abi::{HostCallbacks, HostCallbacks_TO, PluginCapabilityBox, PluginModuleRef};
 
 use crate::capability::{CapError, CapSource, Capability, Hook, HookCtx, Manifest, TeardownReason};
-use crate::guest::{GuestConfig, GuestFile, GuestMount};
-use crate::hostops::{HostRequest, RequestScope};
-use crate::machine::{Drive, DriveRole, MachineSpec, Nic, PciDevice};
-use crate::model::{CapOptions, VmmKind};
+use banger_api::guest::{GuestConfig, GuestFile, GuestMount};
+use banger_api::machine::{Drive, DriveRole, MachineSpec, Nic, PciDevice};
+use banger_api::model::{CapOptions, VmmKind};
+use banger_host::hostops::{HostRequest, RequestScope};
 
 /// The outcome of loading a plugin directory.
 #[derive(Debug, Default)]
@@ -609,7 +609,7 @@ impl Capability for PluginCap {
             .machine;
         // Apply to a copy so a conflict halfway leaves the spec untouched.
         let mut staged = machine.clone();
-        let conflict = |what: &str, e: crate::machine::DuplicateDevice| {
+        let conflict = |what: &str, e: banger_api::machine::DuplicateDevice| {
             CapError::with(format!("plugin {}: cannot add {what}", self.name), e)
         };
         for d in edits.drives {
@@ -623,13 +623,14 @@ impl Capability for PluginCap {
                 .map_err(|e| conflict("drive", e))?;
         }
         for n in edits.nics {
-            if !crate::hostops::is_plugin_tap(&n.tap) && !staged.nics.iter().any(|x| x.tap == n.tap)
+            if !banger_host::hostops::is_plugin_tap(&n.tap)
+                && !staged.nics.iter().any(|x| x.tap == n.tap)
             {
                 return Err(self.failed(&format!(
                     "NIC {} uses tap {:?}: a plugin NIC needs a tap it created with create_tap ({}...)",
                     n.id,
                     n.tap,
-                    crate::hostops::PLUGIN_TAP_PREFIX
+                    banger_host::hostops::PLUGIN_TAP_PREFIX
                 )));
             }
             if !valid_mac(&n.mac) {

@@ -13,7 +13,7 @@
 //! - `raw`: `vhost-device-vsock` + `qemu-system-x86_64 -M microvm`, started
 //!   by hand on the same kernel, a fresh copy of the pulled image's
 //!   `rootfs.ext4`, a fresh empty work disk of the same size (made with
-//!   `banger_core::disk::create_ext4`, as banger makes it) and copies of the
+//!   `banger_artifacts::disk::create_ext4`, as banger makes it) and copies of the
 //!   initramfs and config drive banger built for the first VM, with banger's
 //!   kernel command line, vCPUs and memory read from its QEMU's argv. Timed
 //!   from just before `vhost-device-vsock` starts until `/healthz` answers
@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_core::api::VmView;
-use banger_core::vsock::AgentClient;
+use banger_api::api::VmView;
+use banger_vmm::vsock::AgentClient;
 use test_infra::BangerEnv;
 use test_infra::guest_artifacts::GuestArtifacts;
 use test_infra::registry::Registry;
@@ -56,7 +56,7 @@ struct Template {
     /// Directory holding copies of banger's initramfs and config drive.
     dir: tempfile::TempDir,
     rootfs_source: PathBuf,
-    disk_size: banger_core::model::ByteSize,
+    disk_size: banger_api::model::ByteSize,
 }
 
 fn boots() -> usize {
@@ -109,7 +109,7 @@ fn template(vm: &VmView) -> Template {
         .unwrap();
     let initrd = PathBuf::from(one(&argv, "-initrd"));
     std::fs::copy(&initrd, dir.path().join("initramfs.cpio")).unwrap();
-    let drive = banger_core::config_drive::FILE_NAME;
+    let drive = banger_vmm::config_drive::FILE_NAME;
     std::fs::copy(vm.dir.join(drive), dir.path().join(drive)).unwrap();
     Template {
         smp: one(&argv, "-smp").to_string(),
@@ -149,12 +149,12 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> Duration {
         let path = d.join(name);
         match name.as_str() {
             "rootfs.ext4" => {
-                banger_core::disk::clone_file(&t.rootfs_source, &path).unwrap();
+                banger_artifacts::disk::clone_file(&t.rootfs_source, &path).unwrap();
             }
             "work.ext4" => {
-                banger_core::disk::create_ext4(&path, t.disk_size, "banger-work").unwrap();
+                banger_artifacts::disk::create_ext4(&path, t.disk_size, "banger-work").unwrap();
             }
-            n if n == banger_core::config_drive::FILE_NAME => {
+            n if n == banger_vmm::config_drive::FILE_NAME => {
                 std::fs::copy(t.dir.path().join(n), &path).unwrap();
             }
             other => panic!("banger attached a drive the raw boot does not know: {other}"),

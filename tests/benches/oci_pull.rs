@@ -6,7 +6,7 @@
 //! hardlinks and a setuid binary), pushes it to a real `docker-registry` on
 //! loopback and then measures, three times each in alternating order:
 //!
-//! - `banger-cold`: `banger_core::images::pull_rootfs` with an empty layer
+//! - `banger-cold`: `banger_artifacts::images::pull_rootfs` with an empty layer
 //!   cache (library level: the pipeline, not daemon or CLI overhead);
 //! - `banger-cached`: the same pull again into a fresh staging dir with the
 //!   warm cache (a re-pull);
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use banger_core::images::{PullEvent, PullOptions, PulledRootfs, pull_rootfs};
+use banger_artifacts::images::{PullEvent, PullOptions, PulledRootfs, pull_rootfs};
 use test_infra::registry::{Entry, Registry, TestLayer};
 
 const REPO_TAG: &str = "bench/rootfs:v1";

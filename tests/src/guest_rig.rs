@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use banger_core::vsock::AgentClient;
 use banger_guest_protocol::api::Proto;
+use banger_vmm::vsock::AgentClient;
 
 use crate::guest_artifacts::{GuestArtifacts, on_path};
 use crate::registry::Registry;
@@ -239,7 +239,7 @@ pub fn rig(test: &str, image: &str, extra_config: &str) -> Option<(Rig, GuestArt
 
 impl Rig {
     /// `vm create` that must succeed, with the console in the failure.
-    pub fn create(&self, name: &str, args: &[&str]) -> banger_core::api::VmView {
+    pub fn create(&self, name: &str, args: &[&str]) -> banger_api::api::VmView {
         let mut all = vec![
             "vm",
             "create",
@@ -272,7 +272,7 @@ impl Rig {
 
     /// Waits until sshd listens in the guest and its host keys exist;
     /// returns a known_hosts file pinning them for `NAME.vm`.
-    pub fn pin_host_keys(&self, vm: &banger_core::api::VmView) -> PathBuf {
+    pub fn pin_host_keys(&self, vm: &banger_api::api::VmView) -> PathBuf {
         let uds = vm.dir.join("vsock.sock");
         wait_until(
             Duration::from_secs(180),
@@ -361,7 +361,7 @@ impl Rig {
     /// Deletes every VM, stops the daemon, and checks that nothing of
     /// them is left on the host: taps, nft rules, DNS records, VM dirs,
     /// processes.
-    pub fn delete_all_and_check_clean(&self, vms: &[banger_core::api::VmView]) {
+    pub fn delete_all_and_check_clean(&self, vms: &[banger_api::api::VmView]) {
         for vm in vms {
             self.env
                 .banger(&["vm", "delete", vm.record.name.as_str()])
@@ -406,7 +406,7 @@ impl Drop for Rig {
         if std::thread::panicking() {
             // Nothing here may panic again (that would abort the run).
             let listed = self.env.banger(&["vm", "list", "--json"]).stdout;
-            let vms: Vec<banger_core::api::VmView> =
+            let vms: Vec<banger_api::api::VmView> =
                 serde_json::from_str(&listed).unwrap_or_default();
             for vm in vms {
                 let _ = self

@@ -241,13 +241,13 @@ impl BangerEnv {
     }
 
     /// `vm show NAME --json`, parsed.
-    pub fn show(&self, name: &str) -> banger_core::api::VmView {
+    pub fn show(&self, name: &str) -> banger_api::api::VmView {
         let r = self.banger(&["vm", "show", name, "--json"]).ok();
         serde_json::from_str(&r.stdout).unwrap()
     }
 
     /// `vm list --json`, parsed.
-    pub fn list(&self) -> Vec<banger_core::api::VmView> {
+    pub fn list(&self) -> Vec<banger_api::api::VmView> {
         let r = self.banger(&["vm", "list", "--json"]).ok();
         serde_json::from_str(&r.stdout).unwrap()
     }

@@ -8,8 +8,8 @@
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use banger_core::api::VmView;
-    use banger_core::model::{ImageRecord, ImageSource};
+    use banger_api::api::VmView;
+    use banger_api::model::{ImageRecord, ImageSource};
     use test_infra::registry::{Entry, Registry, TestLayer};
     use test_infra::{BangerEnv, Run};
 

@@ -16,8 +16,8 @@
 mod tests {
     use std::time::Duration;
 
-    use banger_core::model::VmState;
-    use banger_core::vsock::AgentClient;
+    use banger_api::model::VmState;
+    use banger_vmm::vsock::AgentClient;
     use test_infra::dns::{StandInUpstream, Target};
     use test_infra::guest_rig::{GREETING, Internet, Rig, rig, run};
     use test_infra::{pid_alive, wait_until};
@@ -250,7 +250,7 @@ mod tests {
             "{ports}"
         );
 
-        let stats: banger_core::api::StatsView =
+        let stats: banger_api::api::StatsView =
             serde_json::from_str(&env.banger(&["vm", "stats", "g1", "--json"]).ok().stdout)
                 .unwrap();
         assert_eq!(stats.pid as i32, qemu_pid);

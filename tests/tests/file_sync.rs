@@ -11,8 +11,8 @@ mod tests {
     use std::os::unix::fs::{PermissionsExt, symlink};
     use std::path::Path;
 
-    use banger_core::config_drive::{self, ConfigDrive};
-    use banger_core::guest::GuestFile;
+    use banger_api::guest::GuestFile;
+    use banger_vmm::config_drive::{self, ConfigDrive};
     use test_infra::BangerEnv;
 
     fn write(path: &Path, contents: &str, mode: u32) {
@@ -120,7 +120,7 @@ guest = "~/not-there"
         assert!(output.contains("leak"), "{output}");
         assert_eq!(
             env.show("fs").record.state,
-            banger_core::model::VmState::Running
+            banger_api::model::VmState::Running
         );
     }
 

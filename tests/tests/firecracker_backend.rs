@@ -13,10 +13,10 @@ mod tests {
     use std::sync::{Mutex, MutexGuard};
     use std::time::{Duration, Instant};
 
-    use banger_core::machine::{Drive, DriveRole, MachineSpec, Nic, Vsock};
-    use banger_core::model::VmmProcess;
-    use banger_core::vmm::firecracker::{Firecracker, Timeouts};
-    use banger_core::vmm::{LaunchPaths, Vmm, VmmError, process_alive, process_start_time};
+    use banger_api::machine::{Drive, DriveRole, MachineSpec, Nic, Vsock};
+    use banger_api::model::VmmProcess;
+    use banger_vmm::firecracker::{Firecracker, Timeouts};
+    use banger_vmm::{LaunchPaths, Vmm, VmmError, process_alive, process_start_time};
     use serde_json::{Value, json};
     use tempfile::TempDir;
 

@@ -6,8 +6,8 @@
 // (unwrap in tests) cover the helpers too.
 #[cfg(test)]
 mod tests {
-    use banger_core::api::{JobRequest, JobView};
-    use banger_core::client::{Client, ClientError, Method};
+    use banger_api::api::{JobRequest, JobView};
+    use banger_api::client::{Client, ClientError, Method};
     use test_infra::BangerEnv;
 
     /// `POST path` with a job request: the daemon's error status and text,
@@ -84,7 +84,7 @@ mod tests {
         // Nothing ran: the VM is as it was.
         assert_eq!(
             env.show("plain").record.state,
-            banger_core::model::VmState::Running
+            banger_api::model::VmState::Running
         );
     }
 }

@@ -8,8 +8,8 @@ mod tests {
     use std::process::Command;
     use std::time::Duration;
 
-    use banger_core::config_drive::ConfigDrive;
-    use banger_core::model::VmState;
+    use banger_api::model::VmState;
+    use banger_vmm::config_drive::ConfigDrive;
     use serde_json::Value;
     use test_infra::{BangerEnv, pid_alive, wait_until, workspace_bin};
 

@@ -13,15 +13,15 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
-    use banger_core::archive::ArchiveError;
-    use banger_core::download::{DownloadError, PullProgress};
-    use banger_core::imagecat::{
+    use banger_api::model::{ImageKernel, ImageSource};
+    use banger_api::paths::Paths;
+    use banger_artifacts::archive::ArchiveError;
+    use banger_artifacts::download::{DownloadError, PullProgress};
+    use banger_artifacts::imagecat::{
         Bundle, ImageCatalog, ImageCatalogError, MANIFEST_FILE, pull_bundle,
     };
-    use banger_core::images::PullOptions;
+    use banger_artifacts::images::PullOptions;
     use banger_core::library::ImageLibrary;
-    use banger_core::model::{ImageKernel, ImageSource};
-    use banger_core::paths::Paths;
     use banger_core::store::Store;
 
     /// Registry settings for pulls: these catalogs list URLs, not OCI

@@ -12,9 +12,9 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use banger_core::archive::ArchiveError;
-    use banger_core::images::PullOptions;
-    use banger_core::kernels::{Catalog, KernelError, KernelStore, PullProgress, pull};
+    use banger_artifacts::archive::ArchiveError;
+    use banger_artifacts::images::PullOptions;
+    use banger_artifacts::kernels::{Catalog, KernelError, KernelStore, PullProgress, pull};
     use test_infra::http::{Entry as E, Reply, Server, noise, sha256, tar_zst};
 
     // ---- bundles -----------------------------------------------------------
@@ -70,7 +70,7 @@ mod tests {
         catalog: &Catalog,
         name: &str,
         force: bool,
-    ) -> Result<banger_core::kernels::LocalKernel, KernelError> {
+    ) -> Result<banger_artifacts::kernels::LocalKernel, KernelError> {
         pull(store, catalog, name, force, &PullOptions::default(), |_| {}).await
     }
 

@@ -9,7 +9,7 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
-    use banger_core::model::VmState;
+    use banger_api::model::VmState;
     use test_infra::{BangerEnv, pid_alive, wait_until, workspace_cdylib};
 
     fn calls_for(env: &BangerEnv, pid: u32) -> Vec<(String, String, serde_json::Value)> {
@@ -420,7 +420,7 @@ mod tests {
         env.create("st", &[]).ok();
         let pid = env.show("st").record.vmm.unwrap().pid;
         let out = env.banger(&["vm", "stats", "st", "--json"]).ok();
-        let s: banger_core::api::StatsView = serde_json::from_str(&out.stdout).unwrap();
+        let s: banger_api::api::StatsView = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(s.pid, pid);
         assert!(s.vmm_rss_bytes > 0);
         assert_eq!(s.guest_mem_total_kib, None, "no agent, no guest view");
@@ -593,7 +593,7 @@ mod tests {
 
         env.banger(&["daemon", "start"]).ok();
         let status = env.banger(&["daemon", "status", "--json"]).ok();
-        let st: banger_core::api::DaemonStatus = serde_json::from_str(&status.stdout).unwrap();
+        let st: banger_api::api::DaemonStatus = serde_json::from_str(&status.stdout).unwrap();
         let wrong_err = st
             .plugin_errors
             .iter()

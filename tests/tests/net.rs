@@ -8,7 +8,7 @@
 mod tests {
     use std::net::Ipv4Addr;
 
-    use banger_core::hostops::{HostOps, InProcessHostOps};
+    use banger_host::hostops::{HostOps, InProcessHostOps};
 
     /// Runs `body` on a thread that has its own fresh network namespace, or
     /// prints SKIPPED and returns false when that is impossible here.
@@ -213,8 +213,8 @@ mod tests {
         fn warn(&self, _: &str) {}
     }
 
-    fn vm(name: &str) -> banger_core::model::VmRecord {
-        use banger_core::model::*;
+    fn vm(name: &str) -> banger_api::model::VmRecord {
+        use banger_api::model::*;
         let mut vm = VmRecord::new(
             VmName::parse(name).unwrap(),
             VmSpec {
@@ -242,11 +242,11 @@ mod tests {
             || {
                 use std::sync::Arc;
 
+                use banger_api::config::NetworkConfig;
                 use banger_capabilities::nat::Nat;
                 use banger_capabilities::network::HostNetwork;
                 use banger_capabilities::network::Network;
                 use banger_core::capability::{Capability, HookCtx, TeardownReason};
-                use banger_core::config::NetworkConfig;
                 use banger_core::store::Store;
 
                 let dir = tempfile::tempdir().unwrap();
@@ -264,8 +264,8 @@ mod tests {
                 let v = vm("web");
                 let vm_dir = dir.path().join("vm");
                 std::fs::create_dir_all(&vm_dir).unwrap();
-                let options = banger_core::model::CapOptions::new();
-                let config = banger_core::config::Config::defaults(std::path::Path::new(
+                let options = banger_api::model::CapOptions::new();
+                let config = banger_api::config::Config::defaults(std::path::Path::new(
                     "/nonexistent/config.toml",
                 ));
                 let ctx = HookCtx {
@@ -370,9 +370,9 @@ mod tests {
             || {
                 use std::sync::Arc;
 
+                use banger_api::config::NetworkConfig;
                 use banger_capabilities::dns::server as dns;
                 use banger_capabilities::network::HostNetwork;
-                use banger_core::config::NetworkConfig;
                 use banger_core::store::Store;
 
                 let host = InProcessHostOps::default();

@@ -14,8 +14,8 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
-    use banger_core::images::{ImageError, PullEvent, PullOptions, PulledRootfs, pull_rootfs};
-    use banger_core::model::ByteSize;
+    use banger_api::model::ByteSize;
+    use banger_artifacts::images::{ImageError, PullEvent, PullOptions, PulledRootfs, pull_rootfs};
     use test_infra::registry::{Entry, Registry, TestLayer};
 
     const DEBUGFS: &str = "/usr/sbin/debugfs";
@@ -724,7 +724,7 @@ mod tests {
         std::fs::write(blobs.join(&a), "aa").unwrap();
         std::fs::write(blobs.join(&b), "bbb").unwrap();
         let keep = HashSet::from([format!("sha256:{a}")]);
-        let r = banger_core::images::cache_prune(&d.cache, &keep).unwrap();
+        let r = banger_artifacts::images::cache_prune(&d.cache, &keep).unwrap();
         assert_eq!(r.removed, vec![format!("sha256:{b}")]);
         assert_eq!(r.freed_bytes, 3);
         assert!(blobs.join(&a).exists());

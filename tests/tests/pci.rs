@@ -14,14 +14,14 @@ mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
+    use banger_api::machine::{MachineSpec, PciDevice};
+    use banger_api::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmmKind};
     use banger_core::capability::{CapError, Capability, HookCtx, HookLog, TeardownReason};
-    use banger_core::hostops::InProcessHostOps;
-    use banger_core::hostops::fake_sysfs::FakeSysfs;
-    use banger_core::hostops::fake_sysfs::class::NVME;
-    use banger_core::machine::{MachineSpec, PciDevice};
-    use banger_core::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmmKind};
     use banger_core::plugin_host::load_plugin;
-    use banger_core::vmm::qemu::{Accel, VfioHost, check_vfio, render_args};
+    use banger_host::hostops::InProcessHostOps;
+    use banger_host::hostops::fake_sysfs::FakeSysfs;
+    use banger_host::hostops::fake_sysfs::class::NVME;
+    use banger_vmm::qemu::{Accel, VfioHost, check_vfio, render_args};
     use test_infra::workspace_cdylib;
 
     const GPU_ADDR: &str = "0000:01:00.0";
@@ -43,7 +43,7 @@ mod tests {
         dir: tempfile::TempDir,
         options: CapOptions,
         host: InProcessHostOps,
-        config: banger_core::config::Config,
+        config: banger_api::config::Config,
         machine: MachineSpec,
     }
 
@@ -87,9 +87,7 @@ mod tests {
                 host: InProcessHostOps {
                     pci: sysfs.pci_host(),
                 },
-                config: banger_core::config::Config::defaults(Path::new(
-                    "/nonexistent/config.toml",
-                )),
+                config: banger_api::config::Config::defaults(Path::new("/nonexistent/config.toml")),
                 machine,
             }
         }

@@ -16,17 +16,17 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
+    use banger_api::guest::GuestConfig;
+    use banger_api::machine::{Drive, DriveRole, MachineSpec};
+    use banger_api::machine::{Nic, PciDevice};
+    use banger_api::model::{
+        ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind,
+    };
     use banger_core::capability::{
         CapError, CapSource, Capability, HookCtx, HookLog, Manifest, TeardownReason,
     };
-    use banger_core::guest::GuestConfig;
-    use banger_core::hostops::RecordingHostOps;
-    use banger_core::machine::{Drive, DriveRole, MachineSpec};
-    use banger_core::machine::{Nic, PciDevice};
-    use banger_core::model::{
-        ByteSize, CapOptions, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind,
-    };
     use banger_core::plugin_host::{ABI_VERSION, PluginLoadError, load_plugin, load_plugins};
+    use banger_host::hostops::RecordingHostOps;
     use test_infra::{BangerEnv, workspace_cdylib};
 
     #[derive(Default)]
@@ -102,7 +102,7 @@ mod tests {
         log: Lines,
         options: CapOptions,
         vm_dir: PathBuf,
-        config: banger_core::config::Config,
+        config: banger_api::config::Config,
     }
 
     impl Harness {
@@ -113,9 +113,7 @@ mod tests {
                 log: Lines::default(),
                 options: opts,
                 vm_dir: vm_dir.to_path_buf(),
-                config: banger_core::config::Config::defaults(Path::new(
-                    "/nonexistent/config.toml",
-                )),
+                config: banger_api::config::Config::defaults(Path::new("/nonexistent/config.toml")),
             }
         }
 

@@ -8,7 +8,7 @@ mod tests {
     use std::path::Path;
     use std::process::Command;
 
-    use banger_core::images::{PullOptions, pull_rootfs};
+    use banger_artifacts::images::{PullOptions, pull_rootfs};
     use sha2::{Digest, Sha256};
     use test_infra::registry::{Entry, Registry, oci_client_for, tar_bytes};
 

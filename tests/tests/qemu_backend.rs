@@ -24,15 +24,15 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
+    use banger_api::machine::{Drive, DriveRole, MachineSpec, PciDevice, Vsock};
+    use banger_api::model::VmmProcess;
+    use banger_artifacts::kernels::{BootModules, DEFAULT_BOOT_MODULES, boot_modules_archive};
     use banger_capabilities::vsock_agent::initrd::build_initrd;
-    use banger_core::kernels::{BootModules, DEFAULT_BOOT_MODULES, boot_modules_archive};
-    use banger_core::machine::{Drive, DriveRole, MachineSpec, PciDevice, Vsock};
-    use banger_core::model::VmmProcess;
-    use banger_core::vmm::qemu::{Qemu, QemuAccel, QemuSettings};
-    use banger_core::vmm::{LaunchPaths, Vmm, VmmError, process_alive};
-    use banger_core::vsock::AgentClient;
     use banger_guest_protocol::bundle::GuestConfig;
     use banger_guest_protocol::drive::ConfigDrive;
+    use banger_vmm::qemu::{Qemu, QemuAccel, QemuSettings};
+    use banger_vmm::vsock::AgentClient;
+    use banger_vmm::{LaunchPaths, Vmm, VmmError, process_alive};
     use nix::unistd::{Pid, getsid};
     use tempfile::TempDir;
     use test_infra::wait_until;

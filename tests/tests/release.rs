@@ -16,11 +16,13 @@ mod tests {
     use std::process::Command;
     use std::sync::Arc;
 
-    use banger_core::archive::ExtractLimits;
-    use banger_core::imagecat::ImageCatalog;
-    use banger_core::images::PullOptions;
-    use banger_core::kernels::Catalog;
-    use banger_core::oci_artifact::{ArtifactError, ArtifactInfo, ArtifactKind, pull_artifact};
+    use banger_artifacts::archive::ExtractLimits;
+    use banger_artifacts::imagecat::ImageCatalog;
+    use banger_artifacts::images::PullOptions;
+    use banger_artifacts::kernels::Catalog;
+    use banger_artifacts::oci_artifact::{
+        ArtifactError, ArtifactInfo, ArtifactKind, pull_artifact,
+    };
     use test_infra::BangerEnv;
     use test_infra::registry::Registry;
 

@@ -12,9 +12,9 @@ mod tests {
     use std::process::Command;
     use std::sync::Arc;
 
+    use banger_api::model::VmState;
+    use banger_api::net::Subnet;
     use banger_capabilities::network::leases::Leases;
-    use banger_core::model::VmState;
-    use banger_core::net::Subnet;
     use banger_core::store::Store;
     use test_infra::BangerEnv;
 

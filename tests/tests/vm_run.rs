@@ -12,9 +12,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use banger_api::model::{VmState, VmmKind};
+    use banger_api::net::Subnet;
     use banger_capabilities::network::leases::Leases;
-    use banger_core::model::{VmState, VmmKind};
-    use banger_core::net::Subnet;
     use banger_core::store::Store;
     use test_infra::{BangerEnv, wait_until};
 

@@ -12,9 +12,9 @@ mod tests {
     use std::process::{Child, Command, Stdio};
     use std::time::Duration;
 
+    use banger_api::ssh::SshIdentity;
     use banger_core::guest_ssh::{GuestEndpoint, GuestSsh, GuestSshError};
     use banger_core::lifecycle::Progress;
-    use banger_core::ssh::SshIdentity;
     use banger_core::workspace::{self, GitIdentity, GuestPaths, PrepareOptions};
     use test_infra::{BangerEnv, wait_until};
 

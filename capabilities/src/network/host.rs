@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use banger_core::config::NetworkConfig;
-use banger_core::hostops::{HostOps, HostOpsError};
+use banger_api::config::NetworkConfig;
+use banger_api::model::VmId;
 use banger_core::lifecycle::render_chain;
-use banger_core::model::VmId;
 use banger_core::store::Store;
+use banger_host::hostops::{HostOps, HostOpsError};
 
 use super::TapPool;
 use super::leases::{Lease, LeaseError, Leases};

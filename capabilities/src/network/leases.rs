@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use banger_core::model::{VmId, now_unix};
-use banger_core::net::{MacAddr, Subnet};
+use banger_api::model::{VmId, now_unix};
+use banger_api::net::{MacAddr, Subnet};
 use banger_core::store::{Store, StoreError};
 
 /// The owner name of the tables in `cap_schema`.

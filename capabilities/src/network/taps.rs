@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use banger_core::hostops::{HostOps, HostOpsError};
+use banger_host::hostops::{HostOps, HostOpsError};
 
 /// Tap names start with this; the pool owns every link with the prefix.
 pub const TAP_PREFIX: &str = "bgtap";
@@ -190,7 +190,7 @@ impl TapPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use banger_core::hostops::RecordingHostOps;
+    use banger_host::hostops::RecordingHostOps;
 
     #[test]
     fn acquire_hands_out_distinct_taps_and_keeps_two_warm() {

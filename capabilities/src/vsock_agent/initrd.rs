@@ -11,7 +11,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use banger_core::cpio::{CpioError, Newc, S_IFCHR, S_IFDIR, S_IFREG, sibling};
+use banger_artifacts::cpio::{CpioError, Newc, S_IFCHR, S_IFDIR, S_IFREG, sibling};
 use sha2::{Digest, Sha256};
 
 /// Bumped when the archive layout changes, so cached initrds are rebuilt.
@@ -41,7 +41,7 @@ impl From<CpioError> for InitramfsError {
 
 /// Writes `bytes` to `dest` by stage-then-rename.
 fn publish(dest: &Path, bytes: &[u8], mode: u32) -> Result<(), InitramfsError> {
-    Ok(banger_core::cpio::publish(dest, bytes, mode)?)
+    Ok(banger_artifacts::cpio::publish(dest, bytes, mode)?)
 }
 
 /// Whether [`build_initrd`] had to write the file.

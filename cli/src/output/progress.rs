@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use banger_core::api::{Event, ProgressUnit};
+use banger_api::api::{Event, ProgressUnit};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Every view in the process draws through this one, so views of VMs

@@ -14,7 +14,7 @@ fn main() {
         .init();
 
     if std::env::args().nth(1).as_deref() == Some("--version") {
-        let v = banger_core::api::VersionInfo::current();
+        let v = banger_api::api::VersionInfo::current();
         println!("bangerd {} ({})", v.version, v.commit);
         return;
     }

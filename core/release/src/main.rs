@@ -3,7 +3,7 @@
 //!
 //! `push` packs the kernel directory and the image bundle as the `.tar.zst`
 //! formats the catalogs serve, pushes each with
-//! [`banger_core::oci_artifact::push_artifact`] as `PREFIX/kernel-NAME:TAG`
+//! [`banger_artifacts::oci_artifact::push_artifact`] as `PREFIX/kernel-NAME:TAG`
 //! and `PREFIX/image-NAME:TAG`, and writes `kernels.toml` and `images.toml`
 //! into the output directory with `oci = "...@sha256:<manifest digest>"`.
 
@@ -13,8 +13,8 @@ mod catalog;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use banger_core::images::PullOptions;
-use banger_core::oci_artifact::{self, ArtifactKind, ArtifactPush};
+use banger_artifacts::images::PullOptions;
+use banger_artifacts::oci_artifact::{self, ArtifactKind, ArtifactPush};
 use clap::{Parser, Subcommand};
 use toml::{Table, Value};
 
@@ -342,10 +342,13 @@ fn pack_image(args: &PushArgs, kernel: &str, description: &str, out: &Path) -> a
     let manifest = toml::to_string(&manifest).context("Cannot serialise manifest.toml")?;
     let members = [
         (
-            banger_core::library::ROOTFS_FILE,
+            banger_artifacts::imagecat::ROOTFS_FILE,
             Member::File(&args.image_rootfs),
         ),
-        (banger_core::imagecat::MANIFEST_FILE, Member::Text(manifest)),
+        (
+            banger_artifacts::imagecat::MANIFEST_FILE,
+            Member::Text(manifest),
+        ),
     ];
     bundle::pack(out, args.zstd_level, &members)
 }

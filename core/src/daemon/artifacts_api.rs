@@ -1,7 +1,6 @@
 //! API routes for kernels and images. Like the VM routes, they only parse
 //! and map errors; the work is in [`crate::artifacts`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
@@ -10,84 +9,32 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::server::{ApiError, ApiState, S, stream_task};
 use crate::artifacts::{ArtifactError, PullImageRequest};
-use crate::images::PruneReport;
-use crate::kernels::{KernelError, KernelManifest, LocalKernel};
 use crate::library::{LibraryError, RegisterImageRequest};
 use crate::lifecycle::render_chain;
-use crate::model::{ImageKernel, ImageRecord};
 use crate::store::StoreError;
+pub use banger_api::api::{
+    BuildRequest, CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
+};
+use banger_api::model::{ImageKernel, ImageRecord};
+use banger_artifacts::images::PruneReport;
+use banger_artifacts::kernels::{KernelError, KernelManifest, LocalKernel};
 
 /// A local kernel as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KernelView {
-    /// The manifest.
-    #[serde(flatten)]
-    pub manifest: KernelManifest,
-    /// Its directory.
-    pub dir: PathBuf,
-    /// The kernel image.
-    pub vmlinux: PathBuf,
-    /// Its initrd, if any.
-    pub initrd: Option<PathBuf>,
-    /// Its modules tree, if any.
-    pub modules: Option<PathBuf>,
-}
-
-impl From<LocalKernel> for KernelView {
-    fn from(k: LocalKernel) -> Self {
-        KernelView {
-            manifest: k.manifest,
-            dir: k.dir,
-            vmlinux: k.vmlinux,
-            initrd: k.initrd,
-            modules: k.modules,
-        }
+fn kernel_view(k: LocalKernel) -> KernelView {
+    KernelView {
+        manifest: k.manifest,
+        dir: k.dir,
+        vmlinux: k.vmlinux,
+        initrd: k.initrd,
+        modules: k.modules,
     }
 }
 
-/// A kernel catalog entry as `kernel list --available` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CatalogKernelView {
-    /// Name to pull.
-    pub name: String,
-    /// Architecture.
-    pub arch: String,
-    /// Distribution or build family.
-    pub distro: String,
-    /// Kernel version.
-    pub version: String,
-    /// Download size in bytes (0 if unknown).
-    pub size: u64,
-    /// Where it comes from: `oci`, `url`, `build` (a local recipe), joined
-    /// by `+`.
-    #[serde(default)]
-    pub sources: String,
-    /// One line of description.
-    pub description: String,
-    /// The kernel VMs get when none is named.
-    pub default: bool,
-    /// Already pulled.
-    pub local: bool,
-}
-
-/// An image as the API shows it: the record plus the kernel files it boots
-/// with right now (`None` while a named kernel has not been pulled).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageView {
-    /// The stored record.
-    #[serde(flatten)]
-    pub record: ImageRecord,
-    /// The kernel image path.
-    pub kernel_path: Option<PathBuf>,
-    /// The initrd path, if any.
-    pub initrd_path: Option<PathBuf>,
-}
-
-fn image_view(kernels: &crate::kernels::KernelStore, record: ImageRecord) -> ImageView {
+fn image_view(kernels: &banger_artifacts::kernels::KernelStore, record: ImageRecord) -> ImageView {
     let (kernel_path, initrd_path) = match &record.kernel {
         ImageKernel::Files { kernel, initrd } => (Some(kernel.clone()), initrd.clone()),
         ImageKernel::Named { name } => match kernels.get(name) {
@@ -100,54 +47,6 @@ fn image_view(kernels: &crate::kernels::KernelStore, record: ImageRecord) -> Ima
         kernel_path,
         initrd_path,
     }
-}
-
-/// An image catalog entry as `image list --available` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CatalogImageView {
-    /// Name to pull.
-    pub name: String,
-    /// Architecture.
-    pub arch: String,
-    /// Kernel it boots with.
-    pub kernel: String,
-    /// Download size in bytes (0 if unknown).
-    pub size: u64,
-    /// Where it comes from: `oci`, `url`, `build` (a local recipe), joined
-    /// by `+`.
-    #[serde(default)]
-    pub sources: String,
-    /// One line of description.
-    pub description: String,
-    /// The image VMs get when none is named.
-    pub default: bool,
-    /// Already pulled.
-    pub local: bool,
-}
-
-/// `kernel import` arguments.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportKernelRequest {
-    /// Name for the kernel.
-    pub name: String,
-    /// Directory holding vmlinux (and optional initrd, modules, metadata).
-    pub from: PathBuf,
-    /// Replace an existing kernel of that name.
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// `kernel build` / `image build` arguments.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BuildRequest {
-    /// Catalog entry to build; the catalog's default when absent.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Replace a local kernel of the same name (kernels only).
-    #[serde(default)]
-    pub force: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,7 +164,7 @@ async fn show_kernel(State(st): S, Path(name): Path<String>) -> Result<Json<Kern
             .ok_or_else(|| KernelError::NotFound(name).into())
     })
     .await?;
-    Ok(Json(k.into()))
+    Ok(Json(kernel_view(k)))
 }
 
 async fn delete_kernel(
@@ -294,7 +193,7 @@ async fn delete_kernel(
         Ok(k)
     })
     .await?;
-    Ok(Json(k.into()))
+    Ok(Json(kernel_view(k)))
 }
 
 async fn import_kernel(
@@ -310,7 +209,7 @@ async fn import_kernel(
     }
     let kernels = st.lifecycle.artifacts().kernels.clone();
     let k = blocking(move || Ok(kernels.import(&req.name, &req.from, req.force)?)).await?;
-    Ok(Json(k.into()))
+    Ok(Json(kernel_view(k)))
 }
 
 async fn pull_kernel(
@@ -323,7 +222,7 @@ async fn pull_kernel(
         artifacts
             .pull_kernel(&name, q.force, &progress)
             .await
-            .map(KernelView::from)
+            .map(kernel_view)
             .map_err(|e| (Some("pull_kernel".to_string()), render_chain(&e)))
     })
 }
@@ -434,7 +333,7 @@ async fn build_kernel(
         artifacts
             .build_kernel(&name, req.force, &progress)
             .await
-            .map(KernelView::from)
+            .map(kernel_view)
             .map_err(|e| (Some("build_kernel".to_string()), render_chain(&e)))
     }))
 }

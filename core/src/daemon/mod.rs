@@ -11,16 +11,16 @@ use std::time::Duration;
 
 use crate::artifacts::Artifacts;
 use crate::capability::{CapEnv, DaemonCtx, Registry, RunningVm, SharedState};
-use crate::config::Config;
-use crate::hostops::{HostOps, InProcessHostOps};
 use crate::lifecycle::{Lifecycle, render_chain};
-use crate::machine::MachineSpec;
-use crate::model::{VmmProcess, now_unix};
-use crate::paths::Paths;
 use crate::store::Store;
-use crate::vmm::firecracker::Firecracker;
-use crate::vmm::qemu::Qemu;
-use crate::vmm::{Backends, LaunchPaths, Vmm, VmmError};
+use banger_api::config::Config;
+use banger_api::machine::MachineSpec;
+use banger_api::model::{VmmProcess, now_unix};
+use banger_api::paths::Paths;
+use banger_host::hostops::{HostOps, InProcessHostOps};
+use banger_vmm::firecracker::Firecracker;
+use banger_vmm::qemu::Qemu;
+use banger_vmm::{Backends, LaunchPaths, Vmm, VmmError};
 
 mod artifacts_api;
 mod server;
@@ -34,7 +34,7 @@ pub use artifacts_api::{
 pub enum DaemonError {
     /// No usable home/XDG directories.
     #[error(transparent)]
-    Paths(#[from] crate::paths::NoHome),
+    Paths(#[from] banger_api::paths::NoHome),
     /// Creating banger's directories failed.
     #[error("Cannot create banger's directories under {0}")]
     CreateDirs(PathBuf, #[source] std::io::Error),
@@ -49,7 +49,7 @@ pub enum DaemonError {
     PidFile(PathBuf, #[source] std::io::Error),
     /// config.toml is invalid.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] banger_api::config::ConfigError),
     /// The database could not be opened.
     #[error("Cannot open the state database")]
     Store(#[from] crate::store::StoreError),
@@ -87,7 +87,7 @@ impl Vmm for UnavailableVmm {
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError> {
         // A VMM started by an earlier daemon may still run; kill only if it is
         // the same process.
-        if crate::vmm::process_alive(process) {
+        if banger_vmm::process_alive(process) {
             let pid = nix::unistd::Pid::from_raw(process.pid as i32);
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
                 .map_err(|e| VmmError::Signal(process.pid, e))?;
@@ -253,7 +253,7 @@ pub async fn run() -> Result<(), DaemonError> {
         tracing::info!("shutting down; VMs keep running");
         let _ = signalled_tx.send(());
     };
-    let serve = axum::serve(listener, server::router(state)).with_graceful_shutdown(stop_signal);
+    let serve = axum::serve(listener, router(state)).with_graceful_shutdown(stop_signal);
     // Long streams (`vm logs -f`) would hold a graceful shutdown forever: give
     // in-flight requests a bounded time after the signal.
     let deadline = async {
@@ -314,7 +314,7 @@ async fn running_vms(lifecycle: &Lifecycle) -> Vec<RunningVm> {
         }
     };
     vms.into_iter()
-        .filter(|vm| vm.state == crate::model::VmState::Running)
+        .filter(|vm| vm.state == banger_api::model::VmState::Running)
         .map(|vm| RunningVm {
             vm_dir: lifecycle.paths().vm_dir(&vm.id),
             vm,
@@ -340,8 +340,8 @@ fn bind_private(socket: &std::path::Path) -> Result<tokio::net::UnixListener, Da
     Ok(listener)
 }
 
-/// Keeps every VM's console log under [`crate::vmm::SERIAL_LOG_MAX_BYTES`]
-/// (see [`crate::vmm::rotate_console_log`]).
+/// Keeps every VM's console log under [`banger_vmm::SERIAL_LOG_MAX_BYTES`]
+/// (see [`banger_vmm::rotate_console_log`]).
 async fn rotate_console_logs(lc: &Lifecycle) {
     let Ok(vms) = lc.list().await else {
         return;
@@ -352,10 +352,24 @@ async fn rotate_console_logs(lc: &Lifecycle) {
         .collect();
     let _ = tokio::task::spawn_blocking(move || {
         for log in logs {
-            if let Err(e) = crate::vmm::rotate_console_log(&log, crate::vmm::SERIAL_LOG_MAX_BYTES) {
+            if let Err(e) = banger_vmm::rotate_console_log(&log, banger_vmm::SERIAL_LOG_MAX_BYTES) {
                 tracing::warn!("rotating {} failed: {e}", log.display());
             }
         }
     })
     .await;
+}
+
+/// The router for API version 1: the daemon's and VMs' routes, the images'
+/// and kernels', and one error for every unknown path.
+fn router(state: Arc<server::ApiState>) -> axum::Router {
+    artifacts_api::routes()
+        .merge(server::vm_routes())
+        .fallback(|| async {
+            server::ApiError(
+                axum::http::StatusCode::NOT_FOUND,
+                "No such API path; see docs/api.md".to_string(),
+            )
+        })
+        .with_state(state)
 }

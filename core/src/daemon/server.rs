@@ -20,12 +20,12 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
-use crate::api::{
+use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
+use banger_api::api::{
     CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, PortView, SetVmRequest, SshTarget,
     StatsView, VersionInfo, VmView, WorkspaceExport, WorkspacePrepareRequest,
 };
-use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
-use crate::model::{VmRecord, VmState};
+use banger_api::model::{VmRecord, VmState};
 
 /// Shared state of the API handlers.
 #[derive(Debug)]
@@ -95,20 +95,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The router for API version 1.
-pub(crate) fn router(state: Arc<ApiState>) -> Router {
-    super::artifacts_api::routes()
-        .merge(vm_routes())
-        .fallback(|| async {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                "No such API path; see docs/api.md".to_string(),
-            )
-        })
-        .with_state(state)
-}
-
-fn vm_routes() -> Router<Arc<ApiState>> {
+/// The daemon's own routes and the VMs'.
+pub(crate) fn vm_routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/v1/version", get(version))
         .route("/v1/status", get(status))
@@ -361,7 +349,7 @@ async fn workspace_prepare(
 async fn vm_guest_job(
     State(st): S,
     Path((name, cap, job)): Path<(String, String, String)>,
-    body: Result<Json<crate::api::JobRequest>, JsonRejection>,
+    body: Result<Json<banger_api::api::JobRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let lc = st.lifecycle.clone();

@@ -3,16 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::api::CreateVmRequest;
 use crate::capability::Capability;
-use crate::disk;
 use crate::lifecycle::start::ROOT_DISK;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking};
-use crate::model::{
+use crate::store::StoreError;
+use banger_api::api::CreateVmRequest;
+use banger_api::model::{
     ByteSize, CapChoice, VmName, VmRecord, VmSpec, host_memory_mib, now_unix, resolve_caps,
     validate_memory_mib_on_host, validate_vcpus,
 };
-use crate::store::StoreError;
+use banger_artifacts::disk;
 
 impl Lifecycle {
     /// Validates `req`, records the VM, clones its root disk and (unless
@@ -176,5 +176,6 @@ impl Lifecycle {
 }
 
 fn check_file(flag: &'static str, path: &Path, what: &'static str) -> Result<(), OpError> {
-    crate::paths::check_input_file(flag, path, what).map_err(|e| OpError::Invalid(e.to_string()))
+    banger_api::paths::check_input_file(flag, path, what)
+        .map_err(|e| OpError::Invalid(e.to_string()))
 }

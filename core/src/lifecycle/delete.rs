@@ -7,7 +7,7 @@
 use crate::capability::TeardownReason;
 use crate::lifecycle::stop::StopMode;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, set_failure};
-use crate::model::VmRecord;
+use banger_api::model::VmRecord;
 
 impl Lifecycle {
     /// Deletes a VM and everything it owns. Returns the record as it was.

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use crate::api::{PortView, StatsView};
 use crate::lifecycle::{Lifecycle, OpError, blocking};
-use crate::model::VmState;
-use crate::vsock::AgentClient;
+use banger_api::api::{PortView, StatsView};
+use banger_api::model::VmState;
+use banger_vmm::vsock::AgentClient;
 
 impl Lifecycle {
     /// The guest's listening sockets, from its agent, as `name.vm:port`
@@ -89,7 +89,7 @@ impl Lifecycle {
         &self,
         name: &str,
         why: &str,
-    ) -> Result<(crate::model::VmRecord, std::path::PathBuf), OpError> {
+    ) -> Result<(banger_api::model::VmRecord, std::path::PathBuf), OpError> {
         let vm = self.get(name).await?;
         if vm.state != VmState::Running {
             return Err(OpError::WrongState {

@@ -4,8 +4,8 @@
 
 use crate::capability::TeardownReason;
 use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain, set_failure};
-use crate::model::{VmRecord, VmState};
-use crate::vmm::process_alive;
+use banger_api::model::{VmRecord, VmState};
+use banger_vmm::process_alive;
 
 /// What reconciliation did to one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,8 +1,8 @@
 //! `set`: change vCPUs, memory or work disk size of a VM that is not running.
 
-use crate::api::SetVmRequest;
 use crate::lifecycle::{Lifecycle, OpError};
-use crate::model::{
+use banger_api::api::SetVmRequest;
+use banger_api::model::{
     ByteSize, VmRecord, VmState, host_memory_mib, validate_memory_mib_on_host, validate_vcpus,
 };
 

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use crate::api::SshTarget;
 use crate::lifecycle::{Lifecycle, OpError, blocking};
-use crate::ssh::{SshIdentity, known_hosts};
-use crate::vsock::AgentClient;
+use banger_api::api::SshTarget;
+use banger_api::ssh::{SshIdentity, known_hosts};
 use banger_guest_protocol::api::Proto;
+use banger_vmm::vsock::AgentClient;
 
 /// The user banger's key is authorized for in every guest.
 const SSH_USER: &str = "root";
@@ -36,7 +36,7 @@ impl Lifecycle {
                 .ports()?
                 .iter()
                 .any(|l| l.proto == Proto::Tcp && l.port == SSH_PORT);
-            Ok::<_, crate::vsock::VsockError>((keys, listening))
+            Ok::<_, banger_vmm::vsock::VsockError>((keys, listening))
         })
         .await?
         .map_err(|e| OpError::Stage {

@@ -2,12 +2,12 @@
 //! PostStart. Any failure rolls back everything prepared, in reverse.
 
 use crate::capability::{Hook, TeardownReason};
-use crate::config_drive;
-use crate::guest::GuestConfig;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain, set_failure};
-use crate::machine::{Drive, DriveRole, MachineSpec};
-use crate::model::{CapOptions, EnabledCap, VmRecord, VmState};
-use crate::vmm::LaunchPaths;
+use banger_api::guest::GuestConfig;
+use banger_api::machine::{Drive, DriveRole, MachineSpec};
+use banger_api::model::{CapOptions, EnabledCap, VmRecord, VmState};
+use banger_vmm::LaunchPaths;
+use banger_vmm::config_drive;
 
 /// Kernel command line every VM gets before capabilities add to it. The
 /// backend adds `pci=off` when the machine has no PCI devices

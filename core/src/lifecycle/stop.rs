@@ -3,7 +3,7 @@
 
 use crate::capability::TeardownReason;
 use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain};
-use crate::model::{VmRecord, VmState};
+use banger_api::model::{VmRecord, VmState};
 
 /// How the VMM is ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +82,10 @@ impl Lifecycle {
         if let Some(e) = errors.into_iter().next() {
             let stage = e.stage().unwrap_or("teardown").to_string();
             vm.state = VmState::Error;
-            vm.last_error = Some(crate::model::Failure {
+            vm.last_error = Some(banger_api::model::Failure {
                 stage,
                 cause: render_chain(&e),
-                at: crate::model::now_unix(),
+                at: banger_api::model::now_unix(),
             });
             self.save(vm).await?;
             return Err(e);

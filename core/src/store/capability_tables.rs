@@ -204,7 +204,7 @@ mod tests {
             .with_transaction(|tx| {
                 tx.execute("INSERT INTO things (id) VALUES ('dropped')", [])
                     .map_err(StoreError::Read)?;
-                Err::<(), _>(StoreError::NotFound(crate::model::VmId::from_stored(
+                Err::<(), _>(StoreError::NotFound(banger_api::model::VmId::from_stored(
                     "x".into(),
                 )))
             })

@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{Store, StoreError, constraint_column};
-use crate::model::ImageRecord;
+use banger_api::model::ImageRecord;
 
 fn image_err(
     op: &'static str,
@@ -84,8 +84,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{ImageKernel, ImageRecord, ImageSource};
     use crate::store::{Store, StoreError};
+    use banger_api::model::{ImageKernel, ImageRecord, ImageSource};
 
     fn image(name: &str) -> ImageRecord {
         ImageRecord {

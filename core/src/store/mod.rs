@@ -14,7 +14,7 @@ use rusqlite::{Connection, Row, params};
 mod capability_tables;
 mod images;
 
-use crate::model::{Failure, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind, VmmProcess};
+use banger_api::model::{Failure, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind, VmmProcess};
 
 /// Schema migrations, in order. Step `i` brings the database to
 /// `user_version = i + 1`. Never edit a released step; append a new one.
@@ -607,7 +607,7 @@ fn decode_vm(row: &Row<'_>) -> Result<VmRecord, StoreError> {
     let spec = VmSpec {
         vcpus: req_u32(3, "vcpus")?,
         memory_mib: req_u32(4, "memory_mib")?,
-        disk_size: crate::model::ByteSize(req_u64(5, "disk_size")?),
+        disk_size: banger_api::model::ByteSize(req_u64(5, "disk_size")?),
         kernel: req_text(6, "kernel")?.into(),
         initrd: text(7, "initrd")?.map(PathBuf::from),
         rootfs_source: req_text(8, "rootfs_source")?.into(),
@@ -686,9 +686,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::guest::{GuestConfig, GuestFile, GuestMount, GuestNetwork};
-    use crate::machine::{Drive, DriveRole, MachineSpec, Nic, Vsock};
-    use crate::model::{ByteSize, CapOptions, EnabledCap};
+    use banger_api::guest::{GuestConfig, GuestFile, GuestMount, GuestNetwork};
+    use banger_api::machine::{Drive, DriveRole, MachineSpec, Nic, Vsock};
+    use banger_api::model::{ByteSize, CapOptions, EnabledCap};
 
     fn minimal(id: &str, name: &str, created_at: u64) -> VmRecord {
         VmRecord {

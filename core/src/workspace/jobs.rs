@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
-use crate::api::{JobRequest, JobView};
 use crate::capability::GuestJob;
 use crate::guest_ssh::shell_quote;
 use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
+use banger_api::api::{JobRequest, JobView};
 
 /// Capability `cap`'s job `job` for VM `name`, checked before anything
 /// runs: the capability exists and offers that job, the VM exists and has

@@ -5,13 +5,13 @@ use std::fs;
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 
-use crate::api::WorkspaceView;
-use crate::counting::Counting;
 use crate::guest_ssh::{GuestSsh, shell_quote_path};
 use crate::lifecycle::Progress;
+use banger_api::api::WorkspaceView;
+use banger_api::counting::Counting;
 
-use super::plan::{FileKind, FileType, GitIdentity, Plan};
 use super::{WorkspaceError, check_base_commit};
+use banger_api::workspace::{FileKind, FileType, GitIdentity, Plan};
 
 /// Where a workspace lives in the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]

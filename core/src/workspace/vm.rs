@@ -10,9 +10,9 @@ use std::sync::{Arc, LazyLock, Mutex};
 use base64::Engine as _;
 
 use super::{GuestPaths, PrepareOptions, WorkspaceError, check_base_commit, plan};
-use crate::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
 use crate::guest_ssh::{GuestEndpoint, GuestSsh};
 use crate::lifecycle::{Lifecycle, OpError, Progress};
+use banger_api::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
 
 /// The prepared workspace of a VM, in its directory.
 const RECORD: &str = "workspace.json";
@@ -162,7 +162,7 @@ fn write_record(dir: &Path, view: &WorkspaceView) -> Result<(), OpError> {
     let path = dir.join(RECORD);
     let bytes = serde_json::to_vec_pretty(view)
         .map_err(|e| OpError::Io(format!("Cannot encode {}", path.display()), e.into()))?;
-    crate::ssh::write_staged(&path, &bytes, 0o600).map_err(|e| OpError::Stage {
+    banger_api::ssh::write_staged(&path, &bytes, 0o600).map_err(|e| OpError::Stage {
         stage: "workspace:record".to_string(),
         source: Box::new(e),
     })

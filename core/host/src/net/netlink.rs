@@ -1,0 +1,174 @@
+//! Link and address work over rtnetlink, for [`crate::hostops::InProcessHostOps`].
+//!
+//! `HostOps` is synchronous (hooks run on blocking threads), so each call
+//! opens a netlink socket and drives it on a small current-thread runtime.
+//! The socket belongs to the calling thread's network namespace, which is
+//! what lets tests run these calls inside an `unshare(CLONE_NEWNET)` thread.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+use crate::error::HostOpsError;
+
+fn io_error(e: rtnetlink::Error) -> std::io::Error {
+    match &e {
+        rtnetlink::Error::NetlinkError(msg) => match msg.code {
+            Some(code) => std::io::Error::from_raw_os_error(-code.get()),
+            None => std::io::Error::other(e.to_string()),
+        },
+        _ => std::io::Error::other(e.to_string()),
+    }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.is_some_and(|c| -c.get() == errno))
+}
+
+/// Runs `f` with a fresh netlink handle on a private current-thread runtime.
+/// Called from inside a tokio runtime (where `block_on` would panic), the
+/// work moves to a scoped thread, which inherits this thread's namespace.
+fn with_handle<T: Send>(
+    op: &'static str,
+    target: &str,
+    f: impl AsyncFnOnce(Handle) -> Result<T, std::io::Error> + Send,
+) -> Result<T, HostOpsError> {
+    let fail = |source| HostOpsError::Failed {
+        op,
+        target: target.to_string(),
+        source,
+    };
+    let run = move || -> Result<T, std::io::Error> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            let task = tokio::spawn(conn);
+            let r = f(handle).await;
+            task.abort();
+            r
+        })
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(run)
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("netlink worker panicked")))
+        })
+        .map_err(fail)
+    } else {
+        run().map_err(fail)
+    }
+}
+
+async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, std::io::Error> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(msg.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+async fn require_index(handle: &Handle, name: &str) -> Result<u32, std::io::Error> {
+    index_of(handle, name).await?.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no network interface named {name}"),
+        )
+    })
+}
+
+/// Creates bridge `name` unless it exists, adds `addr/prefix` unless present,
+/// and brings it up.
+pub(crate) fn ensure_bridge(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
+    with_handle("ensure_bridge", name, async |h: Handle| {
+        let index = match index_of(&h, name).await? {
+            Some(i) => i,
+            None => {
+                match h.link().add(LinkBridge::new(name).build()).execute().await {
+                    Ok(()) => {}
+                    // Lost a race with another creator: fine, it exists now.
+                    Err(e) if is_errno(&e, libc::EEXIST) => {}
+                    Err(e) => return Err(io_error(e)),
+                }
+                require_index(&h, name).await?
+            }
+        };
+        let mut addrs = h.address().get().set_link_index_filter(index).execute();
+        let mut present = false;
+        while let Some(msg) = addrs.try_next().await.map_err(io_error)? {
+            let has = msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(v)) if *v == addr));
+            if has && msg.header.prefix_len == prefix {
+                present = true;
+            }
+        }
+        if !present {
+            match h
+                .address()
+                .add(index, IpAddr::V4(addr), prefix)
+                .execute()
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc::EEXIST) => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        h.link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(io_error)
+    })
+}
+
+/// Makes `bridge` the controller of `link`.
+pub(crate) fn attach_to_bridge(link: &str, bridge: &str) -> Result<(), HostOpsError> {
+    with_handle("attach_to_bridge", link, async |h: Handle| {
+        let bridge_index = require_index(&h, bridge).await?;
+        let index = require_index(&h, link).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .controller(bridge_index)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(io_error)
+    })
+}
+
+/// Brings `link` up.
+pub(crate) fn set_link_up(link: &str) -> Result<(), HostOpsError> {
+    with_handle("set_link_up", link, async |h: Handle| {
+        let index = require_index(&h, link).await?;
+        h.link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(io_error)
+    })
+}
+
+/// Deletes `link`; a missing link is not an error.
+pub(crate) fn delete_link(link: &str) -> Result<(), HostOpsError> {
+    with_handle("delete_link", link, async |h: Handle| {
+        let Some(index) = index_of(&h, link).await? else {
+            return Ok(());
+        };
+        match h.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
+            Err(e) => Err(io_error(e)),
+        }
+    })
+}

@@ -1,0 +1,429 @@
+//! VMM backends behind one trait. The lifecycle hands a backend a finished
+//! [`MachineSpec`]; the backend launches, stops and kills the VMM process.
+//!
+//! VMM processes outlive the daemon: they run in their own session and are
+//! found again by pid + start time (see [`process_alive`]).
+//!
+//! Also here: what the backends hand the guest besides the machine, the
+//! [`config_drive`], and the host side of the guest agent's hybrid vsock
+//! ([`vsock`]). Which backend a VM gets is decided in
+//! `banger_api::backend`, which the CLI shares.
+
+#![deny(unsafe_code)]
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use banger_api::machine::MachineSpec;
+use banger_api::model::{VmmKind, VmmProcess};
+
+pub mod config_drive;
+pub mod firecracker;
+pub mod qemu;
+mod uds_http;
+pub mod vsock;
+
+/// Host paths a backend may use for one VM.
+#[derive(Debug, Clone)]
+pub struct LaunchPaths {
+    /// The VM's private directory.
+    pub vm_dir: PathBuf,
+    /// Where the VMM's API socket goes (short path under the runtime dir).
+    pub api_socket: PathBuf,
+    /// The VMM's own log (not the guest console).
+    pub vmm_log: PathBuf,
+}
+
+/// A backend failure.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The VMM binary could not be found or started.
+    #[error("Failed to start {bin} (`banger doctor` checks this host's backends)")]
+    Spawn {
+        /// The binary.
+        bin: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM exited or never answered while we were setting it up.
+    #[error("{0}")]
+    NotReady(String),
+    /// This backend or host cannot run the machine as specified (the
+    /// message names what and the fix); nothing was started.
+    #[error("{0}")]
+    Unsupported(String),
+    /// An API call was rejected; `fault` is the VMM's own message.
+    #[error("{vmm} rejected {request}: {fault}")]
+    Api {
+        /// Backend name.
+        vmm: &'static str,
+        /// e.g. `PUT /boot-source`.
+        request: String,
+        /// The VMM's fault message.
+        fault: String,
+    },
+    /// Talking to the VMM failed.
+    #[error("I/O with the VMM failed while {0}")]
+    Io(String, #[source] std::io::Error),
+    /// Signalling the VMM process failed.
+    #[error("Failed to signal VMM pid {0}")]
+    Signal(u32, #[source] nix::Error),
+}
+
+/// A VMM backend.
+pub trait Vmm: Send + Sync + fmt::Debug {
+    /// Backend name for messages (`firecracker`).
+    fn name(&self) -> &'static str;
+
+    /// Starts the VMM for `machine` and boots the guest. On error nothing is
+    /// left running. The guest console goes to `machine.serial_log`.
+    fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError>;
+
+    /// Asks the guest to shut down, waits up to `grace`, then kills the VMM.
+    /// Returns once the process is gone.
+    fn shutdown(&self, process: &VmmProcess, grace: Duration) -> Result<(), VmmError>;
+
+    /// Kills the VMM at once and waits until it is gone.
+    fn kill(&self, process: &VmmProcess) -> Result<(), VmmError>;
+}
+
+/// One backend per [`VmmKind`]; each VM uses the one its spec names.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    firecracker: Arc<dyn Vmm>,
+    qemu: Arc<dyn Vmm>,
+}
+
+impl Backends {
+    /// The daemon's backends.
+    pub fn new(firecracker: Arc<dyn Vmm>, qemu: Arc<dyn Vmm>) -> Self {
+        Backends { firecracker, qemu }
+    }
+
+    /// The same backend for every kind (tests).
+    pub fn single(vmm: Arc<dyn Vmm>) -> Self {
+        Backends {
+            firecracker: vmm.clone(),
+            qemu: vmm,
+        }
+    }
+
+    /// The backend for `kind`.
+    pub fn get(&self, kind: VmmKind) -> Arc<dyn Vmm> {
+        match kind {
+            VmmKind::Firecracker => self.firecracker.clone(),
+            VmmKind::Qemu => self.qemu.clone(),
+        }
+    }
+}
+
+/// The size at which the daemon rotates a VM's `serial.log`.
+pub const SERIAL_LOG_MAX_BYTES: u64 = 64 << 20;
+
+/// Keeps a console log under `max` bytes: past it, the log is copied to
+/// `<log>.1` (staged, then renamed over the previous one) and truncated.
+/// The VMMs write it with `O_APPEND`, so they go on at the new end; output
+/// written between the copy and the truncation is lost. Returns whether it
+/// rotated.
+pub fn rotate_console_log(log: &Path, max: u64) -> io::Result<bool> {
+    let len = match std::fs::metadata(log) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut old = log.as_os_str().to_owned();
+    old.push(".1");
+    let old = PathBuf::from(old);
+    let mut staged = old.as_os_str().to_owned();
+    staged.push(".tmp");
+    let staged = PathBuf::from(staged);
+    let copied = std::fs::copy(log, &staged).and_then(|_| std::fs::rename(&staged, &old));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+/// The start time (clock ticks since boot) of `pid`, from `/proc/PID/stat`.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces or
+    // parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts with " S ppid ..." (field 3); starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True if `p` is still the same live process (not a zombie, not a reused pid).
+pub fn process_alive(p: &VmmProcess) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)) else {
+        return false;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    let mut fields = stat[close + 1..].split_whitespace();
+    let state = fields.next();
+    if matches!(state, Some("Z") | Some("X")) {
+        return false;
+    }
+    fields.nth(18).and_then(|s| s.parse::<u64>().ok()) == Some(p.start_time)
+}
+
+/// How often backends poll readiness and exit.
+const POLL: Duration = Duration::from_millis(10);
+/// How many log lines an early-exit error quotes.
+const LOG_TAIL_LINES: usize = 10;
+
+/// A process a backend spawned in its own session, reaped by a thread.
+struct Spawned {
+    pid: u32,
+    /// `None` if the process vanished before its start time could be read.
+    start_time: Option<u64>,
+    /// Receives the exit status once the reaper has reaped it.
+    exited: mpsc::Receiver<io::Result<ExitStatus>>,
+}
+
+/// Spawns `cmd` in a session of its own (so it outlives the daemon and
+/// ignores its terminal) and reaps it from a detached thread so no zombie
+/// lingers while the daemon lives.
+fn spawn_detached(mut cmd: Command, bin: &Path, label: &str) -> Result<Spawned, VmmError> {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setsid(2), which is async-signal-safe and allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+    }
+    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+        bin: bin.to_path_buf(),
+        source,
+    })?;
+    let pid = child.id();
+    // Read before the reaper can reap: the pid cannot be reused until then.
+    let start_time = process_start_time(pid);
+    let (exited_tx, exited) = mpsc::channel::<io::Result<ExitStatus>>();
+    std::thread::Builder::new()
+        .name(format!("reap-{label}-{pid}"))
+        .spawn(move || {
+            let _ = exited_tx.send(child.wait());
+        })
+        .map_err(|e| {
+            // The child went down with the closure, unreaped: kill it at least.
+            let _ = kill(pid_of(pid), Signal::SIGKILL);
+            io_err("starting the VMM reaper thread", e)
+        })?;
+    Ok(Spawned {
+        pid,
+        start_time,
+        exited,
+    })
+}
+
+impl Spawned {
+    /// The exit status, if the process has already exited.
+    fn exit_status(&self) -> Option<String> {
+        self.exited.try_recv().ok().map(|status| match status {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("an unknown status ({e})"),
+        })
+    }
+
+    /// Kills the process (still ours: the reaper has not reported it gone,
+    /// so the pid cannot have been reused) and waits for the reaper.
+    fn abort(self, exit_timeout: Duration) {
+        let gone = match self.exited.try_recv() {
+            Ok(_) | Err(mpsc::TryRecvError::Disconnected) => true,
+            Err(mpsc::TryRecvError::Empty) => {
+                if let Err(e) = kill(pid_of(self.pid), Signal::SIGKILL) {
+                    tracing::warn!(pid = self.pid, error = %e, "Failed to kill the VMM");
+                }
+                self.exited.recv_timeout(exit_timeout).is_ok()
+            }
+        };
+        if !gone {
+            tracing::warn!(pid = self.pid, "The VMM did not exit after SIGKILL");
+        }
+    }
+}
+
+/// SIGKILLs `p` if it is still the same process, then waits until it is gone.
+fn kill_and_wait(p: &VmmProcess, timeout: Duration) -> Result<(), VmmError> {
+    // process_alive compares the start time, so a reused pid is left alone.
+    if !process_alive(p) {
+        return Ok(());
+    }
+    match kill(pid_of(p.pid), Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => return Err(VmmError::Signal(p.pid, e)),
+    }
+    let deadline = Instant::now() + timeout;
+    while process_alive(p) {
+        if Instant::now() >= deadline {
+            return Err(io_err(
+                format!("waiting for pid {} to exit after SIGKILL", p.pid),
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("still alive after {timeout:?}"),
+                ),
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// Waits up to `grace` for `p` to exit on its own.
+fn wait_gone(p: &VmmProcess, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while process_alive(p) && Instant::now() < deadline {
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Removes a socket or state file; a missing one is fine.
+fn remove_socket(path: &Path) -> Result<(), VmmError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The last `n` lines of `path` (at most its last 8 KiB), for error messages.
+fn log_tail(path: &Path, n: usize) -> String {
+    let read = || -> io::Result<String> {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(8 << 10)))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+            if tail.trim().is_empty() {
+                "(empty)".to_owned()
+            } else {
+                tail
+            }
+        }
+        Err(e) => format!("(unreadable: {e})"),
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(pid as i32)
+}
+
+fn io_err(what: impl Into<String>, e: io::Error) -> VmmError {
+    VmmError::Io(what.into(), e)
+}
+
+/// The whole error chain on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_log_rotates_past_its_cap_and_keeps_appending() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        assert!(!super::rotate_console_log(&log, 10).unwrap(), "no log yet");
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        writer.write_all(b"0123456789").unwrap();
+        assert!(!super::rotate_console_log(&log, 10).unwrap());
+        writer.write_all(b"abc").unwrap();
+        assert!(super::rotate_console_log(&log, 10).unwrap());
+        let old = dir.path().join("serial.log.1");
+        assert_eq!(std::fs::read(&old).unwrap(), b"0123456789abc");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        writer.write_all(b"next").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"next", "append goes on at 0");
+        assert!(!dir.path().join("serial.log.1.tmp").exists());
+    }
+
+    use super::*;
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let tail = log_tail(&p, 3);
+        assert_eq!(tail, "line 28\nline 29\nline 30");
+        assert!(log_tail(&dir.path().join("nope"), 3).starts_with("(unreadable"));
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(log_tail(&p, 3), "(empty)");
+    }
+
+    #[test]
+    fn a_missing_vmm_binary_names_it_and_points_at_doctor() {
+        let bin = Path::new("/nonexistent/qemu-system-x86_64");
+        let Err(e) = spawn_detached(Command::new(bin), bin, "test") else {
+            panic!("a missing binary started");
+        };
+        assert_eq!(
+            error_chain(&e),
+            "Failed to start /nonexistent/qemu-system-x86_64 (`banger doctor` checks this \
+             host's backends): No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn own_process_is_alive_and_pid_reuse_is_detected() {
+        let pid = std::process::id();
+        let st = process_start_time(pid).expect("own start time");
+        let me = VmmProcess {
+            pid,
+            start_time: st,
+            api_socket: "/x".into(),
+        };
+        assert!(process_alive(&me));
+        let reused = VmmProcess {
+            start_time: st + 1,
+            ..me.clone()
+        };
+        assert!(!process_alive(&reused));
+        let gone = VmmProcess {
+            pid: u32::MAX - 1,
+            ..me
+        };
+        assert!(!process_alive(&gone));
+    }
+}
