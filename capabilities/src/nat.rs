@@ -1,6 +1,13 @@
 //! `nat` (opt-in): outbound internet for one VM. PrepareHost adds a
 //! masquerade rule and forward rules for the VM's address, tagged with its
-//! id in the `banger` nftables table; every Teardown removes exactly those.
+//! id in the bridge's own nftables tables; every Teardown removes exactly
+//! those (and turns `ip_forward` back off when banger turned it on and no
+//! VM needs it any more).
+//!
+//! Private (RFC 1918), CGNAT, loopback, link-local (with the cloud metadata
+//! address 169.254.169.254) and multicast destinations, and the subnets of
+//! the host's other bridges, stay out of reach unless the VM allows them:
+//! `--cap nat:allow=10.1.0.0/16,192.168.5.7/32`.
 
 use std::sync::Arc;
 
@@ -8,8 +15,9 @@ use banger_api::model::CapOptions;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
+use banger_host::hostops::Cidr;
 
-use crate::network::{HostNetwork, host_network, no_options};
+use crate::network::{HostNetwork, host_network};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "nat";
@@ -33,6 +41,28 @@ fn make(env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
 
 inventory::submit! { BuiltinCapability { make } }
 
+/// The `allow` option: destinations (CIDRs, comma-separated) the VM may
+/// reach even where the default refuses them.
+pub fn allow_option(options: &CapOptions) -> Result<Vec<Cidr>, CapError> {
+    for k in options.keys() {
+        if k != "allow" {
+            return Err(CapError::InvalidOptions(format!(
+                "unknown option {k:?}: {NAME} takes allow=CIDR[,CIDR...] (destinations it may reach despite the default refusal of private, link-local and CGNAT ranges)"
+            )));
+        }
+    }
+    let Some(list) = options.get("allow") else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .map(|c| {
+            c.trim()
+                .parse::<Cidr>()
+                .map_err(|e| CapError::InvalidOptions(format!("{NAME}:allow: {e}")))
+        })
+        .collect()
+}
+
 impl Capability for Nat {
     fn name(&self) -> &str {
         NAME
@@ -43,19 +73,29 @@ impl Capability for Nat {
     }
 
     fn validate_options(&self, options: &CapOptions) -> Result<(), CapError> {
-        no_options(NAME, options)
+        allow_option(options).map(|_| ())
     }
 
     fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
         let net = &self.net;
+        let allow = allow_option(ctx.options)?;
         // Leasing is idempotent, so this works whichever of network/nat runs first.
         let lease = net
             .lease(&ctx.vm.id)
             .map_err(|e| CapError::with("Cannot lease an address", e))?;
         ctx.host
-            .add_nat(ctx.vm.id.as_str(), &net.config().bridge, lease.ip)
+            .add_nat_allowing(ctx.vm.id.as_str(), &net.config().bridge, lease.ip, &allow)
             .map_err(|e| CapError::with("Cannot add NAT rules", e))?;
-        ctx.log.info(&format!("outbound NAT for {}", lease.ip));
+        if allow.is_empty() {
+            ctx.log.info(&format!("outbound NAT for {}", lease.ip));
+        } else {
+            let list: Vec<String> = allow.iter().map(Cidr::to_string).collect();
+            ctx.log.info(&format!(
+                "outbound NAT for {}, also to {}",
+                lease.ip,
+                list.join(", ")
+            ));
+        }
         Ok(())
     }
 

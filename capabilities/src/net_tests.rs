@@ -16,7 +16,7 @@ use banger_host::hostops::{HostOps, RecordingHostOps};
 
 use crate::dns::{Dns, server as dns};
 use crate::nat::Nat;
-use crate::network::{HostNetwork, Network, NicState, host_network};
+use crate::network::{HostNetwork, NetIdentity, Network, NicState, host_network};
 use crate::test_env::TestEnv;
 
 struct Quiet;
@@ -70,7 +70,11 @@ fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
     let net = Arc::new(HostNetwork::new(
-        NetworkConfig::default(),
+        NetworkConfig {
+            bridge: "bgunit0".into(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            ..NetworkConfig::default()
+        },
         store,
         dir.path(),
         1000,
@@ -108,10 +112,19 @@ fn network_leases_attaches_and_configures_the_guest() {
     let cap = Network::with(e.net.clone());
     let a = vm("a");
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    let tap0 = format!("{}0", e.net.taps().prefix());
     let calls = host.calls();
-    assert_eq!(calls[0], "ensure_bridge banger0 172.30.0.1/24");
+    assert_eq!(calls[0], "ensure_bridge bgunit0 10.77.0.1/24");
+    // The guard goes on the VM's own tap, MAC and address.
     assert!(
-        calls.contains(&"attach_to_bridge bgtap0 banger0".to_string()),
+        calls.contains(&format!(
+            "add_guest {} bgunit0 {tap0} 10.77.0.2 06:00:0a:4d:00:02",
+            a.id
+        )),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&format!("attach_to_bridge {tap0} bgunit0")),
         "{calls:?}"
     );
 
@@ -119,17 +132,17 @@ fn network_leases_attaches_and_configures_the_guest() {
     e.run(&a, &host, |c| cap.configure_machine(c, &mut m))
         .unwrap();
     assert_eq!(m.nics.len(), 1);
-    assert_eq!(m.nics[0].tap, "bgtap0");
-    assert_eq!(m.nics[0].mac, "06:00:ac:1e:00:02");
+    assert_eq!(m.nics[0].tap, tap0);
+    assert_eq!(m.nics[0].mac, "06:00:0a:4d:00:02");
 
     let mut g = GuestConfig::new("a");
     e.run(&a, &host, |c| cap.guest_config(c, &mut g)).unwrap();
     assert_eq!(g.network.len(), 1);
     let n = &g.network[0];
     assert_eq!(n.nic_id, m.nics[0].id);
-    assert_eq!(n.address, "172.30.0.2/24");
-    assert_eq!(n.gateway.as_deref(), Some("172.30.0.1"));
-    assert_eq!(n.nameservers, vec!["172.30.0.1"]);
+    assert_eq!(n.address, "10.77.0.2/24");
+    assert_eq!(n.gateway.as_deref(), Some("10.77.0.1"));
+    assert_eq!(n.nameservers, vec!["10.77.0.1"]);
     assert_eq!(n.mtu, Some(1500));
     // A second contribution for the same NIC is refused, not duplicated.
     assert!(e.run(&a, &host, |c| cap.guest_config(c, &mut g)).is_err());
@@ -140,8 +153,8 @@ fn network_leases_attaches_and_configures_the_guest() {
     let mut mb = machine();
     e.run(&b, &host, |c| cap.configure_machine(c, &mut mb))
         .unwrap();
-    assert_ne!(mb.nics[0].tap, "bgtap0");
-    assert_eq!(mb.nics[0].mac, "06:00:ac:1e:00:03");
+    assert_ne!(mb.nics[0].tap, tap0);
+    assert_eq!(mb.nics[0].mac, "06:00:0a:4d:00:03");
 }
 
 #[test]
@@ -187,7 +200,7 @@ fn network_gives_views_the_leased_address_only() {
     let a = vm("a");
     assert_eq!(cap.guest_address(&a.id), None);
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
-    assert_eq!(cap.guest_address(&a.id), Some(Ipv4Addr::new(172, 30, 0, 2)));
+    assert_eq!(cap.guest_address(&a.id), Some(Ipv4Addr::new(10, 77, 0, 2)));
     e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Delete))
         .unwrap();
     assert_eq!(cap.guest_address(&a.id), None);
@@ -201,7 +214,7 @@ fn nat_adds_rules_for_the_vm_address_and_always_removes_them() {
     let a = vm("a");
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
     let ip = e.net.leases().get(&a.id).unwrap().unwrap().ip;
-    assert_eq!(host.calls(), vec![format!("add_nat {} banger0 {ip}", a.id)]);
+    assert_eq!(host.calls(), vec![format!("add_nat {} bgunit0 {ip}", a.id)]);
     for reason in [TeardownReason::Rollback, TeardownReason::Stop] {
         e.run(&a, &host, |c| cap.teardown(c, reason)).unwrap();
         assert_eq!(
@@ -223,7 +236,7 @@ fn dns_publishes_the_record_while_prepared() {
     let a = vm("web");
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
     let records = dns::read_records(&dns::records_path(e.dir.path())).unwrap();
-    assert_eq!(records.get("web"), Some(&Ipv4Addr::new(172, 30, 0, 2)));
+    assert_eq!(records.get("web"), Some(&Ipv4Addr::new(10, 77, 0, 2)));
     e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Stop))
         .unwrap();
     assert!(dns::read_records(e.net.dns_records()).unwrap().is_empty());
@@ -232,7 +245,7 @@ fn dns_publishes_the_record_while_prepared() {
 #[test]
 fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
     let t = TestEnv::new();
-    let (dir, config, recording) = (&t.dir, &t.config, &t.recording);
+    let (dir, recording) = (&t.dir, &t.recording);
     let host = &t.host;
     let env = t.env();
     let (caps, errors) = builtins(&env);
@@ -241,19 +254,27 @@ fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
     assert!(Arc::ptr_eq(&host_network(&env), &host_network(&env)));
     let network = caps.iter().find(|c| c.name() == "network").unwrap();
 
-    // A lease of a VM with no row, and a VM that kept running on bgtap0.
-    host_network(&env)
-        .leases()
-        .acquire(&vm("gone").id, &config.network.subnet)
+    // Unset in config: this daemon's own names, derived from its state dir.
+    let net = host_network(&env);
+    let me = NetIdentity::for_state_dir(&t.paths.state_dir);
+    let (bridge, p) = (me.bridge(), me.tap_prefix.clone());
+    assert_eq!(net.config().bridge, bridge);
+    assert_eq!(net.config().subnet, me.subnet());
+    assert_ne!(bridge, "banger0");
+
+    // A lease of a VM with no row, and a VM that kept running on tap 0.
+    net.leases()
+        .acquire(&vm("gone").id, &net.config().subnet)
         .unwrap();
     let survivor = RunningVm {
         vm: vm("up"),
         vm_dir: dir.path().join("up"),
     };
+    let ip = net.config().subnet.vm_hosts().nth(7).unwrap();
     NicState {
-        tap: "bgtap0".into(),
-        ip: Ipv4Addr::new(172, 30, 0, 9),
-        mac: "06:00:ac:1e:00:09".into(),
+        tap: format!("{p}0"),
+        ip,
+        mac: banger_api::net::MacAddr::for_ip(ip).to_string(),
     }
     .save(&survivor.vm_dir)
     .unwrap();
@@ -267,24 +288,38 @@ fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
         runtime: rt.handle().clone(),
     };
     network.daemon_start(&ctx).unwrap();
-    assert!(host_network(&env).leases().list().unwrap().is_empty());
+    assert!(net.leases().list().unwrap().is_empty());
     let calls = recording.calls();
-    assert_eq!(calls[0], "ensure_bridge banger0 172.30.0.1/24");
+    let gw = net.gateway();
+    assert_eq!(calls[0], format!("ensure_bridge {bridge} {gw}/24"));
     assert!(
-        calls.iter().any(|c| c.starts_with("create_tap bgtap1 ")),
+        calls
+            .iter()
+            .any(|c| c.starts_with(&format!("create_tap {p}1 "))),
         "{calls:?}"
     );
-    assert!(!calls.iter().any(|c| c.contains("bgtap0")), "{calls:?}");
-    assert_eq!(host_network(&env).taps().free(), vec!["bgtap1", "bgtap2"]);
+    // The survivor's tap is not remade, but its guard is put back.
+    let tap0 = format!("{p}0");
+    let touching: Vec<&String> = calls.iter().filter(|c| c.contains(&tap0)).collect();
+    assert_eq!(
+        touching,
+        [&format!(
+            "add_guest {} {bridge} {tap0} {ip} {}",
+            running[0].vm.id,
+            banger_api::net::MacAddr::for_ip(ip)
+        )],
+        "{calls:?}"
+    );
+    assert_eq!(net.taps().free(), vec![format!("{p}1"), format!("{p}2")]);
 
     network.daemon_stop(&ctx);
     let calls = recording.calls();
     assert_eq!(
         calls[calls.len() - 3..],
         [
-            "delete_link bgtap1",
-            "delete_link bgtap2",
-            "unroute_dns banger0"
+            format!("delete_link {p}1"),
+            format!("delete_link {p}2"),
+            format!("unroute_dns {bridge}")
         ]
     );
     assert!(host_network(&env).taps().free().is_empty());

@@ -4,6 +4,12 @@
 //! nameserver (the bridge, where the `.vm` DNS server listens). Stop returns
 //! the tap; delete also frees the address.
 //!
+//! Every guest is fenced in (see `docs/networking.md`): PrepareHost installs
+//! anti-spoofing rules for its tap (only its own MAC and IPv4 leave it), and
+//! the bridge's base rules drop guest-to-guest traffic and everything a
+//! guest sends to the host except DNS. `--cap network:peers=true` on two
+//! VMs lets those two talk to each other.
+//!
 //! It owns host networking ([`HostNetwork`]: bridge, tap pool, leases). Its
 //! factory makes it and places it in the daemon's shared state (`CapEnv::shared`), where
 //! `dns` and `nat` find the same value ([`host_network`]). At daemon start
@@ -16,17 +22,21 @@ use std::sync::Arc;
 
 use banger_api::guest::{GuestConfig, GuestNetwork};
 use banger_api::machine::{MachineSpec, Nic};
-use banger_api::model::{CapOptions, VmId};
+use banger_api::model::{CapOptions, VmId, VmRecord};
+use banger_api::net::MacAddr;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, DaemonCtx, HookCtx, TeardownReason,
 };
+use banger_host::hostops::{GuestPort, HostOps};
 
 mod host;
+pub mod identity;
 pub mod leases;
 mod taps;
 
 pub use host::{HostNetwork, NetError, NicState};
-pub use taps::{DEFAULT_WARM, TAP_PREFIX, TapPool};
+pub use identity::NetIdentity;
+pub use taps::{AdoptError, DEFAULT_WARM, ForeignTap, TapPool};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "network";
@@ -77,6 +87,59 @@ pub(crate) fn no_options(name: &str, options: &CapOptions) -> Result<(), CapErro
     }
 }
 
+/// The `peers` option: `true` lets this VM talk to other VMs that also
+/// set it; the default (`false`) keeps it alone on the bridge.
+pub fn peers_option(options: &CapOptions) -> Result<bool, CapError> {
+    for k in options.keys() {
+        if k != "peers" {
+            return Err(CapError::InvalidOptions(format!(
+                "unknown option {k:?}: {NAME} takes peers=true|false; configure the rest in [network] of config.toml"
+            )));
+        }
+    }
+    match options.get("peers").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(v) => Err(CapError::InvalidOptions(format!(
+            "peers={v:?}: use peers=true (talk to other VMs with peers=true) or peers=false"
+        ))),
+    }
+}
+
+/// The network options `vm` was created with (none if it has no network).
+fn vm_peers(vm: &VmRecord) -> bool {
+    vm.caps
+        .iter()
+        .find(|c| c.name == NAME)
+        .map(|c| peers_option(&c.options).unwrap_or(false))
+        .unwrap_or(false)
+}
+
+/// Installs the VM's anti-spoofing (and peer) rules for `state`.
+fn guard(
+    net: &HostNetwork,
+    host: &dyn HostOps,
+    vm: &VmId,
+    state: &NicState,
+    peers: bool,
+) -> Result<(), CapError> {
+    let mac: MacAddr = state
+        .mac
+        .parse()
+        .map_err(|e| CapError::with("The VM's network state has a bad MAC", e))?;
+    host.add_guest(
+        vm.as_str(),
+        &GuestPort {
+            bridge: net.config().bridge.clone(),
+            tap: state.tap.clone(),
+            ip: state.ip,
+            mac,
+            peers,
+        },
+    )
+    .map_err(|e| CapError::with("Cannot install the VM's network isolation rules", e))
+}
+
 fn nic_state(ctx: &HookCtx<'_>) -> Result<NicState, CapError> {
     NicState::load(ctx.vm_dir)
         .map_err(|e| CapError::with("Cannot read the VM's network state", e))?
@@ -93,11 +156,12 @@ impl Capability for Network {
     }
 
     fn validate_options(&self, options: &CapOptions) -> Result<(), CapError> {
-        no_options(NAME, options)
+        peers_option(options).map(|_| ())
     }
 
     fn prepare_host(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
         let net = &self.net;
+        let peers = peers_option(ctx.options)?;
         net.ensure_up(ctx.host, &[])
             .map_err(|e| CapError::with("Cannot set up the bridge", e))?;
         let lease = net
@@ -105,14 +169,23 @@ impl Capability for Network {
             .map_err(|e| CapError::with("Cannot lease an address", e))?;
         let previous = NicState::load(ctx.vm_dir)
             .map_err(|e| CapError::with("Cannot read the VM's network state", e))?;
-        let tap = match previous {
-            // A start after an unclean stop: keep the same tap.
-            Some(s) => {
-                net.taps()
-                    .adopt(ctx.host, &s.tap)
-                    .map_err(|e| CapError::with("Cannot reuse the VM's tap", e))?;
-                s.tap
-            }
+        let reused = match previous {
+            // A start after an unclean stop: keep the same tap, if it is
+            // this daemon's (an older banger's tap is left alone).
+            Some(s) => match net.taps().adopt(ctx.host, &s.tap) {
+                Ok(()) => Some(s.tap),
+                Err(AdoptError::Foreign(e)) => {
+                    ctx.log.warn(&e.to_string());
+                    None
+                }
+                Err(AdoptError::Host(e)) => {
+                    return Err(CapError::with("Cannot reuse the VM's tap", e));
+                }
+            },
+            None => None,
+        };
+        let tap = match reused {
+            Some(t) => t,
             None => net
                 .taps()
                 .acquire(ctx.host)
@@ -126,6 +199,13 @@ impl Capability for Network {
         if let Err(e) = state.save(ctx.vm_dir) {
             let _ = net.taps().release(ctx.host, &tap);
             return Err(CapError::with("Cannot record the VM's tap", e));
+        }
+        // The rules go on before the VMM can send anything through the tap.
+        if let Err(e) = guard(net, ctx.host, &ctx.vm.id, &state, peers) {
+            let _ = ctx.host.remove_guest(ctx.vm.id.as_str());
+            let _ = net.taps().release(ctx.host, &tap);
+            let _ = NicState::remove(ctx.vm_dir);
+            return Err(e);
         }
         ctx.log.info(&format!("address {} on {tap}", lease.ip));
         Ok(())
@@ -188,20 +268,31 @@ impl Capability for Network {
             ),
         }
         // VMs that kept running while no daemon ran hold taps: bring
-        // networking up around them so their taps are not handed out again.
-        let taps: Vec<String> = ctx
+        // networking up around them so their taps are not handed out again,
+        // and make sure their isolation rules are there (a host reboot of
+        // nftables, or VMs started by a banger without them).
+        let running: Vec<(&VmRecord, NicState)> = ctx
             .running
             .iter()
-            .filter_map(|r| NicState::load(&r.vm_dir).ok().flatten())
-            .map(|s| s.tap)
+            .filter_map(|r| Some((&r.vm, NicState::load(&r.vm_dir).ok().flatten()?)))
             .collect();
-        if taps.is_empty() {
+        if running.is_empty() {
             return Ok(());
         }
-        let refs: Vec<&str> = taps.iter().map(String::as_str).collect();
+        let refs: Vec<&str> = running.iter().map(|(_, s)| s.tap.as_str()).collect();
         self.net
             .ensure_up(ctx.host, &refs)
-            .map_err(|e| CapError::with("Cannot bring host networking up", e))
+            .map_err(|e| CapError::with("Cannot bring host networking up", e))?;
+        for (vm, state) in &running {
+            if let Err(e) = guard(&self.net, ctx.host, &vm.id, state, vm_peers(vm)) {
+                tracing::warn!(
+                    "VM {}: {}",
+                    vm.name,
+                    banger_core::lifecycle::render_chain(&e)
+                );
+            }
+        }
+        Ok(())
     }
 
     fn daemon_stop(&self, ctx: &DaemonCtx<'_>) {
@@ -210,6 +301,10 @@ impl Capability for Network {
 
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
         let net = &self.net;
+        // Rules first, whether or not the VM got a tap (a rollback).
+        ctx.host
+            .remove_guest(ctx.vm.id.as_str())
+            .map_err(|e| CapError::with("Cannot remove the VM's network isolation rules", e))?;
         if let Some(state) = NicState::load(ctx.vm_dir)
             .map_err(|e| CapError::with("Cannot read the VM's network state", e))?
         {

@@ -19,6 +19,7 @@ use banger_core::store::Store;
 use banger_host::hostops::{HostOps, HostOpsError};
 
 use super::TapPool;
+use super::identity::NetIdentity;
 use super::leases::{Lease, LeaseError, Leases};
 use crate::dns::server as dns;
 
@@ -104,7 +105,9 @@ impl NicState {
 /// Host networking shared by every VM of one daemon.
 #[derive(Debug)]
 pub struct HostNetwork {
+    /// `[network]` with the names this daemon derives filled in.
     config: NetworkConfig,
+    identity: NetIdentity,
     leases: Leases,
     taps: TapPool,
     dns_records: PathBuf,
@@ -116,10 +119,21 @@ pub struct HostNetwork {
 impl HostNetwork {
     /// Networking per `config`, leases in `store`, DNS records under
     /// `state_dir`, taps owned by `owner_uid` (the user running the VMM).
+    /// Names `config` leaves unset are derived from `state_dir`
+    /// ([`NetIdentity`]), so daemons with different state dirs never share
+    /// a bridge, tap, subnet or nftables table.
     pub fn new(config: NetworkConfig, store: Arc<Store>, state_dir: &Path, owner_uid: u32) -> Self {
-        let taps = TapPool::new(&config.bridge, owner_uid, super::DEFAULT_WARM);
+        let identity = NetIdentity::for_state_dir(state_dir);
+        let config = identity.resolve(&config);
+        let taps = TapPool::new(
+            &identity.tap_prefix,
+            &config.bridge,
+            owner_uid,
+            super::DEFAULT_WARM,
+        );
         HostNetwork {
             config,
+            identity,
             leases: Leases::new(store),
             taps,
             dns_records: dns::records_path(state_dir),
@@ -127,9 +141,14 @@ impl HostNetwork {
         }
     }
 
-    /// The settings.
+    /// The settings, with derived names filled in.
     pub fn config(&self) -> &NetworkConfig {
         &self.config
+    }
+
+    /// This daemon's network identity (tap prefix, derived names).
+    pub fn identity(&self) -> &NetIdentity {
+        &self.identity
     }
 
     /// The VMs' addresses.

@@ -380,12 +380,21 @@ impl FromStr for CapChoice {
         }
         let mut options = CapOptions::new();
         if let Some(opts) = opts {
+            let mut last: Option<String> = None;
             for kv in opts.split(',') {
-                let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+                let Some((k, v)) = kv.split_once('=') else {
+                    // `k=a,b`: a piece without `=` continues the last value.
+                    let k = last.as_ref().ok_or_else(bad)?;
+                    let v = options.get_mut(k).ok_or_else(bad)?;
+                    v.push(',');
+                    v.push_str(kv);
+                    continue;
+                };
                 if k.is_empty() {
                     return Err(bad());
                 }
                 options.insert(k.to_string(), v.to_string());
+                last = Some(k.to_string());
             }
         }
         Ok(CapChoice::Add(EnabledCap {
@@ -632,6 +641,14 @@ mod tests {
         };
         assert_eq!(c.options["host"], "/src");
         assert_eq!(c.options["guest"], "/mnt/src");
+        let CapChoice::Add(c) = "nat:allow=10.1.0.0/16,192.0.2.7/32,x=1"
+            .parse::<CapChoice>()
+            .unwrap()
+        else {
+            panic!("expected add");
+        };
+        assert_eq!(c.options["allow"], "10.1.0.0/16,192.0.2.7/32");
+        assert_eq!(c.options["x"], "1");
         assert_eq!(
             "-nat".parse::<CapChoice>().unwrap(),
             CapChoice::Remove("nat".into())

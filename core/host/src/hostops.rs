@@ -12,6 +12,7 @@ use banger_plugin_abi::wire::{self, HostCall, HostReply, WIRE_VERSION};
 pub use banger_plugin_abi::wire::{BoundDevice, PciAddress};
 
 pub use crate::error::{HostOpsError, validate_ifname};
+pub use crate::net::nft::{Cidr, GuestPort, InvalidCidr};
 
 #[cfg(any(test, feature = "fake-sysfs"))]
 pub mod fake_sysfs;
@@ -48,16 +49,52 @@ pub trait HostOps: Send + Sync + fmt::Debug {
     }
 
     /// Lets the VM at `ip` behind `bridge` reach the outside, masqueraded,
-    /// with rules tagged by `vm_id` in the `banger` nftables table. Replaces
-    /// that VM's earlier rules, so it is idempotent.
+    /// with rules tagged by `vm_id` in the bridge's own nftables tables
+    /// (`banger_<bridge>`, see [`crate::net::nft`]), except private,
+    /// link-local, loopback, CGNAT and multicast destinations and the host's
+    /// other bridges. Replaces that VM's earlier rules, so it is idempotent;
+    /// turns `ip_forward` on if it was off.
     fn add_nat(&self, vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
         let _ = (bridge, ip);
         Err(unsupported("add_nat", vm_id))
     }
 
+    /// [`HostOps::add_nat`], with destinations in `allow` reachable even
+    /// where the default refuses them.
+    fn add_nat_allowing(
+        &self,
+        vm_id: &str,
+        bridge: &str,
+        ip: Ipv4Addr,
+        allow: &[Cidr],
+    ) -> Result<(), HostOpsError> {
+        if allow.is_empty() {
+            return self.add_nat(vm_id, bridge, ip);
+        }
+        Err(unsupported("add_nat_allowing", vm_id))
+    }
+
     /// Removes exactly the NAT rules tagged by `vm_id`; none is not an error.
+    /// Turns `ip_forward` back off when banger turned it on and no VM (of
+    /// any banger daemon on the host) has NAT left.
     fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
         Err(unsupported("remove_nat", vm_id))
+    }
+
+    /// Lets the guest behind `port.tap` send only from its own MAC and IPv4
+    /// (and ARP for them), and, with `port.peers`, reach other guests that
+    /// also opted in; every other guest-to-guest frame and everything else
+    /// from the bridge's ports is dropped, and guests reach the host only for
+    /// DNS (port 53) and replies. Rules tagged by `vm_id` in the bridge's own
+    /// tables, replacing that VM's earlier ones (idempotent).
+    fn add_guest(&self, vm_id: &str, port: &GuestPort) -> Result<(), HostOpsError> {
+        let _ = port;
+        Err(unsupported("add_guest", vm_id))
+    }
+
+    /// Removes exactly the guard rules tagged by `vm_id`; none is not an error.
+    fn remove_guest(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        Err(unsupported("remove_guest", vm_id))
     }
 
     /// When systemd-resolved runs, sends queries for `domain` (e.g. `vm`) to
@@ -216,11 +253,29 @@ impl HostOps for InProcessHostOps {
     }
 
     fn add_nat(&self, vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
-        crate::net::nft::add_nat(vm_id, bridge, ip)
+        crate::net::nft::add_nat(vm_id, bridge, ip, &[])
+    }
+
+    fn add_nat_allowing(
+        &self,
+        vm_id: &str,
+        bridge: &str,
+        ip: Ipv4Addr,
+        allow: &[Cidr],
+    ) -> Result<(), HostOpsError> {
+        crate::net::nft::add_nat(vm_id, bridge, ip, allow)
     }
 
     fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
         crate::net::nft::remove_nat(vm_id)
+    }
+
+    fn add_guest(&self, vm_id: &str, port: &GuestPort) -> Result<(), HostOpsError> {
+        crate::net::nft::add_guest(vm_id, port)
+    }
+
+    fn remove_guest(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        crate::net::nft::remove_guest(vm_id)
     }
 
     fn route_dns_domain(
@@ -347,8 +402,46 @@ impl HostOps for RecordingHostOps {
         Ok(())
     }
 
+    fn add_nat_allowing(
+        &self,
+        vm_id: &str,
+        bridge: &str,
+        ip: Ipv4Addr,
+        allow: &[Cidr],
+    ) -> Result<(), HostOpsError> {
+        if allow.is_empty() {
+            return self.add_nat(vm_id, bridge, ip);
+        }
+        validate_ifname("add_nat", bridge)?;
+        let allow: Vec<String> = allow.iter().map(Cidr::to_string).collect();
+        self.record(format!(
+            "add_nat {vm_id} {bridge} {ip} allow={}",
+            allow.join(",")
+        ));
+        Ok(())
+    }
+
     fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
         self.record(format!("remove_nat {vm_id}"));
+        Ok(())
+    }
+
+    fn add_guest(&self, vm_id: &str, port: &GuestPort) -> Result<(), HostOpsError> {
+        validate_ifname("add_guest", &port.bridge)?;
+        validate_ifname("add_guest", &port.tap)?;
+        self.record(format!(
+            "add_guest {vm_id} {} {} {} {}{}",
+            port.bridge,
+            port.tap,
+            port.ip,
+            port.mac,
+            if port.peers { " peers" } else { "" }
+        ));
+        Ok(())
+    }
+
+    fn remove_guest(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        self.record(format!("remove_guest {vm_id}"));
         Ok(())
     }
 

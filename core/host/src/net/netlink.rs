@@ -9,9 +9,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 use crate::error::HostOpsError;
+use crate::net::nft::Cidr;
 
 fn io_error(e: rtnetlink::Error) -> std::io::Error {
     match &e {
@@ -87,6 +89,15 @@ async fn require_index(handle: &Handle, name: &str) -> Result<u32, std::io::Erro
 /// and brings it up.
 pub(crate) fn ensure_bridge(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
     with_handle("ensure_bridge", name, async |h: Handle| {
+        let ours = Cidr::containing(addr, prefix);
+        if let Some((link, theirs)) = subnet_user(&h, name, ours).await? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "subnet {ours} overlaps {theirs} on {link}; set `subnet` in [network] of config.toml to a free one"
+                ),
+            ));
+        }
         let index = match index_of(&h, name).await? {
             Some(i) => i,
             None => {
@@ -130,6 +141,39 @@ pub(crate) fn ensure_bridge(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<()
     })
 }
 
+/// A link other than `except` with an IPv4 address overlapping `subnet`.
+async fn subnet_user(
+    h: &Handle,
+    except: &str,
+    subnet: Cidr,
+) -> Result<Option<(String, Cidr)>, std::io::Error> {
+    let mut names = std::collections::HashMap::new();
+    let mut links = h.link().get().execute();
+    while let Some(msg) = links.try_next().await.map_err(io_error)? {
+        for attr in &msg.attributes {
+            if let LinkAttribute::IfName(n) = attr {
+                names.insert(msg.header.index, n.clone());
+            }
+        }
+    }
+    let mut addrs = h.address().get().execute();
+    while let Some(msg) = addrs.try_next().await.map_err(io_error)? {
+        let link = names.get(&msg.header.index).cloned().unwrap_or_default();
+        if link == except {
+            continue;
+        }
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(v)) = attr {
+                let theirs = Cidr::containing(*v, msg.header.prefix_len);
+                if theirs.contains(subnet.network()) || subnet.contains(theirs.network()) {
+                    return Ok(Some((link, theirs)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Makes `bridge` the controller of `link`.
 pub(crate) fn attach_to_bridge(link: &str, bridge: &str) -> Result<(), HostOpsError> {
     with_handle("attach_to_bridge", link, async |h: Handle| {
@@ -170,5 +214,47 @@ pub(crate) fn delete_link(link: &str) -> Result<(), HostOpsError> {
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
             Err(e) => Err(io_error(e)),
         }
+    })
+}
+
+/// The IPv4 subnets of every bridge but `except` (other banger daemons'
+/// bridges, `docker0`, `virbr0`, ...), which NAT keeps guests out of.
+pub(crate) fn other_bridge_subnets(except: &str) -> Result<Vec<Cidr>, HostOpsError> {
+    with_handle("add_nat", except, async |h: Handle| {
+        let mut bridges = Vec::new();
+        let mut links = h.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(io_error)? {
+            let mut name = None;
+            let mut is_bridge = false;
+            for attr in &msg.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::LinkInfo(infos) => {
+                        is_bridge |= infos
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                    }
+                    _ => {}
+                }
+            }
+            if is_bridge && name.as_deref() != Some(except) {
+                bridges.push(msg.header.index);
+            }
+        }
+        let mut out = Vec::new();
+        for index in bridges {
+            let mut addrs = h.address().get().set_link_index_filter(index).execute();
+            while let Some(msg) = addrs.try_next().await.map_err(io_error)? {
+                for attr in &msg.attributes {
+                    if let AddressAttribute::Address(IpAddr::V4(v)) = attr {
+                        let c = Cidr::containing(*v, msg.header.prefix_len);
+                        if !out.contains(&c) {
+                            out.push(c);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     })
 }

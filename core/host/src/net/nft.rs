@@ -1,32 +1,186 @@
-//! Per-VM NAT rules in nftables, for [`crate::hostops::InProcessHostOps`].
+//! Guest isolation and per-VM NAT in nftables, for
+//! [`crate::hostops::InProcessHostOps`].
 //!
-//! Everything lives in one table, `ip banger`, with a `postrouting` nat chain
-//! and a `forward` filter chain. Each VM's rules carry the comment
-//! `banger:<vm_id>`, so removal deletes exactly that VM's rules by handle and
-//! never touches anything else. Changes go through `nft -f -` as one
+//! Each bridge gets two tables of its own, both named `banger_<bridge>`
+//! (see [`table_for`]); banger never touches any other table:
+//!
+//! - `bridge banger_<bridge>` sees frames between the bridge's ports. Its
+//!   `prerouting` base chain jumps to `guests`, where each VM's tap has rules
+//!   accepting only its own MAC with its own IPv4 (and ARP for it) and
+//!   dropping everything else the tap sends (spoofed addresses, IPv6, VLAN
+//!   tags). Its `forward` base chain (port to port: guest to guest) jumps to
+//!   `from_guests`, where each VM's tap drops what it sends to another port,
+//!   unless both are peers (`peers_to` then accepts).
+//! - `ip banger_<bridge>` filters what guests send to the host (`input`:
+//!   only DNS on port 53 and replies to connections the host opened) and
+//!   what they send through it (`forward`: only VMs with NAT, only to
+//!   addresses outside the `deny` set and the host's other bridges, unless
+//!   allowed per VM), and masquerades NAT'ed VMs (`postrouting`).
+//!
+//! The base chains' rules are fixed and carry [`BASE_TAG`]; each VM's rules
+//! live in regular chains the base chains jump to and carry
+//! `banger:<vm_id>:guard` or `banger:<vm_id>:nat`, so removal deletes exactly
+//! that VM's rules by handle. Changes go through `nft -f -` as one
 //! transaction; the ruleset is read back with `nft -j`.
+//!
+//! `ip_forward` is turned on by the first NAT rule when it was off; the
+//! marker table `ip banger_ipforward` records that banger did it, and the
+//! last NAT rule's removal (over every `banger_*` table, so every daemon on
+//! the host) turns it off again and deletes the marker.
 
+use std::fmt;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::sync::Mutex;
 
-use crate::error::HostOpsError;
+use banger_api::net::MacAddr;
 
-/// The nftables table banger owns.
-pub const TABLE: &str = "banger";
+use crate::error::{HostOpsError, validate_ifname};
 
-const SKELETON: &str = "table ip banger {
-  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }
-  chain forward { type filter hook forward priority filter; policy accept; }
+/// Every table banger owns starts with this.
+pub const TABLE_PREFIX: &str = "banger_";
+
+/// The tag of the base chains' fixed rules; a table without it (new, or
+/// made by an older banger) gets its base chains rebuilt.
+pub const BASE_TAG: &str = "banger:base:v2";
+
+/// The marker table meaning "banger turned ip_forward on".
+pub const FORWARD_MARKER: &str = "banger_ipforward";
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Destinations NAT refuses unless a VM allows them: "this" network,
+/// RFC 1918, CGNAT (RFC 6598), loopback, link-local (with the cloud
+/// metadata address 169.254.169.254), IETF protocol assignments,
+/// benchmarking, multicast and reserved space.
+pub const NAT_DENY: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/3",
+];
+
+/// Serialises base-chain (re)builds and ip_forward bookkeeping in this
+/// process, so two VMs starting at once do not build the base twice.
+static BASE_LOCK: Mutex<()> = Mutex::new(());
+
+/// The tables (both families) of the guests behind `bridge`.
+pub fn table_for(bridge: &str) -> String {
+    let safe: String = bridge
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{TABLE_PREFIX}{safe}")
 }
-";
 
-/// The comment that tags a VM's rules.
-pub fn comment_for(vm_id: &str) -> String {
-    format!("banger:{vm_id}")
+/// The tag of a VM's anti-spoofing and peer rules.
+pub fn guard_tag(vm_id: &str) -> String {
+    format!("banger:{vm_id}:guard")
 }
 
-fn validate_vm_id(op: &'static str, vm_id: &str) -> Result<(), HostOpsError> {
+/// The tag of a VM's NAT rules.
+pub fn nat_tag(vm_id: &str) -> String {
+    format!("banger:{vm_id}:nat")
+}
+
+/// An IPv4 network in CIDR form (`10.1.0.0/16`, `192.0.2.7/32`), as a VM's
+/// NAT allow list takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+/// A CIDR string that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "Invalid network {0:?}: use an IPv4 network in CIDR form with its host bits zero, e.g. \"10.1.0.0/16\" or \"192.0.2.7/32\""
+)]
+pub struct InvalidCidr(pub String);
+
+impl Cidr {
+    /// The network address.
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The prefix length (0-32).
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        }
+    }
+
+    /// The network `addr/prefix` lies in.
+    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Cidr {
+        let prefix = prefix.min(32);
+        Cidr {
+            network: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix)),
+            prefix,
+        }
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.network)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = InvalidCidr;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidCidr(s.to_string());
+        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        let cidr = Cidr::containing(addr, prefix);
+        if cidr.network != addr {
+            return Err(bad());
+        }
+        Ok(cidr)
+    }
+}
+
+/// One guest's port on a bridge, as the anti-spoofing rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPort {
+    /// The bridge the tap is a port of.
+    pub bridge: String,
+    /// The VM's tap.
+    pub tap: String,
+    /// The only IPv4 source the guest may use.
+    pub ip: Ipv4Addr,
+    /// The only MAC source the guest may use.
+    pub mac: MacAddr,
+    /// Whether the guest may talk to other guests that also opted in.
+    pub peers: bool,
+}
+
+pub(crate) fn validate_vm_id(op: &'static str, vm_id: &str) -> Result<(), HostOpsError> {
     if !vm_id.is_empty()
         && vm_id.len() <= 64
         && vm_id
@@ -40,6 +194,23 @@ fn validate_vm_id(op: &'static str, vm_id: &str) -> Result<(), HostOpsError> {
             why: format!("{vm_id:?} is not a valid VM id (1-64 of [A-Za-z0-9_-])"),
         })
     }
+}
+
+fn invalid(op: &'static str, why: String) -> HostOpsError {
+    HostOpsError::InvalidArgument { op, why }
+}
+
+/// A unicast, routable guest address: not 0/8, loopback, link-local,
+/// multicast or broadcast.
+fn validate_guest_ip(op: &'static str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
+    let o = ip.octets();
+    if o[0] == 0 || ip.is_loopback() || ip.is_link_local() || ip.is_multicast() || o[0] >= 240 {
+        return Err(invalid(
+            op,
+            format!("{ip} is not a guest address (unicast, not loopback or link-local)"),
+        ));
+    }
+    Ok(())
 }
 
 fn failed(op: &'static str, target: &str, source: std::io::Error) -> HostOpsError {
@@ -83,19 +254,24 @@ fn run_nft(args: &[&str], stdin: Option<&str>) -> Result<String, std::io::Error>
     }
 }
 
-/// `(chain, handle)` of every rule in our table tagged with `comment`.
-fn tagged_rules(comment: &str) -> Result<Vec<(String, u64)>, std::io::Error> {
-    let json = match run_nft(&["-j", "list", "table", "ip", TABLE], None) {
-        Ok(j) => j,
-        // No table yet means no rules.
-        Err(e) if e.to_string().contains("No such file or directory") => return Ok(vec![]),
-        Err(e) => return Err(e),
-    };
-    Ok(rules_with_comment(&json, comment))
+/// A rule of one of our tables, by what deleting it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RuleRef {
+    pub family: String,
+    pub table: String,
+    pub chain: String,
+    pub handle: u64,
+    pub comment: String,
 }
 
-/// Parses `nft -j list ...` output for rules carrying exactly `comment`.
-pub(crate) fn rules_with_comment(json: &str, comment: &str) -> Vec<(String, u64)> {
+/// The rules of every `banger_*` table of `family` (`ip`, `bridge`).
+fn our_rules(family: &str) -> Result<Vec<RuleRef>, std::io::Error> {
+    let json = run_nft(&["-j", "list", "ruleset", family], None)?;
+    Ok(parse_rules(&json))
+}
+
+/// Parses `nft -j list ...` output into the rules of `banger_*` tables.
+pub(crate) fn parse_rules(json: &str) -> Vec<RuleRef> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
         return vec![];
     };
@@ -105,56 +281,251 @@ pub(crate) fn rules_with_comment(json: &str, comment: &str) -> Vec<(String, u64)
     items
         .iter()
         .filter_map(|item| item.get("rule"))
-        .filter(|r| r.get("table").and_then(|t| t.as_str()) == Some(TABLE))
-        .filter(|r| r.get("comment").and_then(|c| c.as_str()) == Some(comment))
         .filter_map(|r| {
-            Some((
-                r.get("chain")?.as_str()?.to_string(),
-                r.get("handle")?.as_u64()?,
-            ))
+            let table = r.get("table")?.as_str()?;
+            if !table.starts_with(TABLE_PREFIX) {
+                return None;
+            }
+            Some(RuleRef {
+                family: r.get("family")?.as_str()?.to_string(),
+                table: table.to_string(),
+                chain: r.get("chain")?.as_str()?.to_string(),
+                handle: r.get("handle")?.as_u64()?,
+                comment: r
+                    .get("comment")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string(),
+            })
         })
         .collect()
 }
 
-fn delete_lines(rules: &[(String, u64)]) -> String {
+fn delete_lines<'a>(rules: impl IntoIterator<Item = &'a RuleRef>) -> String {
     rules
-        .iter()
-        .map(|(chain, handle)| format!("delete rule ip {TABLE} {chain} handle {handle}\n"))
+        .into_iter()
+        .map(|r| {
+            format!(
+                "delete rule {} {} {} handle {}\n",
+                r.family, r.table, r.chain, r.handle
+            )
+        })
         .collect()
 }
 
-/// Lets `ip` reach beyond `bridge` with its source masqueraded, and lets
-/// replies back in. Replaces any earlier rules of `vm_id` in one transaction.
-pub(crate) fn add_nat(vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
-    const OP: &str = "add_nat";
+fn nat_deny_elements() -> String {
+    NAT_DENY.join(", ")
+}
+
+/// The script that (re)builds both tables' base chains for `bridge`,
+/// leaving the VMs' chains alone.
+pub(crate) fn base_script(bridge: &str) -> String {
+    let t = table_for(bridge);
+    let deny = nat_deny_elements();
+    format!(
+        "table bridge {t} {{
+  chain prerouting {{ type filter hook prerouting priority -200; policy accept; }}
+  chain forward {{ type filter hook forward priority -200; policy accept; }}
+  chain guests {{ }}
+  chain from_guests {{ }}
+  chain peers_to {{ }}
+}}
+table ip {t} {{
+  set deny {{ type ipv4_addr; flags interval; auto-merge; }}
+  set bridges {{ type ipv4_addr; flags interval; auto-merge; }}
+  chain input {{ type filter hook input priority filter; policy accept; }}
+  chain forward {{ type filter hook forward priority filter; policy accept; }}
+  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+  chain nat_out {{ }}
+  chain nat_post {{ }}
+}}
+flush chain bridge {t} prerouting
+flush chain bridge {t} forward
+flush chain ip {t} input
+flush chain ip {t} forward
+flush chain ip {t} postrouting
+flush set ip {t} deny
+add element ip {t} deny {{ {deny} }}
+add rule bridge {t} prerouting jump guests comment \"{BASE_TAG}\"
+add rule bridge {t} forward jump from_guests comment \"{BASE_TAG}\"
+add rule ip {t} input iifname \"{bridge}\" ct state established,related accept comment \"{BASE_TAG}\"
+add rule ip {t} input iifname \"{bridge}\" meta l4proto {{ tcp, udp }} th dport 53 accept comment \"{BASE_TAG}\"
+add rule ip {t} input iifname \"{bridge}\" drop comment \"{BASE_TAG}\"
+add rule ip {t} forward oifname \"{bridge}\" ct state established,related accept comment \"{BASE_TAG}\"
+add rule ip {t} forward iifname \"{bridge}\" oifname != \"{bridge}\" jump nat_out comment \"{BASE_TAG}\"
+add rule ip {t} forward iifname \"{bridge}\" drop comment \"{BASE_TAG}\"
+add rule ip {t} forward oifname \"{bridge}\" drop comment \"{BASE_TAG}\"
+add rule ip {t} postrouting iifname \"{bridge}\" oifname != \"{bridge}\" jump nat_post comment \"{BASE_TAG}\"
+"
+    )
+}
+
+/// Makes sure both tables of `bridge` exist with current base chains;
+/// returns the rules of every `banger_*` table (both families) as read
+/// before any change, for the caller's own bookkeeping.
+fn ensure_base(bridge: &str) -> Result<Vec<RuleRef>, std::io::Error> {
+    let _guard = BASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rules = our_rules("ip")?;
+    rules.extend(our_rules("bridge")?);
+    let t = table_for(bridge);
+    let has_base = |family: &str| {
+        rules
+            .iter()
+            .any(|r| r.family == family && r.table == t && r.comment == BASE_TAG)
+    };
+    if !(has_base("ip") && has_base("bridge")) {
+        run_nft(&["-f", "-"], Some(&base_script(bridge)))?;
+    }
+    Ok(rules)
+}
+
+/// Lets only `port`'s own MAC and IPv4 out of its tap (and, with
+/// `port.peers`, frames to other peers' taps). Replaces the VM's earlier
+/// guard rules in one transaction, so it is idempotent.
+pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsError> {
+    const OP: &str = "add_guest";
     validate_vm_id(OP, vm_id)?;
-    crate::error::validate_ifname(OP, bridge)?;
-    let tag = comment_for(vm_id);
-    let old = tagged_rules(&tag).map_err(|e| failed(OP, vm_id, e))?;
-    let script = format!(
-        "{SKELETON}{deletes}\
-add rule ip {TABLE} postrouting ip saddr {ip} oifname != \"{bridge}\" masquerade comment \"{tag}\"
-add rule ip {TABLE} forward iifname \"{bridge}\" ip saddr {ip} oifname != \"{bridge}\" accept comment \"{tag}\"
-add rule ip {TABLE} forward oifname \"{bridge}\" ip daddr {ip} ct state established,related accept comment \"{tag}\"
-",
-        deletes = delete_lines(&old)
-    );
+    validate_ifname(OP, &port.bridge)?;
+    validate_ifname(OP, &port.tap)?;
+    validate_guest_ip(OP, port.ip)?;
+    if port.mac.0[0] & 1 == 1 || port.mac.0 == [0; 6] {
+        return Err(invalid(
+            OP,
+            format!("{} is not a unicast MAC address", port.mac),
+        ));
+    }
+    let rules = ensure_base(&port.bridge).map_err(|e| failed(OP, vm_id, e))?;
+    let tag = guard_tag(vm_id);
+    let t = table_for(&port.bridge);
+    let (tap, ip, mac) = (&port.tap, port.ip, port.mac);
+    let mut script = delete_lines(rules.iter().filter(|r| r.comment == tag));
+    // One transaction, appended in order: each VM's rules stay adjacent,
+    // its accepts before its drop.
+    script.push_str(&format!(
+        "add rule bridge {t} guests iifname \"{tap}\" ether saddr {mac} ip saddr {ip} accept comment \"{tag}\"
+add rule bridge {t} guests iifname \"{tap}\" ether saddr {mac} arp saddr ether {mac} arp saddr ip {ip} accept comment \"{tag}\"
+add rule bridge {t} guests iifname \"{tap}\" drop comment \"{tag}\"
+"
+    ));
+    if port.peers {
+        script.push_str(&format!(
+            "add rule bridge {t} from_guests iifname \"{tap}\" jump peers_to comment \"{tag}\"
+add rule bridge {t} peers_to oifname \"{tap}\" accept comment \"{tag}\"
+"
+        ));
+    }
+    script.push_str(&format!(
+        "add rule bridge {t} from_guests iifname \"{tap}\" drop comment \"{tag}\"\n"
+    ));
     run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(OP, vm_id, e))?;
-    // Routing between the bridge and the uplink needs forwarding on.
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
-        .map_err(|e| failed(OP, "/proc/sys/net/ipv4/ip_forward", e))?;
     Ok(())
 }
 
-/// Deletes every rule tagged with `vm_id`; none is not an error.
+/// Deletes every rule tagged `tag` in any `banger_*` table; none is fine.
+fn remove_tagged(op: &'static str, vm_id: &str, tag: &str) -> Result<(), HostOpsError> {
+    let mut rules = our_rules("ip").map_err(|e| failed(op, vm_id, e))?;
+    rules.extend(our_rules("bridge").map_err(|e| failed(op, vm_id, e))?);
+    let script = delete_lines(rules.iter().filter(|r| r.comment == tag));
+    if !script.is_empty() {
+        run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(op, vm_id, e))?;
+    }
+    Ok(())
+}
+
+/// Deletes the VM's guard rules; none is not an error.
+pub(crate) fn remove_guest(vm_id: &str) -> Result<(), HostOpsError> {
+    const OP: &str = "remove_guest";
+    validate_vm_id(OP, vm_id)?;
+    remove_tagged(OP, vm_id, &guard_tag(vm_id))
+}
+
+/// Lets `ip` reach beyond `bridge` with its source masqueraded, except
+/// [`NAT_DENY`] and the subnets of the host's other bridges, which only
+/// `allow` opens. Replaces earlier NAT rules of `vm_id` in one transaction.
+pub(crate) fn add_nat(
+    vm_id: &str,
+    bridge: &str,
+    ip: Ipv4Addr,
+    allow: &[Cidr],
+) -> Result<(), HostOpsError> {
+    const OP: &str = "add_nat";
+    validate_vm_id(OP, vm_id)?;
+    validate_ifname(OP, bridge)?;
+    validate_guest_ip(OP, ip)?;
+    let rules = ensure_base(bridge).map_err(|e| failed(OP, vm_id, e))?;
+    let others = crate::net::netlink::other_bridge_subnets(bridge)?;
+    let tag = nat_tag(vm_id);
+    let t = table_for(bridge);
+    let mut script = delete_lines(rules.iter().filter(|r| r.comment == tag));
+    script.push_str(&format!("flush set ip {t} bridges\n"));
+    if !others.is_empty() {
+        let list: Vec<String> = others.iter().map(Cidr::to_string).collect();
+        script.push_str(&format!(
+            "add element ip {t} bridges {{ {} }}\n",
+            list.join(", ")
+        ));
+    }
+    if !allow.is_empty() {
+        let list: Vec<String> = allow.iter().map(Cidr::to_string).collect();
+        script.push_str(&format!(
+            "add rule ip {t} nat_out ip saddr {ip} ip daddr {{ {} }} accept comment \"{tag}\"\n",
+            list.join(", ")
+        ));
+    }
+    script.push_str(&format!(
+        "add rule ip {t} nat_out ip saddr {ip} ip daddr != @deny ip daddr != @bridges accept comment \"{tag}\"
+add rule ip {t} nat_post ip saddr {ip} masquerade comment \"{tag}\"
+"
+    ));
+    let _guard = BASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(OP, vm_id, e))?;
+    // Routing between the bridge and the uplink needs forwarding on.
+    let was_on = forwarding_on().map_err(|e| failed(OP, IP_FORWARD, e))?;
+    if !was_on {
+        // Marker first: a crash in between leaves "restore to off" for a
+        // value that is still off, which is harmless.
+        run_nft(&["add", "table", "ip", FORWARD_MARKER], None)
+            .map_err(|e| failed(OP, FORWARD_MARKER, e))?;
+        std::fs::write(IP_FORWARD, b"1").map_err(|e| failed(OP, IP_FORWARD, e))?;
+    }
+    Ok(())
+}
+
+fn forwarding_on() -> Result<bool, std::io::Error> {
+    Ok(std::fs::read_to_string(IP_FORWARD)?.trim() != "0")
+}
+
+/// Deletes every NAT rule of `vm_id`; none is not an error. When no VM of
+/// any banger daemon on this host has NAT left and banger turned
+/// `ip_forward` on, turns it off again.
 pub(crate) fn remove_nat(vm_id: &str) -> Result<(), HostOpsError> {
     const OP: &str = "remove_nat";
     validate_vm_id(OP, vm_id)?;
-    let old = tagged_rules(&comment_for(vm_id)).map_err(|e| failed(OP, vm_id, e))?;
-    if old.is_empty() {
-        return Ok(());
+    let _guard = BASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let rules = our_rules("ip").map_err(|e| failed(OP, vm_id, e))?;
+    let tag = nat_tag(vm_id);
+    let script = delete_lines(rules.iter().filter(|r| r.comment == tag));
+    if !script.is_empty() {
+        run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(OP, vm_id, e))?;
     }
-    run_nft(&["-f", "-"], Some(&delete_lines(&old))).map_err(|e| failed(OP, vm_id, e))?;
+    let others_need_it = rules
+        .iter()
+        .any(|r| r.chain == "nat_post" && r.comment != tag && r.comment.ends_with(":nat"));
+    if !others_need_it {
+        restore_forwarding().map_err(|e| failed(OP, IP_FORWARD, e))?;
+    }
+    Ok(())
+}
+
+/// Turns `ip_forward` off if the marker says banger turned it on.
+fn restore_forwarding() -> Result<(), std::io::Error> {
+    match run_nft(&["list", "table", "ip", FORWARD_MARKER], None) {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("No such file or directory") => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    std::fs::write(IP_FORWARD, b"0")?;
+    run_nft(&["delete", "table", "ip", FORWARD_MARKER], None)?;
     Ok(())
 }
 
@@ -163,18 +534,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_only_rules_with_the_exact_comment_in_our_table() {
+    fn parses_only_rules_of_our_tables_with_their_comments() {
         let json = r#"{"nftables":[{"metainfo":{"json_schema_version":1}},
-          {"table":{"family":"ip","name":"banger","handle":1}},
-          {"rule":{"family":"ip","table":"banger","chain":"forward","handle":4,"comment":"banger:abc","expr":[]}},
-          {"rule":{"family":"ip","table":"banger","chain":"postrouting","handle":7,"comment":"banger:abc","expr":[]}},
-          {"rule":{"family":"ip","table":"banger","chain":"forward","handle":5,"comment":"banger:abcd","expr":[]}},
-          {"rule":{"family":"ip","table":"other","chain":"forward","handle":9,"comment":"banger:abc","expr":[]}}]}"#;
+          {"table":{"family":"ip","name":"banger_br0","handle":1}},
+          {"rule":{"family":"ip","table":"banger_br0","chain":"nat_out","handle":4,"comment":"banger:abc:nat","expr":[]}},
+          {"rule":{"family":"bridge","table":"banger_br0","chain":"guests","handle":7,"comment":"banger:abc:guard","expr":[]}},
+          {"rule":{"family":"ip","table":"banger_br0","chain":"input","handle":5,"expr":[]}},
+          {"rule":{"family":"ip","table":"filter","chain":"forward","handle":9,"comment":"banger:abc:nat","expr":[]}}]}"#;
+        let rules = parse_rules(json);
+        let got: Vec<(&str, &str, u64, &str)> = rules
+            .iter()
+            .map(|r| {
+                (
+                    r.family.as_str(),
+                    r.chain.as_str(),
+                    r.handle,
+                    r.comment.as_str(),
+                )
+            })
+            .collect();
         assert_eq!(
-            rules_with_comment(json, "banger:abc"),
-            vec![("forward".to_string(), 4), ("postrouting".to_string(), 7)]
+            got,
+            [
+                ("ip", "nat_out", 4, "banger:abc:nat"),
+                ("bridge", "guests", 7, "banger:abc:guard"),
+                ("ip", "input", 5, ""),
+            ]
         );
-        assert!(rules_with_comment("not json", "banger:abc").is_empty());
+        assert_eq!(
+            delete_lines(&rules[..1]),
+            "delete rule ip banger_br0 nat_out handle 4\n"
+        );
+        assert!(parse_rules("not json").is_empty());
     }
 
     #[test]
@@ -183,5 +574,70 @@ mod tests {
             assert!(validate_vm_id("t", bad).is_err(), "{bad}");
         }
         assert!(validate_vm_id("t", "0123abcd").is_ok());
+    }
+
+    #[test]
+    fn table_names_keep_only_safe_characters() {
+        assert_eq!(table_for("banger0"), "banger_banger0");
+        assert_eq!(table_for("bg-e2e.0"), "banger_bg_e2e_0");
+    }
+
+    #[test]
+    fn cidrs_parse_only_in_canonical_form() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(c.to_string(), "10.1.0.0/16");
+        assert!(c.contains(Ipv4Addr::new(10, 1, 200, 3)));
+        assert!(!c.contains(Ipv4Addr::new(10, 2, 0, 1)));
+        assert_eq!(
+            "192.0.2.7/32".parse::<Cidr>().unwrap().network(),
+            Ipv4Addr::new(192, 0, 2, 7)
+        );
+        for bad in ["10.1.0.1/16", "10.1.0.0", "10.1.0.0/33", "x/8", "::1/64"] {
+            let err = bad.parse::<Cidr>().unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains("CIDR"), "{err}");
+        }
+        assert_eq!(
+            Cidr::containing(Ipv4Addr::new(172, 17, 3, 9), 16).to_string(),
+            "172.17.0.0/16"
+        );
+    }
+
+    #[test]
+    fn the_deny_list_covers_private_link_local_metadata_and_cgnat() {
+        let deny: Vec<Cidr> = NAT_DENY.iter().map(|c| c.parse().unwrap()).collect();
+        for ip in [
+            "10.0.0.1",
+            "172.16.5.5",
+            "192.168.1.1",
+            "169.254.169.254",
+            "127.0.0.1",
+            "100.64.0.1",
+            "224.0.0.251",
+            "255.255.255.255",
+        ] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            assert!(deny.iter().any(|c| c.contains(ip)), "{ip}");
+        }
+        for ip in ["1.1.1.1", "198.51.100.2", "100.128.0.1", "172.32.0.1"] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            assert!(!deny.iter().any(|c| c.contains(ip)), "{ip}");
+        }
+    }
+
+    #[test]
+    fn guest_addresses_must_be_unicast_and_routable() {
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(
+                validate_guest_ip("t", bad.parse().unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(validate_guest_ip("t", Ipv4Addr::new(172, 30, 0, 2)).is_ok());
     }
 }
