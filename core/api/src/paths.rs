@@ -20,6 +20,94 @@ pub struct Paths {
     pub runtime_dir: PathBuf,
 }
 
+/// A root daemon's runtime directory when `XDG_RUNTIME_DIR` is not set.
+pub const ROOT_RUNTIME_DIR: &str = "/run/banger";
+
+/// The runtime directory is not safe to put the pid file and sockets in.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "Refusing the runtime directory {path}: {why}. It must be a directory owned by uid {uid} with mode 0700 \
+     (as ssh-agent requires); remove it (`rm -r {path}`) so banger recreates it, or set XDG_RUNTIME_DIR to a directory only you own"
+)]
+pub struct UnsafeRuntimeDir {
+    /// The directory.
+    pub path: String,
+    /// What is wrong with it.
+    pub why: String,
+    /// The daemon's uid.
+    pub uid: u32,
+}
+
+/// A file a root (or the daemon's) process would execute or load can be
+/// changed by someone else.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("Refusing {what} {path}: {why}; {fix}")]
+pub struct UntrustedPath {
+    /// What the path is for (`firecracker_bin`, `the plugins directory`).
+    pub what: String,
+    /// The path as given.
+    pub path: String,
+    /// Which file or directory is wrong and how.
+    pub why: String,
+    /// The command that fixes it.
+    pub fix: String,
+}
+
+/// sshd's StrictModes for a path a privileged process executes or loads:
+/// the file and every directory above it (as given and after resolving
+/// symlinks) must be owned by root or `owner_uid` and not group- or
+/// world-writable. A root-owned sticky directory such as `/tmp` may be
+/// world-writable: its sticky bit stops others replacing our entries.
+pub fn check_trusted_path(what: &str, path: &Path, owner_uid: u32) -> Result<(), UntrustedPath> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String, fix: String| UntrustedPath {
+        what: what.to_string(),
+        path: path.display().to_string(),
+        why,
+        fix,
+    };
+    let real = std::fs::canonicalize(path).map_err(|e| {
+        refuse(
+            format!("cannot resolve it ({e})"),
+            "give an existing path".into(),
+        )
+    })?;
+    let mut chain: Vec<&Path> = path.ancestors().collect();
+    chain.extend(real.ancestors());
+    for p in chain.into_iter().filter(|p| !p.as_os_str().is_empty()) {
+        let m = std::fs::metadata(p).map_err(|e| {
+            refuse(
+                format!("cannot inspect {} ({e})", p.display()),
+                "give an existing path".into(),
+            )
+        })?;
+        let shown = p.display();
+        if m.uid() != 0 && m.uid() != owner_uid {
+            return Err(refuse(
+                format!(
+                    "{shown} is owned by uid {}, not root or uid {owner_uid}",
+                    m.uid()
+                ),
+                format!(
+                    "run `sudo chown root {shown}` or move it somewhere only you and root can write"
+                ),
+            ));
+        }
+        let sticky_tmp = m.is_dir() && m.uid() == 0 && m.mode() & 0o1000 != 0;
+        let writable = if sticky_tmp { 0 } else { m.mode() & 0o022 };
+        if writable != 0 {
+            return Err(refuse(
+                format!(
+                    "{shown} is writable by its group or by everyone (mode {:04o})",
+                    m.mode() & 0o7777
+                ),
+                format!("run `chmod go-w {shown}`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The environment had no usable home to derive paths from.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
@@ -50,8 +138,12 @@ impl Paths {
                     .ok_or(NoHome),
             }
         };
+        // As root, like Docker's socket, under /run; a user without
+        // XDG_RUNTIME_DIR gets /tmp/banger-<uid>, which
+        // [`Paths::check_runtime_dir`] refuses unless it is theirs and 0700.
         let runtime_dir = match abs("XDG_RUNTIME_DIR") {
             Some(p) => p.join("banger"),
+            None if uid == 0 => PathBuf::from(ROOT_RUNTIME_DIR),
             None => std::env::temp_dir().join(format!("banger-{uid}")),
         };
         Ok(Paths {
@@ -113,6 +205,33 @@ impl Paths {
         self.runtime_dir.join("vms").join(format!("{id}.sock"))
     }
 
+    /// Refuses a runtime directory that is not a real directory owned by
+    /// `uid` with mode 0700, so nobody else can have planted a symlink for
+    /// the pid file or swapped a socket in it.
+    pub fn check_runtime_dir(&self, uid: u32) -> Result<(), UnsafeRuntimeDir> {
+        use std::os::unix::fs::MetadataExt;
+        let refuse = |why: String| UnsafeRuntimeDir {
+            path: self.runtime_dir.display().to_string(),
+            why,
+            uid,
+        };
+        let m = std::fs::symlink_metadata(&self.runtime_dir)
+            .map_err(|e| refuse(format!("cannot inspect it ({e})")))?;
+        if m.file_type().is_symlink() {
+            return Err(refuse("it is a symbolic link".into()));
+        }
+        if !m.is_dir() {
+            return Err(refuse("it is not a directory".into()));
+        }
+        if m.uid() != uid {
+            return Err(refuse(format!("it is owned by uid {}", m.uid())));
+        }
+        if m.mode() & 0o7777 != 0o700 {
+            return Err(refuse(format!("its mode is {:04o}", m.mode() & 0o7777)));
+        }
+        Ok(())
+    }
+
     /// Creates every directory with owner-only permissions where it matters.
     pub fn create_all(&self) -> std::io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
@@ -131,11 +250,25 @@ impl Paths {
             .recursive(true)
             .mode(0o700)
             .create(self.vms_dir())?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(self.runtime_dir.join("vms"))?;
         Ok(())
+    }
+
+    /// Creates `vms/` in the runtime directory, after
+    /// [`Paths::check_runtime_dir`] passed (never through a planted link).
+    pub fn create_runtime_vms_dir(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.runtime_dir.join("vms");
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a directory; remove it", dir.display()),
+                ));
+            }
+            Err(_) => {}
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(dir)
     }
 }
 
@@ -257,6 +390,115 @@ mod tests {
         assert_eq!(p.state_dir, PathBuf::from("/home/u/.local/state/banger"));
         assert_eq!(p.cache_dir, PathBuf::from("/home/u/.cache/banger"));
         assert!(p.runtime_dir.ends_with("banger-1000"));
+    }
+
+    #[test]
+    fn root_without_xdg_runtime_dir_uses_run_banger() {
+        let p = Paths::from_lookup(lookup(&[("HOME", "/root")]), 0).unwrap();
+        assert_eq!(p.runtime_dir, PathBuf::from("/run/banger"));
+        let p =
+            Paths::from_lookup(lookup(&[("HOME", "/root"), ("XDG_RUNTIME_DIR", "/r")]), 0).unwrap();
+        assert_eq!(p.runtime_dir, PathBuf::from("/r/banger"));
+    }
+
+    fn paths_with_runtime(runtime_dir: PathBuf) -> Paths {
+        Paths {
+            config_dir: "/c".into(),
+            state_dir: "/s".into(),
+            cache_dir: "/k".into(),
+            runtime_dir,
+        }
+    }
+
+    #[test]
+    fn runtime_dir_must_be_ours_a_real_dir_and_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let rt = dir.path().join("banger");
+        std::fs::create_dir(&rt).unwrap();
+        std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let p = paths_with_runtime(rt.clone());
+        assert_eq!(p.check_runtime_dir(me), Ok(()));
+
+        std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = p.check_runtime_dir(me).unwrap_err().to_string();
+        assert!(err.contains("its mode is 0755"), "{err}");
+        assert!(err.contains("XDG_RUNTIME_DIR"), "{err}");
+
+        std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = p.check_runtime_dir(me + 1).unwrap_err().to_string();
+        assert!(err.contains(&format!("owned by uid {me}")), "{err}");
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&rt, &link).unwrap();
+        let err = paths_with_runtime(link).check_runtime_dir(me).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn strict_modes_refuse_group_or_world_writable_files_and_dirs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let bin = dir.path().join("qemu");
+        std::fs::write(&bin, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The temp dir sits in /tmp: root-owned and sticky, so allowed.
+        check_trusted_path("qemu_bin", &bin, me).unwrap();
+
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_trusted_path("qemu_bin", &bin, me)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Refusing qemu_bin"), "{err}");
+        assert!(err.contains("mode 0777"), "{err}");
+        assert!(err.contains("chmod go-w"), "{err}");
+
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+        let err = check_trusted_path("qemu_bin", &bin, me)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        assert!(err.contains("writable by its group"), "{err}");
+
+        // A link is judged by where it points too.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let open = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let target = open.path().join("real");
+        std::fs::write(&target, b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = check_trusted_path("firecracker_bin", &link, me)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("writable by its group or by everyone"),
+            "{err}"
+        );
+
+        let missing = check_trusted_path("qemu_bin", &dir.path().join("nope"), me);
+        assert!(missing.is_err());
+    }
+
+    #[test]
+    fn strict_modes_refuse_a_file_owned_by_someone_else() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP strict_modes_refuse_a_file_owned_by_someone_else: needs root to chown");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("helper.toml");
+        std::fs::write(&f, b"").unwrap();
+        std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+        let err = check_trusted_path("the helper config", &f, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("owned by uid 65534"), "{err}");
+        assert!(err.contains("sudo chown root"), "{err}");
+        check_trusted_path("the helper config", &f, 65534).unwrap();
     }
 
     #[test]

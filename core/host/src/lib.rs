@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+pub mod helper;
 #[allow(unsafe_code)]
 pub mod hostops;
 pub mod net;

@@ -1,0 +1,277 @@
+//! `banger-helper`: the narrow root helper. It serves the typed requests of
+//! `banger_host::helper` on a Unix socket to the users and group its own
+//! config allows, and performs them in-process. `banger system install`
+//! runs it as a socket-activated systemd service or, without systemd, as
+//! `banger-helper run` (a small supervisor that restarts `serve`). See
+//! `docs/privileges.md`.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use banger_host::helper::{
+    DEFAULT_HELPER_CONFIG, DEFAULT_HELPER_SOCKET, HelperHostOps, HelperPolicy, serve_connection,
+};
+use banger_host::hostops::InProcessHostOps;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "banger-helper", version, about = "banger's narrow root helper")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve requests in the foreground (systemd runs this; with socket
+    /// activation the socket comes from systemd).
+    Serve {
+        /// The helper's config.
+        #[arg(long, default_value = DEFAULT_HELPER_CONFIG)]
+        config: PathBuf,
+        /// The socket to bind when not socket-activated.
+        #[arg(long, default_value = DEFAULT_HELPER_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Supervise `serve` without systemd: new session, pid file, restart
+    /// on crash, SIGTERM stops both, SIGHUP restarts (re-reads the config).
+    Run {
+        /// The helper's config.
+        #[arg(long, default_value = DEFAULT_HELPER_CONFIG)]
+        config: PathBuf,
+        /// The socket to bind.
+        #[arg(long, default_value = DEFAULT_HELPER_SOCKET)]
+        socket: PathBuf,
+        /// The supervisor's pid file (locked while it runs).
+        #[arg(long)]
+        pid_file: PathBuf,
+    },
+    /// Ask a running helper for its version, as the calling user.
+    Probe {
+        /// The helper's socket.
+        #[arg(long, default_value = DEFAULT_HELPER_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, socket } => serve(&config, &socket),
+        Command::Run {
+            config,
+            socket,
+            pid_file,
+        } => supervise(&config, &socket, &pid_file),
+        Command::Probe { socket } => HelperHostOps::new(socket)
+            .ping()
+            .map(|v| println!("banger-helper {v}"))
+            .map_err(|e| anyhow::anyhow!(banger_api::error::render_chain(&e))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("banger-helper: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: &Path, socket: &Path) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "banger-helper serve must run as root (it creates links and nft rules); start it with `sudo banger system install`"
+        );
+    }
+    banger_api::paths::check_trusted_path("the helper config", config, 0)?;
+    let policy = Arc::new(HelperPolicy::load(config)?);
+    let listener = match activated_listener()? {
+        Some(l) => l,
+        None => bind_socket(socket, policy.group.as_ref().map(|g| g.0))?,
+    };
+    println!(
+        "banger-helper {} listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        socket.display()
+    );
+    std::io::stdout().flush()?;
+    let ops = Arc::new(InProcessHostOps::default());
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("accept failed: {e}");
+                continue;
+            }
+        };
+        let (policy, ops) = (policy.clone(), ops.clone());
+        std::thread::spawn(
+            move || match serve_connection(stream, &policy, ops.as_ref()) {
+                Ok((peer, 0)) if !policy.allows_peer(peer.uid, peer.gid) => {
+                    eprintln!("denied uid {} pid {}", peer.uid, peer.pid)
+                }
+                Ok((peer, n)) => {
+                    eprintln!("served uid {} pid {}: {n} request(s)", peer.uid, peer.pid)
+                }
+                Err(e) => eprintln!("connection failed: {e}"),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The socket systemd passed (`LISTEN_FDS`, fd 3), if it passed one to us.
+fn activated_listener() -> Result<Option<UnixListener>> {
+    use std::os::fd::FromRawFd;
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let fds = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !ours || fds < 1 {
+        return Ok(None);
+    }
+    // SAFETY: systemd passed fd 3 to this process (LISTEN_PID is ours) as a
+    // listening socket it no longer uses; nothing else in this process owns it.
+    let listener = unsafe { UnixListener::from_raw_fd(3) };
+    Ok(Some(listener))
+}
+
+/// Binds `socket` mode 0660 (0600 without a group), owned by root and the
+/// allowed group. A stale socket is replaced; anything else there is refused.
+fn bind_socket(socket: &Path, gid: Option<u32>) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    if let Some(dir) = socket.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("Cannot create {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket)
+            .with_context(|| format!("Cannot remove the stale socket {}", socket.display()))?,
+        Ok(_) => bail!(
+            "{} exists and is not a socket; remove it if it is not needed",
+            socket.display()
+        ),
+        Err(_) => {}
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = bound.with_context(|| format!("Cannot bind {}", socket.display()))?;
+    let mode = if let Some(gid) = gid {
+        std::os::unix::fs::chown(socket, Some(0), Some(gid))
+            .with_context(|| format!("Cannot chown {}", socket.display()))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("Cannot chmod {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Holds the supervisor's pid file: opened without following links, locked.
+fn lock_pid_file(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("Cannot open the pid file {}", path.display()))?;
+    if !file.metadata()?.file_type().is_file() {
+        bail!("{} is not a regular file; remove it", path.display());
+    }
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(l) => l,
+        Err((_, e)) => bail!(
+            "banger-helper is already running ({} is locked: {e}); `sudo banger system restart` restarts it",
+            path.display()
+        ),
+    };
+    lock.set_len(0)?;
+    writeln!(&mut *lock, "{}", std::process::id())?;
+    Ok(lock)
+}
+
+/// The no-systemd service manager: restarts `serve` when it dies (at most
+/// 5 times in 30 s), forwards SIGTERM/SIGINT, restarts on SIGHUP.
+fn supervise(config: &Path, socket: &Path, pid_file: &Path) -> Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
+    // Detach from the installer's session; fails harmlessly if already a leader.
+    let _ = nix::unistd::setsid();
+    let _lock = lock_pid_file(pid_file)?;
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+    ] {
+        set.add(s);
+    }
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    let exe = std::env::current_exe().context("Cannot find banger-helper's own path")?;
+    // std's spawn clears the signal mask in the child.
+    let spawn = || {
+        std::process::Command::new(&exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--socket")
+            .arg(socket)
+            .spawn()
+            .context("Cannot start banger-helper serve")
+    };
+    let mut child = spawn()?;
+    let mut restarts: Vec<Instant> = Vec::new();
+    let result = loop {
+        let sig = set.wait()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        match sig {
+            Signal::SIGTERM | Signal::SIGINT => {
+                let _ = kill(pid, Signal::SIGTERM);
+                let _ = child.wait();
+                break Ok(());
+            }
+            Signal::SIGHUP => {
+                let _ = kill(pid, Signal::SIGTERM);
+                let _ = child.wait();
+                child = spawn()?;
+            }
+            _ => {
+                let Some(status) = child.try_wait()? else {
+                    continue;
+                };
+                eprintln!("banger-helper serve exited ({status}); restarting");
+                restarts.retain(|t| t.elapsed() < Duration::from_secs(30));
+                if restarts.len() >= 5 {
+                    break Err(anyhow::anyhow!(
+                        "banger-helper serve keeps exiting ({status}); see its log and fix the config"
+                    ));
+                }
+                restarts.push(Instant::now());
+                child = spawn()?;
+            }
+        }
+    };
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(pid_file);
+    result
+}

@@ -1,0 +1,1314 @@
+//! The `banger-helper` protocol: the root helper that performs host
+//! operations for an unprivileged daemon. This module holds the whole
+//! contract so the helper binary is a thin server:
+//!
+//! - [`HelperRequest`]: the typed, versioned requests (one JSON object a
+//!   line on a Unix socket, one JSON [`HelperResponse`] line back).
+//! - [`HelperPolicy`]: the helper's own root-owned config
+//!   (`/etc/banger/helper.toml`) and the checks every request passes *in the
+//!   helper* (peer credentials, our bridge, our tap prefixes, our subnet,
+//!   allowlisted PCI devices), so a compromised daemon can use the helper for
+//!   nothing else.
+//! - [`serve_connection`]: one client connection, served over any
+//!   [`HostOps`] (the helper uses [`InProcessHostOps`](crate::hostops::InProcessHostOps)).
+//! - [`HelperHostOps`]: the daemon's side, the third `HostOps`.
+//!
+//! See `docs/privileges.md` for the rules in prose.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_api::net::Subnet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::HostOpsError;
+use crate::hostops::{BoundDevice, HostOps, PciAddress};
+
+/// The protocol version; a request with another `v` is refused.
+pub const HELPER_PROTOCOL_VERSION: u32 = 1;
+/// Where the installed helper listens. Not under `/run/banger`: that is a
+/// root daemon's own `0700` runtime directory, which users cannot enter.
+pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
+/// The helper's config, written by `banger system install`.
+pub const DEFAULT_HELPER_CONFIG: &str = "/etc/banger/helper.toml";
+/// Overrides [`DEFAULT_HELPER_SOCKET`] for the daemon (and tests).
+pub const HELPER_SOCKET_ENV: &str = "BANGER_HELPER_SOCKET";
+/// The longest request line the helper reads.
+const MAX_LINE: u64 = 64 * 1024;
+
+/// The socket the daemon should ask: `$BANGER_HELPER_SOCKET` or the default.
+pub fn helper_socket_from_env() -> PathBuf {
+    std::env::var_os(HELPER_SOCKET_ENV)
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_HELPER_SOCKET))
+}
+
+/// One operation the helper performs. This enum is the whole allowlist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HelperOp {
+    /// Is the helper there, and which version; changes nothing.
+    Ping,
+    /// See [`HostOps::create_tap`]; the owner must be the caller.
+    CreateTap {
+        /// Tap name, with one of the configured prefixes.
+        name: String,
+        /// Who may open it (must be the peer's uid).
+        owner_uid: u32,
+    },
+    /// See [`HostOps::delete_tap`].
+    DeleteTap {
+        /// Tap name, with one of the configured prefixes.
+        name: String,
+    },
+    /// See [`HostOps::ensure_bridge`]; only our bridge at our gateway.
+    EnsureBridge {
+        /// The configured bridge.
+        name: String,
+        /// The configured subnet's gateway.
+        addr: Ipv4Addr,
+        /// The configured subnet's prefix length.
+        prefix: u8,
+    },
+    /// See [`HostOps::attach_to_bridge`].
+    AttachToBridge {
+        /// One of our taps.
+        link: String,
+        /// Our bridge.
+        bridge: String,
+    },
+    /// See [`HostOps::set_link_up`]: our bridge or one of our taps.
+    SetLinkUp {
+        /// The link.
+        link: String,
+    },
+    /// See [`HostOps::delete_link`]: our bridge or one of our taps.
+    DeleteLink {
+        /// The link.
+        link: String,
+    },
+    /// See [`HostOps::add_nat`]: our bridge, an address inside our subnet.
+    AddNat {
+        /// The VM whose rules these are.
+        vm_id: String,
+        /// Our bridge.
+        bridge: String,
+        /// A VM address inside the subnet.
+        ip: Ipv4Addr,
+    },
+    /// See [`HostOps::remove_nat`].
+    RemoveNat {
+        /// The VM whose rules go.
+        vm_id: String,
+    },
+    /// See [`HostOps::route_dns_domain`]: our bridge and gateway only.
+    RouteDnsDomain {
+        /// Our bridge.
+        link: String,
+        /// Our gateway.
+        server: Ipv4Addr,
+        /// The domain (`vm`).
+        domain: String,
+    },
+    /// See [`HostOps::unroute_dns`]: our bridge only.
+    UnrouteDns {
+        /// Our bridge.
+        link: String,
+    },
+    /// See [`HostOps::bind_vfio`]: an allowlisted device only.
+    BindVfio {
+        /// The device.
+        address: PciAddress,
+    },
+    /// See [`HostOps::rebind_driver`]: an allowlisted device only.
+    RebindDriver {
+        /// The device.
+        address: PciAddress,
+        /// The driver to give it back to (`None`: leave it unbound).
+        driver: Option<String>,
+    },
+}
+
+impl HelperOp {
+    /// The operation's name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HelperOp::Ping => "ping",
+            HelperOp::CreateTap { .. } => "create_tap",
+            HelperOp::DeleteTap { .. } => "delete_tap",
+            HelperOp::EnsureBridge { .. } => "ensure_bridge",
+            HelperOp::AttachToBridge { .. } => "attach_to_bridge",
+            HelperOp::SetLinkUp { .. } => "set_link_up",
+            HelperOp::DeleteLink { .. } => "delete_link",
+            HelperOp::AddNat { .. } => "add_nat",
+            HelperOp::RemoveNat { .. } => "remove_nat",
+            HelperOp::RouteDnsDomain { .. } => "route_dns_domain",
+            HelperOp::UnrouteDns { .. } => "unroute_dns",
+            HelperOp::BindVfio { .. } => "bind_vfio",
+            HelperOp::RebindDriver { .. } => "rebind_driver",
+        }
+    }
+}
+
+/// A request line: `{"v":1,"op":"create_tap","name":"bgtap0","owner_uid":1000}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperRequest {
+    /// [`HELPER_PROTOCOL_VERSION`].
+    pub v: u32,
+    /// The operation and its arguments.
+    #[serde(flatten)]
+    pub op: HelperOp,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done.
+    Ok,
+    /// The caller is not allowed to use the helper at all.
+    Denied,
+    /// The request is outside the allowlist or its arguments outside what
+    /// the helper's config allows; nothing was done.
+    Refused,
+    /// Allowed, but the host operation failed.
+    Failed,
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperResponse {
+    /// [`HELPER_PROTOCOL_VERSION`].
+    pub v: u32,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why, when not [`Outcome::Ok`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `ping`: the helper's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `route_dns_domain`: whether resolved was there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed: Option<bool>,
+    /// `bind_vfio`: the devices bound and their previous drivers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound: Vec<BoundDevice>,
+}
+
+impl HelperResponse {
+    fn ok() -> Self {
+        HelperResponse {
+            v: HELPER_PROTOCOL_VERSION,
+            outcome: Outcome::Ok,
+            error: None,
+            version: None,
+            routed: None,
+            bound: Vec::new(),
+        }
+    }
+
+    fn err(outcome: Outcome, error: String) -> Self {
+        HelperResponse {
+            outcome,
+            error: Some(error),
+            ..Self::ok()
+        }
+    }
+}
+
+/// The helper's config file as written: `/etc/banger/helper.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HelperConfigFile {
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default = "default_bridge")]
+    bridge: String,
+    #[serde(default = "default_subnet")]
+    subnet: String,
+    #[serde(default = "default_tap_prefixes")]
+    tap_prefixes: Vec<String>,
+    #[serde(default)]
+    vfio_devices: Vec<String>,
+}
+
+fn default_bridge() -> String {
+    banger_api::config::NetworkConfig::default().bridge
+}
+
+fn default_subnet() -> String {
+    Subnet::DEFAULT.to_string()
+}
+
+fn default_tap_prefixes() -> Vec<String> {
+    vec!["bgtap".into(), crate::hostops::PLUGIN_TAP_PREFIX.into()]
+}
+
+/// The helper's config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperConfigError {
+    /// Unreadable.
+    #[error("Cannot read the helper config {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// Not valid TOML of the expected shape.
+    #[error("Invalid helper config {0}: {1}")]
+    Parse(PathBuf, String),
+    /// A value is unusable.
+    #[error("Invalid helper config {path}: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        why: String,
+    },
+}
+
+/// The checks the helper applies, from its own config: who may connect and
+/// which names, addresses and devices requests may touch.
+#[derive(Debug, Clone)]
+pub struct HelperPolicy {
+    /// Uids allowed by name or number in `users`.
+    pub uids: Vec<u32>,
+    /// The `group` (its gid and member names), when set.
+    pub group: Option<(u32, Vec<String>)>,
+    /// Our bridge.
+    pub bridge: String,
+    /// Our subnet.
+    pub subnet: Subnet,
+    /// Taps we may create and delete start with one of these.
+    pub tap_prefixes: Vec<String>,
+    /// PCI devices we may bind and rebind.
+    pub vfio_devices: Vec<PciAddress>,
+}
+
+impl HelperPolicy {
+    /// Reads and resolves `path` (user and group names become ids now).
+    pub fn load(path: &Path) -> Result<Self, HelperConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| HelperConfigError::Read(path.to_path_buf(), e))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text (`path` is for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, HelperConfigError> {
+        let file: HelperConfigFile = toml::from_str(text)
+            .map_err(|e| HelperConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        let invalid = |why: String| HelperConfigError::Invalid {
+            path: path.to_path_buf(),
+            why,
+        };
+        let mut uids = Vec::new();
+        for user in &file.users {
+            uids.push(resolve_user(user).map_err(&invalid)?);
+        }
+        let group = match &file.group {
+            None => None,
+            Some(name) => {
+                let g = nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "group {name:?} does not exist; create it (groupadd {name}) or run `sudo banger system install` again"
+                        ))
+                    })?;
+                Some((g.gid.as_raw(), g.mem))
+            }
+        };
+        if uids.is_empty() && group.is_none() {
+            return Err(invalid(
+                "neither `users` nor `group` is set, so nobody may use the helper; add users = [\"<you>\"]".into(),
+            ));
+        }
+        if !banger_api::net::is_valid_ifname(&file.bridge) {
+            return Err(invalid(format!(
+                "bridge {:?} is not an interface name",
+                file.bridge
+            )));
+        }
+        let subnet: Subnet = file
+            .subnet
+            .parse()
+            .map_err(|e: banger_api::net::InvalidSubnet| invalid(e.to_string()))?;
+        if file.tap_prefixes.is_empty()
+            || file
+                .tap_prefixes
+                .iter()
+                .any(|p| p.len() < 2 || p.len() > 8 || !banger_api::net::is_valid_ifname(p))
+        {
+            return Err(invalid(format!(
+                "tap_prefixes {:?}: give 1 or more prefixes of 2-8 interface-name characters",
+                file.tap_prefixes
+            )));
+        }
+        let mut vfio_devices = Vec::new();
+        for d in &file.vfio_devices {
+            vfio_devices.push(
+                d.parse()
+                    .map_err(|e: banger_plugin_abi::wire::BadPciAddress| {
+                        invalid(format!("vfio_devices: {e}"))
+                    })?,
+            );
+        }
+        Ok(HelperPolicy {
+            uids,
+            group,
+            bridge: file.bridge,
+            subnet,
+            tap_prefixes: file.tap_prefixes,
+            vfio_devices,
+        })
+    }
+
+    /// Whether a peer with these credentials may use the helper at all.
+    pub fn allows_peer(&self, uid: u32, gid: u32) -> bool {
+        if self.uids.contains(&uid) {
+            return true;
+        }
+        let Some((group, members)) = &self.group else {
+            return false;
+        };
+        if gid == *group {
+            return true;
+        }
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .is_some_and(|u| members.contains(&u.name) || u.gid.as_raw() == *group)
+    }
+
+    /// Checks `op` from the peer `peer_uid` against this policy. `Err` says
+    /// what is refused and what is allowed.
+    pub fn check(&self, op: &HelperOp, peer_uid: u32) -> Result<(), String> {
+        match op {
+            HelperOp::Ping => Ok(()),
+            HelperOp::CreateTap { name, owner_uid } => {
+                self.our_tap(name)?;
+                if *owner_uid != peer_uid {
+                    return Err(format!(
+                        "a tap may only be owned by the caller (uid {peer_uid}), not uid {owner_uid}"
+                    ));
+                }
+                Ok(())
+            }
+            HelperOp::DeleteTap { name } => self.our_tap(name),
+            HelperOp::EnsureBridge { name, addr, prefix } => {
+                self.our_bridge(name)?;
+                let (gw, len) = (self.subnet.gateway(), self.subnet.prefix());
+                if (*addr, *prefix) != (gw, len) {
+                    return Err(format!(
+                        "the bridge's address must be {gw}/{len} (the configured subnet {}), not {addr}/{prefix}",
+                        self.subnet
+                    ));
+                }
+                Ok(())
+            }
+            HelperOp::AttachToBridge { link, bridge } => {
+                self.our_tap(link)?;
+                self.our_bridge(bridge)
+            }
+            HelperOp::SetLinkUp { link } | HelperOp::DeleteLink { link } => {
+                if *link == self.bridge {
+                    Ok(())
+                } else {
+                    self.our_tap(link)
+                }
+            }
+            HelperOp::AddNat { vm_id, bridge, ip } => {
+                vm_id_ok(vm_id)?;
+                self.our_bridge(bridge)?;
+                if !self.subnet.contains_vm_host(*ip) {
+                    return Err(format!(
+                        "{ip} is not a VM address inside the configured subnet {}",
+                        self.subnet
+                    ));
+                }
+                Ok(())
+            }
+            HelperOp::RemoveNat { vm_id } => vm_id_ok(vm_id),
+            HelperOp::RouteDnsDomain {
+                link,
+                server,
+                domain: _,
+            } => {
+                self.our_bridge(link)?;
+                if *server != self.subnet.gateway() {
+                    return Err(format!(
+                        "the DNS server must be the bridge address {}, not {server}",
+                        self.subnet.gateway()
+                    ));
+                }
+                Ok(())
+            }
+            HelperOp::UnrouteDns { link } => self.our_bridge(link),
+            HelperOp::BindVfio { address } => self.our_device(address),
+            HelperOp::RebindDriver { address, driver } => {
+                self.our_device(address)?;
+                match driver {
+                    Some(d) if !driver_name_ok(d) => {
+                        Err(format!("{d:?} is not a driver name (1-32 of [a-z0-9_-])"))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn our_tap(&self, name: &str) -> Result<(), String> {
+        let prefixed = self
+            .tap_prefixes
+            .iter()
+            .any(|p| name.len() > p.len() && name.starts_with(p.as_str()));
+        if prefixed && banger_api::net::is_valid_ifname(name) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{name:?} is not one of banger's taps (names starting with {})",
+                self.tap_prefixes.join(" or ")
+            ))
+        }
+    }
+
+    fn our_bridge(&self, name: &str) -> Result<(), String> {
+        if name == self.bridge {
+            Ok(())
+        } else {
+            Err(format!(
+                "{name:?} is not banger's bridge {:?} (set `bridge` in the helper config to change it)",
+                self.bridge
+            ))
+        }
+    }
+
+    fn our_device(&self, address: &PciAddress) -> Result<(), String> {
+        if self.vfio_devices.contains(address) {
+            Ok(())
+        } else {
+            Err(format!(
+                "PCI device {address} is not in the helper's vfio_devices allowlist; add it to {DEFAULT_HELPER_CONFIG} to pass it through"
+            ))
+        }
+    }
+}
+
+fn resolve_user(user: &str) -> Result<u32, String> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Ok(uid);
+    }
+    nix::unistd::User::from_name(user)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+        .ok_or_else(|| format!("user {user:?} does not exist (users lists names or uids)"))
+}
+
+fn vm_id_ok(vm_id: &str) -> Result<(), String> {
+    if !vm_id.is_empty()
+        && vm_id.len() <= 64
+        && vm_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        Ok(())
+    } else {
+        Err(format!("{vm_id:?} is not a VM id (1-64 of [a-z0-9])"))
+    }
+}
+
+fn driver_name_ok(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 32
+        && d.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Runs one checked request through `ops`.
+fn perform(ops: &dyn HostOps, op: &HelperOp) -> Result<HelperResponse, HostOpsError> {
+    let mut reply = HelperResponse::ok();
+    match op {
+        HelperOp::Ping => reply.version = Some(env!("CARGO_PKG_VERSION").to_string()),
+        HelperOp::CreateTap { name, owner_uid } => ops.create_tap(name, *owner_uid)?,
+        HelperOp::DeleteTap { name } => ops.delete_tap(name)?,
+        HelperOp::EnsureBridge { name, addr, prefix } => ops.ensure_bridge(name, *addr, *prefix)?,
+        HelperOp::AttachToBridge { link, bridge } => ops.attach_to_bridge(link, bridge)?,
+        HelperOp::SetLinkUp { link } => ops.set_link_up(link)?,
+        HelperOp::DeleteLink { link } => ops.delete_link(link)?,
+        HelperOp::AddNat { vm_id, bridge, ip } => ops.add_nat(vm_id, bridge, *ip)?,
+        HelperOp::RemoveNat { vm_id } => ops.remove_nat(vm_id)?,
+        HelperOp::RouteDnsDomain {
+            link,
+            server,
+            domain,
+        } => reply.routed = Some(ops.route_dns_domain(link, *server, domain)?),
+        HelperOp::UnrouteDns { link } => ops.unroute_dns(link)?,
+        HelperOp::BindVfio { address } => reply.bound = ops.bind_vfio(address)?,
+        HelperOp::RebindDriver { address, driver } => {
+            ops.rebind_driver(address, driver.as_deref())?
+        }
+    }
+    Ok(reply)
+}
+
+/// Answers one request line from a peer already allowed by the policy.
+pub fn answer(
+    policy: &HelperPolicy,
+    ops: &dyn HostOps,
+    peer_uid: u32,
+    line: &str,
+) -> HelperResponse {
+    let request: HelperRequest = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return HelperResponse::err(
+                Outcome::Refused,
+                format!(
+                    "not a helper request ({e}); the allowed ops are {}",
+                    ALLOWED_OPS.join(", ")
+                ),
+            );
+        }
+    };
+    if request.v != HELPER_PROTOCOL_VERSION {
+        return HelperResponse::err(
+            Outcome::Refused,
+            format!(
+                "protocol version {} is not this helper's {HELPER_PROTOCOL_VERSION}; install matching banger and banger-helper (sudo banger system install)",
+                request.v
+            ),
+        );
+    }
+    if let Err(why) = policy.check(&request.op, peer_uid) {
+        return HelperResponse::err(
+            Outcome::Refused,
+            format!("{} refused: {why}", request.op.name()),
+        );
+    }
+    match perform(ops, &request.op) {
+        Ok(reply) => reply,
+        Err(e) => HelperResponse::err(Outcome::Failed, banger_api::error::render_chain(&e)),
+    }
+}
+
+/// Every op name, for refusal messages.
+pub const ALLOWED_OPS: &[&str] = &[
+    "ping",
+    "create_tap",
+    "delete_tap",
+    "ensure_bridge",
+    "attach_to_bridge",
+    "set_link_up",
+    "delete_link",
+    "add_nat",
+    "remove_nat",
+    "route_dns_domain",
+    "unroute_dns",
+    "bind_vfio",
+    "rebind_driver",
+];
+
+/// A connecting peer's credentials, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its pid.
+    pub pid: i32,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+}
+
+/// The credentials of the process at the other end of `stream`.
+pub fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(std::io::Error::from)?;
+    Ok(Peer {
+        pid: cred.pid(),
+        uid: cred.uid(),
+        gid: cred.gid(),
+    })
+}
+
+/// Serves one connection: checks the peer, then answers request lines
+/// until the client closes. Returns the peer and how many requests it sent
+/// (for the helper's log).
+pub fn serve_connection(
+    stream: UnixStream,
+    policy: &HelperPolicy,
+    ops: &dyn HostOps,
+) -> std::io::Result<(Peer, usize)> {
+    let peer = peer_of(&stream)?;
+    let mut out = stream.try_clone()?;
+    let send = |out: &mut UnixStream, r: &HelperResponse| -> std::io::Result<()> {
+        let mut line = serde_json::to_string(r).map_err(std::io::Error::other)?;
+        line.push('\n');
+        out.write_all(line.as_bytes())
+    };
+    if !policy.allows_peer(peer.uid, peer.gid) {
+        let msg = format!(
+            "uid {} (gid {}) may not use banger-helper: it serves only the users and group in {DEFAULT_HELPER_CONFIG}; \
+             run `sudo banger system install` as that user to allow them",
+            peer.uid, peer.gid
+        );
+        send(&mut out, &HelperResponse::err(Outcome::Denied, msg))?;
+        return Ok((peer, 0));
+    }
+    let mut reader = BufReader::new(stream);
+    let mut served = 0;
+    loop {
+        let mut line = String::new();
+        let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
+        if n == 0 {
+            return Ok((peer, served));
+        }
+        if !line.ends_with('\n') {
+            let r = HelperResponse::err(
+                Outcome::Refused,
+                format!("request line over {MAX_LINE} bytes"),
+            );
+            send(&mut out, &r)?;
+            return Ok((peer, served));
+        }
+        served += 1;
+        send(&mut out, &answer(policy, ops, peer.uid, line.trim_end()))?;
+    }
+}
+
+/// Host operations done by asking `banger-helper` on its socket: the
+/// daemon's `HostOps` when it does not run as root.
+#[derive(Debug, Clone)]
+pub struct HelperHostOps {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+/// Why the helper could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperClientError {
+    /// Could not connect, send or read.
+    #[error(
+        "Cannot reach banger-helper at {0}; install and start it with `sudo banger system install`"
+    )]
+    Io(PathBuf, #[source] std::io::Error),
+    /// The answer was not a response.
+    #[error("banger-helper at {0} answered with something that is not a response: {1}")]
+    BadReply(PathBuf, String),
+    /// The helper said no or failed.
+    #[error("banger-helper: {0}")]
+    Answer(String),
+}
+
+impl HelperHostOps {
+    /// A client of the helper listening on `socket`.
+    pub fn new(socket: PathBuf) -> Self {
+        HelperHostOps {
+            socket,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// The socket it asks.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request and reads its response (any outcome).
+    pub fn call(&self, op: HelperOp) -> Result<HelperResponse, HelperClientError> {
+        let io = |e| HelperClientError::Io(self.socket.clone(), e);
+        let stream = UnixStream::connect(&self.socket).map_err(io)?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let request = HelperRequest {
+            v: HELPER_PROTOCOL_VERSION,
+            op,
+        };
+        let mut line = serde_json::to_string(&request)
+            .map_err(|e| HelperClientError::BadReply(self.socket.clone(), e.to_string()))?;
+        line.push('\n');
+        (&stream).write_all(line.as_bytes()).map_err(io)?;
+        let mut reply = String::new();
+        BufReader::new(&stream)
+            .take(MAX_LINE)
+            .read_line(&mut reply)
+            .map_err(io)?;
+        serde_json::from_str(reply.trim_end()).map_err(|e| {
+            HelperClientError::BadReply(self.socket.clone(), format!("{e}: {reply:?}"))
+        })
+    }
+
+    /// Asks for the helper's version; `Err` when it is not there or refuses us.
+    pub fn ping(&self) -> Result<String, HelperClientError> {
+        let r = self.call(HelperOp::Ping)?;
+        match r.outcome {
+            Outcome::Ok => Ok(r.version.unwrap_or_default()),
+            _ => Err(HelperClientError::Answer(r.error.unwrap_or_default())),
+        }
+    }
+
+    fn run(&self, op: HelperOp, target: &str) -> Result<HelperResponse, HostOpsError> {
+        let name = op.name();
+        let failed = |source: std::io::Error| HostOpsError::Failed {
+            op: name,
+            target: target.to_string(),
+            source,
+        };
+        let reply = self
+            .call(op)
+            .map_err(|e| failed(std::io::Error::other(banger_api::error::render_chain(&e))))?;
+        match reply.outcome {
+            Outcome::Ok => Ok(reply),
+            Outcome::Refused | Outcome::Denied => Err(HostOpsError::InvalidArgument {
+                op: name,
+                why: format!("banger-helper: {}", reply.error.unwrap_or_default()),
+            }),
+            Outcome::Failed => Err(failed(std::io::Error::other(format!(
+                "in banger-helper: {}",
+                reply.error.unwrap_or_default()
+            )))),
+        }
+    }
+}
+
+impl HostOps for HelperHostOps {
+    fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError> {
+        let op = HelperOp::CreateTap {
+            name: name.into(),
+            owner_uid,
+        };
+        self.run(op, name).map(drop)
+    }
+
+    fn delete_tap(&self, name: &str) -> Result<(), HostOpsError> {
+        self.run(HelperOp::DeleteTap { name: name.into() }, name)
+            .map(drop)
+    }
+
+    fn ensure_bridge(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
+        let op = HelperOp::EnsureBridge {
+            name: name.into(),
+            addr,
+            prefix,
+        };
+        self.run(op, name).map(drop)
+    }
+
+    fn attach_to_bridge(&self, link: &str, bridge: &str) -> Result<(), HostOpsError> {
+        let op = HelperOp::AttachToBridge {
+            link: link.into(),
+            bridge: bridge.into(),
+        };
+        self.run(op, link).map(drop)
+    }
+
+    fn set_link_up(&self, link: &str) -> Result<(), HostOpsError> {
+        self.run(HelperOp::SetLinkUp { link: link.into() }, link)
+            .map(drop)
+    }
+
+    fn delete_link(&self, link: &str) -> Result<(), HostOpsError> {
+        self.run(HelperOp::DeleteLink { link: link.into() }, link)
+            .map(drop)
+    }
+
+    fn add_nat(&self, vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
+        let op = HelperOp::AddNat {
+            vm_id: vm_id.into(),
+            bridge: bridge.into(),
+            ip,
+        };
+        self.run(op, vm_id).map(drop)
+    }
+
+    fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        let op = HelperOp::RemoveNat {
+            vm_id: vm_id.into(),
+        };
+        self.run(op, vm_id).map(drop)
+    }
+
+    fn route_dns_domain(
+        &self,
+        link: &str,
+        server: Ipv4Addr,
+        domain: &str,
+    ) -> Result<bool, HostOpsError> {
+        let op = HelperOp::RouteDnsDomain {
+            link: link.into(),
+            server,
+            domain: domain.into(),
+        };
+        Ok(self.run(op, link)?.routed.unwrap_or(false))
+    }
+
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        self.run(HelperOp::UnrouteDns { link: link.into() }, link)
+            .map(drop)
+    }
+
+    fn bind_vfio(&self, address: &PciAddress) -> Result<Vec<BoundDevice>, HostOpsError> {
+        let op = HelperOp::BindVfio {
+            address: address.clone(),
+        };
+        Ok(self.run(op, address.as_str())?.bound)
+    }
+
+    fn rebind_driver(
+        &self,
+        address: &PciAddress,
+        driver: Option<&str>,
+    ) -> Result<(), HostOpsError> {
+        let op = HelperOp::RebindDriver {
+            address: address.clone(),
+            driver: driver.map(str::to_string),
+        };
+        self.run(op, address.as_str()).map(drop)
+    }
+}
+
+/// `HostOps` for a daemon that is neither root nor has a helper: every
+/// operation fails with the fix, so networked VMs fail at
+/// `prepare_host:network` with it while everything else works.
+#[derive(Debug, Clone)]
+pub struct NoPrivilegeHostOps {
+    /// Why the helper was not usable (shown after the fix).
+    pub why: String,
+}
+
+impl NoPrivilegeHostOps {
+    fn refuse(&self, op: &'static str, target: &str) -> HostOpsError {
+        HostOpsError::Failed {
+            op,
+            target: target.to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "bangerd runs as an ordinary user and banger-helper is not available ({}); run `sudo banger system install` once, then `banger daemon stop` so the next start uses it",
+                    self.why
+                ),
+            ),
+        }
+    }
+}
+
+impl HostOps for NoPrivilegeHostOps {
+    fn create_tap(&self, name: &str, _owner_uid: u32) -> Result<(), HostOpsError> {
+        Err(self.refuse("create_tap", name))
+    }
+    fn delete_tap(&self, name: &str) -> Result<(), HostOpsError> {
+        Err(self.refuse("delete_tap", name))
+    }
+    fn ensure_bridge(&self, name: &str, _: Ipv4Addr, _: u8) -> Result<(), HostOpsError> {
+        Err(self.refuse("ensure_bridge", name))
+    }
+    fn attach_to_bridge(&self, link: &str, _: &str) -> Result<(), HostOpsError> {
+        Err(self.refuse("attach_to_bridge", link))
+    }
+    fn set_link_up(&self, link: &str) -> Result<(), HostOpsError> {
+        Err(self.refuse("set_link_up", link))
+    }
+    fn delete_link(&self, link: &str) -> Result<(), HostOpsError> {
+        Err(self.refuse("delete_link", link))
+    }
+    fn add_nat(&self, vm_id: &str, _: &str, _: Ipv4Addr) -> Result<(), HostOpsError> {
+        Err(self.refuse("add_nat", vm_id))
+    }
+    fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        Err(self.refuse("remove_nat", vm_id))
+    }
+    fn route_dns_domain(&self, link: &str, _: Ipv4Addr, _: &str) -> Result<bool, HostOpsError> {
+        Err(self.refuse("route_dns_domain", link))
+    }
+    fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
+        Err(self.refuse("unroute_dns", link))
+    }
+    fn bind_vfio(&self, address: &PciAddress) -> Result<Vec<BoundDevice>, HostOpsError> {
+        Err(self.refuse("bind_vfio", address.as_str()))
+    }
+    fn rebind_driver(&self, address: &PciAddress, _: Option<&str>) -> Result<(), HostOpsError> {
+        Err(self.refuse("rebind_driver", address.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::hostops::RecordingHostOps;
+
+    fn policy(extra: &str) -> HelperPolicy {
+        let text = format!("users = [\"0\"]\nvfio_devices = [\"0000:01:00.0\"]\n{extra}");
+        HelperPolicy::parse(Path::new("/etc/banger/helper.toml"), &text).unwrap()
+    }
+
+    fn line(op: &HelperOp) -> String {
+        serde_json::to_string(&HelperRequest {
+            v: 1,
+            op: op.clone(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn config_defaults_to_banger_bridge_subnet_and_tap_prefixes() {
+        let p = policy("");
+        assert_eq!(p.bridge, "banger0");
+        assert_eq!(p.subnet.to_string(), "172.30.0.0/24");
+        assert_eq!(p.tap_prefixes, ["bgtap", "bgp"]);
+        assert_eq!(p.uids, [0]);
+    }
+
+    #[test]
+    fn config_without_users_or_group_or_with_bad_values_is_refused() {
+        let path = Path::new("/etc/banger/helper.toml");
+        for (text, why) in [
+            ("", "nobody may use the helper"),
+            ("users = [\"no-such-user-xyz\"]", "does not exist"),
+            (
+                "users = [\"0\"]\nsubnet = \"10.0.0.5/24\"",
+                "Invalid subnet",
+            ),
+            ("users = [\"0\"]\nbridge = \"a b\"", "not an interface name"),
+            ("users = [\"0\"]\ntap_prefixes = []", "tap_prefixes"),
+            (
+                "users = [\"0\"]\nvfio_devices = [\"01:00.0\"]",
+                "not a PCI address",
+            ),
+            ("users = [\"0\"]\nrun_anything = true", "unknown field"),
+            ("group = \"no-such-group-xyz\"", "groupadd"),
+        ] {
+            let err = HelperPolicy::parse(path, text).unwrap_err().to_string();
+            assert!(err.contains(why), "{text:?}: {err}");
+            assert!(err.contains("/etc/banger/helper.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn requests_outside_our_names_subnet_bridge_and_devices_are_refused_and_do_nothing() {
+        let p = policy("");
+        let ops = RecordingHostOps::default();
+        let gw = p.subnet.gateway();
+        let vm_ip: Ipv4Addr = "172.30.0.9".parse().unwrap();
+        let refused = [
+            (
+                HelperOp::CreateTap {
+                    name: "eth0".into(),
+                    owner_uid: 0,
+                },
+                "not one of banger's taps",
+            ),
+            (
+                HelperOp::CreateTap {
+                    name: "bgtap".into(),
+                    owner_uid: 0,
+                },
+                "not one of banger's taps",
+            ),
+            (
+                HelperOp::CreateTap {
+                    name: "bgtap1".into(),
+                    owner_uid: 1000,
+                },
+                "owned by the caller",
+            ),
+            (
+                HelperOp::DeleteTap {
+                    name: "docker0".into(),
+                },
+                "not one of banger's taps",
+            ),
+            (
+                HelperOp::EnsureBridge {
+                    name: "docker0".into(),
+                    addr: gw,
+                    prefix: 24,
+                },
+                "not banger's bridge",
+            ),
+            (
+                HelperOp::EnsureBridge {
+                    name: "banger0".into(),
+                    addr: "10.0.0.1".parse().unwrap(),
+                    prefix: 24,
+                },
+                "must be 172.30.0.1/24",
+            ),
+            (
+                HelperOp::EnsureBridge {
+                    name: "banger0".into(),
+                    addr: gw,
+                    prefix: 16,
+                },
+                "must be 172.30.0.1/24",
+            ),
+            (
+                HelperOp::AttachToBridge {
+                    link: "eth0".into(),
+                    bridge: "banger0".into(),
+                },
+                "not one of banger's taps",
+            ),
+            (
+                HelperOp::AttachToBridge {
+                    link: "bgtap0".into(),
+                    bridge: "virbr0".into(),
+                },
+                "not banger's bridge",
+            ),
+            (
+                HelperOp::SetLinkUp {
+                    link: "eth0".into(),
+                },
+                "not one of banger's taps",
+            ),
+            (
+                HelperOp::DeleteLink { link: "lo".into() },
+                "not one of banger's taps",
+            ),
+            (
+                HelperOp::AddNat {
+                    vm_id: "abc".into(),
+                    bridge: "banger0".into(),
+                    ip: "192.168.1.5".parse().unwrap(),
+                },
+                "not a VM address inside",
+            ),
+            (
+                HelperOp::AddNat {
+                    vm_id: "abc".into(),
+                    bridge: "banger0".into(),
+                    ip: gw,
+                },
+                "not a VM address inside",
+            ),
+            (
+                HelperOp::AddNat {
+                    vm_id: "abc".into(),
+                    bridge: "eth0".into(),
+                    ip: vm_ip,
+                },
+                "not banger's bridge",
+            ),
+            (
+                HelperOp::AddNat {
+                    vm_id: "x\" ; flush ruleset".into(),
+                    bridge: "banger0".into(),
+                    ip: vm_ip,
+                },
+                "not a VM id",
+            ),
+            (HelperOp::RemoveNat { vm_id: "".into() }, "not a VM id"),
+            (
+                HelperOp::RouteDnsDomain {
+                    link: "eth0".into(),
+                    server: gw,
+                    domain: "vm".into(),
+                },
+                "not banger's bridge",
+            ),
+            (
+                HelperOp::RouteDnsDomain {
+                    link: "banger0".into(),
+                    server: "8.8.8.8".parse().unwrap(),
+                    domain: "vm".into(),
+                },
+                "must be the bridge address",
+            ),
+            (
+                HelperOp::UnrouteDns {
+                    link: "eth0".into(),
+                },
+                "not banger's bridge",
+            ),
+            (
+                HelperOp::BindVfio {
+                    address: "0000:02:00.0".parse().unwrap(),
+                },
+                "not in the helper's vfio_devices",
+            ),
+            (
+                HelperOp::RebindDriver {
+                    address: "0000:02:00.0".parse().unwrap(),
+                    driver: None,
+                },
+                "not in the helper's vfio_devices",
+            ),
+            (
+                HelperOp::RebindDriver {
+                    address: "0000:01:00.0".parse().unwrap(),
+                    driver: Some("../x".into()),
+                },
+                "not a driver name",
+            ),
+        ];
+        for (op, why) in refused {
+            let r = answer(&p, &ops, 0, &line(&op));
+            assert_eq!(r.outcome, Outcome::Refused, "{op:?}");
+            let err = r.error.unwrap_or_default();
+            assert!(err.contains(why), "{op:?}: {err}");
+            assert!(err.starts_with(op.name()), "{err}");
+        }
+        for raw in [
+            r#"{"v":1,"op":"run_command","argv":["sh"]}"#,
+            r#"{"v":1,"op":"create_tap","name":"bgtap0","owner_uid":0,"extra":1}"#,
+            r#"{"v":2,"op":"ping"}"#,
+            "not json",
+        ] {
+            let r = answer(&p, &ops, 0, raw);
+            assert_eq!(r.outcome, Outcome::Refused, "{raw}");
+        }
+        assert!(ops.calls().is_empty(), "{:?}", ops.calls());
+    }
+
+    #[test]
+    fn allowed_requests_reach_hostops_unchanged() {
+        let p = policy("");
+        let ops = RecordingHostOps::default();
+        let gw = p.subnet.gateway();
+        let dev: PciAddress = "0000:01:00.0".parse().unwrap();
+        for op in [
+            HelperOp::EnsureBridge {
+                name: "banger0".into(),
+                addr: gw,
+                prefix: 24,
+            },
+            HelperOp::CreateTap {
+                name: "bgtap0".into(),
+                owner_uid: 1000,
+            },
+            HelperOp::AttachToBridge {
+                link: "bgtap0".into(),
+                bridge: "banger0".into(),
+            },
+            HelperOp::SetLinkUp {
+                link: "bgp-x".into(),
+            },
+            HelperOp::AddNat {
+                vm_id: "ab12".into(),
+                bridge: "banger0".into(),
+                ip: "172.30.0.9".parse().unwrap(),
+            },
+            HelperOp::RemoveNat {
+                vm_id: "ab12".into(),
+            },
+            HelperOp::RouteDnsDomain {
+                link: "banger0".into(),
+                server: gw,
+                domain: "vm".into(),
+            },
+            HelperOp::BindVfio {
+                address: dev.clone(),
+            },
+            HelperOp::RebindDriver {
+                address: dev.clone(),
+                driver: Some("e1000e".into()),
+            },
+            HelperOp::DeleteLink {
+                link: "banger0".into(),
+            },
+        ] {
+            let r = answer(&p, &ops, 1000, &line(&op));
+            assert_eq!(r.outcome, Outcome::Ok, "{op:?}: {:?}", r.error);
+        }
+        assert_eq!(
+            ops.calls(),
+            [
+                "ensure_bridge banger0 172.30.0.1/24",
+                "create_tap bgtap0 1000",
+                "attach_to_bridge bgtap0 banger0",
+                "set_link_up bgp-x",
+                "add_nat ab12 banger0 172.30.0.9",
+                "remove_nat ab12",
+                "route_dns_domain banger0 172.30.0.1 vm",
+                "bind_vfio 0000:01:00.0",
+                "rebind_driver 0000:01:00.0 e1000e",
+                "delete_link banger0",
+            ]
+        );
+    }
+
+    /// Serves `policy` over a real socket in a temp dir with recorded ops.
+    fn serve(policy: HelperPolicy) -> (tempfile::TempDir, PathBuf, Arc<RecordingHostOps>) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("helper.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let ops = Arc::new(RecordingHostOps::default());
+        let served = ops.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = serve_connection(stream, &policy, served.as_ref());
+            }
+        });
+        (dir, sock, ops)
+    }
+
+    #[test]
+    fn the_client_speaks_to_a_real_socket_and_maps_refusals_to_errors() {
+        let (_dir, sock, ops) = serve(policy(""));
+        let client = HelperHostOps::new(sock);
+        assert_eq!(client.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+        client
+            .create_tap("bgtap3", nix::unistd::getuid().as_raw())
+            .unwrap();
+        let err = client.create_tap("eth0", 0).unwrap_err();
+        assert!(
+            matches!(err, HostOpsError::InvalidArgument { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("not one of banger's taps"),
+            "{err}"
+        );
+        assert!(
+            client
+                .route_dns_domain("banger0", "172.30.0.1".parse().unwrap(), "vm")
+                .unwrap()
+        );
+        let uid = nix::unistd::getuid().as_raw();
+        assert_eq!(
+            ops.calls(),
+            [
+                format!("create_tap bgtap3 {uid}"),
+                "route_dns_domain banger0 172.30.0.1 vm".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_peer_outside_users_and_group_is_denied_before_any_request() {
+        let me = nix::unistd::getuid().as_raw();
+        let other = if me == 4242 { 4243 } else { 4242 };
+        let p =
+            HelperPolicy::parse(Path::new("h.toml"), &format!("users = [\"{other}\"]")).unwrap();
+        let (_dir, sock, ops) = serve(p);
+        let client = HelperHostOps::new(sock);
+        let err = client.ping().unwrap_err().to_string();
+        assert!(err.contains(&format!("uid {me}")), "{err}");
+        assert!(err.contains("may not use banger-helper"), "{err}");
+        assert!(client.delete_tap("bgtap0").is_err());
+        assert!(ops.calls().is_empty());
+    }
+
+    #[test]
+    fn a_missing_helper_names_the_install_command() {
+        let client = HelperHostOps::new("/nonexistent/helper.sock".into());
+        let err = banger_api::error::render_chain(&client.create_tap("bgtap0", 0).unwrap_err());
+        assert!(err.contains("sudo banger system install"), "{err}");
+        let none = NoPrivilegeHostOps {
+            why: "no socket".into(),
+        };
+        let err = banger_api::error::render_chain(
+            &none
+                .ensure_bridge("banger0", "172.30.0.1".parse().unwrap(), 24)
+                .unwrap_err(),
+        );
+        assert!(err.contains("sudo banger system install"), "{err}");
+    }
+}
