@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::disk_lock::DiskLocks;
 use crate::{
-    LOG_TAIL_LINES, LaunchPaths, POLL, Spawned, Vmm, VmmError, error_chain, io_err, kill_and_wait,
-    log_tail, process_alive, remove_socket, spawn_detached, uds_http, wait_gone,
+    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, error_chain, io_err,
+    kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
+    uds_http, wait_gone,
 };
 pub use banger_api::backend::Timeouts;
 use banger_api::machine::MachineSpec;
@@ -48,6 +50,15 @@ impl Vmm for Firecracker {
     }
 
     fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
+        self.launch_recorded(machine, paths, &mut record_nothing)
+    }
+
+    fn launch_recorded(
+        &self,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+        on_spawned: &mut OnSpawned<'_>,
+    ) -> Result<VmmProcess, VmmError> {
         refuse_pci(machine)?;
         prepare_files(machine, paths)?;
         let serial = OpenOptions::new()
@@ -65,9 +76,12 @@ impl Vmm for Firecracker {
             .stdin(Stdio::null())
             .stdout(serial)
             .stderr(serial_err);
+        let locks = DiskLocks::take(machine)?;
+        locks.hand_to(&mut cmd);
         let spawned = spawn_detached(cmd, &self.bin, NAME).inspect_err(|_| {
             let _ = remove_socket(&paths.api_socket);
         })?;
+        drop(locks);
         let pid = spawned.pid;
         let start_time = spawned.start_time;
         let launched = Launched {
@@ -85,6 +99,9 @@ impl Vmm for Firecracker {
             start_time,
             api_socket: paths.api_socket.clone(),
         };
+        if let Err(e) = on_spawned(&process) {
+            return Err(launched.abort(e));
+        }
         if let Err(e) = self.wait_ready(&launched, &machine.serial_log) {
             return Err(launched.abort(e));
         }

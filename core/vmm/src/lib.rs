@@ -26,7 +26,9 @@ use nix::unistd::Pid;
 use banger_api::machine::MachineSpec;
 use banger_api::model::{VmmKind, VmmProcess};
 
+pub mod cgroup;
 pub mod config_drive;
+mod disk_lock;
 pub mod firecracker;
 pub mod qemu;
 mod uds_http;
@@ -89,12 +91,40 @@ pub trait Vmm: Send + Sync + fmt::Debug {
     /// left running. The guest console goes to `machine.serial_log`.
     fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError>;
 
+    /// [`Vmm::launch`], handing the VMM process to `on_spawned` as soon as it
+    /// exists, before it is configured or booted, so the caller can persist
+    /// it: a daemon that dies in that window still knows which process to
+    /// kill. An error from `on_spawned` aborts the launch (the VMM is killed).
+    /// Backends that start nothing long-lived may keep this default, which
+    /// reports the process after the launch.
+    fn launch_recorded(
+        &self,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+        on_spawned: &mut OnSpawned<'_>,
+    ) -> Result<VmmProcess, VmmError> {
+        let process = self.launch(machine, paths)?;
+        if let Err(e) = on_spawned(&process) {
+            let _ = self.kill(&process);
+            return Err(e);
+        }
+        Ok(process)
+    }
+
     /// Asks the guest to shut down, waits up to `grace`, then kills the VMM.
     /// Returns once the process is gone.
     fn shutdown(&self, process: &VmmProcess, grace: Duration) -> Result<(), VmmError>;
 
     /// Kills the VMM at once and waits until it is gone.
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError>;
+}
+
+/// What [`Vmm::launch_recorded`] calls with a just-spawned VMM process.
+pub type OnSpawned<'a> = dyn FnMut(&VmmProcess) -> Result<(), VmmError> + 'a;
+
+/// For backends' `launch`: records nothing.
+fn record_nothing(_: &VmmProcess) -> Result<(), VmmError> {
+    Ok(())
 }
 
 /// One backend per [`VmmKind`]; each VM uses the one its spec names.

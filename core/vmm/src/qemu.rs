@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk_lock::DiskLocks;
 use crate::{
-    LOG_TAIL_LINES, LaunchPaths, POLL, Spawned, Vmm, VmmError, error_chain, io_err, kill_and_wait,
-    log_tail, process_alive, remove_socket, spawn_detached, wait_gone,
+    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, error_chain, io_err,
+    kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
+    wait_gone,
 };
 pub use banger_api::backend::{Accel, HostFacts, QemuAccel, QemuSettings, Timeouts, choose_accel};
 use banger_api::machine::{MachineSpec, PciDevice, Vsock};
@@ -357,6 +359,15 @@ impl Vmm for Qemu {
     }
 
     fn launch(&self, machine: &MachineSpec, paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
+        self.launch_recorded(machine, paths, &mut record_nothing)
+    }
+
+    fn launch_recorded(
+        &self,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+        on_spawned: &mut OnSpawned<'_>,
+    ) -> Result<VmmProcess, VmmError> {
         check_vfio(machine, &VfioHost::default())?;
         let side = SideFiles::of(&paths.api_socket);
         prepare_files(machine, paths, &side, self.settings.timeouts.exit)?;
@@ -364,7 +375,7 @@ impl Vmm for Qemu {
             Some(v) => Some(self.start_vsock_backend(v, paths, &side)?),
             None => None,
         };
-        match self.start_qemu(machine, paths, &side) {
+        match self.start_qemu(machine, paths, &side, on_spawned) {
             Ok(p) => Ok(p),
             Err(e) => {
                 if let Some(b) = backend {
@@ -464,6 +475,7 @@ impl Qemu {
         machine: &MachineSpec,
         paths: &LaunchPaths,
         side: &SideFiles,
+        on_spawned: &mut OnSpawned<'_>,
     ) -> Result<VmmProcess, VmmError> {
         let bin = &self.settings.qemu_bin;
         let mut cmd = Command::new(bin);
@@ -473,7 +485,10 @@ impl Qemu {
             &side.vhost_socket,
             self.accel,
         ));
+        let locks = DiskLocks::take(machine)?;
+        locks.hand_to(&mut cmd);
         let spawned = spawn_detached(with_log(cmd, &paths.vmm_log)?, bin, NAME)?;
+        drop(locks);
         let Some(start_time) = spawned.start_time else {
             let pid = spawned.pid;
             spawned.abort(self.settings.timeouts.exit);
@@ -481,6 +496,15 @@ impl Qemu {
                 "{NAME} (pid {pid}) vanished right after it was started"
             )));
         };
+        let process = VmmProcess {
+            pid: spawned.pid,
+            start_time,
+            api_socket: paths.api_socket.clone(),
+        };
+        if let Err(e) = on_spawned(&process) {
+            spawned.abort(self.settings.timeouts.exit);
+            return Err(e);
+        }
         let probe_timeout = self.settings.timeouts.request.min(Duration::from_secs(1));
         let ready = self.wait_until(&spawned, NAME, &paths.vmm_log, || {
             qmp::Qmp::connect(&paths.api_socket, probe_timeout).is_ok()
@@ -489,11 +513,7 @@ impl Qemu {
             spawned.abort(self.settings.timeouts.exit);
             return Err(e);
         }
-        Ok(VmmProcess {
-            pid: spawned.pid,
-            start_time,
-            api_socket: paths.api_socket.clone(),
-        })
+        Ok(process)
     }
 
     /// Polls `ready` until it holds, the process exits, or the deadline passes.

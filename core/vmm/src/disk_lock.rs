@@ -1,0 +1,171 @@
+//! A VM's writable disks are locked while its VMM runs, so no second VMM (one
+//! a killed daemon lost track of, a second daemon, a retried start) boots
+//! the same disk.
+//!
+//! Before spawning, the backend opens every writable drive and takes an
+//! exclusive, non-blocking `flock(2)` on it; a drive already locked refuses
+//! the launch. The open file is inherited by the VMM (its close-on-exec flag
+//! is cleared in the child only, between fork and exec), so the lock lives
+//! exactly as long as the VMM process, with no helper process and nothing
+//! to clean up: it goes when the VMM exits or is killed. The daemon closes
+//! its own copy right after spawning. QEMU also takes its own image locks
+//! (`fcntl` OFD locks); those and `flock` do not interfere.
+
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use banger_api::machine::MachineSpec;
+
+use crate::VmmError;
+
+/// The locked writable disks of one launch, until handed to the VMM.
+#[derive(Debug)]
+pub(crate) struct DiskLocks {
+    files: Vec<File>,
+}
+
+impl DiskLocks {
+    /// Locks every writable drive of `machine`, refusing one that is
+    /// already locked (by a live VMM).
+    pub(crate) fn take(machine: &MachineSpec) -> Result<DiskLocks, VmmError> {
+        let mut files = Vec::new();
+        for d in machine.drives.iter().filter(|d| !d.read_only) {
+            let file = match OpenOptions::new().read(true).open(&d.path) {
+                Ok(f) => f,
+                // Nothing to protect; the VMM names the missing disk itself.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(VmmError::Io(
+                        format!("opening disk {} to lock it", d.path.display()),
+                        e,
+                    ));
+                }
+            };
+            // `nix::fcntl::Flock` would unlock on drop, but the lock must
+            // outlive the daemon's copy of the file (std's `File::try_lock`
+            // is newer than the MSRV).
+            #[allow(deprecated)]
+            match nix::fcntl::flock(
+                file.as_raw_fd(),
+                nix::fcntl::FlockArg::LockExclusiveNonblock,
+            ) {
+                Ok(()) => files.push(file),
+                Err(nix::errno::Errno::EWOULDBLOCK) => {
+                    return Err(VmmError::Unsupported(format!(
+                        "Disk {} is locked by another process, most likely a VMM still \
+                         running this VM; nothing was started. Stop that VMM first \
+                         (`fuser -v {}` names it; `banger vm kill` if it is banger's)",
+                        d.path.display(),
+                        d.path.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(VmmError::Io(
+                        format!("locking disk {}", d.path.display()),
+                        e.into(),
+                    ));
+                }
+            }
+        }
+        Ok(DiskLocks { files })
+    }
+
+    /// Makes `cmd`'s process inherit the locked files, so it holds the
+    /// locks for its whole life. Drop `self` after spawning.
+    pub(crate) fn hand_to(&self, cmd: &mut Command) {
+        let fds: Vec<RawFd> = self.files.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: runs in the forked child before exec; fcntl(2) is
+        // async-signal-safe and nothing here allocates. The fds are open:
+        // the parent keeps `self` (and so the files) until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    let fd = BorrowedFd::borrow_raw(fd);
+                    nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_api::machine::{Drive, DriveRole};
+    use std::process::Stdio;
+
+    /// A temp dir holding a root disk, and a machine using it.
+    fn machine() -> (tempfile::TempDir, std::path::PathBuf, MachineSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("rootfs.ext4");
+        std::fs::write(&disk, b"disk").unwrap();
+        let m = MachineSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            boot_args: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            drives: vec![
+                Drive {
+                    id: "root".into(),
+                    path: disk.clone(),
+                    read_only: false,
+                    role: DriveRole::Root,
+                },
+                Drive {
+                    id: "config".into(),
+                    path: "/nonexistent/read-only-is-not-locked".into(),
+                    read_only: true,
+                    role: DriveRole::Config,
+                },
+            ],
+            nics: Vec::new(),
+            vsock: None,
+            serial_log: "/dev/null".into(),
+            pci_devices: Vec::new(),
+        };
+        (dir, disk, m)
+    }
+
+    #[test]
+    fn the_lock_lives_as_long_as_the_process_that_inherited_it() {
+        let (_dir, disk, m) = machine();
+
+        let locks = DiskLocks::take(&m).unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30").stdin(Stdio::null());
+        locks.hand_to(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        drop(locks);
+
+        // The daemon's copy is closed; the child still holds the lock.
+        let err = DiskLocks::take(&m).unwrap_err().to_string();
+        assert!(err.contains("is locked by another process"), "{err}");
+        assert!(err.contains(&disk.display().to_string()), "{err}");
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Gone with the process.
+        DiskLocks::take(&m).unwrap();
+    }
+
+    #[test]
+    fn a_process_not_handed_the_locks_does_not_hold_them() {
+        let (_dir, _, m) = machine();
+        let locks = DiskLocks::take(&m).unwrap();
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        drop(locks);
+        let relocked = DiskLocks::take(&m);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        relocked.unwrap();
+    }
+}
