@@ -99,6 +99,31 @@ pub enum HelperOp {
         bridge: String,
         /// A VM address inside the subnet.
         ip: Ipv4Addr,
+        /// Destinations opened despite the default refusals
+        /// ([`HostOps::add_nat_allowing`]), as CIDRs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow: Vec<String>,
+    },
+    /// See [`HostOps::add_guest`]: our bridge, one of our taps, an
+    /// address inside our subnet.
+    AddGuest {
+        /// The VM whose rules these are.
+        vm_id: String,
+        /// Our bridge.
+        bridge: String,
+        /// The VM's tap.
+        tap: String,
+        /// Its only source address.
+        ip: Ipv4Addr,
+        /// Its only source MAC.
+        mac: banger_api::net::MacAddr,
+        /// Whether it may reach other opted-in guests.
+        peers: bool,
+    },
+    /// See [`HostOps::remove_guest`].
+    RemoveGuest {
+        /// The VM whose rules go.
+        vm_id: String,
     },
     /// See [`HostOps::remove_nat`].
     RemoveNat {
@@ -146,6 +171,8 @@ impl HelperOp {
             HelperOp::DeleteLink { .. } => "delete_link",
             HelperOp::AddNat { .. } => "add_nat",
             HelperOp::RemoveNat { .. } => "remove_nat",
+            HelperOp::AddGuest { .. } => "add_guest",
+            HelperOp::RemoveGuest { .. } => "remove_guest",
             HelperOp::RouteDnsDomain { .. } => "route_dns_domain",
             HelperOp::UnrouteDns { .. } => "unroute_dns",
             HelperOp::BindVfio { .. } => "bind_vfio",
@@ -221,34 +248,79 @@ impl HelperResponse {
     }
 }
 
-/// The helper's config file as written: `/etc/banger/helper.toml`.
-#[derive(Debug, Clone, Deserialize)]
+/// The helper's config file: `/etc/banger/helper.toml`. Written by
+/// `banger system install`, which adds an entry for the invoking user.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HelperConfigFile {
+pub struct HelperConfigFile {
+    /// Members of this group may connect; their network is derived from
+    /// their home (as for a `[[users]]` entry without names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// PCI devices any allowed user may bind to vfio-pci and rebind.
     #[serde(default)]
-    users: Vec<String>,
+    pub vfio_devices: Vec<String>,
+    /// The users who may connect, each with the network names it may touch.
     #[serde(default)]
-    group: Option<String>,
-    #[serde(default = "default_bridge")]
-    bridge: String,
-    #[serde(default = "default_subnet")]
-    subnet: String,
-    #[serde(default = "default_tap_prefixes")]
-    tap_prefixes: Vec<String>,
-    #[serde(default)]
-    vfio_devices: Vec<String>,
+    pub users: Vec<UserEntry>,
 }
 
-fn default_bridge() -> String {
-    banger_api::config::NetworkConfig::default().bridge
+/// One allowed user and its daemon's network. Unset names are derived from
+/// the user's default state directory (`~/.local/state/banger`) the way
+/// the daemon derives them ([`derived_network`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    /// User name or numeric uid.
+    pub name: String,
+    /// The daemon's bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The daemon's subnet (CIDR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// Every tap of that daemon starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_prefix: Option<String>,
 }
 
-fn default_subnet() -> String {
-    Subnet::DEFAULT.to_string()
+/// The names one daemon's requests may touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// Its bridge.
+    pub bridge: String,
+    /// Its subnet.
+    pub subnet: Subnet,
+    /// Its taps' prefix, and the plugin taps' (`bgp`).
+    pub tap_prefixes: Vec<String>,
 }
 
-fn default_tap_prefixes() -> Vec<String> {
-    vec!["bgtap".into(), crate::hostops::PLUGIN_TAP_PREFIX.into()]
+/// The network names a daemon keeping its state in `state_dir` uses when
+/// config.toml sets none: `bg<id>br`, `172.30.<X>.0/24`, taps `bg<id>t<N>`,
+/// `id` the first 6 hex digits of the SHA-256 of the path. Must match the
+/// network capability's `NetIdentity` (a test in tests/tests/privilege.rs
+/// checks that it does).
+pub fn derived_network(state_dir: &Path) -> Network {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    let id: String = digest[..3].iter().map(|b| format!("{b:02x}")).collect();
+    let subnet = format!("172.30.{}.0/24", digest[0])
+        .parse()
+        .unwrap_or(Subnet::DEFAULT);
+    Network {
+        bridge: format!("bg{id}br"),
+        subnet,
+        tap_prefixes: vec![
+            format!("bg{id}t"),
+            crate::hostops::PLUGIN_TAP_PREFIX.to_string(),
+        ],
+    }
+}
+
+/// A user's default state directory, from the password database.
+fn default_state_dir(uid: u32) -> Option<PathBuf> {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok()??;
+    Some(user.dir.join(".local/state/banger"))
 }
 
 /// The helper's config could not be used.
@@ -274,18 +346,28 @@ pub enum HelperConfigError {
 /// which names, addresses and devices requests may touch.
 #[derive(Debug, Clone)]
 pub struct HelperPolicy {
-    /// Uids allowed by name or number in `users`.
-    pub uids: Vec<u32>,
+    /// Allowed uids and the network each may touch.
+    pub users: Vec<(u32, Network)>,
     /// The `group` (its gid and member names), when set.
     pub group: Option<(u32, Vec<String>)>,
-    /// Our bridge.
-    pub bridge: String,
-    /// Our subnet.
-    pub subnet: Subnet,
-    /// Taps we may create and delete start with one of these.
-    pub tap_prefixes: Vec<String>,
     /// PCI devices we may bind and rebind.
     pub vfio_devices: Vec<PciAddress>,
+}
+
+impl HelperConfigFile {
+    /// Parses config text (`path` is for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, HelperConfigError> {
+        toml::from_str(text)
+            .map_err(|e| HelperConfigError::Parse(path.to_path_buf(), e.to_string()))
+    }
+
+    /// The file's text.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).unwrap_or_default();
+        format!(
+            "# banger-helper's config: who may use it and what they may touch. See docs/privileges.md.\n{body}"
+        )
+    }
 }
 
 impl HelperPolicy {
@@ -298,15 +380,15 @@ impl HelperPolicy {
 
     /// Parses config text (`path` is for messages).
     pub fn parse(path: &Path, text: &str) -> Result<Self, HelperConfigError> {
-        let file: HelperConfigFile = toml::from_str(text)
-            .map_err(|e| HelperConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        let file = HelperConfigFile::parse(path, text)?;
         let invalid = |why: String| HelperConfigError::Invalid {
             path: path.to_path_buf(),
             why,
         };
-        let mut uids = Vec::new();
-        for user in &file.users {
-            uids.push(resolve_user(user).map_err(&invalid)?);
+        let mut users = Vec::new();
+        for entry in &file.users {
+            let uid = resolve_user(&entry.name).map_err(&invalid)?;
+            users.push((uid, entry_network(uid, entry).map_err(&invalid)?));
         }
         let group = match &file.group {
             None => None,
@@ -322,31 +404,10 @@ impl HelperPolicy {
                 Some((g.gid.as_raw(), g.mem))
             }
         };
-        if uids.is_empty() && group.is_none() {
+        if users.is_empty() && group.is_none() {
             return Err(invalid(
-                "neither `users` nor `group` is set, so nobody may use the helper; add users = [\"<you>\"]".into(),
+                "neither [[users]] nor `group` is set, so nobody may use the helper; run `sudo banger system install` as the user who runs banger".into(),
             ));
-        }
-        if !banger_api::net::is_valid_ifname(&file.bridge) {
-            return Err(invalid(format!(
-                "bridge {:?} is not an interface name",
-                file.bridge
-            )));
-        }
-        let subnet: Subnet = file
-            .subnet
-            .parse()
-            .map_err(|e: banger_api::net::InvalidSubnet| invalid(e.to_string()))?;
-        if file.tap_prefixes.is_empty()
-            || file
-                .tap_prefixes
-                .iter()
-                .any(|p| p.len() < 2 || p.len() > 8 || !banger_api::net::is_valid_ifname(p))
-        {
-            return Err(invalid(format!(
-                "tap_prefixes {:?}: give 1 or more prefixes of 2-8 interface-name characters",
-                file.tap_prefixes
-            )));
         }
         let mut vfio_devices = Vec::new();
         for d in &file.vfio_devices {
@@ -358,18 +419,25 @@ impl HelperPolicy {
             );
         }
         Ok(HelperPolicy {
-            uids,
+            users,
             group,
-            bridge: file.bridge,
-            subnet,
-            tap_prefixes: file.tap_prefixes,
             vfio_devices,
         })
     }
 
+    /// The network `uid` may touch: its `[[users]]` entry, else (for a
+    /// group member) the one derived from its home.
+    pub fn network_for(&self, uid: u32) -> Option<Network> {
+        if let Some((_, net)) = self.users.iter().find(|(u, _)| *u == uid) {
+            return Some(net.clone());
+        }
+        self.group.as_ref()?;
+        default_state_dir(uid).map(|d| derived_network(&d))
+    }
+
     /// Whether a peer with these credentials may use the helper at all.
     pub fn allows_peer(&self, uid: u32, gid: u32) -> bool {
-        if self.uids.contains(&uid) {
+        if self.users.iter().any(|(u, _)| *u == uid) {
             return true;
         }
         let Some((group, members)) = &self.group else {
@@ -387,10 +455,14 @@ impl HelperPolicy {
     /// Checks `op` from the peer `peer_uid` against this policy. `Err` says
     /// what is refused and what is allowed.
     pub fn check(&self, op: &HelperOp, peer_uid: u32) -> Result<(), String> {
+        let net = self.network_for(peer_uid).ok_or_else(|| {
+            format!("uid {peer_uid} has no network in {DEFAULT_HELPER_CONFIG} (no home directory to derive it from)")
+        })?;
+        let net = &net;
         match op {
             HelperOp::Ping => Ok(()),
             HelperOp::CreateTap { name, owner_uid } => {
-                self.our_tap(name)?;
+                net.our_tap(name)?;
                 if *owner_uid != peer_uid {
                     return Err(format!(
                         "a tap may only be owned by the caller (uid {peer_uid}), not uid {owner_uid}"
@@ -398,56 +470,80 @@ impl HelperPolicy {
                 }
                 Ok(())
             }
-            HelperOp::DeleteTap { name } => self.our_tap(name),
+            HelperOp::DeleteTap { name } => net.our_tap(name),
             HelperOp::EnsureBridge { name, addr, prefix } => {
-                self.our_bridge(name)?;
-                let (gw, len) = (self.subnet.gateway(), self.subnet.prefix());
+                net.our_bridge(name)?;
+                let (gw, len) = (net.subnet.gateway(), net.subnet.prefix());
                 if (*addr, *prefix) != (gw, len) {
                     return Err(format!(
                         "the bridge's address must be {gw}/{len} (the configured subnet {}), not {addr}/{prefix}",
-                        self.subnet
+                        net.subnet
                     ));
                 }
                 Ok(())
             }
             HelperOp::AttachToBridge { link, bridge } => {
-                self.our_tap(link)?;
-                self.our_bridge(bridge)
+                net.our_tap(link)?;
+                net.our_bridge(bridge)
             }
             HelperOp::SetLinkUp { link } | HelperOp::DeleteLink { link } => {
-                if *link == self.bridge {
+                if *link == net.bridge {
                     Ok(())
                 } else {
-                    self.our_tap(link)
+                    net.our_tap(link)
                 }
             }
-            HelperOp::AddNat { vm_id, bridge, ip } => {
+            HelperOp::AddNat {
+                vm_id,
+                bridge,
+                ip,
+                allow,
+            } => {
                 vm_id_ok(vm_id)?;
-                self.our_bridge(bridge)?;
-                if !self.subnet.contains_vm_host(*ip) {
+                parse_allow(allow)?;
+                net.our_bridge(bridge)?;
+                if !net.subnet.contains_vm_host(*ip) {
                     return Err(format!(
                         "{ip} is not a VM address inside the configured subnet {}",
-                        self.subnet
+                        net.subnet
                     ));
                 }
                 Ok(())
             }
-            HelperOp::RemoveNat { vm_id } => vm_id_ok(vm_id),
+            HelperOp::RemoveNat { vm_id } | HelperOp::RemoveGuest { vm_id } => vm_id_ok(vm_id),
+            HelperOp::AddGuest {
+                vm_id,
+                bridge,
+                tap,
+                ip,
+                ..
+            } => {
+                vm_id_ok(vm_id)?;
+                net.our_bridge(bridge)?;
+                net.our_tap(tap)?;
+                if !net.subnet.contains_vm_host(*ip) {
+                    return Err(format!(
+                        "{ip} is not a VM address inside the configured subnet {}",
+                        net.subnet
+                    ));
+                }
+                Ok(())
+            }
             HelperOp::RouteDnsDomain {
                 link,
                 server,
                 domain: _,
             } => {
-                self.our_bridge(link)?;
-                if *server != self.subnet.gateway() {
+                net.our_bridge(link)?;
+                if *server != net.subnet.gateway() {
                     return Err(format!(
                         "the DNS server must be the bridge address {}, not {server}",
-                        self.subnet.gateway()
+                        net.subnet.gateway()
                     ));
                 }
                 Ok(())
             }
-            HelperOp::UnrouteDns { link } => self.our_bridge(link),
+            HelperOp::UnrouteDns { link } => net.our_bridge(link),
             HelperOp::BindVfio { address } => self.our_device(address),
             HelperOp::RebindDriver { address, driver } => {
                 self.our_device(address)?;
@@ -461,6 +557,18 @@ impl HelperPolicy {
         }
     }
 
+    fn our_device(&self, address: &PciAddress) -> Result<(), String> {
+        if self.vfio_devices.contains(address) {
+            Ok(())
+        } else {
+            Err(format!(
+                "PCI device {address} is not in the helper's vfio_devices allowlist; add it to {DEFAULT_HELPER_CONFIG} to pass it through"
+            ))
+        }
+    }
+}
+
+impl Network {
     fn our_tap(&self, name: &str) -> Result<(), String> {
         let prefixed = self
             .tap_prefixes
@@ -481,21 +589,56 @@ impl HelperPolicy {
             Ok(())
         } else {
             Err(format!(
-                "{name:?} is not banger's bridge {:?} (set `bridge` in the helper config to change it)",
+                "{name:?} is not banger's bridge {:?} (the helper config's [[users]] entry for this user names its bridge)",
                 self.bridge
             ))
         }
     }
+}
 
-    fn our_device(&self, address: &PciAddress) -> Result<(), String> {
-        if self.vfio_devices.contains(address) {
-            Ok(())
-        } else {
-            Err(format!(
-                "PCI device {address} is not in the helper's vfio_devices allowlist; add it to {DEFAULT_HELPER_CONFIG} to pass it through"
-            ))
-        }
+/// The network of one `[[users]]` entry: its names, the rest derived.
+fn entry_network(uid: u32, entry: &UserEntry) -> Result<Network, String> {
+    let derived = default_state_dir(uid).map(|d| derived_network(&d));
+    let missing = |what: &str| {
+        format!(
+            "user {:?} has no home to derive its {what} from; set it in the entry",
+            entry.name
+        )
+    };
+    let bridge = match (&entry.bridge, &derived) {
+        (Some(b), _) => b.clone(),
+        (None, Some(d)) => d.bridge.clone(),
+        (None, None) => return Err(missing("bridge")),
+    };
+    if !banger_api::net::is_valid_ifname(&bridge) {
+        return Err(format!(
+            "user {:?}: bridge {bridge:?} is not an interface name",
+            entry.name
+        ));
     }
+    let subnet = match (&entry.subnet, &derived) {
+        (Some(s), _) => s
+            .parse()
+            .map_err(|e: banger_api::net::InvalidSubnet| format!("user {:?}: {e}", entry.name))?,
+        (None, Some(d)) => d.subnet,
+        (None, None) => return Err(missing("subnet")),
+    };
+    let tap = match (&entry.tap_prefix, &derived) {
+        (Some(t), _) => t.clone(),
+        (None, Some(d)) => d.tap_prefixes[0].clone(),
+        (None, None) => return Err(missing("tap prefix")),
+    };
+    if tap.len() < 2 || tap.len() > 10 || !banger_api::net::is_valid_ifname(&tap) {
+        return Err(format!(
+            "user {:?}: tap_prefix {tap:?} must be 2-10 interface-name characters",
+            entry.name
+        ));
+    }
+    Ok(Network {
+        bridge,
+        subnet,
+        tap_prefixes: vec![tap, crate::hostops::PLUGIN_TAP_PREFIX.to_string()],
+    })
 }
 
 fn resolve_user(user: &str) -> Result<u32, String> {
@@ -522,6 +665,16 @@ fn vm_id_ok(vm_id: &str) -> Result<(), String> {
     }
 }
 
+fn parse_allow(allow: &[String]) -> Result<Vec<crate::hostops::Cidr>, String> {
+    allow
+        .iter()
+        .map(|c| {
+            c.parse()
+                .map_err(|e: crate::hostops::InvalidCidr| e.to_string())
+        })
+        .collect()
+}
+
 fn driver_name_ok(d: &str) -> bool {
     !d.is_empty()
         && d.len() <= 32
@@ -540,7 +693,34 @@ fn perform(ops: &dyn HostOps, op: &HelperOp) -> Result<HelperResponse, HostOpsEr
         HelperOp::AttachToBridge { link, bridge } => ops.attach_to_bridge(link, bridge)?,
         HelperOp::SetLinkUp { link } => ops.set_link_up(link)?,
         HelperOp::DeleteLink { link } => ops.delete_link(link)?,
-        HelperOp::AddNat { vm_id, bridge, ip } => ops.add_nat(vm_id, bridge, *ip)?,
+        HelperOp::AddNat {
+            vm_id,
+            bridge,
+            ip,
+            allow,
+        } => {
+            let allow = parse_allow(allow)
+                .map_err(|why| HostOpsError::InvalidArgument { op: "add_nat", why })?;
+            ops.add_nat_allowing(vm_id, bridge, *ip, &allow)?
+        }
+        HelperOp::AddGuest {
+            vm_id,
+            bridge,
+            tap,
+            ip,
+            mac,
+            peers,
+        } => {
+            let port = crate::hostops::GuestPort {
+                bridge: bridge.clone(),
+                tap: tap.clone(),
+                ip: *ip,
+                mac: *mac,
+                peers: *peers,
+            };
+            ops.add_guest(vm_id, &port)?
+        }
+        HelperOp::RemoveGuest { vm_id } => ops.remove_guest(vm_id)?,
         HelperOp::RemoveNat { vm_id } => ops.remove_nat(vm_id)?,
         HelperOp::RouteDnsDomain {
             link,
@@ -607,6 +787,8 @@ pub const ALLOWED_OPS: &[&str] = &[
     "delete_link",
     "add_nat",
     "remove_nat",
+    "add_guest",
+    "remove_guest",
     "route_dns_domain",
     "unroute_dns",
     "bind_vfio",
@@ -817,10 +999,40 @@ impl HostOps for HelperHostOps {
     }
 
     fn add_nat(&self, vm_id: &str, bridge: &str, ip: Ipv4Addr) -> Result<(), HostOpsError> {
+        self.add_nat_allowing(vm_id, bridge, ip, &[])
+    }
+
+    fn add_nat_allowing(
+        &self,
+        vm_id: &str,
+        bridge: &str,
+        ip: Ipv4Addr,
+        allow: &[crate::hostops::Cidr],
+    ) -> Result<(), HostOpsError> {
         let op = HelperOp::AddNat {
             vm_id: vm_id.into(),
             bridge: bridge.into(),
             ip,
+            allow: allow.iter().map(ToString::to_string).collect(),
+        };
+        self.run(op, vm_id).map(drop)
+    }
+
+    fn add_guest(&self, vm_id: &str, port: &crate::hostops::GuestPort) -> Result<(), HostOpsError> {
+        let op = HelperOp::AddGuest {
+            vm_id: vm_id.into(),
+            bridge: port.bridge.clone(),
+            tap: port.tap.clone(),
+            ip: port.ip,
+            mac: port.mac,
+            peers: port.peers,
+        };
+        self.run(op, vm_id).map(drop)
+    }
+
+    fn remove_guest(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        let op = HelperOp::RemoveGuest {
+            vm_id: vm_id.into(),
         };
         self.run(op, vm_id).map(drop)
     }
@@ -921,6 +1133,21 @@ impl HostOps for NoPrivilegeHostOps {
     fn remove_nat(&self, vm_id: &str) -> Result<(), HostOpsError> {
         Err(self.refuse("remove_nat", vm_id))
     }
+    fn add_nat_allowing(
+        &self,
+        vm_id: &str,
+        _: &str,
+        _: Ipv4Addr,
+        _: &[crate::hostops::Cidr],
+    ) -> Result<(), HostOpsError> {
+        Err(self.refuse("add_nat", vm_id))
+    }
+    fn add_guest(&self, vm_id: &str, _: &crate::hostops::GuestPort) -> Result<(), HostOpsError> {
+        Err(self.refuse("add_guest", vm_id))
+    }
+    fn remove_guest(&self, vm_id: &str) -> Result<(), HostOpsError> {
+        Err(self.refuse("remove_guest", vm_id))
+    }
     fn route_dns_domain(&self, link: &str, _: Ipv4Addr, _: &str) -> Result<bool, HostOpsError> {
         Err(self.refuse("route_dns_domain", link))
     }
@@ -943,8 +1170,15 @@ mod tests {
     use super::*;
     use crate::hostops::RecordingHostOps;
 
+    /// Every uid the tests run as may use banger0, 172.30.0.0/24, bgtap*.
     fn policy(extra: &str) -> HelperPolicy {
-        let text = format!("users = [\"0\"]\nvfio_devices = [\"0000:01:00.0\"]\n{extra}");
+        let me = nix::unistd::getuid().as_raw();
+        let mut text = format!("vfio_devices = [\"0000:01:00.0\"]\n{extra}\n");
+        for uid in [me, 1000] {
+            text.push_str(&format!(
+                "[[users]]\nname = \"{uid}\"\nbridge = \"banger0\"\nsubnet = \"172.30.0.0/24\"\ntap_prefix = \"bgtap\"\n"
+            ));
+        }
         HelperPolicy::parse(Path::new("/etc/banger/helper.toml"), &text).unwrap()
     }
 
@@ -957,12 +1191,20 @@ mod tests {
     }
 
     #[test]
-    fn config_defaults_to_banger_bridge_subnet_and_tap_prefixes() {
+    fn user_entries_name_their_network_or_derive_it_from_home() {
         let p = policy("");
-        assert_eq!(p.bridge, "banger0");
-        assert_eq!(p.subnet.to_string(), "172.30.0.0/24");
-        assert_eq!(p.tap_prefixes, ["bgtap", "bgp"]);
-        assert_eq!(p.uids, [0]);
+        let net = p.network_for(1000).unwrap();
+        assert_eq!(net.bridge, "banger0");
+        assert_eq!(net.subnet.to_string(), "172.30.0.0/24");
+        assert_eq!(net.tap_prefixes, ["bgtap", "bgp"]);
+        assert!(p.network_for(4242).is_none(), "no entry and no group");
+        // Root's entry without names: derived from /root/.local/state/banger.
+        let root =
+            HelperPolicy::parse(Path::new("h.toml"), "[[users]]\nname = \"root\"\n").unwrap();
+        let derived = derived_network(Path::new("/root/.local/state/banger"));
+        assert_eq!(root.network_for(0), Some(derived.clone()));
+        assert!(derived.bridge.starts_with("bg") && derived.bridge.ends_with("br"));
+        assert_eq!(derived.subnet.prefix(), 24);
     }
 
     #[test]
@@ -970,18 +1212,24 @@ mod tests {
         let path = Path::new("/etc/banger/helper.toml");
         for (text, why) in [
             ("", "nobody may use the helper"),
-            ("users = [\"no-such-user-xyz\"]", "does not exist"),
+            ("[[users]]\nname = \"no-such-user-xyz\"", "does not exist"),
             (
-                "users = [\"0\"]\nsubnet = \"10.0.0.5/24\"",
+                "[[users]]\nname = \"0\"\nsubnet = \"10.0.0.5/24\"",
                 "Invalid subnet",
             ),
-            ("users = [\"0\"]\nbridge = \"a b\"", "not an interface name"),
-            ("users = [\"0\"]\ntap_prefixes = []", "tap_prefixes"),
             (
-                "users = [\"0\"]\nvfio_devices = [\"01:00.0\"]",
+                "[[users]]\nname = \"0\"\nbridge = \"a b\"",
+                "not an interface name",
+            ),
+            ("[[users]]\nname = \"0\"\ntap_prefix = \"x\"", "tap_prefix"),
+            (
+                "vfio_devices = [\"01:00.0\"]\n[[users]]\nname = \"0\"",
                 "not a PCI address",
             ),
-            ("users = [\"0\"]\nrun_anything = true", "unknown field"),
+            (
+                "run_anything = true\n[[users]]\nname = \"0\"",
+                "unknown field",
+            ),
             ("group = \"no-such-group-xyz\"", "groupadd"),
         ] {
             let err = HelperPolicy::parse(path, text).unwrap_err().to_string();
@@ -994,9 +1242,44 @@ mod tests {
     fn requests_outside_our_names_subnet_bridge_and_devices_are_refused_and_do_nothing() {
         let p = policy("");
         let ops = RecordingHostOps::default();
-        let gw = p.subnet.gateway();
+        let gw = p.network_for(1000).unwrap().subnet.gateway();
         let vm_ip: Ipv4Addr = "172.30.0.9".parse().unwrap();
+        let guest = |tap: &str, bridge: &str, ip: &str| HelperOp::AddGuest {
+            vm_id: "ab12".into(),
+            bridge: bridge.into(),
+            tap: tap.into(),
+            ip: ip.parse().unwrap(),
+            mac: banger_api::net::MacAddr([6, 0, 0, 0, 0, 1]),
+            peers: false,
+        };
         let refused = [
+            (
+                guest("eth0", "banger0", "172.30.0.9"),
+                "not one of banger's taps",
+            ),
+            (
+                guest("bgtap0", "docker0", "172.30.0.9"),
+                "not banger's bridge",
+            ),
+            (
+                guest("bgtap0", "banger0", "10.0.0.9"),
+                "not a VM address inside",
+            ),
+            (
+                HelperOp::AddNat {
+                    vm_id: "ab12".into(),
+                    allow: vec!["10.0.0.5/8".into()],
+                    bridge: "banger0".into(),
+                    ip: vm_ip,
+                },
+                "Invalid network",
+            ),
+            (
+                HelperOp::RemoveGuest {
+                    vm_id: "a b".into(),
+                },
+                "not a VM id",
+            ),
             (
                 HelperOp::CreateTap {
                     name: "eth0".into(),
@@ -1075,6 +1358,7 @@ mod tests {
             (
                 HelperOp::AddNat {
                     vm_id: "abc".into(),
+                    allow: vec![],
                     bridge: "banger0".into(),
                     ip: "192.168.1.5".parse().unwrap(),
                 },
@@ -1083,6 +1367,7 @@ mod tests {
             (
                 HelperOp::AddNat {
                     vm_id: "abc".into(),
+                    allow: vec![],
                     bridge: "banger0".into(),
                     ip: gw,
                 },
@@ -1091,6 +1376,7 @@ mod tests {
             (
                 HelperOp::AddNat {
                     vm_id: "abc".into(),
+                    allow: vec![],
                     bridge: "eth0".into(),
                     ip: vm_ip,
                 },
@@ -1099,6 +1385,7 @@ mod tests {
             (
                 HelperOp::AddNat {
                     vm_id: "x\" ; flush ruleset".into(),
+                    allow: vec![],
                     bridge: "banger0".into(),
                     ip: vm_ip,
                 },
@@ -1171,7 +1458,7 @@ mod tests {
     fn allowed_requests_reach_hostops_unchanged() {
         let p = policy("");
         let ops = RecordingHostOps::default();
-        let gw = p.subnet.gateway();
+        let gw = p.network_for(1000).unwrap().subnet.gateway();
         let dev: PciAddress = "0000:01:00.0".parse().unwrap();
         for op in [
             HelperOp::EnsureBridge {
@@ -1192,6 +1479,7 @@ mod tests {
             },
             HelperOp::AddNat {
                 vm_id: "ab12".into(),
+                allow: vec![],
                 bridge: "banger0".into(),
                 ip: "172.30.0.9".parse().unwrap(),
             },
@@ -1213,6 +1501,23 @@ mod tests {
             HelperOp::DeleteLink {
                 link: "banger0".into(),
             },
+            HelperOp::AddGuest {
+                vm_id: "ab12".into(),
+                bridge: "banger0".into(),
+                tap: "bgtap0".into(),
+                ip: "172.30.0.9".parse().unwrap(),
+                mac: banger_api::net::MacAddr([6, 0, 172, 30, 0, 9]),
+                peers: true,
+            },
+            HelperOp::AddNat {
+                vm_id: "ab12".into(),
+                allow: vec!["192.168.1.0/24".into()],
+                bridge: "banger0".into(),
+                ip: "172.30.0.9".parse().unwrap(),
+            },
+            HelperOp::RemoveGuest {
+                vm_id: "ab12".into(),
+            },
         ] {
             let r = answer(&p, &ops, 1000, &line(&op));
             assert_eq!(r.outcome, Outcome::Ok, "{op:?}: {:?}", r.error);
@@ -1230,6 +1535,9 @@ mod tests {
                 "bind_vfio 0000:01:00.0",
                 "rebind_driver 0000:01:00.0 e1000e",
                 "delete_link banger0",
+                "add_guest ab12 banger0 bgtap0 172.30.0.9 06:00:ac:1e:00:09 peers",
+                "add_nat ab12 banger0 172.30.0.9 allow=192.168.1.0/24",
+                "remove_guest ab12",
             ]
         );
     }
@@ -1285,8 +1593,10 @@ mod tests {
     fn a_peer_outside_users_and_group_is_denied_before_any_request() {
         let me = nix::unistd::getuid().as_raw();
         let other = if me == 4242 { 4243 } else { 4242 };
-        let p =
-            HelperPolicy::parse(Path::new("h.toml"), &format!("users = [\"{other}\"]")).unwrap();
+        let text = format!(
+            "[[users]]\nname = \"{other}\"\nbridge = \"b0\"\nsubnet = \"10.9.0.0/24\"\ntap_prefix = \"bt\""
+        );
+        let p = HelperPolicy::parse(Path::new("h.toml"), &text).unwrap();
         let (_dir, sock, ops) = serve(p);
         let client = HelperHostOps::new(sock);
         let err = client.ping().unwrap_err().to_string();
