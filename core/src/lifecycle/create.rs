@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::capability::Capability;
 use crate::lifecycle::start::ROOT_DISK;
-use crate::lifecycle::{Lifecycle, OpError, Progress, blocking};
+use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, crash_point};
 use crate::store::StoreError;
 use banger_api::api::CreateVmRequest;
 use banger_api::model::{
@@ -59,6 +59,7 @@ impl Lifecycle {
                 Err(e) => return Err(e.into()),
             }
         }
+        crash_point("create:recorded");
 
         let dir = self.vm_dir(&vm.id);
         progress.stage(
@@ -82,7 +83,10 @@ impl Lifecycle {
         })
         .await?;
         match cloned {
-            Ok(kind) => tracing::info!(vm = %vm.name, ?kind, "root disk cloned"),
+            Ok(kind) => {
+                tracing::info!(vm = %vm.name, ?kind, "root disk cloned");
+                crash_point("create:cloned");
+            }
             Err(e) => {
                 // Nothing of this VM may survive a failed clone.
                 let _ = std::fs::remove_dir_all(&dir);

@@ -1,12 +1,13 @@
-//! `delete`: kill the VMM if needed, Teardown(delete) for every enabled
-//! capability in reverse order, then remove the VM's directory and row.
-//! A teardown failure keeps the VM (in `error`) so nothing leaks and the
-//! delete can be retried; `force` deletes anyway and reports what may have
-//! leaked.
+//! `delete`: mark the VM deleting, kill the VMM if needed, Teardown(delete)
+//! for every enabled capability in reverse order, then remove the VM's
+//! directory and row. A teardown failure keeps the VM (in `error`, the mark
+//! cleared) so nothing leaks and the delete can be retried; `force` deletes
+//! anyway and reports what may have leaked. A daemon killed mid-delete
+//! finds the mark on restart and finishes the delete (reconcile).
 
 use crate::capability::TeardownReason;
 use crate::lifecycle::stop::StopMode;
-use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, set_failure};
+use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, crash_point, set_failure};
 use banger_api::model::VmRecord;
 
 impl Lifecycle {
@@ -18,11 +19,27 @@ impl Lifecycle {
         force: bool,
         progress: &Progress,
     ) -> Result<VmRecord, OpError> {
-        let (guard, mut vm) = self.lock_by_name(name).await?;
+        let (guard, vm) = self.lock_by_name(name).await?;
         let before = vm.clone();
+        self.delete_locked(vm, force, progress).await?;
+        drop(guard);
+        self.locks.forget(&before.id);
+        Ok(before)
+    }
+
+    /// The delete sequence; the caller holds the VM's lock.
+    pub(crate) async fn delete_locked(
+        &self,
+        mut vm: VmRecord,
+        force: bool,
+        progress: &Progress,
+    ) -> Result<(), OpError> {
+        self.set_deleting(&vm, true).await?;
+        crash_point("delete:marked");
         if let Err(e) = self.stop_locked(&mut vm, StopMode::Kill, progress).await {
             // A VMM we could not kill is still running: never forget it.
             if !force || vm.vmm.is_some() {
+                self.set_deleting(&vm, false).await?;
                 return Err(e);
             }
             tracing::warn!(vm = %vm.name, "forced delete: {}", crate::lifecycle::render_chain(&e));
@@ -46,8 +63,10 @@ impl Lifecycle {
         } else if let Some(e) = errors.into_iter().next() {
             set_failure(&mut vm, &e);
             self.save(&mut vm).await?;
+            self.set_deleting(&vm, false).await?;
             return Err(e);
         }
+        crash_point("delete:torn_down");
 
         progress.stage("remove", format!("removing {}", vm.name));
         let dir = self.vm_dir(&vm.id);
@@ -62,11 +81,16 @@ impl Lifecycle {
         })
         .await?;
         removed?;
+        crash_point("delete:dir_removed");
         let store = self.store.clone();
         let id = vm.id.clone();
         blocking(move || store.delete_vm(&id)).await??;
-        drop(guard);
-        self.locks.forget(&vm.id);
-        Ok(before)
+        Ok(())
+    }
+
+    async fn set_deleting(&self, vm: &VmRecord, deleting: bool) -> Result<(), OpError> {
+        let store = self.store.clone();
+        let id = vm.id.clone();
+        Ok(blocking(move || store.set_deleting(&id, deleting)).await??)
     }
 }

@@ -416,6 +416,24 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// The environment variable naming the point at which [`crash_point`] kills
+/// the daemon.
+pub const CRASH_AT_ENV: &str = "BANGER_TEST_CRASH_AT";
+
+/// Test hook: with `BANGER_TEST_CRASH_AT=<point>` the daemon SIGKILLs itself
+/// (exactly what `kill -9` does: no destructor, no cleanup) on reaching
+/// `point`, so the crash tests can restart it and check what reconcile makes
+/// of the leftovers. The points are listed in docs/architecture.md. Unset, this
+/// does nothing.
+pub(crate) fn crash_point(point: &str) {
+    static AT: std::sync::LazyLock<Option<String>> =
+        std::sync::LazyLock::new(|| std::env::var(CRASH_AT_ENV).ok());
+    if AT.as_deref() == Some(point) {
+        tracing::warn!(point, "{CRASH_AT_ENV}: killing the daemon here");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Runs blocking work (SQLite, hooks, VMM control) off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, OpError> {
     tokio::task::spawn_blocking(f)

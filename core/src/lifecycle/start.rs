@@ -2,10 +2,12 @@
 //! PostStart. Any failure rolls back everything prepared, in reverse.
 
 use crate::capability::{Hook, TeardownReason};
-use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain, set_failure};
+use crate::lifecycle::{
+    Lifecycle, OpError, Progress, blocking, crash_point, render_chain, set_failure,
+};
 use banger_api::guest::GuestConfig;
 use banger_api::machine::{Drive, DriveRole, MachineSpec};
-use banger_api::model::{CapOptions, EnabledCap, VmRecord, VmState};
+use banger_api::model::{CapOptions, EnabledCap, VmRecord, VmState, now_unix};
 use banger_vmm::LaunchPaths;
 use banger_vmm::config_drive;
 
@@ -142,6 +144,7 @@ impl Lifecycle {
             .await?;
             vm.prepared.push(entry.1.name.clone());
             self.save(vm).await?;
+            crash_point("start:prepared");
         }
 
         let boot_args = match &vm.spec.extra_boot_args {
@@ -230,13 +233,33 @@ impl Lifecycle {
             vmm_log: dir.join(VMM_LOG),
         };
         let vmm = self.vmm_for(vm);
-        let launched = blocking(move || vmm.launch(&machine, &paths)).await?;
+        // The process is recorded before it is configured or booted: a
+        // daemon killed from here on leaves a VMM that reconcile can find.
+        let store = self.store.clone();
+        let mut recorded = vm.clone();
+        let launched = blocking(move || {
+            vmm.launch_recorded(&machine, &paths, &mut |p| {
+                recorded.vmm = Some(p.clone());
+                recorded.updated_at = now_unix();
+                store.update_vm(&recorded).map_err(|e| {
+                    banger_vmm::VmmError::NotReady(format!(
+                        "Cannot record VMM pid {} in the state database, so it was killed: {}",
+                        p.pid,
+                        render_chain(&e)
+                    ))
+                })?;
+                crash_point("start:vmm_spawned");
+                Ok(())
+            })
+        })
+        .await?;
         let process = launched.map_err(|e| OpError::Stage {
             stage: "launch_vmm".to_string(),
             source: Box::new(e),
         })?;
         vm.vmm = Some(process);
         self.save(vm).await?;
+        crash_point("start:vmm_booted");
 
         for entry in &caps {
             self.run_hook(Hook::PostStart, entry, vm, progress, (), |c, ctx, _| {

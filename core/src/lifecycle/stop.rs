@@ -2,7 +2,7 @@
 //! order of preparation. Disks survive.
 
 use crate::capability::TeardownReason;
-use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, render_chain};
+use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, crash_point, render_chain};
 use banger_api::model::{VmRecord, VmState};
 
 /// How the VMM is ended.
@@ -36,6 +36,7 @@ impl Lifecycle {
         let (_guard, mut vm) = self.lock_by_name(name).await?;
         self.stop_locked(&mut vm, StopMode::Graceful, progress)
             .await?;
+        crash_point("restart:stopped");
         self.start_locked(&mut vm, progress).await?;
         Ok(vm)
     }
@@ -50,6 +51,7 @@ impl Lifecycle {
         if let Some(process) = vm.vmm.clone() {
             vm.state = VmState::Stopping;
             self.save(vm).await?;
+            crash_point("stop:stopping");
             let vmm = self.vmm_for(vm);
             let grace = self.stop_grace();
             let result = match mode {
@@ -74,6 +76,7 @@ impl Lifecycle {
             }
             vm.vmm = None;
             self.save(vm).await?;
+            crash_point("stop:vmm_gone");
         }
         let prepared: Vec<String> = vm.prepared.iter().rev().cloned().collect();
         let errors = self

@@ -74,6 +74,13 @@ CREATE TABLE cap_schema (
     version INTEGER NOT NULL
 );
 ",
+    // VMs whose delete has begun: a daemon killed mid-delete finishes it on
+    // restart (reconcile) instead of leaving a half-deleted VM.
+    r"
+CREATE TABLE vm_deleting (
+    id TEXT PRIMARY KEY NOT NULL
+);
+",
 ];
 
 /// How long a connection waits for another writer before giving up.
@@ -324,16 +331,48 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes a VM's row. Returns whether it existed.
+    /// Removes a VM's row (and its deleting mark). Returns whether it existed.
     pub fn delete_vm(&self, id: &VmId) -> Result<bool, StoreError> {
-        let n = self
-            .lock()
+        let conn = self.lock();
+        let err = |source| StoreError::Delete {
+            id: id.clone(),
+            source,
+        };
+        let n = conn
             .execute("DELETE FROM vms WHERE id = ?1", [id.as_str()])
-            .map_err(|source| StoreError::Delete {
+            .map_err(err)?;
+        conn.execute("DELETE FROM vm_deleting WHERE id = ?1", [id.as_str()])
+            .map_err(err)?;
+        Ok(n > 0)
+    }
+
+    /// Marks (or unmarks) a VM as being deleted, so a delete interrupted by
+    /// a crash is finished when the daemon starts again.
+    pub fn set_deleting(&self, id: &VmId, deleting: bool) -> Result<(), StoreError> {
+        let sql = if deleting {
+            "INSERT OR IGNORE INTO vm_deleting (id) VALUES (?1)"
+        } else {
+            "DELETE FROM vm_deleting WHERE id = ?1"
+        };
+        self.lock()
+            .execute(sql, [id.as_str()])
+            .map_err(|source| StoreError::Update {
                 id: id.clone(),
                 source,
             })?;
-        Ok(n > 0)
+        Ok(())
+    }
+
+    /// Whether a delete of the VM has begun and not finished.
+    pub fn is_deleting(&self, id: &VmId) -> Result<bool, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT COUNT(*) FROM vm_deleting WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(StoreError::Read)
     }
 
     fn query_one(&self, column: &str, value: &str) -> Result<Option<VmRecord>, StoreError> {
@@ -833,6 +872,24 @@ mod tests {
         // And from a fresh process's point of view.
         let reopened = Store::open(&path).unwrap();
         assert_eq!(reopened.list_vms().unwrap(), vec![b, a]);
+    }
+
+    #[test]
+    fn a_deleting_mark_survives_reopening_and_goes_with_the_row() {
+        let (_dir, path, store) = open_temp();
+        let a = full("00000000000000aa", "full-vm");
+        store.insert_vm(&a).unwrap();
+        assert!(!store.is_deleting(&a.id).unwrap());
+        store.set_deleting(&a.id, true).unwrap();
+        store.set_deleting(&a.id, true).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(store.is_deleting(&a.id).unwrap());
+        store.set_deleting(&a.id, false).unwrap();
+        assert!(!store.is_deleting(&a.id).unwrap());
+        store.set_deleting(&a.id, true).unwrap();
+        assert!(store.delete_vm(&a.id).unwrap());
+        assert!(!store.is_deleting(&a.id).unwrap());
     }
 
     #[test]

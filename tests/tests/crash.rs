@@ -1,0 +1,372 @@
+//! Crash consistency: for every lifecycle operation and every stage inside
+//! it, the daemon is killed (SIGKILL, through the `BANGER_TEST_CRASH_AT`
+//! hook) at that stage, started again, and the result checked: no VMM
+//! process nobody records, no VM directory, socket or staging file no VM
+//! owns, and the VM either fully there in a settled state (and able to start
+//! and be deleted cleanly) or fully gone. Prints the table of stages and
+//! outcomes.
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use banger_api::model::VmState;
+    use test_infra::{BangerEnv, pid_alive, wait_until};
+
+    const CRASH_AT: &str = "BANGER_TEST_CRASH_AT";
+
+    /// What must exist before the crashing operation runs.
+    #[derive(Clone, Copy, Debug)]
+    enum Before {
+        Nothing,
+        Created,
+        Running,
+    }
+
+    /// One row: the operation, the crash point, what comes before, and the
+    /// settled outcome reconcile must reach (`gone` or a VM state).
+    struct Case {
+        op: &'static [&'static str],
+        point: &'static str,
+        before: Before,
+        expect: &'static str,
+    }
+
+    const CASES: &[Case] = &[
+        Case {
+            op: &["create"],
+            point: "create:recorded",
+            before: Before::Nothing,
+            expect: "gone",
+        },
+        Case {
+            op: &["create"],
+            point: "create:cloned",
+            before: Before::Nothing,
+            expect: "created",
+        },
+        Case {
+            op: &["create"],
+            point: "start:prepared",
+            before: Before::Nothing,
+            expect: "error",
+        },
+        Case {
+            op: &["create"],
+            point: "start:vmm_spawned",
+            before: Before::Nothing,
+            expect: "error",
+        },
+        Case {
+            op: &["start"],
+            point: "start:prepared",
+            before: Before::Created,
+            expect: "error",
+        },
+        Case {
+            op: &["start"],
+            point: "start:vmm_spawned",
+            before: Before::Created,
+            expect: "error",
+        },
+        Case {
+            op: &["start"],
+            point: "start:vmm_booted",
+            before: Before::Created,
+            expect: "error",
+        },
+        Case {
+            op: &["stop"],
+            point: "stop:stopping",
+            before: Before::Running,
+            expect: "stopped",
+        },
+        Case {
+            op: &["stop"],
+            point: "stop:vmm_gone",
+            before: Before::Running,
+            expect: "stopped",
+        },
+        Case {
+            op: &["restart"],
+            point: "restart:stopped",
+            before: Before::Running,
+            expect: "stopped",
+        },
+        Case {
+            op: &["restart"],
+            point: "start:vmm_spawned",
+            before: Before::Running,
+            expect: "error",
+        },
+        Case {
+            op: &["delete"],
+            point: "delete:marked",
+            before: Before::Running,
+            expect: "gone",
+        },
+        Case {
+            op: &["delete"],
+            point: "delete:torn_down",
+            before: Before::Running,
+            expect: "gone",
+        },
+        Case {
+            op: &["delete"],
+            point: "delete:dir_removed",
+            before: Before::Running,
+            expect: "gone",
+        },
+    ];
+
+    const VM: &str = "crashy";
+
+    fn kill_daemon(env: &BangerEnv) {
+        if let Some(pid) = env.daemon_pid().filter(|p| pid_alive(*p)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            wait_until(Duration::from_secs(10), "bangerd dies", || !pid_alive(pid));
+        }
+    }
+
+    /// Live VMM processes of this env: fake firecrackers whose API socket is
+    /// under the env's root.
+    fn vmm_processes(env: &BangerEnv) -> BTreeSet<u32> {
+        let root = env.root().display().to_string();
+        let mut out = BTreeSet::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if comm.trim().starts_with("fake-firecracke")
+                && String::from_utf8_lossy(&cmdline).contains(&root)
+                && pid_alive(pid as i32)
+            {
+                out.insert(pid);
+            }
+        }
+        out
+    }
+
+    fn names(dir: &Path) -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Everything that must hold of a settled env: returns the VM's outcome
+    /// (`gone` or its state) or what leaked.
+    fn check_settled(env: &BangerEnv) -> Result<String, String> {
+        let vms = env.list();
+        let mut problems = Vec::new();
+        let mut recorded = BTreeSet::new();
+        for vm in &vms {
+            let r = &vm.record;
+            match (r.state, &r.vmm) {
+                (VmState::Running, Some(p)) if pid_alive(p.pid as i32) => {
+                    recorded.insert(p.pid);
+                }
+                (VmState::Created | VmState::Stopped | VmState::Error, None) => {}
+                (state, vmm) => problems.push(format!(
+                    "VM {} is {state} with VMM {vmm:?} (unsettled)",
+                    r.name
+                )),
+            }
+            if !vm.dir.join("rootfs.ext4").is_file() {
+                problems.push(format!("VM {} has no root disk", r.name));
+            }
+            let staging: Vec<String> = names(&vm.dir)
+                .into_iter()
+                .filter(|n| n.contains(".staging-"))
+                .collect();
+            if !staging.is_empty() {
+                problems.push(format!("VM {} keeps staging files {staging:?}", r.name));
+            }
+        }
+        let orphans: Vec<u32> = vmm_processes(env).difference(&recorded).copied().collect();
+        if !orphans.is_empty() {
+            problems.push(format!("orphan VMM processes {orphans:?}"));
+        }
+        let ids: BTreeSet<String> = vms.iter().map(|v| v.record.id.to_string()).collect();
+        let dirs = names(&env.state_dir().join("vms"));
+        if dirs != ids {
+            problems.push(format!("VM dirs {dirs:?} but VMs {ids:?}"));
+        }
+        let running: BTreeSet<String> = vms
+            .iter()
+            .filter(|v| v.record.vmm.is_some())
+            .map(|v| format!("{}.sock", v.record.id))
+            .collect();
+        let socks = names(&env.root().join("run/banger/vms"));
+        if !socks.is_subset(&running) {
+            problems.push(format!(
+                "sockets {socks:?}, but running VMs own {running:?}"
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Ok(match vms.iter().find(|v| v.record.name.as_str() == VM) {
+            Some(vm) => vm.record.state.to_string(),
+            None => "gone".to_string(),
+        })
+    }
+
+    /// Kills this env's VMMs when dropped, also the orphans a failing case
+    /// leaves (which `BangerEnv` cannot know of: they made no API call).
+    struct KillsLeftovers(BangerEnv);
+
+    impl Drop for KillsLeftovers {
+        fn drop(&mut self) {
+            kill_daemon(&self.0);
+            for pid in vmm_processes(&self.0) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// Runs one case; returns (outcome, what the follow-up showed) or panics
+    /// with what leaked.
+    fn run_case(case: &Case) -> String {
+        let mut env = KillsLeftovers(BangerEnv::new());
+        let env = &mut env.0;
+        match case.before {
+            Before::Nothing => {}
+            Before::Created => {
+                env.create(VM, &["--no-start"]).ok();
+            }
+            Before::Running => {
+                env.create(VM, &[]).ok();
+            }
+        }
+        kill_daemon(env);
+
+        // The next daemon (started on demand by the CLI) dies at the point.
+        env.set_env(CRASH_AT, case.point);
+        let run = match case.op {
+            ["create"] => env.create(VM, &[]),
+            [verb] => env.banger(&["vm", verb, VM]),
+            other => panic!("unknown op {other:?}"),
+        };
+        assert_ne!(
+            run.code, 0,
+            "{}: the daemon was to die at {}, but the command succeeded:\n{}",
+            case.op[0], case.point, run.stderr
+        );
+        // It died there (a daemon never exits by itself).
+        let crashed = env.daemon_pid().expect("the crashing daemon wrote its pid");
+        wait_until(
+            Duration::from_secs(10),
+            "the crashing daemon is gone",
+            || !pid_alive(crashed),
+        );
+
+        // A clean daemon reconciles.
+        env.set_env(CRASH_AT, "");
+        let outcome =
+            check_settled(env).unwrap_or_else(|e| panic!("{} at {}: {e}", case.op[0], case.point));
+        assert_eq!(
+            outcome, case.expect,
+            "{} at {}: unexpected outcome",
+            case.op[0], case.point
+        );
+
+        // Fully there means usable: it starts and deletes cleanly.
+        if outcome != "gone" {
+            env.banger(&["vm", "start", VM]).ok();
+            assert_eq!(env.show(VM).record.state, VmState::Running);
+            env.banger(&["vm", "delete", VM]).ok();
+            let after = check_settled(env)
+                .unwrap_or_else(|e| panic!("{} at {}, after delete: {e}", case.op[0], case.point));
+            assert_eq!(after, "gone");
+        }
+        outcome
+    }
+
+    #[test]
+    fn a_daemon_killed_at_any_stage_leaves_nothing_orphaned_and_the_vm_whole_or_gone() {
+        let mut table = Vec::new();
+        for case in CASES {
+            let outcome = run_case(case);
+            table.push(format!(
+                "{:<8} {:<20} {:<8} {}",
+                case.op[0],
+                case.point,
+                format!("{:?}", case.before).to_lowercase(),
+                outcome
+            ));
+        }
+        println!("op       crash point          before   outcome after restart (no leaks)");
+        for row in table {
+            println!("{row}");
+        }
+    }
+
+    #[test]
+    fn a_vmm_a_record_does_not_know_is_killed_or_keeps_its_disk_locked() {
+        let env = KillsLeftovers(BangerEnv::new());
+        let env = &env.0;
+        env.create(VM, &[]).ok();
+        let first = env.show(VM).record.vmm.unwrap().pid;
+        let db = env.state_dir().join("banger.db");
+
+        // Stopped on record, but its VMM still runs: reconcile kills it,
+        // and the next start boots a new one.
+        kill_daemon(env);
+        sql(
+            &db,
+            &format!("UPDATE vms SET state = 'stopped' WHERE name = '{VM}'"),
+        );
+        env.banger(&["vm", "start", VM]).ok();
+        assert!(!pid_alive(first as i32), "the stray VMM survived");
+        let second = env.show(VM).record.vmm.unwrap().pid;
+        assert_ne!(first, second);
+        assert_eq!(vmm_processes(env), BTreeSet::from([second]));
+
+        // A VMM no record names at all (a lost row update): the disk lock
+        // it holds refuses a second VMM on the same root disk.
+        kill_daemon(env);
+        sql(
+            &db,
+            &format!(
+                "UPDATE vms SET state = 'stopped', pid = NULL, pid_start_time = NULL, \
+                 api_socket = NULL WHERE name = '{VM}'"
+            ),
+        );
+        let out = env.banger(&["vm", "start", VM]).failed();
+        assert!(
+            out.stderr
+                .contains("rootfs.ext4 is locked by another process"),
+            "{}",
+            out.stderr
+        );
+        assert!(pid_alive(second as i32), "the running VMM was disturbed");
+        assert_eq!(vmm_processes(env), BTreeSet::from([second]));
+        assert_eq!(env.show(VM).record.state, VmState::Error);
+    }
+
+    /// Runs `statement` on the state database with the sqlite3 CLI.
+    fn sql(db: &Path, statement: &str) {
+        let status = std::process::Command::new("sqlite3")
+            .arg(db)
+            .arg(statement)
+            .status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "sqlite3 (apt package sqlite3) could not run {statement:?}: {status:?}"
+        );
+    }
+}
