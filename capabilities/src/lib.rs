@@ -2,6 +2,8 @@
 //! `inventory::submit!`; binaries must link this crate
 //! (`use banger_capabilities as _;`) for the registrations to exist.
 
+#![forbid(unsafe_code)]
+
 pub mod dns;
 pub mod file_sync;
 pub mod mise;

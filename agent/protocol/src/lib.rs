@@ -3,7 +3,9 @@
 //! the config drive ([`drive`]), and the agent's vsock API ([`api`]).
 //!
 //! The agent depends only on this crate; the daemon re-exports the bundle as
-//! `banger_core::guest`.
+//! `banger_api::guest`.
+
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod bundle;

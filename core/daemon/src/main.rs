@@ -2,6 +2,8 @@
 //! `$XDG_RUNTIME_DIR/banger/bangerd.sock` until SIGTERM or
 //! `POST /v1/shutdown`. Log level from `BANGER_LOG` (default `info`).
 
+#![forbid(unsafe_code)]
+
 // Linking the built-ins is what registers them with `inventory`.
 use banger_capabilities as _;
 

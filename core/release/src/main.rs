@@ -7,6 +7,8 @@
 //! and `PREFIX/image-NAME:TAG`, and writes `kernels.toml` and `images.toml`
 //! into the output directory with `oci = "...@sha256:<manifest digest>"`.
 
+#![forbid(unsafe_code)]
+
 mod bundle;
 mod catalog;
 
