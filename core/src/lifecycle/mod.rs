@@ -134,6 +134,12 @@ impl VmLocks {
     }
 }
 
+/// Holds one VM's operation lock until dropped ([`Lifecycle::lock_vm`]).
+#[derive(Debug)]
+pub struct VmGuard {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// A resolved capability with its per-VM options.
 type CapEntry = (Arc<dyn Capability>, EnabledCap);
 
@@ -228,6 +234,15 @@ impl Lifecycle {
         blocking(move || store.find_vm(&n))
             .await??
             .ok_or_else(|| OpError::NotFound(name.to_string()))
+    }
+
+    /// Takes VM `name`'s operation lock: the one lock every lifecycle
+    /// operation takes, so work on a VM outside the lifecycle (workspace
+    /// import and export, guest jobs) is serialised with start, stop and
+    /// delete and with itself. Returns the record as it is under the lock.
+    pub async fn lock_vm(&self, name: &str) -> Result<(VmGuard, VmRecord), OpError> {
+        let (guard, vm) = self.lock_by_name(name).await?;
+        Ok((VmGuard { _held: guard }, vm))
     }
 
     /// Looks `name` up, takes its lock, and re-reads the record under the

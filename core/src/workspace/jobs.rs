@@ -49,7 +49,7 @@ pub async fn guest_job(
 }
 
 /// `POST /v1/vms/{name}/capabilities/{cap}/jobs/{job}`: runs `job` (from
-/// [`guest_job`]) in VM `name` under its workspace lock, to completion when
+/// [`guest_job`]) in VM `name` under its operation lock, to completion when
 /// `req.wait`, else started in the background.
 pub async fn run_guest_job(
     lc: &Lifecycle,
@@ -59,7 +59,7 @@ pub async fn run_guest_job(
     req: JobRequest,
     progress: &Progress,
 ) -> Result<JobView, OpError> {
-    let _guard = super::vm::lock_vm(name).await;
+    let _guard = lc.lock_vm(name).await?;
     let ssh = super::vm::connect(lc, name).await?;
     progress.stage(
         stage,

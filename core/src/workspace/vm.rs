@@ -2,10 +2,8 @@
 //! workspace remembered in the VM directory (so `export` knows its base
 //! across daemon restarts).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
 
 use base64::Engine as _;
 
@@ -18,20 +16,6 @@ use banger_api::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
 const RECORD: &str = "workspace.json";
 /// The port guests run sshd on.
 const SSH_PORT: u16 = 22;
-
-/// One import or export at a time per VM: two imports would race on the
-/// guest's staging directory, and an export during an import would read a
-/// half-built checkout.
-static VM_LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Default::default);
-
-pub(super) async fn lock_vm(name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-    let m = {
-        let mut map = VM_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(name.to_string()).or_default().clone()
-    };
-    m.lock_owned().await
-}
 
 /// `POST /v1/vms/{name}/workspace/prepare`: plans the import of
 /// `req.path`, carries it into the running VM at `/root/repo`, and records
@@ -62,7 +46,10 @@ pub async fn prepare_vm(
     let plan = run_blocking(move || plan(&path, &opts))
         .await?
         .map_err(op)?;
-    let _guard = lock_vm(name).await;
+    // One operation at a time per VM, lifecycle ones included: two imports
+    // would race on the guest's staging directory, an export during an
+    // import would read a half-built checkout, a stop would cut either.
+    let _guard = lc.lock_vm(name).await?;
     let ssh = connect(lc, name).await?;
     let dir = vm_dir(lc, name).await?;
     let view = super::prepare(&ssh, &plan, &GuestPaths::default(), &dir, progress)
@@ -85,7 +72,10 @@ pub async fn export_vm(
     if let Some(b) = &base {
         check_base_commit(b).map_err(op)?;
     }
-    let _guard = lock_vm(name).await;
+    // One operation at a time per VM, lifecycle ones included: two imports
+    // would race on the guest's staging directory, an export during an
+    // import would read a half-built checkout, a stop would cut either.
+    let _guard = lc.lock_vm(name).await?;
     let dir = vm_dir(lc, name).await?;
     let recorded = read_record(&dir)?;
     let (base, source) = match (base, recorded) {
