@@ -349,7 +349,6 @@ mod tests {
     use std::sync::Mutex;
 
     use banger_api::config::{Config, SyncSource};
-    use banger_api::model::{ByteSize, VmName, VmRecord, VmSpec, VmState, VmmKind};
     use banger_host::hostops::RecordingHostOps;
 
     use super::*;
@@ -607,31 +606,11 @@ mod tests {
         assert_eq!(files[0].contents.len() as u64, MAX_TOTAL_BYTES - 1024);
     }
 
-    fn vm() -> VmRecord {
-        let mut vm = VmRecord::new(
-            VmName::parse("fs").unwrap(),
-            VmSpec {
-                vcpus: 1,
-                memory_mib: 256,
-                disk_size: ByteSize(1 << 30),
-                kernel: "/k".into(),
-                initrd: None,
-                rootfs_source: "/r".into(),
-                extra_boot_args: None,
-                vmm: VmmKind::Firecracker,
-            },
-            vec![],
-            0,
-        );
-        vm.state = VmState::Starting;
-        vm
-    }
-
     /// Runs the GuestConfig hook as the lifecycle does, with `config`.
     fn guest_config(config: &Config) -> (Result<GuestConfig, CapError>, Vec<String>) {
         let dir = tempfile::tempdir().unwrap();
         let (vm, host, log, options) = (
-            vm(),
+            crate::test_env::test_vm("fs"),
             RecordingHostOps::default(),
             Warnings::default(),
             CapOptions::new(),

@@ -55,3 +55,26 @@ impl TestEnv {
         }
     }
 }
+
+/// A one-vCPU Firecracker VM record named `name`, starting, for hooks
+/// that only read the record.
+pub(crate) fn test_vm(name: &str) -> banger_api::model::VmRecord {
+    use banger_api::model::{ByteSize, VmName, VmRecord, VmSpec, VmState, VmmKind};
+    let mut vm = VmRecord::new(
+        VmName::parse(name).unwrap(),
+        VmSpec {
+            vcpus: 1,
+            memory_mib: 256,
+            disk_size: ByteSize(1 << 30),
+            kernel: "/k".into(),
+            initrd: None,
+            rootfs_source: "/r".into(),
+            extra_boot_args: None,
+            vmm: VmmKind::Firecracker,
+        },
+        vec![],
+        0,
+    );
+    vm.state = VmState::Starting;
+    vm
+}

@@ -182,6 +182,30 @@ mod tests {
             ],
             "{synced}"
         );
+        // ssh-identity's sshd drop-in is in place and is what sshd runs
+        // with: keys only, root by key only, StrictModes on.
+        let sshd = rig.ssh_ok(
+            "g1",
+            ip,
+            &known,
+            "cat /etc/ssh/sshd_config.d/banger.conf; /usr/sbin/sshd -T",
+        );
+        assert!(
+            sshd.lines()
+                .any(|l| l.trim() == "PasswordAuthentication no"),
+            "drop-in missing:\n{sshd}"
+        );
+        for line in [
+            "passwordauthentication no",
+            "kbdinteractiveauthentication no",
+            "permitrootlogin without-password",
+            "strictmodes yes",
+        ] {
+            assert!(
+                sshd.lines().any(|l| l.trim() == line),
+                "sshd -T lacks {line:?}:\n{sshd}"
+            );
+        }
         // A host key the agent did not report is refused.
         let stranger = env.root().join("stranger");
         assert!(
