@@ -31,8 +31,20 @@ pub enum GuestSshError {
     #[error("Cannot connect to the guest's sshd at {0}")]
     Connect(SocketAddr, #[source] russh::Error),
     /// Connecting took too long.
-    #[error("Timed out connecting to the guest's sshd at {0}")]
-    ConnectTimeout(SocketAddr),
+    #[error("The guest's sshd at {0} did not answer within {1:?}")]
+    ConnectTimeout(SocketAddr, Duration),
+    /// A command wrote more than the daemon keeps in memory.
+    #[error(
+        "{command:?} in the guest wrote more than {limit} bytes to {stream}; the daemon keeps at most that much of a command's output (write big output to a file in the guest instead)"
+    )]
+    OutputTooLarge {
+        /// The command.
+        command: String,
+        /// `stdout` or `stderr`.
+        stream: &'static str,
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// The server presented a host key that is not the pinned one.
     #[error(
         "The guest at {0} presented an SSH host key its agent did not report; refusing to connect"
@@ -104,6 +116,7 @@ pub struct GuestEndpoint {
 pub struct GuestSsh {
     handle: Handle<Pinned>,
     addr: SocketAddr,
+    max_output: usize,
 }
 
 impl std::fmt::Debug for GuestSsh {
@@ -115,12 +128,24 @@ impl std::fmt::Debug for GuestSsh {
 }
 
 /// How long connecting and logging in may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much of one stream of one command's output the daemon keeps.
+pub const MAX_OUTPUT: usize = 64 << 20;
 
 impl GuestSsh {
     /// Connects to `endpoint`, checks its host key against the pinned ones
-    /// and logs in with banger's key.
+    /// and logs in with banger's key, within [`CONNECT_TIMEOUT`].
     pub async fn connect(endpoint: &GuestEndpoint) -> Result<GuestSsh, GuestSshError> {
+        Self::connect_within(endpoint, CONNECT_TIMEOUT).await
+    }
+
+    /// [`GuestSsh::connect`], giving up after `timeout` (TCP connect,
+    /// handshake and login together).
+    pub async fn connect_within(
+        endpoint: &GuestEndpoint,
+        timeout: Duration,
+    ) -> Result<GuestSsh, GuestSshError> {
         let keys = parse_known_hosts(&endpoint.known_hosts);
         if keys.is_empty() {
             return Err(GuestSshError::NoHostKeys);
@@ -154,10 +179,22 @@ impl GuestSsh {
             }
             Ok(handle)
         };
-        let handle = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let handle = tokio::time::timeout(timeout, connecting)
             .await
-            .map_err(|_| GuestSshError::ConnectTimeout(addr))??;
-        Ok(GuestSsh { handle, addr })
+            .map_err(|_| GuestSshError::ConnectTimeout(addr, timeout))??;
+        Ok(GuestSsh {
+            handle,
+            addr,
+            max_output: MAX_OUTPUT,
+        })
+    }
+
+    /// Keeps at most `bytes` of each output stream of a command (default
+    /// [`MAX_OUTPUT`]); past it the command fails with
+    /// [`GuestSshError::OutputTooLarge`].
+    pub fn with_max_output(mut self, bytes: usize) -> Self {
+        self.max_output = bytes;
+        self
     }
 
     /// Runs `command` through the guest user's shell, feeding it `stdin`
@@ -183,10 +220,25 @@ impl GuestSsh {
             channel.data(input).await.map_err(exec_err)?;
         }
         channel.eof().await.map_err(exec_err)?;
+        let too_large = |stream| GuestSshError::OutputTooLarge {
+            command: command.to_string(),
+            stream,
+            limit: self.max_output,
+        };
         while let Some(msg) = channel.wait().await {
             match msg {
-                ChannelMsg::Data { data } => stdout.extend_from_slice(&data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => stderr.extend_from_slice(&data),
+                ChannelMsg::Data { data } => {
+                    if stdout.len() + data.len() > self.max_output {
+                        return Err(too_large("stdout"));
+                    }
+                    stdout.extend_from_slice(&data);
+                }
+                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                    if stderr.len() + data.len() > self.max_output {
+                        return Err(too_large("stderr"));
+                    }
+                    stderr.extend_from_slice(&data);
+                }
                 ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 ChannelMsg::ExitSignal { signal_name, .. } => {
                     signal = Some(format!("{signal_name:?}"));
@@ -317,6 +369,33 @@ mod tests {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_quote("$(x)"), "'$(x)'");
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_never_speaks_ssh_times_out_naming_its_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = banger_api::ssh::SshIdentity::load_or_create(dir.path()).unwrap();
+        // Accepts the TCP connection, then says nothing (a hung guest).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
+        let endpoint = GuestEndpoint {
+            addr,
+            user: "root".into(),
+            identity_file: identity.private_key_path().to_path_buf(),
+            known_hosts: "web.vm ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n".into(),
+        };
+        let started = std::time::Instant::now();
+        let err = GuestSsh::connect_within(&endpoint, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            matches!(err, GuestSshError::ConnectTimeout(a, _) if a == addr),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        drop(held);
     }
 
     #[test]

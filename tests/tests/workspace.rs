@@ -234,6 +234,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("nope"), "{text}");
+        // Output past the limit fails the command instead of filling the
+        // daemon's memory; output up to it is kept whole.
+        let ssh = ssh.with_max_output(100_000);
+        let out = ssh.run("head -c 100000 /dev/zero", None).await.unwrap();
+        assert_eq!(out.len(), 100_000);
+        let err = ssh
+            .run("head -c 3000000 /dev/zero", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GuestSshError::OutputTooLarge {
+                    stream: "stdout",
+                    limit: 100_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         ssh.close().await;
     }
 

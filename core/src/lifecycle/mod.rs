@@ -81,6 +81,22 @@ pub enum OpError {
     Io(String, #[source] std::io::Error),
 }
 
+/// A connection to a guest failed: names the VM and the address that did
+/// not answer, the cause below.
+#[derive(Debug, thiserror::Error)]
+#[error("VM {vm}: no answer from its {what} at {addr}")]
+pub struct GuestUnreachable {
+    /// The VM's name.
+    pub vm: String,
+    /// `sshd`, `guest agent`.
+    pub what: &'static str,
+    /// The address or socket tried.
+    pub addr: String,
+    /// Why.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 impl OpError {
     /// The failing stage, if the error came from one.
     pub fn stage(&self) -> Option<&str> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::lifecycle::{Lifecycle, OpError, blocking};
+use crate::lifecycle::{GuestUnreachable, Lifecycle, OpError, blocking};
 use banger_api::api::SshTarget;
 use banger_api::ssh::{SshIdentity, known_hosts};
 use banger_guest_protocol::api::Proto;
@@ -29,6 +29,7 @@ impl Lifecycle {
         };
         // Host keys exist a moment before sshd listens (they are generated
         // just before it starts): only a listener on 22 means "ready".
+        let agent_addr = uds.display().to_string();
         let (keys, listening) = blocking(move || {
             let agent = AgentClient::new(&uds, Duration::from_secs(5));
             let keys = agent.ssh_host_keys()?;
@@ -41,7 +42,12 @@ impl Lifecycle {
         .await?
         .map_err(|e| OpError::Stage {
             stage: "agent_ssh_host_keys".to_string(),
-            source: Box::new(e),
+            source: Box::new(GuestUnreachable {
+                vm: name.to_string(),
+                what: "guest agent",
+                addr: agent_addr,
+                source: Box::new(e),
+            }),
         })?;
         if !listening {
             return Err(OpError::Invalid(format!(

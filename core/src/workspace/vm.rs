@@ -9,7 +9,7 @@ use base64::Engine as _;
 
 use super::{GuestPaths, PrepareOptions, WorkspaceError, check_base_commit, plan};
 use crate::guest_ssh::{GuestEndpoint, GuestSsh};
-use crate::lifecycle::{Lifecycle, OpError, Progress};
+use crate::lifecycle::{GuestUnreachable, Lifecycle, OpError, Progress};
 use banger_api::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
 
 /// The prepared workspace of a VM, in its directory.
@@ -144,7 +144,12 @@ pub(super) async fn connect(lc: &Lifecycle, name: &str) -> Result<GuestSsh, OpEr
         .await
         .map_err(|e| OpError::Stage {
             stage: "workspace:connect".to_string(),
-            source: Box::new(e),
+            source: Box::new(GuestUnreachable {
+                vm: name.to_string(),
+                what: "sshd",
+                addr: endpoint.addr.to_string(),
+                source: Box::new(e),
+            }),
         })
 }
 

@@ -25,6 +25,16 @@ pub enum VsockError {
     /// Nothing arrived in time.
     #[error("Timed out after {0:?} while {1}")]
     Timeout(Duration, &'static str),
+    /// The guest did not answer the `CONNECT` handshake in time.
+    #[error("Guest vsock port {port} behind {} did not answer within {after:?}", uds.display())]
+    NoAnswer {
+        /// The VM's hybrid-vsock socket.
+        uds: PathBuf,
+        /// The guest port.
+        port: u32,
+        /// How long it was given.
+        after: Duration,
+    },
     /// The VMM answered the `CONNECT` with something other than `OK`
     /// (usually: nothing listens on that guest port yet).
     #[error("The VMM refused CONNECT {port}: {reply:?}")]
@@ -78,7 +88,16 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, V
             Ok(_) if line.len() >= MAX_LINE => break,
             Ok(_) => line.push(byte[0]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(e, timeout, "waiting for OK")),
+            Err(e) => {
+                return Err(match io_error(e, timeout, "waiting for OK") {
+                    VsockError::Timeout(after, _) => VsockError::NoAnswer {
+                        uds: uds.to_path_buf(),
+                        port,
+                        after,
+                    },
+                    other => other,
+                });
+            }
         }
     }
     let reply = String::from_utf8_lossy(&line).trim_end().to_string();
@@ -457,7 +476,19 @@ mod tests {
         let err = AgentClient::new(&sock, Duration::from_millis(300))
             .healthz()
             .unwrap_err();
-        assert!(matches!(err, VsockError::Timeout(_, _)), "{err:?}");
+        assert!(
+            matches!(
+                &err,
+                VsockError::NoAnswer {
+                    port: AGENT_PORT,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&sock.display().to_string()), "{text}");
+        assert!(text.contains("did not answer within 300ms"), "{text}");
         assert!(started.elapsed() < Duration::from_secs(5));
         tx.send(()).unwrap();
         server.join().unwrap();
