@@ -286,8 +286,32 @@ mod tests {
             "guest sees its 1024 MiB: {total} KiB"
         );
 
+        // The new work disk was seeded from the image's /root (Debian's
+        // dotfiles), and /root is 0755 root:root.
+        assert!(
+            logs.contains("banger-agent: seeded new disk on /root from the image"),
+            "{logs}"
+        );
+        let home = rig.ssh_ok(
+            "g1",
+            ip,
+            &known,
+            "stat -c '%a %U %G' /root; head -c 200 /root/.bashrc | grep -c . ; test -f /root/.profile && echo has-profile",
+        );
+        let lines: Vec<&str> = home.lines().map(str::trim).collect();
+        assert_eq!(lines[0], "755 root root", "{home}");
+        assert_ne!(lines[1], "0", "an empty /root/.bashrc: {home}");
+        assert_eq!(lines[2], "has-profile", "{home}");
+
         // The work disk keeps /root across stop/start; the address stays.
-        rig.ssh_ok("g1", ip, &known, "echo keep-me > /root/keep.txt && sync");
+        // /root is made group-writable and not root's, which sshd's
+        // StrictModes refuses: the next start must reset it.
+        rig.ssh_ok(
+            "g1",
+            ip,
+            &known,
+            "echo keep-me > /root/keep.txt && chmod 0775 /root && chown 1000:1000 /root && sync",
+        );
         env.banger(&["vm", "stop", "g1"]).ok();
         let refused = env.banger(&["vm", "ports", "g1"]).failed();
         assert!(refused.stderr.contains("start it first"), "{refused:?}");
@@ -301,8 +325,22 @@ mod tests {
         assert_eq!(again.address, Some(ip));
         let known = rig.pin_host_keys(&again);
         assert_eq!(
-            rig.ssh_ok("g1", ip, &known, "cat /root/keep.txt").trim(),
-            "keep-me"
+            rig.ssh_ok(
+                "g1",
+                ip,
+                &known,
+                "cat /root/keep.txt; stat -c '%a %U %G' /root"
+            )
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>(),
+            ["keep-me", "755 root root"]
+        );
+        let logs = env.banger(&["vm", "logs", "g1"]).stdout;
+        assert_eq!(
+            logs.matches("seeded new disk on /root").count(),
+            1,
+            "a used work disk is not seeded again:\n{logs}"
         );
 
         // `banger vm ssh` does the same pinning itself and passes the

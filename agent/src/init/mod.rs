@@ -7,6 +7,7 @@ mod files;
 mod modules;
 mod mounts;
 mod net;
+mod seed;
 mod supervise;
 
 use std::fs::OpenOptions;
@@ -15,6 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use banger_guest_protocol::api::AGENT_PORT;
+use banger_guest_protocol::bundle::GuestMount;
 use banger_guest_protocol::drive::ConfigDrive;
 use nix::unistd::{ForkResult, Pid};
 
@@ -145,7 +147,10 @@ fn mount_and_switch(config: Option<&ConfigDrive>) -> bool {
             continue;
         };
         match mounts::mount_guest(new_root, &device, m) {
-            Ok(()) => console::log(&format!("mounted {device} on {}", m.mount_point.display())),
+            Ok(()) => {
+                console::log(&format!("mounted {device} on {}", m.mount_point.display()));
+                prepare_mounted(new_root, m);
+            }
             Err(e) => console::error(&step, &e),
         }
     }
@@ -157,6 +162,28 @@ fn mount_and_switch(config: Option<&ConfigDrive>) -> bool {
         Err(e) => {
             console::error("switch root", &e);
             false
+        }
+    }
+}
+
+/// After a writable mount: seeds a new disk from the image's directory at
+/// the mount point, and gives `/root` its `0755 root:root`.
+fn prepare_mounted(new_root: &Path, m: &GuestMount) {
+    if m.read_only {
+        return;
+    }
+    let at = m.mount_point.display();
+    match seed::seed_new_mount(new_root, &m.mount_point, Path::new(seed::LOWER)) {
+        Ok(Some(c)) => console::log(&format!(
+            "seeded new disk on {at} from the image ({} entries, {} special files skipped)",
+            c.entries, c.skipped
+        )),
+        Ok(None) => {}
+        Err(e) => console::error(&format!("seed new disk on {at} from the image"), &e),
+    }
+    if m.mount_point == Path::new(seed::ROOT_HOME) {
+        if let Err(e) = seed::normalise_home(&new_root.join("root")) {
+            console::error("reset /root to 0755 root:root", &e);
         }
     }
 }
