@@ -7,6 +7,10 @@
 //! directory keep their own permission bits. Symlinks inside a directory are
 //! skipped with a warning, never followed; a missing host path is a warning.
 //! Everything is owned by root in the guest.
+//!
+//! It also gives every guest the host's git identity (`user.name` and
+//! `user.email` from `git config --global`) in root's `~/.gitconfig`,
+//! merged into the file by the guest's own git at boot.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::Read;
@@ -17,6 +21,7 @@ use std::sync::Arc;
 use banger_api::config::FileSyncEntry;
 use banger_api::guest::{GuestConfig, GuestFile};
 use banger_api::model::CapOptions;
+use banger_api::workspace::{GitIdentity, host_global_identity};
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx, HookLog};
 
 /// Name used with `--cap`.
@@ -327,20 +332,87 @@ impl Capability for FileSync {
     }
 
     fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
-        let entries = &ctx.config.file_sync;
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let files = collect(entries, daemon_home().as_deref(), ctx.log)
-            .map_err(|e| CapError::with("Cannot copy the [[file_sync]] entries", e))?;
-        let bytes: usize = files.iter().map(|f| f.contents.len()).sum();
-        ctx.log.info(&format!(
-            "syncing {} file(s), {bytes} bytes, into the guest",
-            files.len()
-        ));
-        guest.files.extend(files);
-        Ok(())
+        add_to_guest(ctx, guest, &host_global_identity())
     }
+}
+
+/// Where the guest's git identity goes: root's global git config.
+pub const GUEST_GITCONFIG: &str = "/root/.gitconfig";
+
+/// Sets `$2`/`$3` as user.name/user.email in the git config file `$1`
+/// (an empty value is left alone) with the guest's git, keeping the rest
+/// of the file; without git, writes `$4` (a `[user]` section) if the file
+/// does not exist yet, so a git installed later finds it.
+const GIT_IDENTITY_SCRIPT: &str = r#"f=$1
+if command -v git >/dev/null 2>&1; then
+  [ -z "$2" ] || git config --file "$f" user.name "$2" || exit 1
+  [ -z "$3" ] || git config --file "$f" user.email "$3" || exit 1
+elif [ ! -e "$f" ]; then
+  printf '%s' "$4" > "$f"
+fi"#;
+
+/// The guest command (run by the agent at boot, after the work disk is
+/// mounted) that puts `id` in the git config file `path`, or `None` when
+/// the host has no identity.
+pub fn git_identity_command(id: &GitIdentity, path: &str) -> Option<Vec<String>> {
+    let name = id.name.as_deref().filter(|v| !v.contains('\n'));
+    let email = id.email.as_deref().filter(|v| !v.contains('\n'));
+    if name.is_none() && email.is_none() {
+        return None;
+    }
+    // A git config value in double quotes: backslash and quote escaped.
+    let quoted = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut section = "[user]\n".to_string();
+    if let Some(n) = name {
+        section.push_str(&format!("\tname = {}\n", quoted(n)));
+    }
+    if let Some(e) = email {
+        section.push_str(&format!("\temail = {}\n", quoted(e)));
+    }
+    Some(
+        [
+            "sh",
+            "-c",
+            GIT_IDENTITY_SCRIPT,
+            "banger-git-identity",
+            path,
+            name.unwrap_or_default(),
+            email.unwrap_or_default(),
+            &section,
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+}
+
+/// The hook's work: the host's git `identity` as a boot command, then the
+/// `[[file_sync]]` entries as files.
+fn add_to_guest(
+    ctx: &HookCtx<'_>,
+    guest: &mut GuestConfig,
+    identity: &GitIdentity,
+) -> Result<(), CapError> {
+    if let Some(argv) = git_identity_command(identity, GUEST_GITCONFIG) {
+        ctx.log.info(&format!(
+            "host git identity {} <{}> goes into the guest's ~/.gitconfig",
+            identity.name.as_deref().unwrap_or("(no name)"),
+            identity.email.as_deref().unwrap_or("no email")
+        ));
+        guest.commands.push(argv);
+    }
+    let entries = &ctx.config.file_sync;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let files = collect(entries, daemon_home().as_deref(), ctx.log)
+        .map_err(|e| CapError::with("Cannot copy the [[file_sync]] entries", e))?;
+    let bytes: usize = files.iter().map(|f| f.contents.len()).sum();
+    ctx.log.info(&format!(
+        "syncing {} file(s), {bytes} bytes, into the guest",
+        files.len()
+    ));
+    guest.files.extend(files);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -624,7 +696,7 @@ mod tests {
             log: &log,
         };
         let mut guest = GuestConfig::new("fs");
-        let r = FileSync.guest_config(&ctx, &mut guest).map(|()| guest);
+        let r = add_to_guest(&ctx, &mut guest, &GitIdentity::default()).map(|()| guest);
         (r, log.lines())
     }
 
@@ -662,6 +734,100 @@ mod tests {
             ),
             "{chain}"
         );
+    }
+
+    /// Runs `argv` (a git identity command) on this host with `path_var`
+    /// as PATH.
+    fn run_in_sh(argv: &[String], path_var: &str) {
+        let status = std::process::Command::new("/bin/sh")
+            .args(&argv[1..])
+            .env("PATH", path_var)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{argv:?}");
+    }
+
+    fn git_get(file: &Path, key: &str) -> String {
+        let out = std::process::Command::new("git")
+            .args(["config", "--file"])
+            .arg(file)
+            .args(["--get", key])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    }
+
+    fn tricky_identity() -> GitIdentity {
+        GitIdentity {
+            name: Some("Ana \"the\" O'Neil \\ $HOME `id`".into()),
+            email: Some("ana@example.org".into()),
+        }
+    }
+
+    #[test]
+    fn the_git_identity_is_merged_into_an_existing_gitconfig_by_the_guests_git() {
+        let git = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .any(|d| d.join("git").is_file());
+        if !git {
+            eprintln!("SKIP the_git_identity_is_merged_...: no git (apt package git)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(".gitconfig");
+        std::fs::write(&file, "[alias]\n\tst = status\n[user]\n\tname = Old\n").unwrap();
+        let id = tricky_identity();
+        let argv = git_identity_command(&id, file.to_str().unwrap()).unwrap();
+        assert_eq!(&argv[..2], ["sh", "-c"]);
+        run_in_sh(&argv, &std::env::var("PATH").unwrap());
+        assert_eq!(git_get(&file, "user.name"), id.name.clone().unwrap());
+        assert_eq!(git_get(&file, "user.email"), "ana@example.org");
+        assert_eq!(git_get(&file, "alias.st"), "status");
+
+        // Without git in the guest: a new file with a [user] section git
+        // reads back exactly; an existing file is left alone.
+        let fresh = dir.path().join("fresh");
+        let argv = git_identity_command(&id, fresh.to_str().unwrap()).unwrap();
+        run_in_sh(&argv, "/nonexistent");
+        assert_eq!(git_get(&fresh, "user.name"), id.name.clone().unwrap());
+        assert_eq!(git_get(&fresh, "user.email"), "ana@example.org");
+        std::fs::write(&fresh, "# mine\n").unwrap();
+        run_in_sh(&argv, "/nonexistent");
+        assert_eq!(std::fs::read_to_string(&fresh).unwrap(), "# mine\n");
+    }
+
+    #[test]
+    fn the_hook_adds_the_git_identity_only_when_the_host_has_one() {
+        let cfg = Config::defaults(Path::new("/c.toml"));
+        let dir = tempfile::tempdir().unwrap();
+        let (vm, host, log, options) = (
+            crate::test_env::test_vm("fs"),
+            RecordingHostOps::default(),
+            Warnings::default(),
+            CapOptions::new(),
+        );
+        let ctx = HookCtx {
+            vm: &vm,
+            vm_dir: dir.path(),
+            options: &options,
+            host: &host,
+            config: &cfg,
+            log: &log,
+        };
+        let mut guest = GuestConfig::new("fs");
+        add_to_guest(&ctx, &mut guest, &tricky_identity()).unwrap();
+        assert_eq!(guest.commands.len(), 1);
+        assert_eq!(guest.commands[0][4], "/root/.gitconfig");
+        assert!(guest.files.is_empty());
+        let only_email = GitIdentity {
+            name: None,
+            email: Some("e@x".into()),
+        };
+        let argv = git_identity_command(&only_email, "/f").unwrap();
+        assert_eq!((argv[5].as_str(), argv[6].as_str()), ("", "e@x"));
+        assert_eq!(git_identity_command(&GitIdentity::default(), "/f"), None);
     }
 
     #[test]

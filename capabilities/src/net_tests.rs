@@ -324,3 +324,73 @@ fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
     );
     assert!(host_network(&env).taps().free().is_empty());
 }
+
+#[test]
+fn network_takes_only_peers_and_nat_only_an_allow_list() {
+    let e = env();
+    let (network, nat) = (Network::with(e.net.clone()), Nat::with(e.net.clone()));
+    let opts = |pairs: &[(&str, &str)]| -> CapOptions {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    network.validate_options(&opts(&[])).unwrap();
+    network
+        .validate_options(&opts(&[("peers", "true")]))
+        .unwrap();
+    for (bad, why) in [
+        (opts(&[("peers", "yes")]), "peers=true"),
+        (opts(&[("bridge", "x")]), "unknown option \"bridge\""),
+    ] {
+        let err = network.validate_options(&bad).unwrap_err().to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    nat.validate_options(&opts(&[("allow", "10.1.0.0/16,192.0.2.7/32")]))
+        .unwrap();
+    for (bad, why) in [
+        (opts(&[("allow", "10.1.0.1/16")]), "\"10.1.0.1/16\""),
+        (opts(&[("allow", "10.0.0.0/8,nope")]), "\"nope\""),
+        (opts(&[("deny", "10.0.0.0/8")]), "allow=CIDR"),
+    ] {
+        let err = nat.validate_options(&bad).unwrap_err().to_string();
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+#[test]
+fn network_guards_the_tap_with_peers_as_asked_and_unguards_it_on_every_teardown() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Network::with(e.net.clone());
+    let a = vm("a");
+    let dir = e.vm_dir(&a);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut options = CapOptions::new();
+    options.insert("peers".into(), "true".into());
+    let config =
+        banger_api::config::Config::defaults(std::path::Path::new("/nonexistent/config.toml"));
+    let ctx = HookCtx {
+        vm: &a,
+        vm_dir: &dir,
+        options: &options,
+        host: &host,
+        config: &config,
+        log: &Quiet,
+    };
+    cap.prepare_host(&ctx).unwrap();
+    let guard = host
+        .calls()
+        .into_iter()
+        .find(|c| c.starts_with("add_guest"))
+        .unwrap();
+    assert!(guard.ends_with(" peers"), "{guard}");
+    for reason in [TeardownReason::Rollback, TeardownReason::Stop] {
+        cap.teardown(&ctx, reason).unwrap();
+        assert!(
+            host.calls().contains(&format!("remove_guest {}", a.id)),
+            "{:?}",
+            host.calls()
+        );
+    }
+}

@@ -41,6 +41,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write banger's ssh config (`Host *.vm`: banger's key, the pinned host
+    /// keys, user root) and print how to include it, so plain `ssh NAME.vm`,
+    /// scp and rsync work. `~/.ssh/config` is only touched by --install.
+    SshConfig(SshConfigArgs),
     /// Show the client's version and the running daemon's.
     Version {
         /// Print JSON.
@@ -63,6 +67,21 @@ pub enum Shell {
     Zsh,
     /// fish.
     Fish,
+}
+
+/// `banger ssh-config` flags.
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    /// Add one `Include` line for it at the top of ~/.ssh/config (created
+    /// 0600 when missing); idempotent.
+    #[arg(long, conflicts_with = "uninstall")]
+    pub install: bool,
+    /// Remove exactly that line from ~/.ssh/config.
+    #[arg(long)]
+    pub uninstall: bool,
+    /// Print the pinned host keys of HOST (ssh's KnownHostsCommand).
+    #[arg(long, value_name = "HOST", hide = true, conflicts_with_all = ["install", "uninstall"])]
+    pub known_hosts: Option<String>,
 }
 
 /// `banger vm ...`

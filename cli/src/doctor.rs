@@ -144,6 +144,7 @@ async fn all_checks() -> Vec<Check> {
     out.push(default_artifacts(&config, &paths));
     out.push(ssh_identity(&paths));
     out.push(ssh_client());
+    out.push(ssh_config_included(&paths));
     out.push(daemon(&paths).await);
     out
 }
@@ -747,6 +748,35 @@ fn ssh_client() -> Check {
             "ssh not found on PATH: `vm run` and `vm ssh` use it",
             "sudo apt-get install openssh-client",
         ),
+    }
+}
+
+/// WARN when `~/.ssh/config` does not include banger's ssh config: `vm ssh`
+/// works either way, plain `ssh NAME.vm` only with it.
+fn ssh_config_included(paths: &Paths) -> Check {
+    use crate::ssh_config::{Files, is_installed};
+    let files = match Files::from_env(paths) {
+        Ok(f) => f,
+        Err(e) => return Check::warn("ssh config", format!("{e:#}"), None),
+    };
+    match is_installed(&files) {
+        Ok(true) => Check::pass(
+            "ssh config",
+            format!(
+                "{} includes {}",
+                files.user_config.display(),
+                files.banger_config.display()
+            ),
+        ),
+        Ok(false) => Check::warn(
+            "ssh config",
+            format!(
+                "{} does not include banger's ssh config: plain `ssh NAME.vm` will not use banger's key",
+                files.user_config.display()
+            ),
+            Some("banger ssh-config --install (or keep using `banger vm ssh NAME`)".to_string()),
+        ),
+        Err(e) => Check::warn("ssh config", format!("{e:#}"), None),
     }
 }
 

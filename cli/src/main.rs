@@ -9,6 +9,7 @@ mod ordered;
 mod output;
 mod run;
 mod spec;
+mod ssh_config;
 mod vm;
 mod workspace;
 
@@ -66,6 +67,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Version { json } => version(json).await,
         Command::Doctor { json } => doctor::run(json).await,
+        Command::SshConfig(a) => ssh_config::run(a.into()).await,
         Command::Daemon(cmd) => daemon_cmd(cmd).await,
         Command::Image(cmd) => {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;

@@ -74,6 +74,14 @@ pub async fn ssh(client: &Client, name: &str, print: bool, command: &[String]) -
     Ok(exit_code(code))
 }
 
+/// banger's private key, as the daemon's ssh-identity capability keeps it.
+pub(crate) fn identity_file(
+    paths: &Paths,
+    _config: &banger_api::config::Config,
+) -> std::path::PathBuf {
+    paths.ssh_dir().join("id_ed25519")
+}
+
 /// Writes `target`'s host keys to `<state>/ssh/known_hosts.d/NAME` and
 /// returns the arguments for the system `ssh` (see [`ssh_args`]).
 pub(crate) fn pinned_ssh_args(target: &SshTarget, command: &[String]) -> Result<Vec<String>> {

@@ -102,6 +102,12 @@ mod tests {
         put(".aws/config", "[default]\n", 0o644);
         put(".aws/sub/creds", "key=1\n", 0o600);
         put("outside/secret", "NOT FOR THE GUEST", 0o600);
+        // The host's git identity, which every guest gets.
+        put(
+            ".gitconfig",
+            "[user]\n\tname = E2E Tester\n\temail = e2e@banger.test\n",
+            0o644,
+        );
         std::os::unix::fs::symlink(home.join("outside/secret"), home.join(".aws/leak")).unwrap();
         let internet = Internet::start("a", 100);
         let _upstream = internet_dns(&rig, &internet);
@@ -182,6 +188,16 @@ mod tests {
             ],
             "{synced}"
         );
+        // file-sync put the host's git identity in root's ~/.gitconfig.
+        let git_id = rig.ssh_ok(
+            "g1",
+            ip,
+            &known,
+            "git config --global user.name; git config --global user.email",
+        );
+        let lines: Vec<&str> = git_id.lines().map(str::trim).collect();
+        assert_eq!(lines, ["E2E Tester", "e2e@banger.test"], "{git_id}");
+
         // ssh-identity's sshd drop-in is in place and is what sshd runs
         // with: keys only, root by key only, StrictModes on.
         let sshd = rig.ssh_ok(

@@ -171,12 +171,23 @@ mod tests {
                 ops.add_nat("aaaa", "banger0", a).unwrap();
                 let rules = nft_rules();
                 let c = comments(&rules);
-                assert_eq!(c.iter().filter(|c| *c == "banger:aaaa").count(), 3, "{c:?}");
-                assert_eq!(c.iter().filter(|c| *c == "banger:bbbb").count(), 3, "{c:?}");
+                // Two each: the forward accept (outside the deny set) and
+                // the masquerade, in the bridge's own table.
+                assert_eq!(
+                    c.iter().filter(|c| *c == "banger:aaaa:nat").count(),
+                    2,
+                    "{c:?}"
+                );
+                assert_eq!(
+                    c.iter().filter(|c| *c == "banger:bbbb:nat").count(),
+                    2,
+                    "{c:?}"
+                );
                 let masq = rules
                     .iter()
-                    .find(|r| r["chain"] == "postrouting" && r["comment"] == "banger:aaaa")
+                    .find(|r| r["chain"] == "nat_post" && r["comment"] == "banger:aaaa:nat")
                     .unwrap();
+                assert_eq!(masq["table"], "banger_banger0");
                 let text = masq.to_string();
                 assert!(text.contains("masquerade"), "{text}");
                 assert!(text.contains("172.30.0.2"), "{text}");
@@ -189,11 +200,17 @@ mod tests {
 
                 ops.remove_nat("aaaa").unwrap();
                 let c = comments(&nft_rules());
-                assert!(!c.iter().any(|c| c == "banger:aaaa"), "{c:?}");
-                assert_eq!(c.iter().filter(|c| *c == "banger:bbbb").count(), 3, "{c:?}");
+                assert!(!c.iter().any(|c| c.contains("aaaa")), "{c:?}");
+                assert_eq!(
+                    c.iter().filter(|c| *c == "banger:bbbb:nat").count(),
+                    2,
+                    "{c:?}"
+                );
                 ops.remove_nat("aaaa").unwrap();
                 ops.remove_nat("bbbb").unwrap();
-                assert!(nft_rules().is_empty());
+                // Only the bridge's fixed base rules are left.
+                let c = comments(&nft_rules());
+                assert!(c.iter().all(|c| c.starts_with("banger:base:")), "{c:?}");
             },
         );
     }
@@ -280,23 +297,30 @@ mod tests {
                 network.prepare_host(&ctx).unwrap();
                 nat.prepare_host(&ctx).unwrap();
                 assert_eq!(addresses("bgtest2"), vec!["10.77.0.1/24"]);
-                let tap = link("bgtap0").expect("the VM's tap exists");
+                let p = net.taps().prefix().to_string();
+                let (t0, t1, t2) = (format!("{p}0"), format!("{p}1"), format!("{p}2"));
+                let tap = link(&t0).expect("the VM's tap exists");
                 assert_eq!(tap["master"], "bgtest2", "{tap}");
                 // Two more kept warm on the bridge.
-                for warm in ["bgtap1", "bgtap2"] {
+                for warm in [&t1, &t2] {
                     assert_eq!(link(warm).expect(warm)["master"], "bgtest2");
                 }
-                let tag = format!("banger:{}", v.id);
                 let rules = nft_rules();
-                assert_eq!(comments(&rules).iter().filter(|c| **c == tag).count(), 3);
+                let c = comments(&rules);
+                let count = |kind: &str| {
+                    let tag = format!("banger:{}:{kind}", v.id);
+                    c.iter().filter(|c| **c == tag).count()
+                };
+                assert_eq!((count("guard"), count("nat")), (5, 2), "{c:?}");
                 assert!(rules.iter().any(|r| r.to_string().contains("10.77.0.2")));
 
                 nat.teardown(&ctx, TeardownReason::Delete).unwrap();
                 network.teardown(&ctx, TeardownReason::Delete).unwrap();
-                assert!(nft_rules().is_empty(), "{:?}", nft_rules());
-                assert!(link("bgtap0").is_none(), "pool was full, tap deleted");
+                let c = comments(&nft_rules());
+                assert!(c.iter().all(|c| c.starts_with("banger:base:")), "{c:?}");
+                assert!(link(&t0).is_none(), "pool was full, tap deleted");
                 net.taps().drain(&host).unwrap();
-                assert!(link("bgtap1").is_none() && link("bgtap2").is_none());
+                assert!(link(&t1).is_none() && link(&t2).is_none());
             },
         );
     }
@@ -391,12 +415,14 @@ mod tests {
                     dns_upstream: None,
                 };
                 let net = HostNetwork::new(config, store, dir.path(), 0);
-                // bgtap0 belongs to a VM that survived a daemon restart.
-                net.bring_up(&host, &["bgtap0"]).unwrap();
+                // Tap 0 belongs to a VM that survived a daemon restart.
+                let p = net.taps().prefix().to_string();
+                let (t0, t1, t2) = (format!("{p}0"), format!("{p}1"), format!("{p}2"));
+                net.bring_up(&host, &[&t0]).unwrap();
                 assert_eq!(addresses("bgtest3"), vec!["10.88.0.1/24"]);
-                assert!(link("bgtap0").is_none());
-                assert_eq!(net.taps().free(), vec!["bgtap1", "bgtap2"]);
-                for t in ["bgtap1", "bgtap2"] {
+                assert!(link(&t0).is_none());
+                assert_eq!(net.taps().free(), vec![t1.clone(), t2.clone()]);
+                for t in [&t1, &t2] {
                     assert_eq!(link(t).expect(t)["master"], "bgtest3");
                 }
 
@@ -421,7 +447,7 @@ mod tests {
                     server.shutdown().await;
                 });
                 net.shut_down(&host);
-                assert!(link("bgtap1").is_none() && link("bgtap2").is_none());
+                assert!(link(&t1).is_none() && link(&t2).is_none());
                 assert!(link("bgtest3").is_some(), "the bridge outlives the daemon");
             },
         );

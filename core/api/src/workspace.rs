@@ -511,6 +511,12 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PlanFile>) -> Result<(), Workspac
     Ok(())
 }
 
+/// The host user's `git config --global` identity (what an import puts in
+/// the guest's `~/.gitconfig`); unset parts, or no git, give `None`s.
+pub fn host_global_identity() -> GitIdentity {
+    identity(Path::new("/"), "--global")
+}
+
 fn identity(root: &Path, scope: &str) -> GitIdentity {
     let get = |key: &str| {
         git_stdout(root, &["config", scope, "--get", key])

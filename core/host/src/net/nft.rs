@@ -10,12 +10,18 @@
 //!   dropping everything else the tap sends (spoofed addresses, IPv6, VLAN
 //!   tags). Its `forward` base chain (port to port: guest to guest) jumps to
 //!   `from_guests`, where each VM's tap drops what it sends to another port,
-//!   unless both are peers (`peers_to` then accepts).
+//!   unless both are peers (`peers_to` then accepts). Its `output` base
+//!   chain (what the host sends out of a port) jumps to `to_guests`, which
+//!   drops packets carrying a guest's source address: traffic a guest sent
+//!   to the gateway's MAC that the host routed back onto the bridge.
 //! - `ip banger_<bridge>` filters what guests send to the host (`input`:
 //!   only DNS on port 53 and replies to connections the host opened) and
 //!   what they send through it (`forward`: only VMs with NAT, only to
 //!   addresses outside the `deny` set and the host's other bridges, unless
 //!   allowed per VM), and masquerades NAT'ed VMs (`postrouting`).
+//!   Bridge-to-same-bridge traffic passes `forward`: with `br_netfilter`
+//!   loaded, bridged frames between guests show up there too, already
+//!   decided by the bridge table.
 //!
 //! The base chains' rules are fixed and carry [`BASE_TAG`]; each VM's rules
 //! live in regular chains the base chains jump to and carry
@@ -44,7 +50,7 @@ pub const TABLE_PREFIX: &str = "banger_";
 
 /// The tag of the base chains' fixed rules; a table without it (new, or
 /// made by an older banger) gets its base chains rebuilt.
-pub const BASE_TAG: &str = "banger:base:v2";
+pub const BASE_TAG: &str = "banger:base:v3";
 
 /// The marker table meaning "banger turned ip_forward on".
 pub const FORWARD_MARKER: &str = "banger_ipforward";
@@ -326,9 +332,11 @@ pub(crate) fn base_script(bridge: &str) -> String {
         "table bridge {t} {{
   chain prerouting {{ type filter hook prerouting priority -200; policy accept; }}
   chain forward {{ type filter hook forward priority -200; policy accept; }}
+  chain output {{ type filter hook output priority -200; policy accept; }}
   chain guests {{ }}
   chain from_guests {{ }}
   chain peers_to {{ }}
+  chain to_guests {{ }}
 }}
 table ip {t} {{
   set deny {{ type ipv4_addr; flags interval; auto-merge; }}
@@ -341,6 +349,7 @@ table ip {t} {{
 }}
 flush chain bridge {t} prerouting
 flush chain bridge {t} forward
+flush chain bridge {t} output
 flush chain ip {t} input
 flush chain ip {t} forward
 flush chain ip {t} postrouting
@@ -348,11 +357,13 @@ flush set ip {t} deny
 add element ip {t} deny {{ {deny} }}
 add rule bridge {t} prerouting jump guests comment \"{BASE_TAG}\"
 add rule bridge {t} forward jump from_guests comment \"{BASE_TAG}\"
+add rule bridge {t} output jump to_guests comment \"{BASE_TAG}\"
 add rule ip {t} input iifname \"{bridge}\" ct state established,related accept comment \"{BASE_TAG}\"
 add rule ip {t} input iifname \"{bridge}\" meta l4proto {{ tcp, udp }} th dport 53 accept comment \"{BASE_TAG}\"
 add rule ip {t} input iifname \"{bridge}\" drop comment \"{BASE_TAG}\"
 add rule ip {t} forward oifname \"{bridge}\" ct state established,related accept comment \"{BASE_TAG}\"
-add rule ip {t} forward iifname \"{bridge}\" oifname != \"{bridge}\" jump nat_out comment \"{BASE_TAG}\"
+add rule ip {t} forward iifname \"{bridge}\" oifname \"{bridge}\" accept comment \"{BASE_TAG}\"
+add rule ip {t} forward iifname \"{bridge}\" jump nat_out comment \"{BASE_TAG}\"
 add rule ip {t} forward iifname \"{bridge}\" drop comment \"{BASE_TAG}\"
 add rule ip {t} forward oifname \"{bridge}\" drop comment \"{BASE_TAG}\"
 add rule ip {t} postrouting iifname \"{bridge}\" oifname != \"{bridge}\" jump nat_post comment \"{BASE_TAG}\"
@@ -414,8 +425,13 @@ add rule bridge {t} peers_to oifname \"{tap}\" accept comment \"{tag}\"
 "
         ));
     }
+    // What the host itself sends out of a port (bridge output) with this
+    // guest's source address was routed back from it: a detour around the
+    // guest-to-guest rules.
     script.push_str(&format!(
-        "add rule bridge {t} from_guests iifname \"{tap}\" drop comment \"{tag}\"\n"
+        "add rule bridge {t} from_guests iifname \"{tap}\" drop comment \"{tag}\"
+add rule bridge {t} to_guests ip saddr {ip} drop comment \"{tag}\"
+"
     ));
     run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(OP, vm_id, e))?;
     Ok(())

@@ -1,0 +1,162 @@
+//! Daily-use CLI commands through the real `banger` and `bangerd` against
+//! the fake firecracker: `ssh-config`, `vm prune`, VM references by ID
+//! prefix, live completions, the workspace export's file list.
+
+// Inside a cfg(test) module so the workspace's test-only lint allowances
+// (unwrap in tests) cover the helpers too.
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::process::Command;
+    use std::sync::Arc;
+
+    use banger_api::net::Subnet;
+    use banger_capabilities::network::leases::Leases;
+    use banger_core::store::Store;
+    use test_infra::BangerEnv;
+
+    fn tool_present(tool: &str, test: &str) -> bool {
+        let ok = Command::new(tool).arg("-V").output().is_ok();
+        if !ok {
+            eprintln!("SKIP {test}: {tool} missing (openssh-client)");
+        }
+        ok
+    }
+
+    /// The fake agent's answer for one real ed25519 host key, and the key's
+    /// public line.
+    fn host_keys(dir: &Path) -> (String, String) {
+        let file = dir.join("ssh_host_ed25519_key");
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "root@guest", "-f"])
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let line = std::fs::read_to_string(file.with_extension("pub")).unwrap();
+        let json = serde_json::json!([{
+            "algorithm": "ssh-ed25519",
+            "public_key": line.trim(),
+            "fingerprint": "SHA256:unused",
+        }])
+        .to_string();
+        (json, line.trim().to_string())
+    }
+
+    #[test]
+    fn ssh_config_install_is_one_line_and_uninstall_restores_the_file() {
+        if !tool_present("ssh", "ssh_config_install_is_one_line") {
+            return;
+        }
+        let env = BangerEnv::new();
+        let user_config = env.root().join("home/.ssh/config");
+        std::fs::create_dir_all(user_config.parent().unwrap()).unwrap();
+        let before = "# mine\nHost build\n    HostName 192.0.2.1\n    User me\n";
+        std::fs::write(&user_config, before).unwrap();
+
+        let shown = env.banger(&["ssh-config"]).ok();
+        assert!(shown.stdout.contains("not included"), "{shown:?}");
+        let doctor = env.banger(&["doctor"]);
+        assert!(
+            doctor
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("WARN ssh config:") && l.contains("ssh-config --install")),
+            "{doctor:?}"
+        );
+
+        env.banger(&["ssh-config", "--install"]).ok();
+        env.banger(&["ssh-config", "--install"]).ok();
+        let text = std::fs::read_to_string(&user_config).unwrap();
+        let banger_config = env.root().join("config/banger/ssh_config");
+        let include = format!("Include {}", banger_config.display());
+        assert_eq!(text, format!("{include}\n{before}"));
+        let doctor = env.banger(&["doctor", "--json"]);
+        let checks: serde_json::Value = serde_json::from_str(&doctor.stdout).unwrap();
+        let check = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "ssh config")
+            .unwrap();
+        assert_eq!(check["status"], "pass", "{check}");
+
+        // ssh itself reads the file: the block applies to NAME.vm only.
+        let g = Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(&banger_config)
+            .arg("web.vm")
+            .output()
+            .unwrap();
+        assert!(g.status.success(), "{g:?}");
+        let g = String::from_utf8(g.stdout).unwrap();
+        let key = env.state_dir().join("ssh/id_ed25519");
+        for want in [
+            "user root".to_string(),
+            format!("identityfile {}", key.display()),
+            "stricthostkeychecking true".to_string(),
+            "identitiesonly yes".to_string(),
+            "userknownhostsfile /dev/null".to_string(),
+        ] {
+            assert!(g.lines().any(|l| l == want), "no {want:?} in\n{g}");
+        }
+        assert!(
+            g.lines().any(|l| l.starts_with("knownhostscommand ")
+                && l.ends_with("ssh-config --known-hosts %n")),
+            "{g}"
+        );
+        let other = Command::new("ssh")
+            .args(["-G", "-F"])
+            .arg(&banger_config)
+            .arg("example.com")
+            .output()
+            .unwrap();
+        let other = String::from_utf8(other.stdout).unwrap();
+        assert!(
+            !other.lines().any(|l| l.starts_with("knownhostscommand")),
+            "{other}"
+        );
+
+        env.banger(&["ssh-config", "--uninstall"]).ok();
+        assert_eq!(std::fs::read_to_string(&user_config).unwrap(), before);
+    }
+
+    #[test]
+    fn known_hosts_command_prints_the_pinned_keys_of_a_running_vm() {
+        if !tool_present("ssh-keygen", "known_hosts_command_prints_the_pinned_keys") {
+            return;
+        }
+        let keydir = tempfile::tempdir().unwrap();
+        let (json, public) = host_keys(keydir.path());
+        let mut env = BangerEnv::new();
+        let keys = env.root().join("host-keys.json");
+        std::fs::write(&keys, json).unwrap();
+        env.set_env("FAKE_FC_AGENT", "1");
+        env.set_env("FAKE_FC_HOST_KEYS", &keys.display().to_string());
+        env.write_config("default_caps = [\"work-disk\", \"vsock-agent\"]\n");
+        env.create("web", &[]).ok();
+        let store = Arc::new(Store::open(&env.state_dir().join("banger.db")).unwrap());
+        let id = store.find_vm("web").unwrap().unwrap().id;
+        let subnet: Subnet = "10.77.0.0/24".parse().unwrap();
+        Leases::new(store).acquire(&id, &subnet).unwrap();
+
+        let out = env.banger(&["ssh-config", "--known-hosts", "web.vm"]).ok();
+        let base64 = public.split_whitespace().nth(1).unwrap();
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.contains("web.vm") && l.contains("ssh-ed25519") && l.contains(base64)),
+            "{out:?}"
+        );
+        // Not a VM: nothing, so ssh finds no key; an unknown VM: an error.
+        let none = env
+            .banger(&["ssh-config", "--known-hosts", "example.com"])
+            .ok();
+        assert_eq!(none.stdout, "");
+        let ghost = env
+            .banger(&["ssh-config", "--known-hosts", "ghost.vm"])
+            .failed();
+        assert_eq!(ghost.stdout, "");
+    }
+}
