@@ -9,6 +9,9 @@
 //! (nftables).
 
 #[cfg(test)]
+mod support;
+
+#[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -20,7 +23,7 @@ mod tests {
     use banger_capabilities::dns::Dns;
     use banger_capabilities::nat::Nat;
     use banger_capabilities::network::{HostNetwork, Network};
-    use banger_core::capability::{Capability, HookCtx, HookLog, TeardownReason};
+    use banger_core::capability::{Capability, HookCtx, TeardownReason};
     use banger_core::store::Store;
     use banger_host::hostops::{
         BoundDevice, Cidr, GuestPort, HostOps, HostOpsError, InProcessHostOps, PciAddress,
@@ -562,33 +565,7 @@ mod tests {
         );
     }
 
-    struct Quiet;
-
-    impl HookLog for Quiet {
-        fn info(&self, _: &str) {}
-        fn warn(&self, _: &str) {}
-    }
-
-    fn vm(name: &str) -> banger_api::model::VmRecord {
-        use banger_api::model::*;
-        let mut vm = VmRecord::new(
-            VmName::parse(name).unwrap(),
-            VmSpec {
-                vcpus: 1,
-                memory_mib: 256,
-                disk_size: ByteSize(1 << 20),
-                kernel: "/k".into(),
-                initrd: None,
-                rootfs_source: "/r".into(),
-                extra_boot_args: None,
-                vmm: VmmKind::Firecracker,
-            },
-            vec![],
-            0,
-        );
-        vm.state = VmState::Starting;
-        vm
-    }
+    use crate::support::{Quiet, vm};
 
     /// One daemon's networking in `dir` (its state dir), as the built-ins
     /// see it.

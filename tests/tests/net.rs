@@ -5,6 +5,9 @@
 
 // Inside a cfg(test) module so the test-only lint allowances cover helpers.
 #[cfg(test)]
+mod support;
+
+#[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
 
@@ -223,33 +226,7 @@ mod tests {
         assert!(err.to_string().contains("Invalid argument"), "{err}");
     }
 
-    struct Quiet;
-
-    impl banger_core::capability::HookLog for Quiet {
-        fn info(&self, _: &str) {}
-        fn warn(&self, _: &str) {}
-    }
-
-    fn vm(name: &str) -> banger_api::model::VmRecord {
-        use banger_api::model::*;
-        let mut vm = VmRecord::new(
-            VmName::parse(name).unwrap(),
-            VmSpec {
-                vcpus: 1,
-                memory_mib: 256,
-                disk_size: ByteSize(1 << 20),
-                kernel: "/k".into(),
-                initrd: None,
-                rootfs_source: "/r".into(),
-                extra_boot_args: None,
-                vmm: VmmKind::Firecracker,
-            },
-            vec![],
-            0,
-        );
-        vm.state = VmState::Starting;
-        vm
-    }
+    use crate::support::{Quiet, vm};
 
     #[test]
     fn network_and_nat_capabilities_wire_a_vm_and_leave_nothing_after_delete() {
