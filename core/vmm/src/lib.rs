@@ -27,6 +27,7 @@ use banger_api::machine::MachineSpec;
 use banger_api::model::{VmmKind, VmmProcess};
 
 pub mod cgroup;
+pub mod cgroup;
 pub mod config_drive;
 mod disk_lock;
 pub mod firecracker;
