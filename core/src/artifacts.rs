@@ -257,6 +257,10 @@ impl Artifacts {
                 PullEvent::BuildingFilesystem { size } => {
                     progress.stage("build_rootfs", format!("building a {size} ext4"))
                 }
+                PullEvent::FlattenedCached { digest, size } => progress.stage(
+                    "clone_rootfs",
+                    format!("{digest} was flattened before: cloning its {size} ext4"),
+                ),
             },
         )
         .await?;
@@ -335,8 +339,14 @@ impl Artifacts {
         let library = self.library.clone();
         let cache = self.oci.cache_dir.clone();
         tokio::task::spawn_blocking(move || {
-            let keep: HashSet<String> =
-                library.list()?.into_iter().flat_map(|i| i.layers).collect();
+            // Layers and (for kept flattened images) manifest digests.
+            let mut keep = HashSet::new();
+            for image in library.list()? {
+                if let ImageSource::Oci { digest, .. } = &image.source {
+                    keep.insert(digest.clone());
+                }
+                keep.extend(image.layers);
+            }
             Ok(banger_artifacts::images::cache_prune(&cache, &keep)?)
         })
         .await?

@@ -341,6 +341,9 @@ mod tests {
         let o = opts(&reg, &d);
         pull(&reference, &d, &o).await.0.unwrap();
         std::fs::remove_file(d.staging.join("rootfs.ext4")).unwrap();
+        // Without the kept flattened image, the re-pull flattens again from
+        // the cached layers.
+        std::fs::remove_dir_all(d.cache.join("flat")).unwrap();
         let (r, events) = pull(&reference, &d, &o).await;
         r.unwrap();
         let cached = events
@@ -351,6 +354,173 @@ mod tests {
         for l in &pushed.layers {
             assert_eq!(reg.blob_gets(l), 1, "layer {l} fetched once over two pulls");
         }
+    }
+
+    /// The kept flattened images in the cache: (name, inode, mtime).
+    fn flat_files(d: &Dirs) -> Vec<(String, u64, i64)> {
+        let mut v: Vec<(String, u64, i64)> = std::fs::read_dir(d.cache.join("flat"))
+            .map(|r| {
+                r.map(|e| {
+                    let e = e.unwrap();
+                    let m = e.metadata().unwrap();
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    (name, m.ino(), m.mtime_nsec() + m.mtime() * 1_000_000_000)
+                })
+                .filter(|(n, _, _)| n.ends_with(".ext4"))
+                .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn count(events: &[PullEvent], what: fn(&PullEvent) -> bool) -> usize {
+        events.iter().filter(|e| what(e)).count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repull_clones_the_kept_flattened_image() {
+        let test = "repull_clones_the_kept_flattened_image";
+        let Some((reg, d)) = registry_and_dirs(test) else {
+            return;
+        };
+        let pushed = reg
+            .push("banger/flat:v1", "amd64", &layered_image(&d.outside))
+            .await;
+        let reference = format!("{}/banger/flat:v1", reg.host());
+        let o = opts(&reg, &d);
+        let (first, events) = pull(&reference, &d, &o).await;
+        let first = first.unwrap();
+        assert_eq!(
+            count(&events, |e| matches!(e, PullEvent::Applying { .. })),
+            3
+        );
+        let kept = flat_files(&d);
+        assert_eq!(kept.len(), 1, "one flattened image kept: {kept:?}");
+        std::fs::remove_file(&first.rootfs).unwrap();
+
+        // The same manifest by digest (as another image name would pull it).
+        let by_digest = format!("{}/banger/flat@{}", reg.host(), pushed.digest);
+        let (again, events) = pull(&by_digest, &d, &o).await;
+        let again = again.unwrap();
+        assert!(
+            events.contains(&PullEvent::FlattenedCached {
+                digest: pushed.digest.clone(),
+                size: first.size,
+            }),
+            "{events:?}"
+        );
+        for what in [
+            (|e: &PullEvent| matches!(e, PullEvent::Applying { .. })) as fn(&PullEvent) -> bool,
+            |e| matches!(e, PullEvent::BuildingFilesystem { .. }),
+            |e| matches!(e, PullEvent::LayerDownloaded { .. }),
+        ] {
+            assert_eq!(count(&events, what), 0, "{events:?}");
+        }
+        for l in &pushed.layers {
+            assert_eq!(reg.blob_gets(l), 1, "layer {l} fetched once over two pulls");
+        }
+        assert_eq!(flat_files(&d), kept, "the kept file was used, not rebuilt");
+        assert_eq!(
+            (again.digest, again.size, again.tree_bytes, again.layers),
+            (first.digest, first.size, first.tree_bytes, first.layers)
+        );
+        assert_ne!(
+            std::fs::metadata(&again.rootfs).unwrap().ino(),
+            kept[0].1,
+            "the result is a copy the cache does not share"
+        );
+        assert_layered_rootfs(&again.rootfs, &d.outside);
+
+        // Another size is another flatten.
+        std::fs::remove_file(&again.rootfs).unwrap();
+        let bigger = PullOptions {
+            size: Some(ByteSize(2 * GIB)),
+            ..o.clone()
+        };
+        let (r, events) = pull(&reference, &d, &bigger).await;
+        assert_eq!(r.unwrap().size, ByteSize(2 * GIB));
+        assert_eq!(
+            count(&events, |e| matches!(e, PullEvent::Applying { .. })),
+            3
+        );
+        assert_eq!(flat_files(&d).len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_or_partial_flattened_image_is_never_used() {
+        let test = "a_changed_or_partial_flattened_image_is_never_used";
+        let Some((reg, d)) = registry_and_dirs(test) else {
+            return;
+        };
+        reg.push("banger/rotflat:v1", "amd64", &layered_image(&d.outside))
+            .await;
+        let reference = format!("{}/banger/rotflat:v1", reg.host());
+        let o = opts(&reg, &d);
+        let first = pull(&reference, &d, &o).await.0.unwrap();
+        std::fs::remove_file(&first.rootfs).unwrap();
+        let (name, _, _) = flat_files(&d).pop().unwrap();
+        let kept = d.cache.join("flat").join(&name);
+
+        // Same length, its superblock zeroed.
+        let f = std::fs::OpenOptions::new().write(true).open(&kept).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
+        drop(f);
+        let (r, events) = pull(&reference, &d, &o).await;
+        let p = r.unwrap();
+        assert_eq!(
+            count(&events, |e| matches!(e, PullEvent::FlattenedCached { .. })),
+            0
+        );
+        assert_eq!(
+            count(&events, |e| matches!(e, PullEvent::Applying { .. })),
+            3
+        );
+        assert_layered_rootfs(&p.rootfs, &d.outside);
+        std::fs::remove_file(&p.rootfs).unwrap();
+
+        // Cut short (a copy that never finished), then without its stamp.
+        let f = std::fs::OpenOptions::new().write(true).open(&kept).unwrap();
+        f.set_len(GIB / 2).unwrap();
+        drop(f);
+        let (r, events) = pull(&reference, &d, &o).await;
+        assert_eq!(
+            count(&events, |e| matches!(e, PullEvent::Applying { .. })),
+            3
+        );
+        std::fs::remove_file(r.unwrap().rootfs).unwrap();
+        std::fs::remove_file(kept.with_extension("json")).unwrap();
+        let (r, events) = pull(&reference, &d, &o).await;
+        assert_eq!(
+            count(&events, |e| matches!(e, PullEvent::FlattenedCached { .. })),
+            0
+        );
+        assert_layered_rootfs(&r.unwrap().rootfs, &d.outside);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cache_prune_drops_flattened_images_no_image_uses() {
+        let test = "cache_prune_drops_flattened_images_no_image_uses";
+        let Some((reg, d)) = registry_and_dirs(test) else {
+            return;
+        };
+        let pushed = reg
+            .push("banger/pruned:v1", "amd64", &layered_image(&d.outside))
+            .await;
+        let reference = format!("{}/banger/pruned:v1", reg.host());
+        pull(&reference, &d, &opts(&reg, &d)).await.0.unwrap();
+        let mut keep: HashSet<String> = pushed.layers.iter().cloned().collect();
+        keep.insert(pushed.digest.clone());
+        let r = banger_artifacts::images::cache_prune(&d.cache, &keep).unwrap();
+        assert!(r.removed.is_empty(), "{:?}", r.removed);
+        assert_eq!(flat_files(&d).len(), 1);
+        keep.remove(&pushed.digest);
+        let r = banger_artifacts::images::cache_prune(&d.cache, &keep).unwrap();
+        assert_eq!(r.removed.len(), 1, "{:?}", r.removed);
+        assert!(r.freed_bytes > 0);
+        assert!(flat_files(&d).is_empty());
+        let left: Vec<_> = std::fs::read_dir(d.cache.join("flat")).unwrap().collect();
+        assert!(left.is_empty(), "stamps go with their images: {left:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,6 +718,7 @@ mod tests {
         let o = opts(&reg, &d);
         pull(&reference, &d, &o).await.0.unwrap();
         std::fs::remove_file(d.staging.join("rootfs.ext4")).unwrap();
+        std::fs::remove_dir_all(d.cache.join("flat")).unwrap();
         let cached = d
             .cache
             .join("blobs/sha256")

@@ -63,7 +63,7 @@ pub(crate) struct Layer {
 }
 
 /// The outcome of [`build`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Built {
     pub(crate) tree_bytes: u64,
     pub(crate) size: ByteSize,

@@ -16,6 +16,7 @@ use crate::archive::ExtractLimits;
 use banger_api::model::ByteSize;
 
 pub(crate) mod auth;
+mod flatcache;
 mod flatten;
 pub(crate) mod oci;
 pub(crate) mod reference;
@@ -108,6 +109,14 @@ pub enum PullEvent {
         /// Its size.
         size: ByteSize,
     },
+    /// This manifest digest was flattened before with the same size and
+    /// limits: the kept ext4 is cloned, no layer is fetched or applied.
+    FlattenedCached {
+        /// Manifest digest.
+        digest: String,
+        /// The ext4's size.
+        size: ByteSize,
+    },
 }
 
 pub use banger_api::api::PruneReport;
@@ -147,7 +156,13 @@ async fn pull_into(
         return Err(ImageError::StagingMissing(staging_dir.to_path_buf()));
     }
     let creds = auth::for_registry(parsed.resolve_registry(), opts)?;
-    let image = oci::fetch(&parsed, reference, opts, creds, &mut progress).await?;
+    let flat_key = |digest: &str| flatcache::key(digest, opts.size, &opts.layer_limits);
+    let mut hit = None;
+    let image = oci::fetch(&parsed, reference, opts, creds, &mut progress, |digest| {
+        hit = flatcache::lookup(&opts.cache_dir, &flat_key(digest));
+        hit.is_some()
+    })
+    .await?;
 
     let tree = staging_dir.join(".rootfs-tree");
     let rootfs = staging_dir.join("rootfs.ext4");
@@ -158,25 +173,42 @@ async fn pull_into(
     }
     created.track(&tree, true);
     created.track(&rootfs, false);
-    let layers = image.layers.clone();
-    let size = opts.size;
-    let limits = opts.layer_limits;
-    // Flattening is blocking I/O; its progress streams back over a channel.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let worker = {
-        let (tree, rootfs) = (tree.clone(), rootfs.clone());
-        tokio::task::spawn_blocking(move || {
-            flatten::build(&tree, &layers, &rootfs, size, &limits, &mut |e| {
-                let _ = tx.send(e);
+    let built = match hit {
+        Some(hit) => {
+            progress(PullEvent::FlattenedCached {
+                digest: image.digest.clone(),
+                size: hit.built.size,
+            });
+            let (src, dst) = (hit.path.clone(), rootfs.clone());
+            tokio::task::spawn_blocking(move || crate::disk::clone_file(&src, &dst))
+                .await
+                .map_err(|e| ImageError::Worker(e.to_string()))?
+                .map_err(|e| ImageError::Write {
+                    path: rootfs.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            hit.built
+        }
+        None => {
+            let built = flatten_layers(&image, &tree, &rootfs, opts, &mut progress).await?;
+            let (cache, key, digest) = (
+                opts.cache_dir.clone(),
+                flat_key(&image.digest),
+                image.digest.clone(),
+            );
+            let (out, b) = (rootfs.clone(), built.clone());
+            let stored = tokio::task::spawn_blocking(move || {
+                flatcache::store(&cache, &key, &digest, &out, &b)
             })
-        })
+            .await;
+            if let Ok(Err(e)) | Err(e) = stored.map_err(|e| e.to_string()) {
+                tracing::warn!(
+                    "the flattened image is not cached, a re-pull will flatten again: {e}"
+                );
+            }
+            built
+        }
     };
-    while let Some(e) = rx.recv().await {
-        progress(e);
-    }
-    let built = worker
-        .await
-        .map_err(|e| ImageError::Worker(e.to_string()))??;
     Ok(PulledRootfs {
         rootfs,
         digest: image.digest,
@@ -186,13 +218,49 @@ async fn pull_into(
     })
 }
 
-/// Removes every cached blob whose digest is not in `keep_digests`, plus
-/// downloads abandoned half-way.
+/// Applies the fetched layers in `tree` and builds `rootfs` (blocking I/O,
+/// on a worker; its progress streams back over a channel).
+async fn flatten_layers(
+    image: &oci::Fetched,
+    tree: &Path,
+    rootfs: &Path,
+    opts: &PullOptions,
+    progress: &mut (impl FnMut(PullEvent) + Send),
+) -> Result<flatten::Built, ImageError> {
+    let layers = image.layers.clone();
+    let (size, limits) = (opts.size, opts.layer_limits);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = {
+        let (tree, rootfs) = (tree.to_path_buf(), rootfs.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            flatten::build(&tree, &layers, &rootfs, size, &limits, &mut |e| {
+                let _ = tx.send(e);
+            })
+        })
+    };
+    while let Some(e) = rx.recv().await {
+        progress(e);
+    }
+    worker
+        .await
+        .map_err(|e| ImageError::Worker(e.to_string()))?
+}
+
+/// Removes every cached blob and kept flattened image whose digest (layer
+/// or manifest) is not in `keep_digests`, plus downloads abandoned half-way.
 pub fn cache_prune(
     cache_dir: &Path,
     keep_digests: &HashSet<String>,
 ) -> Result<PruneReport, ImageError> {
-    oci::prune(cache_dir, keep_digests)
+    let mut report = oci::prune(cache_dir, keep_digests)?;
+    let (removed, freed) =
+        flatcache::prune(cache_dir, keep_digests).map_err(|source| ImageError::Cache {
+            path: cache_dir.join("flat"),
+            source,
+        })?;
+    report.removed.extend(removed);
+    report.freed_bytes += freed;
+    Ok(report)
 }
 
 /// Paths a pull created in the caller's staging dir, for cleanup; scratch

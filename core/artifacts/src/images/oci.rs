@@ -42,6 +42,7 @@ pub(crate) async fn fetch(
     opts: &PullOptions,
     creds: Option<Credentials>,
     progress: &mut (impl FnMut(PullEvent) + Send),
+    have_flattened: impl FnOnce(&str) -> bool,
 ) -> Result<Fetched, ImageError> {
     let host = image.resolve_registry().to_string();
     let (client, auth) = session(opts, creds);
@@ -53,6 +54,8 @@ pub(crate) async fn fetch(
         digest: digest.clone(),
         layers: manifest.layers.len(),
     });
+    // A flattened image of this digest is kept: its layers are not needed.
+    let skip_layers = have_flattened(&digest);
 
     let dir = blob_dir(&opts.cache_dir);
     std::fs::create_dir_all(&dir).map_err(|source| ImageError::Cache {
@@ -68,6 +71,14 @@ pub(crate) async fn fetch(
                 media_type: desc.media_type.clone(),
             })?;
         let path = dir.join(hex);
+        if skip_layers {
+            layers.push(Layer {
+                digest: desc.digest.clone(),
+                compression,
+                path,
+            });
+            continue;
+        }
         let cached = std::fs::metadata(&path)
             .is_ok_and(|m| m.is_file() && i64::try_from(m.len()).ok() == Some(desc.size));
         if cached {
