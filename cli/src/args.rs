@@ -33,6 +33,9 @@ pub enum Command {
     /// Control the bangerd daemon.
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Install, inspect, restart or remove banger-helper, the narrow root
+    /// helper that lets bangerd run as you (run with sudo).
+    System(SystemArgs),
     /// Check this host: backends, KVM, tools, privileges, the default
     /// image and kernel, the SSH identity and the daemon. Never starts the
     /// daemon; exits non-zero when a check fails.
@@ -511,6 +514,60 @@ pub enum DaemonCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `banger system ...`
+#[derive(Debug, clap::Args)]
+pub struct SystemArgs {
+    /// Install under this directory instead of / (packaging, tests).
+    #[arg(long, env = "BANGER_SYSTEM_ROOT", global = true, hide = true)]
+    pub root: Option<std::path::PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: SystemCommand,
+}
+
+/// `banger system` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SystemCommand {
+    /// Install banger-helper (binary, /etc/banger/helper.toml, the group,
+    /// systemd units) for the invoking user and start it. Idempotent.
+    Install(SystemInstallArgs),
+    /// Show the helper's and the daemon's state and versions (exit 3 when
+    /// the helper is not installed or not answering).
+    Status,
+    /// Restart banger-helper (re-reads its config).
+    Restart,
+    /// Stop and remove everything `install` put on the host, and list the
+    /// data left.
+    Uninstall,
+}
+
+/// `banger system install` options.
+#[derive(Debug, clap::Args)]
+pub struct SystemInstallArgs {
+    /// The user whose daemon may use the helper [default: $SUDO_USER].
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The group allowed to reach the helper's socket.
+    #[arg(long, default_value = "banger")]
+    pub group: String,
+    /// That user's state directory, to derive its network names
+    /// [default: ~USER/.local/state/banger].
+    #[arg(long)]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// The user's bridge, when config.toml sets `[network] bridge`.
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// The user's subnet, when config.toml sets `[network] subnet`.
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// The user's tap prefix.
+    #[arg(long)]
+    pub tap_prefix: Option<String>,
+    /// A PCI device (DDDD:BB:DD.F) the user may pass through; repeatable.
+    #[arg(long = "vfio-device")]
+    pub vfio_devices: Vec<String>,
 }
 
 /// `banger vm workspace ...`

@@ -501,20 +501,6 @@ fn nft() -> Check {
     }
 }
 
-/// CAP_NET_ADMIN's bit in the capability sets of `/proc/PID/status`.
-const CAP_NET_ADMIN_BIT: u32 = 12;
-
-fn has_net_admin() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN_BIT) != 0)
-}
-
 fn privileges(config: &Config) -> Check {
     const NETWORKED: &[&str] = &["network", "dns", "nat"];
     let tun = Path::new("/dev/net/tun").exists();
@@ -527,12 +513,18 @@ fn privileges(config: &Config) -> Check {
         .map(String::as_str)
         .filter(|c| NETWORKED.contains(c))
         .collect();
+    let helper =
+        banger_host::helper::HelperHostOps::new(banger_host::helper::helper_socket_from_env());
     let who = if nix::unistd::geteuid().is_root() {
-        Some("running as root")
-    } else if has_net_admin() {
-        Some("CAP_NET_ADMIN held")
+        Some("running as root: host operations in-process".to_string())
     } else {
-        None
+        match helper.ping() {
+            Ok(v) => Some(format!(
+                "banger-helper {v} answers on {}",
+                helper.socket().display()
+            )),
+            Err(_) => None,
+        }
     };
     match (who, networked.is_empty()) {
         (_, true) => Check::pass(
@@ -554,12 +546,14 @@ fn privileges(config: &Config) -> Check {
         (None, false) => Check::fail(
             "privileges",
             format!(
-                "not root and no CAP_NET_ADMIN: the daemon (started as this user) cannot create \
-                 the bridge and taps that default_caps' {} need",
+                "not root and banger-helper does not answer on {}: the daemon (started as this \
+                 user) cannot create the bridge and taps that default_caps' {} need",
+                helper.socket().display(),
                 networked.join(", ")
             ),
             format!(
-                "run banger as root (sudo -E banger ...), or leave {} out of default_caps in {}",
+                "sudo banger system install (then log in again for the group), or leave {} out \
+                 of default_caps in {}",
                 networked.join(", "),
                 config.path.display()
             ),

@@ -10,6 +10,7 @@ mod output;
 mod run;
 mod spec;
 mod ssh_config;
+mod system;
 mod vm;
 mod workspace;
 
@@ -67,6 +68,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Version { json } => version(json).await,
         Command::Doctor { json } => doctor::run(json).await,
+        Command::System(args) => system::run(args).await,
         Command::SshConfig(a) => ssh_config::run(a.into()).await,
         Command::Daemon(cmd) => daemon_cmd(cmd).await,
         Command::Image(cmd) => {

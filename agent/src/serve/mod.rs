@@ -1,12 +1,13 @@
 //! The service role: a small HTTP/1.1 server over AF_VSOCK (or TCP for
 //! host-side tests), one thread per connection, `Connection: close`.
 
+mod exec;
 mod health;
 mod host_keys;
 mod ports;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Cursor, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -132,24 +133,59 @@ fn handle(mut conn: File, root: &Path, started: Instant) {
         &TimeVal::new(READ_TIMEOUT_SECS, 0),
     );
     let response = match read_head(&mut conn) {
-        Some(head) => route(&head, root, started),
+        Some((head, rest)) if is_exec(&head) => {
+            return upgrade_to_exec(conn, &head, rest, root);
+        }
+        Some((head, _)) => route(&head, root, started),
         None => reply(400, "text/plain", b"bad request\n".to_vec()),
     };
     let _ = conn.write_all(&response);
 }
 
-/// Reads up to the blank line ending the request head.
-fn read_head(conn: &mut impl Read) -> Option<String> {
+fn is_exec(head: &str) -> bool {
+    let mut first = head.lines().next().unwrap_or_default().split(' ');
+    first.next() == Some("POST") && first.next() == Some("/exec")
+}
+
+/// `POST /exec`: checks the secret, then the connection carries the exec
+/// stream (see `banger_guest_protocol::exec`).
+fn upgrade_to_exec(mut conn: File, head: &str, rest: Vec<u8>, root: &Path) {
+    if let Err(refusal) = exec::authorize(head, &exec::secret_path(root)) {
+        let status = match refusal {
+            exec::Refusal::NoSecret(_) => 403,
+            exec::Refusal::WrongSecret => 401,
+        };
+        let text = format!("{refusal}\n").into_bytes();
+        let _ = conn.write_all(&reply(status, "text/plain", text));
+        return;
+    }
+    let upgraded = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {}\r\n\r\n",
+        banger_guest_protocol::exec::UPGRADE
+    );
+    let Ok(reader) = conn.try_clone() else { return };
+    if conn.write_all(upgraded.as_bytes()).is_ok() {
+        exec::serve(conn, Cursor::new(rest).chain(reader));
+    }
+}
+
+/// Reads up to the blank line ending the request head; returns the head
+/// and whatever arrived after it.
+fn read_head(conn: &mut impl Read) -> Option<(String, Vec<u8>)> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
         let n = conn.read(&mut buf).ok()?;
         if n == 0 || head.len() + n > MAX_HEAD {
             return None;
         }
         head.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8(head).ok()
+    };
+    let rest = head.split_off(end);
+    Some((String::from_utf8(head).ok()?, rest))
 }
 
 fn route(head: &str, root: &Path, started: Instant) -> Vec<u8> {
@@ -197,6 +233,8 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         _ => "Internal Server Error",
@@ -241,8 +279,8 @@ mod tests {
         assert_eq!(read_head(&mut &huge[..]), None);
         assert_eq!(read_head(&mut &b"GET / HTTP/1.1\r\n"[..]), None);
         assert_eq!(
-            read_head(&mut &b"GET / HTTP/1.1\r\n\r\n"[..]).as_deref(),
-            Some("GET / HTTP/1.1\r\n\r\n")
+            read_head(&mut &b"GET / HTTP/1.1\r\n\r\nrest"[..]),
+            Some(("GET / HTTP/1.1\r\n\r\n".to_string(), b"rest".to_vec()))
         );
     }
 }

@@ -84,6 +84,13 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: &Path, socket: &Path) -> Result<()> {
+    // Started by `run`, it inherits the supervisor's blocked signals: take
+    // SIGTERM's default action back.
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )?;
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "banger-helper serve must run as root (it creates links and nft rules); start it with `sudo banger system install`"
@@ -228,7 +235,7 @@ fn supervise(config: &Path, socket: &Path, pid_file: &Path) -> Result<()> {
     }
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
     let exe = std::env::current_exe().context("Cannot find banger-helper's own path")?;
-    // std's spawn clears the signal mask in the child.
+    // The child inherits the blocked set; `serve` unblocks it first thing.
     let spawn = || {
         std::process::Command::new(&exe)
             .arg("serve")

@@ -17,6 +17,7 @@ use banger_api::config::Config;
 use banger_api::machine::MachineSpec;
 use banger_api::model::{VmmProcess, now_unix};
 use banger_api::paths::Paths;
+use banger_host::helper::{HelperHostOps, NoPrivilegeHostOps, helper_socket_from_env};
 use banger_host::hostops::{HostOps, InProcessHostOps};
 use banger_vmm::firecracker::Firecracker;
 use banger_vmm::qemu::Qemu;
@@ -38,6 +39,9 @@ pub enum DaemonError {
     /// Creating banger's directories failed.
     #[error("Cannot create banger's directories under {0}")]
     CreateDirs(PathBuf, #[source] std::io::Error),
+    /// The runtime directory is not safely ours.
+    #[error(transparent)]
+    RuntimeDir(#[from] banger_api::paths::UnsafeRuntimeDir),
     /// Another daemon holds the pid file lock.
     #[error("bangerd is already running (pid {pid}); stop it with `banger daemon stop`")]
     AlreadyRunning {
@@ -68,12 +72,13 @@ pub enum DaemonError {
 /// serves everything else and creates fail with the configuration hint.
 #[derive(Debug)]
 struct UnavailableVmm {
+    name: &'static str,
     reason: String,
 }
 
 impl Vmm for UnavailableVmm {
     fn name(&self) -> &'static str {
-        "firecracker"
+        self.name
     }
 
     fn launch(&self, _machine: &MachineSpec, _paths: &LaunchPaths) -> Result<VmmProcess, VmmError> {
@@ -109,14 +114,25 @@ impl Drop for PidLock {
     }
 }
 
+/// Opens and locks the pid file without following a symlink (a planted
+/// link must not make the daemon truncate another file) and only if it is
+/// a regular file.
 fn lock_pid_file(path: PathBuf) -> Result<PidLock, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| DaemonError::PidFile(path.clone(), e))?;
+    let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
+    if !regular {
+        let e = std::io::Error::other("it is not a regular file; remove it");
+        return Err(DaemonError::PidFile(path, e));
+    }
     let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
     {
         Ok(l) => l,
@@ -142,13 +158,18 @@ pub async fn run() -> Result<(), DaemonError> {
     paths
         .create_all()
         .map_err(|e| DaemonError::CreateDirs(paths.state_dir.clone(), e))?;
+    let uid = nix::unistd::geteuid().as_raw();
+    paths.check_runtime_dir(uid)?;
+    paths
+        .create_runtime_vms_dir()
+        .map_err(|e| DaemonError::CreateDirs(paths.runtime_dir.clone(), e))?;
     let _pid = lock_pid_file(paths.pid_file())?;
     let config = Config::load(&paths.config_file())?;
     let store = Arc::new(Store::open(&paths.database())?);
 
     // Built-ins are made once, here, with everything host-wide they keep;
     // the ones that share state (network, dns, nat) find it in `shared`.
-    let host: Arc<dyn HostOps> = Arc::new(InProcessHostOps::default());
+    let host = choose_host_ops();
     let shared = SharedState::new();
     let env = CapEnv {
         paths: &paths,
@@ -165,7 +186,15 @@ pub async fn run() -> Result<(), DaemonError> {
         plugin_errors.push(msg);
     }
     let plugins_dir = config.plugins_dir(&paths);
-    let report = crate::plugin_host::load_plugins(&plugins_dir);
+    let report = match trusted_plugins_dir(&plugins_dir, uid) {
+        Ok(()) => crate::plugin_host::load_plugins(&plugins_dir),
+        Err(e) => {
+            let msg = format!("{e} (no plugin was loaded)");
+            tracing::error!("{msg}");
+            plugin_errors.push(msg);
+            crate::plugin_host::LoadReport::default()
+        }
+    };
     for cap in report.loaded {
         tracing::info!(name = cap.name(), source = %cap.source(), "plugin loaded");
         if let Err(e) = registry.add(cap) {
@@ -179,15 +208,7 @@ pub async fn run() -> Result<(), DaemonError> {
         plugin_errors.push(msg);
     }
 
-    let firecracker: Arc<dyn Vmm> = match config.firecracker_bin() {
-        Ok(bin) => Arc::new(Firecracker::new(bin)),
-        Err(e) => {
-            let reason = render_chain(&e);
-            tracing::warn!("{reason}");
-            Arc::new(UnavailableVmm { reason })
-        }
-    };
-    let backends = Backends::new(firecracker, Arc::new(Qemu::new(config.qemu_settings())));
+    let backends = backends(&config, uid);
     let artifacts =
         Arc::new(Artifacts::new(&paths, store.clone(), &config).map_err(DaemonError::Artifacts)?);
     let cleaned = artifacts.cleanup_staging();
@@ -271,6 +292,69 @@ pub async fn run() -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket);
     run_daemon_hooks(&hooks, &host, Vec::new(), false).await;
     result
+}
+
+/// In-process host operations as root; otherwise `banger-helper` when its
+/// socket answers; otherwise operations that fail with the fix.
+fn choose_host_ops() -> Arc<dyn HostOps> {
+    if nix::unistd::geteuid().is_root() {
+        tracing::info!("host operations: in-process (running as root)");
+        return Arc::new(InProcessHostOps::default());
+    }
+    let helper = HelperHostOps::new(helper_socket_from_env());
+    match helper.ping() {
+        Ok(version) => {
+            tracing::info!(socket = %helper.socket().display(), version, "host operations: banger-helper");
+            Arc::new(helper)
+        }
+        Err(e) => {
+            let why = render_chain(&e);
+            tracing::warn!("no host operations: not root and {why}");
+            Arc::new(NoPrivilegeHostOps { why })
+        }
+    }
+}
+
+/// StrictModes for the plugins directory (a missing one loads nothing).
+fn trusted_plugins_dir(
+    dir: &std::path::Path,
+    uid: u32,
+) -> Result<(), banger_api::paths::UntrustedPath> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    banger_api::paths::check_trusted_path("the plugins directory", dir, uid)
+}
+
+/// The VMM backends; one whose binary is missing or fails StrictModes
+/// stands in as unavailable, so creates on it fail with the reason.
+fn backends(config: &Config, uid: u32) -> Backends {
+    use banger_api::paths::check_trusted_path;
+    let unavailable = |name: &'static str, reason: String| -> Arc<dyn Vmm> {
+        tracing::warn!("{reason}");
+        Arc::new(UnavailableVmm { name, reason })
+    };
+    let firecracker = match config.firecracker_bin() {
+        Ok(bin) => match check_trusted_path("firecracker_bin", &bin, uid) {
+            Ok(()) => Arc::new(Firecracker::new(bin)) as Arc<dyn Vmm>,
+            Err(e) => unavailable("firecracker", e.to_string()),
+        },
+        Err(e) => unavailable("firecracker", render_chain(&e)),
+    };
+    let settings = config.qemu_settings();
+    // A bare name not found on PATH fails at launch with its own message.
+    let untrusted = [
+        ("qemu_bin", &settings.qemu_bin),
+        ("vhost_device_vsock_bin", &settings.vhost_device_vsock_bin),
+    ]
+    .into_iter()
+    .filter(|(_, bin)| bin.is_absolute() && bin.exists())
+    .find_map(|(what, bin)| check_trusted_path(what, bin, uid).err());
+    let qemu = match untrusted {
+        None => Arc::new(Qemu::new(settings)) as Arc<dyn Vmm>,
+        Some(e) => unavailable("qemu", e.to_string()),
+    };
+    Backends::new(firecracker, qemu)
 }
 
 /// Runs every capability's `daemon_start` (`start`) or `daemon_stop` on a
@@ -371,5 +455,6 @@ fn router(state: Arc<server::ApiState>) -> axum::Router {
                 "No such API path; see docs/api.md".to_string(),
             )
         })
+        .layer(axum::extract::DefaultBodyLimit::max(server::MAX_BODY))
         .with_state(state)
 }
