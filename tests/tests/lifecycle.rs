@@ -767,6 +767,94 @@ mod tests {
         assert_eq!(env.banger(&["daemon", "status"]).code, 3);
     }
 
+    /// One raw HTTP/1.1 request over the daemon's socket: (status, body).
+    /// The body is written in pieces so a refused one cannot wedge the writer.
+    fn raw_request(env: &BangerEnv, head: &str, body: &[u8]) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        for chunk in body.chunks(64 << 10) {
+            // The server may answer and close before reading it all.
+            if s.write_all(chunk).is_err() {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+        let body = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        (status, body)
+    }
+
+    fn post(env: &BangerEnv, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: banger\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        raw_request(env, &head, body)
+    }
+
+    #[test]
+    fn oversized_and_malformed_bodies_are_refused_with_4xx_and_the_daemon_stays_up() {
+        let env = BangerEnv::new();
+        env.banger(&["daemon", "start"]).ok();
+        let daemon = env.daemon_pid().unwrap();
+        let json = "application/json";
+
+        // 8 MiB of valid-looking JSON: refused by size, not parsed.
+        let mut big = br#"{"name":"x","boot_args":""#.to_vec();
+        big.resize(8 << 20, b'a');
+        big.extend_from_slice(br#""}"#);
+        let (status, body) = post(&env, "/v1/vms", json, &big);
+        assert_eq!(status, 413, "{body}");
+        assert!(body.contains("limit of 1048576 bytes"), "{body}");
+
+        // Malformed ones, each with its status.
+        let cases: [(&str, &[u8], u16, &str); 4] = [
+            (json, b"{not json", 400, "Invalid request body"),
+            (json, br#"{"vcpus":"many"}"#, 422, "Invalid request body"),
+            (
+                "text/plain",
+                br#"{"name":"x"}"#,
+                415,
+                "Invalid request body",
+            ),
+            (json, &[0xff, 0xfe, 0x00, 0x01], 400, "Invalid request body"),
+        ];
+        for (ctype, body, want, says) in cases {
+            let (status, text) = post(&env, "/v1/vms", ctype, body);
+            assert_eq!(status, want, "{ctype} {body:?}: {text}");
+            assert!(text.contains(says), "{text}");
+        }
+        // A chunked body announcing 4 GiB, abandoned after 2 MiB.
+        let head = "POST /v1/vms HTTP/1.1\r\nHost: banger\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nffffffff\r\n";
+        {
+            use std::io::Write;
+            let mut s = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
+            s.write_all(head.as_bytes()).unwrap();
+            s.write_all(&vec![b'{'; 2 << 20]).ok();
+        }
+
+        // Still serving, same process, nothing created.
+        assert!(pid_alive(daemon));
+        assert_eq!(env.daemon_pid(), Some(daemon));
+        env.banger(&["version"]).ok();
+        assert!(env.list().is_empty());
+    }
+
     #[test]
     fn a_bad_config_key_is_named_with_the_fix() {
         let env = BangerEnv::new();

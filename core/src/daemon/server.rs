@@ -80,12 +80,27 @@ impl From<OpError> for ApiError {
     }
 }
 
+/// The largest request body the API reads (every request is a small JSON
+/// document); a larger one is refused with 413 before it is buffered whole.
+pub(crate) const MAX_BODY: usize = 1 << 20;
+
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("Invalid request body: {}", e.body_text()),
-        )
+        // axum's own statuses: 413 too large, 415 not JSON, 400 malformed,
+        // 422 well-formed but not the request's shape.
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError(
+                status,
+                format!("Request body is larger than the API's limit of {MAX_BODY} bytes"),
+            );
+        }
+        let status = if status.is_client_error() {
+            status
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError(status, format!("Invalid request body: {}", e.body_text()))
     }
 }
 
