@@ -258,6 +258,40 @@ pub struct QemuSettings {
     pub accel: QemuAccel,
     /// Step timeouts; `socket_ready` covers both QMP and the vsock backend.
     pub timeouts: Timeouts,
+    /// How QEMU is confined.
+    pub jail: JailSettings,
+}
+
+/// The first of the 65536 uids (and gids) VMM processes run as when the
+/// daemon is root: well above login users, subordinate-uid ranges and
+/// systemd's dynamic users, below 2^31.
+pub const DEFAULT_VMM_UID_BASE: u32 = 0x7000_0000;
+
+/// How VMM processes are confined (config `vmm_jail`, `vmm_uid_base`,
+/// `vmm_cgroups`, `jailer_bin`); see `docs/security.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSettings {
+    /// QEMU runs with `-sandbox on` and, under a root daemon, chrooted as
+    /// the VM's own uid; Firecracker runs under its jailer when one is
+    /// found.
+    pub enabled: bool,
+    /// The first uid/gid of the per-VM range.
+    pub uid_base: u32,
+    /// Each VM's VMM runs in a cgroup of its own with limits from its shape.
+    pub cgroups: bool,
+    /// Firecracker's `jailer`, when configured or found on `PATH`.
+    pub jailer_bin: Option<PathBuf>,
+}
+
+impl Default for JailSettings {
+    fn default() -> Self {
+        JailSettings {
+            enabled: true,
+            uid_base: DEFAULT_VMM_UID_BASE,
+            cgroups: true,
+            jailer_bin: None,
+        }
+    }
 }
 
 impl Default for QemuSettings {
@@ -270,6 +304,7 @@ impl Default for QemuSettings {
                 socket_ready: Duration::from_secs(10),
                 ..Timeouts::default()
             },
+            jail: JailSettings::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::backend::{BackendFacts, BackendPlan, VmmChoice, choose_backend};
-use crate::backend::{HostFacts as KvmFacts, QemuAccel, QemuSettings};
+use crate::backend::{HostFacts as KvmFacts, JailSettings, QemuAccel, QemuSettings};
 use crate::model::{
     ByteSize, CapChoice, EnabledCap, MAX_VCPUS, MIN_MEMORY_MIB, VmmKind, resolve_caps,
 };
@@ -452,6 +452,14 @@ pub struct Config {
     pub qemu_accel: QemuAccel,
     /// vhost-device-vsock binary for the qemu backend; `None` searches `PATH`.
     pub vhost_device_vsock_bin: Option<PathBuf>,
+    /// Confine VMM processes (`vmm_jail`, default true; see `docs/security.md`).
+    pub vmm_jail: bool,
+    /// First uid of the per-VM VMM uids (`vmm_uid_base`).
+    pub vmm_uid_base: u32,
+    /// One cgroup per VM (`vmm_cgroups`, default true).
+    pub vmm_cgroups: bool,
+    /// Firecracker's jailer; `None` searches `PATH` for `jailer`.
+    pub jailer_bin: Option<PathBuf>,
     /// Host networking.
     pub network: NetworkConfig,
     /// `[[file_sync]]` entries, in file order.
@@ -480,6 +488,10 @@ const TOP_KEYS: &[&str] = &[
     "qemu_bin",
     "qemu_accel",
     "vhost_device_vsock_bin",
+    "vmm_jail",
+    "vmm_uid_base",
+    "vmm_cgroups",
+    "jailer_bin",
     "network",
     "file_sync",
 ];
@@ -514,6 +526,10 @@ impl Config {
             qemu_bin: None,
             qemu_accel: QemuAccel::Auto,
             vhost_device_vsock_bin: None,
+            vmm_jail: true,
+            vmm_uid_base: crate::backend::DEFAULT_VMM_UID_BASE,
+            vmm_cgroups: true,
+            jailer_bin: None,
             network: NetworkConfig::default(),
             file_sync: Vec::new(),
         }
@@ -620,7 +636,26 @@ impl Config {
                 defaults.vhost_device_vsock_bin.clone(),
             ),
             accel: self.qemu_accel,
+            jail: self.jail_settings_in(path_var),
             ..defaults
+        }
+    }
+
+    /// How VMM processes are confined; the jailer is the configured one,
+    /// else the first `jailer` on `PATH`.
+    pub fn jail_settings(&self) -> JailSettings {
+        self.jail_settings_in(std::env::var_os("PATH").as_deref())
+    }
+
+    fn jail_settings_in(&self, path_var: Option<&std::ffi::OsStr>) -> JailSettings {
+        JailSettings {
+            enabled: self.vmm_jail,
+            uid_base: self.vmm_uid_base,
+            cgroups: self.vmm_cgroups,
+            jailer_bin: self
+                .jailer_bin
+                .clone()
+                .or_else(|| path_var.and_then(|p| find_in_path("jailer", p))),
         }
     }
 
@@ -747,6 +782,18 @@ impl Parser<'_> {
                 "qemu_bin" => cfg.qemu_bin = Some(self.absolute_path(key, value)?),
                 "vhost_device_vsock_bin" => {
                     cfg.vhost_device_vsock_bin = Some(self.absolute_path(key, value)?)
+                }
+                "jailer_bin" => cfg.jailer_bin = Some(self.absolute_path(key, value)?),
+                "vmm_jail" => cfg.vmm_jail = self.boolean(key, value)?,
+                "vmm_cgroups" => cfg.vmm_cgroups = self.boolean(key, value)?,
+                "vmm_uid_base" => {
+                    cfg.vmm_uid_base = self.integer(
+                        key,
+                        value,
+                        1000,
+                        i64::from(u32::MAX) - 65536,
+                        "a uid of at least 1000 with 65536 free uids above it, e.g. 1879048192",
+                    )? as u32;
                 }
                 "qemu_accel" => {
                     let s = self.string(key, value)?;
@@ -1070,6 +1117,24 @@ impl Parser<'_> {
         }
     }
 
+    fn boolean(
+        &self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Result<bool, ConfigError> {
+        match value.get_ref() {
+            DeValue::Boolean(b) => Ok(*b),
+            other => Err(self.error(
+                value.span(),
+                format!(
+                    "{} must be true or false (no quotes), found {}",
+                    key.get_ref(),
+                    kind(other)
+                ),
+            )),
+        }
+    }
+
     fn url(
         &self,
         key: &Spanned<std::borrow::Cow<'_, str>>,
@@ -1248,6 +1313,37 @@ mod tests {
     /// The rendered error, which is what users see.
     fn err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn vmm_jail_keys_parse_and_default_to_confined() {
+        let d = parse("").unwrap().jail_settings_in(None);
+        assert_eq!(
+            (d.enabled, d.cgroups, d.uid_base, d.jailer_bin),
+            (true, true, 0x7000_0000, None)
+        );
+        let cfg = parse(
+            "vmm_jail = false\nvmm_cgroups = false\nvmm_uid_base = 500000\njailer_bin = \"/opt/fc/jailer\"\n",
+        )
+        .unwrap();
+        let j = cfg.qemu_settings_in(None).jail;
+        assert_eq!(
+            (j.enabled, j.cgroups, j.uid_base, j.jailer_bin),
+            (false, false, 500_000, Some(PathBuf::from("/opt/fc/jailer")))
+        );
+        let e = err("vmm_jail = \"yes\"\n");
+        assert!(e.contains("vmm_jail must be true or false"), "{e}");
+        let e = err("vmm_uid_base = 0\n");
+        assert!(e.contains("invalid vmm_uid_base 0"), "{e}");
+        // A jailer on PATH is found without configuration.
+        let dir = tempfile::tempdir().unwrap();
+        let jailer = dir.path().join("jailer");
+        std::fs::write(&jailer, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let found = parse("")
+            .unwrap()
+            .jail_settings_in(Some(dir.path().as_os_str()));
+        assert_eq!(found.jailer_bin, Some(jailer));
     }
 
     #[test]
