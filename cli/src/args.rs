@@ -115,6 +115,15 @@ pub enum VmCommand {
     Kill(NamesArgs),
     /// Change a stopped VM's shape.
     Set(SetArgs),
+    /// Delete every stopped or error VM (listed first; asks on a terminal).
+    Prune {
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
+        /// Delete even if a capability's teardown fails (as `vm delete --force`).
+        #[arg(long)]
+        force: bool,
+    },
     /// List VMs.
     List {
         /// Print JSON.

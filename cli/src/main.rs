@@ -102,6 +102,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 VmCommand::Kill(n) => verb_all(&client, Verb::Kill, &n.names).await,
                 VmCommand::Set(a) => vm::set(&client, a).await,
+                VmCommand::Prune { yes, force } => vm::prune(&client, yes, force).await,
                 VmCommand::List { json } => vm::list(&client, json).await,
                 VmCommand::Show { name, json } => vm::show(&client, &name, json).await,
                 VmCommand::Logs { name, follow } => vm::logs(&client, &name, follow).await,

@@ -391,6 +391,57 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// `vm prune`: deletes every stopped or failed (`error`) VM, after listing
+/// them and, on a terminal, asking; `yes` skips the question, and without a
+/// terminal it is required.
+pub async fn prune(client: &Client, yes: bool, force: bool) -> Result<ExitCode> {
+    use banger_api::model::VmState;
+    let vms: Vec<VmView> = client.get("/v1/vms").await?;
+    let doomed: Vec<VmView> = vms
+        .into_iter()
+        .filter(|v| matches!(v.record.state, VmState::Stopped | VmState::Error))
+        .collect();
+    if doomed.is_empty() {
+        println!("no stopped or error VMs to prune");
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", output::vm_table(&doomed));
+    let names: Vec<String> = doomed.iter().map(|v| v.record.name.to_string()).collect();
+    if !yes {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "vm prune would delete {} VM(s) ({}); stdin is not a terminal to confirm on: \
+                 pass --yes",
+                names.len(),
+                names.join(", ")
+            );
+        }
+        eprint!("Delete these {} VM(s) and their disks? [y/N] ", names.len());
+        std::io::stderr().flush().context("Writing the question")?;
+        let mut answer = String::new();
+        std::io::stdin()
+            .read_line(&mut answer)
+            .context("Reading the answer")?;
+        if !confirmed(&answer) {
+            println!("nothing deleted");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    lifecycle_all(
+        client,
+        Verb::Delete { force },
+        &names,
+        &mut std::io::stdout(),
+    )
+    .await
+}
+
+/// `y` or `yes`, any case.
+fn confirmed(answer: &str) -> bool {
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
 /// `vm set`.
 pub async fn set(client: &Client, a: SetArgs) -> Result<ExitCode> {
     let req = SetVmRequest {
@@ -469,6 +520,16 @@ pub async fn cap_list(client: &Client, json: bool) -> Result<ExitCode> {
 mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn only_y_or_yes_confirms() {
+        for yes in ["y\n", "Y", " yes \n", "YES"] {
+            assert!(super::confirmed(yes), "{yes:?}");
+        }
+        for no in ["", "\n", "n", "no", "yep", "y es"] {
+            assert!(!super::confirmed(no), "{no:?}");
+        }
+    }
 
     #[test]
     fn nat_flag_adds_the_nat_cap_once() {

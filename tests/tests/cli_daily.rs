@@ -10,6 +10,7 @@ mod tests {
     use std::process::Command;
     use std::sync::Arc;
 
+    use banger_api::model::VmState;
     use banger_api::net::Subnet;
     use banger_capabilities::network::leases::Leases;
     use banger_core::store::Store;
@@ -158,5 +159,41 @@ mod tests {
             .banger(&["ssh-config", "--known-hosts", "ghost.vm"])
             .failed();
         assert_eq!(ghost.stdout, "");
+    }
+
+    #[test]
+    fn prune_deletes_stopped_and_error_vms_only_when_confirmed() {
+        let mut env = BangerEnv::new();
+        env.create("keep", &[]).ok();
+        env.create("old", &[]).ok();
+        env.banger(&["vm", "stop", "old"]).ok();
+        // A daemon whose VMM refuses the boot source leaves an error VM.
+        env.banger(&["daemon", "stop"]).ok();
+        env.set_env("FAKE_FC_FAIL", "PUT /boot-source");
+        env.create("bad", &[]).failed();
+        assert_eq!(env.show("bad").record.state, VmState::Error);
+
+        // Not a terminal and no --yes: listed, refused, nothing deleted.
+        let refused = env.banger(&["vm", "prune"]).failed();
+        assert!(refused.stderr.contains("--yes"), "{refused:?}");
+        assert!(refused.stdout.contains("old") && refused.stdout.contains("bad"));
+        assert!(!refused.stdout.contains("keep"), "{refused:?}");
+        assert_eq!(env.list().len(), 3);
+
+        let out = env.banger(&["vm", "prune", "--yes"]).ok();
+        assert!(out.stdout.contains("old: deleted"), "{out:?}");
+        assert!(out.stdout.contains("bad: deleted"), "{out:?}");
+        let left: Vec<String> = env
+            .list()
+            .iter()
+            .map(|v| v.record.name.to_string())
+            .collect();
+        assert_eq!(left, ["keep"]);
+        assert_eq!(env.show("keep").record.state, VmState::Running);
+        let again = env.banger(&["vm", "prune"]).ok();
+        assert!(
+            again.stdout.contains("no stopped or error VMs"),
+            "{again:?}"
+        );
     }
 }
