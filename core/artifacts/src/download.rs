@@ -6,8 +6,11 @@
 //!
 //! The sha256 and size are checked over the whole body; extraction errors
 //! are reported only after a mismatch is ruled out, so a corrupt download is
-//! named as such rather than as whatever garbage it decoded to. On error the
-//! destination may hold a partial tree: callers extract into staging.
+//! named as such rather than as whatever garbage it decoded to. Extraction
+//! runs into a staging directory while the body is hashed; on any failure
+//! (a digest or size mismatch above all: a tampered tarball) everything
+//! extracted is removed from it once the extractor has stopped, so nothing
+//! unverified survives, and the caller discards the staging directory.
 
 use std::io::{self, Read};
 use std::path::PathBuf;
@@ -164,6 +167,7 @@ where
     H: Send + 'static,
 {
     let url = source.url;
+    let dest_copy = dest.clone();
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
     let complete = Arc::new(AtomicBool::new(false));
     let abandoned = Arc::new(AtomicBool::new(false));
@@ -228,6 +232,25 @@ where
     }
     drop(tx);
     let extracted = extractor.await;
+    let result = check_download(source, received, failed, hasher, extracted, progress);
+    if result.is_err() {
+        // The extractor has stopped writing: nothing unverified stays.
+        empty_dir(&dest_copy);
+    }
+    result
+}
+
+/// The outcome of a finished download: a stream error, then size, then
+/// digest, and only then the extractor's own result.
+fn check_download(
+    source: BundleSource<'_>,
+    received: u64,
+    failed: Option<DownloadError>,
+    hasher: Sha256,
+    extracted: Result<Result<ExtractReport, ArchiveError>, tokio::task::JoinError>,
+    progress: &mut impl FnMut(PullProgress),
+) -> Result<ExtractReport, DownloadError> {
+    let url = source.url;
     if let Some(e) = failed {
         return Err(e);
     }
@@ -260,6 +283,23 @@ where
         Err(join) => Err(extract(ArchiveError::Read(io::Error::other(
             join.to_string(),
         )))),
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir` (the caller's staging).
+fn empty_dir(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let removed = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+            _ => std::fs::remove_file(&p),
+        };
+        if let Err(err) = removed {
+            tracing::warn!(path = %p.display(), "cannot remove an unverified extracted file: {err}");
+        }
     }
 }
 
@@ -378,6 +418,27 @@ mod tests {
                 if *expected == want && *got == sha(&b)),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_tampered_tarball_is_refused_and_nothing_it_held_stays_in_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let genuine = bundle("vmlinux", b"kernel");
+        // A well-formed bundle of the same size with other contents: it
+        // extracts fine, only the digest tells.
+        let mut tampered = bundle("evil-bin", b"kernel");
+        tampered.resize(genuine.len().max(tampered.len()), 0);
+        let size = tampered.len() as u64;
+        let err = extract(chunks(&tampered, None), &sha(&genuine), size, dir.path())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DownloadError::ChecksumMismatch { expected, .. } if *expected == sha(&genuine)),
+            "{err:?}"
+        );
+        assert!(dir.path().is_dir(), "the caller's staging dir stays");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "unverified files left: {left:?}");
     }
 
     #[tokio::test]
