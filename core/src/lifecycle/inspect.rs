@@ -111,8 +111,10 @@ impl Lifecycle {
         Ok((vm, uds))
     }
 
-    /// CPU and memory of a running VM's VMM process (from `/proc`), and the
-    /// guest's memory from its agent when it has one.
+    /// CPU and memory of a running VM's VMM: from the VM's cgroup when it
+    /// has one (every process of the VM: QEMU and its vsock backend), else
+    /// the VMM process's `/proc`; and the guest's memory from its agent
+    /// when it has one.
     pub async fn stats(&self, name: &str) -> Result<StatsView, OpError> {
         let vm = self.get(name).await?;
         let Some(process) = vm.vmm.clone().filter(|_| vm.state == VmState::Running) else {
@@ -123,7 +125,8 @@ impl Lifecycle {
             });
         };
         let pid = process.pid;
-        let (cpu, rss) = blocking(move || proc_usage(pid))
+        let api_socket = process.api_socket.clone();
+        let (cpu, rss) = blocking(move || vmm_usage(pid, &api_socket))
             .await?
             .ok_or_else(|| OpError::Invalid(format!("VMM process {pid} of {name} is gone")))?;
         let uds = vm
@@ -151,6 +154,18 @@ impl Lifecycle {
             guest_uptime_secs: health.map(|h| h.uptime_secs),
         })
     }
+}
+
+/// (CPU milliseconds, memory bytes) of the VM's VMM: the cgroup's figures
+/// where it has them, `/proc/<pid>` for the rest. `None` once the VMM is
+/// gone.
+fn vmm_usage(pid: u32, api_socket: &std::path::Path) -> Option<(u64, u64)> {
+    let (proc_cpu, proc_rss) = proc_usage(pid)?;
+    let cg = banger_vmm::cgroup::usage_of(api_socket).unwrap_or_default();
+    Some((
+        cg.cpu_usec.map_or(proc_cpu, |us| us / 1000),
+        cg.memory_bytes.unwrap_or(proc_rss),
+    ))
 }
 
 /// (CPU milliseconds, RSS bytes) of `pid` from `/proc`.

@@ -258,6 +258,45 @@ impl CgroupHost {
         (1, files)
     }
 
+    /// The hierarchies (and their controllers) the jailer writes `files`
+    /// in, for cgroup `version`.
+    pub fn mounts_for(
+        &self,
+        version: u8,
+        files: &[(String, String)],
+    ) -> Vec<(PathBuf, Vec<String>)> {
+        let mut out: Vec<(PathBuf, Vec<String>)> = Vec::new();
+        for (file, _) in files {
+            let controller = file.split('.').next().unwrap_or_default().to_string();
+            let found = self
+                .hierarchies
+                .iter()
+                .find(|h| h.version == version && h.controllers.contains(&controller));
+            let Some(h) = found else { continue };
+            match out.iter_mut().find(|(m, _)| *m == h.mount) {
+                Some((_, cs)) if !cs.contains(&controller) => cs.push(controller),
+                Some(_) => {}
+                None => out.push((h.mount.clone(), vec![controller])),
+            }
+        }
+        out
+    }
+
+    /// Creates only the v2 directory (membership, `cgroup.kill`,
+    /// `cpu.stat`) for `name`, for a VMM whose limits something else
+    /// writes in the v1 hierarchies (Firecracker's jailer).
+    pub fn create_membership(&self, name: &str) -> Result<VmCgroup, VmmError> {
+        let v2_only = CgroupHost {
+            hierarchies: self.v2().cloned().into_iter().collect(),
+        };
+        let mut cg = v2_only.create(name, &Limits::for_shape(1, 0))?;
+        for d in &mut cg.dirs {
+            d.controllers.clear();
+        }
+        cg.skipped.clear();
+        Ok(cg)
+    }
+
     /// Creates `<hierarchy>/banger/<name>` in every hierarchy of the plan
     /// and writes `limits` there. A leftover cgroup of the same name with
     /// live processes in it is refused (the VM is still running).
@@ -573,6 +612,12 @@ pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), VmmE
 
 fn libc_ebusy() -> i32 {
     nix::errno::Errno::EBUSY as i32
+}
+
+/// The usage of the cgroup recorded for the VMM with API socket
+/// `api_socket`, when it has one.
+pub fn usage_of(api_socket: &Path) -> Option<Usage> {
+    VmCgroup::load(&record_path(api_socket)).map(|cg| cg.usage())
 }
 
 /// Kills and removes the cgroup recorded for the VMM with API socket

@@ -13,13 +13,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::cgroup;
+use crate::confine::{running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
+use crate::jailer;
 use crate::{
     LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, error_chain, io_err,
     kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
     uds_http, wait_gone,
 };
-pub use banger_api::backend::Timeouts;
+pub use banger_api::backend::{JailSettings, Timeouts};
 use banger_api::machine::MachineSpec;
 use banger_api::model::VmmProcess;
 
@@ -30,6 +33,7 @@ const NAME: &str = "firecracker";
 pub struct Firecracker {
     bin: PathBuf,
     timeouts: Timeouts,
+    jail: JailSettings,
 }
 
 impl Firecracker {
@@ -40,7 +44,34 @@ impl Firecracker {
 
     /// A backend with explicit timeouts (tests use short ones).
     pub fn with_timeouts(bin: PathBuf, timeouts: Timeouts) -> Self {
-        Firecracker { bin, timeouts }
+        Firecracker {
+            bin,
+            timeouts,
+            jail: JailSettings {
+                enabled: false,
+                cgroups: false,
+                ..JailSettings::default()
+            },
+        }
+    }
+
+    /// The same backend confined by `jail`: under a root daemon with a
+    /// jailer found, firecracker runs under it (see [`crate::jailer`]).
+    pub fn with_jail(self, jail: JailSettings) -> Self {
+        Firecracker { jail, ..self }
+    }
+
+    /// The jailer to launch through, when this launch is jailed.
+    fn jailer(&self) -> Option<&Path> {
+        let bin = self.jail.jailer_bin.as_deref()?;
+        (self.jail.enabled && running_as_root()).then_some(bin)
+    }
+
+    /// After the VMM is gone: its cgroup, jail and API socket.
+    fn clean_up(&self, api_socket: &Path) -> Result<(), VmmError> {
+        cgroup::kill_recorded(api_socket, self.timeouts.exit)?;
+        jailer::clear_for(api_socket)?;
+        remove_socket(api_socket)
     }
 }
 
@@ -70,16 +101,45 @@ impl Vmm for Firecracker {
             .try_clone()
             .map_err(|e| io_err("duplicating the serial log handle", e))?;
 
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--api-sock")
-            .arg(&paths.api_socket)
-            .stdin(Stdio::null())
-            .stdout(serial)
-            .stderr(serial_err);
+        let jailed = match self.jailer() {
+            Some(_) => {
+                let id = vm_name(paths)?;
+                let uid = vm_uid(self.jail.uid_base, &id);
+                Some(jailer::prepare(
+                    &self.bin,
+                    uid,
+                    &id,
+                    machine,
+                    paths,
+                    self.jail.cgroups,
+                )?)
+            }
+            None => None,
+        };
+        let (bin, mut cmd) = match (self.jailer(), &jailed) {
+            (Some(j), Some(jailed)) => {
+                let mut cmd = Command::new(j);
+                cmd.args(&jailed.args);
+                if let Some(cg) = &jailed.cgroup {
+                    cg.join_on_exec(&mut cmd);
+                }
+                (j.to_path_buf(), cmd)
+            }
+            _ => {
+                let mut cmd = Command::new(&self.bin);
+                cmd.arg("--api-sock").arg(&paths.api_socket);
+                (self.bin.clone(), cmd)
+            }
+        };
+        let (machine, log) = match &jailed {
+            Some(j) => (&j.machine, PathBuf::from(jailer::LOG)),
+            None => (machine, paths.vmm_log.clone()),
+        };
+        cmd.stdin(Stdio::null()).stdout(serial).stderr(serial_err);
         let locks = DiskLocks::take(machine)?;
         locks.hand_to(&mut cmd);
-        let spawned = spawn_detached(cmd, &self.bin, NAME).inspect_err(|_| {
-            let _ = remove_socket(&paths.api_socket);
+        let spawned = spawn_detached(cmd, &bin, NAME).inspect_err(|_| {
+            let _ = self.clean_up(&paths.api_socket);
         })?;
         drop(locks);
         let pid = spawned.pid;
@@ -88,6 +148,7 @@ impl Vmm for Firecracker {
             spawned,
             api_socket: &paths.api_socket,
             exit_timeout: self.timeouts.exit,
+            backend: self,
         };
         let Some(start_time) = start_time else {
             return Err(launched.abort(VmmError::NotReady(format!(
@@ -105,7 +166,7 @@ impl Vmm for Firecracker {
         if let Err(e) = self.wait_ready(&launched, &machine.serial_log) {
             return Err(launched.abort(e));
         }
-        if let Err(e) = self.configure_and_start(machine, paths) {
+        if let Err(e) = self.configure_and_start(machine, &paths.api_socket, &log) {
             return Err(launched.abort(e));
         }
         Ok(process)
@@ -128,12 +189,12 @@ impl Vmm for Firecracker {
             }
             kill_and_wait(process, self.timeouts.exit)?;
         }
-        remove_socket(&process.api_socket)
+        self.clean_up(&process.api_socket)
     }
 
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError> {
         kill_and_wait(process, self.timeouts.exit)?;
-        remove_socket(&process.api_socket)
+        self.clean_up(&process.api_socket)
     }
 }
 
@@ -168,12 +229,16 @@ impl Firecracker {
     }
 
     /// The configuration calls, in the order Firecracker documents, then boot.
-    fn configure_and_start(&self, m: &MachineSpec, paths: &LaunchPaths) -> Result<(), VmmError> {
-        let sock = &paths.api_socket;
+    fn configure_and_start(
+        &self,
+        m: &MachineSpec,
+        sock: &Path,
+        log: &Path,
+    ) -> Result<(), VmmError> {
         self.put(
             sock,
             "/logger",
-            &json!({"log_path": paths.vmm_log, "level": "Info", "show_level": true, "show_log_origin": false}),
+            &json!({"log_path": log, "level": "Info", "show_level": true, "show_log_origin": false}),
         )?;
         let mut boot = json!({"kernel_image_path": m.kernel, "boot_args": m.kernel_args()});
         if let Some(initrd) = &m.initrd {
@@ -241,13 +306,14 @@ struct Launched<'a> {
     spawned: Spawned,
     api_socket: &'a Path,
     exit_timeout: Duration,
+    backend: &'a Firecracker,
 }
 
 impl Launched<'_> {
     /// Kills the child, removes the socket, and returns `err` for the caller.
     fn abort(self, err: VmmError) -> VmmError {
         self.spawned.abort(self.exit_timeout);
-        if let Err(e) = remove_socket(self.api_socket) {
+        if let Err(e) = self.backend.clean_up(self.api_socket) {
             tracing::warn!(error = %error_chain(&e), "Failed to remove the VMM socket");
         }
         err
@@ -270,7 +336,10 @@ fn prepare_files(machine: &MachineSpec, paths: &LaunchPaths) -> Result<(), VmmEr
     remove_socket(&paths.api_socket)?;
     // Firecracker refuses to bind a vsock socket left by a previous run.
     if let Some(v) = &machine.vsock {
-        if fs::symlink_metadata(&v.uds_path).is_ok_and(|m| m.file_type().is_socket()) {
+        // A symlink is a previous jailed run's link into its chroot.
+        if fs::symlink_metadata(&v.uds_path)
+            .is_ok_and(|m| m.file_type().is_socket() || m.file_type().is_symlink())
+        {
             remove_socket(&v.uds_path)?;
         }
     }

@@ -27,10 +27,11 @@ use banger_api::machine::MachineSpec;
 use banger_api::model::{VmmKind, VmmProcess};
 
 pub mod cgroup;
-pub mod cgroup;
 pub mod config_drive;
+mod confine;
 mod disk_lock;
 pub mod firecracker;
+pub mod jailer;
 pub mod qemu;
 mod uds_http;
 pub mod vsock;

@@ -20,13 +20,17 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::{self, VmCgroup};
+use crate::confine::{abort_cgroup, create_cgroup, running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::{
     LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, error_chain, io_err,
     kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
     wait_gone,
 };
-pub use banger_api::backend::{Accel, HostFacts, QemuAccel, QemuSettings, Timeouts, choose_accel};
+pub use banger_api::backend::{
+    Accel, HostFacts, JailSettings, QemuAccel, QemuSettings, Timeouts, choose_accel,
+};
 use banger_api::machine::{MachineSpec, PciDevice, Vsock};
 use banger_api::model::VmmProcess;
 
@@ -371,21 +375,24 @@ impl Vmm for Qemu {
         check_vfio(machine, &VfioHost::default())?;
         let side = SideFiles::of(&paths.api_socket);
         prepare_files(machine, paths, &side, self.settings.timeouts.exit)?;
-        let backend = match &machine.vsock {
-            Some(v) => Some(self.start_vsock_backend(v, paths, &side)?),
-            None => None,
+        let jail = Jail::prepare(&self.settings.jail, machine, paths)?;
+        let started = match &machine.vsock {
+            Some(v) => self.start_vsock_backend(v, paths, &side, &jail).map(Some),
+            None => Ok(None),
         };
-        match self.start_qemu(machine, paths, &side, on_spawned) {
-            Ok(p) => Ok(p),
-            Err(e) => {
-                if let Some(b) = backend {
-                    b.abort(self.settings.timeouts.exit);
-                }
-                let uds = machine.vsock.as_ref().map(|v| v.uds_path.as_path());
-                cleanup(&paths.api_socket, &side, uds);
-                Err(e)
-            }
-        }
+        let launched = started.and_then(|backend| {
+            self.start_qemu(machine, paths, &side, &jail, on_spawned)
+                .inspect_err(|_| {
+                    if let Some(b) = backend {
+                        b.abort(self.settings.timeouts.exit);
+                    }
+                })
+        });
+        launched.inspect_err(|_| {
+            abort_cgroup(&paths.api_socket, self.settings.timeouts.exit);
+            let uds = machine.vsock.as_ref().map(|v| v.uds_path.as_path());
+            cleanup(&paths.api_socket, &side, uds);
+        })
     }
 
     fn shutdown(&self, process: &VmmProcess, grace: Duration) -> Result<(), VmmError> {
@@ -405,6 +412,9 @@ impl Vmm for Qemu {
     }
 
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError> {
+        // The cgroup first: it holds QEMU and its vsock backend, and
+        // whatever either started.
+        cgroup::kill_recorded(&process.api_socket, self.settings.timeouts.exit)?;
         kill_and_wait(process, self.settings.timeouts.exit)?;
         let side = SideFiles::of(&process.api_socket);
         stop_vsock_backend(&side, self.settings.timeouts.exit)?;
@@ -420,6 +430,7 @@ impl Qemu {
         vsock: &Vsock,
         paths: &LaunchPaths,
         side: &SideFiles,
+        jail: &Jail,
     ) -> Result<Spawned, VmmError> {
         let bin = &self.settings.vhost_device_vsock_bin;
         let mut spec = OsString::from(format!("guest-cid={},socket=", vsock.guest_cid));
@@ -437,6 +448,9 @@ impl Qemu {
         spec.push(&vsock.uds_path);
         let mut cmd = Command::new(bin);
         cmd.arg("--vm").arg(spec);
+        if let Some(cg) = &jail.cgroup {
+            cg.join_on_exec(&mut cmd);
+        }
         let spawned = spawn_detached(with_log(cmd, &paths.vmm_log)?, bin, VSOCK_BACKEND)?;
         let fail = |spawned: Spawned, e: VmmError| {
             spawned.abort(self.settings.timeouts.exit);
@@ -475,6 +489,7 @@ impl Qemu {
         machine: &MachineSpec,
         paths: &LaunchPaths,
         side: &SideFiles,
+        jail: &Jail,
         on_spawned: &mut OnSpawned<'_>,
     ) -> Result<VmmProcess, VmmError> {
         let bin = &self.settings.qemu_bin;
@@ -485,6 +500,10 @@ impl Qemu {
             &side.vhost_socket,
             self.accel,
         ));
+        cmd.args(jail.args());
+        if let Some(cg) = &jail.cgroup {
+            cg.join_on_exec(&mut cmd);
+        }
         let locks = DiskLocks::take(machine)?;
         locks.hand_to(&mut cmd);
         let spawned = spawn_detached(with_log(cmd, &paths.vmm_log)?, bin, NAME)?;
@@ -547,6 +566,101 @@ impl Qemu {
             std::thread::sleep(POLL);
         }
     }
+}
+
+/// How one QEMU launch is confined.
+#[derive(Debug)]
+struct Jail {
+    /// `-sandbox` at all (`vmm_jail`).
+    sandbox: bool,
+    /// The VM's uid and the empty directory QEMU chroots into once it has
+    /// opened everything, when the daemon is root.
+    drop_to: Option<(u32, PathBuf)>,
+    /// The VM's cgroup, which QEMU and its vsock backend join.
+    cgroup: Option<VmCgroup>,
+}
+
+impl Jail {
+    fn prepare(
+        settings: &JailSettings,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+    ) -> Result<Jail, VmmError> {
+        let drop_to = if settings.enabled && running_as_root() {
+            let uid = vm_uid(settings.uid_base, &vm_name(paths)?);
+            let root = paths.vm_dir.join(CHROOT_DIR);
+            make_empty_root(&root)?;
+            Some((uid, root))
+        } else {
+            None
+        };
+        Ok(Jail {
+            sandbox: settings.enabled,
+            drop_to,
+            cgroup: create_cgroup(settings, machine, paths)?,
+        })
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        jail_args(
+            self.sandbox,
+            self.drop_to.as_ref().map(|(u, r)| (*u, r.as_path())),
+        )
+    }
+}
+
+/// The directory (in the VM's directory) QEMU chroots into: empty, owned
+/// by root, not writable by the VM's uid.
+pub const CHROOT_DIR: &str = "qemu-root";
+
+fn make_empty_root(root: &Path) -> Result<(), VmmError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let made = fs::DirBuilder::new().mode(0o555).create(root);
+    match made {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Left by an earlier start: it must still be an empty root-owned
+            // directory nobody else can write.
+            let empty = fs::read_dir(root).is_ok_and(|mut d| d.next().is_none());
+            fs::set_permissions(root, fs::Permissions::from_mode(0o555))
+                .map_err(|e| io_err(format!("setting the mode of {}", root.display()), e))?;
+            if empty {
+                Ok(())
+            } else {
+                Err(VmmError::Unsupported(format!(
+                    "{} must be empty (QEMU chroots into it): remove what is in it",
+                    root.display()
+                )))
+            }
+        }
+        Err(e) => Err(io_err(format!("creating {}", root.display()), e)),
+    }
+}
+
+/// QEMU's confinement arguments. `-sandbox` installs a seccomp filter
+/// (no obsolete syscalls, no fork/exec, no scheduler or resource changes).
+/// With `drop_to`, QEMU opens every file, socket and device as root, then
+/// chroots into the empty directory and becomes the VM's uid/gid before
+/// the guest runs. QEMU 7.2 installs the filter before that setuid, so
+/// `elevateprivileges` must allow it then; once every uid is the VM's none
+/// can be raised again (and no setuid binary can be exec'd: `spawn=deny`).
+pub fn jail_args(sandbox: bool, drop_to: Option<(u32, &Path)>) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    if sandbox {
+        let elevate = if drop_to.is_some() { "allow" } else { "deny" };
+        a.push("-sandbox".into());
+        a.push(
+            format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")
+                .into(),
+        );
+    }
+    if let Some((uid, root)) = drop_to {
+        a.push("-runas".into());
+        a.push(format!("{uid}:{uid}").into());
+        a.push("-chroot".into());
+        a.push(root.as_os_str().to_owned());
+    }
+    a
 }
 
 /// Sends the process's stdout and stderr to the VMM log (appending).
@@ -987,6 +1101,49 @@ mod tests {
         fs::remove_file(h.dir.path().join("dev/vfio/vfio")).unwrap();
         let msg = refusal(&vfio_machine("0000:04:00.0"), &h.host());
         assert!(msg.contains("modprobe vfio-pci"), "{msg}");
+    }
+
+    #[test]
+    fn jail_args_sandbox_always_and_drop_to_the_vms_uid_in_an_empty_root() {
+        assert!(jail_args(false, None).is_empty());
+        assert_eq!(
+            strings(&jail_args(true, None)),
+            [
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ]
+        );
+        assert_eq!(
+            strings(&jail_args(
+                true,
+                Some((1879048200, Path::new("/s/vms/ab/qemu-root")))
+            )),
+            [
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+                "-runas",
+                "1879048200:1879048200",
+                "-chroot",
+                "/s/vms/ab/qemu-root",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_chroot_must_be_an_empty_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(CHROOT_DIR);
+        make_empty_root(&root).unwrap();
+        make_empty_root(&root).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o555
+        );
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(root.join("planted"), "x").unwrap();
+        let err = make_empty_root(&root).unwrap_err().to_string();
+        assert!(err.contains("must be empty"), "{err}");
     }
 
     #[test]

@@ -42,6 +42,15 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+/// A path as the jailed firecracker would see it: under
+/// `FAKE_FIRECRACKER_ROOT` (set by the tests' fake jailer) when set.
+fn in_root(p: &str) -> PathBuf {
+    match std::env::var_os("FAKE_FIRECRACKER_ROOT") {
+        Some(root) => PathBuf::from(root).join(p.trim_start_matches('/')),
+        None => PathBuf::from(p),
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut api_sock: Option<PathBuf> = None;
@@ -285,7 +294,7 @@ impl Server {
                 let Some(p) = str_field(&body, "log_path") else {
                     return Reply::fault("Missing log_path.");
                 };
-                if !Path::new(p).exists() {
+                if !in_root(p).exists() {
                     return Reply::fault(format!(
                         "Failed to open log file {p}: No such file or directory (os error 2)"
                     ));
@@ -296,13 +305,13 @@ impl Server {
                 let Some(k) = str_field(&body, "kernel_image_path") else {
                     return Reply::fault("Missing kernel_image_path.");
                 };
-                if !Path::new(k).is_file() {
+                if !in_root(k).is_file() {
                     return Reply::fault(format!(
                         "The kernel file cannot be opened: {k}: No such file or directory (os error 2)"
                     ));
                 }
                 if let Some(i) = str_field(&body, "initrd_path") {
-                    if !Path::new(i).is_file() {
+                    if !in_root(i).is_file() {
                         return Reply::fault(format!(
                             "The initrd file cannot be opened: {i}: No such file or directory (os error 2)"
                         ));
@@ -336,7 +345,7 @@ impl Server {
                 let Some(root) = body.get("is_root_device").and_then(Value::as_bool) else {
                     return Reply::fault("Missing is_root_device.");
                 };
-                if !Path::new(p).exists() {
+                if !in_root(p).exists() {
                     return Reply::fault(format!(
                         "Unable to create the block device: {p}: No such file or directory (os error 2)"
                     ));
@@ -365,7 +374,7 @@ impl Server {
                         "Invalid vsock config: guest_cid must be >= 3 and uds_path set.",
                     );
                 }
-                st.vsock_uds = str_field(&body, "uds_path").map(PathBuf::from);
+                st.vsock_uds = str_field(&body, "uds_path").map(in_root);
                 Reply::ok()
             }
             ("actions", None) => match str_field(&body, "action_type") {
