@@ -6,6 +6,9 @@
 //! scratch root with its systemd units checked by `systemd-analyze verify`.
 //! Needs root; `ip` (iproute2) for the namespace tests.
 
+#[cfg(test)]
+mod support;
+
 // Inside a cfg(test) module so the test-only lint allowances cover helpers.
 #[cfg(test)]
 mod tests {
@@ -284,6 +287,144 @@ tap_prefix = "bgdmnt"
             client.delete_link("bgtestbr").unwrap();
             assert_eq!(links(), before);
         });
+    }
+
+    #[test]
+    fn network_and_nat_capabilities_wire_a_vm_through_the_helper() {
+        in_netns(
+            "network_and_nat_capabilities_wire_a_vm_through_the_helper",
+            || {
+                use std::sync::Arc;
+
+                use banger_api::config::NetworkConfig;
+                use banger_capabilities::nat::Nat;
+                use banger_capabilities::network::{HostNetwork, Network};
+                use banger_core::capability::{Capability, HookCtx, TeardownReason};
+                use banger_core::store::Store;
+
+                if Command::new("nft").arg("--version").output().is_err() {
+                    eprintln!(
+                        "SKIP network_and_nat_capabilities_wire_a_vm_through_the_helper: nft missing (apt-get install nftables)"
+                    );
+                    return;
+                }
+                let dir = tempfile::tempdir().unwrap();
+                // The helper knows this daemon by the names its state dir derives.
+                let prefix = derived_network(dir.path()).tap_prefixes[0].clone();
+                let helper = start_helper(&format!(
+                    "[[users]]\nname = \"root\"\nbridge = \"bghelp0\"\nsubnet = \"10.78.0.0/24\"\ntap_prefix = \"{prefix}\"\n"
+                ));
+                let host = HelperHostOps::new(helper.socket.clone());
+                let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+                let config = NetworkConfig {
+                    bridge: "bghelp0".into(),
+                    subnet: "10.78.0.0/24".parse().unwrap(),
+                    dns_port: 0,
+                    dns_upstream: None,
+                };
+                let net = Arc::new(HostNetwork::new(config, store, dir.path(), 0));
+                assert_eq!(net.taps().prefix(), prefix);
+                let (network, nat) = (Network::with(net.clone()), Nat::with(net.clone()));
+                let v = crate::support::vm("web");
+                let vm_dir = dir.path().join("vm");
+                std::fs::create_dir_all(&vm_dir).unwrap();
+                let options = banger_api::model::CapOptions::new();
+                let config =
+                    banger_api::config::Config::defaults(Path::new("/nonexistent/config.toml"));
+                let ctx = HookCtx {
+                    vm: &v,
+                    vm_dir: &vm_dir,
+                    options: &options,
+                    host: &host,
+                    config: &config,
+                    log: &crate::support::Quiet,
+                };
+                network.prepare_host(&ctx).unwrap();
+                nat.prepare_host(&ctx).unwrap();
+                assert_eq!(addresses("bghelp0"), ["10.78.0.1/24"]);
+                let tap = format!("{prefix}0");
+                assert!(links().contains(&tap), "{:?}", links());
+                let ruleset = Command::new("nft")
+                    .args(["list", "ruleset"])
+                    .output()
+                    .unwrap();
+                let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+                assert!(
+                    ruleset.contains(&format!("banger:{}:guard", v.id)),
+                    "{ruleset}"
+                );
+                assert!(
+                    ruleset.contains(&format!("banger:{}:nat", v.id)),
+                    "{ruleset}"
+                );
+
+                nat.teardown(&ctx, TeardownReason::Delete).unwrap();
+                network.teardown(&ctx, TeardownReason::Delete).unwrap();
+                let ruleset = Command::new("nft")
+                    .args(["list", "ruleset"])
+                    .output()
+                    .unwrap();
+                let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+                assert!(!ruleset.contains(v.id.as_str()), "{ruleset}");
+            },
+        );
+    }
+
+    /// `banger doctor --json`'s `privileges` entry, run as `uid` with the
+    /// helper socket `socket`.
+    fn doctor_privileges_as(uid: u32, socket: &Path) -> serde_json::Value {
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let bin = dir.path().join("banger");
+        std::fs::copy(workspace_bin("banger"), &bin).unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(uid), Some(uid)).unwrap();
+        let out = Command::new(&bin)
+            .args(["doctor", "--json"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("BANGER_HELPER_SOCKET", socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "privileges")
+            .cloned()
+            .unwrap()
+    }
+
+    #[test]
+    fn doctor_reports_the_helper_for_an_unprivileged_user_or_the_fix_without_it() {
+        if !root_or_skip("doctor_reports_the_helper_for_an_unprivileged_user") {
+            return;
+        }
+        let helper = start_helper(CONFIG);
+        chmod(helper.socket.parent().unwrap(), 0o755);
+        chmod(&helper.socket, 0o666);
+        let with = doctor_privileges_as(DAEMON_UID, &helper.socket);
+        assert_eq!(with["status"], "pass", "{with}");
+        assert!(
+            with["detail"].as_str().unwrap().contains("banger-helper"),
+            "{with}"
+        );
+
+        let without = doctor_privileges_as(DAEMON_UID, Path::new("/nonexistent/helper.sock"));
+        assert_eq!(without["status"], "fail", "{without}");
+        assert!(
+            without["fix"]
+                .as_str()
+                .unwrap()
+                .contains("sudo banger system install"),
+            "{without}"
+        );
     }
 
     /// A `bangerd` environment in a temp dir: HOME and XDG dirs.
