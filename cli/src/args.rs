@@ -326,9 +326,9 @@ pub struct ShapeArgs {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpu", "memory", "disk_size"]))]
 pub struct SetArgs {
-    /// VM name.
-    #[arg(value_parser = parse_name)]
-    pub name: String,
+    /// VM names (or ID prefixes); each is changed in turn.
+    #[arg(required = true, value_name = "NAME", value_parser = parse_name)]
+    pub names: Vec<String>,
     /// New shape.
     #[command(flatten)]
     pub shape: ShapeArgs,
@@ -337,7 +337,8 @@ pub struct SetArgs {
 /// One or more VM names.
 #[derive(Debug, Args)]
 pub struct NamesArgs {
-    /// VM names; each is handled concurrently and reported in this order.
+    /// VM names or unique ID prefixes; each is handled concurrently and
+    /// reported in this order (a VM named twice is handled once).
     #[arg(required = true, value_name = "NAME", value_parser = parse_name)]
     pub names: Vec<String>,
 }
@@ -933,7 +934,12 @@ mod tests {
         let Command::Vm(VmCommand::Set(s)) = cli.command else {
             panic!("expected vm set");
         };
-        assert_eq!(s.name, "dev");
+        assert_eq!(s.names, ["dev"]);
+        let cli = parse(&["vm", "set", "a", "b", "--vcpu", "2"]).unwrap();
+        let Command::Vm(VmCommand::Set(s)) = cli.command else {
+            panic!("expected vm set");
+        };
+        assert_eq!(s.names, ["a", "b"]);
         assert_eq!(
             (s.shape.vcpu, s.shape.memory, s.shape.disk_size.as_deref()),
             (None, Some(4096), Some("20G"))

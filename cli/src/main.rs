@@ -7,6 +7,7 @@ mod daemon;
 mod doctor;
 mod ordered;
 mod output;
+mod refs;
 mod run;
 mod spec;
 mod ssh_config;
@@ -104,15 +105,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 VmCommand::Set(a) => vm::set(&client, a).await,
                 VmCommand::Prune { yes, force } => vm::prune(&client, yes, force).await,
                 VmCommand::List { json } => vm::list(&client, json).await,
-                VmCommand::Show { name, json } => vm::show(&client, &name, json).await,
-                VmCommand::Logs { name, follow } => vm::logs(&client, &name, follow).await,
-                VmCommand::Ports { name, json } => vm::ports(&client, &name, json).await,
-                VmCommand::Stats { name, json } => vm::stats(&client, &name, json).await,
+                VmCommand::Show { name, json } => {
+                    vm::show(&client, &refs::resolve(&client, &name).await?, json).await
+                }
+                VmCommand::Logs { name, follow } => {
+                    vm::logs(&client, &refs::resolve(&client, &name).await?, follow).await
+                }
+                VmCommand::Ports { name, json } => {
+                    vm::ports(&client, &refs::resolve(&client, &name).await?, json).await
+                }
+                VmCommand::Stats { name, json } => {
+                    vm::stats(&client, &refs::resolve(&client, &name).await?, json).await
+                }
                 VmCommand::Ssh {
                     name,
                     print,
                     command,
-                } => vm::ssh(&client, &name, print, &command).await,
+                } => {
+                    let name = refs::resolve(&client, &name).await?;
+                    vm::ssh(&client, &name, print, &command).await
+                }
                 VmCommand::Workspace(cmd) => workspace::run(cmd).await,
             }
         }
@@ -122,9 +134,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 async fn verb_all(
     client: &banger_api::client::Client,
     verb: Verb,
-    names: &[String],
+    refs: &[String],
 ) -> Result<ExitCode> {
-    vm::lifecycle_all(client, verb, names, &mut std::io::stdout()).await
+    let names = refs::resolve_all(client, refs).await?;
+    vm::lifecycle_all(client, verb, &names, &mut std::io::stdout()).await
 }
 
 /// `banger version`: never starts the daemon.

@@ -442,18 +442,35 @@ fn confirmed(answer: &str) -> bool {
     matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
-/// `vm set`.
+/// `vm set NAME...`: the same change to each VM in turn, each one's
+/// details printed; a VM that refuses is reported and the rest still go.
 pub async fn set(client: &Client, a: SetArgs) -> Result<ExitCode> {
     let req = SetVmRequest {
         vcpus: a.shape.vcpu,
         memory_mib: a.shape.memory,
         disk_size: a.shape.disk_size,
     };
-    let vm: VmView = client
-        .send(Method::PATCH, &vm_path(&a.name), Some(&req))
-        .await?;
-    print!("{}", output::vm_details(&vm));
-    Ok(ExitCode::SUCCESS)
+    let names = crate::refs::resolve_all(client, &a.names).await?;
+    let mut failed = 0;
+    for name in &names {
+        match client
+            .send::<_, VmView>(Method::PATCH, &vm_path(name), Some(&req))
+            .await
+        {
+            Ok(vm) => print!("{}", output::vm_details(&vm)),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{name}: error: {}", error_chain(&e));
+            }
+        }
+    }
+    if failed == 0 {
+        Ok(ExitCode::SUCCESS)
+    } else if names.len() == 1 {
+        anyhow::bail!("Changing VM {} failed", names[0])
+    } else {
+        anyhow::bail!("{failed} of {} VMs were not changed", names.len())
+    }
 }
 
 /// `vm list`.

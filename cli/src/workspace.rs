@@ -21,11 +21,13 @@ pub async fn run(cmd: WorkspaceCommand) -> Result<ExitCode> {
         WorkspaceCommand::Prepare(a) if a.dry_run => dry_run(a),
         WorkspaceCommand::Prepare(a) => {
             let client = crate::daemon::ensure_running(&Paths::from_env()?).await?;
-            prepare(&client, a).await
+            let name = crate::refs::resolve(&client, &a.name).await?;
+            prepare(&client, PrepareArgs { name, ..a }).await
         }
         WorkspaceCommand::Export(a) => {
             let client = crate::daemon::ensure_running(&Paths::from_env()?).await?;
-            export(&client, a).await
+            let name = crate::refs::resolve(&client, &a.name).await?;
+            export(&client, ExportArgs { name, ..a }).await
         }
     }
 }

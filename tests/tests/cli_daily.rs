@@ -196,4 +196,71 @@ mod tests {
             "{again:?}"
         );
     }
+
+    #[test]
+    fn id_prefixes_work_where_names_do_and_ambiguity_lists_the_matches() {
+        let env = BangerEnv::new();
+        // 17 VMs: two of them share the first hex digit of their ID.
+        let names: Vec<String> = (0..17).map(|i| format!("v{i}")).collect();
+        for n in &names {
+            env.create(n, &["--no-start"]).ok();
+        }
+        let vms = env.list();
+        let id_of = |name: &str| {
+            vms.iter()
+                .find(|v| v.record.name.as_str() == name)
+                .unwrap()
+                .record
+                .id
+                .to_string()
+        };
+        let v0 = id_of("v0");
+        // The shortest prefix of v0's ID no other VM shares.
+        let unique = (1..=v0.len())
+            .map(|n| &v0[..n])
+            .find(|p| {
+                vms.iter()
+                    .filter(|v| v.record.id.as_str().starts_with(p))
+                    .count()
+                    == 1
+            })
+            .unwrap()
+            .to_string();
+        let shown = env.banger(&["vm", "show", &unique, "--json"]).ok();
+        let view: banger_api::api::VmView = serde_json::from_str(&shown.stdout).unwrap();
+        assert_eq!(view.record.name.as_str(), "v0");
+
+        // A prefix and the name of the same VM, and the name again: one start.
+        let out = env.banger(&["vm", "start", &unique, "v1", "v0", "v1"]).ok();
+        assert_eq!(out.stdout, "v0: started\nv1: started\n", "{out:?}");
+
+        // A first digit two IDs share is ambiguous: an error naming them.
+        let shared = (0..16u8)
+            .map(|d| format!("{d:x}"))
+            .find(|d| {
+                vms.iter()
+                    .filter(|v| v.record.id.as_str().starts_with(d.as_str()))
+                    .count()
+                    > 1
+            })
+            .unwrap();
+        let matching: Vec<String> = vms
+            .iter()
+            .filter(|v| v.record.id.as_str().starts_with(shared.as_str()))
+            .map(|v| format!("{} ({})", v.record.name, v.record.id))
+            .collect();
+        let amb = env.banger(&["vm", "stop", &shared]).failed();
+        for m in &matching {
+            assert!(amb.stderr.contains(m), "{m} not in {amb:?}");
+        }
+        assert_eq!(amb.stdout, "");
+
+        // vm set takes several VMs, by name or prefix.
+        let v2 = id_of("v2");
+        env.banger(&["vm", "set", "v3", &v2, "--vcpu", "3"]).ok();
+        for n in ["v2", "v3"] {
+            assert_eq!(env.show(n).record.spec.vcpus, 3, "{n}");
+        }
+        assert_ne!(env.show("v4").record.spec.vcpus, 3);
+    }
 }
