@@ -39,6 +39,20 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let plan = Plan::new(args, &config)?;
     if plan.dry_run {
         print!("{}", plan.describe());
+        if let Some(ws) = &plan.workspace {
+            // The exact file list, as `vm workspace prepare --dry-run` gives it.
+            let q = &ws.request;
+            let options = banger_api::workspace::PrepareOptions {
+                include_untracked: q.include_untracked,
+                branch: q.branch.clone(),
+                from: q.from.clone(),
+                full_copy: q.full_copy,
+            };
+            print!(
+                "{}",
+                banger_api::workspace::plan(&q.path, &options)?.render()
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!("{}", plan.spec);
@@ -148,7 +162,7 @@ async fn use_vm(
             Ok(exit_code(vm::run_ssh(name, &args)?))
         }
         After::Session => {
-            let args = pinned_ssh_args(&target, &[])?;
+            let args = session_args(&target, plan.workspace.is_some())?;
             let code = vm::run_ssh(name, &args)?;
             if !plan.rm {
                 note_still_running(client, name).await;
@@ -156,6 +170,24 @@ async fn use_vm(
             Ok(exit_code(code))
         }
     }
+}
+
+/// The interactive session's ssh arguments: a login shell, in the imported
+/// checkout when there is a workspace (a remote command then, so `-t` keeps
+/// the terminal).
+fn session_args(target: &SshTarget, workspace: bool) -> Result<Vec<String>> {
+    if !workspace {
+        return pinned_ssh_args(target, &[]);
+    }
+    let mut args = pinned_ssh_args(target, &[session_command()])?;
+    args.insert(0, "-t".to_string());
+    Ok(args)
+}
+
+/// The remote command of a session in the workspace: the user's login
+/// shell, started in [`GUEST_REPO`].
+fn session_command() -> String {
+    format!("cd {GUEST_REPO} && exec \"${{SHELL:-/bin/sh}}\" -l")
 }
 
 /// Polls `GET /v1/vms/NAME/ssh` until the daemon hands out a target (the
@@ -695,5 +727,25 @@ mod tests {
         assert!(!nat_enabled(&s(&["nat"]), &s(&["-nat"])));
         assert!(nat_enabled(&s(&["nat"]), &s(&["-nat", "nat"])));
         assert!(!nat_enabled(&s(&[]), &s(&["natty"])));
+    }
+
+    #[test]
+    fn a_workspace_session_opens_a_login_shell_in_the_checkout() {
+        // What ssh sends is run by the guest's shell: run it with sh in a
+        // directory that stands for the guest's /root/repo.
+        let line = session_command().replace(GUEST_REPO, "/tmp");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &line.replace("exec \"${SHELL:-/bin/sh}\" -l", "pwd")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "/tmp\n");
+        assert!(session_command().starts_with("cd /root/repo && exec "));
+        // The shell started is the user's, as a login shell.
+        let out = std::process::Command::new("sh")
+            .args(["-c", &line])
+            .env("SHELL", "/bin/echo")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "-l\n");
     }
 }

@@ -263,4 +263,72 @@ mod tests {
         }
         assert_ne!(env.show("v4").record.spec.vcpus, 3);
     }
+
+    #[test]
+    fn run_dry_run_lists_the_workspace_files_and_create_prints_the_spec() {
+        if Command::new("git").arg("--version").output().is_err() {
+            eprintln!("SKIP run_dry_run_lists_the_workspace_files: git missing");
+            return;
+        }
+        let repo = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let st = Command::new("git")
+                .arg("-C")
+                .arg(repo.path())
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::create_dir(repo.path().join("src")).unwrap();
+        std::fs::write(repo.path().join("src/main.c"), "int main;\n").unwrap();
+        std::fs::write(repo.path().join("README"), "hi\n").unwrap();
+        std::fs::write(repo.path().join("scratch.txt"), "untracked\n").unwrap();
+        git(&["add", "src/main.c", "README"]);
+        git(&[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            "init",
+        ]);
+        // The overlay: the uncommitted change (history goes as a bundle).
+        std::fs::write(repo.path().join("src/main.c"), "int main(void);\n").unwrap();
+
+        let env = BangerEnv::new();
+        let p = repo.path().to_str().unwrap();
+        let run = env.banger(&["vm", "run", p, "--dry-run"]).ok();
+        let prepare = env
+            .banger(&["vm", "workspace", "prepare", "x", p, "--dry-run"])
+            .ok();
+        // The workspace part is the same list `workspace prepare` prints.
+        assert!(
+            run.stdout.ends_with(&prepare.stdout),
+            "{run:?}\n{prepare:?}"
+        );
+        assert!(run.stdout.contains("files:      1\n"), "{run:?}");
+        assert!(
+            run.stdout.lines().any(|l| l.contains("src/main.c")),
+            "{run:?}"
+        );
+        assert!(!run.stdout.contains("README"), "{run:?}");
+        assert!(!run.stdout.contains("scratch.txt"), "{run:?}");
+        let with = env
+            .banger(&["vm", "run", p, "--dry-run", "--include-untracked"])
+            .ok();
+        assert!(with.stdout.contains("scratch.txt"), "{with:?}");
+        assert_eq!(env.daemon_pid(), None, "a dry run starts no daemon");
+
+        // vm create prints the spec line first, as vm run does.
+        env.write_config("[vm_defaults]\nvcpus = 3\nmemory_mib = 768\n");
+        let out = env.create("spec", &[]).ok();
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("spec: 3 vcpu · 768 MiB · 64M disk · vmm firecracker (config)"),
+            "{out:?}"
+        );
+    }
 }
