@@ -15,7 +15,7 @@ mod tests {
 
     use banger_api::machine::{Drive, DriveRole, MachineSpec, Nic, Vsock};
     use banger_api::model::VmmProcess;
-    use banger_vmm::firecracker::{Firecracker, Timeouts};
+    use banger_vmm::firecracker::{Firecracker, JailSettings, Timeouts};
     use banger_vmm::{LaunchPaths, Vmm, VmmError, process_alive, process_start_time};
     use serde_json::{Value, json};
     use tempfile::TempDir;
@@ -198,6 +198,156 @@ mod tests {
             &format!("pid {pid} to be reaped"),
             Duration::from_secs(5),
             || !Path::new(&format!("/proc/{pid}")).exists(),
+        );
+    }
+
+    /// A fake jailer: records its argv, then does what the real one leaves
+    /// firecracker with (minus the chroot itself, which needs a static
+    /// binary): runs the exec-file from `<base>/<exec name>/<id>/root` with
+    /// the API socket there and every path the API names taken inside it.
+    fn fake_jailer(w: &World) -> (PathBuf, PathBuf) {
+        let argv = w.dir.path().join("jailer.argv");
+        let script = format!(
+            r#"#!/bin/sh
+printf '%s\n' "$@" > '{argv}'
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --id) id=$2; shift 2 ;;
+    --exec-file) exe=$2; shift 2 ;;
+    --chroot-base-dir) base=$2; shift 2 ;;
+    --) shift; break ;;
+    *) shift ;;
+  esac
+done
+root="$base/$(basename "$exe")/$id/root"
+FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
+"#,
+            argv = argv.display()
+        );
+        let p = w.dir.path().join("jailer");
+        let _guard = fork_lock();
+        fs::write(&p, script).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        (p, argv)
+    }
+
+    #[test]
+    fn launches_through_the_jailer_with_the_vms_uid_chroot_and_cgroup_limits() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!(
+                "SKIP launches_through_the_jailer...: the jailer is used only by a root daemon"
+            );
+            return;
+        }
+        let mut w = World::new();
+        // A VM name of its own: it names the cgroup, shared by the host.
+        let id = format!("fcjail{}", std::process::id());
+        w.paths.vm_dir = w.dir.path().join(&id);
+        fs::create_dir_all(&w.paths.vm_dir).unwrap();
+        let fake = w.fake_with_env(&[]);
+        let (jailer, argv_file) = fake_jailer(&w);
+        let fc = backend(fake.clone()).with_jail(JailSettings {
+            jailer_bin: Some(jailer),
+            ..JailSettings::default()
+        });
+        let p = launch(&fc, &w).unwrap();
+        assert!(process_alive(&p));
+
+        let argv: Vec<String> = fs::read_to_string(&argv_file)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let uid: u32 = argv[5].parse().unwrap();
+        assert!(uid >= banger_api::backend::DEFAULT_VMM_UID_BASE, "{argv:?}");
+        let base = w.paths.vm_dir.join("jail");
+        let mut want: Vec<String> = [
+            "--id",
+            &id,
+            "--exec-file",
+            &fake.display().to_string(),
+            "--uid",
+            &uid.to_string(),
+            "--gid",
+            &uid.to_string(),
+            "--chroot-base-dir",
+            &base.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // 2 vCPUs, 512 MiB + 512 MiB overhead, 512 tasks.
+        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            want.extend(["--cgroup-version", "2", "--parent-cgroup", "banger"].map(String::from));
+            for c in [
+                "cpu.max=200000 100000",
+                "memory.max=1073741824",
+                "pids.max=512",
+            ] {
+                want.extend(["--cgroup".to_string(), c.to_string()]);
+            }
+        } else {
+            want.extend(["--cgroup-version", "1", "--parent-cgroup", "banger"].map(String::from));
+            for c in [
+                "cpu.cfs_period_us=100000",
+                "cpu.cfs_quota_us=200000",
+                "memory.limit_in_bytes=1073741824",
+                "pids.max=512",
+            ] {
+                want.extend(["--cgroup".to_string(), c.to_string()]);
+            }
+        }
+        want.extend(["--", "--api-sock", "/run/firecracker.socket"].map(String::from));
+        assert_eq!(argv, want);
+
+        // The chroot holds the VM's files: writable ones are the VM uid's.
+        let root = base.join("fc.sh").join(&id).join("root");
+        let d = w.dir.path();
+        for (inside, original, owned) in [
+            ("kernel", d.join("vmlinux"), false),
+            ("initrd", d.join("initrd"), false),
+            ("drives/root", d.join("root.ext4"), true),
+            ("drives/work", d.join("work.ext4"), true),
+            ("drives/config", d.join("config.img"), false),
+            ("firecracker.log", w.paths.vmm_log.clone(), true),
+        ] {
+            let m = fs::metadata(root.join(inside)).unwrap();
+            let o = fs::metadata(&original).unwrap();
+            assert_eq!(
+                (m.dev(), m.ino()),
+                (o.dev(), o.ino()),
+                "{inside} is a hard link"
+            );
+            assert_eq!(m.uid() == uid, owned, "{inside} owner {}", m.uid());
+        }
+        assert_eq!(fs::metadata(root.join("run")).unwrap().uid(), uid);
+        assert_eq!(
+            fs::read_link(&w.paths.api_socket).unwrap(),
+            root.join("run/firecracker.socket")
+        );
+        // Firecracker is told the paths inside its root.
+        let calls = w.calls(&w.record());
+        let body = |path: &str| calls.iter().find(|c| c.1 == path).unwrap().2.clone();
+        assert_eq!(body("/logger")["log_path"], "/firecracker.log");
+        assert_eq!(body("/boot-source")["kernel_image_path"], "/kernel");
+        assert_eq!(body("/drives/root")["path_on_host"], "/drives/root");
+        assert_eq!(body("/vsock")["uds_path"], "/vsock/v.sock");
+        assert_eq!(
+            fs::read_link(&w.machine.vsock.as_ref().unwrap().uds_path).unwrap(),
+            root.join("vsock/v.sock")
+        );
+        // The VMM is in the VM's cgroup; kill empties and removes it and the jail.
+        let cgroups = fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
+        assert!(cgroups.contains(&format!("/banger/{id}\n")), "{cgroups}");
+        fc.kill(&p).unwrap();
+        assert!(!process_alive(&p));
+        assert!(!base.exists(), "the jail is removed");
+        assert!(!w.paths.api_socket.exists());
+        assert_eq!(
+            fs::read(d.join("root.ext4")).unwrap(),
+            b"x",
+            "originals stay"
         );
     }
 

@@ -20,7 +20,9 @@
 mod tests {
     use std::fs;
     use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
@@ -282,6 +284,110 @@ mod tests {
         // grace period passed before the kill (a failed QMP request would
         // skip straight to the kill).
         assert!(took >= grace, "shutdown returned after {took:?}");
+        assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+    }
+
+    /// The uid, gid, root directory and cgroup lines of a live process.
+    fn confinement_of(pid: u32) -> (Vec<u32>, Vec<u32>, PathBuf, String) {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let ids = |key: &str| -> Vec<u32> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap()
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect()
+        };
+        let root = fs::read_link(format!("/proc/{pid}/root")).unwrap();
+        let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        (ids("Uid:"), ids("Gid:"), root, cgroups)
+    }
+
+    #[test]
+    fn qemu_runs_as_its_own_uid_in_an_empty_root_and_cgroup_and_cannot_read_another_vms_disk() {
+        let test =
+            "qemu_runs_as_its_own_uid_in_an_empty_root_and_cgroup_and_cannot_read_another_vms_disk";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        if !nix::unistd::Uid::effective().is_root() {
+            return skip(test, "QEMU drops to the VM's uid only under a root daemon");
+        }
+        let w = World::new(&k);
+        // Another VM's disk, as the daemon leaves it: root's, mode 0600.
+        let other = tempfile::tempdir().unwrap();
+        let other_disk = other.path().join("root.ext4");
+        fs::write(&other_disk, "another VM's data").unwrap();
+        fs::set_permissions(&other_disk, fs::Permissions::from_mode(0o600)).unwrap();
+
+        let vmm = Qemu::new(settings(q));
+        let p = vmm.launch(&w.machine, &w.paths).unwrap();
+        let mut guard = Guard(&vmm, Some(p.clone()));
+        // The guest still boots after QEMU dropped its privileges.
+        w.wait_for_banner();
+        let (uids, gids, root, cgroups) = confinement_of(p.pid);
+        let uid = uids[0];
+        assert!(uids.iter().all(|u| *u == uid) && uid != 0, "uids {uids:?}");
+        assert!(
+            gids.iter().all(|g| *g == uid),
+            "gids {gids:?} for uid {uid}"
+        );
+        assert!(uid >= banger_api::backend::DEFAULT_VMM_UID_BASE, "{uid}");
+        assert_eq!(root, w.paths.vm_dir.join("qemu-root"));
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "the root is empty");
+        let seccomp = fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap();
+        assert!(
+            seccomp.contains("Seccomp:\t2"),
+            "no seccomp filter: {seccomp}"
+        );
+        assert!(cgroups.contains("/banger/vm\n"), "{cgroups}");
+        // That uid cannot read another VM's disk even where it can see it.
+        let read = std::process::Command::new("head")
+            .args(["-c", "1"])
+            .arg(&other_disk)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        assert!(
+            !read.status.success(),
+            "uid {uid} read {}",
+            other_disk.display()
+        );
+        assert!(
+            String::from_utf8_lossy(&read.stderr).contains("Permission denied"),
+            "{}",
+            String::from_utf8_lossy(&read.stderr)
+        );
+
+        vmm.kill(&p).unwrap();
+        guard.1 = None;
+        assert!(!process_alive(&p));
+        let cgroup_dirs: Vec<&str> = cgroups
+            .lines()
+            .filter_map(|l| l.rsplit(':').next())
+            .filter(|path| path.ends_with("/banger/vm"))
+            .collect();
+        assert!(!cgroup_dirs.is_empty());
+        for line in cgroups.lines() {
+            // hierarchy-id:controllers:path; the directory is gone from
+            // every hierarchy it was made in.
+            let mut f = line.splitn(3, ':');
+            let (_, controllers, path) = (f.next(), f.next().unwrap(), f.next().unwrap());
+            if !path.ends_with("/banger/vm") {
+                continue;
+            }
+            let mount = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+                "/sys/fs/cgroup".to_string()
+            } else if controllers.is_empty() {
+                "/sys/fs/cgroup/unified".to_string()
+            } else {
+                format!("/sys/fs/cgroup/{controllers}")
+            };
+            let dir = PathBuf::from(mount).join(path.trim_start_matches('/'));
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
         assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
     }
 

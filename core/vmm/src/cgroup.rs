@@ -436,12 +436,16 @@ impl VmCgroup {
 
     /// Makes the command's process join every directory before it execs
     /// (writing `0` to `cgroup.procs` moves the writer), so nothing it
-    /// starts runs outside. Registered before any uid change.
+    /// starts runs outside. Registered before any uid change. Directories
+    /// that do not exist yet are left out.
     pub fn join_on_exec(&self, cmd: &mut Command) {
         let files: Vec<CString> = self
             .dirs
             .iter()
-            .filter_map(|d| CString::new(d.path.join("cgroup.procs").as_os_str().as_bytes()).ok())
+            // Directories the jailer makes later are its to join.
+            .map(|d| d.path.join("cgroup.procs"))
+            .filter(|f| f.exists())
+            .filter_map(|f| CString::new(f.as_os_str().as_bytes()).ok())
             .collect();
         // SAFETY: the closure runs in the forked child before exec and only
         // makes open(2), write(2) and close(2) calls on paths built before
