@@ -362,7 +362,7 @@ impl Plan {
         }
         let request = CreateVmRequest {
             name: a.name,
-            image: a.image,
+            image: a.image.or_else(|| config.default_image_name.clone()),
             vcpus: Some(i64::from(spec.vcpus)),
             memory_mib: Some(i64::from(spec.memory_mib)),
             disk_size: Some(spec.disk.to_string()),

@@ -270,7 +270,13 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
     eprintln!("{spec}");
     let req = CreateVmRequest {
         name: a.name,
-        image: a.image,
+        // Config `default_image_name`, unless a root file is brought.
+        image: a.image.or_else(|| {
+            config
+                .default_image_name
+                .clone()
+                .filter(|_| a.rootfs.is_none())
+        }),
         kernel_ref: a.kernel_ref,
         kernel: a.kernel.as_deref().map(abs).transpose()?,
         initrd: a.initrd.as_deref().map(abs).transpose()?,

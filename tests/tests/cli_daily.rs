@@ -331,4 +331,35 @@ mod tests {
             "{out:?}"
         );
     }
+
+    #[test]
+    fn default_image_name_is_the_image_of_create_and_run() {
+        let env = BangerEnv::new();
+        let (k, r) = env.boot_files();
+        env.banger(&[
+            "image",
+            "register",
+            "--name",
+            "mine",
+            "--rootfs",
+            r.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+        ])
+        .ok();
+        env.write_config("default_image_name = \"mine\"\n");
+        let dry = env.banger(&["vm", "run", "--dry-run"]).ok();
+        assert!(dry.stdout.contains("from image mine"), "{dry:?}");
+        env.banger(&["vm", "create", "--name", "d", "--disk-size", "64M"])
+            .ok();
+        let vm = env.show("d");
+        assert_eq!(vm.record.spec.rootfs_source, r);
+        assert_eq!(vm.record.spec.kernel, k);
+        // An image that does not exist is refused by name.
+        env.write_config("default_image_name = \"nope\"\n");
+        let out = env
+            .banger(&["vm", "create", "--name", "e", "--disk-size", "64M"])
+            .failed();
+        assert!(out.stderr.contains("nope"), "{out:?}");
+    }
 }

@@ -464,6 +464,9 @@ pub struct Config {
     pub network: NetworkConfig,
     /// `[[file_sync]]` entries, in file order.
     pub file_sync: Vec<FileSyncEntry>,
+    /// The image `vm create` and `vm run` use without `--image` (and
+    /// without `--rootfs`); `None` means the image catalog's default.
+    pub default_image_name: Option<String>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -494,6 +497,7 @@ const TOP_KEYS: &[&str] = &[
     "jailer_bin",
     "network",
     "file_sync",
+    "default_image_name",
 ];
 const FILE_SYNC_KEYS: &[&str] = &["host", "guest", "mode"];
 const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port", "dns_upstream"];
@@ -532,6 +536,7 @@ impl Config {
             jailer_bin: None,
             network: NetworkConfig::default(),
             file_sync: Vec::new(),
+            default_image_name: None,
         }
     }
 
@@ -779,6 +784,12 @@ impl Parser<'_> {
                     cfg.firecracker_bin = Some(self.absolute_path(key, value)?);
                 }
                 "plugins_dir" => cfg.plugins_dir = Some(self.absolute_path(key, value)?),
+                "default_image_name" => {
+                    let name = self.string(key, value)?;
+                    crate::model::validate_artifact_name("default_image_name", &name)
+                        .map_err(|e| self.error(span, e.to_string()))?;
+                    cfg.default_image_name = Some(name);
+                }
                 "qemu_bin" => cfg.qemu_bin = Some(self.absolute_path(key, value)?),
                 "vhost_device_vsock_bin" => {
                     cfg.vhost_device_vsock_bin = Some(self.absolute_path(key, value)?)
@@ -1696,6 +1707,22 @@ disk_size = "20G"
         assert!(msg.contains("invalid stop_timeout_secs 0"), "{msg}");
         let msg = err("vm_defaults = 3\n");
         assert!(msg.contains("write [vm_defaults] on its own line"), "{msg}");
+    }
+
+    #[test]
+    fn default_image_name_is_an_image_name() {
+        let cfg = parse("default_image_name = \"debian-bookworm\"\n").unwrap();
+        assert_eq!(cfg.default_image_name.as_deref(), Some("debian-bookworm"));
+        assert_eq!(parse("").unwrap().default_image_name, None);
+        let e = parse("default_image_name = \"../x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("default_image_name") && e.contains("line 1"),
+            "{e}"
+        );
+        let e = parse("default_image_name = 3\n").unwrap_err().to_string();
+        assert!(e.contains("must be a string"), "{e}");
     }
 
     #[test]
