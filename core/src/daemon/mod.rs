@@ -326,6 +326,19 @@ fn trusted_plugins_dir(
     banger_api::paths::check_trusted_path("the plugins directory", dir, uid)
 }
 
+/// The VMM confinement settings; a jailer that fails StrictModes is not
+/// used (root would run it), and firecracker then runs without it.
+fn jail_settings(config: &Config, uid: u32) -> banger_vmm::qemu::JailSettings {
+    let mut jail = config.jail_settings();
+    if let Some(j) = &jail.jailer_bin
+        && let Err(e) = banger_api::paths::check_trusted_path("jailer_bin", j, uid)
+    {
+        tracing::warn!("{e}; firecracker runs without its jailer");
+        jail.jailer_bin = None;
+    }
+    jail
+}
+
 /// The VMM backends; one whose binary is missing or fails StrictModes
 /// stands in as unavailable, so creates on it fail with the reason.
 fn backends(config: &Config, uid: u32) -> Backends {
@@ -336,7 +349,8 @@ fn backends(config: &Config, uid: u32) -> Backends {
     };
     let firecracker = match config.firecracker_bin() {
         Ok(bin) => match check_trusted_path("firecracker_bin", &bin, uid) {
-            Ok(()) => Arc::new(Firecracker::new(bin)) as Arc<dyn Vmm>,
+            Ok(()) => Arc::new(Firecracker::new(bin).with_jail(jail_settings(config, uid)))
+                as Arc<dyn Vmm>,
             Err(e) => unavailable("firecracker", e.to_string()),
         },
         Err(e) => unavailable("firecracker", render_chain(&e)),
