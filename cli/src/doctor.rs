@@ -141,6 +141,7 @@ async fn all_checks() -> Vec<Check> {
     out.push(vsock(&paths, plan.vmm));
     out.push(nft());
     out.push(privileges(&config));
+    out.push(vmm_jail(&config));
     out.push(default_artifacts(&config, &paths));
     out.push(ssh_identity(&paths));
     out.push(ssh_client());
@@ -497,6 +498,56 @@ fn nft() -> Check {
             "nft",
             "nft not found on PATH: VMs with --nat cannot reach outside",
             Some("sudo apt-get install nftables".to_string()),
+        ),
+    }
+}
+
+/// How VMM processes are confined here: uid, sandbox or jailer, and
+/// whether this host's cgroups carry every per-VM limit.
+fn vmm_jail(config: &Config) -> Check {
+    const CHECK: &str = "vmm jail";
+    let jail = config.jail_settings();
+    if !jail.enabled {
+        return Check::warn(
+            CHECK,
+            "vmm_jail = false: VMM processes run unsandboxed, as the daemon's user, with every file it can reach",
+            Some(format!(
+                "remove vmm_jail = false from {}",
+                config.path.display()
+            )),
+        );
+    }
+    let who = if nix::unistd::geteuid().is_root() {
+        let firecracker = match &jail.jailer_bin {
+            Some(j) => format!("firecracker under {}", j.display()),
+            None => "firecracker unjailed (no jailer found; set jailer_bin)".to_string(),
+        };
+        format!(
+            "qemu sandboxed and chrooted as a per-VM uid from {}, {firecracker}",
+            jail.uid_base
+        )
+    } else {
+        "not root: qemu sandboxed as the daemon's user, firecracker unjailed".to_string()
+    };
+    if !jail.cgroups {
+        return Check::warn(
+            CHECK,
+            format!("{who}; vmm_cgroups = false: no per-VM limits, stats and kill go by pid"),
+            Some(format!(
+                "remove vmm_cgroups = false from {}",
+                config.path.display()
+            )),
+        );
+    }
+    match banger_vmm::cgroup::CgroupHost::probe().describe() {
+        Ok(used) => Check::pass(CHECK, format!("{who}; one cgroup per VM: {used}")),
+        Err(missing) => Check::warn(
+            CHECK,
+            format!("{who}; {missing}"),
+            Some(
+                "mount cgroup2 with the cpu, memory and pids controllers enabled (or their v1 hierarchies)"
+                    .to_string(),
+            ),
         ),
     }
 }
