@@ -146,6 +146,55 @@ fn nic_state(ctx: &HookCtx<'_>) -> Result<NicState, CapError> {
         .ok_or_else(|| CapError::msg("The VM has no tap: network's prepare_host did not run"))
 }
 
+impl Network {
+    /// Daemon startup: removes what a crash left behind and no running VM
+    /// owns: guard and NAT rules in this daemon's tables, and taps with this
+    /// daemon's prefix (warm ones included: the pool is refilled on use).
+    /// Only ever this daemon's names; failures are warnings.
+    fn sweep(&self, ctx: &DaemonCtx<'_>, running: &[(&VmRecord, NicState)]) {
+        let bridge = &self.net.config().bridge;
+        let alive: std::collections::HashSet<&str> =
+            ctx.running.iter().map(|r| r.vm.id.as_str()).collect();
+        let warn = |what: &str, e: &(dyn std::error::Error + 'static)| {
+            tracing::warn!(
+                "cannot sweep {what}: {}",
+                banger_core::lifecycle::render_chain(e)
+            )
+        };
+        match ctx.host.list_guest_rules(bridge) {
+            Ok(ids) => {
+                for id in ids.iter().filter(|id| !alive.contains(id.as_str())) {
+                    tracing::info!("removing the network rules of VM {id}, which is not running");
+                    if let Err(e) = ctx.host.remove_guest(id) {
+                        warn("guard rules", &e);
+                    }
+                    if let Err(e) = ctx.host.remove_nat(id) {
+                        warn("NAT rules", &e);
+                    }
+                }
+            }
+            Err(e) => warn("network rules", &e),
+        }
+        let taps = self.net.taps();
+        match ctx.host.list_links(taps.prefix()) {
+            Ok(links) => {
+                let held: std::collections::HashSet<&str> =
+                    running.iter().map(|(_, s)| s.tap.as_str()).collect();
+                for link in links
+                    .iter()
+                    .filter(|l| taps.index_of(l).is_some() && !held.contains(l.as_str()))
+                {
+                    tracing::info!("deleting tap {link}, which no running VM holds");
+                    if let Err(e) = ctx.host.delete_link(link) {
+                        warn("taps", &e);
+                    }
+                }
+            }
+            Err(e) => warn("taps", &e),
+        }
+    }
+}
+
 impl Capability for Network {
     fn name(&self) -> &str {
         NAME
@@ -276,6 +325,7 @@ impl Capability for Network {
             .iter()
             .filter_map(|r| Some((&r.vm, NicState::load(&r.vm_dir).ok().flatten()?)))
             .collect();
+        self.sweep(ctx, &running);
         if running.is_empty() {
             return Ok(());
         }

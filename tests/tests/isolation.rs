@@ -129,6 +129,15 @@ mod tests {
         v[0]["address"].as_str().unwrap().to_string()
     }
 
+    fn ifindex(link: &str) -> u64 {
+        let out = std::process::Command::new("ip")
+            .args(["-j", "link", "show", link])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["ifindex"].as_u64().unwrap()
+    }
+
     /// Comments of every rule in the `banger_*` tables.
     fn rule_tags() -> Vec<String> {
         let v: serde_json::Value = serde_json::from_str(&nft(&["-j", "list", "ruleset"])).unwrap();
@@ -984,6 +993,93 @@ mod tests {
                     .unwrap();
                 }
                 eprintln!("fault injection:\n  {}", table.join("\n  "));
+            },
+        );
+    }
+
+    #[test]
+    fn a_restarted_daemon_sweeps_what_no_running_vm_owns_and_keeps_the_rest() {
+        in_host_ns(
+            "a_restarted_daemon_sweeps_what_no_running_vm_owns_and_keeps_the_rest",
+            || {
+                use banger_core::capability::{DaemonCtx, RunningVm};
+
+                let host = InProcessHostOps::default();
+                let config = NetworkConfig {
+                    bridge: "bgiso0".into(),
+                    subnet: "10.67.0.0/24".parse().unwrap(),
+                    ..NetworkConfig::default()
+                };
+                let d = daemon(config.clone());
+                let (network, nat) = (Network::with(d.net.clone()), Nat::with(d.net.clone()));
+                let (alive, dead) = (vm("alive"), vm("dead"));
+                for v in [&alive, &dead] {
+                    d.hook(v, &[], &host, |c| network.prepare_host(c)).unwrap();
+                    d.hook(v, &[], &host, |c| nat.prepare_host(c)).unwrap();
+                }
+                let t_alive = d.tap_of(&alive);
+                let dead_link = (d.tap_of(&dead), ifindex(&d.tap_of(&dead)));
+                // Another daemon's tap on the same host must survive the sweep.
+                let other = daemon(NetworkConfig {
+                    bridge: "bgiso1".into(),
+                    subnet: "10.68.0.0/24".parse().unwrap(),
+                    ..NetworkConfig::default()
+                });
+                let o = vm("other");
+                other
+                    .hook(&o, &[], &host, |c| {
+                        Network::with(other.net.clone()).prepare_host(c)
+                    })
+                    .unwrap();
+                let t_other = other.tap_of(&o);
+
+                // The daemon is killed: nothing is torn down. A new one on
+                // the same state dir starts with only `alive` running.
+                let store = Arc::new(Store::open(&d.dir.path().join("banger.db")).unwrap());
+                let restarted = Arc::new(HostNetwork::new(config, store, d.dir.path(), 0));
+                let network2 = Network::with(restarted.clone());
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let running = [RunningVm {
+                    vm: alive.clone(),
+                    vm_dir: d.dir.path().join("vms").join(alive.id.as_str()),
+                }];
+                network2
+                    .daemon_start(&DaemonCtx {
+                        host: &host,
+                        running: &running,
+                        runtime: rt.handle().clone(),
+                    })
+                    .unwrap();
+
+                // The dead VM's tap went; its name may be back, as a fresh
+                // warm tap: every tap of ours is the survivor's or warm.
+                let free = restarted.taps().free();
+                assert_eq!(free.len(), banger_capabilities::network::DEFAULT_WARM);
+                for l in links_with_prefix(restarted.taps().prefix()) {
+                    assert!(l == t_alive || free.contains(&l), "{l} left over");
+                }
+                assert_eq!(restarted.taps().in_use(), [t_alive.clone()]);
+                if link_exists(&dead_link.0) {
+                    assert_ne!(
+                        ifindex(&dead_link.0),
+                        dead_link.1,
+                        "the dead VM's tap was kept"
+                    );
+                }
+                assert!(link_exists(&t_alive) && link_exists(&t_other));
+                let tags = rule_tags();
+                assert!(
+                    !tags.iter().any(|t| t.contains(dead.id.as_str())),
+                    "{tags:?}"
+                );
+                for (v, kind) in [(&alive, "guard"), (&alive, "nat"), (&o, "guard")] {
+                    let tag = format!("banger:{}:{kind}", v.id);
+                    assert!(tags.contains(&tag), "{tag} swept: {tags:?}");
+                }
+                // The survivor's tap is not handed out again.
+                assert!(!restarted.taps().free().contains(&t_alive));
             },
         );
     }

@@ -97,6 +97,18 @@ pub trait HostOps: Send + Sync + fmt::Debug {
         Err(unsupported("remove_guest", vm_id))
     }
 
+    /// The ids of the VMs that have guard or NAT rules in `bridge`'s tables
+    /// (to sweep those no running VM owns).
+    fn list_guest_rules(&self, bridge: &str) -> Result<Vec<String>, HostOpsError> {
+        Err(unsupported("list_guest_rules", bridge))
+    }
+
+    /// The names of the links starting with `prefix` (a daemon's tap prefix,
+    /// at least 4 characters, to sweep taps no running VM holds).
+    fn list_links(&self, prefix: &str) -> Result<Vec<String>, HostOpsError> {
+        Err(unsupported("list_links", prefix))
+    }
+
     /// When systemd-resolved runs, sends queries for `domain` (e.g. `vm`) to
     /// `server` through `link`. Returns whether resolved was there to ask.
     fn route_dns_domain(
@@ -278,6 +290,15 @@ impl HostOps for InProcessHostOps {
         crate::net::nft::remove_guest(vm_id)
     }
 
+    fn list_guest_rules(&self, bridge: &str) -> Result<Vec<String>, HostOpsError> {
+        crate::net::nft::vms_with_rules(bridge)
+    }
+
+    fn list_links(&self, prefix: &str) -> Result<Vec<String>, HostOpsError> {
+        validate_link_prefix("list_links", prefix)?;
+        crate::net::netlink::links_with_prefix(prefix)
+    }
+
     fn route_dns_domain(
         &self,
         link: &str,
@@ -323,6 +344,19 @@ fn validate_domain(op: &'static str, domain: &str) -> Result<(), HostOpsError> {
         Err(HostOpsError::InvalidArgument {
             op,
             why: format!("{domain:?} is not a DNS domain (dot-separated labels of [a-z0-9-])"),
+        })
+    }
+}
+
+/// A link-name prefix narrow enough to name one daemon's links: 4-14 of
+/// the characters interface names allow.
+fn validate_link_prefix(op: &'static str, prefix: &str) -> Result<(), HostOpsError> {
+    if (4..libc::IFNAMSIZ - 1).contains(&prefix.len()) && banger_api::net::is_valid_ifname(prefix) {
+        Ok(())
+    } else {
+        Err(HostOpsError::InvalidArgument {
+            op,
+            why: format!("{prefix:?} is not a link prefix (4-14 of [A-Za-z0-9._-])"),
         })
     }
 }
@@ -443,6 +477,18 @@ impl HostOps for RecordingHostOps {
     fn remove_guest(&self, vm_id: &str) -> Result<(), HostOpsError> {
         self.record(format!("remove_guest {vm_id}"));
         Ok(())
+    }
+
+    /// Answers that no VM has rules.
+    fn list_guest_rules(&self, bridge: &str) -> Result<Vec<String>, HostOpsError> {
+        validate_ifname("list_guest_rules", bridge)?;
+        Ok(Vec::new())
+    }
+
+    /// Answers that no link has the prefix.
+    fn list_links(&self, prefix: &str) -> Result<Vec<String>, HostOpsError> {
+        validate_link_prefix("list_links", prefix)?;
+        Ok(Vec::new())
     }
 
     fn route_dns_domain(

@@ -258,3 +258,21 @@ pub(crate) fn other_bridge_subnets(except: &str) -> Result<Vec<Cidr>, HostOpsErr
         Ok(out)
     })
 }
+
+/// Names of the links whose name starts with `prefix`.
+pub(crate) fn links_with_prefix(prefix: &str) -> Result<Vec<String>, HostOpsError> {
+    with_handle("list_links", prefix, async |h: Handle| {
+        let mut out = Vec::new();
+        let mut links = h.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(io_error)? {
+            for attr in &msg.attributes {
+                if let LinkAttribute::IfName(n) = attr {
+                    if n.starts_with(prefix) {
+                        out.push(n.clone());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    })
+}

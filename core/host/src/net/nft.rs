@@ -448,6 +448,34 @@ fn remove_tagged(op: &'static str, vm_id: &str, tag: &str) -> Result<(), HostOps
     Ok(())
 }
 
+/// The ids of the VMs with guard or NAT rules in `bridge`'s tables.
+pub(crate) fn vms_with_rules(bridge: &str) -> Result<Vec<String>, HostOpsError> {
+    const OP: &str = "list_guest_rules";
+    validate_ifname(OP, bridge)?;
+    let t = table_for(bridge);
+    let mut rules = our_rules("ip").map_err(|e| failed(OP, bridge, e))?;
+    rules.extend(our_rules("bridge").map_err(|e| failed(OP, bridge, e))?);
+    let mut ids: Vec<String> = rules
+        .iter()
+        .filter(|r| r.table == t)
+        .filter_map(|r| vm_of_tag(&r.comment))
+        .map(String::from)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The VM id in a `banger:<vm_id>:guard|nat` tag.
+pub(crate) fn vm_of_tag(tag: &str) -> Option<&str> {
+    let rest = tag.strip_prefix("banger:")?;
+    let id = rest
+        .strip_suffix(":guard")
+        .or_else(|| rest.strip_suffix(":nat"))?;
+    validate_vm_id("list_guest_rules", id).ok()?;
+    Some(id)
+}
+
 /// Deletes the VM's guard rules; none is not an error.
 pub(crate) fn remove_guest(vm_id: &str) -> Result<(), HostOpsError> {
     const OP: &str = "remove_guest";
@@ -590,6 +618,21 @@ mod tests {
             assert!(validate_vm_id("t", bad).is_err(), "{bad}");
         }
         assert!(validate_vm_id("t", "0123abcd").is_ok());
+    }
+
+    #[test]
+    fn vm_ids_come_only_from_vm_tags() {
+        assert_eq!(vm_of_tag("banger:0123abcd:guard"), Some("0123abcd"));
+        assert_eq!(vm_of_tag("banger:0123abcd:nat"), Some("0123abcd"));
+        for other in [
+            "banger:base:v3",
+            "banger:x y:nat",
+            "banger:abc",
+            "",
+            "other:abc:nat",
+        ] {
+            assert_eq!(vm_of_tag(other), None, "{other}");
+        }
     }
 
     #[test]
