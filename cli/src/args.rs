@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use banger_api::model::{self, ByteSize, CapChoice, VmName};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::ArgValueCandidates;
 
 /// banger: disposable Linux microVM sandboxes.
 #[derive(Debug, Parser)]
@@ -54,7 +55,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print a shell completion script.
+    /// Print the shell code for live completions (VM, image, kernel and
+    /// capability names from the running daemon); see docs/completion.md.
     Completion {
         /// The shell.
         shell: Shell,
@@ -70,6 +72,8 @@ pub enum Shell {
     Zsh,
     /// fish.
     Fish,
+    /// PowerShell.
+    Powershell,
 }
 
 /// `banger ssh-config` flags.
@@ -133,7 +137,7 @@ pub enum VmCommand {
     /// Show everything about one VM.
     Show {
         /// VM name.
-        #[arg(value_parser = parse_name)]
+        #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
         name: String,
         /// Print JSON.
         #[arg(long)]
@@ -142,7 +146,7 @@ pub enum VmCommand {
     /// Show a running VM's CPU and memory use.
     Stats {
         /// VM name.
-        #[arg(value_parser = parse_name)]
+        #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
         name: String,
         /// Print JSON.
         #[arg(long)]
@@ -151,7 +155,7 @@ pub enum VmCommand {
     /// List the guest's listening ports (through its agent).
     Ports {
         /// VM name.
-        #[arg(value_parser = parse_name)]
+        #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
         name: String,
         /// Print JSON.
         #[arg(long)]
@@ -163,7 +167,7 @@ pub enum VmCommand {
     /// first use); the VM needs the `vsock-agent` and `network` capabilities.
     Ssh {
         /// VM name.
-        #[arg(value_parser = parse_name)]
+        #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
         name: String,
         /// Print the ssh command line (shell-quoted, one line) instead of
         /// running it; its known_hosts file is written either way.
@@ -179,7 +183,7 @@ pub enum VmCommand {
     /// Print a VM's serial console log.
     Logs {
         /// VM name.
-        #[arg(value_parser = parse_name)]
+        #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
         name: String,
         /// Keep printing new output until interrupted.
         #[arg(short, long)]
@@ -192,14 +196,14 @@ pub enum VmCommand {
 pub struct CreateArgs {
     /// Image to create the VM from (`banger image list`). Default: the image
     /// catalog's default image, pulled with its kernel when missing.
-    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::images))]
     pub image: Option<String>,
     /// Root filesystem image to bring instead of an image; the VM gets its own copy.
     #[arg(long, value_name = "PATH", conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
     /// Kernel by name (`banger kernel list --available`), pulled if missing.
     /// Default: the image's kernel, else the catalog's default kernel.
-    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, conflicts_with = "kernel")]
+    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, conflicts_with = "kernel", add = ArgValueCandidates::new(crate::complete::kernels))]
     pub kernel_ref: Option<String>,
     /// Kernel image to bring (uncompressed vmlinux).
     #[arg(long, value_name = "PATH")]
@@ -214,7 +218,7 @@ pub struct CreateArgs {
     #[command(flatten)]
     pub shape: ShapeArgs,
     /// Capability choice: NAME, NAME:key=value,... or -NAME (repeatable).
-    #[arg(long = "cap", value_name = "CAP", value_parser = parse_cap, allow_hyphen_values = true)]
+    #[arg(long = "cap", value_name = "CAP", value_parser = parse_cap, allow_hyphen_values = true, add = ArgValueCandidates::new(crate::complete::caps))]
     pub caps: Vec<String>,
     /// Give the VM outbound internet through the host (same as `--cap nat`).
     #[arg(long)]
@@ -242,13 +246,13 @@ pub struct RunArgs {
     pub name: Option<String>,
     /// Image to create the VM from (default: the catalog's default image,
     /// pulled if missing).
-    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+    #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::images))]
     pub image: Option<String>,
     /// Shape flags shared with `vm create`.
     #[command(flatten)]
     pub shape: ShapeArgs,
     /// Capability choice: NAME, NAME:key=value,... or -NAME (repeatable).
-    #[arg(long = "cap", value_name = "CAP", value_parser = parse_cap, allow_hyphen_values = true)]
+    #[arg(long = "cap", value_name = "CAP", value_parser = parse_cap, allow_hyphen_values = true, add = ArgValueCandidates::new(crate::complete::caps))]
     pub caps: Vec<String>,
     /// Give the VM outbound internet through the host (same as `--cap nat`).
     #[arg(long)]
@@ -327,7 +331,7 @@ pub struct ShapeArgs {
 #[command(group = clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpu", "memory", "disk_size"]))]
 pub struct SetArgs {
     /// VM names (or ID prefixes); each is changed in turn.
-    #[arg(required = true, value_name = "NAME", value_parser = parse_name)]
+    #[arg(required = true, value_name = "NAME", value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
     pub names: Vec<String>,
     /// New shape.
     #[command(flatten)]
@@ -339,7 +343,7 @@ pub struct SetArgs {
 pub struct NamesArgs {
     /// VM names or unique ID prefixes; each is handled concurrently and
     /// reported in this order (a VM named twice is handled once).
-    #[arg(required = true, value_name = "NAME", value_parser = parse_name)]
+    #[arg(required = true, value_name = "NAME", value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
     pub names: Vec<String>,
 }
 
@@ -358,7 +362,7 @@ pub enum ImageCommand {
     /// Show one image, with its rootfs and kernel paths.
     Show {
         /// Image name.
-        #[arg(value_parser = parse_artifact_name)]
+        #[arg(value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::images))]
         name: String,
         /// Print JSON.
         #[arg(long)]
@@ -367,7 +371,7 @@ pub enum ImageCommand {
     /// Delete images (refused while a VM was created from one).
     Delete {
         /// Image names.
-        #[arg(required = true, value_parser = parse_artifact_name)]
+        #[arg(required = true, value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::images))]
         names: Vec<String>,
     },
     /// Register an existing root image in place (banger will not own its files).
@@ -380,7 +384,7 @@ pub enum ImageCommand {
         #[arg(long, value_name = "PATH")]
         rootfs: PathBuf,
         /// Kernel by name (`banger kernel list`).
-        #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+        #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::kernels))]
         kernel_ref: Option<String>,
         /// Kernel file.
         #[arg(long, value_name = "PATH")]
@@ -392,7 +396,7 @@ pub enum ImageCommand {
     /// Copy a registered image into banger's state so it owns the files.
     Promote {
         /// Image name.
-        #[arg(value_parser = parse_artifact_name)]
+        #[arg(value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::images))]
         name: String,
     },
     /// Build a catalog image on this host from its recipe (mmdebstrap from
@@ -413,7 +417,7 @@ pub enum ImageCommand {
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         size: Option<String>,
         /// Kernel for VMs made from it (default: the kernel catalog's default).
-        #[arg(long, value_name = "NAME", value_parser = parse_artifact_name)]
+        #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::kernels))]
         kernel_ref: Option<String>,
     },
     /// Manage the OCI layer cache.
@@ -443,7 +447,7 @@ pub enum KernelCommand {
     /// Show one local kernel.
     Show {
         /// Kernel name.
-        #[arg(value_parser = parse_artifact_name)]
+        #[arg(value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::kernels))]
         name: String,
         /// Print JSON.
         #[arg(long)]
@@ -452,7 +456,7 @@ pub enum KernelCommand {
     /// Remove local kernels (refused while a VM boots from one).
     Rm {
         /// Kernel names.
-        #[arg(required = true, value_parser = parse_artifact_name)]
+        #[arg(required = true, value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::kernels))]
         names: Vec<String>,
     },
     /// Import a kernel from a directory (vmlinux, optional initrd and modules).
@@ -605,7 +609,7 @@ pub enum WorkspaceCommand {
 #[derive(Debug, Args)]
 pub struct PrepareArgs {
     /// VM name.
-    #[arg(value_parser = parse_name)]
+    #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
     pub name: String,
     /// A path inside the repository.
     #[arg(default_value = ".")]
@@ -632,7 +636,7 @@ pub struct PrepareArgs {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// VM name.
-    #[arg(value_parser = parse_name)]
+    #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
     pub name: String,
     /// Diff against this commit instead of the one recorded at prepare time.
     #[arg(long, value_name = "SHA", value_parser = parse_sha)]
@@ -1007,7 +1011,13 @@ mod tests {
                 Command::Completion { shell } if shell == want
             ));
         }
-        usage_error(&["completion", "powershell"]);
+        assert!(matches!(
+            parse(&["completion", "powershell"]).unwrap().command,
+            Command::Completion {
+                shell: Shell::Powershell
+            }
+        ));
+        usage_error(&["completion", "tcsh"]);
         usage_error(&["vm", "frobnicate"]);
     }
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod artifacts;
+mod complete;
 mod daemon;
 mod doctor;
 mod ordered;
@@ -22,13 +23,15 @@ use banger_api::api::VersionInfo;
 use banger_api::paths::Paths;
 use clap::CommandFactory;
 
-use crate::args::{CapCommand, Cli, Command, DaemonCommand, Shell, VmCommand};
+use crate::args::{CapCommand, Cli, Command, DaemonCommand, VmCommand};
 use crate::vm::Verb;
 
 /// `daemon status` exit code when bangerd is not running.
 const EXIT_NOT_RUNNING: u8 = 3;
 
 fn main() -> ExitCode {
+    // `COMPLETE=SHELL banger ...`: a tab press; answers and exits.
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let cli = {
         use clap::FromArgMatches;
         let matches = args::command_with_resolved_defaults(Cli::command()).get_matches();
@@ -59,12 +62,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Completion { shell } => {
-            let shell = match shell {
-                Shell::Bash => clap_complete::Shell::Bash,
-                Shell::Zsh => clap_complete::Shell::Zsh,
-                Shell::Fish => clap_complete::Shell::Fish,
-            };
-            clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
+            complete::registration(shell, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Version { json } => version(json).await,

@@ -362,4 +362,66 @@ mod tests {
             .failed();
         assert!(out.stderr.contains("nope"), "{out:?}");
     }
+
+    /// What `banger` completes for the last of `words`, as `shell` asks.
+    fn complete(env: &mut BangerEnv, shell: &str, words: &[&str]) -> Vec<String> {
+        env.set_env("COMPLETE", shell);
+        // bash and zsh pass the cursor's word index; fish and powershell
+        // complete the last word.
+        env.set_env("_CLAP_COMPLETE_INDEX", &(words.len() - 1).to_string());
+        let mut args = vec!["--"];
+        args.extend_from_slice(words);
+        let out = env.banger(&args).ok();
+        // An empty COMPLETE turns completion mode off again.
+        env.set_env("COMPLETE", "");
+        out.stdout
+            .split(['\n', '\u{b}'])
+            // fish: `value\thelp`, zsh: `value:help`.
+            .map(|l| l.split(['\t', ':']).next().unwrap_or_default().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn tab_completes_vm_image_kernel_and_capability_names_from_the_daemon() {
+        let mut env = BangerEnv::new();
+        let (k, r) = env.boot_files();
+        env.create("web-1", &["--no-start"]).ok();
+        env.create("db-2", &["--no-start"]).ok();
+        env.banger(&[
+            "image",
+            "register",
+            "--name",
+            "mine",
+            "--rootfs",
+            r.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+        ])
+        .ok();
+        for shell in ["bash", "zsh", "fish", "powershell"] {
+            let got = complete(&mut env, shell, &["banger", "vm", "show", ""]);
+            for want in ["web-1", "db-2"] {
+                assert!(
+                    got.iter().any(|g| g == want),
+                    "{shell}: {want} not in {got:?}"
+                );
+            }
+            // Several names: every one completes.
+            let got = complete(&mut env, shell, &["banger", "vm", "stop", "web-1", "d"]);
+            assert_eq!(got, ["db-2"], "{shell}");
+        }
+        let got = complete(&mut env, "bash", &["banger", "vm", "create", "--image", ""]);
+        assert_eq!(got, ["mine"]);
+        let got = complete(&mut env, "bash", &["banger", "vm", "run", "--cap", "wor"]);
+        assert_eq!(got, ["work-disk"]);
+
+        // No daemon: nothing, at once, and it is not started.
+        env.banger(&["daemon", "stop"]).ok();
+        let t = std::time::Instant::now();
+        let got = complete(&mut env, "bash", &["banger", "vm", "show", ""]);
+        assert!(!got.iter().any(|g| g == "web-1"), "{got:?}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(3));
+        assert_eq!(env.daemon_pid(), None);
+    }
 }

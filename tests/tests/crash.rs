@@ -358,60 +358,6 @@ mod tests {
         assert_eq!(env.show(VM).record.state, VmState::Error);
     }
 
-    #[test]
-    fn a_qemu_vsock_backend_left_by_a_crash_before_qemu_started_is_killed() {
-        let env = KillsLeftovers(BangerEnv::new());
-        let env = &env.0;
-        // Never launched, so no QEMU is needed: only the backend's record.
-        env.create(VM, &["--vmm", "qemu", "--no-start"]).ok();
-        let vm = env.show(VM);
-        kill_daemon(env);
-
-        struct Reaped(std::process::Child);
-        impl Drop for Reaped {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        let mut backend = Reaped(
-            std::process::Command::new("sleep")
-                .arg("300")
-                .spawn()
-                .unwrap(),
-        );
-        let pid = backend.0.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let start_time: u64 = stat[stat.rfind(')').unwrap() + 1..]
-            .split_whitespace()
-            .nth(19)
-            .unwrap()
-            .parse()
-            .unwrap();
-        let record = env.root().join(format!(
-            "run/banger/vms/{}.sock.vsock-backend.json",
-            vm.record.id
-        ));
-        std::fs::create_dir_all(record.parent().unwrap()).unwrap();
-        std::fs::write(
-            &record,
-            serde_json::json!({
-                "pid": pid,
-                "start_time": start_time,
-                "uds_path": vm.dir.join("v.sock"),
-            })
-            .to_string(),
-        )
-        .unwrap();
-
-        // The next daemon's reconcile kills it (pid and start time match).
-        assert_eq!(check_settled(env).unwrap(), "created");
-        wait_until(Duration::from_secs(10), "the backend is killed", || {
-            backend.0.try_wait().unwrap().is_some()
-        });
-        assert!(!record.exists(), "its record stays");
-    }
-
     /// Runs `statement` on the state database with the sqlite3 CLI.
     fn sql(db: &Path, statement: &str) {
         let status = std::process::Command::new("sqlite3")
