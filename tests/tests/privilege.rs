@@ -427,6 +427,158 @@ tap_prefix = "bgdmnt"
         );
     }
 
+    /// A banger installation run as `DAEMON_UID`: a [`test_infra::BangerEnv`]
+    /// chowned to it, with copies of the binaries it can reach (the build
+    /// tree under /root is closed to other users).
+    struct UserEnv {
+        env: test_infra::BangerEnv,
+        helper_socket: PathBuf,
+    }
+
+    impl UserEnv {
+        fn new(network: &str) -> UserEnv {
+            let env = test_infra::BangerEnv::new();
+            let r = env.root().to_path_buf();
+            let bin = r.join("bin");
+            std::fs::create_dir(&bin).unwrap();
+            for b in ["banger", "bangerd", "fake-firecracker"] {
+                std::fs::copy(workspace_bin(b), bin.join(b)).unwrap();
+                chmod(&bin.join(b), 0o755);
+            }
+            std::fs::write(
+                r.join("config/banger/config.toml"),
+                format!(
+                    "firecracker_bin = {:?}\nvmm = \"firecracker\"\nstop_timeout_secs = 3\n\
+                     default_caps = [\"work-disk\", \"network\"]\n{network}\n",
+                    bin.join("fake-firecracker").display().to_string()
+                ),
+            )
+            .unwrap();
+            env.boot_files();
+            let out = Command::new("chown")
+                .args(["-R", &format!("{DAEMON_UID}:{DAEMON_UID}")])
+                .arg(&r)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            std::os::unix::fs::chown(&bin, Some(0), Some(0)).unwrap();
+            UserEnv {
+                env,
+                helper_socket: PathBuf::from("/nonexistent/helper.sock"),
+            }
+        }
+
+        /// `banger ARGS` as the unprivileged user: (exit code, stdout+stderr).
+        fn banger(&self, args: &[&str]) -> (i32, String) {
+            let r = self.env.root();
+            let out = Command::new(r.join("bin/banger"))
+                .args(args)
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("HOME", r.join("home"))
+                .env("XDG_CONFIG_HOME", r.join("config"))
+                .env("XDG_STATE_HOME", r.join("state"))
+                .env("XDG_CACHE_HOME", r.join("cache"))
+                .env("XDG_RUNTIME_DIR", r.join("run"))
+                .env("BANGER_DAEMON_BIN", r.join("bin/bangerd"))
+                .env("FAKE_FC_RECORD", r.join("fc-calls.jsonl"))
+                .env("BANGER_HELPER_SOCKET", &self.helper_socket)
+                .stdin(Stdio::null())
+                .uid(DAEMON_UID)
+                .gid(DAEMON_UID)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.code().unwrap_or(-1), text)
+        }
+
+        fn create(&self, name: &str) -> (i32, String) {
+            let (k, r) = self.env.boot_files();
+            let (k, r) = (k.display().to_string(), r.display().to_string());
+            self.banger(&[
+                "vm",
+                "create",
+                "--name",
+                name,
+                "--kernel",
+                &k,
+                "--rootfs",
+                &r,
+                "--disk-size",
+                "64M",
+            ])
+        }
+    }
+
+    /// A tap's owner, from `ip -d` (a user name, or the uid as a number).
+    fn tap_owner(tap: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["-d", "-j", "link", "show", "dev", tap])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let user = &v[0]["linkinfo"]["info_data"]["user"];
+        user.as_str()
+            .map(str::to_string)
+            .or_else(|| user.as_u64().map(|u| u.to_string()))
+    }
+
+    #[test]
+    fn an_unprivileged_daemon_runs_networked_vms_only_through_the_helper() {
+        in_netns(
+            "an_unprivileged_daemon_runs_networked_vms_only_through_the_helper",
+            || {
+                let network = "[network]\nbridge = \"bgunpr0\"\nsubnet = \"10.79.0.0/24\"";
+                let mut user = UserEnv::new(network);
+                // No helper: the VM fails at the network step, with the fix.
+                let (code, text) = user.create("web");
+                assert_ne!(code, 0, "{text}");
+                assert!(text.contains("prepare_host"), "{text}");
+                assert!(text.contains("sudo banger system install"), "{text}");
+                assert!(!links().contains(&"bgunpr0".to_string()));
+                let (code, text) = user.banger(&["daemon", "stop"]);
+                assert_eq!(code, 0, "{text}");
+
+                // With the helper granting this user its names, the same works.
+                let state = user.env.root().join("state/banger");
+                let prefix = derived_network(&state).tap_prefixes[0].clone();
+                let helper = start_helper(&format!(
+                    "[[users]]\nname = \"{DAEMON_UID}\"\nbridge = \"bgunpr0\"\nsubnet = \"10.79.0.0/24\"\ntap_prefix = \"{prefix}\"\n"
+                ));
+                chmod(helper.socket.parent().unwrap(), 0o755);
+                chmod(&helper.socket, 0o666);
+                user.helper_socket = helper.socket.clone();
+                let (code, text) = user.create("web2");
+                assert_eq!(code, 0, "{text}");
+                let pid = std::fs::read_to_string(user.env.root().join("run/banger/bangerd.pid"))
+                    .unwrap();
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+                let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+                assert!(
+                    uid_line.split_whitespace().nth(1) == Some(&DAEMON_UID.to_string()),
+                    "the daemon is not unprivileged: {uid_line}"
+                );
+                assert_eq!(addresses("bgunpr0"), ["10.79.0.1/24"]);
+                let tap = format!("{prefix}0");
+                assert!(links().contains(&tap), "{:?}", links());
+                let daemon_user = nix::unistd::User::from_uid(DAEMON_UID.into())
+                    .unwrap()
+                    .map_or(DAEMON_UID.to_string(), |u| u.name);
+                let owner = tap_owner(&tap);
+                assert_eq!(owner, Some(daemon_user), "the VM's tap is the user's");
+                let (code, text) = user.banger(&["vm", "delete", "web2"]);
+                assert_eq!(code, 0, "{text}");
+                let (code, text) = user.banger(&["daemon", "stop"]);
+                assert_eq!(code, 0, "{text}");
+            },
+        );
+    }
+
     /// A `bangerd` environment in a temp dir: HOME and XDG dirs.
     fn bangerd(root: &Path) -> Command {
         let mut c = Command::new(workspace_bin("bangerd"));
