@@ -106,7 +106,9 @@ fn timeout(opts: &Options, config: &Config) -> Duration {
 /// `banger-agent` next to the daemon, else `PATH`.
 fn agent_bin(opts: &Options, config: &Config) -> Result<PathBuf, CapError> {
     match &opts.agent {
-        Some(p) => Ok(p.clone()),
+        Some(p) => banger_api::config::check_static_agent(p)
+            .map(|()| p.clone())
+            .map_err(|e| CapError::with("Cannot use the guest agent given with agent=", e)),
         None => config
             .agent_bin()
             .map_err(|e| CapError::with("Cannot find the guest agent (or use --cap vsock-agent:agent=/path/to/banger-agent)", e)),

@@ -181,6 +181,9 @@ impl BangerEnv {
             .env("XDG_RUNTIME_DIR", r.join("run"))
             .env("BANGER_DAEMON_BIN", workspace_bin("bangerd"))
             .env("FAKE_FC_RECORD", self.record_file())
+            // The fake firecracker boots nothing: cargo's dynamically linked
+            // agent is fine there (a test may unset this with set_env).
+            .env(banger_api::config::ANY_AGENT_ENV, "1")
             .stdin(std::process::Stdio::null());
         for (k, v) in &self.extra_env {
             c.env(k, v);

@@ -77,6 +77,29 @@ pub enum ConfigError {
         /// The config file to edit.
         path: PathBuf,
     },
+    /// The agent binary is dynamically linked: as the guest's `/init` it
+    /// runs before any shared library exists.
+    #[error(
+        "{} is a dynamically linked banger-agent (it asks for the loader {interpreter}); as the guest's /init it runs before any library exists and the guest would panic \"No working init found\". Build the static agent with scripts/build-agent and set agent_bin to the file it writes (or install it next to bangerd)",
+        bin.display()
+    )]
+    AgentNotStatic {
+        /// The agent binary.
+        bin: PathBuf,
+        /// Its `PT_INTERP`, the dynamic loader it asks for.
+        interpreter: String,
+    },
+    /// The agent binary is not an ELF executable banger can check.
+    #[error(
+        "{} is not a banger-agent executable ({reason}); build the static agent with scripts/build-agent and point agent_bin at it",
+        bin.display()
+    )]
+    AgentNotElf {
+        /// The agent binary.
+        bin: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The configured Firecracker binary is not an executable file.
     #[error(
         "firecracker_bin {} (set in {}) is not an executable file: fix the path or remove the key to search PATH",
@@ -603,19 +626,24 @@ impl Config {
         }
     }
 
-    /// The guest agent binary: the configured one, else `banger-agent` next
-    /// to the running executable, else the first on `PATH`.
+    /// The guest agent binary: the configured one, else the one
+    /// [`default_agent_bin`] finds; refused unless statically linked
+    /// ([`check_static_agent`]).
     pub fn agent_bin(&self) -> Result<PathBuf, ConfigError> {
-        match &self.agent_bin {
-            Some(bin) if bin.is_file() => Ok(bin.clone()),
-            Some(bin) => Err(ConfigError::AgentNotFound {
-                bin: bin.clone(),
-                path: self.path.clone(),
-            }),
+        let bin = match &self.agent_bin {
+            Some(bin) if bin.is_file() => bin.clone(),
+            Some(bin) => {
+                return Err(ConfigError::AgentNotFound {
+                    bin: bin.clone(),
+                    path: self.path.clone(),
+                });
+            }
             None => default_agent_bin().ok_or_else(|| ConfigError::AgentNotOnPath {
                 path: self.path.clone(),
-            }),
-        }
+            })?,
+        };
+        check_static_agent(&bin)?;
+        Ok(bin)
     }
 
     /// How the qemu backend runs: configured binaries, else the first on
@@ -701,21 +729,156 @@ pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 60;
 /// File name of the guest agent binary.
 pub const AGENT_BIN_NAME: &str = "banger-agent";
 
-/// `banger-agent` next to the running executable (installs put `bangerd` and
-/// the agent side by side), else the first one on `PATH`.
-pub fn default_agent_bin() -> Option<PathBuf> {
-    let beside = std::env::current_exe()
+/// Set (non-empty) in the daemon's environment, any file is taken as the
+/// agent, linked statically or not: for tests whose fake VMM never boots
+/// it. Never needed otherwise.
+pub const ANY_AGENT_ENV: &str = "BANGER_TEST_ANY_AGENT";
+
+fn any_agent_allowed() -> bool {
+    std::env::var_os(ANY_AGENT_ENV).is_some_and(|v| !v.is_empty())
+}
+
+/// The `banger-agent` files that may be the agent, in order: next to the
+/// running executable (installs put `bangerd` and the agent side by side),
+/// one directory up (where `scripts/build-agent` writes the static agent
+/// when the daemon runs from `target/<profile>/`), then on `PATH`.
+fn agent_candidates() -> Vec<PathBuf> {
+    let exe_dir = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join(AGENT_BIN_NAME)))
-        .filter(|p| p.is_file());
-    beside.or_else(|| {
-        std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .filter(|d| d.is_absolute())
-                .map(|d| d.join(AGENT_BIN_NAME))
-                .find(|p| p.is_file())
-        })
-    })
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let near = exe_dir.iter().flat_map(|d| {
+        [
+            Some(d.join(AGENT_BIN_NAME)),
+            d.parent().map(|up| up.join(AGENT_BIN_NAME)),
+        ]
+    });
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.is_absolute())
+        .map(|d| Some(d.join(AGENT_BIN_NAME)));
+    near.chain(on_path)
+        .flatten()
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+/// The agent used when `agent_bin` is not set: the first statically linked
+/// one of [`agent_candidates`], so a daemon run from the build directory
+/// takes `scripts/build-agent`'s agent over cargo's dynamically linked
+/// `target/<profile>/banger-agent`; failing that, the first one found
+/// (which [`check_static_agent`] then refuses, naming it).
+pub fn default_agent_bin() -> Option<PathBuf> {
+    let found = agent_candidates();
+    if !any_agent_allowed() {
+        if let Some(p) = found
+            .iter()
+            .find(|p| matches!(elf_interpreter(p), Ok(None)))
+        {
+            return Some(p.clone());
+        }
+    }
+    found.into_iter().next()
+}
+
+/// Refuses an agent that is not a statically linked ELF executable (one
+/// with a `PT_INTERP` program header asks for a dynamic loader, which an
+/// initramfs does not have). [`ANY_AGENT_ENV`] turns the check off.
+pub fn check_static_agent(bin: &Path) -> Result<(), ConfigError> {
+    if any_agent_allowed() {
+        return Ok(());
+    }
+    match elf_interpreter(bin) {
+        Ok(None) => Ok(()),
+        Ok(Some(interpreter)) => Err(ConfigError::AgentNotStatic {
+            bin: bin.to_path_buf(),
+            interpreter,
+        }),
+        Err(e) => Err(ConfigError::AgentNotElf {
+            bin: bin.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// ELF program header type of the dynamic loader's path.
+const PT_INTERP: u32 = 3;
+
+/// The dynamic loader an ELF executable asks for (its `PT_INTERP`), or
+/// `None` for a static one. Reads the ELF and program headers only.
+pub fn elf_interpreter(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::{Error, ErrorKind, Read, Seek, SeekFrom};
+    let bad = |what: &str| Error::new(ErrorKind::InvalidData, what.to_string());
+    let mut f = std::fs::File::open(path)?;
+    let mut ident = [0u8; 64];
+    let n = f.read(&mut ident)?;
+    if n < 52 || ident[..4] != *b"\x7fELF" {
+        return Err(bad("not an ELF file"));
+    }
+    let wide = match ident[4] {
+        1 => false,
+        2 => true,
+        _ => return Err(bad("unknown ELF class")),
+    };
+    let le = match ident[5] {
+        1 => true,
+        2 => false,
+        _ => return Err(bad("unknown ELF byte order")),
+    };
+    let uint = |b: &[u8]| -> u64 {
+        let mut v = 0u64;
+        for (i, byte) in b.iter().enumerate() {
+            let shift = if le { i } else { b.len() - 1 - i };
+            v |= u64::from(*byte) << (8 * shift);
+        }
+        v
+    };
+    if wide && n < 64 {
+        return Err(bad("truncated ELF header"));
+    }
+    let (phoff, phentsize, phnum) = if wide {
+        (
+            uint(&ident[0x20..0x28]),
+            uint(&ident[0x36..0x38]),
+            uint(&ident[0x38..0x3a]),
+        )
+    } else {
+        (
+            uint(&ident[0x1c..0x20]),
+            uint(&ident[0x2a..0x2c]),
+            uint(&ident[0x2c..0x2e]),
+        )
+    };
+    // p_offset and p_filesz of a program header.
+    let (off_at, size_at) = if wide {
+        (8..16, 32..40)
+    } else {
+        (4..8, 16..20)
+    };
+    if phentsize < size_at.end as u64 || phnum > 4096 {
+        return Err(bad("bad program header table"));
+    }
+    let mut table = vec![0u8; (phentsize * phnum) as usize];
+    f.seek(SeekFrom::Start(phoff))?;
+    f.read_exact(&mut table)
+        .map_err(|_| bad("truncated program header table"))?;
+    for ph in table.chunks_exact(phentsize as usize) {
+        if uint(&ph[0..4]) != u64::from(PT_INTERP) {
+            continue;
+        }
+        let (off, size) = (uint(&ph[off_at.clone()]), uint(&ph[size_at.clone()]));
+        if size == 0 || size > 4096 {
+            return Err(bad("bad PT_INTERP size"));
+        }
+        let mut interp = vec![0u8; size as usize];
+        f.seek(SeekFrom::Start(off))?;
+        f.read_exact(&mut interp)
+            .map_err(|_| bad("truncated PT_INTERP"))?;
+        let text = String::from_utf8_lossy(&interp);
+        return Ok(Some(text.trim_end_matches('\0').to_string()));
+    }
+    Ok(None)
 }
 
 /// One `default_caps` entry. Removals (`-NAME`) mean nothing in a default set.
@@ -1545,6 +1708,22 @@ mod tests {
     }
 
     #[test]
+    fn default_image_name_is_an_image_name() {
+        let cfg = parse("default_image_name = \"debian-bookworm\"\n").unwrap();
+        assert_eq!(cfg.default_image_name.as_deref(), Some("debian-bookworm"));
+        assert_eq!(parse("").unwrap().default_image_name, None);
+        let e = parse("default_image_name = \"../x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("default_image_name") && e.contains("line 1"),
+            "{e}"
+        );
+        let e = parse("default_image_name = 3\n").unwrap_err().to_string();
+        assert!(e.contains("must be a string"), "{e}");
+    }
+
+    #[test]
     fn parses_every_key() {
         let cfg = parse(
             r#"
@@ -1710,22 +1889,6 @@ disk_size = "20G"
     }
 
     #[test]
-    fn default_image_name_is_an_image_name() {
-        let cfg = parse("default_image_name = \"debian-bookworm\"\n").unwrap();
-        assert_eq!(cfg.default_image_name.as_deref(), Some("debian-bookworm"));
-        assert_eq!(parse("").unwrap().default_image_name, None);
-        let e = parse("default_image_name = \"../x\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("default_image_name") && e.contains("line 1"),
-            "{e}"
-        );
-        let e = parse("default_image_name = 3\n").unwrap_err().to_string();
-        assert!(e.contains("must be a string"), "{e}");
-    }
-
-    #[test]
     fn syntax_errors_have_a_line() {
         let msg = err("vmm = \"firecracker\"\nstop_timeout_secs = \n");
         assert!(msg.contains("line 2"), "{msg}");
@@ -1783,7 +1946,7 @@ disk_size = "20G"
         assert_eq!(cfg.agent_bin, None);
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("banger-agent");
-        std::fs::write(&bin, b"agent").unwrap();
+        std::fs::write(&bin, elf(true, true, None)).unwrap();
         let cfg = parse(&format!(
             "agent_bin = {:?}\nagent_timeout_secs = 5\n",
             bin.display().to_string()
@@ -1799,6 +1962,134 @@ disk_size = "20G"
         assert!(msg.contains("agent_bin must be an absolute path"), "{msg}");
         let msg = err("agent_timeout_secs = 0\n");
         assert!(msg.contains("invalid agent_timeout_secs 0"), "{msg}");
+    }
+
+    /// A minimal ELF executable: 64- or 32-bit, little- or big-endian,
+    /// with a `PT_LOAD` program header and, given `interp`, a `PT_INTERP`
+    /// one pointing at that loader path.
+    fn elf(wide: bool, le: bool, interp: Option<&str>) -> Vec<u8> {
+        let put = |out: &mut Vec<u8>, v: u64, size: usize| {
+            let bytes = v.to_le_bytes();
+            let mut b = bytes[..size].to_vec();
+            if !le {
+                b.reverse();
+            }
+            out.extend_from_slice(&b);
+        };
+        let (ehsize, phentsize) = if wide { (64u64, 56u64) } else { (52, 32) };
+        let word = if wide { 8 } else { 4 };
+        let phnum = 1 + u64::from(interp.is_some());
+        let interp_off = ehsize + phentsize * phnum;
+        let mut out = b"\x7fELF".to_vec();
+        out.extend_from_slice(&[if wide { 2 } else { 1 }, if le { 1 } else { 2 }, 1]);
+        out.resize(16, 0);
+        put(&mut out, 2, 2); // e_type EXEC
+        put(&mut out, 62, 2); // e_machine
+        put(&mut out, 1, 4); // e_version
+        put(&mut out, 0x40_1000, word); // e_entry
+        put(&mut out, ehsize, word); // e_phoff
+        put(&mut out, 0, word); // e_shoff
+        put(&mut out, 0, 4); // e_flags
+        put(&mut out, ehsize, 2);
+        put(&mut out, phentsize, 2);
+        put(&mut out, phnum, 2);
+        put(&mut out, 0, 2); // e_shentsize
+        put(&mut out, 0, 2); // e_shnum
+        put(&mut out, 0, 2); // e_shstrndx
+        assert_eq!(out.len() as u64, ehsize);
+        let ph = |out: &mut Vec<u8>, kind: u64, off: u64, size: u64| {
+            put(out, kind, 4);
+            if wide {
+                put(out, 5, 4); // p_flags
+            }
+            put(out, off, word); // p_offset
+            put(out, 0x40_0000, word); // p_vaddr
+            put(out, 0x40_0000, word); // p_paddr
+            put(out, size, word); // p_filesz
+            put(out, size, word); // p_memsz
+            if !wide {
+                put(out, 5, 4);
+            }
+            put(out, 0x1000, word); // p_align
+        };
+        if let Some(i) = interp {
+            ph(&mut out, 3, interp_off, i.len() as u64 + 1);
+        }
+        ph(&mut out, 1, 0, 0x100);
+        if let Some(i) = interp {
+            out.extend_from_slice(i.as_bytes());
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn elf_interpreter_reads_pt_interp_in_every_class_and_byte_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bin");
+        for wide in [true, false] {
+            for le in [true, false] {
+                std::fs::write(&f, elf(wide, le, None)).unwrap();
+                assert_eq!(elf_interpreter(&f).unwrap(), None, "wide={wide} le={le}");
+                std::fs::write(&f, elf(wide, le, Some("/lib/ld-test.so.2"))).unwrap();
+                assert_eq!(
+                    elf_interpreter(&f).unwrap().as_deref(),
+                    Some("/lib/ld-test.so.2"),
+                    "wide={wide} le={le}"
+                );
+            }
+        }
+        std::fs::write(&f, b"#!/bin/sh\nexit 0\n").unwrap();
+        let err = elf_interpreter(&f).unwrap_err();
+        assert_eq!(err.to_string(), "not an ELF file");
+        let mut cut = elf(true, true, Some("/lib/ld-test.so.2"));
+        cut.truncate(70);
+        std::fs::write(&f, cut).unwrap();
+        assert!(elf_interpreter(&f).is_err());
+    }
+
+    #[test]
+    fn a_dynamically_linked_agent_is_refused_naming_build_agent() {
+        // The host's own /bin/true is a dynamically linked executable.
+        let bin = Path::new("/bin/true");
+        match elf_interpreter(bin) {
+            Ok(Some(_)) => {}
+            other => {
+                eprintln!(
+                    "SKIP a_dynamically_linked_agent_is_refused_naming_build_agent: /bin/true is not dynamic here ({other:?})"
+                );
+                return;
+            }
+        }
+        let cfg = parse("agent_bin = \"/bin/true\"\n").unwrap();
+        let msg = cfg.agent_bin().unwrap_err().to_string();
+        assert!(
+            msg.contains("/bin/true is a dynamically linked banger-agent"),
+            "{msg}"
+        );
+        assert!(msg.contains("scripts/build-agent"), "{msg}");
+        assert!(msg.contains("ld-linux"), "names the loader: {msg}");
+
+        // scripts/build-agent's agent, a static-pie (PT_DYNAMIC but no
+        // PT_INTERP), when one was built.
+        let built = std::env::var_os("CARGO_TARGET_DIR")
+            .map(|t| Path::new(&t).join(AGENT_BIN_NAME))
+            .filter(|p| p.is_file());
+        match built {
+            Some(p) => check_static_agent(&p).unwrap(),
+            None => {
+                eprintln!("no scripts/build-agent output under CARGO_TARGET_DIR; its check skipped")
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("banger-agent");
+        std::fs::write(&script, b"#!/bin/sh\n").unwrap();
+        let msg = check_static_agent(&script).unwrap_err().to_string();
+        assert!(
+            msg.contains("not a banger-agent executable (not an ELF file)"),
+            "{msg}"
+        );
     }
 
     #[test]
