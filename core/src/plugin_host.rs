@@ -100,6 +100,17 @@ pub enum PluginLoadError {
         /// The plugin's banger-plugin-abi version.
         found: String,
     },
+    /// The plugin speaks another wire version (the JSON inside the ABI).
+    #[error(
+        "Plugin {} speaks plugin wire version {found}, this daemon speaks version {WIRE_VERSION}: rebuild it against banger-plugin-abi {}",
+        path.display(), abi_crate_version()
+    )]
+    WireVersion {
+        /// The plugin file.
+        path: PathBuf,
+        /// The wire version in its manifest.
+        found: u32,
+    },
     /// The plugin's constructor failed.
     #[error("Plugin {} failed to start: {msg}", path.display())]
     Init {
@@ -138,6 +149,7 @@ impl PluginLoadError {
             | PluginLoadError::AbiVersion { path, .. }
             | PluginLoadError::CrateVersion { path, .. }
             | PluginLoadError::Layout { path, .. }
+            | PluginLoadError::WireVersion { path, .. }
             | PluginLoadError::Init { path, .. }
             | PluginLoadError::InvalidManifest { path, .. }
             | PluginLoadError::InvalidName { path, .. } => path,
@@ -212,7 +224,7 @@ pub fn load_plugin(path: &Path) -> Result<Arc<dyn Capability>, PluginLoadError> 
         .into_result()
         .map_err(|msg| PluginLoadError::Init {
             path: path.to_path_buf(),
-            msg: msg.into_string(),
+            msg: one_line(msg.as_str()),
         })?;
     let name = object.name().into_string();
     if !valid_name(&name) {
@@ -237,8 +249,15 @@ fn manifest_of(path: &Path, json: &str) -> Result<Manifest, PluginLoadError> {
         path: path.to_path_buf(),
         why,
     };
-    let m: wire::Manifest =
+    let message: wire::ManifestMessage =
         serde_json::from_str(json).map_err(|e| bad(format!("not manifest JSON: {e}")))?;
+    if message.wire_version() != WIRE_VERSION {
+        return Err(PluginLoadError::WireVersion {
+            path: path.to_path_buf(),
+            found: message.wire_version(),
+        });
+    }
+    let m = message.manifest;
     if let Some(n) = m.requires.iter().chain(&m.after).find(|n| !valid_name(n)) {
         return Err(bad(format!("{n:?} is not a capability name")));
     }
@@ -282,18 +301,43 @@ fn library_error(path: &Path, err: LibraryError) -> PluginLoadError {
             found: actual_version.to_string(),
             expected: expected_version.to_string(),
         },
+        // The library lacks abi_stable's root module symbol: not a plugin.
+        LibraryError::GetSymbolError { symbol, err, .. } => PluginLoadError::Open {
+            path: path.to_path_buf(),
+            detail: one_line(&format!(
+                "it is no banger plugin: it exports no plugin root module (symbol {}: {err}); build plugins with banger_plugin_abi::export_plugin!",
+                String::from_utf8_lossy(&symbol)
+            )),
+        },
         other => PluginLoadError::Open {
             path: path.to_path_buf(),
-            // abi_stable's messages span lines; keep one line per error.
-            detail: other
-                .to_string()
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("; "),
+            detail: one_line(&other.to_string()),
         },
     }
+}
+
+/// Text from a plugin or abi_stable made fit for one log line: its lines
+/// trimmed and joined with "; ", NULs (abi_stable quotes symbol names with
+/// their C terminator) dropped and other control characters shown as
+/// `\u{..}` escapes, so nothing it says can end or rewrite a log line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.chars()
+                .filter(|c| *c != '\0')
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_unicode().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What a hook's thread sends back to the caller while it runs.
@@ -777,6 +821,15 @@ mod tests {
         assert_eq!(err.path(), dir.path().join("libjunk.so"));
         assert!(matches!(err, PluginLoadError::Open { .. }), "{err}");
         assert!(err.to_string().contains("libjunk.so"), "{err}");
+    }
+
+    #[test]
+    fn loader_and_plugin_text_becomes_one_line_without_nul_or_control_characters() {
+        let raw = "Could load symbol:\n\tbanger_root\0\nin library:\n\t/p/lib.so\x1b[2J\r";
+        assert_eq!(
+            one_line(raw),
+            "Could load symbol:; banger_root; in library:; /p/lib.so\\u{1b}[2J"
+        );
     }
 
     #[test]

@@ -385,6 +385,85 @@ mod tests {
         }
     }
 
+    /// A real shared library that is no plugin (this host's libz or libc):
+    /// abi_stable's message about the missing root module symbol spans
+    /// lines and quotes the symbol as the loader saw it (C terminator
+    /// included); the error must be one clean line that says what it is.
+    #[test]
+    fn a_shared_library_that_is_no_plugin_is_reported_on_one_clean_line() {
+        let Some(lib) = [
+            "/lib/x86_64-linux-gnu/libz.so.1",
+            "/lib/x86_64-linux-gnu/libc.so.6",
+        ]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file()) else {
+            eprintln!(
+                "SKIP a_shared_library_that_is_no_plugin_...: no libz/libc in /lib/x86_64-linux-gnu"
+            );
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let so = tmp.path().join("libnot_a_plugin.so");
+        std::fs::copy(lib, &so).unwrap();
+        let err = load_plugin(&so).unwrap_err();
+        assert!(matches!(err, PluginLoadError::Open { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(so.to_str().unwrap()), "{msg}");
+        assert!(
+            msg.contains("it is no banger plugin: it exports no plugin root module"),
+            "{msg:?}"
+        );
+        assert!(
+            !msg.chars().any(char::is_control),
+            "control characters in {msg:?}"
+        );
+    }
+
+    #[test]
+    fn a_plugin_of_another_wire_version_is_refused_at_load() {
+        let path = workspace_cdylib("banger-plugin-wrong-wire");
+        let err = load_plugin(&path).unwrap_err();
+        assert!(
+            matches!(err, PluginLoadError::WireVersion { found: 2, .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        assert!(msg.contains("wire version 2"), "{msg}");
+        assert!(msg.contains("speaks version 1"), "{msg}");
+        assert!(
+            msg.contains("rebuild it against banger-plugin-abi"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn deleting_a_vm_whose_plugin_is_gone_says_to_use_force() {
+        let env = BangerEnv::new();
+        let so = workspace_cdylib("banger-plugin-faulty");
+        let installed = env.plugins_dir().join(so.file_name().unwrap());
+        std::fs::copy(&so, &installed).unwrap();
+        env.create("orphan", &["--cap", "faulty"]).ok();
+        env.banger(&["daemon", "stop"]).ok();
+        std::fs::remove_file(&installed).unwrap();
+
+        let out = env.banger(&["vm", "delete", "orphan"]).failed();
+        // `vm delete` reports per VM ("NAME: error: ...") on stdout.
+        let said = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            said.contains("Capability \"faulty\" is not loaded"),
+            "{out:?}"
+        );
+        assert!(
+            said.contains("`banger vm delete orphan --force`"),
+            "{out:?}"
+        );
+        assert_eq!(env.list().len(), 1, "the VM is kept for a retry");
+        env.banger(&["vm", "delete", "orphan", "--force"]).ok();
+        assert!(env.list().is_empty());
+    }
+
     #[test]
     fn a_v1_plugin_is_refused_naming_the_file_its_version_and_the_supported_one() {
         let path = workspace_cdylib("banger-plugin-v1");

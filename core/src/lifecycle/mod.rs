@@ -382,7 +382,12 @@ impl Lifecycle {
                 Ok(c) => c,
                 Err(e) => {
                     progress.log("warn", &format!("cannot tear down {name}: {e}"));
-                    errors.push(OpError::Invalid(e.to_string()));
+                    // Most often a plugin removed from the plugins directory.
+                    let msg = format!(
+                        "Capability {name:?} is not loaded (is its plugin gone from the plugins directory?), so it cannot undo what it set up for VM {vm}: put the plugin back and retry, or delete the VM anyway with `banger vm delete {vm} --force` (what {name} set up may be left behind). {e}",
+                        vm = vm.name
+                    );
+                    errors.push(OpError::Invalid(msg));
                     continue;
                 }
             };

@@ -208,13 +208,27 @@ macro_rules! export_plugin {
             $crate::sdk::__root_module::<$ty>($abi)
         }
     };
+    // Only for testing the daemon's refusal of foreign wire versions: the
+    // manifest claims wire version `$wire`.
+    (@with_wire $ty:ty, $wire:expr) => {
+        /// The banger plugin root module.
+        #[::abi_stable::export_root_module]
+        pub fn banger_plugin_root_module() -> $crate::PluginModuleRef {
+            $crate::sdk::__root_module_claiming::<$ty, { $wire }>($crate::ABI_VERSION)
+        }
+    };
 }
 
 #[doc(hidden)]
 pub fn __root_module<T: Plugin>(abi_version: u32) -> PluginModuleRef {
+    __root_module_claiming::<T, WIRE_VERSION>(abi_version)
+}
+
+#[doc(hidden)]
+pub fn __root_module_claiming<T: Plugin, const WIRE: u32>(abi_version: u32) -> PluginModuleRef {
     PluginModule {
         abi_version,
-        new_capability: new_capability::<T>,
+        new_capability: new_capability_claiming::<T, WIRE>,
         #[cfg(feature = "next-minor-test")]
         next_minor_probe,
     }
@@ -229,11 +243,22 @@ extern "C" fn next_minor_probe() -> u32 {
 /// Builds the capability object for `T`; what the root module hands out.
 /// Public so the glue can be exercised without loading a library.
 pub extern "C" fn new_capability<T: Plugin>() -> RResult<PluginCapabilityBox, RString> {
+    new_capability_claiming::<T, WIRE_VERSION>()
+}
+
+/// [`new_capability`] with a manifest that says the plugin speaks wire
+/// version `WIRE` (tests of foreign versions only).
+extern "C" fn new_capability_claiming<T: Plugin, const WIRE: u32>()
+-> RResult<PluginCapabilityBox, RString> {
     let made = catch_unwind(|| {
         let plugin = T::default();
         let name = plugin.name().to_string();
         let description = plugin.description().to_string();
-        let manifest = wire::encode("manifest", &plugin.manifest());
+        let message = wire::ManifestMessage {
+            v: Some(WIRE),
+            manifest: plugin.manifest(),
+        };
+        let manifest = wire::encode("manifest", &message);
         manifest.map(|manifest| Glue {
             plugin,
             name,
@@ -549,7 +574,16 @@ mod tests {
 
     #[test]
     fn manifest_crosses_as_json() {
-        let m: Manifest = serde_json::from_str(cap().manifest().as_str()).unwrap();
+        let json = cap().manifest();
+        let msg: wire::ManifestMessage = serde_json::from_str(json.as_str()).unwrap();
+        assert_eq!(msg.v, Some(WIRE_VERSION), "{json}");
+        // An older SDK's manifest had no "v": it spoke version 1.
+        let old: wire::ManifestMessage = serde_json::from_str(r#"{"requires":["x"]}"#).unwrap();
+        assert_eq!(
+            (old.wire_version(), old.manifest.requires),
+            (1, vec!["x".to_string()])
+        );
+        let m: Manifest = serde_json::from_str(json.as_str()).unwrap();
         assert_eq!(m.requires, ["network"]);
         assert!(m.after.is_empty());
         assert_eq!(m.backends, [Backend::Qemu]);

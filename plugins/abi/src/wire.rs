@@ -361,6 +361,27 @@ pub struct Manifest {
     pub backends: Vec<Backend>,
 }
 
+/// The manifest as it crosses at load: [`Manifest`] plus `"v"`, the wire
+/// version the plugin speaks, so a daemon refuses a plugin of another wire
+/// version when it loads it rather than at its first hook. SDKs before
+/// this field sent the manifest alone; they spoke version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestMessage {
+    /// The plugin's wire version; `None` from an SDK that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    /// The manifest itself.
+    #[serde(flatten)]
+    pub manifest: Manifest,
+}
+
+impl ManifestMessage {
+    /// The wire version the plugin speaks (1 when it does not say).
+    pub fn wire_version(&self) -> u32 {
+        self.v.unwrap_or(1)
+    }
+}
+
 /// A privileged host operation a plugin may ask for, through
 /// `Host::request` in the SDK. This is the whole allowlist: the host
 /// validates every argument and refuses any other `op`.
