@@ -221,7 +221,7 @@ fn collapse(name: &str, listeners: Vec<banger_guest_protocol::api::Listener>) ->
 mod tests {
     use banger_guest_protocol::api::{Listener, Proto};
 
-    use super::{collapse, probe_web, proc_usage};
+    use super::{collapse, probe_web, proc_usage, vmm_usage};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -278,6 +278,42 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[test]
+    fn stats_come_from_the_vms_cgroup_when_it_has_one() {
+        use banger_vmm::cgroup::{CgroupDir, VmCgroup, record_path};
+        let dir = tempfile::tempdir().unwrap();
+        let (v2, v1) = (dir.path().join("unified"), dir.path().join("memory"));
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v2.join("cpu.stat"), "usage_usec 5000000\nuser_usec 1\n").unwrap();
+        std::fs::write(v1.join("memory.usage_in_bytes"), "12345\n").unwrap();
+        let sock = dir.path().join("vm.sock");
+        let me = std::process::id();
+        // No record: the VMM process's own /proc figures (its RSS).
+        let (_, rss) = vmm_usage(me, &sock).unwrap();
+        assert!(rss > 0 && rss != 12345, "{rss}");
+        VmCgroup {
+            dirs: vec![
+                CgroupDir {
+                    path: v2,
+                    version: 2,
+                    controllers: vec![],
+                },
+                CgroupDir {
+                    path: v1,
+                    version: 1,
+                    controllers: vec!["memory".into()],
+                },
+            ],
+            skipped: vec![],
+        }
+        .save(&record_path(&sock))
+        .unwrap();
+        assert_eq!(vmm_usage(me, &sock), Some((5000, 12345)));
+        // A VMM that is gone has no stats, cgroup or not.
+        assert_eq!(vmm_usage(u32::MAX - 1, &sock), None);
     }
 
     #[tokio::test]
