@@ -464,6 +464,44 @@ fn vsock_agent_adds_a_per_vm_socket_and_an_initrd_with_the_agent() {
 }
 
 #[test]
+fn vsock_agent_gives_each_start_a_fresh_exec_secret_on_host_and_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vm(1 << 20, false);
+    let o = CapOptions::new();
+    let host = dir.path().join(banger_vmm::vsock::EXEC_SECRET_FILE);
+    let mut secrets = Vec::new();
+    for _ in 0..2 {
+        let mut g = GuestConfig::new("t1");
+        with_opts(&v, dir.path(), &o, |ctx| {
+            VsockAgent.guest_config(ctx, &mut g)
+        })
+        .0
+        .unwrap();
+        let on_host = std::fs::read(&host).unwrap();
+        let file = g
+            .files
+            .iter()
+            .find(|f| f.path == Path::new("/run/banger/exec.secret"))
+            .unwrap();
+        assert_eq!(file.contents, on_host);
+        assert_eq!(file.mode, 0o600);
+        assert_eq!(on_host.len(), 64);
+        assert!(on_host.iter().all(u8::is_ascii_hexdigit));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&host).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        secrets.push(on_host);
+    }
+    assert_ne!(secrets[0], secrets[1]);
+    with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.teardown(ctx, TeardownReason::Stop)
+    })
+    .0
+    .unwrap();
+    assert!(!host.exists());
+}
+
+#[test]
 fn vsock_agent_reports_a_missing_agent_binary() {
     let dir = tempfile::tempdir().unwrap();
     let o = opts(&[("agent", "/nonexistent/banger-agent")]);

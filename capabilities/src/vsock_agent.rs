@@ -1,7 +1,10 @@
 //! `vsock-agent`: boots the guest with banger's initramfs (the agent as
 //! `/init`), gives the machine a vsock device whose host side is a Unix
 //! socket in the VM's directory, and after launch waits until the agent
-//! answers `/healthz` through it.
+//! answers `/healthz` through it. Every start also draws a fresh exec
+//! secret (32 random bytes, hex) for the agent's `POST /exec`: kept in the
+//! VM's directory for the daemon, and on the config drive for the guest,
+//! which reads it from its `/run` tmpfs; the VM's disk never holds it.
 //!
 //! Options (`--cap vsock-agent:timeout=30,agent=/path/to/banger-agent`):
 //! - `timeout`: seconds to wait for `/healthz`. Without it,
@@ -14,12 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_api::config::Config;
+use banger_api::guest::{GuestConfig, GuestFile};
 use banger_api::machine::{MachineSpec, Vsock};
 use banger_api::model::CapOptions;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
-use banger_vmm::vsock::AgentClient;
+use banger_vmm::vsock::{AgentClient, EXEC_SECRET_FILE, GUEST_EXEC_SECRET_PATH};
 
 use self::initrd::Built;
 
@@ -167,6 +171,24 @@ impl Capability for VsockAgent {
         Ok(())
     }
 
+    fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
+        let secret: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let host = ctx.vm_dir.join(EXEC_SECRET_FILE);
+        banger_api::fsutil::write_atomic(&host, secret.as_bytes(), 0o600)
+            .map_err(|e| CapError::with(format!("Cannot write {}", host.display()), e))?;
+        guest.files.push(GuestFile {
+            path: Path::new("/").join(GUEST_EXEC_SECRET_PATH),
+            contents: secret.into_bytes(),
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+        });
+        Ok(())
+    }
+
     fn post_start(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
         const MAX_POLL_GAP: Duration = Duration::from_millis(100);
         let wait = timeout(&options(ctx.options)?, ctx.config);
@@ -211,15 +233,17 @@ impl Capability for VsockAgent {
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
         // The VMM leaves its socket behind; the initrd is a cache worth
         // keeping until the VM is deleted.
-        let uds = socket_path(ctx.vm_dir);
-        match std::fs::remove_file(&uds) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(CapError::with(
-                    format!("Cannot remove {}", uds.display()),
-                    e,
-                ));
+        // The secret too: the next start draws a new one.
+        for path in [socket_path(ctx.vm_dir), ctx.vm_dir.join(EXEC_SECRET_FILE)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(CapError::with(
+                        format!("Cannot remove {}", path.display()),
+                        e,
+                    ));
+                }
             }
         }
         if reason == TeardownReason::Delete {

@@ -173,6 +173,10 @@ pub enum VmCommand {
         /// running it; its known_hosts file is written either way.
         #[arg(long)]
         print: bool,
+        /// How to reach the guest (default: ssh when sshd listens in the
+        /// guest, else the agent).
+        #[arg(long, value_enum)]
+        via: Option<Via>,
         /// Command to run in the guest instead of a login shell (after `--`).
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
@@ -288,9 +292,22 @@ pub struct RunArgs {
     /// Print the spec and what would happen; create nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// How the command or session reaches the guest (default: the agent,
+    /// which needs no sshd; ssh with PATH, whose import needs sshd anyway).
+    #[arg(long, value_enum)]
+    pub via: Option<Via>,
     /// Command to run in the guest instead of a session (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `--via` values: how a command or session reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    /// The guest agent over vsock: no sshd, no network needed.
+    Agent,
+    /// The system ssh to the guest's sshd.
+    Ssh,
 }
 
 /// `--vmm` values.

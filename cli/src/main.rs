@@ -6,6 +6,7 @@ mod artifacts;
 mod complete;
 mod daemon;
 mod doctor;
+mod exec;
 mod ordered;
 mod output;
 mod refs;
@@ -118,10 +119,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 VmCommand::Ssh {
                     name,
                     print,
+                    via,
                     command,
                 } => {
                     let name = refs::resolve(&client, &name).await?;
-                    vm::ssh(&client, &name, print, &command).await
+                    vm::ssh(&client, &name, print, via, &command).await
                 }
                 VmCommand::Workspace(cmd) => workspace::run(cmd).await,
             }

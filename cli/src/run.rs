@@ -21,7 +21,7 @@ use banger_api::config::Config;
 use banger_api::paths::Paths;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::args::RunArgs;
+use crate::args::{RunArgs, Via};
 use crate::output;
 use crate::spec::Spec;
 use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args, vm_path};
@@ -124,7 +124,13 @@ async fn use_vm(
     wait: Duration,
     interrupt: &mut Signal,
 ) -> Result<ExitCode, Failure> {
-    let target = wait_for_ssh(client, name, wait, interrupt).await?;
+    // The import and the bootstrap go over the daemon's SSH; a command or
+    // session through the agent needs no sshd (the agent answered before
+    // create returned).
+    let target = match plan.via == Via::Ssh || plan.workspace.is_some() {
+        true => Some(wait_for_ssh(client, name, wait, interrupt).await?),
+        false => None,
+    };
     if let Some(ws) = &plan.workspace {
         let view = tokio::select! {
             r = crate::workspace::prepare_view(client, name, &ws.request) => r
@@ -158,12 +164,22 @@ async fn use_vm(
                 )],
                 None => words.clone(),
             };
-            let args = pinned_ssh_args(&target, &line)?;
-            Ok(exit_code(vm::run_ssh(name, &args)?))
+            let code = match &target {
+                Some(t) if plan.via == Via::Ssh => vm::run_ssh(name, &pinned_ssh_args(t, &line)?)?,
+                _ => crate::exec::run(client, name, crate::exec::Job::Command(line)).await?,
+            };
+            Ok(exit_code(code))
         }
         After::Session => {
-            let args = session_args(&target, plan.workspace.is_some())?;
-            let code = vm::run_ssh(name, &args)?;
+            let code = match &target {
+                Some(t) if plan.via == Via::Ssh => {
+                    vm::run_ssh(name, &session_args(t, plan.workspace.is_some())?)?
+                }
+                _ => {
+                    let cwd = plan.workspace.as_ref().map(|_| GUEST_REPO.to_string());
+                    crate::exec::run(client, name, crate::exec::Job::Session(cwd)).await?
+                }
+            };
             if !plan.rm {
                 note_still_running(client, name).await;
             }
@@ -310,6 +326,8 @@ struct Plan {
     /// The file that asks for the mise bootstrap, when it will run.
     bootstrap: Option<&'static str>,
     after: After,
+    /// How the command or session reaches the guest.
+    via: Via,
     rm: bool,
     dry_run: bool,
 }
@@ -376,9 +394,21 @@ impl Plan {
             workspace,
             bootstrap,
             after,
+            // A workspace needs sshd for its import anyway.
+            via: a.via.unwrap_or(match a.path {
+                Some(_) => Via::Ssh,
+                None => Via::Agent,
+            }),
             rm: a.rm,
             dry_run: a.dry_run,
         })
+    }
+
+    fn via_words(&self) -> &'static str {
+        match self.via {
+            Via::Ssh => "over ssh",
+            Via::Agent => "through the guest agent (no sshd)",
+        }
     }
 
     /// `--dry-run`'s report: the spec and every step that would happen.
@@ -437,10 +467,11 @@ impl Plan {
         line(
             "then:",
             match &self.after {
-                After::Session => "interactive ssh session".to_string(),
+                After::Session => format!("interactive session {}", self.via_words()),
                 After::Command(w) => format!(
-                    "run `{}` and exit with its code",
-                    vm::remote_command(w).join(" ")
+                    "run `{}` {} and exit with its code",
+                    vm::remote_command(w).join(" "),
+                    self.via_words()
                 ),
                 After::Detach => "exit with a reconnect hint (`banger vm ssh NAME`)".to_string(),
             },

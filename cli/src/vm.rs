@@ -6,12 +6,12 @@ use std::os::unix::fs::DirBuilderExt;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use banger_api::api::{CapView, CreateVmRequest, SetVmRequest, SshTarget, VmView};
+use banger_api::api::{CapView, CreateVmRequest, PortView, SetVmRequest, SshTarget, VmView};
 use banger_api::client::{Client, ClientError, Method};
 
 use banger_api::paths::Paths;
 
-use crate::args::{CreateArgs, SetArgs};
+use crate::args::{CreateArgs, SetArgs, Via};
 use crate::ordered::run_in_order;
 use crate::output;
 
@@ -56,8 +56,38 @@ const SSH_OWN_FAILURE: i32 = 255;
 
 /// `vm ssh`: asks the daemon for the target, pins the guest's host keys in
 /// `<state>/ssh/known_hosts.d/NAME`, then runs (or with `print`, prints) the
-/// system `ssh` and exits with its code.
-pub async fn ssh(client: &Client, name: &str, print: bool, command: &[String]) -> Result<ExitCode> {
+/// system `ssh` and exits with its code. Through the guest agent instead
+/// with `--via agent`, or by default when nothing listens on port 22 in
+/// the guest.
+pub async fn ssh(
+    client: &Client,
+    name: &str,
+    print: bool,
+    via: Option<Via>,
+    command: &[String],
+) -> Result<ExitCode> {
+    let via = match via {
+        Some(v) => v,
+        None if print => Via::Ssh,
+        None => default_via(client, name).await,
+    };
+    if via == Via::Agent {
+        if print {
+            anyhow::bail!(
+                "--print shows an ssh command line; --via agent has none (drop one of them)"
+            );
+        }
+        let job = if command.is_empty() {
+            crate::exec::Job::Session(None)
+        } else {
+            crate::exec::Job::Command(command.to_vec())
+        };
+        let code = crate::exec::run(client, name, job).await?;
+        if command.is_empty() {
+            note_still_running(client, name).await;
+        }
+        return Ok(exit_code(code));
+    }
     let target: SshTarget = client.get(&format!("{}/ssh", vm_path(name))).await?;
     let args = pinned_ssh_args(&target, command)?;
     if print {
@@ -72,6 +102,24 @@ pub async fn ssh(client: &Client, name: &str, print: bool, command: &[String]) -
         note_still_running(client, name).await;
     }
     Ok(exit_code(code))
+}
+
+/// `vm ssh`'s default: ssh when the guest's agent reports a TCP listener on
+/// port 22, else the agent (images without sshd). When the ports cannot be
+/// read, ssh, whose own error then says what is wrong.
+async fn default_via(client: &Client, name: &str) -> Via {
+    match client
+        .get::<Vec<PortView>>(&format!("{}/ports", vm_path(name)))
+        .await
+    {
+        Ok(ports) if !ports.iter().any(|p| p.proto == "tcp" && p.port == 22) => {
+            eprintln!(
+                "note: no sshd listens in {name}; using the guest agent (--via ssh to insist)"
+            );
+            Via::Agent
+        }
+        _ => Via::Ssh,
+    }
 }
 
 /// banger's private key, as the daemon's ssh-identity capability keeps it.

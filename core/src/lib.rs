@@ -12,6 +12,7 @@
 pub mod artifacts;
 pub mod capability;
 pub mod daemon;
+pub mod exec;
 pub mod guest_ssh;
 pub mod library;
 pub mod lifecycle;

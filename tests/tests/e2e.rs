@@ -410,6 +410,94 @@ mod tests {
         rig.delete_all_and_check_clean(&[vm]);
     }
 
+    /// Commands without sshd (docs/agent-exec.md): `vm run` and `vm ssh`
+    /// through the guest agent on the no-init image, exit codes, stdout and
+    /// stderr apart, stdin, and a pty session driven through `script`.
+    #[test]
+    fn vm_run_and_vm_ssh_through_the_agent_without_sshd() {
+        let test = "vm_run_and_vm_ssh_through_the_agent_without_sshd";
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some((rig, _a)) = rig(test, "noinit", "") else {
+            return;
+        };
+        let env = &rig.env;
+        let shape = [
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+            "--image",
+            "noinit",
+        ];
+        let mut args = vec!["vm", "run", "--rm", "--name", "x1", "--via", "agent"];
+        args.extend_from_slice(&shape);
+        args.extend_from_slice(&["--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+        let out = env.banger(&args);
+        assert_eq!(out.code, 7, "{}", out.stderr);
+        assert_eq!(out.stdout, "out\n");
+        assert!(out.stderr.contains("err\n"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("deleted VM x1 (--rm)"),
+            "{}",
+            out.stderr
+        );
+
+        // The default for a command without a workspace is the agent: PID 1
+        // is banger's agent (no init system), and no ssh is involved.
+        let mut args = vec!["vm", "run", "--name", "x2"];
+        args.extend_from_slice(&shape);
+        args.extend_from_slice(&["--", "cat /proc/1/comm; hostname"]);
+        let out = env.banger(&args).ok();
+        assert_eq!(out.stdout, "init\nx2\n", "{}", out.stderr);
+
+        let banger = test_infra::workspace_bin("banger");
+        let mut c = env.command(&banger);
+        c.args([
+            "vm",
+            "ssh",
+            "--via",
+            "agent",
+            "x2",
+            "--",
+            "tr a-z A-Z; exit 3",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"through stdin\n").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "THROUGH STDIN\n");
+
+        // An interactive session on a pty: `script` gives banger a terminal
+        // and types into it.
+        let line = format!("{} vm ssh --via agent x2", banger.display());
+        let mut c = env.command(std::path::Path::new("script"));
+        c.args(["-qec", &line, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"tty; stty size; exit 5\n").unwrap();
+            // script ends its session when its stdin ends; keep it open
+            // until the guest shell has answered and exited.
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("/dev/pts/"), "{text}");
+            assert_eq!(out.status.code(), Some(5), "{text}");
+        }
+        let vm = env.show("x2");
+        rig.delete_all_and_check_clean(&[vm]);
+    }
+
     /// `git -C repo ARGS` with HOME set to `home` (so `--global` is the
     /// test's own); panics with git's words on failure.
     fn git(home: &std::path::Path, repo: &std::path::Path, args: &[&str]) -> String {

@@ -216,7 +216,9 @@ impl Running {
     }
 
     fn spawn_pty(mut cmd: Command, size: WindowSize) -> io::Result<Running> {
-        let pty = nix::pty::openpty(Some(&winsize(size)), None)?;
+        ensure_devpts();
+        let pty = nix::pty::openpty(Some(&winsize(size)), None)
+            .map_err(|e| io::Error::other(format!("cannot open a pty: {e}")))?;
         cmd.stdin(Stdio::from(pty.slave.try_clone()?))
             .stdout(Stdio::from(pty.slave.try_clone()?))
             .stderr(Stdio::from(pty.slave));
@@ -247,6 +249,24 @@ impl Running {
             pty: Some(master),
         })
     }
+}
+
+/// Guests without an init system have no `/dev/pts` (systemd mounts it):
+/// mount devpts there, so a pty's slave side exists.
+fn ensure_devpts() {
+    use nix::mount::{MsFlags, mount};
+    let pts = Path::new("/dev/pts");
+    if pts.join("ptmx").exists() {
+        return;
+    }
+    let _ = std::fs::create_dir_all(pts);
+    let _ = mount(
+        Some("devpts"),
+        pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=620,ptmxmode=666"),
+    );
 }
 
 fn winsize(size: WindowSize) -> libc::winsize {

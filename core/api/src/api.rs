@@ -22,12 +22,17 @@
 //! | GET | /v1/vms/{name}/ssh | | [`SshTarget`], host keys from the guest agent |
 //! | POST | /v1/vms/{name}/workspace/prepare | [`WorkspacePrepareRequest`] | NDJSON [`Event`]s, `done` holds a [`WorkspaceView`] |
 //! | GET | /v1/vms/{name}/workspace/export[?base=SHA] | | [`WorkspaceExport`] |
+//! | POST | /v1/vms/{name}/exec (`Upgrade: banger-exec`) | | 101, then the guest agent's [`exec`] frames both ways |
 //!
 //! Errors are a non-2xx status with an [`ErrorBody`]. Streams end with exactly
 //! one `done` or `failed` event.
 
 use std::fmt;
 use std::path::PathBuf;
+
+/// The exec stream's frames and request, as the guest agent defines them:
+/// the daemon's exec route passes them through unchanged.
+pub use banger_guest_protocol::exec;
 
 use serde::{Deserialize, Serialize};
 

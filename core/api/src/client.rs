@@ -206,6 +206,39 @@ impl Client {
         Ok(())
     }
 
+    /// `POST path` asking to switch to protocol `token` (the exec stream,
+    /// `POST /v1/vms/{name}/exec`): on `101 Switching Protocols` the raw,
+    /// blocking connection, which from then on carries that protocol.
+    pub async fn upgrade(
+        &self,
+        path: &str,
+        token: &'static str,
+    ) -> Result<std::os::unix::net::UnixStream, ClientError> {
+        let resp = self
+            .exchange::<()>(Method::POST, path, None, Some(token))
+            .await?;
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("switching to {token}: {e}")))?;
+        let parts = upgraded.downcast::<TokioIo<UnixStream>>().map_err(|_| {
+            ClientError::Protocol(format!("switching to {token}: not a Unix stream"))
+        })?;
+        // The peer speaks only after our first message.
+        if !parts.read_buf.is_empty() {
+            return Err(ClientError::Protocol(format!(
+                "{} bytes from bangerd before the first {token} message",
+                parts.read_buf.len()
+            )));
+        }
+        let stream = parts
+            .io
+            .into_inner()
+            .into_std()
+            .and_then(|s| s.set_nonblocking(false).map(|()| s))
+            .map_err(|e| ClientError::Protocol(format!("switching to {token}: {e}")))?;
+        Ok(stream)
+    }
+
     /// Sends one request on a fresh connection; non-2xx answers become
     /// [`ClientError::Api`].
     async fn request<B: Serialize>(
@@ -213,6 +246,18 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<&B>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        self.exchange(method, path, body, None).await
+    }
+
+    /// [`Client::request`], or with `upgrade` a request to switch to that
+    /// protocol, answered by `101`.
+    async fn exchange<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        upgrade: Option<&'static str>,
     ) -> Result<Response<Incoming>, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
@@ -224,14 +269,20 @@ impl Client {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(format!("HTTP handshake: {e}")))?;
-        // The connection task ends when the response body is done or dropped.
+        // The connection task ends when the response body is done or dropped
+        // (or, upgraded, once it has handed the connection over).
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = conn.with_upgrades().await;
         });
         let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "localhost");
+        if let Some(token) = upgrade {
+            req = req
+                .header(hyper::header::CONNECTION, "upgrade")
+                .header(hyper::header::UPGRADE, token);
+        }
         let payload = match body {
             Some(b) => {
                 req = req.header(hyper::header::CONTENT_TYPE, "application/json");
@@ -254,8 +305,12 @@ impl Client {
             }
         })?;
         let status = resp.status();
-        if status.is_success() {
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        if (upgrade.is_none() && status.is_success()) || (upgrade.is_some() && switched) {
             return Ok(resp);
+        }
+        if switched {
+            return Err(ClientError::Protocol(format!("{path}: an unasked 101")));
         }
         let bytes = collect(resp.into_body()).await?;
         Err(api_error(status, &bytes))

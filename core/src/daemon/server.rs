@@ -136,6 +136,7 @@ pub(crate) fn vm_routes() -> Router<Arc<ApiState>> {
             post(vm_guest_job),
         )
         .route("/v1/vms/{name}/workspace/export", get(workspace_export))
+        .route("/v1/vms/{name}/exec", post(vm_exec))
 }
 
 async fn version() -> Json<VersionInfo> {
@@ -376,6 +377,58 @@ async fn vm_guest_job(
             .await
             .map_err(|e| (e.stage().map(str::to_string), render_chain(&e)))
     }))
+}
+
+/// `POST /v1/vms/{name}/exec` with `Upgrade: banger-exec`: opens the
+/// guest agent's exec stream (refusals are ordinary 4xx answers), answers
+/// `101`, then copies bytes both ways until both sides are done. The
+/// frames (see `banger_guest_protocol::exec`) are the client's and the
+/// agent's business.
+async fn vm_exec(
+    State(st): S,
+    Path(name): Path<String>,
+    mut req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let token = banger_vmm::vsock::EXEC_UPGRADE;
+    let asks = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(token.as_bytes()));
+    let on_upgrade = req
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .filter(|_| asks)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("exec needs `Connection: Upgrade` and `Upgrade: {token}` (use `banger vm run --via agent` or `banger vm ssh --via agent`)"),
+            )
+        })?;
+    let agent = st.lifecycle.open_exec(&name).await?;
+    let agent = agent
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(agent))
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Cannot use the agent connection of {name}: {e}"),
+            )
+        })?;
+    let running = Running::start();
+    tokio::spawn(async move {
+        let _running = running;
+        let mut agent = agent;
+        if let Ok(upgraded) = on_upgrade.await {
+            let mut client = hyper_util::rt::TokioIo::new(upgraded);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, token)
+        .body(Body::empty())
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 #[derive(Debug, Deserialize)]

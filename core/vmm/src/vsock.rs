@@ -11,6 +11,15 @@ use std::time::{Duration, Instant};
 use banger_guest_protocol::api::{AGENT_PORT, Health, HostKey, Listener};
 use serde::de::DeserializeOwned;
 
+/// The VM's exec secret on the host, inside the VM's directory (mode
+/// 0600); the guest has the same bytes at
+/// `banger_guest_protocol::exec::SECRET_PATH`.
+pub const EXEC_SECRET_FILE: &str = "exec.secret";
+/// Where the guest agent reads the exec secret, relative to the guest root.
+pub use banger_guest_protocol::exec::SECRET_PATH as GUEST_EXEC_SECRET_PATH;
+/// The `Upgrade` token of exec requests, to the agent and to the daemon.
+pub use banger_guest_protocol::exec::UPGRADE as EXEC_UPGRADE;
+
 /// Largest response body accepted from the agent.
 const MAX_BODY: usize = 16 << 20;
 /// Longest handshake, status or header line accepted.
@@ -149,6 +158,41 @@ impl AgentClient {
         serde_json::from_slice(&body).map_err(|e| VsockError::Decode(path.to_string(), e))
     }
 
+    /// `POST /exec` with the VM's exec `secret`: on the agent's
+    /// `101 Switching Protocols` the stream, without timeouts, carrying
+    /// `banger_guest_protocol::exec` frames; a refusal is
+    /// [`VsockError::Status`].
+    pub fn open_exec(&self, secret: &str) -> Result<UnixStream, VsockError> {
+        const PATH: &str = "/exec";
+        let deadline = Instant::now() + self.timeout;
+        let mut stream = connect(&self.uds, AGENT_PORT, self.timeout)?;
+        let request = format!(
+            "POST {PATH} HTTP/1.1\r\nHost: banger-agent\r\nAuthorization: Bearer {secret}\r\nConnection: Upgrade\r\nUpgrade: {}\r\nContent-Length: 0\r\n\r\n",
+            banger_guest_protocol::exec::UPGRADE
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| io_error(e, self.timeout, "sending the exec request"))?;
+        let mut r = BufReader::new(stream);
+        let head = read_head(&mut r, deadline, self.timeout)?;
+        if head.status != 101 {
+            let body = read_body(&mut r, &head, deadline, self.timeout)?;
+            return Err(status_error(PATH, head.status, &body));
+        }
+        // The agent sends nothing before the host's first frame.
+        if !r.buffer().is_empty() {
+            return Err(VsockError::BadResponse(
+                "bytes after the 101 before any request".to_string(),
+            ));
+        }
+        let stream = r.into_inner();
+        stream
+            .set_read_timeout(None)
+            .and_then(|()| stream.set_write_timeout(None))
+            .map_err(|e| VsockError::Io("clearing timeouts", e))?;
+        Ok(stream)
+    }
+
     /// `GET path`; the body of a 2xx answer.
     pub fn get(&self, path: &str) -> Result<Vec<u8>, VsockError> {
         let deadline = Instant::now() + self.timeout;
@@ -159,21 +203,28 @@ impl AgentClient {
         stream
             .write_all(request.as_bytes())
             .map_err(|e| io_error(e, self.timeout, "sending the request"))?;
-        let (status, body) = read_response(BufReader::new(stream), deadline, self.timeout)?;
-        if (200..300).contains(&status) {
+        let mut r = BufReader::new(stream);
+        let head = read_head(&mut r, deadline, self.timeout)?;
+        let body = read_body(&mut r, &head, deadline, self.timeout)?;
+        if (200..300).contains(&head.status) {
             Ok(body)
         } else {
-            let full = String::from_utf8_lossy(&body);
-            let mut text: String = full.trim().chars().take(200).collect();
-            if text.len() < full.trim().len() {
-                text.push('…');
-            }
-            Err(VsockError::Status {
-                path: path.to_string(),
-                status,
-                body: text,
-            })
+            Err(status_error(path, head.status, &body))
         }
+    }
+}
+
+/// A non-2xx answer, its body shortened for the message.
+fn status_error(path: &str, status: u16, body: &[u8]) -> VsockError {
+    let full = String::from_utf8_lossy(body);
+    let mut text: String = full.trim().chars().take(200).collect();
+    if text.len() < full.trim().len() {
+        text.push('…');
+    }
+    VsockError::Status {
+        path: path.to_string(),
+        status,
+        body: text,
     }
 }
 
@@ -192,14 +243,20 @@ fn io_error(e: io::Error, timeout: Duration, what: &'static str) -> VsockError {
     }
 }
 
-/// Reads a status line, headers and a body framed by `Content-Length`,
-/// chunked encoding, or the end of the stream (we sent `Connection: close`).
-fn read_response(
-    mut r: BufReader<UnixStream>,
+/// A response's status and body framing.
+struct Head {
+    status: u16,
+    length: Option<usize>,
+    chunked: bool,
+}
+
+/// Reads a status line and headers.
+fn read_head(
+    r: &mut BufReader<UnixStream>,
     deadline: Instant,
     timeout: Duration,
-) -> Result<(u16, Vec<u8>), VsockError> {
-    let status_line = read_line(&mut r, deadline, timeout, "reading the status line")?
+) -> Result<Head, VsockError> {
+    let status_line = read_line(r, deadline, timeout, "reading the status line")?
         .ok_or(VsockError::Closed("reading the status line"))?;
     let mut parts = status_line.splitn(3, ' ');
     let status = match (parts.next(), parts.next()) {
@@ -211,7 +268,7 @@ fn read_response(
     let mut length: Option<usize> = None;
     let mut chunked = false;
     loop {
-        let line = read_line(&mut r, deadline, timeout, "reading headers")?
+        let line = read_line(r, deadline, timeout, "reading headers")?
             .ok_or(VsockError::Closed("reading headers"))?;
         if line.is_empty() {
             break;
@@ -229,23 +286,37 @@ fn read_response(
             chunked = value.eq_ignore_ascii_case("chunked");
         }
     }
+    Ok(Head {
+        status,
+        length,
+        chunked,
+    })
+}
 
-    let body = if chunked {
-        read_chunked(&mut r, deadline, timeout)?
-    } else if let Some(n) = length {
+/// Reads a body framed by `Content-Length`, chunked encoding, or the end of
+/// the stream (we sent `Connection: close`).
+fn read_body(
+    r: &mut BufReader<UnixStream>,
+    head: &Head,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u8>, VsockError> {
+    let body = if head.chunked {
+        read_chunked(r, deadline, timeout)?
+    } else if let Some(n) = head.length {
         if n > MAX_BODY {
             return Err(VsockError::BadResponse(format!(
                 "{n}-byte body is too large"
             )));
         }
         let mut body = vec![0; n];
-        check_deadline(&r, deadline, timeout, "reading the body")?;
+        check_deadline(r, deadline, timeout, "reading the body")?;
         r.read_exact(&mut body)
             .map_err(|e| io_error(e, timeout, "reading the body"))?;
         body
     } else {
         let mut body = Vec::new();
-        check_deadline(&r, deadline, timeout, "reading the body")?;
+        check_deadline(r, deadline, timeout, "reading the body")?;
         r.by_ref()
             .take(MAX_BODY as u64 + 1)
             .read_to_end(&mut body)
@@ -255,7 +326,7 @@ fn read_response(
         }
         body
     };
-    Ok((status, body))
+    Ok(body)
 }
 
 fn read_chunked(
@@ -433,6 +504,39 @@ mod tests {
         assert_eq!(keys[0].fingerprint, "SHA256:abc");
         let (_, request) = server.join().unwrap();
         assert!(request.starts_with("GET /ssh-host-keys "), "{request}");
+    }
+
+    #[test]
+    fn exec_sends_the_secret_and_hands_back_the_upgraded_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = serve_once(
+            &sock,
+            "OK 1\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: banger-exec\r\n\r\n",
+        );
+        let stream = client(&sock).open_exec("s3cret").unwrap();
+        assert_eq!(stream.read_timeout().unwrap(), None);
+        let (_, request) = server.join().unwrap();
+        assert!(request.starts_with("POST /exec HTTP/1.1\r\n"), "{request}");
+        assert!(
+            request.contains("Authorization: Bearer s3cret\r\n"),
+            "{request}"
+        );
+        assert!(request.contains("Upgrade: banger-exec\r\n"), "{request}");
+
+        std::fs::remove_file(&sock).unwrap();
+        let server = serve_once(
+            &sock,
+            "OK 1\n",
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 40\r\n\r\nexec refused: missing or wrong secret\n\n\n",
+        );
+        let err = client(&sock).open_exec("nope").unwrap_err();
+        assert!(
+            matches!(&err, VsockError::Status { status: 401, body, .. } if body.contains("wrong secret")),
+            "{err:?}"
+        );
+        server.join().unwrap();
     }
 
     #[test]
