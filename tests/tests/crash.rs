@@ -358,6 +358,128 @@ mod tests {
         assert_eq!(env.show(VM).record.state, VmState::Error);
     }
 
+    #[test]
+    fn a_qemu_vsock_backend_left_by_a_crash_before_qemu_started_is_killed() {
+        let env = KillsLeftovers(BangerEnv::new());
+        let env = &env.0;
+        // Never launched, so no QEMU is needed: only the backend's record.
+        env.create(VM, &["--vmm", "qemu", "--no-start"]).ok();
+        let vm = env.show(VM);
+        kill_daemon(env);
+
+        struct Reaped(std::process::Child);
+        impl Drop for Reaped {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut backend = Reaped(
+            std::process::Command::new("sleep")
+                .arg("300")
+                .spawn()
+                .unwrap(),
+        );
+        let pid = backend.0.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let start_time: u64 = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(19)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let record = env.root().join(format!(
+            "run/banger/vms/{}.sock.vsock-backend.json",
+            vm.record.id
+        ));
+        std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+        std::fs::write(
+            &record,
+            serde_json::json!({
+                "pid": pid,
+                "start_time": start_time,
+                "uds_path": vm.dir.join("v.sock"),
+            })
+            .to_string(),
+        )
+        .unwrap();
+
+        // The next daemon's reconcile kills it (pid and start time match).
+        assert_eq!(check_settled(env).unwrap(), "created");
+        wait_until(Duration::from_secs(10), "the backend is killed", || {
+            backend.0.try_wait().unwrap().is_some()
+        });
+        assert!(!record.exists(), "its record stays");
+    }
+
+    #[test]
+    fn a_daemon_killed_mid_kernel_pull_leaves_no_staging_and_the_pull_works_after() {
+        use test_infra::http::{Entry, Reply, Server, noise, sha256, tar_zst};
+        let env = KillsLeftovers(BangerEnv::new());
+        let env = &env.0;
+        let server = Server::start();
+        let bundle = tar_zst(&[
+            Entry::File("vmlinux", &noise(4 << 20)),
+            Entry::File("initrd.img", b"initrd bytes"),
+            Entry::File(
+                "manifest.toml",
+                b"distro = \"test-distro\"\nversion = \"6.12.7\"\n",
+            ),
+        ]);
+        let catalog = env.root().join("kernels.toml");
+        std::fs::write(
+            &catalog,
+            format!(
+                "[[kernel]]\nname = \"slow\"\narch = \"x86_64\"\ndistro = \"catalog-distro\"\n\
+                 version = \"6.12\"\nurl = \"kernels/slow.tar.zst\"\nsha256 = {:?}\nsize = {}\n\
+                 description = \"test kernel\"\n",
+                sha256(&bundle),
+                bundle.len()
+            ),
+        )
+        .unwrap();
+        env.write_config(&format!(
+            "kernel_catalog_file = {:?}\nkernel_catalog_url = {:?}\n",
+            catalog.display().to_string(),
+            server.base
+        ));
+        // Half the bundle, then nothing: the pull stays mid-extraction.
+        server.route(
+            "/kernels/slow.tar.zst",
+            Reply::Stall {
+                body: bundle[..bundle.len() / 2].to_vec(),
+                claimed: bundle.len(),
+            },
+        );
+        let kernels = env.state_dir().join("kernels");
+        let staging = || {
+            names(&kernels)
+                .into_iter()
+                .filter(|n| n.starts_with(".staging-"))
+                .collect::<Vec<_>>()
+        };
+        std::thread::scope(|s| {
+            let pull = s.spawn(|| env.banger(&["kernel", "pull", "slow"]));
+            wait_until(
+                Duration::from_secs(30),
+                "the pull extracts into staging",
+                || !staging().is_empty(),
+            );
+            kill_daemon(env);
+            let out = pull.join().unwrap();
+            assert_ne!(out.code, 0, "the pull outlived its daemon: {out:?}");
+        });
+        assert!(!staging().is_empty(), "a SIGKILLed daemon cleans nothing");
+
+        // The next daemon sweeps the staging; the kernel was never published.
+        server.route("/kernels/slow.tar.zst", Reply::Body(bundle));
+        let list = env.banger(&["kernel", "list"]).ok();
+        assert!(staging().is_empty(), "staging left: {:?}", staging());
+        assert!(!list.stdout.contains("slow"), "{}", list.stdout);
+        env.banger(&["kernel", "pull", "slow"]).ok();
+        assert_eq!(names(&kernels), BTreeSet::from(["slow".to_string()]));
+    }
+
     /// Runs `statement` on the state database with the sqlite3 CLI.
     fn sql(db: &Path, statement: &str) {
         let status = std::process::Command::new("sqlite3")

@@ -28,8 +28,12 @@ use std::path::Path;
 use crate::capability::TeardownReason;
 use crate::lifecycle::start::ROOT_DISK;
 use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain, set_failure};
-use banger_api::model::{VmRecord, VmState};
+use banger_api::model::{VmRecord, VmState, VmmProcess};
 use banger_vmm::process_alive;
+
+/// The QEMU backend's record of its vsock backend process, beside the
+/// VMM socket (`<id>.sock.vsock-backend.json`).
+const QEMU_VSOCK_BACKEND_RECORD: &str = ".vsock-backend.json";
 
 /// What reconciliation did to one VM or leftover.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,9 +149,8 @@ impl Lifecycle {
                 Some(Reconciled::KilledStrayVmm(name))
             }
             (VmState::Created | VmState::Stopped | VmState::Error, false) => {
-                if vm.vmm.take().is_some() {
-                    self.save(&mut vm).await?;
-                }
+                // A dead VMM, or none but a QEMU vsock backend left running.
+                self.kill_recorded(&mut vm).await?;
                 None
             }
         })
@@ -157,6 +160,19 @@ impl Lifecycle {
     /// reused) and forgets it. A VMM that survives SIGKILL stays recorded
     /// and fails reconciliation: it must never be forgotten while alive.
     async fn kill_recorded(&self, vm: &mut VmRecord) -> Result<(), OpError> {
+        let socket = self.paths.vmm_socket(&vm.id);
+        let mut side = socket.clone().into_os_string();
+        side.push(QEMU_VSOCK_BACKEND_RECORD);
+        if vm.vmm.is_none() && std::path::Path::new(&side).exists() {
+            // A QEMU start killed after its vsock backend was spawned but
+            // before QEMU itself was: the backend's own record finds it. No
+            // QEMU process is named (pid 0 never passes `process_alive`).
+            vm.vmm = Some(VmmProcess {
+                pid: 0,
+                start_time: u64::MAX,
+                api_socket: socket,
+            });
+        }
         if let Some(p) = vm.vmm.clone() {
             let vmm = self.vmm_for(vm);
             super::blocking(move || vmm.kill(&p))

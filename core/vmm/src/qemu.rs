@@ -12,7 +12,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -712,19 +712,7 @@ fn cleanup(qmp_socket: &Path, side: &SideFiles, uds: Option<&Path>) {
 
 /// Writes the backend record by staging and renaming.
 fn write_record(path: &Path, record: &BackendRecord) -> Result<(), VmmError> {
-    let mut staged = path.as_os_str().to_owned();
-    staged.push(".tmp");
-    let staged = PathBuf::from(staged);
-    let write = || -> io::Result<()> {
-        let mut f = fs::File::create(&staged)?;
-        f.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&staged, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&staged);
-        io_err(format!("writing {}", path.display()), e)
-    })
+    cgroup::write_json(path, record)
 }
 
 /// Kills the recorded vsock backend, if any, and removes its files.
