@@ -585,4 +585,47 @@ mod tests {
         env.banger(&["image", "pull", "img"]).ok();
         assert!(images.join("img/rootfs.ext4").exists());
     }
+
+    #[test]
+    fn kernel_rm_is_refused_while_an_image_boots_the_kernel_naming_the_images() {
+        let env = BangerEnv::new();
+        let from = kernel_dir(&env, false);
+        env.banger(&["kernel", "import", "k2", "--from", from.to_str().unwrap()])
+            .ok();
+        let show: serde_json::Value =
+            serde_json::from_str(&env.banger(&["kernel", "show", "k2", "--json"]).ok().stdout)
+                .unwrap();
+        let vmlinux = show["vmlinux"].as_str().unwrap().to_string();
+        let (_, rootfs) = env.boot_files();
+        let r = rootfs.display().to_string();
+        // One image names the kernel, one uses its files directly.
+        env.banger(&[
+            "image",
+            "register",
+            "--name",
+            "by-ref",
+            "--rootfs",
+            &r,
+            "--kernel-ref",
+            "k2",
+        ])
+        .ok();
+        env.banger(&[
+            "image", "register", "--name", "by-file", "--rootfs", &r, "--kernel", &vmlinux,
+        ])
+        .ok();
+
+        let refused = env.banger(&["kernel", "rm", "k2"]).failed();
+        let said = both(&refused);
+        assert!(
+            said.contains("by-ref") && said.contains("by-file"),
+            "{refused:?}"
+        );
+        assert!(said.contains("banger image delete"), "{refused:?}");
+        assert!(std::path::Path::new(&vmlinux).is_file(), "nothing removed");
+
+        env.banger(&["image", "delete", "by-ref", "by-file"]).ok();
+        env.banger(&["kernel", "rm", "k2"]).ok();
+        assert!(!std::path::Path::new(&vmlinux).exists());
+    }
 }

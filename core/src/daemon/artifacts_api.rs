@@ -174,6 +174,7 @@ async fn delete_kernel(
     let lc = st.lifecycle.clone();
     let vms = lc.list().await?;
     let kernels = lc.artifacts().kernels.clone();
+    let library = lc.artifacts().library.clone();
     let k = blocking(move || {
         let k = kernels
             .get(&name)?
@@ -187,6 +188,23 @@ async fn delete_kernel(
             return Err(ArtifactError::Invalid(format!(
                 "Kernel {name} is used by {}; delete those VMs first",
                 users.join(", ")
+            )));
+        }
+        // An image that boots this kernel would fail its next `vm create`.
+        let images: Vec<String> = library
+            .list()?
+            .into_iter()
+            .filter(|img| match &img.kernel {
+                ImageKernel::Named { name: n } => *n == name,
+                ImageKernel::Files { kernel, .. } => kernel.starts_with(&k.dir),
+            })
+            .map(|img| img.name)
+            .collect();
+        if !images.is_empty() {
+            return Err(ArtifactError::Invalid(format!(
+                "Kernel {name} is the kernel of image(s) {}; delete them first (`banger image delete {}`), or pull or register them again with another --kernel-ref",
+                images.join(", "),
+                images.join(" ")
             )));
         }
         kernels.remove(&name)?;
