@@ -19,6 +19,12 @@
 //!   from just before `vhost-device-vsock` starts until `/healthz` answers
 //!   through the hybrid vsock socket (polled every 10 ms).
 //!
+//! Both sides boot the same agent, which logs a boot timeline on the
+//! console (`banger-agent: timeline STAGE SECONDS-SINCE-BOOT`); the bench
+//! prints each guest stage's share of the boot for both sides, and what is
+//! left outside the guest (VMM start-up, host work before it, the
+//! `/healthz` round trip after it).
+//!
 //! The difference is banger's orchestration: CLI and daemon round trips,
 //! cloning the root disk, making the work disk, the initramfs and config
 //! drive, capability hooks, QMP readiness and its `/healthz` poll interval.
@@ -136,7 +142,7 @@ fn tail(path: &Path) -> String {
 }
 
 /// One raw boot in a fresh directory; returns the time to `/healthz`.
-fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> Duration {
+fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> (Duration, Timeline) {
     let dir = tempfile::Builder::new()
         .prefix("rawboot")
         .tempdir_in("/tmp")
@@ -237,7 +243,76 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> Duration {
     stop(qemu);
     stop(vhost);
     assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
-    took
+    (took, guest_timeline(&console))
+}
+
+/// The agent's boot timeline: (stage, seconds since the kernel booted),
+/// ordered by time.
+type Timeline = Vec<(String, f64)>;
+
+/// The `banger-agent: timeline STAGE SECONDS` lines of a console log.
+fn guest_timeline(console: &Path) -> Timeline {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let mut marks: Timeline = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("banger-agent: timeline ")?.1;
+            let (stage, secs) = rest.trim().split_once(' ')?;
+            Some((stage.to_string(), secs.parse().ok()?))
+        })
+        .collect();
+    marks.sort_by(|a, b| a.1.total_cmp(&b.1));
+    marks
+}
+
+/// Each guest stage's median time and share of the boot up to the agent
+/// listening, then what is left outside the guest, for one side.
+fn print_timeline(side: &str, boots: &[Duration], timelines: &[Timeline]) {
+    // Per boot: ("kernel", first mark), then each mark's interval, up to
+    // `agent-listening`; the rest of the measured time is outside the guest.
+    let mut segments: Vec<Vec<(String, f64)>> = Vec::new();
+    for (took, t) in boots.iter().zip(timelines) {
+        let Some(end) = t.iter().find(|(s, _)| s == "agent-listening").map(|m| m.1) else {
+            continue;
+        };
+        let mut seg = Vec::new();
+        let mut prev = 0.0;
+        for (i, (stage, at)) in t.iter().filter(|m| m.1 <= end).enumerate() {
+            let name = if i == 0 {
+                format!("kernel+{stage}")
+            } else {
+                stage.clone()
+            };
+            seg.push((name, at - prev));
+            prev = *at;
+        }
+        seg.push(("outside the guest".to_string(), took.as_secs_f64() - end));
+        segments.push(seg);
+    }
+    let Some(first) = segments.first() else {
+        eprintln!(
+            "boot/{side} guest timeline: no `banger-agent: timeline` lines on the console (an agent older than this bench?)"
+        );
+        return;
+    };
+    let total = median(boots.to_vec());
+    let parts: Vec<String> = first
+        .iter()
+        .enumerate()
+        .map(|(i, (stage, _))| {
+            let mut v: Vec<f64> = segments
+                .iter()
+                .filter_map(|s| s.get(i).filter(|(n, _)| n == stage).map(|(_, t)| *t))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            let m = v[v.len() / 2];
+            format!("{stage} {m:.2} s ({:.0} %)", 100.0 * m / total)
+        })
+        .collect();
+    println!(
+        "boot/{side} timeline: {} (medians; shares of the {total:.2} s median)",
+        parts.join(", ")
+    );
 }
 
 /// One `banger vm create`; returns its time and the VM, still running.
@@ -406,18 +481,22 @@ fn main() {
     let mut tmpl: Option<Template> = None;
     let daemon_log = env.state_dir().join("bangerd.log");
     let mut phases: Vec<Vec<(String, f64)>> = Vec::new();
+    let (mut banger_tl, mut raw_tl) = (Vec::new(), Vec::new());
     for round in 0..n {
         let name = format!("boot{round}");
         let from = std::fs::metadata(&daemon_log).map_or(0, |m| m.len() as usize);
         let (took, vm) = banger_boot(&env, &name);
         banger.push(took);
         phases.push(stages(&daemon_log, from));
+        banger_tl.push(guest_timeline(&vm.dir.join("serial.log")));
         if tmpl.is_none() {
             tmpl = Some(template(&vm));
         }
         env.banger(&["vm", "delete", &name]).ok();
         let t = tmpl.as_ref().unwrap();
-        raw.push(raw_boot(&a, t, round));
+        let (took, timeline) = raw_boot(&a, t, round);
+        raw.push(took);
+        raw_tl.push(timeline);
         eprintln!(
             "boot/round {round}: banger {:.2} s, raw {:.2} s",
             banger[round].as_secs_f64(),
@@ -472,6 +551,8 @@ fn main() {
     } else {
         eprintln!("boot/banger stages: none found in {}", daemon_log.display());
     }
+    print_timeline("banger", &banger, &banger_tl);
+    print_timeline("raw", &raw, &raw_tl);
     println!(
         "boot/ratio banger:raw {:5.2}x median, {:5.2}x min",
         bmed / rmed,

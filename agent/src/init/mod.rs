@@ -54,9 +54,11 @@ pub fn run() -> ! {
         "banger-agent {} starting",
         env!("CARGO_PKG_VERSION")
     ));
+    timeline("agent-start");
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     modules::load_listed(Path::new(modules::LOAD_LIST), &cmdline);
+    timeline("modules");
     let config = match drive::discover_within(Path::new("/dev"), &cmdline, CONFIG_DRIVE_WAIT) {
         Ok((path, config)) => {
             console::log(&format!("read config drive {}", path.display()));
@@ -67,25 +69,46 @@ pub fn run() -> ! {
             None
         }
     };
+    timeline("config-drive");
 
     configure_network(config.as_ref());
+    timeline("network");
 
     let switched = mount_and_switch(config.as_ref());
+    timeline("mount-root");
     if let Some(c) = &config {
         write_guest_files(c);
         // The VM may be killed rather than shut down; keep what was written.
         nix::unistd::sync();
     }
+    timeline("guest-files");
 
     let service = spawn_service(config.as_ref(), true);
     if switched {
         if let Some(init) = supervise::find_init(Path::new("/")) {
+            timeline("exec-init");
             console::log(&format!("exec {}", init.display()));
             let e = supervise::exec_init(&init);
             console::log(&format!("exec {} FAILED: {e}", init.display()));
         }
     }
     supervise::supervise(service, || spawn_service(config.as_ref(), false))
+}
+
+/// Logs one boot timeline line, `timeline STAGE SECONDS`: the stage that
+/// just ended and the time since the kernel booted (CLOCK_BOOTTIME), so a
+/// console log shows where a boot's time went (tests/benches/boot.rs reads
+/// these lines for banger's boots and the raw baseline's alike).
+fn timeline(stage: &str) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0 {
+        let secs = ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
+        console::log(&format!("timeline {stage} {secs:.3}"));
+    }
 }
 
 /// Points stdin/stdout/stderr at /dev/console: the kernel may start /init
@@ -235,6 +258,7 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
             }
             let result = serve::Server::bind(serve::Endpoint::Vsock(AGENT_PORT), Path::new("/"))
                 .and_then(|s| {
+                    timeline("agent-listening");
                     console::log(&format!("agent API listening on vsock port {AGENT_PORT}"));
                     s.run()
                 });
