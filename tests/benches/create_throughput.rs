@@ -1,31 +1,107 @@
-//! Host-side create throughput against the fake firecracker: the same number
+//! Host-side create throughput against the fake firecracker with the default
+//! capability set (work-disk, network, dns, file-sync, vsock-agent; the
+//! fake answers the agent's `/healthz` on its vsock socket): the same number
 //! of `banger vm create`s issued one at a time and 32 at a time, through the
-//! real CLI and daemon. Prints creates/s for both and their ratio (the
-//! baseline is the sequential run, measured in the same process).
+//! real CLI and daemon. Prints creates/s for both, their ratio (the baseline
+//! is the sequential run, measured in the same process), and where one
+//! create's time goes: each daemon stage from the moment the CLI printed it
+//! (`==> STAGE: ...`, streamed as the daemon reaches it) to the next one.
+//!
+//! The network capability needs root, a bridge and nft rules: as root the
+//! bench moves itself into a private network namespace first (the daemon
+//! and its VMMs inherit it), so the host's bridge and rules are untouched.
+//! Otherwise it runs on the host's network and says so.
 //!
 //! `cargo build --release --workspace && cargo bench -p banger-tests --bench create_throughput`
 
-use std::time::Instant;
+// A bench is test code: a failed step should stop the run loudly.
+#![allow(clippy::unwrap_used)]
 
-use test_infra::BangerEnv;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use test_infra::{BangerEnv, workspace_bin};
+
+mod common;
+use common::{default_caps_env, load_average, median, private_network};
 
 const CREATES: usize = 32;
 
-fn run(env: &BangerEnv, concurrency: usize, round: usize) -> f64 {
+/// One create as the CLI saw it.
+struct Timed {
+    total: Duration,
+    /// CLI start, API round trip and the daemon before its first stage.
+    before_first: Duration,
+    /// Each stage until the next began (the last until the CLI exited).
+    stages: Vec<(String, Duration)>,
+}
+
+fn timed_create(env: &BangerEnv, name: &str) -> Timed {
+    let (k, r) = env.boot_files();
+    let start = Instant::now();
+    let mut child = env
+        .command(&workspace_bin("banger"))
+        .args(["vm", "create", "--name", name, "--kernel"])
+        .arg(&k)
+        .arg("--rootfs")
+        .arg(&r)
+        .args(["--disk-size", "64M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut marks: Vec<(String, Instant)> = Vec::new();
+    let mut text = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("==> ") {
+            let stage = rest.split_once(": ").map_or(rest, |(s, _)| s);
+            marks.push((stage.to_string(), Instant::now()));
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait().unwrap();
+    let end = Instant::now();
+    assert!(status.success(), "vm create {name} failed:\n{text}");
+    let stages = marks
+        .iter()
+        .enumerate()
+        .map(|(i, (s, t))| {
+            let next = marks.get(i + 1).map_or(end, |m| m.1);
+            (s.clone(), next - *t)
+        })
+        .collect();
+    Timed {
+        total: end - start,
+        before_first: marks.first().map_or(end, |m| m.1) - start,
+        stages,
+    }
+}
+
+/// `CREATES` creates, `concurrency` at a time; returns creates/s and each
+/// create's timing. The VMs are deleted afterwards, untimed.
+fn run(env: &BangerEnv, concurrency: usize, round: usize) -> (f64, Vec<Timed>) {
     let per_thread = CREATES / concurrency;
     let start = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..concurrency {
-            s.spawn(move || {
-                for i in 0..per_thread {
-                    let name = format!("b{round}-{t}-{i}");
-                    env.create(&name, &[]).ok();
-                }
-            });
-        }
+    let timed: Vec<Timed> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|t| {
+                s.spawn(move || {
+                    (0..per_thread)
+                        .map(|i| timed_create(env, &format!("b{round}-{t}-{i}")))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     let secs = start.elapsed().as_secs_f64();
-    // Clean up outside the timed region.
     let names: Vec<String> = env
         .list()
         .into_iter()
@@ -34,22 +110,65 @@ fn run(env: &BangerEnv, concurrency: usize, round: usize) -> f64 {
     let mut args = vec!["vm", "delete"];
     args.extend(names.iter().map(String::as_str));
     env.banger(&args).ok();
-    CREATES as f64 / secs
+    (CREATES as f64 / secs, timed)
+}
+
+/// Median per stage over `timed`, in the order the stages first appear.
+fn split(timed: &[Timed]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut by: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    for t in timed {
+        for (s, d) in &t.stages {
+            if !order.contains(s) {
+                order.push(s.clone());
+            }
+            by.entry(s.clone()).or_default().push(*d);
+        }
+    }
+    let mut parts = vec![format!(
+        "before first stage {:.1} ms",
+        median(timed.iter().map(|t| t.before_first).collect()) * 1e3
+    )];
+    for s in order {
+        let v = by.remove(&s).unwrap_or_default();
+        parts.push(format!("{s} {:.1} ms", median(v) * 1e3));
+    }
+    parts.join(", ")
 }
 
 fn main() {
-    let env = BangerEnv::new();
-    env.banger(&["daemon", "start"]).ok();
-    // Warm-up: first create pays for page cache and daemon start-up.
-    env.create("warmup", &[]).ok();
+    let where_net = private_network("create_throughput");
+    let env = default_caps_env();
+    // Warm-up: the first create pays for page cache, the bridge and rules.
+    timed_create(&env, "warmup");
     env.banger(&["vm", "delete", "warmup"]).ok();
 
-    let sequential = run(&env, 1, 0);
-    let concurrent = run(&env, 32, 1);
+    let load_before = load_average();
+    let (sequential, one) = run(&env, 1, 0);
+    let (concurrent, many) = run(&env, 32, 1);
+    println!(
+        "create_throughput/setup: fake firecracker, default caps (work-disk, network, dns, file-sync, vsock-agent), in {where_net}"
+    );
+    println!(
+        "create_throughput/load average: {load_before} before, {} after",
+        load_average()
+    );
     println!("create_throughput/1-concurrent:  {sequential:8.2} creates/s ({CREATES} creates)");
     println!("create_throughput/32-concurrent: {concurrent:8.2} creates/s ({CREATES} creates)");
     println!(
         "create_throughput/ratio 32:1:    {:8.2}x",
         concurrent / sequential
+    );
+    println!(
+        "create_throughput/single create: {:.1} ms median (CLI start to exit, one at a time)",
+        median(one.iter().map(|t| t.total).collect()) * 1e3
+    );
+    println!(
+        "create_throughput/1-concurrent stages (medians): {}",
+        split(&one)
+    );
+    println!(
+        "create_throughput/32-concurrent stages (medians): {}",
+        split(&many)
     );
 }

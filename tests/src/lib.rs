@@ -169,7 +169,9 @@ impl BangerEnv {
         self.root().join("fc-calls.jsonl")
     }
 
-    fn command(&self, program: &std::path::Path) -> std::process::Command {
+    /// `program` with this env's HOME, XDG dirs and extra variables (what
+    /// [`BangerEnv::banger`] runs), for callers that stream its output.
+    pub fn command(&self, program: &std::path::Path) -> std::process::Command {
         let mut c = std::process::Command::new(program);
         let r = self.root();
         c.env_clear()
