@@ -296,6 +296,12 @@ fn spawn_detached(bin: &Path, log: &Path) -> Result<Child> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
+    // glibc gives each thread that contends an arena of its own (up to 8 per
+    // core) and keeps what they freed: with the daemon's blocking pool that
+    // tripled its resident set under 50 VMs (tests/benches/footprint.rs).
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        cmd.env("MALLOC_ARENA_MAX", "2");
+    }
     // SAFETY: the closure runs in the forked child before exec and only calls
     // setsid(2), which is async-signal-safe and touches no shared state.
     unsafe {
