@@ -412,54 +412,86 @@ mod tests {
         assert!(!record.exists(), "its record stays");
     }
 
-    #[test]
-    fn a_daemon_killed_mid_kernel_pull_leaves_no_staging_and_the_pull_works_after() {
-        use test_infra::http::{Entry, Reply, Server, noise, sha256, tar_zst};
-        let env = KillsLeftovers(BangerEnv::new());
-        let env = &env.0;
+    /// A catalog entry for the given sha256 and size.
+    type CatalogEntry = fn(&str, usize) -> String;
+
+    /// What a catalog pull of `kind` (`kernel`, `image`) needs: its bundle,
+    /// its catalog entry (given sha256 and size) and where it lands.
+    fn pull_fixture(kind: &str) -> (Vec<u8>, CatalogEntry, &'static str) {
+        use test_infra::http::{Entry, noise, tar_zst};
+        if kind == "kernel" {
+            let bundle = tar_zst(&[
+                Entry::File("vmlinux", &noise(4 << 20)),
+                Entry::File("initrd.img", b"initrd bytes"),
+                Entry::File(
+                    "manifest.toml",
+                    b"distro = \"test-distro\"\nversion = \"6.12.7\"\n",
+                ),
+            ]);
+            let entry = |sha: &str, size: usize| {
+                format!(
+                    "[[kernel]]\nname = \"slow\"\narch = \"x86_64\"\ndistro = \"catalog-distro\"\n\
+                     version = \"6.12\"\nurl = \"kernels/slow.tar.zst\"\nsha256 = {sha:?}\n\
+                     size = {size}\ndescription = \"test kernel\"\n"
+                )
+            };
+            (bundle, entry, "kernels")
+        } else {
+            let bundle = tar_zst(&[
+                Entry::Dir("./"),
+                Entry::File(
+                    "manifest.toml",
+                    b"kernel = \"fc-6.12\"\ndescription = \"test image\"\n",
+                ),
+                Entry::File("rootfs.ext4", &noise(4 << 20)),
+            ]);
+            let entry = |sha: &str, size: usize| {
+                format!(
+                    "[[image]]\nname = \"slow\"\narch = \"x86_64\"\nurl = \"images/slow.tar.zst\"\n\
+                     sha256 = {sha:?}\nsize = {size}\nkernel = \"fc-6.12\"\n\
+                     description = \"test image\"\n"
+                )
+            };
+            (bundle, entry, "images")
+        }
+    }
+
+    /// Kills the daemon while `banger KIND pull slow` is extracting into
+    /// staging; the next daemon must sweep the staging and list nothing.
+    /// Returns the server (now serving the whole bundle, for a retry) and
+    /// where pulls of `kind` land.
+    fn crash_mid_pull(
+        env: &BangerEnv,
+        kind: &str,
+    ) -> (test_infra::http::Server, std::path::PathBuf) {
+        use test_infra::http::{Reply, Server, sha256};
         let server = Server::start();
-        let bundle = tar_zst(&[
-            Entry::File("vmlinux", &noise(4 << 20)),
-            Entry::File("initrd.img", b"initrd bytes"),
-            Entry::File(
-                "manifest.toml",
-                b"distro = \"test-distro\"\nversion = \"6.12.7\"\n",
-            ),
-        ]);
-        let catalog = env.root().join("kernels.toml");
-        std::fs::write(
-            &catalog,
-            format!(
-                "[[kernel]]\nname = \"slow\"\narch = \"x86_64\"\ndistro = \"catalog-distro\"\n\
-                 version = \"6.12\"\nurl = \"kernels/slow.tar.zst\"\nsha256 = {:?}\nsize = {}\n\
-                 description = \"test kernel\"\n",
-                sha256(&bundle),
-                bundle.len()
-            ),
-        )
-        .unwrap();
+        let (bundle, entry, dir) = pull_fixture(kind);
+        let catalog = env.root().join(format!("{dir}.toml"));
+        std::fs::write(&catalog, entry(&sha256(&bundle), bundle.len())).unwrap();
         env.write_config(&format!(
-            "kernel_catalog_file = {:?}\nkernel_catalog_url = {:?}\n",
+            "{kind}_catalog_file = {:?}\n{kind}_catalog_url = {:?}\n",
             catalog.display().to_string(),
             server.base
         ));
         // Half the bundle, then nothing: the pull stays mid-extraction.
+        let path = format!("/{dir}/slow.tar.zst");
         server.route(
-            "/kernels/slow.tar.zst",
+            &path,
             Reply::Stall {
                 body: bundle[..bundle.len() / 2].to_vec(),
                 claimed: bundle.len(),
             },
         );
-        let kernels = env.state_dir().join("kernels");
+        let landing = env.state_dir().join(dir);
         let staging = || {
-            names(&kernels)
+            names(&landing)
                 .into_iter()
                 .filter(|n| n.starts_with(".staging-"))
                 .collect::<Vec<_>>()
         };
         std::thread::scope(|s| {
-            let pull = s.spawn(|| env.banger(&["kernel", "pull", "slow"]));
+            let pull = s.spawn(|| env.banger(&[kind, "pull", "slow"]));
             wait_until(
                 Duration::from_secs(30),
                 "the pull extracts into staging",
@@ -467,17 +499,36 @@ mod tests {
             );
             kill_daemon(env);
             let out = pull.join().unwrap();
-            assert_ne!(out.code, 0, "the pull outlived its daemon: {out:?}");
+            assert_ne!(out.code, 0, "the {kind} pull outlived its daemon: {out:?}");
         });
         assert!(!staging().is_empty(), "a SIGKILLed daemon cleans nothing");
 
-        // The next daemon sweeps the staging; the kernel was never published.
-        server.route("/kernels/slow.tar.zst", Reply::Body(bundle));
-        let list = env.banger(&["kernel", "list"]).ok();
-        assert!(staging().is_empty(), "staging left: {:?}", staging());
+        let list = env.banger(&[kind, "list"]).ok();
+        assert!(staging().is_empty(), "{kind} staging left: {:?}", staging());
         assert!(!list.stdout.contains("slow"), "{}", list.stdout);
+        server.route(&path, Reply::Body(bundle));
+        (server, landing)
+    }
+
+    #[test]
+    fn a_daemon_killed_mid_kernel_pull_leaves_no_staging_and_the_pull_works_after() {
+        let env = KillsLeftovers(BangerEnv::new());
+        let env = &env.0;
+        let (_server, kernels) = crash_mid_pull(env, "kernel");
         env.banger(&["kernel", "pull", "slow"]).ok();
         assert_eq!(names(&kernels), BTreeSet::from(["slow".to_string()]));
+    }
+
+    #[test]
+    fn a_daemon_killed_mid_image_pull_leaves_no_staging_and_no_image() {
+        let env = KillsLeftovers(BangerEnv::new());
+        let env = &env.0;
+        let (_server, images) = crash_mid_pull(env, "image");
+        let left: Vec<String> = names(&images)
+            .into_iter()
+            .filter(|n| n.contains("slow"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     /// Runs `statement` on the state database with the sqlite3 CLI.
