@@ -1060,7 +1060,7 @@ mod tests {
                 for l in links_with_prefix(restarted.taps().prefix()) {
                     assert!(l == t_alive || free.contains(&l), "{l} left over");
                 }
-                assert_eq!(restarted.taps().in_use(), [t_alive.clone()]);
+                assert_eq!(restarted.taps().in_use(), std::slice::from_ref(&t_alive));
                 if link_exists(&dead_link.0) {
                     assert_ne!(
                         ifindex(&dead_link.0),
