@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use banger_api::api::{WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
+use banger_api::api::{ExportedFile, WorkspaceExport, WorkspacePrepareRequest, WorkspaceView};
 use banger_api::client::{Client, Method};
 use banger_api::paths::Paths;
 use banger_api::workspace::{PrepareOptions, plan, skipped_untracked_note};
@@ -100,6 +100,16 @@ fn render_view(v: &WorkspaceView) -> String {
     out
 }
 
+/// The changed files, one per line under a count, as export prints them
+/// on stderr.
+fn render_files(files: &[ExportedFile]) -> String {
+    let mut out = format!("files: {} changed\n", files.len());
+    for f in files {
+        out.push_str(&format!("  {:<12} {}\n", f.status, f.path));
+    }
+    out
+}
+
 async fn export(client: &Client, a: ExportArgs) -> Result<ExitCode> {
     let mut path = format!("/v1/vms/{}/workspace/export", a.name);
     if let Some(b) = &a.base_commit {
@@ -117,11 +127,16 @@ async fn export(client: &Client, a: ExportArgs) -> Result<ExitCode> {
         other => other,
     };
     eprintln!("base: {} ({source})", ex.base_commit);
+    eprint!("{}", render_files(&ex.files));
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ex)?);
+    }
     match a.output {
         Some(file) => {
             banger_api::ssh::write_staged(&file, &patch, 0o644)?;
             eprintln!("wrote {} bytes to {}", patch.len(), file.display());
         }
+        None if a.json => {}
         None => {
             let mut out = std::io::stdout().lock();
             out.write_all(&patch).context("Writing the patch")?;
@@ -129,4 +144,22 @@ async fn export(client: &Client, a: ExportArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_lists_each_changed_file_under_a_count() {
+        let f = |s: &str, p: &str| ExportedFile {
+            status: s.into(),
+            path: p.into(),
+        };
+        assert_eq!(
+            render_files(&[f("modified", "a.txt"), f("added", "src/new.rs")]),
+            "files: 2 changed\n  modified     a.txt\n  added        src/new.rs\n"
+        );
+        assert_eq!(render_files(&[]), "files: 0 changed\n");
+    }
 }

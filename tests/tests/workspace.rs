@@ -404,6 +404,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(base, plan2.base_commit);
+        // The export's file list: what the patch changes, nothing ignored.
+        let files: Vec<(String, String)> = workspace::changed_files(&ssh, r, &base)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.path, f.status))
+            .collect();
+        for (path, status) in [
+            ("a.txt", "modified"),
+            ("run.sh", "deleted"),
+            ("blob.bin", "added"),
+        ] {
+            assert!(
+                files.contains(&(path.to_string(), status.to_string())),
+                "{path} {status} not in {files:?}"
+            );
+        }
+        assert!(!files.iter().any(|(p, _)| p == "guest.log"), "{files:?}");
         assert_eq!(
             fs::read(r.join(".git/index")).unwrap(),
             index_before,

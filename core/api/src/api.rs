@@ -229,6 +229,19 @@ pub struct WorkspaceExport {
     /// The patch (`git diff --binary`), base64-encoded; `git apply` it on a
     /// checkout of `base_commit`.
     pub patch_base64: String,
+    /// The files the patch changes, in path order (`git diff --name-status
+    /// --no-renames`); empty from a daemon that predates it.
+    #[serde(default)]
+    pub files: Vec<ExportedFile>,
+}
+
+/// One file a workspace export changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedFile {
+    /// `added`, `modified`, `deleted` or `type-changed` (file to symlink, ...).
+    pub status: String,
+    /// Path relative to the repository root.
+    pub path: String,
 }
 
 /// Resource use of a running VM, as `banger vm stats` shows it.

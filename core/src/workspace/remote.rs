@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::guest_ssh::{GuestSsh, shell_quote_path};
 use crate::lifecycle::Progress;
-use banger_api::api::WorkspaceView;
+use banger_api::api::{ExportedFile, WorkspaceView};
 use banger_api::counting::Counting;
 
 use super::{WorkspaceError, check_base_commit};
@@ -209,17 +209,64 @@ pub async fn export(
     let resolved = String::from_utf8_lossy(&resolved).trim().to_string();
     check_base_commit(&resolved)?;
     let script = format!(
-        "set -e; cd {q_repo}; idx=$(mktemp); trap 'rm -f \"$idx\"' EXIT; \
-         real=$(git rev-parse --git-path index); \
-         if [ -f \"$real\" ]; then cp \"$real\" \"$idx\"; else rm -f \"$idx\"; fi; \
-         GIT_INDEX_FILE=$idx git add -A; tree=$(GIT_INDEX_FILE=$idx git write-tree); \
-         git diff --binary --full-index --no-color --no-ext-diff --no-textconv {resolved} \"$tree\""
+        "{} git diff --binary --full-index --no-color --no-ext-diff --no-textconv {resolved} \"$tree\"",
+        worktree_tree(&q_repo)
     );
     let patch = ssh
         .run(&script, None)
         .await
         .map_err(|e| WorkspaceError::Guest("diff", Box::new(e)))?;
     Ok((resolved, patch))
+}
+
+/// Shell that leaves in `$tree` the guest's working tree as a git tree
+/// (untracked non-ignored files included), through a temporary copy of the
+/// index so the real one is untouched.
+fn worktree_tree(q_repo: &str) -> String {
+    format!(
+        "set -e; cd {q_repo}; idx=$(mktemp); trap 'rm -f \"$idx\"' EXIT; \
+         real=$(git rev-parse --git-path index); \
+         if [ -f \"$real\" ]; then cp \"$real\" \"$idx\"; else rm -f \"$idx\"; fi; \
+         GIT_INDEX_FILE=$idx git add -A; tree=$(GIT_INDEX_FILE=$idx git write-tree);"
+    )
+}
+
+/// The files [`export`] against `base` (a full commit id, as it returns)
+/// changes: `git diff --name-status --no-renames` over the same tree.
+pub async fn changed_files(
+    ssh: &GuestSsh,
+    repo: &Path,
+    base: &str,
+) -> Result<Vec<ExportedFile>, WorkspaceError> {
+    check_base_commit(base)?;
+    let script = format!(
+        "{} git diff --name-status -z --no-renames --no-color {base} \"$tree\"",
+        worktree_tree(&shell_quote_path(repo))
+    );
+    let out = ssh
+        .run(&script, None)
+        .await
+        .map_err(|e| WorkspaceError::Guest("diff_names", Box::new(e)))?;
+    Ok(parse_name_status(&out))
+}
+
+/// `git diff --name-status -z` output (`M\0path\0D\0path\0...`) as files.
+fn parse_name_status(out: &[u8]) -> Vec<ExportedFile> {
+    let mut fields = out.split(|&b| b == 0).filter(|f| !f.is_empty());
+    let mut files = Vec::new();
+    while let (Some(status), Some(path)) = (fields.next(), fields.next()) {
+        let status = match status.first() {
+            Some(b'A') => "added",
+            Some(b'D') => "deleted",
+            Some(b'T') => "type-changed",
+            _ => "modified",
+        };
+        files.push(ExportedFile {
+            status: status.to_string(),
+            path: String::from_utf8_lossy(path).into_owned(),
+        });
+    }
+    files
 }
 
 fn q(s: &str) -> String {
@@ -300,4 +347,28 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| WorkspaceError::Task(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_status_lists_each_file_with_its_change() {
+        let out = b"M\0a.txt\0D\0run.sh\0A\0dir/new file\0T\0link\0A\0odd\nname\0";
+        let files: Vec<(String, String)> = parse_name_status(out)
+            .into_iter()
+            .map(|f| (f.status, f.path))
+            .collect();
+        let want = [
+            ("modified", "a.txt"),
+            ("deleted", "run.sh"),
+            ("added", "dir/new file"),
+            ("type-changed", "link"),
+            ("added", "odd\nname"),
+        ]
+        .map(|(s, p)| (s.to_string(), p.to_string()));
+        assert_eq!(files, want);
+        assert!(parse_name_status(b"").is_empty());
+    }
 }

@@ -85,15 +85,20 @@ pub async fn export_vm(
     };
     let repo = GuestPaths::default().repo;
     let ssh = connect(lc, name).await?;
-    let out = super::export(&ssh, &repo, base.as_deref())
-        .await
-        .map_err(op);
+    let out = match super::export(&ssh, &repo, base.as_deref()).await {
+        Ok((base, patch)) => super::changed_files(&ssh, &repo, &base)
+            .await
+            .map(|files| (base, patch, files)),
+        Err(e) => Err(e),
+    }
+    .map_err(op);
     ssh.close().await;
-    let (base_commit, patch) = out?;
+    let (base_commit, patch, files) = out?;
     Ok(WorkspaceExport {
         base_commit,
         base_source: source.to_string(),
         patch_base64: base64::engine::general_purpose::STANDARD.encode(patch),
+        files,
     })
 }
 
