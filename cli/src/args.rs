@@ -661,6 +661,10 @@ pub struct ExportArgs {
     /// Write the patch to FILE instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Print JSON (base, changed files, the patch in base64) instead of the
+    /// patch; with --output the patch still goes to FILE.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_sha(s: &str) -> Result<String, String> {
