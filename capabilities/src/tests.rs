@@ -420,7 +420,11 @@ fn vsock_agent_checks_its_options() {
 fn vsock_agent_adds_a_per_vm_socket_and_an_initrd_with_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("agent-bin");
-    std::fs::write(&agent, b"agent bytes").unwrap();
+    // An ELF header without program headers (static), then a marker.
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(64, 0);
+    elf.extend_from_slice(b"agent bytes");
+    std::fs::write(&agent, elf).unwrap();
     let o = opts(&[("agent", agent.to_str().unwrap())]);
     let v = vm(1 << 20, false);
     let mut m = bare_machine();

@@ -850,6 +850,9 @@ pub fn elf_interpreter(path: &Path) -> std::io::Result<Option<String>> {
             uint(&ident[0x2c..0x2e]),
         )
     };
+    if phnum == 0 {
+        return Ok(None);
+    }
     // p_offset and p_filesz of a program header.
     let (off_at, size_at) = if wide {
         (8..16, 32..40)
@@ -2039,6 +2042,10 @@ disk_size = "20G"
                 );
             }
         }
+        let mut bare = b"\x7fELF\x02\x01\x01".to_vec();
+        bare.resize(64, 0);
+        std::fs::write(&f, bare).unwrap();
+        assert_eq!(elf_interpreter(&f).unwrap(), None, "no program headers");
         std::fs::write(&f, b"#!/bin/sh\nexit 0\n").unwrap();
         let err = elf_interpreter(&f).unwrap_err();
         assert_eq!(err.to_string(), "not an ELF file");
