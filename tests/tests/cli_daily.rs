@@ -424,4 +424,76 @@ mod tests {
         assert!(t.elapsed() < std::time::Duration::from_secs(3));
         assert_eq!(env.daemon_pid(), None);
     }
+
+    /// A minimal bzImage around `payload` (boot protocol 2.15 header:
+    /// `setup_sects`, `HdrS`, `payload_offset`, `payload_length`).
+    fn bzimage(payload: &[u8]) -> Vec<u8> {
+        let setup_sects = 4u8;
+        let pm = (usize::from(setup_sects) + 1) * 512;
+        let mut img = vec![0u8; pm + 16];
+        img[0x1f1] = setup_sects;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
+        img[0x24c..0x250].copy_from_slice(&(payload.len() as u32 + 4).to_le_bytes());
+        img.extend_from_slice(payload);
+        img.extend_from_slice(&1234u32.to_le_bytes());
+        img
+    }
+
+    #[test]
+    fn kernel_import_finds_boot_vmlinuz_and_unpacks_it() {
+        let env = BangerEnv::new();
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(18, 0);
+        elf.extend_from_slice(&62u16.to_le_bytes());
+        elf.extend(std::iter::repeat_n(0x5a, 8192));
+        let distro = env.root().join("distro-tree");
+        std::fs::create_dir_all(distro.join("boot")).unwrap();
+        let zst = zstd::encode_all(&elf[..], 3).unwrap();
+        std::fs::write(distro.join("boot/vmlinuz-6.1.0-9-amd64"), bzimage(&zst)).unwrap();
+        std::fs::write(
+            distro.join("boot/initrd.img-6.1.0-9-amd64"),
+            b"070701 initrd",
+        )
+        .unwrap();
+        std::fs::write(distro.join("boot/config-6.1.0-9-amd64"), b"CONFIG_X=y\n").unwrap();
+        let from = distro.to_str().unwrap();
+        env.banger(&["kernel", "import", "deb", "--from", from])
+            .ok();
+        let show: serde_json::Value =
+            serde_json::from_str(&env.banger(&["kernel", "show", "deb", "--json"]).ok().stdout)
+                .unwrap();
+        let vmlinux = std::fs::read(show["vmlinux"].as_str().unwrap()).unwrap();
+        assert!(vmlinux == elf, "the stored kernel is not the unpacked ELF");
+        assert_eq!(show["version"], "6.1.0-9-amd64", "{show}");
+        assert_eq!(show["has_initrd"], true, "{show}");
+
+        // An uncompressed boot/vmlinux-* is taken as it is.
+        let plain = env.root().join("plain-tree");
+        std::fs::create_dir_all(plain.join("boot")).unwrap();
+        std::fs::write(plain.join("boot/vmlinux-6.2"), &elf).unwrap();
+        env.banger(&[
+            "kernel",
+            "import",
+            "plain",
+            "--from",
+            plain.to_str().unwrap(),
+        ])
+        .ok();
+
+        // A compressed kernel that cannot be unpacked: refused, saying why.
+        let bad = env.root().join("bad-tree");
+        std::fs::create_dir_all(bad.join("boot")).unwrap();
+        std::fs::write(bad.join("boot/vmlinuz-6.3"), b"MZ not a bzImage").unwrap();
+        let out = env
+            .banger(&["kernel", "import", "bad", "--from", bad.to_str().unwrap()])
+            .failed();
+        let text = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            text.contains("compressed kernel") && text.contains("ELF vmlinux"),
+            "{text}"
+        );
+        assert!(text.contains("vmlinuz-6.3"), "{text}");
+    }
 }

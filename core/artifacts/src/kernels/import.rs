@@ -90,10 +90,31 @@ pub(super) fn discover(from: &Path) -> Result<Found, KernelError> {
         Ok(full)
     };
     let names = file_names(&dir)?;
+    // A distribution's tree keeps them in boot/ (`vmlinuz-VERSION`).
+    let boot = dir.join("boot");
+    let boot_names = if boot.is_dir() {
+        file_names(&boot)?
+    } else {
+        Vec::new()
+    };
     let kernel = match &meta.kernel {
         Some(p) => named(p)?,
-        None => one_of(&dir, &names, &["vmlinux"], "kernel")?.ok_or_else(|| {
-            fail("no `vmlinux*` file; add one or a banger-kernel.toml naming it".into())
+        None => [
+            (&dir, &names, "vmlinux"),
+            (&boot, &boot_names, "vmlinux-"),
+            (&dir, &names, "vmlinuz"),
+            (&boot, &boot_names, "vmlinuz-"),
+        ]
+        .into_iter()
+        .map(|(d, n, prefix)| one_of(d, n, &[prefix], "kernel"))
+        .find_map(|r| r.transpose())
+        .transpose()?
+        .ok_or_else(|| {
+            fail(
+                "no `vmlinux*` or `vmlinuz*` file, here or in boot/; add one or a \
+                 banger-kernel.toml naming it"
+                    .into(),
+            )
         })?,
     };
     if !kernel.is_file() {
@@ -104,7 +125,10 @@ pub(super) fn discover(from: &Path) -> Result<Found, KernelError> {
     }
     let initrd = match &meta.initrd {
         Some(p) => Some(named(p)?),
-        None => one_of(&dir, &names, &["initrd", "initramfs"], "initrd")?,
+        None => match one_of(&dir, &names, &["initrd", "initramfs"], "initrd")? {
+            Some(i) => Some(i),
+            None => one_of(&boot, &boot_names, &["initrd", "initramfs-"], "initrd")?,
+        },
     };
     let modules = match &meta.modules {
         Some(p) => Some(named(p)?),
@@ -120,6 +144,7 @@ pub(super) fn discover(from: &Path) -> Result<Found, KernelError> {
             .unwrap_or_default();
         let v = file
             .trim_start_matches("vmlinux")
+            .trim_start_matches("vmlinuz")
             .trim_start_matches(['-', '.', '_']);
         if v.is_empty() {
             "unknown".to_owned()
@@ -184,7 +209,11 @@ pub(super) fn copy_into(
     staging: &Path,
     name: &str,
 ) -> Result<KernelManifest, KernelError> {
-    let sha256 = copy_hashing(&found.kernel, &staging.join("vmlinux"))?;
+    let sha256 = if is_elf(&found.kernel)? {
+        copy_hashing(&found.kernel, &staging.join("vmlinux"))?
+    } else {
+        unpack_bzimage(found, &staging.join("vmlinux"))?
+    };
     if let Some(initrd) = &found.initrd {
         copy_hashing(initrd, &staging.join("initrd"))?;
     }
@@ -220,6 +249,45 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 }
 
 /// Copies `src` to the new file `dest`, returning the sha256 of the content.
+/// Whether `path` starts with the ELF magic (a `vmlinux`, not a bzImage).
+fn is_elf(path: &Path) -> Result<bool, KernelError> {
+    let mut magic = [0u8; 4];
+    let mut f = fs::File::open(path).map_err(KernelError::io("open", path))?;
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(&magic == b"\x7fELF"),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(KernelError::io("read", path)(e)),
+    }
+}
+
+/// Unpacks the ELF `vmlinux` out of a compressed kernel (`vmlinuz`, a
+/// bzImage) into `dest`, since the VMMs boot an ELF; returns its sha256.
+fn unpack_bzimage(found: &Found, dest: &Path) -> Result<String, KernelError> {
+    let src = &found.kernel;
+    let image = fs::read(src).map_err(KernelError::io("read", src))?;
+    let elf =
+        crate::recipes::bzimage::extract_vmlinux(&image).map_err(|e| KernelError::Discover {
+            dir: found.dir.clone(),
+            reason: format!(
+                "{} is a compressed kernel (vmlinuz), and the VMMs need an ELF vmlinux, but it \
+                 could not be unpacked ({e}); give an uncompressed vmlinux (the distribution's \
+                 debug package, or the Linux tree's scripts/extract-vmlinux)",
+                src.display()
+            ),
+        })?;
+    let mut output = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dest)
+        .map_err(KernelError::io("create", dest))?;
+    output
+        .write_all(&elf)
+        .and_then(|()| output.sync_all())
+        .map_err(KernelError::io("write", dest))?;
+    Ok(hex(&Sha256::digest(&elf)))
+}
+
 fn copy_hashing(src: &Path, dest: &Path) -> Result<String, KernelError> {
     let mut input = fs::File::open(src).map_err(KernelError::io("open", src))?;
     let mut output = fs::OpenOptions::new()
