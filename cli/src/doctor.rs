@@ -539,7 +539,7 @@ fn vmm_jail(config: &Config) -> Check {
             )),
         );
     }
-    match banger_vmm::cgroup::CgroupHost::probe().describe() {
+    match banger_api::cgroups::CgroupHost::probe().describe() {
         Ok(used) => Check::pass(CHECK, format!("{who}; one cgroup per VM: {used}")),
         Err(missing) => Check::warn(
             CHECK,

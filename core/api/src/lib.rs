@@ -19,6 +19,7 @@
 pub mod api;
 pub mod backend;
 pub mod catalog;
+pub mod cgroups;
 pub mod client;
 pub mod config;
 pub mod counting;

@@ -94,7 +94,7 @@ pub fn create_cgroup(
     }
     let name = vm_name(paths)?;
     let limits = Limits::for_shape(machine.vcpus, machine.memory_mib);
-    let cg = match CgroupHost::probe().create(&name, &limits) {
+    let cg = match cgroup::create(&CgroupHost::probe(), &name, &limits) {
         Ok(cg) => cg,
         // A VMM of this VM still running is a real refusal.
         Err(e @ VmmError::NotReady(_)) => return Err(e),

@@ -160,7 +160,7 @@ fn record_cgroup(
     paths: &LaunchPaths,
 ) -> Result<VmCgroup, VmmError> {
     let mut cg = if version == 1 {
-        host.create_membership(id)?
+        crate::cgroup::create_membership(host, id)?
     } else {
         VmCgroup {
             dirs: Vec::new(),
