@@ -277,6 +277,17 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A catalog entry's download size (`-` when the catalog does not say, as
+/// for a kernel built here from its recipe).
+fn download_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    match UNITS.iter().find(|(m, _)| bytes >= *m) {
+        _ if bytes == 0 => "-".to_string(),
+        Some((m, unit)) => format!("{:.1} {unit}", bytes as f64 / *m as f64),
+        None => format!("{bytes} B"),
+    }
+}
+
 /// Runs `banger kernel ...`.
 pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
     match cmd {
@@ -322,6 +333,7 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
                             k.name.clone(),
                             k.version.clone(),
                             k.arch.clone(),
+                            download_size(k.size),
                             yes(k.default),
                             yes(k.local),
                             k.sources.clone(),
@@ -336,6 +348,7 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
                             "NAME",
                             "VERSION",
                             "ARCH",
+                            "SIZE",
                             "DEFAULT",
                             "LOCAL",
                             "SOURCE",
@@ -409,4 +422,20 @@ pub async fn kernel(client: &Client, cmd: KernelCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn download_sizes_read_as_humans_say_them() {
+        for (bytes, want) in [
+            (0, "-"),
+            (512, "512 B"),
+            (1536, "1.5 KiB"),
+            (12_400_000, "11.8 MiB"),
+            (3 << 30, "3.0 GiB"),
+        ] {
+            assert_eq!(super::download_size(bytes), want, "{bytes}");
+        }
+    }
 }

@@ -496,4 +496,26 @@ mod tests {
         );
         assert!(text.contains("vmlinuz-6.3"), "{text}");
     }
+
+    #[test]
+    fn kernel_list_available_shows_download_sizes() {
+        let env = BangerEnv::new();
+        let cat = env.root().join("kernels.toml");
+        std::fs::write(
+            &cat,
+            format!(
+                "base_url = \"http://127.0.0.1:9/\"\n\
+                 [[kernel]]\nname = \"big\"\narch = \"x86_64\"\ndistro = \"t\"\nversion = \"6.12\"\n\
+                 url = \"k/big.tar.zst\"\nsha256 = \"{}\"\nsize = 12400000\ndescription = \"d\"\ndefault = true\n",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
+        env.write_config(&format!("kernel_catalog_file = {cat:?}\n"));
+        let out = env.banger(&["kernel", "list", "--available"]).ok();
+        let header = out.stdout.lines().next().unwrap_or_default();
+        assert!(header.contains("SIZE"), "{out:?}");
+        let row = out.stdout.lines().find(|l| l.starts_with("big")).unwrap();
+        assert!(row.contains("11.8 MiB"), "{out:?}");
+    }
 }
