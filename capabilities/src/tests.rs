@@ -607,7 +607,15 @@ const BUILTIN_MODULES: &[(&str, &[&str])] = &[
 /// The low-level network calls `InProcessHostOps` makes (netlink, nft,
 /// resolvectl), all that banger's core crates hold of networking besides
 /// the address types of `banger_api::net`.
-const HOST_NET_FILES: &[&str] = &["mod.rs", "netlink.rs", "nft.rs", "resolved.rs"];
+// `identity.rs` is the names a daemon derives from its state dir, which the
+// helper (in banger-host) must derive the same way.
+const HOST_NET_FILES: &[&str] = &[
+    "identity.rs",
+    "mod.rs",
+    "netlink.rs",
+    "nft.rs",
+    "resolved.rs",
+];
 
 /// banger's core crates: the daemon library and the layers under it.
 const CORE_CRATES: &[&str] = &[
