@@ -9,7 +9,8 @@
 //! keyboard-interactive login), root by key only, and `StrictModes yes`
 //! (the agent keeps `/root` at `0755 root:root`, which it needs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 
 use banger_api::guest::{GuestConfig, GuestFile};
@@ -36,21 +37,65 @@ PermitRootLogin prohibit-password
 StrictModes yes
 ";
 
+/// Where images keep sshd (`/usr/sbin` is a link to `bin` on merged-bin
+/// systems, which debugfs follows).
+const SSHD_PATHS: &[&str] = &["/usr/sbin/sshd", "/usr/bin/sshd"];
+
+/// Whether the ext4 image `disk` has an sshd, read with `debugfs` (no
+/// mount, no root); `None` when that cannot be told (no debugfs, not ext4).
+pub fn image_has_sshd(disk: &Path) -> Option<bool> {
+    let debugfs = banger_api::config::find_on_path("debugfs").or_else(|| {
+        ["/usr/sbin/debugfs", "/sbin/debugfs"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    })?;
+    for path in SSHD_PATHS {
+        let out = Command::new(&debugfs)
+            .arg("-R")
+            .arg(format!("stat {path}"))
+            .arg(disk)
+            .output()
+            .ok()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        if stdout.starts_with("Inode:") {
+            return Some(true);
+        }
+        if !stderr.contains("File not found by ext2_lookup") {
+            return None;
+        }
+    }
+    Some(false)
+}
+
+/// What `vm create` says about an image without sshd.
+pub const NO_SSHD_WARNING: &str = "the image has no sshd (/usr/sbin/sshd): `banger vm ssh NAME` and `vm run -- CMD` work through the guest agent instead, but plain `ssh NAME.vm`, scp, rsync and editors (ssh-config) and workspace imports (`vm run PATH`, `vm workspace`) need sshd; install openssh-server in the image (e.g. `RUN apt-get install -y openssh-server` in its Dockerfile) and pull it again";
+
 /// The capability: where the identity lives.
 #[derive(Debug)]
 pub struct SshIdentity {
-    ssh_dir: PathBuf,
+    key: PathBuf,
 }
 
 impl SshIdentity {
     /// The identity kept in `ssh_dir` (`id_ed25519`, `id_ed25519.pub`).
     pub fn new(ssh_dir: PathBuf) -> Self {
-        SshIdentity { ssh_dir }
+        SshIdentity::with_key(ssh_dir.join("id_ed25519"))
+    }
+
+    /// The identity whose private key is `key` (config `ssh_key_path`).
+    pub fn with_key(key: PathBuf) -> Self {
+        SshIdentity { key }
     }
 }
 
 fn make(env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
-    Ok(Arc::new(SshIdentity::new(env.paths.ssh_dir())))
+    Ok(Arc::new(SshIdentity::with_key(
+        env.config.ssh_key_file(env.paths),
+    )))
 }
 
 inventory::submit! { BuiltinCapability { make } }
@@ -78,7 +123,7 @@ impl Capability for SshIdentity {
     }
 
     fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
-        let identity = Identity::load_or_create(&self.ssh_dir)
+        let identity = Identity::load_or_create_key(&self.key)
             .map_err(|e| CapError::with("Cannot load banger's SSH identity", e))?;
         guest
             .authorized_keys
@@ -92,15 +137,18 @@ impl Capability for SshIdentity {
         });
         ctx.log
             .info("authorized banger's SSH key; sshd takes keys only");
+        // The VM's own root disk (not yet booted now): say so when there
+        // is no sshd for the key to log in to.
+        let root_disk = ctx.vm_dir.join(banger_core::lifecycle::ROOT_DISK_FILE);
+        if image_has_sshd(&root_disk) == Some(false) {
+            ctx.log.warn(NO_SSHD_WARNING);
+        }
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-    use std::process::Command;
-
     use banger_api::config::Config;
     use banger_core::capability::HookLog;
     use banger_host::hostops::RecordingHostOps;
@@ -153,6 +201,63 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
         }
+    }
+
+    /// An ext4 image made by mkfs.ext4 from `files` (relative paths; a
+    /// `->` in a name makes a symlink), or `None` (skipped) without it.
+    fn ext4_with(test: &str, dir: &Path, files: &[&str]) -> Option<PathBuf> {
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(&tree).unwrap();
+        for f in files {
+            match f.split_once(" -> ") {
+                Some((link, target)) => {
+                    std::fs::create_dir_all(tree.join(link).parent().unwrap()).unwrap();
+                    std::os::unix::fs::symlink(target, tree.join(link)).unwrap();
+                }
+                None => {
+                    std::fs::create_dir_all(tree.join(f).parent().unwrap()).unwrap();
+                    std::fs::write(tree.join(f), "#!/bin/sh\n").unwrap();
+                }
+            }
+        }
+        let image = dir.join("root.ext4");
+        let made = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&image)
+            .arg("8M")
+            .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+            .status();
+        match made {
+            Ok(s) if s.success() => Some(image),
+            _ => {
+                eprintln!("SKIP {test}: no mkfs.ext4 (apt package e2fsprogs)");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn sshd_is_found_in_an_ext4_image_through_merged_bin_links_or_reported_missing() {
+        let test = "sshd_is_found_in_an_ext4_image_through_merged_bin_links_or_reported_missing";
+        for (files, want) in [
+            (&["usr/sbin/sshd", "etc/hostname"][..], Some(true)),
+            (&["usr/bin/sshd", "usr/sbin -> bin"][..], Some(true)),
+            (&["usr/bin/sshd"][..], Some(true)),
+            (&["usr/sbin/nginx", "etc/ssh/sshd_config"][..], Some(false)),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let Some(image) = ext4_with(test, dir.path(), files) else {
+                return;
+            };
+            assert_eq!(image_has_sshd(&image), want, "{files:?}");
+        }
+        // Not ext4 (or unreadable): cannot tell, so nothing is claimed.
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.img");
+        std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+        assert_eq!(image_has_sshd(&junk), None);
+        assert_eq!(image_has_sshd(&dir.path().join("missing.img")), None);
     }
 
     /// The drop-in as the host's real sshd reads it, included the way

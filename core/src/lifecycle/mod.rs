@@ -40,6 +40,7 @@ pub use banger_api::error::render_chain;
 pub use banger_api::progress::Progress;
 pub use reconcile::Reconciled;
 /// File name of the captured guest console inside a VM's directory.
+pub use start::ROOT_DISK as ROOT_DISK_FILE;
 pub use start::SERIAL_LOG as SERIAL_LOG_FILE;
 
 /// A lifecycle operation failed.

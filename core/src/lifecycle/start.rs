@@ -17,7 +17,7 @@ use banger_vmm::config_drive;
 pub(crate) const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
 
 /// File name of a VM's own root disk inside its directory.
-pub(crate) const ROOT_DISK: &str = "rootfs.ext4";
+pub const ROOT_DISK: &str = "rootfs.ext4";
 /// File name of the captured guest console inside a VM's directory.
 pub const SERIAL_LOG: &str = "serial.log";
 /// File name of the VMM's own log inside a VM's directory.
