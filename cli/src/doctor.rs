@@ -143,7 +143,7 @@ async fn all_checks() -> Vec<Check> {
     out.push(privileges(&config));
     out.push(vmm_jail(&config));
     out.push(default_artifacts(&config, &paths));
-    out.push(ssh_identity(&paths));
+    out.push(ssh_identity(&paths, &config));
     out.push(ssh_client());
     out.push(ssh_config_included(&paths));
     out.push(daemon(&paths).await);
@@ -733,8 +733,8 @@ fn origin(kind: &str, local: bool, sources: Option<&Sources>) -> Result<String, 
         })
 }
 
-fn ssh_identity(paths: &Paths) -> Check {
-    let key = paths.ssh_dir().join("id_ed25519");
+fn ssh_identity(paths: &Paths, config: &Config) -> Check {
+    let key = config.ssh_key_file(paths);
     let meta = match std::fs::metadata(&key) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -122,12 +122,13 @@ async fn default_via(client: &Client, name: &str) -> Via {
     }
 }
 
-/// banger's private key, as the daemon's ssh-identity capability keeps it.
+/// banger's private key, as the daemon's ssh-identity capability keeps it
+/// (config `ssh_key_path`).
 pub(crate) fn identity_file(
     paths: &Paths,
-    _config: &banger_api::config::Config,
+    config: &banger_api::config::Config,
 ) -> std::path::PathBuf {
-    paths.ssh_dir().join("id_ed25519")
+    config.ssh_key_file(paths)
 }
 
 /// Writes `target`'s host keys to `<state>/ssh/known_hosts.d/NAME` and

@@ -6,6 +6,7 @@
 // (unwrap in tests) cover the helpers too.
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::process::Command;
     use std::sync::Arc;
@@ -517,5 +518,49 @@ mod tests {
         assert!(header.contains("SIZE"), "{out:?}");
         let row = out.stdout.lines().find(|l| l.starts_with("big")).unwrap();
         assert!(row.contains("11.8 MiB"), "{out:?}");
+    }
+
+    #[test]
+    fn ssh_key_path_is_the_key_vm_ssh_and_ssh_config_use() {
+        if !tool_present("ssh-keygen", "ssh_key_path_is_the_key") {
+            return;
+        }
+        let keydir = tempfile::tempdir().unwrap();
+        let (json, _) = host_keys(keydir.path());
+        let mut env = BangerEnv::new();
+        let keys = env.root().join("host-keys.json");
+        std::fs::write(&keys, json).unwrap();
+        env.set_env("FAKE_FC_AGENT", "1");
+        env.set_env("FAKE_FC_HOST_KEYS", &keys.display().to_string());
+        env.write_config(
+            "default_caps = [\"work-disk\", \"vsock-agent\", \"ssh-identity\"]\n\
+             ssh_key_path = \"~/keys/banger_ed25519\"\n",
+        );
+        env.create("web", &[]).ok();
+        let store = Arc::new(Store::open(&env.state_dir().join("banger.db")).unwrap());
+        let id = store.find_vm("web").unwrap().unwrap().id;
+        let subnet: Subnet = "10.77.0.0/24".parse().unwrap();
+        Leases::new(store).acquire(&id, &subnet).unwrap();
+
+        let key = env.root().join("home/keys/banger_ed25519");
+        let printed = env.banger(&["vm", "ssh", "web", "--print"]).ok();
+        assert!(
+            printed.stdout.contains(&format!("-i {}", key.display())),
+            "{printed:?}"
+        );
+        // The daemon made the pair there, and nothing in the default place.
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        assert!(public.starts_with("ssh-ed25519 "), "{public}");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!env.state_dir().join("ssh/id_ed25519").exists());
+        // ssh-config names it too.
+        let cfg = env.root().join("config/banger/ssh_config");
+        env.banger(&["ssh-config"]).ok();
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(
+            text.contains(&format!("IdentityFile {}", key.display())),
+            "{text}"
+        );
     }
 }

@@ -490,6 +490,9 @@ pub struct Config {
     /// The image `vm create` and `vm run` use without `--image` (and
     /// without `--rootfs`); `None` means the image catalog's default.
     pub default_image_name: Option<String>,
+    /// banger's SSH private key (created there when missing; `~/` expanded
+    /// at load); `None` means [`Paths::ssh_dir`]`/id_ed25519`.
+    pub ssh_key_path: Option<PathBuf>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -521,12 +524,44 @@ const TOP_KEYS: &[&str] = &[
     "network",
     "file_sync",
     "default_image_name",
+    "ssh_key_path",
 ];
 const FILE_SYNC_KEYS: &[&str] = &["host", "guest", "mode"];
 const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port", "dns_upstream"];
 const VM_DEFAULTS_KEYS: &[&str] = &["vcpus", "memory_mib", "disk_size"];
 
+/// `ssh_key_path`'s value: absolute, or `~/...` under `home`.
+fn expand_home(raw: &str, home: Option<&Path>) -> Result<PathBuf, String> {
+    let path = match raw.strip_prefix("~/") {
+        Some(rest) if !rest.is_empty() => match home {
+            Some(h) if h.is_absolute() => h.join(rest),
+            _ => {
+                return Err(format!(
+                    "ssh_key_path {raw:?} starts with ~/ but HOME is not set"
+                ));
+            }
+        },
+        _ => PathBuf::from(raw),
+    };
+    let plain = path
+        .components()
+        .all(|c| !matches!(c, std::path::Component::ParentDir));
+    if !path.is_absolute() || !plain || raw.ends_with('/') {
+        return Err(format!(
+            "ssh_key_path must be the key file as an absolute path or ~/..., without `..`, found {raw:?}"
+        ));
+    }
+    Ok(path)
+}
+
 impl Config {
+    /// banger's SSH private key: `ssh_key_path`, else `<state>/ssh/id_ed25519`.
+    pub fn ssh_key_file(&self, paths: &Paths) -> PathBuf {
+        self.ssh_key_path
+            .clone()
+            .unwrap_or_else(|| paths.ssh_dir().join("id_ed25519"))
+    }
+
     /// The built-in defaults, attributed to `path`.
     pub fn defaults(path: &Path) -> Config {
         /// Every VM gets a work disk, an address, a `.vm` name, the
@@ -560,6 +595,7 @@ impl Config {
             network: NetworkConfig::default(),
             file_sync: Vec::new(),
             default_image_name: None,
+            ssh_key_path: None,
         }
     }
 
@@ -955,6 +991,12 @@ impl Parser<'_> {
                     crate::model::validate_artifact_name("default_image_name", &name)
                         .map_err(|e| self.error(span, e.to_string()))?;
                     cfg.default_image_name = Some(name);
+                }
+                "ssh_key_path" => {
+                    let raw = self.string(key, value)?;
+                    let home = std::env::var_os("HOME").map(PathBuf::from);
+                    cfg.ssh_key_path =
+                        Some(expand_home(&raw, home.as_deref()).map_err(|m| self.error(span, m))?);
                 }
                 "qemu_bin" => cfg.qemu_bin = Some(self.absolute_path(key, value)?),
                 "vhost_device_vsock_bin" => {
@@ -1708,6 +1750,28 @@ mod tests {
         let r = Config::defaults(Path::new("/c.toml")).resolved_vm_defaults();
         assert!((1..=4).contains(&r.values.vcpus), "{r:?}");
         assert!((1024..=8192).contains(&r.values.memory_mib), "{r:?}");
+    }
+
+    #[test]
+    fn ssh_key_path_is_absolute_or_under_home() {
+        let home = Some(Path::new("/home/u"));
+        assert_eq!(
+            expand_home("~/keys/banger", home).unwrap(),
+            PathBuf::from("/home/u/keys/banger")
+        );
+        assert_eq!(
+            expand_home("/srv/k/id", home).unwrap(),
+            PathBuf::from("/srv/k/id")
+        );
+        for bad in ["keys/id", "~", "~/", "~other/id", "/a/../b", "/dir/"] {
+            let e = expand_home(bad, home).unwrap_err();
+            assert!(e.contains("ssh_key_path"), "{bad}: {e}");
+        }
+        assert!(expand_home("~/id", None).unwrap_err().contains("HOME"));
+        let cfg = parse("ssh_key_path = \"/k/id_banger\"\n").unwrap();
+        assert_eq!(cfg.ssh_key_path, Some(PathBuf::from("/k/id_banger")));
+        let e = parse("ssh_key_path = \"rel\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("absolute"), "{e}");
     }
 
     #[test]

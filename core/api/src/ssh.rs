@@ -19,8 +19,6 @@ use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey};
 
 /// File name of the private key inside the identity directory.
 const PRIVATE_KEY: &str = "id_ed25519";
-/// File name of the public key inside the identity directory.
-const PUBLIC_KEY: &str = "id_ed25519.pub";
 /// Serialises creation across processes (daemon and tests sharing a dir).
 const LOCK_FILE: &str = ".lock";
 /// Comment on the generated key, so it is recognisable in `authorized_keys`.
@@ -67,17 +65,26 @@ impl SshIdentity {
     /// when there is no private key. A missing `.pub` is rewritten from the
     /// private key; a corrupt or mismatched file is an error naming it.
     pub fn load_or_create(dir: &Path) -> Result<SshIdentity, SshError> {
+        Self::load_or_create_key(&dir.join(PRIVATE_KEY))
+    }
+
+    /// [`SshIdentity::load_or_create`] for the private key at `private_path`
+    /// (config `ssh_key_path`), its public half at `PATH.pub`.
+    pub fn load_or_create_key(private_path: &Path) -> Result<SshIdentity, SshError> {
+        let dir = private_path.parent().unwrap_or(Path::new("/"));
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| SshError::PrepareDir(dir.into(), e))?;
         let _lock = lock(dir)?;
-        let private_path = dir.join(PRIVATE_KEY);
-        let public_path = dir.join(PUBLIC_KEY);
+        let private_path = private_path.to_path_buf();
+        let mut public_name = private_path.clone().into_os_string();
+        public_name.push(".pub");
+        let public_path = PathBuf::from(public_name);
         let key = match fs::read_to_string(&private_path) {
             Ok(text) => parse_private(&private_path, &text)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create(dir)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create(&private_path, &public_path)?,
             Err(e) => return Err(SshError::Read(private_path, e)),
         };
         let public_line = key.public_key().to_openssh().map_err(SshError::Generate)?;
@@ -204,17 +211,13 @@ fn check_public(path: &Path, text: &str, key: &PrivateKey) -> Result<(), SshErro
 /// Generates a pair and puts it in place `.pub` first: a crash in between
 /// leaves a lone `.pub`, which the next load replaces, never a private key
 /// without its public half.
-fn create(dir: &Path) -> Result<PrivateKey, SshError> {
+fn create(private_path: &Path, public_path: &Path) -> Result<PrivateKey, SshError> {
     let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(SshError::Generate)?;
     key.set_comment(COMMENT);
     let private = key.to_openssh(LineEnding::LF).map_err(SshError::Generate)?;
     let public = key.public_key().to_openssh().map_err(SshError::Generate)?;
-    write_staged(
-        &dir.join(PUBLIC_KEY),
-        format!("{public}\n").as_bytes(),
-        0o644,
-    )?;
-    write_staged(&dir.join(PRIVATE_KEY), private.as_bytes(), 0o600)?;
+    write_staged(public_path, format!("{public}\n").as_bytes(), 0o644)?;
+    write_staged(private_path, private.as_bytes(), 0o600)?;
     Ok(key)
 }
 

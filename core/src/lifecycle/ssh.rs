@@ -60,8 +60,8 @@ impl Lifecycle {
                 "VM {name} has no SSH host keys yet: sshd has not started in the guest (is openssh-server in the image?); try again shortly"
             )));
         }
-        let dir = self.paths.ssh_dir();
-        let identity = blocking(move || SshIdentity::load_or_create(&dir))
+        let key = self.config.ssh_key_file(&self.paths);
+        let identity = blocking(move || SshIdentity::load_or_create_key(&key))
             .await?
             .map_err(|e| OpError::Stage {
                 stage: "ssh_identity".to_string(),
