@@ -960,15 +960,15 @@ mod tests {
             panic!("expected vm set");
         };
         assert_eq!(s.names, ["dev"]);
+        assert_eq!(
+            (s.shape.vcpu, s.shape.memory, s.shape.disk_size.as_deref()),
+            (None, Some(4096), Some("20G"))
+        );
         let cli = parse(&["vm", "set", "a", "b", "--vcpu", "2"]).unwrap();
         let Command::Vm(VmCommand::Set(s)) = cli.command else {
             panic!("expected vm set");
         };
         assert_eq!(s.names, ["a", "b"]);
-        assert_eq!(
-            (s.shape.vcpu, s.shape.memory, s.shape.disk_size.as_deref()),
-            (None, Some(4096), Some("20G"))
-        );
         assert!(usage_error(&["vm", "set", "dev", "--vcpu", "0"]).contains("--vcpu"));
     }
 

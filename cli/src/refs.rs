@@ -70,39 +70,12 @@ pub async fn resolve(client: &Client, reference: &str) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use banger_api::model::{ByteSize, VmId, VmName, VmRecord, VmSpec, VmState, VmmKind};
+    use banger_api::model::VmState;
 
     use super::*;
 
     fn vm(name: &str, id: &str) -> VmView {
-        VmView {
-            address: None,
-            record: VmRecord {
-                id: VmId::from_stored(id.into()),
-                name: VmName::parse(name).unwrap(),
-                state: VmState::Running,
-                spec: VmSpec {
-                    vcpus: 1,
-                    memory_mib: 512,
-                    disk_size: ByteSize(1 << 30),
-                    kernel: "/k".into(),
-                    initrd: None,
-                    rootfs_source: "/r".into(),
-                    extra_boot_args: None,
-                    vmm: VmmKind::Firecracker,
-                },
-                caps: vec![],
-                prepared: vec![],
-                vmm: None,
-                last_error: None,
-                machine: None,
-                guest: None,
-                booted_once: true,
-                created_at: 0,
-                updated_at: 0,
-            },
-            dir: "/d".into(),
-        }
+        crate::vm::tests::vm_view_with_id(name, id, VmState::Running)
     }
 
     fn vms() -> Vec<VmView> {

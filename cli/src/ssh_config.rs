@@ -157,15 +157,21 @@ pub fn render(files: &Files, banger: &Path) -> String {
     )
 }
 
-fn write_banger_config(files: &Files, banger: &Path) -> Result<()> {
-    let path = &files.banger_config;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
+/// Creates `path`'s directory (0700) when missing.
+fn private_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .with_context(|| format!("Creating {}", dir.display()))?;
+            .with_context(|| format!("Creating {}", dir.display())),
+        None => Ok(()),
     }
+}
+
+fn write_banger_config(files: &Files, banger: &Path) -> Result<()> {
+    let path = &files.banger_config;
+    private_parent(path)?;
     banger_api::fsutil::write_atomic(path, render(files, banger).as_bytes(), 0o600)
         .with_context(|| format!("Writing {}", path.display()))
 }
@@ -215,13 +221,7 @@ pub fn install(files: &Files) -> Result<bool> {
         return Ok(false);
     }
     let target = real_user_config(files)?;
-    if let Some(dir) = target.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("Creating {}", dir.display()))?;
-    }
+    private_parent(&target)?;
     let mode = match std::fs::metadata(&target) {
         Ok(m) => m.permissions().mode() & 0o7777,
         Err(_) => 0o600,

@@ -589,7 +589,7 @@ pub async fn cap_list(client: &Client, json: bool) -> Result<ExitCode> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::{Arc, Mutex};
 
@@ -619,10 +619,15 @@ mod tests {
     use super::*;
 
     fn vm_view(name: &str, state: VmState) -> VmView {
+        vm_view_with_id(name, "0011223344556677", state)
+    }
+
+    /// A VM as the API shows it, for the CLI's unit tests.
+    pub(crate) fn vm_view_with_id(name: &str, id: &str, state: VmState) -> VmView {
         VmView {
             address: None,
             record: VmRecord {
-                id: VmId::from_stored("0011223344556677".into()),
+                id: VmId::from_stored(id.into()),
                 name: VmName::parse(name).unwrap(),
                 state,
                 spec: VmSpec {

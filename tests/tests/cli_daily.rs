@@ -45,6 +45,27 @@ mod tests {
         (json, line.trim().to_string())
     }
 
+    /// An env whose fake agent reports one real host key (its public line
+    /// returned too).
+    fn agent_env(keydir: &Path) -> (BangerEnv, String) {
+        let (json, public) = host_keys(keydir);
+        let mut env = BangerEnv::new();
+        let keys = env.root().join("host-keys.json");
+        std::fs::write(&keys, json).unwrap();
+        env.set_env("FAKE_FC_AGENT", "1");
+        env.set_env("FAKE_FC_HOST_KEYS", &keys.display().to_string());
+        (env, public)
+    }
+
+    /// Gives VM `name` an address, as the network capability would (the
+    /// tests run without a bridge).
+    fn lease(env: &BangerEnv, name: &str) {
+        let store = Arc::new(Store::open(&env.state_dir().join("banger.db")).unwrap());
+        let id = store.find_vm(name).unwrap().unwrap().id;
+        let subnet: Subnet = "10.77.0.0/24".parse().unwrap();
+        Leases::new(store).acquire(&id, &subnet).unwrap();
+    }
+
     #[test]
     fn ssh_config_install_is_one_line_and_uninstall_restores_the_file() {
         if !tool_present("ssh", "ssh_config_install_is_one_line") {
@@ -130,18 +151,10 @@ mod tests {
             return;
         }
         let keydir = tempfile::tempdir().unwrap();
-        let (json, public) = host_keys(keydir.path());
-        let mut env = BangerEnv::new();
-        let keys = env.root().join("host-keys.json");
-        std::fs::write(&keys, json).unwrap();
-        env.set_env("FAKE_FC_AGENT", "1");
-        env.set_env("FAKE_FC_HOST_KEYS", &keys.display().to_string());
+        let (env, public) = agent_env(keydir.path());
         env.write_config("default_caps = [\"work-disk\", \"vsock-agent\"]\n");
         env.create("web", &[]).ok();
-        let store = Arc::new(Store::open(&env.state_dir().join("banger.db")).unwrap());
-        let id = store.find_vm("web").unwrap().unwrap().id;
-        let subnet: Subnet = "10.77.0.0/24".parse().unwrap();
-        Leases::new(store).acquire(&id, &subnet).unwrap();
+        lease(&env, "web");
 
         let out = env.banger(&["ssh-config", "--known-hosts", "web.vm"]).ok();
         let base64 = public.split_whitespace().nth(1).unwrap();
@@ -526,21 +539,13 @@ mod tests {
             return;
         }
         let keydir = tempfile::tempdir().unwrap();
-        let (json, _) = host_keys(keydir.path());
-        let mut env = BangerEnv::new();
-        let keys = env.root().join("host-keys.json");
-        std::fs::write(&keys, json).unwrap();
-        env.set_env("FAKE_FC_AGENT", "1");
-        env.set_env("FAKE_FC_HOST_KEYS", &keys.display().to_string());
+        let (env, _) = agent_env(keydir.path());
         env.write_config(
             "default_caps = [\"work-disk\", \"vsock-agent\", \"ssh-identity\"]\n\
              ssh_key_path = \"~/keys/banger_ed25519\"\n",
         );
         env.create("web", &[]).ok();
-        let store = Arc::new(Store::open(&env.state_dir().join("banger.db")).unwrap());
-        let id = store.find_vm("web").unwrap().unwrap().id;
-        let subnet: Subnet = "10.77.0.0/24".parse().unwrap();
-        Leases::new(store).acquire(&id, &subnet).unwrap();
+        lease(&env, "web");
 
         let key = env.root().join("home/keys/banger_ed25519");
         let printed = env.banger(&["vm", "ssh", "web", "--print"]).ok();

@@ -275,12 +275,7 @@ fn unpack_bzimage(found: &Found, dest: &Path) -> Result<String, KernelError> {
                 src.display()
             ),
         })?;
-    let mut output = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(dest)
-        .map_err(KernelError::io("create", dest))?;
+    let mut output = new_file(dest)?;
     output
         .write_all(&elf)
         .and_then(|()| output.sync_all())
@@ -288,14 +283,19 @@ fn unpack_bzimage(found: &Found, dest: &Path) -> Result<String, KernelError> {
     Ok(hex(&Sha256::digest(&elf)))
 }
 
-fn copy_hashing(src: &Path, dest: &Path) -> Result<String, KernelError> {
-    let mut input = fs::File::open(src).map_err(KernelError::io("open", src))?;
-    let mut output = fs::OpenOptions::new()
+/// `dest`, created (0644) where nothing was.
+fn new_file(dest: &Path) -> Result<fs::File, KernelError> {
+    fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .open(dest)
-        .map_err(KernelError::io("create", dest))?;
+        .map_err(KernelError::io("create", dest))
+}
+
+fn copy_hashing(src: &Path, dest: &Path) -> Result<String, KernelError> {
+    let mut input = fs::File::open(src).map_err(KernelError::io("open", src))?;
+    let mut output = new_file(dest)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
