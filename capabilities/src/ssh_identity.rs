@@ -7,7 +7,8 @@
 //! It also hardens the image's sshd with a drop-in,
 //! [`SSHD_DROP_IN`], whatever the image ships: keys only (no password or
 //! keyboard-interactive login), root by key only, and `StrictModes yes`
-//! (the agent keeps `/root` at `0755 root:root`, which it needs).
+//! (the agent keeps `/root` at `0755 root:root`, which it needs). When the
+//! VM's root disk has no sshd at all it says so, and what to do.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
