@@ -609,13 +609,7 @@ const BUILTIN_MODULES: &[(&str, &[&str])] = &[
 /// the address types of `banger_api::net`.
 // `identity.rs` is the names a daemon derives from its state dir, which the
 // helper (in banger-host) must derive the same way.
-const HOST_NET_FILES: &[&str] = &[
-    "identity.rs",
-    "mod.rs",
-    "netlink.rs",
-    "nft.rs",
-    "resolved.rs",
-];
+const HOST_NET_FILES: &[&str] = &["mod.rs", "netlink.rs", "nft.rs", "resolved.rs"];
 
 /// banger's core crates: the daemon library and the layers under it.
 const CORE_CRATES: &[&str] = &[

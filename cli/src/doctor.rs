@@ -565,7 +565,7 @@ fn privileges(config: &Config) -> Check {
         .filter(|c| NETWORKED.contains(c))
         .collect();
     let helper =
-        banger_host::helper::HelperHostOps::new(banger_host::helper::helper_socket_from_env());
+        banger_api::helper::HelperClient::new(banger_api::helper::helper_socket_from_env());
     let who = if nix::unistd::geteuid().is_root() {
         Some("running as root: host operations in-process".to_string())
     } else {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use banger_api::fsutil::write_atomic;
-use banger_host::helper::{HelperConfigFile, HelperHostOps, UserEntry};
+use banger_api::helper::{HelperClient, HelperConfigFile, UserEntry};
 use serde::{Deserialize, Serialize};
 
 use crate::args::{SystemArgs, SystemCommand, SystemInstallArgs};
@@ -139,7 +139,7 @@ fn install(layout: &Layout, a: SystemInstallArgs) -> Result<ExitCode> {
     };
     config.group = Some(a.group.clone());
     for d in &a.vfio_devices {
-        let d: banger_host::hostops::PciAddress = d.parse()?;
+        let d: banger_api::machine::PciAddress = d.parse()?;
         if !config.vfio_devices.contains(&d.to_string()) {
             config.vfio_devices.push(d.to_string());
         }
@@ -202,7 +202,7 @@ fn user_entry(
     tap_prefix: Option<String>,
 ) -> UserEntry {
     let state_dir = state_dir.unwrap_or_else(|| account.dir.join(".local/state/banger"));
-    let derived = banger_host::helper::derived_network(&state_dir);
+    let derived = banger_api::helper::derived_network(&state_dir);
     UserEntry {
         name: user.to_string(),
         bridge: Some(bridge.unwrap_or(derived.bridge)),
@@ -253,7 +253,7 @@ fn restart(layout: &Layout) -> Result<()> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("Cannot start {}", layout.helper_bin().display()))?;
-    let client = HelperHostOps::new(layout.socket());
+    let client = HelperClient::new(layout.socket());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match client.ping() {
@@ -324,7 +324,7 @@ async fn status(layout: &Layout) -> Result<ExitCode> {
         _ => format!("supervised process (PID 1 is {})", pid1()),
     };
     println!("service:        {manager}");
-    let helper = HelperHostOps::new(layout.socket());
+    let helper = HelperClient::new(layout.socket());
     let running = match helper.ping() {
         Ok(v) => {
             println!(

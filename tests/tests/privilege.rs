@@ -759,7 +759,7 @@ tap_prefix = "bgdmnt"
             .unwrap();
         assert!(pid_alive(pid));
         let socket = r.join("run/banger-helper/helper.sock");
-        let version = HelperHostOps::new(socket.clone()).ping().unwrap();
+        let version = HelperHostOps::new(socket.clone()).client().ping().unwrap();
         assert_eq!(version, env!("CARGO_PKG_VERSION"));
 
         let (code, status) = banger_system(r, &["status"]);

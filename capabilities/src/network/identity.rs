@@ -2,4 +2,4 @@
 //! derivation lives so `banger-helper` makes the same names from a state
 //! directory.
 
-pub use banger_host::net::identity::{LEGACY_BRIDGE, NetIdentity};
+pub use banger_api::net::identity::{LEGACY_BRIDGE, NetIdentity};

@@ -26,6 +26,7 @@ pub mod counting;
 pub mod error;
 pub mod fsutil;
 pub mod guest;
+pub mod helper;
 pub mod machine;
 pub mod model;
 pub mod net;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use banger_host::helper::{
-    DEFAULT_HELPER_CONFIG, DEFAULT_HELPER_SOCKET, HelperHostOps, HelperPolicy, serve_connection,
+    DEFAULT_HELPER_CONFIG, DEFAULT_HELPER_SOCKET, HelperClient, HelperPolicy, serve_connection,
 };
 use banger_host::hostops::InProcessHostOps;
 use clap::{Parser, Subcommand};
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             socket,
             pid_file,
         } => supervise(&config, &socket, &pid_file),
-        Command::Probe { socket } => HelperHostOps::new(socket)
+        Command::Probe { socket } => HelperClient::new(socket)
             .ping()
             .map(|v| println!("banger-helper {v}"))
             .map_err(|e| anyhow::anyhow!(banger_api::error::render_chain(&e))),

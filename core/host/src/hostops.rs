@@ -528,9 +528,7 @@ impl HostOps for RecordingHostOps {
     }
 }
 
-/// The prefix of taps plugins may create and delete (banger's own tap pool
-/// uses `bgtap`, so the two never collide).
-pub const PLUGIN_TAP_PREFIX: &str = "bgp";
+pub use banger_api::net::PLUGIN_TAP_PREFIX;
 
 /// A privileged operation a plugin asked for, validated against the
 /// allowlist. This is the whole set: anything else is refused. Requests act

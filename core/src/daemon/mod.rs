@@ -302,9 +302,9 @@ fn choose_host_ops() -> Arc<dyn HostOps> {
         return Arc::new(InProcessHostOps::default());
     }
     let helper = HelperHostOps::new(helper_socket_from_env());
-    match helper.ping() {
+    match helper.client().ping() {
         Ok(version) => {
-            tracing::info!(socket = %helper.socket().display(), version, "host operations: banger-helper");
+            tracing::info!(socket = %helper.client().socket().display(), version, "host operations: banger-helper");
             Arc::new(helper)
         }
         Err(e) => {

@@ -11,10 +11,10 @@
 //! - the subnet is `172.30.<X>.0/24`, X from the id, unless
 //!   `[network] subnet` is set;
 //! - the nftables tables are `banger_<bridge>` (both families,
-//!   [`crate::net::nft::table_for`]).
+//!   `banger_host::net::nft::table_for`).
 //!
-//! The `network` capability and `banger-helper` both derive the names
-//! here, so the helper knows a daemon's names from its state directory.
+//! The `network` capability and `banger-helper` (`crate::helper`) both
+//! derive the names here, so the helper knows a daemon's names from its state directory.
 //!
 //! `bridge = "banger0"` and `subnet = "172.30.0.0/24"`, the values every
 //! daemon had before, mean "not set": they would collide between daemons.
@@ -23,8 +23,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use banger_api::config::NetworkConfig;
-use banger_api::net::Subnet;
+use super::Subnet;
+use crate::config::NetworkConfig;
 
 /// The bridge name that means "derive one" (the old fixed default).
 pub const LEGACY_BRIDGE: &str = "banger0";
@@ -94,7 +94,7 @@ mod tests {
         assert!(a.tap_prefix.starts_with("bg") && a.tap_prefix.ends_with('t'));
         // Room for a 5-digit index within IFNAMSIZ - 1.
         assert!(a.tap_prefix.len() + 5 <= 15);
-        assert!(banger_api::net::is_valid_ifname(&a.bridge()));
+        assert!(crate::net::is_valid_ifname(&a.bridge()));
         assert_ne!(a.bridge(), b.bridge());
         // Neither collides with plugin taps (bgp...) nor old taps (bgtap...).
         assert!(!a.tap_prefix.starts_with("bgp") && !a.tap_prefix.starts_with("bgtap"));

@@ -2,6 +2,8 @@
 //! addresses and interface names: the network vocabulary the config, the
 //! store and the host operations share.
 
+pub mod identity;
+
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
@@ -166,6 +168,10 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
             )
         })
 }
+
+/// The prefix of taps plugins may create and delete (a daemon's own tap
+/// pool uses its own prefix, so the two never collide).
+pub const PLUGIN_TAP_PREFIX: &str = "bgp";
 
 /// Whether `name` is a valid Linux interface name: 1-15 bytes of
 /// `[A-Za-z0-9._-]`, and not `.` or `..`.
