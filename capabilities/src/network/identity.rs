@@ -1,4 +1,4 @@
-//! This daemon's network names: [`banger_host::net::identity`], where the
+//! This daemon's network names: [`banger_api::net::identity`], where the
 //! derivation lives so `banger-helper` makes the same names from a state
 //! directory.
 
