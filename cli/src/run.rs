@@ -740,13 +740,20 @@ mod tests {
             text.contains(".tool-versions") && text.contains("in the background"),
             "{text}"
         );
-        assert!(text.contains("interactive ssh session"), "{text}");
+        // A workspace is imported over ssh, so its session is ssh too.
+        assert!(text.contains("interactive session over ssh"), "{text}");
         assert!(text.contains("--rm:"), "{text}");
 
         let a = run_args(&["--dry-run", "--", "sh", "-c", "exit 7"]).unwrap();
         let text = Plan::new(a, &config()).unwrap().describe();
-        assert!(text.contains("run `sh -c 'exit 7'`"), "{text}");
+        assert!(
+            text.contains("run `sh -c 'exit 7'` through the guest agent (no sshd)"),
+            "{text}"
+        );
         assert!(!text.contains("workspace:"), "{text}");
+        let a = run_args(&["--dry-run", "--via", "ssh"]).unwrap();
+        let text = Plan::new(a, &config()).unwrap().describe();
+        assert!(text.contains("interactive session over ssh"), "{text}");
     }
 
     #[test]

@@ -131,6 +131,10 @@ mod tests {
             "64M",
             "--cap",
             "vsock-agent:timeout=20",
+            // These tests pin the ssh path (a stand-in ssh); the agent
+            // path is agent_exec.rs's and the e2e suite's.
+            "--via",
+            "ssh",
         ];
         args.extend_from_slice(extra);
         args
@@ -221,9 +225,9 @@ mod tests {
         assert!(out.stderr.contains("`banger vm stop stay`"), "{out:?}");
         assert!(out.stderr.contains("`banger vm delete stay`"), "{out:?}");
         // Plain `vm ssh` says the same after its session, not after a command.
-        let out = env.banger(&["vm", "ssh", "stay"]).ok();
+        let out = env.banger(&["vm", "ssh", "--via", "ssh", "stay"]).ok();
         assert!(out.stderr.contains("VM stay is still running"), "{out:?}");
-        let out = env.banger(&["vm", "ssh", "stay", "--", "true"]).ok();
+        let out = env.banger(&["vm", "ssh", "--via", "ssh", "stay", "--", "true"]).ok();
         assert!(!out.stderr.contains("still running"), "{out:?}");
     }
 
