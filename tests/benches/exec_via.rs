@@ -48,7 +48,14 @@ fn main() {
         assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
         took
     };
-    let shape = ["--memory", "1024", "--disk-size", "256M", "--image", "bookworm"];
+    let shape = [
+        "--memory",
+        "1024",
+        "--disk-size",
+        "256M",
+        "--image",
+        "bookworm",
+    ];
     let run_rm = |via: &str| {
         let mut args = vec!["vm", "run", "--rm", "--via", via];
         args.extend_from_slice(&shape);
