@@ -169,6 +169,80 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
         })
 }
 
+/// An IPv4 network in CIDR form (`10.1.0.0/16`, `192.0.2.7/32`), as a VM's
+/// NAT allow list takes it. Unlike [`Subnet`], any prefix from /0 to /32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+/// A CIDR string that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "Invalid network {0:?}: use an IPv4 network in CIDR form with its host bits zero, e.g. \"10.1.0.0/16\" or \"192.0.2.7/32\""
+)]
+pub struct InvalidCidr(pub String);
+
+impl Cidr {
+    /// The network address.
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The prefix length (0-32).
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        }
+    }
+
+    /// The network `addr/prefix` lies in.
+    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Cidr {
+        let prefix = prefix.min(32);
+        Cidr {
+            network: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix)),
+            prefix,
+        }
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.network)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = InvalidCidr;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidCidr(s.to_string());
+        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        let cidr = Cidr::containing(addr, prefix);
+        if cidr.network != addr {
+            return Err(bad());
+        }
+        Ok(cidr)
+    }
+}
+
 /// The prefix of taps plugins may create and delete (a daemon's own tap
 /// pool uses its own prefix, so the two never collide).
 pub const PLUGIN_TAP_PREFIX: &str = "bgp";

@@ -13,7 +13,7 @@ use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 use crate::error::HostOpsError;
-use crate::net::nft::Cidr;
+use banger_api::net::Cidr;
 
 fn io_error(e: rtnetlink::Error) -> std::io::Error {
     match &e {
