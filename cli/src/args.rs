@@ -7,6 +7,8 @@ use banger_api::model::{self, ByteSize, CapChoice, VmName};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use clap_complete::ArgValueCandidates;
 
+pub use crate::complete::Shell;
+
 /// banger: disposable Linux microVM sandboxes.
 #[derive(Debug, Parser)]
 #[command(name = "banger", version, about, propagate_version = true)]
@@ -61,19 +63,6 @@ pub enum Command {
         /// The shell.
         shell: Shell,
     },
-}
-
-/// Shells we generate completions for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Shell {
-    /// GNU bash.
-    Bash,
-    /// Z shell.
-    Zsh,
-    /// fish.
-    Fish,
-    /// PowerShell.
-    Powershell,
 }
 
 /// `banger ssh-config` flags.

@@ -10,8 +10,22 @@ use std::time::Duration;
 use banger_api::api::{CapView, VmView};
 use banger_api::client::Client;
 use banger_api::paths::Paths;
+use clap::ValueEnum;
 use clap_complete::engine::CompletionCandidate;
 use serde::de::DeserializeOwned;
+
+/// Shells we generate completions for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    /// GNU bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
+    /// PowerShell.
+    Powershell,
+}
 
 /// How long one tab press may wait for the daemon.
 const TIMEOUT: Duration = Duration::from_millis(800);
@@ -19,16 +33,13 @@ const TIMEOUT: Duration = Duration::from_millis(800);
 /// `banger completion SHELL`: the shell code that registers banger's live
 /// completions (what `COMPLETE=SHELL banger` prints); it calls this binary
 /// back at every tab press.
-pub fn registration(
-    shell: crate::args::Shell,
-    out: &mut dyn std::io::Write,
-) -> std::io::Result<()> {
+pub fn registration(shell: Shell, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     use clap_complete::env::EnvCompleter;
     let completer: &dyn EnvCompleter = match shell {
-        crate::args::Shell::Bash => &clap_complete::env::Bash,
-        crate::args::Shell::Zsh => &clap_complete::env::Zsh,
-        crate::args::Shell::Fish => &clap_complete::env::Fish,
-        crate::args::Shell::Powershell => &clap_complete::env::Powershell,
+        Shell::Bash => &clap_complete::env::Bash,
+        Shell::Zsh => &clap_complete::env::Zsh,
+        Shell::Fish => &clap_complete::env::Fish,
+        Shell::Powershell => &clap_complete::env::Powershell,
     };
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())

@@ -16,7 +16,7 @@ use banger_api::client::Client;
 use nix::sys::termios::{self, SetArg, Termios};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::vm::{remote_command, vm_path};
+use crate::remote::{remote_command, vm_path};
 
 /// An interactive login shell: bash when the image has it.
 const LOGIN_SHELL: &str =

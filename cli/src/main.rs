@@ -10,6 +10,7 @@ mod exec;
 mod ordered;
 mod output;
 mod refs;
+mod remote;
 mod run;
 mod spec;
 mod ssh_config;

@@ -23,8 +23,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::args::{RunArgs, Via};
 use crate::output;
+use crate::remote::{remote_command, vm_path};
 use crate::spec::Spec;
-use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args, vm_path};
+use crate::vm::{self, exit_code, note_still_running, pinned_ssh_args};
 
 /// Where the workspace lands in the guest.
 const GUEST_REPO: &str = "/root/repo";
@@ -160,7 +161,7 @@ async fn use_vm(
                 // The command runs in the imported checkout.
                 Some(_) => vec![format!(
                     "cd {GUEST_REPO} && {}",
-                    vm::remote_command(words).join(" ")
+                    remote_command(words).join(" ")
                 )],
                 None => words.clone(),
             };
@@ -470,7 +471,7 @@ impl Plan {
                 After::Session => format!("interactive session {}", self.via_words()),
                 After::Command(w) => format!(
                     "run `{}` {} and exit with its code",
-                    vm::remote_command(w).join(" "),
+                    remote_command(w).join(" "),
                     self.via_words()
                 ),
                 After::Detach => "exit with a reconnect hint (`banger vm ssh NAME`)".to_string(),

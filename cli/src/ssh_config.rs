@@ -20,7 +20,7 @@ use banger_api::api::SshTarget;
 use banger_api::model::VmName;
 use banger_api::paths::Paths;
 
-use crate::vm::vm_path;
+use crate::remote::vm_path;
 
 /// The host pattern the block matches.
 const HOST_SUFFIX: &str = ".vm";

@@ -1,5 +1,6 @@
 //! `banger vm ...` and `banger cap list`: thin calls of the daemon API.
 
+use crate::remote::{remote_command, shell_quote, vm_path};
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::os::unix::fs::DirBuilderExt;
@@ -44,11 +45,6 @@ impl Verb {
             Verb::Kill => "killed",
         }
     }
-}
-
-pub(crate) fn vm_path(name: &str) -> String {
-    // Names are validated (a-z, 0-9, '-') so they need no escaping.
-    format!("/v1/vms/{name}")
 }
 
 /// `ssh`'s exit code when ssh itself (not the remote command) failed.
@@ -221,31 +217,6 @@ fn ssh_args(
         args.extend(remote_command(command));
     }
     args
-}
-
-/// The command words as ssh should send them. ssh joins its arguments with
-/// spaces for the remote shell, which would split `sh -c 'a; b'` apart: one
-/// word is a shell command line and goes as is; several words are an argv
-/// and each is quoted so the guest runs exactly those words.
-pub(crate) fn remote_command(command: &[String]) -> Vec<String> {
-    match command {
-        [line] => vec![line.clone()],
-        words => words.iter().map(|w| shell_quote(w)).collect(),
-    }
-}
-
-/// `word` as a POSIX shell reads it back: bare when it is made of safe
-/// characters, single-quoted otherwise.
-pub(crate) fn shell_quote(word: &str) -> String {
-    let safe = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c));
-    if safe {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', "'\\''"))
-    }
 }
 
 /// `vm stats`: VMM CPU and RSS, and guest memory from its agent.

@@ -227,7 +227,9 @@ mod tests {
         // Plain `vm ssh` says the same after its session, not after a command.
         let out = env.banger(&["vm", "ssh", "--via", "ssh", "stay"]).ok();
         assert!(out.stderr.contains("VM stay is still running"), "{out:?}");
-        let out = env.banger(&["vm", "ssh", "--via", "ssh", "stay", "--", "true"]).ok();
+        let out = env
+            .banger(&["vm", "ssh", "--via", "ssh", "stay", "--", "true"])
+            .ok();
         assert!(!out.stderr.contains("still running"), "{out:?}");
     }
 
