@@ -98,7 +98,27 @@ impl Capability for Dns {
 
     /// A port another process holds costs only name resolution, so the
     /// daemon logs the failure and serves anyway.
+    /// Records of VMs not running (a crash before their teardown) are
+    /// removed first, so a stopped or deleted VM's name stops resolving.
     fn daemon_start(&self, ctx: &DaemonCtx<'_>) -> Result<(), CapError> {
+        let running: Vec<String> = ctx
+            .running
+            .iter()
+            .map(|r| r.vm.name.as_str().to_ascii_lowercase())
+            .collect();
+        match dns::retain_records(self.net.dns_records(), |n| running.iter().any(|r| r == n)) {
+            Ok(gone) if gone.is_empty() => {}
+            Ok(gone) => tracing::info!(
+                "removed the .{} records of VMs not running: {}",
+                dns::ZONE,
+                gone.join(", ")
+            ),
+            Err(e) => tracing::warn!(
+                "cannot sweep .{} records: {}",
+                dns::ZONE,
+                banger_core::lifecycle::render_chain(&e)
+            ),
+        }
         let server = ctx
             .runtime
             .block_on(serve(&self.net))

@@ -243,6 +243,57 @@ fn dns_publishes_the_record_while_prepared() {
 }
 
 #[test]
+fn dns_daemon_start_removes_records_of_vms_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
+    // A free loopback port for the server this hook starts.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let net = Arc::new(HostNetwork::new(
+        NetworkConfig {
+            bridge: "bgunit1".into(),
+            subnet: "10.78.0.0/24".parse().unwrap(),
+            dns_port: port,
+            ..NetworkConfig::default()
+        },
+        store,
+        dir.path(),
+        1000,
+    ));
+    let records = net.dns_records().to_path_buf();
+    let (up_ip, gone_ip) = (Ipv4Addr::new(10, 78, 0, 2), Ipv4Addr::new(10, 78, 0, 3));
+    dns::set_record(&records, "up", Some(up_ip)).unwrap();
+    dns::set_record(&records, "gone", Some(gone_ip)).unwrap();
+    let running = [RunningVm {
+        vm: vm("up"),
+        vm_dir: dir.path().join("up"),
+    }];
+    // The daemon's runtime: worker threads drive the server's tasks.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let host = RecordingHostOps::default();
+    let ctx = DaemonCtx {
+        host: &host,
+        running: &running,
+        runtime: rt.handle().clone(),
+    };
+    let cap = Dns::with(net.clone());
+    cap.daemon_start(&ctx).unwrap();
+    let left = dns::read_records(&records).unwrap();
+    assert_eq!(
+        left.into_iter().collect::<Vec<_>>(),
+        [("up".to_string(), up_ip)]
+    );
+    cap.daemon_stop(&ctx);
+}
+
+#[test]
 fn built_ins_share_one_host_network_whose_daemon_hooks_adopt_prune_and_drain() {
     let t = TestEnv::new();
     let (dir, recording) = (&t.dir, &t.recording);

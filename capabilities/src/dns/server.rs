@@ -165,6 +165,26 @@ pub fn set_record(path: &Path, name: &str, ip: Option<Ipv4Addr>) -> Result<(), D
     if !changed {
         return Ok(());
     }
+    write_records(path, records)
+}
+
+/// Removes every record whose name `keep` refuses (a crash between a VM's
+/// stop and its teardown leaves one), returning the names removed.
+pub fn retain_records(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, DnsError> {
+    let _guard = WRITE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut records = read_records(path)?;
+    let gone: Vec<String> = records.keys().filter(|n| !keep(n)).cloned().collect();
+    if gone.is_empty() {
+        return Ok(gone);
+    }
+    records.retain(|n, _| !gone.contains(n));
+    write_records(path, records)?;
+    Ok(gone)
+}
+
+/// Publishes `records` at `path` by stage-then-rename. Callers hold
+/// `WRITE_LOCK`.
+fn write_records(path: &Path, records: BTreeMap<String, Ipv4Addr>) -> Result<(), DnsError> {
     let err = |source| DnsError::WriteRecords {
         path: path.to_path_buf(),
         source,
