@@ -166,7 +166,7 @@ async fn use_vm(
                 None => words.clone(),
             };
             let code = match &target {
-                Some(t) if plan.via == Via::Ssh => vm::run_ssh(name, &pinned_ssh_args(t, &line)?)?,
+                Some(t) if plan.via == Via::Ssh => vm::run_ssh(t, &pinned_ssh_args(t, &line)?)?,
                 _ => crate::exec::run(client, name, crate::exec::Job::Command(line)).await?,
             };
             Ok(exit_code(code))
@@ -174,7 +174,7 @@ async fn use_vm(
         After::Session => {
             let code = match &target {
                 Some(t) if plan.via == Via::Ssh => {
-                    vm::run_ssh(name, &session_args(t, plan.workspace.is_some())?)?
+                    vm::run_ssh(t, &session_args(t, plan.workspace.is_some())?)?
                 }
                 _ => {
                     let cwd = plan.workspace.as_ref().map(|_| GUEST_REPO.to_string());

@@ -50,6 +50,11 @@ impl Verb {
 /// `ssh`'s exit code when ssh itself (not the remote command) failed.
 const SSH_OWN_FAILURE: i32 = 255;
 
+/// How long the system `ssh` may take to connect and exchange banners with
+/// a guest (`-o ConnectTimeout`), as the daemon's own SSH connections: a
+/// guest that lost its network fails in seconds instead of hanging.
+pub(crate) const SSH_CONNECT_TIMEOUT_SECS: u64 = 30;
+
 /// `vm ssh`: asks the daemon for the target, pins the guest's host keys in
 /// `<state>/ssh/known_hosts.d/NAME`, then runs (or with `print`, prints) the
 /// system `ssh` and exits with its code. Through the guest agent instead
@@ -93,7 +98,7 @@ pub async fn ssh(
         println!("{}", words.join(" "));
         return Ok(ExitCode::SUCCESS);
     }
-    let code = run_ssh(name, &args)?;
+    let code = run_ssh(&target, &args)?;
     if command.is_empty() {
         note_still_running(client, name).await;
     }
@@ -142,12 +147,18 @@ pub(crate) fn pinned_ssh_args(target: &SshTarget, command: &[String]) -> Result<
         .with_context(|| format!("Creating {}", dir.display()))?;
     let known_hosts = dir.join(name);
     banger_api::ssh::write_staged(&known_hosts, target.known_hosts.as_bytes(), 0o600)?;
-    Ok(ssh_args(target, address, &known_hosts, command))
+    Ok(ssh_args(
+        target,
+        address,
+        &known_hosts,
+        SSH_CONNECT_TIMEOUT_SECS,
+        command,
+    ))
 }
 
 /// Runs the system `ssh` with `args` (from [`pinned_ssh_args`]) and returns
-/// its exit code, hinting at the guest side when ssh itself failed.
-pub(crate) fn run_ssh(name: &str, args: &[String]) -> Result<i32> {
+/// its exit code, naming the VM and address when ssh itself failed.
+pub(crate) fn run_ssh(target: &SshTarget, args: &[String]) -> Result<i32> {
     let status = match std::process::Command::new("ssh").args(args).status() {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -161,12 +172,24 @@ pub(crate) fn run_ssh(name: &str, args: &[String]) -> Result<i32> {
         None => 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0),
     };
     if code == SSH_OWN_FAILURE {
-        eprintln!(
-            "hint: ssh itself failed (exit 255). Is sshd running in the guest? \
-             `banger vm ports {name}` lists its listeners, `banger vm logs {name}` shows its console."
-        );
+        eprintln!("{}", ssh_failure_hint(target));
     }
     Ok(code)
+}
+
+/// What `ssh`'s own failure (exit 255) is followed by: which VM and address
+/// did not answer, and where to look.
+fn ssh_failure_hint(target: &SshTarget) -> String {
+    let name = &target.name;
+    let at = target
+        .address
+        .map(|a| format!(" at {a}"))
+        .unwrap_or_default();
+    format!(
+        "hint: ssh to VM {name}{at} failed (exit 255): it refused, or did not answer within \
+         {SSH_CONNECT_TIMEOUT_SECS} s. Is sshd running in the guest? `banger vm ports {name}` \
+         lists its listeners, `banger vm logs {name}` shows its console."
+    )
 }
 
 /// An exit code as the process's own (codes outside 0..=255 become 1).
@@ -194,6 +217,7 @@ fn ssh_args(
     target: &SshTarget,
     address: std::net::Ipv4Addr,
     known_hosts: &std::path::Path,
+    connect_timeout_secs: u64,
     command: &[String],
 ) -> Vec<String> {
     let mut args = vec![
@@ -209,6 +233,8 @@ fn ssh_args(
         format!("HostKeyAlias={}.vm", target.name),
         "-o".to_string(),
         "LogLevel=ERROR".to_string(),
+        "-o".to_string(),
+        format!("ConnectTimeout={connect_timeout_secs}"),
         format!("{}@{address}", target.user),
     ];
     if !command.is_empty() {
@@ -774,19 +800,62 @@ pub(crate) mod tests {
         let t = target();
         let kh = Path::new("/s/banger/ssh/known_hosts.d/web");
         let ip = t.address.unwrap();
-        let args = super::ssh_args(&t, ip, kh, &[]);
+        let args = super::ssh_args(&t, ip, kh, 30, &[]);
         assert_eq!(
             args.join(" "),
             "-i /s/banger/ssh/id_ed25519 -o IdentitiesOnly=yes \
              -o UserKnownHostsFile=/s/banger/ssh/known_hosts.d/web \
-             -o StrictHostKeyChecking=yes -o HostKeyAlias=web.vm -o LogLevel=ERROR root@10.0.0.7"
+             -o StrictHostKeyChecking=yes -o HostKeyAlias=web.vm -o LogLevel=ERROR \
+             -o ConnectTimeout=30 root@10.0.0.7"
         );
         let cmd = ["-x".to_string(), "uname".to_string()];
-        let args = super::ssh_args(&t, ip, kh, &cmd);
+        let args = super::ssh_args(&t, ip, kh, 30, &cmd);
         assert_eq!(
             args[args.len() - 4..],
             ["root@10.0.0.7", "--", "-x", "uname"]
         );
+    }
+
+    #[test]
+    fn ssh_to_a_guest_that_never_answers_gives_up_after_the_connect_timeout() {
+        if std::process::Command::new("ssh")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIP: no ssh client (openssh-client)");
+            return;
+        }
+        // Accepts the connection and never sends a banner: a guest whose
+        // sshd hangs. ssh's ConnectTimeout covers the banner exchange too.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let t = target();
+        let mut args = super::ssh_args(
+            &t,
+            std::net::Ipv4Addr::LOCALHOST,
+            &dir.path().join("kh"),
+            1,
+            &["true".to_string()],
+        );
+        args.splice(
+            0..0,
+            [
+                "-p".to_string(),
+                port.to_string(),
+                "-F".into(),
+                "none".into(),
+            ],
+        );
+        let started = std::time::Instant::now();
+        let code = super::run_ssh(&t, &args).unwrap();
+        let took = started.elapsed();
+        drop(silent);
+        assert_eq!(code, super::SSH_OWN_FAILURE);
+        assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+        let hint = super::ssh_failure_hint(&t);
+        assert!(hint.contains("VM web at 10.0.0.7"), "{hint}");
     }
 
     #[test]
