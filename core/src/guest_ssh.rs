@@ -130,8 +130,10 @@ impl std::fmt::Debug for GuestSsh {
 /// How long connecting and logging in may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How much of one stream of one command's output the daemon keeps.
-pub const MAX_OUTPUT: usize = 64 << 20;
+/// How much of one stream of one command's output the daemon keeps unless
+/// told otherwise (config `ssh_max_output`, through
+/// [`GuestSsh::with_max_output`]).
+pub const MAX_OUTPUT: usize = banger_api::config::DEFAULT_SSH_MAX_OUTPUT as usize;
 
 impl GuestSsh {
     /// Connects to `endpoint`, checks its host key against the pinned ones

@@ -468,6 +468,9 @@ pub struct Config {
     /// How long `vm run` waits for the guest's sshd (and its host keys)
     /// after create before giving up and keeping the VM for `vm logs`.
     pub ssh_wait_timeout_secs: u64,
+    /// Most bytes the daemon keeps of each output stream (stdout, stderr)
+    /// of one command it runs in a guest over SSH (workspace, guest jobs).
+    pub ssh_max_output: ByteSize,
     /// QEMU binary for the qemu backend; `None` searches `PATH` for
     /// `qemu-system-x86_64`.
     pub qemu_bin: Option<PathBuf>,
@@ -514,6 +517,7 @@ const TOP_KEYS: &[&str] = &[
     "agent_bin",
     "agent_timeout_secs",
     "ssh_wait_timeout_secs",
+    "ssh_max_output",
     "qemu_bin",
     "qemu_accel",
     "vhost_device_vsock_bin",
@@ -584,6 +588,7 @@ impl Config {
             agent_bin: None,
             agent_timeout_secs: DEFAULT_AGENT_TIMEOUT_SECS,
             ssh_wait_timeout_secs: DEFAULT_SSH_WAIT_TIMEOUT_SECS,
+            ssh_max_output: ByteSize(DEFAULT_SSH_MAX_OUTPUT),
             vm_defaults: VmDefaultsConfig::default(),
             qemu_bin: None,
             qemu_accel: QemuAccel::Auto,
@@ -760,6 +765,8 @@ impl Config {
 
 /// Default for `ssh_wait_timeout_secs`.
 pub const DEFAULT_SSH_WAIT_TIMEOUT_SECS: u64 = 120;
+/// Default for `ssh_max_output`: 64 MiB per stream.
+pub const DEFAULT_SSH_MAX_OUTPUT: u64 = 64 << 20;
 /// Default for `agent_timeout_secs`.
 pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 60;
 /// File name of the guest agent binary.
@@ -1090,6 +1097,20 @@ impl Parser<'_> {
                     cfg.ssh_wait_timeout_secs =
                         self.integer(key, value, 1, 3600, "a number of seconds from 1 to 3600")?
                             as u64;
+                }
+                "ssh_max_output" => {
+                    let s = self.string(key, value)?;
+                    cfg.ssh_max_output = match s.parse::<ByteSize>() {
+                        Ok(size) if size.0 >= 1 << 10 && size.0 <= 1 << 40 => size,
+                        _ => {
+                            return Err(self.error(
+                                value.span(),
+                                format!(
+                                    "invalid ssh_max_output {s:?}; use a size from 1K to 1T with an optional K, M, G or T suffix, e.g. \"256M\""
+                                ),
+                            ));
+                        }
+                    };
                 }
                 "agent_timeout_secs" => {
                     cfg.agent_timeout_secs =
@@ -2004,6 +2025,11 @@ disk_size = "20G"
         assert_eq!(cfg.ssh_wait_timeout_secs, 3);
         let msg = err("ssh_wait_timeout_secs = 0\n");
         assert!(msg.contains("invalid ssh_wait_timeout_secs 0"), "{msg}");
+        assert_eq!(parse("").unwrap().ssh_max_output, ByteSize(64 << 20));
+        let cfg = parse("ssh_max_output = \"256M\"\n").unwrap();
+        assert_eq!(cfg.ssh_max_output, ByteSize(256 << 20));
+        let msg = err("ssh_max_output = \"12\"\n");
+        assert!(msg.contains("invalid ssh_max_output \"12\""), "{msg}");
     }
 
     #[test]

@@ -147,6 +147,7 @@ pub(super) async fn connect(lc: &Lifecycle, name: &str) -> Result<GuestSsh, OpEr
     };
     GuestSsh::connect(&endpoint)
         .await
+        .map(|ssh| ssh.with_max_output(max_output(lc.config())))
         .map_err(|e| OpError::Stage {
             stage: "workspace:connect".to_string(),
             source: Box::new(GuestUnreachable {
@@ -182,5 +183,22 @@ fn read_record(dir: &Path) -> Result<Option<WorkspaceView>, OpError> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(OpError::Io(format!("Cannot read {}", path.display()), e)),
+    }
+}
+
+/// Config `ssh_max_output` as a byte count (saturating on 32-bit hosts).
+fn max_output(config: &banger_api::config::Config) -> usize {
+    usize::try_from(config.ssh_max_output.0).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ssh_max_output_from_config_is_the_cap() {
+        let path = std::path::Path::new("/c.toml");
+        let config = banger_api::config::Config::parse("ssh_max_output = \"3M\"\n", path).unwrap();
+        assert_eq!(super::max_output(&config), 3 << 20);
+        let defaults = banger_api::config::Config::defaults(path);
+        assert_eq!(super::max_output(&defaults), crate::guest_ssh::MAX_OUTPUT);
     }
 }
