@@ -679,6 +679,49 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_creates_of_one_name_make_one_vm_and_leak_nothing() {
+        let env = BangerEnv::new();
+        // The daemon is up before the race, so both requests meet in it.
+        assert!(env.list().is_empty());
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| env.create("twin", &[]));
+            let b = s.spawn(|| env.create("twin", &[]));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let (won, lost) = match (a.code, b.code) {
+            (0, c) if c != 0 => (a, b),
+            (c, 0) if c != 0 => (b, a),
+            _ => panic!("exactly one create must succeed:\n{a:?}\n{b:?}"),
+        };
+        assert!(
+            lost.stderr.contains("\"twin\" already exists"),
+            "the loser should be told the name is taken: {}",
+            lost.stderr
+        );
+        assert!(won.stdout.contains("twin"), "{won:?}");
+        let vms = env.list();
+        assert_eq!(vms.len(), 1, "{vms:?}");
+        assert_eq!(env.show("twin").record.state, VmState::Running);
+        let dirs = std::fs::read_dir(env.state_dir().join("vms"))
+            .unwrap()
+            .count();
+        assert_eq!(dirs, 1, "one VM dir, the winner's");
+        let booted: std::collections::BTreeSet<u64> = env
+            .fc_calls()
+            .iter()
+            .filter(|c| c["body"]["action_type"] == "InstanceStart")
+            .filter_map(|c| c["pid"].as_u64())
+            .collect();
+        assert_eq!(booted.len(), 1, "one VMM booted: {booted:?}");
+        env.banger(&["vm", "delete", "twin"]).ok();
+        assert!(env.list().is_empty());
+        let dirs = std::fs::read_dir(env.state_dir().join("vms"))
+            .unwrap()
+            .count();
+        assert_eq!(dirs, 0);
+    }
+
+    #[test]
     fn memory_beyond_the_host_is_refused_by_create_and_set() {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
         let kib: u64 = meminfo
