@@ -330,6 +330,10 @@ pub struct ShapeArgs {
     /// Work disk size (8G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub disk_size: Option<String>,
+    /// Take a --disk-size (above the config default) larger than the free
+    /// space of banger's state filesystem; refused without it.
+    #[arg(long, requires = "disk_size")]
+    pub force_size: bool,
 }
 
 /// `vm set` flags.

@@ -387,6 +387,7 @@ impl Plan {
             disk_size: Some(spec.disk.to_string()),
             caps,
             vmm: Some(spec.backend.vmm),
+            force_size: a.shape.force_size,
             ..CreateVmRequest::default()
         };
         Ok(Plan {

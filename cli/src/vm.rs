@@ -334,6 +334,7 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         boot_args: a.boot_args,
         no_start: a.no_start,
         vmm: Some(spec.backend.vmm),
+        force_size: a.shape.force_size,
     };
     let vm: VmView = client
         .stream_events(
@@ -501,6 +502,7 @@ pub async fn set(client: &Client, a: SetArgs) -> Result<ExitCode> {
         vcpus: a.shape.vcpu,
         memory_mib: a.shape.memory,
         disk_size: a.shape.disk_size,
+        force_size: a.shape.force_size,
     };
     let names = crate::refs::resolve_all(client, &a.names).await?;
     let mut failed = 0;

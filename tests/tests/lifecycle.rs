@@ -722,6 +722,54 @@ mod tests {
     }
 
     #[test]
+    fn disk_beyond_the_free_space_is_refused_by_create_and_set_unless_forced() {
+        // 1 PiB: more than any test host's free space, and never written
+        // (the VMs are not started).
+        let huge = "1024T";
+        let env = BangerEnv::new();
+        let (k, rootfs) = env.boot_files();
+        let (k, rootfs) = (k.display().to_string(), rootfs.display().to_string());
+        let create = |force: &[&str]| {
+            let mut args = vec![
+                "vm",
+                "create",
+                "--name",
+                "big",
+                "--kernel",
+                &k,
+                "--rootfs",
+                &rootfs,
+                "--no-start",
+                "--disk-size",
+                huge,
+            ];
+            args.extend_from_slice(force);
+            env.banger(&args)
+        };
+        let r = create(&[]).failed();
+        assert!(
+            r.stderr.contains("--disk-size") && r.stderr.contains("free"),
+            "should name the size and the free space: {}",
+            r.stderr
+        );
+        assert!(r.stderr.contains("--force-size"), "{}", r.stderr);
+        assert!(env.list().is_empty(), "nothing created");
+        create(&["--force-size"]).ok();
+        assert_eq!(env.show("big").record.spec.disk_size.0, 1 << 50);
+
+        env.create("small", &["--no-start"]).ok();
+        let r = env
+            .banger(&["vm", "set", "small", "--disk-size", huge])
+            .failed();
+        assert!(r.stderr.contains("--force-size"), "{}", r.stderr);
+        assert_eq!(env.show("small").record.spec.disk_size.0, 64 << 20);
+        env.banger(&["vm", "set", "small", "--disk-size", huge, "--force-size"])
+            .ok();
+        assert_eq!(env.show("small").record.spec.disk_size.0, 1 << 50);
+        env.banger(&["vm", "delete", "big", "small"]).ok();
+    }
+
+    #[test]
     fn memory_beyond_the_host_is_refused_by_create_and_set() {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
         let kib: u64 = meminfo

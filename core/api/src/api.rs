@@ -86,6 +86,10 @@ pub struct CreateVmRequest {
     /// VMM backend; config `vmm` when absent.
     #[serde(default)]
     pub vmm: Option<crate::model::VmmKind>,
+    /// Accept a `disk_size` above the config default even when it is more
+    /// than the state filesystem's free space (`--force-size`).
+    #[serde(default)]
+    pub force_size: bool,
 }
 
 /// `vm set` arguments; only allowed while the VM is not running.
@@ -101,6 +105,10 @@ pub struct SetVmRequest {
     /// New work disk size; may only grow.
     #[serde(default)]
     pub disk_size: Option<String>,
+    /// Accept a growth of the work disk larger than the state filesystem's
+    /// free space (`--force-size`).
+    #[serde(default)]
+    pub force_size: bool,
 }
 
 /// A VM as the API shows it.

@@ -127,6 +127,11 @@ impl Lifecycle {
             Some(s) => s.parse::<ByteSize>().map_err(|e| invalid(&e))?,
             None => d.disk_size,
         };
+        // The config's default is the operator's own choice; a larger ask
+        // must fit the state filesystem unless forced.
+        if disk_size > d.disk_size && !req.force_size {
+            super::set::check_free_space(&self.paths.vms_dir(), disk_size, disk_size)?;
+        }
         // Explicit paths are checked before anything is pulled.
         if let Some(k) = &req.kernel {
             check_file("--kernel", k, "kernel image (vmlinux)")?;
