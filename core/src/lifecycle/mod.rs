@@ -30,6 +30,8 @@ use banger_vmm::{Backends, Vmm};
 mod create;
 mod delete;
 mod inspect;
+#[cfg(test)]
+mod lock_tests;
 mod reconcile;
 mod set;
 mod ssh;
