@@ -331,8 +331,9 @@ pub struct ShapeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub disk_size: Option<String>,
     /// Take a --disk-size (above the config default) larger than the free
-    /// space of banger's state filesystem; refused without it.
-    #[arg(long, requires = "disk_size")]
+    /// space of banger's state filesystem, or a --memory above this host's
+    /// physical memory; both are refused without it.
+    #[arg(long)]
     pub force_size: bool,
 }
 

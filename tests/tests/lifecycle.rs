@@ -791,13 +791,26 @@ mod tests {
         ] {
             assert!(
                 r.stderr.contains(&format!("{too_much} MiB"))
-                    && r.stderr.contains(&format!("{host_mib} MiB")),
-                "should name the value and the host's total: {}",
+                    && r.stderr.contains(&format!("{host_mib} MiB"))
+                    && r.stderr.contains("--force-size"),
+                "should name the value, the host's total and the override: {}",
                 r.stderr
             );
         }
         assert_eq!(env.list().len(), 1, "only `small` was created");
         assert_eq!(env.show("small").record.spec.memory_mib, 256);
+
+        // --force-size overcommits, on create and on set.
+        let over: u32 = (host_mib + 1).try_into().unwrap();
+        env.create(
+            "big",
+            &["--no-start", "--memory", &too_much, "--force-size"],
+        )
+        .ok();
+        assert_eq!(env.show("big").record.spec.memory_mib, over);
+        env.banger(&["vm", "set", "small", "--memory", &too_much, "--force-size"])
+            .ok();
+        assert_eq!(env.show("small").record.spec.memory_mib, over);
     }
 
     #[test]

@@ -87,7 +87,8 @@ pub struct CreateVmRequest {
     #[serde(default)]
     pub vmm: Option<crate::model::VmmKind>,
     /// Accept a `disk_size` above the config default even when it is more
-    /// than the state filesystem's free space (`--force-size`).
+    /// than the state filesystem's free space, and `memory_mib` above the
+    /// host's physical memory (`--force-size`).
     #[serde(default)]
     pub force_size: bool,
 }
@@ -106,7 +107,7 @@ pub struct SetVmRequest {
     #[serde(default)]
     pub disk_size: Option<String>,
     /// Accept a growth of the work disk larger than the state filesystem's
-    /// free space (`--force-size`).
+    /// free space, and memory above the host's (`--force-size`).
     #[serde(default)]
     pub force_size: bool,
 }

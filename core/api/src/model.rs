@@ -31,7 +31,7 @@ pub enum ModelError {
     InvalidMemory(i64),
     /// More memory than the host has.
     #[error(
-        "Invalid memory {mib} MiB: this host has {host_mib} MiB of physical memory (MemTotal in /proc/meminfo); ask for at most that"
+        "Invalid memory {mib} MiB: this host has {host_mib} MiB of physical memory (MemTotal in /proc/meminfo); ask for at most that, or pass --force-size to overcommit"
     )]
     MemoryOverHost {
         /// What was asked for.

@@ -119,7 +119,9 @@ impl Lifecycle {
         };
         let memory_mib = match req.memory_mib {
             Some(n) => {
-                validate_memory_mib_on_host(n, host_memory_mib()).map_err(|e| invalid(&e))?
+                // --force-size takes memory beyond the host's too (overcommit).
+                let host = (!req.force_size).then(host_memory_mib).flatten();
+                validate_memory_mib_on_host(n, host).map_err(|e| invalid(&e))?
             }
             None => d.memory_mib,
         };

@@ -19,7 +19,11 @@ impl Lifecycle {
             .map_err(|e| invalid(&e))?;
         let memory = req
             .memory_mib
-            .map(|n| validate_memory_mib_on_host(n, host_memory_mib()))
+            .map(|n| {
+                // --force-size takes memory beyond the host's too.
+                let host = (!req.force_size).then(host_memory_mib).flatten();
+                validate_memory_mib_on_host(n, host)
+            })
             .transpose()
             .map_err(|e| invalid(&e))?;
         let disk = req
