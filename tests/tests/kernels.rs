@@ -430,7 +430,7 @@ mod tests {
     fn cleanup_staging_removes_leftovers_from_a_crash_and_keeps_kernels() {
         let (_d, store) = store();
         let src = tempfile::tempdir().unwrap();
-        fs::write(src.path().join("vmlinux"), b"k").unwrap();
+        fs::write(src.path().join("vmlinux"), b"\x7fELF k").unwrap();
         store.import("kept", src.path(), false).unwrap();
         let leftover = store.root().join(".staging-kept-00000000deadbeef");
         fs::create_dir_all(leftover.join("modules/6.1")).unwrap();
@@ -449,7 +449,7 @@ mod tests {
         let (_d, store) = store();
         let src = tempfile::tempdir().unwrap();
         let s = src.path();
-        fs::write(s.join("vmlinux-6.1.0-18-amd64"), b"debian kernel").unwrap();
+        fs::write(s.join("vmlinux-6.1.0-18-amd64"), b"\x7fELF debian kernel").unwrap();
         fs::write(s.join("initrd.img-6.1.0-18-amd64"), b"debian initrd").unwrap();
         fs::create_dir_all(s.join("lib/modules/6.1.0-18-amd64/kernel")).unwrap();
         fs::write(s.join("lib/modules/6.1.0-18-amd64/kernel/a.ko"), b"ko").unwrap();
@@ -464,12 +464,12 @@ mod tests {
         let m = &local.manifest;
         assert_eq!(m.name, "debian-6.1");
         assert_eq!(m.version, "6.1.0-18-amd64");
-        assert_eq!(m.sha256, sha256(b"debian kernel"));
+        assert_eq!(m.sha256, sha256(b"\x7fELF debian kernel"));
         assert_eq!(
             m.source,
             format!("import:{}", fs::canonicalize(s).unwrap().display())
         );
-        assert_eq!(fs::read(&local.vmlinux).unwrap(), b"debian kernel");
+        assert_eq!(fs::read(&local.vmlinux).unwrap(), b"\x7fELF debian kernel");
         assert_eq!(
             fs::read(local.initrd.as_ref().unwrap()).unwrap(),
             b"debian initrd"
@@ -489,9 +489,9 @@ mod tests {
 
         let err = store.import("debian-6.1", s, false).unwrap_err();
         assert!(matches!(err, KernelError::AlreadyExists(_)), "{err}");
-        fs::write(s.join("vmlinux-6.1.0-18-amd64"), b"rebuilt").unwrap();
+        fs::write(s.join("vmlinux-6.1.0-18-amd64"), b"\x7fELF rebuilt").unwrap();
         let again = store.import("debian-6.1", s, true).unwrap();
-        assert_eq!(fs::read(&again.vmlinux).unwrap(), b"rebuilt");
+        assert_eq!(fs::read(&again.vmlinux).unwrap(), b"\x7fELF rebuilt");
         assert_eq!(leftovers(&store), vec!["debian-6.1".to_owned()]);
     }
 
@@ -501,7 +501,7 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let s = src.path();
         fs::create_dir(s.join("boot")).unwrap();
-        fs::write(s.join("boot/kernel.bin"), b"named kernel").unwrap();
+        fs::write(s.join("boot/kernel.bin"), b"\x7fELF named kernel").unwrap();
         fs::write(s.join("boot/ramdisk"), b"named initrd").unwrap();
         // Decoys the globs would trip over.
         fs::write(s.join("vmlinux-a"), b"a").unwrap();
@@ -513,7 +513,7 @@ mod tests {
         .unwrap();
 
         let local = store.import("named", s, false).unwrap();
-        assert_eq!(fs::read(&local.vmlinux).unwrap(), b"named kernel");
+        assert_eq!(fs::read(&local.vmlinux).unwrap(), b"\x7fELF named kernel");
         assert_eq!(
             fs::read(local.initrd.as_ref().unwrap()).unwrap(),
             b"named initrd"
@@ -556,7 +556,7 @@ mod tests {
     async fn bad_names_are_rejected_everywhere() {
         let (_d, store) = store();
         let src = tempfile::tempdir().unwrap();
-        fs::write(src.path().join("vmlinux"), b"k").unwrap();
+        fs::write(src.path().join("vmlinux"), b"\x7fELF k").unwrap();
         let catalog = Catalog::parse("").unwrap();
         for bad in ["../x", "A", "", "a/b", "x..y"] {
             let e = store.import(bad, src.path(), false).unwrap_err();
@@ -583,7 +583,7 @@ mod tests {
     fn remove_deletes_a_kernel_and_reports_missing_ones() {
         let (_d, store) = store();
         let src = tempfile::tempdir().unwrap();
-        fs::write(src.path().join("vmlinux"), b"k").unwrap();
+        fs::write(src.path().join("vmlinux"), b"\x7fELF k").unwrap();
         store.import("gone", src.path(), false).unwrap();
         store.remove("gone").unwrap();
         assert_eq!(store.get("gone").unwrap(), None);
