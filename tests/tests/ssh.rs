@@ -172,7 +172,7 @@ mod tests {
             format!(
                 "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} \
                  -o StrictHostKeyChecking=yes -o HostKeyAlias=sshy.vm -o LogLevel=ERROR \
-                 root@{ip} -- uname -a\n",
+                 -o ConnectTimeout=30 root@{ip} -- uname -a\n",
                 ssh.join("id_ed25519").display(),
                 known.display()
             )
@@ -213,9 +213,11 @@ mod tests {
         }
         let keydir = tempfile::tempdir().unwrap();
         let (_, json) = host_key(keydir.path());
-        let (mut env, _) = env_with_vm("run", &json);
+        let (mut env, ip) = env_with_vm("run", &json);
         let printed = env
-            .banger(&["vm", "ssh", "run", "--print", "--", "exit", "7"])
+            .banger(&[
+                "vm", "ssh", "run", "--via", "ssh", "--print", "--", "exit", "7",
+            ])
             .ok()
             .stdout;
 
@@ -237,7 +239,8 @@ mod tests {
         env.set_env("PATH", &format!("{}:{path}", bin.display()));
 
         env.set_env("FAKE_SSH_EXIT", "7");
-        let out = env.banger(&["vm", "ssh", "run", "--", "exit", "7"]);
+        // The fake VMM's guest has no sshd, so the default would be the agent.
+        let out = env.banger(&["vm", "ssh", "run", "--via", "ssh", "--", "exit", "7"]);
         assert_eq!(out.code, 7, "{out:?}");
         let args = std::fs::read_to_string(&record).unwrap();
         let args: Vec<&str> = args.lines().collect();
@@ -245,15 +248,20 @@ mod tests {
         assert_eq!(args, words, "--print must show exactly what runs");
 
         env.set_env("FAKE_SSH_EXIT", "255");
-        let out = env.banger(&["vm", "ssh", "run"]);
+        let out = env.banger(&["vm", "ssh", "run", "--via", "ssh"]);
         assert_eq!(out.code, 255, "{out:?}");
-        assert!(out.stderr.contains("ssh itself failed"), "{out:?}");
+        // ssh's own failure names the VM and the address that did not answer.
+        assert!(
+            out.stderr
+                .contains("ssh to VM run at 10.77.0.2 failed (exit 255)"),
+            "{out:?}"
+        );
 
         // No ssh at all.
         let empty = env.root().join("empty-bin");
         std::fs::create_dir_all(&empty).unwrap();
         env.set_env("PATH", &empty.display().to_string());
-        let out = env.banger(&["vm", "ssh", "run"]).failed();
+        let out = env.banger(&["vm", "ssh", "run", "--via", "ssh"]).failed();
         assert!(out.stderr.contains("openssh-client"), "{out:?}");
     }
 }
