@@ -253,7 +253,7 @@ mod tests {
         // ssh's own failure names the VM and the address that did not answer.
         assert!(
             out.stderr
-                .contains("ssh to VM run at 10.77.0.2 failed (exit 255)"),
+                .contains(&format!("ssh to VM run at {ip} failed (exit 255)")),
             "{out:?}"
         );
 
