@@ -45,14 +45,7 @@ impl DiskLocks {
                     ));
                 }
             };
-            // `nix::fcntl::Flock` would unlock on drop, but the lock must
-            // outlive the daemon's copy of the file (std's `File::try_lock`
-            // is newer than the MSRV).
-            #[allow(deprecated)]
-            match nix::fcntl::flock(
-                file.as_raw_fd(),
-                nix::fcntl::FlockArg::LockExclusiveNonblock,
-            ) {
+            match lock_exclusive(&file) {
                 Ok(()) => files.push(file),
                 Err(nix::errno::Errno::EWOULDBLOCK) => {
                     return Err(VmmError::Unsupported(format!(
@@ -92,6 +85,34 @@ impl DiskLocks {
                 }
                 Ok(())
             });
+        }
+    }
+}
+
+/// How long a lock held by someone else may take to go away before the
+/// disk counts as in use: a child the daemon forks for anything else holds
+/// a copy of every open file until its exec closes it, so a lock dropped a
+/// moment ago can still be held that long.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `flock(LOCK_EX | LOCK_NB)`, retried for [`LOCK_GRACE`] while another
+/// holder may be such a transient copy.
+fn lock_exclusive(file: &File) -> Result<(), nix::errno::Errno> {
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        // `nix::fcntl::Flock` would unlock on drop, but the lock must
+        // outlive the daemon's copy of the file (std's `File::try_lock`
+        // is newer than the MSRV).
+        #[allow(deprecated)]
+        let r = nix::fcntl::flock(
+            file.as_raw_fd(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        );
+        match r {
+            Err(nix::errno::Errno::EWOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
         }
     }
 }
