@@ -203,3 +203,66 @@ pub fn debian_source(apt_dir: &Path) -> Option<PathBuf> {
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_ready_with_the_tools_and_a_debian_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let apt = dir.path();
+        let all = |_: &str| Some(PathBuf::from("/usr/bin/x"));
+        let image = DEBIAN_BOOKWORM.tools;
+        let kernel = DEBIAN_CLOUD.tools;
+        let err = host_ready_with(image, all, apt).unwrap_err();
+        assert!(
+            err.why.starts_with("no Debian or Ubuntu package source"),
+            "{err:?}"
+        );
+        assert!(err.fix.contains("sources.list.d/debian.sources"), "{err:?}");
+
+        std::fs::create_dir_all(apt.join("sources.list.d")).unwrap();
+        std::fs::write(
+            apt.join("sources.list.d/debian.sources.disabled"),
+            "URIs: http://deb.debian.org/debian\n",
+        )
+        .unwrap();
+        std::fs::write(
+            apt.join("sources.list.d/other.list"),
+            "# deb http://deb.debian.org/debian bookworm main\ndeb http://example.com/x y z\n",
+        )
+        .unwrap();
+        assert!(
+            host_ready_with(image, all, apt).is_err(),
+            "disabled and commented sources do not count"
+        );
+        let real = apt.join("sources.list.d/debian.sources");
+        std::fs::write(
+            &real,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n",
+        )
+        .unwrap();
+        assert_eq!(host_ready_with(image, all, apt), Ok(real));
+
+        let no_mmdebstrap = |t: &str| (t != "mmdebstrap").then(|| PathBuf::from("/usr/bin/x"));
+        assert_eq!(
+            host_ready_with(image, no_mmdebstrap, apt),
+            Err(Unready {
+                why: "mmdebstrap not found on PATH".to_string(),
+                fix: "sudo apt-get install mmdebstrap".to_string()
+            })
+        );
+        assert!(host_ready_with(kernel, no_mmdebstrap, apt).is_ok());
+        let no_apt = |t: &str| (!t.starts_with("apt")).then(|| PathBuf::from("/usr/bin/x"));
+        assert_eq!(
+            host_ready_with(kernel, no_apt, apt),
+            Err(Unready {
+                why: "apt-get, apt-cache not found on PATH".to_string(),
+                fix: "sudo apt-get install apt".to_string()
+            })
+        );
+        assert_eq!(tools_of("kernel", "debian-cloud"), Some(kernel));
+        assert_eq!(tools_of("image", "nope"), None);
+    }
+}
