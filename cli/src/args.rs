@@ -51,6 +51,14 @@ pub enum Command {
     /// keys, user root) and print how to include it, so plain `ssh NAME.vm`,
     /// scp and rsync work. `~/.ssh/config` is only touched by --install.
     SshConfig(SshConfigArgs),
+    /// Replace banger's binaries with the latest signed release (or
+    /// --version V): the manifest's ed25519 signature and every file's
+    /// sha256 are checked before anything is replaced; a running daemon is
+    /// restarted on the new build. See docs/release.md.
+    Update(UpdateArgs),
+    /// Stop the daemon, remove the root helper (as root) and the binaries
+    /// next to this banger, and list the data left with its size.
+    Uninstall(UninstallArgs),
     /// Show the client's version and the running daemon's.
     Version {
         /// Print JSON.
@@ -63,6 +71,37 @@ pub enum Command {
         /// The shell.
         shell: Shell,
     },
+}
+
+/// `banger update` flags.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Only say whether a newer release exists (its signature is checked);
+    /// change nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// Install this release (e.g. 0.2.0) even when it is not newer: a
+    /// reinstall or a downgrade.
+    #[arg(long, value_name = "V")]
+    pub version: Option<String>,
+    /// Release server base URL [default: config `update_url`, else the
+    /// project's].
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+}
+
+/// `banger uninstall` flags.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Do not ask for confirmation (needed without a terminal).
+    #[arg(long, short)]
+    pub yes: bool,
+    /// Go on while VMs are running (they keep running without a daemon).
+    #[arg(long)]
+    pub force: bool,
+    /// Where `banger system install` wrote its files (packaging, tests).
+    #[arg(long, env = "BANGER_SYSTEM_ROOT", hide = true)]
+    pub system_root: Option<std::path::PathBuf>,
 }
 
 /// `banger ssh-config` flags.

@@ -7,6 +7,7 @@ mod complete;
 mod daemon;
 mod doctor;
 mod exec;
+mod fetch;
 mod ordered;
 mod output;
 mod refs;
@@ -15,6 +16,8 @@ mod run;
 mod spec;
 mod ssh_config;
 mod system;
+mod uninstall;
+mod update;
 mod vm;
 mod workspace;
 
@@ -71,6 +74,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Doctor { json } => doctor::run(json).await,
         Command::System(args) => system::run(args).await,
         Command::SshConfig(a) => ssh_config::run(a.into()).await,
+        Command::Update(a) => update::run(a).await,
+        Command::Uninstall(a) => uninstall::run(a).await,
         Command::Daemon(cmd) => daemon_cmd(cmd).await,
         Command::Image(cmd) => {
             let client = daemon::ensure_running(&Paths::from_env()?).await?;

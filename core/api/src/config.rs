@@ -455,6 +455,9 @@ pub struct Config {
     pub image_catalog_file: Option<PathBuf>,
     /// Overrides the image catalog's base URL (mirrors, tests).
     pub image_catalog_url: Option<String>,
+    /// Where `banger update` looks for binary releases; `None` means the
+    /// project's (`banger_api::release`, docs/release.md).
+    pub update_url: Option<String>,
     /// Registries (`host:port`) that may be reached over plain HTTP.
     pub insecure_registries: Vec<String>,
     /// Bounds on an OCI image pull's layers (`image_layer_max_entries`,
@@ -510,6 +513,7 @@ const TOP_KEYS: &[&str] = &[
     "kernel_catalog_file",
     "image_catalog_url",
     "image_catalog_file",
+    "update_url",
     "insecure_registries",
     "image_layer_max_entries",
     "image_layer_max_size",
@@ -583,6 +587,7 @@ impl Config {
             kernel_catalog_file: None,
             image_catalog_file: None,
             image_catalog_url: None,
+            update_url: None,
             insecure_registries: Vec::new(),
             image_layer_limits: ExtractLimits::OCI_PULL,
             agent_bin: None,
@@ -1119,6 +1124,7 @@ impl Parser<'_> {
                 }
                 "kernel_catalog_url" => cfg.kernel_catalog_url = Some(self.url(key, value)?),
                 "image_catalog_url" => cfg.image_catalog_url = Some(self.url(key, value)?),
+                "update_url" => cfg.update_url = Some(self.url(key, value)?),
                 "kernel_catalog_file" => {
                     cfg.kernel_catalog_file = Some(self.absolute_path(key, value)?)
                 }

@@ -32,5 +32,6 @@ pub mod model;
 pub mod net;
 pub mod paths;
 pub mod progress;
+pub mod release;
 pub mod ssh;
 pub mod workspace;

@@ -6,9 +6,13 @@
 //! [`banger_artifacts::oci_artifact::push_artifact`] as `PREFIX/kernel-NAME:TAG`
 //! and `PREFIX/image-NAME:TAG`, and writes `kernels.toml` and `images.toml`
 //! into the output directory with `oci = "...@sha256:<manifest digest>"`.
+//!
+//! `publish-binaries` lays out and signs a binary release for `banger
+//! update` and `scripts/install.sh` (see [`binaries`]).
 
 #![forbid(unsafe_code)]
 
+mod binaries;
 mod bundle;
 mod catalog;
 
@@ -33,6 +37,9 @@ struct Cli {
 enum Command {
     /// Pack, push and pin one kernel and one image.
     Push(PushArgs),
+    /// Lay out and sign a binary release (banger, bangerd, banger-helper,
+    /// banger-agent) for `banger update` and install.sh.
+    PublishBinaries(binaries::PublishArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +110,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Command::Push(args) => runtime.block_on(push(args)),
+        Command::PublishBinaries(args) => binaries::publish(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
