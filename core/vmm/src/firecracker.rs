@@ -18,13 +18,16 @@ use crate::confine::{running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::jailer;
 use crate::{
-    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, error_chain, io_err,
-    kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
+    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused, error_chain,
+    io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
     uds_http, wait_gone,
 };
 pub use banger_api::backend::{JailSettings, Timeouts};
 use banger_api::machine::MachineSpec;
 use banger_api::model::VmmProcess;
+
+mod snapshot;
+pub use snapshot::{MEMORY_FILE, STATE_FILE};
 
 const NAME: &str = "firecracker";
 
@@ -34,6 +37,8 @@ pub struct Firecracker {
     bin: PathBuf,
     timeouts: Timeouts,
     jail: JailSettings,
+    /// Restore the snapshot in this directory instead of booting.
+    restore: Option<PathBuf>,
 }
 
 impl Firecracker {
@@ -52,6 +57,7 @@ impl Firecracker {
                 cgroups: false,
                 ..JailSettings::default()
             },
+            restore: None,
         }
     }
 
@@ -166,7 +172,14 @@ impl Vmm for Firecracker {
         if let Err(e) = self.wait_ready(&launched, &machine.serial_log) {
             return Err(launched.abort(e));
         }
-        if let Err(e) = self.configure_and_start(machine, &paths.api_socket, &log) {
+        let booted = match (&self.restore, &jailed) {
+            (Some(dir), Some(j)) => {
+                let uid = vm_uid(self.jail.uid_base, &vm_name(paths)?);
+                self.load_snapshot(dir, machine, &paths.api_socket, &log, &j.root, uid)
+            }
+            _ => self.configure_and_start(machine, &paths.api_socket, &log),
+        };
+        if let Err(e) = booted {
             return Err(launched.abort(e));
         }
         Ok(process)
@@ -190,6 +203,25 @@ impl Vmm for Firecracker {
             kill_and_wait(process, self.timeouts.exit)?;
         }
         self.clean_up(&process.api_socket)
+    }
+
+    fn snapshot(
+        &self,
+        process: &VmmProcess,
+        dir: &Path,
+        while_paused: &mut WhilePaused<'_>,
+    ) -> Result<(), VmmError> {
+        self.snapshot_to(process, dir, while_paused)
+    }
+
+    fn restore_recorded(
+        &self,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+        dir: &Path,
+        on_spawned: &mut OnSpawned<'_>,
+    ) -> Result<VmmProcess, VmmError> {
+        self.restore_from(machine, paths, dir, on_spawned)
     }
 
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError> {
@@ -281,10 +313,18 @@ impl Firecracker {
 
     /// `PUT path` with a JSON body; a non-2xx answer becomes `VmmError::Api`.
     fn put(&self, sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
-        let request = format!("PUT {path}");
+        self.send("PUT", sock, path, body)
+    }
+
+    fn patch(&self, sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
+        self.send("PATCH", sock, path, body)
+    }
+
+    fn send(&self, method: &str, sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
+        let request = format!("{method} {path}");
         let r = uds_http::request(
             sock,
-            "PUT",
+            method,
             path,
             Some(&body.to_string()),
             self.timeouts.request,

@@ -186,7 +186,7 @@ fn inside(root: &Path, path: &str) -> PathBuf {
 /// Puts `src` at `<root>/<name>` and returns its path inside the root.
 /// Writable files become the VM uid's; a read-only file is linked when
 /// anyone may read it, else copied for the VM uid alone.
-fn place(
+pub(crate) fn place(
     src: &Path,
     root: &Path,
     name: &str,

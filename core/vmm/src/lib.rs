@@ -119,7 +119,46 @@ pub trait Vmm: Send + Sync + fmt::Debug {
 
     /// Kills the VMM at once and waits until it is gone.
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError>;
+
+    /// Snapshots the running VM into `dir` (an empty directory the caller
+    /// stages): pauses the guest, writes the backend's state files there,
+    /// calls `while_paused` (the caller copies the disks: the guest cannot
+    /// write them then), and resumes the guest whatever happened. An error
+    /// leaves the VM running. See `docs/snapshots.md`.
+    fn snapshot(
+        &self,
+        process: &VmmProcess,
+        dir: &Path,
+        while_paused: &mut WhilePaused<'_>,
+    ) -> Result<(), VmmError> {
+        let _ = (process, dir, while_paused);
+        Err(VmmError::Unsupported(format!(
+            "The {} backend cannot take snapshots",
+            self.name()
+        )))
+    }
+
+    /// Starts a new VMM for `machine` (its own disks, tap, vsock socket and
+    /// console) from the snapshot in `dir` instead of booting it, reporting
+    /// the process to `on_spawned` as [`Vmm::launch_recorded`] does. On error
+    /// nothing is left running.
+    fn restore_recorded(
+        &self,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+        dir: &Path,
+        on_spawned: &mut OnSpawned<'_>,
+    ) -> Result<VmmProcess, VmmError> {
+        let _ = (machine, paths, dir, on_spawned);
+        Err(VmmError::Unsupported(format!(
+            "The {} backend cannot restore snapshots",
+            self.name()
+        )))
+    }
 }
+
+/// What [`Vmm::snapshot`] runs while the guest is paused.
+pub type WhilePaused<'a> = dyn FnMut() -> Result<(), VmmError> + 'a;
 
 /// What [`Vmm::launch_recorded`] calls with a just-spawned VMM process.
 pub type OnSpawned<'a> = dyn FnMut(&VmmProcess) -> Result<(), VmmError> + 'a;

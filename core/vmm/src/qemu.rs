@@ -24,8 +24,8 @@ use crate::cgroup::{self, VmCgroup};
 use crate::confine::{abort_cgroup, create_cgroup, running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::{
-    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, error_chain, io_err,
-    kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
+    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused, error_chain,
+    io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
     wait_gone,
 };
 pub use banger_api::backend::{
@@ -35,6 +35,8 @@ use banger_api::machine::{MachineSpec, PciDevice, Vsock};
 use banger_api::model::VmmProcess;
 
 mod qmp;
+mod snapshot;
+pub use snapshot::MIGRATION_FILE;
 
 const NAME: &str = "qemu";
 const VSOCK_BACKEND: &str = "vhost-device-vsock";
@@ -44,13 +46,19 @@ const VSOCK_BACKEND: &str = "vhost-device-vsock";
 pub struct Qemu {
     settings: QemuSettings,
     accel: Accel,
+    /// Start with `-incoming defer` (a snapshot restore).
+    incoming: bool,
 }
 
 impl Qemu {
     /// A backend with `settings`; `auto` is resolved now against this host.
     pub fn new(settings: QemuSettings) -> Self {
         let accel = choose_accel(settings.accel, HostFacts::probe());
-        Qemu { settings, accel }
+        Qemu {
+            settings,
+            accel,
+            incoming: false,
+        }
     }
 
     /// The accelerator this backend launches with.
@@ -411,6 +419,25 @@ impl Vmm for Qemu {
         self.kill(process)
     }
 
+    fn snapshot(
+        &self,
+        process: &VmmProcess,
+        dir: &Path,
+        while_paused: &mut WhilePaused<'_>,
+    ) -> Result<(), VmmError> {
+        self.snapshot_to(process, dir, while_paused)
+    }
+
+    fn restore_recorded(
+        &self,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+        dir: &Path,
+        on_spawned: &mut OnSpawned<'_>,
+    ) -> Result<VmmProcess, VmmError> {
+        self.restore_from(machine, paths, dir, on_spawned)
+    }
+
     fn kill(&self, process: &VmmProcess) -> Result<(), VmmError> {
         // The cgroup first: it holds QEMU and its vsock backend, and
         // whatever either started.
@@ -501,6 +528,9 @@ impl Qemu {
             self.accel,
         ));
         cmd.args(jail.args());
+        if self.incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
         if let Some(cg) = &jail.cgroup {
             cg.join_on_exec(&mut cmd);
         }

@@ -39,9 +39,51 @@ impl Qmp {
     /// Runs `command` (no arguments) and returns its `return` value; a QMP
     /// `error` answer becomes an `io::Error` carrying QEMU's description.
     pub(super) fn execute(&mut self, command: &str) -> io::Result<Value> {
-        let mut line = json!({ "execute": command }).to_string();
+        self.execute_with(command, Value::Null)
+    }
+
+    /// Hands QEMU the open file `fd` under `name` (QMP `getfd`, the
+    /// descriptor passed with SCM_RIGHTS), for a later `fd:NAME` URI.
+    pub(super) fn send_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::{AsFd, AsRawFd};
+        let mut line = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string();
+        line.push('\n');
+        let fds = [fd.as_raw_fd()];
+        let iov = [io::IoSlice::new(line.as_bytes())];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let sent = sendmsg::<()>(
+            self.writer.as_fd().as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(io::Error::from)?;
+        if sent != line.len() {
+            self.writer.write_all(&line.as_bytes()[sent..])?;
+        }
+        self.answer("getfd").map(drop)
+    }
+
+    /// Runs `command` with `arguments` (none when `Null`), as [`Qmp::execute`].
+    pub(super) fn execute_with(&mut self, command: &str, arguments: Value) -> io::Result<Value> {
+        let mut msg = json!({ "execute": command });
+        if !arguments.is_null() {
+            msg["arguments"] = arguments;
+        }
+        let mut line = msg.to_string();
         line.push('\n');
         self.writer.write_all(line.as_bytes())?;
+        self.answer(command)
+    }
+
+    /// Reads until the answer to `command`, skipping events.
+    fn answer(&mut self, command: &str) -> io::Result<Value> {
         loop {
             let msg = self.read_message()?;
             if let Some(ret) = msg.get("return") {

@@ -1,0 +1,179 @@
+//! QEMU snapshots: the VM's state is a migration stream written to a file
+//! the daemon opens and hands QEMU over QMP (`getfd`, then `migrate
+//! fd:NAME`), so neither `-sandbox spawn=deny` (no `exec:`) nor the chroot
+//! (no paths) gets in the way. A restore is the same command line with
+//! `-incoming defer`, the file handed over the same way to
+//! `migrate-incoming`. QEMU refuses to migrate a VM with a device that has
+//! no migration support; QEMU 7.2's `vhost-user-vsock-device` is one, so
+//! a VM with the agent's vsock is refused there (`docs/snapshots.md`).
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::Qemu;
+use super::qmp::Qmp;
+use crate::confine::running_as_root;
+use crate::{LaunchPaths, OnSpawned, POLL, Vmm, VmmError, WhilePaused, io_err};
+use banger_api::machine::MachineSpec;
+use banger_api::model::VmmProcess;
+
+/// The migration stream, in the snapshot directory.
+pub const MIGRATION_FILE: &str = "qemu.migration";
+/// The name the stream's descriptor gets in QEMU's monitor.
+const FD_NAME: &str = "banger-snapshot";
+/// How long writing or reading the stream may take (it is the guest's
+/// whole memory, written at disk speed).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Qemu {
+    /// [`Vmm::snapshot`] for QEMU.
+    pub(super) fn snapshot_to(
+        &self,
+        process: &VmmProcess,
+        dir: &Path,
+        while_paused: &mut WhilePaused<'_>,
+    ) -> Result<(), VmmError> {
+        self.refuse_chroot("snapshot")?;
+        let timeout = self.settings.timeouts.request;
+        let mut q = Qmp::connect(&process.api_socket, timeout).map_err(|e| {
+            io_err(
+                format!("connecting to QMP at {}", process.api_socket.display()),
+                e,
+            )
+        })?;
+        qmp(&mut q, "stop", Value::Null)?;
+        let saved = save(&mut q, dir).and_then(|()| while_paused());
+        // Resumed whatever happened: a failed snapshot leaves the VM running.
+        let resumed = qmp(&mut q, "cont", Value::Null);
+        saved?;
+        resumed.map(drop)
+    }
+
+    /// [`Vmm::restore_recorded`] for QEMU.
+    pub(super) fn restore_from(
+        &self,
+        machine: &MachineSpec,
+        paths: &LaunchPaths,
+        dir: &Path,
+        on_spawned: &mut OnSpawned<'_>,
+    ) -> Result<VmmProcess, VmmError> {
+        self.refuse_chroot("restore")?;
+        let stream = dir.join(MIGRATION_FILE);
+        let file = File::open(&stream).map_err(|e| {
+            io_err(
+                format!(
+                    "opening {} (a QEMU snapshot's state; `banger vm snapshot list` shows the snapshots)",
+                    stream.display()
+                ),
+                e,
+            )
+        })?;
+        let incoming = Qemu {
+            incoming: true,
+            ..self.clone()
+        };
+        let process = incoming.launch_recorded(machine, paths, on_spawned)?;
+        let loaded = Qmp::connect(&process.api_socket, self.settings.timeouts.request)
+            .map_err(|e| io_err("connecting to the restoring QEMU's QMP", e))
+            .and_then(|mut q| {
+                q.send_fd(FD_NAME, file.as_fd())
+                    .map_err(|e| io_err("handing QEMU the snapshot's state", e))?;
+                qmp(
+                    &mut q,
+                    "migrate-incoming",
+                    json!({ "uri": format!("fd:{FD_NAME}") }),
+                )?;
+                wait_for(&mut q, "query-migrate", "completed", MIGRATION_TIMEOUT)?;
+                // The stream records the source as stopped (it was, for the
+                // snapshot), so the restored VM stays paused until told.
+                qmp(&mut q, "cont", Value::Null)?;
+                wait_for(&mut q, "query-status", "running", MIGRATION_TIMEOUT)
+            });
+        if let Err(e) = loaded {
+            let _ = self.kill(&process);
+            return Err(e);
+        }
+        Ok(process)
+    }
+}
+
+impl Qemu {
+    /// QEMU ends an outgoing migration by reopening every disk read-only,
+    /// and an incoming one by reopening them read-write, by their paths;
+    /// inside the jail's chroot those paths do not exist and the migration
+    /// fails (`bdrv_inactivate_all() failed`). Refused before the guest is
+    /// touched.
+    fn refuse_chroot(&self, what: &str) -> Result<(), VmmError> {
+        if self.settings.jail.enabled && running_as_root() {
+            return Err(VmmError::Unsupported(format!(
+                "QEMU cannot {what} a snapshot of a chrooted VM: it reopens the disks by path at the end of a migration, which the jail's chroot hides; set vmm_jail = false for the VMs you snapshot (docs/snapshots.md)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Writes the migration stream of the stopped VM to `dir`.
+fn save(q: &mut Qmp, dir: &Path) -> Result<(), VmmError> {
+    let path = dir.join(MIGRATION_FILE);
+    let file =
+        File::create(&path).map_err(|e| io_err(format!("creating {}", path.display()), e))?;
+    q.send_fd(FD_NAME, file.as_fd())
+        .map_err(|e| io_err("handing QEMU the snapshot file", e))?;
+    let started = q.execute_with("migrate", json!({ "uri": format!("fd:{FD_NAME}") }));
+    if let Err(e) = started {
+        let msg = e.to_string();
+        // Nothing was written; the monitor keeps the descriptor otherwise.
+        let _ = q.execute_with("closefd", json!({ "fdname": FD_NAME }));
+        if msg.contains("non-migratable device") {
+            return Err(VmmError::Unsupported(format!(
+                "QEMU cannot snapshot this VM: {msg}. This QEMU cannot migrate a vhost-user-vsock device (the guest agent's vsock); snapshot it under Firecracker (--vmm firecracker) or with a QEMU whose vhost-user-vsock migrates (docs/snapshots.md)"
+            )));
+        }
+        return Err(io_err("starting the migration to the snapshot file", e));
+    }
+    wait_for(q, "query-migrate", "completed", MIGRATION_TIMEOUT)?;
+    file.sync_all()
+        .map_err(|e| io_err(format!("syncing {}", path.display()), e))
+}
+
+/// Runs one QMP command, naming it on failure.
+fn qmp(q: &mut Qmp, command: &str, arguments: Value) -> Result<Value, VmmError> {
+    q.execute_with(command, arguments)
+        .map_err(|e| io_err(format!("running QMP {command}"), e))
+}
+
+/// Polls `query` (`query-migrate` or `query-status`) until its `status` is
+/// `want`; a failed migration is an error with QEMU's reason.
+fn wait_for(q: &mut Qmp, query: &str, want: &str, timeout: Duration) -> Result<(), VmmError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = qmp(q, query, Value::Null)?;
+        let status = answer.get("status").and_then(Value::as_str).unwrap_or("");
+        if status == want {
+            return Ok(());
+        }
+        if matches!(
+            status,
+            "failed" | "cancelled" | "internal-error" | "shutdown"
+        ) {
+            let why = answer
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .unwrap_or("QEMU gave no reason");
+            return Err(VmmError::NotReady(format!(
+                "The QEMU migration {status}: {why}; see the VM's vmm.log"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(VmmError::NotReady(format!(
+                "{query} still said {status:?} after {timeout:?}, not {want:?}; see the VM's vmm.log"
+            )));
+        }
+        std::thread::sleep(POLL);
+    }
+}

@@ -1,0 +1,375 @@
+//! Snapshots at the backend level (`docs/snapshots.md`): the QEMU backend
+//! against the real `qemu-system-x86_64` under TCG (a guest whose init
+//! counts on the console is snapshotted, keeps counting, and two restores
+//! of it go on counting side by side from where it was, without booting);
+//! a VM with QEMU 7.2's vhost-user-vsock is refused and keeps running; and
+//! the Firecracker backend's snapshot API calls, in order, against the
+//! fake firecracker.
+//!
+//! QEMU needs what `qemu_backend.rs` needs: `qemu-system-x86_64`, a kernel
+//! (`$BANGER_TEST_KERNEL`, else `~/.cache/banger-ci/kernel/boot/vmlinuz-*`),
+//! `cc` with a static libc, and vhost-device-vsock for the refusal test.
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use banger_api::machine::{Drive, DriveRole, MachineSpec, Vsock};
+    use banger_api::model::VmmProcess;
+    use banger_capabilities::vsock_agent::initrd::build_initrd;
+    use banger_vmm::qemu::{JailSettings, MIGRATION_FILE, Qemu, QemuAccel, QemuSettings};
+    use banger_vmm::{LaunchPaths, Vmm, VmmError, process_alive};
+    use tempfile::TempDir;
+    use test_infra::wait_until;
+
+    const BOOT: Duration = Duration::from_secs(180);
+
+    /// TCG guests share 2 cores: these tests take turns.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn home() -> PathBuf {
+        std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+    }
+
+    fn on_path(name: &str) -> Option<PathBuf> {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    }
+
+    fn kernel() -> Option<PathBuf> {
+        if let Some(k) = std::env::var_os("BANGER_TEST_KERNEL") {
+            return Some(PathBuf::from(k));
+        }
+        let dir = home().join(".cache/banger-ci/kernel/boot");
+        let mut found: Vec<PathBuf> = fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().contains("vmlinuz-"))
+            .collect();
+        found.sort();
+        found.pop()
+    }
+
+    fn vsock_backend() -> Option<PathBuf> {
+        on_path("vhost-device-vsock").or_else(|| {
+            let p = home().join(".cache/banger-ci/tools/bin/vhost-device-vsock");
+            p.is_file().then_some(p)
+        })
+    }
+
+    /// The QEMU binary and kernel, or a loud skip.
+    fn requirements(test: &str) -> Option<(PathBuf, PathBuf)> {
+        let found = on_path("qemu-system-x86_64").zip(kernel());
+        if found.is_none() {
+            eprintln!(
+                "SKIP {test}: needs qemu-system-x86_64 (apt-get install qemu-system-x86) and a kernel (BANGER_TEST_KERNEL or ~/.cache/banger-ci/kernel/boot/vmlinuz-*)"
+            );
+        }
+        found
+    }
+
+    /// An init that prints `TICK n` on the console every 50 ms, forever.
+    const TICK_INIT: &str = r#"
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+  struct timespec t = {0, 50 * 1000 * 1000};
+  for (unsigned long n = 0;; n++) {
+    printf("TICK %lu\n", n); fflush(stdout);
+    nanosleep(&t, 0);
+  }
+}
+"#;
+
+    /// Builds the ticking initramfs in `dir`, or says why it cannot.
+    fn tick_initrd(dir: &Path) -> Result<PathBuf, String> {
+        let src = dir.join("init.c");
+        fs::write(&src, TICK_INIT).map_err(|e| e.to_string())?;
+        let init = dir.join("init");
+        let built = std::process::Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(&init)
+            .arg(&src)
+            .output()
+            .map_err(|e| format!("cannot run cc: {e}"))?;
+        if !built.status.success() {
+            return Err(format!(
+                "cc -static failed (install libc6-dev): {}",
+                String::from_utf8_lossy(&built.stderr)
+            ));
+        }
+        let out = dir.join("initrd");
+        build_initrd(&init, None, &out).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    /// One VM's files under `dir/<name>`: its own disk and console.
+    fn vm(dir: &Path, name: &str, kernel: &Path, initrd: &Path) -> (MachineSpec, LaunchPaths) {
+        let d = dir.join(name);
+        fs::create_dir_all(&d).unwrap();
+        let disk = d.join("root.img");
+        if !disk.exists() {
+            fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+        }
+        let machine = MachineSpec {
+            kernel: kernel.to_path_buf(),
+            initrd: Some(initrd.to_path_buf()),
+            boot_args: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            drives: vec![Drive {
+                id: "root".into(),
+                path: disk,
+                read_only: false,
+                role: DriveRole::Root,
+            }],
+            nics: vec![],
+            vsock: None,
+            serial_log: d.join("serial.log"),
+            pci_devices: Vec::new(),
+        };
+        let paths = LaunchPaths {
+            vm_dir: d.clone(),
+            api_socket: dir.join(format!("{name}.q")),
+            vmm_log: d.join("qemu.log"),
+        };
+        (machine, paths)
+    }
+
+    /// The `TICK` numbers on `log`, in order.
+    fn ticks(log: &Path) -> Vec<u64> {
+        fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("TICK ")?.parse().ok())
+            .collect()
+    }
+
+    /// Kills what a test launched, even when it fails.
+    struct Running<'a>(&'a Qemu, Vec<VmmProcess>);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            for p in self.1.drain(..) {
+                let _ = self.0.kill(&p);
+            }
+        }
+    }
+
+    /// Unjailed: QEMU cannot migrate a chrooted VM's disks (see
+    /// [`qemu_refuses_to_snapshot_a_chrooted_vm`]).
+    fn settings(qemu: PathBuf) -> QemuSettings {
+        QemuSettings {
+            qemu_bin: qemu,
+            accel: QemuAccel::Tcg,
+            jail: JailSettings {
+                enabled: false,
+                cgroups: false,
+                ..JailSettings::default()
+            },
+            ..QemuSettings::default()
+        }
+    }
+
+    /// QEMU's run state through a raw QMP session.
+    fn run_state(qmp: &Path) -> String {
+        let s = UnixStream::connect(qmp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        for cmd in ["qmp_capabilities", "query-status"] {
+            writeln!(w, "{{\"execute\":\"{cmd}\"}}").unwrap();
+            loop {
+                line.clear();
+                r.read_line(&mut line).unwrap();
+                if line.contains("\"return\"") {
+                    break;
+                }
+            }
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["return"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn qemu_snapshot_resumes_the_source_and_two_restores_go_on_from_its_state() {
+        let test = "qemu_snapshot_resumes_the_source_and_two_restores_go_on_from_its_state";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir: TempDir = tempfile::Builder::new()
+            .prefix("sn")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let initrd = match tick_initrd(d) {
+            Ok(p) => p,
+            Err(why) => return eprintln!("SKIP {test}: {why}"),
+        };
+        let vmm = Qemu::new(settings(q));
+        let mut running = Running(&vmm, Vec::new());
+        let (source, source_paths) = vm(d, "src", &k, &initrd);
+        fs::write(&source.drives[0].path, b"written before the snapshot").unwrap();
+        let p = vmm.launch(&source, &source_paths).unwrap();
+        running.1.push(p.clone());
+        wait_until(BOOT, "the source guest ticks 20 times", || {
+            ticks(&source.serial_log).len() > 20
+        });
+
+        let snap = d.join("snap");
+        fs::create_dir(&snap).unwrap();
+        let mut at_snapshot = 0;
+        let mut paused_ticks_stable = false;
+        vmm.snapshot(&p, &snap, &mut || {
+            // Paused: the guest prints nothing while the disk is copied.
+            at_snapshot = ticks(&source.serial_log).last().copied().unwrap_or(0);
+            fs::copy(&source.drives[0].path, snap.join("root.img")).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            paused_ticks_stable =
+                ticks(&source.serial_log).last().copied().unwrap_or(0) == at_snapshot;
+            Ok(())
+        })
+        .unwrap();
+        assert!(paused_ticks_stable, "the guest ran while paused");
+        assert!(
+            fs::metadata(snap.join(MIGRATION_FILE)).unwrap().len() > 1 << 20,
+            "the migration stream holds the guest memory"
+        );
+        wait_until(BOOT, "the source ticks on after the snapshot", || {
+            ticks(&source.serial_log).last().copied().unwrap_or(0) > at_snapshot + 5
+        });
+        assert_eq!(run_state(&p.api_socket), "running");
+
+        let mut restored = Vec::new();
+        for name in ["r1", "r2"] {
+            let (mut m, paths) = vm(d, name, &k, &initrd);
+            fs::copy(snap.join("root.img"), &m.drives[0].path).unwrap();
+            m.serial_log = paths.vm_dir.join("serial.log");
+            let rp = vmm
+                .restore_recorded(&m, &paths, &snap, &mut |_| Ok(()))
+                .unwrap();
+            running.1.push(rp.clone());
+            restored.push((m, rp));
+        }
+        for (m, rp) in &restored {
+            wait_until(BOOT, "a restored guest ticks", || {
+                ticks(&m.serial_log).len() > 5
+            });
+            let seen = ticks(&m.serial_log);
+            assert!(
+                seen[0] > at_snapshot.saturating_sub(2) && seen[0] <= at_snapshot + 2,
+                "a restore goes on from the snapshot's count {at_snapshot}, not from a boot: {:?}",
+                &seen[..5]
+            );
+            let console = fs::read_to_string(&m.serial_log).unwrap();
+            assert!(!console.contains("Linux version"), "it did not boot");
+            assert_eq!(
+                fs::read(&m.drives[0].path).unwrap()[..27],
+                b"written before the snapshot"[..]
+            );
+            assert_eq!(run_state(&rp.api_socket), "running");
+        }
+        assert!(process_alive(&p), "the source runs on beside its restores");
+    }
+
+    #[test]
+    fn qemu_refuses_a_snapshot_of_a_vm_with_vhost_user_vsock_and_keeps_it_running() {
+        let test = "qemu_refuses_a_snapshot_of_a_vm_with_vhost_user_vsock_and_keeps_it_running";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        let Some(backend) = vsock_backend() else {
+            return eprintln!("SKIP {test}: no vhost-device-vsock (scripts/test installs it)");
+        };
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("sn")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let initrd = match tick_initrd(d) {
+            Ok(p) => p,
+            Err(why) => return eprintln!("SKIP {test}: {why}"),
+        };
+        let (mut m, paths) = vm(d, "v", &k, &initrd);
+        m.vsock = Some(Vsock {
+            guest_cid: 9,
+            uds_path: d.join("v.sock"),
+        });
+        let vmm = Qemu::new(QemuSettings {
+            vhost_device_vsock_bin: backend,
+            ..settings(q)
+        });
+        let p = vmm.launch(&m, &paths).unwrap();
+        let _running = Running(&vmm, vec![p.clone()]);
+        wait_until(BOOT, "the guest ticks", || ticks(&m.serial_log).len() > 2);
+        let snap = d.join("snap");
+        fs::create_dir(&snap).unwrap();
+        let mut copied = false;
+        let err = vmm
+            .snapshot(&p, &snap, &mut || {
+                copied = true;
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(matches!(err, VmmError::Unsupported(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("vhost-user-vsock"), "{msg}");
+        assert!(msg.contains("docs/snapshots.md"), "{msg}");
+        assert!(!copied, "no disk copy for a snapshot that was not taken");
+        assert_eq!(run_state(&p.api_socket), "running");
+        let before = ticks(&m.serial_log).len();
+        wait_until(BOOT, "the guest ticks on", || {
+            ticks(&m.serial_log).len() > before + 3
+        });
+    }
+
+    #[test]
+    fn qemu_refuses_to_snapshot_a_chrooted_vm() {
+        let test = "qemu_refuses_to_snapshot_a_chrooted_vm";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP {test}: QEMU chroots only under a root daemon");
+        }
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("sn")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let initrd = match tick_initrd(d) {
+            Ok(p) => p,
+            Err(why) => return eprintln!("SKIP {test}: {why}"),
+        };
+        let (m, paths) = vm(d, "j", &k, &initrd);
+        let vmm = Qemu::new(QemuSettings {
+            jail: JailSettings {
+                cgroups: false,
+                ..JailSettings::default()
+            },
+            ..settings(q)
+        });
+        let p = vmm.launch(&m, &paths).unwrap();
+        let _running = Running(&vmm, vec![p.clone()]);
+        let err = vmm.snapshot(&p, d, &mut || Ok(())).unwrap_err();
+        assert!(err.to_string().contains("vmm_jail = false"), "{err}");
+        assert_eq!(run_state(&p.api_socket), "running");
+        let err = vmm
+            .restore_recorded(&m, &paths, d, &mut |_| Ok(()))
+            .unwrap_err();
+        assert!(err.to_string().contains("chrooted"), "{err}");
+    }
+}
