@@ -16,8 +16,10 @@ use crate::net::Subnet;
 use crate::net::identity::NetIdentity;
 use banger_plugin_abi::wire::{BoundDevice, PciAddress};
 
-/// The protocol version; a request with another `v` is refused.
-pub const HELPER_PROTOCOL_VERSION: u32 = 1;
+/// The protocol version; a request with another `v` is refused. 2 added
+/// `list_guest_rules`, `list_links` and `bind_dns` (whose sockets come back
+/// as `SCM_RIGHTS` file descriptors with the response line).
+pub const HELPER_PROTOCOL_VERSION: u32 = 2;
 /// Where the installed helper listens. Not under `/run/banger`: that is a
 /// root daemon's own `0700` runtime directory, which users cannot enter.
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger-helper/helper.sock";
@@ -133,6 +135,22 @@ pub enum HelperOp {
         /// Our bridge.
         link: String,
     },
+    /// See [`HostOps::list_guest_rules`]: our bridge's tables only.
+    ListGuestRules {
+        /// Our bridge.
+        bridge: String,
+    },
+    /// See [`HostOps::list_links`]: a prefix inside our own tap prefix.
+    ListLinks {
+        /// Starts with our tap prefix (never the shared plugin prefix).
+        prefix: String,
+    },
+    /// See [`HostOps::bind_dns`]: UDP and TCP sockets on our gateway's port
+    /// 53, handed back as file descriptors (`SCM_RIGHTS`, UDP then TCP).
+    BindDns {
+        /// Our gateway.
+        addr: Ipv4Addr,
+    },
     /// See [`HostOps::bind_vfio`]: an allowlisted device only.
     BindVfio {
         /// The device.
@@ -164,13 +182,16 @@ impl HelperOp {
             HelperOp::RemoveGuest { .. } => "remove_guest",
             HelperOp::RouteDnsDomain { .. } => "route_dns_domain",
             HelperOp::UnrouteDns { .. } => "unroute_dns",
+            HelperOp::ListGuestRules { .. } => "list_guest_rules",
+            HelperOp::ListLinks { .. } => "list_links",
+            HelperOp::BindDns { .. } => "bind_dns",
             HelperOp::BindVfio { .. } => "bind_vfio",
             HelperOp::RebindDriver { .. } => "rebind_driver",
         }
     }
 }
 
-/// A request line: `{"v":1,"op":"create_tap","name":"bgtap0","owner_uid":1000}`.
+/// A request line: `{"v":2,"op":"create_tap","name":"bgtap0","owner_uid":1000}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelperRequest {
     /// [`HELPER_PROTOCOL_VERSION`].
@@ -214,6 +235,17 @@ pub struct HelperResponse {
     /// `bind_vfio`: the devices bound and their previous drivers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bound: Vec<BoundDevice>,
+    /// `list_guest_rules`: VM ids; `list_links`: link names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// How many file descriptors came with this line (`SCM_RIGHTS`):
+    /// `bind_dns` sends 2, the UDP socket then the TCP listener.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fds: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl HelperResponse {
@@ -226,6 +258,8 @@ impl HelperResponse {
             version: None,
             routed: None,
             bound: Vec::new(),
+            names: Vec::new(),
+            fds: 0,
         }
     }
 
@@ -313,6 +347,23 @@ impl Network {
                 "{name:?} is not one of banger's taps (names starting with {})",
                 self.tap_prefixes.join(" or ")
             ))
+        }
+    }
+
+    /// `Ok` when every link starting with `prefix` is one of this network's
+    /// own taps: `prefix` starts with its tap prefix (the plugin prefix is
+    /// shared by every user, so it is not listable).
+    pub fn our_tap_prefix(&self, prefix: &str) -> Result<(), String> {
+        match self.tap_prefixes.first() {
+            Some(own)
+                if prefix.starts_with(own.as_str()) && crate::net::is_valid_ifname(prefix) =>
+            {
+                Ok(())
+            }
+            own => Err(format!(
+                "{prefix:?} does not start with this user's tap prefix {:?}",
+                own.map(String::as_str).unwrap_or_default()
+            )),
         }
     }
 

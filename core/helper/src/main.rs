@@ -98,6 +98,9 @@ fn serve(config: &Path, socket: &Path) -> Result<()> {
     }
     banger_api::paths::check_trusted_path("the helper config", config, 0)?;
     let policy = Arc::new(HelperPolicy::load(config)?);
+    if let Err(e) = open_tun_device(Path::new(TUN_DEVICE)) {
+        eprintln!("warning: {e:#}; a user's VMM cannot open its tap");
+    }
     let listener = match activated_listener()? {
         Some(l) => l,
         None => bind_socket(socket, policy.group.as_ref().map(|g| g.0))?,
@@ -128,6 +131,46 @@ fn serve(config: &Path, socket: &Path) -> Result<()> {
                 }
                 Err(e) => eprintln!("connection failed: {e}"),
             },
+        );
+    }
+    Ok(())
+}
+
+/// The TUN/TAP clone device.
+const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// Makes `/dev/net/tun` mode 0666, as udev's default rule does on every
+/// distribution (containers often leave it 0600): a user's VMM opens its
+/// tap there. Opening it grants nothing by itself: attaching to a tap needs
+/// the tap's owner (the helper creates each one owned by its user) or
+/// CAP_NET_ADMIN, and creating one needs CAP_NET_ADMIN.
+fn open_tun_device(dev: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = match std::fs::symlink_metadata(dev) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "{} does not exist (load the tun module: modprobe tun)",
+                dev.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("Cannot inspect {}", dev.display())),
+    };
+    // 10:200 is the TUN clone device; anything else at that path is left alone.
+    let is_tun =
+        meta.file_type().is_char_device() && meta.rdev() == nix::sys::stat::makedev(10, 200);
+    if !is_tun || meta.uid() != 0 {
+        bail!(
+            "{} is not root's TUN device (char 10:200); left as it is",
+            dev.display()
+        );
+    }
+    if meta.mode() & 0o666 != 0o666 {
+        std::fs::set_permissions(dev, std::fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("Cannot chmod 0666 {}", dev.display()))?;
+        eprintln!(
+            "made {} mode 0666 (as udev does) so users' VMMs can open their taps",
+            dev.display()
         );
     }
     Ok(())

@@ -17,11 +17,13 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::error::HostOpsError;
-use crate::hostops::{BoundDevice, HostOps, PciAddress};
+use crate::hostops::fd_passing::{recv_line_with_fds, send_with_fds};
+use crate::hostops::{BoundDevice, DnsSockets, HostOps, PciAddress};
 pub use banger_api::helper::{
     DEFAULT_HELPER_CONFIG, DEFAULT_HELPER_SOCKET, HELPER_PROTOCOL_VERSION, HELPER_SOCKET_ENV,
     HelperClient, HelperClientError, HelperConfigError, HelperConfigFile, HelperOp, HelperRequest,
@@ -225,6 +227,18 @@ impl HelperPolicy {
                 Ok(())
             }
             HelperOp::UnrouteDns { link } => net.our_bridge(link),
+            HelperOp::ListGuestRules { bridge } => net.our_bridge(bridge),
+            HelperOp::ListLinks { prefix } => net.our_tap_prefix(prefix),
+            HelperOp::BindDns { addr } => {
+                if *addr != net.subnet.gateway() {
+                    return Err(format!(
+                        "the DNS sockets go on the bridge address {} (the configured subnet {}), not {addr}",
+                        net.subnet.gateway(),
+                        net.subnet
+                    ));
+                }
+                Ok(())
+            }
             HelperOp::BindVfio { address } => self.our_device(address),
             HelperOp::RebindDriver { address, driver } => {
                 self.our_device(address)?;
@@ -335,9 +349,14 @@ fn driver_name_ok(d: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-/// Runs one checked request through `ops`.
-fn perform(ops: &dyn HostOps, op: &HelperOp) -> Result<HelperResponse, HostOpsError> {
+/// Runs one checked request through `ops`: the response, and the file
+/// descriptors that go with it.
+fn perform(
+    ops: &dyn HostOps,
+    op: &HelperOp,
+) -> Result<(HelperResponse, Vec<OwnedFd>), HostOpsError> {
     let mut reply = HelperResponse::ok();
+    let mut fds = Vec::new();
     match op {
         HelperOp::Ping => reply.version = Some(env!("CARGO_PKG_VERSION").to_string()),
         HelperOp::CreateTap { name, owner_uid } => ops.create_tap(name, *owner_uid)?,
@@ -381,51 +400,64 @@ fn perform(ops: &dyn HostOps, op: &HelperOp) -> Result<HelperResponse, HostOpsEr
             domain,
         } => reply.routed = Some(ops.route_dns_domain(link, *server, domain)?),
         HelperOp::UnrouteDns { link } => ops.unroute_dns(link)?,
+        HelperOp::ListGuestRules { bridge } => reply.names = ops.list_guest_rules(bridge)?,
+        HelperOp::ListLinks { prefix } => reply.names = ops.list_links(prefix)?,
+        HelperOp::BindDns { addr } => {
+            let s = ops.bind_dns(*addr)?;
+            fds = vec![OwnedFd::from(s.udp), OwnedFd::from(s.tcp)];
+            reply.fds = 2;
+        }
         HelperOp::BindVfio { address } => reply.bound = ops.bind_vfio(address)?,
         HelperOp::RebindDriver { address, driver } => {
             ops.rebind_driver(address, driver.as_deref())?
         }
     }
-    Ok(reply)
+    Ok((reply, fds))
 }
 
-/// Answers one request line from a peer already allowed by the policy.
+/// Answers one request line from a peer already allowed by the policy
+/// (any file descriptors the answer carries are closed).
 pub fn answer(
     policy: &HelperPolicy,
     ops: &dyn HostOps,
     peer_uid: u32,
     line: &str,
 ) -> HelperResponse {
+    answer_with_fds(policy, ops, peer_uid, line).0
+}
+
+/// [`answer`], with the file descriptors that go with the response.
+pub fn answer_with_fds(
+    policy: &HelperPolicy,
+    ops: &dyn HostOps,
+    peer_uid: u32,
+    line: &str,
+) -> (HelperResponse, Vec<OwnedFd>) {
+    let refused = |why: String| (HelperResponse::err(Outcome::Refused, why), Vec::new());
     let request: HelperRequest = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
-            return HelperResponse::err(
-                Outcome::Refused,
-                format!(
-                    "not a helper request ({e}); the allowed ops are {}",
-                    ALLOWED_OPS.join(", ")
-                ),
-            );
+            return refused(format!(
+                "not a helper request ({e}); the allowed ops are {}",
+                ALLOWED_OPS.join(", ")
+            ));
         }
     };
     if request.v != HELPER_PROTOCOL_VERSION {
-        return HelperResponse::err(
-            Outcome::Refused,
-            format!(
-                "protocol version {} is not this helper's {HELPER_PROTOCOL_VERSION}; install matching banger and banger-helper (sudo banger system install)",
-                request.v
-            ),
-        );
+        return refused(format!(
+            "protocol version {} is not this helper's {HELPER_PROTOCOL_VERSION}; install matching banger and banger-helper (sudo banger system install)",
+            request.v
+        ));
     }
     if let Err(why) = policy.check(&request.op, peer_uid) {
-        return HelperResponse::err(
-            Outcome::Refused,
-            format!("{} refused: {why}", request.op.name()),
-        );
+        return refused(format!("{} refused: {why}", request.op.name()));
     }
     match perform(ops, &request.op) {
-        Ok(reply) => reply,
-        Err(e) => HelperResponse::err(Outcome::Failed, banger_api::error::render_chain(&e)),
+        Ok(answer) => answer,
+        Err(e) => (
+            HelperResponse::err(Outcome::Failed, banger_api::error::render_chain(&e)),
+            Vec::new(),
+        ),
     }
 }
 
@@ -444,6 +476,9 @@ pub const ALLOWED_OPS: &[&str] = &[
     "remove_guest",
     "route_dns_domain",
     "unroute_dns",
+    "list_guest_rules",
+    "list_links",
+    "bind_dns",
     "bind_vfio",
     "rebind_driver",
 ];
@@ -480,11 +515,13 @@ pub fn serve_connection(
 ) -> std::io::Result<(Peer, usize)> {
     let peer = peer_of(&stream)?;
     let mut out = stream.try_clone()?;
-    let send = |out: &mut UnixStream, r: &HelperResponse| -> std::io::Result<()> {
+    let send_fds = |out: &UnixStream, r: &HelperResponse, fds: &[OwnedFd]| -> std::io::Result<()> {
         let mut line = serde_json::to_string(r).map_err(std::io::Error::other)?;
         line.push('\n');
-        out.write_all(line.as_bytes())
+        let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+        send_with_fds(out, line.as_bytes(), &fds)
     };
+    let send = |out: &mut UnixStream, r: &HelperResponse| send_fds(out, r, &[]);
     if !policy.allows_peer(peer.uid, peer.gid) {
         let msg = format!(
             "uid {} (gid {}) may not use banger-helper: it serves only the users and group in {DEFAULT_HELPER_CONFIG}; \
@@ -511,7 +548,8 @@ pub fn serve_connection(
             return Ok((peer, served));
         }
         served += 1;
-        send(&mut out, &answer(policy, ops, peer.uid, line.trim_end()))?;
+        let (reply, fds) = answer_with_fds(policy, ops, peer.uid, line.trim_end());
+        send_fds(&out, &reply, &fds)?;
     }
 }
 
@@ -537,15 +575,80 @@ impl HelperHostOps {
 
     fn run(&self, op: HelperOp, target: &str) -> Result<HelperResponse, HostOpsError> {
         let name = op.name();
-        let failed = |source: std::io::Error| HostOpsError::Failed {
-            op: name,
-            target: target.to_string(),
-            source,
+        let reply = self.client.call(op).map_err(|e| {
+            failed(
+                name,
+                target,
+                std::io::Error::other(banger_api::error::render_chain(&e)),
+            )
+        })?;
+        Self::outcome(name, target, reply)
+    }
+
+    /// Sends `op` and reads its response with the file descriptors that
+    /// came along (`SCM_RIGHTS`, which a plain read would drop).
+    fn run_with_fds(
+        &self,
+        op: HelperOp,
+        target: &str,
+    ) -> Result<(HelperResponse, Vec<OwnedFd>), HostOpsError> {
+        let name = op.name();
+        let socket = self.client.socket();
+        let io = |e: std::io::Error| {
+            failed(
+                name,
+                target,
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "Cannot ask banger-helper at {} ({e}); install and start it with `sudo banger system install`",
+                        socket.display()
+                    ),
+                ),
+            )
         };
-        let reply = self
-            .client
-            .call(op)
-            .map_err(|e| failed(std::io::Error::other(banger_api::error::render_chain(&e))))?;
+        let stream = UnixStream::connect(socket).map_err(io)?;
+        let timeout = Some(std::time::Duration::from_secs(60));
+        stream.set_read_timeout(timeout).map_err(io)?;
+        stream.set_write_timeout(timeout).map_err(io)?;
+        let request = HelperRequest {
+            v: HELPER_PROTOCOL_VERSION,
+            op,
+        };
+        let mut line = serde_json::to_string(&request).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push('\n');
+        // A helper that denies us answers before reading: read regardless.
+        let sent = (&stream).write_all(line.as_bytes());
+        let (reply, fds) = match recv_line_with_fds(&stream, MAX_LINE as usize) {
+            Ok(r) => r,
+            Err(e) => return Err(io(sent.err().unwrap_or(e))),
+        };
+        let reply: HelperResponse = serde_json::from_str(&reply).map_err(|e| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a helper response ({e}): {reply:?}"),
+            ))
+        })?;
+        let reply = Self::outcome(name, target, reply)?;
+        if fds.len() != reply.fds as usize {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the response announced {} file descriptors and {} came",
+                    reply.fds,
+                    fds.len()
+                ),
+            )));
+        }
+        Ok((reply, fds))
+    }
+
+    fn outcome(
+        name: &'static str,
+        target: &str,
+        reply: HelperResponse,
+    ) -> Result<HelperResponse, HostOpsError> {
+        let failed = |source| failed(name, target, source);
         match reply.outcome {
             Outcome::Ok => Ok(reply),
             Outcome::Refused | Outcome::Denied => Err(HostOpsError::InvalidArgument {
@@ -666,6 +769,39 @@ impl HostOps for HelperHostOps {
             .map(drop)
     }
 
+    fn list_guest_rules(&self, bridge: &str) -> Result<Vec<String>, HostOpsError> {
+        let op = HelperOp::ListGuestRules {
+            bridge: bridge.into(),
+        };
+        Ok(self.run(op, bridge)?.names)
+    }
+
+    fn list_links(&self, prefix: &str) -> Result<Vec<String>, HostOpsError> {
+        let op = HelperOp::ListLinks {
+            prefix: prefix.into(),
+        };
+        Ok(self.run(op, prefix)?.names)
+    }
+
+    fn bind_dns(&self, addr: Ipv4Addr) -> Result<DnsSockets, HostOpsError> {
+        let target = addr.to_string();
+        let (_, fds) = self.run_with_fds(HelperOp::BindDns { addr }, &target)?;
+        let mut fds = fds.into_iter();
+        match (fds.next(), fds.next()) {
+            (Some(udp), Some(tcp)) => {
+                DnsSockets::from_fds(udp, tcp).map_err(|e| failed("bind_dns", &target, e))
+            }
+            _ => Err(failed(
+                "bind_dns",
+                &target,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "banger-helper sent no sockets",
+                ),
+            )),
+        }
+    }
+
     fn bind_vfio(&self, address: &PciAddress) -> Result<Vec<BoundDevice>, HostOpsError> {
         let op = HelperOp::BindVfio {
             address: address.clone(),
@@ -683,6 +819,14 @@ impl HostOps for HelperHostOps {
             driver: driver.map(str::to_string),
         };
         self.run(op, address.as_str()).map(drop)
+    }
+}
+
+fn failed(op: &'static str, target: &str, source: std::io::Error) -> HostOpsError {
+    HostOpsError::Failed {
+        op,
+        target: target.to_string(),
+        source,
     }
 }
 
@@ -757,6 +901,15 @@ impl HostOps for NoPrivilegeHostOps {
     fn unroute_dns(&self, link: &str) -> Result<(), HostOpsError> {
         Err(self.refuse("unroute_dns", link))
     }
+    fn list_guest_rules(&self, bridge: &str) -> Result<Vec<String>, HostOpsError> {
+        Err(self.refuse("list_guest_rules", bridge))
+    }
+    fn list_links(&self, prefix: &str) -> Result<Vec<String>, HostOpsError> {
+        Err(self.refuse("list_links", prefix))
+    }
+    fn bind_dns(&self, addr: Ipv4Addr) -> Result<DnsSockets, HostOpsError> {
+        Err(self.refuse("bind_dns", &addr.to_string()))
+    }
     fn bind_vfio(&self, address: &PciAddress) -> Result<Vec<BoundDevice>, HostOpsError> {
         Err(self.refuse("bind_vfio", address.as_str()))
     }
@@ -787,7 +940,7 @@ mod tests {
 
     fn line(op: &HelperOp) -> String {
         serde_json::to_string(&HelperRequest {
-            v: 1,
+            v: HELPER_PROTOCOL_VERSION,
             op: op.clone(),
         })
         .unwrap()
@@ -1024,6 +1177,42 @@ mod tests {
                 "not in the helper's vfio_devices",
             ),
             (
+                HelperOp::ListGuestRules {
+                    bridge: "docker0".into(),
+                },
+                "not banger's bridge",
+            ),
+            (
+                HelperOp::ListLinks {
+                    prefix: "bgp".into(),
+                },
+                "does not start with this user's tap prefix \"bgtap\"",
+            ),
+            (
+                HelperOp::ListLinks {
+                    prefix: "eth".into(),
+                },
+                "does not start with this user's tap prefix",
+            ),
+            (
+                HelperOp::ListLinks {
+                    prefix: "bgta".into(),
+                },
+                "does not start with this user's tap prefix",
+            ),
+            (
+                HelperOp::BindDns {
+                    addr: "127.0.0.1".parse().unwrap(),
+                },
+                "go on the bridge address 172.30.0.1",
+            ),
+            (
+                HelperOp::BindDns {
+                    addr: "172.30.0.9".parse().unwrap(),
+                },
+                "go on the bridge address 172.30.0.1",
+            ),
+            (
                 HelperOp::RebindDriver {
                     address: "0000:02:00.0".parse().unwrap(),
                     driver: None,
@@ -1048,7 +1237,8 @@ mod tests {
         for raw in [
             r#"{"v":1,"op":"run_command","argv":["sh"]}"#,
             r#"{"v":1,"op":"create_tap","name":"bgtap0","owner_uid":0,"extra":1}"#,
-            r#"{"v":2,"op":"ping"}"#,
+            r#"{"v":1,"op":"ping"}"#,
+            r#"{"v":3,"op":"ping"}"#,
             "not json",
         ] {
             let r = answer(&p, &ops, 0, raw);
@@ -1121,9 +1311,28 @@ mod tests {
             HelperOp::RemoveGuest {
                 vm_id: "ab12".into(),
             },
+            HelperOp::BindDns { addr: gw },
+            HelperOp::ListGuestRules {
+                bridge: "banger0".into(),
+            },
+            HelperOp::ListLinks {
+                prefix: "bgtap".into(),
+            },
+            HelperOp::ListLinks {
+                prefix: "bgtap1".into(),
+            },
         ] {
-            let r = answer(&p, &ops, 1000, &line(&op));
+            let (r, fds) = answer_with_fds(&p, &ops, 1000, &line(&op));
             assert_eq!(r.outcome, Outcome::Ok, "{op:?}: {:?}", r.error);
+            assert_eq!(fds.len(), r.fds as usize, "{op:?}");
+            assert_eq!(
+                r.fds,
+                if matches!(op, HelperOp::BindDns { .. }) {
+                    2
+                } else {
+                    0
+                }
+            );
         }
         assert_eq!(
             ops.calls(),
@@ -1141,6 +1350,7 @@ mod tests {
                 "add_guest ab12 banger0 bgtap0 172.30.0.9 06:00:ac:1e:00:09 peers",
                 "add_nat ab12 banger0 172.30.0.9 allow=192.168.1.0/24",
                 "remove_guest ab12",
+                "bind_dns 172.30.0.1",
             ]
         );
     }
@@ -1182,12 +1392,40 @@ mod tests {
                 .route_dns_domain("banger0", "172.30.0.1".parse().unwrap(), "vm")
                 .unwrap()
         );
+        // The sockets come over the helper's socket as descriptors: a UDP
+        // socket and a TCP listener on one address, both usable here.
+        let dns = client.bind_dns("172.30.0.1".parse().unwrap()).unwrap();
+        let at = dns.udp.local_addr().unwrap();
+        assert_eq!(dns.tcp.local_addr().unwrap(), at);
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.send_to(b"q", at).unwrap();
+        let mut buf = [0u8; 4];
+        dns.udp
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(dns.udp.recv_from(&mut buf).unwrap().0, 1);
+        let _conn = std::net::TcpStream::connect(at).unwrap();
+        assert!(dns.tcp.accept().is_ok());
+        let err = client.bind_dns("10.0.0.1".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("bind_dns"), "{err}");
+        assert!(
+            banger_api::error::render_chain(&err).contains("go on the bridge address 172.30.0.1"),
+            "{}",
+            banger_api::error::render_chain(&err)
+        );
+        // The read-only listings go through too.
+        assert_eq!(
+            client.list_guest_rules("banger0").unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(client.list_links("bgp").is_err());
         let uid = nix::unistd::getuid().as_raw();
         assert_eq!(
             ops.calls(),
             [
                 format!("create_tap bgtap3 {uid}"),
-                "route_dns_domain banger0 172.30.0.1 vm".into()
+                "route_dns_domain banger0 172.30.0.1 vm".into(),
+                "bind_dns 172.30.0.1".into(),
             ]
         );
     }

@@ -14,9 +14,13 @@ pub use banger_plugin_abi::wire::{BoundDevice, PciAddress};
 pub use crate::error::{HostOpsError, validate_ifname};
 pub use crate::net::nft::{Cidr, GuestPort, InvalidCidr};
 
+pub mod dns_sockets;
 #[cfg(any(test, feature = "fake-sysfs"))]
 pub mod fake_sysfs;
+pub mod fd_passing;
 pub mod vfio;
+
+pub use dns_sockets::{DNS_PORT, DnsSockets};
 
 /// The privileged operations capabilities may ask for.
 pub trait HostOps: Send + Sync + fmt::Debug {
@@ -107,6 +111,13 @@ pub trait HostOps: Send + Sync + fmt::Debug {
     /// at least 4 characters, to sweep taps no running VM holds).
     fn list_links(&self, prefix: &str) -> Result<Vec<String>, HostOpsError> {
         Err(unsupported("list_links", prefix))
+    }
+
+    /// UDP and listening TCP sockets bound on `addr`, port 53 (with
+    /// `IP_FREEBIND`: before the bridge exists), for the `.vm` DNS server of
+    /// a daemon that may not bind a port below 1024 itself.
+    fn bind_dns(&self, addr: Ipv4Addr) -> Result<DnsSockets, HostOpsError> {
+        Err(unsupported("bind_dns", &addr.to_string()))
     }
 
     /// When systemd-resolved runs, sends queries for `domain` (e.g. `vm`) to
@@ -299,6 +310,10 @@ impl HostOps for InProcessHostOps {
         crate::net::netlink::links_with_prefix(prefix)
     }
 
+    fn bind_dns(&self, addr: Ipv4Addr) -> Result<DnsSockets, HostOpsError> {
+        dns_sockets::bind_dns_sockets(addr, DNS_PORT)
+    }
+
     fn route_dns_domain(
         &self,
         link: &str,
@@ -489,6 +504,13 @@ impl HostOps for RecordingHostOps {
     fn list_links(&self, prefix: &str) -> Result<Vec<String>, HostOpsError> {
         validate_link_prefix("list_links", prefix)?;
         Ok(Vec::new())
+    }
+
+    /// Records the call and answers with sockets on loopback, on a free
+    /// port (the address asked for may not be bindable in a test).
+    fn bind_dns(&self, addr: Ipv4Addr) -> Result<DnsSockets, HostOpsError> {
+        self.record(format!("bind_dns {addr}"));
+        dns_sockets::bind_dns_sockets(Ipv4Addr::LOCALHOST, 0)
     }
 
     fn route_dns_domain(
