@@ -14,6 +14,7 @@ use banger_core::capability::{
 
 use self::server as dns;
 use crate::network::{HostNetwork, host_network, no_options};
+use banger_host::hostops::HostOps;
 
 pub mod server;
 
@@ -39,10 +40,11 @@ impl Dns {
 
 /// Starts the `.vm` DNS server on `127.0.0.1:dns_port` and on the bridge
 /// address, port 53, for guests and systemd-resolved. The bridge address
-/// is bound before the bridge exists (`IP_FREEBIND`). A listener that
-/// cannot bind (port taken, no right to bind 53) is a warning; only a
-/// server with no listener at all is an error.
-pub async fn serve(net: &HostNetwork) -> Result<dns::DnsServer, dns::DnsError> {
+/// is bound before the bridge exists (`IP_FREEBIND`); a daemon without the
+/// right to bind port 53 gets the sockets from `host` (banger-helper,
+/// [`bridge_sockets`]). A listener that cannot bind (port taken, no helper)
+/// is a warning; only a server with no listener at all is an error.
+pub async fn serve(net: &HostNetwork, host: &dyn HostOps) -> Result<dns::DnsServer, dns::DnsError> {
     let loopback =
         std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, net.config().dns_port));
     let bridge = std::net::SocketAddr::from((net.gateway(), 53));
@@ -50,7 +52,11 @@ pub async fn serve(net: &HostNetwork) -> Result<dns::DnsServer, dns::DnsError> {
     let mut server = dns::DnsServer::start(net.dns_records().to_path_buf(), &[], upstream).await?;
     let mut last = None;
     for addr in [loopback, bridge] {
-        if let Err(e) = server.add_listener(addr).await {
+        let mut added = server.add_listener(addr).await;
+        if addr == bridge {
+            added = bridge_sockets(&mut server, host, net.gateway(), added).await;
+        }
+        if let Err(e) = added {
             tracing::warn!(
                 "no .{} DNS on {addr}: {}",
                 dns::ZONE,
@@ -62,6 +68,33 @@ pub async fn serve(net: &HostNetwork) -> Result<dns::DnsServer, dns::DnsError> {
     match last {
         Some(e) if server.local_addrs().is_empty() => Err(e),
         _ => Ok(server),
+    }
+}
+
+/// After binding the bridge address ourselves ended in `bound`: when
+/// that was refused for want of privilege (a user daemon and port 53),
+/// asks `host` for the sockets instead; the helper binds exactly this
+/// user's gateway. Any other outcome is kept.
+async fn bridge_sockets(
+    server: &mut dns::DnsServer,
+    host: &dyn HostOps,
+    gateway: std::net::Ipv4Addr,
+    bound: Result<std::net::SocketAddr, dns::DnsError>,
+) -> Result<std::net::SocketAddr, dns::DnsError> {
+    let denied = matches!(&bound, Err(dns::DnsError::Bind { source, .. })
+        if source.kind() == std::io::ErrorKind::PermissionDenied);
+    if !denied {
+        return bound;
+    }
+    match host.bind_dns(gateway) {
+        Ok(s) => server.add_bound(s.udp, s.tcp).await,
+        Err(e) => {
+            tracing::warn!(
+                "no sockets on {gateway}:53 from the host operations either: {}",
+                banger_core::lifecycle::render_chain(&e)
+            );
+            bound
+        }
     }
 }
 
@@ -121,7 +154,7 @@ impl Capability for Dns {
         }
         let server = ctx
             .runtime
-            .block_on(serve(&self.net))
+            .block_on(serve(&self.net, ctx.host))
             .map_err(|e| CapError::with(format!("No .{} DNS", dns::ZONE), e))?;
         tracing::info!(addrs = ?server.local_addrs(), "serving .{} DNS", dns::ZONE);
         let old = self

@@ -626,6 +626,32 @@ impl DnsServer {
         Ok(local)
     }
 
+    /// Also serves on sockets bound by someone else: `banger-helper` binds
+    /// the bridge's port 53 for a daemon that may not. Returns their address.
+    pub async fn add_bound(
+        &mut self,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> Result<SocketAddr, DnsError> {
+        let local = udp.local_addr().map_err(|source| DnsError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let bind = |source| DnsError::Bind {
+            addr: local,
+            source,
+        };
+        udp.set_nonblocking(true).map_err(bind)?;
+        tcp.set_nonblocking(true).map_err(bind)?;
+        let udp = tokio::net::UdpSocket::from_std(udp).map_err(bind)?;
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(bind)?;
+        self.forwarder.exclude(local);
+        self.server.register_socket(udp);
+        self.server.register_listener(tcp, TCP_IDLE, 32);
+        self.addrs.push(local);
+        Ok(local)
+    }
+
     /// Serves UDP on `sock` (bound at `local`) and TCP on the same address:
     /// answers too large for a UDP packet come back truncated and the client
     /// retries over TCP. A TCP port another process holds is a warning.
