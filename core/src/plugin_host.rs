@@ -173,8 +173,25 @@ fn abi_of_crate_version(version: &str) -> String {
 }
 
 /// Loads every `*.so` in `dir`, in file-name order. A missing directory is an
-/// empty report, not an error.
+/// empty report, not an error. Their host requests are checked against the
+/// `[network]` of the config at hook time; the daemon uses
+/// [`load_plugins_for`] with the network it actually runs.
 pub fn load_plugins(dir: &Path) -> LoadReport {
+    load_plugins_with(dir, None)
+}
+
+/// [`load_plugins`] for a daemon whose network is `network`: the `[network]`
+/// config with the names it derives from its state directory filled in
+/// (`NetIdentity::resolve`), so a plugin's `add_nat` names the bridge and
+/// subnet the daemon really uses (and `banger-helper` allows).
+pub fn load_plugins_for(dir: &Path, network: &banger_api::config::NetworkConfig) -> LoadReport {
+    load_plugins_with(dir, Some(network))
+}
+
+fn load_plugins_with(
+    dir: &Path,
+    network: Option<&banger_api::config::NetworkConfig>,
+) -> LoadReport {
     let mut report = LoadReport::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -193,7 +210,7 @@ pub fn load_plugins(dir: &Path) -> LoadReport {
         .collect();
     paths.sort();
     for path in paths {
-        match load_plugin(&path) {
+        match load_plugin_with(&path, network.cloned()) {
             Ok(cap) => report.loaded.push(cap),
             Err(e) => report.errors.push(e),
         }
@@ -203,6 +220,13 @@ pub fn load_plugins(dir: &Path) -> LoadReport {
 
 /// Loads one plugin file and adapts it into a capability.
 pub fn load_plugin(path: &Path) -> Result<Arc<dyn Capability>, PluginLoadError> {
+    load_plugin_with(path, None)
+}
+
+fn load_plugin_with(
+    path: &Path,
+    network: Option<banger_api::config::NetworkConfig>,
+) -> Result<Arc<dyn Capability>, PluginLoadError> {
     let header = lib_header_from_path(path).map_err(|e| library_error(path, e))?;
     let module = header
         .init_root_module::<PluginModuleRef>()
@@ -240,6 +264,7 @@ pub fn load_plugin(path: &Path) -> Result<Arc<dyn Capability>, PluginLoadError> 
         name,
         manifest,
         object: Arc::new(object),
+        network,
     }))
 }
 
@@ -393,6 +418,8 @@ struct PluginCap {
     description: String,
     manifest: Manifest,
     object: Arc<PluginCapabilityBox>,
+    /// The daemon's network with its derived names; `None`: the config's.
+    network: Option<banger_api::config::NetworkConfig>,
 }
 
 impl fmt::Debug for PluginCap {
@@ -588,7 +615,7 @@ impl PluginCap {
     fn host_request(&self, ctx: &HookCtx<'_>, json: &str) -> Result<String, String> {
         let scope = RequestScope {
             vm_id: ctx.vm.id.as_str(),
-            network: &ctx.config.network,
+            network: self.network.as_ref().unwrap_or(&ctx.config.network),
             owner_uid: nix::unistd::getuid().as_raw(),
         };
         let result = HostRequest::parse(json).and_then(|r| {

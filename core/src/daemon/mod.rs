@@ -187,7 +187,11 @@ pub async fn run() -> Result<(), DaemonError> {
     }
     let plugins_dir = config.plugins_dir(&paths);
     let report = match trusted_plugins_dir(&plugins_dir, uid) {
-        Ok(()) => crate::plugin_host::load_plugins(&plugins_dir),
+        Ok(()) => crate::plugin_host::load_plugins_for(
+            &plugins_dir,
+            &banger_api::net::identity::NetIdentity::for_state_dir(&paths.state_dir)
+                .resolve(&config.network),
+        ),
         Err(e) => {
             let msg = format!("{e} (no plugin was loaded)");
             tracing::error!("{msg}");
