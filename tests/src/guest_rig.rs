@@ -376,9 +376,12 @@ impl Rig {
         );
         let links =
             String::from_utf8_lossy(&run("ip", &["-o", "link", "show"]).stdout).into_owned();
+        // The daemon's taps carry the prefix derived from its state dir.
+        let prefix =
+            banger_api::net::identity::NetIdentity::for_state_dir(&self.env.state_dir()).tap_prefix;
         assert!(
-            !links.lines().any(|l| l.contains("bgtap")),
-            "taps left:\n{links}"
+            !links.lines().any(|l| l.contains(&prefix)),
+            "taps {prefix}* left:\n{links}"
         );
         let rules =
             String::from_utf8_lossy(&run("nft", &["-a", "list", "ruleset"]).stdout).into_owned();
