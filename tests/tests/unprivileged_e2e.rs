@@ -1,0 +1,531 @@
+//! End to end with an unprivileged daemon: `banger system install` (the only
+//! step run as root) installs `banger-helper` under a scratch root and starts
+//! it as the supervised process; then the real CLI and `bangerd` run as the
+//! user `banger-e2e` (created here if missing) with their own HOME and XDG
+//! directories, and boot the Debian image under QEMU (TCG) on a bridge the
+//! helper made: ssh, `.vm` DNS from the guest (port 53 on the gateway,
+//! bound by the helper and passed over its socket) and from the host,
+//! `vm run` of a git workspace, stop, delete. Afterwards no tap, per-VM nft
+//! rule or process is left, and nothing under the user's directories is
+//! root's.
+//!
+//! Needs root (useradd, the install), and what `e2e.rs` needs: the kernel
+//! and rootfs cached under `~/.cache/banger-ci`, the static agent
+//! (`scripts/build-agent`), qemu-system-x86_64, vhost-device-vsock,
+//! docker-registry, ssh, ip, nft, setpriv, git. Missing pieces skip loudly.
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use banger_api::model::VmState;
+    use test_infra::guest_artifacts::{GuestArtifacts, on_path};
+    use test_infra::guest_rig::{own_processes, run};
+    use test_infra::registry::Registry;
+    use test_infra::{wait_until, workspace_bin};
+
+    /// The unprivileged user the daemon runs as.
+    const USER: &str = "banger-e2e";
+    /// The group `system install` creates for the helper's socket.
+    const GROUP: &str = "bgupe2e";
+    /// Not the root e2e's bridge and subnet, nor the defaults.
+    const BRIDGE: &str = "bgupe2e0";
+    const SUBNET: &str = "10.214.0.0/24";
+
+    fn skip(test: &str, why: &str) {
+        eprintln!("SKIP {test}: {why}");
+    }
+
+    /// `id -u`/`-g` of `USER`, made with useradd first when missing.
+    fn ensure_user() -> (u32, u32) {
+        if nix::unistd::User::from_name(USER).unwrap().is_none() {
+            let out = run(
+                "useradd",
+                &[
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    USER,
+                ],
+            );
+            assert!(out.status.success(), "useradd: {out:?}");
+        }
+        let u = nix::unistd::User::from_name(USER).unwrap().unwrap();
+        (u.uid.as_raw(), u.gid.as_raw())
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn copy_exe(from: &Path, to: &Path) {
+        std::fs::copy(from, to).unwrap();
+        chmod(to, 0o755);
+    }
+
+    /// The user's installation: HOME and XDG dirs owned by the user, and a
+    /// root-owned `bin/` with the binaries it runs (the build tree under
+    /// /root is closed to other users).
+    struct UserEnv {
+        root: PathBuf,
+        helper_socket: PathBuf,
+        uid: u32,
+    }
+
+    /// `banger ARGS` run as the user through setpriv (its groups included,
+    /// as a login would give them).
+    struct Out {
+        code: i32,
+        stdout: String,
+        stderr: String,
+    }
+
+    impl UserEnv {
+        fn path(&self, rel: &str) -> PathBuf {
+            self.root.join(rel)
+        }
+
+        fn command(&self, program: &Path) -> Command {
+            let r = &self.root;
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={USER}"),
+                &format!("--regid={USER}"),
+                "--init-groups",
+                "--",
+            ])
+            .arg(program)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", r.join("home"))
+            .env("USER", USER)
+            .env("XDG_CONFIG_HOME", r.join("config"))
+            .env("XDG_STATE_HOME", r.join("state"))
+            .env("XDG_CACHE_HOME", r.join("cache"))
+            .env("XDG_RUNTIME_DIR", r.join("run"))
+            .env("BANGER_DAEMON_BIN", r.join("bin/bangerd"))
+            .env("BANGER_HELPER_SOCKET", &self.helper_socket)
+            .current_dir(r.join("home"))
+            .stdin(Stdio::null());
+            c
+        }
+
+        fn banger(&self, args: &[&str]) -> Out {
+            let out = self
+                .command(&self.path("bin/banger"))
+                .args(args)
+                .output()
+                .unwrap();
+            Out {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+
+        fn ok(&self, args: &[&str]) -> String {
+            let out = self.banger(args);
+            assert_eq!(
+                out.code,
+                0,
+                "banger {args:?} as {USER} failed\nstdout:\n{}\nstderr:\n{}\ndaemon log tail:\n{}",
+                out.stdout,
+                out.stderr,
+                self.log_tail()
+            );
+            out.stdout
+        }
+
+        fn log_tail(&self) -> String {
+            let log =
+                std::fs::read_to_string(self.path("state/banger/bangerd.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().rev().take(30).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        }
+
+        fn git(&self, repo: &Path, args: &[&str]) {
+            let out = self
+                .command(&on_path("git").unwrap())
+                .arg("-C")
+                .arg(repo)
+                .args(args)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+        }
+    }
+
+    /// Whatever happens, the host is left as it was: the user's processes
+    /// of this env killed, its taps and the test bridge deleted with their
+    /// nft tables, and the helper uninstalled.
+    struct Cleanup {
+        env_root: PathBuf,
+        system_root: PathBuf,
+        tap_prefix: String,
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let root = self.env_root.to_string_lossy().into_owned();
+            for pid in own_processes(&root) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let links =
+                String::from_utf8_lossy(&run("ip", &["-o", "link", "show"]).stdout).into_owned();
+            for l in links.lines() {
+                if let Some(name) = l
+                    .split(": ")
+                    .nth(1)
+                    .map(|n| n.split('@').next().unwrap_or(n))
+                    && name.starts_with(&self.tap_prefix)
+                {
+                    let _ = run("ip", &["link", "del", name]);
+                }
+            }
+            let _ = run("ip", &["link", "del", BRIDGE]);
+            for family in ["bridge", "ip"] {
+                let _ = run(
+                    "nft",
+                    &["delete", "table", family, &format!("banger_{BRIDGE}")],
+                );
+            }
+            let _ = Command::new(workspace_bin("banger"))
+                .args(["system", "uninstall"])
+                .env("BANGER_SYSTEM_ROOT", &self.system_root)
+                .output();
+        }
+    }
+
+    /// Every path under `dir` (itself included) whose owner is not `uid`.
+    fn not_owned_by(dir: &Path, uid: u32) -> Vec<String> {
+        let mut bad = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if m.uid() != uid {
+                bad.push(format!("{} (uid {})", p.display(), m.uid()));
+            }
+            if m.is_dir()
+                && let Ok(rd) = std::fs::read_dir(&p)
+            {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        bad
+    }
+
+    /// `/proc/PID/status`'s real uid.
+    fn uid_of(pid: i32) -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn an_unprivileged_daemon_boots_reaches_resolves_runs_and_cleans_up_a_real_guest() {
+        let test = "an_unprivileged_daemon_boots_reaches_resolves_runs_and_cleans_up_a_real_guest";
+        if !nix::unistd::geteuid().is_root() {
+            return skip(test, "needs root (useradd, banger system install)");
+        }
+        let a = match GuestArtifacts::find_flavour("systemd") {
+            Ok(a) => a,
+            Err(why) => return skip(test, &why),
+        };
+        for tool in ["ssh", "ip", "nft", "setpriv", "useradd", "git"] {
+            if on_path(tool).is_none() {
+                return skip(
+                    test,
+                    &format!(
+                        "{tool} missing (apt-get install openssh-client iproute2 nftables util-linux passwd git)"
+                    ),
+                );
+            }
+        }
+        let Some(registry) = Registry::start(test) else {
+            return;
+        };
+        let (uid, gid) = ensure_user();
+        let reference = registry.push_rootfs_tar("banger/debian:unpriv", &a.rootfs_tar);
+
+        // The user's directories, and root's bin/ beside them.
+        let dir = tempfile::Builder::new()
+            .prefix("bgup")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let r = dir.path().to_path_buf();
+        for d in ["home", "config/banger", "state", "cache", "run", "repo"] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        let bin = r.join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        for b in ["banger", "bangerd"] {
+            copy_exe(&workspace_bin(b), &bin.join(b));
+        }
+        copy_exe(&a.agent, &bin.join("banger-agent"));
+        copy_exe(&a.vhost, &bin.join("vhost-device-vsock"));
+        let kernel = r.join("kernel");
+        let out = run(
+            "cp",
+            &[
+                "-a",
+                a.kernel_dir.to_str().unwrap(),
+                kernel.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "cp kernel: {out:?}");
+        let dns_port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            r.join("config/banger/config.toml"),
+            format!(
+                "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {:?}\nagent_timeout_secs = 240\n\
+                 stop_timeout_secs = 30\ninsecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\n\
+                 default_caps = [\"work-disk\", \"network\", \"dns\", \"file-sync\", \"vsock-agent\"]\n\
+                 [network]\nbridge = {BRIDGE:?}\nsubnet = {SUBNET:?}\ndns_port = {dns_port}\n",
+                bin.join("banger-agent"),
+                registry.host(),
+                bin.join("vhost-device-vsock"),
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            r.join("home/.gitconfig"),
+            "[user]\n\tname = Unpriv Tester\n\temail = unpriv@banger.test\n",
+        )
+        .unwrap();
+        let out = Command::new("chown")
+            .args(["-R", &format!("{uid}:{gid}")])
+            .arg(&r)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "chown: {out:?}");
+        std::os::unix::fs::chown(&bin, Some(0), Some(0)).unwrap();
+        for f in std::fs::read_dir(&bin).unwrap().flatten() {
+            std::os::unix::fs::chown(f.path(), Some(0), Some(0)).unwrap();
+        }
+        chmod(&r, 0o755);
+        let state_dir = r.join("state/banger");
+        let tap_prefix =
+            banger_api::net::identity::NetIdentity::for_state_dir(&state_dir).tap_prefix;
+
+        // The one root step: install the helper for the user, under a
+        // scratch root the user can traverse to reach the socket.
+        let system = tempfile::Builder::new()
+            .prefix("bgupsys")
+            .tempdir()
+            .unwrap();
+        chmod(system.path(), 0o755);
+        let _cleanup = Cleanup {
+            env_root: r.clone(),
+            system_root: system.path().to_path_buf(),
+            tap_prefix: tap_prefix.clone(),
+        };
+        let out = Command::new(workspace_bin("banger"))
+            .args(["system", "install", "--user", USER, "--group", GROUP])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(["--bridge", BRIDGE, "--subnet", SUBNET])
+            .env("BANGER_SYSTEM_ROOT", system.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "system install: {out:?}");
+        let env = UserEnv {
+            root: r.clone(),
+            helper_socket: system.path().join("run/banger-helper/helper.sock"),
+            uid,
+        };
+
+        // Everything from here runs as the user.
+        env.ok(&["kernel", "import", "fc", "--from", kernel.to_str().unwrap()]);
+        env.ok(&[
+            "image",
+            "pull",
+            &reference,
+            "--name",
+            "bookworm",
+            "--kernel-ref",
+            "fc",
+            "--size",
+            "2G",
+        ]);
+        let doctor = env.banger(&["doctor", "--json"]).stdout;
+        assert!(doctor.contains("banger-helper"), "doctor: {doctor}");
+        let daemon_pid: i32 = std::fs::read_to_string(env.path("run/banger/bangerd.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(uid_of(daemon_pid), Some(uid), "bangerd runs as {USER}");
+
+        let created = env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "u1",
+            "--image",
+            "bookworm",
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+        ]);
+        assert_eq!(
+            created.code,
+            0,
+            "create failed:\n{}\nconsole:\n{}\ndaemon log:\n{}",
+            created.stderr,
+            env.banger(&["vm", "logs", "u1"]).stdout,
+            env.log_tail()
+        );
+        let vm: banger_api::api::VmView =
+            serde_json::from_str(&env.ok(&["vm", "show", "u1", "--json"])).unwrap();
+        assert_eq!(vm.record.state, VmState::Running);
+        let ip = vm.address.expect("a networked VM has an address");
+        assert!(ip.to_string().starts_with("10.214.0."), "{ip}");
+        let qemu_pid = vm.record.vmm.as_ref().unwrap().pid as i32;
+        assert_eq!(uid_of(qemu_pid), Some(uid), "QEMU runs as {USER}");
+
+        // Reachable: vm ssh (sshd when it listens, else the agent), and the
+        // guest resolves its own .vm name through the gateway's port 53,
+        // which only the helper could bind for this user.
+        let facts = wait_for_ssh(&env, "u1");
+        let lines: Vec<&str> = facts.lines().map(str::trim).collect();
+        assert_eq!(lines.first().copied(), Some("u1"), "{facts}");
+        assert!(
+            lines.get(1).is_some_and(|l| l.starts_with(&ip.to_string())),
+            "the guest resolves u1.vm through {}:53: {facts}",
+            "the gateway"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (_, answers) = rt.block_on(test_infra::dns::query(
+            std::net::SocketAddr::from(([127, 0, 0, 1], dns_port)),
+            "u1.vm.",
+            "A",
+        ));
+        assert_eq!(answers, vec![ip], "u1.vm from the host");
+        let gateway: std::net::Ipv4Addr = "10.214.0.1".parse().unwrap();
+        let (_, answers) = rt.block_on(test_infra::dns::query(
+            std::net::SocketAddr::from((gateway, 53)),
+            "u1.vm.",
+            "A",
+        ));
+        assert_eq!(answers, vec![ip], "u1.vm on the gateway's port 53");
+
+        // vm run of a git workspace: the host's uncommitted change arrives.
+        let repo = env.path("repo");
+        env.git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join("a.txt"), "committed\n").unwrap();
+        std::os::unix::fs::chown(repo.join("a.txt"), Some(uid), Some(gid)).unwrap();
+        env.git(&repo, &["add", "-A"]);
+        env.git(&repo, &["commit", "-q", "-m", "base"]);
+        std::fs::write(repo.join("a.txt"), "changed on the host\n").unwrap();
+        let out = env.banger(&[
+            "vm",
+            "run",
+            repo.to_str().unwrap(),
+            "--image",
+            "bookworm",
+            "--name",
+            "r1",
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+            "--no-bootstrap",
+            "--rm",
+            "--",
+            "cat",
+            "/root/repo/a.txt",
+        ]);
+        assert_eq!(
+            out.code,
+            0,
+            "vm run failed\nstdout:\n{}\nstderr:\n{}\ndaemon log:\n{}",
+            out.stdout,
+            out.stderr,
+            env.log_tail()
+        );
+        assert_eq!(out.stdout.trim(), "changed on the host", "{}", out.stderr);
+
+        // Stop, delete, daemon stop: nothing left.
+        env.ok(&["vm", "stop", "u1"]);
+        env.ok(&["vm", "delete", "u1"]);
+        env.ok(&["daemon", "stop"]);
+        let root = r.to_string_lossy().into_owned();
+        wait_until(
+            Duration::from_secs(30),
+            "no process of the user's env is left",
+            || own_processes(&root).is_empty(),
+        );
+        let links =
+            String::from_utf8_lossy(&run("ip", &["-o", "link", "show"]).stdout).into_owned();
+        assert!(
+            !links.lines().any(|l| l.contains(&tap_prefix)),
+            "taps {tap_prefix}* left:\n{links}"
+        );
+        let rules = String::from_utf8_lossy(&run("nft", &["list", "ruleset"]).stdout).into_owned();
+        assert!(
+            !rules.contains(&format!("banger:{}", vm.record.id)),
+            "per-VM rules left:\n{rules}"
+        );
+        let vm_rules: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.contains("comment \"banger:") && !l.contains("comment \"banger:base:"))
+            .collect();
+        let ours = format!("banger_{BRIDGE}");
+        assert!(
+            !rules.contains(&ours) || vm_rules.is_empty(),
+            "per-VM rules left:\n{rules}"
+        );
+        let log = std::fs::read_to_string(env.path("state/banger/bangerd.log")).unwrap();
+        for warning in ["cannot sweep", "no .vm DNS on"] {
+            assert!(!log.contains(warning), "daemon warned {warning:?}:\n{log}");
+        }
+        let mut root_owned = Vec::new();
+        for d in ["home", "config", "state", "cache", "run", "repo"] {
+            root_owned.extend(not_owned_by(&env.path(d), env.uid));
+        }
+        assert!(root_owned.is_empty(), "not the user's: {root_owned:#?}");
+    }
+
+    /// `vm ssh NAME -- hostname; getent hosts NAME.vm`, retried until the
+    /// guest answers (sshd or the agent come up after create returns).
+    fn wait_for_ssh(env: &UserEnv, name: &str) -> String {
+        let cmd = format!("hostname; getent hosts {name}.vm");
+        let mut last = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        while std::time::Instant::now() < deadline {
+            let out = env.banger(&["vm", "ssh", name, "--", &cmd]);
+            if out.code == 0 && out.stdout.lines().count() >= 2 {
+                return out.stdout;
+            }
+            last = Some((out.code, out.stdout, out.stderr));
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        panic!("vm ssh {name} never answered: {last:?}");
+    }
+}
