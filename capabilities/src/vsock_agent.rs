@@ -1,7 +1,8 @@
 //! `vsock-agent`: boots the guest with banger's initramfs (the agent as
 //! `/init`), gives the machine a vsock device whose host side is a Unix
 //! socket in the VM's directory, and after launch waits until the agent
-//! answers `/healthz` through it. Every start also draws a fresh exec
+//! answers `/healthz` through it (or its VMM exits: no waiting out the
+//! timeout for a guest that is gone). Every start also draws a fresh exec
 //! secret (32 random bytes, hex) for the agent's `POST /exec`: kept in the
 //! VM's directory for the daemon, and on the config drive for the guest,
 //! which reads it from its `/run` tmpfs; the VM's disk never holds it.
@@ -210,6 +211,16 @@ impl Capability for VsockAgent {
                 }
                 Err(e) => e,
             };
+            // A VMM that is gone will never answer: stop at once (the
+            // lifecycle quotes how it ended and its logs).
+            if let Some(status) = ctx.vm.vmm.as_ref().and_then(banger_vmm::exit_status) {
+                return Err(CapError::with(
+                    format!(
+                        "The VMM exited with {status} before the guest agent answered /healthz"
+                    ),
+                    err,
+                ));
+            }
             if Instant::now() + delay >= deadline {
                 return Err(CapError::with(
                     format!(

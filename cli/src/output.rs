@@ -208,6 +208,28 @@ pub fn vm_details(v: &VmView) -> String {
             .collect();
         o.push_str(&table_body(&rows));
     }
+    if let Some(t) = &r.last_start {
+        o.push_str(&last_start(t));
+    }
+    o
+}
+
+/// The `last start:` block of `vm show`: when, the outcome and total, then
+/// one line per stage with its duration.
+fn last_start(t: &banger_api::model::StartTimings) -> String {
+    let outcome = if t.ok { "running" } else { "failed" };
+    let mut o = format!(
+        "{:<12} {} ({outcome}), {} ms in all\n",
+        "last start:",
+        timestamp(t.at),
+        t.total_ms
+    );
+    let rows: Vec<Vec<String>> = t
+        .stages
+        .iter()
+        .map(|s| vec![String::new(), s.stage.clone(), format!("{} ms", s.ms)])
+        .collect();
+    o.push_str(&table_body(&rows));
     o
 }
 
@@ -416,6 +438,7 @@ mod tests {
                 booted_once: false,
                 created_at: 0,
                 updated_at: 0,
+                last_start: None,
             },
             dir: "/vms/00000000deadbeef".into(),
         };

@@ -648,6 +648,7 @@ pub(crate) mod tests {
                 booted_once: true,
                 created_at: 0,
                 updated_at: 0,
+                last_start: None,
             },
             dir: "/d".into(),
         }

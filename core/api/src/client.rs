@@ -500,6 +500,7 @@ mod tests {
                 booted_once: true,
                 created_at: 1,
                 updated_at: 2,
+                last_start: None,
             },
             dir: "/state/vms/00112233aabbccdd".into(),
         }

@@ -466,6 +466,29 @@ pub struct Failure {
     pub at: u64,
 }
 
+/// How long one stage of an operation took (`prepare_host:network`, 12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTiming {
+    /// The stage, as progress and failures name it.
+    pub stage: String,
+    /// Its duration in milliseconds.
+    pub ms: u64,
+}
+
+/// The stages of a VM's last start (rollback included when it failed), in
+/// order, with how long each took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartTimings {
+    /// Unix time the start began.
+    pub at: u64,
+    /// Whether the VM reached `running`.
+    pub ok: bool,
+    /// The whole start in milliseconds: at least the sum of the stages.
+    pub total_ms: u64,
+    /// Every stage, in order.
+    pub stages: Vec<StageTiming>,
+}
+
 /// Everything the daemon knows about one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
@@ -498,6 +521,9 @@ pub struct VmRecord {
     pub created_at: u64,
     /// Unix time of the last change.
     pub updated_at: u64,
+    /// The stage timings of the last start, once it has been started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_start: Option<StartTimings>,
 }
 
 impl VmRecord {
@@ -518,6 +544,7 @@ impl VmRecord {
             booted_once: false,
             created_at: now,
             updated_at: now,
+            last_start: None,
         }
     }
 }

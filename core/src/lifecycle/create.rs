@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::capability::Capability;
 use crate::lifecycle::start::ROOT_DISK;
-use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, crash_point};
+use crate::lifecycle::{Lifecycle, OpError, Progress, begin_stage, blocking, crash_point, timings};
 use crate::store::StoreError;
 use banger_api::api::CreateVmRequest;
 use banger_api::model::{
@@ -23,9 +23,20 @@ impl Lifecycle {
         req: CreateVmRequest,
         progress: &Progress,
     ) -> Result<VmRecord, OpError> {
-        progress.stage("validate", "checking the request");
+        let name = req.name.clone().unwrap_or_default();
+        timings::timed(&name, "create", self.create_timed(req, progress)).await
+    }
+
+    async fn create_timed(
+        &self,
+        req: CreateVmRequest,
+        progress: &Progress,
+    ) -> Result<VmRecord, OpError> {
+        begin_stage(progress, "validate", "checking the request");
         let mut vm = self.validate_create(&req)?;
+        timings::name_vm(vm.name.as_str());
         // Only now, with the request known to be sound, may we pull.
+        timings::mark("resolve_boot");
         let boot = self
             .artifacts
             .resolve_boot(&req, progress)
@@ -62,7 +73,8 @@ impl Lifecycle {
         crash_point("create:recorded");
 
         let dir = self.vm_dir(&vm.id);
-        progress.stage(
+        begin_stage(
+            progress,
             "clone_rootfs",
             format!(
                 "copying {} for {}",

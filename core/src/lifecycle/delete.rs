@@ -7,7 +7,9 @@
 
 use crate::capability::TeardownReason;
 use crate::lifecycle::stop::StopMode;
-use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, crash_point, set_failure};
+use crate::lifecycle::{
+    Lifecycle, OpError, Progress, begin_stage, blocking, crash_point, set_failure, timings,
+};
 use banger_api::model::VmRecord;
 
 impl Lifecycle {
@@ -21,7 +23,7 @@ impl Lifecycle {
     ) -> Result<VmRecord, OpError> {
         let (guard, vm) = self.lock_by_name(name).await?;
         let before = vm.clone();
-        self.delete_locked(vm, force, progress).await?;
+        timings::timed(name, "delete", self.delete_locked(vm, force, progress)).await?;
         drop(guard);
         self.locks.forget(&before.id);
         Ok(before)
@@ -68,7 +70,7 @@ impl Lifecycle {
         }
         crash_point("delete:torn_down");
 
-        progress.stage("remove", format!("removing {}", vm.name));
+        begin_stage(progress, "remove", format!("removing {}", vm.name));
         let dir = self.vm_dir(&vm.id);
         let sock = self.paths.vmm_socket(&vm.id);
         let removed = blocking(move || {

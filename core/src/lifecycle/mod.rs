@@ -37,6 +37,8 @@ mod set;
 mod ssh;
 mod start;
 mod stop;
+mod timings;
+mod vmm_exit;
 
 pub use banger_api::error::render_chain;
 pub use banger_api::progress::Progress;
@@ -44,6 +46,7 @@ pub use reconcile::Reconciled;
 /// File name of the captured guest console inside a VM's directory.
 pub use start::ROOT_DISK as ROOT_DISK_FILE;
 pub use start::SERIAL_LOG as SERIAL_LOG_FILE;
+pub use vmm_exit::VmmExited;
 
 /// A lifecycle operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -319,7 +322,11 @@ impl Lifecycle {
     ) -> Result<T, OpError> {
         let cap = cap.clone();
         let stage = format!("{}:{}", hook, cap.name());
-        progress.stage(&stage, format!("{} {}", hook_verb(hook), cap.name()));
+        begin_stage(
+            progress,
+            &stage,
+            format!("{} {}", hook_verb(hook), cap.name()),
+        );
         let vm = vm.clone();
         let vm_dir = self.paths.vm_dir(&vm.id);
         let host = self.host.clone();
@@ -433,6 +440,13 @@ impl Lifecycle {
     fn vm_dir(&self, id: &VmId) -> PathBuf {
         self.paths.vm_dir(id)
     }
+}
+
+/// Stage `stage` of the current operation begins: the client is told, and
+/// the operation's clock times it ([`timings`]).
+fn begin_stage(progress: &Progress, stage: &str, message: impl Into<String>) {
+    timings::mark(stage);
+    progress.stage(stage, message);
 }
 
 fn hook_verb(h: Hook) -> &'static str {

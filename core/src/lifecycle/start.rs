@@ -3,7 +3,8 @@
 
 use crate::capability::{Hook, TeardownReason};
 use crate::lifecycle::{
-    Lifecycle, OpError, Progress, blocking, crash_point, render_chain, set_failure,
+    Lifecycle, OpError, Progress, begin_stage, blocking, crash_point, render_chain, set_failure,
+    timings,
 };
 use banger_api::guest::GuestConfig;
 use banger_api::machine::{Drive, DriveRole, MachineSpec};
@@ -85,16 +86,18 @@ impl Lifecycle {
                 });
             }
         }
-        self.start_locked(&mut vm, progress).await?;
+        timings::timed(name, "start", self.start_locked(&mut vm, progress)).await?;
         Ok(vm)
     }
 
-    /// The start sequence; the caller holds the VM's lock.
+    /// The start sequence; the caller holds the VM's lock. Its stages and
+    /// their durations are kept in `vm.last_start`, whatever the outcome.
     pub(crate) async fn start_locked(
         &self,
         vm: &mut VmRecord,
         progress: &Progress,
     ) -> Result<(), OpError> {
+        let from = timings::checkpoint();
         // Leftovers from an earlier failure whose teardown itself failed.
         if !vm.prepared.is_empty() {
             let leftovers: Vec<String> = vm.prepared.iter().rev().cloned().collect();
@@ -112,12 +115,17 @@ impl Lifecycle {
                 vm.state = VmState::Running;
                 vm.booted_once = true;
                 vm.last_error = None;
+                vm.last_start = Some(timings::since(from, true));
                 self.save(vm).await?;
                 progress.stage("running", format!("{} is running", vm.name));
                 Ok(())
             }
             Err(err) => {
-                progress.stage("rollback", format!("{}; rolling back", render_chain(&err)));
+                begin_stage(
+                    progress,
+                    "rollback",
+                    format!("{}; rolling back", render_chain(&err)),
+                );
                 if let Some(p) = vm.vmm.take() {
                     let vmm = self.vmm_for(vm);
                     let _ = blocking(move || vmm.kill(&p)).await;
@@ -127,6 +135,7 @@ impl Lifecycle {
                     .teardown(vm, prepared, TeardownReason::Rollback, progress)
                     .await;
                 set_failure(vm, &err);
+                vm.last_start = Some(timings::since(from, false));
                 self.save(vm).await?;
                 Err(err)
             }
@@ -218,12 +227,14 @@ impl Lifecycle {
                 )
                 .await?;
         }
+        timings::mark(CONFIG_DRIVE_STAGE);
         attach_config_drive(&mut machine, &guest, &dir).await?;
         vm.machine = Some(machine.clone());
         vm.guest = Some(without_file_contents(guest));
         self.save(vm).await?;
 
-        progress.stage(
+        begin_stage(
+            progress,
             "launch_vmm",
             format!("launching {}", self.vmm_for(vm).name()),
         );
@@ -262,10 +273,11 @@ impl Lifecycle {
         crash_point("start:vmm_booted");
 
         for entry in &caps {
-            self.run_hook(Hook::PostStart, entry, vm, progress, (), |c, ctx, _| {
+            let stage = format!("{}:{}", Hook::PostStart, entry.1.name);
+            let hook = self.run_hook(Hook::PostStart, entry, vm, progress, (), |c, ctx, _| {
                 c.post_start(ctx)
-            })
-            .await?;
+            });
+            self.unless_vmm_exits(vm, &stage, hook).await?;
         }
         Ok(())
     }

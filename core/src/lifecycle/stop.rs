@@ -2,7 +2,9 @@
 //! order of preparation. Disks survive.
 
 use crate::capability::TeardownReason;
-use crate::lifecycle::{Lifecycle, OpError, Progress, blocking, crash_point, render_chain};
+use crate::lifecycle::{
+    Lifecycle, OpError, Progress, begin_stage, blocking, crash_point, render_chain, timings,
+};
 use banger_api::model::{VmRecord, VmState};
 
 /// How the VMM is ended.
@@ -19,25 +21,29 @@ impl Lifecycle {
     /// down leftovers.
     pub async fn stop(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
         let (_guard, mut vm) = self.lock_by_name(name).await?;
-        self.stop_locked(&mut vm, StopMode::Graceful, progress)
-            .await?;
+        let stop = self.stop_locked(&mut vm, StopMode::Graceful, progress);
+        timings::timed(name, "stop", stop).await?;
         Ok(vm)
     }
 
     /// Kills a VM's VMM at once, then tears down like `stop`.
     pub async fn kill(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
         let (_guard, mut vm) = self.lock_by_name(name).await?;
-        self.stop_locked(&mut vm, StopMode::Kill, progress).await?;
+        let kill = self.stop_locked(&mut vm, StopMode::Kill, progress);
+        timings::timed(name, "kill", kill).await?;
         Ok(vm)
     }
 
     /// Stops (if running) and starts a VM, under one lock.
     pub async fn restart(&self, name: &str, progress: &Progress) -> Result<VmRecord, OpError> {
         let (_guard, mut vm) = self.lock_by_name(name).await?;
-        self.stop_locked(&mut vm, StopMode::Graceful, progress)
-            .await?;
-        crash_point("restart:stopped");
-        self.start_locked(&mut vm, progress).await?;
+        let restart = async {
+            self.stop_locked(&mut vm, StopMode::Graceful, progress)
+                .await?;
+            crash_point("restart:stopped");
+            self.start_locked(&mut vm, progress).await
+        };
+        timings::timed(name, "restart", restart).await?;
         Ok(vm)
     }
 
@@ -56,11 +62,15 @@ impl Lifecycle {
             let grace = self.stop_grace();
             let result = match mode {
                 StopMode::Graceful => {
-                    progress.stage("shutdown", format!("asking {} to shut down", vm.name));
+                    begin_stage(
+                        progress,
+                        "shutdown",
+                        format!("asking {} to shut down", vm.name),
+                    );
                     blocking(move || vmm.shutdown(&process, grace)).await?
                 }
                 StopMode::Kill => {
-                    progress.stage("kill", format!("killing {}", vm.name));
+                    begin_stage(progress, "kill", format!("killing {}", vm.name));
                     blocking(move || vmm.kill(&process)).await?
                 }
             };

@@ -81,6 +81,11 @@ CREATE TABLE vm_deleting (
     id TEXT PRIMARY KEY NOT NULL
 );
 ",
+    // The stage timings of each VM's last start (JSON, `StartTimings`), for
+    // `vm show`; NULL until the VM is first started.
+    r"
+ALTER TABLE vms ADD COLUMN last_start TEXT;
+",
 ];
 
 /// How long a connection waits for another writer before giving up.
@@ -88,7 +93,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const COLUMNS: &str = "id, name, state, vcpus, memory_mib, disk_size, kernel, initrd, \
     rootfs_source, extra_boot_args, vmm, pid, pid_start_time, api_socket, failed_stage, \
-    failure, failed_at, booted_once, caps, prepared, machine, guest, created_at, updated_at";
+    failure, failed_at, booted_once, caps, prepared, machine, guest, created_at, updated_at, \
+    last_start";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -267,7 +273,7 @@ impl Store {
         let sql = format!(
             "INSERT INTO vms ({COLUMNS}) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-              ?19, ?20, ?21, ?22, ?23, ?24)"
+              ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
         );
         let res = row.execute(&self.lock(), &sql);
         match res {
@@ -291,7 +297,8 @@ impl Store {
             disk_size = ?6, kernel = ?7, initrd = ?8, rootfs_source = ?9, extra_boot_args = ?10, \
             vmm = ?11, pid = ?12, pid_start_time = ?13, api_socket = ?14, failed_stage = ?15, \
             failure = ?16, failed_at = ?17, booted_once = ?18, caps = ?19, prepared = ?20, \
-            machine = ?21, guest = ?22, created_at = ?23, updated_at = ?24 WHERE id = ?1";
+            machine = ?21, guest = ?22, created_at = ?23, updated_at = ?24, last_start = ?25 \
+            WHERE id = ?1";
         match row.execute(&self.lock(), sql) {
             Ok(0) => Err(StoreError::NotFound(vm.id.clone())),
             Ok(_) => Ok(()),
@@ -477,6 +484,7 @@ struct EncodedVm<'a> {
     guest: Option<String>,
     created_at: i64,
     updated_at: i64,
+    last_start: Option<String>,
 }
 
 impl<'a> EncodedVm<'a> {
@@ -536,10 +544,15 @@ impl<'a> EncodedVm<'a> {
             guest: vm.guest.as_ref().map(|g| json(g, "guest")).transpose()?,
             created_at: int(vm.created_at, "created_at")?,
             updated_at: int(vm.updated_at, "updated_at")?,
+            last_start: vm
+                .last_start
+                .as_ref()
+                .map(|t| json(t, "last_start"))
+                .transpose()?,
         })
     }
 
-    /// Runs `sql` with the row as parameters `?1..?24`, in `COLUMNS` order.
+    /// Runs `sql` with the row as parameters `?1..?25`, in `COLUMNS` order.
     fn execute(&self, conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
         let vm = self.vm;
         conn.execute(
@@ -569,6 +582,7 @@ impl<'a> EncodedVm<'a> {
                 self.guest,
                 self.created_at,
                 self.updated_at,
+                self.last_start,
             ],
         )
     }
@@ -711,6 +725,10 @@ fn decode_vm(row: &Row<'_>) -> Result<VmRecord, StoreError> {
         booted_once,
         created_at: req_u64(22, "created_at")?,
         updated_at: req_u64(23, "updated_at")?,
+        last_start: text(24, "last_start")?
+            .map(|s| json(&s))
+            .transpose()
+            .map_err(dec("last_start"))?,
     })
 }
 
@@ -753,6 +771,7 @@ mod tests {
             booted_once: false,
             created_at,
             updated_at: created_at,
+            last_start: None,
         }
     }
 
@@ -847,6 +866,21 @@ mod tests {
             booted_once: true,
             created_at: 1_700_000_000,
             updated_at: 1_700_000_200,
+            last_start: Some(banger_api::model::StartTimings {
+                at: 1_700_000_100,
+                ok: false,
+                total_ms: 1500,
+                stages: vec![
+                    banger_api::model::StageTiming {
+                        stage: "prepare_host:work-disk".into(),
+                        ms: 12,
+                    },
+                    banger_api::model::StageTiming {
+                        stage: "rollback".into(),
+                        ms: 3,
+                    },
+                ],
+            }),
         }
     }
 
@@ -1055,6 +1089,38 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn a_vm_stored_before_start_timings_keeps_its_row_and_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        // The schema as the banger before the `last_start` column left it.
+        let before = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("last_start"))
+            .unwrap();
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn, &path, &MIGRATIONS[..before]).unwrap();
+        let (old_columns, _) = COLUMNS.split_once(", last_start").unwrap();
+        conn.execute(
+            &format!(
+                "INSERT INTO vms ({old_columns}) SELECT 'aa00000000000001', 'old', 'stopped', \
+                 1, 256, 1048576, '/k', NULL, '/r', NULL, 'firecracker', NULL, NULL, NULL, \
+                 NULL, NULL, NULL, 1, '[]', '[]', NULL, NULL, 5, 6"
+            ),
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        let mut vm = store.find_vm("old").unwrap().expect("the old row");
+        assert_eq!(vm.last_start, None);
+        vm.last_start = full("aa00000000000002", "x").last_start;
+        store.update_vm(&vm).unwrap();
+        drop(store);
+        let again = Store::open(&path).unwrap().find_vm("old").unwrap().unwrap();
+        assert_eq!(again.last_start, vm.last_start, "kept across reopening");
     }
 
     #[test]

@@ -30,11 +30,14 @@ pub mod cgroup;
 pub mod config_drive;
 mod confine;
 mod disk_lock;
+mod exits;
 pub mod firecracker;
 pub mod jailer;
 pub mod qemu;
 mod uds_http;
 pub mod vsock;
+
+pub use exits::exit_status;
 
 /// Host paths a backend may use for one VM.
 #[derive(Debug, Clone)]
@@ -262,7 +265,7 @@ pub fn process_alive(p: &VmmProcess) -> bool {
 /// How often backends poll readiness and exit.
 const POLL: Duration = Duration::from_millis(10);
 /// How many log lines an early-exit error quotes.
-const LOG_TAIL_LINES: usize = 10;
+pub const LOG_TAIL_LINES: usize = 20;
 
 /// A process a backend spawned in its own session, reaped by a thread.
 struct Spawned {
@@ -290,11 +293,14 @@ fn spawn_detached(mut cmd: Command, bin: &Path, label: &str) -> Result<Spawned, 
     let pid = child.id();
     // Read before the reaper can reap: the pid cannot be reused until then.
     let start_time = process_start_time(pid);
+    exits::spawned(pid, start_time);
     let (exited_tx, exited) = mpsc::channel::<io::Result<ExitStatus>>();
     std::thread::Builder::new()
         .name(format!("reap-{label}-{pid}"))
         .spawn(move || {
-            let _ = exited_tx.send(child.wait());
+            let status = child.wait();
+            exits::reaped(pid, &status);
+            let _ = exited_tx.send(status);
         })
         .map_err(|e| {
             // The child went down with the closure, unreaped: kill it at least.
@@ -380,7 +386,7 @@ fn remove_socket(path: &Path) -> Result<(), VmmError> {
 }
 
 /// The last `n` lines of `path` (at most its last 8 KiB), for error messages.
-fn log_tail(path: &Path, n: usize) -> String {
+pub fn log_tail(path: &Path, n: usize) -> String {
     let read = || -> io::Result<String> {
         let mut f = File::open(path)?;
         let len = f.metadata()?.len();

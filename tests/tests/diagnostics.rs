@@ -1,0 +1,256 @@
+//! Lifecycle diagnostics through the real CLI and daemon: a VMM that exits
+//! while a start waits on its guest fails the start at once, quoting its
+//! exit status and its last log lines (the fake firecracker, and a real
+//! QEMU whose guest panics); every stage's duration in the daemon log and
+//! the last start's in `vm show`, across a daemon restart; a `.vm` DNS
+//! address another process holds is a warning on `vm create` and a
+//! `doctor` failure.
+
+// Inside a cfg(test) module so the workspace's test-only lint allowances
+// (unwrap in tests) cover the helpers too.
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use banger_api::model::{StartTimings, VmState};
+    use test_infra::{BangerEnv, Run, workspace_bin};
+
+    /// The agent wait these tests configure: far above what they allow, so
+    /// a start that waits it out fails them.
+    const AGENT_TIMEOUT_SECS: u64 = 120;
+
+    fn both(r: &Run) -> String {
+        format!("{}{}", r.stdout, r.stderr)
+    }
+
+    /// `names` appear in `t`'s stages in this order (others may lie between).
+    fn assert_in_order(t: &StartTimings, names: &[&str]) {
+        let stages: Vec<&str> = t.stages.iter().map(|s| s.stage.as_str()).collect();
+        let mut at = 0;
+        for n in names {
+            match stages[at..].iter().position(|s| s == n) {
+                Some(i) => at += i + 1,
+                None => panic!("stage {n} missing or out of order in {stages:?}"),
+            }
+        }
+    }
+
+    fn assert_within_total(t: &StartTimings) {
+        let sum: u64 = t.stages.iter().map(|s| s.ms).sum();
+        assert!(sum <= t.total_ms, "stages sum to {sum} ms > total: {t:?}");
+    }
+
+    #[test]
+    fn a_firecracker_exiting_during_the_agent_wait_fails_the_create_at_once() {
+        let mut env = BangerEnv::new();
+        env.write_config(&format!(
+            "default_caps = [\"work-disk\", \"vsock-agent\"]\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n"
+        ));
+        // No fake agent: only the exit can end the wait early.
+        env.set_env("FAKE_FC_EXIT_AFTER_START", "1:1000");
+        let began = Instant::now();
+        let r = env.create("doomed", &[]).failed();
+        let took = began.elapsed();
+        let text = both(&r);
+        assert!(
+            took < Duration::from_secs(10),
+            "the create took {took:?} (agent timeout {AGENT_TIMEOUT_SECS}s):\n{text}"
+        );
+        assert!(text.contains("exited with exit status: 1"), "{text}");
+        assert!(
+            text.contains("KVM_EXIT_INTERNAL_ERROR, exiting with 1 (FAKE_FC_EXIT_AFTER_START)"),
+            "the message quotes the VMM's own last words:\n{text}"
+        );
+        assert!(
+            !text.contains("did not answer /healthz within"),
+            "the agent is not blamed:\n{text}"
+        );
+
+        let v = env.show("doomed");
+        assert_eq!(v.record.state, VmState::Error);
+        let f = v.record.last_error.expect("a failure is recorded");
+        assert_eq!(f.stage, "post_start:vsock-agent");
+        assert!(f.cause.contains("exit status: 1"), "{}", f.cause);
+        assert!(f.cause.contains("FAKE_FC_EXIT_AFTER_START"), "{}", f.cause);
+        assert!(
+            v.record.prepared.is_empty(),
+            "rolled back: {:?}",
+            v.record.prepared
+        );
+        assert!(v.record.vmm.is_none());
+        let shown = env.banger(&["vm", "show", "doomed"]).ok();
+        assert!(shown.stdout.contains("exit status: 1"), "{}", shown.stdout);
+
+        // The failed start's stages are kept, rollback included.
+        let t = v.record.last_start.expect("the failed start's timings");
+        assert!(!t.ok);
+        assert_in_order(&t, &["launch_vmm", "post_start:vsock-agent", "rollback"]);
+        assert_within_total(&t);
+    }
+
+    #[test]
+    fn a_qemu_whose_guest_panics_fails_the_create_at_once_with_the_console() {
+        const TEST: &str = "a_qemu_whose_guest_panics_fails_the_create_at_once";
+        let artifacts = test_infra::guest_artifacts::GuestArtifacts::find();
+        let (qemu, vhost) = match &artifacts {
+            Ok(a) => (a.qemu.clone(), a.vhost.clone()),
+            Err(why) => {
+                eprintln!("SKIP {TEST}: {why}");
+                return;
+            }
+        };
+        let Some(kernel_dir) = test_infra::guest_artifacts::newest("kernel", "vmlinux") else {
+            eprintln!("SKIP {TEST}: no guest kernel in ~/.cache/banger-ci");
+            return;
+        };
+        let env = BangerEnv::new();
+        env.write_config(&format!(
+            "vmm = \"qemu\"\nqemu_bin = {:?}\nvhost_device_vsock_bin = {:?}\n\
+             default_caps = [\"work-disk\", \"vsock-agent\"]\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n",
+            qemu.display().to_string(),
+            vhost.display().to_string(),
+        ));
+        // cargo's dynamically linked agent cannot run as /init: the kernel
+        // panics ("No working init found"), and with panic=1 and
+        // -no-reboot QEMU exits, as in the issue.
+        let agent = format!(
+            "vsock-agent:agent={}",
+            workspace_bin("banger-agent").display()
+        );
+        let kernel = kernel_dir.join("vmlinux").display().to_string();
+        let began = Instant::now();
+        let (_, rootfs) = env.boot_files();
+        let rootfs = rootfs.display().to_string();
+        let r = env
+            .banger(&[
+                "vm",
+                "create",
+                "--name",
+                "panics",
+                "--kernel",
+                &kernel,
+                "--rootfs",
+                &rootfs,
+                "--disk-size",
+                "64M",
+                "--cap",
+                &agent,
+            ])
+            .failed();
+        let took = began.elapsed();
+        let text = both(&r);
+        assert!(
+            took < Duration::from_secs(60),
+            "the create took {took:?} (agent timeout {AGENT_TIMEOUT_SECS}s):\n{text}"
+        );
+        assert!(text.contains("The VMM (qemu, pid"), "{text}");
+        assert!(text.contains("exited with exit status: 0"), "{text}");
+        assert!(
+            text.contains("No working init found"),
+            "the console's last lines are quoted:\n{text}"
+        );
+        let v = env.show("panics");
+        assert_eq!(v.record.state, VmState::Error);
+        assert_eq!(
+            v.record.last_error.map(|f| f.stage).as_deref(),
+            Some("post_start:vsock-agent")
+        );
+        assert!(v.record.vmm.is_none() && v.record.prepared.is_empty());
+    }
+
+    #[test]
+    fn a_qemu_that_exits_before_it_is_ready_is_quoted_with_its_status() {
+        let env = BangerEnv::new();
+        let wrapper = env.root().join("qemu-wrapper");
+        std::fs::write(
+            &wrapper,
+            "#!/bin/sh\necho 'wrapper: cannot set up the machine' >&2\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        env.write_config(&format!(
+            "vmm = \"qemu\"\nqemu_bin = {:?}\n",
+            wrapper.display().to_string()
+        ));
+        let began = Instant::now();
+        let r = env.create("wrapped", &[]).failed();
+        let text = both(&r);
+        assert!(began.elapsed() < Duration::from_secs(10), "{text}");
+        assert!(text.contains("exit status: 3"), "{text}");
+        assert!(
+            text.contains("wrapper: cannot set up the machine"),
+            "{text}"
+        );
+        assert_eq!(env.show("wrapped").record.state, VmState::Error);
+    }
+
+    #[test]
+    fn every_stage_is_timed_in_the_log_and_the_last_start_survives_a_restart() {
+        let env = BangerEnv::new();
+        env.create("timed", &[]).ok();
+        let v = env.show("timed");
+        assert_eq!(v.record.state, VmState::Running);
+        let t = v.record.last_start.clone().expect("timings of the start");
+        assert!(t.ok);
+        assert!(t.at >= v.record.created_at);
+        assert_in_order(
+            &t,
+            &[
+                "prepare_host:work-disk",
+                "configure_machine:work-disk",
+                "guest_config:work-disk",
+                "config_drive",
+                "launch_vmm",
+                "post_start:work-disk",
+            ],
+        );
+        assert_within_total(&t);
+
+        let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
+        for stage in [
+            "validate",
+            "clone_rootfs",
+            "launch_vmm",
+            "post_start:work-disk",
+        ] {
+            let line = format!("vm=timed op=create stage={stage} took=");
+            assert!(log.contains(&line), "no {line:?} in the daemon log:\n{log}");
+        }
+        assert!(log.contains("vm=timed op=create total took="), "{log}");
+
+        // `vm show` prints the block; it survives the daemon.
+        let shown = env.banger(&["vm", "show", "timed"]).ok().stdout;
+        assert!(shown.contains("last start:"), "{shown}");
+        let launch = t.stages.iter().find(|s| s.stage == "launch_vmm").unwrap();
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.contains("launch_vmm") && l.contains(&format!("{} ms", launch.ms))),
+            "{shown}"
+        );
+        env.banger(&["daemon", "stop"]).ok();
+        let again = env.show("timed");
+        assert_eq!(again.record.last_start, Some(t.clone()));
+
+        // A stop logs its stages under its own operation; the next start
+        // replaces the kept timings.
+        env.banger(&["vm", "stop", "timed"]).ok();
+        env.banger(&["vm", "start", "timed"]).ok();
+        let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
+        assert!(
+            log.contains("vm=timed op=stop stage=shutdown took="),
+            "{log}"
+        );
+        assert!(
+            log.contains("vm=timed op=start stage=launch_vmm took="),
+            "{log}"
+        );
+        let next = env.show("timed").record.last_start.unwrap();
+        assert!(next.ok);
+        assert_ne!(next, t, "the second start's timings replace the first's");
+    }
+}
