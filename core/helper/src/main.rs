@@ -325,3 +325,55 @@ fn supervise(config: &Path, socket: &Path, pid_file: &Path) -> Result<()> {
     let _ = std::fs::remove_file(pid_file);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_tun_device_is_opened_to_users_and_nothing_else_is_touched() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP the_tun_device_is_opened_to_users: needs root for mknod");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let tun = dir.path().join("tun");
+        nix::sys::stat::mknod(
+            &tun,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(10, 200),
+        )
+        .unwrap();
+        std::fs::set_permissions(&tun, std::fs::Permissions::from_mode(0o600)).unwrap();
+        open_tun_device(&tun).unwrap();
+        assert_eq!(mode(&tun), 0o666);
+        // Another device, or a file, at that path is left as it is.
+        let null = dir.path().join("null");
+        nix::sys::stat::mknod(
+            &null,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+        let err = open_tun_device(&null).unwrap_err().to_string();
+        assert!(err.contains("not root's TUN device"), "{err}");
+        assert_eq!(mode(&null), 0o600);
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(open_tun_device(&file).is_err());
+        assert_eq!(mode(&file), 0o600);
+        let err = open_tun_device(&dir.path().join("absent"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("modprobe tun"), "{err}");
+    }
+}
