@@ -681,4 +681,96 @@ FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
         child.kill().unwrap();
         child.wait().unwrap();
     }
+
+    /// Snapshots (`docs/snapshots.md`): the documented API calls in order,
+    /// on the source and on a restore, which gets its own jail and tap.
+    #[test]
+    fn snapshot_and_restore_issue_firecrackers_snapshot_calls_in_order() {
+        use banger_vmm::firecracker::{MEMORY_FILE, STATE_FILE};
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!(
+                "SKIP snapshot_and_restore...: restores need the jailer, used by a root daemon"
+            );
+            return;
+        }
+        // Each VM a name of its own (it names the cgroup) and its own jail.
+        let jailed = |prefix: &str| {
+            let mut w = World::new();
+            let id = format!("{prefix}{}", std::process::id());
+            w.paths.vm_dir = w.dir.path().join(&id);
+            fs::create_dir_all(&w.paths.vm_dir).unwrap();
+            let fc = backend(w.fake_with_env(&[])).with_jail(JailSettings {
+                jailer_bin: Some(fake_jailer(&w).0),
+                ..JailSettings::default()
+            });
+            (w, fc)
+        };
+        let (w, fc) = jailed("fcsnap");
+        let p = launch(&fc, &w).unwrap();
+        let launched = w.calls(&w.record()).len();
+        let snap = w.dir.path().join("snap");
+        fs::create_dir(&snap).unwrap();
+        let mut paused_calls = None;
+        fc.snapshot(&p, &snap, &mut || {
+            paused_calls = Some(w.calls(&w.record()).len() - launched);
+            Ok(())
+        })
+        .unwrap();
+        let calls = w.calls(&w.record());
+        let taken: Vec<_> = calls[launched..]
+            .iter()
+            .map(|(m, p, b)| (m.as_str(), p.as_str(), b.clone()))
+            .collect();
+        assert_eq!(
+            taken,
+            [
+                ("PATCH", "/vm", json!({"state": "Paused"})),
+                (
+                    "PUT",
+                    "/snapshot/create",
+                    json!({"snapshot_type": "Full",
+                           "snapshot_path": format!("/snapshot/{STATE_FILE}"),
+                           "mem_file_path": format!("/snapshot/{MEMORY_FILE}")})
+                ),
+                ("PATCH", "/vm", json!({"state": "Resumed"})),
+            ]
+        );
+        assert_eq!(paused_calls, Some(2), "the disks are copied while paused");
+        for f in [STATE_FILE, MEMORY_FILE] {
+            assert!(snap.join(f).is_file(), "{f} moved out of the jail");
+        }
+
+        // A restore: another VM (its own dir, jail and tap).
+        let (mut w2, fc2) = jailed("fcrest");
+        w2.machine.nics[0].tap = "tap-bg1".into();
+        let r = {
+            let _guard = fork_lock();
+            fc2.restore_recorded(&w2.machine, &w2.paths, &snap, &mut |_| Ok(()))
+                .unwrap()
+        };
+        assert!(process_alive(&r) && process_alive(&p));
+        let restored = w2.calls(&w2.record());
+        let paths: Vec<_> = restored
+            .iter()
+            .map(|(m, p, _)| format!("{m} {p}"))
+            .collect();
+        assert_eq!(paths, ["PUT /logger", "PUT /snapshot/load"]);
+        assert_eq!(
+            restored[1].2,
+            json!({"snapshot_path": format!("/snapshot/{STATE_FILE}"),
+                   "mem_backend": {"backend_type": "File",
+                                   "backend_path": format!("/snapshot/{MEMORY_FILE}")},
+                   "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-bg1"}],
+                   "resume_vm": true})
+        );
+        fc2.kill(&r).unwrap();
+        fc.kill(&p).unwrap();
+
+        // Unjailed, the restored VM would reopen the source's disks: refused.
+        let plain = backend(w2.fake_with_env(&[]));
+        let err = plain
+            .restore_recorded(&w2.machine, &w2.paths, &snap, &mut |_| Ok(()))
+            .unwrap_err();
+        assert!(err.to_string().contains("vmm_jail"), "{err}");
+    }
 }

@@ -14,9 +14,6 @@
 //!   answered 400 with a `fault_message` naming it.
 //! - `FAKE_FC_EXIT_EARLY=1`: print an error on stderr and exit 1 before binding.
 //! - `FAKE_FC_START_DELAY_MS=N`: wait N ms before binding the socket.
-//! - `FAKE_FC_EXIT_AFTER_START=N[:MS]`: MS ms (default 300) after
-//!   `InstanceStart`, print an error naming the knob on stderr and exit with
-//!   status N, as a Firecracker whose guest cannot run does.
 //! - `FAKE_FC_IGNORE_CTRLALTDEL=1`: answer `SendCtrlAltDel` with 204 but keep
 //!   running (so callers must kill after their grace period).
 //! - `FAKE_FC_AGENT=1`: at `InstanceStart`, bind the vsock `uds_path` and act
@@ -27,6 +24,14 @@
 //! - `FAKE_FC_HOST_KEYS=FILE`: the fake agent's `/ssh-host-keys` answer is
 //!   the JSON array in FILE instead of `[]`, and (a started sshd) `/ports`
 //!   lists sshd on TCP 22.
+//!
+//! Snapshots (`docs/snapshots.md`): `PATCH /vm {"state": "Paused"|"Resumed"}`
+//! on a started guest; `PUT /snapshot/create` needs a paused guest and
+//! writes `snapshot_path` (JSON: the drives and vsock socket as configured)
+//! and `mem_file_path`; `PUT /snapshot/load` is only accepted before any
+//! resource but the logger, needs both files, and with `resume_vm` "boots"
+//! from them (the fake agent binds the recorded vsock socket in this
+//! process's root).
 //!
 //! Validation, all answered `400 {"fault_message": ...}` like Firecracker:
 //! logger `log_path`, boot-source `kernel_image_path`/`initrd_path` and drive
@@ -123,6 +128,10 @@ struct State {
     drives: BTreeMap<String, bool>,
     /// The vsock device's host socket, once configured.
     vsock_uds: Option<PathBuf>,
+    /// The vsock `uds_path` as the request named it (saved in snapshots).
+    vsock_path: Option<String>,
+    /// Paused through `PATCH /vm`.
+    paused: bool,
 }
 
 struct Server {
@@ -197,7 +206,6 @@ impl Server {
                     if let Some(uds) = vsock.filter(|_| self.fake_agent) {
                         start_fake_agent(&uds);
                     }
-                    exit_after_start();
                 }
                 After::Exit => {
                     println!("fake-firecracker: guest rebooted on Ctrl-Alt-Del, exiting");
@@ -265,6 +273,25 @@ impl Server {
                 "vmm_version": "fake",
                 "app_name": "Firecracker",
             }));
+        }
+        if method == "PATCH" && path == "/vm" {
+            if !st.started {
+                return Reply::fault(
+                    "The requested operation is not supported before starting the microVM.",
+                );
+            }
+            let body: Value = serde_json::from_slice(raw).unwrap_or(Value::Null);
+            return match str_field(&body, "state") {
+                Some("Paused") => {
+                    st.paused = true;
+                    Reply::ok()
+                }
+                Some("Resumed") => {
+                    st.paused = false;
+                    Reply::ok()
+                }
+                other => Reply::fault(format!("Invalid VM state {other:?}.")),
+            };
         }
         if method != "PUT" {
             return Reply::fault(format!(
@@ -379,7 +406,21 @@ impl Server {
                     );
                 }
                 st.vsock_uds = str_field(&body, "uds_path").map(in_root);
+                st.vsock_path = str_field(&body, "uds_path").map(str::to_owned);
                 Reply::ok()
+            }
+            ("snapshot", Some("create")) => snapshot_create(&st, &body),
+            ("snapshot", Some("load")) => {
+                if st.started || st.boot_source || st.machine_config || !st.drives.is_empty() {
+                    return Reply::fault(
+                        "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+                    );
+                }
+                let reply = snapshot_load(&body);
+                if reply.status == 204 {
+                    st.started = true;
+                }
+                reply
             }
             ("actions", None) => match str_field(&body, "action_type") {
                 Some("InstanceStart") => {
@@ -423,6 +464,59 @@ impl Server {
                 "Invalid request method and/or path: {method} {path}."
             )),
         }
+    }
+}
+
+/// `PUT /snapshot/create` on a paused guest.
+fn snapshot_create(st: &State, body: &Value) -> Reply {
+    if !st.started || !st.paused {
+        return Reply::fault("Cannot create a snapshot: the microVM is not paused.");
+    }
+    if str_field(body, "snapshot_type") != Some("Full") {
+        return Reply::fault("Only Full snapshots are supported by this fake.");
+    }
+    let (Some(state), Some(mem)) = (
+        str_field(body, "snapshot_path"),
+        str_field(body, "mem_file_path"),
+    ) else {
+        return Reply::fault("Missing snapshot_path or mem_file_path.");
+    };
+    let saved = json!({"drives": st.drives, "vsock": st.vsock_path});
+    let written = std::fs::write(in_root(state), saved.to_string())
+        .and_then(|()| std::fs::write(in_root(mem), b"fake guest memory"));
+    match written {
+        Ok(()) => Reply::ok(),
+        Err(e) => Reply::fault(format!("Cannot write the snapshot files: {e}")),
+    }
+}
+
+/// `PUT /snapshot/load` on a fresh process.
+fn snapshot_load(body: &Value) -> Reply {
+    let Some(state) = str_field(body, "snapshot_path") else {
+        return Reply::fault("Missing snapshot_path.");
+    };
+    let backend = body.get("mem_backend");
+    let mem = backend.and_then(|b| str_field(b, "backend_path"));
+    if backend.and_then(|b| str_field(b, "backend_type")) != Some("File") || mem.is_none() {
+        return Reply::fault("mem_backend must be {backend_type: File, backend_path}.");
+    }
+    let saved: Option<Value> = std::fs::read(in_root(state))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let Some(saved) = saved else {
+        return Reply::fault(format!("Cannot load the microVM state from {state}."));
+    };
+    if mem.is_some_and(|m| !in_root(m).is_file()) {
+        return Reply::fault("Cannot open the memory file.");
+    }
+    let resume = body.get("resume_vm").and_then(Value::as_bool) == Some(true);
+    Reply {
+        after: if resume {
+            After::Boot(str_field(&saved, "vsock").map(in_root))
+        } else {
+            After::Nothing
+        },
+        ..Reply::ok()
     }
 }
 
@@ -505,23 +599,6 @@ fn fake_listeners() -> Value {
     } else {
         json!([])
     }
-}
-
-/// `FAKE_FC_EXIT_AFTER_START=N[:MS]`: exits with N, MS ms from now.
-fn exit_after_start() {
-    let Ok(v) = std::env::var("FAKE_FC_EXIT_AFTER_START") else {
-        return;
-    };
-    let (code, ms) = v.split_once(':').unwrap_or((v.as_str(), "300"));
-    let code: i32 = code.parse().unwrap_or(1);
-    let ms: u64 = ms.parse().unwrap_or(300);
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(ms));
-        eprintln!(
-            "fake-firecracker: error: KVM_EXIT_INTERNAL_ERROR, exiting with {code} (FAKE_FC_EXIT_AFTER_START)"
-        );
-        std::process::exit(code);
-    });
 }
 
 fn boot_console() {
