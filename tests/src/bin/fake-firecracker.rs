@@ -14,6 +14,9 @@
 //!   answered 400 with a `fault_message` naming it.
 //! - `FAKE_FC_EXIT_EARLY=1`: print an error on stderr and exit 1 before binding.
 //! - `FAKE_FC_START_DELAY_MS=N`: wait N ms before binding the socket.
+//! - `FAKE_FC_EXIT_AFTER_START=N[:MS]`: MS ms (default 300) after
+//!   `InstanceStart`, print an error naming the knob on stderr and exit with
+//!   status N, as a Firecracker whose guest cannot run does.
 //! - `FAKE_FC_IGNORE_CTRLALTDEL=1`: answer `SendCtrlAltDel` with 204 but keep
 //!   running (so callers must kill after their grace period).
 //! - `FAKE_FC_AGENT=1`: at `InstanceStart`, bind the vsock `uds_path` and act
@@ -206,6 +209,7 @@ impl Server {
                     if let Some(uds) = vsock.filter(|_| self.fake_agent) {
                         start_fake_agent(&uds);
                     }
+                    exit_after_start();
                 }
                 After::Exit => {
                     println!("fake-firecracker: guest rebooted on Ctrl-Alt-Del, exiting");
@@ -599,6 +603,23 @@ fn fake_listeners() -> Value {
     } else {
         json!([])
     }
+}
+
+/// `FAKE_FC_EXIT_AFTER_START=N[:MS]`: exits with N, MS ms from now.
+fn exit_after_start() {
+    let Ok(v) = std::env::var("FAKE_FC_EXIT_AFTER_START") else {
+        return;
+    };
+    let (code, ms) = v.split_once(':').unwrap_or((v.as_str(), "300"));
+    let code: i32 = code.parse().unwrap_or(1);
+    let ms: u64 = ms.parse().unwrap_or(300);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(ms));
+        eprintln!(
+            "fake-firecracker: error: KVM_EXIT_INTERNAL_ERROR, exiting with {code} (FAKE_FC_EXIT_AFTER_START)"
+        );
+        std::process::exit(code);
+    });
 }
 
 fn boot_console() {
