@@ -9,6 +9,7 @@ pub mod file_sync;
 pub mod mise;
 pub mod nat;
 pub mod network;
+pub mod ports;
 pub mod ssh_identity;
 pub mod vsock_agent;
 pub mod work_disk;

@@ -101,6 +101,7 @@ fn exactly_the_expected_builtins_are_registered() {
             "mise",
             "nat",
             "network",
+            "ports",
             "ssh-identity",
             "vsock-agent",
             "work-disk"
@@ -596,6 +597,7 @@ const BUILTIN_MODULES: &[(&str, &[&str])] = &[
             "src/network/taps.rs",
         ],
     ),
+    ("ports", &["src/ports.rs"]),
     ("ssh-identity", &["src/ssh_identity.rs"]),
     (
         "vsock-agent",

@@ -180,7 +180,14 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List the guest's listening ports (through its agent).
+    /// Add or remove a port forward (live when the VM runs).
+    Port {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: PortCommand,
+    },
+    /// List the VM's port forwards and the guest's listening ports
+    /// (through its agent).
     Ports {
         /// VM name.
         #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
@@ -223,6 +230,31 @@ pub enum VmCommand {
     },
 }
 
+/// `vm port` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PortCommand {
+    /// Forward a host port to the VM: [HOST_IP:]HOST_PORT:GUEST_PORT[/udp]
+    /// (host side 127.0.0.1 unless HOST_IP is given). Opened at once when
+    /// it runs, kept for every later start.
+    Add {
+        /// VM name.
+        #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
+        name: String,
+        /// The forward.
+        #[arg(value_name = "SPEC", value_parser = crate::ports::parse_forward)]
+        spec: String,
+    },
+    /// Remove a port forward (closed at once when the VM runs).
+    Rm {
+        /// VM name.
+        #[arg(value_parser = parse_name, add = ArgValueCandidates::new(crate::complete::vms))]
+        name: String,
+        /// The forward, as given to add or as `vm show` lists it.
+        #[arg(value_name = "SPEC", value_parser = crate::ports::parse_forward)]
+        spec: String,
+    },
+}
+
 /// `vm create` flags.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -255,6 +287,11 @@ pub struct CreateArgs {
     /// Give the VM outbound internet through the host (same as `--cap nat`).
     #[arg(long)]
     pub nat: bool,
+    /// Forward a host port to the guest while the VM runs:
+    /// [HOST_IP:]HOST_PORT:GUEST_PORT[/udp] (repeatable). The host side is
+    /// 127.0.0.1 unless HOST_IP says otherwise (0.0.0.0: every interface).
+    #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = crate::ports::parse_forward)]
+    pub ports: Vec<String>,
     /// Extra kernel command line.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub boot_args: Option<String>,
@@ -289,6 +326,11 @@ pub struct RunArgs {
     /// Give the VM outbound internet through the host (same as `--cap nat`).
     #[arg(long)]
     pub nat: bool,
+    /// Forward a host port to the guest while the VM runs:
+    /// [HOST_IP:]HOST_PORT:GUEST_PORT[/udp] (repeatable). The host side is
+    /// 127.0.0.1 unless HOST_IP says otherwise (0.0.0.0: every interface).
+    #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = crate::ports::parse_forward)]
+    pub ports: Vec<String>,
     /// VMM backend (default: config `vmm`, else auto: firecracker where it
     /// is installed and KVM boots a standard guest, else qemu).
     #[arg(long, value_enum)]

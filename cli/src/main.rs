@@ -10,6 +10,7 @@ mod exec;
 mod fetch;
 mod ordered;
 mod output;
+mod ports;
 mod refs;
 mod remote;
 mod run;
@@ -28,7 +29,7 @@ use banger_api::api::VersionInfo;
 use banger_api::paths::Paths;
 use clap::CommandFactory;
 
-use crate::args::{CapCommand, Cli, Command, DaemonCommand, VmCommand};
+use crate::args::{CapCommand, Cli, Command, DaemonCommand, PortCommand, VmCommand};
 use crate::vm::Verb;
 
 /// `daemon status` exit code when bangerd is not running.
@@ -117,7 +118,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     vm::logs(&client, &refs::resolve(&client, &name).await?, follow).await
                 }
                 VmCommand::Ports { name, json } => {
-                    vm::ports(&client, &refs::resolve(&client, &name).await?, json).await
+                    ports::list(&client, &refs::resolve(&client, &name).await?, json).await
+                }
+                VmCommand::Port { cmd } => {
+                    let (name, spec, add) = match cmd {
+                        PortCommand::Add { name, spec } => (name, spec, true),
+                        PortCommand::Rm { name, spec } => (name, spec, false),
+                    };
+                    ports::change(&client, &refs::resolve(&client, &name).await?, &spec, add).await
                 }
                 VmCommand::Stats { name, json } => {
                     vm::stats(&client, &refs::resolve(&client, &name).await?, json).await

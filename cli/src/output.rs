@@ -159,6 +159,7 @@ pub fn vm_details(v: &VmView) -> String {
             .collect();
         o.push_str(&table_body(&rows));
     }
+    o.push_str(&crate::ports::show_lines(v));
     if let Some(m) = &r.machine {
         let _ = writeln!(o, "{:<12} {}", "cmdline:", m.boot_args);
         if let Some(v) = &m.vsock {

@@ -356,7 +356,7 @@ impl Plan {
             )?),
             None => None,
         };
-        let mut caps = vm::with_nat(a.caps, a.nat);
+        let mut caps = crate::ports::with_ports(vm::with_nat(a.caps, a.nat), &a.ports);
         // Command mode never bootstraps: it runs and returns.
         let bootstrap = match &workspace {
             Some(ws) if !a.no_bootstrap && !matches!(after, After::Command(_)) => {

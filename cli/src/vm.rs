@@ -270,32 +270,6 @@ pub async fn stats(client: &Client, name: &str, json: bool) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// `vm ports`: the guest's listeners as `NAME.vm:PORT` endpoints.
-pub async fn ports(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
-    let ports: Vec<banger_api::api::PortView> =
-        client.get(&format!("{}/ports", vm_path(name))).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&ports)?);
-    } else {
-        let rows: Vec<Vec<String>> = ports
-            .iter()
-            .map(|p| {
-                vec![
-                    p.proto.clone(),
-                    p.endpoint.clone(),
-                    p.process.clone().unwrap_or_else(|| "-".into()),
-                    p.command.clone().unwrap_or_else(|| "-".into()),
-                ]
-            })
-            .collect();
-        print!(
-            "{}",
-            output::table(&["PROTO", "ENDPOINT", "PROCESS", "COMMAND"], &rows)
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// `--nat` is `--cap nat`.
 pub(crate) fn with_nat(mut caps: Vec<String>, nat: bool) -> Vec<String> {
     if nat && !caps.iter().any(|c| c == "nat" || c.starts_with("nat:")) {
@@ -330,7 +304,7 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         vcpus: Some(i64::from(spec.vcpus)),
         memory_mib: Some(i64::from(spec.memory_mib)),
         disk_size: Some(spec.disk.to_string()),
-        caps: with_nat(a.caps, a.nat),
+        caps: crate::ports::with_ports(with_nat(a.caps, a.nat), &a.ports),
         boot_args: a.boot_args,
         no_start: a.no_start,
         vmm: Some(spec.backend.vmm),

@@ -18,6 +18,8 @@
 //! | POST | /v1/vms/{name}/kill | | [`VmView`] |
 //! | GET | /v1/vms/{name}/logs?follow=true | | serial console, `text/plain` stream |
 //! | GET | /v1/vms/{name}/ports | | `[PortView]` from the guest agent |
+//! | POST | /v1/vms/{name}/ports | [`PortForwardRequest`] | [`VmView`]: forward added (live when running) |
+//! | DELETE | /v1/vms/{name}/ports | [`PortForwardRequest`] | [`VmView`]: forward removed |
 //! | GET | /v1/vms/{name}/stats | | [`StatsView`] |
 //! | GET | /v1/vms/{name}/ssh | | [`SshTarget`], host keys from the guest agent |
 //! | POST | /v1/vms/{name}/workspace/prepare | [`WorkspacePrepareRequest`] | NDJSON [`Event`]s, `done` holds a [`WorkspaceView`] |
@@ -680,5 +682,257 @@ mod tests {
             ),
             "{e:?}"
         );
+    }
+}
+
+/// The capability that forwards host ports to a VM (`-p`, `vm port add`).
+pub const PORTS_CAP: &str = "ports";
+/// Its option holding the forwards, comma-separated
+/// (`--cap ports:forward=8080:80,5353:53/udp`).
+pub const FORWARD_OPTION: &str = "forward";
+/// The host address a forward listens on when the spec names none: the
+/// host only, so a sandbox is never on the LAN unless asked (`0.0.0.0:`).
+pub const DEFAULT_FORWARD_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::LOCALHOST;
+
+/// The transport of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP (the default).
+    Tcp,
+    /// UDP (`/udp`).
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// One host port forwarded to a guest port:
+/// `[HOST_IP:]HOST_PORT:GUEST_PORT[/udp]` (`8080:80`, `0.0.0.0:5353:53/udp`).
+/// Shown and stored as `HOST_IP:HOST_PORT:GUEST_PORT/PROTO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortForward {
+    /// The host address it listens on.
+    pub host_ip: std::net::Ipv4Addr,
+    /// The host port it listens on.
+    pub host_port: u16,
+    /// The guest port it connects to, on the VM's address.
+    pub guest_port: u16,
+    /// TCP or UDP.
+    pub proto: Proto,
+}
+
+/// A port forward spec that does not parse, or a set of forwards that
+/// cannot all listen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The spec is malformed.
+    #[error(
+        "Invalid port forward {spec:?}: {why}; use [HOST_IP:]HOST_PORT:GUEST_PORT[/udp], e.g. 8080:80 or 0.0.0.0:5353:53/udp"
+    )]
+    Invalid {
+        /// What was given.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Two forwards would listen on the same host port.
+    #[error(
+        "Port forwards {0} and {1} both listen on host port {port}/{proto}; give each its own HOST_PORT",
+        port = .0.host_port, proto = .0.proto
+    )]
+    Duplicate(PortForward, PortForward),
+}
+
+impl PortForward {
+    /// Whether `self` and `other` would listen on the same host socket (same
+    /// port and transport, and the same address or either on all
+    /// addresses).
+    pub fn clashes(&self, other: &PortForward) -> bool {
+        self.host_port == other.host_port
+            && self.proto == other.proto
+            && (self.host_ip == other.host_ip
+                || self.host_ip.is_unspecified()
+                || other.host_ip.is_unspecified())
+    }
+
+    /// Parses a comma-separated list (the `forward` option), refusing
+    /// forwards that clash. Empty pieces are skipped.
+    pub fn parse_list(list: &str) -> Result<Vec<PortForward>, ForwardError> {
+        let mut out: Vec<PortForward> = Vec::new();
+        for piece in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let f: PortForward = piece.parse()?;
+            check_no_clash(&out, &f)?;
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    /// The `forward` option value for `forwards`.
+    pub fn join_list(forwards: &[PortForward]) -> String {
+        let v: Vec<String> = forwards.iter().map(PortForward::to_string).collect();
+        v.join(",")
+    }
+}
+
+/// Refuses `new` when it clashes with one of `existing`.
+pub fn check_no_clash(existing: &[PortForward], new: &PortForward) -> Result<(), ForwardError> {
+    match existing.iter().find(|e| e.clashes(new)) {
+        Some(e) => Err(ForwardError::Duplicate(*e, *new)),
+        None => Ok(()),
+    }
+}
+
+impl fmt::Display for PortForward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}/{}",
+            self.host_ip, self.host_port, self.guest_port, self.proto
+        )
+    }
+}
+
+impl std::str::FromStr for PortForward {
+    type Err = ForwardError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: String| ForwardError::Invalid {
+            spec: s.to_string(),
+            why,
+        };
+        let (addr, proto) = match s.rsplit_once('/') {
+            Some((a, "tcp")) => (a, Proto::Tcp),
+            Some((a, "udp")) => (a, Proto::Udp),
+            Some((_, p)) => return Err(bad(format!("unknown protocol {p:?} (tcp or udp)"))),
+            None => (s, Proto::Tcp),
+        };
+        let port = |what: &str, p: &str| -> Result<u16, ForwardError> {
+            match p.parse::<u16>() {
+                Ok(0) | Err(_) => Err(bad(format!("{what} {p:?} is not a port from 1 to 65535"))),
+                Ok(n) => Ok(n),
+            }
+        };
+        let parts: Vec<&str> = addr.split(':').collect();
+        let (host_ip, host_port, guest_port) = match parts[..] {
+            [h, g] => (DEFAULT_FORWARD_IP, h, g),
+            [ip, h, g] => {
+                let ip = ip.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                    bad(format!(
+                        "HOST_IP {ip:?} is not an IPv4 address (127.0.0.1, 0.0.0.0 for every interface)"
+                    ))
+                })?;
+                (ip, h, g)
+            }
+            _ => return Err(bad("expected two or three ':'-separated parts".into())),
+        };
+        Ok(PortForward {
+            host_ip,
+            host_port: port("HOST_PORT", host_port)?,
+            guest_port: port("GUEST_PORT", guest_port)?,
+            proto,
+        })
+    }
+}
+
+/// `vm port add` / `vm port rm` (`POST` / `DELETE /v1/vms/{name}/ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardRequest {
+    /// The forward, `[HOST_IP:]HOST_PORT:GUEST_PORT[/udp]`.
+    pub forward: String,
+}
+
+/// The forwards `enabled` (a VM's capabilities) hold: the `ports`
+/// capability's `forward` option, or none.
+pub fn forwards_of(enabled: &[crate::model::EnabledCap]) -> Result<Vec<PortForward>, ForwardError> {
+    enabled
+        .iter()
+        .find(|c| c.name == PORTS_CAP)
+        .and_then(|c| c.options.get(FORWARD_OPTION))
+        .map_or(Ok(Vec::new()), |list| PortForward::parse_list(list))
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn fwd(ip: [u8; 4], h: u16, g: u16, proto: Proto) -> PortForward {
+        PortForward {
+            host_ip: Ipv4Addr::from(ip),
+            host_port: h,
+            guest_port: g,
+            proto,
+        }
+    }
+
+    #[test]
+    fn forward_specs_parse_in_every_form() {
+        let cases = [
+            ("8080:80", fwd([127, 0, 0, 1], 8080, 80, Proto::Tcp)),
+            ("8080:80/tcp", fwd([127, 0, 0, 1], 8080, 80, Proto::Tcp)),
+            ("5353:53/udp", fwd([127, 0, 0, 1], 5353, 53, Proto::Udp)),
+            ("0.0.0.0:2222:22", fwd([0, 0, 0, 0], 2222, 22, Proto::Tcp)),
+            (
+                "10.1.2.3:1:65535/udp",
+                fwd([10, 1, 2, 3], 1, 65535, Proto::Udp),
+            ),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(spec.parse::<PortForward>(), Ok(want), "{spec}");
+        }
+        // The canonical form names everything and parses back to itself.
+        let f = fwd([127, 0, 0, 1], 5353, 53, Proto::Udp);
+        assert_eq!(f.to_string(), "127.0.0.1:5353:53/udp");
+        assert_eq!(f.to_string().parse::<PortForward>(), Ok(f));
+    }
+
+    #[test]
+    fn bad_forward_specs_name_the_spec_and_the_problem() {
+        let cases = [
+            ("80", "two or three"),
+            ("1:2:3:4", "two or three"),
+            ("8080:80/sctp", "unknown protocol \"sctp\""),
+            ("0:80", "HOST_PORT \"0\""),
+            ("8080:0", "GUEST_PORT \"0\""),
+            ("65536:80", "HOST_PORT \"65536\""),
+            ("x:80", "HOST_PORT \"x\""),
+            ("localhost:80:80", "HOST_IP \"localhost\""),
+            ("[::1]:80:80", "two or three"),
+            ("", "two or three"),
+        ];
+        for (spec, why) in cases {
+            let msg = spec.parse::<PortForward>().unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("{spec:?}"))
+                    && msg.contains(why)
+                    && msg.contains("e.g. 8080:80"),
+                "{spec}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_list_refuses_forwards_on_one_host_port() {
+        let ok = PortForward::parse_list("8080:80, 8080:80/udp,127.0.0.2:8080:81").unwrap();
+        assert_eq!(ok.len(), 3);
+        assert_eq!(
+            PortForward::join_list(&ok),
+            "127.0.0.1:8080:80/tcp,127.0.0.1:8080:80/udp,127.0.0.2:8080:81/tcp"
+        );
+        let dup = PortForward::parse_list("8080:80,127.0.0.1:8080:81").unwrap_err();
+        assert!(matches!(dup, ForwardError::Duplicate(..)), "{dup}");
+        assert!(dup.to_string().contains("host port 8080/tcp"), "{dup}");
+        // All addresses clash with any one address.
+        assert!(PortForward::parse_list("0.0.0.0:9000:1,10.0.0.1:9000:2").is_err());
+        assert!(PortForward::parse_list("").unwrap().is_empty());
     }
 }

@@ -20,10 +20,11 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
-use crate::lifecycle::{Lifecycle, OpError, Progress, render_chain};
+use crate::lifecycle::{ForwardChange, Lifecycle, OpError, Progress, render_chain};
 use banger_api::api::{
-    CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, PortView, SetVmRequest, SshTarget,
-    StatsView, VersionInfo, VmView, WorkspaceExport, WorkspacePrepareRequest,
+    CapView, CreateVmRequest, DaemonStatus, ErrorBody, Event, ForwardError, PortForward,
+    PortForwardRequest, PortView, SetVmRequest, SshTarget, StatsView, VersionInfo, VmView,
+    WorkspaceExport, WorkspacePrepareRequest,
 };
 use banger_api::model::{VmRecord, VmState};
 
@@ -127,7 +128,10 @@ pub(crate) fn vm_routes() -> Router<Arc<ApiState>> {
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/kill", post(kill_vm))
         .route("/v1/vms/{name}/logs", get(vm_logs))
-        .route("/v1/vms/{name}/ports", get(vm_ports))
+        .route(
+            "/v1/vms/{name}/ports",
+            get(vm_ports).post(add_forward).delete(remove_forward),
+        )
         .route("/v1/vms/{name}/stats", get(vm_stats))
         .route("/v1/vms/{name}/ssh", get(vm_ssh))
         .route("/v1/vms/{name}/workspace/prepare", post(workspace_prepare))
@@ -449,6 +453,45 @@ async fn workspace_export(
 
 async fn vm_ports(State(st): S, Path(name): Path<String>) -> Result<Json<Vec<PortView>>, ApiError> {
     Ok(Json(st.lifecycle.ports(&name).await?))
+}
+
+/// `vm port add`: a new port forward, live when the VM runs.
+async fn add_forward(
+    State(st): S,
+    Path(name): Path<String>,
+    body: Result<Json<PortForwardRequest>, JsonRejection>,
+) -> Result<Json<VmView>, ApiError> {
+    change_forward(&st, &name, body?.0, ForwardChange::Add).await
+}
+
+/// `vm port rm`: one port forward fewer, closed at once when the VM runs.
+async fn remove_forward(
+    State(st): S,
+    Path(name): Path<String>,
+    body: Result<Json<PortForwardRequest>, JsonRejection>,
+) -> Result<Json<VmView>, ApiError> {
+    change_forward(&st, &name, body?.0, ForwardChange::Remove).await
+}
+
+async fn change_forward(
+    st: &Arc<ApiState>,
+    name: &str,
+    req: PortForwardRequest,
+    change: fn(PortForward) -> ForwardChange,
+) -> Result<Json<VmView>, ApiError> {
+    let forward: PortForward = req
+        .forward
+        .parse()
+        .map_err(|e: ForwardError| OpError::Invalid(e.to_string()))?;
+    let lc = st.lifecycle.clone();
+    let name = name.to_string();
+    let running = Running::start();
+    let res = tokio::spawn(async move {
+        let _running = running;
+        lc.change_forward(&name, change(forward)).await
+    })
+    .await;
+    Ok(Json(st.lifecycle.view(joined(res)?)))
 }
 
 /// How much of the console `vm logs` (without follow) returns: its end.

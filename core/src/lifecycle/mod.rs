@@ -29,6 +29,7 @@ use banger_vmm::{Backends, Vmm};
 
 mod create;
 mod delete;
+mod forward;
 mod inspect;
 #[cfg(test)]
 mod lock_tests;
@@ -42,6 +43,7 @@ mod vmm_exit;
 
 pub use banger_api::error::render_chain;
 pub use banger_api::progress::Progress;
+pub use forward::ForwardChange;
 pub use reconcile::Reconciled;
 /// File name of the captured guest console inside a VM's directory.
 pub use start::ROOT_DISK as ROOT_DISK_FILE;
