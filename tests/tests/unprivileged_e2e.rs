@@ -512,6 +512,79 @@ mod tests {
         assert!(root_owned.is_empty(), "not the user's: {root_owned:#?}");
     }
 
+    /// The real `banger-helper serve` in a private network namespace binds
+    /// DNS sockets on exactly the caller's gateway and hands them over its
+    /// socket; the read-only listings stay inside the caller's names.
+    #[test]
+    fn the_helper_binds_dns_sockets_only_on_the_callers_gateway_and_lists_only_its_names() {
+        let test = "the_helper_binds_dns_sockets_only_on_the_callers_gateway";
+        if !nix::unistd::geteuid().is_root() {
+            return skip(test, "needs root (a network namespace, the helper)");
+        }
+        let handle = std::thread::spawn(|| {
+            // SAFETY: unshare only changes this thread's namespaces; the
+            // thread is ours and ends with the test body.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            let dir = tempfile::tempdir().unwrap();
+            chmod(dir.path(), 0o755);
+            let cfg = dir.path().join("helper.toml");
+            std::fs::write(
+                &cfg,
+                "[[users]]\nname = \"root\"\nbridge = \"bgdns0\"\nsubnet = \"10.252.0.0/24\"\ntap_prefix = \"bgdnst\"\n",
+            )
+            .unwrap();
+            let socket = dir.path().join("helper.sock");
+            let mut child = Command::new(workspace_bin("banger-helper"))
+                .args(["serve", "--config"])
+                .arg(&cfg)
+                .arg("--socket")
+                .arg(&socket)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            assert!(line.contains("listening on"), "helper said {line:?}");
+            use banger_host::hostops::HostOps;
+            let ops = banger_host::helper::HelperHostOps::new(socket);
+            let gateway: std::net::Ipv4Addr = "10.252.0.1".parse().unwrap();
+            let dns = ops.bind_dns(gateway);
+            let refused_vm = ops.bind_dns("10.252.0.2".parse().unwrap());
+            let refused_lo = ops.bind_dns(std::net::Ipv4Addr::LOCALHOST);
+            let rules = ops.list_guest_rules("bgdns0");
+            let foreign_rules = ops.list_guest_rules("docker0");
+            let links = ops.list_links("bgdnst");
+            let plugin_links = ops.list_links("bgp");
+            let _ = child.kill();
+            let _ = child.wait();
+
+            let dns = dns.unwrap();
+            let at = std::net::SocketAddr::from((gateway, 53));
+            assert_eq!(dns.udp.local_addr().unwrap(), at);
+            assert_eq!(dns.tcp.local_addr().unwrap(), at);
+            for (what, r) in [("a VM address", refused_vm), ("loopback", refused_lo)] {
+                let err = banger_api::error::render_chain(&r.unwrap_err());
+                assert!(err.contains("bind_dns refused"), "{what}: {err}");
+                assert!(err.contains("10.252.0.1"), "{what}: {err}");
+            }
+            assert_eq!(rules.unwrap(), Vec::<String>::new());
+            let err = banger_api::error::render_chain(&foreign_rules.unwrap_err());
+            assert!(err.contains("not banger's bridge"), "{err}");
+            assert_eq!(links.unwrap(), Vec::<String>::new());
+            let err = banger_api::error::render_chain(&plugin_links.unwrap_err());
+            assert!(err.contains("tap prefix \"bgdnst\""), "{err}");
+        });
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
     /// `vm ssh NAME -- hostname; getent hosts NAME.vm`, retried until the
     /// guest answers (sshd or the agent come up after create returns).
     fn wait_for_ssh(env: &UserEnv, name: &str) -> String {
