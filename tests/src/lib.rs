@@ -12,6 +12,7 @@ pub mod guest_artifacts;
 pub mod guest_rig;
 pub mod http;
 pub mod registry;
+pub mod tick_guest;
 
 /// The cargo target profile directory the running test binary lives in
 /// (`target/debug`), derived from the test executable's own path.

@@ -18,50 +18,18 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
-    use banger_api::machine::{Drive, DriveRole, MachineSpec, Vsock};
+    use banger_api::machine::Vsock;
     use banger_api::model::VmmProcess;
-    use banger_capabilities::vsock_agent::initrd::build_initrd;
     use banger_vmm::qemu::{JailSettings, MIGRATION_FILE, Qemu, QemuAccel, QemuSettings};
-    use banger_vmm::{LaunchPaths, Vmm, VmmError, process_alive};
+    use banger_vmm::{Vmm, VmmError, process_alive};
     use tempfile::TempDir;
+    use test_infra::tick_guest::{kernel, on_path, tick_initrd, tick_vm, ticks, vsock_backend};
     use test_infra::wait_until;
 
     const BOOT: Duration = Duration::from_secs(180);
 
     /// TCG guests share 2 cores: these tests take turns.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    fn home() -> PathBuf {
-        std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
-    }
-
-    fn on_path(name: &str) -> Option<PathBuf> {
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    }
-
-    fn kernel() -> Option<PathBuf> {
-        if let Some(k) = std::env::var_os("BANGER_TEST_KERNEL") {
-            return Some(PathBuf::from(k));
-        }
-        let dir = home().join(".cache/banger-ci/kernel/boot");
-        let mut found: Vec<PathBuf> = fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.to_string_lossy().contains("vmlinuz-"))
-            .collect();
-        found.sort();
-        found.pop()
-    }
-
-    fn vsock_backend() -> Option<PathBuf> {
-        on_path("vhost-device-vsock").or_else(|| {
-            let p = home().join(".cache/banger-ci/tools/bin/vhost-device-vsock");
-            p.is_file().then_some(p)
-        })
-    }
 
     /// The QEMU binary and kernel, or a loud skip.
     fn requirements(test: &str) -> Option<(PathBuf, PathBuf)> {
@@ -72,83 +40,6 @@ mod tests {
             );
         }
         found
-    }
-
-    /// An init that prints `TICK n` on the console every 50 ms, forever.
-    const TICK_INIT: &str = r#"
-#include <stdio.h>
-#include <time.h>
-int main(void) {
-  struct timespec t = {0, 50 * 1000 * 1000};
-  for (unsigned long n = 0;; n++) {
-    printf("TICK %lu\n", n); fflush(stdout);
-    nanosleep(&t, 0);
-  }
-}
-"#;
-
-    /// Builds the ticking initramfs in `dir`, or says why it cannot.
-    fn tick_initrd(dir: &Path) -> Result<PathBuf, String> {
-        let src = dir.join("init.c");
-        fs::write(&src, TICK_INIT).map_err(|e| e.to_string())?;
-        let init = dir.join("init");
-        let built = std::process::Command::new("cc")
-            .args(["-static", "-O1", "-o"])
-            .arg(&init)
-            .arg(&src)
-            .output()
-            .map_err(|e| format!("cannot run cc: {e}"))?;
-        if !built.status.success() {
-            return Err(format!(
-                "cc -static failed (install libc6-dev): {}",
-                String::from_utf8_lossy(&built.stderr)
-            ));
-        }
-        let out = dir.join("initrd");
-        build_initrd(&init, None, &out).map_err(|e| e.to_string())?;
-        Ok(out)
-    }
-
-    /// One VM's files under `dir/<name>`: its own disk and console.
-    fn vm(dir: &Path, name: &str, kernel: &Path, initrd: &Path) -> (MachineSpec, LaunchPaths) {
-        let d = dir.join(name);
-        fs::create_dir_all(&d).unwrap();
-        let disk = d.join("root.img");
-        if !disk.exists() {
-            fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
-        }
-        let machine = MachineSpec {
-            kernel: kernel.to_path_buf(),
-            initrd: Some(initrd.to_path_buf()),
-            boot_args: "console=ttyS0".into(),
-            vcpus: 1,
-            memory_mib: 128,
-            drives: vec![Drive {
-                id: "root".into(),
-                path: disk,
-                read_only: false,
-                role: DriveRole::Root,
-            }],
-            nics: vec![],
-            vsock: None,
-            serial_log: d.join("serial.log"),
-            pci_devices: Vec::new(),
-        };
-        let paths = LaunchPaths {
-            vm_dir: d.clone(),
-            api_socket: dir.join(format!("{name}.q")),
-            vmm_log: d.join("qemu.log"),
-        };
-        (machine, paths)
-    }
-
-    /// The `TICK` numbers on `log`, in order.
-    fn ticks(log: &Path) -> Vec<u64> {
-        fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("TICK ")?.parse().ok())
-            .collect()
     }
 
     /// Kills what a test launched, even when it fails.
@@ -219,7 +110,7 @@ int main(void) {
         };
         let vmm = Qemu::new(settings(q));
         let mut running = Running(&vmm, Vec::new());
-        let (source, source_paths) = vm(d, "src", &k, &initrd);
+        let (source, source_paths) = tick_vm(d, "src", &k, &initrd);
         fs::write(&source.drives[0].path, b"written before the snapshot").unwrap();
         let p = vmm.launch(&source, &source_paths).unwrap();
         running.1.push(p.clone());
@@ -253,7 +144,7 @@ int main(void) {
 
         let mut restored = Vec::new();
         for name in ["r1", "r2"] {
-            let (mut m, paths) = vm(d, name, &k, &initrd);
+            let (mut m, paths) = tick_vm(d, name, &k, &initrd);
             fs::copy(snap.join("root.img"), &m.drives[0].path).unwrap();
             m.serial_log = paths.vm_dir.join("serial.log");
             let rp = vmm
@@ -302,7 +193,7 @@ int main(void) {
             Ok(p) => p,
             Err(why) => return eprintln!("SKIP {test}: {why}"),
         };
-        let (mut m, paths) = vm(d, "v", &k, &initrd);
+        let (mut m, paths) = tick_vm(d, "v", &k, &initrd);
         m.vsock = Some(Vsock {
             guest_cid: 9,
             uds_path: d.join("v.sock"),
@@ -354,7 +245,7 @@ int main(void) {
             Ok(p) => p,
             Err(why) => return eprintln!("SKIP {test}: {why}"),
         };
-        let (m, paths) = vm(d, "j", &k, &initrd);
+        let (m, paths) = tick_vm(d, "j", &k, &initrd);
         let vmm = Qemu::new(QemuSettings {
             jail: JailSettings {
                 cgroups: false,
