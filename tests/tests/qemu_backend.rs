@@ -1087,4 +1087,56 @@ int main(void) {
         );
         assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
     }
+    #[test]
+    fn a_jailed_qemu_holds_its_disk_lock_in_its_root_and_a_second_vmm_is_refused() {
+        let test = "a_jailed_qemu_holds_its_disk_lock_in_its_root_and_a_second_vmm_is_refused";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        if !nix::unistd::Uid::effective().is_root() {
+            return skip(test, "QEMU is jailed only under a root daemon");
+        }
+        let w = World::new(&k);
+        let vmm = Qemu::new(settings(q.clone()));
+        let p = vmm.launch(&w.machine, &w.paths).unwrap();
+        let mut guard = Guard(&vmm, Some(p.clone()));
+        // Jailed: another uid, chrooted into an empty root.
+        let (uids, _, root, _) = confinement_of(p.pid);
+        assert!(uids[0] != 0, "{uids:?}");
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+        // QEMU holds the lock itself, on the disk's inode (it opened the
+        // drive by its host path before the chroot).
+        let disk = &w.machine.drives[0].path;
+        let locked = fs::read_to_string("/proc/locks").unwrap();
+        let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(disk).unwrap());
+        assert!(
+            locked
+                .lines()
+                .any(|l| l.contains(" FLOCK ") && l.contains(&format!(":{inode} "))),
+            "no flock on {} (inode {inode}):\n{locked}",
+            disk.display()
+        );
+        // A second VMM on the same disk is refused before it starts.
+        let mut second = w.machine.clone();
+        second.serial_log = w.dir.path().join("vm2/serial.log");
+        let second_paths = LaunchPaths {
+            vm_dir: w.dir.path().join("vm2"),
+            api_socket: w.dir.path().join("q2.sock"),
+            vmm_log: w.dir.path().join("vm2/qemu.log"),
+        };
+        let err = Qemu::new(settings(q))
+            .launch(&second, &second_paths)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is locked by another process"), "{err}");
+        assert!(processes_mentioning(&second_paths.api_socket.display().to_string()).is_empty());
+
+        vmm.kill(&p).unwrap();
+        guard.1 = None;
+        let after = fs::read_to_string("/proc/locks").unwrap();
+        assert!(
+            !after.lines().any(|l| l.contains(&format!(":{inode} "))),
+            "the lock outlived QEMU:\n{after}"
+        );
+    }
 }

@@ -10,6 +10,13 @@
 //! to clean up: it goes when the VMM exits or is killed. The daemon closes
 //! its own copy right after spawning. QEMU also takes its own image locks
 //! (`fcntl` OFD locks); those and `flock` do not interfere.
+//!
+//! Jailed, the lock is on the same inode: QEMU opens the drives by their
+//! host paths before it chroots, and Firecracker's jailer places them in
+//! its root as hard links or bind mounts of the originals, and the drives
+//! are locked by their host paths. But the jailer closes every descriptor
+//! above stderr before it execs firecracker, so there a holder process
+//! keeps the locks instead ([`DiskLocks::hold_while`]).
 
 #![allow(unsafe_code)]
 
@@ -86,6 +93,34 @@ impl DiskLocks {
                 Ok(())
             });
         }
+    }
+}
+
+/// The holder of a jailed VMM's locks: `tail --pid=PID -f /dev/null`
+/// (coreutils) waits for PID's end, polling every [`HOLDER_POLL`], and
+/// holds nothing but the locked files it inherits.
+const HOLDER: &str = "tail";
+/// How often the holder checks that the VMM lives (`tail -s`).
+const HOLDER_POLL: &str = "0.1";
+
+impl DiskLocks {
+    /// Keeps the locks for as long as process `pid` (a VMM that could not
+    /// inherit them: the jailer closes them) lives, in a holder process of
+    /// their own, in a session of its own so that it outlives the daemon
+    /// like the VMM does. The holder exits within [`HOLDER_POLL`] seconds
+    /// of the VMM, and the locks go with it. Drop `self` afterwards.
+    pub(crate) fn hold_while(&self, pid: u32) -> Result<(), VmmError> {
+        if self.files.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = Command::new(HOLDER);
+        cmd.arg(format!("--pid={pid}"))
+            .args(["-s", HOLDER_POLL, "-f", "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        self.hand_to(&mut cmd);
+        crate::spawn_detached(cmd, std::path::Path::new(HOLDER), "disk-lock").map(drop)
     }
 }
 
@@ -175,6 +210,25 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         // Gone with the process.
+        DiskLocks::take(&m).unwrap();
+    }
+
+    #[test]
+    fn a_holder_keeps_the_locks_while_the_process_lives_and_drops_them_after() {
+        let (_dir, _, m) = machine();
+        // A process that closes every inherited descriptor, as the jailer
+        // does: it holds no lock of its own.
+        let mut vmm = Command::new("sleep").arg("30").spawn().unwrap();
+        let locks = DiskLocks::take(&m).unwrap();
+        locks.hold_while(vmm.id()).unwrap();
+        drop(locks);
+
+        let err = DiskLocks::take(&m).unwrap_err().to_string();
+        assert!(err.contains("is locked by another process"), "{err}");
+
+        vmm.kill().unwrap();
+        vmm.wait().unwrap();
+        // The holder notices within its poll; take() waits out LOCK_GRACE.
         DiskLocks::take(&m).unwrap();
     }
 
