@@ -11,6 +11,7 @@ pub mod dns;
 pub mod guest_artifacts;
 pub mod guest_rig;
 pub mod http;
+pub mod kernel_files;
 pub mod registry;
 pub mod tick_guest;
 
@@ -236,6 +237,20 @@ impl BangerEnv {
             .ok()
     }
 
+    /// SIGKILLs the daemon (if one runs) and waits until it is gone: what
+    /// the crash tests do to it. The next CLI command starts a new one.
+    pub fn kill_daemon(&self) {
+        if let Some(pid) = self.daemon_pid().filter(|p| pid_alive(*p)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            wait_until(std::time::Duration::from_secs(10), "bangerd dies", || {
+                !pid_alive(pid)
+            });
+        }
+    }
+
     /// Every recorded Firecracker API call, in order.
     pub fn fc_calls(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.record_file())
@@ -349,6 +364,22 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut
         std::thread::sleep(delay);
         delay = (delay * 2).min(std::time::Duration::from_millis(200));
     }
+}
+
+/// `git -C repo ARGS` with HOME set to `home` (so `--global` is the
+/// test's own) and no system config; its trimmed stdout, or a panic with
+/// git's words.
+pub fn git(home: &std::path::Path, repo: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// True if `pid` is a live (non-zombie) process.

@@ -123,16 +123,6 @@ mod tests {
 
     const VM: &str = "crashy";
 
-    fn kill_daemon(env: &BangerEnv) {
-        if let Some(pid) = env.daemon_pid().filter(|p| pid_alive(*p)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            wait_until(Duration::from_secs(10), "bangerd dies", || !pid_alive(pid));
-        }
-    }
-
     /// Live VMM processes of this env: fake firecrackers whose API socket is
     /// under the env's root.
     fn vmm_processes(env: &BangerEnv) -> BTreeSet<u32> {
@@ -228,7 +218,7 @@ mod tests {
 
     impl Drop for KillsLeftovers {
         fn drop(&mut self) {
-            kill_daemon(&self.0);
+            self.0.kill_daemon();
             for pid in vmm_processes(&self.0) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid as i32),
@@ -252,7 +242,7 @@ mod tests {
                 env.create(VM, &[]).ok();
             }
         }
-        kill_daemon(env);
+        env.kill_daemon();
 
         // The next daemon (started on demand by the CLI) dies at the point.
         env.set_env(CRASH_AT, case.point);
@@ -325,7 +315,7 @@ mod tests {
 
         // Stopped on record, but its VMM still runs: reconcile kills it,
         // and the next start boots a new one.
-        kill_daemon(env);
+        env.kill_daemon();
         sql(
             &db,
             &format!("UPDATE vms SET state = 'stopped' WHERE name = '{VM}'"),
@@ -338,7 +328,7 @@ mod tests {
 
         // A VMM no record names at all (a lost row update): the disk lock
         // it holds refuses a second VMM on the same root disk.
-        kill_daemon(env);
+        env.kill_daemon();
         sql(
             &db,
             &format!(
@@ -365,7 +355,7 @@ mod tests {
         // Never launched, so no QEMU is needed: only the backend's record.
         env.create(VM, &["--vmm", "qemu", "--no-start"]).ok();
         let vm = env.show(VM);
-        kill_daemon(env);
+        env.kill_daemon();
 
         struct Reaped(std::process::Child);
         impl Drop for Reaped {
@@ -497,7 +487,7 @@ mod tests {
                 "the pull extracts into staging",
                 || !staging().is_empty(),
             );
-            kill_daemon(env);
+            env.kill_daemon();
             let out = pull.join().unwrap();
             assert_ne!(out.code, 0, "the {kind} pull outlived its daemon: {out:?}");
         });

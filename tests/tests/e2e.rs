@@ -20,7 +20,7 @@ mod tests {
     use banger_vmm::vsock::AgentClient;
     use test_infra::dns::{StandInUpstream, Target};
     use test_infra::guest_rig::{GREETING, Internet, Rig, rig, run};
-    use test_infra::{pid_alive, wait_until};
+    use test_infra::{git, pid_alive, wait_until};
 
     /// A name only the stand-in internet's DNS server knows.
     const WEB_NAME: &str = "web.internet.test";
@@ -496,21 +496,6 @@ mod tests {
         }
         let vm = env.show("x2");
         rig.delete_all_and_check_clean(&[vm]);
-    }
-
-    /// `git -C repo ARGS` with HOME set to `home` (so `--global` is the
-    /// test's own); panics with git's words on failure.
-    fn git(home: &std::path::Path, repo: &std::path::Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .env("HOME", home)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .arg("-C")
-            .arg(repo)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// A new repository on `main` at `repo`, with the host's (the env's

@@ -6,7 +6,7 @@ use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 
 use crate::guest_ssh::{GuestSsh, shell_quote_path};
-use crate::lifecycle::Progress;
+use crate::lifecycle::{Progress, crash_point};
 use banger_api::api::{ExportedFile, WorkspaceView};
 use banger_api::counting::Counting;
 
@@ -32,22 +32,48 @@ impl Default for GuestPaths {
 }
 
 impl GuestPaths {
-    /// A sibling of the checkout where the import is staged before it is
-    /// renamed into place.
-    fn staging(&self) -> PathBuf {
+    /// `<parent>/.<name><suffix>`: a hidden sibling of the checkout.
+    fn sibling(&self, suffix: &str) -> PathBuf {
         let name = self
             .repo
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "repo".to_string());
-        self.repo.with_file_name(format!(".{name}.banger-import"))
+        self.repo.with_file_name(format!(".{name}{suffix}"))
+    }
+
+    /// What the directories an import is staged in start with
+    /// (`/root/.repo.staging-`): each import makes its own (`mktemp -d`),
+    /// so a script a killed daemon left running in the guest never shares
+    /// one with the next import.
+    fn staging_prefix(&self) -> PathBuf {
+        self.sibling(".staging-")
+    }
+
+    /// What imports lock (`flock`) in the guest: the checkout's parent
+    /// directory (no file to leave behind). An import a killed daemon left
+    /// running finishes (or fails) before the next one starts or sweeps
+    /// its staging directory.
+    fn lock_dir(&self) -> PathBuf {
+        self.repo
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
     }
 }
 
+/// The host-side bundle of a running import, in `scratch` (the VM
+/// directory): the `.staging-` in the name is what the daemon's startup
+/// sweep removes when a daemon was killed holding one.
+fn bundle_path(scratch: &Path) -> PathBuf {
+    scratch.join(format!(".workspace.bundle.staging-{}", std::process::id()))
+}
+
 /// Imports `plan` into the guest behind `ssh`: bundle + clone + checkout +
-/// overlay (or, in full-copy mode, one archive of the tree), the git
-/// identity, then one rename over `guest.repo`, so a failed import leaves
-/// the previous checkout untouched. `scratch` is a host directory for the
+/// overlay (or, in full-copy mode, one archive of the tree) in a staging
+/// directory of its own, the git identity, then renames over `guest.repo`,
+/// so a failed or killed import leaves the previous checkout untouched.
+/// Imports in one guest run one at a time (a guest-side `flock`), also
+/// one a killed daemon left running. `scratch` is a host directory for the
 /// bundle (removed afterwards).
 pub async fn prepare(
     ssh: &GuestSsh,
@@ -56,10 +82,7 @@ pub async fn prepare(
     scratch: &Path,
     progress: &Progress,
 ) -> Result<WorkspaceView, WorkspaceError> {
-    let stage = guest.staging();
-    let q_stage = shell_quote_path(&stage);
-    let staged_repo = stage.join("repo");
-    let q_staged = shell_quote_path(&staged_repo);
+    let prefix = shell_quote_path(&guest.staging_prefix());
     let q_repo = shell_quote_path(&guest.repo);
 
     // Everything travels as one tar on one exec's stdin and one guest
@@ -68,9 +91,13 @@ pub async fn prepare(
     let mut parcel = tar::Builder::new(Vec::new());
     let mut script = vec![
         "set -e".to_string(),
-        format!("rm -rf {q_stage}"),
-        format!("mkdir -p {q_stage}"),
-        format!("cd {q_stage}"),
+        format!("exec 9<{}", shell_quote_path(&guest.lock_dir())),
+        "if command -v flock >/dev/null 2>&1; then flock 9; fi".to_string(),
+        // Under the lock, no other import runs: what is staged is a
+        // killed import's leftover.
+        format!("rm -rf -- {prefix}*"),
+        format!("stage=$(mktemp -d {prefix}XXXXXX)"),
+        "cd \"$stage\"".to_string(),
         "tar -x -f -".to_string(),
     ];
     if plan.mode == super::Mode::FullCopy {
@@ -88,17 +115,18 @@ pub async fn prepare(
         })
         .await??;
         add_file(&mut parcel, "tree.tar", &tar, &plan.root)?;
-        script.push(format!("mkdir -p {q_staged}"));
-        script.push(format!("tar -x -f tree.tar -C {q_staged}"));
+        script.push("mkdir \"$stage/repo\"".to_string());
+        script.push("tar -x -f tree.tar -C \"$stage/repo\"".to_string());
     } else {
         progress.stage("workspace_bundle", "bundling the repository history");
-        let bundle = scratch.join(format!(".workspace-{}.bundle", std::process::id()));
+        let bundle = bundle_path(scratch);
         let made = blocking({
             let plan = plan.clone();
             let bundle = bundle.clone();
             move || plan.write_bundle(&bundle)
         })
         .await?;
+        crash_point("workspace:bundled");
         let read = made.and_then(|()| {
             fs::read(&bundle).map_err(|e| WorkspaceError::ReadPath(bundle.clone(), e))
         });
@@ -110,8 +138,8 @@ pub async fn prepare(
             (None, Some(h)) => format!("git checkout -q -B {} {}", q(h), plan.head_commit),
             (None, None) => format!("git checkout -q --detach {}", plan.head_commit),
         };
-        script.push(format!("git clone -q --no-checkout repo.bundle {q_staged}"));
-        script.push(format!("cd {q_staged}"));
+        script.push("git clone -q --no-checkout repo.bundle \"$stage/repo\"".to_string());
+        script.push("cd \"$stage/repo\"".to_string());
         script.push("git remote remove origin".to_string());
         script.push(checkout);
 
@@ -129,8 +157,8 @@ pub async fn prepare(
             .await??;
             add_file(&mut parcel, "deleted", &deleted, &plan.root)?;
             add_file(&mut parcel, "overlay.tar", &tar, &plan.root)?;
-            script.push(format!("xargs -0 -r rm -f -- < {q_stage}/deleted"));
-            script.push(format!("tar -x -f {q_stage}/overlay.tar"));
+            script.push("xargs -0 -r rm -f -- < \"$stage/deleted\"".to_string());
+            script.push("tar -x -f \"$stage/overlay.tar\"".to_string());
         }
         progress.stage(
             "workspace_clone",
@@ -149,12 +177,17 @@ pub async fn prepare(
         )
     });
     push_identity(&mut script, &plan.local_identity, |key, value| {
-        format!("git -C {q_staged} config {key} {}", q(value))
+        format!("git -C \"$stage/repo\" config {key} {}", q(value))
     });
+    // Publish by two renames, never by deleting first: at every moment
+    // the checkout is the previous one or the new one, whatever kills
+    // this script.
     script.push("cd /".to_string());
-    script.push(format!("rm -rf {q_repo}"));
-    script.push(format!("mv {q_staged} {q_repo}"));
-    script.push(format!("rm -rf {q_stage}"));
+    script.push(format!(
+        "if [ -e {q_repo} ] || [ -L {q_repo} ]; then mv -T {q_repo} \"$stage/old\"; fi"
+    ));
+    script.push(format!("mv -T \"$stage/repo\" {q_repo}"));
+    script.push("rm -rf \"$stage\"".to_string());
 
     let parcel = parcel
         .into_inner()
@@ -163,6 +196,9 @@ pub async fn prepare(
     let started = std::time::Instant::now();
     let total = Some(bytes as u64);
     let mut upload = Counting::new(Cursor::new(parcel), |sent| {
+        if sent.saturating_mul(2) >= bytes as u64 {
+            crash_point("workspace:uploading");
+        }
         progress.bytes("workspace upload", sent, total)
     });
     ssh.run(&script.join("\n"), Some(&mut upload))

@@ -51,13 +51,15 @@ pub async fn prepare_vm(
     // import would read a half-built checkout, a stop would cut either.
     let _guard = lc.lock_vm(name).await?;
     let ssh = connect(lc, name).await?;
+    // The bundle is staged in the VM directory: a daemon killed holding it
+    // leaves a `.staging-` file the next daemon's startup sweep removes.
     let dir = vm_dir(lc, name).await?;
-    remove_stale_bundles(&dir);
     let view = super::prepare(&ssh, &plan, &GuestPaths::default(), &dir, progress)
         .await
         .map_err(op);
     ssh.close().await;
     let view = view?;
+    crate::lifecycle::crash_point("workspace:published");
     write_record(&dir, &view)?;
     Ok(view)
 }
@@ -187,24 +189,6 @@ fn read_record(dir: &Path) -> Result<Option<WorkspaceView>, OpError> {
     }
 }
 
-/// Removes `.workspace-*.bundle` files a daemon killed mid-prepare left in
-/// the VM dir (a live prepare removes its own; this VM's lock is held, so
-/// none is in use). Failures only cost disk space and are logged.
-fn remove_stale_bundles(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(".workspace-") && name.ends_with(".bundle") {
-            if let Err(err) = std::fs::remove_file(e.path()) {
-                tracing::warn!("cannot remove {}: {err}", e.path().display());
-            }
-        }
-    }
-}
-
 /// Config `ssh_max_output` as a byte count (saturating on 32-bit hosts).
 fn max_output(config: &banger_api::config::Config) -> usize {
     usize::try_from(config.ssh_max_output.0).unwrap_or(usize::MAX)
@@ -212,23 +196,6 @@ fn max_output(config: &banger_api::config::Config) -> usize {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn stale_bundles_of_a_crashed_prepare_are_removed_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let stale = dir.path().join(".workspace-4242.bundle");
-        std::fs::write(&stale, b"half a bundle").unwrap();
-        for keep in ["workspace.json", "serial.log", ".workspace-notes"] {
-            std::fs::write(dir.path().join(keep), b"x").unwrap();
-        }
-        super::remove_stale_bundles(dir.path());
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, [".workspace-notes", "serial.log", "workspace.json"]);
-    }
-
     #[test]
     fn ssh_max_output_from_config_is_the_cap() {
         let path = std::path::Path::new("/c.toml");
