@@ -73,8 +73,10 @@ pub enum Command {
     },
 }
 
-/// `banger update` flags.
+/// `banger update` flags (its `--version` names a release, so the
+/// subcommand has no version flag of its own).
 #[derive(Debug, Args)]
+#[command(disable_version_flag = true)]
 pub struct UpdateArgs {
     /// Only say whether a newer release exists (its signature is checked);
     /// change nothing.
