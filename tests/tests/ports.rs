@@ -215,7 +215,7 @@ mod tests {
         .ok();
         // A subnet of its own per test process, on the host's routes only
         // while the test runs.
-        let subnet = format!("10.213.{}.0/24", 20 + std::process::id() % 200);
+        let subnet = format!("10.231.{}.0/24", 20 + std::process::id() % 200);
         let addr = lease(&env, "web", &subnet);
         let Some(guest) = Guest::new(test, addr) else {
             return;
