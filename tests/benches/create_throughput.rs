@@ -5,7 +5,9 @@
 //! real CLI and daemon. Prints creates/s for both, their ratio (the baseline
 //! is the sequential run, measured in the same process), and where one
 //! create's time goes: each daemon stage from the moment the CLI printed it
-//! (`==> STAGE: ...`, streamed as the daemon reaches it) to the next one.
+//! (`==> STAGE: ...`, streamed as the daemon reaches it) to the next one,
+//! and the daemon's own measure of each stage (the `stage=S took=Nms` lines
+//! of `bangerd.log`), which leaves out the CLI and the progress stream.
 //!
 //! The network capability needs root, a bridge and nft rules: as root the
 //! bench moves itself into a private network namespace first (the daemon
@@ -113,6 +115,56 @@ fn run(env: &BangerEnv, concurrency: usize, round: usize) -> (f64, Vec<Timed>) {
     (CREATES as f64 / secs, timed)
 }
 
+/// The daemon's own stage times (`vm=V op=O stage=S took=Nms` in
+/// `bangerd.log`) of creating the VMs named `b{round}-*`: median per stage, in the
+/// order the stages first appear, stages under 0.5 ms left out.
+fn daemon_split(env: &BangerEnv, round: usize) -> String {
+    let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap_or_default();
+    let prefix = format!("vm=b{round}-");
+    let mut order: Vec<String> = Vec::new();
+    let mut by: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    for line in log.lines() {
+        // The untimed deletes log their stages too.
+        let Some(at) = line.find(&prefix) else {
+            continue;
+        };
+        if line.contains(" op=delete ") {
+            continue;
+        }
+        let mut stage = None;
+        let mut took = None;
+        for word in line[at..].split_whitespace() {
+            if let Some(s) = word.strip_prefix("stage=") {
+                stage = Some(s.to_string());
+            } else if let Some(ms) = word
+                .strip_prefix("took=")
+                .and_then(|w| w.strip_suffix("ms"))
+            {
+                took = ms.parse::<f64>().ok();
+            }
+        }
+        if let (Some(s), Some(ms)) = (stage, took) {
+            if !order.contains(&s) {
+                order.push(s.clone());
+            }
+            by.entry(s)
+                .or_default()
+                .push(Duration::from_secs_f64(ms / 1e3));
+        }
+    }
+    if order.is_empty() {
+        return "none logged (a daemon without stage timings)".to_string();
+    }
+    order
+        .into_iter()
+        .filter_map(|s| {
+            let m = median(by.remove(&s).unwrap_or_default()) * 1e3;
+            (m >= 0.5).then(|| format!("{s} {m:.1} ms"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Median per stage over `timed`, in the order the stages first appear.
 fn split(timed: &[Timed]) -> String {
     let mut order: Vec<String> = Vec::new();
@@ -170,5 +222,13 @@ fn main() {
     println!(
         "create_throughput/32-concurrent stages (medians): {}",
         split(&many)
+    );
+    println!(
+        "create_throughput/1-concurrent daemon stages (medians, bangerd.log): {}",
+        daemon_split(&env, 0)
+    );
+    println!(
+        "create_throughput/32-concurrent daemon stages (medians, bangerd.log): {}",
+        daemon_split(&env, 1)
     );
 }

@@ -183,10 +183,13 @@ impl HostNetwork {
 
     /// Brings host networking up once per daemon ([`HostNetwork::bring_up`]),
     /// on first use: a daemon whose VMs never ask for networking never
-    /// touches the host's links. Later calls only re-check the bridge.
+    /// touches the host's links. Later calls only re-check the bridge, and
+    /// outside the lock: concurrent creates must not queue behind each
+    /// other's netlink round trips.
     pub fn ensure_up(&self, host: &dyn HostOps, running_taps: &[&str]) -> Result<(), NetError> {
         let mut up = self.up.lock().unwrap_or_else(|e| e.into_inner());
         if *up {
+            drop(up);
             self.taps.mark_in_use(running_taps.iter().copied());
             return self.ensure_bridge(host);
         }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 use crate::error::HostOpsError;
@@ -86,9 +86,15 @@ async fn require_index(handle: &Handle, name: &str) -> Result<u32, std::io::Erro
 }
 
 /// Creates bridge `name` unless it exists, adds `addr/prefix` unless present,
-/// and brings it up.
+/// and brings it up. A bridge already up with the address (every create
+/// after the first) costs one link lookup and one address dump.
 pub(crate) fn ensure_bridge(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
     with_handle("ensure_bridge", name, async |h: Handle| {
+        if let Some((index, true)) = link_state(&h, name).await? {
+            if has_address(&h, index, addr, prefix).await? {
+                return Ok(());
+            }
+        }
         let ours = Cidr::containing(addr, prefix);
         if let Some((link, theirs)) = subnet_user(&h, name, ours).await? {
             return Err(std::io::Error::new(
@@ -110,18 +116,7 @@ pub(crate) fn ensure_bridge(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<()
                 require_index(&h, name).await?
             }
         };
-        let mut addrs = h.address().get().set_link_index_filter(index).execute();
-        let mut present = false;
-        while let Some(msg) = addrs.try_next().await.map_err(io_error)? {
-            let has = msg
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(v)) if *v == addr));
-            if has && msg.header.prefix_len == prefix {
-                present = true;
-            }
-        }
-        if !present {
+        if !has_address(&h, index, addr, prefix).await? {
             match h
                 .address()
                 .add(index, IpAddr::V4(addr), prefix)
@@ -139,6 +134,39 @@ pub(crate) fn ensure_bridge(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<()
             .await
             .map_err(io_error)
     })
+}
+
+/// The index of link `name` and whether it is up, if it exists.
+async fn link_state(handle: &Handle, name: &str) -> Result<Option<(u32, bool)>, std::io::Error> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some((
+            msg.header.index,
+            msg.header.flags.contains(LinkFlags::Up),
+        ))),
+        Ok(None) => Ok(None),
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+/// Whether link `index` has `addr/prefix`.
+async fn has_address(
+    h: &Handle,
+    index: u32,
+    addr: Ipv4Addr,
+    prefix: u8,
+) -> Result<bool, std::io::Error> {
+    let mut addrs = h.address().get().set_link_index_filter(index).execute();
+    let mut present = false;
+    while let Some(msg) = addrs.try_next().await.map_err(io_error)? {
+        let has = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(v)) if *v == addr));
+        present |= has && msg.header.prefix_len == prefix;
+    }
+    Ok(present)
 }
 
 /// A link other than `except` with an IPv4 address overlapping `subnet`.

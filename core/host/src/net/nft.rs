@@ -34,6 +34,7 @@
 //! last NAT rule's removal (over every `banger_*` table, so every daemon on
 //! the host) turns it off again and deletes the marker.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -76,6 +77,29 @@ pub const NAT_DENY: &[&str] = &[
 /// Serialises base-chain (re)builds and ip_forward bookkeeping in this
 /// process, so two VMs starting at once do not build the base twice.
 static BASE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Bridges whose base chains this process has checked or built, so a VM's
+/// guard rules need not read the whole ruleset (both families) under
+/// [`BASE_LOCK`] first: concurrent starts then queue behind nothing. A
+/// table deleted behind our back makes the next guard change fail; the
+/// bridge is then forgotten, its base rebuilt and the change retried.
+static BASE_KNOWN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn base_known(bridge: &str) -> bool {
+    BASE_KNOWN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(bridge)
+}
+
+fn set_base_known(bridge: &str, known: bool) {
+    let mut set = BASE_KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if known {
+        set.insert(bridge.to_string());
+    } else {
+        set.remove(bridge);
+    }
+}
 
 /// The tables (both families) of the guests behind `bridge`.
 pub fn table_for(bridge: &str) -> String {
@@ -201,6 +225,12 @@ fn our_rules(family: &str) -> Result<Vec<RuleRef>, std::io::Error> {
     Ok(parse_rules(&json))
 }
 
+/// The rules of our table `table` of `family` alone.
+fn table_rules(family: &str, table: &str) -> Result<Vec<RuleRef>, std::io::Error> {
+    let json = run_nft(&["-j", "list", "table", family, table], None)?;
+    Ok(parse_rules(&json))
+}
+
 /// Parses `nft -j list ...` output into the rules of `banger_*` tables.
 pub(crate) fn parse_rules(json: &str) -> Vec<RuleRef> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
@@ -312,6 +342,7 @@ fn ensure_base(bridge: &str) -> Result<Vec<RuleRef>, std::io::Error> {
     if !(has_base("ip") && has_base("bridge")) {
         run_nft(&["-f", "-"], Some(&base_script(bridge)))?;
     }
+    set_base_known(bridge, true);
     Ok(rules)
 }
 
@@ -330,7 +361,26 @@ pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsErro
             format!("{} is not a unicast MAC address", port.mac),
         ));
     }
+    let t = table_for(&port.bridge);
+    // The usual case: a base already checked, so only this table is read
+    // (for the VM's earlier rules) and nothing is serialised.
+    if base_known(&port.bridge) {
+        let applied = table_rules("bridge", &t)
+            .and_then(|rules| run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules))));
+        match applied {
+            Ok(_) => return Ok(()),
+            Err(_) => set_base_known(&port.bridge, false),
+        }
+    }
     let rules = ensure_base(&port.bridge).map_err(|e| failed(OP, vm_id, e))?;
+    run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules)))
+        .map_err(|e| failed(OP, vm_id, e))?;
+    Ok(())
+}
+
+/// The transaction that replaces `vm_id`'s guard rules among `rules` with
+/// those for `port`.
+fn guard_script(vm_id: &str, port: &GuestPort, rules: &[RuleRef]) -> String {
     let tag = guard_tag(vm_id);
     let t = table_for(&port.bridge);
     let (tap, ip, mac) = (&port.tap, port.ip, port.mac);
@@ -358,14 +408,18 @@ add rule bridge {t} peers_to oifname \"{tap}\" accept comment \"{tag}\"
 add rule bridge {t} to_guests ip saddr {ip} drop comment \"{tag}\"
 "
     ));
-    run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(OP, vm_id, e))?;
-    Ok(())
+    script
 }
 
-/// Deletes every rule tagged `tag` in any `banger_*` table; none is fine.
-fn remove_tagged(op: &'static str, vm_id: &str, tag: &str) -> Result<(), HostOpsError> {
-    let mut rules = our_rules("ip").map_err(|e| failed(op, vm_id, e))?;
-    rules.extend(our_rules("bridge").map_err(|e| failed(op, vm_id, e))?);
+/// Deletes every rule tagged `tag` in any `banger_*` table of `family`;
+/// none is fine.
+fn remove_tagged(
+    op: &'static str,
+    vm_id: &str,
+    family: &str,
+    tag: &str,
+) -> Result<(), HostOpsError> {
+    let rules = our_rules(family).map_err(|e| failed(op, vm_id, e))?;
     let script = delete_lines(rules.iter().filter(|r| r.comment == tag));
     if !script.is_empty() {
         run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(op, vm_id, e))?;
@@ -405,7 +459,8 @@ pub(crate) fn vm_of_tag(tag: &str) -> Option<&str> {
 pub(crate) fn remove_guest(vm_id: &str) -> Result<(), HostOpsError> {
     const OP: &str = "remove_guest";
     validate_vm_id(OP, vm_id)?;
-    remove_tagged(OP, vm_id, &guard_tag(vm_id))
+    // Guard rules live in the bridge family only ([`guard_script`]).
+    remove_tagged(OP, vm_id, "bridge", &guard_tag(vm_id))
 }
 
 /// Lets `ip` reach beyond `bridge` with its source masqueraded, except
