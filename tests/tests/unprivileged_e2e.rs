@@ -15,6 +15,9 @@
 //! docker-registry, ssh, ip, nft, setpriv, git. Missing pieces skip loudly.
 
 #[cfg(test)]
+mod support;
+
+#[cfg(test)]
 mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::path::{Path, PathBuf};
@@ -583,6 +586,63 @@ mod tests {
         if let Err(panic) = handle.join() {
             std::panic::resume_unwind(panic);
         }
+    }
+
+    /// A plugin's `add_nat` is checked against, and names, the network the
+    /// daemon derives from its state dir (what banger-helper allows that
+    /// user), not the raw config's `banger0` and default subnet.
+    #[test]
+    fn plugin_host_requests_use_the_network_the_daemon_derives() {
+        use banger_core::capability::HookCtx;
+        let dir = tempfile::tempdir().unwrap();
+        let so = test_infra::workspace_cdylib("banger-plugin-faulty");
+        std::fs::copy(&so, dir.path().join(so.file_name().unwrap())).unwrap();
+        let config = banger_api::config::Config::defaults(Path::new("/nonexistent/config.toml"));
+        let state = Path::new("/home/someone/.local/state/banger");
+        let network =
+            banger_api::net::identity::NetIdentity::for_state_dir(state).resolve(&config.network);
+        assert_ne!(network.bridge, config.network.bridge);
+        assert_ne!(
+            network.subnet, config.network.subnet,
+            "pick another state dir"
+        );
+        let o = network.subnet.gateway().octets();
+        let ip = std::net::Ipv4Addr::new(o[0], o[1], o[2], 9);
+        let options: banger_api::model::CapOptions = [
+            ("host_op".to_string(), "add_nat".to_string()),
+            ("arg.ip".to_string(), ip.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let vm = crate::support::vm("p1");
+        let run = |report: banger_core::plugin_host::LoadReport| {
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            let cap = report.loaded.into_iter().next().expect("faulty loaded");
+            let host = banger_host::hostops::RecordingHostOps::default();
+            let ctx = HookCtx {
+                vm: &vm,
+                vm_dir: dir.path(),
+                options: &options,
+                host: &host,
+                config: &config,
+                log: &crate::support::Quiet,
+            };
+            let result = cap.prepare_host(&ctx).map_err(|e| e.to_string());
+            (result, host.calls())
+        };
+        let (result, calls) = run(banger_core::plugin_host::load_plugins_for(
+            dir.path(),
+            &network,
+        ));
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(
+            calls,
+            [format!("add_nat {} {} {ip}", vm.id, network.bridge)]
+        );
+        // Against the raw config the same address is outside its subnet.
+        let (result, calls) = run(banger_core::plugin_host::load_plugins(dir.path()));
+        assert!(result.is_err(), "{calls:?}");
+        assert!(calls.is_empty(), "{calls:?}");
     }
 
     /// `vm ssh NAME -- hostname; getent hosts NAME.vm`, retried until the
