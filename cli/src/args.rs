@@ -486,6 +486,10 @@ pub enum ImageCommand {
         /// Initrd file, with --kernel.
         #[arg(long, value_name = "PATH", requires = "kernel")]
         initrd: Option<PathBuf>,
+        /// Modules directory (lib/modules/VERSION or its parent), with
+        /// --kernel: the kernel is then imported as `NAME-kernel`.
+        #[arg(long, value_name = "DIR", requires = "kernel")]
+        modules: Option<PathBuf>,
     },
     /// Copy a registered image into banger's state so it owns the files.
     Promote {
@@ -513,6 +517,16 @@ pub enum ImageCommand {
         /// Kernel for VMs made from it (default: the kernel catalog's default).
         #[arg(long, value_name = "NAME", value_parser = parse_artifact_name, add = ArgValueCandidates::new(crate::complete::kernels))]
         kernel_ref: Option<String>,
+        /// Or a kernel file (vmlinux, or a vmlinuz that is unpacked),
+        /// imported into the kernel library as `NAME-kernel`.
+        #[arg(long, value_name = "PATH", conflicts_with = "kernel_ref")]
+        kernel: Option<PathBuf>,
+        /// Initrd file, with --kernel.
+        #[arg(long, value_name = "PATH", requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Modules directory (lib/modules/VERSION or its parent), with --kernel.
+        #[arg(long, value_name = "DIR", requires = "kernel")]
+        modules: Option<PathBuf>,
     },
     /// Manage the OCI layer cache.
     #[command(subcommand)]

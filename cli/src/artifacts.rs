@@ -207,6 +207,7 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
             kernel_ref,
             kernel,
             initrd,
+            modules,
         } => {
             let req = RegisterImageRequest {
                 name,
@@ -214,6 +215,7 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
                 kernel_ref,
                 kernel: kernel.as_deref().map(abs).transpose()?,
                 initrd: initrd.as_deref().map(abs).transpose()?,
+                modules: modules.as_deref().map(abs).transpose()?,
             };
             let i: ImageRecord = client
                 .send(Method::POST, "/v1/images/register", Some(&req))
@@ -225,12 +227,18 @@ pub async fn image(client: &Client, cmd: ImageCommand) -> Result<ExitCode> {
             name,
             size,
             kernel_ref,
+            kernel,
+            initrd,
+            modules,
         } => {
             let req = PullImageRequest {
                 reference,
                 name,
                 size,
                 kernel_ref,
+                kernel: kernel.as_deref().map(abs).transpose()?,
+                initrd: initrd.as_deref().map(abs).transpose()?,
+                modules: modules.as_deref().map(abs).transpose()?,
             };
             let i: ImageRecord = client
                 .stream_events(

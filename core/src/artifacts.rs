@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::library::{ImageLibrary, LibraryError};
+use crate::library::{ImageLibrary, LibraryError, RegisterImageRequest};
 use crate::store::Store;
 use banger_api::api::CreateVmRequest;
 use banger_api::config::Config;
@@ -16,7 +16,9 @@ use banger_api::paths::Paths;
 use banger_api::progress::Progress;
 use banger_artifacts::imagecat::ImageCatalog;
 use banger_artifacts::images::{PruneReport, PullEvent, PullOptions, default_image_name};
-use banger_artifacts::kernels::{Catalog, KernelError, KernelStore, LocalKernel, PullProgress};
+use banger_artifacts::kernels::{
+    Catalog, KernelError, KernelFiles, KernelStore, LocalKernel, PullProgress,
+};
 
 /// An image or kernel operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -210,15 +212,19 @@ impl Artifacts {
             let n = name.clone();
             tokio::task::spawn_blocking(move || library.check_new_name(&n)).await??;
         }
-        let kernel = match &req.kernel_ref {
-            Some(k) => k.clone(),
-            None => self
+        let files = kernel_files(&req.kernel_ref, &req.kernel, &req.initrd, &req.modules)?;
+        let imported = self.import_image_kernel(&name, files, progress).await?;
+        let kernel = match (&imported, &req.kernel_ref) {
+            (Some(k), _) => k.name().to_string(),
+            (None, Some(k)) => k.clone(),
+            (None, None) => self
                 .kernel_catalog
                 .default_entry()
                 .map(|e| e.name.clone())
                 .ok_or_else(|| {
                     ArtifactError::Invalid(
-                        "Pass --kernel-ref NAME (the kernel catalog has no default)".into(),
+                        "Pass --kernel-ref NAME or --kernel PATH (the kernel catalog has no default)"
+                            .into(),
                     )
                 })?,
         };
@@ -279,7 +285,12 @@ impl Artifacts {
         };
         progress.stage("publish", format!("publishing image {}", record.name));
         let library = self.library.clone();
-        Ok(tokio::task::spawn_blocking(move || library.publish(staging, record)).await??)
+        let published =
+            tokio::task::spawn_blocking(move || library.publish(staging, record)).await??;
+        if let Some(k) = imported {
+            k.keep();
+        }
+        Ok(published)
     }
 
     /// Pulls an image catalog bundle, resolves its kernel and publishes it.
@@ -300,6 +311,8 @@ impl Artifacts {
             let n = name.clone();
             tokio::task::spawn_blocking(move || library.check_new_name(&n)).await??;
         }
+        let files = kernel_files(&req.kernel_ref, &req.kernel, &req.initrd, &req.modules)?;
+        let imported = self.import_image_kernel(&name, files, progress).await?;
         let one = self.pulls.lock().await;
         let staging = self.library.stage(&name)?;
         progress.stage(
@@ -321,16 +334,111 @@ impl Artifacts {
         .await?;
         // The kernel pull below takes the same lock.
         drop(one);
-        let kernel = req
-            .kernel_ref
-            .clone()
-            .unwrap_or_else(|| bundle.manifest.kernel_ref.clone());
+        let kernel = match (&imported, &req.kernel_ref) {
+            (Some(k), _) => k.name().to_string(),
+            (None, Some(k)) => k.clone(),
+            (None, None) => bundle.manifest.kernel_ref.clone(),
+        };
         self.ensure_kernel(&kernel, progress).await?;
         let mut record = bundle.record(&name);
         record.kernel = ImageKernel::Named { name: kernel };
         progress.stage("publish", format!("publishing image {name}"));
         let library = self.library.clone();
-        Ok(tokio::task::spawn_blocking(move || library.publish(staging, record)).await??)
+        let published =
+            tokio::task::spawn_blocking(move || library.publish(staging, record)).await??;
+        if let Some(k) = imported {
+            k.keep();
+        }
+        Ok(published)
+    }
+
+    /// Registers an existing root filesystem in place. A `--kernel` that
+    /// banger must derive files from (a compressed kernel to unpack,
+    /// `--modules` to make the boot initrd from) is imported into the
+    /// kernel library as `<image>-kernel` and the image names it; a plain
+    /// ELF kernel (and initrd) stays where it is, like the rootfs.
+    pub async fn register_image(
+        &self,
+        mut req: RegisterImageRequest,
+    ) -> Result<ImageRecord, ArtifactError> {
+        let files = kernel_files(&req.kernel_ref, &req.kernel, &req.initrd, &req.modules)?;
+        let must_import = match &files {
+            Some(f) if f.modules.is_none() => {
+                let kernel = f.kernel.clone();
+                !tokio::task::spawn_blocking(move || {
+                    banger_artifacts::kernels::is_elf_kernel(&kernel)
+                })
+                .await??
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let imported = if must_import {
+            let library = self.library.clone();
+            let n = req.name.clone();
+            tokio::task::spawn_blocking(move || library.check_new_name(&n)).await??;
+            let imported = self
+                .import_image_kernel(&req.name, files, &Progress::none())
+                .await?;
+            if let Some(k) = &imported {
+                req.kernel_ref = Some(k.name().to_string());
+                (req.kernel, req.initrd, req.modules) = (None, None, None);
+            }
+            imported
+        } else {
+            None
+        };
+        let library = self.library.clone();
+        let record = tokio::task::spawn_blocking(move || library.register(req)).await??;
+        if let Some(k) = imported {
+            k.keep();
+        }
+        Ok(record)
+    }
+
+    /// Imports the kernel files given for image `image` (`--kernel`,
+    /// `--initrd`, `--modules`) as kernel `<image>-kernel`, exactly as
+    /// `kernel import` would; removed again if the image is not made.
+    async fn import_image_kernel(
+        &self,
+        image: &str,
+        files: Option<KernelFiles>,
+        progress: &Progress,
+    ) -> Result<Option<ImageKernelImport>, ArtifactError> {
+        let Some(files) = files else {
+            return Ok(None);
+        };
+        let name = format!("{image}-kernel");
+        if banger_artifacts::kernels::validate_name(&name).is_err() {
+            return Err(ArtifactError::Invalid(format!(
+                "--kernel files are imported as kernel {name:?}, which is longer than a kernel name may be (64); pick a shorter image --name"
+            )));
+        }
+        progress.stage(
+            "import_kernel",
+            format!(
+                "importing --kernel {} as kernel {name}",
+                files.kernel.display()
+            ),
+        );
+        let kernels = self.kernels.clone();
+        let n = name.clone();
+        // The guard is made in the task, so a request cancelled meanwhile
+        // drops it with the task's output and the kernel goes again.
+        let import = move || {
+            kernels.import_files(&n, &files)?;
+            Ok(ImageKernelImport {
+                store: kernels,
+                name: Some(n),
+            })
+        };
+        match tokio::task::spawn_blocking(import).await? {
+            Ok(imported) => Ok(Some(imported)),
+            Err(KernelError::AlreadyExists(_)) => Err(ArtifactError::Invalid(format!(
+                "Kernel {name} already exists: --kernel files are imported as kernel `<image>-kernel` (one made for an earlier image of that name is kept after `image delete`); use it with --kernel-ref {name}, or remove it first (`banger kernel rm {name}`)"
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Removes cached OCI layers no image refers to.
@@ -674,4 +782,77 @@ fn unreachable(e: &ArtifactError) -> bool {
 /// server sent no length.
 fn known_total(total: u64) -> Option<u64> {
     (total > 0).then_some(total)
+}
+
+/// A kernel imported for an image being made: removed again when dropped,
+/// unless [`ImageKernelImport::keep`] says the image was published.
+#[derive(Debug)]
+struct ImageKernelImport {
+    store: KernelStore,
+    name: Option<String>,
+}
+
+impl ImageKernelImport {
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
+
+    /// The image was published: the kernel stays.
+    fn keep(mut self) {
+        self.name = None;
+    }
+}
+
+impl Drop for ImageKernelImport {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take()
+            && let Err(e) = self.store.remove(&name)
+        {
+            tracing::warn!(kernel = %name, error = %e, "cannot remove the kernel imported for an image that was not made");
+        }
+    }
+}
+
+/// Checks the kernel flags of `image pull`/`image register`: `--kernel-ref`
+/// or `--kernel` (with `--initrd`, `--modules`), never both; every path
+/// absolute and there. `None` when no kernel files were given.
+fn kernel_files(
+    kernel_ref: &Option<String>,
+    kernel: &Option<PathBuf>,
+    initrd: &Option<PathBuf>,
+    modules: &Option<PathBuf>,
+) -> Result<Option<KernelFiles>, ArtifactError> {
+    let Some(kernel) = kernel else {
+        if initrd.is_some() || modules.is_some() {
+            return Err(ArtifactError::Invalid(
+                "--initrd and --modules go with --kernel PATH; a --kernel-ref kernel brings its own"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if kernel_ref.is_some() {
+        return Err(ArtifactError::Invalid(
+            "Pass either --kernel-ref NAME or --kernel PATH, not both".into(),
+        ));
+    }
+    let invalid = |e: banger_api::paths::InputFileError| ArtifactError::Invalid(e.to_string());
+    banger_api::paths::check_input_file("--kernel", kernel, "kernel image (vmlinux or vmlinuz)")
+        .map_err(invalid)?;
+    if let Some(i) = initrd {
+        banger_api::paths::check_input_file("--initrd", i, "initrd image").map_err(invalid)?;
+    }
+    if let Some(m) = modules
+        && !(m.is_absolute() && std::fs::read_dir(m).is_ok())
+    {
+        return Err(ArtifactError::Invalid(format!(
+            "--modules {}: not a readable directory; pass an absolute path to lib/modules/VERSION or the directory holding it",
+            m.display()
+        )));
+    }
+    Ok(Some(KernelFiles {
+        kernel: kernel.clone(),
+        initrd: initrd.clone(),
+        modules: modules.clone(),
+    }))
 }

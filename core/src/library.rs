@@ -200,6 +200,12 @@ impl ImageLibrary {
                     .map_err(|e| LibraryError::Invalid(e.to_string()))?;
                 ImageKernel::Named { name: r.clone() }
             }
+            (None, Some(_)) if req.modules.is_some() => {
+                return Err(LibraryError::Invalid(
+                    "--modules needs the kernel imported first (Artifacts::register_image)"
+                        .to_string(),
+                ));
+            }
             (None, Some(k)) => {
                 check_file("--kernel", k, "kernel image (vmlinux)")?;
                 if let Some(i) = &req.initrd {

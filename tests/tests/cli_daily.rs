@@ -439,29 +439,11 @@ mod tests {
         assert_eq!(env.daemon_pid(), None);
     }
 
-    /// A minimal bzImage around `payload` (boot protocol 2.15 header:
-    /// `setup_sects`, `HdrS`, `payload_offset`, `payload_length`).
-    fn bzimage(payload: &[u8]) -> Vec<u8> {
-        let setup_sects = 4u8;
-        let pm = (usize::from(setup_sects) + 1) * 512;
-        let mut img = vec![0u8; pm + 16];
-        img[0x1f1] = setup_sects;
-        img[0x202..0x206].copy_from_slice(b"HdrS");
-        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-        img[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
-        img[0x24c..0x250].copy_from_slice(&(payload.len() as u32 + 4).to_le_bytes());
-        img.extend_from_slice(payload);
-        img.extend_from_slice(&1234u32.to_le_bytes());
-        img
-    }
-
     #[test]
     fn kernel_import_finds_boot_vmlinuz_and_unpacks_it() {
+        use test_infra::kernel_files::{bzimage, fake_elf};
         let env = BangerEnv::new();
-        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
-        elf.resize(18, 0);
-        elf.extend_from_slice(&62u16.to_le_bytes());
-        elf.extend(std::iter::repeat_n(0x5a, 8192));
+        let elf = fake_elf(8192);
         let distro = env.root().join("distro-tree");
         std::fs::create_dir_all(distro.join("boot")).unwrap();
         let zst = zstd::encode_all(&elf[..], 3).unwrap();

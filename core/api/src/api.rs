@@ -447,6 +447,17 @@ pub struct PullImageRequest {
     /// Kernel for VMs made from it; default: the kernel catalog's default.
     #[serde(default)]
     pub kernel_ref: Option<String>,
+    /// Or a kernel file (absolute path), imported into the kernel library
+    /// as `<image>-kernel` with `initrd` and `modules`.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Its initrd (absolute path), with `kernel`.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Its modules (absolute path: `lib/modules/VERSION` or its parent),
+    /// with `kernel`.
+    #[serde(default)]
+    pub modules: Option<PathBuf>,
 }
 
 /// `image register` arguments.
@@ -466,6 +477,10 @@ pub struct RegisterImageRequest {
     /// With an optional initrd.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
+    /// And optional modules (`lib/modules/VERSION` or its parent): the
+    /// kernel is then imported into the kernel library as `<image>-kernel`.
+    #[serde(default)]
+    pub modules: Option<PathBuf>,
 }
 
 /// What `image prune` (the OCI blob cache prune) removed.

@@ -400,8 +400,7 @@ async fn register_image(
     body: Result<Json<RegisterImageRequest>, JsonRejection>,
 ) -> Result<Json<ImageRecord>, ApiError> {
     let Json(req) = body?;
-    let library = st.lifecycle.artifacts().library.clone();
-    Ok(Json(blocking(move || Ok(library.register(req)?)).await?))
+    Ok(Json(st.lifecycle.artifacts().register_image(req).await?))
 }
 
 async fn promote_image(

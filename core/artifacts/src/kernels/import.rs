@@ -31,16 +31,138 @@ pub(super) struct Metadata {
     pub arch: Option<String>,
 }
 
-/// Artifacts found in an import directory.
+/// Artifacts found in an import directory, or given one by one.
 #[derive(Debug)]
 pub(super) struct Found {
+    /// Where they came from, for errors: the import directory (or the
+    /// kernel file's).
     dir: PathBuf,
+    /// The manifest's `source`.
+    source: String,
     kernel: PathBuf,
     initrd: Option<PathBuf>,
     modules: Option<PathBuf>,
+    /// Set when `modules` is itself `lib/modules/<version>` (its name)
+    /// rather than the directory holding `<version>/`.
+    modules_version: Option<String>,
     distro: String,
     version: String,
     arch: String,
+}
+
+/// Kernel artifacts given as files rather than found in a directory
+/// (`banger image pull --kernel F --initrd I --modules D`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelFiles {
+    /// The kernel: an ELF `vmlinux`, or a compressed `vmlinuz`/bzImage that
+    /// is unpacked as `kernel import` does.
+    pub kernel: PathBuf,
+    /// Its initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// Its modules: `lib/modules/<version>` or the directory holding
+    /// `<version>/`.
+    pub modules: Option<PathBuf>,
+}
+
+/// Files a `lib/modules/<version>` directory holds at its top (the
+/// directory holding versions has only version directories).
+const VERSION_DIR_MARKERS: [&str; 4] =
+    ["kernel", "modules.builtin", "modules.dep", "modules.order"];
+
+/// Checks the given files and describes them like a discovered directory.
+pub(super) fn from_files(files: &KernelFiles) -> Result<Found, KernelError> {
+    let existing = |p: &Path, want_dir: bool| -> Result<PathBuf, KernelError> {
+        let full = fs::canonicalize(p).map_err(KernelError::io("open", p))?;
+        let meta = fs::metadata(&full).map_err(KernelError::io("open", p))?;
+        let ok = if want_dir {
+            fs::read_dir(&full).map_err(KernelError::io("read", p))?;
+            meta.is_dir()
+        } else {
+            fs::File::open(&full).map_err(KernelError::io("open", p))?;
+            meta.is_file()
+        };
+        if !ok {
+            let what = if want_dir {
+                "directory"
+            } else {
+                "regular file"
+            };
+            return Err(KernelError::io("open", p)(io::Error::other(format!(
+                "not a {what}"
+            ))));
+        }
+        Ok(full)
+    };
+    let kernel = existing(&files.kernel, false)?;
+    let initrd = files
+        .initrd
+        .as_deref()
+        .map(|p| existing(p, false))
+        .transpose()?;
+    let modules = files
+        .modules
+        .as_deref()
+        .map(|p| existing(p, true))
+        .transpose()?;
+    let modules_version = modules.as_deref().and_then(|m| {
+        VERSION_DIR_MARKERS
+            .iter()
+            .any(|f| m.join(f).exists())
+            .then(|| m.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .flatten()
+    });
+    let named_version = || {
+        let file = kernel.file_name()?.to_string_lossy().into_owned();
+        (file.starts_with("vmlinux") || file.starts_with("vmlinuz"))
+            .then(|| version_from_file_name(&kernel))
+    };
+    // Else the only `<version>/` under the modules directory.
+    let only_version = || {
+        let dirs: Vec<String> = fs::read_dir(modules.as_deref()?)
+            .ok()?
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        match dirs.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    };
+    let version = modules_version
+        .clone()
+        .or_else(named_version)
+        .or_else(only_version)
+        .unwrap_or_else(|| "unknown".to_owned());
+    Ok(Found {
+        dir: kernel.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        source: format!("import:{}", kernel.display()),
+        kernel,
+        initrd,
+        modules,
+        modules_version,
+        distro: "unknown".into(),
+        version,
+        arch: std::env::consts::ARCH.into(),
+    })
+}
+
+/// What follows `vmlinux-`/`vmlinuz-` in a kernel's file name, else
+/// `unknown`.
+fn version_from_file_name(kernel: &Path) -> String {
+    let file = kernel
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let v = file
+        .trim_start_matches("vmlinux")
+        .trim_start_matches("vmlinuz")
+        .trim_start_matches(['-', '.', '_']);
+    if v.is_empty() {
+        "unknown".to_owned()
+    } else {
+        v.to_owned()
+    }
 }
 
 /// Reads the first metadata file present in `dir`, if any.
@@ -137,25 +259,16 @@ pub(super) fn discover(from: &Path) -> Result<Found, KernelError> {
             .map(|m| dir.join(m))
             .find(|p| p.is_dir()),
     };
-    let version = meta.version.clone().unwrap_or_else(|| {
-        let file = kernel
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let v = file
-            .trim_start_matches("vmlinux")
-            .trim_start_matches("vmlinuz")
-            .trim_start_matches(['-', '.', '_']);
-        if v.is_empty() {
-            "unknown".to_owned()
-        } else {
-            v.to_owned()
-        }
-    });
+    let version = meta
+        .version
+        .clone()
+        .unwrap_or_else(|| version_from_file_name(&kernel));
     Ok(Found {
+        source: format!("import:{}", dir.display()),
         kernel,
         initrd,
         modules,
+        modules_version: None,
         distro: meta.distro.clone().unwrap_or_else(|| "unknown".into()),
         version,
         arch: meta
@@ -209,7 +322,7 @@ pub(super) fn copy_into(
     staging: &Path,
     name: &str,
 ) -> Result<KernelManifest, KernelError> {
-    let sha256 = if is_elf(&found.kernel)? {
+    let sha256 = if is_elf_kernel(&found.kernel)? {
         copy_hashing(&found.kernel, &staging.join("vmlinux"))?
     } else {
         unpack_bzimage(found, &staging.join("vmlinux"))?
@@ -217,8 +330,14 @@ pub(super) fn copy_into(
     if let Some(initrd) = &found.initrd {
         copy_hashing(initrd, &staging.join("initrd"))?;
     }
-    if let Some(modules) = &found.modules {
-        copy_tree(modules, &staging.join("modules"))?;
+    match (&found.modules, &found.modules_version) {
+        (Some(modules), None) => copy_tree(modules, &staging.join("modules"))?,
+        (Some(modules), Some(version)) => {
+            let parent = staging.join("modules");
+            fs::create_dir(&parent).map_err(KernelError::io("create", &parent))?;
+            copy_tree(modules, &parent.join(version))?;
+        }
+        (None, _) => {}
     }
     // A modular kernel without an initrd of its own gets banger's boot
     // modules archive as its initrd.
@@ -232,7 +351,7 @@ pub(super) fn copy_into(
         arch: found.arch.clone(),
         version: found.version.clone(),
         sha256,
-        source: format!("import:{}", found.dir.display()),
+        source: found.source.clone(),
         imported_at: now_rfc3339(),
         has_initrd: found.initrd.is_some() || made_initrd,
         has_modules: found.modules.is_some(),
@@ -248,9 +367,8 @@ pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Copies `src` to the new file `dest`, returning the sha256 of the content.
 /// Whether `path` starts with the ELF magic (a `vmlinux`, not a bzImage).
-fn is_elf(path: &Path) -> Result<bool, KernelError> {
+pub fn is_elf_kernel(path: &Path) -> Result<bool, KernelError> {
     let mut magic = [0u8; 4];
     let mut f = fs::File::open(path).map_err(KernelError::io("open", path))?;
     match f.read_exact(&mut magic) {
@@ -293,6 +411,7 @@ fn new_file(dest: &Path) -> Result<fs::File, KernelError> {
         .map_err(KernelError::io("create", dest))
 }
 
+/// Copies `src` to the new file `dest`, returning the sha256 of the content.
 fn copy_hashing(src: &Path, dest: &Path) -> Result<String, KernelError> {
     let mut input = fs::File::open(src).map_err(KernelError::io("open", src))?;
     let mut output = new_file(dest)?;

@@ -23,6 +23,7 @@ pub use pull::pull;
 
 pub use crate::download::PullProgress;
 
+pub use import::{KernelFiles, is_elf_kernel};
 pub use store::{KernelStore, validate_name};
 
 use crate::archive::ArchiveError;

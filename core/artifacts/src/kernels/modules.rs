@@ -791,6 +791,101 @@ mod tests {
     }
 
     #[test]
+    fn kernel_files_take_modules_as_a_version_directory_or_its_parent() {
+        let src = tempfile::tempdir().unwrap();
+        let s = src.path();
+        // No version in the kernel's file name: it comes from the modules.
+        fs::write(s.join("kernel-image"), b"\x7fELF kernel").unwrap();
+        let builtin: String = DEFAULT_BOOT_MODULES
+            .iter()
+            .map(|m| format!("kernel/drivers/{m}.ko\n"))
+            .collect();
+        put(s, "modules.builtin", builtin.as_bytes());
+        put(s, "kernel/extra/x.ko", &ko(&[]));
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = super::super::KernelStore::new(store_dir.path());
+        for (name, modules) in [
+            ("by-version", s.join("lib/modules/6.12.0-test")),
+            ("by-parent", s.join("lib/modules")),
+        ] {
+            let files = super::super::KernelFiles {
+                kernel: s.join("kernel-image"),
+                initrd: None,
+                modules: Some(modules),
+            };
+            let local = store.import_files(name, &files).unwrap();
+            assert_eq!(local.manifest.version, "6.12.0-test", "{name}");
+            assert!(local.manifest.has_modules && local.manifest.has_initrd);
+            let copied = local.modules.unwrap().join("6.12.0-test/kernel/extra/x.ko");
+            assert_eq!(fs::read(&copied).unwrap(), ko(&[]), "{name}");
+            assert_eq!(
+                local.manifest.source,
+                format!("import:{}", s.join("kernel-image").display())
+            );
+        }
+        // A second import under a taken name is refused, the first kept.
+        let files = super::super::KernelFiles {
+            kernel: s.join("kernel-image"),
+            ..Default::default()
+        };
+        let err = store.import_files("by-version", &files).unwrap_err();
+        assert!(matches!(err, KernelError::AlreadyExists(_)), "{err:?}");
+        assert!(
+            store
+                .get("by-version")
+                .unwrap()
+                .unwrap()
+                .manifest
+                .has_modules
+        );
+    }
+
+    #[test]
+    fn kernel_files_that_are_missing_are_named_and_nothing_is_imported() {
+        let src = tempfile::tempdir().unwrap();
+        let kernel = src.path().join("vmlinux");
+        fs::write(&kernel, b"\x7fELF kernel").unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = super::super::KernelStore::new(store_dir.path());
+        let ghost = src.path().join("no-initrd");
+        for files in [
+            super::super::KernelFiles {
+                kernel: kernel.clone(),
+                initrd: Some(ghost.clone()),
+                modules: None,
+            },
+            super::super::KernelFiles {
+                kernel: kernel.clone(),
+                initrd: None,
+                modules: Some(ghost.clone()),
+            },
+            super::super::KernelFiles {
+                kernel: ghost.clone(),
+                ..Default::default()
+            },
+            // A directory where a file belongs.
+            super::super::KernelFiles {
+                kernel: src.path().to_path_buf(),
+                ..Default::default()
+            },
+        ] {
+            let err = store.import_files("k", &files).unwrap_err();
+            let text = banger_api::error::render_chain(&err);
+            assert!(
+                text.contains(&ghost.display().to_string()) || text.contains("not a regular file"),
+                "{text}"
+            );
+            assert!(store.get("k").unwrap().is_none());
+            assert_eq!(
+                fs::read_dir(store_dir.path())
+                    .map(|d| d.count())
+                    .unwrap_or(0),
+                0
+            );
+        }
+    }
+
+    #[test]
     fn the_kernel_directory_initrd_uses_the_only_or_the_named_version() {
         // A kernel store directory: `modules/<version>/`.
         let dir = sample_tree();

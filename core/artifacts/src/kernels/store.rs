@@ -108,11 +108,33 @@ impl KernelStore {
         force: bool,
         source: Option<String>,
     ) -> Result<LocalKernel, KernelError> {
+        self.import_found(name, force, source, || import::discover(from))
+    }
+
+    /// Imports `name` from files given one by one (`image pull --kernel F
+    /// --initrd I --modules D`), exactly as [`KernelStore::import`] imports
+    /// a directory: a compressed kernel is unpacked, a modules tree gets the
+    /// boot modules initrd. Never replaces an existing kernel.
+    pub fn import_files(
+        &self,
+        name: &str,
+        files: &import::KernelFiles,
+    ) -> Result<LocalKernel, KernelError> {
+        self.import_found(name, false, None, || import::from_files(files))
+    }
+
+    fn import_found(
+        &self,
+        name: &str,
+        force: bool,
+        source: Option<String>,
+        find: impl FnOnce() -> Result<import::Found, KernelError>,
+    ) -> Result<LocalKernel, KernelError> {
         validate_name(name)?;
         if !force && self.root.join(name).exists() {
             return Err(KernelError::AlreadyExists(name.to_owned()));
         }
-        let found = import::discover(from)?;
+        let found = find()?;
         let staging = self.stage(name)?;
         let mut manifest = import::copy_into(&found, staging.path(), name)?;
         if let Some(source) = source {
