@@ -77,11 +77,20 @@ pub enum VsockError {
     Decode(String, #[source] serde_json::Error),
 }
 
+/// At most this many handshakes per request: the first and the retries of
+/// those the VMM closed before answering.
+const CONNECT_ATTEMPTS: u32 = 10;
+/// The pause before the first retry, doubled for each next one up to
+/// [`MAX_RETRY_GAP`].
+const FIRST_RETRY_GAP: Duration = Duration::from_millis(20);
+/// The longest pause between two attempts.
+const MAX_RETRY_GAP: Duration = Duration::from_millis(500);
+
 /// Opens a stream to guest vsock `port` through the hybrid-vsock socket
-/// `uds`, giving up after `timeout` for the handshake. The stream keeps
-/// `timeout` as its read and write timeout.
+/// `uds`, giving up after `timeout` for the connection and the handshake.
+/// The stream keeps `timeout` as its read and write timeout.
 pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
-    let mut stream = UnixStream::connect(uds).map_err(|e| VsockError::Connect(uds.into(), e))?;
+    let mut stream = connect_unix(uds, timeout)?;
     set_timeouts(&stream, timeout).map_err(|e| VsockError::Io("setting timeouts", e))?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -118,6 +127,93 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, V
         Ok(stream)
     } else {
         Err(VsockError::Refused { port, reply })
+    }
+}
+
+/// [`connect`], retried while the VMM closes the connection before its
+/// `OK`: what it does when the guest resets it, as the guest kernel does to
+/// a connection beyond the listener's backlog (the agent's is 16) while
+/// many arrive at once. At most [`CONNECT_ATTEMPTS`], backing off, and all
+/// of it before `deadline`; any other failure is final at once.
+/// Timeouts are reported as `timeout`, the whole budget.
+fn connect_retrying(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<UnixStream, VsockError> {
+    let mut gap = FIRST_RETRY_GAP;
+    let mut attempt = 1;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match connect(uds, port, left) {
+            Err(VsockError::NoAnswer { uds, port, .. }) => {
+                return Err(VsockError::NoAnswer {
+                    uds,
+                    port,
+                    after: timeout,
+                });
+            }
+            Err(VsockError::Timeout(_, what)) => return Err(VsockError::Timeout(timeout, what)),
+            Err(e)
+                if dropped_before_ok(&e)
+                    && attempt < CONNECT_ATTEMPTS
+                    && Instant::now() + gap < deadline =>
+            {
+                // Nothing to wait on: the guest frees backlog room when its
+                // agent accepts, which the host cannot see.
+                std::thread::sleep(gap);
+                gap = (gap * 2).min(MAX_RETRY_GAP);
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether the VMM closed the connection before answering `CONNECT`.
+fn dropped_before_ok(e: &VsockError) -> bool {
+    match e {
+        VsockError::Closed(_) => true,
+        VsockError::Io(_, e) => e.kind() == io::ErrorKind::ConnectionReset,
+        _ => false,
+    }
+}
+
+/// `connect(2)` to the Unix socket `uds`, waiting at most `timeout` for
+/// room in its listen backlog: a blocking connect to a full backlog waits
+/// until the listener accepts, which a stalled VMM never does, and
+/// `SO_SNDTIMEO` is what bounds that wait for Unix sockets.
+fn connect_unix(uds: &Path, timeout: Duration) -> Result<UnixStream, VsockError> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, UnixAddr, connect as connect_fd, setsockopt, socket,
+        sockopt,
+    };
+    use nix::sys::time::{TimeVal, TimeValLike};
+    use std::os::fd::AsRawFd;
+
+    let failed = |e: nix::errno::Errno| VsockError::Connect(uds.into(), e.into());
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(failed)?;
+    // Zero would mean "wait forever"; keep a floor instead.
+    let micros =
+        i64::try_from(timeout.max(Duration::from_millis(1)).as_micros()).unwrap_or(i64::MAX);
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::microseconds(micros)).map_err(failed)?;
+    let addr = UnixAddr::new(uds).map_err(failed)?;
+    match connect_fd(fd.as_raw_fd(), &addr) {
+        Ok(()) => Ok(UnixStream::from(fd)),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS) => {
+            Err(VsockError::Timeout(
+                timeout,
+                "waiting for room in the VMM's vsock socket backlog",
+            ))
+        }
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -165,7 +261,7 @@ impl AgentClient {
     pub fn open_exec(&self, secret: &str) -> Result<UnixStream, VsockError> {
         const PATH: &str = "/exec";
         let deadline = Instant::now() + self.timeout;
-        let mut stream = connect(&self.uds, AGENT_PORT, self.timeout)?;
+        let mut stream = connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline)?;
         let request = format!(
             "POST {PATH} HTTP/1.1\r\nHost: banger-agent\r\nAuthorization: Bearer {secret}\r\nConnection: Upgrade\r\nUpgrade: {}\r\nContent-Length: 0\r\n\r\n",
             banger_guest_protocol::exec::UPGRADE
@@ -196,7 +292,7 @@ impl AgentClient {
     /// `GET path`; the body of a 2xx answer.
     pub fn get(&self, path: &str) -> Result<Vec<u8>, VsockError> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream = connect(&self.uds, AGENT_PORT, self.timeout)?;
+        let mut stream = connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline)?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: banger-agent\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
         );
@@ -599,12 +695,185 @@ mod tests {
     }
 
     #[test]
+    fn a_full_socket_backlog_is_a_timeout_not_a_hang() {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect as connect_fd,
+            listen, socket,
+        };
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let addr = UnixAddr::new(&sock).unwrap();
+        // A VMM that never accepts, with the smallest backlog.
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &addr).unwrap();
+        listen(&listener, Backlog::new(0).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let s = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match connect_fd(s.as_raw_fd(), &addr) {
+                Ok(()) => queued.push(s),
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = sock.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(AgentClient::new(&path, Duration::from_millis(300)).healthz());
+        });
+        let err = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the client hung on a full backlog")
+            .unwrap_err();
+        assert!(matches!(err, VsockError::Timeout(..)), "{err:?}");
+        assert!(err.to_string().contains("backlog"), "{err}");
+    }
+
+    /// A fake VMM whose guest resets the first `resets` connections (the
+    /// host side closed after the CONNECT line), then answers healthz.
+    /// Returns how many connections it saw.
+    fn resetting_vmm(sock: &Path, resets: usize) -> JoinHandle<usize> {
+        let listener = UnixListener::bind(sock).unwrap();
+        std::thread::spawn(move || {
+            for n in 1.. {
+                let (s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if n <= resets {
+                    continue;
+                }
+                serve_healthz(s, r);
+                return n;
+            }
+            unreachable!()
+        })
+    }
+
+    /// Answers `OK`, reads a request head, answers healthz.
+    fn serve_healthz(mut w: UnixStream, mut r: BufReader<UnixStream>) {
+        w.write_all(b"OK 1\n").unwrap();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l).unwrap() == 0 || l == "\r\n" {
+                break;
+            }
+        }
+        let body = br#"{"version":"0.1.0","uptime_secs":1}"#;
+        write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        w.write_all(body).unwrap();
+    }
+
+    #[test]
+    fn connections_the_guest_resets_before_ok_are_retried_a_bounded_number_of_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = resetting_vmm(&sock, 3);
+        client(&sock).healthz().unwrap();
+        assert_eq!(server.join().unwrap(), 4);
+
+        // Reset every time: the client stops after CONNECT_ATTEMPTS, well
+        // before its timeout, with the reason.
+        std::fs::remove_file(&sock).unwrap();
+        let server = resetting_vmm(&sock, CONNECT_ATTEMPTS as usize + 1);
+        let started = Instant::now();
+        let err = client(&sock).healthz().unwrap_err();
+        assert!(matches!(err, VsockError::Closed(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // One more connection lets the server thread finish.
+        let _ = client(&sock).healthz();
+        assert_eq!(
+            server.join().unwrap(),
+            CONNECT_ATTEMPTS as usize + 2,
+            "attempts made"
+        );
+    }
+
+    #[test]
+    fn sixty_four_at_once_through_a_guest_backlog_of_sixteen_all_answer() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const BACKLOG: usize = 16;
+        const AT_ONCE: usize = 64;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        // The fake guest takes connections up to its backlog, slowly (an
+        // agent under emulation), and resets the rest.
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(AtomicUsize::new(0));
+        {
+            let (in_flight, resets) = (in_flight.clone(), resets.clone());
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    let Ok(s) = s else { return };
+                    let (in_flight, resets) = (in_flight.clone(), resets.clone());
+                    std::thread::spawn(move || {
+                        let mut r = BufReader::new(s.try_clone().unwrap());
+                        let mut line = String::new();
+                        let _ = r.read_line(&mut line);
+                        if in_flight.fetch_add(1, Ordering::SeqCst) >= BACKLOG {
+                            resets.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            // Stands in for the agent's slow accept.
+                            std::thread::sleep(Duration::from_millis(50));
+                            serve_healthz(s, r);
+                        }
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            });
+        }
+        let clients: Vec<_> = (0..AT_ONCE)
+            .map(|_| {
+                let sock = sock.clone();
+                std::thread::spawn(move || {
+                    AgentClient::new(&sock, Duration::from_secs(10)).healthz()
+                })
+            })
+            .collect();
+        let failed: Vec<String> = clients
+            .into_iter()
+            .filter_map(|c| c.join().unwrap().err().map(|e| e.to_string()))
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(
+            resets.load(Ordering::SeqCst) > 0,
+            "the fake guest reset nothing: the test proves nothing"
+        );
+    }
+
+    #[test]
     fn a_peer_closing_early_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("v.sock");
-        // Closes right after accepting.
+        // Closes every connection right after accepting it (each retry too).
         let listener = UnixListener::bind(&sock).unwrap();
-        let server = std::thread::spawn(move || drop(listener.accept().unwrap()));
+        let server = std::thread::spawn(move || {
+            for _ in 0..CONNECT_ATTEMPTS {
+                drop(listener.accept().unwrap());
+            }
+        });
         let err = client(&sock).healthz().unwrap_err();
         assert!(
             matches!(err, VsockError::Closed(_) | VsockError::Io(_, _)),

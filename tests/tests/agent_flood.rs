@@ -1,0 +1,93 @@
+//! Many agent connections at once on a real guest (QEMU/TCG, the cached
+//! Debian image): the guest agent listens on vsock with a backlog of 16,
+//! and a connection beyond what it has accepted is reset by the guest
+//! kernel, which the VMM reports by closing the host side before `OK`.
+//! 64 simultaneous `vm ssh --via agent` to one VM must all succeed, or fail
+//! with an error naming the VM, and none may hang.
+//!
+//! Needs what `e2e.rs` needs; skips loudly without it.
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use test_infra::guest_rig::rig;
+
+    const VM: &str = "flood";
+    const AT_ONCE: usize = 64;
+    /// Far beyond what one command takes, even under TCG: reaching it is a
+    /// hang.
+    const HANG: Duration = Duration::from_secs(120);
+
+    #[test]
+    fn sixty_four_agent_commands_at_once_all_answer_or_name_the_vm_and_none_hangs() {
+        let test = "sixty_four_agent_commands_at_once_all_answer_or_name_the_vm_and_none_hangs";
+        let Some((rig, _a)) = rig(test, "bookworm", "") else {
+            return;
+        };
+        let vm = rig.create(VM, &["--image", "bookworm"]);
+        let env = &rig.env;
+        // Warm: the agent answers one command.
+        env.banger(&["vm", "ssh", VM, "--via", "agent", "--", "true"])
+            .ok();
+
+        let started = Instant::now();
+        let mut running: Vec<(usize, std::process::Child)> = (0..AT_ONCE)
+            .map(|i| {
+                let child = env
+                    .command(&test_infra::workspace_bin("banger"))
+                    .args(["vm", "ssh", VM, "--via", "agent", "--", "echo"])
+                    .arg(format!("n{i}"))
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (i, child)
+            })
+            .collect();
+        let mut failures = Vec::new();
+        let mut slowest = Duration::ZERO;
+        // Polling child processes: nothing to block on for several at once.
+        while !running.is_empty() {
+            if started.elapsed() > HANG {
+                for (_, c) in &mut running {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                panic!(
+                    "{} agent commands hung for more than {HANG:?}",
+                    running.len()
+                );
+            }
+            let mut still = Vec::new();
+            for (i, mut c) in running {
+                if c.try_wait().unwrap().is_none() {
+                    still.push((i, c));
+                    continue;
+                }
+                slowest = started.elapsed();
+                let out = c.wait_with_output().unwrap();
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                if out.status.success() {
+                    assert_eq!(stdout.trim(), format!("n{i}"), "{stderr}");
+                } else {
+                    assert!(
+                        stderr.contains(VM),
+                        "a failure that does not name the VM: {stderr}"
+                    );
+                    failures.push(stderr);
+                }
+            }
+            running = still;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!(
+            "{AT_ONCE} agent commands at once: {} ok, {} failed, the last done after {slowest:.1?}",
+            AT_ONCE - failures.len(),
+            failures.len(),
+        );
+        assert!(failures.is_empty(), "{failures:#?}");
+        rig.delete_all_and_check_clean(&[vm]);
+    }
+}
