@@ -515,6 +515,72 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
         assert_eq!(f.installed(), before);
     }
 
+    /// A root helper "installed" under a temp system root: its record and
+    /// the one file it lists.
+    fn fake_system_install(f: &Fixture) -> (PathBuf, PathBuf) {
+        let sysroot = f.tmp.path().join("sysroot");
+        let helper = sysroot.join("usr/local/libexec/banger/banger-helper");
+        std::fs::create_dir_all(helper.parent().unwrap()).unwrap();
+        std::fs::write(&helper, b"helper").unwrap();
+        std::fs::create_dir_all(sysroot.join("etc/banger")).unwrap();
+        std::fs::write(
+            sysroot.join("etc/banger/install.toml"),
+            format!(
+                "version = \"{CURRENT}\"\nfiles = [{:?}]\n",
+                helper.display().to_string()
+            ),
+        )
+        .unwrap();
+        (sysroot, helper)
+    }
+
+    #[test]
+    fn uninstall_as_root_removes_the_root_helper_too() {
+        let mut f = Fixture::new();
+        let (sysroot, helper) = fake_system_install(&f);
+        f.env
+            .set_env("BANGER_SYSTEM_ROOT", &sysroot.display().to_string());
+        let r = f.banger(&["uninstall", "--yes"]).ok();
+        assert!(
+            r.stdout.contains(&format!("removed {}", helper.display())),
+            "{}",
+            r.stdout
+        );
+        assert!(!helper.exists());
+        assert!(!sysroot.join("etc/banger/install.toml").exists());
+        assert!(!f.bin().join("banger").exists());
+    }
+
+    #[test]
+    fn uninstall_as_a_user_leaves_the_root_helper_to_sudo_and_changes_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        let (sysroot, helper) = fake_system_install(&f);
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            eprintln!("SKIP uninstall as a user: needs setpriv (apt-get install util-linux)");
+            return;
+        }
+        // Let an unprivileged user reach the installed banger.
+        std::fs::set_permissions(f.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let before = f.installed();
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(f.bin().join("banger"))
+            .args(["uninstall", "--yes"])
+            .env_clear()
+            .env("HOME", "/nonexistent")
+            .env("BANGER_SYSTEM_ROOT", &sysroot);
+        let r = run(cmd).failed();
+        assert!(
+            r.stderr.contains("sudo banger system uninstall")
+                && r.stderr.contains("Nothing was changed"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(f.installed(), before);
+        assert!(helper.exists());
+    }
+
     /// `sh scripts/install.sh` into a temp prefix, or None (skipped loudly)
     /// without openssl 3.
     fn install_sh(f: &Fixture, prefix: &Path, extra: &[&str]) -> Option<Run> {
