@@ -268,7 +268,11 @@ mod tests {
             format!("127.0.0.1:{tcp}:7000/tcp,127.0.0.1:{udp}:7001/udp")
         );
 
-        // Live add and remove.
+        // Live add and remove; a connection through another forward lives on.
+        let mut kept = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+        kept.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut kept_r = BufReader::new(kept.try_clone().unwrap());
         let spec = format!("{extra}:7000");
         let added = env.banger(&["vm", "port", "add", "web", &spec]).ok();
         assert!(
@@ -293,6 +297,11 @@ mod tests {
         let gone = env.banger(&["vm", "port", "rm", "web", &spec]).failed();
         assert!(gone.stderr.contains("has no port forward"), "{gone:?}");
         assert!(held(tcp, Proto::Tcp), "the others stay");
+        kept.write_all(b"still\n").unwrap();
+        let mut line = String::new();
+        kept_r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("guest got: still"), "{line:?}");
+        drop((kept, kept_r));
 
         // Stop closes them; start opens them again.
         env.banger(&["vm", "stop", "web"]).ok();

@@ -1,5 +1,5 @@
 //! Port forwarding to a real guest (QEMU/TCG, the no-init image, on the
-//! e2e rig's bridge): `-p 127.0.0.1:PORT:22` reaches the guest's sshd from
+//! e2e rig's bridge): `vm run -d -p 127.0.0.1:PORT:22` reaches the guest's sshd from
 //! the host, and the port is closed once the VM stops. One boot. Needs
 //! what `e2e.rs` needs (root, QEMU, the static agent, ssh, ip, nft);
 //! missing pieces skip loudly.
@@ -34,7 +34,25 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let spec = format!("127.0.0.1:{port}:22");
-        let vm = rig.create("pf", &["--image", "noinit", "-p", &spec]);
+        // `vm run -d` returns once the guest's sshd answers.
+        let run = rig.env.banger(&[
+            "vm",
+            "run",
+            "-d",
+            "--image",
+            "noinit",
+            "--name",
+            "pf",
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+            "-p",
+            &spec,
+        ]);
+        let console = rig.env.banger(&["vm", "logs", "pf"]).stdout;
+        assert_eq!(run.code, 0, "vm run failed: {run:?}\nconsole:\n{console}");
+        let vm = rig.env.show("pf");
         assert_eq!(vm.record.state, VmState::Running);
 
         // sshd may come up a moment after the agent: the forward is there
