@@ -375,6 +375,65 @@ mod tests {
     }
 
     #[test]
+    fn a_catalog_image_takes_kernel_files_over_its_bundles_kernel() {
+        use test_infra::http::{Entry as T, Reply, Server, sha256, tar_zst};
+        let env = BangerEnv::new();
+        let server = Server::start();
+        // The bundle's own kernel is in no catalog: with --kernel it is
+        // never looked up.
+        let bundle = tar_zst(&[
+            T::File("rootfs.ext4", &test_infra::http::noise(1 << 20)),
+            T::File("manifest.toml", b"kernel = \"nowhere\"\n"),
+        ]);
+        server.route("/i/img.tar.zst", Reply::Body(bundle.clone()));
+        let catalog = env.root().join("images.toml");
+        let entry = |name: &str, sha: &str| {
+            format!(
+                "[[image]]\nname = {name:?}\narch = \"x86_64\"\nurl = \"i/img.tar.zst\"\nsha256 = {sha:?}\nkernel = \"nowhere\"\ndescription = \"test\"\n"
+            )
+        };
+        let text = format!(
+            "base_url = {:?}\n{}{}",
+            server.base,
+            entry("img", &sha256(&bundle)),
+            entry("corrupt", &"0".repeat(64)),
+        );
+        std::fs::write(&catalog, text).unwrap();
+        env.write_config(&format!("image_catalog_file = {catalog:?}\n"));
+        let (vmlinux, initrd, _) = kernel_files(&env.root().join("mine"));
+
+        env.banger(&[
+            "image",
+            "pull",
+            "img",
+            "--kernel",
+            s(&vmlinux),
+            "--initrd",
+            s(&initrd),
+        ])
+        .ok();
+        let img = image(&env, "img");
+        assert_eq!(
+            img.record.kernel,
+            ImageKernel::Named {
+                name: "img-kernel".into()
+            }
+        );
+        assert_eq!(
+            std::fs::read(img.kernel_path.unwrap()).unwrap(),
+            std::fs::read(&vmlinux).unwrap()
+        );
+
+        // A bundle that fails its checksum after the import: no kernel left.
+        let out = env
+            .banger(&["image", "pull", "corrupt", "--kernel", s(&vmlinux)])
+            .failed();
+        assert!(both(&out).to_lowercase().contains("checksum"), "{out:?}");
+        assert_eq!(image_names(&env), ["img"]);
+        assert_eq!(kernel_names(&env), ["img-kernel"]);
+    }
+
+    #[test]
     fn register_imports_a_compressed_or_modular_kernel_and_keeps_a_plain_one_in_place() {
         let env = BangerEnv::new();
         let (vmlinux, initrd, _) = kernel_files(&env.root().join("mine"));
