@@ -31,6 +31,41 @@ impl Response {
     }
 }
 
+/// `connect(2)` to the Unix socket `socket`, waiting at most `timeout` for
+/// room in its listen backlog (then `TimedOut`). A blocking connect to a
+/// full backlog waits until the listener accepts, which a stalled VMM never
+/// does; for Unix sockets `SO_SNDTIMEO` is what bounds that wait.
+pub(crate) fn connect(socket: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, UnixAddr, connect as connect_fd, setsockopt,
+        socket as new_socket, sockopt,
+    };
+    use nix::sys::time::{TimeVal, TimeValLike};
+    use std::os::fd::AsRawFd;
+
+    let fd = new_socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // Zero would mean "wait forever"; keep a floor instead.
+    let micros =
+        i64::try_from(timeout.max(Duration::from_millis(1)).as_micros()).unwrap_or(i64::MAX);
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::microseconds(micros))?;
+    match connect_fd(fd.as_raw_fd(), &UnixAddr::new(socket)?) {
+        Ok(()) => Ok(UnixStream::from(fd)),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no room in the listen backlog of {} within {timeout:?}",
+                socket.display()
+            ),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Sends one request to the HTTP server on `socket` and reads its answer.
 /// `timeout` bounds connecting-then-each read and write.
 pub(crate) fn request(
@@ -40,7 +75,7 @@ pub(crate) fn request(
     json_body: Option<&str>,
     timeout: Duration,
 ) -> io::Result<Response> {
-    let mut stream = UnixStream::connect(socket)?;
+    let mut stream = connect(socket, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
@@ -162,11 +197,65 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Cursor;
+    use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixListener;
 
     use super::*;
+
+    /// A listener on `path` that never accepts, its backlog (the smallest)
+    /// filled: returned with the queued connections, to keep them so.
+    pub(crate) fn full_backlog(path: &Path) -> (OwnedFd, Vec<OwnedFd>) {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect, listen, socket,
+        };
+        use std::os::fd::AsRawFd;
+        let addr = UnixAddr::new(path).unwrap();
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &addr).unwrap();
+        listen(&listener, Backlog::new(0).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let s = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match connect(s.as_raw_fd(), &addr) {
+                Ok(()) => queued.push(s),
+                Err(nix::errno::Errno::EAGAIN) => return (listener, queued),
+                Err(e) => panic!("{e}"),
+            }
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+    }
+
+    #[test]
+    fn a_full_backlog_is_a_timeout_not_an_endless_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let _full = full_backlog(&sock);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = sock.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(request(&path, "GET", "/", None, Duration::from_millis(200)));
+        });
+        let e = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the connect hung on a full backlog")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("backlog"), "{e}");
+    }
 
     fn parse(raw: &str) -> io::Result<Response> {
         read_response(&mut Cursor::new(raw.as_bytes().to_vec()), false)

@@ -90,7 +90,16 @@ const MAX_RETRY_GAP: Duration = Duration::from_millis(500);
 /// `uds`, giving up after `timeout` for the connection and the handshake.
 /// The stream keeps `timeout` as its read and write timeout.
 pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
-    let mut stream = connect_unix(uds, timeout)?;
+    let mut stream = crate::uds_http::connect(uds, timeout).map_err(|e| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            VsockError::Timeout(
+                timeout,
+                "waiting for room in the VMM's vsock socket backlog",
+            )
+        } else {
+            VsockError::Connect(uds.into(), e)
+        }
+    })?;
     set_timeouts(&stream, timeout).map_err(|e| VsockError::Io("setting timeouts", e))?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -177,43 +186,6 @@ fn dropped_before_ok(e: &VsockError) -> bool {
         VsockError::Closed(_) => true,
         VsockError::Io(_, e) => e.kind() == io::ErrorKind::ConnectionReset,
         _ => false,
-    }
-}
-
-/// `connect(2)` to the Unix socket `uds`, waiting at most `timeout` for
-/// room in its listen backlog: a blocking connect to a full backlog waits
-/// until the listener accepts, which a stalled VMM never does, and
-/// `SO_SNDTIMEO` is what bounds that wait for Unix sockets.
-fn connect_unix(uds: &Path, timeout: Duration) -> Result<UnixStream, VsockError> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, UnixAddr, connect as connect_fd, setsockopt, socket,
-        sockopt,
-    };
-    use nix::sys::time::{TimeVal, TimeValLike};
-    use std::os::fd::AsRawFd;
-
-    let failed = |e: nix::errno::Errno| VsockError::Connect(uds.into(), e.into());
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(failed)?;
-    // Zero would mean "wait forever"; keep a floor instead.
-    let micros =
-        i64::try_from(timeout.max(Duration::from_millis(1)).as_micros()).unwrap_or(i64::MAX);
-    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::microseconds(micros)).map_err(failed)?;
-    let addr = UnixAddr::new(uds).map_err(failed)?;
-    match connect_fd(fd.as_raw_fd(), &addr) {
-        Ok(()) => Ok(UnixStream::from(fd)),
-        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS) => {
-            Err(VsockError::Timeout(
-                timeout,
-                "waiting for room in the VMM's vsock socket backlog",
-            ))
-        }
-        Err(e) => Err(failed(e)),
     }
 }
 
@@ -696,40 +668,9 @@ mod tests {
 
     #[test]
     fn a_full_socket_backlog_is_a_timeout_not_a_hang() {
-        use nix::sys::socket::{
-            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect as connect_fd,
-            listen, socket,
-        };
-        use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("v.sock");
-        let addr = UnixAddr::new(&sock).unwrap();
-        // A VMM that never accepts, with the smallest backlog.
-        let listener = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        bind(listener.as_raw_fd(), &addr).unwrap();
-        listen(&listener, Backlog::new(0).unwrap()).unwrap();
-        let mut queued = Vec::new();
-        loop {
-            let s = socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_NONBLOCK,
-                None,
-            )
-            .unwrap();
-            match connect_fd(s.as_raw_fd(), &addr) {
-                Ok(()) => queued.push(s),
-                Err(nix::errno::Errno::EAGAIN) => break,
-                Err(e) => panic!("{e}"),
-            }
-            assert!(queued.len() < 1000, "the backlog never filled");
-        }
+        let _full = crate::uds_http::tests::full_backlog(&sock);
 
         let (tx, rx) = std::sync::mpsc::channel();
         let path = sock.clone();

@@ -18,9 +18,10 @@ pub(super) struct Qmp {
 
 impl Qmp {
     /// Connects to `socket`, reads the greeting and leaves capabilities
-    /// negotiation mode. `timeout` bounds every read and write.
+    /// negotiation mode. `timeout` bounds the connect and every read and
+    /// write.
     pub(super) fn connect(socket: &Path, timeout: Duration) -> io::Result<Qmp> {
-        let stream = UnixStream::connect(socket)?;
+        let stream = crate::uds_http::connect(socket, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let writer = stream.try_clone()?;
