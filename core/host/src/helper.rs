@@ -452,6 +452,14 @@ pub fn answer_with_fds(
     if let Err(why) = policy.check(&request.op, peer_uid) {
         return refused(format!("{} refused: {why}", request.op.name()));
     }
+    match removes_only_ours(policy, ops, peer_uid, &request.op) {
+        Ok(true) => {}
+        Ok(false) => return (HelperResponse::ok(), Vec::new()),
+        Err(e) => {
+            let e = banger_api::error::render_chain(&e);
+            return (HelperResponse::err(Outcome::Failed, e), Vec::new());
+        }
+    }
     match perform(ops, &request.op) {
         Ok(answer) => answer,
         Err(e) => (
@@ -459,6 +467,26 @@ pub fn answer_with_fds(
             Vec::new(),
         ),
     }
+}
+
+/// For `remove_guest`/`remove_nat` (rules are found by VM id in every
+/// banger table): whether `vm_id` has rules in the caller's own bridge
+/// tables, so that one user's daemon cannot strip the isolation or NAT of
+/// another user's VM. `Ok(false)`: nothing of the caller's to remove,
+/// which succeeds without touching anything. Every other op: `Ok(true)`.
+fn removes_only_ours(
+    policy: &HelperPolicy,
+    ops: &dyn HostOps,
+    peer_uid: u32,
+    op: &HelperOp,
+) -> Result<bool, HostOpsError> {
+    let (HelperOp::RemoveGuest { vm_id } | HelperOp::RemoveNat { vm_id }) = op else {
+        return Ok(true);
+    };
+    let Some(net) = policy.network_for(peer_uid) else {
+        return Ok(false);
+    };
+    Ok(ops.list_guest_rules(&net.bridge)?.contains(vm_id))
 }
 
 /// Every op name, for refusal messages.
@@ -1248,9 +1276,31 @@ mod tests {
     }
 
     #[test]
+    fn removing_rules_of_a_vm_not_on_the_callers_bridge_touches_nothing() {
+        let p = policy("");
+        // "ab12" has rules in the caller's tables; "cd34" (another user's
+        // VM, as far as this caller's bridge knows) has none there.
+        let ops = RecordingHostOps::with_guest_rules(&["ab12"]);
+        for vm_id in ["ab12", "cd34"] {
+            for op in [
+                HelperOp::RemoveGuest {
+                    vm_id: vm_id.into(),
+                },
+                HelperOp::RemoveNat {
+                    vm_id: vm_id.into(),
+                },
+            ] {
+                let r = answer(&p, &ops, 1000, &line(&op));
+                assert_eq!(r.outcome, Outcome::Ok, "{op:?}: {:?}", r.error);
+            }
+        }
+        assert_eq!(ops.calls(), ["remove_guest ab12", "remove_nat ab12"]);
+    }
+
+    #[test]
     fn allowed_requests_reach_hostops_unchanged() {
         let p = policy("");
-        let ops = RecordingHostOps::default();
+        let ops = RecordingHostOps::with_guest_rules(&["ab12"]);
         let gw = p.network_for(1000).unwrap().subnet.gateway();
         let dev: PciAddress = "0000:01:00.0".parse().unwrap();
         for op in [

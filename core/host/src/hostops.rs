@@ -391,9 +391,19 @@ fn validate_prefix(op: &'static str, prefix: u8) -> Result<(), HostOpsError> {
 #[derive(Debug, Default)]
 pub struct RecordingHostOps {
     calls: Mutex<Vec<String>>,
+    guest_rules: Vec<String>,
 }
 
 impl RecordingHostOps {
+    /// Recording ops whose bridge tables hold rules of the VMs `ids`
+    /// (what [`HostOps::list_guest_rules`] answers for any bridge).
+    pub fn with_guest_rules(ids: &[&str]) -> Self {
+        RecordingHostOps {
+            calls: Mutex::default(),
+            guest_rules: ids.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     /// The calls so far, as `op arg...` lines.
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().map(|c| c.clone()).unwrap_or_default()
@@ -494,10 +504,11 @@ impl HostOps for RecordingHostOps {
         Ok(())
     }
 
-    /// Answers that no VM has rules.
+    /// Answers the VMs given to [`RecordingHostOps::with_guest_rules`]
+    /// (none by default).
     fn list_guest_rules(&self, bridge: &str) -> Result<Vec<String>, HostOpsError> {
         validate_ifname("list_guest_rules", bridge)?;
-        Ok(Vec::new())
+        Ok(self.guest_rules.clone())
     }
 
     /// Answers that no link has the prefix.
