@@ -158,6 +158,10 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Snapshot a running VM (`vm snapshot VM SNAP`), or list or remove
+    /// snapshots (`vm snapshot list`, `vm snapshot rm SNAP`); see
+    /// docs/snapshots.md.
+    Snapshot(crate::snapshot::SnapshotArgs),
     /// List VMs.
     List {
         /// Print JSON.

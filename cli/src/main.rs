@@ -14,6 +14,7 @@ mod ports;
 mod refs;
 mod remote;
 mod run;
+mod snapshot;
 mod spec;
 mod ssh_config;
 mod system;
@@ -127,6 +128,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     };
                     ports::change(&client, &refs::resolve(&client, &name).await?, &spec, add).await
                 }
+                VmCommand::Snapshot(args) => snapshot::run(&client, args).await,
                 VmCommand::Stats { name, json } => {
                     vm::stats(&client, &refs::resolve(&client, &name).await?, json).await
                 }

@@ -17,5 +17,6 @@ pub mod guest_ssh;
 pub mod library;
 pub mod lifecycle;
 pub mod plugin_host;
+pub mod snapshot;
 pub mod store;
 pub mod workspace;

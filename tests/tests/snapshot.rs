@@ -263,4 +263,91 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("chrooted"), "{err}");
     }
+
+    /// `vm snapshot` through the CLI and daemon against the fake
+    /// firecracker: the snapshot calls in order on the running VM, the
+    /// files in the store, `list`, a taken name refused, `rm`.
+    #[test]
+    fn vm_snapshot_takes_lists_and_removes_a_snapshot_of_a_running_vm() {
+        use banger_api::snapshot::SnapshotView;
+        use test_infra::BangerEnv;
+        let env = BangerEnv::new();
+        env.create("src", &[]).ok();
+        let before = env.fc_calls().len();
+        let out = env.banger(&["vm", "snapshot", "src", "s1"]).ok();
+        assert!(
+            out.stdout.contains("snapshot s1 of src (firecracker"),
+            "{}",
+            out.stdout
+        );
+        let calls: Vec<String> = env.fc_calls()[before..]
+            .iter()
+            .filter(|c| c["path"] != "/")
+            .map(|c| {
+                let state = c["body"]["state"].as_str().unwrap_or_default().to_owned();
+                format!(
+                    "{} {} {state}",
+                    c["method"].as_str().unwrap(),
+                    c["path"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                "PATCH /vm Paused",
+                "PUT /snapshot/create ",
+                "PATCH /vm Resumed"
+            ]
+        );
+        let dir = env.state_dir().join("snapshots/s1");
+        let mut files: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert!(files.contains(&"disk-root".to_string()), "{files:?}");
+        for f in ["firecracker.memory", "firecracker.vmstate", "manifest.json"] {
+            assert!(files.contains(&f.to_string()), "{f} in {files:?}");
+        }
+        assert!(
+            !files.iter().any(|f| f.contains("config")),
+            "the config drive is not copied: {files:?}"
+        );
+
+        let list = env.banger(&["vm", "snapshot", "list", "--json"]).ok();
+        let listed: Vec<SnapshotView> = serde_json::from_str(&list.stdout).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].name.as_str(), listed[0].source_vm.as_str()),
+            ("s1", "src")
+        );
+        assert_eq!(
+            listed[0].machine.drives.len(),
+            env.show("src").record.machine.unwrap().drives.len()
+        );
+        let disk = listed[0]
+            .files
+            .iter()
+            .find(|f| f.name == "disk-root")
+            .unwrap();
+        assert_eq!(
+            disk.size,
+            fs::metadata(dir.join("disk-root")).unwrap().len()
+        );
+        assert_eq!(
+            env.show("src").record.state,
+            banger_api::model::VmState::Running
+        );
+
+        let again = env
+            .banger(&["vm", "snapshot", "src", "--name", "s1"])
+            .failed();
+        assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+
+        env.banger(&["vm", "snapshot", "rm", "s1"]).ok();
+        assert!(!dir.exists());
+        let list = env.banger(&["vm", "snapshot", "list"]).ok();
+        assert!(list.stdout.contains("no snapshots"), "{}", list.stdout);
+    }
 }

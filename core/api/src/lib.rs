@@ -33,5 +33,6 @@ pub mod net;
 pub mod paths;
 pub mod progress;
 pub mod release;
+pub mod snapshot;
 pub mod ssh;
 pub mod workspace;

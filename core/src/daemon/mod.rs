@@ -25,6 +25,7 @@ use banger_vmm::{Backends, LaunchPaths, Vmm, VmmError};
 
 mod artifacts_api;
 mod server;
+mod snapshot_api;
 
 pub use artifacts_api::{
     BuildRequest, CatalogImageView, CatalogKernelView, ImageView, ImportKernelRequest, KernelView,
@@ -467,6 +468,7 @@ async fn rotate_console_logs(lc: &Lifecycle) {
 fn router(state: Arc<server::ApiState>) -> axum::Router {
     artifacts_api::routes()
         .merge(server::vm_routes())
+        .merge(snapshot_api::routes())
         .fallback(|| async {
             server::ApiError(
                 axum::http::StatusCode::NOT_FOUND,

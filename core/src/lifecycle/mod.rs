@@ -35,6 +35,7 @@ mod inspect;
 mod lock_tests;
 mod reconcile;
 mod set;
+mod snapshot;
 mod ssh;
 mod start;
 mod stop;
