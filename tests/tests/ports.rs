@@ -384,6 +384,10 @@ mod tests {
             .options["forward"]
             .clone();
         assert!(!forward.contains(&other_port.to_string()), "{forward}");
+        assert!(
+            held(free, Proto::Tcp) && held(busy, Proto::Tcp),
+            "a refused add closed the forwards that were open"
+        );
 
         // A second VM cannot take a port the first forwards.
         env.create("second", &["--no-start", "-p", &format!("{free}:80")])
