@@ -3,7 +3,10 @@
 //! records file); every Teardown withdraws it. The server itself, which also
 //! forwards names outside `.vm` to the host's resolvers, is this
 //! capability's too: `daemon_start` starts it on `127.0.0.1:dns_port` and
-//! on the bridge address (port 53), `daemon_stop` stops it.
+//! on the bridge address (port 53), `daemon_stop` stops it. An address it
+//! could not take (another daemon holds it) is a warning in every VM's
+//! PrepareHost, naming the holder and the config key that moves this
+//! daemon off it: otherwise `.vm` names silently resolve from the other one.
 
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +29,8 @@ pub const NAME: &str = "dns";
 pub struct Dns {
     net: Arc<HostNetwork>,
     server: Mutex<Option<dns::DnsServer>>,
+    /// Why each listen address the server does not serve is not served.
+    unserved: Mutex<Vec<String>>,
 }
 
 impl Dns {
@@ -34,6 +39,7 @@ impl Dns {
         Dns {
             net,
             server: Mutex::new(None),
+            unserved: Mutex::new(Vec::new()),
         }
     }
 }
@@ -45,30 +51,72 @@ impl Dns {
 /// [`bridge_sockets`]). A listener that cannot bind (port taken, no helper)
 /// is a warning; only a server with no listener at all is an error.
 pub async fn serve(net: &HostNetwork, host: &dyn HostOps) -> Result<dns::DnsServer, dns::DnsError> {
+    serve_reporting(net, host).await.0
+}
+
+/// [`serve`], also returning a warning for each address not served: what
+/// holds it (or why it failed) and the config key that avoids it.
+async fn serve_reporting(
+    net: &HostNetwork,
+    host: &dyn HostOps,
+) -> (Result<dns::DnsServer, dns::DnsError>, Vec<String>) {
     let loopback =
         std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, net.config().dns_port));
     let bridge = std::net::SocketAddr::from((net.gateway(), 53));
     let upstream = dns::Upstream::from_config(net.config().dns_upstream.as_deref());
-    let mut server = dns::DnsServer::start(net.dns_records().to_path_buf(), &[], upstream).await?;
+    let mut server =
+        match dns::DnsServer::start(net.dns_records().to_path_buf(), &[], upstream).await {
+            Ok(s) => s,
+            Err(e) => return (Err(e), Vec::new()),
+        };
     let mut last = None;
+    let mut unserved = Vec::new();
     for addr in [loopback, bridge] {
         let mut added = server.add_listener(addr).await;
         if addr == bridge {
             added = bridge_sockets(&mut server, host, net.gateway(), added).await;
         }
         if let Err(e) = added {
-            tracing::warn!(
-                "no .{} DNS on {addr}: {}",
-                dns::ZONE,
-                banger_core::lifecycle::render_chain(&e)
-            );
+            let warning = not_served(addr, addr == loopback, &e);
+            tracing::warn!("{warning}");
+            unserved.push(warning);
             last = Some(e);
         }
     }
     match last {
-        Some(e) if server.local_addrs().is_empty() => Err(e),
-        _ => Ok(server),
+        Some(e) if server.local_addrs().is_empty() => (Err(e), unserved),
+        _ => (Ok(server), unserved),
     }
+}
+
+/// The warning for listen address `addr` that failed with `e`: who holds
+/// it when it is taken, and which setting moves this daemon elsewhere.
+fn not_served(addr: std::net::SocketAddr, loopback: bool, e: &dns::DnsError) -> String {
+    let in_use = matches!(e, dns::DnsError::Bind { source, .. }
+        if source.kind() == std::io::ErrorKind::AddrInUse);
+    let holders = match addr {
+        std::net::SocketAddr::V4(a) if in_use => banger_api::net::holder::udp_holders(a),
+        _ => Vec::new(),
+    };
+    let why = if holders.is_empty() {
+        banger_core::lifecycle::render_chain(e)
+    } else {
+        let names: Vec<String> = holders.iter().map(ToString::to_string).collect();
+        format!(
+            "it is held by {} (another banger daemon?), so .{} names may resolve from it",
+            names.join(", "),
+            dns::ZONE
+        )
+    };
+    let fix = if loopback {
+        "set dns_port in [network] of config.toml to a free port"
+    } else {
+        "set subnet in [network] of config.toml to a free one"
+    };
+    format!(
+        "no .{} DNS on {addr}: {why}; {fix}, then restart the daemon (`banger daemon stop`)",
+        dns::ZONE
+    )
 }
 
 /// After binding the bridge address ourselves ended in `bound`: when
@@ -126,6 +174,14 @@ impl Capability for Dns {
             .map_err(|e| CapError::with("Cannot publish the DNS record", e))?;
         ctx.log
             .info(&format!("{}.{} -> {}", ctx.vm.name, dns::ZONE, lease.ip));
+        for warning in self
+            .unserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            ctx.log.warn(warning);
+        }
         Ok(())
     }
 
@@ -152,10 +208,9 @@ impl Capability for Dns {
                 banger_core::lifecycle::render_chain(&e)
             ),
         }
-        let server = ctx
-            .runtime
-            .block_on(serve(&self.net, ctx.host))
-            .map_err(|e| CapError::with(format!("No .{} DNS", dns::ZONE), e))?;
+        let (served, unserved) = ctx.runtime.block_on(serve_reporting(&self.net, ctx.host));
+        *self.unserved.lock().unwrap_or_else(|e| e.into_inner()) = unserved;
+        let server = served.map_err(|e| CapError::with(format!("No .{} DNS", dns::ZONE), e))?;
         tracing::info!(addrs = ?server.local_addrs(), "serving .{} DNS", dns::ZONE);
         let old = self
             .server

@@ -141,6 +141,7 @@ async fn all_checks() -> Vec<Check> {
     out.push(vsock(&paths, plan.vmm));
     out.push(nft());
     out.push(privileges(&config));
+    out.push(dns_addresses(&paths, &config));
     out.push(vmm_jail(&config));
     out.push(default_artifacts(&config, &paths));
     out.push(ssh_identity(&paths, &config));
@@ -823,6 +824,51 @@ fn ssh_config_included(paths: &Paths) -> Check {
         ),
         Err(e) => Check::warn("ssh config", format!("{e:#}"), None),
     }
+}
+
+/// The `.vm` DNS server's addresses (`127.0.0.1:dns_port`, the bridge
+/// address on port 53) must be free or this user's daemon's: held by
+/// another process (another daemon), `.vm` names resolve from it.
+fn dns_addresses(paths: &Paths, config: &Config) -> Check {
+    use banger_api::net::holder::udp_holders;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    let net = banger_api::net::identity::NetIdentity::for_state_dir(&paths.state_dir)
+        .resolve(&config.network);
+    let ours = std::fs::read_to_string(paths.pid_file())
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    let addrs = [
+        (
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, net.dns_port),
+            "set dns_port in [network] of config.toml to a free port",
+        ),
+        (
+            SocketAddrV4::new(net.subnet.gateway(), 53),
+            "set subnet in [network] of config.toml to a free one",
+        ),
+    ];
+    for (addr, fix) in addrs {
+        let others: Vec<String> = udp_holders(addr)
+            .into_iter()
+            .filter(|h| h.pid.is_none() || h.pid != ours)
+            .map(|h| h.to_string())
+            .collect();
+        if !others.is_empty() {
+            return Check::fail(
+                "dns",
+                format!(
+                    "{addr} is held by {} (another banger daemon?): .vm names would resolve from it, not from this daemon",
+                    others.join(", ")
+                ),
+                format!("{fix}, then `banger daemon stop` (the next command starts it there)"),
+            );
+        }
+    }
+    let [(lo, _), (gw, _)] = addrs;
+    Check::pass(
+        "dns",
+        format!(".vm DNS on {lo} and {gw}: free or this daemon's"),
+    )
 }
 
 async fn daemon(paths: &Paths) -> Check {

@@ -52,7 +52,8 @@ pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(cmd).args(args).output().unwrap()
 }
 
-fn free_udp_port() -> u16 {
+/// A loopback UDP port free right now (e.g. for a daemon's `dns_port`).
+pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -188,6 +188,138 @@ mod tests {
         assert_eq!(env.show("wrapped").record.state, VmState::Error);
     }
 
+    /// Runs `body` on a thread with a fresh network namespace (the daemon
+    /// the CLI starts from it lives there too, bridge and listeners with
+    /// it), loopback up.
+    fn in_netns(test: &str, body: impl FnOnce() + Send + 'static) {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP {test}: needs root (network namespaces, a bridge)");
+            return;
+        }
+        if std::process::Command::new("ip").arg("-V").output().is_err() {
+            eprintln!("SKIP {test}: ip missing (apt-get install iproute2)");
+            return;
+        }
+        let handle = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+            body();
+        });
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// A UDP socket on `addr` taken the way banger's DNS server takes the
+    /// bridge address: with `IP_FREEBIND`, before the address exists.
+    fn squat_freebind(addr: std::net::SocketAddrV4) -> std::net::UdpSocket {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+        };
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::IpFreebind, &true).unwrap();
+        bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).unwrap();
+        std::net::UdpSocket::from(fd)
+    }
+
+    /// `banger doctor --json`'s `dns` check.
+    fn doctor_dns(env: &BangerEnv) -> (i32, serde_json::Value) {
+        let r = env.banger(&["doctor", "--json"]);
+        let checks: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+        let dns = checks
+            .into_iter()
+            .find(|c| c["check"] == "dns")
+            .unwrap_or_else(|| panic!("no dns check in {}", r.stdout));
+        (r.code, dns)
+    }
+
+    fn networked_config(network: &str) -> String {
+        format!("default_caps = [\"work-disk\", \"network\", \"dns\"]\n[network]\n{network}\n")
+    }
+
+    #[test]
+    fn a_dns_port_another_process_holds_is_a_create_warning_and_a_doctor_failure() {
+        const TEST: &str = "a_dns_port_another_process_holds_is_a_create_warning";
+        in_netns(TEST, || {
+            // This test process plays the other daemon.
+            let squatter = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = squatter.local_addr().unwrap().port();
+            let env = BangerEnv::new();
+            env.write_config(&networked_config(&format!("dns_port = {port}")));
+            let r = env.create("squatted", &[]).ok();
+            let text = both(&r);
+            let addr = format!("127.0.0.1:{port}");
+            let me = format!("pid {}", std::process::id());
+            let warning = text
+                .lines()
+                .find(|l| l.contains(&format!("no .vm DNS on {addr}")))
+                .unwrap_or_else(|| panic!("no warning naming {addr}:\n{text}"));
+            assert!(warning.contains(&me), "names the holder: {warning}");
+            assert!(warning.contains("dns_port"), "names the fix: {warning}");
+
+            let (code, dns) = doctor_dns(&env);
+            assert_ne!(code, 0, "{dns}");
+            assert_eq!(dns["status"], "fail", "{dns}");
+            let detail = dns["detail"].as_str().unwrap();
+            assert!(detail.contains(&addr) && detail.contains(&me), "{detail}");
+            assert!(dns["fix"].as_str().unwrap().contains("dns_port"), "{dns}");
+
+            // Once the other holder is gone, a restarted daemon takes it.
+            drop(squatter);
+            env.banger(&["daemon", "stop"]).ok();
+            let r = env.create("served", &[]).ok();
+            assert!(!both(&r).contains("no .vm DNS"), "{}", both(&r));
+            let (_, dns) = doctor_dns(&env);
+            assert_eq!(dns["status"], "pass", "{dns}");
+        });
+    }
+
+    #[test]
+    fn a_bridge_address_another_process_holds_is_a_create_warning_and_a_doctor_failure() {
+        const TEST: &str = "a_bridge_address_another_process_holds_is_a_create_warning";
+        in_netns(TEST, || {
+            let gateway = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 213, 7, 1), 53);
+            let squatter = squat_freebind(gateway);
+            let env = BangerEnv::new();
+            env.write_config(&networked_config(&format!(
+                "subnet = \"10.213.7.0/24\"\ndns_port = {}",
+                test_infra::guest_rig::free_udp_port()
+            )));
+            let r = env.create("squatted", &[]).ok();
+            let text = both(&r);
+            let warning = text
+                .lines()
+                .find(|l| l.contains("no .vm DNS on 10.213.7.1:53"))
+                .unwrap_or_else(|| panic!("no warning naming the bridge address:\n{text}"));
+            assert!(
+                warning.contains(&format!("pid {}", std::process::id())),
+                "{warning}"
+            );
+            assert!(warning.contains("set subnet"), "{warning}");
+
+            let (code, dns) = doctor_dns(&env);
+            assert_ne!(code, 0);
+            assert_eq!(dns["status"], "fail", "{dns}");
+            assert!(
+                dns["detail"].as_str().unwrap().contains("10.213.7.1:53"),
+                "{dns}"
+            );
+            assert!(dns["fix"].as_str().unwrap().contains("subnet"), "{dns}");
+            drop(squatter);
+        });
+    }
+
     #[test]
     fn every_stage_is_timed_in_the_log_and_the_last_start_survives_a_restart() {
         let env = BangerEnv::new();

@@ -2,6 +2,7 @@
 //! addresses and interface names: the network vocabulary the config, the
 //! store and the host operations share.
 
+pub mod holder;
 pub mod identity;
 
 use std::fmt;
