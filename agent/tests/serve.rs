@@ -139,4 +139,65 @@ mod tests {
         assert_eq!(request(&agent.addr, "GET", "/nope").0, 404);
         assert_eq!(request(&agent.addr, "POST", "/healthz").0, 405);
     }
+
+    /// `POST /reidentify` with `secret` as the bearer token; (status, body).
+    fn reidentify(addr: &str, secret: &str, body: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /reidentify HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {secret}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        (
+            head.split(' ').nth(1).unwrap().parse().unwrap(),
+            body.to_string(),
+        )
+    }
+
+    #[test]
+    fn reidentify_takes_the_old_secret_once_then_only_the_new_one() {
+        use banger_guest_protocol::exec::SECRET_PATH;
+        let root = tempfile::tempdir().unwrap();
+        let secret = root.path().join(SECRET_PATH);
+        std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+        std::fs::write(&secret, "old-secret\n").unwrap();
+        let agent = start_agent(root.path());
+        let body = serde_json::json!({
+            "hostname": "restored-2",
+            "ssh_host_keys": [{"name": "ssh_host_ed25519_key.pub",
+                               "contents": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7p1Z4t9B1BlY3fsJ4mMDbWdW9b7Fv2Z5mfsU1T1x8y new\n"}],
+            "new_secret": "new-secret",
+        })
+        .to_string();
+        let (status, _) = reidentify(&agent.addr, "wrong", &body);
+        assert_eq!(status, 401);
+        assert!(
+            !root.path().join("etc/hostname").exists(),
+            "nothing applied"
+        );
+
+        let (status, answer) = reidentify(&agent.addr, "old-secret", &body);
+        assert_eq!(status, 200, "{answer}");
+        let done: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(
+            done["applied"],
+            serde_json::json!(["hostname", "ssh-host-keys", "secret"])
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("etc/hostname")).unwrap(),
+            "restored-2\n"
+        );
+        let keys: Vec<HostKey> = get(&agent.addr, "/ssh-host-keys");
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(keys[0].public_key.ends_with(" new"), "{keys:?}");
+
+        let (status, _) = reidentify(&agent.addr, "old-secret", &body);
+        assert_eq!(status, 401, "the snapshot's secret stops working");
+        let (status, _) = reidentify(&agent.addr, "new-secret", "{not json");
+        assert_eq!(status, 400);
+    }
 }

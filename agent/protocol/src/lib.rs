@@ -11,3 +11,4 @@ pub mod api;
 pub mod bundle;
 pub mod drive;
 pub mod exec;
+pub mod reidentify;

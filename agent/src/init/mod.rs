@@ -6,7 +6,7 @@ mod drive;
 mod files;
 mod modules;
 mod mounts;
-mod net;
+pub(crate) mod net;
 mod seed;
 mod supervise;
 

@@ -70,6 +70,63 @@ pub fn configure(ifname: &str, net: &GuestNetwork) -> Result<(), NetError> {
     Ok(())
 }
 
+/// A restored guest's new network identity on `ifname`: the MAC set, the
+/// snapshot's address removed, then [`configure`] with the new one.
+/// Returns what was done, for the answer.
+pub fn reidentify(
+    ifname: &str,
+    mac: Option<&str>,
+    previous: Option<&str>,
+    net: Option<&GuestNetwork>,
+) -> Result<Vec<String>, NetError> {
+    let mut done = Vec::new();
+    let index = index_of(ifname)?;
+    let nl = Netlink::open()?;
+    let fail = |op| move |e| NetError::Request(op, ifname.to_string(), e);
+    if let Some(mac) = mac {
+        let bytes = parse_mac(mac).ok_or_else(|| NetError::BadAddress(mac.to_string()))?;
+        nl.request(&set_mac(index, &bytes))
+            .map_err(fail("set the MAC address"))?;
+        done.push("mac".to_string());
+    }
+    if let Some(prev) = previous {
+        let (ip, prefix) = parse_cidr(prev)?;
+        match nl.request(&del_address(index, ip, prefix)) {
+            // Already gone is what we wanted.
+            Ok(()) | Err(Errno::EADDRNOTAVAIL) => {}
+            Err(e) => return Err(fail("remove the previous address")(e)),
+        }
+    }
+    if let Some(net) = net {
+        configure(ifname, net)?;
+        done.push("address".to_string());
+    }
+    Ok(done)
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+fn set_mac(index: u32, mac: &[u8; 6]) -> Message {
+    let mut h = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
+    h.extend_from_slice(&index.to_ne_bytes());
+    h.extend_from_slice(&0u32.to_ne_bytes());
+    h.extend_from_slice(&0u32.to_ne_bytes());
+    Message::new(libc::RTM_NEWLINK, 0, &h).attr(libc::IFLA_ADDRESS, mac)
+}
+
+fn del_address(index: u32, ip: IpAddr, prefix: u8) -> Message {
+    let mut h = vec![family(ip), prefix, 0, libc::RT_SCOPE_UNIVERSE];
+    h.extend_from_slice(&index.to_ne_bytes());
+    Message::new(libc::RTM_DELADDR, 0, &h).attr(libc::IFA_LOCAL, &octets(ip))
+}
+
 fn parse_cidr(s: &str) -> Result<(IpAddr, u8), NetError> {
     let bad = || NetError::BadAddress(s.to_string());
     let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
@@ -329,6 +386,60 @@ mod tests {
             assert!(matches!(
                 configure("eth9", &net),
                 Err(NetError::NoInterface(..))
+            ));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn reidentify_swaps_mac_and_address_in_a_fresh_netns() {
+        if !nix::unistd::geteuid().is_root() || Command::new("ip").arg("-V").output().is_err() {
+            eprintln!("SKIP reidentify_swaps_mac_and_address_in_a_fresh_netns: needs root and ip");
+            return;
+        }
+        std::thread::spawn(|| {
+            unshare(CloneFlags::CLONE_NEWNET).unwrap();
+            for setup in [
+                &["link", "add", "p5", "type", "veth", "peer", "name", "eth5"][..],
+                &["link", "set", "p5", "up"],
+            ] {
+                assert!(Command::new("ip").args(setup).status().unwrap().success());
+            }
+            let net = |address: &str| GuestNetwork {
+                nic_id: "n".into(),
+                address: address.into(),
+                gateway: Some("172.30.0.1".into()),
+                mtu: None,
+                nameservers: vec![],
+            };
+            // The snapshot's identity, as the boot applied it.
+            configure("eth5", &net("172.30.0.5/24")).unwrap();
+            let done = reidentify(
+                "eth5",
+                Some("06:00:ac:1e:00:09"),
+                Some("172.30.0.5/24"),
+                Some(&net("172.30.0.9/24")),
+            )
+            .unwrap();
+            assert_eq!(done, ["mac", "address"]);
+            let link = &ip_json(&["addr", "show", "dev", "eth5"])[0];
+            assert_eq!(link["address"], "06:00:ac:1e:00:09");
+            let addrs: Vec<&str> = link["addr_info"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["family"] == "inet")
+                .map(|a| a["local"].as_str().unwrap())
+                .collect();
+            assert_eq!(addrs, ["172.30.0.9"], "the old address is gone");
+            let routes = ip_json(&["route", "show", "default"]);
+            assert_eq!(routes[0]["gateway"], "172.30.0.1");
+            // Twice is harmless: the old address is already gone.
+            reidentify("eth5", None, Some("172.30.0.5/24"), None).unwrap();
+            assert!(matches!(
+                reidentify("eth5", Some("zz:00"), None, None),
+                Err(NetError::BadAddress(_))
             ));
         })
         .join()

@@ -5,6 +5,7 @@ mod exec;
 mod health;
 mod host_keys;
 mod ports;
+mod reidentify;
 
 use std::fs::File;
 use std::io::{Cursor, Read, Write};
@@ -136,10 +137,86 @@ fn handle(mut conn: File, root: &Path, started: Instant) {
         Some((head, rest)) if is_exec(&head) => {
             return upgrade_to_exec(conn, &head, rest, root);
         }
+        Some((head, rest)) if is_post(&head, banger_guest_protocol::reidentify::PATH) => {
+            reidentify_request(&mut conn, &head, rest, root)
+        }
         Some((head, _)) => route(&head, root, started),
         None => reply(400, "text/plain", b"bad request\n".to_vec()),
     };
     let _ = conn.write_all(&response);
+}
+
+fn is_post(head: &str, path: &str) -> bool {
+    let mut first = head.lines().next().unwrap_or_default().split(' ');
+    first.next() == Some("POST") && first.next() == Some(path)
+}
+
+/// `POST /reidentify`: the old secret authorises a new identity (see
+/// `reidentify`). The network is applied through netlink only in a real
+/// guest (`root` is `/`).
+fn reidentify_request(conn: &mut File, head: &str, mut body: Vec<u8>, root: &Path) -> Vec<u8> {
+    if let Err(refusal) = exec::authorize(head, &exec::secret_path(root)) {
+        let status = match refusal {
+            exec::Refusal::NoSecret(_) => 403,
+            exec::Refusal::WrongSecret => 401,
+        };
+        return reply(status, "text/plain", format!("{refusal}\n").into_bytes());
+    }
+    let len = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+    let Some(len) = len.filter(|l| *l <= reidentify::MAX_BODY) else {
+        return reply(
+            400,
+            "text/plain",
+            b"a Content-Length up to 256 KiB is required\n".to_vec(),
+        );
+    };
+    let mut buf = [0u8; 4096];
+    while body.len() < len {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return reply(400, "text/plain", b"truncated body\n".to_vec()),
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+        }
+    }
+    body.truncate(len);
+    let req: banger_guest_protocol::reidentify::Reidentify = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return reply(
+                400,
+                "text/plain",
+                format!("bad request body: {e}\n").into_bytes(),
+            );
+        }
+    };
+    let real = root == Path::new("/");
+    let net = |r: &banger_guest_protocol::reidentify::Reidentify| -> Result<Vec<String>, String> {
+        if !real {
+            return Ok(Vec::new());
+        }
+        crate::init::net::reidentify(
+            &crate::init::net::interface_name(0),
+            r.mac.as_deref(),
+            r.previous_address.as_deref(),
+            r.network.as_ref(),
+        )
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        })
+    };
+    match reidentify::apply(&req, root, &net) {
+        Ok(done) => json(&done),
+        Err(e) => reply(500, "text/plain", format!("{e}\n").into_bytes()),
+    }
 }
 
 fn is_exec(head: &str) -> bool {

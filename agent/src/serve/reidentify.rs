@@ -1,0 +1,219 @@
+//! `POST /reidentify` (see `banger_guest_protocol::reidentify`): applies a
+//! restored guest's new identity. Every file is staged and renamed; the
+//! secret is swapped last, so a request that fails half way can be retried
+//! with the same (old) secret.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use banger_guest_protocol::reidentify::{Reidentified, Reidentify};
+
+use super::exec::secret_path;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// How the network part is applied: the guest's netlink, or nothing in
+/// host-side tests.
+pub type ApplyNet<'a> = dyn Fn(&Reidentify) -> Result<Vec<String>, String> + 'a;
+
+/// Applies `req` to the system rooted at `root`. The hostname syscall is
+/// made only when `root` is `/` (a real guest).
+pub fn apply(req: &Reidentify, root: &Path, net: &ApplyNet<'_>) -> Result<Reidentified, String> {
+    let mut applied = Vec::new();
+    let name = req.hostname.trim();
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !valid {
+        return Err(format!("Invalid hostname {:?}", req.hostname));
+    }
+    if req.new_secret.trim().is_empty() {
+        return Err("The new secret is empty".into());
+    }
+    write_staged(
+        &root.join("etc/hostname"),
+        format!("{name}\n").as_bytes(),
+        0o644,
+    )?;
+    if root == Path::new("/") {
+        nix::unistd::sethostname(name).map_err(|e| format!("sethostname: {e}"))?;
+    }
+    applied.push("hostname".to_string());
+    applied.extend(net(req)?);
+    if !req.ssh_host_keys.is_empty() {
+        let dir = root.join("etc/ssh");
+        for k in &req.ssh_host_keys {
+            let plain = !k.name.is_empty()
+                && k.name.starts_with("ssh_host_")
+                && !k.name.contains('/')
+                && !k.name.contains("..");
+            if !plain {
+                return Err(format!("Invalid host key file name {:?}", k.name));
+            }
+            let mode = if k.name.ends_with(".pub") {
+                0o644
+            } else {
+                0o600
+            };
+            write_staged(&dir.join(&k.name), k.contents.as_bytes(), mode)?;
+        }
+        applied.push("ssh-host-keys".to_string());
+        if root == Path::new("/") && reload_sshd(Path::new("/proc")) {
+            applied.push("sshd-reloaded".to_string());
+        }
+    }
+    write_staged(
+        &secret_path(root),
+        format!("{}\n", req.new_secret.trim()).as_bytes(),
+        0o600,
+    )?;
+    applied.push("secret".to_string());
+    Ok(Reidentified { applied })
+}
+
+/// Writes `path` through a staged file renamed over it.
+fn write_staged(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| fail("creating the directory of", e))?;
+    }
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(".banger-new");
+    let staged = std::path::PathBuf::from(staged);
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&staged)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&staged, path));
+    written.map_err(|e| {
+        let _ = fs::remove_file(&staged);
+        fail("writing", e)
+    })
+}
+
+/// Sends SIGHUP to every process named `sshd` (re-reads its host keys).
+fn reload_sshd(proc: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(proc) else {
+        return false;
+    };
+    let mut any = false;
+    for e in entries.filter_map(Result::ok) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "sshd" {
+            let sent = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            );
+            any |= sent.is_ok();
+        }
+    }
+    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_guest_protocol::reidentify::HostKeyFile;
+
+    fn request() -> Reidentify {
+        Reidentify {
+            hostname: "restored-1".into(),
+            mac: None,
+            previous_address: None,
+            network: None,
+            ssh_host_keys: vec![
+                HostKeyFile {
+                    name: "ssh_host_ed25519_key".into(),
+                    contents: "PRIVATE\n".into(),
+                },
+                HostKeyFile {
+                    name: "ssh_host_ed25519_key.pub".into(),
+                    contents: "ssh-ed25519 AAAA new\n".into(),
+                },
+            ],
+            new_secret: "new-secret".into(),
+        }
+    }
+
+    #[test]
+    fn applies_hostname_keys_and_secret_last_with_private_modes() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("etc/ssh")).unwrap();
+        fs::write(r.join("etc/ssh/ssh_host_ed25519_key"), "OLD").unwrap();
+        let net_seen = std::cell::Cell::new(false);
+        let done = apply(&request(), r, &|_| {
+            net_seen.set(true);
+            Ok(vec!["address".into()])
+        })
+        .unwrap();
+        assert_eq!(
+            done.applied,
+            ["hostname", "address", "ssh-host-keys", "secret"]
+        );
+        assert!(net_seen.get());
+        assert_eq!(
+            fs::read_to_string(r.join("etc/hostname")).unwrap(),
+            "restored-1\n"
+        );
+        assert_eq!(
+            fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key")).unwrap(),
+            "PRIVATE\n"
+        );
+        let mode = |p: &str| fs::metadata(r.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("etc/ssh/ssh_host_ed25519_key"), 0o600);
+        assert_eq!(mode("etc/ssh/ssh_host_ed25519_key.pub"), 0o644);
+        assert_eq!(
+            fs::read_to_string(secret_path(r)).unwrap().trim(),
+            "new-secret"
+        );
+        assert_eq!(mode(banger_guest_protocol::exec::SECRET_PATH), 0o600);
+        let leftovers: Vec<_> = fs::read_dir(r.join("etc/ssh"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".banger-new"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_failed_network_step_keeps_the_old_secret_and_bad_input_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        write_staged(&secret_path(r), b"old\n", 0o600).unwrap();
+        let err = apply(&request(), r, &|_| Err("no eth0".into())).unwrap_err();
+        assert_eq!(err, "no eth0");
+        assert_eq!(fs::read_to_string(secret_path(r)).unwrap(), "old\n");
+
+        let mut bad = request();
+        bad.hostname = "evil/../x".into();
+        assert!(
+            apply(&bad, r, &|_| Ok(vec![]))
+                .unwrap_err()
+                .contains("hostname")
+        );
+        let mut bad = request();
+        bad.ssh_host_keys[0].name = "../../etc/shadow".into();
+        assert!(
+            apply(&bad, r, &|_| Ok(vec![]))
+                .unwrap_err()
+                .contains("host key")
+        );
+        assert_eq!(fs::read_to_string(secret_path(r)).unwrap(), "old\n");
+    }
+}
