@@ -180,19 +180,6 @@ impl Vmm for Firecracker {
             _ => self.configure_and_start(machine, &paths.api_socket, &log),
         };
         if let Err(e) = booted {
-            // A request that failed because firecracker died says little:
-            // say how it ended and what it wrote instead.
-            let e = match launched.spawned.exit_status() {
-                Some(how) => VmmError::NotReady(format!(
-                    "{NAME} exited with {how} while being configured ({}); last lines of {}:\n{}\nlast lines of {}:\n{}",
-                    error_chain(&e),
-                    machine.serial_log.display(),
-                    log_tail(&machine.serial_log, LOG_TAIL_LINES),
-                    paths.vmm_log.display(),
-                    log_tail(&paths.vmm_log, LOG_TAIL_LINES)
-                )),
-                None => e,
-            };
             return Err(launched.abort(e));
         }
         Ok(process)
@@ -244,9 +231,13 @@ impl Vmm for Firecracker {
 }
 
 impl Firecracker {
-    /// Polls `GET /` until it answers, the child exits, or the deadline passes.
+    /// Polls `GET /` until it answers, the child exits, or the deadline
+    /// passes. The pause starts at 1 ms and doubles up to `POLL`: the
+    /// socket is usually there within a few ms, and a flat 10 ms pause was
+    /// most of a launch.
     fn wait_ready(&self, launched: &Launched<'_>, serial_log: &Path) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.timeouts.socket_ready;
+        let mut pause = Duration::from_millis(1);
         loop {
             if let Some(how) = launched.spawned.exit_status() {
                 return Err(VmmError::NotReady(format!(
@@ -269,7 +260,8 @@ impl Firecracker {
                     log_tail(serial_log, LOG_TAIL_LINES)
                 )));
             }
-            std::thread::sleep(POLL);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(POLL);
         }
     }
 
