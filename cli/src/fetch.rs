@@ -88,9 +88,12 @@ impl std::fmt::Debug for Fetcher {
 impl Fetcher {
     /// A client trusting the Mozilla root certificates.
     pub fn new() -> Result<Fetcher, FetchError> {
-        let roots = rustls::RootCertStore {
+        Fetcher::with_roots(rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        })
+    }
+
+    fn with_roots(roots: rustls::RootCertStore) -> Result<Fetcher, FetchError> {
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -277,11 +280,38 @@ fn resolve(base: &str, location: &str) -> Result<String, FetchError> {
         uri.scheme_str().unwrap_or("https"),
         uri.authority().map(|a| a.as_str()).unwrap_or("")
     );
-    if location.starts_with('/') {
-        return Ok(format!("{origin}{location}"));
+    let joined = if location.starts_with('/') {
+        location.to_string()
+    } else {
+        let dir = uri.path().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        format!("{dir}/{location}")
+    };
+    let (path, query) = match joined.split_once('?') {
+        Some((p, q)) => (p, format!("?{q}")),
+        None => (joined.as_str(), String::new()),
+    };
+    Ok(format!("{origin}{}{query}", without_dot_segments(path)))
+}
+
+/// `path` with `.` and `..` segments applied (RFC 3986, 5.2.4).
+fn without_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." {
+                    out.pop();
+                }
+                if last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
     }
-    let dir = uri.path().rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-    Ok(format!("{origin}{dir}/{location}"))
+    format!("/{}", out.join("/"))
 }
 
 #[cfg(test)]
@@ -302,6 +332,112 @@ mod tests {
         assert_eq!(
             resolve(base, "m2").unwrap(),
             "https://a.example:8443/rel/latest/m2"
+        );
+        assert_eq!(
+            resolve(base, "../0.2.0/manifest?x=1").unwrap(),
+            "https://a.example:8443/rel/0.2.0/manifest?x=1"
+        );
+        assert_eq!(
+            resolve(base, "/a/./b/../c/").unwrap(),
+            "https://a.example:8443/a/c/"
+        );
+        assert_eq!(resolve(base, "../..").unwrap(), "https://a.example:8443/");
+    }
+
+    /// A loopback HTTPS server for `localhost` with a self-signed
+    /// certificate, answering `reply` to every request. Returns its port
+    /// and certificate.
+    async fn serve_https(
+        reply: &'static [u8],
+    ) -> (u16, rustls::pki_types::CertificateDer<'static>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls.write_all(reply).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (port, der)
+    }
+
+    #[tokio::test]
+    async fn https_is_verified_against_the_trusted_roots() {
+        let (port, cert) = serve_https(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
+        let url = format!("https://localhost:{port}/m");
+        // The Mozilla roots do not know a self-signed certificate.
+        let e = Fetcher::new()
+            .unwrap()
+            .get_bytes(&url, 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, FetchError::Unreachable { why, .. } if why.contains("TLS") && why.contains("certificate")),
+            "{e:?}"
+        );
+        // Trusted, the same server is fetched over TLS.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let body = Fetcher::with_roots(roots)
+            .unwrap()
+            .get_bytes(&url, 10)
+            .await
+            .unwrap();
+        assert_eq!(body, b"hello");
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_to_the_file() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let reply: &[u8] = if req.starts_with("GET /latest/manifest ") {
+                    b"HTTP/1.1 302 Found\r\nlocation: ../v2/manifest\r\ncontent-length: 0\r\n\r\n"
+                } else if req.starts_with("GET /v2/manifest ") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(reply).await;
+            }
+        });
+        let f = Fetcher::new().unwrap();
+        let body = f
+            .get_bytes(&format!("{base}/latest/manifest"), 10)
+            .await
+            .unwrap();
+        assert_eq!(body, b"ok");
+        let e = f.get_bytes(&format!("{base}/nope"), 10).await.unwrap_err();
+        assert!(
+            matches!(e, FetchError::Status { status, .. } if status == StatusCode::NOT_FOUND),
+            "{e:?}"
         );
     }
 
