@@ -336,6 +336,13 @@ mod tests {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
     }
 
+    /// A character device node `major:minor` at `path`, mode 0600.
+    fn char_device(path: &Path, major: u64, minor: u64) {
+        use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+        mknod(path, SFlag::S_IFCHR, Mode::empty(), makedev(major, minor)).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     #[test]
     fn the_tun_device_is_opened_to_users_and_nothing_else_is_touched() {
         if !nix::unistd::geteuid().is_root() {
@@ -344,25 +351,12 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let tun = dir.path().join("tun");
-        nix::sys::stat::mknod(
-            &tun,
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-            nix::sys::stat::makedev(10, 200),
-        )
-        .unwrap();
-        std::fs::set_permissions(&tun, std::fs::Permissions::from_mode(0o600)).unwrap();
+        char_device(&tun, 10, 200);
         open_tun_device(&tun).unwrap();
         assert_eq!(mode(&tun), 0o666);
         // Another device, or a file, at that path is left as it is.
         let null = dir.path().join("null");
-        nix::sys::stat::mknod(
-            &null,
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-            nix::sys::stat::makedev(1, 3),
-        )
-        .unwrap();
+        char_device(&null, 1, 3);
         let err = open_tun_device(&null).unwrap_err().to_string();
         assert!(err.contains("not root's TUN device"), "{err}");
         assert_eq!(mode(&null), 0o600);
