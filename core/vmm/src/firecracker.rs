@@ -180,6 +180,19 @@ impl Vmm for Firecracker {
             _ => self.configure_and_start(machine, &paths.api_socket, &log),
         };
         if let Err(e) = booted {
+            // A request that failed because firecracker died says little:
+            // say how it ended and what it wrote instead.
+            let e = match launched.spawned.exit_status() {
+                Some(how) => VmmError::NotReady(format!(
+                    "{NAME} exited with {how} while being configured ({}); last lines of {}:\n{}\nlast lines of {}:\n{}",
+                    error_chain(&e),
+                    machine.serial_log.display(),
+                    log_tail(&machine.serial_log, LOG_TAIL_LINES),
+                    paths.vmm_log.display(),
+                    log_tail(&paths.vmm_log, LOG_TAIL_LINES)
+                )),
+                None => e,
+            };
             return Err(launched.abort(e));
         }
         Ok(process)
