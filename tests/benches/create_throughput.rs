@@ -83,10 +83,49 @@ fn timed_create(env: &BangerEnv, name: &str) -> Timed {
     }
 }
 
-/// `CREATES` creates, `concurrency` at a time; returns creates/s and each
-/// create's timing. The VMs are deleted afterwards, untimed.
-fn run(env: &BangerEnv, concurrency: usize, round: usize) -> (f64, Vec<Timed>) {
+/// CPU time so far of the daemon (with the tools it ran and reaped: nft,
+/// mkfs.ext4) and of this bench's reaped children (the CLIs), from
+/// `/proc/PID/stat` fields 14-17 and `getrusage(RUSAGE_CHILDREN)`.
+fn cpu_so_far(env: &BangerEnv) -> (Duration, Duration) {
+    let tick = Duration::from_secs(1) / 100; // USER_HZ
+    let pid =
+        std::fs::read_to_string(env.root().join("run/banger/bangerd.pid")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    // Fields after the parenthesised command name, which may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u32 = after
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|f| f.parse::<u32>().ok())
+        .sum();
+    // SAFETY: getrusage only writes the struct we pass, which lives
+    // through the call; all-zero is a valid rusage.
+    let cli = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    let cli = tv(cli.ru_utime) + tv(cli.ru_stime);
+    (tick * ticks, cli)
+}
+
+/// One run: creates/s, each create's timing, and CPU per create (daemon
+/// with its tools, CLI).
+struct Run {
+    rate: f64,
+    timed: Vec<Timed>,
+    cpu: (Duration, Duration),
+}
+
+/// `CREATES` creates, `concurrency` at a time. The VMs are deleted
+/// afterwards, untimed.
+fn run(env: &BangerEnv, concurrency: usize, round: usize) -> Run {
     let per_thread = CREATES / concurrency;
+    let cpu_before = cpu_so_far(env);
     let start = Instant::now();
     let timed: Vec<Timed> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..concurrency)
@@ -104,6 +143,12 @@ fn run(env: &BangerEnv, concurrency: usize, round: usize) -> (f64, Vec<Timed>) {
             .collect()
     });
     let secs = start.elapsed().as_secs_f64();
+    let cpu_after = cpu_so_far(env);
+    let n = CREATES as u32;
+    let cpu = (
+        (cpu_after.0 - cpu_before.0) / n,
+        (cpu_after.1 - cpu_before.1) / n,
+    );
     let names: Vec<String> = env
         .list()
         .into_iter()
@@ -112,7 +157,11 @@ fn run(env: &BangerEnv, concurrency: usize, round: usize) -> (f64, Vec<Timed>) {
     let mut args = vec!["vm", "delete"];
     args.extend(names.iter().map(String::as_str));
     env.banger(&args).ok();
-    (CREATES as f64 / secs, timed)
+    Run {
+        rate: CREATES as f64 / secs,
+        timed,
+        cpu,
+    }
 }
 
 /// The daemon's own stage times (`vm=V op=O stage=S took=Nms` in
@@ -196,8 +245,10 @@ fn main() {
     env.banger(&["vm", "delete", "warmup"]).ok();
 
     let load_before = load_average();
-    let (sequential, one) = run(&env, 1, 0);
-    let (concurrent, many) = run(&env, 32, 1);
+    let seq = run(&env, 1, 0);
+    let con = run(&env, 32, 1);
+    let (sequential, one) = (seq.rate, &seq.timed);
+    let (concurrent, many) = (con.rate, &con.timed);
     println!(
         "create_throughput/setup: fake firecracker, default caps (work-disk, network, dns, file-sync, vsock-agent), in {where_net}"
     );
@@ -217,12 +268,19 @@ fn main() {
     );
     println!(
         "create_throughput/1-concurrent stages (medians): {}",
-        split(&one)
+        split(one)
     );
     println!(
         "create_throughput/32-concurrent stages (medians): {}",
-        split(&many)
+        split(many)
     );
+    for (what, r) in [("1", &seq), ("32", &con)] {
+        println!(
+            "create_throughput/{what}-concurrent CPU per create: daemon and its tools {:.1} ms, CLI {:.1} ms",
+            r.cpu.0.as_secs_f64() * 1e3,
+            r.cpu.1.as_secs_f64() * 1e3
+        );
+    }
     println!(
         "create_throughput/1-concurrent daemon stages (medians, bangerd.log): {}",
         daemon_split(&env, 0)

@@ -115,6 +115,10 @@ mod tests {
                     "{r:#?}"
                 );
                 assert_eq!(tagged(&r, "banger:vmc:guard").len(), 5, "{r:#?}");
+                // The VMs guarded before are known again from the new table.
+                host.add_guest("vma", &port("bgguardt0", 2)).unwrap();
+                host.add_guest("vma", &port("bgguardt0", 2)).unwrap();
+                assert_eq!(tagged(&rules(), "banger:vma:guard").len(), 5);
 
                 // Removal takes exactly one VM's rules.
                 host.remove_guest("vmc").unwrap();

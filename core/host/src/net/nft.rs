@@ -34,7 +34,7 @@
 //! last NAT rule's removal (over every `banger_*` table, so every daemon on
 //! the host) turns it off again and deletes the marker.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -78,27 +78,17 @@ pub const NAT_DENY: &[&str] = &[
 /// process, so two VMs starting at once do not build the base twice.
 static BASE_LOCK: Mutex<()> = Mutex::new(());
 
-/// Bridges whose base chains this process has checked or built, so a VM's
-/// guard rules need not read the whole ruleset (both families) under
-/// [`BASE_LOCK`] first: concurrent starts then queue behind nothing. A
-/// table deleted behind our back makes the next guard change fail; the
-/// bridge is then forgotten, its base rebuilt and the change retried.
-static BASE_KNOWN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+/// Per bridge whose base chains this process has checked or built: the
+/// VMs with guard rules in its table, as read then and kept in step by this
+/// process's own changes (only this daemon writes its bridge's tables). A
+/// guard then reads nothing for a VM without rules (every create) and only
+/// its bridge table otherwise, and queues behind no lock. A table deleted
+/// behind our back makes the next guard fail; the bridge is then forgotten,
+/// its base rebuilt and the guard retried.
+static GUARDED: Mutex<BTreeMap<String, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
 
-fn base_known(bridge: &str) -> bool {
-    BASE_KNOWN
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(bridge)
-}
-
-fn set_base_known(bridge: &str, known: bool) {
-    let mut set = BASE_KNOWN.lock().unwrap_or_else(|e| e.into_inner());
-    if known {
-        set.insert(bridge.to_string());
-    } else {
-        set.remove(bridge);
-    }
+fn guarded() -> std::sync::MutexGuard<'static, BTreeMap<String, BTreeSet<String>>> {
+    GUARDED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The tables (both families) of the guests behind `bridge`.
@@ -342,7 +332,13 @@ fn ensure_base(bridge: &str) -> Result<Vec<RuleRef>, std::io::Error> {
     if !(has_base("ip") && has_base("bridge")) {
         run_nft(&["-f", "-"], Some(&base_script(bridge)))?;
     }
-    set_base_known(bridge, true);
+    let vms = rules
+        .iter()
+        .filter(|r| r.family == "bridge" && r.table == t && r.comment.ends_with(":guard"))
+        .filter_map(|r| vm_of_tag(&r.comment))
+        .map(String::from)
+        .collect();
+    guarded().insert(bridge.to_string(), vms);
     Ok(rules)
 }
 
@@ -362,20 +358,34 @@ pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsErro
         ));
     }
     let t = table_for(&port.bridge);
-    // The usual case: a base already checked, so only this table is read
-    // (for the VM's earlier rules) and nothing is serialised.
-    if base_known(&port.bridge) {
-        let applied = table_rules("bridge", &t)
-            .and_then(|rules| run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules))));
-        match applied {
-            Ok(_) => return Ok(()),
-            Err(_) => set_base_known(&port.bridge, false),
+    // The usual case: a base already checked, so nothing is serialised,
+    // and a VM this process never guarded has no rules to replace.
+    let known = guarded().get(&port.bridge).map(|vms| vms.contains(vm_id));
+    if let Some(had_rules) = known {
+        let rules = if had_rules {
+            table_rules("bridge", &t)
+        } else {
+            Ok(Vec::new())
+        };
+        let applied =
+            rules.and_then(|rules| run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules))));
+        if applied.is_ok() {
+            mark_guarded(&port.bridge, vm_id);
+            return Ok(());
         }
+        guarded().remove(&port.bridge);
     }
     let rules = ensure_base(&port.bridge).map_err(|e| failed(OP, vm_id, e))?;
     run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules)))
         .map_err(|e| failed(OP, vm_id, e))?;
+    mark_guarded(&port.bridge, vm_id);
     Ok(())
+}
+
+fn mark_guarded(bridge: &str, vm_id: &str) {
+    if let Some(vms) = guarded().get_mut(bridge) {
+        vms.insert(vm_id.to_string());
+    }
 }
 
 /// The transaction that replaces `vm_id`'s guard rules among `rules` with
@@ -460,7 +470,11 @@ pub(crate) fn remove_guest(vm_id: &str) -> Result<(), HostOpsError> {
     const OP: &str = "remove_guest";
     validate_vm_id(OP, vm_id)?;
     // Guard rules live in the bridge family only ([`guard_script`]).
-    remove_tagged(OP, vm_id, "bridge", &guard_tag(vm_id))
+    remove_tagged(OP, vm_id, "bridge", &guard_tag(vm_id))?;
+    for vms in guarded().values_mut() {
+        vms.remove(vm_id);
+    }
+    Ok(())
 }
 
 /// Lets `ip` reach beyond `bridge` with its source masqueraded, except
