@@ -664,6 +664,36 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
     }
 
     #[test]
+    fn a_banger_installed_by_install_sh_updates_itself_with_the_key_it_was_given() {
+        let f = Fixture::new();
+        let real = std::fs::read(workspace_bin("banger")).unwrap();
+        let mut first = Fixture::new_files();
+        first[0].1 = real;
+        f.publish(CURRENT, &first);
+        let pubkey = f.tmp.path().join("test.pub");
+        std::fs::write(&pubkey, TEST_PUBLIC_PEM).unwrap();
+        let prefix = f.tmp.path().join("fresh");
+        let Some(r) = install_sh(&f, &prefix, &["--pubkey", &pubkey.display().to_string()]) else {
+            return;
+        };
+        r.ok();
+        f.publish(NEW, &Fixture::new_files());
+        let mut cmd = f.env.command(&prefix.join("bin/banger"));
+        cmd.args(["update", "--url", &f.url()]);
+        let r = run(cmd).ok();
+        assert!(
+            r.stdout.contains(&format!("{CURRENT} → {NEW}"))
+                && r.stdout.contains("update-keys/release.pem"),
+            "{}",
+            r.stdout
+        );
+        let installed = tree(&prefix);
+        for (name, bytes) in Fixture::new_files() {
+            assert_eq!(installed[&format!("bin/{name}")], bytes, "{name}");
+        }
+    }
+
+    #[test]
     fn install_sh_and_banger_trust_the_same_release_key() {
         let script = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install.sh"),
