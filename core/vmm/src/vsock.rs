@@ -261,6 +261,35 @@ impl AgentClient {
         Ok(stream)
     }
 
+    /// `POST /reidentify` with the snapshot's exec `secret`: the restored
+    /// guest takes the identity in `req` (`docs/snapshots.md`); afterwards
+    /// only `req.new_secret` opens exec. A refusal is [`VsockError::Status`].
+    pub fn reidentify(
+        &self,
+        secret: &str,
+        req: &banger_guest_protocol::reidentify::Reidentify,
+    ) -> Result<banger_guest_protocol::reidentify::Reidentified, VsockError> {
+        use banger_guest_protocol::reidentify::PATH;
+        let body = serde_json::to_vec(req).map_err(|e| VsockError::Decode(PATH.to_string(), e))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut stream = connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline)?;
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nHost: banger-agent\r\nAuthorization: Bearer {secret}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(&body))
+            .map_err(|e| io_error(e, self.timeout, "sending the reidentify request"))?;
+        let mut r = BufReader::new(stream);
+        let head = read_head(&mut r, deadline, self.timeout)?;
+        let answer = read_body(&mut r, &head, deadline, self.timeout)?;
+        if !(200..300).contains(&head.status) {
+            return Err(status_error(PATH, head.status, &answer));
+        }
+        serde_json::from_slice(&answer).map_err(|e| VsockError::Decode(PATH.to_string(), e))
+    }
+
     /// `GET path`; the body of a 2xx answer.
     pub fn get(&self, path: &str) -> Result<Vec<u8>, VsockError> {
         let deadline = Instant::now() + self.timeout;
@@ -572,6 +601,55 @@ mod tests {
         assert_eq!(keys[0].fingerprint, "SHA256:abc");
         let (_, request) = server.join().unwrap();
         assert!(request.starts_with("GET /ssh-host-keys "), "{request}");
+    }
+
+    #[test]
+    fn reidentify_sends_the_old_secret_and_the_identity_and_reads_what_was_applied() {
+        use banger_guest_protocol::reidentify::Reidentify;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let server = serve_once(
+            &sock,
+            "OK 1\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 33\r\n\r\n{\"applied\":[\"hostname\",\"secret\"]}",
+        );
+        let req = Reidentify {
+            hostname: "r1".into(),
+            mac: None,
+            previous_address: None,
+            network: None,
+            ssh_host_keys: vec![],
+            new_secret: "new".into(),
+        };
+        let done = client(&sock).reidentify("old", &req).unwrap();
+        assert_eq!(done.applied, ["hostname", "secret"]);
+        let (_, request) = server.join().unwrap();
+        assert!(
+            request.starts_with("POST /reidentify HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.contains("Authorization: Bearer old\r\n"),
+            "{request}"
+        );
+        let body_len = serde_json::to_vec(&req).unwrap().len();
+        assert!(
+            request.contains(&format!("Content-Length: {body_len}\r\n")),
+            "{request}"
+        );
+
+        std::fs::remove_file(&sock).unwrap();
+        let server = serve_once(
+            &sock,
+            "OK 1\n",
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 38\r\n\r\nexec refused: missing or wrong secret\n",
+        );
+        let err = client(&sock).reidentify("stale", &req).unwrap_err();
+        assert!(
+            matches!(err, VsockError::Status { status: 401, .. }),
+            "{err:?}"
+        );
+        server.join().unwrap();
     }
 
     #[test]
