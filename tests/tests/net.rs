@@ -410,7 +410,7 @@ mod tests {
                     .build()
                     .unwrap();
                 rt.block_on(async {
-                    let server = banger_capabilities::dns::serve(&net).await.unwrap();
+                    let server = banger_capabilities::dns::serve(&net, &host).await.unwrap();
                     let bound: Vec<String> =
                         server.local_addrs().iter().map(|a| a.to_string()).collect();
                     assert_eq!(bound, ["127.0.0.1:5353", "10.88.0.1:53"]);
