@@ -33,6 +33,13 @@ pub async fn run(args: UninstallArgs) -> Result<ExitCode> {
             record.display()
         );
     }
+    if nix::unistd::access(&install.bin_dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        bail!(
+            "Cannot remove the binaries in {}: you cannot write there. Stop your daemon \
+             (`banger daemon stop`), then run `sudo banger uninstall`. Nothing was changed",
+            install.bin_dir.display()
+        );
+    }
     let binaries: Vec<PathBuf> = RELEASE_BINARIES
         .iter()
         .map(|n| install.bin_dir.join(n))

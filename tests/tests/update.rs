@@ -56,7 +56,7 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
                 server: Server::start(),
             };
             std::fs::create_dir_all(f.bin()).unwrap();
-            std::fs::copy(workspace_bin("banger"), f.bin().join("banger")).unwrap();
+            install_bin("banger", &f.bin());
             for n in ["bangerd", "banger-helper", "banger-agent"] {
                 std::fs::write(f.bin().join(n), format!("old {n}\n")).unwrap();
             }
@@ -173,6 +173,17 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
                 "a refused update changed the installation"
             );
             r
+        }
+    }
+
+    /// The built binary `name` in `dir`, as a hard link where possible: a
+    /// copy is a file this process had open for writing, and a child forked
+    /// meanwhile by another test's thread would hold that open until its
+    /// exec, so running the copy could fail with ETXTBSY.
+    fn install_bin(name: &str, dir: &Path) {
+        let (src, dst) = (workspace_bin(name), dir.join(name));
+        if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst).unwrap();
         }
     }
 
@@ -422,7 +433,8 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
     fn a_running_daemon_is_restarted_on_the_new_build() {
         let mut f = Fixture::new();
         // Real binaries this time: the daemon must start from the new file.
-        std::fs::copy(workspace_bin("bangerd"), f.bin().join("bangerd")).unwrap();
+        std::fs::remove_file(f.bin().join("bangerd")).unwrap();
+        install_bin("bangerd", &f.bin());
         let real = |n: &str| std::fs::read(workspace_bin(n)).unwrap();
         f.publish(
             NEW,
@@ -579,6 +591,32 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
         );
         assert_eq!(f.installed(), before);
         assert!(helper.exists());
+    }
+
+    #[test]
+    fn uninstall_by_a_user_who_cannot_write_the_binaries_says_sudo_and_changes_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            eprintln!("SKIP uninstall as a user: needs setpriv (apt-get install util-linux)");
+            return;
+        }
+        std::fs::set_permissions(f.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let before = f.installed();
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(f.bin().join("banger"))
+            .args(["uninstall", "--yes"])
+            .env_clear()
+            .env("HOME", "/nonexistent")
+            .env("BANGER_SYSTEM_ROOT", f.tmp.path().join("sysroot"));
+        let r = run(cmd).failed();
+        assert!(
+            r.stderr.contains("sudo banger uninstall") && r.stderr.contains("Nothing was changed"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(f.installed(), before);
     }
 
     /// `sh scripts/install.sh` into a temp prefix, or None (skipped loudly)
