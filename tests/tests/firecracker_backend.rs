@@ -203,12 +203,14 @@ mod tests {
 
     /// A fake jailer: records its argv, then does what the real one leaves
     /// firecracker with (minus the chroot itself, which needs a static
-    /// binary): runs the exec-file from `<base>/<exec name>/<id>/root` with
-    /// the API socket there and every path the API names taken inside it.
+    /// binary): every descriptor above stderr closed, the exec-file run from
+    /// `<base>/<exec name>/<id>/root` with the API socket there and every
+    /// path the API names taken inside it.
     fn fake_jailer(w: &World) -> (PathBuf, PathBuf) {
         let argv = w.dir.path().join("jailer.argv");
         let script = format!(
-            r#"#!/bin/sh
+            r#"#!/bin/bash
+for fd in /proc/$$/fd/*; do n=${{fd##*/}}; [ "$n" -gt 2 ] && eval "exec $n>&-"; done
 printf '%s\n' "$@" > '{argv}'
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -231,18 +233,22 @@ FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
         (p, argv)
     }
 
-    #[test]
-    fn launches_through_the_jailer_with_the_vms_uid_chroot_and_cgroup_limits() {
-        use std::os::unix::fs::MetadataExt;
+    /// A world whose VM dir is named `<prefix><pid>` (the VM name: it
+    /// names the cgroup, shared by the host), and a backend launching the
+    /// fake through the fake jailer. Returns the world, the VM name, the
+    /// fake's wrapper, the file the jailer records its argv in, the backend;
+    /// or `None` (skipping `test` loudly) unless root, as the jailer is used
+    /// only by a root daemon.
+    fn jailed_world(
+        test: &str,
+        prefix: &str,
+    ) -> Option<(World, String, PathBuf, PathBuf, Firecracker)> {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!(
-                "SKIP launches_through_the_jailer...: the jailer is used only by a root daemon"
-            );
-            return;
+            eprintln!("SKIP {test}: the jailer is used only by a root daemon");
+            return None;
         }
         let mut w = World::new();
-        // A VM name of its own: it names the cgroup, shared by the host.
-        let id = format!("fcjail{}", std::process::id());
+        let id = format!("{prefix}{}", std::process::id());
         w.paths.vm_dir = w.dir.path().join(&id);
         fs::create_dir_all(&w.paths.vm_dir).unwrap();
         let fake = w.fake_with_env(&[]);
@@ -251,6 +257,17 @@ FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
             jailer_bin: Some(jailer),
             ..JailSettings::default()
         });
+        Some((w, id, fake, argv_file, fc))
+    }
+
+    #[test]
+    fn launches_through_the_jailer_with_the_vms_uid_chroot_and_cgroup_limits() {
+        use std::os::unix::fs::MetadataExt;
+        let Some((w, id, fake, argv_file, fc)) =
+            jailed_world("launches_through_the_jailer", "fcjail")
+        else {
+            return;
+        };
         let p = launch(&fc, &w).unwrap();
         assert!(process_alive(&p));
 
@@ -680,6 +697,65 @@ FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
         );
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// `flock -n PATH true`: whether nobody holds a lock on PATH.
+    fn unlocked(path: &Path) -> bool {
+        Command::new("flock")
+            .arg("-n")
+            .arg(path)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    #[test]
+    fn a_jailed_vmm_keeps_its_disks_locked_though_the_jailer_closes_inherited_files() {
+        let Some((w, _, _, _, fc)) = jailed_world("a_jailed_vmm_keeps_its_disks_locked", "fclock")
+        else {
+            return;
+        };
+        let p = launch(&fc, &w).unwrap();
+        let disks = [
+            w.dir.path().join("root.ext4"),
+            w.dir.path().join("work.ext4"),
+        ];
+        // The VMM holds no descriptor of its disks: the jailer closed them.
+        let open: Vec<PathBuf> = fs::read_dir(format!("/proc/{}/fd", w.fake_pid()))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .filter(|t| disks.contains(t))
+            .collect();
+        assert!(open.is_empty(), "the VMM inherited {open:?}");
+        // Still, the disks (the same inodes as the jail's links) are locked
+        // while it runs, so no second VMM opens them.
+        for d in &disks {
+            assert!(!unlocked(d), "{} is not locked", d.display());
+        }
+        // A second VM of its own on the same disks, unjailed.
+        let mut second = w.machine.clone();
+        second.vsock = None;
+        second.serial_log = w.dir.path().join("vm2/serial.log");
+        let second_paths = LaunchPaths {
+            vm_dir: w.dir.path().join("vm2"),
+            api_socket: w.dir.path().join("run/fc2.sock"),
+            vmm_log: w.dir.path().join("vm2/firecracker.log"),
+        };
+        let err = {
+            let _guard = fork_lock();
+            backend(PathBuf::from(FAKE)).launch(&second, &second_paths)
+        }
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is locked by another process"), "{err}");
+
+        fc.kill(&p).unwrap();
+        assert!(!process_alive(&p));
+        wait_until("the locks go with the VMM", Duration::from_secs(5), || {
+            disks.iter().all(|d| unlocked(d))
+        });
     }
 
     /// Snapshots (`docs/snapshots.md`): the documented API calls in order,

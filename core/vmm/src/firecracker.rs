@@ -137,17 +137,17 @@ impl Vmm for Firecracker {
                 (self.bin.clone(), cmd)
             }
         };
+        // By their host paths: the jailed machine names them inside its root.
+        let locks = DiskLocks::take(machine)?;
         let (machine, log) = match &jailed {
             Some(j) => (&j.machine, PathBuf::from(jailer::LOG)),
             None => (machine, paths.vmm_log.clone()),
         };
         cmd.stdin(Stdio::null()).stdout(serial).stderr(serial_err);
-        let locks = DiskLocks::take(machine)?;
         locks.hand_to(&mut cmd);
         let spawned = spawn_detached(cmd, &bin, NAME).inspect_err(|_| {
             let _ = self.clean_up(&paths.api_socket);
         })?;
-        drop(locks);
         let pid = spawned.pid;
         let start_time = spawned.start_time;
         let launched = Launched {
@@ -156,6 +156,14 @@ impl Vmm for Firecracker {
             exit_timeout: self.timeouts.exit,
             backend: self,
         };
+        // The jailer closes what firecracker would inherit: a holder keeps
+        // the locks instead.
+        if jailed.is_some() {
+            if let Err(e) = locks.hold_while(pid) {
+                return Err(launched.abort(e));
+            }
+        }
+        drop(locks);
         let Some(start_time) = start_time else {
             return Err(launched.abort(VmmError::NotReady(format!(
                 "{NAME} (pid {pid}) vanished right after it was started"
