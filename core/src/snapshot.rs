@@ -307,6 +307,8 @@ mod tests {
                     serial_log: "/s".into(),
                     pci_devices: vec![],
                 },
+                caps: vec![],
+                guest: None,
                 files: vec![],
                 created_at: 1,
                 dir: PathBuf::new(),

@@ -326,6 +326,12 @@ mod tests {
             listed[0].machine.drives.len(),
             env.show("src").record.machine.unwrap().drives.len()
         );
+        let source = env.show("src").record;
+        assert_eq!(listed[0].caps, source.caps, "the restore enables the same");
+        assert_eq!(
+            listed[0].guest.as_ref().map(|g| g.hostname.as_str()),
+            Some("src")
+        );
         let disk = listed[0]
             .files
             .iter()

@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::guest::GuestConfig;
 use crate::machine::MachineSpec;
-use crate::model::{VmSpec, VmmKind};
+use crate::model::{EnabledCap, VmSpec, VmmKind};
 
 /// The snapshot format this banger writes and restores. A snapshot of
 /// another format is refused, not guessed at.
@@ -44,6 +45,15 @@ pub struct SnapshotView {
     pub spec: VmSpec,
     /// That VM's machine at the time (devices the state files expect).
     pub machine: MachineSpec,
+    /// That VM's capabilities: a restore enables the same ones, so its
+    /// machine has the devices the state files expect.
+    #[serde(default)]
+    pub caps: Vec<EnabledCap>,
+    /// The guest bundle it booted with (file contents left out): the
+    /// identity the restored guest starts with (hostname, address), which a
+    /// restore replaces.
+    #[serde(default)]
+    pub guest: Option<GuestConfig>,
     /// Every file, with its size.
     pub files: Vec<SnapshotFile>,
     /// Seconds since the epoch.

@@ -83,6 +83,8 @@ impl Lifecycle {
                 source_vm: vm.name.to_string(),
                 spec: vm.spec.clone(),
                 machine,
+                caps: vm.caps.clone(),
+                guest: vm.guest.clone(),
                 files: Vec::new(),
                 created_at: now_unix(),
                 dir: PathBuf::new(),
