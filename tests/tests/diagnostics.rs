@@ -89,6 +89,46 @@ mod tests {
     }
 
     #[test]
+    fn a_vmm_that_fails_after_the_start_leaves_the_vm_in_error_with_its_report() {
+        let mut env = BangerEnv::new();
+        // Long enough for the create to finish: the VM is running first.
+        env.set_env("FAKE_FC_EXIT_AFTER_START", "3:1500");
+        env.create("dies", &[]).ok();
+        assert_eq!(env.show("dies").record.state, VmState::Running);
+        test_infra::wait_until(
+            Duration::from_secs(20),
+            "the daemon notices the exit",
+            || env.show("dies").record.state != VmState::Running,
+        );
+        let v = env.show("dies");
+        assert_eq!(v.record.state, VmState::Error);
+        let f = v.record.last_error.expect("the failure is recorded");
+        assert_eq!(f.stage, "vmm_exit");
+        assert!(f.cause.contains("exit status: 3"), "{}", f.cause);
+        assert!(f.cause.contains("while the VM was running"), "{}", f.cause);
+        assert!(f.cause.contains("FAKE_FC_EXIT_AFTER_START"), "{}", f.cause);
+        assert!(
+            v.record.prepared.is_empty(),
+            "torn down: {:?}",
+            v.record.prepared
+        );
+
+        // A guest that shuts itself down (exit 0) is a plain stop. (The
+        // daemon hands its environment to the VMMs: restart it.)
+        env.banger(&["daemon", "stop"]).ok();
+        env.set_env("FAKE_FC_EXIT_AFTER_START", "0:1500");
+        env.create("halts", &[]).ok();
+        test_infra::wait_until(
+            Duration::from_secs(20),
+            "the daemon notices the exit",
+            || env.show("halts").record.state != VmState::Running,
+        );
+        let v = env.show("halts");
+        assert_eq!(v.record.state, VmState::Stopped);
+        assert_eq!(v.record.last_error, None);
+    }
+
+    #[test]
     fn a_qemu_whose_guest_panics_fails_the_create_at_once_with_the_console() {
         const TEST: &str = "a_qemu_whose_guest_panics_fails_the_create_at_once";
         let artifacts = test_infra::guest_artifacts::GuestArtifacts::find();

@@ -187,21 +187,29 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Finds running VMs whose VMM has exited and marks them stopped.
-    /// Returns the names it changed.
+    /// Finds running VMs whose VMM has exited and marks them stopped, or
+    /// `error` (stage `vmm_exit`, with its exit status and last log lines)
+    /// when the VMM failed. Returns the names it changed.
     pub async fn reap_dead(&self) -> Result<Vec<String>, OpError> {
         let mut changed = Vec::new();
         for vm in self.list().await? {
-            if vm.state != VmState::Running || vm.vmm.as_ref().is_some_and(process_alive) {
+            if vm.state != VmState::Running || !vmm_gone(&vm) {
                 continue;
             }
             let _guard = self.locks.lock(&vm.id).await;
             let Some(mut vm) = self.reread(&vm).await? else {
                 continue;
             };
-            if vm.state == VmState::Running && !vm.vmm.as_ref().is_some_and(process_alive) {
+            if vm.state == VmState::Running && vmm_gone(&vm) {
+                let failure = self.vmm_failure(&vm);
                 tracing::warn!(vm = %vm.name, "VMM exited; marking stopped");
                 self.mark_stopped(&mut vm).await?;
+                // A teardown failure, if any, stays the recorded one.
+                if let Some(err) = failure.filter(|_| vm.state == VmState::Stopped) {
+                    tracing::warn!(vm = %vm.name, "{}", render_chain(&err));
+                    set_failure(&mut vm, &err);
+                    self.save(&mut vm).await?;
+                }
                 changed.push(vm.name.to_string());
             }
         }
@@ -228,6 +236,14 @@ impl Lifecycle {
         let id = vm.id.clone();
         Ok(super::blocking(move || store.get_vm(&id)).await??)
     }
+}
+
+/// Whether `vm`'s VMM is gone, and (for one this daemon spawned) reaped,
+/// so how it ended is known.
+fn vmm_gone(vm: &VmRecord) -> bool {
+    vm.vmm
+        .as_ref()
+        .is_none_or(|p| !process_alive(p) && banger_vmm::exit_status(p).is_some())
 }
 
 /// Removes what no VM owns: directories under `vms/` without a row, a

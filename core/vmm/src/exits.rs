@@ -97,6 +97,14 @@ pub fn exit_status(p: &VmmProcess) -> Option<String> {
     (!process_alive(p)).then(|| "an unknown status (not started by this daemon)".to_owned())
 }
 
+/// Whether `status` (from [`exit_status`]) says the process failed: a
+/// non-zero exit or a signal. A clean exit (a guest that shut down) and an
+/// unknown status are not failures.
+pub fn is_failure(status: &str) -> bool {
+    (status.starts_with("exit status: ") && status != "exit status: 0")
+        || status.starts_with("signal: ")
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::Command;
@@ -146,12 +154,15 @@ mod tests {
         assert_eq!(exit_status(&p), None, "still running");
         drop(write);
         assert_eq!(wait_for_exit(&p), "exit status: 7");
+        assert!(is_failure("exit status: 7"));
+        assert!(!is_failure(&wait_for_exit(&spawn("exit 0"))));
     }
 
     #[test]
     fn a_killed_process_reports_its_signal() {
         let p = spawn("kill -9 $$");
         assert_eq!(wait_for_exit(&p), "signal: 9 (SIGKILL)");
+        assert!(is_failure("signal: 9 (SIGKILL)"));
     }
 
     #[test]
@@ -161,10 +172,12 @@ mod tests {
             start_time: 1,
             api_socket: "/nonexistent".into(),
         };
+        let status = exit_status(&gone);
         assert_eq!(
-            exit_status(&gone).as_deref(),
+            status.as_deref(),
             Some("an unknown status (not started by this daemon)")
         );
+        assert!(!is_failure(&status.unwrap_or_default()));
         let me = VmmProcess {
             pid: std::process::id(),
             start_time: crate::process_start_time(std::process::id()).unwrap(),

@@ -37,7 +37,7 @@ pub mod qemu;
 mod uds_http;
 pub mod vsock;
 
-pub use exits::exit_status;
+pub use exits::{exit_status, is_failure};
 
 /// Host paths a backend may use for one VM.
 #[derive(Debug, Clone)]
