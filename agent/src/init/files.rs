@@ -41,7 +41,7 @@ pub fn write_file(root: &Path, file: &GuestFile) -> Result<(), FileError> {
     write_staged(&target, &file.contents, file.mode, file.uid, file.gid)
 }
 
-fn write_staged(
+pub(crate) fn write_staged(
     target: &Path,
     contents: &[u8],
     mode: u32,

@@ -3,7 +3,7 @@
 //! can so `banger vm logs` always has something to show.
 
 mod drive;
-mod files;
+pub(crate) mod files;
 mod modules;
 mod mounts;
 pub(crate) mod net;

@@ -4,11 +4,12 @@
 //! with the same (old) secret.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use banger_guest_protocol::bundle::GuestConfig;
 use banger_guest_protocol::reidentify::{Reidentified, Reidentify};
+
+use crate::init::files;
 
 use super::exec::secret_path;
 
@@ -35,11 +36,23 @@ pub fn apply(req: &Reidentify, root: &Path, net: &ApplyNet<'_>) -> Result<Reiden
     if req.new_secret.trim().is_empty() {
         return Err("The new secret is empty".into());
     }
+    // /etc/hostname, /etc/hosts and (with nameservers) resolv.conf, as
+    // the boot writes them.
+    let guest = GuestConfig {
+        hostname: name.to_string(),
+        network: req.network.iter().cloned().collect(),
+        ..GuestConfig::default()
+    };
+    let etc = root.join("etc");
+    write_staged(&etc.join("hostname"), format!("{name}\n").as_bytes(), 0o644)?;
     write_staged(
-        &root.join("etc/hostname"),
-        format!("{name}\n").as_bytes(),
+        &etc.join("hosts"),
+        files::render_hosts(&guest).as_bytes(),
         0o644,
     )?;
+    if let Some(resolv) = files::render_resolv_conf(&guest) {
+        write_staged(&etc.join("resolv.conf"), resolv.as_bytes(), 0o644)?;
+    }
     if root == Path::new("/") {
         nix::unistd::sethostname(name).map_err(|e| format!("sethostname: {e}"))?;
     }
@@ -76,30 +89,18 @@ pub fn apply(req: &Reidentify, root: &Path, net: &ApplyNet<'_>) -> Result<Reiden
     Ok(Reidentified { applied })
 }
 
-/// Writes `path` through a staged file renamed over it.
+/// Writes `path` through a staged file renamed over it, owned by the
+/// agent's own uid (root in a guest).
 fn write_staged(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
-    let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", path.display());
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| fail("creating the directory of", e))?;
-    }
-    let mut staged = path.as_os_str().to_owned();
-    staged.push(".banger-new");
-    let staged = std::path::PathBuf::from(staged);
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&staged)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.set_permissions(fs::Permissions::from_mode(mode))?;
-            f.sync_all()
-        })
-        .and_then(|()| fs::rename(&staged, path));
-    written.map_err(|e| {
-        let _ = fs::remove_file(&staged);
-        fail("writing", e)
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    files::write_staged(path, bytes, mode, uid.as_raw(), gid.as_raw()).map_err(|e| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
     })
 }
 
@@ -127,7 +128,10 @@ fn reload_sshd(proc: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
+    use banger_guest_protocol::bundle::GuestNetwork;
     use banger_guest_protocol::reidentify::HostKeyFile;
 
     fn request() -> Reidentify {
@@ -135,7 +139,13 @@ mod tests {
             hostname: "restored-1".into(),
             mac: None,
             previous_address: None,
-            network: None,
+            network: Some(GuestNetwork {
+                nic_id: "eth0".into(),
+                address: "172.30.0.9/24".into(),
+                gateway: Some("172.30.0.1".into()),
+                mtu: None,
+                nameservers: vec!["172.30.0.1".into()],
+            }),
             ssh_host_keys: vec![
                 HostKeyFile {
                     name: "ssh_host_ed25519_key".into(),
@@ -171,6 +181,12 @@ mod tests {
             fs::read_to_string(r.join("etc/hostname")).unwrap(),
             "restored-1\n"
         );
+        let hosts = fs::read_to_string(r.join("etc/hosts")).unwrap();
+        assert!(hosts.contains("172.30.0.9\trestored-1\n"), "{hosts}");
+        assert_eq!(
+            fs::read_to_string(r.join("etc/resolv.conf")).unwrap(),
+            "nameserver 172.30.0.1\n"
+        );
         assert_eq!(
             fs::read_to_string(r.join("etc/ssh/ssh_host_ed25519_key")).unwrap(),
             "PRIVATE\n"
@@ -186,7 +202,7 @@ mod tests {
         let leftovers: Vec<_> = fs::read_dir(r.join("etc/ssh"))
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".banger-new"))
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".banger-tmp"))
             .collect();
         assert!(leftovers.is_empty());
     }
