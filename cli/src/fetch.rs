@@ -321,27 +321,19 @@ mod tests {
     #[test]
     fn redirect_locations_resolve_against_the_request() {
         let base = "https://a.example:8443/rel/latest/manifest";
-        assert_eq!(
-            resolve(base, "https://b.example/x").unwrap(),
-            "https://b.example/x"
-        );
-        assert_eq!(
-            resolve(base, "/other/m").unwrap(),
-            "https://a.example:8443/other/m"
-        );
-        assert_eq!(
-            resolve(base, "m2").unwrap(),
-            "https://a.example:8443/rel/latest/m2"
-        );
-        assert_eq!(
-            resolve(base, "../0.2.0/manifest?x=1").unwrap(),
-            "https://a.example:8443/rel/0.2.0/manifest?x=1"
-        );
-        assert_eq!(
-            resolve(base, "/a/./b/../c/").unwrap(),
-            "https://a.example:8443/a/c/"
-        );
-        assert_eq!(resolve(base, "../..").unwrap(), "https://a.example:8443/");
+        for (location, want) in [
+            ("https://b.example/x", "https://b.example/x"),
+            ("/other/m", "https://a.example:8443/other/m"),
+            ("m2", "https://a.example:8443/rel/latest/m2"),
+            (
+                "../0.2.0/manifest?x=1",
+                "https://a.example:8443/rel/0.2.0/manifest?x=1",
+            ),
+            ("/a/./b/../c/", "https://a.example:8443/a/c/"),
+            ("../..", "https://a.example:8443/"),
+        ] {
+            assert_eq!(resolve(base, location).unwrap(), want, "{location}");
+        }
     }
 
     /// A loopback HTTPS server for `localhost` with a self-signed

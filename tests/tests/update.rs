@@ -430,6 +430,18 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
     }
 
     #[test]
+    fn an_update_by_a_user_who_cannot_write_the_binaries_says_sudo() {
+        let f = Fixture::new();
+        f.publish(NEW, &Fixture::new_files());
+        refused_as_nobody(
+            &f,
+            &["update", "--url", &f.url()],
+            &[],
+            "run `sudo banger update`",
+        );
+    }
+
+    #[test]
     fn a_running_daemon_is_restarted_on_the_new_build() {
         let mut f = Fixture::new();
         // Real binaries this time: the daemon must start from the new file.
@@ -565,55 +577,60 @@ MCowBQYDK2VwAyEAO36t6zPsg0U3ocEpuUGJNVOdPJmYfX+BLzL/rbjtSC0=
 
     #[test]
     fn uninstall_as_a_user_leaves_the_root_helper_to_sudo_and_changes_nothing() {
-        use std::os::unix::fs::PermissionsExt;
         let f = Fixture::new();
         let (sysroot, helper) = fake_system_install(&f);
-        if Command::new("setpriv").arg("--version").output().is_err() {
-            eprintln!("SKIP uninstall as a user: needs setpriv (apt-get install util-linux)");
-            return;
-        }
-        // Let an unprivileged user reach the installed banger.
-        std::fs::set_permissions(f.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let before = f.installed();
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-            .arg(f.bin().join("banger"))
-            .args(["uninstall", "--yes"])
-            .env_clear()
-            .env("HOME", "/nonexistent")
-            .env("BANGER_SYSTEM_ROOT", &sysroot);
-        let r = run(cmd).failed();
-        assert!(
-            r.stderr.contains("sudo banger system uninstall")
-                && r.stderr.contains("Nothing was changed"),
-            "{}",
-            r.stderr
+        let env = [("BANGER_SYSTEM_ROOT", sysroot.as_path())];
+        refused_as_nobody(
+            &f,
+            &["uninstall", "--yes"],
+            &env,
+            "sudo banger system uninstall",
         );
-        assert_eq!(f.installed(), before);
         assert!(helper.exists());
     }
 
     #[test]
     fn uninstall_by_a_user_who_cannot_write_the_binaries_says_sudo_and_changes_nothing() {
-        use std::os::unix::fs::PermissionsExt;
         let f = Fixture::new();
+        let sysroot = f.tmp.path().join("sysroot");
+        let env = [("BANGER_SYSTEM_ROOT", sysroot.as_path())];
+        refused_as_nobody(&f, &["uninstall", "--yes"], &env, "sudo banger uninstall");
+    }
+
+    /// The installed banger with `args` as user nobody (setpriv), with
+    /// HOME unset to a missing directory and `env` added; None (skipped
+    /// loudly) without setpriv.
+    fn as_nobody(f: &Fixture, args: &[&str], env: &[(&str, &Path)]) -> Option<Run> {
+        use std::os::unix::fs::PermissionsExt;
         if Command::new("setpriv").arg("--version").output().is_err() {
-            eprintln!("SKIP uninstall as a user: needs setpriv (apt-get install util-linux)");
-            return;
+            eprintln!("SKIP running banger as a user: needs setpriv (apt-get install util-linux)");
+            return None;
         }
+        // Let nobody reach (not write) the installed banger.
         std::fs::set_permissions(f.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let before = f.installed();
         let mut cmd = Command::new("setpriv");
         cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
             .arg(f.bin().join("banger"))
-            .args(["uninstall", "--yes"])
+            .args(args)
             .env_clear()
-            .env("HOME", "/nonexistent")
-            .env("BANGER_SYSTEM_ROOT", f.tmp.path().join("sysroot"));
-        let r = run(cmd).failed();
+            .env("HOME", "/nonexistent");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Some(run(cmd))
+    }
+
+    /// [`as_nobody`] must fail naming `reason` and `Nothing was changed`,
+    /// and leave the installation as it was.
+    fn refused_as_nobody(f: &Fixture, args: &[&str], env: &[(&str, &Path)], reason: &str) {
+        let before = f.installed();
+        let Some(r) = as_nobody(f, args, env) else {
+            return;
+        };
+        let r = r.failed();
         assert!(
-            r.stderr.contains("sudo banger uninstall") && r.stderr.contains("Nothing was changed"),
-            "{}",
+            r.stderr.contains(reason) && r.stderr.contains("Nothing was changed"),
+            "expected {reason:?}:\n{}",
             r.stderr
         );
         assert_eq!(f.installed(), before);
