@@ -222,6 +222,36 @@ mod tests {
                 "sshd -T lacks {line:?}:\n{sshd}"
             );
         }
+        // Plain `ssh g1.vm` through `banger ssh-config --install`: banger's
+        // key and the host keys the agent reported, no known_hosts file.
+        // ssh reads ~/.ssh/config from the passwd home, not $HOME, hence -F;
+        // resolving `.vm` is the host resolver's job (resolved's routing,
+        // absent here), hence HostName: %n stays `g1.vm` for the host keys.
+        env.banger(&["ssh-config", "--install"]).ok();
+        let user_config = home.join(".ssh/config");
+        let out = env
+            .command(std::path::Path::new("ssh"))
+            .arg("-F")
+            .arg(&user_config)
+            .args([
+                "-o",
+                &format!("HostName={ip}"),
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=30",
+                "g1.vm",
+                "hostname",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ssh g1.vm through the installed ssh-config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "g1");
+
         // A host key the agent did not report is refused.
         let stranger = env.root().join("stranger");
         assert!(
