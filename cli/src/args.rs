@@ -308,6 +308,12 @@ pub struct CreateArgs {
     /// is installed and KVM boots a standard guest, else qemu).
     #[arg(long, value_enum)]
     pub vmm: Option<VmmArg>,
+    /// Restore this snapshot (`banger vm snapshot list`) instead of booting:
+    /// image, shape, capabilities and disks come from it; the name, address,
+    /// MAC, SSH host keys and agent secret are the new VM's.
+    #[arg(long, value_name = "SNAP", value_parser = parse_name,
+          conflicts_with_all = ["image", "rootfs", "kernel_ref", "kernel", "initrd", "caps", "nat", "ports", "boot_args", "no_start", "vcpu", "memory", "disk_size"])]
+    pub from_snapshot: Option<String>,
 }
 
 /// `vm run` flags.

@@ -286,6 +286,16 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         std::path::absolute(p).with_context(|| format!("Resolving {}", p.display()))
     };
     let config = banger_api::config::Config::load(&Paths::from_env()?.config_file())?;
+    if let Some(snap) = a.from_snapshot {
+        // The snapshot decides the shape and backend.
+        let req = CreateVmRequest {
+            name: a.name,
+            vmm: a.vmm.map(|v| v.kind()),
+            from_snapshot: Some(snap),
+            ..CreateVmRequest::default()
+        };
+        return create_with(client, &req).await;
+    }
     let spec = crate::spec::Spec::resolve(&a.shape, a.vmm, &config)?;
     eprintln!("{spec}");
     let req = CreateVmRequest {
@@ -309,12 +319,18 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         no_start: a.no_start,
         vmm: Some(spec.backend.vmm),
         force_size: a.shape.force_size,
+        from_snapshot: None,
     };
+    create_with(client, &req).await
+}
+
+/// Sends `req`, streaming progress to stderr; prints the VM on stdout.
+async fn create_with(client: &Client, req: &CreateVmRequest) -> Result<ExitCode> {
     let vm: VmView = client
         .stream_events(
             Method::POST,
             "/v1/vms",
-            Some(&req),
+            Some(req),
             output::show_events(None),
         )
         .await?;

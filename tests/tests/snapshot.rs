@@ -356,4 +356,229 @@ mod tests {
         let list = env.banger(&["vm", "snapshot", "list"]).ok();
         assert!(list.stdout.contains("no snapshots"), "{}", list.stdout);
     }
+
+    /// Runs `body` on a thread in a fresh network namespace (the daemon the
+    /// CLI starts lives there too, with its bridge), loopback up.
+    fn in_netns(test: &str, body: impl FnOnce() + Send + 'static) {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP {test}: needs root (the jailer, a bridge in a netns)");
+        }
+        if std::process::Command::new("ip").arg("-V").output().is_err() {
+            return eprintln!("SKIP {test}: ip missing (apt-get install iproute2)");
+        }
+        let handle = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+            body();
+        });
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// A fake jailer (as `firecracker_backend.rs`'s): the exec-file run in
+    /// `<base>/<exec name>/<id>/root` with every API path taken inside it
+    /// (relative, as the VM directories of a test env are too deep for a
+    /// socket path there).
+    fn fake_jailer(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let script = r#"#!/bin/bash
+for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-"; done
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --id) id=$2; shift 2 ;;
+    --exec-file) exe=$2; shift 2 ;;
+    --chroot-base-dir) base=$2; shift 2 ;;
+    --) shift; break ;;
+    *) shift ;;
+  esac
+done
+# From inside the root, as the real one: its socket paths stay short.
+cd "$base/$(basename "$exe")/$id/root" || exit 1
+FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
+"#;
+        let p = dir.join("jailer");
+        fs::write(&p, script).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    /// `vm create --from-snapshot` through the CLI against the fake
+    /// firecracker under the fake jailer: two VMs restored from one
+    /// snapshot, each with its own name, lease, tap, disks and secret; the
+    /// VMM loaded the snapshot (no boot) with the VM's own tap, and the
+    /// agent was asked, with the snapshot's secret, to take the new identity.
+    #[test]
+    fn vm_create_from_snapshot_restores_vms_that_each_take_their_own_identity() {
+        const TEST: &str = "vm_create_from_snapshot_restores_vms_that_each_take_their_own_identity";
+        in_netns(TEST, || {
+            use banger_vmm::firecracker::{MEMORY_FILE, STATE_FILE};
+            use test_infra::BangerEnv;
+            let mut env = BangerEnv::new();
+            env.set_env("FAKE_FC_AGENT", "1");
+            let jailer = fake_jailer(env.root());
+            env.write_config(&format!(
+                "default_caps = [\"work-disk\", \"network\", \"dns\", \"vsock-agent\"]\njailer_bin = {:?}\nvmm_cgroups = false\nagent_timeout_secs = 20\n",
+                jailer.display().to_string()
+            ));
+            env.create("src", &[]).ok();
+            let src = env.show("src");
+            env.banger(&["vm", "snapshot", "src", "s1"]).ok();
+            let snap = env.state_dir().join("snapshots/s1");
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&fs::read(snap.join("manifest.json")).unwrap()).unwrap();
+            let old_secret = manifest["agent_secret"].as_str().unwrap().to_owned();
+            let old_address = manifest["guest"]["network"][0]["address"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let before = env.fc_calls().len();
+
+            let mut host_keys = Vec::new();
+            for name in ["r1", "r2"] {
+                env.banger(&["vm", "create", "--name", name, "--from-snapshot", "s1"])
+                    .ok();
+                let vm = env.show(name);
+                assert_eq!(vm.record.state, banger_api::model::VmState::Running);
+                assert_eq!(
+                    vm.record.caps, src.record.caps,
+                    "the snapshot's capabilities"
+                );
+                let address = vm.address.unwrap();
+                assert_ne!(Some(address), src.address);
+                let machine = vm.record.machine.clone().unwrap();
+                // Its own copies of the snapshot's disks, in its own directory.
+                for d in machine.drives.iter().filter(|d| d.id != "config") {
+                    assert!(
+                        d.path.starts_with(&vm.dir),
+                        "{} in {}",
+                        d.path.display(),
+                        vm.dir.display()
+                    );
+                    assert_eq!(
+                        fs::read(&d.path).unwrap(),
+                        fs::read(snap.join(format!("disk-{}", d.id))).unwrap(),
+                        "drive {} is the snapshot's copy",
+                        d.id
+                    );
+                }
+                let pid = i64::from(vm.record.vmm.as_ref().unwrap().pid);
+                let calls: Vec<serde_json::Value> = env.fc_calls()[before..]
+                    .iter()
+                    .filter(|c| c["pid"] == pid && c["path"] != "/")
+                    .cloned()
+                    .collect();
+                let api: Vec<String> = calls
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {}",
+                            c["method"].as_str().unwrap(),
+                            c["path"].as_str().unwrap()
+                        )
+                    })
+                    .collect();
+                assert_eq!(
+                    api,
+                    ["PUT /logger", "PUT /snapshot/load", "POST /reidentify"],
+                    "restored, not booted"
+                );
+                let nic = &machine.nics[0];
+                assert_eq!(
+                    calls[1]["body"],
+                    serde_json::json!({
+                        "snapshot_path": format!("/snapshot/{STATE_FILE}"),
+                        "mem_backend": {"backend_type": "File",
+                                        "backend_path": format!("/snapshot/{MEMORY_FILE}")},
+                        "network_overrides": [{"iface_id": nic.id, "host_dev_name": nic.tap}],
+                        "resume_vm": true,
+                    })
+                );
+                let re = &calls[2];
+                assert_eq!(re["agent"], true);
+                assert_eq!(re["authorization"], format!("Bearer {old_secret}"));
+                let body = &re["body"];
+                assert_eq!(body["hostname"], name);
+                assert_eq!(body["mac"], nic.mac.as_str());
+                assert_eq!(body["previous_address"], old_address.as_str());
+                let new_address = body["network"]["address"].as_str().unwrap();
+                assert!(
+                    new_address.starts_with(&format!("{address}/")),
+                    "{new_address}"
+                );
+                let new_secret = fs::read_to_string(vm.dir.join("exec.secret")).unwrap();
+                assert_eq!(body["new_secret"], new_secret.trim());
+                assert_ne!(new_secret.trim(), old_secret);
+                let keys = body["ssh_host_keys"].as_array().unwrap();
+                assert!(
+                    keys.iter().any(|k| k["name"] == "ssh_host_ed25519_key"
+                        && k["contents"]
+                            .as_str()
+                            .unwrap()
+                            .contains("OPENSSH PRIVATE KEY")),
+                    "{keys:?}"
+                );
+                host_keys.push(keys.clone());
+            }
+            assert_ne!(host_keys[0], host_keys[1], "each restore its own host keys");
+            let (r1, r2) = (env.show("r1"), env.show("r2"));
+            assert_ne!(r1.address, r2.address);
+            assert_ne!(
+                r1.record.machine.unwrap().nics[0].mac,
+                r2.record.machine.unwrap().nics[0].mac
+            );
+            assert_eq!(
+                env.show("src").record.state,
+                banger_api::model::VmState::Running
+            );
+        });
+    }
+
+    /// What `vm create --from-snapshot` refuses, naming the fix, leaving
+    /// no VM and no directory behind: an unknown snapshot, another backend,
+    /// Firecracker without its jailer, a snapshot of a VM without the agent.
+    #[test]
+    fn vm_create_from_snapshot_refusals_leave_nothing_behind() {
+        use test_infra::BangerEnv;
+        let mut env = BangerEnv::new();
+        env.set_env("FAKE_FC_AGENT", "1");
+        env.create("src", &["--cap", "vsock-agent:timeout=20"]).ok();
+        env.banger(&["vm", "snapshot", "src", "s1"]).ok();
+        env.create("plain", &[]).ok();
+        env.banger(&["vm", "snapshot", "plain", "s2"]).ok();
+        let vms = || fs::read_dir(env.state_dir().join("vms")).unwrap().count();
+        let dirs = vms();
+        for (args, says) in [
+            (
+                vec!["--from-snapshot", "nope"],
+                "No snapshot named \"nope\"",
+            ),
+            (
+                vec!["--from-snapshot", "s1", "--vmm", "qemu"],
+                "--vmm firecracker",
+            ),
+            (vec!["--from-snapshot", "s1"], "vmm_jail"),
+            (vec!["--from-snapshot", "s2"], "--cap vsock-agent"),
+        ] {
+            let mut all = vec!["vm", "create", "--name", "r"];
+            all.extend(args.iter().copied());
+            let out = env.banger(&all).failed();
+            assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+            let names: Vec<String> = env
+                .list()
+                .iter()
+                .map(|v| v.record.name.to_string())
+                .collect();
+            assert_eq!(names.len(), 2, "{args:?} left a VM: {names:?}");
+            assert_eq!(vms(), dirs, "{args:?} left a VM directory");
+        }
+        let out = env
+            .banger(&["vm", "create", "--from-snapshot", "s1", "--image", "x"])
+            .failed();
+        assert!(out.stderr.contains("--image"), "{}", out.stderr);
+    }
 }

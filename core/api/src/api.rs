@@ -93,6 +93,11 @@ pub struct CreateVmRequest {
     /// host's physical memory (`--force-size`).
     #[serde(default)]
     pub force_size: bool,
+    /// Restore this snapshot (`banger vm snapshot list`) instead of
+    /// booting: the image, shape, capabilities and disks come from it, the
+    /// name, address and keys are the new VM's (`docs/snapshots.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 /// `vm set` arguments; only allowed while the VM is not running.

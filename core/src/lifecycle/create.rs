@@ -32,6 +32,9 @@ impl Lifecycle {
         req: CreateVmRequest,
         progress: &Progress,
     ) -> Result<VmRecord, OpError> {
+        if let Some(snap) = req.from_snapshot.clone() {
+            return self.create_from_snapshot(req, &snap, progress).await;
+        }
         begin_stage(progress, "validate", "checking the request");
         let mut vm = self.validate_create(&req)?;
         timings::name_vm(vm.name.as_str());
@@ -57,20 +60,7 @@ impl Lifecycle {
         vm.spec.initrd = boot.initrd;
         vm.spec.rootfs_source = boot.rootfs;
 
-        // Name check and insert are serialised so two creates cannot race
-        // past each other; the UNIQUE constraint backs this up.
-        let guard = self.locks.lock(&vm.id).await;
-        {
-            let _create = self.create_lock.lock().await;
-            let store = self.store.clone();
-            let rec = vm.clone();
-            match blocking(move || store.insert_vm(&rec)).await? {
-                Ok(()) => {}
-                Err(StoreError::NameTaken(n)) => return Err(OpError::NameTaken(n.to_string())),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        crash_point("create:recorded");
+        let guard = self.record_new(&vm).await?;
 
         let dir = self.vm_dir(&vm.id);
         begin_stage(
@@ -101,12 +91,7 @@ impl Lifecycle {
             }
             Err(e) => {
                 // Nothing of this VM may survive a failed clone.
-                let _ = std::fs::remove_dir_all(&dir);
-                let store = self.store.clone();
-                let id = vm.id.clone();
-                let _ = blocking(move || store.delete_vm(&id)).await;
-                drop(guard);
-                self.locks.forget(&vm.id);
+                self.discard_new(&vm, guard).await;
                 return Err(e);
             }
         }
@@ -116,6 +101,39 @@ impl Lifecycle {
         }
         self.start_locked(&mut vm, progress).await?;
         Ok(vm)
+    }
+
+    /// Records new VM `vm` and takes its lock. Name check and insert are
+    /// serialised so two creates cannot race past each other; the UNIQUE
+    /// constraint backs this up.
+    pub(super) async fn record_new(
+        &self,
+        vm: &VmRecord,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, OpError> {
+        let guard = self.locks.lock(&vm.id).await;
+        {
+            let _create = self.create_lock.lock().await;
+            let store = self.store.clone();
+            let rec = vm.clone();
+            match blocking(move || store.insert_vm(&rec)).await? {
+                Ok(()) => {}
+                Err(StoreError::NameTaken(n)) => return Err(OpError::NameTaken(n.to_string())),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        crash_point("create:recorded");
+        Ok(guard)
+    }
+
+    /// Removes new VM `vm`'s directory and record and releases its lock:
+    /// a create that failed before anything of it ran.
+    pub(super) async fn discard_new(&self, vm: &VmRecord, guard: tokio::sync::OwnedMutexGuard<()>) {
+        let _ = std::fs::remove_dir_all(self.vm_dir(&vm.id));
+        let store = self.store.clone();
+        let id = vm.id.clone();
+        let _ = blocking(move || store.delete_vm(&id)).await;
+        drop(guard);
+        self.locks.forget(&vm.id);
     }
 
     fn validate_create(&self, req: &CreateVmRequest) -> Result<VmRecord, OpError> {

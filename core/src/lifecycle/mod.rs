@@ -34,6 +34,7 @@ mod inspect;
 #[cfg(test)]
 mod lock_tests;
 mod reconcile;
+mod restore;
 mod set;
 mod snapshot;
 mod ssh;

@@ -2,6 +2,7 @@
 //! PostStart. Any failure rolls back everything prepared, in reverse.
 
 use crate::capability::{Hook, TeardownReason};
+use crate::lifecycle::restore::Restore;
 use crate::lifecycle::{
     Lifecycle, OpError, Progress, begin_stage, blocking, crash_point, render_chain, set_failure,
     timings,
@@ -97,6 +98,17 @@ impl Lifecycle {
         vm: &mut VmRecord,
         progress: &Progress,
     ) -> Result<(), OpError> {
+        self.start_from(vm, progress, None).await
+    }
+
+    /// [`Lifecycle::start_locked`], restoring `restore` instead of booting
+    /// when given (`restore.rs`).
+    pub(super) async fn start_from(
+        &self,
+        vm: &mut VmRecord,
+        progress: &Progress,
+        restore: Option<&Restore>,
+    ) -> Result<(), OpError> {
         let from = timings::checkpoint();
         // Leftovers from an earlier failure whose teardown itself failed.
         if !vm.prepared.is_empty() {
@@ -110,7 +122,7 @@ impl Lifecycle {
         }
         vm.state = VmState::Starting;
         self.save(vm).await?;
-        match self.run_start(vm, progress).await {
+        match self.run_start(vm, progress, restore).await {
             Ok(()) => {
                 vm.state = VmState::Running;
                 vm.booted_once = true;
@@ -142,7 +154,12 @@ impl Lifecycle {
         }
     }
 
-    async fn run_start(&self, vm: &mut VmRecord, progress: &Progress) -> Result<(), OpError> {
+    async fn run_start(
+        &self,
+        vm: &mut VmRecord,
+        progress: &Progress,
+        restore: Option<&Restore>,
+    ) -> Result<(), OpError> {
         let caps = self.caps_of(vm)?;
         let dir = self.vm_dir(&vm.id);
 
@@ -230,8 +247,13 @@ impl Lifecycle {
         timings::mark(CONFIG_DRIVE_STAGE);
         attach_config_drive(&mut machine, &guest, &dir).await?;
         vm.machine = Some(machine.clone());
+        let network = guest.network.first().cloned();
         vm.guest = Some(without_file_contents(guest));
         self.save(vm).await?;
+        if let Some(r) = restore {
+            begin_stage(progress, "restore_disks", "copying the snapshot's disks");
+            r.place_disks(&machine).await?;
+        }
 
         begin_stage(
             progress,
@@ -248,8 +270,10 @@ impl Lifecycle {
         // daemon killed from here on leaves a VMM that reconcile can find.
         let store = self.store.clone();
         let mut recorded = vm.clone();
+        let snapshot = restore.map(|r| r.dir().to_path_buf());
+        let restored_machine = machine.clone();
         let launched = blocking(move || {
-            vmm.launch_recorded(&machine, &paths, &mut |p| {
+            let mut on_spawned = |p: &banger_api::model::VmmProcess| {
                 recorded.vmm = Some(p.clone());
                 recorded.updated_at = now_unix();
                 store.update_vm(&recorded).map_err(|e| {
@@ -261,16 +285,28 @@ impl Lifecycle {
                 })?;
                 crash_point("start:vmm_spawned");
                 Ok(())
-            })
+            };
+            match &snapshot {
+                Some(dir) => vmm.restore_recorded(&machine, &paths, dir, &mut on_spawned),
+                None => vmm.launch_recorded(&machine, &paths, &mut on_spawned),
+            }
         })
         .await?;
-        let process = launched.map_err(|e| OpError::Stage {
-            stage: "launch_vmm".to_string(),
-            source: Box::new(e),
+        let process = launched.map_err(|e| match e {
+            // A backend that cannot restore refuses before starting anything.
+            banger_vmm::VmmError::Unsupported(msg) if restore.is_some() => OpError::Invalid(msg),
+            e => OpError::Stage {
+                stage: "launch_vmm".to_string(),
+                source: Box::new(e),
+            },
         })?;
         vm.vmm = Some(process);
         self.save(vm).await?;
         crash_point("start:vmm_booted");
+        if let Some(r) = restore {
+            self.reidentify(vm, r, &restored_machine, network, progress)
+                .await?;
+        }
 
         for entry in &caps {
             let stage = format!("{}:{}", Hook::PostStart, entry.1.name);

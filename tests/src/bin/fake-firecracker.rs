@@ -24,6 +24,8 @@
 //!   answered `OK <n>\n`, then `GET /healthz` (version `fake`), `/ports` and
 //!   `/ssh-host-keys` (empty lists) are served; other ports get the
 //!   connection closed, as Firecracker does when nothing listens.
+//!   `POST /reidentify` is recorded like an API call (`"agent": true`, with
+//!   its `authorization` header) and answered as applied.
 //! - `FAKE_FC_HOST_KEYS=FILE`: the fake agent's `/ssh-host-keys` answer is
 //!   the JSON array in FILE instead of `[]`, and (a started sshd) `/ports`
 //!   lists sshd on TCP 22.
@@ -566,7 +568,7 @@ fn serve_agent(stream: UnixStream, booted: std::time::Instant) {
     if out.write_all(b"OK 1073741824\n").is_err() {
         return;
     }
-    let Some((method, path, _, _)) = read_request(&mut reader) else {
+    let Some((method, path, headers, body)) = read_request(&mut reader) else {
         return;
     };
     let reply = match (method.as_str(), path.as_str()) {
@@ -576,12 +578,43 @@ fn serve_agent(stream: UnixStream, booted: std::time::Instant) {
         })),
         ("GET", "/ssh-host-keys") => Reply::json(fake_host_keys()),
         ("GET", "/ports") => Reply::json(fake_listeners()),
+        ("POST", "/reidentify") => {
+            record_agent_call(&method, &path, headers.get("authorization"), &body);
+            Reply::json(json!({"applied": ["hostname", "secret"]}))
+        }
         _ => Reply {
             status: 404,
             ..Reply::fault(format!("no route {method} {path}"))
         },
     };
     let _ = write_reply(&mut out, &reply, true);
+}
+
+/// Appends an agent request to `FAKE_FC_RECORD`, as [`Server::record`]
+/// does for API calls.
+fn record_agent_call(method: &str, path: &str, auth: Option<&String>, body: &[u8]) {
+    let Some(record) = std::env::var_os("FAKE_FC_RECORD") else {
+        return;
+    };
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let line = json!({
+        "pid": std::process::id(),
+        "agent": true,
+        "method": method,
+        "path": path,
+        "authorization": auth,
+        "body": body,
+    });
+    let mut bytes = line.to_string().into_bytes();
+    bytes.push(b'\n');
+    let written = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&record)
+        .and_then(|mut f| f.write_all(&bytes));
+    if let Err(e) = written {
+        eprintln!("fake-firecracker: cannot record the agent call: {e}");
+    }
 }
 
 /// The agent's host keys: the JSON array in `FAKE_FC_HOST_KEYS`'s file, or
