@@ -10,7 +10,11 @@
 //! `/root/repo` in the guest:
 //!
 //! - `banger`: `banger vm workspace prepare NAME REPO` through the CLI and
-//!   daemon (git bundle, russh transfer, clone, overlay of the working tree).
+//!   daemon (git bundle and clone on the host, the `.git` through the guest
+//!   agent's exec stream (sshd without one),
+//!   `git checkout-index` in the guest, overlay of the working tree). Round
+//!   0 prints the daemon's per-phase line: host git work, transfer+unpack,
+//!   checkout, overlay, publish.
 //! - `baseline`: `git bundle create` + `scp` of the bundle + `git clone` in
 //!   the guest + a `tar` of the changed files piped over `ssh` and unpacked
 //!   over the clone + `rm` of the deleted ones, with the system OpenSSH and

@@ -120,12 +120,10 @@ mod tests {
                 s.spawn(|| env.banger(&["vm", "workspace", "prepare", VM, repo.to_str().unwrap()]));
             if let Kill::WhileTheGuestClones = kill {
                 // Another daemon would answer `vm ssh` after the kill, so
-                // look from outside: the guest's git clone process.
-                wait_until(
-                    Duration::from_secs(300),
-                    "the guest clones the bundle",
-                    || guest(env, "pgrep -f 'clone -q --no-checkout [r]epo.bundle'").code == 0,
-                );
+                // look from outside: the guest's git checkout-index process.
+                wait_until(Duration::from_secs(300), "the guest checks out", || {
+                    guest(env, "pgrep -f '[c]heckout-index -a'").code == 0
+                });
                 env.kill_daemon();
             }
             let out = run.join().unwrap();

@@ -295,6 +295,68 @@ impl Plan {
         }
         run_checked(cmd, "bundle create")
     }
+
+    /// Builds in `repo` (a new directory) the `.git` the guest checkout
+    /// gets, with native git on the host, so the emulated guest neither
+    /// indexes a pack nor resolves refs: the history of [`write_bundle`]
+    /// (`bundle`, written first) cloned without a checkout, `origin`
+    /// removed, HEAD at the branch (or detached commit) the guest starts
+    /// on, and an index of that commit's tree. What is left to the guest
+    /// is writing the files (`git checkout-index -a -f -u`).
+    ///
+    /// These commands run with no global or system git config: only the
+    /// user's repository history is carried, never their settings (a
+    /// `init.defaultRefFormat = reftable` the guest's git cannot read).
+    ///
+    /// [`write_bundle`]: Plan::write_bundle
+    pub fn write_git_dir(&self, bundle: &Path, repo: &Path) -> Result<(), WorkspaceError> {
+        self.write_bundle(bundle)?;
+        let here = repo.parent().unwrap_or(Path::new("/"));
+        let neutral = |dir: &Path| {
+            let mut cmd = git(dir);
+            cmd.env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_CONFIG_NOSYSTEM", "1");
+            cmd
+        };
+        let mut clone = neutral(here);
+        clone
+            .args(["clone", "--quiet", "--no-checkout"])
+            .arg(bundle)
+            .arg(repo);
+        run_checked(clone, "clone of the bundle")?;
+        let step = |args: &[&str], what: &str| {
+            let mut cmd = neutral(repo);
+            cmd.args(args);
+            run_checked(cmd, what)
+        };
+        step(&["remote", "remove", "origin"], "remote remove origin")?;
+        // What `git checkout -b B BASE`, `-B H HEAD` or `--detach HEAD`
+        // would leave, without writing a working tree.
+        let commit = match (&self.branch, &self.head_branch) {
+            (Some(b), _) => {
+                step(&["branch", "--", b, &self.base_commit], "branch")?;
+                step(
+                    &["symbolic-ref", "HEAD", &format!("refs/heads/{b}")],
+                    "symbolic-ref",
+                )?;
+                &self.base_commit
+            }
+            (None, Some(h)) => {
+                let r = format!("refs/heads/{h}");
+                step(&["update-ref", &r, &self.head_commit], "update-ref")?;
+                step(&["symbolic-ref", "HEAD", &r], "symbolic-ref")?;
+                &self.head_commit
+            }
+            (None, None) => {
+                step(
+                    &["update-ref", "--no-deref", "HEAD", &self.head_commit],
+                    "update-ref",
+                )?;
+                &self.head_commit
+            }
+        };
+        step(&["read-tree", commit], "read-tree")
+    }
 }
 
 /// "N untracked files were not copied; pass --include-untracked to copy them".
@@ -688,6 +750,62 @@ mod tests {
                 return;
             }
         };
+    }
+
+    /// The `.git` built on the host, checked out as the guest does
+    /// (`checkout-index -a -f -u` in an empty directory): HEAD on the
+    /// right branch or commit, a clean status, the committed content.
+    #[test]
+    fn git_dir_checks_out_to_the_planned_branch_and_commit() {
+        need_git!("git_dir_checks_out_to_the_planned_branch_and_commit");
+        let d = repo();
+        let first = g(d.path(), &["rev-parse", "HEAD"]).trim().to_string();
+        fs::write(d.path().join("b.txt"), "b\n").unwrap();
+        g(d.path(), &["add", "b.txt"]);
+        g(d.path(), &["commit", "-q", "-m", "second"]);
+        let second = g(d.path(), &["rev-parse", "HEAD"]).trim().to_string();
+        let cases = [
+            (PrepareOptions::default(), "refs/heads/main", &second),
+            (
+                PrepareOptions {
+                    branch: Some("topic".into()),
+                    from: Some(first.clone()),
+                    ..PrepareOptions::default()
+                },
+                "refs/heads/topic",
+                &first,
+            ),
+        ];
+        for (opts, want_ref, want_commit) in cases {
+            let p = plan(d.path(), &opts).unwrap();
+            let scratch = tempfile::tempdir().unwrap();
+            let repo = scratch.path().join("repo");
+            p.write_git_dir(&scratch.path().join("b.bundle"), &repo)
+                .unwrap();
+            // The guest side: only the .git, then the files.
+            let guest = scratch.path().join("guest");
+            fs::create_dir(&guest).unwrap();
+            fs::rename(repo.join(".git"), guest.join(".git")).unwrap();
+            g(&guest, &["checkout-index", "-a", "-f", "-u"]);
+            assert_eq!(g(&guest, &["symbolic-ref", "HEAD"]).trim(), want_ref);
+            assert_eq!(
+                g(&guest, &["rev-parse", "HEAD"]).trim(),
+                want_commit.as_str()
+            );
+            assert_eq!(g(&guest, &["status", "--porcelain"]), "", "{opts:?}");
+            assert_eq!(g(&guest, &["remote"]), "", "origin is removed");
+            assert_eq!(fs::read_to_string(guest.join("gone.txt")).unwrap(), "g\n");
+            assert_eq!(
+                guest.join("b.txt").exists(),
+                want_commit == &second,
+                "{opts:?}"
+            );
+            let mode = fs::metadata(guest.join("run.sh"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o111, 0o111, "run.sh keeps its executable bit");
+        }
     }
 
     #[test]

@@ -24,5 +24,5 @@ pub use banger_api::workspace::{
     check_base_commit, plan, skipped_untracked_note,
 };
 pub use jobs::{guest_job, run_guest_job};
-pub use remote::{GuestPaths, changed_files, export, prepare};
+pub use remote::{Carrier, GuestPaths, changed_files, export, prepare, prepare_with};
 pub use vm::{export_vm, prepare_vm};

@@ -82,12 +82,43 @@ pub async fn prepare(
     scratch: &Path,
     progress: &Progress,
 ) -> Result<WorkspaceView, WorkspaceError> {
+    prepare_with(Carrier::Ssh(ssh), plan, guest, scratch, progress).await
+}
+
+/// What carries the import's one exec into the guest.
+pub enum Carrier<'a> {
+    /// A session on the guest's sshd.
+    Ssh(&'a GuestSsh),
+    /// The guest agent's exec stream (`Lifecycle::open_exec`), authorised
+    /// and upgraded: no encryption for the emulated guest to undo, which
+    /// was most of an import's time under TCG.
+    Agent(std::os::unix::net::UnixStream),
+}
+
+impl std::fmt::Debug for Carrier<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Carrier::Ssh(_) => "Carrier::Ssh",
+            Carrier::Agent(_) => "Carrier::Agent",
+        })
+    }
+}
+
+/// [`prepare`] through either carrier.
+pub async fn prepare_with(
+    carrier: Carrier<'_>,
+    plan: &Plan,
+    guest: &GuestPaths,
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<WorkspaceView, WorkspaceError> {
     let prefix = shell_quote_path(&guest.staging_prefix());
     let q_repo = shell_quote_path(&guest.repo);
 
     // Everything travels as one tar on one exec's stdin and one guest
     // script does the rest: each exec costs a process start in the guest,
     // which is what dominates under emulation (and over slow links).
+    let started = std::time::Instant::now();
     let mut parcel = tar::Builder::new(Vec::new());
     let mut script = vec![
         "set -e".to_string(),
@@ -98,7 +129,8 @@ pub async fn prepare(
         format!("rm -rf -- {prefix}*"),
         format!("stage=$(mktemp -d {prefix}XXXXXX)"),
         "cd \"$stage\"".to_string(),
-        "tar -x -f -".to_string(),
+        phase("start"),
+        "tar -x --no-same-owner -f -".to_string(),
     ];
     if plan.mode == super::Mode::FullCopy {
         progress.stage(
@@ -118,30 +150,38 @@ pub async fn prepare(
         script.push("mkdir \"$stage/repo\"".to_string());
         script.push("tar -x -f tree.tar -C \"$stage/repo\"".to_string());
     } else {
-        progress.stage("workspace_bundle", "bundling the repository history");
+        progress.stage(
+            "workspace_bundle",
+            "bundling the repository history and indexing it on the host",
+        );
+        // The git work that needs no working tree (indexing the pack,
+        // refs, the index) is done here by native git; the emulated guest
+        // only writes the files. A `.staging-` name: the daemon's startup
+        // sweep removes what a killed daemon left.
         let bundle = bundle_path(scratch);
+        let git_dir = scratch.join(format!(".workspace.repo.staging-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&git_dir);
         let made = blocking({
             let plan = plan.clone();
-            let bundle = bundle.clone();
-            move || plan.write_bundle(&bundle)
+            let (bundle, git_dir) = (bundle.clone(), git_dir.clone());
+            move || plan.write_git_dir(&bundle, &git_dir)
         })
         .await?;
-        crash_point("workspace:bundled");
-        let read = made.and_then(|()| {
-            fs::read(&bundle).map_err(|e| WorkspaceError::ReadPath(bundle.clone(), e))
-        });
         let _ = fs::remove_file(&bundle);
-        add_file(&mut parcel, "repo.bundle", &read?, &plan.root)?;
+        crash_point("workspace:bundled");
+        let added = made.and_then(|()| {
+            parcel.follow_symlinks(false);
+            parcel
+                .append_dir_all("repo/.git", git_dir.join(".git"))
+                .map_err(|e| WorkspaceError::Archive(git_dir.clone(), e))
+        });
+        let _ = fs::remove_dir_all(&git_dir);
+        added?;
 
-        let checkout = match (&plan.branch, &plan.head_branch) {
-            (Some(b), _) => format!("git checkout -q -b {} {}", q(b), plan.base_commit),
-            (None, Some(h)) => format!("git checkout -q -B {} {}", q(h), plan.head_commit),
-            (None, None) => format!("git checkout -q --detach {}", plan.head_commit),
-        };
-        script.push("git clone -q --no-checkout repo.bundle \"$stage/repo\"".to_string());
+        script.push(phase("unpack"));
         script.push("cd \"$stage/repo\"".to_string());
-        script.push("git remote remove origin".to_string());
-        script.push(checkout);
+        script.push("git checkout-index -a -f -u".to_string());
+        script.push(phase("checkout"));
 
         if !plan.files.is_empty() {
             let mut deleted = Vec::new();
@@ -159,11 +199,12 @@ pub async fn prepare(
             add_file(&mut parcel, "overlay.tar", &tar, &plan.root)?;
             script.push("xargs -0 -r rm -f -- < \"$stage/deleted\"".to_string());
             script.push("tar -x -f \"$stage/overlay.tar\"".to_string());
+            script.push(phase("overlay"));
         }
         progress.stage(
             "workspace_clone",
             format!(
-                "cloning in the guest and applying {} changed paths",
+                "checking out in the guest and applying {} changed paths",
                 plan.files.len()
             ),
         );
@@ -187,13 +228,15 @@ pub async fn prepare(
         "if [ -e {q_repo} ] || [ -L {q_repo} ]; then mv -T {q_repo} \"$stage/old\"; fi"
     ));
     script.push(format!("mv -T \"$stage/repo\" {q_repo}"));
+    script.push(phase("publish"));
     script.push("rm -rf \"$stage\"".to_string());
 
     let parcel = parcel
         .into_inner()
         .map_err(|e| WorkspaceError::Archive(plan.root.clone(), e))?;
     let bytes = parcel.len();
-    let started = std::time::Instant::now();
+    let host_secs = started.elapsed().as_secs_f64();
+    let sending = std::time::Instant::now();
     let total = Some(bytes as u64);
     let mut upload = Counting::new(Cursor::new(parcel), |sent| {
         if sent.saturating_mul(2) >= bytes as u64 {
@@ -201,12 +244,23 @@ pub async fn prepare(
         }
         progress.bytes("workspace upload", sent, total)
     });
-    ssh.run(&script.join("\n"), Some(&mut upload))
-        .await
-        .map_err(|e| WorkspaceError::Guest("import", Box::new(e)))?;
+    let (via, out) = match carrier {
+        Carrier::Ssh(ssh) => (
+            "ssh",
+            ssh.run(&script.join("\n"), Some(&mut upload))
+                .await
+                .map_err(|e| WorkspaceError::Guest("import", Box::new(e)))?,
+        ),
+        Carrier::Agent(stream) => (
+            "agent",
+            agent_run(stream, &script.join("\n"), &mut upload).await?,
+        ),
+    };
     tracing::info!(
-        "workspace: {bytes} bytes sent and unpacked, cloned and published in the guest in {:.2}s",
-        started.elapsed().as_secs_f64()
+        "workspace: host git work and parcel {:.2}s; {bytes} bytes sent (via {via}) and unpacked, checked out and published in the guest in {:.2}s ({})",
+        host_secs,
+        sending.elapsed().as_secs_f64(),
+        guest_phases(&out)
     );
 
     Ok(WorkspaceView {
@@ -305,6 +359,105 @@ fn parse_name_status(out: &[u8]) -> Vec<ExportedFile> {
     files
 }
 
+/// Runs `script` through the guest agent's exec stream with `stdin` as
+/// its input and returns its stdout; a non-zero exit is an error with its
+/// stderr. The script runs under `setsid -w`: the agent kills the
+/// command's process group when the daemon goes away, and an import whose
+/// input is all in must finish (or fail) on its own, as over ssh, so the
+/// next import's lock waits for it instead of finding a half-published
+/// checkout.
+async fn agent_run(
+    stream: std::os::unix::net::UnixStream,
+    script: &str,
+    stdin: &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+) -> Result<Vec<u8>, WorkspaceError> {
+    use banger_guest_protocol::exec::{ExecRequest, Frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let guest = |e: io::Error| WorkspaceError::Guest("import", Box::new(e));
+    stream.set_nonblocking(true).map_err(guest)?;
+    let mut stream = tokio::net::UnixStream::from_std(stream).map_err(guest)?;
+    let start = Frame::Start(ExecRequest {
+        argv: ["setsid", "-w", "sh", "-c", script]
+            .map(String::from)
+            .to_vec(),
+        env: Default::default(),
+        cwd: None,
+        tty: None,
+    });
+    // A script that fails early stops reading and the agent closes the
+    // stream: the write error is then less telling than its stderr.
+    let sent: io::Result<()> = async {
+        stream.write_all(&start.encode()).await?;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = stdin.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            stream
+                .write_all(&Frame::Stdin(buf[..n].to_vec()).encode())
+                .await?;
+        }
+        stream.write_all(&Frame::StdinEof.encode()).await
+    }
+    .await;
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer).await;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut frames = Cursor::new(answer);
+    let mut ended = None;
+    while let Ok(Some(frame)) = Frame::read_from(&mut frames) {
+        match frame {
+            Frame::Stdout(d) => out.extend_from_slice(&d),
+            Frame::Stderr(d) => err.extend_from_slice(&d),
+            Frame::Exit(status) => ended = Some(Ok(status.shell_code())),
+            Frame::Error(text) => ended = Some(Err(text)),
+            _ => {}
+        }
+    }
+    let failed = |what: String| {
+        WorkspaceError::Guest(
+            "import",
+            format!("{what}: {}", String::from_utf8_lossy(&err).trim()).into(),
+        )
+    };
+    match ended {
+        Some(Ok(0)) => Ok(out),
+        Some(Ok(code)) => Err(failed(format!("the guest script exited with {code}"))),
+        Some(Err(text)) => Err(failed(format!("the guest agent: {text}"))),
+        None => Err(failed(format!(
+            "the guest agent's stream ended without an exit status (sending: {:?}, reading: {:?})",
+            sent.err(),
+            read.err()
+        ))),
+    }
+}
+
+/// A script line printing `phase NAME SECONDS` (the guest's clock) on
+/// stdout, for the per-phase split in the daemon's log.
+fn phase(name: &str) -> String {
+    format!("echo \"phase {name} $(date +%s.%N)\"")
+}
+
+/// `phase NAME T` lines as `unpack 0.41s, checkout 2.10s, ...`: each
+/// phase's time since the previous mark (the first mark, `start`, is when
+/// the script got its lock; the transfer is in `unpack`).
+fn guest_phases(out: &[u8]) -> String {
+    let text = String::from_utf8_lossy(out);
+    let marks: Vec<(&str, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.strip_prefix("phase ")?.split(' ');
+            Some((it.next()?, it.next()?.parse().ok()?))
+        })
+        .collect();
+    marks
+        .windows(2)
+        .map(|w| format!("{} {:.2}s", w[1].0, w[1].1 - w[0].1))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn q(s: &str) -> String {
     crate::guest_ssh::shell_quote(s)
 }
@@ -388,6 +541,16 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_phases_are_the_gaps_between_marks() {
+        let out = b"phase start 100.00\nphase unpack 101.25\nnoise\nphase checkout 103.75\nphase publish 103.80\n";
+        assert_eq!(
+            guest_phases(out),
+            "unpack 1.25s, checkout 2.50s, publish 0.05s"
+        );
+        assert_eq!(guest_phases(b"phase start 1.0\n"), "");
+    }
 
     #[test]
     fn name_status_lists_each_file_with_its_change() {

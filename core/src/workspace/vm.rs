@@ -50,14 +50,31 @@ pub async fn prepare_vm(
     // would race on the guest's staging directory, an export during an
     // import would read a half-built checkout, a stop would cut either.
     let _guard = lc.lock_vm(name).await?;
-    let ssh = connect(lc, name).await?;
     // The bundle is staged in the VM directory: a daemon killed holding it
     // leaves a `.staging-` file the next daemon's startup sweep removes.
     let dir = vm_dir(lc, name).await?;
-    let view = super::prepare(&ssh, &plan, &GuestPaths::default(), &dir, progress)
-        .await
-        .map_err(op);
-    ssh.close().await;
+    let guest = GuestPaths::default();
+    // Through the guest agent when it runs commands (no encryption for an
+    // emulated guest to undo), else over sshd.
+    let view = match lc.open_exec(name).await {
+        Ok(stream) => {
+            super::prepare_with(super::Carrier::Agent(stream), &plan, &guest, &dir, progress)
+                .await
+                .map_err(op)
+        }
+        Err(e) => {
+            tracing::info!(
+                "workspace: importing over ssh; the guest agent cannot run commands: {}",
+                crate::lifecycle::render_chain(&e)
+            );
+            let ssh = connect(lc, name).await?;
+            let view = super::prepare(&ssh, &plan, &guest, &dir, progress)
+                .await
+                .map_err(op);
+            ssh.close().await;
+            view
+        }
+    };
     let view = view?;
     crate::lifecycle::crash_point("workspace:published");
     write_record(&dir, &view)?;
