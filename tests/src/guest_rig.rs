@@ -47,6 +47,12 @@ pub fn agent_ports(uds: &Path) -> Vec<(Proto, u16, Option<String>)> {
 /// the same host is never disturbed.
 pub const BRIDGE: &str = "bge2e0";
 pub const SUBNET: &str = "10.213.0.0/24";
+/// The group `system install` makes for the helper's socket in user mode.
+pub const USER_GROUP: &str = "bge2egrp";
+/// User mode's own bridge and subnet: a root rig (a bench, another
+/// test binary) on the same host never shares addresses with it.
+pub const USER_BRIDGE: &str = "bge2eu0";
+pub const USER_SUBNET: &str = "10.216.0.0/24";
 
 pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(cmd).args(args).output().unwrap()
@@ -180,10 +186,26 @@ pub struct Rig {
     pub env: BangerEnv,
     /// Where its `.vm` DNS server listens on loopback.
     pub dns: std::net::SocketAddr,
+    /// The guests' bridge and subnet ([`BRIDGE`], or [`USER_BRIDGE`] in
+    /// user mode).
+    pub bridge: &'static str,
+    pub subnet: &'static str,
     _registry: Registry,
 }
 
+/// [`rig_as`] with the daemon as root unless `BANGER_E2E_AS_USER=1`.
 pub fn rig(test: &str, image: &str, extra_config: &str) -> Option<(Rig, GuestArtifacts)> {
+    rig_as(test, image, extra_config, crate::as_user::requested(false))
+}
+
+/// The rig, its daemon run as the unprivileged [`crate::as_user::USER`]
+/// (with `banger-helper` installed for it) when `as_user`, else as root.
+pub fn rig_as(
+    test: &str,
+    image: &str,
+    extra_config: &str,
+    as_user: bool,
+) -> Option<(Rig, GuestArtifacts)> {
     let flavour = if image == "noinit" {
         "noinit"
     } else {
@@ -193,31 +215,40 @@ pub fn rig(test: &str, image: &str, extra_config: &str) -> Option<(Rig, GuestArt
     let registry = Registry::start(test)?;
     let reference = registry.push_rootfs_tar(&format!("banger/debian:{image}"), &a.rootfs_tar);
 
-    let env = BangerEnv::new();
+    let mut env = BangerEnv::new();
     let dns_port = free_udp_port();
     std::fs::copy(
         crate::workspace_cdylib("banger-plugin-shared-mount"),
         env.plugins_dir().join("libbanger_plugin_shared_mount.so"),
     )
     .unwrap();
+    // As the unprivileged user (BANGER_E2E_AS_USER=1), the daemon runs
+    // copies of what it executes: the build tree and cache are root's.
+    let (bridge, subnet) = if as_user {
+        (USER_BRIDGE, USER_SUBNET)
+    } else {
+        (BRIDGE, SUBNET)
+    };
+    let (agent, vhost, kernel) = if as_user {
+        let user = env.run_as_user(bridge, subnet, USER_GROUP);
+        (
+            user.copy_exe(&a.agent),
+            user.copy_exe(&a.vhost),
+            user.copy_dir(&a.kernel_dir, "kernel"),
+        )
+    } else {
+        (a.agent.clone(), a.vhost.clone(), a.kernel_dir.clone())
+    };
     env.write_config(&format!(
-        "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {:?}\nagent_timeout_secs = 240\n\
-         insecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\n\
+        "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {agent:?}\nagent_timeout_secs = 240\n\
+         insecure_registries = [{:?}]\nvhost_device_vsock_bin = {vhost:?}\n\
          default_caps = [\"work-disk\", \"network\", \"dns\", \"file-sync\", \"vsock-agent\"]\n\
          {extra_config}\n\
-         [network]\nbridge = {BRIDGE:?}\nsubnet = {SUBNET:?}\ndns_port = {dns_port}\n",
-        a.agent,
+         [network]\nbridge = {bridge:?}\nsubnet = {subnet:?}\ndns_port = {dns_port}\n",
         registry.host(),
-        a.vhost
     ));
-    env.banger(&[
-        "kernel",
-        "import",
-        "fc",
-        "--from",
-        a.kernel_dir.to_str().unwrap(),
-    ])
-    .ok();
+    env.banger(&["kernel", "import", "fc", "--from", kernel.to_str().unwrap()])
+        .ok();
     env.banger(&[
         "image",
         "pull",
@@ -233,12 +264,20 @@ pub fn rig(test: &str, image: &str, extra_config: &str) -> Option<(Rig, GuestArt
     let rig = Rig {
         env,
         dns: std::net::SocketAddr::from(([127, 0, 0, 1], dns_port)),
+        bridge,
+        subnet,
         _registry: registry,
     };
     Some((rig, a))
 }
 
 impl Rig {
+    /// The first three octets of the guests' subnet and a dot ("10.213.0.").
+    pub fn subnet_prefix(&self) -> &str {
+        let end = self.subnet.rfind('.').map_or(0, |i| i + 1);
+        &self.subnet[..end]
+    }
+
     /// `vm create` that must succeed, with the console in the failure.
     pub fn create(&self, name: &str, args: &[&str]) -> banger_api::api::VmView {
         let mut all = vec![
@@ -311,29 +350,31 @@ impl Rig {
         cmd: &str,
     ) -> std::process::Output {
         let key = self.env.state_dir().join("ssh/id_ed25519");
-        run(
-            "ssh",
-            &[
-                "-i",
-                key.to_str().unwrap(),
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                &format!("UserKnownHostsFile={}", known_hosts.display()),
-                "-o",
-                &format!("HostKeyAlias={name}.vm"),
-                "-o",
-                "ConnectTimeout=20",
-                "-o",
-                "LogLevel=ERROR",
-                &format!("root@{ip}"),
-                cmd,
-            ],
-        )
+        let args = [
+            "-i",
+            key.to_str().unwrap(),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            &format!("UserKnownHostsFile={}", known_hosts.display()),
+            "-o",
+            &format!("HostKeyAlias={name}.vm"),
+            "-o",
+            "ConnectTimeout=20",
+            "-o",
+            "LogLevel=ERROR",
+            &format!("root@{ip}"),
+            cmd,
+        ];
+        self.env
+            .external(Path::new("ssh"))
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     pub fn ssh_ok(
@@ -426,7 +467,7 @@ impl Drop for Rig {
                 );
             }
         }
-        let _ = run("ip", &["link", "del", BRIDGE]);
+        let _ = run("ip", &["link", "del", self.bridge]);
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+pub mod as_user;
 pub mod dns;
 pub mod guest_artifacts;
 pub mod guest_rig;
@@ -60,6 +61,8 @@ pub fn workspace_cdylib(crate_name: &str) -> PathBuf {
 pub struct BangerEnv {
     dir: tempfile::TempDir,
     extra_env: Vec<(String, String)>,
+    /// Set by [`BangerEnv::run_as_user`]: every command runs as that user.
+    user: Option<as_user::AsUser>,
 }
 
 /// The outcome of one CLI run.
@@ -106,6 +109,7 @@ impl BangerEnv {
         let env = BangerEnv {
             dir,
             extra_env: Vec::new(),
+            user: None,
         };
         for d in ["home", "config/banger/plugins", "state", "cache", "run"] {
             std::fs::create_dir_all(env.root().join(d)).unwrap();
@@ -171,11 +175,47 @@ impl BangerEnv {
         self.root().join("fc-calls.jsonl")
     }
 
+    /// From now on every command of this env runs as [`as_user::USER`],
+    /// with `banger-helper` installed for it on `bridge`/`subnet` (see
+    /// [`as_user::AsUser::install`]).
+    pub fn run_as_user(&mut self, bridge: &str, subnet: &str, group: &str) -> &as_user::AsUser {
+        let user = as_user::AsUser::install(self.root(), &self.state_dir(), bridge, subnet, group);
+        self.user.insert(user)
+    }
+
+    /// The user this env runs as, when [`BangerEnv::run_as_user`] was called.
+    pub fn user(&self) -> Option<&as_user::AsUser> {
+        self.user.as_ref()
+    }
+
+    /// The `banger` binary this env's commands run (the user's copy in
+    /// user mode).
+    pub fn banger_bin(&self) -> PathBuf {
+        match &self.user {
+            Some(u) => u.copy_exe(&workspace_bin("banger")),
+            None => workspace_bin("banger"),
+        }
+    }
+
+    /// `program` as this env runs it, without its environment: as the
+    /// user in user mode (a copy of a build-tree binary), else as is.
+    pub fn external(&self, program: &std::path::Path) -> std::process::Command {
+        match &self.user {
+            Some(u) if program.starts_with(target_dir()) => u.wrap(&u.copy_exe(program)),
+            Some(u) => u.wrap(program),
+            None => std::process::Command::new(program),
+        }
+    }
+
     /// `program` with this env's HOME, XDG dirs and extra variables (what
     /// [`BangerEnv::banger`] runs), for callers that stream its output.
     pub fn command(&self, program: &std::path::Path) -> std::process::Command {
-        let mut c = std::process::Command::new(program);
+        let mut c = self.external(program);
         let r = self.root();
+        let daemon = match &self.user {
+            Some(u) => u.bin("bangerd"),
+            None => workspace_bin("bangerd"),
+        };
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", r.join("home"))
@@ -183,12 +223,17 @@ impl BangerEnv {
             .env("XDG_STATE_HOME", r.join("state"))
             .env("XDG_CACHE_HOME", r.join("cache"))
             .env("XDG_RUNTIME_DIR", r.join("run"))
-            .env("BANGER_DAEMON_BIN", workspace_bin("bangerd"))
+            .env("BANGER_DAEMON_BIN", daemon)
             .env("FAKE_FC_RECORD", self.record_file())
             // The fake firecracker boots nothing: cargo's dynamically linked
             // agent is fine there (a test may unset this with set_env).
             .env(banger_api::config::ANY_AGENT_ENV, "1")
             .stdin(std::process::Stdio::null());
+        if let Some(u) = &self.user {
+            c.env("USER", as_user::USER)
+                .env("BANGER_HELPER_SOCKET", u.helper_socket())
+                .current_dir(r.join("home"));
+        }
         for (k, v) in &self.extra_env {
             c.env(k, v);
         }
@@ -198,7 +243,7 @@ impl BangerEnv {
     /// Runs the real `banger` CLI with `args`.
     pub fn banger(&self, args: &[&str]) -> Run {
         let out = self
-            .command(&workspace_bin("banger"))
+            .command(&self.banger_bin())
             .args(args)
             .output()
             .unwrap();
@@ -370,7 +415,28 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut
 /// test's own) and no system config; its trimmed stdout, or a panic with
 /// git's words.
 pub fn git(home: &std::path::Path, repo: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
+    // In user mode the env (and so the repository) is the test user's:
+    // git runs as the owner of the nearest existing directory, as that
+    // user would, instead of root tripping over "dubious ownership".
+    let owner = repo
+        .ancestors()
+        .find_map(|d| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(d).ok()?).into())
+        .filter(|uid| *uid != 0 && nix::unistd::geteuid().is_root());
+    let mut c = match owner {
+        Some(uid) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={}", owner_gid(uid)),
+                "--init-groups",
+                "--",
+                "git",
+            ]);
+            c
+        }
+        None => std::process::Command::new("git"),
+    };
+    let out = c
         .env("HOME", home)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .arg("-C")
@@ -380,6 +446,15 @@ pub fn git(home: &std::path::Path, repo: &std::path::Path, args: &[&str]) -> Str
         .unwrap();
     assert!(out.status.success(), "git {args:?}: {out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The primary group of the user `uid` (its own uid when it has no
+/// passwd entry).
+fn owner_gid(uid: u32) -> u32 {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or(uid, |u| u.gid.as_raw())
 }
 
 /// True if `pid` is a live (non-zombie) process.

@@ -19,8 +19,16 @@ mod tests {
     use banger_api::model::VmState;
     use banger_vmm::vsock::AgentClient;
     use test_infra::dns::{StandInUpstream, Target};
-    use test_infra::guest_rig::{GREETING, Internet, Rig, rig, run};
+    use test_infra::guest_artifacts::GuestArtifacts;
+    use test_infra::guest_rig::{GREETING, Internet, Rig, rig_as, run};
     use test_infra::{git, pid_alive, wait_until};
+
+    /// The rig with the daemon as the unprivileged user `banger-e2e` and
+    /// the helper `banger system install` set up (issue 10);
+    /// `BANGER_E2E_AS_USER=0` runs it as root instead.
+    fn rig(test: &str, image: &str, extra: &str) -> Option<(Rig, GuestArtifacts)> {
+        rig_as(test, image, extra, test_infra::as_user::requested(true))
+    }
 
     /// A name only the stand-in internet's DNS server knows.
     const WEB_NAME: &str = "web.internet.test";
@@ -127,7 +135,7 @@ mod tests {
         );
         assert_eq!(vm.record.state, VmState::Running);
         let ip = vm.address.expect("a networked VM has an address");
-        assert!(ip.to_string().starts_with("10.213.0."), "{ip}");
+        assert!(ip.to_string().starts_with(rig.subnet_prefix()), "{ip}");
         let qemu_pid = vm.record.vmm.as_ref().unwrap().pid as i32;
         let logs = env.banger(&["vm", "logs", "g1"]).stdout;
         for line in [
@@ -482,7 +490,7 @@ mod tests {
         let out = env.banger(&args).ok();
         assert_eq!(out.stdout, "init\nx2\n", "{}", out.stderr);
 
-        let banger = test_infra::workspace_bin("banger");
+        let banger = env.banger_bin();
         let mut c = env.command(&banger);
         c.args([
             "vm",
