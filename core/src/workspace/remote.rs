@@ -361,11 +361,10 @@ fn parse_name_status(out: &[u8]) -> Vec<ExportedFile> {
 
 /// Runs `script` through the guest agent's exec stream with `stdin` as
 /// its input and returns its stdout; a non-zero exit is an error with its
-/// stderr. The script runs under `setsid -w`: the agent kills the
-/// command's process group when the daemon goes away, and an import whose
-/// input is all in must finish (or fail) on its own, as over ssh, so the
-/// next import's lock waits for it instead of finding a half-published
-/// checkout.
+/// stderr. The script runs under `setsid -w`, outside the process group
+/// the agent kills when the daemon goes away; it then stops at its next
+/// phase mark (an `echo` into the closed stream), and no mark lies between
+/// the two publishing renames, so the checkout stays whole.
 async fn agent_run(
     stream: std::os::unix::net::UnixStream,
     script: &str,
