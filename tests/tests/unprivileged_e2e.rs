@@ -19,19 +19,18 @@ mod support;
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
     use banger_api::model::VmState;
+    use test_infra::as_user::{AsUser, USER, chmod};
     use test_infra::guest_artifacts::{GuestArtifacts, on_path};
     use test_infra::guest_rig::{own_processes, run};
     use test_infra::registry::Registry;
     use test_infra::{wait_until, workspace_bin};
 
-    /// The unprivileged user the daemon runs as.
-    const USER: &str = "banger-e2e";
     /// The group `system install` creates for the helper's socket.
     const GROUP: &str = "bgupe2e";
     /// Not the root e2e's bridge and subnet, nor the defaults.
@@ -42,44 +41,12 @@ mod tests {
         eprintln!("SKIP {test}: {why}");
     }
 
-    /// `id -u`/`-g` of `USER`, made with useradd first when missing.
-    fn ensure_user() -> (u32, u32) {
-        if nix::unistd::User::from_name(USER).unwrap().is_none() {
-            let out = run(
-                "useradd",
-                &[
-                    "--system",
-                    "--user-group",
-                    "--no-create-home",
-                    "--home-dir",
-                    "/nonexistent",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    USER,
-                ],
-            );
-            assert!(out.status.success(), "useradd: {out:?}");
-        }
-        let u = nix::unistd::User::from_name(USER).unwrap().unwrap();
-        (u.uid.as_raw(), u.gid.as_raw())
-    }
-
-    fn chmod(p: &Path, mode: u32) {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
-
-    fn copy_exe(from: &Path, to: &Path) {
-        std::fs::copy(from, to).unwrap();
-        chmod(to, 0o755);
-    }
-
     /// The user's installation: HOME and XDG dirs owned by the user, and a
     /// root-owned `bin/` with the binaries it runs (the build tree under
     /// /root is closed to other users).
     struct UserEnv {
         root: PathBuf,
-        helper_socket: PathBuf,
-        uid: u32,
+        user: AsUser,
     }
 
     /// `banger ARGS` run as the user through setpriv (its groups included,
@@ -97,26 +64,19 @@ mod tests {
 
         fn command(&self, program: &Path) -> Command {
             let r = &self.root;
-            let mut c = Command::new("setpriv");
-            c.args([
-                &format!("--reuid={USER}"),
-                &format!("--regid={USER}"),
-                "--init-groups",
-                "--",
-            ])
-            .arg(program)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", r.join("home"))
-            .env("USER", USER)
-            .env("XDG_CONFIG_HOME", r.join("config"))
-            .env("XDG_STATE_HOME", r.join("state"))
-            .env("XDG_CACHE_HOME", r.join("cache"))
-            .env("XDG_RUNTIME_DIR", r.join("run"))
-            .env("BANGER_DAEMON_BIN", r.join("bin/bangerd"))
-            .env("BANGER_HELPER_SOCKET", &self.helper_socket)
-            .current_dir(r.join("home"))
-            .stdin(Stdio::null());
+            let mut c = self.user.wrap(program);
+            c.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("HOME", r.join("home"))
+                .env("USER", USER)
+                .env("XDG_CONFIG_HOME", r.join("config"))
+                .env("XDG_STATE_HOME", r.join("state"))
+                .env("XDG_CACHE_HOME", r.join("cache"))
+                .env("XDG_RUNTIME_DIR", r.join("run"))
+                .env("BANGER_DAEMON_BIN", r.join("bin/bangerd"))
+                .env("BANGER_HELPER_SOCKET", self.user.helper_socket())
+                .current_dir(r.join("home"))
+                .stdin(Stdio::null());
             c
         }
 
@@ -171,7 +131,6 @@ mod tests {
     /// nft tables, and the helper uninstalled.
     struct Cleanup {
         env_root: PathBuf,
-        system_root: PathBuf,
         tap_prefix: String,
     }
 
@@ -203,10 +162,6 @@ mod tests {
                     &["delete", "table", family, &format!("banger_{BRIDGE}")],
                 );
             }
-            let _ = Command::new(workspace_bin("banger"))
-                .args(["system", "uninstall"])
-                .env("BANGER_SYSTEM_ROOT", &self.system_root)
-                .output();
         }
     }
 
@@ -265,7 +220,6 @@ mod tests {
         let Some(registry) = Registry::start(test) else {
             return;
         };
-        let (uid, gid) = ensure_user();
         let reference = registry.push_rootfs_tar("banger/debian:unpriv", &a.rootfs_tar);
 
         // The user's directories, and root's bin/ beside them.
@@ -277,23 +231,20 @@ mod tests {
         for d in ["home", "config/banger", "state", "cache", "run", "repo"] {
             std::fs::create_dir_all(r.join(d)).unwrap();
         }
-        let bin = r.join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        for b in ["banger", "bangerd"] {
-            copy_exe(&workspace_bin(b), &bin.join(b));
-        }
-        copy_exe(&a.agent, &bin.join("banger-agent"));
-        copy_exe(&a.vhost, &bin.join("vhost-device-vsock"));
-        let kernel = r.join("kernel");
-        let out = run(
-            "cp",
-            &[
-                "-a",
-                a.kernel_dir.to_str().unwrap(),
-                kernel.to_str().unwrap(),
-            ],
-        );
-        assert!(out.status.success(), "cp kernel: {out:?}");
+        let state_dir = r.join("state/banger");
+        let tap_prefix =
+            banger_api::net::identity::NetIdentity::for_state_dir(&state_dir).tap_prefix;
+        let _cleanup = Cleanup {
+            env_root: r.clone(),
+            tap_prefix: tap_prefix.clone(),
+        };
+        // The one root step: install the helper for the user, under a
+        // scratch root the user can traverse to reach the socket.
+        let user = AsUser::install(&r, &state_dir, BRIDGE, SUBNET, GROUP);
+        let (uid, gid) = (user.uid, user.gid);
+        let agent = user.copy_exe(&a.agent);
+        let vhost = user.copy_exe(&a.vhost);
+        let kernel = user.copy_dir(&a.kernel_dir, "kernel");
         let dns_port = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -302,13 +253,11 @@ mod tests {
         std::fs::write(
             r.join("config/banger/config.toml"),
             format!(
-                "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {:?}\nagent_timeout_secs = 240\n\
-                 stop_timeout_secs = 30\ninsecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\n\
+                "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {agent:?}\nagent_timeout_secs = 240\n\
+                 stop_timeout_secs = 30\ninsecure_registries = [{:?}]\nvhost_device_vsock_bin = {vhost:?}\n\
                  default_caps = [\"work-disk\", \"network\", \"dns\", \"file-sync\", \"vsock-agent\"]\n\
                  [network]\nbridge = {BRIDGE:?}\nsubnet = {SUBNET:?}\ndns_port = {dns_port}\n",
-                bin.join("banger-agent"),
                 registry.host(),
-                bin.join("vhost-device-vsock"),
             ),
         )
         .unwrap();
@@ -317,46 +266,9 @@ mod tests {
             "[user]\n\tname = Unpriv Tester\n\temail = unpriv@banger.test\n",
         )
         .unwrap();
-        let out = Command::new("chown")
-            .args(["-R", &format!("{uid}:{gid}")])
-            .arg(&r)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "chown: {out:?}");
-        std::os::unix::fs::chown(&bin, Some(0), Some(0)).unwrap();
-        for f in std::fs::read_dir(&bin).unwrap().flatten() {
-            std::os::unix::fs::chown(f.path(), Some(0), Some(0)).unwrap();
-        }
-        chmod(&r, 0o755);
-        let state_dir = r.join("state/banger");
-        let tap_prefix =
-            banger_api::net::identity::NetIdentity::for_state_dir(&state_dir).tap_prefix;
-
-        // The one root step: install the helper for the user, under a
-        // scratch root the user can traverse to reach the socket.
-        let system = tempfile::Builder::new()
-            .prefix("bgupsys")
-            .tempdir()
-            .unwrap();
-        chmod(system.path(), 0o755);
-        let _cleanup = Cleanup {
-            env_root: r.clone(),
-            system_root: system.path().to_path_buf(),
-            tap_prefix: tap_prefix.clone(),
-        };
-        let out = Command::new(workspace_bin("banger"))
-            .args(["system", "install", "--user", USER, "--group", GROUP])
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .args(["--bridge", BRIDGE, "--subnet", SUBNET])
-            .env("BANGER_SYSTEM_ROOT", system.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "system install: {out:?}");
         let env = UserEnv {
             root: r.clone(),
-            helper_socket: system.path().join("run/banger-helper/helper.sock"),
-            uid,
+            user,
         };
 
         // Everything from here runs as the user.
@@ -510,7 +422,7 @@ mod tests {
         }
         let mut root_owned = Vec::new();
         for d in ["home", "config", "state", "cache", "run", "repo"] {
-            root_owned.extend(not_owned_by(&env.path(d), env.uid));
+            root_owned.extend(not_owned_by(&env.path(d), uid));
         }
         assert!(root_owned.is_empty(), "not the user's: {root_owned:#?}");
     }
