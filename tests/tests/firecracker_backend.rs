@@ -849,4 +849,70 @@ FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
             .unwrap_err();
         assert!(err.to_string().contains("vmm_jail"), "{err}");
     }
+
+    /// The owner of tap `name` as `ip -d -j` reports it (sysfs shows the
+    /// host's namespace, not the test's): a user name when it has one
+    /// ("root"), else the uid.
+    fn tap_owner(name: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["-d", "-j", "link", "show", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip link show {name}: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        match &v[0]["linkinfo"]["info_data"]["user"] {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    /// A jailed firecracker runs as the VM's uid and opens its tap by name:
+    /// the tap is handed to that uid before the VMM starts, and the pool
+    /// gives it back to the daemon's user when the VM returns it.
+    #[test]
+    fn a_jailed_vmm_owns_its_tap_while_it_runs_and_the_pool_takes_it_back() {
+        use banger_capabilities::network::TapPool;
+        use banger_host::hostops::{HostOps, InProcessHostOps};
+        test_infra::in_netns("a_jailed_vmm_owns_its_tap", &[], || {
+            let Some((mut w, _, _, argv_file, fc)) =
+                jailed_world("a_jailed_vmm_owns_its_tap", "fctap")
+            else {
+                return;
+            };
+            let host = InProcessHostOps::default();
+            host.ensure_bridge("bgtapown0", "10.219.0.1".parse().unwrap(), 24)
+                .unwrap();
+            let pool = TapPool::new("tapown", "bgtapown0", 0, 1);
+            let tap = pool.acquire(&host).unwrap();
+            assert_eq!(
+                tap_owner(&tap).as_deref(),
+                Some("root"),
+                "the pool makes it root's"
+            );
+            w.machine.nics[0].tap = tap.clone();
+
+            let p = launch(&fc, &w).unwrap();
+            let argv = fs::read_to_string(&argv_file).unwrap();
+            let uid: u64 = argv.lines().nth(5).unwrap().parse().unwrap();
+            assert!(uid >= u64::from(banger_api::backend::DEFAULT_VMM_UID_BASE));
+            assert_eq!(
+                tap_owner(&tap),
+                Some(uid.to_string()),
+                "the running VM's uid owns {tap}"
+            );
+
+            fc.kill(&p).unwrap();
+            assert!(!process_alive(&p));
+            // Returned to a pool that is short: kept, and root's again.
+            pool.drain(&host).unwrap();
+            pool.release(&host, &tap).unwrap();
+            assert_eq!(pool.free(), std::slice::from_ref(&tap));
+            assert_eq!(
+                tap_owner(&tap).as_deref(),
+                Some("root"),
+                "{tap} is root's again"
+            );
+        });
+    }
 }

@@ -111,6 +111,9 @@ impl TapPool {
         }
     }
 
+    /// Also resets the owner of an existing tap to `owner_uid`: a jailed
+    /// Firecracker's tap is the VM uid's while it runs, and one kept by
+    /// [`TapPool::release`] or [`TapPool::adopt`]ed is the daemon's again.
     fn make_ready(&self, host: &dyn HostOps, name: &str) -> Result<(), HostOpsError> {
         host.create_tap(name, self.owner_uid)?;
         host.attach_to_bridge(name, &self.bridge)?;

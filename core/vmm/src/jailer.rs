@@ -106,6 +106,9 @@ pub fn prepare(
             chown(&dir, uid)?;
         }
     }
+    for nic in &machine.nics {
+        hand_tap(&nic.tap, uid)?;
+    }
     let mut jailed = machine.clone();
     jailed.kernel = place(&machine.kernel, &root, "kernel", uid, false)?;
     if let Some(initrd) = &machine.initrd {
@@ -237,6 +240,66 @@ fn bind(src: &Path, dst: &Path) -> Result<(), VmmError> {
 fn chown(path: &Path, uid: u32) -> Result<(), VmmError> {
     std::os::unix::fs::chown(path, Some(uid), Some(uid))
         .map_err(|e| io_err(format!("handing {} to uid {uid}", path.display()), e))
+}
+
+nix::ioctl_write_int!(tun_set_iff, b'T', 202);
+nix::ioctl_write_int!(tun_set_owner, b'T', 204);
+
+/// `struct ifreq` as `TUNSETIFF` reads it.
+#[repr(C)]
+struct IfReq {
+    name: [u8; nix::libc::IFNAMSIZ],
+    flags: nix::libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Makes the persistent tap `name` the VM uid's (`TUNSETOWNER`), so the
+/// jailed firecracker, running as that uid, may open it by name. Root
+/// attaches to the existing tap with the flags the network capability
+/// created it with (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) and re-sets its
+/// owner; the tap stays persistent when the descriptor closes. A tap that
+/// does not exist is left to firecracker, whose `PUT /network-interfaces`
+/// names it. The pool gives the tap back to the daemon's user when the VM
+/// returns it (see `capabilities/src/network/taps.rs`). The same ioctls
+/// as `banger_host`'s `create_tap`, which this crate may not link.
+#[allow(unsafe_code)]
+pub fn hand_tap(name: &str, uid: u32) -> Result<(), VmmError> {
+    use std::os::fd::AsRawFd;
+    const IFF_TAP: nix::libc::c_short = 0x0002;
+    const IFF_NO_PI: nix::libc::c_short = 0x1000;
+    const IFF_VNET_HDR: nix::libc::c_short = 0x4000;
+    if name.is_empty() || name.len() >= nix::libc::IFNAMSIZ || name.contains(['/', '\0']) {
+        return Err(io_err(
+            format!("handing tap {name:?} to uid {uid}"),
+            io::Error::new(io::ErrorKind::InvalidInput, "not a valid interface name"),
+        ));
+    }
+    // By index, not /sys/class/net, which shows the namespace sysfs was
+    // mounted in rather than ours.
+    if nix::net::if_::if_nametoindex(name).is_err() {
+        tracing::warn!("tap {name} does not exist; firecracker will fail to open it");
+        return Ok(());
+    }
+    let what = || format!("handing tap {name} to uid {uid} (TUNSETOWNER)");
+    let tun = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| io_err(what(), e))?;
+    let mut req = IfReq {
+        name: [0; nix::libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `tun` is an open /dev/net/tun descriptor and `req` a
+    // NUL-terminated `struct ifreq` that outlives the call.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &mut req as *mut IfReq as u64) }
+        .map_err(|e| io_err(what(), io::Error::from(e)))?;
+    // SAFETY: `tun` is attached to the tap; the ioctl takes an integer.
+    unsafe { tun_set_owner(tun.as_raw_fd(), u64::from(uid)) }
+        .map_err(|e| io_err(what(), io::Error::from(e)))?;
+    Ok(())
 }
 
 /// Replaces whatever is at `host` with a symlink to `target`.
