@@ -467,3 +467,39 @@ pub fn pid_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Runs `body` on a thread of its own inside a fresh network namespace (with
+/// `lo` up), so a test's bridges, taps and rules never touch the host's.
+/// Returns false after a loud SKIP when that is impossible here: not root,
+/// or `ip` or one of `tools` (run as `TOOL --version`) missing. A panic in
+/// `body` is the test's.
+pub fn in_netns(test: &str, tools: &[&str], body: impl FnOnce() + Send + 'static) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED {test}: needs root for a network namespace");
+        return false;
+    }
+    for tool in std::iter::once(&"ip").chain(tools) {
+        if std::process::Command::new(tool).arg("-V").output().is_err() {
+            let package = match *tool {
+                "ip" => "iproute2",
+                "nft" => "nftables",
+                other => other,
+            };
+            eprintln!("SKIPPED {test}: {tool} missing (apt-get install {package})");
+            return false;
+        }
+    }
+    let handle = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success(), "ip link set lo up: {up}");
+        body();
+    });
+    if let Err(panic) = handle.join() {
+        std::panic::resume_unwind(panic);
+    }
+    true
+}

@@ -228,32 +228,6 @@ mod tests {
         assert_eq!(env.show("wrapped").record.state, VmState::Error);
     }
 
-    /// Runs `body` on a thread with a fresh network namespace (the daemon
-    /// the CLI starts from it lives there too, bridge and listeners with
-    /// it), loopback up.
-    fn in_netns(test: &str, body: impl FnOnce() + Send + 'static) {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP {test}: needs root (network namespaces, a bridge)");
-            return;
-        }
-        if std::process::Command::new("ip").arg("-V").output().is_err() {
-            eprintln!("SKIP {test}: ip missing (apt-get install iproute2)");
-            return;
-        }
-        let handle = std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let up = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .unwrap();
-            assert!(up.success());
-            body();
-        });
-        if let Err(panic) = handle.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
     /// A UDP socket on `addr` taken the way banger's DNS server takes the
     /// bridge address: with `IP_FREEBIND`, before the address exists.
     fn squat_freebind(addr: std::net::SocketAddrV4) -> std::net::UdpSocket {
@@ -291,7 +265,7 @@ mod tests {
     #[test]
     fn a_dns_port_another_process_holds_is_a_create_warning_and_a_doctor_failure() {
         const TEST: &str = "a_dns_port_another_process_holds_is_a_create_warning";
-        in_netns(TEST, || {
+        test_infra::in_netns(TEST, &[], || {
             // This test process plays the other daemon.
             let squatter = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             let port = squatter.local_addr().unwrap().port();
@@ -328,7 +302,7 @@ mod tests {
     #[test]
     fn a_bridge_address_another_process_holds_is_a_create_warning_and_a_doctor_failure() {
         const TEST: &str = "a_bridge_address_another_process_holds_is_a_create_warning";
-        in_netns(TEST, || {
+        test_infra::in_netns(TEST, &[], || {
             let gateway = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 213, 7, 1), 53);
             let squatter = squat_freebind(gateway);
             let env = BangerEnv::new();

@@ -14,34 +14,6 @@ mod tests {
     const BRIDGE: &str = "bgguard0";
     const TABLE: &str = "banger_bgguard0";
 
-    /// Runs `body` on a thread in a fresh network namespace (nft children
-    /// inherit it); false, with a loud SKIP, when that cannot be done.
-    fn in_netns(test: &str, body: impl FnOnce() + Send + 'static) -> bool {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("SKIP {test}: needs root for a network namespace");
-            return false;
-        }
-        if std::process::Command::new("nft")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("SKIP {test}: nft missing (apt-get install nftables)");
-            return false;
-        }
-        let handle = std::thread::spawn(move || {
-            // SAFETY: unshare only changes this thread's namespaces; the
-            // thread is ours and ends with the test body.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-            body();
-        });
-        if let Err(panic) = handle.join() {
-            std::panic::resume_unwind(panic);
-        }
-        true
-    }
-
     fn nft(args: &[&str]) -> String {
         let out = run("nft", args);
         assert!(
@@ -79,8 +51,9 @@ mod tests {
 
     #[test]
     fn a_guard_replaces_the_vms_rules_and_survives_a_table_deleted_behind_its_back() {
-        in_netns(
+        test_infra::in_netns(
             "a_guard_replaces_the_vms_rules_and_survives_a_table_deleted_behind_its_back",
+            &["nft"],
             || {
                 let host = InProcessHostOps::default();
                 host.add_guest("vma", &port("bgguardt0", 2)).unwrap();

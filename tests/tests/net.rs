@@ -13,36 +13,6 @@ mod tests {
 
     use banger_host::hostops::{HostOps, InProcessHostOps};
 
-    /// Runs `body` on a thread that has its own fresh network namespace, or
-    /// prints SKIPPED and returns false when that is impossible here.
-    fn in_netns(test: &str, needs: &[&str], body: impl FnOnce() + Send + 'static) -> bool {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("SKIPPED {test}: needs root for a network namespace");
-            return false;
-        }
-        for tool in needs {
-            let found = std::process::Command::new(tool)
-                .arg("--version")
-                .output()
-                .is_ok();
-            if !found {
-                eprintln!("SKIPPED {test}: {tool} missing (apt-get install iproute2 nftables)");
-                return false;
-            }
-        }
-        let handle = std::thread::spawn(move || {
-            // SAFETY: unshare only changes this thread's namespaces; the thread
-            // is ours and ends with the test body.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-            body();
-        });
-        if let Err(panic) = handle.join() {
-            std::panic::resume_unwind(panic);
-        }
-        true
-    }
-
     /// `ip -j ARGS` in the calling thread's namespace, parsed.
     fn ip_json(args: &[&str]) -> serde_json::Value {
         let out = std::process::Command::new("ip")
@@ -104,7 +74,7 @@ mod tests {
 
     #[test]
     fn bridge_is_created_addressed_and_up_idempotently() {
-        in_netns(
+        test_infra::in_netns(
             "bridge_is_created_addressed_and_up_idempotently",
             &["ip"],
             || {
@@ -130,7 +100,7 @@ mod tests {
 
     #[test]
     fn tap_is_attached_to_the_bridge_and_brought_up() {
-        in_netns(
+        test_infra::in_netns(
             "tap_is_attached_to_the_bridge_and_brought_up",
             &["ip"],
             || {
@@ -159,7 +129,7 @@ mod tests {
 
     #[test]
     fn nat_rules_are_tagged_per_vm_and_removed_exactly() {
-        in_netns(
+        test_infra::in_netns(
             "nat_rules_are_tagged_per_vm_and_removed_exactly",
             &["ip", "nft"],
             || {
@@ -230,7 +200,7 @@ mod tests {
 
     #[test]
     fn network_and_nat_capabilities_wire_a_vm_and_leave_nothing_after_delete() {
-        in_netns(
+        test_infra::in_netns(
             "network_and_nat_capabilities_wire_a_vm_and_leave_nothing_after_delete",
             &["ip", "nft"],
             || {
@@ -365,7 +335,7 @@ mod tests {
 
     #[test]
     fn daemon_bring_up_warms_taps_and_serves_dns_on_loopback_and_bridge() {
-        in_netns(
+        test_infra::in_netns(
             "daemon_bring_up_warms_taps_and_serves_dns_on_loopback_and_bridge",
             &["ip"],
             || {

@@ -176,28 +176,6 @@ tap_prefix = "bgdmnt"
         assert!(ok, "a group member was refused: {text}");
     }
 
-    /// Runs `body` on a thread with a fresh network namespace (processes it
-    /// spawns live there too).
-    fn in_netns(test: &str, body: impl FnOnce() + Send + 'static) {
-        if !root_or_skip(test) {
-            return;
-        }
-        if Command::new("ip").arg("-V").output().is_err() {
-            eprintln!("SKIP {test}: ip missing (apt-get install iproute2)");
-            return;
-        }
-        let handle = std::thread::spawn(move || {
-            // SAFETY: unshare only changes this thread's namespaces; the thread
-            // is ours and ends with the test body.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-            body();
-        });
-        if let Err(panic) = handle.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
     /// The links in this namespace.
     fn links() -> Vec<String> {
         let out = Command::new("ip")
@@ -231,68 +209,73 @@ tap_prefix = "bgdmnt"
 
     #[test]
     fn requests_outside_the_callers_network_are_refused_and_change_nothing() {
-        in_netns("requests_outside_the_callers_network_are_refused", || {
-            let helper = start_helper(CONFIG);
-            let client = HelperHostOps::new(helper.socket.clone());
-            let before = links();
-            let gw = "10.250.0.1".parse().unwrap();
-            let vm: std::net::Ipv4Addr = "10.250.0.7".parse().unwrap();
-            let refusals: Vec<(&str, Result<(), _>)> = vec![
-                ("foreign tap name", client.create_tap("eth9", 0)),
-                ("another user's tap prefix", client.create_tap("bgdmnt0", 0)),
-                (
-                    "tap owned by someone else",
-                    client.create_tap("bgtestt0", 1000),
-                ),
-                ("foreign bridge", client.ensure_bridge("docker0", gw, 24)),
-                (
-                    "another user's bridge",
-                    client.ensure_bridge("bgdmnbr", "10.251.0.1".parse().unwrap(), 24),
-                ),
-                (
-                    "our bridge, foreign address",
-                    client.ensure_bridge("bgtestbr", "192.168.7.1".parse().unwrap(), 24),
-                ),
-                ("delete a foreign link", client.delete_link("lo")),
-                (
-                    "NAT outside the subnet",
-                    client.add_nat("ab12", "bgtestbr", "192.168.7.9".parse().unwrap()),
-                ),
-                (
-                    "NAT on a foreign bridge",
-                    client.add_nat("ab12", "eth0", vm),
-                ),
-                (
-                    "PCI device not allowlisted",
-                    client.bind_vfio(&"0000:02:00.0".parse().unwrap()).map(drop),
-                ),
-            ];
-            for (what, result) in refusals {
-                let err = result.expect_err(what).to_string();
-                assert!(err.contains("refused"), "{what}: {err}");
-            }
-            assert_eq!(links(), before, "a refused request changed links");
+        test_infra::in_netns(
+            "requests_outside_the_callers_network_are_refused",
+            &[],
+            || {
+                let helper = start_helper(CONFIG);
+                let client = HelperHostOps::new(helper.socket.clone());
+                let before = links();
+                let gw = "10.250.0.1".parse().unwrap();
+                let vm: std::net::Ipv4Addr = "10.250.0.7".parse().unwrap();
+                let refusals: Vec<(&str, Result<(), _>)> = vec![
+                    ("foreign tap name", client.create_tap("eth9", 0)),
+                    ("another user's tap prefix", client.create_tap("bgdmnt0", 0)),
+                    (
+                        "tap owned by someone else",
+                        client.create_tap("bgtestt0", 1000),
+                    ),
+                    ("foreign bridge", client.ensure_bridge("docker0", gw, 24)),
+                    (
+                        "another user's bridge",
+                        client.ensure_bridge("bgdmnbr", "10.251.0.1".parse().unwrap(), 24),
+                    ),
+                    (
+                        "our bridge, foreign address",
+                        client.ensure_bridge("bgtestbr", "192.168.7.1".parse().unwrap(), 24),
+                    ),
+                    ("delete a foreign link", client.delete_link("lo")),
+                    (
+                        "NAT outside the subnet",
+                        client.add_nat("ab12", "bgtestbr", "192.168.7.9".parse().unwrap()),
+                    ),
+                    (
+                        "NAT on a foreign bridge",
+                        client.add_nat("ab12", "eth0", vm),
+                    ),
+                    (
+                        "PCI device not allowlisted",
+                        client.bind_vfio(&"0000:02:00.0".parse().unwrap()).map(drop),
+                    ),
+                ];
+                for (what, result) in refusals {
+                    let err = result.expect_err(what).to_string();
+                    assert!(err.contains("refused"), "{what}: {err}");
+                }
+                assert_eq!(links(), before, "a refused request changed links");
 
-            // The allowed path works for real in this namespace.
-            client.ensure_bridge("bgtestbr", gw, 24).unwrap();
-            client.create_tap("bgtestt0", 0).unwrap();
-            client.attach_to_bridge("bgtestt0", "bgtestbr").unwrap();
-            client.set_link_up("bgtestt0").unwrap();
-            assert!(links().contains(&"bgtestbr".to_string()));
-            assert!(links().contains(&"bgtestt0".to_string()));
-            assert_eq!(addresses("bgtestbr"), ["10.250.0.1/24"]);
-            // delete_tap looks in /sys/class/net, which shows the host's
-            // namespace here: delete the tap as a link.
-            client.delete_link("bgtestt0").unwrap();
-            client.delete_link("bgtestbr").unwrap();
-            assert_eq!(links(), before);
-        });
+                // The allowed path works for real in this namespace.
+                client.ensure_bridge("bgtestbr", gw, 24).unwrap();
+                client.create_tap("bgtestt0", 0).unwrap();
+                client.attach_to_bridge("bgtestt0", "bgtestbr").unwrap();
+                client.set_link_up("bgtestt0").unwrap();
+                assert!(links().contains(&"bgtestbr".to_string()));
+                assert!(links().contains(&"bgtestt0".to_string()));
+                assert_eq!(addresses("bgtestbr"), ["10.250.0.1/24"]);
+                // delete_tap looks in /sys/class/net, which shows the host's
+                // namespace here: delete the tap as a link.
+                client.delete_link("bgtestt0").unwrap();
+                client.delete_link("bgtestbr").unwrap();
+                assert_eq!(links(), before);
+            },
+        );
     }
 
     #[test]
     fn network_and_nat_capabilities_wire_a_vm_through_the_helper() {
-        in_netns(
+        test_infra::in_netns(
             "network_and_nat_capabilities_wire_a_vm_through_the_helper",
+            &[],
             || {
                 use std::sync::Arc;
 
@@ -529,8 +512,9 @@ tap_prefix = "bgdmnt"
 
     #[test]
     fn an_unprivileged_daemon_runs_networked_vms_only_through_the_helper() {
-        in_netns(
+        test_infra::in_netns(
             "an_unprivileged_daemon_runs_networked_vms_only_through_the_helper",
+            &[],
             || {
                 let network = "[network]\nbridge = \"bgunpr0\"\nsubnet = \"10.79.0.0/24\"";
                 let mut user = UserEnv::new(network);

@@ -357,29 +357,6 @@ mod tests {
         assert!(list.stdout.contains("no snapshots"), "{}", list.stdout);
     }
 
-    /// Runs `body` on a thread in a fresh network namespace (the daemon the
-    /// CLI starts lives there too, with its bridge), loopback up.
-    fn in_netns(test: &str, body: impl FnOnce() + Send + 'static) {
-        if !nix::unistd::geteuid().is_root() {
-            return eprintln!("SKIP {test}: needs root (the jailer, a bridge in a netns)");
-        }
-        if std::process::Command::new("ip").arg("-V").output().is_err() {
-            return eprintln!("SKIP {test}: ip missing (apt-get install iproute2)");
-        }
-        let handle = std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let up = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .unwrap();
-            assert!(up.success());
-            body();
-        });
-        if let Err(panic) = handle.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
     /// A fake jailer (as `firecracker_backend.rs`'s): the exec-file run in
     /// `<base>/<exec name>/<id>/root` with every API path taken inside it
     /// (relative, as the VM directories of a test env are too deep for a
@@ -415,7 +392,7 @@ FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
     #[test]
     fn vm_create_from_snapshot_restores_vms_that_each_take_their_own_identity() {
         const TEST: &str = "vm_create_from_snapshot_restores_vms_that_each_take_their_own_identity";
-        in_netns(TEST, || {
+        test_infra::in_netns(TEST, &[], || {
             use banger_vmm::firecracker::{MEMORY_FILE, STATE_FILE};
             use test_infra::BangerEnv;
             let mut env = BangerEnv::new();
