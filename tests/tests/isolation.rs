@@ -218,6 +218,29 @@ mod tests {
         }
     }
 
+    /// Waits until bridge port `tap` forwards. A new port is `disabled`
+    /// until the kernel's link watcher sees its carrier (up to a second,
+    /// longer on a loaded machine); a frame sent before then is dropped by
+    /// the bridge, not by banger's rules, and a test would blame the rules.
+    fn wait_forwarding(tap: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = std::process::Command::new("bridge")
+                .args(["-j", "link", "show", "dev", tap])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if v[0]["state"].as_str() == Some("forwarding") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bridge port {tap} never reached forwarding: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A guest: a namespace whose eth0 is the peer of port `tap` on `bridge`.
     struct Guest {
         ns: Ns,
@@ -236,6 +259,7 @@ mod tests {
         ns.ip(&["link", "set", "eth0", "address", &mac.to_string(), "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["route", "add", "default", "via", &gw.to_string()]);
+        wait_forwarding(tap);
         Guest {
             ns,
             ip,
@@ -400,6 +424,50 @@ mod tests {
                 let tags = rule_tags();
                 assert!(!tags.iter().any(|t| t.contains("vma")), "{tags:?}");
                 assert!(tags.iter().all(|t| t == "banger:base:v3"), "{tags:?}");
+            },
+        );
+    }
+
+    /// One process guarding VMs of the same name on bridges of the same
+    /// name in two network namespaces (as these tests do, each in its own
+    /// "host"): what it remembers about one namespace's rules must not make
+    /// it skip replacing the other's. Here the other namespace drops `vma`,
+    /// then `vma` is guarded again with peers in the first: its earlier
+    /// rules must be replaced, not left in front of the new ones (where the
+    /// old drop would still stop its peer traffic).
+    #[test]
+    fn guards_in_two_namespaces_of_one_process_are_kept_apart() {
+        in_host_ns(
+            "guards_in_two_namespaces_of_one_process_are_kept_apart",
+            || {
+                let ops = InProcessHostOps::default();
+                let ip = Ipv4Addr::new(10, 64, 0, 2);
+                let port = |peers| GuestPort {
+                    bridge: BRIDGE.to_string(),
+                    tap: "bgisot0".to_string(),
+                    ip,
+                    mac: MacAddr::for_ip(ip),
+                    peers,
+                };
+                let guards = || {
+                    rule_tags()
+                        .iter()
+                        .filter(|t| *t == "banger:vma:guard")
+                        .count()
+                };
+                bridge(&ops, "10.64.0.0/24");
+                ops.add_guest("vma", &port(false)).unwrap();
+                assert_eq!(guards(), 5);
+                let other = Ns::new("other");
+                other.run(|| {
+                    bridge(&ops, "10.64.0.0/24");
+                    ops.add_guest("vma", &port(false)).unwrap();
+                    ops.remove_guest("vma").unwrap();
+                    assert_eq!(guards(), 0);
+                });
+                ops.add_guest("vma", &port(true)).unwrap();
+                let tags = rule_tags();
+                assert_eq!(guards(), 7, "{tags:?}");
             },
         );
     }

@@ -85,10 +85,27 @@ static BASE_LOCK: Mutex<()> = Mutex::new(());
 /// its bridge table otherwise, and queues behind no lock. A table deleted
 /// behind our back makes the next guard fail; the bridge is then forgotten,
 /// its base rebuilt and the guard retried.
-static GUARDED: Mutex<BTreeMap<String, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+///
+/// Keyed by the calling thread's network namespace as well: nft talks to
+/// that namespace, and one process may serve several (the tests run each
+/// "host" in a namespace of its own, with the same bridge and VM names); a
+/// cache entry from one namespace must not skip the deletion of a VM's
+/// earlier rules in another.
+static GUARDED: Mutex<BTreeMap<(u64, String), BTreeSet<String>>> = Mutex::new(BTreeMap::new());
 
-fn guarded() -> std::sync::MutexGuard<'static, BTreeMap<String, BTreeSet<String>>> {
+fn guarded() -> std::sync::MutexGuard<'static, BTreeMap<(u64, String), BTreeSet<String>>> {
     GUARDED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The cache key of `bridge` in the calling thread's network namespace
+/// (its inode; 0 when /proc cannot say, which only merges namespaces that
+/// /proc could not tell apart anyway).
+fn guarded_key(bridge: &str) -> (u64, String) {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    (ns, bridge.to_string())
 }
 
 /// The tables (both families) of the guests behind `bridge`.
@@ -338,7 +355,7 @@ fn ensure_base(bridge: &str) -> Result<Vec<RuleRef>, std::io::Error> {
         .filter_map(|r| vm_of_tag(&r.comment))
         .map(String::from)
         .collect();
-    guarded().insert(bridge.to_string(), vms);
+    guarded().insert(guarded_key(bridge), vms);
     Ok(rules)
 }
 
@@ -360,7 +377,8 @@ pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsErro
     let t = table_for(&port.bridge);
     // The usual case: a base already checked, so nothing is serialised,
     // and a VM this process never guarded has no rules to replace.
-    let known = guarded().get(&port.bridge).map(|vms| vms.contains(vm_id));
+    let key = guarded_key(&port.bridge);
+    let known = guarded().get(&key).map(|vms| vms.contains(vm_id));
     if let Some(had_rules) = known {
         let rules = if had_rules {
             table_rules("bridge", &t)
@@ -373,7 +391,7 @@ pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsErro
             mark_guarded(&port.bridge, vm_id);
             return Ok(());
         }
-        guarded().remove(&port.bridge);
+        guarded().remove(&key);
     }
     let rules = ensure_base(&port.bridge).map_err(|e| failed(OP, vm_id, e))?;
     run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules)))
@@ -383,7 +401,7 @@ pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsErro
 }
 
 fn mark_guarded(bridge: &str, vm_id: &str) {
-    if let Some(vms) = guarded().get_mut(bridge) {
+    if let Some(vms) = guarded().get_mut(&guarded_key(bridge)) {
         vms.insert(vm_id.to_string());
     }
 }
@@ -471,7 +489,8 @@ pub(crate) fn remove_guest(vm_id: &str) -> Result<(), HostOpsError> {
     validate_vm_id(OP, vm_id)?;
     // Guard rules live in the bridge family only ([`guard_script`]).
     remove_tagged(OP, vm_id, "bridge", &guard_tag(vm_id))?;
-    for vms in guarded().values_mut() {
+    let (ns, _) = guarded_key("");
+    for ((_, _), vms) in guarded().iter_mut().filter(|((n, _), _)| *n == ns) {
         vms.remove(vm_id);
     }
     Ok(())
