@@ -62,7 +62,7 @@ pub async fn ensure_running(paths: &Paths) -> Result<Client> {
 }
 
 /// Whether two binaries come from the same build: version, git commit and
-/// build time all equal.
+/// its time all equal.
 pub fn same_build(a: &VersionInfo, b: &VersionInfo) -> bool {
     a == b
 }
@@ -70,10 +70,9 @@ pub fn same_build(a: &VersionInfo, b: &VersionInfo) -> bool {
 /// Whether starting `bin` would run another executable file than the one
 /// daemon `pid` runs (`/proc/PID/exe`, which still names the old file after
 /// an upgrade replaced it). When it would not, a restart cannot change the
-/// build, whatever the two report: cargo stamps the core once per feature
-/// set, so a `banger` and a `bangerd` built in different invocations can
-/// disagree about one source tree. Unknown (no such process, not ours to
-/// read, `bin` not found) counts as another file.
+/// build, whatever the two report (only `banger` was upgraded, say).
+/// Unknown (no such process, not ours to read, `bin` not found) counts as
+/// another file.
 fn runs_other_binary(pid: u32, bin: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let running = std::fs::metadata(format!("/proc/{pid}/exe"));

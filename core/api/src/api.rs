@@ -297,7 +297,8 @@ pub struct VersionInfo {
     pub version: String,
     /// Git commit it was built from.
     pub commit: String,
-    /// Unix time of the build.
+    /// Unix time of the commit it was built from (`SOURCE_DATE_EPOCH` when
+    /// set): fixed by the source, so two builds of one commit agree.
     pub built_at: u64,
 }
 
