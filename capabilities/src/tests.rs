@@ -200,9 +200,16 @@ fn mise_offers_a_bootstrap_job_that_installs_in_the_checkout() {
 fn work_disk_rejects_options() {
     let mut o = CapOptions::new();
     o.insert("size".into(), "1G".into());
-    let err = WorkDisk.validate_options(&o).unwrap_err().to_string();
+    let err = WorkDisk::default()
+        .validate_options(&o)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--disk-size"), "{err}");
-    assert!(WorkDisk.validate_options(&CapOptions::new()).is_ok());
+    assert!(
+        WorkDisk::default()
+            .validate_options(&CapOptions::new())
+            .is_ok()
+    );
 }
 
 #[test]
@@ -215,7 +222,7 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
     }
     let dir = tempfile::tempdir().unwrap();
     let v = vm(256 << 20, false);
-    let (r, lines) = with_ctx(&v, dir.path(), |ctx| WorkDisk.prepare_host(ctx));
+    let (r, lines) = with_ctx(&v, dir.path(), |ctx| WorkDisk::default().prepare_host(ctx));
     r.unwrap();
     assert!(lines.iter().any(|l| l.contains("creating")), "{lines:?}");
     let img = dir.path().join(work_disk::FILE_NAME);
@@ -242,7 +249,7 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
         pci_devices: Vec::new(),
     };
     with_ctx(&v, dir.path(), |ctx| {
-        WorkDisk.configure_machine(ctx, &mut m)
+        WorkDisk::default().configure_machine(ctx, &mut m)
     })
     .0
     .unwrap();
@@ -252,9 +259,11 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
     assert!(!m.drives[0].read_only);
 
     let mut g = GuestConfig::new("t1");
-    with_ctx(&v, dir.path(), |ctx| WorkDisk.guest_config(ctx, &mut g))
-        .0
-        .unwrap();
+    with_ctx(&v, dir.path(), |ctx| {
+        WorkDisk::default().guest_config(ctx, &mut g)
+    })
+    .0
+    .unwrap();
     assert_eq!(g.mounts.len(), 1);
     assert_eq!(g.mounts[0].mount_point, Path::new("/root"));
     assert_eq!(g.mounts[0].drive_id, work_disk::DRIVE_ID);
@@ -271,9 +280,11 @@ fn work_disk_survives_stop_and_booted_rollback_but_not_delete() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join(work_disk::FILE_NAME);
     let booted = vm(64 << 20, true);
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx))
-        .0
-        .unwrap();
+    with_ctx(&booted, dir.path(), |ctx| {
+        WorkDisk::default().prepare_host(ctx)
+    })
+    .0
+    .unwrap();
     // Put user data on it, then prove each teardown keeps or drops it.
     let data = dir.path().join("data.txt");
     std::fs::write(&data, b"precious").unwrap();
@@ -285,13 +296,13 @@ fn work_disk_survives_stop_and_booted_rollback_but_not_delete() {
     assert!(st.status.success());
 
     with_ctx(&booted, dir.path(), |ctx| {
-        WorkDisk.teardown(ctx, TeardownReason::Stop)
+        WorkDisk::default().teardown(ctx, TeardownReason::Stop)
     })
     .0
     .unwrap();
     assert!(img.exists());
     with_ctx(&booted, dir.path(), |ctx| {
-        WorkDisk.teardown(ctx, TeardownReason::Rollback)
+        WorkDisk::default().teardown(ctx, TeardownReason::Rollback)
     })
     .0
     .unwrap();
@@ -300,20 +311,22 @@ fn work_disk_survives_stop_and_booted_rollback_but_not_delete() {
         "rollback of a VM that has booted must keep its data"
     );
     // Start again: the existing disk is reused, not recreated.
-    with_ctx(&booted, dir.path(), |ctx| WorkDisk.prepare_host(ctx))
-        .0
-        .unwrap();
+    with_ctx(&booted, dir.path(), |ctx| {
+        WorkDisk::default().prepare_host(ctx)
+    })
+    .0
+    .unwrap();
     assert_eq!(debugfs(&img, "cat /data.txt"), "precious");
 
     with_ctx(&booted, dir.path(), |ctx| {
-        WorkDisk.teardown(ctx, TeardownReason::Delete)
+        WorkDisk::default().teardown(ctx, TeardownReason::Delete)
     })
     .0
     .unwrap();
     assert!(!img.exists());
     // Idempotent: a second delete teardown is fine.
     with_ctx(&booted, dir.path(), |ctx| {
-        WorkDisk.teardown(ctx, TeardownReason::Delete)
+        WorkDisk::default().teardown(ctx, TeardownReason::Delete)
     })
     .0
     .unwrap();
@@ -329,12 +342,14 @@ fn work_disk_rollback_of_first_start_removes_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let fresh = vm(64 << 20, false);
-    with_ctx(&fresh, dir.path(), |ctx| WorkDisk.prepare_host(ctx))
-        .0
-        .unwrap();
+    with_ctx(&fresh, dir.path(), |ctx| {
+        WorkDisk::default().prepare_host(ctx)
+    })
+    .0
+    .unwrap();
     assert!(dir.path().join(work_disk::FILE_NAME).exists());
     with_ctx(&fresh, dir.path(), |ctx| {
-        WorkDisk.teardown(ctx, TeardownReason::Rollback)
+        WorkDisk::default().teardown(ctx, TeardownReason::Rollback)
     })
     .0
     .unwrap();
@@ -351,12 +366,12 @@ fn work_disk_grows_when_the_size_was_raised() {
     }
     let dir = tempfile::tempdir().unwrap();
     with_ctx(&vm(64 << 20, true), dir.path(), |ctx| {
-        WorkDisk.prepare_host(ctx)
+        WorkDisk::default().prepare_host(ctx)
     })
     .0
     .unwrap();
     let (r, lines) = with_ctx(&vm(128 << 20, true), dir.path(), |ctx| {
-        WorkDisk.prepare_host(ctx)
+        WorkDisk::default().prepare_host(ctx)
     });
     r.unwrap();
     assert!(lines.iter().any(|l| l.contains("growing")), "{lines:?}");
@@ -374,6 +389,57 @@ fn work_disk_grows_when_the_size_was_raised() {
         .map(|s| s.trim().parse().unwrap())
         .unwrap();
     assert_eq!(blocks * bsize, 128 << 20);
+}
+
+#[test]
+fn work_disk_copies_one_cached_template_per_size_and_the_copies_grow() {
+    let test = "work_disk_copies_one_cached_template_per_size_and_the_copies_grow";
+    if !have_e2fsprogs() {
+        eprintln!("SKIPPED {test}: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        return;
+    }
+    // The factory's instance: templates under the cache directory.
+    let t = crate::test_env::TestEnv::new();
+    let (caps, _) = builtins(&t.env());
+    let cap = caps.iter().find(|c| c.name() == work_disk::NAME).unwrap();
+    let templates = t.paths.cache_dir.join(work_disk::TEMPLATES_DIR);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [&a, &b] {
+        with_ctx(&vm(64 << 20, false), dir.path(), |ctx| {
+            cap.prepare_host(ctx)
+        })
+        .0
+        .unwrap();
+        let img = dir.path().join(work_disk::FILE_NAME);
+        let fsck = std::process::Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(fsck.status.success(), "{fsck:?}");
+        assert!(debugfs(&img, "stats").contains("banger-work"));
+    }
+    let made: Vec<_> = std::fs::read_dir(&templates).unwrap().collect();
+    if made.is_empty() {
+        eprintln!("SKIPPED {test}: mkfs.ext4 cannot make metadata_csum_seed templates");
+        return;
+    }
+    assert_eq!(made.len(), 1, "{made:?}");
+    let uuid = |dir: &tempfile::TempDir| {
+        let stats = debugfs(&dir.path().join(work_disk::FILE_NAME), "stats");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("Filesystem UUID:"))
+            .map(|s| s.trim().to_string())
+            .unwrap()
+    };
+    assert_ne!(uuid(&a), uuid(&b));
+    with_ctx(&vm(128 << 20, true), a.path(), |ctx| cap.prepare_host(ctx))
+        .0
+        .unwrap();
+    let img = a.path().join(work_disk::FILE_NAME);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 128 << 20);
+    assert!(debugfs(&img, "stats").contains("Block count:              131072"));
 }
 
 fn opts(pairs: &[(&str, &str)]) -> CapOptions {
