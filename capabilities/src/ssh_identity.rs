@@ -8,16 +8,22 @@
 //! [`SSHD_DROP_IN`], whatever the image ships: keys only (no password or
 //! keyboard-interactive login), root by key only, and `StrictModes yes`
 //! (the agent keeps `/root` at `0755 root:root`, which it needs). When the
-//! VM's root disk has no sshd at all it says so, and what to do.
+//! VM's root disk has no sshd at all it says so, and what to do. That
+//! answer is kept per image file (path, inode, size, times): a VM that has
+//! not booted yet has an untouched copy of its image, so its image is
+//! asked, once; a VM that has booted is asked about its own disk.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use banger_api::guest::{GuestConfig, GuestFile};
 use banger_api::model::CapOptions;
 use banger_api::ssh::SshIdentity as Identity;
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx};
+
+use crate::file_id::{self, FileId, FileState};
 
 /// Name used with `--cap` and in stage names (`guest_config:ssh-identity`).
 pub const NAME: &str = "ssh-identity";
@@ -79,6 +85,63 @@ pub const NO_SSHD_WARNING: &str = "the image has no sshd (/usr/sbin/sshd): `bang
 #[derive(Debug)]
 pub struct SshIdentity {
     key: PathBuf,
+    sshd: SshdAnswers,
+}
+
+/// [`image_has_sshd`]'s answers by disk identity. Kept small: every booted
+/// VM's own disk is a new identity at each start.
+#[derive(Debug, Default)]
+struct SshdAnswers(Mutex<HashMap<FileId, bool>>);
+
+/// How many answers are kept before they are all dropped.
+const SSHD_ANSWERS_KEPT: usize = 256;
+
+impl SshdAnswers {
+    /// `ask(disk)`, or the answer it gave for the same file before (`now`
+    /// tells whether the file has settled).
+    fn get(
+        &self,
+        disk: &Path,
+        now: std::time::SystemTime,
+        ask: impl FnOnce(&Path) -> Option<bool>,
+    ) -> Option<bool> {
+        let id = match file_id::settled(disk, now) {
+            Some(FileState::Present(id)) => Some(id),
+            _ => None,
+        };
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = id.as_ref().and_then(|id| lock().get(id).copied()) {
+            return Some(known);
+        }
+        let answer = ask(disk);
+        if let (Some(id), Some(has)) = (id, answer) {
+            let mut kept = lock();
+            if kept.len() >= SSHD_ANSWERS_KEPT {
+                kept.clear();
+            }
+            kept.insert(id, has);
+        }
+        answer
+    }
+}
+
+/// The disk to look for sshd in: the image itself while the VM's root disk
+/// is still the untouched copy of it (never booted, same length), else the
+/// VM's own root disk.
+fn sshd_disk(ctx: &HookCtx<'_>) -> PathBuf {
+    let own = ctx.vm_dir.join(banger_core::lifecycle::ROOT_DISK_FILE);
+    let image = &ctx.vm.spec.rootfs_source;
+    let len = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    };
+    if !ctx.vm.booted_once && len(image).is_some() && len(image) == len(&own) {
+        image.clone()
+    } else {
+        own
+    }
 }
 
 impl SshIdentity {
@@ -89,7 +152,10 @@ impl SshIdentity {
 
     /// The identity whose private key is `key` (config `ssh_key_path`).
     pub fn with_key(key: PathBuf) -> Self {
-        SshIdentity { key }
+        SshIdentity {
+            key,
+            sshd: SshdAnswers::default(),
+        }
     }
 }
 
@@ -138,10 +204,13 @@ impl Capability for SshIdentity {
         });
         ctx.log
             .info("authorized banger's SSH key; sshd takes keys only");
-        // The VM's own root disk (not yet booted now): say so when there
-        // is no sshd for the key to log in to.
-        let root_disk = ctx.vm_dir.join(banger_core::lifecycle::ROOT_DISK_FILE);
-        if image_has_sshd(&root_disk) == Some(false) {
+        // Say so when there is no sshd for the key to log in to.
+        if self.sshd.get(
+            &sshd_disk(ctx),
+            std::time::SystemTime::now(),
+            image_has_sshd,
+        ) == Some(false)
+        {
             ctx.log.warn(NO_SSHD_WARNING);
         }
         Ok(())
@@ -151,6 +220,7 @@ impl Capability for SshIdentity {
 #[cfg(test)]
 mod tests {
     use banger_api::config::Config;
+    use banger_api::model::VmRecord;
     use banger_core::capability::HookLog;
     use banger_host::hostops::RecordingHostOps;
 
@@ -162,22 +232,28 @@ mod tests {
         fn warn(&self, _msg: &str) {}
     }
 
-    fn guest_config(ssh_dir: &Path) -> GuestConfig {
-        let vm = crate::test_env::test_vm("sshd");
+    /// `f` with a hook context for `vm` in `vm_dir`.
+    fn with_ctx<R>(vm: &VmRecord, vm_dir: &Path, f: impl FnOnce(&HookCtx<'_>) -> R) -> R {
         let (host, options) = (RecordingHostOps::default(), CapOptions::new());
         let config = Config::defaults(Path::new("/nonexistent/config.toml"));
-        let ctx = HookCtx {
-            vm: &vm,
-            vm_dir: ssh_dir,
+        f(&HookCtx {
+            vm,
+            vm_dir,
             options: &options,
             host: &host,
             config: &config,
             log: &Quiet,
-        };
+        })
+    }
+
+    fn guest_config(ssh_dir: &Path) -> GuestConfig {
+        let vm = crate::test_env::test_vm("sshd");
         let mut guest = GuestConfig::new("sshd");
-        SshIdentity::new(ssh_dir.join("ssh"))
-            .guest_config(&ctx, &mut guest)
-            .unwrap();
+        with_ctx(&vm, ssh_dir, |ctx| {
+            SshIdentity::new(ssh_dir.join("ssh"))
+                .guest_config(ctx, &mut guest)
+                .unwrap()
+        });
         guest
     }
 
@@ -259,6 +335,67 @@ mod tests {
         std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
         assert_eq!(image_has_sshd(&junk), None);
         assert_eq!(image_has_sshd(&dir.path().join("missing.img")), None);
+    }
+
+    #[test]
+    fn the_sshd_answer_is_kept_per_image_file_until_the_file_changes() {
+        let test = "the_sshd_answer_is_kept_per_image_file_until_the_file_changes";
+        let (with, without) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (Some(with), Some(without)) = (
+            ext4_with(test, with.path(), &["usr/sbin/sshd"]),
+            ext4_with(test, without.path(), &["usr/sbin/nginx"]),
+        ) else {
+            return;
+        };
+        let answers = SshdAnswers::default();
+        let asked = std::cell::Cell::new(0);
+        let ask = |p: &Path| {
+            asked.set(asked.get() + 1);
+            image_has_sshd(p)
+        };
+        let settled = || std::time::SystemTime::now() + file_id::RACY * 2;
+        assert_eq!(answers.get(&with, settled(), ask), Some(true));
+        assert_eq!(answers.get(&with, settled(), ask), Some(true));
+        assert_eq!(asked.get(), 1, "the second call read the image again");
+        // Just changed: not trusted by its identity, asked again.
+        assert_eq!(
+            answers.get(&with, std::time::SystemTime::now(), ask),
+            Some(true)
+        );
+        assert_eq!(asked.get(), 2);
+        // Another image at the same path.
+        std::fs::rename(&without, &with).unwrap();
+        assert_eq!(answers.get(&with, settled(), ask), Some(false));
+        assert_eq!(answers.get(&with, settled(), ask), Some(false));
+        assert_eq!(asked.get(), 3);
+        // "Cannot tell" is not kept.
+        let junk = with.with_file_name("junk.img");
+        std::fs::write(&junk, vec![0u8; 1 << 16]).unwrap();
+        assert_eq!(answers.get(&junk, settled(), ask), None);
+        assert_eq!(answers.get(&junk, settled(), ask), None);
+        assert_eq!(asked.get(), 5);
+    }
+
+    #[test]
+    fn a_vm_that_never_booted_is_asked_about_its_image_one_that_did_about_its_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image.ext4");
+        let own = dir.path().join(banger_core::lifecycle::ROOT_DISK_FILE);
+        std::fs::write(&image, vec![1u8; 4096]).unwrap();
+        std::fs::write(&own, vec![1u8; 4096]).unwrap();
+        let disk_of = |booted_once: bool| {
+            let mut vm = crate::test_env::test_vm("sshd");
+            vm.spec.rootfs_source = image.clone();
+            vm.booted_once = booted_once;
+            with_ctx(&vm, dir.path(), sshd_disk)
+        };
+        assert_eq!(disk_of(false), image);
+        assert_eq!(disk_of(true), own);
+        // Not a copy of the image (another length): its own disk.
+        std::fs::write(&own, vec![1u8; 8192]).unwrap();
+        assert_eq!(disk_of(false), own);
+        std::fs::remove_file(&image).unwrap();
+        assert_eq!(disk_of(false), own);
     }
 
     /// The drop-in as the host's real sshd reads it, included the way
