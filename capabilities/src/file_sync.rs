@@ -10,19 +10,24 @@
 //!
 //! It also gives every guest the host's git identity (`user.name` and
 //! `user.email` from `git config --global`) in root's `~/.gitconfig`,
-//! merged into the file by the guest's own git at boot.
+//! merged into the file by the guest's own git at boot. The identity is
+//! read with `git config --global` once and kept until one of the files
+//! that command reads changes (see [`KeptIdentity`]).
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use banger_api::config::FileSyncEntry;
 use banger_api::guest::{GuestConfig, GuestFile};
 use banger_api::model::CapOptions;
 use banger_api::workspace::{GitIdentity, host_global_identity};
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx, HookLog};
+
+use crate::file_id::{self, FileState};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "file-sync";
@@ -298,10 +303,64 @@ fn open(
 
 /// The file-sync capability.
 #[derive(Debug, Default)]
-pub struct FileSync;
+pub struct FileSync {
+    identity: KeptIdentity,
+}
 
 fn make(_env: &CapEnv<'_>) -> Result<Arc<dyn Capability>, CapError> {
-    Ok(Arc::new(FileSync))
+    Ok(Arc::new(FileSync::default()))
+}
+
+/// The host's git identity as `git config --global` last gave it, with
+/// the state of the files that command reads. `--global` reads only the
+/// user's global config files ([`global_config_files`]) and does not
+/// follow their `include`s, so the same files mean the same answer and
+/// the `git` process runs only when one of them changed.
+#[derive(Debug, Default)]
+struct KeptIdentity(Mutex<Option<(Vec<FileState>, GitIdentity)>>);
+
+impl KeptIdentity {
+    /// The identity kept for `files` as they are at `now`, or `read()`.
+    fn get(
+        &self,
+        files: &[PathBuf],
+        now: SystemTime,
+        read: impl FnOnce() -> GitIdentity,
+    ) -> GitIdentity {
+        let states: Option<Vec<FileState>> =
+            files.iter().map(|f| file_id::settled(f, now)).collect();
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(states), Some((kept, id))) = (&states, &*lock()) {
+            if states == kept {
+                return id.clone();
+            }
+        }
+        let id = read();
+        if let Some(states) = states {
+            *lock() = Some((states, id.clone()));
+        }
+        id
+    }
+}
+
+/// The files `git config --global` reads: `$GIT_CONFIG_GLOBAL` when set,
+/// else `$XDG_CONFIG_HOME/git/config` (`~/.config/git/config`) and
+/// `~/.gitconfig`.
+fn global_config_files() -> Vec<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("GIT_CONFIG_GLOBAL") {
+        return vec![p];
+    }
+    let home = var("HOME");
+    let xdg = var("XDG_CONFIG_HOME").or_else(|| home.as_ref().map(|h| h.join(".config")));
+    xdg.map(|x| x.join("git/config"))
+        .into_iter()
+        .chain(home.map(|h| h.join(".gitconfig")))
+        .collect()
 }
 
 inventory::submit! { BuiltinCapability { make } }
@@ -332,7 +391,12 @@ impl Capability for FileSync {
     }
 
     fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
-        add_to_guest(ctx, guest, &host_global_identity())
+        let identity = self.identity.get(
+            &global_config_files(),
+            SystemTime::now(),
+            host_global_identity,
+        );
+        add_to_guest(ctx, guest, &identity)
     }
 }
 
@@ -831,14 +895,93 @@ mod tests {
     }
 
     #[test]
+    fn the_git_identity_is_read_again_only_when_a_global_config_file_changed() {
+        let git = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .any(|d| d.join("git").is_file());
+        if !git {
+            eprintln!("SKIP the_git_identity_is_read_again_only_...: no git (apt package git)");
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        let (dot, xdg) = (
+            home.path().join(".gitconfig"),
+            home.path().join(".config/git/config"),
+        );
+        let files = [xdg.clone(), dot.clone()];
+        // The real git, reading this home's global config.
+        let reads = std::cell::Cell::new(0);
+        let read = || {
+            reads.set(reads.get() + 1);
+            let get = |key: &str| {
+                let out = std::process::Command::new("git")
+                    .args(["config", "--global", "--get", key])
+                    .env("HOME", home.path())
+                    .env_remove("XDG_CONFIG_HOME")
+                    .env_remove("GIT_CONFIG_GLOBAL")
+                    .output()
+                    .unwrap();
+                Some(String::from_utf8(out.stdout).unwrap().trim().to_string())
+                    .filter(|s| !s.is_empty())
+            };
+            GitIdentity {
+                name: get("user.name"),
+                email: get("user.email"),
+            }
+        };
+        let kept = KeptIdentity::default();
+        let settled = || SystemTime::now() + file_id::RACY * 2;
+        assert_eq!(kept.get(&files, settled(), read), GitIdentity::default());
+        std::fs::write(&dot, "[user]\n\tname = Ana\n").unwrap();
+        let ana = kept.get(&files, settled(), read);
+        assert_eq!(ana.name.as_deref(), Some("Ana"));
+        assert_eq!(kept.get(&files, settled(), read), ana);
+        assert_eq!(reads.get(), 2, "read again although nothing changed");
+        // The XDG file appears: read again (whether git takes it next to
+        // ~/.gitconfig depends on its version; the answer is git's).
+        std::fs::create_dir_all(xdg.parent().unwrap()).unwrap();
+        std::fs::write(&xdg, "[user]\n\temail = ana@example.org\n").unwrap();
+        let both = kept.get(&files, settled(), read);
+        assert_eq!(reads.get(), 3);
+        assert_eq!(both, read());
+        assert_eq!(both.name.as_deref(), Some("Ana"));
+        std::fs::remove_file(&dot).unwrap();
+        let xdg_only = kept.get(&files, settled(), read);
+        assert_eq!(xdg_only.email.as_deref(), Some("ana@example.org"));
+        assert_eq!(reads.get(), 5);
+        // Edited within the racy window: read, not trusted by identity.
+        std::fs::write(&dot, "[user]\n\tname = Bo\n").unwrap();
+        assert_eq!(
+            kept.get(&files, SystemTime::now(), read).name.as_deref(),
+            Some("Bo")
+        );
+        assert_eq!(
+            kept.get(&files, settled(), read).name.as_deref(),
+            Some("Bo")
+        );
+        assert_eq!(reads.get(), 7);
+        assert_eq!(
+            kept.get(&files, settled(), read).name.as_deref(),
+            Some("Bo")
+        );
+        assert_eq!(reads.get(), 7);
+    }
+
+    #[test]
     fn options_are_refused_pointing_at_the_config() {
         let mut o = CapOptions::new();
         o.insert("host".into(), "/x".into());
-        let msg = FileSync.validate_options(&o).unwrap_err().to_string();
+        let msg = FileSync::default()
+            .validate_options(&o)
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains("[[file_sync]] entries in config.toml"),
             "{msg}"
         );
-        assert!(FileSync.validate_options(&CapOptions::new()).is_ok());
+        assert!(
+            FileSync::default()
+                .validate_options(&CapOptions::new())
+                .is_ok()
+        );
     }
 }
