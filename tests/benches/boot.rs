@@ -1,44 +1,60 @@
-//! Boot to agent-ready: `banger vm create` against a raw QEMU boot of the
-//! same guest, measured in the same run.
+//! Boot to agent-ready, and `vm run --rm -- true` end to end, each against
+//! a raw QEMU boot of the same guest, measured in the same run.
 //!
 //! Setup (untimed): the Debian rootfs from `guest/rootfs/build` is pushed to a
 //! loopback `docker-registry`, the kernel from `guest/kernel/build` is
-//! imported and the image pulled, exactly as the e2e test does. Then, in
-//! alternating rounds (`BANGER_BENCH_BOOTS`, default 3):
+//! imported and the image pulled, exactly as the e2e test does. One VM is
+//! created and deleted, untimed, as the raw boots' template (and a warm-up).
+//! Then, in alternating rounds (`BANGER_BENCH_BOOTS`, default 3), for each
+//! part in `BANGER_BENCH_PARTS` (default `create,run`):
 //!
-//! - `banger`: `banger vm create --cap vsock-agent` (QEMU, TCG) through the
-//!   real CLI and daemon, timed from just before the CLI call until it
-//!   returns. It returns only after the agent answered `/healthz`. The VM is
-//!   deleted afterwards, untimed.
-//! - `raw`: `vhost-device-vsock` + `qemu-system-x86_64 -M microvm`, started
-//!   by hand on the same kernel, a fresh copy of the pulled image's
-//!   `rootfs.ext4`, a fresh empty work disk of the same size (made with
-//!   `banger_artifacts::disk::create_ext4`, as banger makes it) and copies of the
-//!   initramfs and config drive banger built for the first VM, with banger's
-//!   kernel command line, vCPUs and memory read from its QEMU's argv. Timed
-//!   from just before `vhost-device-vsock` starts until `/healthz` answers
-//!   through the hybrid vsock socket (polled every 10 ms).
+//! - `create` — banger: `banger vm create --cap vsock-agent` (QEMU, TCG)
+//!   through the real CLI and daemon, timed from just before the CLI call
+//!   until it returns. It returns only after the agent answered `/healthz`.
+//!   The VM is deleted afterwards, untimed. Raw: `vhost-device-vsock` +
+//!   `qemu-system-x86_64 -M microvm`, started by hand on the same kernel, a
+//!   fresh copy of the pulled image's `rootfs.ext4`, a fresh empty work disk
+//!   of the same size (made with `banger_artifacts::disk::create_ext4`, as
+//!   banger makes it) and copies of the initramfs and config drive banger
+//!   built for the template VM, with banger's kernel command line, vCPUs and
+//!   memory read from its QEMU's argv. Timed from just before
+//!   `vhost-device-vsock` starts until `/healthz` answers through the hybrid
+//!   vsock socket (polled every 10 ms).
+//! - `run` — banger: `banger vm run --rm --cap vsock-agent -- true`, timed
+//!   from just before the CLI starts until it exits (exit code 0 checked):
+//!   create, the command through the agent (`vm run`'s default for a guest
+//!   with the agent and no workspace), and whatever of the `--rm` delete the
+//!   CLI waits for. Raw: the same machine as above, but the config drive
+//!   copy lists `sh -c true` in `guest.commands`, so the guest's init (the
+//!   agent, PID 1) starts the command at boot and logs its exit status on
+//!   the console; timed until that line shows (console polled every 10 ms)
+//!   plus the teardown (QEMU and vhost-device-vsock killed and reaped, the
+//!   boot's directory removed), which stands against the CLI's wait for
+//!   the delete.
 //!
 //! Both sides boot the same agent, which logs a boot timeline on the
 //! console (`banger-agent: timeline STAGE SECONDS-SINCE-BOOT`); the bench
-//! prints each guest stage's share of the boot for both sides, and what is
-//! left outside the guest (VMM start-up, host work before it, the
-//! `/healthz` round trip after it).
-//!
-//! The difference is banger's orchestration: CLI and daemon round trips,
-//! cloning the root disk, making the work disk, the initramfs and config
-//! drive, capability hooks, QMP readiness and its `/healthz` poll interval.
+//! prints each guest stage's share for every side, and what is left outside
+//! the guest. Banger's host side is split by the daemon's
+//! `op=OP stage=S took=Nms` lines in `bangerd.log` (the run's console is
+//! read through a descriptor opened while the VM runs: `--rm` removes the
+//! file).
 //!
 //! `./scripts/bench`, or `cargo bench -p banger-tests --bench boot`.
 
 // A bench is test code: a failed step should stop the run loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use banger_api::api::VmView;
+use banger_guest_protocol::drive::ConfigDrive;
 use banger_vmm::vsock::AgentClient;
 use test_infra::BangerEnv;
 use test_infra::guest_artifacts::GuestArtifacts;
@@ -49,8 +65,23 @@ const DEFAULT_BOOTS: usize = 3;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const MEMORY_MIB: &str = "1024";
 const DISK_SIZE: &str = "256M";
+/// What `vm run -- true` runs through the agent (`sh -c` of the words), so
+/// the raw boot's init runs exactly this.
+const COMMAND: [&str; 3] = ["sh", "-c", "true"];
+/// How often the host looks for the end of a raw boot (`/healthz`, or the
+/// command's line on the console).
+const POLL: Duration = Duration::from_millis(10);
 
-/// What the raw boot copies from banger's first VM.
+/// The two comparisons this bench makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// `vm create` to agent-ready against a raw boot to `/healthz`.
+    Create,
+    /// `vm run --rm -- true` against a raw boot whose init runs `true`.
+    Run,
+}
+
+/// What the raw boot copies from banger's template VM.
 struct Template {
     /// `-smp`, `-m` and `-append` values of banger's QEMU.
     smp: String,
@@ -59,7 +90,8 @@ struct Template {
     kernel: PathBuf,
     /// Banger's drives in attach order: file name and read-only flag.
     drives: Vec<(String, bool)>,
-    /// Directory holding copies of banger's initramfs and config drive.
+    /// Directory holding copies of banger's initramfs and config drive, and
+    /// under `run/` the config drive with [`COMMAND`] in `guest.commands`.
     dir: tempfile::TempDir,
     rootfs_source: PathBuf,
     disk_size: banger_api::model::ByteSize,
@@ -73,6 +105,19 @@ fn boots() -> usize {
         },
         Err(_) => DEFAULT_BOOTS,
     }
+}
+
+fn parts() -> Vec<Part> {
+    let Ok(v) = std::env::var("BANGER_BENCH_PARTS") else {
+        return vec![Part::Create, Part::Run];
+    };
+    v.split(',')
+        .map(|p| match p.trim() {
+            "create" => Part::Create,
+            "run" => Part::Run,
+            other => panic!("BANGER_BENCH_PARTS has {other:?}: use create, run or create,run"),
+        })
+        .collect()
 }
 
 /// The value after each occurrence of `flag` in `argv`.
@@ -116,7 +161,17 @@ fn template(vm: &VmView) -> Template {
     let initrd = PathBuf::from(one(&argv, "-initrd"));
     std::fs::copy(&initrd, dir.path().join("initramfs.cpio")).unwrap();
     let drive = banger_vmm::config_drive::FILE_NAME;
-    std::fs::copy(vm.dir.join(drive), dir.path().join(drive)).unwrap();
+    let bytes = std::fs::read(vm.dir.join(drive)).unwrap();
+    std::fs::write(dir.path().join(drive), &bytes).unwrap();
+    // The run part's raw boot: the same drive, plus the command for the
+    // agent to run at boot (it logs `command [..]: exit status: N`).
+    let mut with_command = ConfigDrive::decode(&bytes).unwrap();
+    with_command
+        .guest
+        .commands
+        .push(COMMAND.iter().map(|w| w.to_string()).collect());
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    std::fs::write(dir.path().join("run").join(drive), with_command.encode()).unwrap();
     Template {
         smp: one(&argv, "-smp").to_string(),
         mem: one(&argv, "-m").to_string(),
@@ -141,13 +196,35 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// One raw boot in a fresh directory; returns the time to `/healthz`.
-fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> (Duration, Timeline) {
+/// One raw boot: the time to its end (`/healthz`, or the command's exit
+/// logged on the console), the teardown after it, and its guest timeline.
+struct RawBoot {
+    took: Duration,
+    teardown: Duration,
+    timeline: Timeline,
+}
+
+/// The agent's console line for [`COMMAND`]'s end: what follows
+/// `command ["sh", "-c", "true"]: ` (`exit status: 0`), once it is there.
+fn command_status(console: &Path) -> Option<String> {
+    let argv: Vec<String> = COMMAND.iter().map(|w| w.to_string()).collect();
+    let marker = format!("command {argv:?}: ");
+    let text = std::fs::read_to_string(console).ok()?;
+    text.lines()
+        .find_map(|l| l.split_once(&marker).map(|(_, s)| s.trim().to_string()))
+}
+
+/// One raw boot in a fresh directory, until what `part` waits for.
+fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize, part: Part) -> RawBoot {
     let dir = tempfile::Builder::new()
         .prefix("rawboot")
         .tempdir_in("/tmp")
         .unwrap();
     let d = dir.path();
+    let drive_source = match part {
+        Part::Create => t.dir.path().to_path_buf(),
+        Part::Run => t.dir.path().join("run"),
+    };
     // Fresh writable disks, as banger gives each VM (untimed here; banger's
     // copies are part of its measured create).
     let mut drive_args: Vec<String> = Vec::new();
@@ -161,7 +238,7 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> (Duration, Timeli
                 banger_artifacts::disk::create_ext4(&path, t.disk_size, "banger-work").unwrap();
             }
             n if n == banger_vmm::config_drive::FILE_NAME => {
-                std::fs::copy(t.dir.path().join(n), &path).unwrap();
+                std::fs::copy(drive_source.join(n), &path).unwrap();
             }
             other => panic!("banger attached a drive the raw boot does not know: {other}"),
         }
@@ -225,9 +302,16 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> (Duration, Timeli
         .stderr(log("qemu.log"))
         .spawn()
         .unwrap();
-    let health = loop {
-        if let Ok(h) = AgentClient::new(&uds, Duration::from_secs(1)).healthz() {
-            break h;
+    let ended = loop {
+        let ended = match part {
+            Part::Create => AgentClient::new(&uds, Duration::from_secs(1))
+                .healthz()
+                .ok()
+                .map(|h| h.version),
+            Part::Run => command_status(&console),
+        };
+        if let Some(e) = ended {
+            break e;
         }
         let dead = qemu.try_wait().unwrap();
         if dead.is_some() || start.elapsed() > BOOT_TIMEOUT {
@@ -235,15 +319,28 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> (Duration, Timeli
             let con = tail(&console);
             stop(qemu);
             stop(vhost);
-            panic!("raw boot {round}: no /healthz (qemu {dead:?})\nqemu:\n{qlog}\nconsole:\n{con}");
+            panic!(
+                "raw boot {round} ({part:?}): no end (qemu {dead:?})\nqemu:\n{qlog}\nconsole:\n{con}"
+            );
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(POLL);
     };
     let took = start.elapsed();
+    let timeline = guest_timeline(&std::fs::read_to_string(&console).unwrap_or_default());
+    let down = Instant::now();
     stop(qemu);
     stop(vhost);
-    assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
-    (took, guest_timeline(&console))
+    drop(dir);
+    let teardown = down.elapsed();
+    match part {
+        Part::Create => assert_eq!(ended, env!("CARGO_PKG_VERSION"), "the agent's version"),
+        Part::Run => assert_eq!(ended, "exit status: 0", "`{}` at boot", COMMAND.join(" ")),
+    }
+    RawBoot {
+        took,
+        teardown,
+        timeline,
+    }
 }
 
 /// The agent's boot timeline: (stage, seconds since the kernel booted),
@@ -251,8 +348,7 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize) -> (Duration, Timeli
 type Timeline = Vec<(String, f64)>;
 
 /// The `banger-agent: timeline STAGE SECONDS` lines of a console log.
-fn guest_timeline(console: &Path) -> Timeline {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
+fn guest_timeline(text: &str) -> Timeline {
     let mut marks: Timeline = text
         .lines()
         .filter_map(|l| {
@@ -265,19 +361,58 @@ fn guest_timeline(console: &Path) -> Timeline {
     marks
 }
 
-/// Each guest stage's median time and share of the boot up to the agent
-/// listening, then what is left outside the guest, for one side.
-fn print_timeline(side: &str, boots: &[Duration], timelines: &[Timeline]) {
+/// Named segments of one measurement, in order.
+type Segments = Vec<(String, f64)>;
+
+/// Each segment's median over the rounds (matched by position and name)
+/// and its share of `total`, as one line; segments under 5 ms are left out.
+fn medians(rounds: &[Segments], total: f64) -> String {
+    let Some(first) = rounds.first() else {
+        return "none".to_string();
+    };
+    first
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (stage, _))| {
+            let mut v: Vec<f64> = rounds
+                .iter()
+                .filter_map(|s| s.get(i).filter(|(n, _)| n == stage).map(|(_, t)| *t))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            let m = v[v.len() / 2];
+            (m.abs() >= 0.005).then(|| format!("{stage} {m:.2} s ({:.0} %)", 100.0 * m / total))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `segments` summed by the part of their name before `:` (`create:S`
+/// into `create`), in order.
+fn grouped(segments: &Segments) -> Segments {
+    let mut out: Segments = Vec::new();
+    for (name, t) in segments {
+        let group = name.split_once(':').map_or(name.as_str(), |g| g.0);
+        match out.last_mut() {
+            Some((g, sum)) if g == group => *sum += t,
+            _ => out.push((group.to_string(), *t)),
+        }
+    }
+    out
+}
+
+/// Each guest stage's median time and share of the side's median, up to
+/// the guest's `end` stage, then what is left outside the guest.
+fn print_timeline(side: &str, end: &str, totals: &[Duration], timelines: &[Timeline]) {
     // Per boot: ("kernel", first mark), then each mark's interval, up to
-    // `agent-listening`; the rest of the measured time is outside the guest.
-    let mut segments: Vec<Vec<(String, f64)>> = Vec::new();
-    for (took, t) in boots.iter().zip(timelines) {
-        let Some(end) = t.iter().find(|(s, _)| s == "agent-listening").map(|m| m.1) else {
+    // `end`; the rest of the measured time is outside the guest.
+    let mut segments: Vec<Segments> = Vec::new();
+    for (took, t) in totals.iter().zip(timelines) {
+        let Some(end_at) = t.iter().find(|(s, _)| s == end).map(|m| m.1) else {
             continue;
         };
         let mut seg = Vec::new();
         let mut prev = 0.0;
-        for (i, (stage, at)) in t.iter().filter(|m| m.1 <= end).enumerate() {
+        for (i, (stage, at)) in t.iter().filter(|m| m.1 <= end_at).enumerate() {
             let name = if i == 0 {
                 format!("kernel+{stage}")
             } else {
@@ -286,40 +421,25 @@ fn print_timeline(side: &str, boots: &[Duration], timelines: &[Timeline]) {
             seg.push((name, at - prev));
             prev = *at;
         }
-        seg.push(("outside the guest".to_string(), took.as_secs_f64() - end));
+        seg.push((format!("after {end}"), took.as_secs_f64() - end_at));
         segments.push(seg);
     }
-    let Some(first) = segments.first() else {
+    if segments.is_empty() {
         eprintln!(
-            "boot/{side} guest timeline: no `banger-agent: timeline` lines on the console (an agent older than this bench?)"
+            "{side} guest timeline: no `banger-agent: timeline` lines up to {end} on the console (an agent older than this bench?)"
         );
         return;
-    };
-    let total = median(boots.to_vec());
-    let parts: Vec<String> = first
-        .iter()
-        .enumerate()
-        .map(|(i, (stage, _))| {
-            let mut v: Vec<f64> = segments
-                .iter()
-                .filter_map(|s| s.get(i).filter(|(n, _)| n == stage).map(|(_, t)| *t))
-                .collect();
-            v.sort_by(f64::total_cmp);
-            let m = v[v.len() / 2];
-            format!("{stage} {m:.2} s ({:.0} %)", 100.0 * m / total)
-        })
-        .collect();
+    }
+    let total = median(totals.to_vec());
     println!(
-        "boot/{side} timeline: {} (medians; shares of the {total:.2} s median)",
-        parts.join(", ")
+        "{side} timeline: {} (medians; shares of the {total:.2} s median)",
+        medians(&segments, total)
     );
 }
 
-/// One `banger vm create`; returns its time and the VM, still running.
-fn banger_boot(env: &BangerEnv, name: &str) -> (Duration, VmView) {
-    let args = [
-        "vm",
-        "create",
+fn vm_args<'a>(verb: &'a [&'a str], name: &'a str) -> Vec<&'a str> {
+    let mut args = verb.to_vec();
+    args.extend([
         "--name",
         name,
         "--image",
@@ -330,7 +450,13 @@ fn banger_boot(env: &BangerEnv, name: &str) -> (Duration, VmView) {
         MEMORY_MIB,
         "--disk-size",
         DISK_SIZE,
-    ];
+    ]);
+    args
+}
+
+/// One `banger vm create`; returns its time and the VM, still running.
+fn banger_boot(env: &BangerEnv, name: &str) -> (Duration, VmView) {
+    let args = vm_args(&["vm", "create"], name);
     let start = Instant::now();
     let out = env.banger(&args);
     let took = start.elapsed();
@@ -346,46 +472,162 @@ fn banger_boot(env: &BangerEnv, name: &str) -> (Duration, VmView) {
     (took, vm)
 }
 
-/// The daemon's progress stages logged since byte `from` of its log, as
-/// (stage, seconds spent in it), each lasting until the next stage began.
-/// Ends at the `running` stage. Timestamps are the tracing ones (UTC).
-fn stages(log: &Path, from: usize) -> Vec<(String, f64)> {
+/// One `banger vm run --rm -- true`.
+struct BangerRun {
+    took: Duration,
+    /// The CLI's start and exit, seconds into the UTC day (the daemon log's
+    /// clock).
+    started: f64,
+    exited: f64,
+    timeline: Timeline,
+}
+
+fn seconds_of_day(t: SystemTime) -> f64 {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    (since.as_secs() % 86_400) as f64 + f64::from(since.subsec_nanos()) / 1e9
+}
+
+fn banger_run(env: &BangerEnv, name: &str) -> BangerRun {
+    // The console goes with the VM (`--rm`): open it while the VM runs and
+    // read it through that descriptor afterwards.
+    let vms = env.state_dir().join("vms");
+    let names = |d: &Path| -> HashSet<std::ffi::OsString> {
+        std::fs::read_dir(d)
+            .map(|r| r.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    let before = names(&vms);
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            loop {
+                for e in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+                    if !before.contains(&e.file_name()) {
+                        if let Ok(f) = std::fs::File::open(e.path().join("serial.log")) {
+                            return Some(f);
+                        }
+                    }
+                }
+                if done.load(Ordering::Relaxed) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut args = vm_args(&["vm", "run", "--rm"], name);
+    args.extend(["--", "true"]);
+    let started = seconds_of_day(SystemTime::now());
+    let start = Instant::now();
+    let out = env.banger(&args);
+    let took = start.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let console = watcher.join().unwrap();
+    assert_eq!(
+        out.code, 0,
+        "vm run {name} -- true exited {}:\n{}",
+        out.code, out.stderr
+    );
+    let mut text = String::new();
+    if let Some(mut f) = console {
+        f.read_to_string(&mut text).unwrap();
+    }
+    BangerRun {
+        took,
+        started,
+        exited: started + took.as_secs_f64(),
+        timeline: guest_timeline(&text),
+    }
+}
+
+/// One timed-operation line of `bangerd.log`: `vm=V op=OP stage=S
+/// took=Nms` when a stage ends, `vm=V op=OP total took=Nms` when the
+/// operation does.
+#[derive(Debug)]
+struct OpLine {
+    vm: String,
+    op: String,
+    /// `None` for the operation's total.
+    stage: Option<String>,
+    /// When it was logged, seconds into the UTC day.
+    at: f64,
+    took: f64,
+}
+
+/// The timed-operation lines logged since byte `from` of the daemon's log.
+fn op_lines(log: &Path, from: usize) -> Vec<OpLine> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let text = text.get(from..).unwrap_or_default();
-    let mut marks: Vec<(String, f64)> = Vec::new();
-    for line in text.lines() {
-        let line = strip_ansi(line);
-        let Some(stage) = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("stage="))
-        else {
-            continue;
-        };
-        // 2026-11-24T06:50:01.123456Z: seconds into the day.
-        let Some(clock) = line
-            .split_whitespace()
-            .next()
-            .and_then(|t| t.split_once('T'))
-        else {
-            continue;
-        };
-        let hms: Vec<f64> = clock
-            .1
-            .trim_end_matches('Z')
-            .split(':')
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        if let [h, m, sec] = hms[..] {
-            marks.push((
-                stage.trim_matches('"').to_string(),
-                h * 3600.0 + m * 60.0 + sec,
-            ));
-        }
-    }
-    marks
-        .windows(2)
-        .map(|w| (w[0].0.clone(), w[1].1 - w[0].1))
+    text.lines()
+        .filter_map(|line| {
+            let line = strip_ansi(line);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let field = |k: &str| words.iter().find_map(|w| w.strip_prefix(k));
+            // 2026-11-24T06:50:01.123456Z: seconds into the day.
+            let clock = words.first()?.split_once('T')?.1.trim_end_matches('Z');
+            let hms: Vec<f64> = clock.split(':').filter_map(|p| p.parse().ok()).collect();
+            let [h, m, s] = hms[..] else { return None };
+            let took: f64 = field("took=")?.strip_suffix("ms")?.parse().ok()?;
+            Some(OpLine {
+                vm: field("vm=")?.to_string(),
+                op: field("op=")?.to_string(),
+                stage: field("stage=").map(|s| s.trim_matches('"').to_string()),
+                at: h * 3600.0 + m * 60.0 + s,
+                took: took / 1000.0,
+            })
+        })
         .collect()
+}
+
+/// Operation `op`'s stages on VM `vm`, in order, and its total line.
+fn operation<'a>(lines: &'a [OpLine], vm: &str, op: &str) -> (Segments, Option<&'a OpLine>) {
+    let mine = || lines.iter().filter(|l| l.vm == vm && l.op == op);
+    let stages = mine()
+        .filter_map(|l| Some((l.stage.clone()?, l.took)))
+        .collect();
+    (stages, mine().find(|l| l.stage.is_none()))
+}
+
+/// Waits until the daemon has logged the end of `op` on `vm`.
+fn wait_for_op(log: &Path, from: usize, vm: &str, op: &str) -> Vec<OpLine> {
+    let start = Instant::now();
+    loop {
+        let lines = op_lines(log, from);
+        if operation(&lines, vm, op).1.is_some() {
+            return lines;
+        }
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "the daemon never logged the end of {op} on {vm} in {}",
+            log.display()
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Where a `vm run --rm` went, host side: the CLI before the create, the
+/// create's stages, the command (the create's reply to the delete's
+/// start: CLI, daemon, agent), the delete's stages, the CLI after it.
+fn run_segments(lines: &[OpLine], name: &str, run: &BangerRun) -> Segments {
+    let (create, Some(ct)) = operation(lines, name, "create") else {
+        panic!("no create total for {name} in the daemon log");
+    };
+    let (delete, Some(dt)) = operation(lines, name, "delete") else {
+        panic!("no delete total for {name} in the daemon log");
+    };
+    let (create_start, delete_start) = (ct.at - ct.took, dt.at - dt.took);
+    let mut seg = vec![("cli-before-create".to_string(), create_start - run.started)];
+    let staged: f64 = create.iter().map(|s| s.1).sum();
+    seg.push(("create:unstaged".to_string(), ct.took - staged));
+    seg.extend(create.into_iter().map(|(s, t)| (format!("create:{s}"), t)));
+    seg.push(("exec-true".to_string(), delete_start - ct.at));
+    let staged: f64 = delete.iter().map(|s| s.1).sum();
+    seg.push(("delete:unstaged".to_string(), dt.took - staged));
+    seg.extend(delete.into_iter().map(|(s, t)| (format!("delete:{s}"), t)));
+    // Negative when the CLI exits before the delete ends.
+    seg.push(("cli-after-delete".to_string(), run.exited - dt.at));
+    seg
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -425,7 +667,106 @@ fn runs(what: &str, v: &[Duration]) {
         .iter()
         .map(|d| format!("{:.2}", d.as_secs_f64()))
         .collect();
-    eprintln!("boot/{what} runs (s): {}", runs.join(" "));
+    eprintln!("{what} runs (s): {}", runs.join(" "));
+}
+
+/// Every round of one part, both sides.
+#[derive(Default)]
+struct Sides {
+    banger: Vec<Duration>,
+    /// Raw boots to their end; for `run` plus the teardown.
+    raw: Vec<Duration>,
+    /// `run`: the raw boots without their teardown.
+    raw_to_end: Vec<Duration>,
+    banger_tl: Vec<Timeline>,
+    raw_tl: Vec<Timeline>,
+    /// Banger's host-side segments per round.
+    host: Vec<Segments>,
+}
+
+fn ratio_line(prefix: &str, (bmed, bmin, rmed, rmin): (f64, f64, f64, f64)) {
+    println!(
+        "{prefix}/ratio banger:raw {:5.2}x median, {:5.2}x min",
+        bmed / rmed,
+        bmin / rmin
+    );
+}
+
+/// Prints every round of one part (to stderr) and returns the medians and
+/// minimums: banger's, then raw's.
+fn per_round(prefix: &str, s: &Sides) -> (f64, f64, f64, f64) {
+    runs(&format!("{prefix}/banger"), &s.banger);
+    runs(&format!("{prefix}/raw"), &s.raw);
+    for (round, p) in s.host.iter().enumerate() {
+        let list: Vec<String> = p.iter().map(|(st, t)| format!("{st} {t:.3}")).collect();
+        eprintln!(
+            "{prefix}/banger round {round} host stages (s): {}",
+            list.join(", ")
+        );
+    }
+    (
+        median(s.banger.clone()),
+        min(&s.banger),
+        median(s.raw.clone()),
+        min(&s.raw),
+    )
+}
+
+fn report_create(s: &Sides, n: usize) {
+    let (bmed, bmin, rmed, rmin) = per_round("boot", s);
+    println!(
+        "boot/banger: {bmed:6.2} s median, {bmin:6.2} s min (vm create --cap vsock-agent until /healthz, {n} boots)"
+    );
+    println!(
+        "boot/raw:    {rmed:6.2} s median, {rmin:6.2} s min (vhost-device-vsock + qemu -M microvm until /healthz, {n} boots)"
+    );
+    // Where banger's time goes: each daemon stage's median over the rounds,
+    // and what is left for the CLI, the API round trip and the daemon
+    // outside its stages.
+    if s.host.iter().all(|p| !p.is_empty()) {
+        println!(
+            "boot/banger stages: {} (medians; under 5 ms left out)",
+            medians(&s.host, bmed)
+        );
+        let staged: Vec<Duration> = s
+            .host
+            .iter()
+            .zip(&s.banger)
+            .map(|(p, b)| b.saturating_sub(Duration::from_secs_f64(p.iter().map(|x| x.1).sum())))
+            .collect();
+        println!(
+            "boot/banger outside stages: {:.2} s median (CLI, API round trip, daemon before the first stage)",
+            median(staged)
+        );
+    } else {
+        eprintln!("boot/banger stages: none found in the daemon log");
+    }
+    print_timeline("boot/banger", "agent-listening", &s.banger, &s.banger_tl);
+    print_timeline("boot/raw", "agent-listening", &s.raw, &s.raw_tl);
+    ratio_line("boot", (bmed, bmin, rmed, rmin));
+}
+
+fn report_run(s: &Sides, n: usize) {
+    let (bmed, bmin, rmed, rmin) = per_round("run", s);
+    println!(
+        "run/banger: {bmed:6.2} s median, {bmin:6.2} s min (vm run --rm --cap vsock-agent -- true, CLI start to exit, exit 0, {n} runs)"
+    );
+    println!(
+        "run/raw:    {rmed:6.2} s median, {rmin:6.2} s min (qemu whose init runs `sh -c true`: until its exit status is on the console, {:.2} s median, then qemu killed and reaped, {n} boots)",
+        median(s.raw_to_end.clone())
+    );
+    let groups: Vec<Segments> = s.host.iter().map(grouped).collect();
+    println!(
+        "run/banger split: {} (medians; shares of the {bmed:.2} s median)",
+        medians(&groups, bmed)
+    );
+    println!(
+        "run/banger host stages: {} (medians; under 5 ms left out)",
+        medians(&s.host, bmed)
+    );
+    print_timeline("run/banger", "agent-listening", &s.banger, &s.banger_tl);
+    print_timeline("run/raw", "guest-files", &s.raw, &s.raw_tl);
+    ratio_line("run", (bmed, bmin, rmed, rmin));
 }
 
 fn main() {
@@ -437,6 +778,7 @@ fn main() {
         }
     };
     let n = boots();
+    let parts = parts();
     let Some(registry) = Registry::start("boot") else {
         return;
     };
@@ -467,6 +809,10 @@ fn main() {
         "2G",
     ])
     .ok();
+    // The raw boots' template, and a warm-up of the daemon's caches.
+    let (_, vm) = banger_boot(&env, "template");
+    let tmpl = template(&vm);
+    env.banger(&["vm", "delete", "template"]).ok();
 
     // The daemon and CLI are the binaries of the profile this bench was
     // built with (`./scripts/bench`: release).
@@ -474,88 +820,77 @@ fn main() {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    println!("boot/binaries: target/{profile} banger and bangerd, {n} boots per side");
-    let load_before = load_average();
-    let mut banger = Vec::new();
-    let mut raw = Vec::new();
-    let mut tmpl: Option<Template> = None;
-    let daemon_log = env.state_dir().join("bangerd.log");
-    let mut phases: Vec<Vec<(String, f64)>> = Vec::new();
-    let (mut banger_tl, mut raw_tl) = (Vec::new(), Vec::new());
-    for round in 0..n {
-        let name = format!("boot{round}");
-        let from = std::fs::metadata(&daemon_log).map_or(0, |m| m.len() as usize);
-        let (took, vm) = banger_boot(&env, &name);
-        banger.push(took);
-        phases.push(stages(&daemon_log, from));
-        banger_tl.push(guest_timeline(&vm.dir.join("serial.log")));
-        if tmpl.is_none() {
-            tmpl = Some(template(&vm));
+    println!(
+        "boot/binaries: target/{profile} banger and bangerd, {n} boots per side, parts {parts:?}"
+    );
+    if parts.contains(&Part::Run) {
+        // Which path `vm run` picks for this guest, as it reports it.
+        let mut args = vm_args(&["vm", "run", "--rm", "--dry-run"], "dry");
+        args.extend(["--", "true"]);
+        let plan = env.banger(&args).ok().stdout;
+        for line in plan.lines().filter(|l| l.starts_with("then:")) {
+            println!("run/path: {}", line.trim_start_matches("then:").trim());
         }
-        env.banger(&["vm", "delete", &name]).ok();
-        let t = tmpl.as_ref().unwrap();
-        let (took, timeline) = raw_boot(&a, t, round);
-        raw.push(took);
-        raw_tl.push(timeline);
-        eprintln!(
-            "boot/round {round}: banger {:.2} s, raw {:.2} s",
-            banger[round].as_secs_f64(),
-            raw[round].as_secs_f64()
-        );
     }
-    runs("banger", &banger);
-    runs("raw", &raw);
-    for (round, p) in phases.iter().enumerate() {
-        let list: Vec<String> = p.iter().map(|(s, t)| format!("{s} {t:.2}")).collect();
-        eprintln!("boot/banger round {round} stages (s): {}", list.join(", "));
+    let load_before = load_average();
+    let daemon_log = env.state_dir().join("bangerd.log");
+    let log_len = || std::fs::metadata(&daemon_log).map_or(0, |m| m.len() as usize);
+    let (mut create, mut run) = (Sides::default(), Sides::default());
+    for round in 0..n {
+        if parts.contains(&Part::Create) {
+            let name = format!("boot{round}");
+            let from = log_len();
+            let (took, vm) = banger_boot(&env, &name);
+            create.banger.push(took);
+            let (stages, _) = operation(
+                &wait_for_op(&daemon_log, from, &name, "create"),
+                &name,
+                "create",
+            );
+            create.host.push(stages);
+            create.banger_tl.push(guest_timeline(
+                &std::fs::read_to_string(vm.dir.join("serial.log")).unwrap_or_default(),
+            ));
+            env.banger(&["vm", "delete", &name]).ok();
+            let raw = raw_boot(&a, &tmpl, round, Part::Create);
+            create.raw.push(raw.took);
+            create.raw_tl.push(raw.timeline);
+            eprintln!(
+                "boot/round {round}: banger {:.2} s, raw {:.2} s",
+                took.as_secs_f64(),
+                raw.took.as_secs_f64()
+            );
+        }
+        if parts.contains(&Part::Run) {
+            let name = format!("run{round}");
+            let from = log_len();
+            let b = banger_run(&env, &name);
+            // With the delete's end logged (it may end after the CLI).
+            let lines = wait_for_op(&daemon_log, from, &name, "delete");
+            run.host.push(run_segments(&lines, &name, &b));
+            run.banger.push(b.took);
+            run.banger_tl.push(b.timeline);
+            let raw = raw_boot(&a, &tmpl, round, Part::Run);
+            run.raw.push(raw.took + raw.teardown);
+            run.raw_to_end.push(raw.took);
+            run.raw_tl.push(raw.timeline);
+            eprintln!(
+                "run/round {round}: banger {:.2} s, raw {:.2} s ({:.2} s to the command's exit + {:.3} s teardown)",
+                b.took.as_secs_f64(),
+                (raw.took + raw.teardown).as_secs_f64(),
+                raw.took.as_secs_f64(),
+                raw.teardown.as_secs_f64()
+            );
+        }
     }
-
-    let (bmed, bmin) = (median(banger.clone()), min(&banger));
-    let (rmed, rmin) = (median(raw.clone()), min(&raw));
     println!(
         "boot/load average: {load_before} before, {} after",
         load_average()
     );
-    println!(
-        "boot/banger: {bmed:6.2} s median, {bmin:6.2} s min (vm create --cap vsock-agent until /healthz, {n} boots)"
-    );
-    println!(
-        "boot/raw:    {rmed:6.2} s median, {rmin:6.2} s min (vhost-device-vsock + qemu -M microvm until /healthz, {n} boots)"
-    );
-    // Where banger's time goes: each daemon stage's median over the rounds,
-    // and what is left for the CLI, the API round trip and the daemon
-    // outside its stages.
-    if let Some(first) = phases.first().filter(|p| !p.is_empty()) {
-        let mut parts = Vec::new();
-        let mut staged = 0.0;
-        for (i, (stage, _)) in first.iter().enumerate() {
-            let mut v: Vec<f64> = phases
-                .iter()
-                .filter_map(|p| p.get(i).filter(|(s, _)| s == stage).map(|(_, t)| *t))
-                .collect();
-            v.sort_by(f64::total_cmp);
-            let m = v[v.len() / 2];
-            staged += m;
-            if m >= 0.005 {
-                parts.push(format!("{stage} {m:.2} s"));
-            }
-        }
-        println!(
-            "boot/banger stages: {} (medians; stages under 0.01 s left out)",
-            parts.join(", ")
-        );
-        println!(
-            "boot/banger outside stages: {:.2} s (CLI, API round trip, daemon before the first stage)",
-            bmed - staged
-        );
-    } else {
-        eprintln!("boot/banger stages: none found in {}", daemon_log.display());
+    if parts.contains(&Part::Create) {
+        report_create(&create, n);
     }
-    print_timeline("banger", &banger, &banger_tl);
-    print_timeline("raw", &raw, &raw_tl);
-    println!(
-        "boot/ratio banger:raw {:5.2}x median, {:5.2}x min",
-        bmed / rmed,
-        bmin / rmin
-    );
+    if parts.contains(&Part::Run) {
+        report_run(&run, n);
+    }
 }
