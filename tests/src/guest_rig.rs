@@ -446,7 +446,7 @@ impl Rig {
 impl Drop for Rig {
     /// A failed test still leaves the host clean: its VMs deleted (taps,
     /// rules, records), stray processes killed, and the test's bridge
-    /// (which outlives daemons by design) removed.
+    /// and its nft tables (which outlive daemons by design) removed.
     fn drop(&mut self) {
         if std::thread::panicking() {
             // Nothing here may panic again (that would abort the run).
@@ -468,6 +468,10 @@ impl Drop for Rig {
             }
         }
         let _ = run("ip", &["link", "del", self.bridge]);
+        let table = banger_host::net::nft::table_for(self.bridge);
+        for family in ["bridge", "ip"] {
+            let _ = run("nft", &["delete", "table", family, &table]);
+        }
     }
 }
 

@@ -391,6 +391,35 @@ impl Drop for BangerEnv {
     }
 }
 
+/// Deletes, when dropped, the bridge and nftables tables that a daemon
+/// keeping its state in `state_dir` derives for itself
+/// ([`banger_api::net::identity`]). A user's daemon keeps them for its next
+/// start; a test's daemon in a throwaway HOME on the host's network would
+/// leave them on the host for good, one more per run.
+#[derive(Debug)]
+pub struct DaemonNetwork(PathBuf);
+
+impl DaemonNetwork {
+    pub fn of_state_dir(state_dir: impl Into<PathBuf>) -> Self {
+        DaemonNetwork(state_dir.into())
+    }
+}
+
+impl Drop for DaemonNetwork {
+    fn drop(&mut self) {
+        let bridge = banger_api::net::identity::NetIdentity::for_state_dir(&self.0).bridge();
+        let table = banger_host::net::nft::table_for(&bridge);
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &bridge])
+            .output();
+        for family in ["bridge", "ip"] {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", family, &table])
+                .output();
+        }
+    }
+}
+
 /// The fake firecracker built by this package.
 pub fn fake_firecracker() -> PathBuf {
     workspace_bin("fake-firecracker")

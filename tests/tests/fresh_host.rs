@@ -121,6 +121,7 @@ mod tests {
         let repo = tmp.path().join("project");
         std::fs::create_dir_all(&home).unwrap();
         std::fs::create_dir_all(&repo).unwrap();
+        let _network = test_infra::DaemonNetwork::of_state_dir(home.join(".local/state/banger"));
         let git = |args: &[&str]| {
             let out = newcomer("git", &home)
                 .args([
@@ -261,6 +262,7 @@ mod tests {
         );
 
         let home = built_home.with_file_name("home-from-release");
+        let _network = test_infra::DaemonNetwork::of_state_dir(home.join(".local/state/banger"));
         let config = home.join(".config/banger");
         std::fs::create_dir_all(&config).unwrap();
         std::fs::write(
