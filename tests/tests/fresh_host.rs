@@ -5,7 +5,9 @@
 //! the catalog, or built here from the host's package mirror), boot a real
 //! guest under QEMU and end with the guest's output and the command's exit
 //! code; the second run in the same HOME must reuse what the first made.
-//! Both elapsed times are printed. Then what the first run built is
+//! Both elapsed times are printed. `scripts/install` installs the debug
+//! binaries the suite has built (`BANGER_INSTALL_PROFILE=debug`), not a
+//! release build of its own. Then what the first run built is
 //! released to a loopback registry with `banger-release` and booted from
 //! there by another fresh HOME: build → push → catalog → pull → boot.
 //!
@@ -148,6 +150,10 @@ mod tests {
         let install = run(
             newcomer(workspace.join("scripts/install"), &home)
                 .env("PREFIX", home.join(".local"))
+                // The debug binaries this suite has built: the same script
+                // and code, without a release build of the workspace (which
+                // every commit would redo, minutes of each CI run).
+                .env("BANGER_INSTALL_PROFILE", "debug")
                 .current_dir(workspace),
             Duration::from_secs(30 * 60),
         );
