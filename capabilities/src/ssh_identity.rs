@@ -51,14 +51,23 @@ const SSHD_PATHS: &[&str] = &["/usr/sbin/sshd", "/usr/bin/sshd"];
 /// Whether the ext4 image `disk` has an sshd, read with `debugfs` (no
 /// mount, no root); `None` when that cannot be told (no debugfs, not ext4).
 pub fn image_has_sshd(disk: &Path) -> Option<bool> {
-    let debugfs = banger_api::config::find_on_path("debugfs").or_else(|| {
+    sshd_in(&debugfs()?, disk)
+}
+
+/// The host's debugfs.
+fn debugfs() -> Option<PathBuf> {
+    banger_api::config::find_on_path("debugfs").or_else(|| {
         ["/usr/sbin/debugfs", "/sbin/debugfs"]
             .iter()
             .map(PathBuf::from)
             .find(|p| p.is_file())
-    })?;
+    })
+}
+
+/// [`image_has_sshd`] with `debugfs`.
+fn sshd_in(debugfs: &Path, disk: &Path) -> Option<bool> {
     for path in SSHD_PATHS {
-        let out = Command::new(&debugfs)
+        let out = Command::new(debugfs)
             .arg("-R")
             .arg(format!("stat {path}"))
             .arg(disk)
@@ -88,10 +97,11 @@ pub struct SshIdentity {
     sshd: SshdAnswers,
 }
 
-/// [`image_has_sshd`]'s answers by disk identity. Kept small: every booted
-/// VM's own disk is a new identity at each start.
+/// [`image_has_sshd`]'s answers by disk identity, "cannot tell" (not
+/// ext4) included. Kept small: every booted VM's own disk is a new
+/// identity at each start.
 #[derive(Debug, Default)]
-struct SshdAnswers(Mutex<HashMap<FileId, bool>>);
+struct SshdAnswers(Mutex<HashMap<FileId, Option<bool>>>);
 
 /// How many answers are kept before they are all dropped.
 const SSHD_ANSWERS_KEPT: usize = 256;
@@ -111,15 +121,15 @@ impl SshdAnswers {
         };
         let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(known) = id.as_ref().and_then(|id| lock().get(id).copied()) {
-            return Some(known);
+            return known;
         }
         let answer = ask(disk);
-        if let (Some(id), Some(has)) = (id, answer) {
+        if let Some(id) = id {
             let mut kept = lock();
             if kept.len() >= SSHD_ANSWERS_KEPT {
                 kept.clear();
             }
-            kept.insert(id, has);
+            kept.insert(id, answer);
         }
         answer
     }
@@ -204,13 +214,16 @@ impl Capability for SshIdentity {
         });
         ctx.log
             .info("authorized banger's SSH key; sshd takes keys only");
-        // Say so when there is no sshd for the key to log in to.
-        if self.sshd.get(
-            &sshd_disk(ctx),
-            std::time::SystemTime::now(),
-            image_has_sshd,
-        ) == Some(false)
-        {
+        // Say so when there is no sshd for the key to log in to. Without
+        // debugfs nothing can be told (and nothing is kept: it may be
+        // installed later).
+        let has_sshd = debugfs().and_then(|bin| {
+            self.sshd
+                .get(&sshd_disk(ctx), std::time::SystemTime::now(), |disk| {
+                    sshd_in(&bin, disk)
+                })
+        });
+        if has_sshd == Some(false) {
             ctx.log.warn(NO_SSHD_WARNING);
         }
         Ok(())
@@ -368,12 +381,12 @@ mod tests {
         assert_eq!(answers.get(&with, settled(), ask), Some(false));
         assert_eq!(answers.get(&with, settled(), ask), Some(false));
         assert_eq!(asked.get(), 3);
-        // "Cannot tell" is not kept.
+        // "Cannot tell" (not ext4) is an answer about the file too.
         let junk = with.with_file_name("junk.img");
         std::fs::write(&junk, vec![0u8; 1 << 16]).unwrap();
         assert_eq!(answers.get(&junk, settled(), ask), None);
         assert_eq!(answers.get(&junk, settled(), ask), None);
-        assert_eq!(asked.get(), 5);
+        assert_eq!(asked.get(), 4);
     }
 
     #[test]
