@@ -240,9 +240,29 @@ fn split(timed: &[Timed]) -> String {
 fn main() {
     let where_net = private_network("create_throughput");
     let env = default_caps_env();
-    // Warm-up: the first create pays for page cache, the bridge and rules.
+    // Warm-up: the first create pays for page cache, the bridge and rules,
+    // and the daemon's kept answers about the image and the agent.
     timed_create(&env, "warmup");
     env.banger(&["vm", "delete", "warmup"]).ok();
+    // A real image was registered long before it is used; the daemon does
+    // not trust a file's identity within 2 s of its last change (and then
+    // reads it again), so the bench's fresh boot files first age past that.
+    let (k, r) = env.boot_files();
+    let newest = [k, r]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            std::time::UNIX_EPOCH + Duration::new(m.ctime() as u64, m.ctime_nsec() as u32)
+        })
+        .max()
+        .unwrap();
+    let settled = newest + Duration::from_millis(2100);
+    if let Ok(left) = settled.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left);
+    }
+    timed_create(&env, "warmup2");
+    env.banger(&["vm", "delete", "warmup2"]).ok();
 
     let load_before = load_average();
     let seq = run(&env, 1, 0);
