@@ -486,15 +486,25 @@ fn owner_gid(uid: u32) -> u32 {
         .map_or(uid, |u| u.gid.as_raw())
 }
 
-/// True if `pid` is a live (non-zombie) process.
+/// True if `pid` is a live process: any of its threads is not yet a
+/// zombie. The leader alone is not enough: a killed multi-threaded process
+/// shows its leader as a zombie while other threads are still exiting, and
+/// its files (listening sockets, locks) close only when the last one has.
 pub fn pid_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s.rsplit(')').next().map(|r| r.trim_start().chars().next()),
+    let live = |stat: &str| {
+        !matches!(
+            stat.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().chars().next()),
             Some(Some('Z' | 'X'))
-        ),
-        Err(_) => false,
-    }
+        )
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .any(|task| std::fs::read_to_string(task.path().join("stat")).is_ok_and(|s| live(&s)))
 }
 
 /// Runs `body` on a thread of its own inside a fresh network namespace (with
