@@ -81,7 +81,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             Err(e)
         }
         outcome if plan.rm => {
-            let deleted = delete(&client, &name).await;
+            let deleted = delete(&client, &name, plan.request.name.is_none()).await;
             match (outcome, deleted) {
                 (Ok(code), Ok(())) => Ok(code),
                 (Ok(_), Err(e)) => Err(e),
@@ -282,16 +282,27 @@ async fn bootstrap(client: &Client, name: &str, file: &str, wait: bool) -> Resul
     Ok(())
 }
 
-/// `--rm`: the VM goes, whatever the session's outcome.
-async fn delete(client: &Client, name: &str) -> Result<()> {
+/// `--rm`: the VM goes, whatever the session's outcome. With `detach` (a
+/// VM banger named, so no later command waits for its name) banger returns
+/// once the daemon has begun the delete and marked it, and the daemon
+/// finishes it; a VM the user named is waited for, so its name is free when
+/// banger exits (docs/vm-run.md).
+async fn delete(client: &Client, name: &str, detach: bool) -> Result<()> {
     let none: Option<&()> = None;
+    let path = match detach {
+        true => format!("{}?detach=true", vm_path(name)),
+        false => vm_path(name),
+    };
     client
-        .send::<(), VmView>(Method::DELETE, &vm_path(name), none)
+        .send::<(), VmView>(Method::DELETE, &path, none)
         .await
         .with_context(|| {
             format!("--rm could not delete VM {name}; retry with `banger vm delete {name}`")
         })?;
-    eprintln!("deleted VM {name} (--rm)");
+    match detach {
+        true => eprintln!("deleting VM {name} (--rm; the daemon finishes it)"),
+        false => eprintln!("deleted VM {name} (--rm)"),
+    }
     Ok(())
 }
 

@@ -289,8 +289,17 @@ pub async fn run() -> Result<(), DaemonError> {
             std::future::pending::<()>().await;
         }
     };
+    // Then the operations no client waits for any more (a detached delete,
+    // `vm run --rm`) end too, within the same bound.
+    let drained = async {
+        serve.await?;
+        while server::running_operations() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<(), std::io::Error>(())
+    };
     let result = tokio::select! {
-        r = serve => r.map_err(|e| DaemonError::Serve(socket.clone(), e)),
+        r = drained => r.map_err(|e| DaemonError::Serve(socket.clone(), e)),
         _ = deadline => Ok(()),
     };
     monitor.abort();

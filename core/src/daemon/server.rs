@@ -47,6 +47,11 @@ pub(crate) type S = State<Arc<ApiState>>;
 /// itself.
 static OPERATIONS: AtomicUsize = AtomicUsize::new(0);
 
+/// How many operations run now.
+pub(crate) fn running_operations() -> usize {
+    OPERATIONS.load(Ordering::SeqCst)
+}
+
 /// Counts one running operation while it lives.
 #[derive(Debug)]
 struct Running;
@@ -160,7 +165,7 @@ async fn status(State(st): S) -> Result<Json<DaemonStatus>, ApiError> {
         state_dir: st.lifecycle.paths().state_dir.clone(),
         vms,
         plugin_errors: st.plugin_errors.clone(),
-        operations: Some(OPERATIONS.load(Ordering::SeqCst)),
+        operations: Some(running_operations()),
     }))
 }
 
@@ -216,23 +221,48 @@ async fn set_vm(
 struct DeleteQuery {
     #[serde(default)]
     force: bool,
+    /// Answer `202` with the VM as it was once the delete has begun (its
+    /// mark is in the store, so a restarted daemon finishes it too) rather
+    /// than when it ends (`vm run --rm`, docs/vm-run.md).
+    #[serde(default)]
+    detach: bool,
 }
 
 async fn delete_vm(
     State(st): S,
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
-) -> Result<Json<VmView>, ApiError> {
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
     let lc = st.lifecycle.clone();
+    let before = match q.detach {
+        true => Some(lc.get(&name).await?),
+        false => None,
+    };
+    let (tx, mut begun) = mpsc::unbounded_channel::<Event>();
+    // The delete's first stage begins after the mark is stored.
+    let progress = if q.detach {
+        Progress::to(tx)
+    } else {
+        Progress::none()
+    };
     let running = Running::start();
     // Run to completion even if the client goes away mid-delete.
-    let res = tokio::spawn(async move {
+    let mut task = tokio::spawn(async move {
         let _running = running;
-        lc.delete(&name, q.force, &Progress::none()).await
-    })
-    .await;
-    let vm = joined(res)?;
-    Ok(Json(st.lifecycle.view(vm)))
+        lc.delete(&name, q.force, &progress).await
+    });
+    if let Some(vm) = before {
+        tokio::select! {
+            res = &mut task => {
+                return Ok((StatusCode::OK, Json(st.lifecycle.view(joined(res)?))));
+            }
+            Some(_) = begun.recv() => {
+                return Ok((StatusCode::ACCEPTED, Json(st.lifecycle.view(vm))));
+            }
+        }
+    }
+    let vm = joined(task.await)?;
+    Ok((StatusCode::OK, Json(st.lifecycle.view(vm))))
 }
 
 async fn stop_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {
