@@ -66,15 +66,18 @@ inventory::submit! { BuiltinCapability { make } }
 
 /// The daemon's host networking, from `env`'s shared state: made from
 /// `[network]` of config.toml by whichever of network/dns/nat asks first.
-/// Taps are owned by the user running the daemon (and the VMMs).
+/// Taps are owned by the user running the daemon (and the VMMs); the tap
+/// pool is topped up in the background.
 pub fn host_network(env: &CapEnv<'_>) -> Arc<HostNetwork> {
     env.shared.get_or_insert_with(|| {
-        HostNetwork::new(
+        let net = HostNetwork::new(
             env.config.network.clone(),
             env.store.clone(),
             &env.paths.state_dir,
             nix::unistd::getuid().as_raw(),
-        )
+        );
+        net.taps().refill_in_background(env.host.clone());
+        net
     })
 }
 

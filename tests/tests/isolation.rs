@@ -705,6 +705,10 @@ mod tests {
                     ..NetworkConfig::default()
                 });
                 let host = InProcessHostOps::default();
+                // As in the daemon: the pool is topped up by a thread of its own.
+                d.net
+                    .taps()
+                    .refill_in_background(Arc::new(InProcessHostOps::default()));
                 let network = Network::with(d.net.clone());
                 let vms: Vec<_> = (0..32).map(|i| vm(&format!("v{i}"))).collect();
                 std::thread::scope(|s| {

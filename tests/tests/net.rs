@@ -364,12 +364,15 @@ mod tests {
                 let net = HostNetwork::new(config, store, dir.path(), 0);
                 // Tap 0 belongs to a VM that survived a daemon restart.
                 let p = net.taps().prefix().to_string();
-                let (t0, t1, t2) = (format!("{p}0"), format!("{p}1"), format!("{p}2"));
+                let t0 = format!("{p}0");
+                let warm: Vec<String> = (1..=banger_capabilities::network::DEFAULT_WARM)
+                    .map(|i| format!("{p}{i}"))
+                    .collect();
                 net.bring_up(&host, &[&t0]).unwrap();
                 assert_eq!(addresses("bgtest3"), vec!["10.88.0.1/24"]);
                 assert!(link(&t0).is_none());
-                assert_eq!(net.taps().free(), vec![t1.clone(), t2.clone()]);
-                for t in [&t1, &t2] {
+                assert_eq!(net.taps().free(), warm);
+                for t in &warm {
                     assert_eq!(link(t).expect(t)["master"], "bgtest3");
                 }
 
@@ -394,7 +397,7 @@ mod tests {
                     server.shutdown().await;
                 });
                 net.shut_down(&host);
-                assert!(link(&t1).is_none() && link(&t2).is_none());
+                assert!(warm.iter().all(|t| link(t).is_none()));
                 assert!(link("bgtest3").is_some(), "the bridge outlives the daemon");
             },
         );

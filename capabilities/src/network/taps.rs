@@ -7,14 +7,20 @@
 //! so two VMs (or a VM and the warm-up) never make the same tap, and a
 //! failed make only ever deletes the tap it reserved. Names without this
 //! daemon's prefix are never adopted, kept or deleted.
+//!
+//! In the daemon ([`TapPool::refill_in_background`]) the pool is topped up
+//! by a background thread after each acquire, not by the VM that took the
+//! tap: a create only makes a tap itself when the pool is empty (a burst
+//! larger than [`DEFAULT_WARM`]). Every tap create, attach and link-up
+//! takes the kernel's RTNL lock, so one refill thread at a time.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use banger_host::hostops::{HostOps, HostOpsError};
 
 /// Free taps the pool keeps ready by default.
-pub const DEFAULT_WARM: usize = 2;
+pub const DEFAULT_WARM: usize = 8;
 
 #[derive(Debug, Default)]
 struct Taps {
@@ -43,13 +49,38 @@ impl Taps {
 
 /// The pool. Its bookkeeping is in memory: after a daemon restart, call
 /// [`TapPool::mark_in_use`] with the taps of VMs that are still running.
+/// Cloning it gives another handle on the same pool.
+#[derive(Debug, Clone)]
+pub struct TapPool(Arc<Pool>);
+
 #[derive(Debug)]
-pub struct TapPool {
+struct Pool {
     prefix: String,
     bridge: String,
     owner_uid: u32,
     warm: usize,
     taps: Mutex<Taps>,
+    refill: Mutex<Refill>,
+    /// Signalled when a background refill ends.
+    refilled: Condvar,
+}
+
+/// Who tops the pool up after an acquire.
+#[derive(Default)]
+struct Refill {
+    /// The background refill's host operations; `None` refills inline.
+    host: Option<Arc<dyn HostOps>>,
+    /// A refill thread is running.
+    running: bool,
+}
+
+impl std::fmt::Debug for Refill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refill")
+            .field("background", &self.host.is_some())
+            .field("running", &self.running)
+            .finish()
+    }
 }
 
 /// A tap name that is not this daemon's.
@@ -66,27 +97,103 @@ impl TapPool {
     /// A pool of taps named `prefix<N>`, owned by `owner_uid` (who runs the
     /// VMM) on `bridge`, keeping `warm` free taps ready.
     pub fn new(prefix: &str, bridge: &str, owner_uid: u32, warm: usize) -> Self {
-        TapPool {
+        TapPool(Arc::new(Pool {
             prefix: prefix.to_string(),
             bridge: bridge.to_string(),
             owner_uid,
             warm,
             taps: Mutex::new(Taps::default()),
+            refill: Mutex::new(Refill::default()),
+            refilled: Condvar::new(),
+        }))
+    }
+
+    /// From now on, [`TapPool::acquire`] leaves topping the pool up to a
+    /// background thread using `host`.
+    pub fn refill_in_background(&self, host: Arc<dyn HostOps>) {
+        self.lock_refill().host = Some(host);
+    }
+
+    fn lock_refill(&self) -> std::sync::MutexGuard<'_, Refill> {
+        self.0.refill.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether fewer than `warm` taps are free or being made.
+    fn short(&self) -> bool {
+        let t = self.lock();
+        t.free.len() + t.pending.len() < self.0.warm
+    }
+
+    /// Tops the pool up: inline with `host`, or by waking the background
+    /// refill (one thread at a time; a running one checks again before it
+    /// ends, so an acquire during its last fill is not missed).
+    fn top_up(&self, host: &dyn HostOps) {
+        let background = {
+            let mut r = self.lock_refill();
+            match r.host.clone() {
+                Some(_) if r.running => return,
+                Some(h) => {
+                    r.running = true;
+                    Some(h)
+                }
+                None => None,
+            }
+        };
+        let Some(bg) = background else {
+            if let Err(e) = self.fill(host) {
+                tracing::warn!("cannot keep the tap pool warm: {e}");
+            }
+            return;
+        };
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tap-refill".into())
+            .spawn(move || {
+                loop {
+                    let filled = pool.fill(bg.as_ref());
+                    if let Err(e) = &filled {
+                        tracing::warn!("cannot keep the tap pool warm: {e}");
+                    }
+                    let mut r = pool.lock_refill();
+                    if filled.is_err() || r.host.is_none() || !pool.short() {
+                        r.running = false;
+                        pool.0.refilled.notify_all();
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the tap refill thread ({e}); refilling inline");
+            let mut r = self.lock_refill();
+            r.running = false;
+            self.0.refilled.notify_all();
+            drop(r);
+            if let Err(e) = self.fill(host) {
+                tracing::warn!("cannot keep the tap pool warm: {e}");
+            }
+        }
+    }
+
+    /// Waits until no background refill is running.
+    pub fn wait_refilled(&self) {
+        let mut r = self.lock_refill();
+        while r.running {
+            r = self.0.refilled.wait(r).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// The prefix of this pool's taps.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        &self.0.prefix
     }
 
     fn name(&self, i: u32) -> String {
-        format!("{}{i}", self.prefix)
+        format!("{}{i}", self.0.prefix)
     }
 
     /// The index of `name` if it is one of this pool's.
     pub fn index_of(&self, name: &str) -> Option<u32> {
-        let digits = name.strip_prefix(&self.prefix)?;
+        let digits = name.strip_prefix(&self.0.prefix)?;
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -97,7 +204,7 @@ impl TapPool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Taps> {
-        self.taps.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.taps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records taps that running VMs already hold, so they are not handed
@@ -115,8 +222,8 @@ impl TapPool {
     /// Firecracker's tap is the VM uid's while it runs, and one kept by
     /// [`TapPool::release`] or [`TapPool::adopt`]ed is the daemon's again.
     fn make_ready(&self, host: &dyn HostOps, name: &str) -> Result<(), HostOpsError> {
-        host.create_tap(name, self.owner_uid)?;
-        host.attach_to_bridge(name, &self.bridge)?;
+        host.create_tap(name, self.0.owner_uid)?;
+        host.attach_to_bridge(name, &self.0.bridge)?;
         host.set_link_up(name)
     }
 
@@ -134,7 +241,7 @@ impl TapPool {
         loop {
             let i = {
                 let mut t = self.lock();
-                if t.free.len() + t.pending.len() >= self.warm {
+                if t.free.len() + t.pending.len() >= self.0.warm {
                     return Ok(());
                 }
                 t.reserve(false)
@@ -148,7 +255,8 @@ impl TapPool {
     }
 
     /// Hands out a ready tap, creating one if none is free, then tops the
-    /// pool up again (a failure to top up is not the caller's problem).
+    /// pool up again, in the background when [`TapPool::refill_in_background`]
+    /// was called (a failure to top up is not the caller's problem).
     pub fn acquire(&self, host: &dyn HostOps) -> Result<String, HostOpsError> {
         let (i, fresh) = {
             let mut t = self.lock();
@@ -166,9 +274,7 @@ impl TapPool {
                 return Err(e);
             }
         }
-        if let Err(e) = self.fill(host) {
-            tracing::warn!("cannot keep the tap pool warm: {e}");
-        }
+        self.top_up(host);
         Ok(self.name(i))
     }
 
@@ -178,7 +284,7 @@ impl TapPool {
     pub fn adopt(&self, host: &dyn HostOps, name: &str) -> Result<(), AdoptError> {
         let i = self.index_of(name).ok_or_else(|| ForeignTap {
             name: name.to_string(),
-            prefix: self.prefix.clone(),
+            prefix: self.0.prefix.clone(),
         })?;
         {
             let mut t = self.lock();
@@ -197,7 +303,7 @@ impl TapPool {
         let keep = {
             let mut t = self.lock();
             t.used.remove(&i);
-            if t.free.len() + t.pending.len() < self.warm {
+            if t.free.len() + t.pending.len() < self.0.warm {
                 // Reserved while it is re-attached, so nobody takes it half-made.
                 t.pending.insert(i);
                 true
@@ -218,13 +324,17 @@ impl TapPool {
         host.delete_link(name)
     }
 
-    /// Deletes every free tap (daemon shutdown or tests).
+    /// Deletes every free tap (daemon shutdown or tests), after stopping
+    /// the background refill, which would otherwise make new ones.
     pub fn drain(&self, host: &dyn HostOps) -> Result<(), HostOpsError> {
+        let background = self.lock_refill().host.take();
+        self.wait_refilled();
         let free: Vec<u32> = std::mem::take(&mut self.lock().free).into_iter().collect();
-        for i in free {
-            host.delete_link(&self.name(i))?;
-        }
-        Ok(())
+        let deleted = free
+            .into_iter()
+            .try_for_each(|i| host.delete_link(&self.name(i)));
+        self.lock_refill().host = background;
+        deleted
     }
 
     /// Names of the free taps.
@@ -294,6 +404,89 @@ mod tests {
         assert_eq!(pool.free(), vec!["bgabct1"]);
         pool.release(&host, "eth0").unwrap();
         assert!(!host.calls().iter().any(|c| c.contains("eth0")));
+    }
+
+    /// The `create_tap` calls recorded by `host`, by tap name.
+    fn made(host: &RecordingHostOps) -> Vec<String> {
+        host.calls()
+            .iter()
+            .filter_map(|c| c.strip_prefix("create_tap "))
+            .map(|c| c.split(' ').next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_background_refill_makes_the_taps_not_the_vm_that_took_one() {
+        let (vm_host, bg_host) = (
+            RecordingHostOps::default(),
+            Arc::new(RecordingHostOps::default()),
+        );
+        let pool = TapPool::new("bgabct", "banger0", 0, 3);
+        pool.fill(&vm_host).unwrap();
+        pool.refill_in_background(bg_host.clone());
+        for round in 0..4 {
+            let tap = pool.acquire(&vm_host).unwrap();
+            pool.wait_refilled();
+            assert_eq!(pool.free().len(), 3, "round {round}");
+            assert!(!pool.free().contains(&tap));
+        }
+        // The VM's side made only the first three; the refill the rest.
+        assert_eq!(made(&vm_host), ["bgabct0", "bgabct1", "bgabct2"]);
+        assert_eq!(made(&bg_host), ["bgabct3", "bgabct4", "bgabct5", "bgabct6"]);
+        assert_eq!(pool.in_use(), ["bgabct0", "bgabct1", "bgabct2", "bgabct3"]);
+    }
+
+    #[test]
+    fn a_burst_gets_distinct_taps_and_each_tap_is_made_once() {
+        let bg_host = Arc::new(RecordingHostOps::default());
+        let vm_host = Arc::new(RecordingHostOps::default());
+        let pool = TapPool::new("bgabct", "banger0", 0, 4);
+        pool.refill_in_background(bg_host.clone());
+        pool.fill(vm_host.as_ref()).unwrap();
+        let got: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| pool.acquire(vm_host.as_ref()).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        pool.wait_refilled();
+        let mut distinct = got.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 16, "{got:?}");
+        assert_eq!(pool.free().len(), 4);
+        let mut all = made(&vm_host);
+        all.extend(made(&bg_host));
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a tap was made twice: {all:?}");
+        assert_eq!(n, 16 + 4);
+        assert!(
+            !vm_host
+                .calls()
+                .iter()
+                .chain(bg_host.calls().iter())
+                .any(|c| c.starts_with("delete_link"))
+        );
+    }
+
+    #[test]
+    fn drain_stops_the_refill_first_so_no_tap_is_made_after_it() {
+        let host = Arc::new(RecordingHostOps::default());
+        let pool = TapPool::new("bgabct", "banger0", 0, 4);
+        pool.refill_in_background(host.clone());
+        pool.acquire(host.as_ref()).unwrap();
+        pool.drain(host.as_ref()).unwrap();
+        assert!(pool.free().is_empty());
+        let calls = host.calls();
+        let last_delete = calls.iter().rposition(|c| c.starts_with("delete_link"));
+        let last_create = calls.iter().rposition(|c| c.starts_with("create_tap"));
+        assert!(last_delete > last_create, "{calls:?}");
+        // Draining keeps the background refill for later acquires.
+        pool.acquire(host.as_ref()).unwrap();
+        pool.wait_refilled();
+        assert_eq!(pool.free().len(), 4);
     }
 
     #[test]
