@@ -6,7 +6,9 @@
 //! stderr (the guest serial console) are appended to `machine.serial_log`.
 
 use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -177,7 +179,8 @@ impl Vmm for Firecracker {
         if let Err(e) = on_spawned(&process) {
             return Err(launched.abort(e));
         }
-        if let Err(e) = self.wait_ready(&launched, &machine.serial_log) {
+        let mut api = ApiSession::new(&paths.api_socket);
+        if let Err(e) = self.wait_ready(&launched, &machine.serial_log, &mut api) {
             return Err(launched.abort(e));
         }
         let booted = match (&self.restore, &jailed) {
@@ -185,7 +188,7 @@ impl Vmm for Firecracker {
                 let uid = vm_uid(self.jail.uid_base, &vm_name(paths)?);
                 self.load_snapshot(dir, machine, &paths.api_socket, &log, &j.root, uid)
             }
-            _ => self.configure_and_start(machine, &paths.api_socket, &log),
+            _ => self.configure_and_start(machine, &mut api, &log),
         };
         if let Err(e) = booted {
             // A request that failed because firecracker died says little:
@@ -256,7 +259,13 @@ impl Firecracker {
     /// passes. The pause starts at 1 ms and doubles up to `POLL`: the
     /// socket is usually there within a few ms, and a flat 10 ms pause was
     /// most of a launch.
-    fn wait_ready(&self, launched: &Launched<'_>, serial_log: &Path) -> Result<(), VmmError> {
+    /// The connection that answered is kept in `api` for what follows.
+    fn wait_ready(
+        &self,
+        launched: &Launched<'_>,
+        serial_log: &Path,
+        api: &mut ApiSession<'_>,
+    ) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.timeouts.socket_ready;
         let mut pause = Duration::from_millis(1);
         loop {
@@ -268,7 +277,7 @@ impl Firecracker {
                 )));
             }
             let probe_timeout = self.timeouts.request.min(Duration::from_secs(1));
-            let probe = uds_http::request(launched.api_socket, "GET", "/", None, probe_timeout);
+            let probe = api.call("GET", "/", None, probe_timeout);
             if probe.is_ok_and(|r| r.is_success()) {
                 return Ok(());
             }
@@ -286,15 +295,16 @@ impl Firecracker {
         }
     }
 
-    /// The configuration calls, in the order Firecracker documents, then boot.
+    /// The configuration calls, in the order Firecracker documents, then
+    /// boot, on one connection.
     fn configure_and_start(
         &self,
         m: &MachineSpec,
-        sock: &Path,
+        api: &mut ApiSession<'_>,
         log: &Path,
     ) -> Result<(), VmmError> {
-        self.put(
-            sock,
+        self.put_on(
+            api,
             "/logger",
             &json!({"log_path": log, "level": "Info", "show_level": true, "show_log_origin": false}),
         )?;
@@ -302,15 +312,15 @@ impl Firecracker {
         if let Some(initrd) = &m.initrd {
             boot["initrd_path"] = json!(initrd);
         }
-        self.put(sock, "/boot-source", &boot)?;
-        self.put(
-            sock,
+        self.put_on(api, "/boot-source", &boot)?;
+        self.put_on(
+            api,
             "/machine-config",
             &json!({"vcpu_count": m.vcpus, "mem_size_mib": m.memory_mib}),
         )?;
         for (i, d) in m.drives.iter().enumerate() {
-            self.put(
-                sock,
+            self.put_on(
+                api,
                 &format!("/drives/{}", d.id),
                 &json!({
                     "drive_id": d.id,
@@ -321,20 +331,20 @@ impl Firecracker {
             )?;
         }
         for n in &m.nics {
-            self.put(
-                sock,
+            self.put_on(
+                api,
                 &format!("/network-interfaces/{}", n.id),
                 &json!({"iface_id": n.id, "host_dev_name": n.tap, "guest_mac": n.mac}),
             )?;
         }
         if let Some(v) = &m.vsock {
-            self.put(
-                sock,
+            self.put_on(
+                api,
                 "/vsock",
                 &json!({"guest_cid": v.guest_cid, "uds_path": v.uds_path}),
             )?;
         }
-        self.put(sock, "/actions", &json!({"action_type": "InstanceStart"}))
+        self.put_on(api, "/actions", &json!({"action_type": "InstanceStart"}))
     }
 
     /// `PUT path` with a JSON body; a non-2xx answer becomes `VmmError::Api`.
@@ -347,24 +357,103 @@ impl Firecracker {
     }
 
     fn send(&self, method: &str, sock: &Path, path: &str, body: &Value) -> Result<(), VmmError> {
-        let request = format!("{method} {path}");
         let r = uds_http::request(
             sock,
             method,
             path,
             Some(&body.to_string()),
             self.timeouts.request,
-        )
-        .map_err(|e| io_err(format!("sending {request}"), e))?;
-        if r.is_success() {
-            return Ok(());
-        }
-        Err(VmmError::Api {
-            vmm: NAME,
-            request,
-            fault: fault_message(r.status, &r.body),
-        })
+        );
+        answered(format!("{method} {path}"), r)
     }
+
+    /// `PUT path` on the session's connection.
+    fn put_on(&self, api: &mut ApiSession<'_>, path: &str, body: &Value) -> Result<(), VmmError> {
+        let r = api.call("PUT", path, Some(&body.to_string()), self.timeouts.request);
+        answered(format!("PUT {path}"), r)
+    }
+}
+
+/// `request`'s answer as a result: a non-2xx answer becomes `VmmError::Api`.
+fn answered(request: String, r: std::io::Result<uds_http::Response>) -> Result<(), VmmError> {
+    let r = r.map_err(|e| io_err(format!("sending {request}"), e))?;
+    if r.is_success() {
+        return Ok(());
+    }
+    Err(VmmError::Api {
+        vmm: NAME,
+        request,
+        fault: fault_message(r.status, &r.body),
+    })
+}
+
+/// One HTTP/1.1 keep-alive connection to the API socket for a launch's
+/// sequence of requests (readiness probe, configuration, boot), instead
+/// of a connection per request. A connection the server said it closes
+/// (`Connection: close`, HTTP/1.0, a body up to EOF), closed, or that holds
+/// bytes nobody asked for is replaced before the next request.
+struct ApiSession<'a> {
+    sock: &'a Path,
+    conn: Option<BufReader<UnixStream>>,
+}
+
+impl<'a> ApiSession<'a> {
+    fn new(sock: &'a Path) -> Self {
+        ApiSession { sock, conn: None }
+    }
+
+    /// Sends one request and reads its answer; `timeout` bounds connecting
+    /// and each read and write.
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        json_body: Option<&str>,
+        timeout: Duration,
+    ) -> std::io::Result<uds_http::Response> {
+        let mut conn = match self.conn.take().filter(still_open) {
+            Some(c) => c,
+            None => BufReader::new(uds_http::connect(self.sock, timeout)?),
+        };
+        let stream = conn.get_mut();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+        if let Some(body) = json_body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+        } else {
+            req.push_str("\r\n");
+        }
+        stream.write_all(req.as_bytes())?;
+        let answer = uds_http::read_response(&mut conn, method == "HEAD")?;
+        if answer.reusable {
+            self.conn = Some(conn);
+        }
+        Ok(answer)
+    }
+}
+
+/// Whether a kept connection can take another request: nothing unread,
+/// and the peer has not closed it (a non-blocking peek finds no data).
+fn still_open(conn: &BufReader<UnixStream>) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    if !conn.buffer().is_empty() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    matches!(
+        recv(
+            conn.get_ref().as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Err(nix::errno::Errno::EAGAIN)
+    )
 }
 
 /// A VMM process spawned by this launch, not yet handed to the caller.
@@ -475,6 +564,134 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("VFIO device 0000:01:00.0"), "{msg}");
         assert!(msg.contains(r#"vmm = "qemu""#), "{msg}");
+    }
+
+    /// A minimal HTTP API server on a real Unix socket: records
+    /// (connection number, request line) and answers 204, or 400 with a
+    /// fault for `fail_path`; `close` ends every connection after one answer.
+    fn api_server(
+        sock: &Path,
+        close: bool,
+        fail_path: Option<&'static str>,
+    ) -> std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>> {
+        use std::io::{BufRead, Read};
+        let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { return };
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                let mut out = stream;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let mut len = 0;
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    let request = line.trim().to_string();
+                    log.lock().unwrap().push((n, request.clone()));
+                    let failing = fail_path.is_some_and(|p| request.contains(&format!(" {p} ")));
+                    let conn = if close { "close" } else { "keep-alive" };
+                    let reply = if failing {
+                        let b = r#"{"fault_message":"Invalid block device path"}"#;
+                        format!(
+                            "HTTP/1.1 400 Bad Request\r\nConnection: {conn}\r\nContent-Length: {}\r\n\r\n{b}",
+                            b.len()
+                        )
+                    } else {
+                        format!("HTTP/1.1 204 No Content\r\nConnection: {conn}\r\n\r\n")
+                    };
+                    out.write_all(reply.as_bytes()).unwrap();
+                    if close {
+                        break;
+                    }
+                }
+            }
+        });
+        seen
+    }
+
+    fn machine_with_a_drive_and_a_nic() -> MachineSpec {
+        MachineSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            boot_args: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            drives: vec![banger_api::machine::Drive {
+                id: "root".into(),
+                path: "/r".into(),
+                read_only: false,
+                role: banger_api::machine::DriveRole::Root,
+            }],
+            nics: vec![],
+            vsock: None,
+            serial_log: "/nonexistent/banger/serial.log".into(),
+            pci_devices: vec![],
+        }
+    }
+
+    #[test]
+    fn the_configuration_goes_over_one_connection_and_survives_a_server_that_closes() {
+        let fc = Firecracker::new("/nonexistent/banger/firecracker".into());
+        let m = machine_with_a_drive_and_a_nic();
+        let want = [
+            "GET / HTTP/1.1",
+            "PUT /logger HTTP/1.1",
+            "PUT /boot-source HTTP/1.1",
+            "PUT /machine-config HTTP/1.1",
+            "PUT /drives/root HTTP/1.1",
+            "PUT /actions HTTP/1.1",
+        ];
+        for close in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("api.sock");
+            let seen = api_server(&sock, close, None);
+            let mut api = ApiSession::new(&sock);
+            let probe = api.call("GET", "/", None, Duration::from_secs(5)).unwrap();
+            assert_eq!(probe.status, 204);
+            fc.configure_and_start(&m, &mut api, Path::new("/l"))
+                .unwrap();
+            let seen = seen.lock().unwrap().clone();
+            let lines: Vec<&str> = seen.iter().map(|(_, l)| l.as_str()).collect();
+            assert_eq!(lines, want, "close={close}");
+            let conns: std::collections::BTreeSet<usize> = seen.iter().map(|(n, _)| *n).collect();
+            let expected = if close { want.len() } else { 1 };
+            assert_eq!(conns.len(), expected, "close={close}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_request_on_the_kept_connection_names_the_request_and_the_fault() {
+        let fc = Firecracker::new("/nonexistent/banger/firecracker".into());
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let seen = api_server(&sock, false, Some("/drives/root"));
+        let mut api = ApiSession::new(&sock);
+        let err = fc
+            .configure_and_start(&machine_with_a_drive_and_a_nic(), &mut api, Path::new("/l"))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("PUT /drives/root"), "{msg}");
+        assert!(msg.contains("Invalid block device path"), "{msg}");
+        // Nothing after the refused request.
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap().1,
+            "PUT /drives/root HTTP/1.1"
+        );
     }
 
     #[test]

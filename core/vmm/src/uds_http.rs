@@ -22,6 +22,9 @@ pub(crate) struct Response {
     pub status: u16,
     /// The body, possibly empty.
     pub body: Vec<u8>,
+    /// The connection can carry another request: HTTP/1.1, no
+    /// `Connection: close`, and the body's end was known without EOF.
+    pub reusable: bool,
 }
 
 impl Response {
@@ -111,6 +114,7 @@ pub(crate) fn read_response(r: &mut impl BufRead, head: bool) -> io::Result<Resp
 
     let mut content_length: Option<usize> = None;
     let mut chunked = false;
+    let mut reusable = version == "HTTP/1.1";
     loop {
         let line = read_line(r)?.ok_or_else(|| invalid("connection closed inside the headers"))?;
         if line.is_empty() {
@@ -128,6 +132,8 @@ pub(crate) fn read_response(r: &mut impl BufRead, head: bool) -> io::Result<Resp
                 return Err(invalid(format!("response body of {n} bytes is too large")));
             }
             content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
+            reusable = false;
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             && value.to_ascii_lowercase().contains("chunked")
         {
@@ -140,6 +146,7 @@ pub(crate) fn read_response(r: &mut impl BufRead, head: bool) -> io::Result<Resp
         return Ok(Response {
             status,
             body: Vec::new(),
+            reusable,
         });
     }
     if chunked {
@@ -158,6 +165,7 @@ pub(crate) fn read_response(r: &mut impl BufRead, head: bool) -> io::Result<Resp
             body
         }
         None => {
+            reusable = false;
             let mut body = Vec::new();
             r.take(MAX_BODY as u64 + 1).read_to_end(&mut body)?;
             if body.len() > MAX_BODY {
@@ -166,7 +174,11 @@ pub(crate) fn read_response(r: &mut impl BufRead, head: bool) -> io::Result<Resp
             body
         }
     };
-    Ok(Response { status, body })
+    Ok(Response {
+        status,
+        body,
+        reusable,
+    })
 }
 
 /// Reads one CRLF- (or LF-) terminated line; `None` at a clean end of stream.
@@ -267,6 +279,20 @@ pub(crate) mod tests {
         assert_eq!(r.status, 204);
         assert!(r.body.is_empty());
         assert!(r.is_success());
+    }
+
+    #[test]
+    fn a_connection_is_reusable_only_for_delimited_http_1_1_answers_not_closed() {
+        let reusable = |raw: &str| parse(raw).unwrap().reusable;
+        assert!(reusable("HTTP/1.1 204 No Content\r\n\r\n"));
+        assert!(reusable(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}"
+        ));
+        assert!(!reusable(
+            "HTTP/1.1 204 No Content\r\nConnection: Close\r\n\r\n"
+        ));
+        assert!(!reusable("HTTP/1.0 204 No Content\r\n\r\n"));
+        assert!(!reusable("HTTP/1.1 200 OK\r\n\r\nto the end"));
     }
 
     #[test]
