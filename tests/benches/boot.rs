@@ -25,7 +25,8 @@
 //!   code 0 checked): create, the command through the agent (`vm run`'s
 //!   default for a guest with the agent and no workspace), and whatever of
 //!   the `--rm` delete the CLI waits for (for a VM banger named: until the
-//!   daemon has begun it). Raw: the same machine as above, but the config drive
+//!   daemon has begun it); and the same with `--name` (`run-named`: the
+//!   CLI waits for the delete to end, so the name is free). Raw: the same machine as above, but the config drive
 //!   copy lists `sh -c true` in `guest.commands`, so the guest's init (the
 //!   agent, PID 1) starts the command at boot and logs its exit status on
 //!   the console; timed until that line shows (console polled every 10 ms).
@@ -488,10 +489,11 @@ fn seconds_of_day(t: SystemTime) -> f64 {
     (since.as_secs() % 86_400) as f64 + f64::from(since.subsec_nanos()) / 1e9
 }
 
-/// `vm run --rm -- true` without `--name`, as a user runs a throwaway
-/// command (banger then names the VM, and `--rm` waits only until the
-/// daemon has begun the delete; docs/vm-run.md).
-fn banger_run(env: &BangerEnv) -> BangerRun {
+/// `vm run --rm -- true`. Without `--name`, as a user runs a throwaway
+/// command, banger names the VM and `--rm` waits only until the daemon has
+/// begun the delete; with `name` it waits for the delete to end
+/// (docs/vm-run.md).
+fn banger_run(env: &BangerEnv, name: Option<&str>) -> BangerRun {
     // The console goes with the VM (`--rm`): open it while the VM runs and
     // read it through that descriptor afterwards.
     let vms = env.state_dir().join("vms");
@@ -521,6 +523,9 @@ fn banger_run(env: &BangerEnv) -> BangerRun {
         })
     };
     let mut args = vm_args(&["vm", "run", "--rm"]);
+    if let Some(n) = name {
+        args.extend(["--name", n]);
+    }
     args.extend(["--", "true"]);
     let started = seconds_of_day(SystemTime::now());
     let start = Instant::now();
@@ -533,9 +538,13 @@ fn banger_run(env: &BangerEnv) -> BangerRun {
         "vm run -- true exited {}:\n{}",
         out.code, out.stderr
     );
+    let said = match name {
+        None => "deleting VM",
+        Some(_) => "deleted VM",
+    };
     assert!(
-        out.stderr.contains("deleting VM"),
-        "vm run --rm without --name hands the delete to the daemon:\n{}",
+        out.stderr.contains(said),
+        "vm run --rm {name:?}: no {said:?}:\n{}",
         out.stderr
     );
     let mut text = String::new();
@@ -757,26 +766,38 @@ fn report_create(s: &Sides, n: usize) {
     ratio_line("boot", (bmed, bmin, rmed, rmin), "");
 }
 
-fn report_run(s: &Sides, n: usize) {
-    let (bmed, bmin, rmed, rmin) = per_round("run", s);
+/// The `run` part's report; `prefix` `run` (no `--name`) prints the raw
+/// side too, `run-named` (with `--name`) shares it.
+fn report_run(prefix: &str, what: &str, s: &Sides, n: usize) {
+    let (bmed, bmin, rmed, rmin) = per_round(prefix, s);
     println!(
-        "run/banger: {bmed:6.2} s median, {bmin:6.2} s min (vm run --rm --cap vsock-agent -- true, CLI start to exit, exit 0, {n} runs)"
+        "{prefix}/banger: {bmed:6.2} s median, {bmin:6.2} s min ({what}, CLI start to exit, exit 0, {n} runs)"
     );
-    println!(
-        "run/raw:    {rmed:6.2} s median, {rmin:6.2} s min (qemu whose init runs `sh -c true`: until its exit status is on the console, {:.2} s median, then qemu killed and reaped, {n} boots)",
-        median(s.raw_to_end.clone())
-    );
+    let raw_lines = prefix == "run";
+    if raw_lines {
+        println!(
+            "{prefix}/raw:    {rmed:6.2} s median, {rmin:6.2} s min (qemu whose init runs `sh -c true`: until its exit status is on the console, {:.2} s median, then qemu killed and reaped, {n} boots)",
+            median(s.raw_to_end.clone())
+        );
+    }
     let groups: Vec<Segments> = s.host.iter().map(grouped).collect();
     println!(
-        "run/banger split: {} (medians; shares of the {bmed:.2} s median)",
+        "{prefix}/banger split: {} (medians; shares of the {bmed:.2} s median)",
         medians(&groups, bmed)
     );
     println!(
-        "run/banger host stages: {} (medians; under 5 ms left out)",
+        "{prefix}/banger host stages: {} (medians; under 5 ms left out)",
         medians(&s.host, bmed)
     );
-    print_timeline("run/banger", "agent-listening", &s.banger, &s.banger_tl);
-    print_timeline("run/raw", "guest-files", &s.raw, &s.raw_tl);
+    print_timeline(
+        &format!("{prefix}/banger"),
+        "agent-listening",
+        &s.banger,
+        &s.banger_tl,
+    );
+    if raw_lines {
+        print_timeline(&format!("{prefix}/raw"), "guest-files", &s.raw, &s.raw_tl);
+    }
     // Like against like: when banger's CLI exits before the delete ends,
     // the raw side ends at the command's exit too; else both include the
     // teardown.
@@ -797,8 +818,12 @@ fn report_run(s: &Sides, n: usize) {
             (to_end, " (raw to the command's exit)"),
         ),
     };
-    ratio_line("run", (bmed, bmin, same.0.0, same.0.1), same.1);
-    ratio_line("run/other", (bmed, bmin, other.0.0, other.0.1), other.1);
+    ratio_line(prefix, (bmed, bmin, same.0.0, same.0.1), same.1);
+    ratio_line(
+        &format!("{prefix}/other"),
+        (bmed, bmin, other.0.0, other.0.1),
+        other.1,
+    );
 }
 
 fn main() {
@@ -867,7 +892,7 @@ fn main() {
     let load_before = load_average();
     let daemon_log = env.state_dir().join("bangerd.log");
     let log_len = || std::fs::metadata(&daemon_log).map_or(0, |m| m.len() as usize);
-    let (mut create, mut run) = (Sides::default(), Sides::default());
+    let (mut create, mut run, mut named) = (Sides::default(), Sides::default(), Sides::default());
     for round in 0..n {
         if parts.contains(&Part::Create) {
             let name = format!("boot{round}");
@@ -894,30 +919,35 @@ fn main() {
             );
         }
         if parts.contains(&Part::Run) {
-            let from = log_len();
-            let b = banger_run(&env);
-            // The VM banger named, then the delete's end (it may end after
-            // the CLI).
-            let created = op_lines(&daemon_log, from);
-            let name = created
-                .iter()
-                .find(|l| l.op == "create")
-                .map(|l| l.vm.clone())
-                .expect("vm run's create in the daemon log");
-            let lines = wait_for_op(&daemon_log, from, &name, "delete");
-            let segments = run_segments(&lines, &name, &b);
-            run.detached
-                .push(segments.last().is_some_and(|(_, after)| *after < 0.0));
-            run.host.push(segments);
-            run.banger.push(b.took);
-            run.banger_tl.push(b.timeline);
+            let named_vm = format!("named{round}");
+            for (sides, name) in [(&mut run, None), (&mut named, Some(named_vm.as_str()))] {
+                let from = log_len();
+                let b = banger_run(&env, name);
+                // The VM's name, then the delete's end (it may end after
+                // the CLI).
+                let created = op_lines(&daemon_log, from);
+                let vm = created
+                    .iter()
+                    .find(|l| l.op == "create")
+                    .map(|l| l.vm.clone())
+                    .expect("vm run's create in the daemon log");
+                let lines = wait_for_op(&daemon_log, from, &vm, "delete");
+                let segments = run_segments(&lines, &vm, &b);
+                sides
+                    .detached
+                    .push(segments.last().is_some_and(|(_, after)| *after < 0.0));
+                sides.host.push(segments);
+                sides.banger.push(b.took);
+                sides.banger_tl.push(b.timeline);
+            }
             let raw = raw_boot(&a, &tmpl, round, Part::Run);
             run.raw.push(raw.took + raw.teardown);
             run.raw_to_end.push(raw.took);
             run.raw_tl.push(raw.timeline);
             eprintln!(
-                "run/round {round}: banger {:.2} s, raw {:.2} s ({:.2} s to the command's exit + {:.3} s teardown)",
-                b.took.as_secs_f64(),
+                "run/round {round}: banger {:.2} s (with --name {:.2} s), raw {:.2} s ({:.2} s to the command's exit + {:.3} s teardown)",
+                run.banger[round].as_secs_f64(),
+                named.banger[round].as_secs_f64(),
                 (raw.took + raw.teardown).as_secs_f64(),
                 raw.took.as_secs_f64(),
                 raw.teardown.as_secs_f64()
@@ -932,6 +962,14 @@ fn main() {
         report_create(&create, n);
     }
     if parts.contains(&Part::Run) {
-        report_run(&run, n);
+        report_run("run", "vm run --rm --cap vsock-agent -- true", &run, n);
+        named.raw = run.raw.clone();
+        named.raw_to_end = run.raw_to_end.clone();
+        report_run(
+            "run-named",
+            "vm run --rm --name NAME --cap vsock-agent -- true",
+            &named,
+            n,
+        );
     }
 }
