@@ -414,7 +414,11 @@ fn print_timeline(side: &str, end: &str, totals: &[Duration], timelines: &[Timel
         };
         let mut seg = Vec::new();
         let mut prev = 0.0;
-        for (i, (stage, at)) in t.iter().filter(|m| m.1 <= end_at).enumerate() {
+        // `exec-init` is PID 1 going on to the image's init, beside the
+        // agent's service: not a step towards `end`, and its place among
+        // the others varies from boot to boot.
+        let marks = t.iter().filter(|m| m.1 <= end_at && m.0 != "exec-init");
+        for (i, (stage, at)) in marks.enumerate() {
             let name = if i == 0 {
                 format!("kernel+{stage}")
             } else {
