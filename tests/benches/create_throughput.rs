@@ -30,6 +30,10 @@ mod common;
 use common::{default_caps_env, load_average, median, private_network};
 
 const CREATES: usize = 32;
+/// Rounds of each concurrency, interleaved (1, 32, 1, 32, ...) so a change
+/// in the machine's load hits both alike; a round is short (about a second
+/// or two), and other processes swing one round by a third.
+const ROUNDS: usize = 3;
 
 /// One create as the CLI saw it.
 struct Timed {
@@ -165,16 +169,17 @@ fn run(env: &BangerEnv, concurrency: usize, round: usize) -> Run {
 }
 
 /// The daemon's own stage times (`vm=V op=O stage=S took=Nms` in
-/// `bangerd.log`) of creating the VMs named `b{round}-*`: median per stage, in the
-/// order the stages first appear, stages under 0.5 ms left out.
-fn daemon_split(env: &BangerEnv, round: usize) -> String {
+/// `bangerd.log`) of creating the VMs named `b{round}-*` of `rounds`: median
+/// per stage, in the order the stages first appear, stages under 0.5 ms
+/// left out.
+fn daemon_split(env: &BangerEnv, rounds: &[usize]) -> String {
     let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap_or_default();
-    let prefix = format!("vm=b{round}-");
+    let prefixes: Vec<String> = rounds.iter().map(|r| format!("vm=b{r}-")).collect();
     let mut order: Vec<String> = Vec::new();
     let mut by: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     for line in log.lines() {
         // The untimed deletes log their stages too.
-        let Some(at) = line.find(&prefix) else {
+        let Some(at) = prefixes.iter().find_map(|p| line.find(p.as_str())) else {
             continue;
         };
         if line.contains(" op=delete ") {
@@ -265,8 +270,12 @@ fn main() {
     env.banger(&["vm", "delete", "warmup2"]).ok();
 
     let load_before = load_average();
-    let seq = run(&env, 1, 0);
-    let con = run(&env, 32, 1);
+    let (mut seq, mut con) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        seq.push(run(&env, 1, 2 * round));
+        con.push(run(&env, 32, 2 * round + 1));
+    }
+    let (seq, con) = (Merged::of(seq), Merged::of(con));
     let (sequential, one) = (seq.rate, &seq.timed);
     let (concurrent, many) = (con.rate, &con.timed);
     println!(
@@ -276,8 +285,14 @@ fn main() {
         "create_throughput/load average: {load_before} before, {} after",
         load_average()
     );
-    println!("create_throughput/1-concurrent:  {sequential:8.2} creates/s ({CREATES} creates)");
-    println!("create_throughput/32-concurrent: {concurrent:8.2} creates/s ({CREATES} creates)");
+    for (what, m) in [("1-concurrent: ", &seq), ("32-concurrent:", &con)] {
+        let rates: Vec<String> = m.rates.iter().map(|r| format!("{r:.1}")).collect();
+        println!(
+            "create_throughput/{what} {:8.2} creates/s (median of {ROUNDS} rounds of {CREATES} creates: {})",
+            m.rate,
+            rates.join(", ")
+        );
+    }
     println!(
         "create_throughput/ratio 32:1:    {:8.2}x",
         concurrent / sequential
@@ -301,12 +316,41 @@ fn main() {
             r.cpu.1.as_secs_f64() * 1e3
         );
     }
+    let rounds = |first: usize| -> Vec<usize> { (0..ROUNDS).map(|r| 2 * r + first).collect() };
     println!(
         "create_throughput/1-concurrent daemon stages (medians, bangerd.log): {}",
-        daemon_split(&env, 0)
+        daemon_split(&env, &rounds(0))
     );
     println!(
         "create_throughput/32-concurrent daemon stages (medians, bangerd.log): {}",
-        daemon_split(&env, 1)
+        daemon_split(&env, &rounds(1))
     );
+}
+
+/// The rounds of one concurrency together: the median rate, every create's
+/// timing, and the mean CPU per create.
+struct Merged {
+    rate: f64,
+    rates: Vec<f64>,
+    timed: Vec<Timed>,
+    cpu: (Duration, Duration),
+}
+
+impl Merged {
+    fn of(runs: Vec<Run>) -> Merged {
+        let n = runs.len() as u32;
+        let mut rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
+        let cpu = runs.iter().fold((Duration::ZERO, Duration::ZERO), |a, r| {
+            (a.0 + r.cpu.0 / n, a.1 + r.cpu.1 / n)
+        });
+        let timed = runs.into_iter().flat_map(|r| r.timed).collect();
+        let in_order = rates.clone();
+        rates.sort_by(f64::total_cmp);
+        Merged {
+            rate: rates[rates.len() / 2],
+            rates: in_order,
+            timed,
+            cpu,
+        }
+    }
 }
