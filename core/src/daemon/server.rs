@@ -453,8 +453,7 @@ async fn vm_exec(
         let _running = running;
         let mut agent = agent;
         if let Ok(upgraded) = on_upgrade.await {
-            let mut client = hyper_util::rt::TokioIo::new(upgraded);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+            relay_exec(hyper_util::rt::TokioIo::new(upgraded), &mut agent).await;
         }
     });
     Response::builder()
@@ -463,6 +462,36 @@ async fn vm_exec(
         .header(header::UPGRADE, token)
         .body(Body::empty())
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Relays an exec stream until the agent's side of it ends. Everything the
+/// agent sent reaches the client even when the other direction fails: the
+/// agent closes its connection right after the command's exit status, so a
+/// late frame from the client (its stdin's end, a resize) can meet a closed
+/// socket. `copy_bidirectional` gave up on that write error before copying
+/// the exit status still waiting to be read, and the client saw the stream
+/// end without one.
+async fn relay_exec<C, A>(client: C, agent: A)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut agent_rd, mut agent_wr) = tokio::io::split(agent);
+    let down = async {
+        let _ = tokio::io::copy(&mut agent_rd, &mut client_wr).await;
+        let _ = client_wr.shutdown().await;
+    };
+    let up = async {
+        let _ = tokio::io::copy(&mut client_rd, &mut agent_wr).await;
+        let _ = agent_wr.shutdown().await;
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        () = &mut down => {}
+        () = up => down.await,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -649,4 +678,47 @@ async fn vm_logs(
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    use super::relay_exec;
+
+    /// The agent has sent the exit status and closed; the client's late
+    /// frame meets the closed socket. The status still arrives.
+    #[tokio::test]
+    async fn an_exec_relay_delivers_the_agents_last_bytes_when_a_client_write_fails() {
+        let (client_side, mut client) = UnixStream::pair().unwrap();
+        let (agent_side, mut agent) = UnixStream::pair().unwrap();
+        agent.write_all(b"exit-status").await.unwrap();
+        drop(agent);
+        client.write_all(b"stdin-eof").await.unwrap();
+        relay_exec(client_side, agent_side).await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"exit-status");
+    }
+
+    /// Both ways while both ends live: the client's input reaches the
+    /// agent, whose answer and end reach the client.
+    #[tokio::test]
+    async fn an_exec_relay_carries_both_directions() {
+        let (client_side, mut client) = UnixStream::pair().unwrap();
+        let (agent_side, mut agent) = UnixStream::pair().unwrap();
+        let relay = tokio::spawn(relay_exec(client_side, agent_side));
+        client.write_all(b"input").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut heard = Vec::new();
+        agent.read_to_end(&mut heard).await.unwrap();
+        assert_eq!(heard, b"input");
+        agent.write_all(b"output").await.unwrap();
+        drop(agent);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"output");
+        relay.await.unwrap();
+    }
 }
