@@ -76,6 +76,9 @@ pub fn apply(req: &Reidentify, root: &Path, net: &ApplyNet<'_>) -> Result<Reiden
             write_staged(&dir.join(&k.name), k.contents.as_bytes(), mode)?;
         }
         applied.push("ssh-host-keys".to_string());
+        if remove_other_host_keys(&dir, req)? {
+            applied.push("old-host-keys-removed".to_string());
+        }
         if root == Path::new("/") && reload_sshd(Path::new("/proc")) {
             applied.push("sshd-reloaded".to_string());
         }
@@ -87,6 +90,32 @@ pub fn apply(req: &Reidentify, root: &Path, net: &ApplyNet<'_>) -> Result<Reiden
     )?;
     applied.push("secret".to_string());
     Ok(Reidentified { applied })
+}
+
+/// Removes the host keys (`ssh_host_*_key`, their `.pub` and `-cert.pub`)
+/// in `dir` that `req` did not send: the image's or the snapshot's RSA or
+/// ECDSA keys would otherwise stay shared by every VM restored from it, and
+/// sshd would still offer them. Returns whether any was removed.
+fn remove_other_host_keys(dir: &Path, req: &Reidentify) -> Result<bool, String> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => return Err(format!("reading {}: {e}", dir.display())),
+    };
+    let mut removed = false;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let host_key = name.starts_with("ssh_host_")
+            && (name.ends_with("_key")
+                || name.ends_with("_key.pub")
+                || name.ends_with("_key-cert.pub"));
+        if !host_key || req.ssh_host_keys.iter().any(|k| k.name == name) {
+            continue;
+        }
+        fs::remove_file(entry.path())
+            .map_err(|e| format!("removing the old host key {}: {e}", entry.path().display()))?;
+        removed = true;
+    }
+    Ok(removed)
 }
 
 /// Writes `path` through a staged file renamed over it, owned by the
@@ -166,6 +195,16 @@ mod tests {
         let r = root.path();
         fs::create_dir_all(r.join("etc/ssh")).unwrap();
         fs::write(r.join("etc/ssh/ssh_host_ed25519_key"), "OLD").unwrap();
+        // Key types the request does not renew: removed. Not keys: kept.
+        for old in [
+            "ssh_host_rsa_key",
+            "ssh_host_rsa_key.pub",
+            "ssh_host_ecdsa_key-cert.pub",
+            "sshd_config",
+            "ssh_host_notes.txt",
+        ] {
+            fs::write(r.join("etc/ssh").join(old), "OLD").unwrap();
+        }
         let net_seen = std::cell::Cell::new(false);
         let done = apply(&request(), r, &|_| {
             net_seen.set(true);
@@ -174,7 +213,27 @@ mod tests {
         .unwrap();
         assert_eq!(
             done.applied,
-            ["hostname", "address", "ssh-host-keys", "secret"]
+            [
+                "hostname",
+                "address",
+                "ssh-host-keys",
+                "old-host-keys-removed",
+                "secret"
+            ]
+        );
+        let mut left: Vec<String> = fs::read_dir(r.join("etc/ssh"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "ssh_host_ed25519_key",
+                "ssh_host_ed25519_key.pub",
+                "ssh_host_notes.txt",
+                "sshd_config"
+            ]
         );
         assert!(net_seen.get());
         assert_eq!(
