@@ -388,14 +388,20 @@ impl Drop for BangerEnv {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+        // The killed daemon's warm taps (and a derived bridge) on the host's
+        // network, when it had the rights to make them.
+        if nix::unistd::Uid::effective().is_root() {
+            drop(DaemonNetwork::of_state_dir(self.state_dir()));
+        }
     }
 }
 
-/// Deletes, when dropped, the bridge and nftables tables that a daemon
-/// keeping its state in `state_dir` derives for itself
-/// ([`banger_api::net::identity`]). A user's daemon keeps them for its next
-/// start; a test's daemon in a throwaway HOME on the host's network would
-/// leave them on the host for good, one more per run.
+/// Deletes, when dropped, the bridge, taps and nftables tables that a
+/// daemon keeping its state in `state_dir` derives for itself
+/// ([`banger_api::net::identity`]). A user's daemon keeps its bridge for
+/// its next start, which also sweeps the taps a killed daemon left; a
+/// test's daemon in a throwaway HOME on the host's network has no next
+/// start and would leave them on the host for good, more every run.
 #[derive(Debug)]
 pub struct DaemonNetwork(PathBuf);
 
@@ -407,11 +413,26 @@ impl DaemonNetwork {
 
 impl Drop for DaemonNetwork {
     fn drop(&mut self) {
-        let bridge = banger_api::net::identity::NetIdentity::for_state_dir(&self.0).bridge();
+        let id = banger_api::net::identity::NetIdentity::for_state_dir(&self.0);
+        let bridge = id.bridge();
         let table = banger_host::net::nft::table_for(&bridge);
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &bridge])
-            .output();
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        // `N: NAME: <...>` or `N: NAME@PEER: <...>`.
+        let taps = links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n))
+            .filter(|n| n.starts_with(&id.tap_prefix))
+            .map(str::to_string);
+        for link in taps.chain([bridge]) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &link])
+                .output();
+        }
         for family in ["bridge", "ip"] {
             let _ = std::process::Command::new("nft")
                 .args(["delete", "table", family, &table])
@@ -541,4 +562,63 @@ pub fn in_netns(test: &str, tools: &[&str], body: impl FnOnce() + Send + 'static
         std::panic::resume_unwind(panic);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link_names() -> Vec<String> {
+        let out = std::process::Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn daemon_network_removes_exactly_the_state_dirs_derived_links() {
+        in_netns(
+            "daemon_network_removes_exactly_the_state_dirs_derived_links",
+            &["ip"],
+            || {
+                let state = PathBuf::from("/tmp/no-such-home/.local/state/banger");
+                let id = banger_api::net::identity::NetIdentity::for_state_dir(&state);
+                let other = banger_api::net::identity::NetIdentity::for_state_dir(
+                    std::path::Path::new("/tmp/another/state"),
+                );
+                let ours = [
+                    id.bridge(),
+                    format!("{}1", id.tap_prefix),
+                    format!("{}8", id.tap_prefix),
+                ];
+                let theirs = format!("{}1", other.tap_prefix);
+                // Bridges stand in for taps: a link is a link to `ip link del`.
+                let add = |name: &str| {
+                    let out = std::process::Command::new("ip")
+                        .args(["link", "add", name, "type", "bridge"])
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{out:?}");
+                };
+                add(&ours[0]);
+                add(&ours[1]);
+                add(&ours[2]);
+                add(&theirs);
+                drop(DaemonNetwork::of_state_dir(&state));
+                let left = link_names();
+                for name in &ours {
+                    assert!(!left.contains(name), "{name} left: {left:?}");
+                }
+                assert!(
+                    left.contains(&theirs),
+                    "another daemon's link went: {left:?}"
+                );
+            },
+        );
+    }
 }
