@@ -698,7 +698,11 @@ mod tests {
         client.write_all(b"stdin-eof").await.unwrap();
         relay_exec(client_side, agent_side).await;
         let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
+        // The relay may close its end with the client's frame still unread
+        // in it, which ends the stream with a reset rather than EOF (the
+        // client has its exit status by then and reads no further); what
+        // the agent sent arrives first either way.
+        let _ = client.read_to_end(&mut got).await;
         assert_eq!(got, b"exit-status");
     }
 
