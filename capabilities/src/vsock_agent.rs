@@ -200,8 +200,7 @@ impl Capability for VsockAgent {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = left.min(ATTEMPT_TIMEOUT).max(Duration::from_millis(10));
-            // One handshake per poll: this loop is the retry.
-            let err = match AgentClient::new(&uds, attempt).single_attempt().healthz() {
+            let err = match AgentClient::new(&uds, attempt).healthz() {
                 Ok(h) => {
                     ctx.log.info(&format!(
                         "agent {} answered after {:.1}s",

@@ -154,7 +154,6 @@ fn connect_retrying(
     port: u32,
     timeout: Duration,
     deadline: Instant,
-    attempts: u32,
 ) -> Result<UnixStream, VsockError> {
     let mut gap = FIRST_RETRY_GAP;
     let mut attempt = 1;
@@ -171,7 +170,7 @@ fn connect_retrying(
             Err(VsockError::Timeout(_, what)) => return Err(VsockError::Timeout(timeout, what)),
             Err(e)
                 if dropped_before_ok(&e)
-                    && attempt < attempts
+                    && attempt < CONNECT_ATTEMPTS
                     && Instant::now() + gap < deadline =>
             {
                 // Nothing to wait on: the guest frees backlog room when its
@@ -199,8 +198,6 @@ fn dropped_before_ok(e: &VsockError) -> bool {
 pub struct AgentClient {
     uds: PathBuf,
     timeout: Duration,
-    /// Handshakes per request ([`CONNECT_ATTEMPTS`] unless told).
-    attempts: u32,
 }
 
 impl AgentClient {
@@ -209,18 +206,7 @@ impl AgentClient {
         AgentClient {
             uds: uds.to_path_buf(),
             timeout,
-            attempts: CONNECT_ATTEMPTS,
         }
-    }
-
-    /// The same client making one handshake per request: a connection the
-    /// guest resets fails the request at once instead of being retried
-    /// with a growing pause. For a caller that polls a booting guest
-    /// itself: the retries' pauses (up to 500 ms) were late answers once
-    /// the agent listened.
-    pub fn single_attempt(mut self) -> Self {
-        self.attempts = 1;
-        self
     }
 
     /// `GET /healthz`.
@@ -251,8 +237,7 @@ impl AgentClient {
     pub fn open_exec(&self, secret: &str) -> Result<UnixStream, VsockError> {
         const PATH: &str = "/exec";
         let deadline = Instant::now() + self.timeout;
-        let mut stream =
-            connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline, self.attempts)?;
+        let mut stream = connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline)?;
         let request = format!(
             "POST {PATH} HTTP/1.1\r\nHost: banger-agent\r\nAuthorization: Bearer {secret}\r\nConnection: Upgrade\r\nUpgrade: {}\r\nContent-Length: 0\r\n\r\n",
             banger_guest_protocol::exec::UPGRADE
@@ -291,8 +276,7 @@ impl AgentClient {
         use banger_guest_protocol::reidentify::PATH;
         let body = serde_json::to_vec(req).map_err(|e| VsockError::Decode(PATH.to_string(), e))?;
         let deadline = Instant::now() + self.timeout;
-        let mut stream =
-            connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline, self.attempts)?;
+        let mut stream = connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline)?;
         let head = format!(
             "POST {PATH} HTTP/1.1\r\nHost: banger-agent\r\nAuthorization: Bearer {secret}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
@@ -313,8 +297,7 @@ impl AgentClient {
     /// `GET path`; the body of a 2xx answer.
     pub fn get(&self, path: &str) -> Result<Vec<u8>, VsockError> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream =
-            connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline, self.attempts)?;
+        let mut stream = connect_retrying(&self.uds, AGENT_PORT, self.timeout, deadline)?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: banger-agent\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
         );
@@ -857,19 +840,6 @@ mod tests {
             CONNECT_ATTEMPTS as usize + 2,
             "attempts made"
         );
-    }
-
-    #[test]
-    fn a_single_attempt_client_fails_at_the_first_reset() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("v.sock");
-        let server = resetting_vmm(&sock, 1);
-        let err = client(&sock).single_attempt().healthz().unwrap_err();
-        assert!(matches!(err, VsockError::Closed(_)), "{err:?}");
-        // The next request is the server's second connection: the failed
-        // one made no other.
-        client(&sock).single_attempt().healthz().unwrap();
-        assert_eq!(server.join().unwrap(), 2);
     }
 
     #[test]
