@@ -467,11 +467,7 @@ impl Drop for Rig {
                 );
             }
         }
-        let _ = run("ip", &["link", "del", self.bridge]);
-        let table = banger_host::net::nft::table_for(self.bridge);
-        for family in ["bridge", "ip"] {
-            let _ = run("nft", &["delete", "table", family, &table]);
-        }
+        crate::remove_bridge(self.bridge);
     }
 }
 

@@ -414,30 +414,43 @@ impl DaemonNetwork {
 impl Drop for DaemonNetwork {
     fn drop(&mut self) {
         let id = banger_api::net::identity::NetIdentity::for_state_dir(&self.0);
-        let bridge = id.bridge();
-        let table = banger_host::net::nft::table_for(&bridge);
-        let links = std::process::Command::new("ip")
-            .args(["-o", "link", "show"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        // `N: NAME: <...>` or `N: NAME@PEER: <...>`.
-        let taps = links
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n))
+        for tap in link_names()
+            .into_iter()
             .filter(|n| n.starts_with(&id.tap_prefix))
-            .map(str::to_string);
-        for link in taps.chain([bridge]) {
+        {
             let _ = std::process::Command::new("ip")
-                .args(["link", "del", &link])
+                .args(["link", "del", &tap])
                 .output();
         }
-        for family in ["bridge", "ip"] {
-            let _ = std::process::Command::new("nft")
-                .args(["delete", "table", family, &table])
-                .output();
-        }
+        remove_bridge(&id.bridge());
+    }
+}
+
+/// The names of the links in the calling thread's network namespace.
+pub fn link_names() -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // `N: NAME: <...>` or `N: NAME@PEER: <...>`.
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+/// Deletes `bridge` and its nftables tables (both families), whichever
+/// exist.
+pub fn remove_bridge(bridge: &str) {
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", bridge])
+        .output();
+    let table = banger_host::net::nft::table_for(bridge);
+    for family in ["bridge", "ip"] {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", family, &table])
+            .output();
     }
 }
 
@@ -567,18 +580,6 @@ pub fn in_netns(test: &str, tools: &[&str], body: impl FnOnce() + Send + 'static
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn link_names() -> Vec<String> {
-        let out = std::process::Command::new("ip")
-            .args(["-o", "link", "show"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .collect()
-    }
 
     #[test]
     fn daemon_network_removes_exactly_the_state_dirs_derived_links() {

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use banger_artifacts::cpio::{CpioError, Newc, S_IFCHR, S_IFDIR, S_IFREG, sibling};
 use sha2::{Digest, Sha256};
 
+use crate::file_id::{FileId, FileState, settled};
+
 /// Bumped when the archive layout changes, so cached initrds are rebuilt.
 const LAYOUT_VERSION: &[u8] = b"banger-initramfs-1";
 
@@ -64,7 +66,7 @@ pub fn build_initrd(
     build_initrd_at(agent, kernel_initrd, dest, std::time::SystemTime::now())
 }
 
-/// [`build_initrd`] at time `now` (inputs changed within [`RACY`] of it are
+/// [`build_initrd`] at time `now` (inputs changed within [`crate::file_id::RACY`] of it are
 /// not trusted by their identity).
 fn build_initrd_at(
     agent: &Path,
@@ -93,16 +95,12 @@ fn build_initrd_at(
     Ok(built)
 }
 
-/// The identity of the files an initrd is built from: the same path, inode,
-/// size, mtime and ctime mean the same bytes (a rebuilt agent is a new
-/// inode or a new ctime). A file changed within [`RACY`] has no identity:
-/// timestamps tick coarsely, so a rewrite in the same tick could look the
-/// same (git's "racy clean" problem).
+/// The identity of the files an initrd is built from ([`crate::file_id`]):
+/// the same identities mean the same bytes (a rebuilt agent is a new inode
+/// or a new ctime). A file changed within [`crate::file_id::RACY`], or
+/// missing, has none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Inputs(Vec<FileId>);
-
-/// Path, device, inode, size, mtime and ctime (seconds, nanoseconds).
-type FileId = (PathBuf, u64, u64, u64, (i64, i64), (i64, i64));
 
 impl Inputs {
     fn of(
@@ -110,23 +108,9 @@ impl Inputs {
         kernel_initrd: Option<&Path>,
         now: std::time::SystemTime,
     ) -> Option<Inputs> {
-        use std::os::unix::fs::MetadataExt;
-        let settled = now
-            .checked_sub(RACY)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())?;
-        let one = |p: &Path| {
-            let m = fs::metadata(p).ok()?;
-            if m.ctime() >= settled.as_secs() as i64 {
-                return None;
-            }
-            Some((
-                p.to_path_buf(),
-                m.dev(),
-                m.ino(),
-                m.len(),
-                (m.mtime(), m.mtime_nsec()),
-                (m.ctime(), m.ctime_nsec()),
-            ))
+        let one = |p: &Path| match settled(p, now)? {
+            FileState::Present(id) => Some(id),
+            FileState::Missing => None,
         };
         let mut v = vec![one(agent)?];
         if let Some(k) = kernel_initrd {
@@ -135,9 +119,6 @@ impl Inputs {
         Some(Inputs(v))
     }
 }
-
-/// How long after a change an input is trusted by its identity.
-const RACY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The last initrd this process built: its inputs, their hash and where.
 struct Last {
@@ -439,7 +420,7 @@ mod tests {
         let agent = dir.path().join("agent");
         fs::write(&agent, b"agent v1").unwrap();
         // As if the agent had been installed a while ago.
-        let later = std::time::SystemTime::now() + 2 * RACY;
+        let later = std::time::SystemTime::now() + 2 * crate::file_id::RACY;
         let (a, b, c) = (
             dir.path().join("a.cpio"),
             dir.path().join("b.cpio"),
