@@ -27,7 +27,7 @@ use banger_api::model::CapOptions;
 use banger_api::workspace::{GitIdentity, host_global_identity};
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx, HookLog};
 
-use crate::file_id::{self, FileState};
+use banger_artifacts::file_id::{self, FileState};
 
 /// Name used with `--cap`.
 pub const NAME: &str = "file-sync";

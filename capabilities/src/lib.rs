@@ -5,7 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
-mod file_id;
 pub mod file_sync;
 pub mod mise;
 pub mod nat;

@@ -23,7 +23,7 @@ use banger_api::model::CapOptions;
 use banger_api::ssh::SshIdentity as Identity;
 use banger_core::capability::{BuiltinCapability, CapEnv, CapError, Capability, HookCtx};
 
-use crate::file_id::{self, FileId, FileState};
+use banger_artifacts::file_id::{self, FileId, FileState};
 
 /// Name used with `--cap` and in stage names (`guest_config:ssh-identity`).
 pub const NAME: &str = "ssh-identity";

@@ -14,6 +14,7 @@ use banger_api::config::Config;
 use banger_api::model::{ByteSize, ImageKernel, ImageRecord, ImageSource, now_unix};
 use banger_api::paths::Paths;
 use banger_api::progress::Progress;
+use banger_artifacts::disk::spares::Spares;
 use banger_artifacts::imagecat::ImageCatalog;
 use banger_artifacts::images::{PruneReport, PullEvent, PullOptions, default_image_name};
 use banger_artifacts::kernels::{
@@ -83,6 +84,8 @@ pub struct Artifacts {
     cache_dir: PathBuf,
     /// Serialises pulls so two requests for one artifact do not race.
     pulls: tokio::sync::Mutex<()>,
+    /// Root disks copied ahead of time for the images used last.
+    pub spares: Spares,
 }
 
 impl Artifacts {
@@ -118,6 +121,9 @@ impl Artifacts {
         if let Some(url) = &config.image_catalog_url {
             image_catalog = image_catalog.with_base_url(url.clone());
         }
+        let spares_dir = paths.state_dir.join("spares");
+        let spares = Spares::open(&spares_dir, config.rootfs_spares as usize)
+            .map_err(|e| LibraryError::Io(format!("Cannot create {}", spares_dir.display()), e))?;
         Ok(Artifacts {
             library: ImageLibrary::new(paths, store),
             kernels: KernelStore::new(paths.state_dir.join("kernels")),
@@ -132,6 +138,7 @@ impl Artifacts {
             },
             cache_dir: paths.cache_dir.clone(),
             pulls: tokio::sync::Mutex::new(()),
+            spares,
         })
     }
 

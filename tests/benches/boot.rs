@@ -34,6 +34,13 @@
 //!   boot's directory removed) is timed too and counts when banger's CLI
 //!   waited for its delete: the ratio compares like with like.
 //!
+//! Every round of either side starts with its disks ready: the raw side's
+//! copies are made before its clock starts, and banger's waits until the
+//! daemon's spare of the image's root disk is there (`rootfs_spares`,
+//! docs/images.md), which also keeps the copy the daemon makes behind each
+//! create out of the next round's clock (it runs during the create's own
+//! boot, and counts there).
+//!
 //! Both sides boot the same agent, which logs a boot timeline on the
 //! console (`banger-agent: timeline STAGE SECONDS-SINCE-BOOT`); the bench
 //! prints each guest stage's share for every side, and what is left outside
@@ -830,6 +837,31 @@ fn report_run(prefix: &str, what: &str, s: &Sides, n: usize) {
     );
 }
 
+/// Waits until the daemon's spare of the image's root disk is ready
+/// (`rootfs_spares`, docs/images.md): banger's rounds then start with it
+/// as the raw rounds start with their disk copies made, and the copy made
+/// behind a create never runs into the next round's clock.
+fn wait_for_spare(env: &BangerEnv) {
+    let dir = env.state_dir().join("spares");
+    test_infra::wait_until(
+        Duration::from_secs(120),
+        "the image's spare root disk is ready",
+        || {
+            let names: Vec<String> = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names
+                .iter()
+                .any(|n| n.ends_with(".ext4") && !n.starts_with('.'))
+                && !names.iter().any(|n| n.contains(".staging-"))
+        },
+    );
+}
+
 fn main() {
     let a = match GuestArtifacts::find() {
         Ok(a) => a,
@@ -900,6 +932,7 @@ fn main() {
     for round in 0..n {
         if parts.contains(&Part::Create) {
             let name = format!("boot{round}");
+            wait_for_spare(&env);
             let from = log_len();
             let (took, vm) = banger_boot(&env, &name);
             create.banger.push(took);
@@ -913,6 +946,7 @@ fn main() {
                 &std::fs::read_to_string(vm.dir.join("serial.log")).unwrap_or_default(),
             ));
             env.banger(&["vm", "delete", &name]).ok();
+            wait_for_spare(&env);
             let raw = raw_boot(&a, &tmpl, round, Part::Create);
             create.raw.push(raw.took);
             create.raw_tl.push(raw.timeline);
@@ -925,6 +959,7 @@ fn main() {
         if parts.contains(&Part::Run) {
             let named_vm = format!("named{round}");
             for (sides, name) in [(&mut run, None), (&mut named, Some(named_vm.as_str()))] {
+                wait_for_spare(&env);
                 let from = log_len();
                 let b = banger_run(&env, name);
                 // The VM's name, then the delete's end (it may end after
@@ -944,6 +979,7 @@ fn main() {
                 sides.banger.push(b.took);
                 sides.banger_tl.push(b.timeline);
             }
+            wait_for_spare(&env);
             let raw = raw_boot(&a, &tmpl, round, Part::Run);
             run.raw.push(raw.took + raw.teardown);
             run.raw_to_end.push(raw.took);

@@ -32,6 +32,34 @@ mod tests {
         PathBuf::from(call["body"]["path_on_host"].as_str().unwrap())
     }
 
+    /// Registers the env's boot files as image `img1`; their paths.
+    fn register_img1(env: &BangerEnv) -> (String, String) {
+        let (kernel, rootfs) = env.boot_files();
+        let (k, r) = (kernel.display().to_string(), rootfs.display().to_string());
+        env.banger(&[
+            "image", "register", "--name", "img1", "--rootfs", &r, "--kernel", &k,
+        ])
+        .ok();
+        (k, r)
+    }
+
+    /// `vm create NAME --image IMAGE` with a 64 MiB work disk; the VM's
+    /// root disk.
+    fn create_from_image(env: &BangerEnv, name: &str, image: &str) -> PathBuf {
+        env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--image",
+            image,
+            "--disk-size",
+            "64M",
+        ])
+        .ok();
+        root_drive(env, &env.show(name))
+    }
+
     fn kernel_dir(env: &BangerEnv, with_initrd: bool) -> PathBuf {
         let d = env.root().join("kbuild");
         std::fs::create_dir_all(&d).unwrap();
@@ -137,13 +165,9 @@ mod tests {
     #[test]
     fn images_register_promote_boot_and_refuse_deletion_while_used() {
         let env = BangerEnv::new();
-        let (kernel, rootfs) = env.boot_files();
-        let (k, r) = (kernel.display().to_string(), rootfs.display().to_string());
+        let (k, r) = register_img1(&env);
+        let rootfs = PathBuf::from(&r);
         let original = std::fs::read(&rootfs).unwrap();
-        env.banger(&[
-            "image", "register", "--name", "img1", "--rootfs", &r, "--kernel", &k,
-        ])
-        .ok();
         let dup = env
             .banger(&[
                 "image", "register", "--name", "img1", "--rootfs", &r, "--kernel", &k,
@@ -151,17 +175,7 @@ mod tests {
             .failed();
         assert!(both(&dup).contains("img1"), "{dup:?}");
 
-        env.banger(&[
-            "vm",
-            "create",
-            "--name",
-            "v1",
-            "--image",
-            "img1",
-            "--disk-size",
-            "64M",
-        ])
-        .ok();
+        create_from_image(&env, "v1", "img1");
         let v1 = env.show("v1");
         assert_eq!(boot_source(&env, &v1)["kernel_image_path"], k);
         assert_eq!(v1.record.spec.rootfs_source, rootfs);
@@ -195,17 +209,7 @@ mod tests {
             "the registered file is never written"
         );
 
-        env.banger(&[
-            "vm",
-            "create",
-            "--name",
-            "v2",
-            "--image",
-            "img1",
-            "--disk-size",
-            "64M",
-        ])
-        .ok();
+        create_from_image(&env, "v2", "img1");
         let v2 = env.show("v2");
         assert_eq!(v2.record.spec.rootfs_source, img.rootfs);
         env.banger(&["image", "delete", "img1"]).failed();
@@ -220,6 +224,108 @@ mod tests {
             env.banger(&["image", "list", "--json"]).ok().stdout.trim(),
             "[]"
         );
+    }
+
+    /// The spare root disks in `env`'s state dir.
+    fn spares(env: &BangerEnv) -> Vec<PathBuf> {
+        let dir = env.state_dir().join("spares");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.map(|e| e.unwrap().path())
+                    .filter(|p| {
+                        let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                        n.ends_with(".ext4") && !n.starts_with('.')
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn inode(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().ino()
+    }
+
+    #[test]
+    fn an_images_next_vm_takes_a_root_disk_copied_ahead_and_deleting_the_image_drops_it() {
+        let env = BangerEnv::new();
+        let (_, r) = register_img1(&env);
+        let rootfs = PathBuf::from(&r);
+        let original = std::fs::read(&rootfs).unwrap();
+        let wait = std::time::Duration::from_secs(30);
+
+        // The first VM copies the image; a spare is made behind it.
+        let v1 = create_from_image(&env, "v1", "img1");
+        test_infra::wait_until(wait, "a spare of img1 is made", || spares(&env).len() == 1);
+        let spare = spares(&env).remove(0);
+        assert_eq!(std::fs::read(&spare).unwrap(), original);
+        assert_ne!(inode(&v1), inode(&spare));
+
+        // The second takes that very file (moved, not copied) and owns it.
+        let spare_ino = inode(&spare);
+        let v2 = create_from_image(&env, "v2", "img1");
+        assert_eq!(inode(&v2), spare_ino, "v2's root disk is the spare");
+        assert_eq!(std::fs::read(&v2).unwrap(), original);
+        test_infra::wait_until(wait, "the next spare is made", || {
+            spares(&env).first().is_some_and(|p| inode(p) != spare_ino)
+        });
+        // Writes to a VM's disk never reach the spare or the image.
+        std::fs::write(&v2, b"guest wrote this").unwrap();
+        assert_eq!(std::fs::read(&spares(&env)[0]).unwrap(), original);
+        assert_eq!(std::fs::read(&rootfs).unwrap(), original);
+
+        env.banger(&["vm", "delete", "v1", "v2"]).ok();
+        env.banger(&["image", "delete", "img1"]).ok();
+        assert!(spares(&env).is_empty(), "the image's spare goes with it");
+        assert_eq!(std::fs::read(&rootfs).unwrap(), original);
+    }
+
+    #[test]
+    fn rootfs_files_are_never_kept_and_rootfs_spares_zero_drops_the_spares() {
+        let env = BangerEnv::new();
+        let (k, r) = register_img1(&env);
+        let rootfs = PathBuf::from(&r);
+        // A `--rootfs` file is the user's: copied as it is, never kept.
+        let other = env.root().join("other.ext4");
+        let mut bytes = std::fs::read(&rootfs).unwrap();
+        bytes.extend_from_slice(b"another root filesystem");
+        std::fs::write(&other, &bytes).unwrap();
+        let o = other.display().to_string();
+        env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "v1",
+            "--kernel",
+            &k,
+            "--rootfs",
+            &o,
+            "--disk-size",
+            "64M",
+        ])
+        .ok();
+        // One thread makes spares in order: once img1's is there, one
+        // queued before it for other.ext4 would be too.
+        create_from_image(&env, "v2", "img1");
+        let wait = std::time::Duration::from_secs(30);
+        test_infra::wait_until(wait, "a spare of img1 is made", || !spares(&env).is_empty());
+        let kept = spares(&env);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(
+            std::fs::read(&kept[0]).unwrap(),
+            std::fs::read(&rootfs).unwrap()
+        );
+        let spare_ino = inode(&kept[0]);
+
+        // Turned off: the daemon drops the spares it has and copies.
+        env.banger(&["daemon", "stop"]).ok();
+        env.write_config("rootfs_spares = 0");
+        create_from_image(&env, "v3", "img1");
+        assert!(spares(&env).is_empty(), "{:?}", spares(&env));
+        assert_ne!(inode(&root_drive(&env, &env.show("v3"))), spare_ino);
+        env.banger(&["vm", "delete", "v1", "v2", "v3"]).ok();
     }
 
     fn small_image() -> Vec<TestLayer> {

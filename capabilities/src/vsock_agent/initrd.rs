@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use banger_artifacts::cpio::{CpioError, Newc, S_IFCHR, S_IFDIR, S_IFREG, sibling};
 use sha2::{Digest, Sha256};
 
-use crate::file_id::{FileId, FileState, settled};
+use banger_artifacts::file_id::{FileId, FileState, settled};
 
 /// Bumped when the archive layout changes, so cached initrds are rebuilt.
 const LAYOUT_VERSION: &[u8] = b"banger-initramfs-1";
@@ -66,7 +66,7 @@ pub fn build_initrd(
     build_initrd_at(agent, kernel_initrd, dest, std::time::SystemTime::now())
 }
 
-/// [`build_initrd`] at time `now` (inputs changed within [`crate::file_id::RACY`] of it are
+/// [`build_initrd`] at time `now` (inputs changed within [`banger_artifacts::file_id::RACY`] of it are
 /// not trusted by their identity).
 fn build_initrd_at(
     agent: &Path,
@@ -95,9 +95,9 @@ fn build_initrd_at(
     Ok(built)
 }
 
-/// The identity of the files an initrd is built from ([`crate::file_id`]):
+/// The identity of the files an initrd is built from ([`banger_artifacts::file_id`]):
 /// the same identities mean the same bytes (a rebuilt agent is a new inode
-/// or a new ctime). A file changed within [`crate::file_id::RACY`], or
+/// or a new ctime). A file changed within [`banger_artifacts::file_id::RACY`], or
 /// missing, has none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Inputs(Vec<FileId>);
@@ -420,7 +420,7 @@ mod tests {
         let agent = dir.path().join("agent");
         fs::write(&agent, b"agent v1").unwrap();
         // As if the agent had been installed a while ago.
-        let later = std::time::SystemTime::now() + 2 * crate::file_id::RACY;
+        let later = std::time::SystemTime::now() + 2 * banger_artifacts::file_id::RACY;
         let (a, b, c) = (
             dir.path().join("a.cpio"),
             dir.path().join("b.cpio"),

@@ -499,6 +499,10 @@ pub struct Config {
     /// banger's SSH private key (created there when missing; `~/` expanded
     /// at load); `None` means [`Paths::ssh_dir`]`/id_ed25519`.
     pub ssh_key_path: Option<PathBuf>,
+    /// How many images keep a spare copy of their root disk ready, so a
+    /// create takes it with a rename instead of copying (`rootfs_spares`;
+    /// 0 turns spares off). See `docs/images.md`.
+    pub rootfs_spares: u32,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -533,6 +537,7 @@ const TOP_KEYS: &[&str] = &[
     "file_sync",
     "default_image_name",
     "ssh_key_path",
+    "rootfs_spares",
 ];
 const FILE_SYNC_KEYS: &[&str] = &["host", "guest", "mode"];
 const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port", "dns_upstream"];
@@ -606,6 +611,7 @@ impl Config {
             file_sync: Vec::new(),
             default_image_name: None,
             ssh_key_path: None,
+            rootfs_spares: DEFAULT_ROOTFS_SPARES,
         }
     }
 
@@ -770,6 +776,9 @@ impl Config {
 
 /// Default for `ssh_wait_timeout_secs`.
 pub const DEFAULT_SSH_WAIT_TIMEOUT_SECS: u64 = 120;
+/// Default for `rootfs_spares`: the two images used last keep a spare.
+pub const DEFAULT_ROOTFS_SPARES: u32 = 2;
+
 /// Default for `ssh_max_output`: 64 MiB per stream.
 pub const DEFAULT_SSH_MAX_OUTPUT: u64 = 64 << 20;
 /// Default for `agent_timeout_secs`.
@@ -1116,6 +1125,11 @@ impl Parser<'_> {
                             ));
                         }
                     };
+                }
+                "rootfs_spares" => {
+                    cfg.rootfs_spares =
+                        self.integer(key, value, 0, 64, "a number of images from 0 (off) to 64")?
+                            as u32;
                 }
                 "agent_timeout_secs" => {
                     cfg.agent_timeout_secs =
@@ -2032,6 +2046,13 @@ disk_size = "20G"
         let msg = err("ssh_wait_timeout_secs = 0\n");
         assert!(msg.contains("invalid ssh_wait_timeout_secs 0"), "{msg}");
         assert_eq!(parse("").unwrap().ssh_max_output, ByteSize(64 << 20));
+        assert_eq!(parse("").unwrap().rootfs_spares, DEFAULT_ROOTFS_SPARES);
+        assert_eq!(parse("rootfs_spares = 0\n").unwrap().rootfs_spares, 0);
+        let msg = err("rootfs_spares = 65\n");
+        assert!(
+            msg.contains("rootfs_spares") && msg.contains("0 (off) to 64"),
+            "{msg}"
+        );
         let cfg = parse("ssh_max_output = \"256M\"\n").unwrap();
         assert_eq!(cfg.ssh_max_output, ByteSize(256 << 20));
         let msg = err("ssh_max_output = \"12\"\n");

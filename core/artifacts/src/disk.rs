@@ -19,6 +19,7 @@ use banger_api::model::ByteSize;
 use sha2::Digest;
 
 mod ext4_super;
+pub mod spares;
 
 /// A disk operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +119,8 @@ pub enum CloneKind {
     Reflink,
     /// Data copied, holes and all-zero blocks left unallocated.
     Sparse,
+    /// A copy made ahead of time ([`spares`]), moved into place.
+    Spare,
 }
 
 /// Copies `src` to a new file `dst`, by reflink where the filesystem supports

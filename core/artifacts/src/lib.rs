@@ -15,6 +15,7 @@ pub mod cpio;
 #[allow(unsafe_code)]
 pub mod disk;
 pub mod download;
+pub mod file_id;
 pub mod imagecat;
 pub mod images;
 pub mod kernels;

@@ -309,9 +309,9 @@ async fn delete_image(
     let lc = st.lifecycle.clone();
     let vms = lc.list().await?;
     let library = lc.artifacts().library.clone();
-    Ok(Json(
-        blocking(move || Ok(library.delete(&name, &vms)?)).await?,
-    ))
+    let deleted = blocking(move || Ok(library.delete(&name, &vms)?)).await?;
+    lc.artifacts().spares.forget(&deleted.rootfs);
+    Ok(Json(deleted))
 }
 
 async fn pull_image(
@@ -321,10 +321,13 @@ async fn pull_image(
     let Json(req) = body?;
     let artifacts = st.lifecycle.artifacts().clone();
     Ok(stream_task(move |progress| async move {
-        artifacts
+        let image = artifacts
             .pull_image(req, &progress)
             .await
-            .map_err(|e| (Some("pull_image".to_string()), render_chain(&e)))
+            .map_err(|e| (Some("pull_image".to_string()), render_chain(&e)))?;
+        // The first VM of a new image should not wait for its copy.
+        artifacts.spares.refill(&image.rootfs);
+        Ok(image)
     }))
 }
 

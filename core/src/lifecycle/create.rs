@@ -75,10 +75,17 @@ impl Lifecycle {
         let src = vm.spec.rootfs_source.clone();
         let dst = dir.join(ROOT_DISK);
         let dir2 = dir.clone();
+        // An image's root disk may have a copy ready (`rootfs_spares`); a
+        // `--rootfs` file is the user's, copied as it is now and not kept.
+        let spares = req.rootfs.is_none().then(|| self.artifacts.spares.clone());
         let cloned = blocking(move || -> Result<disk::CloneKind, OpError> {
             std::fs::create_dir_all(&dir2)
                 .map_err(|e| OpError::Io(format!("Cannot create {}", dir2.display()), e))?;
-            disk::clone_file(&src, &dst).map_err(|e| OpError::Stage {
+            match &spares {
+                Some(spares) => spares.take(&src, &dst),
+                None => disk::clone_file(&src, &dst),
+            }
+            .map_err(|e| OpError::Stage {
                 stage: "clone_rootfs".to_string(),
                 source: Box::new(e),
             })

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 /// same identity means the same bytes (a rewrite in place moves the
 /// ctime, a replacement is a new inode).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct FileId {
+pub struct FileId {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -17,9 +17,38 @@ pub(crate) struct FileId {
     ctime: (i64, i64),
 }
 
+impl FileId {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A stable name for this identity (hex, 32 characters): the same on
+    /// every run for the same path, device, inode, size and times, so it
+    /// can name files kept across restarts.
+    pub fn key(&self) -> String {
+        use sha2::Digest;
+        use std::os::unix::ffi::OsStrExt;
+        let mut h = sha2::Sha256::new();
+        h.update(self.path.as_os_str().as_bytes());
+        h.update([0u8]);
+        for n in [self.dev, self.ino, self.size] {
+            h.update(n.to_le_bytes());
+        }
+        for (s, ns) in [self.mtime, self.ctime] {
+            h.update(s.to_le_bytes());
+            h.update(ns.to_le_bytes());
+        }
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
 /// A file as [`settled`] found it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum FileState {
+pub enum FileState {
     /// Not there.
     Missing,
     /// There, with this identity.
@@ -29,11 +58,11 @@ pub(crate) enum FileState {
 /// How long after a change a file is trusted by its identity: timestamps
 /// tick coarsely, so a rewrite within the same tick could look the same
 /// (git's "racy clean" problem).
-pub(crate) const RACY: Duration = Duration::from_secs(2);
+pub const RACY: Duration = Duration::from_secs(2);
 
 /// `path`'s state, or `None` when it cannot be trusted: changed within
 /// [`RACY`] of `now`, or not inspectable (other than missing).
-pub(crate) fn settled(path: &Path, now: SystemTime) -> Option<FileState> {
+pub fn settled(path: &Path, now: SystemTime) -> Option<FileState> {
     use std::os::unix::fs::MetadataExt;
     let m = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -84,5 +113,26 @@ mod tests {
         std::fs::rename(&q, &p).unwrap();
         assert_ne!(settled(&p, later), before);
         assert_ne!(settled(&p, later), Some(first));
+    }
+
+    #[test]
+    fn keys_are_stable_and_differ_with_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"one").unwrap();
+        let later = || SystemTime::now() + RACY + Duration::from_secs(1);
+        let id = |p: &Path| match settled(p, later()) {
+            Some(FileState::Present(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        let a = id(&p);
+        assert_eq!(a.key(), id(&p).key());
+        assert_eq!(a.key().len(), 32);
+        assert!(a.key().bytes().all(|b| b.is_ascii_hexdigit()));
+        std::fs::write(&p, b"two").unwrap();
+        assert_ne!(id(&p).key(), a.key(), "rewritten");
+        let q = dir.path().join("g");
+        std::fs::hard_link(&p, &q).unwrap();
+        assert_ne!(id(&q).key(), id(&p).key(), "same inode, another path");
     }
 }
