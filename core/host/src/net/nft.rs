@@ -26,8 +26,10 @@
 //! The base chains' rules are fixed and carry [`BASE_TAG`]; each VM's rules
 //! live in regular chains the base chains jump to and carry
 //! `banger:<vm_id>:guard` or `banger:<vm_id>:nat`, so removal deletes exactly
-//! that VM's rules by handle. Changes go through `nft -f -` as one
-//! transaction; the ruleset is read back with `nft -j`.
+//! that VM's rules by handle. Each change is one transaction of `nft`
+//! script and the ruleset is read back as `nft -j` prints it, both through
+//! libnftables in this process ([`libnftables`]), or an `nft` process where
+//! the library is missing.
 //!
 //! `ip_forward` is turned on by the first NAT rule when it was off; the
 //! marker table `ip banger_ipforward` records that banger did it, and the
@@ -183,14 +185,35 @@ fn failed(op: &'static str, target: &str, source: std::io::Error) -> HostOpsErro
     }
 }
 
-fn run_nft(args: &[&str], stdin: Option<&str>) -> Result<String, std::io::Error> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+// The library's C calls (dlopen, its functions), each with its SAFETY note.
+#[allow(unsafe_code)]
+mod libnftables;
+
+/// Runs `commands` (nft's script syntax, one transaction; `json` prints
+/// JSON like `nft -j`) in the calling thread's network namespace: in
+/// process through libnftables, or an `nft -f -` process on a host without
+/// the library.
+fn run_nft(commands: &str, json: bool) -> Result<String, std::io::Error> {
+    let what = match commands.trim_end().split_once('\n') {
+        None => commands.trim_end(),
+        Some(_) => "-f -",
+    };
+    let result = match libnftables::run(commands, json) {
+        Some(r) => r,
+        None => nft_process(commands, json)?,
+    };
+    result.map_err(|e| std::io::Error::other(format!("nft {what}: {}", e.trim())))
+}
+
+/// [`run_nft`] through an `nft` process: its stdout, or its stderr.
+fn nft_process(commands: &str, json: bool) -> Result<Result<String, String>, std::io::Error> {
+    let mut cmd = Command::new("nft");
+    if json {
+        cmd.arg("-j");
+    }
+    let mut child = cmd
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -201,19 +224,15 @@ fn run_nft(args: &[&str], stdin: Option<&str>) -> Result<String, std::io::Error>
                 e
             }
         })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
+    if let Some(mut pipe) = child.stdin.take() {
+        pipe.write_all(commands.as_bytes())?;
     }
     let out = child.wait_with_output()?;
-    if out.status.success() {
+    Ok(if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(std::io::Error::other(format!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    })
 }
 
 /// A rule of one of our tables, by what deleting it needs.
@@ -228,13 +247,13 @@ pub(crate) struct RuleRef {
 
 /// The rules of every `banger_*` table of `family` (`ip`, `bridge`).
 fn our_rules(family: &str) -> Result<Vec<RuleRef>, std::io::Error> {
-    let json = run_nft(&["-j", "list", "ruleset", family], None)?;
+    let json = run_nft(&format!("list ruleset {family}"), true)?;
     Ok(parse_rules(&json))
 }
 
 /// The rules of our table `table` of `family` alone.
 fn table_rules(family: &str, table: &str) -> Result<Vec<RuleRef>, std::io::Error> {
-    let json = run_nft(&["-j", "list", "table", family, table], None)?;
+    let json = run_nft(&format!("list table {family} {table}"), true)?;
     Ok(parse_rules(&json))
 }
 
@@ -347,7 +366,7 @@ fn ensure_base(bridge: &str) -> Result<Vec<RuleRef>, std::io::Error> {
             .any(|r| r.family == family && r.table == t && r.comment == BASE_TAG)
     };
     if !(has_base("ip") && has_base("bridge")) {
-        run_nft(&["-f", "-"], Some(&base_script(bridge)))?;
+        run_nft(&base_script(bridge), false)?;
     }
     let vms = rules
         .iter()
@@ -385,8 +404,7 @@ pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsErro
         } else {
             Ok(Vec::new())
         };
-        let applied =
-            rules.and_then(|rules| run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules))));
+        let applied = rules.and_then(|rules| run_nft(&guard_script(vm_id, port, &rules), false));
         if applied.is_ok() {
             mark_guarded(&port.bridge, vm_id);
             return Ok(());
@@ -394,8 +412,7 @@ pub(crate) fn add_guest(vm_id: &str, port: &GuestPort) -> Result<(), HostOpsErro
         guarded().remove(&key);
     }
     let rules = ensure_base(&port.bridge).map_err(|e| failed(OP, vm_id, e))?;
-    run_nft(&["-f", "-"], Some(&guard_script(vm_id, port, &rules)))
-        .map_err(|e| failed(OP, vm_id, e))?;
+    run_nft(&guard_script(vm_id, port, &rules), false).map_err(|e| failed(OP, vm_id, e))?;
     mark_guarded(&port.bridge, vm_id);
     Ok(())
 }
@@ -450,7 +467,7 @@ fn remove_tagged(
     let rules = our_rules(family).map_err(|e| failed(op, vm_id, e))?;
     let script = delete_lines(rules.iter().filter(|r| r.comment == tag));
     if !script.is_empty() {
-        run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(op, vm_id, e))?;
+        run_nft(&script, false).map_err(|e| failed(op, vm_id, e))?;
     }
     Ok(())
 }
@@ -535,13 +552,13 @@ add rule ip {t} nat_post ip saddr {ip} masquerade comment \"{tag}\"
 "
     ));
     let _guard = BASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(OP, vm_id, e))?;
+    run_nft(&script, false).map_err(|e| failed(OP, vm_id, e))?;
     // Routing between the bridge and the uplink needs forwarding on.
     let was_on = forwarding_on().map_err(|e| failed(OP, IP_FORWARD, e))?;
     if !was_on {
         // Marker first: a crash in between leaves "restore to off" for a
         // value that is still off, which is harmless.
-        run_nft(&["add", "table", "ip", FORWARD_MARKER], None)
+        run_nft(&format!("add table ip {FORWARD_MARKER}"), false)
             .map_err(|e| failed(OP, FORWARD_MARKER, e))?;
         std::fs::write(IP_FORWARD, b"1").map_err(|e| failed(OP, IP_FORWARD, e))?;
     }
@@ -563,7 +580,7 @@ pub(crate) fn remove_nat(vm_id: &str) -> Result<(), HostOpsError> {
     let tag = nat_tag(vm_id);
     let script = delete_lines(rules.iter().filter(|r| r.comment == tag));
     if !script.is_empty() {
-        run_nft(&["-f", "-"], Some(&script)).map_err(|e| failed(OP, vm_id, e))?;
+        run_nft(&script, false).map_err(|e| failed(OP, vm_id, e))?;
     }
     let others_need_it = rules
         .iter()
@@ -576,13 +593,13 @@ pub(crate) fn remove_nat(vm_id: &str) -> Result<(), HostOpsError> {
 
 /// Turns `ip_forward` off if the marker says banger turned it on.
 fn restore_forwarding() -> Result<(), std::io::Error> {
-    match run_nft(&["list", "table", "ip", FORWARD_MARKER], None) {
+    match run_nft(&format!("list table ip {FORWARD_MARKER}"), false) {
         Ok(_) => {}
         Err(e) if e.to_string().contains("No such file or directory") => return Ok(()),
         Err(e) => return Err(e),
     }
     std::fs::write(IP_FORWARD, b"0")?;
-    run_nft(&["delete", "table", "ip", FORWARD_MARKER], None)?;
+    run_nft(&format!("delete table ip {FORWARD_MARKER}"), false)?;
     Ok(())
 }
 
@@ -623,6 +640,96 @@ mod tests {
             "delete rule ip banger_br0 nat_out handle 4\n"
         );
         assert!(parse_rules("not json").is_empty());
+    }
+
+    /// Runs `body` on a thread of its own in a fresh network namespace;
+    /// false (after a loud SKIP) when that or nftables is missing.
+    fn in_netns(test: &str, body: impl FnOnce() + Send + 'static) -> bool {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED {test}: needs root for a network namespace");
+            return false;
+        }
+        if Command::new("nft").arg("-V").output().is_err() || !libnftables::available() {
+            eprintln!("SKIPPED {test}: nft or libnftables missing (apt-get install nftables)");
+            return false;
+        }
+        let t = std::thread::spawn(move || {
+            // SAFETY: unshare(2) changes only this thread's namespace.
+            #[allow(unsafe_code)]
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(unshared, 0, "{}", std::io::Error::last_os_error());
+            body();
+        });
+        if let Err(panic) = t.join() {
+            std::panic::resume_unwind(panic);
+        }
+        true
+    }
+
+    fn nft_cli(args: &[&str]) -> std::process::Output {
+        Command::new("nft").args(args).output().unwrap()
+    }
+
+    #[test]
+    fn the_library_changes_and_reads_what_the_nft_cli_does() {
+        in_netns(
+            "the_library_changes_and_reads_what_the_nft_cli_does",
+            || {
+                let port = GuestPort {
+                    bridge: "bglib0".to_string(),
+                    tap: "bglibt0".to_string(),
+                    ip: Ipv4Addr::new(10, 62, 0, 2),
+                    mac: "06:00:0a:3e:00:02".parse().unwrap(),
+                    peers: true,
+                };
+                let t = table_for(&port.bridge);
+                libnftables::run(&base_script(&port.bridge), false)
+                    .unwrap()
+                    .unwrap();
+                libnftables::run(&guard_script("vma", &port, &[]), false)
+                    .unwrap()
+                    .unwrap();
+                // What the library wrote, as the CLI reads it back.
+                let cli = nft_cli(&["-j", "list", "table", "bridge", &t]);
+                assert!(cli.status.success(), "{cli:?}");
+                let by_cli = parse_rules(&String::from_utf8_lossy(&cli.stdout));
+                let tagged = by_cli
+                    .iter()
+                    .filter(|r| r.comment == "banger:vma:guard")
+                    .count();
+                assert_eq!(tagged, 7, "{by_cli:#?}");
+                // And the library's own reading of it is the CLI's.
+                let json = run_nft(&format!("list table bridge {t}"), true).unwrap();
+                assert_eq!(parse_rules(&json), by_cli);
+                // A failure carries nft's own message, as the CLI prints it.
+                let err = run_nft("delete table ip banger_bglib_none", false)
+                    .unwrap_err()
+                    .to_string();
+                let cli = nft_cli(&["delete", "table", "ip", "banger_bglib_none"]);
+                let cli_err = String::from_utf8_lossy(&cli.stderr);
+                assert!(err.contains("No such file or directory"), "{err}");
+                assert!(
+                    err.ends_with(cli_err.trim()),
+                    "library: {err}\nnft: {cli_err}"
+                );
+                assert!(
+                    err.starts_with("nft delete table ip banger_bglib_none: "),
+                    "{err}"
+                );
+                // Removal through the library leaves the table without them.
+                let rules = parse_rules(&json);
+                libnftables::run(
+                    &delete_lines(rules.iter().filter(|r| r.comment == "banger:vma:guard")),
+                    false,
+                )
+                .unwrap()
+                .unwrap();
+                let cli = nft_cli(&["-j", "list", "table", "bridge", &t]);
+                let left = parse_rules(&String::from_utf8_lossy(&cli.stdout));
+                assert!(left.iter().all(|r| r.comment == BASE_TAG), "{left:#?}");
+                assert_eq!(left.len(), 3, "{left:#?}");
+            },
+        );
     }
 
     #[test]
