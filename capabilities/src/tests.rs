@@ -1,6 +1,6 @@
 //! Tests of the built-ins through the same trait the lifecycle uses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use banger_api::guest::GuestConfig;
@@ -486,12 +486,7 @@ fn vsock_agent_checks_its_options() {
 #[test]
 fn vsock_agent_adds_a_per_vm_socket_and_an_initrd_with_the_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = dir.path().join("agent-bin");
-    // An ELF header without program headers (static), then a marker.
-    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
-    elf.resize(64, 0);
-    elf.extend_from_slice(b"agent bytes");
-    std::fs::write(&agent, elf).unwrap();
+    let agent = fake_agent_bin(dir.path());
     let o = opts(&[("agent", agent.to_str().unwrap())]);
     let v = vm(1 << 20, false);
     let mut m = bare_machine();
@@ -627,6 +622,105 @@ fn vsock_agent_post_start_waits_for_healthz() {
     );
     let seen = server.join().unwrap();
     assert!(seen.starts_with("CONNECT 1024\nGET /healthz "), "{seen}");
+}
+
+/// A static-looking agent binary for configure_machine (an ELF header
+/// without program headers, then a marker).
+fn fake_agent_bin(dir: &Path) -> PathBuf {
+    let agent = dir.join("agent-bin");
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(64, 0);
+    elf.extend_from_slice(b"agent bytes");
+    std::fs::write(&agent, elf).unwrap();
+    agent
+}
+
+#[test]
+fn vsock_agent_post_start_asks_the_agent_once_it_announced_itself() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent_bin(dir.path());
+    let o = opts(&[("agent", agent.to_str().unwrap()), ("timeout", "20")]);
+    let v = vm(1 << 20, false);
+    let mut m = bare_machine();
+    with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.configure_machine(ctx, &mut m)
+    })
+    .0
+    .unwrap();
+    let uds = m.vsock.clone().unwrap().uds_path;
+    let ready_sock = dir
+        .path()
+        .join(format!("{}_1025", vsock_agent::SOCKET_FILE));
+    assert!(ready_sock.exists(), "bound before the VMM starts");
+    assert_eq!(banger_vmm::vsock::ready_socket_path(&uds), ready_sock);
+
+    // The guest's agent is up and has announced itself through the VMM
+    // before PostStart looks; the first connection to it is the answer.
+    let server = fake_agent(&uds);
+    UnixStream::connect(&ready_sock)
+        .unwrap()
+        .write_all(b"READY 9.9.9\n")
+        .unwrap();
+    let (r, lines) = with_opts(&v, dir.path(), &o, |ctx| VsockAgent.post_start(ctx));
+    r.unwrap();
+    assert!(
+        server
+            .join()
+            .unwrap()
+            .starts_with("CONNECT 1024\nGET /healthz ")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("agent 9.9.9 answered") && l.contains("(announced)")),
+        "{lines:?}"
+    );
+
+    // Teardown removes the announcement socket with the vsock socket.
+    with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.teardown(ctx, TeardownReason::Stop)
+    })
+    .0
+    .unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(vsock_agent::SOCKET_FILE))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn vsock_agent_post_start_asks_an_agent_that_never_announces_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = fake_agent_bin(dir.path());
+    // A timeout under the grace: the wait for an announcement ends with it,
+    // and the agent is asked all the same (an agent older than the
+    // announcement, or a restored guest nobody announced for).
+    let o = opts(&[("agent", agent.to_str().unwrap()), ("timeout", "2")]);
+    let v = vm(1 << 20, false);
+    let mut m = bare_machine();
+    with_opts(&v, dir.path(), &o, |ctx| {
+        VsockAgent.configure_machine(ctx, &mut m)
+    })
+    .0
+    .unwrap();
+    let server = fake_agent(&m.vsock.clone().unwrap().uds_path);
+    let (r, lines) = with_opts(&v, dir.path(), &o, |ctx| VsockAgent.post_start(ctx));
+    r.unwrap();
+    server.join().unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("did not announce itself")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("answered") && !l.contains("(announced)")),
+        "{lines:?}"
+    );
 }
 
 #[test]

@@ -13,8 +13,11 @@
 //! - `agent`: the agent binary. Without it, config `agent_bin`, then
 //!   `banger-agent` next to the daemon, then `PATH`.
 
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_api::config::Config;
@@ -24,7 +27,8 @@ use banger_api::model::CapOptions;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
-use banger_vmm::vsock::{AgentClient, EXEC_SECRET_FILE, GUEST_EXEC_SECRET_PATH};
+use banger_guest_protocol::api::READY_LINE;
+use banger_vmm::vsock::{AgentClient, EXEC_SECRET_FILE, GUEST_EXEC_SECRET_PATH, ready_socket_path};
 
 use self::initrd::Built;
 
@@ -43,6 +47,62 @@ pub const GUEST_CID: u32 = 3;
 const MAX_SOCKET_PATH: usize = 107;
 /// Upper bound of a single `/healthz` attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long PostStart waits for the agent's announcement before it polls
+/// `/healthz` as well, for an agent that does not announce itself (one
+/// older than the announcement): long enough for a loaded TCG boot, whose
+/// early connections the guest cannot answer yet (see `post_start`).
+const ANNOUNCE_GRACE: Duration = Duration::from_secs(10);
+
+/// The agents' announcement listeners (`READY_PORT`), by vsock socket
+/// path, from the `configure_machine` that binds one (before the VMM
+/// starts, so no announcement is missed) to the `post_start` that waits on
+/// it or the teardown that drops it.
+static READY: Mutex<BTreeMap<PathBuf, UnixListener>> = Mutex::new(BTreeMap::new());
+
+fn ready_listeners() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, UnixListener>> {
+    READY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds the announcement listener for the VM whose vsock socket is `uds`,
+/// replacing any earlier one. Best effort: without it (a path too long, a
+/// bind error) the agent is found by polling alone.
+fn listen_for_announcement(uds: &Path) -> Option<PathBuf> {
+    let path = ready_socket_path(uds);
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return None;
+    }
+    if std::fs::symlink_metadata(&path).is_ok() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| tracing::debug!(path = %path.display(), "no announcement listener: {e}"))
+        .ok()?;
+    ready_listeners().insert(uds.to_path_buf(), listener);
+    Some(path)
+}
+
+/// Whether an announcement is waiting on `listener`: a connection whose
+/// first line starts with [`READY_LINE`] (the agent writes it at once).
+fn take_announcement(listener: &UnixListener) -> bool {
+    let Ok((mut conn, _)) = listener.accept() else {
+        return false;
+    };
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut line = [0u8; 64];
+    let n = conn.read(&mut line).unwrap_or(0);
+    line[..n].starts_with(READY_LINE.as_bytes())
+}
+
+/// Waits up to `gap` for a connection on `listener`.
+fn wait_for_announcement(listener: &UnixListener, gap: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let ms = u16::try_from(gap.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+}
 
 /// The vsock-agent capability.
 #[derive(Debug, Default)]
@@ -165,6 +225,7 @@ impl Capability for VsockAgent {
                 .info(&format!("built initramfs with {}", agent.display()));
         }
         machine.initrd = Some(dest);
+        listen_for_announcement(&uds);
         machine.vsock = Some(Vsock {
             guest_cid: GUEST_CID,
             uds_path: uds,
@@ -196,6 +257,37 @@ impl Capability for VsockAgent {
         let uds = socket_path(ctx.vm_dir);
         let started = Instant::now();
         let deadline = started + wait;
+        // The agent announces itself the moment it listens (READY_PORT), so
+        // the wait ends then, and nothing connects to the guest before:
+        // a connection made while the guest's vsock driver is not up yet
+        // waits in the VMM, and vhost-device-vsock was seen to stop
+        // answering for good after a burst of those (every `/healthz` of a
+        // boot then got no answer for 240 s).
+        let mut announced = false;
+        // Never the whole budget: half of it is left for asking.
+        let grace = ANNOUNCE_GRACE.min(wait / 2);
+        if let Some(listener) = ready_listeners().remove(&uds) {
+            loop {
+                if take_announcement(&listener) {
+                    announced = true;
+                    break;
+                }
+                if let Some(status) = ctx.vm.vmm.as_ref().and_then(banger_vmm::exit_status) {
+                    return Err(CapError::msg(format!(
+                        "The VMM exited with {status} before the guest agent announced itself"
+                    )));
+                }
+                let now = Instant::now();
+                if now >= started + grace {
+                    ctx.log.info(&format!(
+                        "the agent did not announce itself within {:.1}s; asking it",
+                        grace.as_secs_f64()
+                    ));
+                    break;
+                }
+                wait_for_announcement(&listener, Duration::from_millis(100));
+            }
+        }
         let mut delay = Duration::from_millis(50);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -203,9 +295,10 @@ impl Capability for VsockAgent {
             let err = match AgentClient::new(&uds, attempt).healthz() {
                 Ok(h) => {
                     ctx.log.info(&format!(
-                        "agent {} answered after {:.1}s",
+                        "agent {} answered after {:.2}s{}",
                         h.version,
-                        started.elapsed().as_secs_f64()
+                        started.elapsed().as_secs_f64(),
+                        if announced { " (announced)" } else { "" }
                     ));
                     return Ok(());
                 }
@@ -245,7 +338,13 @@ impl Capability for VsockAgent {
         // The VMM leaves its socket behind; the initrd is a cache worth
         // keeping until the VM is deleted.
         // The secret too: the next start draws a new one.
-        for path in [socket_path(ctx.vm_dir), ctx.vm_dir.join(EXEC_SECRET_FILE)] {
+        let uds = socket_path(ctx.vm_dir);
+        ready_listeners().remove(&uds);
+        for path in [
+            ready_socket_path(&uds),
+            uds,
+            ctx.vm_dir.join(EXEC_SECRET_FILE),
+        ] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

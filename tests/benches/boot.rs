@@ -19,7 +19,8 @@
 //!   built for the template VM, with banger's kernel command line, vCPUs and
 //!   memory read from its QEMU's argv. Timed from just before
 //!   `vhost-device-vsock` starts until `/healthz` answers through the hybrid
-//!   vsock socket (polled every 10 ms).
+//!   vsock socket, asked as soon as the agent has announced itself on
+//!   `<uds>_1025` (looked for every 10 ms), as banger's daemon does.
 //! - `run` — banger: `banger vm run --rm --cap vsock-agent -- true` (no
 //!   `--name`), timed from just before the CLI starts until it exits (exit
 //!   code 0 checked): create, the command through the agent (`vm run`'s
@@ -263,6 +264,12 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize, part: Part) -> RawBo
     let uds = d.join("vsock.sock");
     let console = d.join("console.log");
     let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
+    // The agent announces itself on `<uds>_1025` the moment it listens
+    // (banger's daemon listens there too): the raw side's floor is that
+    // moment plus one `/healthz`, with no polling gap.
+    let announce = std::os::unix::net::UnixListener::bind(d.join("vsock.sock_1025")).unwrap();
+    announce.set_nonblocking(true).unwrap();
+    let mut announced = false;
     // No sync before timing: banger's create does not get one either.
 
     let start = Instant::now();
@@ -312,11 +319,13 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize, part: Part) -> RawBo
         .spawn()
         .unwrap();
     let ended = loop {
+        announced = announced || announce.accept().is_ok();
         let ended = match part {
-            Part::Create => AgentClient::new(&uds, Duration::from_secs(1))
+            Part::Create if announced => AgentClient::new(&uds, Duration::from_secs(1))
                 .healthz()
                 .ok()
                 .map(|h| h.version),
+            Part::Create => None,
             Part::Run => command_status(&console),
         };
         if let Some(e) = ended {

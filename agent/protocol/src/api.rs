@@ -7,6 +7,17 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the agent's HTTP service listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// The host vsock port the agent announces itself on: once it listens on
+/// [`AGENT_PORT`], the agent connects once to the host (CID 2) on this port
+/// and writes `READY <version>\n`. Hybrid-vsock VMMs (Firecracker,
+/// vhost-device-vsock) hand such a connection to the Unix socket
+/// `<uds_path>_1025`, so a host listening there learns the moment the agent
+/// is up instead of polling. Best effort: nobody listening is fine.
+pub const READY_PORT: u32 = 1025;
+
+/// The announcement's line, without its version and newline.
+pub const READY_LINE: &str = "READY";
+
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {

@@ -260,6 +260,11 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
                 .and_then(|s| {
                     timeline("agent-listening");
                     console::log(&format!("agent API listening on vsock port {AGENT_PORT}"));
+                    std::thread::spawn(|| {
+                        if let Err(e) = serve::announce_ready() {
+                            console::log(&format!("no host took the ready announcement: {e}"));
+                        }
+                    });
                     s.run()
                 });
             if let Err(e) = result {

@@ -113,13 +113,33 @@ impl Server {
     }
 }
 
-fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
-    let fd = socket(
+/// Tells the host the service is up ([`banger_guest_protocol::api::READY_PORT`]):
+/// one connection to the host, one line, closed. Returns why it could not;
+/// a host that does not listen is not an error worth more than a log line.
+pub fn announce_ready() -> std::io::Result<()> {
+    use banger_guest_protocol::api::{READY_LINE, READY_PORT};
+    let fd = vsock_socket()?;
+    // Never hold up the boot for a host that does not answer.
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(2, 0))?;
+    nix::sys::socket::connect(
+        fd.as_raw_fd(),
+        &VsockAddr::new(libc::VMADDR_CID_HOST, READY_PORT),
+    )?;
+    let mut conn = File::from(fd);
+    conn.write_all(format!("{READY_LINE} {}\n", env!("CARGO_PKG_VERSION")).as_bytes())
+}
+
+fn vsock_socket() -> nix::Result<OwnedFd> {
+    socket(
         AddressFamily::Vsock,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )
+}
+
+fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
+    let fd = vsock_socket()?;
     bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
     listen(&fd, Backlog::new(16)?)?;
     Ok(fd)

@@ -265,6 +265,13 @@ impl Lifecycle {
             source: Box::new(e),
         })?;
         tracing::info!(vm = %vm.name, applied = ?done.applied, "restored guest re-identified");
+        // A restored agent was listening before its snapshot and announces
+        // nothing; it just answered, so say so for it (PostStart waits for
+        // the announcement before it asks). Without a listener (another
+        // capability set) there is nobody to tell.
+        if let Err(e) = banger_vmm::vsock::announce_ready(&vsock.uds_path, "restored") {
+            tracing::debug!(vm = %vm.name, "no announcement listener for the restored agent: {e}");
+        }
         Ok(())
     }
 }

@@ -12,7 +12,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use banger_api::machine::MachineSpec;
@@ -134,6 +134,15 @@ pub fn prepare(
     if let (Some(v), Some(j)) = (&machine.vsock, jailed.vsock.as_mut()) {
         link_socket(&v.uds_path, &inside(&root, VSOCK))?;
         j.uds_path = VSOCK.into();
+        // The guest agent's announcement reaches `<uds>_1025` as Firecracker
+        // sees it, inside the root: the daemon's listener goes there too,
+        // owned by the VM's uid so Firecracker may connect to it.
+        let ready = crate::vsock::ready_socket_path(&v.uds_path);
+        if fs::symlink_metadata(&ready).is_ok_and(|m| m.file_type().is_socket()) {
+            let name = crate::vsock::ready_socket_path(Path::new(VSOCK));
+            let name = name.to_string_lossy();
+            place(&ready, &root, name.trim_start_matches('/'), uid, true)?;
+        }
     }
     let limits = Limits::for_shape(machine.vcpus, machine.memory_mib);
     let host = CgroupHost::probe();

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use banger_guest_protocol::api::{AGENT_PORT, Health, HostKey, Listener};
+use banger_guest_protocol::api::{AGENT_PORT, Health, HostKey, Listener, READY_LINE, READY_PORT};
 use serde::de::DeserializeOwned;
 
 /// The VM's exec secret on the host, inside the VM's directory (mode
@@ -89,6 +89,24 @@ const CONNECT_ATTEMPTS: u32 = 30;
 const FIRST_RETRY_GAP: Duration = Duration::from_millis(20);
 /// The longest pause between two attempts.
 const MAX_RETRY_GAP: Duration = Duration::from_millis(500);
+
+/// Where a hybrid-vsock VMM whose socket is `uds` delivers the guest's
+/// connections to host port [`READY_PORT`] (the agent's announcement):
+/// `<uds>_1025`, the convention Firecracker and vhost-device-vsock share.
+pub fn ready_socket_path(uds: &Path) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{READY_PORT}"));
+    PathBuf::from(p)
+}
+
+/// Announces on the agent's behalf that it is up, to whoever listens on
+/// [`ready_socket_path`]`(uds)`: for an agent the daemon has just reached
+/// some other way (a guest restored from a snapshot, awake before it is
+/// asked, announces nothing). `reason` goes after the line's keyword.
+pub fn announce_ready(uds: &Path, reason: &str) -> io::Result<()> {
+    let mut s = crate::uds_http::connect(&ready_socket_path(uds), Duration::from_secs(1))?;
+    s.write_all(format!("{READY_LINE} {reason}\n").as_bytes())
+}
 
 /// Opens a stream to guest vsock `port` through the hybrid-vsock socket
 /// `uds`, giving up after `timeout` for the connection and the handshake.

@@ -23,7 +23,9 @@
 //!   as a guest agent behind Firecracker's hybrid vsock: `CONNECT 1024\n` is
 //!   answered `OK <n>\n`, then `GET /healthz` (version `fake`), `/ports` and
 //!   `/ssh-host-keys` (empty lists) are served; other ports get the
-//!   connection closed, as Firecracker does when nothing listens.
+//!   connection closed, as Firecracker does when nothing listens. Once
+//!   bound it announces itself as the real agent does, on `<uds>_1025`
+//!   (best effort).
 //!   `POST /reidentify` is recorded like an API call (`"agent": true`, with
 //!   its `authorization` header) and answered as applied.
 //! - `FAKE_FC_HOST_KEYS=FILE`: the fake agent's `/ssh-host-keys` answer is
@@ -549,6 +551,13 @@ fn start_fake_agent(uds: &Path) {
             std::thread::spawn(move || serve_agent(stream, booted));
         }
     });
+    // The agent announces itself once it listens: Firecracker hands the
+    // guest's connection to host port 1025 to `<uds>_1025`.
+    let mut ready = uds.as_os_str().to_owned();
+    ready.push("_1025");
+    if let Ok(mut s) = UnixStream::connect(&ready) {
+        let _ = s.write_all(b"READY fake\n");
+    }
 }
 
 fn serve_agent(stream: UnixStream, booted: std::time::Instant) {
