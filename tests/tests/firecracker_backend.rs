@@ -268,6 +268,12 @@ FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
         else {
             return;
         };
+        // The daemon's listener for the agent's announcement (vsock-agent
+        // binds it before the launch).
+        let uds = w.machine.vsock.as_ref().unwrap().uds_path.clone();
+        let ready =
+            std::os::unix::net::UnixListener::bind(banger_vmm::vsock::ready_socket_path(&uds))
+                .unwrap();
         let p = launch(&fc, &w).unwrap();
         assert!(process_alive(&p));
 
@@ -350,10 +356,18 @@ FAKE_FIRECRACKER_ROOT="$root" exec "$exe" "$1" "$root$2"
         assert_eq!(body("/boot-source")["kernel_image_path"], "/kernel");
         assert_eq!(body("/drives/root")["path_on_host"], "/drives/root");
         assert_eq!(body("/vsock")["uds_path"], "/vsock/v.sock");
-        assert_eq!(
-            fs::read_link(&w.machine.vsock.as_ref().unwrap().uds_path).unwrap(),
-            root.join("vsock/v.sock")
+        assert_eq!(fs::read_link(&uds).unwrap(), root.join("vsock/v.sock"));
+        // Firecracker, in its root, delivers the announcement to
+        // /vsock/v.sock_1025: the daemon's listener, as the VM's uid's.
+        let inside = root.join("vsock/v.sock_1025");
+        let (m, o) = (
+            fs::metadata(&inside).unwrap(),
+            fs::metadata(banger_vmm::vsock::ready_socket_path(&uds)).unwrap(),
         );
+        assert_eq!((m.dev(), m.ino()), (o.dev(), o.ino()), "a hard link");
+        assert_eq!(m.uid(), uid);
+        std::os::unix::net::UnixStream::connect(&inside).unwrap();
+        ready.accept().unwrap();
         // The VMM is in the VM's cgroup; kill empties and removes it and the jail.
         let cgroups = fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
         assert!(cgroups.contains(&format!("/banger/{id}\n")), "{cgroups}");
