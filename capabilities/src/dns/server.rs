@@ -152,16 +152,77 @@ pub fn read_records(path: &Path) -> Result<BTreeMap<String, Ipv4Addr>, DnsError>
 /// (one daemon owns a state dir, enforced by its pid lock).
 static WRITE_LOCK: Mutex<()> = Mutex::new(());
 
+/// Record changes waiting for a write (see [`set_record`]).
+static QUEUE: Mutex<Vec<Queued>> = Mutex::new(Vec::new());
+
+/// One waiting change and where its result goes.
+struct Queued {
+    path: PathBuf,
+    name: String,
+    ip: Option<Ipv4Addr>,
+    result: Arc<Mutex<Option<Result<(), DnsError>>>>,
+}
+
 /// Sets (`Some`) or removes (`None`) the record for `name`, publishing the
 /// new file by rename so the server never sees a half-written one.
+///
+/// Group commit: the change is queued, and whoever holds the write lock
+/// next applies every queued change of a file with one read, one staged
+/// write and one rename, so 32 VMs created at once make a handful of
+/// writes instead of 32 in a row (issue 12). Each caller gets its own
+/// result; when a shared write fails, each change of it is retried alone.
 pub fn set_record(path: &Path, name: &str, ip: Option<Ipv4Addr>) -> Result<(), DnsError> {
-    let _guard = WRITE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let result = Arc::new(Mutex::new(None));
+    lock(&QUEUE).push(Queued {
+        path: path.to_path_buf(),
+        name: name.to_ascii_lowercase(),
+        ip,
+        result: result.clone(),
+    });
+    let _writer = lock(&WRITE_LOCK);
+    // The writer before us may have applied ours already; if not, ours is
+    // still queued and we apply it, with everything queued behind it.
+    if let Some(done) = lock(&result).take() {
+        return done;
+    }
+    let batch = std::mem::take(&mut *lock(&QUEUE));
+    apply(batch);
+    lock(&result).take().unwrap_or(Ok(()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Applies `batch` file by file, in order; callers hold `WRITE_LOCK`.
+fn apply(mut batch: Vec<Queued>) {
+    while let Some(first) = batch.first() {
+        let path = first.path.clone();
+        let (mine, rest): (Vec<Queued>, Vec<Queued>) =
+            batch.into_iter().partition(|q| q.path == path);
+        batch = rest;
+        match change_records(&path, &mine) {
+            Ok(()) => mine.iter().for_each(|q| *lock(&q.result) = Some(Ok(()))),
+            Err(e) if mine.len() == 1 => *lock(&mine[0].result) = Some(Err(e)),
+            Err(_) => {
+                for q in &mine {
+                    *lock(&q.result) = Some(change_records(&path, std::slice::from_ref(q)));
+                }
+            }
+        }
+    }
+}
+
+/// One read-modify-write of `path` with every change of `changes`.
+fn change_records(path: &Path, changes: &[Queued]) -> Result<(), DnsError> {
     let mut records = read_records(path)?;
-    let name = name.to_ascii_lowercase();
-    let changed = match ip {
-        Some(ip) => records.insert(name, ip) != Some(ip),
-        None => records.remove(&name).is_some(),
-    };
+    let mut changed = false;
+    for q in changes {
+        changed |= match q.ip {
+            Some(ip) => records.insert(q.name.clone(), ip) != Some(ip),
+            None => records.remove(&q.name).is_some(),
+        };
+    }
     if !changed {
         return Ok(());
     }
@@ -191,6 +252,8 @@ fn write_records(path: &Path, records: BTreeMap<String, Ipv4Addr>) -> Result<(),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(test)]
+    tests::count_write(path);
     let body = serde_json::to_vec_pretty(&RecordsFile {
         version: 1,
         records,
@@ -679,6 +742,67 @@ impl DnsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes of each records file so far, for the group commit's test.
+    static WRITES: Mutex<BTreeMap<PathBuf, usize>> = Mutex::new(BTreeMap::new());
+
+    pub(super) fn count_write(path: &Path) {
+        *lock(&WRITES).entry(path.to_path_buf()).or_default() += 1;
+    }
+
+    fn writes(path: &Path) -> usize {
+        lock(&WRITES).get(path).copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn changes_queued_behind_a_write_share_one_write_and_get_their_own_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = records_path(dir.path());
+        // A file that cannot be: its directory would be a regular file.
+        std::fs::write(dir.path().join("blocker"), b"").unwrap();
+        let bad = records_path(&dir.path().join("blocker"));
+        set_record(&path, "old", Some(Ipv4Addr::new(172, 30, 1, 1))).unwrap();
+        let before = writes(&path);
+        let n: u8 = 16;
+        let threads: Vec<_> = {
+            // Another write is in progress: everything meanwhile queues.
+            let _writer = lock(&WRITE_LOCK);
+            let threads: Vec<_> = (0..=n)
+                .map(|i| {
+                    let (path, bad) = (path.clone(), bad.clone());
+                    std::thread::spawn(move || match i {
+                        0 => set_record(&bad, "lost", Some(Ipv4Addr::new(172, 30, 2, 1))),
+                        1 => set_record(&path, "old", None),
+                        i => {
+                            set_record(&path, &format!("vm{i}"), Some(Ipv4Addr::new(172, 30, 0, i)))
+                        }
+                    })
+                })
+                .collect();
+            let queued = |want: usize| {
+                lock(&QUEUE)
+                    .iter()
+                    .filter(|q| q.path == path || q.path == bad)
+                    .count()
+                    == want
+            };
+            while !queued(usize::from(n) + 1) {
+                std::thread::yield_now();
+            }
+            threads
+        };
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        // One write for all of the good file's changes, in order.
+        assert_eq!(writes(&path) - before, 1);
+        let r = read_records(&path).unwrap();
+        assert_eq!(r.len(), usize::from(n) - 1, "{r:?}");
+        assert!(!r.contains_key("old"), "{r:?}");
+        assert_eq!(r.get("vm7"), Some(&Ipv4Addr::new(172, 30, 0, 7)));
+        // The bad file's change failed alone, with its own path named.
+        let err = results[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("blocker"), "{err}");
+        assert!(results[1..].iter().all(Result::is_ok), "{results:?}");
+    }
 
     #[test]
     fn records_are_set_replaced_and_removed_atomically() {
