@@ -8,8 +8,8 @@
 //! Each source keeps at most one spare, and only the sources of the last
 //! `images` spares made keep theirs (older ones are removed). A spare is
 //! made by [`clone_file`] (staged, renamed into place), by one background
-//! thread at a low CPU priority, after a create took one or copied the
-//! source itself.
+//! thread that runs only on idle CPU time (`SCHED_IDLE`), after a create
+//! took one or copied the source itself.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -19,9 +19,9 @@ use std::time::SystemTime;
 use super::{CloneKind, DiskError, clone_file, rename_noreplace};
 use crate::file_id::{FileState, RACY, settled};
 
-/// The nice value of the thread that makes spares: a create's own work
-/// (and the guests it boots) come first.
-const FILL_NICE: libc::c_int = 10;
+/// The nice value of the thread that makes spares where it cannot be
+/// made `SCHED_IDLE`.
+const FILL_NICE: libc::c_int = 19;
 
 /// The spare root disks of one daemon.
 #[derive(Debug, Clone)]
@@ -172,11 +172,20 @@ impl Inner {
     /// The filling thread: makes a spare for every queued source, then
     /// ends.
     fn fill_queue(&self) {
-        // SAFETY: setpriority on this thread's own tid; no memory involved.
-        let rc = unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, FILL_NICE)
+        // Only idle CPU time: the copy must not slow the guest that just
+        // took the last spare, nor anything else the host runs. If no CPU
+        // is idle the spare waits, and the next create copies for itself.
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler on the calling thread (0) with a valid
+        // sched_param; no other memory is involved.
+        let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
+        let niced = || {
+            // SAFETY: setpriority on the caller, which Linux takes as the
+            // calling thread (nice values are per thread); no memory involved.
+            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FILL_NICE) };
+            rc == 0
         };
-        if rc != 0 {
+        if !idle && !niced() {
             tracing::debug!(
                 "cannot lower the spare thread's priority: {}",
                 std::io::Error::last_os_error()
