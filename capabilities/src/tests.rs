@@ -635,21 +635,25 @@ fn fake_agent_bin(dir: &Path) -> PathBuf {
     agent
 }
 
+/// vsock-agent's ConfigureMachine for a VM in `dir` with PostStart's
+/// `timeout` (seconds): its options, the VM and its vsock socket.
+fn configured_vsock_agent(dir: &Path, timeout: &str) -> (CapOptions, VmRecord, PathBuf) {
+    let agent = fake_agent_bin(dir);
+    let o = opts(&[("agent", agent.to_str().unwrap()), ("timeout", timeout)]);
+    let v = vm(1 << 20, false);
+    let mut m = bare_machine();
+    with_opts(&v, dir, &o, |ctx| VsockAgent.configure_machine(ctx, &mut m))
+        .0
+        .unwrap();
+    (o, v, m.vsock.unwrap().uds_path)
+}
+
 #[test]
 fn vsock_agent_post_start_asks_the_agent_once_it_announced_itself() {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
     let dir = tempfile::tempdir().unwrap();
-    let agent = fake_agent_bin(dir.path());
-    let o = opts(&[("agent", agent.to_str().unwrap()), ("timeout", "20")]);
-    let v = vm(1 << 20, false);
-    let mut m = bare_machine();
-    with_opts(&v, dir.path(), &o, |ctx| {
-        VsockAgent.configure_machine(ctx, &mut m)
-    })
-    .0
-    .unwrap();
-    let uds = m.vsock.clone().unwrap().uds_path;
+    let (o, v, uds) = configured_vsock_agent(dir.path(), "20");
     let ready_sock = dir
         .path()
         .join(format!("{}_1025", vsock_agent::SOCKET_FILE));
@@ -695,19 +699,11 @@ fn vsock_agent_post_start_asks_the_agent_once_it_announced_itself() {
 #[test]
 fn vsock_agent_post_start_asks_an_agent_that_never_announces_after_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = fake_agent_bin(dir.path());
     // A timeout under the grace: the wait for an announcement ends with it,
     // and the agent is asked all the same (an agent older than the
     // announcement, or a restored guest nobody announced for).
-    let o = opts(&[("agent", agent.to_str().unwrap()), ("timeout", "2")]);
-    let v = vm(1 << 20, false);
-    let mut m = bare_machine();
-    with_opts(&v, dir.path(), &o, |ctx| {
-        VsockAgent.configure_machine(ctx, &mut m)
-    })
-    .0
-    .unwrap();
-    let server = fake_agent(&m.vsock.clone().unwrap().uds_path);
+    let (o, v, uds) = configured_vsock_agent(dir.path(), "2");
+    let server = fake_agent(&uds);
     let (r, lines) = with_opts(&v, dir.path(), &o, |ctx| VsockAgent.post_start(ctx));
     r.unwrap();
     server.join().unwrap();

@@ -66,20 +66,20 @@ fn ready_listeners() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, UnixLis
 /// Binds the announcement listener for the VM whose vsock socket is `uds`,
 /// replacing any earlier one. Best effort: without it (a path too long, a
 /// bind error) the agent is found by polling alone.
-fn listen_for_announcement(uds: &Path) -> Option<PathBuf> {
+fn listen_for_announcement(uds: &Path) {
     let path = ready_socket_path(uds);
     if path.as_os_str().len() > MAX_SOCKET_PATH {
-        return None;
+        return;
     }
     if std::fs::symlink_metadata(&path).is_ok() {
         let _ = std::fs::remove_file(&path);
     }
-    let listener = UnixListener::bind(&path)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| tracing::debug!(path = %path.display(), "no announcement listener: {e}"))
-        .ok()?;
-    ready_listeners().insert(uds.to_path_buf(), listener);
-    Some(path)
+    match UnixListener::bind(&path).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+        Ok(listener) => {
+            ready_listeners().insert(uds.to_path_buf(), listener);
+        }
+        Err(e) => tracing::debug!(path = %path.display(), "no announcement listener: {e}"),
+    }
 }
 
 /// Whether an announcement is waiting on `listener`: a connection whose

@@ -267,7 +267,8 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize, part: Part) -> RawBo
     // The agent announces itself on `<uds>_1025` the moment it listens
     // (banger's daemon listens there too): the raw side's floor is that
     // moment plus one `/healthz`, with no polling gap.
-    let announce = std::os::unix::net::UnixListener::bind(d.join("vsock.sock_1025")).unwrap();
+    let announce =
+        std::os::unix::net::UnixListener::bind(banger_vmm::vsock::ready_socket_path(&uds)).unwrap();
     announce.set_nonblocking(true).unwrap();
     let mut announced = false;
     // No sync before timing: banger's create does not get one either.

@@ -751,7 +751,7 @@ mod tests {
         }
     }
 
-    fn dir_entries(dir: &Path) -> Vec<String> {
+    pub(super) fn dir_entries(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

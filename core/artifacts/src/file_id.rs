@@ -39,10 +39,7 @@ impl FileId {
             h.update(s.to_le_bytes());
             h.update(ns.to_le_bytes());
         }
-        h.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        banger_api::release::hex(&h.finalize()[..16])
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use super::{CloneKind, DiskError, clone_file, rename_noreplace};
 use crate::file_id::{FileState, RACY, settled};
+use banger_api::release::hex;
 
 /// The nice value of the thread that makes spares where it cannot be
 /// made `SCHED_IDLE`.
@@ -144,20 +145,16 @@ impl Spares {
         }
     }
 
-    /// Whether a spare of `src`'s current contents is ready (tests, benches).
-    pub fn has_spare(&self, src: &Path) -> bool {
+    /// Whether a spare of `src`'s current contents is ready.
+    #[cfg(test)]
+    fn has_spare(&self, src: &Path) -> bool {
         self.ready(src).is_some_and(|p| p.is_file())
-    }
-
-    /// Whether no spare is queued or being made.
-    pub fn idle(&self) -> bool {
-        let st = lock(&self.inner.state);
-        !st.filling && st.queue.is_empty()
     }
 
     /// Waits up to `timeout` until no spare is queued or being made;
     /// returns whether that happened.
-    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+    #[cfg(test)]
+    fn wait_idle(&self, timeout: std::time::Duration) -> bool {
         let st = lock(&self.inner.state);
         let (st, _) = self
             .inner
@@ -297,10 +294,7 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 fn path_key(src: &Path) -> String {
     use sha2::Digest;
     use std::os::unix::ffi::OsStrExt;
-    sha2::Sha256::digest(src.as_os_str().as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&sha2::Sha256::digest(src.as_os_str().as_bytes())[..8])
 }
 
 fn spare_name(src: &Path, id_key: &str) -> String {
@@ -309,6 +303,7 @@ fn spare_name(src: &Path, id_key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::dir_entries;
     use super::*;
     use std::os::unix::fs::FileExt;
 
@@ -334,15 +329,6 @@ mod tests {
             s.wait_idle(limit),
             "the spare thread did not finish within 30 s"
         );
-    }
-
-    fn entries(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
     }
 
     /// A source is identified (so can have a spare) only RACY after its
@@ -387,7 +373,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&b).unwrap().len(), 8 * MIB);
         wait_idle(&s);
         assert!(s.has_spare(&img));
-        assert_eq!(entries(&spares_dir).len(), 1, "one spare per source");
+        assert_eq!(dir_entries(&spares_dir).len(), 1, "one spare per source");
 
         // A VM's disk is its own: writing it leaves the spare alone.
         std::fs::OpenOptions::new()
@@ -423,7 +409,7 @@ mod tests {
         assert_eq!(read_tag(&b, 9), b"version-2", "{kind:?}");
         wait_idle(&s);
         // The old version's spare is gone; only the new one is kept.
-        assert_eq!(entries(&spares_dir).len(), 1);
+        assert_eq!(dir_entries(&spares_dir).len(), 1);
         let c = tmp.path().join("c.ext4");
         assert_eq!(s.take(&img, &c).unwrap(), CloneKind::Spare);
         assert_eq!(read_tag(&c, 9), b"version-2");
@@ -453,27 +439,27 @@ mod tests {
         s.forget(&imgs[2]);
         assert!(!s.has_spare(&imgs[2]));
         assert!(s.has_spare(&imgs[1]));
-        assert_eq!(entries(&spares_dir).len(), 1);
+        assert_eq!(dir_entries(&spares_dir).len(), 1);
     }
 
     #[test]
     fn open_sweeps_interrupted_fills_and_zero_keeps_nothing() {
         let (tmp, img, spares_dir, s) = fixture(1, true);
-        let kept = entries(&spares_dir);
+        let kept = dir_entries(&spares_dir);
         assert_eq!(kept.len(), 1);
         std::fs::write(spares_dir.join(".x.ext4.staging-1-00000000"), b"torn").unwrap();
         drop(s);
         let s = Spares::open(&spares_dir, 1).unwrap();
-        assert_eq!(entries(&spares_dir), kept, "staging swept, spare kept");
+        assert_eq!(dir_entries(&spares_dir), kept, "staging swept, spare kept");
         assert!(s.has_spare(&img));
         drop(s);
 
         let s = Spares::open(&spares_dir, 0).unwrap();
-        assert!(entries(&spares_dir).is_empty(), "spares off: none kept");
+        assert!(dir_entries(&spares_dir).is_empty(), "spares off: none kept");
         let a = tmp.path().join("a.ext4");
         assert_ne!(s.take(&img, &a).unwrap(), CloneKind::Spare);
-        assert!(s.idle());
-        assert!(entries(&spares_dir).is_empty());
+        assert!(s.wait_idle(std::time::Duration::ZERO), "nothing queued");
+        assert!(dir_entries(&spares_dir).is_empty());
     }
 
     #[test]
