@@ -5,7 +5,7 @@
 //! Before spawning, the backend opens every writable drive and takes an
 //! exclusive, non-blocking `flock(2)` on it; a drive already locked refuses
 //! the launch. The open file is inherited by the VMM (its close-on-exec flag
-//! is cleared in the child only, between fork and exec), so the lock lives
+//! is cleared in the child only, by the spawn's file actions), so the lock lives
 //! exactly as long as the VMM process, with no helper process and nothing
 //! to clean up: it goes when the VMM exits or is killed. The daemon closes
 //! its own copy right after spawning. QEMU also takes its own image locks
@@ -18,16 +18,13 @@
 //! above stderr before it execs firecracker, so there a holder process
 //! keeps the locks instead ([`DiskLocks::hold_while`]).
 
-#![allow(unsafe_code)]
-
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use banger_api::machine::MachineSpec;
 
-use crate::VmmError;
+use crate::{Detached, VmmError};
 
 /// The locked writable disks of one launch, until handed to the VMM.
 #[derive(Debug)]
@@ -74,24 +71,11 @@ impl DiskLocks {
         Ok(DiskLocks { files })
     }
 
-    /// Makes `cmd`'s process inherit the locked files, so it holds the
-    /// locks for its whole life. Drop `self` after spawning.
-    pub(crate) fn hand_to(&self, cmd: &mut Command) {
-        let fds: Vec<RawFd> = self.files.iter().map(AsRawFd::as_raw_fd).collect();
-        // SAFETY: runs in the forked child before exec; fcntl(2) is
-        // async-signal-safe and nothing here allocates. The fds are open:
-        // the parent keeps `self` (and so the files) until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                for &fd in &fds {
-                    let fd = BorrowedFd::borrow_raw(fd);
-                    nix::fcntl::fcntl(
-                        fd,
-                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                    )?;
-                }
-                Ok(())
-            });
+    /// Makes the process inherit the locked files, so it holds the locks
+    /// for its whole life. Drop `self` after spawning.
+    pub(crate) fn hand_to(&self, what: &mut Detached) {
+        for f in &self.files {
+            what.keep(f.as_raw_fd());
         }
     }
 }
@@ -115,12 +99,10 @@ impl DiskLocks {
         }
         let mut cmd = Command::new(HOLDER);
         cmd.arg(format!("--pid={pid}"))
-            .args(["-s", HOLDER_POLL, "-f", "/dev/null"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        self.hand_to(&mut cmd);
-        crate::spawn_detached(cmd, std::path::Path::new(HOLDER), "disk-lock").map(drop)
+            .args(["-s", HOLDER_POLL, "-f", "/dev/null"]);
+        let mut what = Detached::new(cmd);
+        self.hand_to(&mut what);
+        crate::spawn_detached(what, std::path::Path::new(HOLDER), "disk-lock").map(drop)
     }
 }
 
@@ -156,7 +138,8 @@ fn lock_exclusive(file: &File) -> Result<(), nix::errno::Errno> {
 mod tests {
     use super::*;
     use banger_api::machine::{Drive, DriveRole};
-    use std::process::Stdio;
+    use std::path::Path;
+    use std::time::Duration;
 
     /// A temp dir holding a root disk, and a machine using it.
     fn machine() -> (tempfile::TempDir, std::path::PathBuf, MachineSpec) {
@@ -195,22 +178,32 @@ mod tests {
     fn the_lock_lives_as_long_as_the_process_that_inherited_it() {
         let (_dir, disk, m) = machine();
 
-        let locks = DiskLocks::take(&m).unwrap();
-        let mut cmd = Command::new("sleep");
-        cmd.arg("30").stdin(Stdio::null());
-        locks.hand_to(&mut cmd);
-        let mut child = cmd.spawn().unwrap();
-        drop(locks);
+        // Both ways a VMM is started: posix_spawn, and fork for a process
+        // that joins a cgroup.
+        for forks in [false, true] {
+            let locks = DiskLocks::take(&m).unwrap();
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            let mut what = Detached::new(cmd);
+            if forks {
+                what.force_fork();
+            }
+            locks.hand_to(&mut what);
+            let child = crate::spawn_detached(what, Path::new("sleep"), "test").unwrap();
+            drop(locks);
 
-        // The daemon's copy is closed; the child still holds the lock.
-        let err = DiskLocks::take(&m).unwrap_err().to_string();
-        assert!(err.contains("is locked by another process"), "{err}");
-        assert!(err.contains(&disk.display().to_string()), "{err}");
+            // The daemon's copy is closed; the child still holds the lock.
+            let err = DiskLocks::take(&m).unwrap_err().to_string();
+            assert!(
+                err.contains("is locked by another process"),
+                "{forks}: {err}"
+            );
+            assert!(err.contains(&disk.display().to_string()), "{err}");
 
-        child.kill().unwrap();
-        child.wait().unwrap();
-        // Gone with the process.
-        DiskLocks::take(&m).unwrap();
+            child.abort(Duration::from_secs(5));
+            // Gone with the process.
+            DiskLocks::take(&m).unwrap();
+        }
     }
 
     #[test]

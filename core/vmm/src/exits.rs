@@ -131,7 +131,12 @@ mod tests {
     fn spawn(script: &str) -> VmmProcess {
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", script]);
-        let s = crate::spawn_detached(cmd, std::path::Path::new("/bin/sh"), "test").unwrap();
+        let s = crate::spawn_detached(
+            crate::Detached::new(cmd),
+            std::path::Path::new("/bin/sh"),
+            "test",
+        )
+        .unwrap();
         VmmProcess {
             pid: s.pid,
             start_time: s.start_time.expect("start time of a live child"),
@@ -144,8 +149,9 @@ mod tests {
         let (read, write) = std::io::pipe().unwrap();
         // The child blocks on the pipe until the test closes its end.
         let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "read _ ; exit 7"]).stdin(read);
-        let s = crate::spawn_detached(cmd, std::path::Path::new("/bin/sh"), "test").unwrap();
+        cmd.args(["-c", "read _ ; exit 7"]);
+        let what = crate::Detached::new(cmd).stdin(read);
+        let s = crate::spawn_detached(what, std::path::Path::new("/bin/sh"), "test").unwrap();
         let p = VmmProcess {
             pid: s.pid,
             start_time: s.start_time.unwrap(),

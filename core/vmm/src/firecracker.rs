@@ -10,19 +10,20 @@ use std::io::{BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::appear::Appear;
 use crate::cgroup;
 use crate::confine::{running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::jailer;
 use crate::{
-    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused, error_chain,
-    io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
-    uds_http, wait_gone,
+    Detached, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused,
+    error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket,
+    spawn_detached, uds_http, wait_gone,
 };
 pub use banger_api::backend::{JailSettings, Timeouts};
 use banger_api::machine::MachineSpec;
@@ -105,9 +106,6 @@ impl Vmm for Firecracker {
             .append(true)
             .open(&machine.serial_log)
             .map_err(|e| io_err(format!("opening {}", machine.serial_log.display()), e))?;
-        let serial_err = serial
-            .try_clone()
-            .map_err(|e| io_err("duplicating the serial log handle", e))?;
 
         let jailed = match self.jailer() {
             Some(_) => {
@@ -124,19 +122,20 @@ impl Vmm for Firecracker {
             }
             None => None,
         };
-        let (bin, mut cmd) = match (self.jailer(), &jailed) {
+        let (bin, what) = match (self.jailer(), &jailed) {
             (Some(j), Some(jailed)) => {
                 let mut cmd = Command::new(j);
                 cmd.args(&jailed.args);
+                let mut what = Detached::new(cmd);
                 if let Some(cg) = &jailed.cgroup {
-                    cg.join_on_exec(&mut cmd);
+                    what.join_cgroup(cg);
                 }
-                (j.to_path_buf(), cmd)
+                (j.to_path_buf(), what)
             }
             _ => {
                 let mut cmd = Command::new(&self.bin);
                 cmd.arg("--api-sock").arg(&paths.api_socket);
-                (self.bin.clone(), cmd)
+                (self.bin.clone(), Detached::new(cmd))
             }
         };
         // By their host paths: the jailed machine names them inside its root.
@@ -145,9 +144,10 @@ impl Vmm for Firecracker {
             Some(j) => (&j.machine, PathBuf::from(jailer::LOG)),
             None => (machine, paths.vmm_log.clone()),
         };
-        cmd.stdin(Stdio::null()).stdout(serial).stderr(serial_err);
-        locks.hand_to(&mut cmd);
-        let spawned = spawn_detached(cmd, &bin, NAME).inspect_err(|_| {
+        let mut what = what.output(serial)?;
+        locks.hand_to(&mut what);
+        let appear = Appear::watch(&paths.api_socket);
+        let spawned = spawn_detached(what, &bin, NAME).inspect_err(|_| {
             let _ = self.clean_up(&paths.api_socket);
         })?;
         let pid = spawned.pid;
@@ -180,7 +180,7 @@ impl Vmm for Firecracker {
             return Err(launched.abort(e));
         }
         let mut api = ApiSession::new(&paths.api_socket);
-        if let Err(e) = self.wait_ready(&launched, &machine.serial_log, &mut api) {
+        if let Err(e) = self.wait_ready(&launched, &appear, &machine.serial_log, &mut api) {
             return Err(launched.abort(e));
         }
         let booted = match (&self.restore, &jailed) {
@@ -256,13 +256,15 @@ impl Vmm for Firecracker {
 
 impl Firecracker {
     /// Polls `GET /` until it answers, the child exits, or the deadline
-    /// passes. The pause starts at 1 ms and doubles up to `POLL`: the
-    /// socket is usually there within a few ms, and a flat 10 ms pause was
-    /// most of a launch.
+    /// passes. Between polls it waits for the socket to appear (`appear`,
+    /// watched since before the spawn) or for a pause that starts at 1 ms
+    /// and doubles up to `POLL`: the socket is usually there within a few
+    /// ms, and a flat 10 ms pause was most of a launch.
     /// The connection that answered is kept in `api` for what follows.
     fn wait_ready(
         &self,
         launched: &Launched<'_>,
+        appear: &Appear,
         serial_log: &Path,
         api: &mut ApiSession<'_>,
     ) -> Result<(), VmmError> {
@@ -290,7 +292,7 @@ impl Firecracker {
                     log_tail(serial_log, LOG_TAIL_LINES)
                 )));
             }
-            std::thread::sleep(pause);
+            appear.wait(pause);
             pause = (pause * 2).min(POLL);
         }
     }

@@ -14,10 +14,8 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -26,6 +24,7 @@ use nix::unistd::Pid;
 use banger_api::machine::MachineSpec;
 use banger_api::model::{VmmKind, VmmProcess};
 
+mod appear;
 pub mod cgroup;
 pub mod config_drive;
 mod confine;
@@ -34,10 +33,12 @@ mod exits;
 pub mod firecracker;
 pub mod jailer;
 pub mod qemu;
+mod spawn;
 mod uds_http;
 pub mod vsock;
 
 pub use exits::{exit_status, is_failure};
+use spawn::{Detached, Spawned, spawn_detached};
 
 /// Host paths a backend may use for one VM.
 #[derive(Debug, Clone)]
@@ -267,80 +268,6 @@ const POLL: Duration = Duration::from_millis(10);
 /// How many log lines an early-exit error quotes.
 pub const LOG_TAIL_LINES: usize = 20;
 
-/// A process a backend spawned in its own session, reaped by a thread.
-struct Spawned {
-    pid: u32,
-    /// `None` if the process vanished before its start time could be read.
-    start_time: Option<u64>,
-    /// Receives the exit status once the reaper has reaped it.
-    exited: mpsc::Receiver<io::Result<ExitStatus>>,
-}
-
-/// Spawns `cmd` in a session of its own (so it outlives the daemon and
-/// ignores its terminal) and reaps it from a detached thread so no zombie
-/// lingers while the daemon lives.
-fn spawn_detached(mut cmd: Command, bin: &Path, label: &str) -> Result<Spawned, VmmError> {
-    // SAFETY: the closure runs in the forked child before exec and only
-    // calls setsid(2), which is async-signal-safe and allocates nothing.
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
-    }
-    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-        bin: bin.to_path_buf(),
-        source,
-    })?;
-    let pid = child.id();
-    // Read before the reaper can reap: the pid cannot be reused until then.
-    let start_time = process_start_time(pid);
-    exits::spawned(pid, start_time);
-    let (exited_tx, exited) = mpsc::channel::<io::Result<ExitStatus>>();
-    std::thread::Builder::new()
-        .name(format!("reap-{label}-{pid}"))
-        .spawn(move || {
-            let status = child.wait();
-            exits::reaped(pid, &status);
-            let _ = exited_tx.send(status);
-        })
-        .map_err(|e| {
-            // The child went down with the closure, unreaped: kill it at least.
-            let _ = kill(pid_of(pid), Signal::SIGKILL);
-            io_err("starting the VMM reaper thread", e)
-        })?;
-    Ok(Spawned {
-        pid,
-        start_time,
-        exited,
-    })
-}
-
-impl Spawned {
-    /// The exit status, if the process has already exited.
-    fn exit_status(&self) -> Option<String> {
-        self.exited.try_recv().ok().map(|status| match status {
-            Ok(s) => s.to_string(),
-            Err(e) => format!("an unknown status ({e})"),
-        })
-    }
-
-    /// Kills the process (still ours: the reaper has not reported it gone,
-    /// so the pid cannot have been reused) and waits for the reaper.
-    fn abort(self, exit_timeout: Duration) {
-        let gone = match self.exited.try_recv() {
-            Ok(_) | Err(mpsc::TryRecvError::Disconnected) => true,
-            Err(mpsc::TryRecvError::Empty) => {
-                if let Err(e) = kill(pid_of(self.pid), Signal::SIGKILL) {
-                    tracing::warn!(pid = self.pid, error = %e, "Failed to kill the VMM");
-                }
-                self.exited.recv_timeout(exit_timeout).is_ok()
-            }
-        };
-        if !gone {
-            tracing::warn!(pid = self.pid, "The VMM did not exit after SIGKILL");
-        }
-    }
-}
-
 /// SIGKILLs `p` if it is still the same process, then waits until it is gone.
 fn kill_and_wait(p: &VmmProcess, timeout: Duration) -> Result<(), VmmError> {
     // process_alive compares the start time, so a reused pid is left alone.
@@ -472,7 +399,8 @@ mod tests {
     #[test]
     fn a_missing_vmm_binary_names_it_and_points_at_doctor() {
         let bin = Path::new("/nonexistent/qemu-system-x86_64");
-        let Err(e) = spawn_detached(Command::new(bin), bin, "test") else {
+        let Err(e) = spawn_detached(Detached::new(std::process::Command::new(bin)), bin, "test")
+        else {
             panic!("a missing binary started");
         };
         assert_eq!(

@@ -11,22 +11,23 @@
 //! the QEMU process.
 
 use std::ffi::OsString;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::appear::Appear;
 use crate::cgroup::{self, VmCgroup};
 use crate::confine::{abort_cgroup, create_cgroup, running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::{
-    LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused, error_chain,
-    io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket, spawn_detached,
-    wait_gone,
+    Detached, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused,
+    error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket,
+    spawn_detached, wait_gone,
 };
 pub use banger_api::backend::{
     Accel, HostFacts, JailSettings, QemuAccel, QemuSettings, Timeouts, choose_accel,
@@ -475,10 +476,12 @@ impl Qemu {
         spec.push(&vsock.uds_path);
         let mut cmd = Command::new(bin);
         cmd.arg("--vm").arg(spec);
+        let mut what = Detached::new(cmd);
         if let Some(cg) = &jail.cgroup {
-            cg.join_on_exec(&mut cmd);
+            what.join_cgroup(cg);
         }
-        let spawned = spawn_detached(with_log(cmd, &paths.vmm_log)?, bin, VSOCK_BACKEND)?;
+        let appear = Appear::watch(&side.vhost_socket);
+        let spawned = spawn_detached(what.log_to(&paths.vmm_log)?, bin, VSOCK_BACKEND)?;
         let fail = |spawned: Spawned, e: VmmError| {
             spawned.abort(self.settings.timeouts.exit);
             let _ = remove_socket(&side.vhost_socket);
@@ -493,7 +496,7 @@ impl Qemu {
                 )),
             ));
         };
-        let ready = self.wait_until(&spawned, VSOCK_BACKEND, &paths.vmm_log, || {
+        let ready = self.wait_until(&spawned, &appear, VSOCK_BACKEND, &paths.vmm_log, || {
             fs::symlink_metadata(&side.vhost_socket).is_ok_and(|m| m.file_type().is_socket())
         });
         if let Err(e) = ready {
@@ -531,12 +534,14 @@ impl Qemu {
         if self.incoming {
             cmd.args(["-incoming", "defer"]);
         }
+        let mut what = Detached::new(cmd);
         if let Some(cg) = &jail.cgroup {
-            cg.join_on_exec(&mut cmd);
+            what.join_cgroup(cg);
         }
         let locks = DiskLocks::take(machine)?;
-        locks.hand_to(&mut cmd);
-        let spawned = spawn_detached(with_log(cmd, &paths.vmm_log)?, bin, NAME)?;
+        locks.hand_to(&mut what);
+        let appear = Appear::watch(&paths.api_socket);
+        let spawned = spawn_detached(what.log_to(&paths.vmm_log)?, bin, NAME)?;
         drop(locks);
         let Some(start_time) = spawned.start_time else {
             let pid = spawned.pid;
@@ -555,7 +560,7 @@ impl Qemu {
             return Err(e);
         }
         let probe_timeout = self.settings.timeouts.request.min(Duration::from_secs(1));
-        let ready = self.wait_until(&spawned, NAME, &paths.vmm_log, || {
+        let ready = self.wait_until(&spawned, &appear, NAME, &paths.vmm_log, || {
             qmp::Qmp::connect(&paths.api_socket, probe_timeout).is_ok()
         });
         if let Err(e) = ready {
@@ -565,10 +570,13 @@ impl Qemu {
         Ok(process)
     }
 
-    /// Polls `ready` until it holds, the process exits, or the deadline passes.
+    /// Polls `ready` until it holds, the process exits, or the deadline
+    /// passes; between polls, waits up to `POLL` for the socket `appear`
+    /// watches.
     fn wait_until(
         &self,
         spawned: &Spawned,
+        appear: &Appear,
         what: &str,
         log: &Path,
         mut ready: impl FnMut() -> bool,
@@ -593,7 +601,7 @@ impl Qemu {
                     log_tail(log, LOG_TAIL_LINES)
                 )));
             }
-            std::thread::sleep(POLL);
+            appear.wait(POLL);
         }
     }
 }
@@ -691,17 +699,6 @@ pub fn jail_args(sandbox: bool, drop_to: Option<(u32, &Path)>) -> Vec<OsString> 
         a.push(root.as_os_str().to_owned());
     }
     a
-}
-
-/// Sends the process's stdout and stderr to the VMM log (appending).
-fn with_log(mut cmd: Command, log: &Path) -> Result<Command, VmmError> {
-    let open = || OpenOptions::new().create(true).append(true).open(log);
-    let out = open().map_err(|e| io_err(format!("opening {}", log.display()), e))?;
-    let err = out
-        .try_clone()
-        .map_err(|e| io_err("duplicating the VMM log handle", e))?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    Ok(cmd)
 }
 
 /// Clears what a previous run may have left and creates parent directories.
