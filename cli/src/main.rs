@@ -41,7 +41,23 @@ fn main() -> ExitCode {
     clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let cli = {
         use clap::FromArgMatches;
-        let matches = args::command_with_resolved_defaults(Cli::command()).get_matches();
+        use clap::error::ErrorKind;
+        // The resolved defaults (config read, host probed) show only in
+        // help, so only a request for help pays for them: every other
+        // command parses with the plain definition, which accepts the same
+        // arguments.
+        let matches = match Cli::command().try_get_matches() {
+            Ok(m) => m,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                ) =>
+            {
+                args::command_with_resolved_defaults(Cli::command()).get_matches()
+            }
+            Err(e) => e.exit(),
+        };
         match Cli::from_arg_matches(&matches) {
             Ok(cli) => cli,
             Err(e) => e.exit(),
