@@ -10,6 +10,14 @@ mod progress;
 
 pub use progress::show_events;
 
+/// Prints `line` and a newline on stderr in one write: `eprintln!` writes
+/// each formatted piece and the newline separately (stderr is unbuffered),
+/// so a progress line would cost a reader of the pipe several wakeups.
+pub fn eprint_line(mut line: String) {
+    line.push('\n');
+    eprint!("{line}");
+}
+
 /// Left-aligned columns separated by two spaces, no trailing blanks.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();

@@ -56,7 +56,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!("{}", plan.spec);
+    crate::output::eprint_line(plan.spec.to_string());
     let client = crate::daemon::ensure_running(&paths).await?;
     let vm: VmView = client
         .stream_events(

@@ -297,7 +297,7 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         return create_with(client, &req).await;
     }
     let spec = crate::spec::Spec::resolve(&a.shape, a.vmm, &config)?;
-    eprintln!("{spec}");
+    output::eprint_line(spec.to_string());
     let req = CreateVmRequest {
         name: a.name,
         // Config `default_image_name`, unless a root file is brought.

@@ -32,7 +32,7 @@ pub fn show_events(prefix: Option<&str>) -> impl FnMut(&Event) + use<> {
     move |e| match &mut view {
         View::Plain(p) => {
             if let Some(line) = p.line(e) {
-                eprintln!("{line}");
+                super::eprint_line(line);
             }
         }
         View::Bars(b) => b.show(e),
