@@ -367,6 +367,8 @@ mod tests {
             assert!(log.contains(&line), "no {line:?} in the daemon log:\n{log}");
         }
         assert!(log.contains("vm=timed op=create total took="), "{log}");
+        // A log file, not a terminal: no colour escapes around the fields.
+        assert!(!log.contains('\x1b'), "escape codes in bangerd.log:\n{log}");
 
         // `vm show` prints the block; it survives the daemon.
         let shown = env.banger(&["vm", "show", "timed"]).ok().stdout;
