@@ -15,15 +15,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::appear::Appear;
 use crate::cgroup;
 use crate::confine::{running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::jailer;
 use crate::{
-    Detached, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused,
-    error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket,
-    spawn_detached, uds_http, wait_gone,
+    Detached, FIRST_PAUSE, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError,
+    WhilePaused, error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing,
+    remove_socket, spawn_detached, uds_http, wait_gone,
 };
 pub use banger_api::backend::{JailSettings, Timeouts};
 use banger_api::machine::MachineSpec;
@@ -146,7 +145,6 @@ impl Vmm for Firecracker {
         };
         let mut what = what.output(serial)?;
         locks.hand_to(&mut what);
-        let appear = Appear::watch(&paths.api_socket);
         let spawned = spawn_detached(what, &bin, NAME).inspect_err(|_| {
             let _ = self.clean_up(&paths.api_socket);
         })?;
@@ -180,7 +178,7 @@ impl Vmm for Firecracker {
             return Err(launched.abort(e));
         }
         let mut api = ApiSession::new(&paths.api_socket);
-        if let Err(e) = self.wait_ready(&launched, &appear, &machine.serial_log, &mut api) {
+        if let Err(e) = self.wait_ready(&launched, &machine.serial_log, &mut api) {
             return Err(launched.abort(e));
         }
         let booted = match (&self.restore, &jailed) {
@@ -256,20 +254,18 @@ impl Vmm for Firecracker {
 
 impl Firecracker {
     /// Polls `GET /` until it answers, the child exits, or the deadline
-    /// passes. Between polls it waits for the socket to appear (`appear`,
-    /// watched since before the spawn) or for a pause that starts at 1 ms
-    /// and doubles up to `POLL`: the socket is usually there within a few
-    /// ms, and a flat 10 ms pause was most of a launch.
+    /// passes. The pause starts at `FIRST_PAUSE` and doubles up to `POLL`:
+    /// the socket is usually there within a few ms, and a flat 10 ms pause
+    /// was most of a launch.
     /// The connection that answered is kept in `api` for what follows.
     fn wait_ready(
         &self,
         launched: &Launched<'_>,
-        appear: &Appear,
         serial_log: &Path,
         api: &mut ApiSession<'_>,
     ) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.timeouts.socket_ready;
-        let mut pause = Duration::from_millis(1);
+        let mut pause = FIRST_PAUSE;
         loop {
             if let Some(how) = launched.spawned.exit_status() {
                 return Err(VmmError::NotReady(format!(
@@ -292,7 +288,7 @@ impl Firecracker {
                     log_tail(serial_log, LOG_TAIL_LINES)
                 )));
             }
-            appear.wait(pause);
+            std::thread::sleep(pause);
             pause = (pause * 2).min(POLL);
         }
     }

@@ -20,14 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::appear::Appear;
 use crate::cgroup::{self, VmCgroup};
 use crate::confine::{abort_cgroup, create_cgroup, running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::{
-    Detached, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError, WhilePaused,
-    error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket,
-    spawn_detached, wait_gone,
+    Detached, FIRST_PAUSE, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError,
+    WhilePaused, error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing,
+    remove_socket, spawn_detached, wait_gone,
 };
 pub use banger_api::backend::{
     Accel, HostFacts, JailSettings, QemuAccel, QemuSettings, Timeouts, choose_accel,
@@ -480,7 +479,6 @@ impl Qemu {
         if let Some(cg) = &jail.cgroup {
             what.join_cgroup(cg);
         }
-        let appear = Appear::watch(&side.vhost_socket);
         let spawned = spawn_detached(what.log_to(&paths.vmm_log)?, bin, VSOCK_BACKEND)?;
         let fail = |spawned: Spawned, e: VmmError| {
             spawned.abort(self.settings.timeouts.exit);
@@ -496,7 +494,7 @@ impl Qemu {
                 )),
             ));
         };
-        let ready = self.wait_until(&spawned, &appear, VSOCK_BACKEND, &paths.vmm_log, || {
+        let ready = self.wait_until(&spawned, VSOCK_BACKEND, &paths.vmm_log, || {
             fs::symlink_metadata(&side.vhost_socket).is_ok_and(|m| m.file_type().is_socket())
         });
         if let Err(e) = ready {
@@ -540,7 +538,6 @@ impl Qemu {
         }
         let locks = DiskLocks::take(machine)?;
         locks.hand_to(&mut what);
-        let appear = Appear::watch(&paths.api_socket);
         let spawned = spawn_detached(what.log_to(&paths.vmm_log)?, bin, NAME)?;
         drop(locks);
         let Some(start_time) = spawned.start_time else {
@@ -560,7 +557,7 @@ impl Qemu {
             return Err(e);
         }
         let probe_timeout = self.settings.timeouts.request.min(Duration::from_secs(1));
-        let ready = self.wait_until(&spawned, &appear, NAME, &paths.vmm_log, || {
+        let ready = self.wait_until(&spawned, NAME, &paths.vmm_log, || {
             qmp::Qmp::connect(&paths.api_socket, probe_timeout).is_ok()
         });
         if let Err(e) = ready {
@@ -571,18 +568,17 @@ impl Qemu {
     }
 
     /// Polls `ready` until it holds, the process exits, or the deadline
-    /// passes; between polls, waits up to `POLL` for the socket `appear`
-    /// watches.
+    /// passes, pausing from `FIRST_PAUSE` doubled up to `POLL`.
     fn wait_until(
         &self,
         spawned: &Spawned,
-        appear: &Appear,
         what: &str,
         log: &Path,
         mut ready: impl FnMut() -> bool,
     ) -> Result<(), VmmError> {
         let timeout = self.settings.timeouts.socket_ready;
         let deadline = Instant::now() + timeout;
+        let mut pause = FIRST_PAUSE;
         loop {
             if let Some(how) = spawned.exit_status() {
                 return Err(VmmError::NotReady(format!(
@@ -601,7 +597,8 @@ impl Qemu {
                     log_tail(log, LOG_TAIL_LINES)
                 )));
             }
-            appear.wait(POLL);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(POLL);
         }
     }
 }
