@@ -557,35 +557,33 @@ impl<'a> EncodedVm<'a> {
     /// 25-column insert or update was 2% of the daemon's CPU per create.
     fn execute(&self, conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
         let vm = self.vm;
-        conn.prepare_cached(sql)?.execute(
-            params![
-                vm.id.as_str(),
-                vm.name.as_str(),
-                vm.state.as_str(),
-                vm.spec.vcpus,
-                vm.spec.memory_mib,
-                self.disk_size,
-                self.kernel,
-                self.initrd,
-                self.rootfs_source,
-                vm.spec.extra_boot_args.as_deref(),
-                self.vmm,
-                self.pid,
-                self.pid_start_time,
-                self.api_socket,
-                vm.last_error.as_ref().map(|f| f.stage.as_str()),
-                vm.last_error.as_ref().map(|f| f.cause.as_str()),
-                self.failed_at,
-                vm.booted_once,
-                self.caps,
-                self.prepared,
-                self.machine,
-                self.guest,
-                self.created_at,
-                self.updated_at,
-                self.last_start,
-            ],
-        )
+        conn.prepare_cached(sql)?.execute(params![
+            vm.id.as_str(),
+            vm.name.as_str(),
+            vm.state.as_str(),
+            vm.spec.vcpus,
+            vm.spec.memory_mib,
+            self.disk_size,
+            self.kernel,
+            self.initrd,
+            self.rootfs_source,
+            vm.spec.extra_boot_args.as_deref(),
+            self.vmm,
+            self.pid,
+            self.pid_start_time,
+            self.api_socket,
+            vm.last_error.as_ref().map(|f| f.stage.as_str()),
+            vm.last_error.as_ref().map(|f| f.cause.as_str()),
+            self.failed_at,
+            vm.booted_once,
+            self.caps,
+            self.prepared,
+            self.machine,
+            self.guest,
+            self.created_at,
+            self.updated_at,
+            self.last_start,
+        ])
     }
 }
 
