@@ -316,6 +316,16 @@ mod tests {
         f.write_all_at(tag, MIB).unwrap();
     }
 
+    /// Overwrites the bytes at 1 MiB of an existing file with `tag`.
+    fn write_tag(path: &Path, tag: &[u8]) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .write_all_at(tag, MIB)
+            .unwrap();
+    }
+
     fn read_tag(path: &Path, len: usize) -> Vec<u8> {
         let f = std::fs::File::open(path).unwrap();
         let mut buf = vec![0u8; len];
@@ -376,12 +386,7 @@ mod tests {
         assert_eq!(dir_entries(&spares_dir).len(), 1, "one spare per source");
 
         // A VM's disk is its own: writing it leaves the spare alone.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&b)
-            .unwrap()
-            .write_all_at(b"VM-WRITES", MIB)
-            .unwrap();
+        write_tag(&b, b"VM-WRITES");
         let c = tmp.path().join("c.ext4");
         assert_eq!(s.take(&img, &c).unwrap(), CloneKind::Spare);
         assert_eq!(read_tag(&c, 9), b"version-1");
@@ -393,12 +398,7 @@ mod tests {
         let (tmp, img, spares_dir, s) = fixture(2, true);
 
         // Rewritten in place (same size, same inode).
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&img)
-            .unwrap()
-            .write_all_at(b"version-2", MIB)
-            .unwrap();
+        write_tag(&img, b"version-2");
         // Within RACY the source cannot be identified: copied.
         let a = tmp.path().join("a.ext4");
         assert_ne!(s.take(&img, &a).unwrap(), CloneKind::Spare);
