@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use test_infra::{BangerEnv, workspace_bin};
 
 mod common;
-use common::{default_caps_env, load_average, median, private_network};
+use common::{ScratchExt4, default_caps_env_in, describe_fs, load_average, median, private_network};
 
 const CREATES: usize = 32;
 /// Rounds of each concurrency, interleaved (1, 32, 1, 32, ...) so a change
@@ -244,7 +244,28 @@ fn split(timed: &[Timed]) -> String {
 
 fn main() {
     let where_net = private_network("create_throughput");
-    let env = default_caps_env();
+    println!(
+        "create_throughput/setup: fake firecracker, default caps (work-disk, network, dns, file-sync, vsock-agent), in {where_net}"
+    );
+    // The same bench twice: on /tmp, this machine's own filesystem, then
+    // on a fresh ext4 with mkfs's defaults. The first here is ext4 without
+    // a journal, where every file made costs more the more were deleted in
+    // the last minutes (see `describe_fs`): figures fall run after run.
+    measure(std::path::Path::new("/tmp"));
+    match ScratchExt4::new(2048) {
+        Ok(scratch) => measure(&scratch.path()),
+        Err(why) => println!("create_throughput/skipped: the run on a fresh ext4: {why}"),
+    }
+}
+
+/// One whole run, its environment under `parent`.
+fn measure(parent: &std::path::Path) {
+    println!(
+        "create_throughput/filesystem: {} ({})",
+        describe_fs(parent),
+        parent.display()
+    );
+    let env = default_caps_env_in(parent);
     // Warm-up: the first create pays for page cache, the bridge and rules,
     // and the daemon's kept answers about the image and the agent.
     timed_create(&env, "warmup");
@@ -278,9 +299,6 @@ fn main() {
     let (seq, con) = (Merged::of(seq), Merged::of(con));
     let (sequential, one) = (seq.rate, &seq.timed);
     let (concurrent, many) = (con.rate, &con.timed);
-    println!(
-        "create_throughput/setup: fake firecracker, default caps (work-disk, network, dns, file-sync, vsock-agent), in {where_net}"
-    );
     println!(
         "create_throughput/load average: {load_before} before, {} after",
         load_average()

@@ -102,9 +102,15 @@ impl BangerEnv {
     /// A fresh environment with the default config (fake firecracker, plugins
     /// dir inside the env).
     pub fn new() -> Self {
+        Self::new_in(std::path::Path::new("/tmp"))
+    }
+
+    /// [`BangerEnv::new`] with its directory under `parent` (a short path:
+    /// the daemon's sockets live inside it), e.g. on another filesystem.
+    pub fn new_in(parent: &std::path::Path) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bg")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .unwrap();
         let env = BangerEnv {
             dir,
