@@ -239,7 +239,9 @@ impl Capability for VsockAgent {
             .map(|b| format!("{b:02x}"))
             .collect();
         let host = ctx.vm_dir.join(EXEC_SECRET_FILE);
-        banger_api::fsutil::write_atomic(&host, secret.as_bytes(), 0o600)
+        // Valid for this start only: no VM outlives a host restart, and the
+        // next start writes another, so it is not synced.
+        banger_api::fsutil::write_atomic_unsynced(&host, secret.as_bytes(), 0o600)
             .map_err(|e| CapError::with(format!("Cannot write {}", host.display()), e))?;
         guest.files.push(GuestFile {
             path: Path::new("/").join(GUEST_EXEC_SECRET_PATH),

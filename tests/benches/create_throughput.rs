@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use test_infra::{BangerEnv, workspace_bin};
 
 mod common;
-use common::{ScratchExt4, default_caps_env_in, describe_fs, load_average, median, private_network};
+use common::{
+    ScratchExt4, default_caps_env_in, describe_fs, load_average, median, private_network,
+};
 
 const CREATES: usize = 32;
 /// Rounds of each concurrency, interleaved (1, 32, 1, 32, ...) so a change
@@ -168,10 +170,10 @@ fn run(env: &BangerEnv, concurrency: usize, round: usize) -> Run {
     }
 }
 
-/// The daemon's own stage times (`vm=V op=O stage=S took=Nms` in
+/// The daemon's own stage times (`vm=V op=O stage=S took=N.NNNms` in
 /// `bangerd.log`) of creating the VMs named `b{round}-*` of `rounds`: median
-/// per stage, in the order the stages first appear, stages under 0.5 ms
-/// left out.
+/// per stage, in the order the stages first appear, stages under 0.05 ms
+/// left out, then the operation's total.
 fn daemon_split(env: &BangerEnv, rounds: &[usize]) -> String {
     let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap_or_default();
     let prefixes: Vec<String> = rounds.iter().map(|r| format!("vm=b{r}-")).collect();
@@ -190,6 +192,8 @@ fn daemon_split(env: &BangerEnv, rounds: &[usize]) -> String {
         for word in line[at..].split_whitespace() {
             if let Some(s) = word.strip_prefix("stage=") {
                 stage = Some(s.to_string());
+            } else if word == "total" {
+                stage = Some("total".to_string());
             } else if let Some(ms) = word
                 .strip_prefix("took=")
                 .and_then(|w| w.strip_suffix("ms"))
@@ -213,7 +217,7 @@ fn daemon_split(env: &BangerEnv, rounds: &[usize]) -> String {
         .into_iter()
         .filter_map(|s| {
             let m = median(by.remove(&s).unwrap_or_default()) * 1e3;
-            (m >= 0.5).then(|| format!("{s} {m:.1} ms"))
+            (m >= 0.05).then(|| format!("{s} {m:.2} ms"))
         })
         .collect::<Vec<_>>()
         .join(", ")

@@ -1,7 +1,8 @@
 //! Stage timings: how long each stage of a lifecycle operation took. Every
 //! stage that ends logs one line (`vm=web op=start stage=launch_vmm
-//! took=12ms`), every operation its total, and the stages of a VM's last
-//! start are kept in its record for `vm show`.
+//! took=12.345ms`, to the microsecond), every operation its total, and the
+//! stages of a VM's last start are kept in its record (whole milliseconds)
+//! for `vm show`.
 //!
 //! The clock lives in a task-local for the length of one operation, so the
 //! places that begin a stage (hooks, the VMM launch) mark it without every
@@ -45,15 +46,29 @@ impl Clock {
     /// Ends the current stage, logging its duration.
     fn end_current(&self, stages: &mut Stages) {
         if let Some((stage, began)) = stages.current.take() {
-            let ms = millis(began.elapsed());
-            tracing::info!("vm={} op={} stage={stage} took={ms}ms", self.vm(), self.op);
-            stages.done.push(StageTiming { stage, ms });
+            let took = began.elapsed();
+            tracing::info!(
+                "vm={} op={} stage={stage} took={}ms",
+                self.vm(),
+                self.op,
+                fractional_ms(took)
+            );
+            stages.done.push(StageTiming {
+                stage,
+                ms: millis(took),
+            });
         }
     }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds to the microsecond, for the log: most stages take well
+/// under one, where whole milliseconds would say only 0 or 1.
+fn fractional_ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
 /// Runs operation `op` on VM `vm` with a clock: its stages are timed and
@@ -79,7 +94,7 @@ pub(super) async fn timed<F: Future>(vm: &str, op: &'static str, f: F) -> F::Out
                     "vm={} op={} total took={}ms ({} stages)",
                     c.vm(),
                     c.op,
-                    millis(began.elapsed()),
+                    fractional_ms(began.elapsed()),
                     stages.done.len()
                 );
             });

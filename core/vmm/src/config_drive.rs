@@ -59,7 +59,9 @@ pub fn render(
             .mode(0o444)
             .open(&tmp)?;
         f.write_all(&bytes)?;
-        f.sync_all()?;
+        // Not synced: every start renders it anew before the VMM opens it,
+        // and no VM outlives a host restart, so a power loss can cost only
+        // a file the next start replaces.
         fs::rename(&tmp, path)
     })();
     written.map_err(|e| {
