@@ -59,7 +59,8 @@ mod tests {
 
     #[test]
     fn replaces_the_file_whole_with_its_mode_and_leaves_no_temporary() {
-        let writers: [(&str, fn(&Path, &[u8], u32) -> io::Result<()>); 2] = [
+        type Writer = fn(&Path, &[u8], u32) -> io::Result<()>;
+        let writers: [(&str, Writer); 2] = [
             ("write_atomic", write_atomic),
             ("write_atomic_unsynced", write_atomic_unsynced),
         ];
