@@ -187,15 +187,26 @@ impl Capability for Dns {
 
     /// A port another process holds costs only name resolution, so the
     /// daemon logs the failure and serves anyway.
-    /// Records of VMs not running (a crash before their teardown) are
-    /// removed first, so a stopped or deleted VM's name stops resolving.
+    /// The records file is first rewritten from the running VMs with this
+    /// capability and their leases (kept in the store): a stopped or
+    /// deleted VM's name stops resolving (a crash before its teardown),
+    /// and a file a power loss damaged (writes are not synced) is whole
+    /// again before the server reads it.
     fn daemon_start(&self, ctx: &DaemonCtx<'_>) -> Result<(), CapError> {
-        let running: Vec<String> = ctx
-            .running
-            .iter()
-            .map(|r| r.vm.name.as_str().to_ascii_lowercase())
-            .collect();
-        match dns::retain_records(self.net.dns_records(), |n| running.iter().any(|r| r == n)) {
+        let mut records = std::collections::BTreeMap::new();
+        for r in ctx.running {
+            if !r.vm.caps.iter().any(|c| c.name == NAME) {
+                continue;
+            }
+            match self.net.leases().get(&r.vm.id) {
+                Ok(Some(lease)) => {
+                    records.insert(r.vm.name.as_str().to_ascii_lowercase(), lease.ip);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(vm = %r.vm.name, "no .{} record: {e}", dns::ZONE),
+            }
+        }
+        match dns::replace_records(self.net.dns_records(), records) {
             Ok(gone) if gone.is_empty() => {}
             Ok(gone) => tracing::info!(
                 "removed the .{} records of VMs not running: {}",

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use banger_api::config::NetworkConfig;
 use banger_api::guest::GuestConfig;
 use banger_api::machine::MachineSpec;
-use banger_api::model::{ByteSize, CapOptions, VmName, VmRecord, VmSpec, VmState, VmmKind};
+use banger_api::model::{
+    ByteSize, CapOptions, EnabledCap, VmName, VmRecord, VmSpec, VmState, VmmKind,
+};
 use banger_core::capability::{
     Capability, DaemonCtx, HookCtx, HookLog, RunningVm, TeardownReason, builtins,
 };
@@ -243,7 +245,7 @@ fn dns_publishes_the_record_while_prepared() {
 }
 
 #[test]
-fn dns_daemon_start_removes_records_of_vms_not_running() {
+fn dns_daemon_start_rewrites_the_records_from_the_running_vms_leases() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
     // A free loopback port for the server this hook starts.
@@ -264,13 +266,31 @@ fn dns_daemon_start_removes_records_of_vms_not_running() {
         1000,
     ));
     let records = net.dns_records().to_path_buf();
-    let (up_ip, gone_ip) = (Ipv4Addr::new(10, 78, 0, 2), Ipv4Addr::new(10, 78, 0, 3));
+    let with_dns = |name: &str| {
+        let mut v = vm(name);
+        v.caps = vec![EnabledCap {
+            name: crate::dns::NAME.into(),
+            options: Default::default(),
+        }];
+        v
+    };
+    // Running with the capability and a lease; running without the
+    // capability; stopped behind the daemon's back (no teardown).
+    let (up, plain, gone) = (with_dns("up"), vm("plain"), with_dns("gone"));
+    let up_ip = net.lease(&up.id).unwrap().ip;
+    let gone_ip = net.lease(&gone.id).unwrap().ip;
     dns::set_record(&records, "up", Some(up_ip)).unwrap();
     dns::set_record(&records, "gone", Some(gone_ip)).unwrap();
-    let running = [RunningVm {
-        vm: vm("up"),
-        vm_dir: dir.path().join("up"),
-    }];
+    let running = [
+        RunningVm {
+            vm: up,
+            vm_dir: dir.path().join("up"),
+        },
+        RunningVm {
+            vm: plain,
+            vm_dir: dir.path().join("plain"),
+        },
+    ];
     // The daemon's runtime: worker threads drive the server's tasks.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -291,6 +311,27 @@ fn dns_daemon_start_removes_records_of_vms_not_running() {
         [("up".to_string(), up_ip)]
     );
     cap.daemon_stop(&ctx);
+
+    // Records are written unsynced: a power loss may cut the file short.
+    // The next start rewrites it whole from the running VMs' leases.
+    std::fs::write(&records, b"{\"version\": 1, \"rec").unwrap();
+    assert!(dns::read_records(&records).is_err());
+    cap.daemon_start(&ctx).unwrap();
+    let left = dns::read_records(&records).unwrap();
+    assert_eq!(
+        left.into_iter().collect::<Vec<_>>(),
+        [("up".to_string(), up_ip)]
+    );
+    cap.daemon_stop(&ctx);
+    // After a power loss nothing runs: a damaged file becomes an empty one.
+    std::fs::write(&records, b"").unwrap();
+    let none = DaemonCtx {
+        running: &[],
+        ..ctx
+    };
+    cap.daemon_start(&none).unwrap();
+    assert!(dns::read_records(&records).unwrap().is_empty());
+    cap.daemon_stop(&none);
 }
 
 #[test]

@@ -48,13 +48,22 @@ struct Timed {
 
 fn timed_create(env: &BangerEnv, name: &str) -> Timed {
     let (k, r) = env.boot_files();
+    let boot = [
+        "--kernel".into(),
+        k.into_os_string(),
+        "--rootfs".into(),
+        r.into_os_string(),
+    ];
+    timed_create_with(env, name, &boot)
+}
+
+/// `vm create --name NAME BOOT... --disk-size 64M`, timed.
+fn timed_create_with(env: &BangerEnv, name: &str, boot: &[std::ffi::OsString]) -> Timed {
     let start = Instant::now();
     let mut child = env
         .command(&workspace_bin("banger"))
-        .args(["vm", "create", "--name", name, "--kernel"])
-        .arg(&k)
-        .arg("--rootfs")
-        .arg(&r)
+        .args(["vm", "create", "--name", name])
+        .args(boot)
         .args(["--disk-size", "64M"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -223,6 +232,58 @@ fn daemon_split(env: &BangerEnv, rounds: &[usize]) -> String {
         .join(", ")
 }
 
+/// Creates from an image, timed, one at a time.
+const IMAGE_CREATES: usize = 15;
+
+/// `IMAGE_CREATES` creates from an image registered from the bench's boot
+/// files, one at a time, each once the image's spare root disk is ready
+/// (made in the background after the create before took the last one):
+/// the root disk is then a rename, as for a user's `vm create` or `vm run`
+/// from the default image. The VMs are deleted afterwards, untimed.
+fn image_creates(env: &BangerEnv) -> Vec<Timed> {
+    let (k, r) = env.boot_files();
+    let (k, r) = (k.display().to_string(), r.display().to_string());
+    env.banger(&[
+        "image",
+        "register",
+        "--name",
+        "bench-img",
+        "--rootfs",
+        &r,
+        "--kernel",
+        &k,
+    ])
+    .ok();
+    let spares = env.state_dir().join("spares");
+    let spare_ready = || {
+        std::fs::read_dir(&spares).is_ok_and(|rd| {
+            rd.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".ext4") && !n.starts_with('.')
+            })
+        })
+    };
+    let image = ["--image".into(), "bench-img".into()];
+    // The first copies the image itself and queues its first spare.
+    timed_create_with(env, "img-first", &image);
+    let timed = (0..IMAGE_CREATES)
+        .map(|i| {
+            test_infra::wait_until(Duration::from_secs(30), "the image's spare", spare_ready);
+            timed_create_with(env, &format!("img-{i}"), &image)
+        })
+        .collect();
+    let mut args = vec![
+        "vm".to_string(),
+        "delete".to_string(),
+        "img-first".to_string(),
+    ];
+    args.extend((0..IMAGE_CREATES).map(|i| format!("img-{i}")));
+    env.banger(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .ok();
+    env.banger(&["image", "delete", "bench-img"]).ok();
+    timed
+}
+
 /// Median per stage over `timed`, in the order the stages first appear.
 fn split(timed: &[Timed]) -> String {
     let mut order: Vec<String> = Vec::new();
@@ -322,6 +383,11 @@ fn measure(parent: &std::path::Path) {
     println!(
         "create_throughput/single create: {:.1} ms median (CLI start to exit, one at a time)",
         median(one.iter().map(|t| t.total).collect()) * 1e3
+    );
+    let from_image = image_creates(&env);
+    println!(
+        "create_throughput/single create from an image: {:.1} ms median of {IMAGE_CREATES} (its spare root disk made ahead, as for `vm run`)",
+        median(from_image.iter().map(|t| t.total).collect()) * 1e3
     );
     println!(
         "create_throughput/1-concurrent stages (medians): {}",

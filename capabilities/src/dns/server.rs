@@ -229,22 +229,40 @@ fn change_records(path: &Path, changes: &[Queued]) -> Result<(), DnsError> {
     write_records(path, records)
 }
 
-/// Removes every record whose name `keep` refuses (a crash between a VM's
-/// stop and its teardown leaves one), returning the names removed.
-pub fn retain_records(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, DnsError> {
-    let _guard = WRITE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let mut records = read_records(path)?;
-    let gone: Vec<String> = records.keys().filter(|n| !keep(n)).cloned().collect();
-    if gone.is_empty() {
-        return Ok(gone);
+/// Makes `records` the whole file (the daemon's start: the records of the
+/// VMs running then), returning the names it had and loses (a crash
+/// between a VM's stop and its teardown leaves one). A file that cannot be
+/// read, such as one a power loss cut short, is replaced all the same.
+pub fn replace_records(
+    path: &Path,
+    records: BTreeMap<String, Ipv4Addr>,
+) -> Result<Vec<String>, DnsError> {
+    let _guard = lock(&WRITE_LOCK);
+    let (old, readable) = match read_records(path) {
+        Ok(old) => (old, true),
+        Err(e) => {
+            tracing::warn!("replacing an unreadable records file: {e}");
+            (BTreeMap::new(), false)
+        }
+    };
+    let gone: Vec<String> = old
+        .keys()
+        .filter(|n| !records.contains_key(*n))
+        .cloned()
+        .collect();
+    if old != records || !readable {
+        write_records(path, records)?;
     }
-    records.retain(|n, _| !gone.contains(n));
-    write_records(path, records)?;
     Ok(gone)
 }
 
 /// Publishes `records` at `path` by stage-then-rename. Callers hold
 /// `WRITE_LOCK`.
+///
+/// Not synced: a power loss stops every VM, and the daemon's next start
+/// rewrites the file from the running VMs (none) before its server reads
+/// it ([`replace_records`]), so a sync here, a journal commit on every VM
+/// start and stop, would protect nothing.
 fn write_records(path: &Path, records: BTreeMap<String, Ipv4Addr>) -> Result<(), DnsError> {
     let err = |source| DnsError::WriteRecords {
         path: path.to_path_buf(),
@@ -262,7 +280,6 @@ fn write_records(path: &Path, records: BTreeMap<String, Ipv4Addr>) -> Result<(),
     let mut tmp = tempfile_in(dir).map_err(err)?;
     use std::io::Write;
     tmp.1.write_all(&body).map_err(err)?;
-    tmp.1.sync_all().map_err(err)?;
     std::fs::rename(&tmp.0, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp.0);
         err(e)
