@@ -270,6 +270,56 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
 }
 
 #[test]
+fn a_work_disk_from_a_template_is_synced_by_configure_machine_or_a_rollback() {
+    let test = "a_work_disk_from_a_template_is_synced_by_configure_machine_or_a_rollback";
+    if !have_e2fsprogs() {
+        eprintln!("SKIPPED {test}: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cap = WorkDisk::with_templates(dir.path().join("templates"));
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (va, vb) = (vm(64 << 20, false), vm(64 << 20, false));
+
+    // PrepareHost leaves the disk in place and its sync running behind.
+    with_ctx(&va, &a, |ctx| cap.prepare_host(ctx)).0.unwrap();
+    assert!(debugfs(&a.join(work_disk::FILE_NAME), "stats").contains("banger-work"));
+    assert_eq!(cap.syncs_pending(), 1);
+    with_ctx(&vb, &b, |ctx| cap.prepare_host(ctx)).0.unwrap();
+    assert_eq!(cap.syncs_pending(), 2);
+
+    // ConfigureMachine waits for this VM's sync, not the other's.
+    let mut m = MachineSpec {
+        kernel: "/k".into(),
+        initrd: None,
+        boot_args: String::new(),
+        vcpus: 1,
+        memory_mib: 256,
+        drives: vec![],
+        nics: vec![],
+        vsock: None,
+        serial_log: "/s".into(),
+        pci_devices: Vec::new(),
+    };
+    with_ctx(&va, &a, |ctx| cap.configure_machine(ctx, &mut m))
+        .0
+        .unwrap();
+    assert_eq!(m.drives.len(), 1);
+    assert_eq!(cap.syncs_pending(), 1);
+
+    // A start that fails before ConfigureMachine: the rollback waits for
+    // the sync, then removes the disk of a VM that never booted.
+    with_ctx(&vb, &b, |ctx| cap.teardown(ctx, TeardownReason::Rollback))
+        .0
+        .unwrap();
+    assert_eq!(cap.syncs_pending(), 0);
+    assert!(!b.join(work_disk::FILE_NAME).exists());
+    assert!(a.join(work_disk::FILE_NAME).exists());
+}
+
+#[test]
 fn work_disk_survives_stop_and_booted_rollback_but_not_delete() {
     if !have_e2fsprogs() {
         eprintln!(

@@ -6,10 +6,15 @@
 //! A new disk is a copy of an empty filesystem of its size kept in the
 //! daemon's cache directory (`work-disks/`), with a filesystem UUID of its
 //! own: no `mkfs.ext4` process per create (see
-//! [`disk::create_ext4_cached`]).
+//! [`disk::create_ext4_cached`]). Its sync to stable storage runs on a
+//! thread of its own while the other capabilities prepare the host, and
+//! ConfigureMachine waits for it: the disk is durable before the VM boots,
+//! and a create does not wait for a journal commit in between.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use banger_api::guest::{GuestConfig, GuestMount};
 use banger_api::machine::{Drive, DriveRole, MachineSpec};
@@ -39,6 +44,9 @@ pub const TEMPLATES_DIR: &str = "work-disks";
 pub struct WorkDisk {
     /// The template directory; `None` runs `mkfs.ext4` for every disk.
     templates: Option<PathBuf>,
+    /// The syncs of disks PrepareHost made, by VM id, until ConfigureMachine
+    /// (or a rollback's Teardown) waits for them.
+    syncing: Mutex<HashMap<String, JoinHandle<Result<(), disk::DiskError>>>>,
 }
 
 impl WorkDisk {
@@ -46,7 +54,41 @@ impl WorkDisk {
     pub fn with_templates(dir: PathBuf) -> WorkDisk {
         WorkDisk {
             templates: Some(dir),
+            syncing: Mutex::default(),
         }
+    }
+
+    /// Syncs `unsynced` on a thread of its own, for [`WorkDisk::synced`].
+    fn sync_behind(&self, ctx: &HookCtx<'_>, unsynced: disk::Unsynced) -> Result<(), CapError> {
+        let handle = std::thread::Builder::new()
+            .name("work-disk-sync".into())
+            .spawn(move || unsynced.sync())
+            .map_err(|e| CapError::with("Cannot start syncing the work disk", e))?;
+        self.pending().insert(ctx.vm.id.to_string(), handle);
+        Ok(())
+    }
+
+    /// Waits for the sync of the disk PrepareHost made for this VM, if any.
+    fn synced(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
+        let Some(handle) = self.pending().remove(ctx.vm.id.as_str()) else {
+            return Ok(());
+        };
+        match handle.join() {
+            Ok(r) => r.map_err(|e| CapError::with("Cannot sync the work disk", e)),
+            Err(_) => Err(CapError::msg("The work disk's sync thread panicked")),
+        }
+    }
+
+    /// How many syncs no hook has waited for yet.
+    #[cfg(test)]
+    pub(crate) fn syncs_pending(&self) -> usize {
+        self.pending().len()
+    }
+
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<Result<(), disk::DiskError>>>> {
+        self.syncing.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -96,11 +138,16 @@ impl Capability for WorkDisk {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 ctx.log
                     .info(&format!("creating {want} work disk for /root"));
-                match &self.templates {
-                    Some(dir) => disk::create_ext4_cached(dir, &path, want, LABEL).map(|_| ()),
-                    None => disk::create_ext4(&path, want, LABEL),
+                let made = match &self.templates {
+                    Some(dir) => disk::create_ext4_cached_unsynced(dir, &path, want, LABEL)
+                        .map(|(_, unsynced)| Some(unsynced)),
+                    None => disk::create_ext4(&path, want, LABEL).map(|()| None),
                 }
-                .map_err(|e| CapError::with("Cannot create the work disk", e))
+                .map_err(|e| CapError::with("Cannot create the work disk", e))?;
+                match made {
+                    Some(unsynced) => self.sync_behind(ctx, unsynced),
+                    None => Ok(()),
+                }
             }
             Err(e) => Err(CapError::with(
                 format!("Cannot inspect {}", path.display()),
@@ -114,6 +161,7 @@ impl Capability for WorkDisk {
         ctx: &HookCtx<'_>,
         machine: &mut MachineSpec,
     ) -> Result<(), CapError> {
+        self.synced(ctx)?;
         machine
             .add_drive(Drive {
                 id: DRIVE_ID.to_string(),
@@ -136,6 +184,9 @@ impl Capability for WorkDisk {
     }
 
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
+        // A start that failed before ConfigureMachine: its sync is waited
+        // for, never left running; its result matters no more.
+        let _ = self.synced(ctx);
         let remove = match reason {
             TeardownReason::Stop => false,
             TeardownReason::Delete => true,

@@ -187,12 +187,66 @@ pub fn create_ext4_cached(
     size: ByteSize,
     label: &str,
 ) -> Result<Ext4Origin, DiskError> {
+    let (origin, unsynced) = create_ext4_cached_unsynced(templates, path, size, label)?;
+    if let Err(e) = unsynced.sync() {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(origin)
+}
+
+/// [`create_ext4_cached`] that leaves the sync to the caller: the disk is
+/// at `path` when this returns, but durable only once the [`Unsynced`] is
+/// synced, which the caller may do on another thread while it goes on
+/// (the work disk's sync runs beside the hooks after it). Until then a
+/// power loss may leave any contents at `path`.
+pub fn create_ext4_cached_unsynced(
+    templates: &Path,
+    path: &Path,
+    size: ByteSize,
+    label: &str,
+) -> Result<(Ext4Origin, Unsynced), DiskError> {
     let tools = Tools::system();
     check_label(label)?;
     refuse_existing(path)?;
     match template(&tools, templates, size, label) {
-        Some((file, geo)) => clone_ext4(&file, &geo, path).map(Ext4Origin::Template),
-        None => create_ext4_with(&tools, path, size, label).map(|()| Ext4Origin::Formatted),
+        Some((file, geo)) => clone_ext4(&file, &geo, path).map(|(kind, file)| {
+            let unsynced = Unsynced {
+                path: path.to_path_buf(),
+                file: Some(file),
+            };
+            (Ext4Origin::Template(kind), unsynced)
+        }),
+        // Formatted disks are published synced.
+        None => create_ext4_with(&tools, path, size, label).map(|()| {
+            let unsynced = Unsynced {
+                path: path.to_path_buf(),
+                file: None,
+            };
+            (Ext4Origin::Formatted, unsynced)
+        }),
+    }
+}
+
+/// A disk in place whose contents may not be on stable storage yet
+/// ([`create_ext4_cached_unsynced`]).
+#[derive(Debug)]
+#[must_use = "the disk is not durable until synced"]
+pub struct Unsynced {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Unsynced {
+    /// Flushes the disk to stable storage.
+    pub fn sync(self) -> Result<(), DiskError> {
+        match self.file {
+            Some(f) => f.sync_all().map_err(|source| DiskError::Write {
+                path: self.path,
+                source,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -314,11 +368,13 @@ fn make_template(tools: &Tools, path: &Path, size: ByteSize, label: &str) -> Res
 
 /// Copies the checked `template` to a new file `dst` and gives the copy a
 /// fresh filesystem UUID and directory hash seed.
+/// Copies the template to `dst` with identities of its own, published
+/// unsynced; returns how it was copied and the open copy, to sync.
 fn clone_ext4(
     template: &File,
     geo: &ext4_super::Geometry,
     dst: &Path,
-) -> Result<CloneKind, DiskError> {
+) -> Result<(CloneKind, File), DiskError> {
     let staged = Staged::create(dst)?;
     let write_err = |source| DiskError::Write {
         path: staged.path.clone(),
@@ -338,8 +394,8 @@ fn clone_ext4(
         ext4_super::random_uuid(),
     )
     .map_err(write_err)?;
-    staged.publish(dst)?;
-    Ok(kind)
+    let file = staged.publish_unsynced(dst)?;
+    Ok((kind, file))
 }
 
 /// Grows the ext4 image at `path` to `new_size` and its filesystem with it.
@@ -543,11 +599,26 @@ impl Staged {
 
     /// Flushes the file and renames it to `dst`, refusing to replace an
     /// existing file.
-    fn publish(mut self, dst: &Path) -> Result<(), DiskError> {
+    fn publish(self, dst: &Path) -> Result<(), DiskError> {
         self.file.sync_all().map_err(|source| DiskError::Write {
             path: self.path.clone(),
             source,
         })?;
+        self.rename_to(dst)
+    }
+
+    /// Renames the file to `dst` as [`Staged::publish`] does, without the
+    /// flush, and returns it open, for the caller to sync.
+    fn publish_unsynced(self, dst: &Path) -> Result<File, DiskError> {
+        let file = self.file.try_clone().map_err(|source| DiskError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.rename_to(dst)?;
+        Ok(file)
+    }
+
+    fn rename_to(mut self, dst: &Path) -> Result<(), DiskError> {
         match rename_noreplace(&self.path, dst) {
             Ok(()) => {
                 self.published = true;
