@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use banger_api::api::{DaemonStatus, VersionInfo};
+use banger_api::api::{DaemonBuild, DaemonStatus, VersionInfo};
 use banger_api::client::{Client, Method};
 use banger_api::paths::Paths;
 use tokio::time::Instant;
@@ -52,13 +52,39 @@ pub async fn probe(client: &Client) -> Result<Option<VersionInfo>> {
 /// it runs no operation, else left alone with a warning saying how.
 pub async fn ensure_running(paths: &Paths) -> Result<Client> {
     let client = client(paths);
-    let bin = daemon_bin();
     let mine = VersionInfo::current();
+    if listening_as(paths, &mine) {
+        return Ok(client);
+    }
+    let bin = daemon_bin();
     let note = ensure_current(&bin, &paths.daemon_log(), &client, &mine).await?;
     if let Some(line) = note {
         eprintln!("{line}");
     }
     Ok(client)
+}
+
+/// Whether a daemon of build `mine` listens, by what it wrote and the
+/// socket alone, without a request: its build file names `mine` and the
+/// pid its pid file names (a daemon of an older build writes none, and a
+/// file left by a crashed one names a pid no longer in the pid file once
+/// another daemon started), and the socket accepts a connection (a daemon
+/// killed since leaves none listening). Each command used to ask
+/// `GET /v1/version` first, a round trip of half a millisecond. False sends
+/// the caller the long way, which asks, starts or restarts.
+fn listening_as(paths: &Paths, mine: &VersionInfo) -> bool {
+    let Ok(text) = std::fs::read(paths.build_file()) else {
+        return false;
+    };
+    let Ok(theirs) = serde_json::from_slice::<DaemonBuild>(&text) else {
+        return false;
+    };
+    let pid = std::fs::read_to_string(paths.pid_file())
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    same_build(&theirs.build, mine)
+        && pid == Some(theirs.pid)
+        && std::os::unix::net::UnixStream::connect(paths.socket()).is_ok()
 }
 
 /// Whether two binaries come from the same build: version, git commit and
@@ -327,6 +353,45 @@ mod tests {
             .iter()
             .map(|d| Path::new(d).join(name))
             .find(|p| p.is_file())
+    }
+
+    #[test]
+    fn a_daemon_of_this_build_is_known_listening_only_by_its_files_and_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            config_dir: dir.path().join("config"),
+            state_dir: dir.path().join("state"),
+            cache_dir: dir.path().join("cache"),
+            runtime_dir: dir.path().join("run"),
+        };
+        std::fs::create_dir_all(&paths.runtime_dir).unwrap();
+        let mine = VersionInfo::current();
+        let write_build = |pid: u32, build: &VersionInfo| {
+            let b = DaemonBuild {
+                pid,
+                build: build.clone(),
+            };
+            std::fs::write(paths.build_file(), serde_json::to_vec(&b).unwrap()).unwrap();
+        };
+        // Nothing there.
+        assert!(!listening_as(&paths, &mine));
+        std::fs::write(paths.pid_file(), "4242\n").unwrap();
+        write_build(4242, &mine);
+        // Files of a daemon that is gone: nobody listens on the socket.
+        assert!(!listening_as(&paths, &mine));
+        let _listener = std::os::unix::net::UnixListener::bind(paths.socket()).unwrap();
+        assert!(listening_as(&paths, &mine));
+        // Another build, another daemon's pid, or a damaged file: ask.
+        let other = VersionInfo {
+            commit: format!("{}-other", mine.commit),
+            ..mine.clone()
+        };
+        write_build(4242, &other);
+        assert!(!listening_as(&paths, &mine));
+        write_build(4343, &mine);
+        assert!(!listening_as(&paths, &mine));
+        std::fs::write(paths.build_file(), b"{\"pid\": 42").unwrap();
+        assert!(!listening_as(&paths, &mine));
     }
 
     #[tokio::test]

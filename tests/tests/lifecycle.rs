@@ -478,6 +478,12 @@ mod tests {
             pid_alive(pid1 as i32) && pid_alive(pid2 as i32),
             "VMMs must outlive the daemon"
         );
+        // Its build file names this build and its pid: the next command
+        // must not take it for a daemon listening (nobody is).
+        assert!(
+            env.root().join("run/banger/bangerd.build").exists(),
+            "a killed daemon leaves its build file"
+        );
 
         // Restart via the CLI (on demand): both still running with the same pids.
         let vms = env.list();
@@ -864,9 +870,34 @@ mod tests {
         let v = env.banger(&["version", "--json"]).ok();
         let j: serde_json::Value = serde_json::from_str(&v.stdout).unwrap();
         assert!(j.to_string().contains(env!("CARGO_PKG_VERSION")), "{j}");
+        // Beside the pid file, what lets a CLI of the same build skip
+        // asking for the version: the pid and the build the socket serves.
+        let build_file = env.root().join("run/banger/bangerd.build");
+        let build: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&build_file).unwrap()).unwrap();
+        assert_eq!(
+            build["pid"].as_i64(),
+            env.daemon_pid().map(i64::from),
+            "{build}"
+        );
+        let (status, served) = raw_request(
+            &env,
+            "GET /v1/version HTTP/1.1\r\nHost: banger\r\nConnection: close\r\n\r\n",
+            b"",
+        );
+        assert_eq!(status, 200, "{served}");
+        let served: serde_json::Value = serde_json::from_str(&served).unwrap();
+        assert_eq!(build["build"], served, "{build}");
+        assert_eq!(
+            std::fs::metadata(&build_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         env.banger(&["daemon", "stop"]).ok();
         wait_until(Duration::from_secs(10), "socket is removed", || {
             !env.socket().exists()
+        });
+        wait_until(Duration::from_secs(10), "the build file is removed", || {
+            !build_file.exists()
         });
         assert_eq!(env.banger(&["daemon", "status"]).code, 3);
     }

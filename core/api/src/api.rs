@@ -302,6 +302,18 @@ pub struct VersionInfo {
     pub built_at: u64,
 }
 
+/// What a daemon writes to [`crate::paths::Paths::build_file`] once its
+/// socket is bound: its pid and build. A client of the same build that
+/// finds it true (the pid file names the same pid, the socket accepts)
+/// skips asking `GET /v1/version` before each command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonBuild {
+    /// The daemon's pid, as in its pid file.
+    pub pid: u32,
+    /// Its build, as `GET /v1/version` answers.
+    pub build: VersionInfo,
+}
+
 impl VersionInfo {
     /// The version of the binary this code is linked into.
     pub fn current() -> Self {

@@ -199,6 +199,12 @@ impl Paths {
         self.runtime_dir.join("bangerd.pid")
     }
 
+    /// The listening daemon's pid and build
+    /// ([`crate::api::DaemonBuild`]), written once its socket is bound.
+    pub fn build_file(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.build")
+    }
+
     /// A VM's VMM API socket. Kept in the runtime dir, not the VM dir: Unix
     /// socket paths are limited to 108 bytes.
     pub fn vmm_socket(&self, id: &VmId) -> PathBuf {

@@ -115,6 +115,37 @@ impl Drop for PidLock {
     }
 }
 
+/// The daemon's build file ([`Paths::build_file`]), removed when dropped.
+#[derive(Debug)]
+struct BuildFile(PathBuf);
+
+impl BuildFile {
+    /// Writes this daemon's pid and build to `path`. A failure only costs
+    /// clients their shortcut (they ask the socket instead), so it is
+    /// logged, not fatal.
+    fn write(path: PathBuf) -> BuildFile {
+        let build = banger_api::api::DaemonBuild {
+            pid: std::process::id(),
+            build: banger_api::api::VersionInfo::current(),
+        };
+        let written = serde_json::to_vec(&build)
+            .map_err(std::io::Error::other)
+            // In the runtime dir (a tmpfs), and true only while this
+            // process lives: nothing to sync.
+            .and_then(|bytes| banger_api::fsutil::write_atomic_unsynced(&path, &bytes, 0o600));
+        if let Err(e) = written {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+        BuildFile(path)
+    }
+}
+
+impl Drop for BuildFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Opens and locks the pid file without following a symlink (a planted
 /// link must not make the daemon truncate another file) and only if it is
 /// a regular file.
@@ -245,6 +276,7 @@ pub async fn run() -> Result<(), DaemonError> {
 
     let socket = paths.socket();
     let listener = bind_private(&socket)?;
+    let _build = BuildFile::write(paths.build_file());
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(server::ApiState {
         lifecycle: lifecycle.clone(),
