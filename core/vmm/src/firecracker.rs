@@ -20,9 +20,9 @@ use crate::confine::{running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::jailer;
 use crate::{
-    Detached, FIRST_PAUSE, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError,
-    WhilePaused, error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing,
-    remove_socket, spawn_detached, uds_http, wait_gone,
+    Detached, LOG_TAIL_LINES, LaunchPaths, OnSpawned, Pauses, Spawned, Vmm, VmmError, WhilePaused,
+    error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket,
+    spawn_detached, uds_http, wait_gone,
 };
 pub use banger_api::backend::{JailSettings, Timeouts};
 use banger_api::machine::MachineSpec;
@@ -254,9 +254,8 @@ impl Vmm for Firecracker {
 
 impl Firecracker {
     /// Polls `GET /` until it answers, the child exits, or the deadline
-    /// passes. The pause starts at `FIRST_PAUSE` and doubles up to `POLL`:
-    /// the socket is usually there within a few ms, and a flat 10 ms pause
-    /// was most of a launch.
+    /// passes, with the pauses of [`Pauses`]: the socket is usually there
+    /// within a few ms, and a flat 10 ms pause was most of a launch.
     /// The connection that answered is kept in `api` for what follows.
     fn wait_ready(
         &self,
@@ -265,7 +264,7 @@ impl Firecracker {
         api: &mut ApiSession<'_>,
     ) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.timeouts.socket_ready;
-        let mut pause = FIRST_PAUSE;
+        let mut pauses = Pauses::new();
         loop {
             if let Some(how) = launched.spawned.exit_status() {
                 return Err(VmmError::NotReady(format!(
@@ -288,8 +287,7 @@ impl Firecracker {
                     log_tail(serial_log, LOG_TAIL_LINES)
                 )));
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(POLL);
+            pauses.sleep();
         }
     }
 

@@ -264,14 +264,51 @@ pub fn process_alive(p: &VmmProcess) -> bool {
 
 /// How often backends poll readiness and exit.
 const POLL: Duration = Duration::from_millis(10);
-/// The first pause of a readiness poll, doubled up to [`POLL`]: a VMM's
-/// socket is usually there within a few ms (the fake firecracker binds its
-/// API socket 1.5-2 ms after the spawn), and a pause that starts at 1 ms
-/// woke on average a third of the wait late. An inotify watch on the
-/// socket's directory was tried instead and dropped: closing an inotify
-/// instance can wait for an SRCU grace period in the kernel (median
-/// 0.05 ms, but 20 ms for one close in fifty on this host).
+/// The pause of a readiness poll for its first [`FLAT`] ms, doubled up to
+/// [`POLL`] after: a VMM's socket is usually there within a few ms (the
+/// fake firecracker binds its API socket about 1.1 ms after the spawn). A
+/// pause that starts at 1 ms woke on average a third of the wait late, and
+/// one that doubles from the start still woke at 1.75 ms for a socket there
+/// at 1.1 ms; a flat quarter millisecond wakes an eighth of one late on
+/// average, for a failed connect (about 10 us) per pause. An inotify watch
+/// on the socket's directory was tried instead and dropped: closing an
+/// inotify instance can wait for an SRCU grace period in the kernel
+/// (median 0.05 ms, but 20 ms for one close in fifty on this host).
 const FIRST_PAUSE: Duration = Duration::from_micros(250);
+/// How long a readiness poll keeps [`FIRST_PAUSE`] before it backs off.
+const FLAT: Duration = Duration::from_millis(5);
+
+/// The pauses of one readiness poll ([`FIRST_PAUSE`], [`FLAT`], [`POLL`]).
+#[derive(Debug)]
+struct Pauses {
+    started: Instant,
+    next: Duration,
+}
+
+impl Pauses {
+    fn new() -> Pauses {
+        Pauses {
+            started: Instant::now(),
+            next: FIRST_PAUSE,
+        }
+    }
+
+    /// The pause due after `elapsed` of polling.
+    fn after(&mut self, elapsed: Duration) -> Duration {
+        if elapsed < FLAT {
+            return FIRST_PAUSE;
+        }
+        let pause = self.next;
+        self.next = (self.next * 2).min(POLL);
+        pause
+    }
+
+    /// Sleeps for the next pause.
+    fn sleep(&mut self) {
+        let pause = self.after(self.started.elapsed());
+        std::thread::sleep(pause);
+    }
+}
 /// How many log lines an early-exit error quotes.
 pub const LOG_TAIL_LINES: usize = 20;
 
@@ -365,6 +402,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn readiness_pauses_stay_short_for_the_first_ms_then_back_off_to_the_poll() {
+        let mut p = super::Pauses::new();
+        let ms = Duration::from_millis;
+        // However many polls the first few ms take, each waits a quarter ms.
+        for elapsed in [ms(0), ms(1), ms(4)] {
+            assert_eq!(p.after(elapsed), super::FIRST_PAUSE, "{elapsed:?}");
+        }
+        let later: Vec<Duration> = (0..8).map(|_| p.after(ms(6))).collect();
+        assert_eq!(
+            later,
+            [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000].map(Duration::from_micros)
+        );
+        assert_eq!(super::POLL, ms(10));
+    }
+
     #[test]
     fn console_log_rotates_past_its_cap_and_keeps_appending() {
         use std::io::Write as _;

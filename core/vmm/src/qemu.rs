@@ -24,9 +24,9 @@ use crate::cgroup::{self, VmCgroup};
 use crate::confine::{abort_cgroup, create_cgroup, running_as_root, vm_name, vm_uid};
 use crate::disk_lock::DiskLocks;
 use crate::{
-    Detached, FIRST_PAUSE, LOG_TAIL_LINES, LaunchPaths, OnSpawned, POLL, Spawned, Vmm, VmmError,
-    WhilePaused, error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing,
-    remove_socket, spawn_detached, wait_gone,
+    Detached, LOG_TAIL_LINES, LaunchPaths, OnSpawned, Pauses, Spawned, Vmm, VmmError, WhilePaused,
+    error_chain, io_err, kill_and_wait, log_tail, process_alive, record_nothing, remove_socket,
+    spawn_detached, wait_gone,
 };
 pub use banger_api::backend::{
     Accel, HostFacts, JailSettings, QemuAccel, QemuSettings, Timeouts, choose_accel,
@@ -568,7 +568,7 @@ impl Qemu {
     }
 
     /// Polls `ready` until it holds, the process exits, or the deadline
-    /// passes, pausing from `FIRST_PAUSE` doubled up to `POLL`.
+    /// passes, with the pauses of [`Pauses`].
     fn wait_until(
         &self,
         spawned: &Spawned,
@@ -578,7 +578,7 @@ impl Qemu {
     ) -> Result<(), VmmError> {
         let timeout = self.settings.timeouts.socket_ready;
         let deadline = Instant::now() + timeout;
-        let mut pause = FIRST_PAUSE;
+        let mut pauses = Pauses::new();
         loop {
             if let Some(how) = spawned.exit_status() {
                 return Err(VmmError::NotReady(format!(
@@ -597,8 +597,7 @@ impl Qemu {
                     log_tail(log, LOG_TAIL_LINES)
                 )));
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(POLL);
+            pauses.sleep();
         }
     }
 }
