@@ -24,12 +24,7 @@ impl TestEnv {
     /// Default config, a real store, recorded host operations.
     pub fn new() -> TestEnv {
         let dir = tempfile::tempdir().unwrap();
-        let paths = Paths {
-            config_dir: dir.path().join("config"),
-            state_dir: dir.path().join("state"),
-            cache_dir: dir.path().join("cache"),
-            runtime_dir: dir.path().join("run"),
-        };
+        let paths = Paths::under(dir.path());
         let config = Config::defaults(&paths.config_file());
         let store = Arc::new(Store::open(&dir.path().join("banger.db")).unwrap());
         let recording = Arc::new(RecordingHostOps::default());

@@ -236,18 +236,7 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
     );
     assert!(debugfs(&img, "stats").contains("banger-work"));
 
-    let mut m = MachineSpec {
-        kernel: "/k".into(),
-        initrd: None,
-        boot_args: String::new(),
-        vcpus: 1,
-        memory_mib: 256,
-        drives: vec![],
-        nics: vec![],
-        vsock: None,
-        serial_log: "/s".into(),
-        pci_devices: Vec::new(),
-    };
+    let mut m = bare_machine();
     with_ctx(&v, dir.path(), |ctx| {
         WorkDisk::default().configure_machine(ctx, &mut m)
     })
@@ -291,18 +280,7 @@ fn a_work_disk_from_a_template_is_synced_by_configure_machine_or_a_rollback() {
     assert_eq!(cap.syncs_pending(), 2);
 
     // ConfigureMachine waits for this VM's sync, not the other's.
-    let mut m = MachineSpec {
-        kernel: "/k".into(),
-        initrd: None,
-        boot_args: String::new(),
-        vcpus: 1,
-        memory_mib: 256,
-        drives: vec![],
-        nics: vec![],
-        vsock: None,
-        serial_log: "/s".into(),
-        pci_devices: Vec::new(),
-    };
+    let mut m = bare_machine();
     with_ctx(&va, &a, |ctx| cap.configure_machine(ctx, &mut m))
         .0
         .unwrap();

@@ -358,12 +358,7 @@ mod tests {
     #[test]
     fn a_daemon_of_this_build_is_known_listening_only_by_its_files_and_socket() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = Paths {
-            config_dir: dir.path().join("config"),
-            state_dir: dir.path().join("state"),
-            cache_dir: dir.path().join("cache"),
-            runtime_dir: dir.path().join("run"),
-        };
+        let paths = Paths::under(dir.path());
         std::fs::create_dir_all(&paths.runtime_dir).unwrap();
         let mine = VersionInfo::current();
         let write_build = |pid: u32, build: &VersionInfo| {

@@ -9,6 +9,12 @@
 //! and the daemon's own measure of each stage (the `stage=S took=Nms` lines
 //! of `bangerd.log`), which leaves out the CLI and the progress stream.
 //!
+//! All of it runs twice: with its state on `/tmp`, then on a fresh ext4
+//! with `mkfs.ext4`'s defaults (a journal) on a loop device, each pass
+//! naming its filesystem; without a journal, ext4 makes every new file
+//! dearer the more were deleted in the last minutes. Each pass also times
+//! creates from an image whose spare root disk is ready, one at a time.
+//!
 //! The network capability needs root, a bridge and nft rules: as root the
 //! bench moves itself into a private network namespace first (the daemon
 //! and its VMMs inherit it), so the host's bridge and rules are untouched.

@@ -189,12 +189,7 @@ mod tests {
     async fn pulled_bundle_publishes_into_the_image_library() {
         let server = Server::start();
         let dir = tempfile::tempdir().unwrap();
-        let paths = Paths {
-            config_dir: dir.path().join("config"),
-            state_dir: dir.path().join("state"),
-            cache_dir: dir.path().join("cache"),
-            runtime_dir: dir.path().join("run"),
-        };
+        let paths = Paths::under(dir.path());
         fs::create_dir_all(&paths.state_dir).unwrap();
         let store = Arc::new(Store::open(&paths.database()).unwrap());
         let library = ImageLibrary::new(&paths, store);

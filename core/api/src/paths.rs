@@ -154,6 +154,17 @@ impl Paths {
         })
     }
 
+    /// Every directory under `root` (`config`, `state`, `cache`, `run`),
+    /// none created: a test's own tree.
+    pub fn under(root: &Path) -> Self {
+        Paths {
+            config_dir: root.join("config"),
+            state_dir: root.join("state"),
+            cache_dir: root.join("cache"),
+            runtime_dir: root.join("run"),
+        }
+    }
+
     /// `config.toml`.
     pub fn config_file(&self) -> PathBuf {
         self.config_dir.join("config.toml")
