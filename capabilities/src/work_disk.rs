@@ -139,7 +139,7 @@ impl Capability for WorkDisk {
                 ctx.log
                     .info(&format!("creating {want} work disk for /root"));
                 let made = match &self.templates {
-                    Some(dir) => disk::create_ext4_cached_unsynced(dir, &path, want, LABEL)
+                    Some(dir) => disk::create_ext4_cached(dir, &path, want, LABEL)
                         .map(|(_, unsynced)| Some(unsynced)),
                     None => disk::create_ext4(&path, want, LABEL).map(|()| None),
                 }

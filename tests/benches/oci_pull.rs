@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 use banger_artifacts::images::{PullEvent, PullOptions, PulledRootfs, pull_rootfs};
 use test_infra::registry::{Entry, Registry, TestLayer};
 
+mod common;
+
 const REPO_TAG: &str = "bench/rootfs:v1";
 const ROUNDS: usize = 3;
 
@@ -270,12 +272,9 @@ fn tool(name: &str) -> Option<PathBuf> {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = common::run(cmd) {
+        panic!("{e}");
+    }
 }
 
 /// One timed banger pull and where its time went.

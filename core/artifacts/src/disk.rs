@@ -181,26 +181,12 @@ pub enum Ext4Origin {
 /// remade when it is not what it should be), given its own filesystem UUID
 /// and directory hash seed. Falls back to [`create_ext4`] when no template
 /// can be made, so the result is the same either way.
+///
+/// The sync is the caller's: the disk is at `path` when this returns, but
+/// durable only once the [`Unsynced`] is synced, which the caller may do on
+/// another thread while it goes on (the work disk's sync runs beside the
+/// hooks after it). Until then a power loss may leave any contents there.
 pub fn create_ext4_cached(
-    templates: &Path,
-    path: &Path,
-    size: ByteSize,
-    label: &str,
-) -> Result<Ext4Origin, DiskError> {
-    let (origin, unsynced) = create_ext4_cached_unsynced(templates, path, size, label)?;
-    if let Err(e) = unsynced.sync() {
-        let _ = std::fs::remove_file(path);
-        return Err(e);
-    }
-    Ok(origin)
-}
-
-/// [`create_ext4_cached`] that leaves the sync to the caller: the disk is
-/// at `path` when this returns, but durable only once the [`Unsynced`] is
-/// synced, which the caller may do on another thread while it goes on
-/// (the work disk's sync runs beside the hooks after it). Until then a
-/// power loss may leave any contents at `path`.
-pub fn create_ext4_cached_unsynced(
     templates: &Path,
     path: &Path,
     size: ByteSize,
@@ -209,27 +195,26 @@ pub fn create_ext4_cached_unsynced(
     let tools = Tools::system();
     check_label(label)?;
     refuse_existing(path)?;
-    match template(&tools, templates, size, label) {
-        Some((file, geo)) => clone_ext4(&file, &geo, path).map(|(kind, file)| {
-            let unsynced = Unsynced {
-                path: path.to_path_buf(),
-                file: Some(file),
-            };
-            (Ext4Origin::Template(kind), unsynced)
-        }),
+    let (origin, file) = match template(&tools, templates, size, label) {
+        Some((template, geo)) => {
+            let (kind, copy) = clone_ext4(&template, &geo, path)?;
+            (Ext4Origin::Template(kind), Some(copy))
+        }
         // Formatted disks are published synced.
-        None => create_ext4_with(&tools, path, size, label).map(|()| {
-            let unsynced = Unsynced {
-                path: path.to_path_buf(),
-                file: None,
-            };
-            (Ext4Origin::Formatted, unsynced)
-        }),
-    }
+        None => {
+            create_ext4_with(&tools, path, size, label)?;
+            (Ext4Origin::Formatted, None)
+        }
+    };
+    let unsynced = Unsynced {
+        path: path.to_path_buf(),
+        file,
+    };
+    Ok((origin, unsynced))
 }
 
 /// A disk in place whose contents may not be on stable storage yet
-/// ([`create_ext4_cached_unsynced`]).
+/// ([`create_ext4_cached`]).
 #[derive(Debug)]
 #[must_use = "the disk is not durable until synced"]
 pub struct Unsynced {
@@ -777,6 +762,18 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// [`create_ext4_cached`], synced before it returns.
+    fn cached(
+        templates: &Path,
+        path: &Path,
+        size: ByteSize,
+        label: &str,
+    ) -> Result<Ext4Origin, DiskError> {
+        let (origin, unsynced) = create_ext4_cached(templates, path, size, label)?;
+        unsynced.sync()?;
+        Ok(origin)
+    }
+
     /// Deterministic non-zero test data.
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -1102,7 +1099,7 @@ mod tests {
         // with eight groups (1G).
         for size in [64 * MIB, 1 << 30] {
             let (a, b) = (vms.join(format!("a-{size}")), vms.join(format!("b-{size}")));
-            let made = create_ext4_cached(&templates, &a, ByteSize(size), "work").unwrap();
+            let made = cached(&templates, &a, ByteSize(size), "work").unwrap();
             if matches!(made, Ext4Origin::Formatted) {
                 eprintln!(
                     "SKIPPED {test}: this mkfs.ext4 cannot make metadata_csum_seed templates"
@@ -1110,7 +1107,7 @@ mod tests {
                 return;
             }
             assert!(matches!(
-                create_ext4_cached(&templates, &b, ByteSize(size), "work").unwrap(),
+                cached(&templates, &b, ByteSize(size), "work").unwrap(),
                 Ext4Origin::Template(_)
             ));
             let mut uuids = Vec::new();
@@ -1181,7 +1178,7 @@ mod tests {
         let templates = dir.path().join("templates");
         let size = ByteSize(64 * MIB);
         let first = dir.path().join("first");
-        if create_ext4_cached(&templates, &first, size, "work").unwrap() == Ext4Origin::Formatted {
+        if cached(&templates, &first, size, "work").unwrap() == Ext4Origin::Formatted {
             eprintln!("SKIPPED {test}: this mkfs.ext4 cannot make metadata_csum_seed templates");
             return;
         }
@@ -1213,7 +1210,7 @@ mod tests {
             let before = uuid(&template);
             damage(&template);
             let disk = dir.path().join(format!("disk-{i}"));
-            let made = create_ext4_cached(&templates, &disk, size, "work").unwrap();
+            let made = cached(&templates, &disk, size, "work").unwrap();
             assert!(matches!(made, Ext4Origin::Template(_)), "{what}: {made:?}");
             let Some((clean, text)) = tool(test, "e2fsck", &["-fn"], &disk) else {
                 return;
@@ -1241,7 +1238,7 @@ mod tests {
             .enumerate()
         {
             let disk = dir.path().join(format!("d{i}"));
-            create_ext4_cached(&templates, &disk, ByteSize(*size), label).unwrap();
+            cached(&templates, &disk, ByteSize(*size), label).unwrap();
             let stats = debugfs(test, &["-R", "stats"], &disk).unwrap();
             assert_eq!(label_and_size(&stats), (label.to_string(), *size));
         }

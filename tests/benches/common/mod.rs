@@ -159,16 +159,15 @@ impl Drop for ScratchExt4 {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+/// Runs `cmd` to its end: an error naming it, with its stderr, unless it
+/// succeeded.
+pub fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "{:?} failed: {}",
-            cmd.get_program(),
+            "{cmd:?} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
