@@ -370,11 +370,10 @@ impl Rig {
             &format!("root@{ip}"),
             cmd,
         ];
-        self.env
-            .external(Path::new("ssh"))
-            .args(args)
-            .output()
-            .unwrap()
+        let mut ssh = self.env.external(Path::new("ssh"));
+        ssh.args(args);
+        crate::output_within(ssh, crate::command_limit())
+            .unwrap_or_else(|hung| panic!("ssh to {name} ({cmd}) {hung}"))
     }
 
     pub fn ssh_ok(

@@ -53,6 +53,88 @@ pub fn workspace_cdylib(crate_name: &str) -> PathBuf {
     p
 }
 
+/// How long one command a test runs may take before it is killed as hung:
+/// `BANGER_TEST_COMMAND_LIMIT` seconds, else 10 minutes (the longest
+/// command the suite runs, an image build under load, takes about two).
+pub fn command_limit() -> std::time::Duration {
+    let secs = std::env::var("BANGER_TEST_COMMAND_LIMIT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    std::time::Duration::from_secs(secs)
+}
+
+/// A command that did not end in time, with what it printed until killed.
+#[derive(Debug)]
+pub struct Hung {
+    limit: std::time::Duration,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Hung {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "did not end within {:?} and was killed\nstdout so far:\n{}\nstderr so far:\n{}",
+            self.limit, self.stdout, self.stderr
+        )
+    }
+}
+
+/// `cmd.output()`, except that a command still running after `limit` is
+/// SIGKILLed and returned as [`Hung`] with what it had printed. A
+/// descendant that kept the output pipes open gets a few seconds to let go
+/// before the output is taken as it stands.
+pub fn output_within(
+    mut cmd: std::process::Command,
+    limit: std::time::Duration,
+) -> Result<std::process::Output, Hung> {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+        rx
+    };
+    let stdout = reader(Box::new(child.stdout.take().unwrap()));
+    let stderr = reader(Box::new(child.stderr.take().unwrap()));
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    match done.recv_timeout(limit) {
+        Ok(status) => Ok(std::process::Output {
+            status: status.unwrap(),
+            stdout: stdout.recv().unwrap_or_default(),
+            stderr: stderr.recv().unwrap_or_default(),
+        }),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let grace = std::time::Duration::from_secs(5);
+            let text = |rx: mpsc::Receiver<Vec<u8>>| {
+                String::from_utf8_lossy(&rx.recv_timeout(grace).unwrap_or_default()).into_owned()
+            };
+            Err(Hung {
+                limit,
+                stdout: text(stdout),
+                stderr: text(stderr),
+            })
+        }
+    }
+}
+
 /// An isolated banger installation for one test: its own HOME and XDG
 /// directories in a temp dir, the fake firecracker as `firecracker_bin`, and a
 /// record file of every Firecracker API call. Dropping it stops the daemon and
@@ -246,17 +328,44 @@ impl BangerEnv {
         c
     }
 
-    /// Runs the real `banger` CLI with `args`.
+    /// Runs the real `banger` CLI with `args`. One that has not ended
+    /// after [`command_limit`] is killed and fails the test with what it
+    /// printed and the end of the daemon's log, rather than hanging the
+    /// suite until CI's own limit.
     pub fn banger(&self, args: &[&str]) -> Run {
-        let out = self
-            .command(&self.banger_bin())
-            .args(args)
-            .output()
-            .unwrap();
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        let mut cmd = self.command(&self.banger_bin());
+        cmd.args(args);
+        match output_within(cmd, command_limit()) {
+            Ok(out) => Run {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            },
+            Err(hung) => {
+                let log = std::fs::read_to_string(self.root().join("state/banger/bangerd.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let procs: Vec<String> = self
+                    .daemon_pid()
+                    .into_iter()
+                    .chain(processes_naming(self.root()))
+                    .map(|pid| {
+                        let read = |f: &str| {
+                            std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default()
+                        };
+                        format!(
+                            "{pid} {} waiting in {:?}",
+                            read("comm").trim(),
+                            read("wchan")
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "`banger {}` {hung}\nits processes: {procs:#?}\nthe daemon's log ends:\n{}",
+                    args.join(" "),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
         }
     }
 
@@ -360,18 +469,6 @@ impl BangerEnv {
         args.extend_from_slice(extra);
         self.banger(&args)
     }
-
-    fn vmm_pids(&self) -> Vec<i32> {
-        let mut pids: Vec<i32> = self
-            .fc_calls()
-            .iter()
-            .filter_map(|c| c.get("pid").and_then(|p| p.as_i64()))
-            .map(|p| p as i32)
-            .collect();
-        pids.sort();
-        pids.dedup();
-        pids
-    }
 }
 
 impl Default for BangerEnv {
@@ -387,12 +484,11 @@ impl Drop for BangerEnv {
         if let Some(pid) = self.daemon_pid() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        for pid in self.vmm_pids() {
-            // Only kill our own fake VMMs (pid reuse is unlikely but cheap to rule out).
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim().starts_with("fake-firecracke") {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        // Its VMMs and their helpers (fake firecrackers, QEMU guests of a
+        // test that failed before deleting them, vsock backends): every
+        // process whose arguments name a path in this env's tree.
+        for pid in processes_naming(self.root()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         // The killed daemon's warm taps (and a derived bridge) on the host's
         // network, when it had the rights to make them.
@@ -400,6 +496,25 @@ impl Drop for BangerEnv {
             drop(DaemonNetwork::of_state_dir(self.state_dir()));
         }
     }
+}
+
+/// The processes (other than this one) whose command line names a path
+/// inside `root`.
+pub fn processes_naming(root: &std::path::Path) -> Vec<i32> {
+    let mut needle = root.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
 }
 
 /// Deletes, when dropped, the bridge, taps and nftables tables that a
@@ -627,5 +742,53 @@ mod tests {
                 );
             },
         );
+    }
+
+    #[test]
+    fn a_command_past_its_limit_is_killed_with_what_it_printed() {
+        let mut sh = std::process::Command::new("sh");
+        sh.args(["-c", "echo started; echo oops >&2; exec sleep 600"]);
+        let started = std::time::Instant::now();
+        let hung = output_within(sh, std::time::Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        assert_eq!(
+            (hung.stdout.as_str(), hung.stderr.as_str()),
+            ("started\n", "oops\n")
+        );
+
+        let mut sh = std::process::Command::new("sh");
+        sh.args(["-c", "echo done; exit 3"]);
+        let out = output_within(sh, std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            (out.status.code(), out.stdout.as_slice()),
+            (Some(3), &b"done\n"[..])
+        );
+    }
+
+    #[test]
+    fn an_envs_processes_are_killed_when_it_is_dropped() {
+        let env = BangerEnv::new();
+        let dir = env.root().join("run");
+        // A shell waiting on a line that never comes, with the path as its
+        // argument; its first line says it runs (the kernel fills in a
+        // command line only part way through the exec that spawn waits for).
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo running; read -r line", "sh"])
+            .arg(&dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert_eq!(first, "running\n");
+        assert_eq!(processes_naming(env.root()), vec![child.id() as i32]);
+        drop(env);
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "{status:?}");
     }
 }
