@@ -28,6 +28,15 @@ mod tests {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `ip ARGS`, which must succeed.
+    fn ip(args: &[&str]) {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+
     fn link(name: &str) -> Option<serde_json::Value> {
         ip_json(&["link", "show"])
             .as_array()
@@ -94,6 +103,43 @@ mod tests {
                 ops.delete_link("bgtest0").unwrap();
                 assert!(link("bgtest0").is_none());
                 ops.delete_link("bgtest0").unwrap();
+            },
+        );
+    }
+
+    #[test]
+    fn a_bridge_is_seen_ready_only_when_up_with_exactly_its_address() {
+        test_infra::in_netns(
+            "a_bridge_is_seen_ready_only_when_up_with_exactly_its_address",
+            &["ip"],
+            || {
+                use banger_host::hostops::bridge_ready;
+                let ops = InProcessHostOps::default();
+                let gw = Ipv4Addr::new(172, 31, 0, 1);
+                assert!(!bridge_ready("bgready0", gw, 24), "no such link yet");
+                ops.ensure_bridge("bgready0", gw, 24).unwrap();
+                assert!(bridge_ready("bgready0", gw, 24));
+                assert!(!bridge_ready("bgready0", gw, 16), "another prefix");
+                assert!(!bridge_ready("bgready0", Ipv4Addr::new(172, 31, 0, 2), 24));
+
+                // Down: not ready, and ensure_bridge (the netlink path)
+                // brings it up again.
+                ip(&["link", "set", "bgready0", "down"]);
+                assert!(!bridge_ready("bgready0", gw, 24));
+                ops.ensure_bridge("bgready0", gw, 24).unwrap();
+                assert!(bridge_ready("bgready0", gw, 24));
+
+                // Its address gone for another: not ready, and ensure_bridge
+                // adds it back (as a second address, which the ioctls do not
+                // see: every later check takes the netlink path, still right).
+                ip(&["addr", "flush", "dev", "bgready0"]);
+                ip(&["addr", "add", "192.0.2.1/24", "dev", "bgready0"]);
+                assert!(!bridge_ready("bgready0", gw, 24));
+                ops.ensure_bridge("bgready0", gw, 24).unwrap();
+                assert_eq!(addresses("bgready0"), vec!["192.0.2.1/24", "172.31.0.1/24"]);
+                assert!(!bridge_ready("bgready0", gw, 24));
+                ops.delete_link("bgready0").unwrap();
+                assert!(!bridge_ready("bgready0", gw, 24));
             },
         );
     }

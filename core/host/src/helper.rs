@@ -705,7 +705,12 @@ impl HostOps for HelperHostOps {
             .map(drop)
     }
 
+    /// A bridge already up with its address (every create after the
+    /// first) needs no privilege to see, so no round trip to the helper.
     fn ensure_bridge(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
+        if crate::hostops::bridge_ready(name, addr, prefix) {
+            return Ok(());
+        }
         let op = HelperOp::EnsureBridge {
             name: name.into(),
             addr,

@@ -193,6 +193,62 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+nix::ioctl_read_bad!(siocgifflags, libc::SIOCGIFFLAGS, IfAddrReq);
+nix::ioctl_read_bad!(siocgifaddr, libc::SIOCGIFADDR, IfAddrReq);
+nix::ioctl_read_bad!(siocgifnetmask, libc::SIOCGIFNETMASK, IfAddrReq);
+
+/// `struct ifreq` with its union as raw bytes: a `short` of flags, or a
+/// `struct sockaddr_in` (family, port, then the address in network order).
+#[repr(C)]
+struct IfAddrReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+/// Whether link `name` is up with `addr/prefix` as its (primary) IPv4
+/// address: the state [`HostOps::ensure_bridge`] leaves, which every create
+/// after the first finds. Three ioctls on a datagram socket of the calling
+/// thread's network namespace, instead of netlink round trips on a runtime
+/// and thread of their own. Anything else (no such link, down, another
+/// address or only a secondary one, an error) is "not known to be ready",
+/// and the caller takes the netlink path, which sees everything.
+pub fn bridge_ready(name: &str, addr: Ipv4Addr, prefix: u8) -> bool {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    use std::os::fd::AsRawFd;
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || !(1..=32).contains(&prefix) {
+        return false;
+    }
+    let Ok(sock) = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let ask = |call: unsafe fn(i32, *mut IfAddrReq) -> nix::Result<i32>| {
+        let mut req = IfAddrReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: `sock` is an open socket and `req` a NUL-terminated
+        // `struct ifreq` of the kernel's size that outlives the call, which
+        // writes into its union only.
+        unsafe { call(sock.as_raw_fd(), &mut req) }.ok()?;
+        Some(req.data)
+    };
+    let ipv4 = |d: [u8; 24]| {
+        (u16::from_ne_bytes([d[0], d[1]]) == libc::AF_INET as u16)
+            .then(|| Ipv4Addr::new(d[4], d[5], d[6], d[7]))
+    };
+    let up = ask(siocgifflags)
+        .is_some_and(|d| i16::from_ne_bytes([d[0], d[1]]) & libc::IFF_UP as i16 != 0);
+    let mask = u32::MAX << (32 - u32::from(prefix));
+    up && ask(siocgifaddr).and_then(ipv4) == Some(addr)
+        && ask(siocgifnetmask).and_then(ipv4) == Some(Ipv4Addr::from(mask))
+}
+
 fn tun_open(op: &'static str, name: &str) -> Result<std::fs::File, HostOpsError> {
     use std::os::fd::AsRawFd;
     let fail = |source| HostOpsError::Failed {
@@ -256,6 +312,9 @@ impl HostOps for InProcessHostOps {
     fn ensure_bridge(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), HostOpsError> {
         validate_ifname("ensure_bridge", name)?;
         validate_prefix("ensure_bridge", prefix)?;
+        if bridge_ready(name, addr, prefix) {
+            return Ok(());
+        }
         crate::net::netlink::ensure_bridge(name, addr, prefix)
     }
 
