@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
-use banger_api::api::exec::{ExecRequest, Frame, UPGRADE, WindowSize};
+use banger_api::api::exec::{ExecRequest, Frame, KEEPALIVE, UPGRADE, WindowSize};
 use banger_api::client::Client;
 use nix::sys::termios::{self, SetArg, Termios};
 use tokio::signal::unix::{SignalKind, signal};
@@ -37,6 +37,7 @@ pub enum Job {
 /// + the signal when one killed it).
 pub async fn run(client: &Client, name: &str, job: Job) -> Result<i32> {
     let tty = matches!(job, Job::Session(_)) && std::io::stdin().is_terminal();
+    let every = banger_api::config::exec_keepalive_every();
     let (argv, cwd) = match job {
         Job::Session(cwd) => (LOGIN_SHELL.to_string(), cwd),
         Job::Command(words) => (remote_command(&words).join(" "), None),
@@ -45,6 +46,7 @@ pub async fn run(client: &Client, name: &str, job: Job) -> Result<i32> {
         argv: vec!["sh".into(), "-c".into(), argv],
         cwd,
         tty: tty.then(|| local_size().unwrap_or(WindowSize { rows: 24, cols: 80 })),
+        keepalive_ms: Some(every.as_millis() as u32),
         ..Default::default()
     };
     let stream = client
@@ -61,10 +63,16 @@ pub async fn run(client: &Client, name: &str, job: Job) -> Result<i32> {
         std::thread::spawn(move || pump_stdin(&writer));
     }
     let forwarder = tokio::spawn(forward_signals(writer.clone(), tty));
+    let (stop_keepalives, stopped) = std::sync::mpsc::channel::<()>();
+    {
+        let writer = writer.clone();
+        std::thread::spawn(move || keep_alive(&writer, every, &stopped));
+    }
     let outcome = tokio::task::spawn_blocking(move || read_output(stream))
         .await
         .context("The exec reader failed")?;
     forwarder.abort();
+    drop(stop_keepalives);
     outcome.with_context(|| format!("Running a command in VM {name} through its agent"))
 }
 
@@ -88,6 +96,21 @@ fn pump_stdin(writer: &Mutex<UnixStream>) {
         };
         let last = frame == Frame::StdinEof;
         if send(writer, &frame).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// A keepalive `every` until `stopped` is dropped (or a write fails): what
+/// the request promised, so that the agent can tell a silent CLI from one
+/// that is gone (docs/agent-exec.md).
+fn keep_alive(
+    writer: &Mutex<UnixStream>,
+    every: std::time::Duration,
+    stopped: &std::sync::mpsc::Receiver<()>,
+) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+        if send(writer, &KEEPALIVE).is_err() {
             return;
         }
     }

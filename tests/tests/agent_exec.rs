@@ -13,7 +13,7 @@ mod tests {
     use std::time::Duration;
 
     use banger_guest_protocol::exec::{
-        ExecRequest, ExitStatus, Frame, SECRET_PATH, UPGRADE, WindowSize,
+        ExecRequest, ExitStatus, Frame, KEEPALIVE, SECRET_PATH, UPGRADE, WindowSize,
     };
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -329,6 +329,51 @@ mod tests {
         test_infra::wait_until(Duration::from_secs(10), "the command to be killed", || {
             !alive(pid)
         });
+    }
+
+    #[test]
+    fn a_host_silent_past_its_keepalive_deadline_is_taken_for_gone() {
+        let Some(agent) = start_agent(Some(SECRET)) else {
+            return;
+        };
+        // 100 ms promised: the agent gives up after 750 ms without a byte.
+        let every = Duration::from_millis(100);
+        let with_keepalive = |words: &[&str]| ExecRequest {
+            keepalive_ms: Some(100),
+            ..argv(words)
+        };
+
+        // Silent, stream open: the command (waiting on its stdin) is
+        // killed as if the host had closed the stream.
+        let mut s = start(&agent, with_keepalive(&["cat"]));
+        let o = collect(&mut s, |_, _| {});
+        assert_eq!(o.exit.and_then(|e| e.signal), Some(9), "{o:?}");
+
+        // The same promise kept: a command that outlives the deadline
+        // twice over ends on its own.
+        let s = start(&agent, with_keepalive(&["sh", "-c", "sleep 2; echo done"]));
+        let mut w = s.try_clone().unwrap();
+        let beat = std::thread::spawn(move || {
+            while KEEPALIVE.write_to(&mut w).is_ok() {
+                std::thread::sleep(every / 2);
+            }
+        });
+        let mut r = s.try_clone().unwrap();
+        let o = collect(&mut r, |_, _| {});
+        assert_eq!(
+            (o.exit.map(|e| e.code), text(&o.stdout)),
+            (Some(Some(0)), "done\n".into())
+        );
+        drop(s);
+        beat.join().unwrap();
+
+        // No promise (an older host): silence is no deadline.
+        let mut s = start(&agent, argv(&["sh", "-c", "sleep 2; echo done"]));
+        let o = collect(&mut s, |_, _| {});
+        assert_eq!(
+            (o.exit.map(|e| e.code), text(&o.stdout)),
+            (Some(Some(0)), "done\n".into())
+        );
     }
 
     /// A live process (a zombie waiting for its parent counts as gone).

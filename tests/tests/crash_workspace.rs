@@ -5,7 +5,9 @@
 //! checked: the VM still runs and answers, no host staging file is left,
 //! the guest's `/root/repo` is the previous import or the new one (never a
 //! mix, never missing), and the next import succeeds and leaves no guest
-//! staging directory. Prints the table of stages and outcomes.
+//! staging directory. Prints the table of stages and outcomes. Exec
+//! streams keep alive every 400 ms here, so a guest script whose daemon
+//! died is ended within seconds even when the end of its stream is lost.
 //!
 //! Needs what `e2e.rs` needs (`scripts/build-agent`, the cached kernel and
 //! rootfs, QEMU, vhost-device-vsock); skips loudly without them.
@@ -149,6 +151,16 @@ mod tests {
         big_repo(&home, &repo);
         let vm = rig.create(VM, &["--image", "bookworm"]);
         rig.pin_host_keys(&vm);
+        // Exec streams with a keepalive every 400 ms, so the agent takes a
+        // host that went silent for gone after 3 s: vhost-device-vsock can
+        // lose the end of a connection whose host was killed, and an
+        // import's guest script then waits on its stdin, holding the
+        // import lock, until that deadline. A command that runs longer than
+        // the deadline while the CLI is there is not cut short.
+        rig.env
+            .set_env(banger_api::config::EXEC_KEEPALIVE_ENV, "400");
+        let slow = guest(&rig.env, "sleep 4; echo slept").ok();
+        assert_eq!(slow.stdout.trim(), "slept");
         let started = Instant::now();
         rig.env
             .banger(&["vm", "workspace", "prepare", VM, repo.to_str().unwrap()])

@@ -17,6 +17,17 @@
 //! The daemon's `POST /v1/vms/{name}/exec` opens this connection for a
 //! client, checks the agent's answer, and then only copies bytes both ways,
 //! so the CLI speaks the same frames.
+//!
+//! A host that sets [`ExecRequest::keepalive_ms`] sends a frame at least
+//! that often for as long as the stream is open ([`KEEPALIVE`] when it has
+//! nothing else to send), and the agent ends the command as it does when
+//! the host closes the stream once it has waited [`keepalive_deadline`] for
+//! a byte. A host that dies does not always close the stream: the vsock
+//! backend of QEMU guests (vhost-device-vsock 0.3) can lose the end of a
+//! connection whose host side closed while the guest was short of credit,
+//! and the command would wait on its stdin for ever.
+
+use std::time::Duration;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -32,6 +43,20 @@ pub const UPGRADE: &str = "banger-exec";
 pub const MAX_FRAME: usize = 1 << 20;
 /// Signals the host may send to the command's process group.
 pub const ALLOWED_SIGNALS: [i32; 5] = [1, 2, 3, 9, 15];
+/// What a host sends when it has nothing else to send on a stream with
+/// keepalives: signal 0, which (as for `kill(2)`) delivers nothing, and
+/// which an agent older than keepalives ignores as a signal it does not
+/// allow.
+pub const KEEPALIVE: Frame = Frame::Signal(0);
+/// How often the host's own streams send a frame.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the agent waits for a byte from a host that promised a frame
+/// every `every` before taking it for gone: seven missed keepalives and a
+/// half, room for an emulated guest that is slow to be scheduled.
+pub fn keepalive_deadline(every: Duration) -> Duration {
+    every * 15 / 2
+}
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -48,6 +73,10 @@ pub struct ExecRequest {
     /// Run on a pseudo-terminal of this size (stdout and stderr merge).
     #[serde(default)]
     pub tty: Option<WindowSize>,
+    /// The host sends a frame at least every this many milliseconds (see
+    /// the module's doc); `None` (older hosts) means no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_ms: Option<u32>,
 }
 
 /// A terminal size.
@@ -223,6 +252,11 @@ mod tests {
                 env: BTreeMap::from([("A".into(), "b".into())]),
                 cwd: Some("/tmp".into()),
                 tty: Some(WindowSize { rows: 24, cols: 80 }),
+                keepalive_ms: Some(2000),
+            }),
+            Frame::Start(ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
             }),
             Frame::Stdin(b"hello".to_vec()),
             Frame::StdinEof,
@@ -249,6 +283,19 @@ mod tests {
             back.push(f);
         }
         assert_eq!(back, frames);
+    }
+
+    #[test]
+    fn a_start_without_keepalives_reads_as_one_from_an_older_host_and_back() {
+        // What a host before keepalives sends, and what an agent before
+        // them is sent by a host that does not promise them.
+        let old = br#"{"argv":["true"],"env":{},"cwd":null,"tty":null}"#;
+        let req: ExecRequest = serde_json::from_slice(old).unwrap();
+        assert_eq!(req.keepalive_ms, None);
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(!json.contains("keepalive"), "{json}");
+        // The keepalive frame is a signal no agent applies.
+        assert!(matches!(KEEPALIVE, Frame::Signal(n) if !ALLOWED_SIGNALS.contains(&n)));
     }
 
     #[test]

@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use banger_guest_protocol::exec::{
-    ALLOWED_SIGNALS, ExecRequest, ExitStatus, Frame, SECRET_PATH, WindowSize,
+    ALLOWED_SIGNALS, ExecRequest, ExitStatus, Frame, FrameError, SECRET_PATH, WindowSize,
+    keepalive_deadline,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::socket::{Shutdown, setsockopt, shutdown, sockopt};
@@ -90,8 +92,16 @@ pub fn serve(conn: File, mut input: impl Read + Send + 'static) {
         Ok(_) => return send(&out, &Frame::Error("the first frame must be Start".into())),
         Err(e) => return send(&out, &Frame::Error(format!("reading Start: {e}"))),
     };
-    // The head had a deadline; a command may take as long as it likes.
-    let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
+    // The head had a deadline; a command may take as long as it likes,
+    // but a host that promised keepalives and sends nothing for their
+    // deadline is gone (a read that times out ends `host_frames` as a
+    // closed stream does). Only a read waits on it: while the command is
+    // slow to take its stdin, nothing is read and nothing expires.
+    let wait = request.keepalive_ms.map_or(Duration::ZERO, |ms| {
+        keepalive_deadline(Duration::from_millis(u64::from(ms)))
+    });
+    let wait = TimeVal::new(wait.as_secs() as _, wait.subsec_micros() as _);
+    let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &wait);
     let running = match Running::spawn(&request) {
         Ok(r) => r,
         Err(e) => {
@@ -298,7 +308,8 @@ fn pump(mut source: File, wrap: fn(Vec<u8>) -> Frame, out: &Mutex<File>) {
 }
 
 /// Applies the host's frames until the stream ends. A host that goes away
-/// before the command ended takes the command's process group with it.
+/// before the command ended (the stream closed, or a keepalive deadline
+/// passed in a read) takes the command's process group with it.
 fn host_frames(
     mut input: impl Read,
     mut stdin: Stdin,
@@ -353,7 +364,21 @@ fn host_frames(
             }
             // Frames only the agent sends, or a second Start: ignored.
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => {
+            Ok(None) => {
+                signal(Signal::SIGKILL);
+                return;
+            }
+            Err(e) => {
+                if let FrameError::Io(io) = &e
+                    && matches!(
+                        io.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    )
+                {
+                    crate::console::log(
+                        "exec: the host sent nothing within its keepalive deadline; ending its command",
+                    );
+                }
                 signal(Signal::SIGKILL);
                 return;
             }

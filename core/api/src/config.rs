@@ -791,6 +791,23 @@ pub const AGENT_BIN_NAME: &str = "banger-agent";
 /// it. Never needed otherwise.
 pub const ANY_AGENT_ENV: &str = "BANGER_TEST_ANY_AGENT";
 
+/// Milliseconds between the keepalives of the host's exec streams
+/// (`banger_guest_protocol::exec::KEEPALIVE_EVERY` when unset): for tests
+/// that need the agent's deadline within seconds. Never needed otherwise.
+pub const EXEC_KEEPALIVE_ENV: &str = "BANGER_TEST_EXEC_KEEPALIVE_MS";
+
+/// How often the host's exec streams send a frame ([`EXEC_KEEPALIVE_ENV`]).
+pub fn exec_keepalive_every() -> std::time::Duration {
+    std::env::var(EXEC_KEEPALIVE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(
+            banger_guest_protocol::exec::KEEPALIVE_EVERY,
+            std::time::Duration::from_millis,
+        )
+}
+
 fn any_agent_allowed() -> bool {
     std::env::var_os(ANY_AGENT_ENV).is_some_and(|v| !v.is_empty())
 }

@@ -253,7 +253,13 @@ pub async fn prepare_with(
         ),
         Carrier::Agent(stream) => (
             "agent",
-            agent_run(stream, &script.join("\n"), &mut upload).await?,
+            agent_run(
+                stream,
+                &script.join("\n"),
+                &mut upload,
+                banger_api::config::exec_keepalive_every(),
+            )
+            .await?,
         ),
     };
     tracing::info!(
@@ -369,39 +375,63 @@ async fn agent_run(
     stream: std::os::unix::net::UnixStream,
     script: &str,
     stdin: &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+    every: std::time::Duration,
 ) -> Result<Vec<u8>, WorkspaceError> {
-    use banger_guest_protocol::exec::{ExecRequest, Frame};
+    use banger_guest_protocol::exec::{ExecRequest, Frame, KEEPALIVE};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let guest = |e: io::Error| WorkspaceError::Guest("import", Box::new(e));
     stream.set_nonblocking(true).map_err(guest)?;
-    let mut stream = tokio::net::UnixStream::from_std(stream).map_err(guest)?;
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(guest)?;
+    let (mut from_agent, mut to_agent) = stream.into_split();
     let start = Frame::Start(ExecRequest {
         argv: ["setsid", "-w", "sh", "-c", script]
             .map(String::from)
             .to_vec(),
-        env: Default::default(),
-        cwd: None,
-        tty: None,
+        keepalive_ms: Some(every.as_millis() as u32),
+        ..Default::default()
     });
+    // Stdin, then a keepalive every `every` until the agent ends
+    // the stream: a daemon killed mid-import leaves the agent waiting on a
+    // stream whose end vhost-device-vsock can lose, and the keepalives'
+    // deadline is how the agent finds out. Only a failed write ends this.
+    let send = async {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut stdin_open = true;
+        let mut write = async |frame: Frame| to_agent.write_all(&frame.encode()).await;
+        if let Err(e) = write(start).await {
+            return e;
+        }
+        loop {
+            let frame = tokio::select! {
+                n = stdin.read(&mut buf), if stdin_open => match n {
+                    Ok(0) => {
+                        stdin_open = false;
+                        Frame::StdinEof
+                    }
+                    Ok(n) => Frame::Stdin(buf[..n].to_vec()),
+                    Err(e) => return e,
+                },
+                _ = tick.tick() => KEEPALIVE,
+            };
+            if let Err(e) = write(frame).await {
+                return e;
+            }
+        }
+    };
     // A script that fails early stops reading and the agent closes the
     // stream: the write error is then less telling than its stderr.
-    let sent: io::Result<()> = async {
-        stream.write_all(&start.encode()).await?;
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = stdin.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            stream
-                .write_all(&Frame::Stdin(buf[..n].to_vec()).encode())
-                .await?;
-        }
-        stream.write_all(&Frame::StdinEof.encode()).await
-    }
-    .await;
     let mut answer = Vec::new();
-    let read = stream.read_to_end(&mut answer).await;
+    let (read, sent) = {
+        let read = from_agent.read_to_end(&mut answer);
+        tokio::pin!(read);
+        tokio::select! {
+            r = &mut read => (r, None),
+            e = send => (read.await, Some(e)),
+        }
+    };
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let mut frames = Cursor::new(answer);
     let mut ended = None;
@@ -426,7 +456,7 @@ async fn agent_run(
         Some(Err(text)) => Err(failed(format!("the guest agent: {text}"))),
         None => Err(failed(format!(
             "the guest agent's stream ended without an exit status (sending: {:?}, reading: {:?})",
-            sent.err(),
+            sent,
             read.err()
         ))),
     }
@@ -568,5 +598,46 @@ mod tests {
         .map(|(s, p)| (s.to_string(), p.to_string()));
         assert_eq!(files, want);
         assert!(parse_name_status(b"").is_empty());
+    }
+
+    /// The daemon's side of an import stream against a stand-in agent on a
+    /// socket pair: the Start promises keepalives, the parcel arrives, and
+    /// once stdin has ended the keepalives keep coming (the stand-in only
+    /// answers after three of them; it gives up after 20 s without one).
+    #[tokio::test]
+    async fn an_import_stream_sends_keepalives_until_the_agent_answers() {
+        use banger_guest_protocol::exec::{ExitStatus, Frame, KEEPALIVE};
+        let (host, agent) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stand_in = std::thread::spawn(move || {
+            let mut conn = agent;
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
+            let promised = match Frame::read_from(&mut conn) {
+                Ok(Some(Frame::Start(req))) => req.keepalive_ms,
+                other => return Err(format!("first frame {other:?}")),
+            };
+            let (mut stdin, mut ended, mut beats) = (Vec::new(), false, 0);
+            while beats < 3 {
+                match Frame::read_from(&mut conn) {
+                    Ok(Some(Frame::Stdin(d))) if !ended => stdin.extend_from_slice(&d),
+                    Ok(Some(Frame::StdinEof)) => ended = true,
+                    Ok(Some(f)) if f == KEEPALIVE => beats += u32::from(ended),
+                    other => return Err(format!("after {beats} keepalives: {other:?}")),
+                }
+            }
+            Frame::Stdout(b"done".to_vec()).write_to(&mut conn).unwrap();
+            let exit = ExitStatus {
+                code: Some(0),
+                signal: None,
+            };
+            Frame::Exit(exit).write_to(&mut conn).unwrap();
+            Ok((promised, stdin))
+        });
+        let mut parcel: &[u8] = b"the parcel";
+        let every = std::time::Duration::from_millis(20);
+        let out = agent_run(host, "true", &mut parcel, every).await.unwrap();
+        assert_eq!(out, b"done");
+        let (promised, stdin) = stand_in.join().unwrap().unwrap();
+        assert_eq!((promised, stdin.as_slice()), (Some(20), &b"the parcel"[..]));
     }
 }
