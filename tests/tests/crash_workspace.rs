@@ -32,6 +32,11 @@ mod tests {
         /// From the test, once the guest has started cloning the bundle
         /// (the upload is over; the guest script runs on alone).
         WhileTheGuestClones,
+        /// Stopped (SIGSTOP) at this `crash_point`, its connections open
+        /// and silent, as the guest sees a daemon whose end of the stream
+        /// the vsock backend lost; killed once the guest's agent has given
+        /// up on the stream at its keepalive deadline.
+        Freeze(&'static str),
     }
 
     const STAGES: &[(&str, Kill)] = &[
@@ -40,6 +45,10 @@ mod tests {
             Kill::Hook("workspace:bundled"),
         ),
         ("half the upload sent", Kill::Hook("workspace:uploading")),
+        (
+            "half the upload sent, silent",
+            Kill::Freeze("workspace:uploading"),
+        ),
         ("guest clone/checkout", Kill::WhileTheGuestClones),
         (
             "published, not yet recorded",
@@ -104,15 +113,26 @@ mod tests {
         (guest_side, host_side)
     }
 
+    /// How many times the guest agent logged (on the VM's console) that it
+    /// gave up on a silent host's exec stream.
+    fn gave_up(serial_log: &Path) -> usize {
+        std::fs::read_to_string(serial_log)
+            .unwrap_or_default()
+            .matches("keepalive deadline")
+            .count()
+    }
+
     /// Runs the import that is to crash at `kill`; returns once the daemon
     /// that ran it is dead.
-    fn crash_prepare(rig: &mut Rig, repo: &Path, kill: Kill) {
+    fn crash_prepare(rig: &mut Rig, repo: &Path, serial_log: &Path, kill: Kill) {
         rig.env.kill_daemon();
         let point = match kill {
-            Kill::Hook(p) => p,
-            Kill::WhileTheGuestClones => "",
+            Kill::Hook(p) => p.to_string(),
+            Kill::Freeze(p) => format!("freeze:{p}"),
+            Kill::WhileTheGuestClones => String::new(),
         };
-        rig.env.set_env(CRASH_AT, point);
+        rig.env.set_env(CRASH_AT, &point);
+        let gave_up_before = gave_up(serial_log);
         // The daemon this starts has the hook armed.
         assert_eq!(rig.env.show(VM).record.state, VmState::Running);
         let crashing = rig.env.daemon_pid().unwrap();
@@ -126,6 +146,16 @@ mod tests {
                 wait_until(Duration::from_secs(300), "the guest checks out", || {
                     guest(env, "pgrep -f '[c]heckout-index -a'").code == 0
                 });
+                env.kill_daemon();
+            }
+            if let Kill::Freeze(_) = kill {
+                // The agent's own word that the stream's silence, not its
+                // end, made it give up.
+                wait_until(
+                    Duration::from_secs(120),
+                    "the agent gives up on the stopped daemon's stream",
+                    || gave_up(serial_log) > gave_up_before,
+                );
                 env.kill_daemon();
             }
             let out = run.join().unwrap();
@@ -177,7 +207,7 @@ mod tests {
             git(&home, &repo, &["commit", "-q", "-am", &version]);
             let new_head = git(&home, &repo, &["rev-parse", "HEAD"]);
 
-            crash_prepare(&mut rig, &repo, *kill);
+            crash_prepare(&mut rig, &repo, &vm.dir.join("serial.log"), *kill);
 
             // A clean daemon: the VM runs on and answers.
             let view = rig.env.show(VM);
@@ -210,18 +240,19 @@ mod tests {
             assert!(guest_left.is_empty(), "{stage}: guest keeps {guest_left}");
             assert!(host_left.is_empty(), "{stage}: host keeps {host_left:?}");
             table.push(format!(
-                "{:<30} {:<22} {:<4} running, no staging, retry ok",
+                "{:<30} {:<26} {:<4} running, no staging, retry ok",
                 stage,
                 match kill {
-                    Kill::Hook(p) => *p,
-                    Kill::WhileTheGuestClones => "(test kill -9)",
+                    Kill::Hook(p) => p.to_string(),
+                    Kill::Freeze(p) => format!("freeze:{p}"),
+                    Kill::WhileTheGuestClones => "(test kill -9)".to_string(),
                 },
                 outcome
             ));
         }
         println!("an uninterrupted prepare took {clean_prepare:.1?}");
         println!(
-            "{:<30} {:<22} {:<4} after restart",
+            "{:<30} {:<26} {:<4} after restart",
             "stage", "crash point", "repo"
         );
         for row in table {

@@ -480,14 +480,21 @@ pub const CRASH_AT_ENV: &str = "BANGER_TEST_CRASH_AT";
 /// Test hook: with `BANGER_TEST_CRASH_AT=<point>` the daemon SIGKILLs itself
 /// (exactly what `kill -9` does: no destructor, no cleanup) on reaching
 /// `point`, so the crash tests can restart it and check what reconcile makes
-/// of the leftovers. The points are listed in docs/architecture.md. Unset, this
-/// does nothing.
+/// of the leftovers. The points are listed in docs/architecture.md. With
+/// `freeze:<point>` it SIGSTOPs itself there instead: a daemon that holds
+/// its connections open and sends nothing more, as a guest sees a daemon
+/// whose end of a stream was lost. Unset, this does nothing.
 pub(crate) fn crash_point(point: &str) {
+    use nix::sys::signal::{Signal, raise};
     static AT: std::sync::LazyLock<Option<String>> =
         std::sync::LazyLock::new(|| std::env::var(CRASH_AT_ENV).ok());
-    if AT.as_deref() == Some(point) {
+    let Some(at) = AT.as_deref() else { return };
+    if at == point {
         tracing::warn!(point, "{CRASH_AT_ENV}: killing the daemon here");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        let _ = raise(Signal::SIGKILL);
+    } else if at.strip_prefix("freeze:") == Some(point) {
+        tracing::warn!(point, "{CRASH_AT_ENV}: stopping the daemon here");
+        let _ = raise(Signal::SIGSTOP);
     }
 }
 
