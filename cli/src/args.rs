@@ -378,6 +378,14 @@ pub struct RunArgs {
     /// which needs no sshd; ssh with PATH, whose import needs sshd anyway).
     #[arg(long, value_enum)]
     pub via: Option<Via>,
+    /// Restore this snapshot (`banger vm snapshot list`) instead of booting
+    /// a new VM, then import, run or open the session as usual: image,
+    /// shape and capabilities come from the snapshot (and no mise
+    /// bootstrap runs: its tools are those it was taken with); the name,
+    /// address, MAC, SSH host keys and agent secret are the new VM's.
+    #[arg(long, value_name = "SNAP", value_parser = parse_name,
+          conflicts_with_all = ["image", "caps", "nat", "ports", "vcpu", "memory", "disk_size", "force_size"])]
+    pub from_snapshot: Option<String>,
     /// Command to run in the guest instead of a session (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -56,7 +56,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    crate::output::eprint_line(plan.spec.to_string());
+    crate::output::eprint_line(plan.headline());
     let client = crate::daemon::ensure_running(&paths).await?;
     let vm: VmView = client
         .stream_events(
@@ -368,9 +368,14 @@ impl Plan {
             None => None,
         };
         let mut caps = crate::ports::with_ports(vm::with_nat(a.caps, a.nat), &a.ports);
-        // Command mode never bootstraps: it runs and returns.
+        // Command mode never bootstraps: it runs and returns; nor does a
+        // restore, whose capabilities (and tools) are the snapshot's.
         let bootstrap = match &workspace {
-            Some(ws) if !a.no_bootstrap && !matches!(after, After::Command(_)) => {
+            Some(ws)
+                if !a.no_bootstrap
+                    && !matches!(after, After::Command(_))
+                    && a.from_snapshot.is_none() =>
+            {
                 mise_file(&ws.root)
             }
             _ => None,
@@ -390,16 +395,25 @@ impl Plan {
                 caps.push("mise".to_string());
             }
         }
-        let request = CreateVmRequest {
-            name: a.name,
-            image: a.image.or_else(|| config.default_image_name.clone()),
-            vcpus: Some(i64::from(spec.vcpus)),
-            memory_mib: Some(i64::from(spec.memory_mib)),
-            disk_size: Some(spec.disk.to_string()),
-            caps,
-            vmm: Some(spec.backend.vmm),
-            force_size: a.shape.force_size,
-            ..CreateVmRequest::default()
+        let request = match a.from_snapshot {
+            // The snapshot decides the shape and backend, as for `vm create`.
+            Some(snap) => CreateVmRequest {
+                name: a.name,
+                vmm: a.vmm.map(|v| v.kind()),
+                from_snapshot: Some(snap),
+                ..CreateVmRequest::default()
+            },
+            None => CreateVmRequest {
+                name: a.name,
+                image: a.image.or_else(|| config.default_image_name.clone()),
+                vcpus: Some(i64::from(spec.vcpus)),
+                memory_mib: Some(i64::from(spec.memory_mib)),
+                disk_size: Some(spec.disk.to_string()),
+                caps,
+                vmm: Some(spec.backend.vmm),
+                force_size: a.shape.force_size,
+                ..CreateVmRequest::default()
+            },
         };
         Ok(Plan {
             spec,
@@ -424,24 +438,39 @@ impl Plan {
         }
     }
 
+    /// The first line of a run: the spec it creates, or the snapshot it
+    /// restores (whose shape is the snapshot's).
+    fn headline(&self) -> String {
+        match &self.request.from_snapshot {
+            Some(snap) => {
+                format!("restoring snapshot {snap} (its image, shape, backend and capabilities)")
+            }
+            None => self.spec.to_string(),
+        }
+    }
+
     /// `--dry-run`'s report: the spec and every step that would happen.
     fn describe(&self) -> String {
         let r = &self.request;
-        let mut out = format!("{}\ndry run: nothing is created\n", self.spec);
+        let mut out = format!("{}\ndry run: nothing is created\n", self.headline());
         let mut line = |k: &str, v: String| out.push_str(&format!("{k:<11}{v}\n"));
+        let source = match (&r.from_snapshot, &r.image) {
+            (Some(snap), _) => format!("snapshot {snap}, restored"),
+            (None, Some(i)) => format!("image {i}"),
+            (None, None) => "the default image".to_string(),
+        };
         line(
             "vm:",
             format!(
-                "{} from {}",
+                "{} from {source}",
                 r.name.as_deref().unwrap_or("(generated name)"),
-                r.image
-                    .as_deref()
-                    .map_or("the default image".to_string(), |i| format!("image {i}"))
             ),
         );
         line(
             "caps:",
-            if r.caps.is_empty() {
+            if r.from_snapshot.is_some() {
+                "the snapshot's".to_string()
+            } else if r.caps.is_empty() {
                 "config default_caps".to_string()
             } else {
                 format!("config default_caps with {}", r.caps.join(" "))
@@ -703,6 +732,61 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plan.bootstrap, None);
+    }
+
+    #[test]
+    fn a_run_from_a_snapshot_asks_for_a_restore_with_nothing_the_snapshot_decides() {
+        let repo = git_repo(&[".tool-versions"]);
+        let p = repo.path().to_str().unwrap();
+        // A mise file needs no NAT here: a restore runs no bootstrap.
+        let a = run_args(&["--from-snapshot", "warm", "--name", "w1", p, "--", "make"]).unwrap();
+        let plan = Plan::new(a, &config()).unwrap();
+        let want = CreateVmRequest {
+            name: Some("w1".into()),
+            from_snapshot: Some("warm".into()),
+            ..CreateVmRequest::default()
+        };
+        assert_eq!(plan.request, want);
+        assert_eq!(plan.bootstrap, None);
+        assert!(plan.workspace.is_some());
+        let plan = Plan::new(
+            run_args(&["--from-snapshot", "warm", p, "--dry-run"]).unwrap(),
+            &config(),
+        )
+        .unwrap();
+        assert_eq!(plan.bootstrap, None, "not even in a session");
+        let text = plan.describe();
+        assert!(text.starts_with("restoring snapshot warm"), "{text}");
+        assert!(text.contains("from snapshot warm, restored"), "{text}");
+        assert!(text.contains("caps:      the snapshot's"), "{text}");
+        assert!(text.contains("bootstrap: none"), "{text}");
+        // The backend may be named (a restore checks it); what the snapshot
+        // decides may not.
+        let a = run_args(&["--from-snapshot", "warm", "--vmm", "qemu"]).unwrap();
+        let plan = Plan::new(a, &config()).unwrap();
+        assert_eq!(plan.request.vmm, Some(VmmKind::Qemu));
+        for flag in [
+            &["--image", "x"][..],
+            &["--cap", "nat"],
+            &["--nat"],
+            &["-p", "8080:80"],
+            &["--vcpu", "2"],
+            &["--memory", "1G"],
+            &["--disk-size", "8G"],
+            &["--force-size"],
+        ] {
+            let args: Vec<&str> = ["--from-snapshot", "warm"]
+                .iter()
+                .chain(flag)
+                .copied()
+                .collect();
+            let e = run_args(&args).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag:?}"
+            );
+        }
     }
 
     #[test]

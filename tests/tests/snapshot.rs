@@ -389,6 +389,7 @@ FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
     /// snapshot, each with its own name, lease, tap, disks and secret; the
     /// VMM loaded the snapshot (no boot) with the VM's own tap, and the
     /// agent was asked, with the snapshot's secret, to take the new identity.
+    /// `vm run --from-snapshot` restores a third the same way.
     #[test]
     fn vm_create_from_snapshot_restores_vms_that_each_take_their_own_identity() {
         const TEST: &str = "vm_create_from_snapshot_restores_vms_that_each_take_their_own_identity";
@@ -502,6 +503,34 @@ FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
                 host_keys.push(keys.clone());
             }
             assert_ne!(host_keys[0], host_keys[1], "each restore its own host keys");
+
+            // `vm run` restores the same way (a warm start), then goes on
+            // as after any create: here, detached.
+            let before = env.fc_calls().len();
+            let run = env
+                .banger(&["vm", "run", "--from-snapshot", "s1", "--name", "r3", "-d"])
+                .ok();
+            assert!(run.stderr.starts_with("restoring snapshot s1"), "{run:?}");
+            assert!(run.stdout.contains("VM r3 is ready"), "{run:?}");
+            let r3 = env.show("r3");
+            assert_eq!(r3.record.caps, src.record.caps);
+            let pid = i64::from(r3.record.vmm.as_ref().unwrap().pid);
+            let api: Vec<String> = env.fc_calls()[before..]
+                .iter()
+                .filter(|c| c["pid"] == pid && c["path"] != "/")
+                .map(|c| {
+                    format!(
+                        "{} {}",
+                        c["method"].as_str().unwrap(),
+                        c["path"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert_eq!(
+                api,
+                ["PUT /logger", "PUT /snapshot/load", "POST /reidentify"],
+                "restored, not booted"
+            );
             let (r1, r2) = (env.show("r1"), env.show("r2"));
             assert_ne!(r1.address, r2.address);
             assert_ne!(
