@@ -384,6 +384,39 @@ FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
         p
     }
 
+    /// The API calls `vm`'s VMM received among those recorded after the
+    /// first `before` (polls of `/` aside), checked to be a restore's: the
+    /// logger, the snapshot load and the agent's new identity, no boot.
+    fn restored_vmm_calls(
+        env: &test_infra::BangerEnv,
+        before: usize,
+        vm: &banger_api::api::VmView,
+    ) -> Vec<serde_json::Value> {
+        let pid = i64::from(vm.record.vmm.as_ref().unwrap().pid);
+        let calls: Vec<serde_json::Value> = env.fc_calls()[before..]
+            .iter()
+            .filter(|c| c["pid"] == pid && c["path"] != "/")
+            .cloned()
+            .collect();
+        let api: Vec<String> = calls
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}",
+                    c["method"].as_str().unwrap(),
+                    c["path"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            api,
+            ["PUT /logger", "PUT /snapshot/load", "POST /reidentify"],
+            "{} restored, not booted",
+            vm.record.name
+        );
+        calls
+    }
+
     /// `vm create --from-snapshot` through the CLI against the fake
     /// firecracker under the fake jailer: two VMs restored from one
     /// snapshot, each with its own name, lease, tap, disks and secret; the
@@ -444,27 +477,7 @@ FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
                         d.id
                     );
                 }
-                let pid = i64::from(vm.record.vmm.as_ref().unwrap().pid);
-                let calls: Vec<serde_json::Value> = env.fc_calls()[before..]
-                    .iter()
-                    .filter(|c| c["pid"] == pid && c["path"] != "/")
-                    .cloned()
-                    .collect();
-                let api: Vec<String> = calls
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{} {}",
-                            c["method"].as_str().unwrap(),
-                            c["path"].as_str().unwrap()
-                        )
-                    })
-                    .collect();
-                assert_eq!(
-                    api,
-                    ["PUT /logger", "PUT /snapshot/load", "POST /reidentify"],
-                    "restored, not booted"
-                );
+                let calls = restored_vmm_calls(&env, before, &vm);
                 let nic = &machine.nics[0];
                 assert_eq!(
                     calls[1]["body"],
@@ -514,23 +527,7 @@ FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
             assert!(run.stdout.contains("VM r3 is ready"), "{run:?}");
             let r3 = env.show("r3");
             assert_eq!(r3.record.caps, src.record.caps);
-            let pid = i64::from(r3.record.vmm.as_ref().unwrap().pid);
-            let api: Vec<String> = env.fc_calls()[before..]
-                .iter()
-                .filter(|c| c["pid"] == pid && c["path"] != "/")
-                .map(|c| {
-                    format!(
-                        "{} {}",
-                        c["method"].as_str().unwrap(),
-                        c["path"].as_str().unwrap()
-                    )
-                })
-                .collect();
-            assert_eq!(
-                api,
-                ["PUT /logger", "PUT /snapshot/load", "POST /reidentify"],
-                "restored, not booted"
-            );
+            restored_vmm_calls(&env, before, &r3);
             let (r1, r2) = (env.show("r1"), env.show("r2"));
             assert_ne!(r1.address, r2.address);
             assert_ne!(
