@@ -348,7 +348,7 @@ impl BangerEnv {
                 let procs: Vec<String> = self
                     .daemon_pid()
                     .into_iter()
-                    .chain(processes_naming(self.root()))
+                    .chain(processes_in(self.root()))
                     .map(|pid| {
                         let read = |f: &str| {
                             std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default()
@@ -484,10 +484,10 @@ impl Drop for BangerEnv {
         if let Some(pid) = self.daemon_pid() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        // Its VMMs and their helpers (fake firecrackers, QEMU guests of a
-        // test that failed before deleting them, vsock backends): every
-        // process whose arguments name a path in this env's tree.
-        for pid in processes_naming(self.root()) {
+        // Its VMMs and their helpers (fake firecrackers, jailed ones too,
+        // QEMU guests of a test that failed before deleting them, vsock
+        // backends): every process that works in this env's tree.
+        for pid in processes_in(self.root()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         // The killed daemon's warm taps (and a derived bridge) on the host's
@@ -498,9 +498,10 @@ impl Drop for BangerEnv {
     }
 }
 
-/// The processes (other than this one) whose command line names a path
-/// inside `root`.
-pub fn processes_naming(root: &std::path::Path) -> Vec<i32> {
+/// The processes (other than this one) that work in `root`: their command
+/// line names a path inside it, or their working directory is inside it (a
+/// jailed VMM, started with paths relative to its chroot).
+pub fn processes_in(root: &std::path::Path) -> Vec<i32> {
     let mut needle = root.as_os_str().as_encoded_bytes().to_vec();
     needle.push(b'/');
     let me = std::process::id() as i32;
@@ -513,6 +514,7 @@ pub fn processes_naming(root: &std::path::Path) -> Vec<i32> {
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+                || std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|d| d.starts_with(root))
         })
         .collect()
 }
@@ -769,26 +771,41 @@ mod tests {
     fn an_envs_processes_are_killed_when_it_is_dropped() {
         let env = BangerEnv::new();
         let dir = env.root().join("run");
-        // A shell waiting on a line that never comes, with the path as its
-        // argument; its first line says it runs (the kernel fills in a
-        // command line only part way through the exec that spawn waits for).
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "echo running; read -r line", "sh"])
-            .arg(&dir)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        use std::io::BufRead;
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        assert_eq!(first, "running\n");
-        assert_eq!(processes_naming(env.root()), vec![child.id() as i32]);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Shells waiting on a line that never comes: one with the path as
+        // its argument, one working in the tree with none. Each first says
+        // it runs (the kernel fills in a command line only part way through
+        // the exec that spawn waits for).
+        let shell = |arg: Option<&std::path::Path>, cwd: &std::path::Path| {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", "echo running; read -r line", "sh"]);
+            c.args(arg)
+                .current_dir(cwd)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            let mut first = String::new();
+            use std::io::BufRead;
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut first)
+                .unwrap();
+            assert_eq!(first, "running\n");
+            child
+        };
+        let mut children = [
+            shell(Some(&dir), std::path::Path::new("/")),
+            shell(None, &dir),
+        ];
+        let mut pids: Vec<i32> = children.iter().map(|c| c.id() as i32).collect();
+        pids.sort();
+        let mut found = processes_in(env.root());
+        found.sort();
+        assert_eq!(found, pids);
         drop(env);
-        let status = child.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "{status:?}");
+        for child in &mut children {
+            let status = child.wait().unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(9), "{status:?}");
+        }
     }
 }
