@@ -396,13 +396,7 @@ impl Plan {
             }
         }
         let request = match a.from_snapshot {
-            // The snapshot decides the shape and backend, as for `vm create`.
-            Some(snap) => CreateVmRequest {
-                name: a.name,
-                vmm: a.vmm.map(|v| v.kind()),
-                from_snapshot: Some(snap),
-                ..CreateVmRequest::default()
-            },
+            Some(snap) => vm::restore_request(a.name, a.vmm, snap),
             None => CreateVmRequest {
                 name: a.name,
                 image: a.image.or_else(|| config.default_image_name.clone()),

@@ -287,14 +287,7 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
     };
     let config = banger_api::config::Config::load(&Paths::from_env()?.config_file())?;
     if let Some(snap) = a.from_snapshot {
-        // The snapshot decides the shape and backend.
-        let req = CreateVmRequest {
-            name: a.name,
-            vmm: a.vmm.map(|v| v.kind()),
-            from_snapshot: Some(snap),
-            ..CreateVmRequest::default()
-        };
-        return create_with(client, &req).await;
+        return create_with(client, &restore_request(a.name, a.vmm, snap)).await;
     }
     let spec = crate::spec::Spec::resolve(&a.shape, a.vmm, &config)?;
     output::eprint_line(spec.to_string());
@@ -322,6 +315,22 @@ pub async fn create(client: &Client, a: Box<CreateArgs>) -> Result<ExitCode> {
         from_snapshot: None,
     };
     create_with(client, &req).await
+}
+
+/// The request of a VM restored from `snap` (`vm create` and `vm run
+/// --from-snapshot`): the snapshot decides the shape, image and
+/// capabilities; `vmm`, when given, is checked against its backend.
+pub(crate) fn restore_request(
+    name: Option<String>,
+    vmm: Option<crate::args::VmmArg>,
+    snap: String,
+) -> CreateVmRequest {
+    CreateVmRequest {
+        name,
+        vmm: vmm.map(|v| v.kind()),
+        from_snapshot: Some(snap),
+        ..CreateVmRequest::default()
+    }
 }
 
 /// Sends `req`, streaming progress to stderr; prints the VM on stdout.

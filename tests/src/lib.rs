@@ -342,7 +342,7 @@ impl BangerEnv {
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             },
             Err(hung) => {
-                let log = std::fs::read_to_string(self.root().join("state/banger/bangerd.log"))
+                let log = std::fs::read_to_string(self.state_dir().join("bangerd.log"))
                     .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(60).collect();
                 let procs: Vec<String> = self

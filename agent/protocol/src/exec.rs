@@ -24,13 +24,12 @@
 //! the host closes the stream once it has waited [`keepalive_deadline`] for
 //! a byte. A host that dies does not always close the stream: the vsock
 //! backend of QEMU guests (vhost-device-vsock 0.3) can lose the end of a
-//! connection whose host side closed while the guest was short of credit,
-//! and the command would wait on its stdin for ever.
-
-use std::time::Duration;
+//! connection whose host side closed, and the command would wait on its
+//! stdin for ever.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
