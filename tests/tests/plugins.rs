@@ -637,6 +637,41 @@ mod tests {
         assert!(env.list().is_empty());
     }
 
+    /// Built-in hooks run in place on the daemon's runtime; a plugin's
+    /// post-start hook may wait on anything, so it runs on the blocking pool
+    /// where the lifecycle can race it against the VMM's exit.
+    #[test]
+    fn a_vmm_that_exits_while_a_plugins_post_start_hangs_fails_the_create_at_once() {
+        const HOOK_TIMEOUT_SECS: u64 = 120;
+        let mut env = BangerEnv::new();
+        env.write_config(&format!(
+            "default_caps = [\"work-disk\"]\nplugin_hook_timeout_secs = {HOOK_TIMEOUT_SECS}\n"
+        ));
+        let so = workspace_cdylib("banger-plugin-faulty");
+        std::fs::copy(&so, env.plugins_dir().join(so.file_name().unwrap())).unwrap();
+        env.set_env("FAKE_FC_EXIT_AFTER_START", "1:1000");
+
+        let began = Instant::now();
+        let out = env
+            .create("racer", &["--cap", "faulty:hang=post_start"])
+            .failed();
+        let took = began.elapsed();
+        let text = format!("{}{}", out.stdout, out.stderr);
+        // The exit ends it, not the hook's timeout (a failure the exit would
+        // explain all the same: only the time tells them apart).
+        assert!(
+            took < Duration::from_secs(HOOK_TIMEOUT_SECS / 2),
+            "the create took {took:?} (hook timeout {HOOK_TIMEOUT_SECS}s):\n{text}"
+        );
+        assert!(text.contains("post_start:faulty"), "{text}");
+        assert!(text.contains("exited with exit status: 1"), "{text}");
+        let vm = env.show("racer");
+        assert_eq!(vm.record.state, VmState::Error);
+        assert!(vm.record.vmm.is_none());
+        let calls = std::fs::read_to_string(vm.dir.join("faulty.calls")).unwrap();
+        assert!(calls.lines().any(|l| l == "post_start"), "{calls}");
+    }
+
     #[test]
     fn a_plugin_sees_the_machine_and_backend_and_its_edits_are_applied() {
         let cap = faulty();

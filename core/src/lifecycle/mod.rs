@@ -20,7 +20,7 @@ use crate::capability::{
     CapError, Capability, Hook, HookCtx, HookLog, Registry, TeardownReason, order_by_manifest,
 };
 use crate::store::{Store, StoreError};
-use banger_api::api::VmView;
+use banger_api::api::{CapSource, VmView};
 use banger_api::config::Config;
 use banger_api::model::{EnabledCap, VmId, VmRecord, VmState, now_unix};
 use banger_api::paths::Paths;
@@ -314,8 +314,9 @@ impl Lifecycle {
     }
 
     /// Runs one hook of one capability as blocking work ([`blocking`]; a
-    /// post-start hook on the blocking pool, [`blocking_task`]). `payload`
-    /// is the hook's mutable data (machine spec or guest config) or `()`.
+    /// plugin's post-start hook on the blocking pool, [`blocking_task`]).
+    /// `payload` is the hook's mutable data (machine spec or guest config)
+    /// or `()`.
     async fn run_hook<T: Send + 'static>(
         &self,
         hook: Hook,
@@ -326,6 +327,7 @@ impl Lifecycle {
         f: fn(&dyn Capability, &HookCtx<'_>, &mut T) -> Result<(), CapError>,
     ) -> Result<T, OpError> {
         let cap = cap.clone();
+        let cap_source = cap.source();
         let stage = format!("{}:{}", hook, cap.name());
         begin_stage(
             progress,
@@ -365,10 +367,16 @@ impl Lifecycle {
                 ))),
             }
         };
-        // A post-start hook is raced against its VMM's exit.
-        let res = match hook {
-            Hook::PostStart => blocking_task(job).await?,
-            _ => blocking(job).await?,
+        // A post-start hook is raced against its VMM's exit
+        // (`unless_vmm_exits`), which only a hook on the pool can lose. The
+        // built-in ones return as soon as the VMM is gone (the agent wait
+        // checks its exit between attempts; the others do not wait on the
+        // guest), so they run in place; a plugin's may wait on anything.
+        let raced = hook == Hook::PostStart && !matches!(cap_source, CapSource::Builtin);
+        let res = if raced {
+            blocking_task(job).await?
+        } else {
+            blocking(job).await?
         };
         res.map_err(|e| OpError::Stage {
             stage,
@@ -509,9 +517,10 @@ pub(crate) fn crash_point(point: &str) {
 /// on on the same thread: no hop to the blocking pool and back, which cost
 /// about 50 µs each on the 2-core test host and a create makes some 30 of
 /// them (issue 12). The caller's future cannot be polled while `f` runs,
-/// so work that is raced against something else (a post-start hook against
-/// its VMM's exit, `vmm_exit.rs`) goes through [`blocking_task`] instead,
-/// and so does everything on a current-thread runtime (tests).
+/// so work that is raced against something else (a plugin's post-start
+/// hook against its VMM's exit, `vmm_exit.rs`) goes through
+/// [`blocking_task`] instead, and so does everything on a current-thread
+/// runtime (tests).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, OpError> {
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
