@@ -1,6 +1,7 @@
 //! `dns`: `<name>.vm` resolves to the VM's address while it runs.
 //! PrepareHost publishes the record to the daemon's DNS server (through its
-//! records file); every Teardown withdraws it. The server itself, which also
+//! records file), on a thread of its own that PostStart waits for; every
+//! Teardown withdraws it. The server itself, which also
 //! forwards names outside `.vm` to the host's resolvers, is this
 //! capability's too: `daemon_start` starts it on `127.0.0.1:dns_port` and
 //! on the bridge address (port 53), `daemon_stop` stops it. An address it
@@ -16,6 +17,7 @@ use banger_core::capability::{
 };
 
 use self::server as dns;
+use crate::deferred::Deferred;
 use crate::network::{HostNetwork, host_network, no_options};
 use banger_host::hostops::HostOps;
 
@@ -28,16 +30,27 @@ pub const NAME: &str = "dns";
 #[derive(Debug)]
 pub struct Dns {
     net: Arc<HostNetwork>,
+    /// Each starting VM's record, published beside the hooks between its
+    /// `prepare_host` and its `post_start`, which waits for it: the name
+    /// resolves once the VM is started.
+    records: Deferred,
     server: Mutex<Option<dns::DnsServer>>,
     /// Why each listen address the server does not serve is not served.
     unserved: Mutex<Vec<String>>,
 }
 
 impl Dns {
+    /// Waits until `vm`'s record, which `prepare_host` may leave being
+    /// published, is in the records file (what `post_start` does).
+    pub fn settle(&self, vm: &banger_api::model::VmId) -> Result<(), CapError> {
+        self.records.wait(vm)
+    }
+
     /// A capability around `net`.
     pub fn with(net: Arc<HostNetwork>) -> Self {
         Dns {
             net,
+            records: Deferred::new("dns"),
             server: Mutex::new(None),
             unserved: Mutex::new(Vec::new()),
         }
@@ -170,8 +183,11 @@ impl Capability for Dns {
         let lease = net
             .lease(&ctx.vm.id)
             .map_err(|e| CapError::with("Cannot lease an address", e))?;
-        dns::set_record(net.dns_records(), ctx.vm.name.as_str(), Some(lease.ip))
-            .map_err(|e| CapError::with("Cannot publish the DNS record", e))?;
+        let (path, name) = (net.dns_records().to_path_buf(), ctx.vm.name.to_string());
+        self.records.start(&ctx.vm.id, move || {
+            dns::set_record(&path, &name, Some(lease.ip))
+                .map_err(|e| CapError::with("Cannot publish the DNS record", e))
+        })?;
         ctx.log
             .info(&format!("{}.{} -> {}", ctx.vm.name, dns::ZONE, lease.ip));
         for warning in self
@@ -241,8 +257,15 @@ impl Capability for Dns {
         }
     }
 
+    fn post_start(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
+        self.settle(&ctx.vm.id)
+    }
+
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
         let net = &self.net;
+        // A start rolled back before post_start may still be publishing
+        // the record: it is withdrawn after, whatever became of it.
+        let _ = self.records.wait(&ctx.vm.id);
         dns::set_record(net.dns_records(), ctx.vm.name.as_str(), None)
             .map_err(|e| CapError::with("Cannot withdraw the DNS record", e))?;
         if reason == TeardownReason::Delete {

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod deferred;
 pub mod dns;
 pub mod file_sync;
 pub mod mise;

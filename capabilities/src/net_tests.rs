@@ -231,17 +231,34 @@ fn nat_adds_rules_for_the_vm_address_and_always_removes_them() {
 }
 
 #[test]
-fn dns_publishes_the_record_while_prepared() {
+fn dns_publishes_the_record_by_post_start_and_withdraws_it() {
     let e = env();
     let host = RecordingHostOps::default();
     let cap = Dns::with(e.net.clone());
     let a = vm("web");
     e.run(&a, &host, |c| cap.prepare_host(c)).unwrap();
+    e.run(&a, &host, |c| cap.post_start(c)).unwrap();
     let records = dns::read_records(&dns::records_path(e.dir.path())).unwrap();
     assert_eq!(records.get("web"), Some(&Ipv4Addr::new(10, 77, 0, 2)));
     e.run(&a, &host, |c| cap.teardown(c, TeardownReason::Stop))
         .unwrap();
     assert!(dns::read_records(e.net.dns_records()).unwrap().is_empty());
+}
+
+#[test]
+fn dns_withdraws_a_record_still_being_published_when_the_start_rolls_back() {
+    let e = env();
+    let host = RecordingHostOps::default();
+    let cap = Dns::with(e.net.clone());
+    for name in ["r1", "r2", "r3"] {
+        let v = vm(name);
+        // No post_start: the rollback's teardown comes right after.
+        e.run(&v, &host, |c| cap.prepare_host(c)).unwrap();
+        e.run(&v, &host, |c| cap.teardown(c, TeardownReason::Rollback))
+            .unwrap();
+        let left = dns::read_records(e.net.dns_records()).unwrap();
+        assert!(left.is_empty(), "{name}: {left:?}");
+    }
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! the tap; delete also frees the address.
 //!
 //! Every guest is fenced in (see `docs/networking.md`): PrepareHost installs
-//! anti-spoofing rules for its tap (only its own MAC and IPv4 leave it), and
+//! anti-spoofing rules for its tap (only its own MAC and IPv4 leave it; on a
+//! thread of its own that GuestConfig waits for, so before the VMM starts), and
 //! the bridge's base rules drop guest-to-guest traffic and everything a
 //! guest sends to the host except DNS. `--cap network:peers=true` on two
 //! VMs lets those two talk to each other.
@@ -29,6 +30,8 @@ use banger_core::capability::{
 };
 use banger_host::hostops::{GuestPort, HostOps};
 
+use crate::deferred::Deferred;
+
 mod host;
 pub mod identity;
 pub mod leases;
@@ -49,12 +52,26 @@ pub const MTU: u32 = 1500;
 #[derive(Debug)]
 pub struct Network {
     net: Arc<HostNetwork>,
+    /// Each starting VM's guard rules, installed beside the hooks between
+    /// its `prepare_host` and its `guest_config`, which waits for them:
+    /// the VMM, launched after every `guest_config`, never sees its tap
+    /// unguarded.
+    guards: Deferred,
 }
 
 impl Network {
     /// A capability around `net`.
     pub fn with(net: Arc<HostNetwork>) -> Self {
-        Network { net }
+        Network {
+            net,
+            guards: Deferred::new("guard"),
+        }
+    }
+
+    /// Waits until `vm`'s guard rules, which `prepare_host` may leave being
+    /// installed, are in place (what `guest_config` does first).
+    pub fn settle(&self, vm: &VmId) -> Result<(), CapError> {
+        self.guards.wait(vm)
     }
 }
 
@@ -120,7 +137,7 @@ fn vm_peers(vm: &VmRecord) -> bool {
 
 /// Installs the VM's anti-spoofing (and peer) rules for `state`.
 fn guard(
-    net: &HostNetwork,
+    bridge: &str,
     host: &dyn HostOps,
     vm: &VmId,
     state: &NicState,
@@ -133,7 +150,7 @@ fn guard(
     host.add_guest(
         vm.as_str(),
         &GuestPort {
-            bridge: net.config().bridge.clone(),
+            bridge: bridge.to_string(),
             tap: state.tap.clone(),
             ip: state.ip,
             mac,
@@ -252,8 +269,20 @@ impl Capability for Network {
             let _ = net.taps().release(ctx.host, &tap);
             return Err(CapError::with("Cannot record the VM's tap", e));
         }
-        // The rules go on before the VMM can send anything through the tap.
-        if let Err(e) = guard(net, ctx.host, &ctx.vm.id, &state, peers) {
+        // The rules go on before the VMM can send anything through the tap:
+        // beside the hooks up to this VM's guest_config, which waits for
+        // them, when the host operations can be shared with a thread.
+        let bridge = net.config().bridge.clone();
+        let guarded = match ctx.host.shared() {
+            Some(host) => {
+                let (vm, state) = (ctx.vm.id.clone(), state.clone());
+                self.guards.start(&ctx.vm.id, move || {
+                    guard(&bridge, host.as_ref(), &vm, &state, peers)
+                })
+            }
+            None => guard(&bridge, ctx.host, &ctx.vm.id, &state, peers),
+        };
+        if let Err(e) = guarded {
             let _ = ctx.host.remove_guest(ctx.vm.id.as_str());
             let _ = net.taps().release(ctx.host, &tap);
             let _ = NicState::remove(ctx.vm_dir);
@@ -280,6 +309,7 @@ impl Capability for Network {
 
     fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
         let net = &self.net;
+        self.settle(&ctx.vm.id)?;
         let state = nic_state(ctx)?;
         if guest.network.iter().any(|n| n.nic_id == NIC_ID) {
             return Err(CapError::msg(format!(
@@ -337,7 +367,8 @@ impl Capability for Network {
             .ensure_up(ctx.host, &refs)
             .map_err(|e| CapError::with("Cannot bring host networking up", e))?;
         for (vm, state) in &running {
-            if let Err(e) = guard(&self.net, ctx.host, &vm.id, state, vm_peers(vm)) {
+            let bridge = &self.net.config().bridge;
+            if let Err(e) = guard(bridge, ctx.host, &vm.id, state, vm_peers(vm)) {
                 tracing::warn!(
                     "VM {}: {}",
                     vm.name,
@@ -354,6 +385,9 @@ impl Capability for Network {
 
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
         let net = &self.net;
+        // A start rolled back before guest_config may still be installing
+        // the rules: they are removed after, whatever became of them.
+        let _ = self.guards.wait(&ctx.vm.id);
         // Rules first, whether or not the VM got a tap (a rollback).
         ctx.host
             .remove_guest(ctx.vm.id.as_str())

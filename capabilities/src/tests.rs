@@ -259,8 +259,8 @@ fn work_disk_is_created_sparse_attached_and_mounted_at_root() {
 }
 
 #[test]
-fn a_work_disk_from_a_template_is_synced_by_configure_machine_or_a_rollback() {
-    let test = "a_work_disk_from_a_template_is_synced_by_configure_machine_or_a_rollback";
+fn a_work_disk_from_a_template_is_synced_by_guest_config_or_a_rollback() {
+    let test = "a_work_disk_from_a_template_is_synced_by_guest_config_or_a_rollback";
     if !have_e2fsprogs() {
         eprintln!("SKIPPED {test}: mkfs.ext4 missing (apt-get install e2fsprogs)");
         return;
@@ -279,15 +279,21 @@ fn a_work_disk_from_a_template_is_synced_by_configure_machine_or_a_rollback() {
     with_ctx(&vb, &b, |ctx| cap.prepare_host(ctx)).0.unwrap();
     assert_eq!(cap.syncs_pending(), 2);
 
-    // ConfigureMachine waits for this VM's sync, not the other's.
+    // ConfigureMachine leaves it running; GuestConfig, the last hook
+    // before the VMM starts, waits for this VM's sync, not the other's.
     let mut m = bare_machine();
     with_ctx(&va, &a, |ctx| cap.configure_machine(ctx, &mut m))
         .0
         .unwrap();
     assert_eq!(m.drives.len(), 1);
+    assert_eq!(cap.syncs_pending(), 2);
+    let mut g = GuestConfig::new("a");
+    with_ctx(&va, &a, |ctx| cap.guest_config(ctx, &mut g))
+        .0
+        .unwrap();
     assert_eq!(cap.syncs_pending(), 1);
 
-    // A start that fails before ConfigureMachine: the rollback waits for
+    // A start that fails before GuestConfig: the rollback waits for
     // the sync, then removes the disk of a VM that never booted.
     with_ctx(&vb, &b, |ctx| cap.teardown(ctx, TeardownReason::Rollback))
         .0

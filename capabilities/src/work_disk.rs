@@ -7,14 +7,13 @@
 //! daemon's cache directory (`work-disks/`), with a filesystem UUID of its
 //! own: no `mkfs.ext4` process per create (see
 //! [`disk::create_ext4_cached`]). Its sync to stable storage runs on a
-//! thread of its own while the other capabilities prepare the host, and
-//! ConfigureMachine waits for it: the disk is durable before the VM boots,
-//! and a create does not wait for a journal commit in between.
+//! thread of its own while the other capabilities prepare the host and
+//! configure the machine, and GuestConfig waits for it: the disk is durable
+//! before the VM boots, and a create does not wait for a journal commit in
+//! between.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use banger_api::guest::{GuestConfig, GuestMount};
 use banger_api::machine::{Drive, DriveRole, MachineSpec};
@@ -23,6 +22,8 @@ use banger_artifacts::disk;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
+
+use crate::deferred::Deferred;
 
 /// Name used with `--cap`.
 pub const NAME: &str = "work-disk";
@@ -40,13 +41,23 @@ pub const MOUNT_POINT: &str = "/root";
 pub const TEMPLATES_DIR: &str = "work-disks";
 
 /// The work-disk capability.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkDisk {
     /// The template directory; `None` runs `mkfs.ext4` for every disk.
     templates: Option<PathBuf>,
-    /// The syncs of disks PrepareHost made, by VM id, until ConfigureMachine
-    /// (or a rollback's Teardown) waits for them.
-    syncing: Mutex<HashMap<String, JoinHandle<Result<(), disk::DiskError>>>>,
+    /// The syncs of disks PrepareHost made, until GuestConfig (or a
+    /// rollback's Teardown) waits for them.
+    syncs: Deferred,
+}
+
+impl Default for WorkDisk {
+    /// Runs `mkfs.ext4` for every disk.
+    fn default() -> Self {
+        WorkDisk {
+            templates: None,
+            syncs: Deferred::new("disk-sync"),
+        }
+    }
 }
 
 impl WorkDisk {
@@ -54,41 +65,14 @@ impl WorkDisk {
     pub fn with_templates(dir: PathBuf) -> WorkDisk {
         WorkDisk {
             templates: Some(dir),
-            syncing: Mutex::default(),
-        }
-    }
-
-    /// Syncs `unsynced` on a thread of its own, for [`WorkDisk::synced`].
-    fn sync_behind(&self, ctx: &HookCtx<'_>, unsynced: disk::Unsynced) -> Result<(), CapError> {
-        let handle = std::thread::Builder::new()
-            .name("work-disk-sync".into())
-            .spawn(move || unsynced.sync())
-            .map_err(|e| CapError::with("Cannot start syncing the work disk", e))?;
-        self.pending().insert(ctx.vm.id.to_string(), handle);
-        Ok(())
-    }
-
-    /// Waits for the sync of the disk PrepareHost made for this VM, if any.
-    fn synced(&self, ctx: &HookCtx<'_>) -> Result<(), CapError> {
-        let Some(handle) = self.pending().remove(ctx.vm.id.as_str()) else {
-            return Ok(());
-        };
-        match handle.join() {
-            Ok(r) => r.map_err(|e| CapError::with("Cannot sync the work disk", e)),
-            Err(_) => Err(CapError::msg("The work disk's sync thread panicked")),
+            ..WorkDisk::default()
         }
     }
 
     /// How many syncs no hook has waited for yet.
     #[cfg(test)]
     pub(crate) fn syncs_pending(&self) -> usize {
-        self.pending().len()
-    }
-
-    fn pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<Result<(), disk::DiskError>>>> {
-        self.syncing.lock().unwrap_or_else(|e| e.into_inner())
+        self.syncs.pending()
     }
 }
 
@@ -145,7 +129,11 @@ impl Capability for WorkDisk {
                 }
                 .map_err(|e| CapError::with("Cannot create the work disk", e))?;
                 match made {
-                    Some(unsynced) => self.sync_behind(ctx, unsynced),
+                    Some(unsynced) => self.syncs.start(&ctx.vm.id, move || {
+                        unsynced
+                            .sync()
+                            .map_err(|e| CapError::with("Cannot sync the work disk", e))
+                    }),
                     None => Ok(()),
                 }
             }
@@ -161,7 +149,6 @@ impl Capability for WorkDisk {
         ctx: &HookCtx<'_>,
         machine: &mut MachineSpec,
     ) -> Result<(), CapError> {
-        self.synced(ctx)?;
         machine
             .add_drive(Drive {
                 id: DRIVE_ID.to_string(),
@@ -172,7 +159,9 @@ impl Capability for WorkDisk {
             .map_err(|e| CapError::with("Cannot attach the work disk", e))
     }
 
-    fn guest_config(&self, _ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
+    fn guest_config(&self, ctx: &HookCtx<'_>, guest: &mut GuestConfig) -> Result<(), CapError> {
+        // The last hook before the VMM starts.
+        self.syncs.wait(&ctx.vm.id)?;
         guest
             .add_mount(GuestMount {
                 drive_id: DRIVE_ID.to_string(),
@@ -184,9 +173,9 @@ impl Capability for WorkDisk {
     }
 
     fn teardown(&self, ctx: &HookCtx<'_>, reason: TeardownReason) -> Result<(), CapError> {
-        // A start that failed before ConfigureMachine: its sync is waited
-        // for, never left running; its result matters no more.
-        let _ = self.synced(ctx);
+        // A start that failed before GuestConfig: its sync is waited for,
+        // never left running; its result matters no more.
+        let _ = self.syncs.wait(&ctx.vm.id);
         let remove = match reason {
             TeardownReason::Stop => false,
             TeardownReason::Delete => true,

@@ -19,6 +19,7 @@ mod tests {
     use std::time::Duration;
 
     use banger_api::config::NetworkConfig;
+    use banger_api::guest::GuestConfig;
     use banger_api::net::MacAddr;
     use banger_capabilities::dns::Dns;
     use banger_capabilities::nat::Nat;
@@ -714,7 +715,10 @@ mod tests {
                 std::thread::scope(|s| {
                     for v in &vms {
                         let (d, host, network) = (&d, &host, &network);
-                        s.spawn(move || d.hook(v, &[], host, |c| network.prepare_host(c)).unwrap());
+                        s.spawn(move || {
+                            d.hook(v, &[], host, |c| network.prepare_host(c)).unwrap();
+                            network.settle(&v.id).unwrap();
+                        });
                     }
                 });
                 let taps: std::collections::BTreeSet<String> =
@@ -758,6 +762,9 @@ mod tests {
         fail_op: Option<&'static str>,
         fail_every: usize,
         attaches: std::sync::atomic::AtomicUsize,
+        /// Whether the capabilities may use it from a thread of their own
+        /// (the network's guard rules then go on beside the later hooks).
+        shareable: bool,
     }
 
     impl Faulty {
@@ -767,6 +774,7 @@ mod tests {
                 fail_op: Some(fail_op),
                 fail_every: 0,
                 attaches: Default::default(),
+                shareable: false,
             }
         }
 
@@ -783,6 +791,17 @@ mod tests {
     }
 
     impl HostOps for Faulty {
+        fn shared(&self) -> Option<Arc<dyn HostOps>> {
+            self.shareable.then(|| {
+                Arc::new(Faulty {
+                    real: self.real.clone(),
+                    fail_op: self.fail_op,
+                    fail_every: self.fail_every,
+                    attaches: Default::default(),
+                    shareable: true,
+                }) as Arc<dyn HostOps>
+            })
+        }
         fn create_tap(&self, name: &str, uid: u32) -> Result<(), HostOpsError> {
             self.check("create_tap")?;
             self.real.create_tap(name, uid)
@@ -926,6 +945,7 @@ mod tests {
                 for (d, n, nat, v) in [(&d1, &n1, &nat1, &v1), (&d2, &n2, &nat2, &v2)] {
                     d.hook(v, &[], &host, |c| n.prepare_host(c)).unwrap();
                     d.hook(v, &[], &host, |c| nat.prepare_host(c)).unwrap();
+                    n.settle(&v.id).unwrap();
                 }
                 let (t1, t2) = (d1.tap_of(&v1), d2.tap_of(&v2));
                 assert_ne!(t1, t2);
@@ -1021,31 +1041,66 @@ mod tests {
                     Box::new(Nat::with(d.net.clone())),
                 ];
                 let mut table = Vec::new();
-                for op in [
+                let ops = [
                     "ensure_bridge",
                     "create_tap",
                     "attach_to_bridge",
                     "set_link_up",
                     "add_guest",
                     "add_nat",
-                ] {
-                    let host = Faulty::op(op);
-                    let v = vm(&format!("f-{}", op.replace('_', "-")));
+                ];
+                // In the hook that asks for it, and with the guard rules
+                // installed beside the later hooks (a shareable host).
+                for (op, shareable) in ops.iter().flat_map(|op| [(*op, false), (*op, true)]) {
+                    let host = Faulty {
+                        shareable,
+                        ..Faulty::op(op)
+                    };
+                    let v = vm(&format!(
+                        "f-{}-{}",
+                        op.replace('_', "-"),
+                        if shareable { "s" } else { "i" }
+                    ));
                     // The pool starts empty, so a VM makes its own tap.
                     d.net.taps().drain(&host).unwrap();
                     let before = links_with_prefix(d.net.taps().prefix());
-                    // As the lifecycle does: prepare in order; on failure,
-                    // roll back the prepared ones (and the failed one, which
-                    // must clean up after itself) in reverse.
+                    // As the lifecycle does: every prepare_host in order,
+                    // then every guest_config, then every post_start; on a
+                    // failure, roll back the prepared ones (a failed
+                    // prepare_host cleans up after itself) in reverse.
                     let mut failed_at = None;
                     for (i, cap) in caps.iter().enumerate() {
                         if let Err(e) = d.hook(&v, &[], &host, |c| cap.prepare_host(c)) {
-                            failed_at = Some((i, e.to_string()));
+                            failed_at = Some((i, "prepare_host", e.to_string()));
                             break;
                         }
                     }
-                    let (i, _) = failed_at.clone().expect("the injected failure surfaced");
-                    for cap in caps[..i].iter().rev() {
+                    if failed_at.is_none() {
+                        let mut guest = GuestConfig::new(v.name.as_str());
+                        for (i, cap) in caps.iter().enumerate() {
+                            if let Err(e) =
+                                d.hook(&v, &[], &host, |c| cap.guest_config(c, &mut guest))
+                            {
+                                failed_at = Some((i, "guest_config", e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                    if failed_at.is_none() {
+                        for (i, cap) in caps.iter().enumerate() {
+                            if let Err(e) = d.hook(&v, &[], &host, |c| cap.post_start(c)) {
+                                failed_at = Some((i, "post_start", e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                    let (i, hook, _) = failed_at.clone().expect("the injected failure surfaced");
+                    let prepared = if hook == "prepare_host" {
+                        i
+                    } else {
+                        caps.len()
+                    };
+                    for cap in caps[..prepared].iter().rev() {
                         d.hook(&v, &[], &host, |c| {
                             cap.teardown(c, TeardownReason::Rollback)
                         })
@@ -1053,10 +1108,23 @@ mod tests {
                     }
                     let left = leaks(&d, &v, &before);
                     table.push(format!(
-                        "{op:18} failed in {:8} leaks: {left:?}",
+                        "{op:18} {:9} failed in {hook:12} of {:8} leaks: {left:?}",
+                        if shareable { "(thread)" } else { "(inline)" },
                         caps[i].name()
                     ));
                     assert!(left.is_empty(), "{op}: {left:?}");
+                    // The guard rules are waited for before the VMM could
+                    // use the tap: a failure to install them is the
+                    // network's, in guest_config at the latest.
+                    if op == "add_guest" {
+                        assert_eq!(caps[i].name(), "network");
+                        let expected = if shareable {
+                            "guest_config"
+                        } else {
+                            "prepare_host"
+                        };
+                        assert_eq!(hook, expected);
+                    }
                     // The failed VM's address stays its own (a later start
                     // reuses it); delete frees it.
                     d.hook(&v, &[], &host, |c| {
@@ -1088,6 +1156,7 @@ mod tests {
                 for v in [&alive, &dead] {
                     d.hook(v, &[], &host, |c| network.prepare_host(c)).unwrap();
                     d.hook(v, &[], &host, |c| nat.prepare_host(c)).unwrap();
+                    network.settle(&v.id).unwrap();
                 }
                 let t_alive = d.tap_of(&alive);
                 let dead_link = (d.tap_of(&dead), ifindex(&d.tap_of(&dead)));
@@ -1098,11 +1167,11 @@ mod tests {
                     ..NetworkConfig::default()
                 });
                 let o = vm("other");
+                let other_network = Network::with(other.net.clone());
                 other
-                    .hook(&o, &[], &host, |c| {
-                        Network::with(other.net.clone()).prepare_host(c)
-                    })
+                    .hook(&o, &[], &host, |c| other_network.prepare_host(c))
                     .unwrap();
+                other_network.settle(&o.id).unwrap();
                 let t_other = other.tap_of(&o);
 
                 // The daemon is killed: nothing is torn down. A new one on

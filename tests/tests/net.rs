@@ -289,6 +289,8 @@ mod tests {
 
                 network.prepare_host(&ctx).unwrap();
                 nat.prepare_host(&ctx).unwrap();
+                // The guard rules, installed beside the hooks after it.
+                network.settle(&v.id).unwrap();
                 assert_eq!(addresses("bgtest2"), vec!["10.77.0.1/24"]);
                 let p = net.taps().prefix().to_string();
                 let (t0, t1, t2) = (format!("{p}0"), format!("{p}1"), format!("{p}2"));

@@ -324,6 +324,8 @@ tap_prefix = "bgdmnt"
                 };
                 network.prepare_host(&ctx).unwrap();
                 nat.prepare_host(&ctx).unwrap();
+                // The guard rules, installed beside the hooks after it.
+                network.settle(&v.id).unwrap();
                 assert_eq!(addresses("bghelp0"), ["10.78.0.1/24"]);
                 let tap = format!("{prefix}0");
                 assert!(links().contains(&tap), "{:?}", links());

@@ -692,6 +692,10 @@ impl HelperHostOps {
 }
 
 impl HostOps for HelperHostOps {
+    fn shared(&self) -> Option<std::sync::Arc<dyn HostOps>> {
+        Some(std::sync::Arc::new(self.clone()))
+    }
+
     fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError> {
         let op = HelperOp::CreateTap {
             name: name.into(),
@@ -889,6 +893,10 @@ impl NoPrivilegeHostOps {
 }
 
 impl HostOps for NoPrivilegeHostOps {
+    fn shared(&self) -> Option<std::sync::Arc<dyn HostOps>> {
+        Some(std::sync::Arc::new(self.clone()))
+    }
+
     fn create_tap(&self, name: &str, _owner_uid: u32) -> Result<(), HostOpsError> {
         Err(self.refuse("create_tap", name))
     }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use banger_plugin_abi::wire::{self, HostCall, HostReply, WIRE_VERSION};
 pub use banger_plugin_abi::wire::{BoundDevice, PciAddress};
@@ -24,6 +24,14 @@ pub use dns_sockets::{DNS_PORT, DnsSockets};
 
 /// The privileged operations capabilities may ask for.
 pub trait HostOps: Send + Sync + fmt::Debug {
+    /// These operations as a handle that outlives the call, for host work
+    /// a capability starts in one hook and waits for in a later one (the
+    /// network's guard rules, issue 12). `None`, the default, has such work
+    /// done in the hook that starts it.
+    fn shared(&self) -> Option<Arc<dyn HostOps>> {
+        None
+    }
+
     /// Creates a persistent tap device owned by `owner_uid` (idempotent).
     fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError>;
     /// Deletes a tap device; a missing device is not an error.
@@ -171,7 +179,7 @@ fn unsupported(op: &'static str, target: &str) -> HostOpsError {
 
 /// Host operations performed by this process (needs CAP_NET_ADMIN; root
 /// for the PCI operations).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct InProcessHostOps {
     /// Where sysfs and the VFIO binding records are (`/sys`,
     /// `/run/banger/vfio`); tests point it at a fake tree.
@@ -275,6 +283,10 @@ fn tun_open(op: &'static str, name: &str) -> Result<std::fs::File, HostOpsError>
 }
 
 impl HostOps for InProcessHostOps {
+    fn shared(&self) -> Option<Arc<dyn HostOps>> {
+        Some(Arc::new(self.clone()))
+    }
+
     fn create_tap(&self, name: &str, owner_uid: u32) -> Result<(), HostOpsError> {
         use std::os::fd::AsRawFd;
         validate_ifname("create_tap", name)?;
