@@ -150,9 +150,10 @@ impl fmt::Debug for HookCtx<'_> {
     }
 }
 
-/// A capability. Hooks are synchronous and run on a blocking thread; they
-/// should be idempotent where they can be, because start after stop runs them
-/// again. Every hook has a no-op default.
+/// A capability. Hooks are synchronous and run on a thread where blocking is
+/// fine (in place on the daemon's runtime, or its blocking pool: see
+/// docs/architecture.md); they should be idempotent where they can be,
+/// because start after stop runs them again. Every hook has a no-op default.
 pub trait Capability: Send + Sync + fmt::Debug {
     /// Unique name, used with `--cap`.
     fn name(&self) -> &str;
