@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 
 use banger_api::model::VmId;
 use banger_core::capability::CapError;
+use banger_core::lifecycle::panic_message;
 
 type Job = Box<dyn FnOnce() -> Result<(), CapError> + Send>;
 
@@ -70,12 +71,11 @@ impl Deferred {
             return Ok(());
         };
         handle.join().unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Err(CapError::msg(format!("{} panicked: {msg}", self.what)))
+            Err(CapError::msg(format!(
+                "{} panicked: {}",
+                self.what,
+                panic_message(panic.as_ref())
+            )))
         })
     }
 }
@@ -107,8 +107,11 @@ mod tests {
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         d.start(&vm("aa00000000000001"), move || {
-            // Blocks until the caller lets it go: start did not wait.
-            go_rx.recv().map_err(|e| CapError::with("no go", e))?;
+            // Waits for the caller's go, which a start that ran the job
+            // itself never gives: the job then fails, and so does start.
+            go_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .map_err(|e| CapError::with("no go", e))?;
             done_tx.send(()).map_err(|e| CapError::with("no done", e))
         })
         .unwrap();

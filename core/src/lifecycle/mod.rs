@@ -476,7 +476,9 @@ fn hook_verb(h: Hook) -> &'static str {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// What a caught panic said (`&str` or `String` payloads; anything else is
+/// "unknown panic"). Pass the payload, not its `Box`.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -576,14 +578,17 @@ mod blocking_tests {
         assert_eq!(panic_message(panic.as_ref()), "it broke");
     }
 
+    fn one_worker() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap()
+    }
+
     /// The threads a task on a one-worker runtime runs on before and in
     /// its blocking work, in place or on the pool.
     fn threads(pool: bool) -> (std::thread::ThreadId, std::thread::ThreadId) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        one_worker().block_on(async move {
             tokio::spawn(async move {
                 let caller = std::thread::current().id();
                 let work = || std::thread::current().id();
@@ -610,11 +615,7 @@ mod blocking_tests {
 
     #[test]
     fn a_panic_in_blocking_work_fails_the_operation_with_its_message() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
-        let err = rt
+        let err = one_worker()
             .block_on(async {
                 tokio::spawn(async { blocking(|| -> u32 { panic!("disk on fire") }).await })
                     .await
