@@ -4,8 +4,10 @@
 //! prepares the guest from the config drive and hands over to the image's
 //! init; `banger-agent serve` is the vsock API.
 
+mod bridge;
 mod console;
 mod init;
+mod mux;
 mod serve;
 
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 
 use banger_guest_protocol::api::AGENT_PORT;
 
-const USAGE: &str = "usage: banger-agent [init | serve [--tcp ADDR] [--root DIR] | --version]";
+const USAGE: &str = "usage: banger-agent [init | serve [--tcp ADDR] [--root DIR] | bridge --mux SOCKET --uds SOCKET [--resync] | --version]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +31,18 @@ fn main() {
             Ok((endpoint, root)) => {
                 if let Err(e) = serve(endpoint, root) {
                     console::error("serve", &e);
+                    std::process::exit(1);
+                }
+            }
+            Err(msg) => {
+                eprintln!("banger-agent: {msg}\n{USAGE}");
+                std::process::exit(2);
+            }
+        },
+        Some("bridge") => match parse_bridge(&args[1..]) {
+            Ok(opts) => {
+                if let Err(e) = bridge::run(&opts) {
+                    eprintln!("banger-agent bridge: {e}");
                     std::process::exit(1);
                 }
             }
@@ -66,6 +80,26 @@ fn parse_serve(args: &[String]) -> Result<(serve::Endpoint, PathBuf), String> {
         }
     }
     Ok((endpoint, root))
+}
+
+/// `bridge --mux SOCKET --uds SOCKET [--resync]`: the host end of the
+/// serial transport (see `bridge`).
+fn parse_bridge(args: &[String]) -> Result<bridge::Options, String> {
+    let (mut mux, mut uds, mut resync) = (None, None, false);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--mux" => mux = Some(PathBuf::from(it.next().ok_or("--mux needs a socket path")?)),
+            "--uds" => uds = Some(PathBuf::from(it.next().ok_or("--uds needs a socket path")?)),
+            "--resync" => resync = true,
+            other => return Err(format!("unknown bridge option {other}")),
+        }
+    }
+    Ok(bridge::Options {
+        mux: mux.ok_or("bridge needs --mux SOCKET (QEMU's chardev)")?,
+        uds: uds.ok_or("bridge needs --uds SOCKET (the hybrid-vsock socket)")?,
+        resync,
+    })
 }
 
 fn serve(endpoint: serve::Endpoint, root: PathBuf) -> Result<(), serve::ServeError> {

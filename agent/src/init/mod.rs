@@ -256,6 +256,28 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
                     });
                 }
             }
+            // QEMU's migratable transport: the API over a virtio-serial
+            // port instead of vsock (`docs/snapshots.md`).
+            if let Some(device) = serve::serial_port(Path::new("/sys/class/virtio-ports")) {
+                match serve::SerialServer::start(&device, Path::new("/")) {
+                    Ok(server) => {
+                        timeline("agent-listening");
+                        console::log(&format!(
+                            "agent API listening on the serial port {}",
+                            device.display()
+                        ));
+                        let announcer = server.announcer();
+                        std::thread::spawn(move || {
+                            if let Err(e) = announcer.announce_ready() {
+                                console::log(&format!("no host took the ready announcement: {e}"));
+                            }
+                        });
+                        server.run()
+                    }
+                    Err(e) => console::error("open the agent's serial port", &e),
+                }
+                std::process::exit(1)
+            }
             let result = serve::Server::bind(serve::Endpoint::Vsock(AGENT_PORT), Path::new("/"))
                 .and_then(|s| {
                     timeline("agent-listening");

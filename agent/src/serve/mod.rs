@@ -113,6 +113,91 @@ impl Server {
     }
 }
 
+/// The name QEMU gives the agent's virtio-serial port (`virtserialport,
+/// name=`), when the VM's agent transport is `serial` (`docs/snapshots.md`).
+pub const SERIAL_PORT_NAME: &str = "banger.agent";
+
+/// The device of the agent's virtio-serial port, found by its name under
+/// `sys` (`/sys/class/virtio-ports`): there is no udev to make the
+/// `/dev/virtio-ports/` link this early.
+pub fn serial_port(sys: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(sys).ok()?;
+    entries.filter_map(Result::ok).find_map(|e| {
+        let name = std::fs::read_to_string(e.path().join("name")).ok()?;
+        (name.trim() == SERIAL_PORT_NAME).then(|| Path::new("/dev").join(e.file_name()))
+    })
+}
+
+/// The agent API over a virtio-serial port: the same requests as over
+/// vsock, each on a stream of [`crate::mux`].
+pub struct SerialServer {
+    mux: crate::mux::Mux,
+    port: File,
+}
+
+impl SerialServer {
+    /// Opens `device` and says hello to the host; streams the host opens to
+    /// the agent's port are served as vsock connections are.
+    pub fn start(device: &Path, root: &Path) -> std::io::Result<SerialServer> {
+        let port = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(device)?;
+        let root = root.to_path_buf();
+        let started = Instant::now();
+        let accept = move |p: u32| -> std::io::Result<std::os::unix::net::UnixStream> {
+            if p != banger_guest_protocol::api::AGENT_PORT {
+                return Err(std::io::ErrorKind::ConnectionRefused.into());
+            }
+            let (mine, theirs) = std::os::unix::net::UnixStream::pair()?;
+            let root = root.clone();
+            std::thread::spawn(move || handle(File::from(OwnedFd::from(mine)), &root, started));
+            Ok(theirs)
+        };
+        let mux =
+            crate::mux::Mux::start(crate::mux::Role::Guest, port.try_clone()?, Box::new(accept));
+        mux.hello();
+        Ok(SerialServer { mux, port })
+    }
+
+    /// What announces the service on another thread.
+    pub fn announcer(&self) -> SerialAnnouncer {
+        SerialAnnouncer(self.mux.clone())
+    }
+
+    /// Serves forever. While the host side is not connected (between a
+    /// snapshot's source and its restore) a read sees the end of the
+    /// stream; the streams are dropped and the port read again.
+    pub fn run(self) -> ! {
+        loop {
+            let result = self.mux.read_loop(&self.port);
+            self.mux.disconnected();
+            if let Err(e) = result {
+                crate::console::log(&format!("reading the agent's serial port: {e}"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// Announces a [`SerialServer`].
+pub struct SerialAnnouncer(crate::mux::Mux);
+
+impl SerialAnnouncer {
+    /// [`announce_ready`] over the port, once the host answered hello.
+    pub fn announce_ready(&self) -> std::io::Result<()> {
+        use banger_guest_protocol::api::{READY_LINE, READY_PORT};
+        if !self.0.wait_ready(std::time::Duration::from_secs(10)) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the host did not answer hello on the serial port",
+            ));
+        }
+        let mut conn = self.0.open(READY_PORT, std::time::Duration::from_secs(5))?;
+        conn.write_all(format!("{READY_LINE} {}\n", env!("CARGO_PKG_VERSION")).as_bytes())
+    }
+}
+
 /// Tells the host the service is up ([`banger_guest_protocol::api::READY_PORT`]):
 /// one connection to the host, one line, closed. Returns why it could not;
 /// a host that does not listen is not an error worth more than a log line.
