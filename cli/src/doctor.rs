@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use banger_api::api::VersionInfo;
 use banger_api::backend::BackendPlan;
-use banger_api::backend::{HostFacts, QemuAccel};
+use banger_api::backend::{AgentTransport, HostFacts, QemuAccel};
 use banger_api::catalog::Sources;
 use banger_api::catalog::images::ImageCatalog;
 use banger_api::catalog::kernels::Catalog as KernelCatalog;
@@ -278,7 +278,10 @@ fn backend_checks(
         .found()
         .map(|bin| tool_version(bin).and_then(|v| firecracker_in_window(&v).map(|()| v)));
     let fc_usable = matches!(fc_version, Some(Ok(_))) && host.kvm_blocker().is_none();
-    let qemu_usable = tools.qemu.found().is_some() && tools.vhost.found().is_some();
+    // Under the serial transport the agent binary bridges the vsock API,
+    // so QEMU runs without vhost-device-vsock.
+    let serial = config.qemu_agent_transport == AgentTransport::Serial;
+    let qemu_usable = tools.qemu.found().is_some() && (serial || tools.vhost.found().is_some());
     let cfg = config.path.display().to_string();
     let firecracker = firecracker_check(
         &tools.firecracker,
@@ -297,14 +300,21 @@ fn backend_checks(
         INSTALL_QEMU,
         &cfg,
     );
-    let vhost = needed_tool(
-        "vhost-device-vsock",
-        &tools.vhost,
-        "vhost_device_vsock_bin",
-        qemu_needed,
-        INSTALL_VHOST,
-        &cfg,
-    );
+    let vhost = match &tools.vhost {
+        Tool::Missing(_) if serial => Check::pass(
+            "vhost-device-vsock",
+            "not needed: qemu_agent_transport = \"serial\" bridges the agent with banger-agent"
+                .to_string(),
+        ),
+        _ => needed_tool(
+            "vhost-device-vsock",
+            &tools.vhost,
+            "vhost_device_vsock_bin",
+            qemu_needed,
+            INSTALL_VHOST,
+            &cfg,
+        ),
+    };
     vec![firecracker, qemu, vhost]
 }
 

@@ -189,6 +189,13 @@ mod tests {
             "FAIL vhost-device-vsock: vhost-device-vsock not found on PATH; fix: cargo install \
              vhost-device-vsock --locked, then put its bin/ on PATH or set vhost_device_vsock_bin"
         );
+        // The serial transport bridges the agent itself: nothing to install.
+        h.config("qemu_agent_transport = \"serial\"\n");
+        let out = h.doctor();
+        assert_eq!(
+            line(&out, "vhost-device-vsock"),
+            "PASS vhost-device-vsock: not needed: qemu_agent_transport = \"serial\" bridges the agent with banger-agent"
+        );
     }
 
     /// Catalogs whose default image and kernel come from `image_source`

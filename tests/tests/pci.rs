@@ -21,7 +21,7 @@ mod tests {
     use banger_host::hostops::InProcessHostOps;
     use banger_host::hostops::fake_sysfs::FakeSysfs;
     use banger_host::hostops::fake_sysfs::class::NVME;
-    use banger_vmm::qemu::{Accel, VfioHost, check_vfio, render_args};
+    use banger_vmm::qemu::{Accel, AgentTransport, VfioHost, check_vfio, render_args};
     use test_infra::workspace_cdylib;
 
     const GPU_ADDR: &str = "0000:01:00.0";
@@ -150,11 +150,16 @@ mod tests {
             }]
         );
         vm.machine = machine;
-        let args: Vec<String> =
-            render_args(&vm.machine, Path::new("/q"), Path::new("/v"), Accel::Tcg)
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
+        let args: Vec<String> = render_args(
+            &vm.machine,
+            Path::new("/q"),
+            Path::new("/v"),
+            Accel::Tcg,
+            AgentTransport::Vsock,
+        )
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
         assert_eq!(args[1], "microvm,acpi=on,pcie=on");
         assert!(
             args.windows(2)

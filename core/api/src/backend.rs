@@ -180,6 +180,32 @@ impl FromStr for QemuAccel {
     }
 }
 
+/// How the guest agent's API reaches the host under QEMU (config
+/// `qemu_agent_transport`; see `docs/snapshots.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentTransport {
+    /// `vhost-user-vsock-device` and a vhost-device-vsock process. QEMU 7.2
+    /// cannot migrate it, so such a VM cannot be snapshotted.
+    #[default]
+    Vsock,
+    /// A virtio-serial port and the agent's own bridge (`banger-agent
+    /// bridge`), which QEMU migrates: such a VM can be snapshotted.
+    Serial,
+}
+
+impl FromStr for AgentTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vsock" => Ok(AgentTransport::Vsock),
+            "serial" => Ok(AgentTransport::Serial),
+            _ => Err(format!(
+                "unknown qemu_agent_transport {s:?}; valid values: vsock, serial"
+            )),
+        }
+    }
+}
+
 /// The accelerator a launch actually uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -256,6 +282,12 @@ pub struct QemuSettings {
     pub vhost_device_vsock_bin: PathBuf,
     /// Accelerator choice.
     pub accel: QemuAccel,
+    /// How the agent's vsock API is carried.
+    pub agent_transport: AgentTransport,
+    /// `banger-agent`, which runs the host end of the `serial` transport
+    /// (`banger-agent bridge`); a VM with vsock cannot start under `serial`
+    /// without it.
+    pub bridge_bin: Option<PathBuf>,
     /// Step timeouts; `socket_ready` covers both QMP and the vsock backend.
     pub timeouts: Timeouts,
     /// How QEMU is confined.
@@ -300,6 +332,8 @@ impl Default for QemuSettings {
             qemu_bin: "qemu-system-x86_64".into(),
             vhost_device_vsock_bin: "vhost-device-vsock".into(),
             accel: QemuAccel::Auto,
+            agent_transport: AgentTransport::Vsock,
+            bridge_bin: None,
             timeouts: Timeouts {
                 socket_ready: Duration::from_secs(10),
                 ..Timeouts::default()

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::backend::{
+    AgentTransport, HostFacts as KvmFacts, JailSettings, QemuAccel, QemuSettings,
+};
 use crate::backend::{BackendFacts, BackendPlan, VmmChoice, choose_backend};
-use crate::backend::{HostFacts as KvmFacts, JailSettings, QemuAccel, QemuSettings};
 use crate::model::{
     ByteSize, CapChoice, EnabledCap, MAX_VCPUS, MIN_MEMORY_MIB, VmmKind, resolve_caps,
 };
@@ -481,6 +483,8 @@ pub struct Config {
     pub qemu_accel: QemuAccel,
     /// vhost-device-vsock binary for the qemu backend; `None` searches `PATH`.
     pub vhost_device_vsock_bin: Option<PathBuf>,
+    /// How the agent's API travels under QEMU (`qemu_agent_transport`).
+    pub qemu_agent_transport: AgentTransport,
     /// Confine VMM processes (`vmm_jail`, default true; see `docs/security.md`).
     pub vmm_jail: bool,
     /// First uid of the per-VM VMM uids (`vmm_uid_base`).
@@ -529,6 +533,7 @@ const TOP_KEYS: &[&str] = &[
     "qemu_bin",
     "qemu_accel",
     "vhost_device_vsock_bin",
+    "qemu_agent_transport",
     "vmm_jail",
     "vmm_uid_base",
     "vmm_cgroups",
@@ -603,6 +608,7 @@ impl Config {
             qemu_bin: None,
             qemu_accel: QemuAccel::Auto,
             vhost_device_vsock_bin: None,
+            qemu_agent_transport: AgentTransport::Vsock,
             vmm_jail: true,
             vmm_uid_base: crate::backend::DEFAULT_VMM_UID_BASE,
             vmm_cgroups: true,
@@ -721,6 +727,13 @@ impl Config {
                 defaults.vhost_device_vsock_bin.clone(),
             ),
             accel: self.qemu_accel,
+            agent_transport: self.qemu_agent_transport,
+            // The bridge is the agent binary's host role; when none is
+            // found, a launch under `serial` says so.
+            bridge_bin: match self.qemu_agent_transport {
+                AgentTransport::Serial => self.agent_bin().ok(),
+                AgentTransport::Vsock => None,
+            },
             jail: self.jail_settings_in(path_var),
             ..defaults
         }
@@ -1055,6 +1068,10 @@ impl Parser<'_> {
                 "qemu_accel" => {
                     let s = self.string(key, value)?;
                     cfg.qemu_accel = s.parse().map_err(|m| self.error(span, m))?;
+                }
+                "qemu_agent_transport" => {
+                    let s = self.string(key, value)?;
+                    cfg.qemu_agent_transport = s.parse().map_err(|m| self.error(span, m))?;
                 }
                 "default_caps" => {
                     let DeValue::Array(items) = value.get_ref() else {
@@ -1680,6 +1697,15 @@ mod tests {
                 QemuAccel::Tcg
             )
         );
+        assert_eq!(s.agent_transport, AgentTransport::Vsock);
+        assert_eq!(s.bridge_bin, None, "no bridge for vsock");
+
+        let cfg = parse("qemu_agent_transport = \"serial\"\n").unwrap();
+        assert_eq!(cfg.qemu_agent_transport, AgentTransport::Serial);
+        let s = cfg.qemu_settings_in(None);
+        assert_eq!(s.agent_transport, AgentTransport::Serial);
+        let msg = err("qemu_agent_transport = \"virtio\"\n");
+        assert!(msg.contains("valid values: vsock, serial"), "{msg}");
     }
 
     #[test]

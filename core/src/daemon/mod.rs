@@ -408,6 +408,8 @@ fn backends(config: &Config, uid: u32) -> Backends {
         ("vhost_device_vsock_bin", &settings.vhost_device_vsock_bin),
     ]
     .into_iter()
+    // Under the serial transport the daemon runs the agent as its bridge.
+    .chain(settings.bridge_bin.iter().map(|b| ("agent_bin", b)))
     .filter(|(_, bin)| bin.is_absolute() && bin.exists())
     .find_map(|(what, bin)| check_trusted_path(what, bin, uid).err());
     let qemu = match untrusted {

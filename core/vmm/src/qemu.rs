@@ -29,7 +29,7 @@ use crate::{
     spawn_detached, wait_gone,
 };
 pub use banger_api::backend::{
-    Accel, HostFacts, JailSettings, QemuAccel, QemuSettings, Timeouts, choose_accel,
+    Accel, AgentTransport, HostFacts, JailSettings, QemuAccel, QemuSettings, Timeouts, choose_accel,
 };
 use banger_api::machine::{MachineSpec, PciDevice, Vsock};
 use banger_api::model::VmmProcess;
@@ -40,6 +40,11 @@ pub use snapshot::MIGRATION_FILE;
 
 const NAME: &str = "qemu";
 const VSOCK_BACKEND: &str = "vhost-device-vsock";
+/// The agent's bridge, the `serial` transport's backend.
+const BRIDGE: &str = "banger-agent bridge";
+/// The virtio-serial port's name the agent looks for (its
+/// `serve::SERIAL_PORT_NAME`).
+pub const SERIAL_PORT_NAME: &str = "banger.agent";
 
 /// The QEMU `microvm` backend.
 #[derive(Debug, Clone)]
@@ -125,14 +130,17 @@ fn boot_args(args: &str, accel: Accel) -> String {
 }
 
 /// The QEMU arguments for `machine` (everything after the binary name).
-/// `vhost_socket` is where the vsock backend listens, used only when the
+/// `vhost_socket` is where the vsock backend listens (vhost-device-vsock, or
+/// the agent's bridge under the `serial` transport), used only when the
 /// machine has a vsock device.
 pub fn render_args(
     machine: &MachineSpec,
     qmp_socket: &Path,
     vhost_socket: &Path,
     accel: Accel,
+    transport: AgentTransport,
 ) -> Vec<OsString> {
+    let vhost_user = machine.vsock.is_some() && transport == AgentTransport::Vsock;
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |parts: &[&dyn AsRefOs]| {
         for p in parts {
@@ -146,7 +154,7 @@ pub fn render_args(
         // devices; without PCI devices the guest gets no bus at all.
         machine_opt.push_str(",pcie=on");
     }
-    if machine.vsock.is_some() {
+    if vhost_user {
         // vhost-user backends map guest memory: it must be shareable.
         machine_opt.push_str(",memory-backend=mem");
     }
@@ -164,7 +172,7 @@ pub fn render_args(
     ]);
     push(&[&"-accel", &accel_name, &"-cpu", &cpu]);
     push(&[&"-smp", &machine.vcpus.to_string(), &"-m", &mem]);
-    if machine.vsock.is_some() {
+    if vhost_user {
         push(&[
             &"-object",
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
@@ -210,12 +218,22 @@ pub fn render_args(
             &format!("virtio-net-device,netdev=net{i},mac={}", escape_opt(&n.mac)),
         ]);
     }
-    if machine.vsock.is_some() {
+    if vhost_user {
         push(&[
             &"-chardev",
             &opt_with_path("socket,id=vsock,path=", vhost_socket),
             &"-device",
             &"vhost-user-vsock-device,chardev=vsock",
+        ]);
+    } else if machine.vsock.is_some() {
+        // The agent's API on a virtio-serial port, which QEMU migrates.
+        push(&[
+            &"-device",
+            &"virtio-serial-device,max_ports=2",
+            &"-chardev",
+            &opt_with_path("socket,id=agent,path=", vhost_socket),
+            &"-device",
+            &format!("virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"),
         ]);
     }
     for d in &machine.pci_devices {
@@ -450,8 +468,29 @@ impl Vmm for Qemu {
     }
 }
 
+/// vhost-device-vsock's command line for `vsock`.
+fn vhost_device_vsock(bin: &Path, vsock: &Vsock, side: &SideFiles) -> Result<Command, VmmError> {
+    let mut spec = OsString::from(format!("guest-cid={},socket=", vsock.guest_cid));
+    for p in [&side.vhost_socket, &vsock.uds_path] {
+        // Its option parser has no escaping.
+        if p.to_string_lossy().contains([',', '=']) {
+            return Err(VmmError::NotReady(format!(
+                "{VSOCK_BACKEND} cannot take the path {} (it contains ',' or '='): use a directory without them",
+                p.display()
+            )));
+        }
+    }
+    spec.push(&side.vhost_socket);
+    spec.push(",uds-path=");
+    spec.push(&vsock.uds_path);
+    let mut cmd = Command::new(bin);
+    cmd.arg("--vm").arg(spec);
+    Ok(cmd)
+}
+
 impl Qemu {
-    /// Starts vhost-device-vsock and waits for its vhost-user socket.
+    /// Starts the vsock backend (vhost-device-vsock, or the agent's bridge
+    /// under the `serial` transport) and waits for its sockets.
     fn start_vsock_backend(
         &self,
         vsock: &Vsock,
@@ -459,27 +498,35 @@ impl Qemu {
         side: &SideFiles,
         jail: &Jail,
     ) -> Result<Spawned, VmmError> {
-        let bin = &self.settings.vhost_device_vsock_bin;
-        let mut spec = OsString::from(format!("guest-cid={},socket=", vsock.guest_cid));
-        for p in [&side.vhost_socket, &vsock.uds_path] {
-            // Its option parser has no escaping.
-            if p.to_string_lossy().contains([',', '=']) {
-                return Err(VmmError::NotReady(format!(
-                    "{VSOCK_BACKEND} cannot take the path {} (it contains ',' or '='): use a directory without them",
-                    p.display()
-                )));
+        let (cmd, bin, what_name) = match self.settings.agent_transport {
+            AgentTransport::Vsock => {
+                let bin = self.settings.vhost_device_vsock_bin.clone();
+                (vhost_device_vsock(&bin, vsock, side)?, bin, VSOCK_BACKEND)
             }
-        }
-        spec.push(&side.vhost_socket);
-        spec.push(",uds-path=");
-        spec.push(&vsock.uds_path);
-        let mut cmd = Command::new(bin);
-        cmd.arg("--vm").arg(spec);
+            AgentTransport::Serial => {
+                let Some(bin) = self.settings.bridge_bin.clone() else {
+                    return Err(VmmError::NotReady(
+                        "qemu_agent_transport = \"serial\" needs the banger-agent binary for its bridge, and none was found: set agent_bin in the config, or run scripts/build-agent".into(),
+                    ));
+                };
+                let mut cmd = Command::new(&bin);
+                cmd.arg("bridge")
+                    .arg("--mux")
+                    .arg(&side.vhost_socket)
+                    .arg("--uds")
+                    .arg(&vsock.uds_path);
+                if self.incoming {
+                    // A restored guest will not say hello: start the session.
+                    cmd.arg("--resync");
+                }
+                (cmd, bin, BRIDGE)
+            }
+        };
         let mut what = Detached::new(cmd);
         if let Some(cg) = &jail.cgroup {
             what.join_cgroup(cg);
         }
-        let spawned = spawn_detached(what.log_to(&paths.vmm_log)?, bin, VSOCK_BACKEND)?;
+        let spawned = spawn_detached(what.log_to(&paths.vmm_log)?, &bin, what_name)?;
         let fail = |spawned: Spawned, e: VmmError| {
             spawned.abort(self.settings.timeouts.exit);
             let _ = remove_socket(&side.vhost_socket);
@@ -490,12 +537,15 @@ impl Qemu {
             return Err(fail(
                 spawned,
                 VmmError::NotReady(format!(
-                    "{VSOCK_BACKEND} (pid {pid}) vanished right after it was started"
+                    "{what_name} (pid {pid}) vanished right after it was started"
                 )),
             ));
         };
-        let ready = self.wait_until(&spawned, VSOCK_BACKEND, &paths.vmm_log, || {
-            fs::symlink_metadata(&side.vhost_socket).is_ok_and(|m| m.file_type().is_socket())
+        let is_socket = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+        let serial = self.settings.agent_transport == AgentTransport::Serial;
+        let ready = self.wait_until(&spawned, what_name, &paths.vmm_log, || {
+            // The bridge binds the hybrid-vsock socket right after its own.
+            is_socket(&side.vhost_socket) && (!serial || is_socket(&vsock.uds_path))
         });
         if let Err(e) = ready {
             return Err(fail(spawned, e));
@@ -527,6 +577,7 @@ impl Qemu {
             &paths.api_socket,
             &side.vhost_socket,
             self.accel,
+            self.settings.agent_transport,
         ));
         cmd.args(jail.args());
         if self.incoming {
@@ -858,6 +909,7 @@ mod tests {
             Path::new("/run/q.sock"),
             Path::new("/run/q.sock.vhost"),
             Accel::Tcg,
+            AgentTransport::Vsock,
         );
         let got: Vec<String> = args
             .iter()
@@ -921,10 +973,16 @@ mod tests {
         m.vsock = None;
         m.nics.clear();
         m.drives.clear();
-        let args: Vec<String> = render_args(&m, Path::new("/q"), Path::new("/v"), Accel::Kvm)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let args: Vec<String> = render_args(
+            &m,
+            Path::new("/q"),
+            Path::new("/v"),
+            Accel::Kvm,
+            AgentTransport::Vsock,
+        )
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
         let joined = args.join(" ");
         assert!(
             joined.starts_with("-M microvm,acpi=on -nodefaults"),
@@ -958,6 +1016,7 @@ mod tests {
             Path::new("/q"),
             Path::new("/v"),
             Accel::Kvm,
+            AgentTransport::Vsock,
         ));
         assert_eq!(
             got[..2],
@@ -986,11 +1045,35 @@ mod tests {
             Path::new("/q"),
             Path::new("/v"),
             Accel::Kvm,
+            AgentTransport::Vsock,
         ));
         assert_eq!(got[1], "microvm,acpi=on,memory-backend=mem");
         let joined = got.join(" ");
         assert!(joined.contains(" pci=off "), "{joined}");
         for absent in ["pcie", "vfio", "-pci"] {
+            assert!(!joined.contains(absent), "{absent} in {joined}");
+        }
+    }
+
+    #[test]
+    fn the_serial_transport_puts_the_agent_on_a_virtio_serial_port_instead_of_vhost_user() {
+        let got = strings(&render_args(
+            &full_spec(),
+            Path::new("/q"),
+            Path::new("/run/q.sock.vhost"),
+            Accel::Tcg,
+            AgentTransport::Serial,
+        ));
+        let joined = got.join(" ");
+        assert!(
+            joined.ends_with(
+                "-device virtio-serial-device,max_ports=2 -chardev socket,id=agent,path=/run/q.sock.vhost -device virtserialport,chardev=agent,name=banger.agent"
+            ),
+            "{joined}"
+        );
+        // No vhost-user device, so no shared memory backend either.
+        assert_eq!(got[1], "microvm,acpi=on");
+        for absent in ["vhost-user", "memory-backend", "memfd"] {
             assert!(!joined.contains(absent), "{absent} in {joined}");
         }
     }

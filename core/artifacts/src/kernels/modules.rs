@@ -1,6 +1,7 @@
 //! Boot modules: the few drivers a distribution kernel builds as modules but
 //! the agent needs before it can find its drives (virtio-mmio, virtio-blk,
-//! virtio-net, vsock, the ACPI power button, evdev).
+//! virtio-net, vsock, virtio-console for the agent's serial transport, the
+//! ACPI power button, evdev).
 //!
 //! [`boot_modules_archive`] finds them in the kernel's modules tree, follows
 //! each module's `depends=` (and `softdep= pre:`) from its `.modinfo`
@@ -27,6 +28,8 @@ pub const DEFAULT_BOOT_MODULES: &[&str] = &[
     "virtio_net",
     "vsock",
     "vmw_vsock_virtio_transport",
+    // The agent's port under QEMU's `serial` transport (docs/snapshots.md).
+    "virtio_console",
     "button",
     "evdev",
 ];
@@ -779,7 +782,7 @@ mod tests {
         assert_eq!(
             list,
             format!(
-                "{base}/virtio_mmio.ko\n{base}/virtio_net.ko\n{base}/vmw_vsock_virtio_transport.ko\n{base}/evdev.ko\n"
+                "{base}/virtio_mmio.ko\n{base}/virtio_net.ko\n{base}/vmw_vsock_virtio_transport.ko\n{base}/button.ko\n"
             )
         );
 
