@@ -79,12 +79,19 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// One hybrid-vsock client: its `CONNECT` line, then the stream. Refused
-/// (closed without `OK`) when the guest has no session or does not accept.
+/// One hybrid-vsock client: its `CONNECT` line, then the stream. A client
+/// that comes before the session (a guest still booting, or restored and
+/// not yet through its hello) waits for it rather than being turned away
+/// to retry: answering the moment the guest can is what makes a restore
+/// fast. Refused (closed without `OK`) when no session comes within
+/// [`OPEN_TIMEOUT`] or the guest does not accept.
 fn client(mux: &Mux, mut conn: UnixStream) {
     let Some(port) = connect_line(&mut conn) else {
         return;
     };
+    if !mux.wait_ready(OPEN_TIMEOUT) {
+        return;
+    }
     let Ok(local) = conn.try_clone() else { return };
     let _ = conn.set_read_timeout(None);
     let _ = mux.open_on(port, OPEN_TIMEOUT, local, format!("OK {port}\n").as_bytes());
@@ -205,14 +212,17 @@ mod tests {
         let (opts, done) = start_bridge(dir.path(), false);
         let qemu = UnixStream::connect(&opts.mux).unwrap();
         let g = guest(qemu.try_clone().unwrap());
-        // Before the guest says hello there is no session: refused.
-        assert_eq!(connect(&opts.uds, 1024).1, None);
+        // A client that comes before the session waits for it, and is
+        // answered once the guest said hello.
+        let mut early = UnixStream::connect(&opts.uds).unwrap();
+        early
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        writeln!(early, "CONNECT 1024").unwrap();
         g.hello();
-        assert!(g.wait_ready(Duration::from_secs(10)));
-        test_wait(|| {
-            let (_, ok) = connect(&opts.uds, 1024);
-            ok.is_some()
-        });
+        let mut line = String::new();
+        BufReader::new(early).read_line(&mut line).unwrap();
+        assert_eq!(line, "OK 1024\n");
 
         let (mut s, ok) = connect(&opts.uds, 1024);
         assert_eq!(ok.as_deref(), Some("OK 1024\n"));
@@ -259,9 +269,8 @@ mod tests {
         let to_first = UnixStream::connect(&first.mux).unwrap();
         let relays = relay_both(&relay, &to_first);
         g.hello();
-        assert!(g.wait_ready(Duration::from_secs(10)));
-        test_wait(|| connect(&first.uds, 1024).1.is_some());
-        let (mut old, _) = connect(&first.uds, 1024);
+        let (mut old, ok) = connect(&first.uds, 1024);
+        assert!(ok.is_some());
         old.write_all(b"x").unwrap();
         let mut b = [0u8; 1];
         old.read_exact(&mut b).unwrap();
@@ -279,8 +288,8 @@ mod tests {
 
         // The guest dropped the stream it had; the new bridge serves.
         test_wait(|| g.stream_count() == 0);
-        test_wait(|| connect(&second.uds, 1024).1.is_some());
-        let (mut s, _) = connect(&second.uds, 1024);
+        let (mut s, ok) = connect(&second.uds, 1024);
+        assert!(ok.is_some());
         assert_eq!(echo_round_trip(&mut s, b"after restore"), b"AFTER RESTORE");
     }
 
