@@ -233,6 +233,10 @@ enum Inbound {
 struct Stream {
     /// To the thread writing into the local socket.
     inbound: Sender<Inbound>,
+    /// Bytes received and not yet credited back: a peer that sends beyond
+    /// [`WINDOW`] ignores the protocol (a guest is not trusted), and its
+    /// stream is reset rather than buffered without bound.
+    unacked: Arc<AtomicU32>,
     /// Bytes the peer lets this side send, and whether the stream is gone.
     credit: Arc<(Mutex<(u32, bool)>, Condvar)>,
     /// The local socket, to shut it down on `Rst`.
@@ -412,12 +416,17 @@ impl Mux {
                 }
             }
             (_, Frame::Data(id, bytes)) => {
-                let gone = match lock(&inner.streams).get(&id) {
-                    Some(s) => s.inbound.send(Inbound::Data(bytes)).is_err(),
-                    None => true,
-                };
-                if gone {
-                    self.send(&Frame::Rst(id));
+                let len = bytes.len() as u32;
+                let accepted = lock(&inner.streams).get(&id).map(|s| {
+                    let before = s.unacked.fetch_add(len, Ordering::AcqRel);
+                    before.saturating_add(len) <= WINDOW
+                        && s.inbound.send(Inbound::Data(bytes)).is_ok()
+                });
+                match accepted {
+                    Some(true) => {}
+                    // Over the window, or its writer gone: the stream ends.
+                    Some(false) => self.drop_stream(id),
+                    None => self.send(&Frame::Rst(id)),
                 }
             }
             (_, Frame::Credit(id, n)) => {
@@ -532,10 +541,12 @@ impl Mux {
         let (reader, writer) = (local.try_clone()?, local.try_clone()?);
         let (tx, rx) = mpsc::channel();
         let credit = Arc::new((Mutex::new((WINDOW, false)), Condvar::new()));
+        let unacked = Arc::new(AtomicU32::new(0));
         lock(&self.inner.streams).insert(
             id,
             Stream {
                 inbound: tx,
+                unacked: unacked.clone(),
                 credit: credit.clone(),
                 local,
             },
@@ -546,6 +557,7 @@ impl Mux {
             reader,
             writer,
             inbound: rx,
+            unacked,
             credit,
         })
     }
@@ -590,7 +602,8 @@ impl Mux {
     }
 
     /// Incoming data → local socket, crediting the peer for each piece.
-    fn pump_in(&self, id: u32, mut local: UnixStream, rx: &Receiver<Inbound>, halves: &Halves) {
+    fn pump_in(&self, id: u32, mut local: UnixStream, inbound: &Incoming, halves: &Halves) {
+        let (rx, unacked) = inbound;
         while let Ok(msg) = rx.recv() {
             match msg {
                 Inbound::Data(bytes) => {
@@ -598,7 +611,9 @@ impl Mux {
                         self.drop_stream(id);
                         return;
                     }
-                    self.send(&Frame::Credit(id, bytes.len() as u32));
+                    let n = bytes.len() as u32;
+                    unacked.fetch_sub(n, Ordering::AcqRel);
+                    self.send(&Frame::Credit(id, n));
                 }
                 Inbound::Shut => {
                     let _ = local.shutdown(Shutdown::Write);
@@ -640,8 +655,12 @@ struct Pumps {
     reader: UnixStream,
     writer: UnixStream,
     inbound: Receiver<Inbound>,
+    unacked: Arc<AtomicU32>,
     credit: Arc<(Mutex<(u32, bool)>, Condvar)>,
 }
+
+/// A stream's incoming queue and its count of bytes not yet credited.
+type Incoming = (Receiver<Inbound>, Arc<AtomicU32>);
 
 /// Directions of a stream that ended cleanly; at two the stream is done.
 type Halves = Arc<AtomicU8>;
@@ -654,12 +673,13 @@ impl Pumps {
             reader,
             writer,
             inbound,
+            unacked,
             credit,
         } = self;
         let halves = Halves::default();
         let (out, out_halves) = (mux.clone(), halves.clone());
         std::thread::spawn(move || out.pump_out(id, reader, &credit, &out_halves));
-        std::thread::spawn(move || mux.pump_in(id, writer, &inbound, &halves));
+        std::thread::spawn(move || mux.pump_in(id, writer, &(inbound, unacked), &halves));
     }
 }
 
@@ -727,6 +747,52 @@ mod tests {
             d.feed(std::slice::from_ref(b), |f| one_by_one.push(f));
         }
         assert_eq!(one_by_one, all);
+    }
+
+    #[test]
+    fn a_peer_that_sends_beyond_its_window_gets_the_stream_reset() {
+        let (guest_end, mut host) = UnixStream::pair().unwrap();
+        // The guest's side of stream 5 is a socket nobody reads.
+        let (keep, unread) = UnixStream::pair().unwrap();
+        let unread = Mutex::new(Some(unread));
+        let g = Mux::start(
+            Role::Guest,
+            guest_end.try_clone().unwrap(),
+            Box::new(move |_| {
+                lock(&unread)
+                    .take()
+                    .ok_or_else(|| io::ErrorKind::ConnectionRefused.into())
+            }),
+        );
+        let reader = g.clone();
+        std::thread::spawn(move || reader.read_loop(guest_end));
+        host.write_all(&Frame::Hello(1).encode()).unwrap();
+        host.write_all(&Frame::Open { id: 5, port: 1 }.encode())
+            .unwrap();
+        // Far more than the window and any socket buffer, credit ignored.
+        let mut writer = host.try_clone().unwrap();
+        let flood = std::thread::spawn(move || {
+            for _ in 0..(16 * WINDOW as usize / MAX_DATA) {
+                if writer
+                    .write_all(&Frame::Data(5, vec![7; MAX_DATA]).encode())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (mut seen, mut buf, mut d) = (Vec::new(), [0u8; 4096], Decoder::default());
+        while !seen.contains(&Frame::Rst(5)) {
+            let n = host.read(&mut buf).unwrap();
+            assert!(n > 0, "the guest closed the pipe; saw {seen:?}");
+            d.feed(&buf[..n], |f| seen.push(f));
+        }
+        assert!(seen.contains(&Frame::OpenOk(5)), "{seen:?}");
+        flood.join().unwrap();
+        assert_eq!(g.stream_count(), 0);
+        drop(keep);
     }
 
     #[test]
