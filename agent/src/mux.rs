@@ -409,7 +409,15 @@ impl Mux {
             }
             // Nothing but the handshake counts before a session.
             (_, _) if !self.is_ready() => {}
-            (_, Frame::Open { id, port }) => self.on_open(id, port),
+            // The host's accept connects to a Unix socket, which can block
+            // on a full backlog: off the reader thread, so other streams
+            // flow meanwhile. The peer sends nothing on the stream before
+            // `OpenOk`, which follows its registration.
+            (Role::Host, Frame::Open { id, port }) => {
+                let me = self.clone();
+                std::thread::spawn(move || me.on_open(id, port));
+            }
+            (Role::Guest, Frame::Open { id, port }) => self.on_open(id, port),
             (_, Frame::OpenOk(id)) => {
                 if let Some(tx) = lock(&inner.opening).remove(&id) {
                     let _ = tx.send(true);
