@@ -601,6 +601,11 @@ mod tests {
         // The source goes on as it was, unaffected by its restores.
         let out = agent("src", "cat /root/marker; hostname");
         assert_eq!(out, "written-before-the-snapshot\nsrc\n");
+        // Afterwards a restored VM is an ordinary one: stopped and started,
+        // it boots cold from its own disks, through a bridge of its own.
+        env.banger(&["vm", "stop", "r1"]).ok();
+        env.banger(&["vm", "start", "r1"]).ok();
+        assert_eq!(agent("r1", "cat /root/marker; hostname"), "r1\nr1\n");
         let mut all = vec![src];
         all.extend(restored);
         rig.delete_all_and_check_clean(&all);
