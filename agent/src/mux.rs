@@ -243,10 +243,11 @@ struct Stream {
     local: UnixStream,
 }
 
-/// Session state (host side; the guest is always `Ready` once it acked).
+/// Session state. The host waits for the ack of the epoch it sent; the
+/// guest is `Ready` from the host's `Hello` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Session {
-    /// No session yet, or waiting for the ack of this epoch.
+    /// No session yet, or (host) waiting for the ack of this epoch.
     Waiting(Option<u64>),
     Ready,
 }
@@ -303,11 +304,7 @@ impl Mux {
                 out: tx,
                 streams: Mutex::new(HashMap::new()),
                 opening: Mutex::new(HashMap::new()),
-                session: Mutex::new(if role == Role::Guest {
-                    Session::Ready
-                } else {
-                    Session::Waiting(None)
-                }),
+                session: Mutex::new(Session::Waiting(None)),
                 ready: Condvar::new(),
                 next_id: AtomicU32::new(first),
                 accept,
