@@ -86,6 +86,10 @@ pub struct Artifacts {
     pulls: tokio::sync::Mutex<()>,
     /// Root disks copied ahead of time for the images used last.
     pub spares: Spares,
+    /// The same for the disks of the snapshots restored last
+    /// (`docs/snapshots.md`): two per `rootfs_spares`, a snapshot having a
+    /// root and a work disk.
+    pub snapshot_spares: Spares,
 }
 
 impl Artifacts {
@@ -124,6 +128,14 @@ impl Artifacts {
         let spares_dir = paths.state_dir.join("spares");
         let spares = Spares::open(&spares_dir, config.rootfs_spares as usize)
             .map_err(|e| LibraryError::Io(format!("Cannot create {}", spares_dir.display()), e))?;
+        let snapshot_spares_dir = paths.state_dir.join("snapshot-spares");
+        let snapshot_spares = Spares::open(&snapshot_spares_dir, 2 * config.rootfs_spares as usize)
+            .map_err(|e| {
+                LibraryError::Io(
+                    format!("Cannot create {}", snapshot_spares_dir.display()),
+                    e,
+                )
+            })?;
         Ok(Artifacts {
             library: ImageLibrary::new(paths, store),
             kernels: KernelStore::new(paths.state_dir.join("kernels")),
@@ -139,6 +151,7 @@ impl Artifacts {
             cache_dir: paths.cache_dir.clone(),
             pulls: tokio::sync::Mutex::new(()),
             spares,
+            snapshot_spares,
         })
     }
 

@@ -541,6 +541,76 @@ FAKE_FIRECRACKER_ROOT=. exec "$exe" "$1" ".$2"
         });
     }
 
+    /// A restore moves a copy of the snapshot's disks made ahead of time
+    /// into place when one is ready (`snapshot-spares`, refilled in the
+    /// background after each restore), and `vm snapshot rm` removes them
+    /// with the snapshot.
+    #[test]
+    fn restores_take_spare_copies_of_the_snapshot_disks_and_rm_removes_them() {
+        use test_infra::BangerEnv;
+        let mut env = BangerEnv::new();
+        env.set_env("FAKE_FC_AGENT", "1");
+        let jailer = fake_jailer(env.root());
+        env.write_config(&format!(
+            "default_caps = [\"work-disk\", \"vsock-agent\"]\njailer_bin = {:?}\nvmm_cgroups = false\nagent_timeout_secs = 20\n",
+            jailer.display().to_string()
+        ));
+        env.create("src", &[]).ok();
+        env.banger(&["vm", "snapshot", "src", "s1"]).ok();
+        let spares = env.state_dir().join("snapshot-spares");
+        let ready = || {
+            fs::read_dir(&spares)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let placed_from_spares = |vm: &banger_api::api::VmView| {
+            let log = fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
+            log.lines()
+                .filter(|l| {
+                    l.contains("snapshot disk placed") && l.contains(vm.dir.to_str().unwrap())
+                })
+                .map(|l| l.contains("kind=Spare"))
+                .collect::<Vec<bool>>()
+        };
+        assert_eq!(ready(), 0, "no spare before the first restore");
+        env.banger(&["vm", "create", "--name", "r1", "--from-snapshot", "s1"])
+            .ok();
+        assert_eq!(placed_from_spares(&env.show("r1")), [false, false]);
+        // One spare per writable disk (root and work), made in the background.
+        wait_until(Duration::from_secs(60), "spares of s1's two disks", || {
+            ready() == 2
+        });
+        env.banger(&["vm", "create", "--name", "r2", "--from-snapshot", "s1"])
+            .ok();
+        let r2 = env.show("r2");
+        assert_eq!(placed_from_spares(&r2), [true, true]);
+        let snap = env.state_dir().join("snapshots/s1");
+        for d in r2
+            .record
+            .machine
+            .unwrap()
+            .drives
+            .iter()
+            .filter(|d| d.id != "config")
+        {
+            assert_eq!(
+                fs::read(&d.path).unwrap(),
+                fs::read(snap.join(format!("disk-{}", d.id))).unwrap(),
+                "drive {} is the snapshot's",
+                d.id
+            );
+        }
+        wait_until(Duration::from_secs(60), "the spares made again", || {
+            ready() == 2
+        });
+        env.banger(&["vm", "snapshot", "rm", "s1"]).ok();
+        assert_eq!(ready(), 0, "the snapshot's spares went with it");
+    }
+
     /// What `vm create --from-snapshot` refuses, naming the fix, leaving
     /// no VM and no directory behind: an unknown snapshot, another backend,
     /// Firecracker without its jailer, a snapshot of a VM without the agent.

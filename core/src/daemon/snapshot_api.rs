@@ -43,6 +43,6 @@ async fn list(State(st): S) -> Result<Json<Vec<SnapshotView>>, ApiError> {
 }
 
 async fn remove(State(st): S, Path(snap): Path<String>) -> Result<StatusCode, ApiError> {
-    st.lifecycle.snapshot_store().remove(&snap)?;
+    st.lifecycle.remove_snapshot(&snap)?;
     Ok(StatusCode::NO_CONTENT)
 }

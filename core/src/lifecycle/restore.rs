@@ -16,6 +16,7 @@ use banger_api::api::CreateVmRequest;
 use banger_api::guest::GuestNetwork;
 use banger_api::machine::{DriveRole, MachineSpec};
 use banger_api::model::{VmName, VmRecord, now_unix};
+use banger_artifacts::disk::spares::Spares;
 use banger_guest_protocol::reidentify::{HostKeyFile, Reidentify};
 use banger_vmm::vsock::{AgentClient, EXEC_SECRET_FILE, VsockError};
 
@@ -48,8 +49,14 @@ impl Restore {
 
     /// Refuses a machine whose devices differ from the snapshot's (the
     /// state files name them), then copies each snapshot disk over the
-    /// machine's drive of the same id, staged and renamed.
-    pub(crate) async fn place_disks(&self, machine: &MachineSpec) -> Result<(), OpError> {
+    /// machine's drive of the same id, staged and renamed: a copy made
+    /// ahead of time by `spares` when one is ready (then another is made in
+    /// the background for the next restore), else one made now.
+    pub(crate) async fn place_disks(
+        &self,
+        machine: &MachineSpec,
+        spares: &Spares,
+    ) -> Result<(), OpError> {
         let ids = |m: &MachineSpec| {
             let mut d: Vec<String> = m.drives.iter().map(|d| d.id.clone()).collect();
             d.extend(m.nics.iter().map(|n| format!("nic {}", n.id)));
@@ -74,21 +81,28 @@ impl Restore {
                 target.path.clone(),
             ));
         }
-        blocking(move || copies.iter().try_for_each(|(src, dst)| place(src, dst))).await?
+        let spares = spares.clone();
+        blocking(move || {
+            copies
+                .iter()
+                .try_for_each(|(src, dst)| place(&spares, src, dst))
+        })
+        .await?
     }
 }
 
-/// Copies `src` to `dst` through `dst.restoring` (reflinked where the
-/// filesystem can), renamed over `dst`.
-fn place(src: &Path, dst: &Path) -> Result<(), OpError> {
+/// Copies `src` to `dst` through `dst.restoring` (a spare moved there, or
+/// reflinked where the filesystem can, or copied), renamed over `dst`.
+fn place(spares: &Spares, src: &Path, dst: &Path) -> Result<(), OpError> {
     let mut staged = dst.as_os_str().to_owned();
     staged.push(".restoring");
     let staged = PathBuf::from(staged);
     let _ = std::fs::remove_file(&staged);
-    banger_artifacts::disk::clone_file(src, &staged).map_err(|e| OpError::Stage {
+    let kind = spares.take(src, &staged).map_err(|e| OpError::Stage {
         stage: "restore_disks".into(),
         source: Box::new(e),
     })?;
+    tracing::info!(disk = %dst.display(), ?kind, "snapshot disk placed");
     std::fs::rename(&staged, dst).map_err(|e| {
         let _ = std::fs::remove_file(&staged);
         OpError::Io(

@@ -19,6 +19,24 @@ impl Lifecycle {
         SnapshotStore::new(&self.paths.state_dir)
     }
 
+    /// Removes snapshot `name` and the spare copies of its disks.
+    pub fn remove_snapshot(&self, name: &str) -> Result<(), OpError> {
+        let store = self.snapshot_store();
+        let disks: Vec<_> = store
+            .manifest(name)?
+            .view
+            .machine
+            .drives
+            .iter()
+            .map(|d| store.dir(name).join(format!("disk-{}", d.id)))
+            .collect();
+        store.remove(name)?;
+        for disk in &disks {
+            self.artifacts.snapshot_spares.forget(disk);
+        }
+        Ok(())
+    }
+
     /// Snapshots running VM `vm_name` as `snap`: the backend pauses the
     /// guest and writes its state, every writable disk is copied (reflinked
     /// where the filesystem can) while it is paused, the guest resumes.

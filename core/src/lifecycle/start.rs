@@ -252,7 +252,8 @@ impl Lifecycle {
         self.save(vm).await?;
         if let Some(r) = restore {
             begin_stage(progress, "restore_disks", "copying the snapshot's disks");
-            r.place_disks(&machine).await?;
+            r.place_disks(&machine, &self.artifacts.snapshot_spares)
+                .await?;
         }
 
         begin_stage(
