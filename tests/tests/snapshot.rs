@@ -217,6 +217,7 @@ mod tests {
         assert!(matches!(err, VmmError::Unsupported(_)), "{err:?}");
         let msg = err.to_string();
         assert!(msg.contains("vhost-user-vsock"), "{msg}");
+        assert!(msg.contains("qemu_agent_transport = \"serial\""), "{msg}");
         assert!(msg.contains("docs/snapshots.md"), "{msg}");
         assert!(!copied, "no disk copy for a snapshot that was not taken");
         assert_eq!(run_state(&p.api_socket), "running");

@@ -131,7 +131,7 @@ fn save(q: &mut Qmp, dir: &Path) -> Result<(), VmmError> {
         let _ = q.execute_with("closefd", json!({ "fdname": FD_NAME }));
         if msg.contains("non-migratable device") {
             return Err(VmmError::Unsupported(format!(
-                "QEMU cannot snapshot this VM: {msg}. This QEMU cannot migrate a vhost-user-vsock device (the guest agent's vsock); snapshot it under Firecracker (--vmm firecracker) or with a QEMU whose vhost-user-vsock migrates (docs/snapshots.md)"
+                "QEMU cannot snapshot this VM: {msg}. This QEMU cannot migrate a vhost-user-vsock device (the guest agent's vsock): set qemu_agent_transport = \"serial\" in the daemon's config and create the VM again (its agent then uses a virtio-serial port, which migrates), or snapshot it under Firecracker (--vmm firecracker); see docs/snapshots.md"
             )));
         }
         return Err(io_err("starting the migration to the snapshot file", e));
