@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the agent's HTTP service listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// The name of the virtio-serial port that carries the agent's API instead
+/// of vsock under QEMU's `serial` transport (`virtserialport,name=`; the
+/// guest finds it in `/sys/class/virtio-ports/*/name`).
+pub const SERIAL_PORT_NAME: &str = "banger.agent";
+
 /// The host vsock port the agent announces itself on: once it listens on
 /// [`AGENT_PORT`], the agent connects once to the host (CID 2) on this port
 /// and writes `READY <version>\n`. Hybrid-vsock VMMs (Firecracker,

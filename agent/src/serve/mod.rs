@@ -113,18 +113,16 @@ impl Server {
     }
 }
 
-/// The name QEMU gives the agent's virtio-serial port (`virtserialport,
-/// name=`), when the VM's agent transport is `serial` (`docs/snapshots.md`).
-pub const SERIAL_PORT_NAME: &str = "banger.agent";
-
-/// The device of the agent's virtio-serial port, found by its name under
+/// The device of the agent's virtio-serial port
+/// ([`banger_guest_protocol::api::SERIAL_PORT_NAME`]), found by its name under
 /// `sys` (`/sys/class/virtio-ports`): there is no udev to make the
 /// `/dev/virtio-ports/` link this early.
 pub fn serial_port(sys: &Path) -> Option<PathBuf> {
     let entries = std::fs::read_dir(sys).ok()?;
     entries.filter_map(Result::ok).find_map(|e| {
         let name = std::fs::read_to_string(e.path().join("name")).ok()?;
-        (name.trim() == SERIAL_PORT_NAME).then(|| Path::new("/dev").join(e.file_name()))
+        (name.trim() == banger_guest_protocol::api::SERIAL_PORT_NAME)
+            .then(|| Path::new("/dev").join(e.file_name()))
     })
 }
 
@@ -169,12 +167,16 @@ impl SerialServer {
     /// snapshot's source and its restore) a read sees the end of the
     /// stream; the streams are dropped and the port read again.
     pub fn run(self) -> ! {
+        let mut last_error = None;
         loop {
             let result = self.mux.read_loop(&self.port);
             self.mux.disconnected();
-            if let Err(e) = result {
+            // Logged once, not every retry.
+            let error = result.err().map(|e| e.to_string());
+            if let Some(e) = error.as_ref().filter(|e| last_error.as_ref() != Some(*e)) {
                 crate::console::log(&format!("reading the agent's serial port: {e}"));
             }
+            last_error = error;
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }

@@ -33,6 +33,7 @@ pub use banger_api::backend::{
 };
 use banger_api::machine::{MachineSpec, PciDevice, Vsock};
 use banger_api::model::VmmProcess;
+use banger_guest_protocol::api::SERIAL_PORT_NAME;
 
 mod qmp;
 mod snapshot;
@@ -42,9 +43,6 @@ const NAME: &str = "qemu";
 const VSOCK_BACKEND: &str = "vhost-device-vsock";
 /// The agent's bridge, the `serial` transport's backend.
 const BRIDGE: &str = "banger-agent bridge";
-/// The virtio-serial port's name the agent looks for (its
-/// `serve::SERIAL_PORT_NAME`).
-pub const SERIAL_PORT_NAME: &str = "banger.agent";
 
 /// The QEMU `microvm` backend.
 #[derive(Debug, Clone)]
