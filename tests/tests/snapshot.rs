@@ -2,7 +2,10 @@
 //! against the real `qemu-system-x86_64` under TCG (a guest whose init
 //! counts on the console is snapshotted, keeps counting, and two restores
 //! of it go on counting side by side from where it was, without booting);
-//! a VM with QEMU 7.2's vhost-user-vsock is refused and keeps running; and
+//! a VM with QEMU 7.2's vhost-user-vsock is refused and keeps running; a
+//! chrooted QEMU (a root daemon's jail) snapshots and restores through its
+//! disks' descriptor sets, and one with its disks named by paths is
+//! refused; and
 //! the Firecracker backend's snapshot API calls, in order, against the
 //! fake firecracker.
 //!
@@ -52,8 +55,7 @@ mod tests {
         }
     }
 
-    /// Unjailed: QEMU cannot migrate a chrooted VM's disks (see
-    /// [`qemu_refuses_to_snapshot_a_chrooted_vm`]).
+    /// Unjailed (as a user daemon runs QEMU); the jailed cases set their own.
     fn settings(qemu: PathBuf) -> QemuSettings {
         QemuSettings {
             qemu_bin: qemu,
@@ -227,9 +229,13 @@ mod tests {
         });
     }
 
+    /// Under a root daemon QEMU chroots into an empty directory as the VM's
+    /// uid, and gets its disks as descriptor sets so that it can reopen
+    /// them at the end of a migration: a jailed snapshot, a jailed restore
+    /// that goes on from it, and a snapshot of that restore.
     #[test]
-    fn qemu_refuses_to_snapshot_a_chrooted_vm() {
-        let test = "qemu_refuses_to_snapshot_a_chrooted_vm";
+    fn a_chrooted_qemu_snapshots_and_restores_through_descriptor_sets() {
+        let test = "a_chrooted_qemu_snapshots_and_restores_through_descriptor_sets";
         let Some((q, k)) = requirements(test) else {
             return;
         };
@@ -247,6 +253,7 @@ mod tests {
             Err(why) => return eprintln!("SKIP {test}: {why}"),
         };
         let (m, paths) = tick_vm(d, "j", &k, &initrd);
+        fs::write(&m.drives[0].path, b"written before the snapshot").unwrap();
         let vmm = Qemu::new(QemuSettings {
             jail: JailSettings {
                 cgroups: false,
@@ -255,14 +262,130 @@ mod tests {
             ..settings(q)
         });
         let p = vmm.launch(&m, &paths).unwrap();
-        let _running = Running(&vmm, vec![p.clone()]);
-        let err = vmm.snapshot(&p, d, &mut || Ok(())).unwrap_err();
-        assert!(err.to_string().contains("vmm_jail = false"), "{err}");
+        let mut running = Running(&vmm, vec![p.clone()]);
+        let cmdline = fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("-chroot"), "jailed: {cmdline}");
+        assert!(
+            cmdline.contains("file=/dev/fdset/1,file.locking=off"),
+            "{cmdline}"
+        );
+        assert!(
+            !cmdline.contains(&m.drives[0].path.display().to_string()),
+            "no disk path: {cmdline}"
+        );
+        wait_until(BOOT, "the jailed guest ticks", || {
+            ticks(&m.serial_log).len() > 5
+        });
+
+        let snap = d.join("snap");
+        fs::create_dir(&snap).unwrap();
+        let mut at_snapshot = 0;
+        vmm.snapshot(&p, &snap, &mut || {
+            at_snapshot = ticks(&m.serial_log).last().copied().unwrap_or(0);
+            fs::copy(&m.drives[0].path, snap.join("root.img")).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        wait_until(BOOT, "the jailed source ticks on", || {
+            ticks(&m.serial_log).last().copied().unwrap_or(0) > at_snapshot + 3
+        });
         assert_eq!(run_state(&p.api_socket), "running");
+
+        let (r, rpaths) = tick_vm(d, "jr", &k, &initrd);
+        fs::copy(snap.join("root.img"), &r.drives[0].path).unwrap();
+        let rp = vmm
+            .restore_recorded(&r, &rpaths, &snap, &mut |_| Ok(()))
+            .unwrap();
+        running.1.push(rp.clone());
+        wait_until(BOOT, "the jailed restore ticks", || {
+            ticks(&r.serial_log).len() > 3
+        });
+        let seen = ticks(&r.serial_log);
+        assert!(
+            seen[0] > at_snapshot.saturating_sub(2) && seen[0] <= at_snapshot + 2,
+            "the restore goes on from the snapshot's count {at_snapshot}: {:?}",
+            &seen[..3]
+        );
+        assert_eq!(run_state(&rp.api_socket), "running");
+        // Its disks were reopened read-write through the sets; a second
+        // snapshot reopens them read-only again.
+        let again = d.join("again");
+        fs::create_dir(&again).unwrap();
+        vmm.snapshot(&rp, &again, &mut || Ok(())).unwrap();
+        assert_eq!(run_state(&rp.api_socket), "running");
+        assert!(process_alive(&p), "the source runs on beside its restore");
+    }
+
+    /// A chrooted QEMU started with its disks named by host paths (as an
+    /// older banger started them) cannot finish a migration: its snapshot
+    /// is refused, naming the fix, and it keeps running.
+    #[test]
+    fn a_chrooted_qemu_with_disks_by_path_is_refused_a_snapshot_and_keeps_running() {
+        use banger_vmm::qemu::{Accel, AgentTransport, jail_args, render_args};
+        let test = "a_chrooted_qemu_with_disks_by_path_is_refused_a_snapshot_and_keeps_running";
+        let Some((q, k)) = requirements(test) else {
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP {test}: QEMU chroots only as root");
+        }
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("sn")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let initrd = match tick_initrd(d) {
+            Ok(p) => p,
+            Err(why) => return eprintln!("SKIP {test}: {why}"),
+        };
+        let (m, paths) = tick_vm(d, "old", &k, &initrd);
+        let root = d.join("empty-root");
+        fs::create_dir(&root).unwrap();
+        let child = std::process::Command::new(&q)
+            .args(render_args(
+                &m,
+                &paths.api_socket,
+                &d.join("unused.vhost"),
+                Accel::Tcg,
+                AgentTransport::Vsock,
+            ))
+            .args(jail_args(true, Some((4_000_000, &root))))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        struct Reap(std::process::Child);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let pid = child.id();
+        let _reap = Reap(child);
+        wait_until(BOOT, "the path-disk guest ticks", || {
+            ticks(&m.serial_log).len() > 2
+        });
+        let process = VmmProcess {
+            pid,
+            start_time: banger_vmm::process_start_time(pid).unwrap(),
+            api_socket: paths.api_socket.clone(),
+        };
+        let vmm = Qemu::new(settings(q));
+        let snap = d.join("snap");
+        fs::create_dir(&snap).unwrap();
+        let mut copied = false;
         let err = vmm
-            .restore_recorded(&m, &paths, d, &mut |_| Ok(()))
+            .snapshot(&process, &snap, &mut || {
+                copied = true;
+                Ok(())
+            })
             .unwrap_err();
-        assert!(err.to_string().contains("chrooted"), "{err}");
+        assert!(matches!(err, VmmError::Unsupported(_)), "{err:?}");
+        assert!(err.to_string().contains("stop and start the VM"), "{err}");
+        assert!(!copied, "nothing copied for a snapshot that was refused");
+        assert_eq!(run_state(&process.api_socket), "running");
     }
 
     /// `vm snapshot` through the CLI and daemon against the fake

@@ -34,7 +34,9 @@ pub use banger_api::backend::{
 use banger_api::machine::{MachineSpec, PciDevice, Vsock};
 use banger_api::model::VmmProcess;
 use banger_guest_protocol::api::SERIAL_PORT_NAME;
+use fdset::DiskFdSets;
 
+mod fdset;
 mod qmp;
 mod snapshot;
 pub use snapshot::MIGRATION_FILE;
@@ -197,6 +199,14 @@ pub fn render_args(
         let mut drive = opt_with_path(&format!("if=none,id=drive{i},format=raw,file="), &d.path);
         if d.read_only {
             drive.push(",readonly=on");
+        }
+        if fdset::is_fdset(&d.path) {
+            // With its own image locks QEMU could not take the write lock
+            // back after a snapshot (`cont`: Failed to get "write" lock):
+            // they are OFD locks, held by the set's open file
+            // descriptions, which outlive each of QEMU's reopens. The disk
+            // stays locked by the daemon's flock for the VMM's life.
+            drive.push(",file.locking=off");
         }
         push(&[
             &"-drive",
@@ -569,14 +579,25 @@ impl Qemu {
         on_spawned: &mut OnSpawned<'_>,
     ) -> Result<VmmProcess, VmmError> {
         let bin = &self.settings.qemu_bin;
+        let locks = DiskLocks::take(machine)?;
+        // Chrooted, QEMU gets its disks as descriptors: it reopens them at
+        // the end of a migration, where no host path is visible.
+        let fdsets = match jail.drop_to {
+            Some(_) => Some(DiskFdSets::open(machine)?),
+            None => None,
+        };
+        let shown = fdsets.as_ref().map(|f| f.machine(machine));
         let mut cmd = Command::new(bin);
         cmd.args(render_args(
-            machine,
+            shown.as_ref().unwrap_or(machine),
             &paths.api_socket,
             &side.vhost_socket,
             self.accel,
             self.settings.agent_transport,
         ));
+        if let Some(f) = &fdsets {
+            cmd.args(f.args());
+        }
         cmd.args(jail.args());
         if self.incoming {
             cmd.args(["-incoming", "defer"]);
@@ -585,10 +606,12 @@ impl Qemu {
         if let Some(cg) = &jail.cgroup {
             what.join_cgroup(cg);
         }
-        let locks = DiskLocks::take(machine)?;
         locks.hand_to(&mut what);
+        if let Some(f) = &fdsets {
+            f.hand_to(&mut what);
+        }
         let spawned = spawn_detached(what.log_to(&paths.vmm_log)?, bin, NAME)?;
-        drop(locks);
+        drop((locks, fdsets));
         let Some(start_time) = spawned.start_time else {
             let pid = spawned.pid;
             spawned.abort(self.settings.timeouts.exit);

@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 
 use super::Qemu;
 use super::qmp::Qmp;
-use crate::confine::running_as_root;
 use crate::{LaunchPaths, OnSpawned, POLL, Vmm, VmmError, WhilePaused, io_err};
 use banger_api::machine::MachineSpec;
 use banger_api::model::VmmProcess;
@@ -37,7 +36,7 @@ impl Qemu {
         dir: &Path,
         while_paused: &mut WhilePaused<'_>,
     ) -> Result<(), VmmError> {
-        self.refuse_chroot("snapshot")?;
+        refuse_path_disks_in_a_chroot(process)?;
         let timeout = self.settings.timeouts.request;
         let mut q = Qmp::connect(&process.api_socket, timeout).map_err(|e| {
             io_err(
@@ -61,7 +60,6 @@ impl Qemu {
         dir: &Path,
         on_spawned: &mut OnSpawned<'_>,
     ) -> Result<VmmProcess, VmmError> {
-        self.refuse_chroot("restore")?;
         let stream = dir.join(MIGRATION_FILE);
         let file = File::open(&stream).map_err(|e| {
             io_err(
@@ -101,20 +99,29 @@ impl Qemu {
     }
 }
 
-impl Qemu {
-    /// QEMU ends an outgoing migration by reopening every disk read-only,
-    /// and an incoming one by reopening them read-write, by their paths;
-    /// inside the jail's chroot those paths do not exist and the migration
-    /// fails (`bdrv_inactivate_all() failed`). Refused before the guest is
-    /// touched.
-    fn refuse_chroot(&self, what: &str) -> Result<(), VmmError> {
-        if self.settings.jail.enabled && running_as_root() {
-            return Err(VmmError::Unsupported(format!(
-                "QEMU cannot {what} a snapshot of a chrooted VM: it reopens the disks by path at the end of a migration, which the jail's chroot hides; set vmm_jail = false for the VMs you snapshot (docs/snapshots.md)"
-            )));
-        }
-        Ok(())
+/// QEMU ends an outgoing migration by reopening every disk read-only. A
+/// chrooted QEMU reopens them through its descriptor sets (`fdset.rs`);
+/// one started by an older banger named its disks by host paths, which
+/// its chroot hides, and the migration would fail half way
+/// (`bdrv_inactivate_all() failed`). That one is refused before the guest
+/// is touched. The command line is read from `/proc`; a process whose
+/// command line cannot be read is let through, and QEMU names the failure
+/// itself.
+fn refuse_path_disks_in_a_chroot(process: &VmmProcess) -> Result<(), VmmError> {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", process.pid)) else {
+        return Ok(());
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let chrooted = args.iter().any(|a| *a == b"-chroot");
+    let by_fdset = args
+        .iter()
+        .any(|a| a.windows(11).any(|w| w == b"/dev/fdset/"));
+    if chrooted && !by_fdset {
+        return Err(VmmError::Unsupported(
+            "QEMU cannot snapshot this VM: it runs chrooted and was started with its disks named by host paths, which it must reopen at the end of the migration; stop and start the VM (`banger vm stop`, `banger vm start`) so it gets its disks as descriptors, then snapshot it (docs/snapshots.md)".into(),
+        ));
     }
+    Ok(())
 }
 
 /// Writes the migration stream of the stopped VM to `dir`.
