@@ -730,6 +730,35 @@ fn vsock_agent_post_start_asks_the_agent_once_it_announced_itself() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A restored guest's agent answered the daemon's re-identify, which then
+/// announces it as `READY restored`: PostStart asks nothing more (no agent
+/// listens on the socket here, so a `/healthz` would fail the start).
+#[test]
+fn vsock_agent_post_start_takes_a_restored_announcement_without_asking() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let (o, v, uds) = configured_vsock_agent(dir.path(), "2");
+    banger_vmm::vsock::announce_ready(&uds, banger_guest_protocol::api::READY_RESTORED).unwrap();
+    let (r, lines) = with_opts(&v, dir.path(), &o, |ctx| VsockAgent.post_start(ctx));
+    r.unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("restored agent answered its re-identify")),
+        "{lines:?}"
+    );
+    // Any other reason is the agent's own announcement: it is asked.
+    let dir = tempfile::tempdir().unwrap();
+    let (o, v, uds) = configured_vsock_agent(dir.path(), "2");
+    UnixStream::connect(banger_vmm::vsock::ready_socket_path(&uds))
+        .unwrap()
+        .write_all(b"READY 9.9.9\n")
+        .unwrap();
+    let (r, _) = with_opts(&v, dir.path(), &o, |ctx| VsockAgent.post_start(ctx));
+    assert!(r.is_err(), "nobody answers /healthz here");
+}
+
 #[test]
 fn vsock_agent_post_start_asks_an_agent_that_never_announces_after_the_grace() {
     let dir = tempfile::tempdir().unwrap();

@@ -27,7 +27,7 @@ use banger_api::model::CapOptions;
 use banger_core::capability::{
     BuiltinCapability, CapEnv, CapError, Capability, HookCtx, TeardownReason,
 };
-use banger_guest_protocol::api::READY_LINE;
+use banger_guest_protocol::api::{READY_LINE, READY_RESTORED};
 use banger_vmm::vsock::{AgentClient, EXEC_SECRET_FILE, GUEST_EXEC_SECRET_PATH, ready_socket_path};
 
 use self::initrd::Built;
@@ -82,17 +82,31 @@ fn listen_for_announcement(uds: &Path) {
     }
 }
 
-/// Whether an announcement is waiting on `listener`: a connection whose
+/// Who announced the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announced {
+    /// The agent itself, the moment it listens: ask it `/healthz`.
+    Agent,
+    /// The daemon, for a restored guest whose agent has just answered its
+    /// re-identify ([`READY_RESTORED`]): nothing left to ask.
+    Restored,
+}
+
+/// The announcement waiting on `listener`, if any: a connection whose
 /// first line starts with [`READY_LINE`] (the agent writes it at once).
-fn take_announcement(listener: &UnixListener) -> bool {
-    let Ok((mut conn, _)) = listener.accept() else {
-        return false;
-    };
+fn take_announcement(listener: &UnixListener) -> Option<Announced> {
+    let (mut conn, _) = listener.accept().ok()?;
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
     let mut line = [0u8; 64];
     let n = conn.read(&mut line).unwrap_or(0);
-    line[..n].starts_with(READY_LINE.as_bytes())
+    let line = String::from_utf8_lossy(&line[..n]);
+    let reason = line.strip_prefix(READY_LINE)?.trim();
+    Some(if reason == READY_RESTORED {
+        Announced::Restored
+    } else {
+        Announced::Agent
+    })
 }
 
 /// Waits up to `gap` for a connection on `listener`.
@@ -270,9 +284,19 @@ impl Capability for VsockAgent {
         let grace = ANNOUNCE_GRACE.min(wait / 2);
         if let Some(listener) = ready_listeners().remove(&uds) {
             loop {
-                if take_announcement(&listener) {
-                    announced = true;
-                    break;
+                match take_announcement(&listener) {
+                    Some(Announced::Restored) => {
+                        ctx.log.info(&format!(
+                            "the restored agent answered its re-identify ({:.2}s)",
+                            started.elapsed().as_secs_f64()
+                        ));
+                        return Ok(());
+                    }
+                    Some(Announced::Agent) => {
+                        announced = true;
+                        break;
+                    }
+                    None => {}
                 }
                 if let Some(status) = ctx.vm.vmm.as_ref().and_then(banger_vmm::exit_status) {
                     return Err(CapError::msg(format!(

@@ -23,6 +23,11 @@ pub const READY_PORT: u32 = 1025;
 /// The announcement's line, without its version and newline.
 pub const READY_LINE: &str = "READY";
 
+/// What the daemon announces after [`READY_LINE`] for a guest restored from
+/// a snapshot, whose agent has just answered its `POST /reidentify`: the
+/// agent is up, and PostStart need not ask `/healthz` again.
+pub const READY_RESTORED: &str = "restored";
+
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {

@@ -283,7 +283,10 @@ impl Lifecycle {
         // nothing; it just answered, so say so for it (PostStart waits for
         // the announcement before it asks). Without a listener (another
         // capability set) there is nobody to tell.
-        if let Err(e) = banger_vmm::vsock::announce_ready(&vsock.uds_path, "restored") {
+        if let Err(e) = banger_vmm::vsock::announce_ready(
+            &vsock.uds_path,
+            banger_guest_protocol::api::READY_RESTORED,
+        ) {
             tracing::debug!(vm = %vm.name, "no announcement listener for the restored agent: {e}");
         }
         Ok(())
