@@ -33,6 +33,8 @@ pub(super) fn is_fdset(path: &std::path::Path) -> bool {
 /// One disk's descriptors: read-only, and read-write unless the disk is.
 #[derive(Debug)]
 struct DiskFds {
+    /// The disk's host path, for the reader of QEMU's command line.
+    path: PathBuf,
     read_only: File,
     read_write: Option<File>,
 }
@@ -63,6 +65,7 @@ impl DiskFdSets {
         let mut disks = Vec::new();
         for d in &machine.drives {
             disks.push(DiskFds {
+                path: d.path.clone(),
                 read_only: open(&d.path, false)?,
                 read_write: if d.read_only {
                     None
@@ -84,13 +87,19 @@ impl DiskFdSets {
     }
 
     /// The `-add-fd` arguments that put the descriptors in their sets.
+    /// Each names its disk's host path as the set's `opaque` string, which
+    /// QEMU only shows (`query-fdsets`), so that its command line still
+    /// says which disk is which.
     pub(super) fn args(&self) -> Vec<OsString> {
         let mut a = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
             let set = i + 1;
             for f in std::iter::once(&d.read_only).chain(&d.read_write) {
                 a.push("-add-fd".into());
-                a.push(format!("fd={},set={set}", f.as_raw_fd()).into());
+                a.push(super::opt_with_path(
+                    &format!("fd={},set={set},opaque=", f.as_raw_fd()),
+                    &d.path,
+                ));
             }
         }
         a
@@ -175,12 +184,15 @@ mod tests {
         let mut found = Vec::new();
         for pair in args.chunks(2) {
             assert_eq!(pair[0], "-add-fd");
-            let (fd, set) = pair[1]
+            let (fd, rest) = pair[1]
                 .strip_prefix("fd=")
                 .and_then(|r| r.split_once(",set="))
                 .unwrap();
-            // Each descriptor is open on its drive's file, in its mode.
+            let (set, opaque) = rest.split_once(",opaque=").unwrap();
+            // Each descriptor is open on its drive's file, in its mode,
+            // and the set names that file.
             let (path, mode) = described(fd);
+            assert_eq!(PathBuf::from(opaque), path);
             found.push((set.to_string(), path, mode));
         }
         found.sort();
