@@ -11,14 +11,18 @@
 //! - `create` — banger: `banger vm create --cap vsock-agent` (QEMU, TCG)
 //!   through the real CLI and daemon, timed from just before the CLI call
 //!   until it returns. It returns only after the agent answered `/healthz`.
-//!   The VM is deleted afterwards, untimed. Raw: `vhost-device-vsock` +
+//!   The VM is deleted afterwards, untimed. Raw: the agent's vsock backend
+//!   as banger runs it for the transport measured (`banger-agent bridge`
+//!   and a virtio-serial port for the default `serial`,
+//!   `vhost-device-vsock` and vhost-user-vsock for `vsock`; pick with
+//!   `BANGER_BENCH_TRANSPORT`, which sets banger's config too) +
 //!   `qemu-system-x86_64 -M microvm`, started by hand on the same kernel, a
 //!   fresh copy of the pulled image's `rootfs.ext4`, a fresh empty work disk
 //!   of the same size (made with `banger_artifacts::disk::create_ext4`, as
 //!   banger makes it) and copies of the initramfs and config drive banger
 //!   built for the template VM, with banger's kernel command line, vCPUs and
-//!   memory read from its QEMU's argv. Timed from just before
-//!   `vhost-device-vsock` starts until `/healthz` answers through the hybrid
+//!   memory read from its QEMU's argv. Timed from just before the backend
+//!   starts until `/healthz` answers through the hybrid
 //!   vsock socket, asked as soon as the agent has announced itself on
 //!   `<uds>_1025` (looked for every 10 ms), as banger's daemon does.
 //! - `run` — banger: `banger vm run --rm --cap vsock-agent -- true` (no
@@ -31,7 +35,7 @@
 //!   copy lists `sh -c true` in `guest.commands`, so the guest's init (the
 //!   agent, PID 1) starts the command at boot and logs its exit status on
 //!   the console; timed until that line shows (console polled every 10 ms).
-//!   The teardown (QEMU and vhost-device-vsock killed and reaped, the
+//!   The teardown (QEMU and the backend killed and reaped, the
 //!   boot's directory removed) is timed too and counts when banger's CLI
 //!   waited for its delete: the ratio compares like with like.
 //!
@@ -67,7 +71,7 @@ use banger_api::api::VmView;
 use banger_guest_protocol::drive::ConfigDrive;
 use banger_vmm::vsock::AgentClient;
 use test_infra::BangerEnv;
-use test_infra::guest_artifacts::GuestArtifacts;
+use test_infra::guest_artifacts::{GuestArtifacts, bench_transport, bench_transport_config};
 use test_infra::registry::Registry;
 
 const DEFAULT_BOOTS: usize = 3;
@@ -154,12 +158,29 @@ fn template(vm: &VmView) -> Template {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     assert_eq!(one(&argv, "-accel"), "tcg", "banger's QEMU runs under TCG");
+    // A jailed QEMU (root daemon) names its disks `/dev/fdset/N`, and the
+    // `-add-fd ...,set=N,opaque=PATH` arguments say which file each is.
+    let sets: std::collections::HashMap<String, String> = values(&argv, "-add-fd")
+        .into_iter()
+        .filter_map(|a| {
+            let (set, path) = a.split_once(",set=")?.1.split_once(",opaque=")?;
+            Some((format!("/dev/fdset/{set}"), path.replace(",,", ",")))
+        })
+        .collect();
     let drives = values(&argv, "-drive")
         .into_iter()
         .map(|d| {
             let file = d.split_once("file=").expect("-drive has file=").1;
-            let read_only = file.ends_with(",readonly=on");
-            let path = PathBuf::from(file.trim_end_matches(",readonly=on").replace(",,", ","));
+            let read_only = file.contains(",readonly=on");
+            let file = file
+                .split(",readonly=on")
+                .next()
+                .unwrap()
+                .trim_end_matches(",file.locking=off");
+            let path = match sets.get(file) {
+                Some(p) => PathBuf::from(p),
+                None => PathBuf::from(file.replace(",,", ",")),
+            };
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             (name, read_only)
         })
@@ -273,35 +294,76 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize, part: Part) -> RawBo
     let mut announced = false;
     // No sync before timing: banger's create does not get one either.
 
+    let serial = bench_transport() == "serial";
     let start = Instant::now();
-    let vhost = Command::new(&a.vhost)
-        .arg("--vm")
-        .arg(format!(
+    // The agent's vsock backend, as banger runs it for this transport.
+    let backend = if serial {
+        let mut c = Command::new(&a.agent);
+        c.arg("bridge")
+            .arg("--mux")
+            .arg(&vhost_sock)
+            .arg("--uds")
+            .arg(&uds);
+        c
+    } else {
+        let mut c = Command::new(&a.vhost);
+        c.arg("--vm").arg(format!(
             "guest-cid=3,socket={},uds-path={}",
             vhost_sock.display(),
             uds.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(log("vhost.log"))
-        .stderr(log("vhost.log"))
-        .spawn()
-        .unwrap();
+        ));
+        c
+    };
+    let vhost = {
+        let mut c = backend;
+        c.stdin(Stdio::null())
+            .stdout(log("vhost.log"))
+            .stderr(log("vhost.log"))
+            .spawn()
+            .unwrap()
+    };
     while std::fs::symlink_metadata(&vhost_sock).is_err() {
         assert!(
             start.elapsed() < BOOT_TIMEOUT,
-            "vhost-device-vsock never made its socket:\n{}",
+            "the vsock backend never made its socket:\n{}",
             tail(&d.join("vhost.log"))
         );
         std::thread::sleep(Duration::from_millis(2));
     }
     let mem = &t.mem;
+    let (machine, agent_device): (&str, Vec<String>) = if serial {
+        (
+            "microvm,acpi=on",
+            vec![
+                "-device".into(),
+                "virtio-serial-device,max_ports=2".into(),
+                "-chardev".into(),
+                format!("socket,id=agent,path={}", vhost_sock.display()),
+                "-device".into(),
+                format!(
+                    "virtserialport,chardev=agent,name={}",
+                    banger_guest_protocol::api::SERIAL_PORT_NAME
+                ),
+            ],
+        )
+    } else {
+        (
+            "microvm,acpi=on,memory-backend=mem",
+            vec![
+                "-object".into(),
+                format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+                "-chardev".into(),
+                format!("socket,id=vsock,path={}", vhost_sock.display()),
+                "-device".into(),
+                "vhost-user-vsock-device,chardev=vsock".into(),
+            ],
+        )
+    };
     let mut qemu = Command::new(&a.qemu)
-        .args(["-M", "microvm,acpi=on,memory-backend=mem"])
+        .args(["-M", machine])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-accel", "tcg", "-cpu", "max"])
         .args(["-smp", &t.smp, "-m", mem])
-        .arg("-object")
-        .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
         .arg("-kernel")
         .arg(&t.kernel)
         .arg("-initrd")
@@ -311,9 +373,7 @@ fn raw_boot(a: &GuestArtifacts, t: &Template, round: usize, part: Part) -> RawBo
         .arg(format!("file,id=serial0,path={}", console.display()))
         .args(["-serial", "chardev:serial0"])
         .args(&drive_args)
-        .arg("-chardev")
-        .arg(format!("socket,id=vsock,path={}", vhost_sock.display()))
-        .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+        .args(&agent_device)
         .stdin(Stdio::null())
         .stdout(log("qemu.log"))
         .stderr(log("qemu.log"))
@@ -759,7 +819,8 @@ fn report_create(s: &Sides, n: usize) {
         "boot/banger: {bmed:6.2} s median, {bmin:6.2} s min (vm create --cap vsock-agent until /healthz, {n} boots)"
     );
     println!(
-        "boot/raw:    {rmed:6.2} s median, {rmin:6.2} s min (vhost-device-vsock + qemu -M microvm until /healthz, {n} boots)"
+        "boot/raw:    {rmed:6.2} s median, {rmin:6.2} s min ({} backend + qemu -M microvm until /healthz, {n} boots)",
+        bench_transport()
     );
     // Where banger's time goes: each daemon stage's median over the rounds,
     // and what is left for the CLI, the API round trip and the daemon
@@ -886,18 +947,23 @@ fn main() {
         return;
     };
     eprintln!("boot/artifacts: {}", a.describe());
+    eprintln!(
+        "boot/transport: the agent over {} on both sides (BANGER_BENCH_TRANSPORT)",
+        bench_transport()
+    );
 
     // Setup, untimed: push, import, pull.
     let reference = registry.push_rootfs_tar("banger/debian:bookworm", &a.rootfs_tar);
     let env = BangerEnv::new();
     env.write_config(&format!(
         "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {:?}\nagent_timeout_secs = {}\n\
-         insecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\nqemu_bin = {:?}\n",
+         insecure_registries = [{:?}]\nvhost_device_vsock_bin = {:?}\nqemu_bin = {:?}\n{}",
         a.agent,
         BOOT_TIMEOUT.as_secs(),
         registry.host(),
         a.vhost,
-        a.qemu
+        a.qemu,
+        bench_transport_config()
     ));
     let kernel_dir = a.kernel_dir.to_str().unwrap();
     env.banger(&["kernel", "import", "fc", "--from", kernel_dir])

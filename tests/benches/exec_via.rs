@@ -37,7 +37,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let Some((rig, _a)) = rig("bench_exec_via", "bookworm", "") else {
+    let Some((rig, _a)) = rig(
+        "bench_exec_via",
+        "bookworm",
+        &test_infra::guest_artifacts::bench_transport_config(),
+    ) else {
         return;
     };
     let env = &rig.env;
@@ -93,6 +97,10 @@ fn main() {
     }
     timed(&["vm", "delete", "warm"]);
 
+    println!(
+        "exec_via: the agent over {} (BANGER_BENCH_TRANSPORT)",
+        test_infra::guest_artifacts::bench_transport()
+    );
     let (ra, rs) = (median(run_agent), median(run_ssh));
     let (ca, cs) = (median(cmd_agent), median(cmd_ssh));
     println!(

@@ -114,7 +114,11 @@ fn median(mut v: Vec<Duration>) -> f64 {
 
 fn main() {
     let test = "workspace_import";
-    let Some((rig, _a)) = rig(test, "bookworm", "") else {
+    let Some((rig, _a)) = rig(
+        test,
+        "bookworm",
+        &test_infra::guest_artifacts::bench_transport_config(),
+    ) else {
         return;
     };
     let env = &rig.env;
@@ -235,7 +239,10 @@ fn main() {
     println!(
         "workspace_import/repo: {FILES} files + 40 bin entries, 50 modified, 10 deleted, 20 untracked (left out); {n} imports per side"
     );
-    println!("workspace_import/banger:   {b:6.2} s median (vm workspace prepare)");
+    println!(
+        "workspace_import/banger:   {b:6.2} s median (vm workspace prepare, the agent over {})",
+        test_infra::guest_artifacts::bench_transport()
+    );
     println!(
         "workspace_import/baseline: {s:6.2} s median (git bundle + scp + clone + tar overlay over ssh)"
     );

@@ -110,3 +110,20 @@ impl GuestArtifacts {
         )
     }
 }
+
+/// The agent transport a bench measures under QEMU:
+/// `BANGER_BENCH_TRANSPORT` (`serial` or `vsock`), else banger's default,
+/// `serial`. Benches write it into the daemon's config and make their raw
+/// baselines use the same one, so both sides carry the agent the same way.
+pub fn bench_transport() -> &'static str {
+    match std::env::var("BANGER_BENCH_TRANSPORT").as_deref() {
+        Ok("vsock") => "vsock",
+        Ok("serial") | Err(_) => "serial",
+        Ok(other) => panic!("BANGER_BENCH_TRANSPORT={other:?}: use serial or vsock"),
+    }
+}
+
+/// The daemon config line for [`bench_transport`].
+pub fn bench_transport_config() -> String {
+    format!("qemu_agent_transport = {:?}\n", bench_transport())
+}

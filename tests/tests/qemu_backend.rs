@@ -32,7 +32,7 @@ mod tests {
     use banger_capabilities::vsock_agent::initrd::build_initrd;
     use banger_guest_protocol::bundle::GuestConfig;
     use banger_guest_protocol::drive::ConfigDrive;
-    use banger_vmm::qemu::{Qemu, QemuAccel, QemuSettings};
+    use banger_vmm::qemu::{AgentTransport, Qemu, QemuAccel, QemuSettings};
     use banger_vmm::vsock::AgentClient;
     use banger_vmm::{LaunchPaths, Vmm, VmmError, process_alive};
     use nix::unistd::{Pid, getsid};
@@ -581,6 +581,7 @@ int main(void) {
         });
         let vmm = Qemu::new(QemuSettings {
             vhost_device_vsock_bin: backend,
+            agent_transport: AgentTransport::Vsock,
             ..settings(q)
         });
         (vmm, uds)
@@ -1047,7 +1048,7 @@ int main(void) {
     }
 
     #[test]
-    fn missing_vsock_backend_is_a_clear_error_and_starts_no_qemu() {
+    fn missing_vsock_backend_or_bridge_is_a_clear_error_and_starts_no_qemu() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = World::new(&dir.path().join("vmlinux"));
         w.machine.vsock = Some(Vsock {
@@ -1058,6 +1059,30 @@ int main(void) {
         // A qemu that would fail loudly if it were ever run.
         let vmm = Qemu::new(QemuSettings {
             vhost_device_vsock_bin: bin.clone(),
+            agent_transport: AgentTransport::Vsock,
+            ..settings(PathBuf::from("/bin/false"))
+        });
+        let err = vmm.launch(&w.machine, &w.paths).unwrap_err();
+        assert!(
+            matches!(&err, VmmError::Spawn { bin: b, .. } if *b == bin),
+            "{err:?}"
+        );
+        assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+
+        // The serial transport's bridge is the agent binary: without one,
+        // or with one that is not there, the same.
+        let vmm = Qemu::new(QemuSettings {
+            agent_transport: AgentTransport::Serial,
+            bridge_bin: None,
+            ..settings(PathBuf::from("/bin/false"))
+        });
+        let err = vmm.launch(&w.machine, &w.paths).unwrap_err().to_string();
+        assert!(err.contains("set agent_bin"), "{err}");
+        assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+        let bin = dir.path().join("no-such-banger-agent");
+        let vmm = Qemu::new(QemuSettings {
+            agent_transport: AgentTransport::Serial,
+            bridge_bin: Some(bin.clone()),
             ..settings(PathBuf::from("/bin/false"))
         });
         let err = vmm.launch(&w.machine, &w.paths).unwrap_err();

@@ -23,7 +23,9 @@ mod tests {
 
     use banger_api::machine::Vsock;
     use banger_api::model::VmmProcess;
-    use banger_vmm::qemu::{JailSettings, MIGRATION_FILE, Qemu, QemuAccel, QemuSettings};
+    use banger_vmm::qemu::{
+        AgentTransport, JailSettings, MIGRATION_FILE, Qemu, QemuAccel, QemuSettings,
+    };
     use banger_vmm::{Vmm, VmmError, process_alive};
     use tempfile::TempDir;
     use test_infra::tick_guest::{kernel, on_path, tick_initrd, tick_vm, ticks, vsock_backend};
@@ -202,6 +204,7 @@ mod tests {
         });
         let vmm = Qemu::new(QemuSettings {
             vhost_device_vsock_bin: backend,
+            agent_transport: AgentTransport::Vsock,
             ..settings(q)
         });
         let p = vmm.launch(&m, &paths).unwrap();
@@ -322,7 +325,7 @@ mod tests {
     /// is refused, naming the fix, and it keeps running.
     #[test]
     fn a_chrooted_qemu_with_disks_by_path_is_refused_a_snapshot_and_keeps_running() {
-        use banger_vmm::qemu::{Accel, AgentTransport, jail_args, render_args};
+        use banger_vmm::qemu::{Accel, jail_args, render_args};
         let test = "a_chrooted_qemu_with_disks_by_path_is_refused_a_snapshot_and_keeps_running";
         let Some((q, k)) = requirements(test) else {
             return;

@@ -11,7 +11,7 @@
 //!
 //! Needs root (useradd, the install), and what `e2e.rs` needs: the kernel
 //! and rootfs cached under `~/.cache/banger-ci`, the static agent
-//! (`scripts/build-agent`), qemu-system-x86_64, vhost-device-vsock,
+//! (`scripts/build-agent`), qemu-system-x86_64,
 //! docker-registry, ssh, ip, nft, setpriv, git. Missing pieces skip loudly.
 
 #[cfg(test)]
@@ -243,7 +243,6 @@ mod tests {
         let user = AsUser::install(&r, &state_dir, BRIDGE, SUBNET, GROUP);
         let (uid, gid) = (user.uid, user.gid);
         let agent = user.copy_exe(&a.agent);
-        let vhost = user.copy_exe(&a.vhost);
         let kernel = user.copy_dir(&a.kernel_dir, "kernel");
         let dns_port = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
@@ -254,7 +253,7 @@ mod tests {
             r.join("config/banger/config.toml"),
             format!(
                 "vmm = \"qemu\"\nqemu_accel = \"tcg\"\nagent_bin = {agent:?}\nagent_timeout_secs = 240\n\
-                 stop_timeout_secs = 30\ninsecure_registries = [{:?}]\nvhost_device_vsock_bin = {vhost:?}\n\
+                 stop_timeout_secs = 30\ninsecure_registries = [{:?}]\n\
                  default_caps = [\"work-disk\", \"network\", \"dns\", \"file-sync\", \"vsock-agent\"]\n\
                  [network]\nbridge = {BRIDGE:?}\nsubnet = {SUBNET:?}\ndns_port = {dns_port}\n",
                 registry.host(),
@@ -320,6 +319,16 @@ mod tests {
         assert!(ip.to_string().starts_with("10.214.0."), "{ip}");
         let qemu_pid = vm.record.vmm.as_ref().unwrap().pid as i32;
         assert_eq!(uid_of(qemu_pid), Some(uid), "QEMU runs as {USER}");
+        // The agent's bridge (the default serial transport) beside it.
+        let bridge: Vec<i32> = own_processes(&r.to_string_lossy())
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"bridge"))
+            })
+            .collect();
+        assert_eq!(bridge.len(), 1, "one agent bridge for u1: {bridge:?}");
+        assert_eq!(uid_of(bridge[0]), Some(uid), "the bridge runs as {USER}");
 
         // Reachable: vm ssh (sshd when it listens, else the agent), and the
         // guest resolves its own .vm name through the gateway's port 53,

@@ -186,10 +186,11 @@ impl FromStr for QemuAccel {
 pub enum AgentTransport {
     /// `vhost-user-vsock-device` and a vhost-device-vsock process. QEMU 7.2
     /// cannot migrate it, so such a VM cannot be snapshotted.
-    #[default]
     Vsock,
     /// A virtio-serial port and the agent's own bridge (`banger-agent
-    /// bridge`), which QEMU migrates: such a VM can be snapshotted.
+    /// bridge`), which QEMU migrates: such a VM can be snapshotted. The
+    /// default: it needs nothing beyond banger's own binaries.
+    #[default]
     Serial,
 }
 
@@ -332,7 +333,7 @@ impl Default for QemuSettings {
             qemu_bin: "qemu-system-x86_64".into(),
             vhost_device_vsock_bin: "vhost-device-vsock".into(),
             accel: QemuAccel::Auto,
-            agent_transport: AgentTransport::Vsock,
+            agent_transport: AgentTransport::Serial,
             bridge_bin: None,
             timeouts: Timeouts {
                 socket_ready: Duration::from_secs(10),

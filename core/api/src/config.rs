@@ -608,7 +608,7 @@ impl Config {
             qemu_bin: None,
             qemu_accel: QemuAccel::Auto,
             vhost_device_vsock_bin: None,
-            qemu_agent_transport: AgentTransport::Vsock,
+            qemu_agent_transport: AgentTransport::Serial,
             vmm_jail: true,
             vmm_uid_base: crate::backend::DEFAULT_VMM_UID_BASE,
             vmm_cgroups: true,
@@ -1697,13 +1697,13 @@ mod tests {
                 QemuAccel::Tcg
             )
         );
+        assert_eq!(s.agent_transport, AgentTransport::Serial, "the default");
+
+        let cfg = parse("qemu_agent_transport = \"vsock\"\n").unwrap();
+        assert_eq!(cfg.qemu_agent_transport, AgentTransport::Vsock);
+        let s = cfg.qemu_settings_in(None);
         assert_eq!(s.agent_transport, AgentTransport::Vsock);
         assert_eq!(s.bridge_bin, None, "no bridge for vsock");
-
-        let cfg = parse("qemu_agent_transport = \"serial\"\n").unwrap();
-        assert_eq!(cfg.qemu_agent_transport, AgentTransport::Serial);
-        let s = cfg.qemu_settings_in(None);
-        assert_eq!(s.agent_transport, AgentTransport::Serial);
         let msg = err("qemu_agent_transport = \"virtio\"\n");
         assert!(msg.contains("valid values: vsock, serial"), "{msg}");
     }
