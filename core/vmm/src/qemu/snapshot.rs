@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::Qemu;
 use super::qmp::Qmp;
-use crate::{LaunchPaths, OnSpawned, POLL, Vmm, VmmError, WhilePaused, io_err};
+use crate::{LaunchPaths, OnSpawned, POLL, Vmm, VmmError, WhilePaused, error_chain, io_err};
 use banger_api::machine::MachineSpec;
 use banger_api::model::VmmProcess;
 
@@ -47,9 +47,26 @@ impl Qemu {
         qmp(&mut q, "stop", Value::Null)?;
         let saved = save(&mut q, dir).and_then(|()| while_paused());
         // Resumed whatever happened: a failed snapshot leaves the VM running.
-        let resumed = qmp(&mut q, "cont", Value::Null);
-        saved?;
-        resumed.map(drop)
+        match (saved, qmp(&mut q, "cont", Value::Null)) {
+            (saved, Ok(_)) => saved,
+            // Still paused: say so, or the VM looks hung while it runs.
+            (saved, Err(e)) => {
+                let e = error_chain(&e);
+                let pid = process.pid;
+                let what = match saved {
+                    Ok(()) => format!(
+                        "QEMU (pid {pid}) saved the VM's state but could not resume it ({e})"
+                    ),
+                    Err(why) => format!(
+                        "The snapshot failed ({}), and QEMU (pid {pid}) could not resume the VM ({e})",
+                        error_chain(&why)
+                    ),
+                };
+                Err(VmmError::NotReady(format!(
+                    "{what}: the VM is paused. Kill it (`banger vm kill`) and start it again; it boots from its disks"
+                )))
+            }
+        }
     }
 
     /// [`Vmm::restore_recorded`] for QEMU.
@@ -182,5 +199,107 @@ fn wait_for(q: &mut Qmp, query: &str, want: &str, timeout: Duration) -> Result<(
             )));
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+    use crate::qemu::QemuSettings;
+
+    /// A QMP server answering each command line with the next reply.
+    fn scripted(sock: &Path, replies: Vec<&'static str>) -> std::thread::JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(sock).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut r = BufReader::new(stream);
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            let mut got = Vec::new();
+            for reply in replies {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let v: Value = serde_json::from_str(&line).unwrap();
+                got.push(v["execute"].as_str().unwrap_or_default().to_string());
+                w.write_all(reply.as_bytes()).unwrap();
+            }
+            got
+        })
+    }
+
+    /// A snapshot whose `cont` fails leaves the VM paused: the error says
+    /// so and how to get it back, whether the snapshot itself was taken or
+    /// not.
+    #[test]
+    fn a_vm_left_paused_after_a_snapshot_is_named_with_the_way_back() {
+        const OK: &str = "{\"return\": {}}\n";
+        const LOCK: &str = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Failed to get \\\"write\\\" lock\"}}\n";
+        let dir = tempfile::tempdir().unwrap();
+        let process = VmmProcess {
+            pid: std::process::id(),
+            start_time: 0,
+            api_socket: dir.path().join("qmp.sock"),
+        };
+        let server = scripted(
+            &process.api_socket,
+            vec![
+                OK,
+                OK,
+                OK,
+                OK,
+                "{\"return\": {\"status\": \"completed\"}}\n",
+                LOCK,
+            ],
+        );
+        let vmm = Qemu::new(QemuSettings::default());
+        let err = vmm
+            .snapshot_to(&process, dir.path(), &mut || Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            server.join().unwrap(),
+            [
+                "qmp_capabilities",
+                "stop",
+                "getfd",
+                "migrate",
+                "query-migrate",
+                "cont"
+            ]
+        );
+        assert!(
+            err.contains("saved the VM's state but could not resume it"),
+            "{err}"
+        );
+        assert!(err.contains("the VM is paused"), "{err}");
+        assert!(err.contains("banger vm kill"), "{err}");
+        assert!(err.contains("write"), "QEMU's reason: {err}");
+
+        // A failed copy while paused, and then no resume either: both said.
+        std::fs::remove_file(&process.api_socket).unwrap();
+        let server = scripted(
+            &process.api_socket,
+            vec![
+                OK,
+                OK,
+                OK,
+                OK,
+                "{\"return\": {\"status\": \"completed\"}}\n",
+                LOCK,
+            ],
+        );
+        let err = vmm
+            .snapshot_to(&process, dir.path(), &mut || {
+                Err(VmmError::NotReady("the disk copy failed".into()))
+            })
+            .unwrap_err()
+            .to_string();
+        server.join().unwrap();
+        assert!(err.contains("the disk copy failed"), "{err}");
+        assert!(err.contains("the VM is paused"), "{err}");
     }
 }
