@@ -1071,26 +1071,24 @@ int main(void) {
 
         // The serial transport's bridge is the agent binary: without one,
         // or with one that is not there, the same.
-        let vmm = Qemu::new(QemuSettings {
-            agent_transport: AgentTransport::Serial,
-            bridge_bin: None,
-            ..settings(PathBuf::from("/bin/false"))
-        });
-        let err = vmm.launch(&w.machine, &w.paths).unwrap_err().to_string();
+        let serial = |bridge_bin: Option<PathBuf>| {
+            let vmm = Qemu::new(QemuSettings {
+                agent_transport: AgentTransport::Serial,
+                bridge_bin,
+                ..settings(PathBuf::from("/bin/false"))
+            });
+            let err = vmm.launch(&w.machine, &w.paths).unwrap_err();
+            assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+            err
+        };
+        let err = serial(None).to_string();
         assert!(err.contains("set agent_bin"), "{err}");
-        assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
         let bin = dir.path().join("no-such-banger-agent");
-        let vmm = Qemu::new(QemuSettings {
-            agent_transport: AgentTransport::Serial,
-            bridge_bin: Some(bin.clone()),
-            ..settings(PathBuf::from("/bin/false"))
-        });
-        let err = vmm.launch(&w.machine, &w.paths).unwrap_err();
+        let err = serial(Some(bin.clone()));
         assert!(
             matches!(&err, VmmError::Spawn { bin: b, .. } if *b == bin),
             "{err:?}"
         );
-        assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
     }
 
     #[test]

@@ -47,6 +47,41 @@ mod tests {
         found
     }
 
+    /// What every QEMU test here starts from: QEMU and the kernel, its turn
+    /// at the cores (bind `_turn`, so it lasts the test), a scratch
+    /// directory and the tick initramfs in it.
+    struct Setup {
+        qemu: PathBuf,
+        kernel: PathBuf,
+        dir: TempDir,
+        initrd: PathBuf,
+        _turn: std::sync::MutexGuard<'static, ()>,
+    }
+
+    /// [`Setup`], or a loud skip saying what is missing.
+    fn setup(test: &str) -> Option<Setup> {
+        let (qemu, kernel) = requirements(test)?;
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("sn")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let initrd = match tick_initrd(dir.path()) {
+            Ok(p) => p,
+            Err(why) => {
+                eprintln!("SKIP {test}: {why}");
+                return None;
+            }
+        };
+        Some(Setup {
+            qemu,
+            kernel,
+            dir,
+            initrd,
+            _turn: turn,
+        })
+    }
+
     /// Kills what a test launched, even when it fails.
     struct Running<'a>(&'a Qemu, Vec<VmmProcess>);
     impl Drop for Running<'_> {
@@ -99,19 +134,17 @@ mod tests {
     #[test]
     fn qemu_snapshot_resumes_the_source_and_two_restores_go_on_from_its_state() {
         let test = "qemu_snapshot_resumes_the_source_and_two_restores_go_on_from_its_state";
-        let Some((q, k)) = requirements(test) else {
+        let Some(Setup {
+            qemu: q,
+            kernel: k,
+            dir,
+            initrd,
+            _turn,
+        }) = setup(test)
+        else {
             return;
         };
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let dir: TempDir = tempfile::Builder::new()
-            .prefix("sn")
-            .tempdir_in("/tmp")
-            .unwrap();
         let d = dir.path();
-        let initrd = match tick_initrd(d) {
-            Ok(p) => p,
-            Err(why) => return eprintln!("SKIP {test}: {why}"),
-        };
         let vmm = Qemu::new(settings(q));
         let mut running = Running(&vmm, Vec::new());
         let (source, source_paths) = tick_vm(d, "src", &k, &initrd);
@@ -181,22 +214,20 @@ mod tests {
     #[test]
     fn qemu_refuses_a_snapshot_of_a_vm_with_vhost_user_vsock_and_keeps_it_running() {
         let test = "qemu_refuses_a_snapshot_of_a_vm_with_vhost_user_vsock_and_keeps_it_running";
-        let Some((q, k)) = requirements(test) else {
-            return;
-        };
         let Some(backend) = vsock_backend() else {
             return eprintln!("SKIP {test}: no vhost-device-vsock (scripts/test installs it)");
         };
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = tempfile::Builder::new()
-            .prefix("sn")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let d = dir.path();
-        let initrd = match tick_initrd(d) {
-            Ok(p) => p,
-            Err(why) => return eprintln!("SKIP {test}: {why}"),
+        let Some(Setup {
+            qemu: q,
+            kernel: k,
+            dir,
+            initrd,
+            _turn,
+        }) = setup(test)
+        else {
+            return;
         };
+        let d = dir.path();
         let (mut m, paths) = tick_vm(d, "v", &k, &initrd);
         m.vsock = Some(Vsock {
             guest_cid: 9,
@@ -239,22 +270,20 @@ mod tests {
     #[test]
     fn a_chrooted_qemu_snapshots_and_restores_through_descriptor_sets() {
         let test = "a_chrooted_qemu_snapshots_and_restores_through_descriptor_sets";
-        let Some((q, k)) = requirements(test) else {
-            return;
-        };
         if !nix::unistd::geteuid().is_root() {
             return eprintln!("SKIP {test}: QEMU chroots only under a root daemon");
         }
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = tempfile::Builder::new()
-            .prefix("sn")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let d = dir.path();
-        let initrd = match tick_initrd(d) {
-            Ok(p) => p,
-            Err(why) => return eprintln!("SKIP {test}: {why}"),
+        let Some(Setup {
+            qemu: q,
+            kernel: k,
+            dir,
+            initrd,
+            _turn,
+        }) = setup(test)
+        else {
+            return;
         };
+        let d = dir.path();
         let (m, paths) = tick_vm(d, "j", &k, &initrd);
         fs::write(&m.drives[0].path, b"written before the snapshot").unwrap();
         let vmm = Qemu::new(QemuSettings {
@@ -274,8 +303,12 @@ mod tests {
             "{cmdline}"
         );
         assert!(
-            !cmdline.contains(&m.drives[0].path.display().to_string()),
-            "no disk path: {cmdline}"
+            !cmdline.contains(&format!("file={}", m.drives[0].path.display())),
+            "no disk by path: {cmdline}"
+        );
+        assert!(
+            cmdline.contains(&format!("set=1,opaque={}", m.drives[0].path.display())),
+            "the set names its disk: {cmdline}"
         );
         wait_until(BOOT, "the jailed guest ticks", || {
             ticks(&m.serial_log).len() > 5
@@ -327,22 +360,20 @@ mod tests {
     fn a_chrooted_qemu_with_disks_by_path_is_refused_a_snapshot_and_keeps_running() {
         use banger_vmm::qemu::{Accel, jail_args, render_args};
         let test = "a_chrooted_qemu_with_disks_by_path_is_refused_a_snapshot_and_keeps_running";
-        let Some((q, k)) = requirements(test) else {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP {test}: QEMU chroots only under a root daemon");
+        }
+        let Some(Setup {
+            qemu: q,
+            kernel: k,
+            dir,
+            initrd,
+            _turn,
+        }) = setup(test)
+        else {
             return;
         };
-        if !nix::unistd::geteuid().is_root() {
-            return eprintln!("SKIP {test}: QEMU chroots only as root");
-        }
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = tempfile::Builder::new()
-            .prefix("sn")
-            .tempdir_in("/tmp")
-            .unwrap();
         let d = dir.path();
-        let initrd = match tick_initrd(d) {
-            Ok(p) => p,
-            Err(why) => return eprintln!("SKIP {test}: {why}"),
-        };
         let (m, paths) = tick_vm(d, "old", &k, &initrd);
         let root = d.join("empty-root");
         fs::create_dir(&root).unwrap();
