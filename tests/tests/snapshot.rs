@@ -48,8 +48,8 @@ mod tests {
     }
 
     /// What every QEMU test here starts from: QEMU and the kernel, its turn
-    /// at the cores (bind `_turn`, so it lasts the test), a scratch
-    /// directory and the tick initramfs in it.
+    /// at the cores (for as long as the `Setup` lives), a scratch directory
+    /// and the tick initramfs in it.
     struct Setup {
         qemu: PathBuf,
         kernel: PathBuf,
@@ -134,20 +134,13 @@ mod tests {
     #[test]
     fn qemu_snapshot_resumes_the_source_and_two_restores_go_on_from_its_state() {
         let test = "qemu_snapshot_resumes_the_source_and_two_restores_go_on_from_its_state";
-        let Some(Setup {
-            qemu: q,
-            kernel: k,
-            dir,
-            initrd,
-            _turn,
-        }) = setup(test)
-        else {
+        let Some(s) = setup(test) else {
             return;
         };
-        let d = dir.path();
+        let (q, k, initrd, d) = (s.qemu.clone(), &s.kernel, &s.initrd, s.dir.path());
         let vmm = Qemu::new(settings(q));
         let mut running = Running(&vmm, Vec::new());
-        let (source, source_paths) = tick_vm(d, "src", &k, &initrd);
+        let (source, source_paths) = tick_vm(d, "src", k, initrd);
         fs::write(&source.drives[0].path, b"written before the snapshot").unwrap();
         let p = vmm.launch(&source, &source_paths).unwrap();
         running.1.push(p.clone());
@@ -181,7 +174,7 @@ mod tests {
 
         let mut restored = Vec::new();
         for name in ["r1", "r2"] {
-            let (mut m, paths) = tick_vm(d, name, &k, &initrd);
+            let (mut m, paths) = tick_vm(d, name, k, initrd);
             fs::copy(snap.join("root.img"), &m.drives[0].path).unwrap();
             m.serial_log = paths.vm_dir.join("serial.log");
             let rp = vmm
@@ -217,18 +210,11 @@ mod tests {
         let Some(backend) = vsock_backend() else {
             return eprintln!("SKIP {test}: no vhost-device-vsock (scripts/test installs it)");
         };
-        let Some(Setup {
-            qemu: q,
-            kernel: k,
-            dir,
-            initrd,
-            _turn,
-        }) = setup(test)
-        else {
+        let Some(s) = setup(test) else {
             return;
         };
-        let d = dir.path();
-        let (mut m, paths) = tick_vm(d, "v", &k, &initrd);
+        let (q, k, initrd, d) = (s.qemu.clone(), &s.kernel, &s.initrd, s.dir.path());
+        let (mut m, paths) = tick_vm(d, "v", k, initrd);
         m.vsock = Some(Vsock {
             guest_cid: 9,
             uds_path: d.join("v.sock"),
@@ -273,18 +259,11 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return eprintln!("SKIP {test}: QEMU chroots only under a root daemon");
         }
-        let Some(Setup {
-            qemu: q,
-            kernel: k,
-            dir,
-            initrd,
-            _turn,
-        }) = setup(test)
-        else {
+        let Some(s) = setup(test) else {
             return;
         };
-        let d = dir.path();
-        let (m, paths) = tick_vm(d, "j", &k, &initrd);
+        let (q, k, initrd, d) = (s.qemu.clone(), &s.kernel, &s.initrd, s.dir.path());
+        let (m, paths) = tick_vm(d, "j", k, initrd);
         fs::write(&m.drives[0].path, b"written before the snapshot").unwrap();
         let vmm = Qemu::new(QemuSettings {
             jail: JailSettings {
@@ -328,7 +307,7 @@ mod tests {
         });
         assert_eq!(run_state(&p.api_socket), "running");
 
-        let (r, rpaths) = tick_vm(d, "jr", &k, &initrd);
+        let (r, rpaths) = tick_vm(d, "jr", k, initrd);
         fs::copy(snap.join("root.img"), &r.drives[0].path).unwrap();
         let rp = vmm
             .restore_recorded(&r, &rpaths, &snap, &mut |_| Ok(()))
@@ -363,18 +342,11 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return eprintln!("SKIP {test}: QEMU chroots only under a root daemon");
         }
-        let Some(Setup {
-            qemu: q,
-            kernel: k,
-            dir,
-            initrd,
-            _turn,
-        }) = setup(test)
-        else {
+        let Some(s) = setup(test) else {
             return;
         };
-        let d = dir.path();
-        let (m, paths) = tick_vm(d, "old", &k, &initrd);
+        let (q, k, initrd, d) = (s.qemu.clone(), &s.kernel, &s.initrd, s.dir.path());
+        let (m, paths) = tick_vm(d, "old", k, initrd);
         let root = d.join("empty-root");
         fs::create_dir(&root).unwrap();
         let child = std::process::Command::new(&q)

@@ -117,14 +117,15 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
+/// A scripted QMP server for tests.
 #[cfg(test)]
-mod tests {
+pub(super) mod fake {
+    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
 
-    use super::*;
-
-    /// A scripted QMP server: answers each received line with the next reply.
-    fn serve(
+    /// Greets, then answers each received line with the next reply; joins
+    /// to the lines received.
+    pub(in crate::qemu) fn serve(
         listener: UnixListener,
         replies: Vec<&'static str>,
     ) -> std::thread::JoinHandle<Vec<String>> {
@@ -144,6 +145,14 @@ mod tests {
             got
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::fake::serve;
+    use super::*;
 
     #[test]
     fn negotiates_then_skips_events_until_the_answer() {

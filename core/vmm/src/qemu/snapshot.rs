@@ -204,31 +204,33 @@ fn wait_for(q: &mut Qmp, query: &str, want: &str, timeout: Duration) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
 
     use super::*;
     use crate::qemu::QemuSettings;
+    use crate::qemu::qmp::fake::serve;
 
-    /// A QMP server answering each command line with the next reply.
-    fn scripted(sock: &Path, replies: Vec<&'static str>) -> std::thread::JoinHandle<Vec<String>> {
-        let listener = UnixListener::bind(sock).unwrap();
-        std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut w = stream.try_clone().unwrap();
-            let mut r = BufReader::new(stream);
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .unwrap();
-            let mut got = Vec::new();
-            for reply in replies {
-                let mut line = String::new();
-                r.read_line(&mut line).unwrap();
-                let v: Value = serde_json::from_str(&line).unwrap();
-                got.push(v["execute"].as_str().unwrap_or_default().to_string());
-                w.write_all(reply.as_bytes()).unwrap();
-            }
-            got
-        })
+    const OK: &str = "{\"return\": {}}\n";
+    /// A snapshot's QMP answers up to `cont`, which fails as it did with
+    /// QEMU's own locks on fd-set disks.
+    const CONT_FAILS: [&str; 6] = [
+        OK,
+        OK,
+        OK,
+        OK,
+        "{\"return\": {\"status\": \"completed\"}}\n",
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Failed to get \\\"write\\\" lock\"}}\n",
+    ];
+
+    /// The commands a scripted server received, by name.
+    fn commands(lines: Vec<String>) -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["execute"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
     }
 
     /// A snapshot whose `cont` fails leaves the VM paused: the error says
@@ -236,32 +238,23 @@ mod tests {
     /// not.
     #[test]
     fn a_vm_left_paused_after_a_snapshot_is_named_with_the_way_back() {
-        const OK: &str = "{\"return\": {}}\n";
-        const LOCK: &str = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Failed to get \\\"write\\\" lock\"}}\n";
         let dir = tempfile::tempdir().unwrap();
         let process = VmmProcess {
             pid: std::process::id(),
             start_time: 0,
             api_socket: dir.path().join("qmp.sock"),
         };
-        let server = scripted(
-            &process.api_socket,
-            vec![
-                OK,
-                OK,
-                OK,
-                OK,
-                "{\"return\": {\"status\": \"completed\"}}\n",
-                LOCK,
-            ],
-        );
         let vmm = Qemu::new(QemuSettings::default());
+        let server = serve(
+            UnixListener::bind(&process.api_socket).unwrap(),
+            CONT_FAILS.to_vec(),
+        );
         let err = vmm
             .snapshot_to(&process, dir.path(), &mut || Ok(()))
             .unwrap_err()
             .to_string();
         assert_eq!(
-            server.join().unwrap(),
+            commands(server.join().unwrap()),
             [
                 "qmp_capabilities",
                 "stop",
@@ -281,16 +274,9 @@ mod tests {
 
         // A failed copy while paused, and then no resume either: both said.
         std::fs::remove_file(&process.api_socket).unwrap();
-        let server = scripted(
-            &process.api_socket,
-            vec![
-                OK,
-                OK,
-                OK,
-                OK,
-                "{\"return\": {\"status\": \"completed\"}}\n",
-                LOCK,
-            ],
+        let server = serve(
+            UnixListener::bind(&process.api_socket).unwrap(),
+            CONT_FAILS.to_vec(),
         );
         let err = vmm
             .snapshot_to(&process, dir.path(), &mut || {
