@@ -258,7 +258,19 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
             }
             // QEMU's migratable transport: the API over a virtio-serial
             // port instead of vsock (`docs/snapshots.md`).
-            if let Some(device) = serve::serial_port(Path::new("/sys/class/virtio-ports")) {
+            let serial = serve::find_serial_port(
+                Path::new("/sys/class/virtio-ports"),
+                Path::new("/sys/bus/virtio/devices"),
+                serve::SERIAL_PORT_WAIT,
+            );
+            if serial == serve::SerialPort::Missing {
+                console::log(&format!(
+                    "this VM has a virtio-serial device but no port {:?} appeared within {:?}: the kernel needs virtio_console (CONFIG_VIRTIO_CONSOLE) for QEMU's serial transport, or set qemu_agent_transport = \"vsock\"; trying vsock",
+                    banger_guest_protocol::api::SERIAL_PORT_NAME,
+                    serve::SERIAL_PORT_WAIT
+                ));
+            }
+            if let serve::SerialPort::Found(device) = serial {
                 match serve::SerialServer::start(&device, Path::new("/")) {
                     Ok(server) => {
                         timeline("agent-listening");

@@ -12,7 +12,7 @@ use std::io::{Cursor, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept4, bind, listen, setsockopt,
@@ -123,6 +123,56 @@ pub fn serial_port(sys: &Path) -> Option<PathBuf> {
         let name = std::fs::read_to_string(e.path().join("name")).ok()?;
         (name.trim() == banger_guest_protocol::api::SERIAL_PORT_NAME)
             .then(|| Path::new("/dev").join(e.file_name()))
+    })
+}
+
+/// The virtio device id of a console (virtio-serial) device, as
+/// `/sys/bus/virtio/devices/*/device` shows it.
+const VIRTIO_ID_CONSOLE: &str = "0x0003";
+
+/// How long the agent waits for its port when the VM has a virtio console
+/// device: the driver adds a port when the host announces it, a moment
+/// after the device probes (later still when `virtio_console` is a module).
+pub const SERIAL_PORT_WAIT: Duration = Duration::from_secs(5);
+
+/// What [`find_serial_port`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SerialPort {
+    /// The agent's port, by its device.
+    Found(PathBuf),
+    /// No virtio console device: the agent's API goes over vsock.
+    NoDevice,
+    /// A virtio console device but no port of the agent's name within the
+    /// wait: most likely a kernel without `virtio_console`.
+    Missing,
+}
+
+/// The agent's virtio-serial port under `ports` (`/sys/class/virtio-ports`),
+/// looked for until `wait` passes while `devices` (`/sys/bus/virtio/devices`)
+/// has a console device, and given up at once without one.
+pub fn find_serial_port(ports: &Path, devices: &Path, wait: Duration) -> SerialPort {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(port) = serial_port(ports) {
+            return SerialPort::Found(port);
+        }
+        if !has_console_device(devices) {
+            return SerialPort::NoDevice;
+        }
+        if Instant::now() >= deadline {
+            return SerialPort::Missing;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn has_console_device(devices: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(devices) else {
+        return false;
+    };
+    entries.filter_map(Result::ok).any(|e| {
+        std::fs::read_to_string(e.path().join("device"))
+            .is_ok_and(|id| id.trim() == VIRTIO_ID_CONSOLE)
     })
 }
 
@@ -455,6 +505,44 @@ mod tests {
         assert_eq!(status_of(&get("/")), "404");
         let post = route("POST /ports HTTP/1.1\r\n\r\n", root.path(), now);
         assert_eq!(status_of(&post), "405");
+    }
+
+    #[test]
+    fn the_serial_port_is_waited_for_only_beside_a_console_device() {
+        let sys = tempfile::tempdir().unwrap();
+        let (ports, devices) = (sys.path().join("ports"), sys.path().join("devices"));
+        let device = |name: &str, id: &str| {
+            std::fs::create_dir_all(devices.join(name)).unwrap();
+            std::fs::write(devices.join(name).join("device"), format!("{id}\n")).unwrap();
+        };
+        let port = |dir: &str, name: &str| {
+            std::fs::create_dir_all(ports.join(dir)).unwrap();
+            std::fs::write(ports.join(dir).join("name"), format!("{name}\n")).unwrap();
+        };
+        let long = Duration::from_secs(60);
+        // Firecracker, or QEMU's vsock transport: block and net, no console.
+        device("virtio0", "0x0002");
+        device("virtio1", "0x0001");
+        assert_eq!(
+            find_serial_port(&ports, &devices, long),
+            SerialPort::NoDevice
+        );
+        // A console device whose ports never include the agent's (a kernel
+        // without virtio_console has none at all): given up after the wait.
+        device("virtio2", "0x0003");
+        port("vport0p0", "org.qemu.guest_agent.0");
+        let since = Instant::now();
+        let wait = Duration::from_millis(50);
+        assert_eq!(
+            find_serial_port(&ports, &devices, wait),
+            SerialPort::Missing
+        );
+        assert!(since.elapsed() >= wait, "it waited for the port");
+        port("vport0p1", banger_guest_protocol::api::SERIAL_PORT_NAME);
+        assert_eq!(
+            find_serial_port(&ports, &devices, long),
+            SerialPort::Found(PathBuf::from("/dev/vport0p1"))
+        );
     }
 
     #[test]
