@@ -1,7 +1,8 @@
 //! Many agent connections at once on a real guest (QEMU/TCG, the cached
 //! Debian image): the guest agent listens on vsock with a backlog of 16,
 //! and a connection beyond what it has accepted is reset by the guest
-//! kernel, which the VMM reports by closing the host side before `OK`.
+//! kernel, which the VMM reports by closing the host side before `OK`. Run
+//! on QEMU's `vsock` transport; see the test for the serial one.
 //! 64 simultaneous `vm ssh --via agent` to one VM must all succeed, or fail
 //! with an error naming the VM, and none may hang.
 //!
@@ -22,7 +23,10 @@ mod tests {
     #[test]
     fn sixty_four_agent_commands_at_once_all_answer_or_name_the_vm_and_none_hangs() {
         let test = "sixty_four_agent_commands_at_once_all_answer_or_name_the_vm_and_none_hangs";
-        let Some((rig, _a)) = rig(test, "bookworm", "") else {
+        // The vsock transport, whose backlog this test is about. On the
+        // default serial transport a burst of 64 on a TCG guest answered
+        // all 64 in most runs, but not all (docs/agent-exec.md).
+        let Some((rig, _a)) = rig(test, "bookworm", "qemu_agent_transport = \"vsock\"") else {
             return;
         };
         let vm = rig.create(VM, &["--image", "bookworm"]);
@@ -87,6 +91,17 @@ mod tests {
             AT_ONCE - failures.len(),
             failures.len(),
         );
+        if !failures.is_empty() {
+            // What the guest and the daemon were doing, for the reader.
+            let console = env.banger(&["vm", "logs", VM]).stdout;
+            let tail: Vec<&str> = console.lines().rev().take(60).collect();
+            let log = std::fs::read_to_string(env.state_dir().join("bangerd.log"));
+            eprintln!(
+                "console tail:\n{}\ndaemon log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                log.unwrap_or_default()
+            );
+        }
         assert!(failures.is_empty(), "{failures:#?}");
         rig.delete_all_and_check_clean(&[vm]);
     }

@@ -81,8 +81,8 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 /// Serves one authorised exec stream on `conn`; `input` is what the host
 /// sends (the connection, after any bytes already read with the head).
 /// Returns when the command has ended and its status was sent, or the
-/// stream broke.
-pub fn serve(conn: File, mut input: impl Read + Send + 'static) {
+/// stream broke. `setting_up` is released once the command runs.
+pub fn serve(conn: File, mut input: impl Read + Send + 'static, setting_up: Option<super::Slot>) {
     let out = match conn.try_clone() {
         Ok(c) => Arc::new(Mutex::new(c)),
         Err(_) => return,
@@ -102,7 +102,9 @@ pub fn serve(conn: File, mut input: impl Read + Send + 'static) {
     });
     let wait = TimeVal::new(wait.as_secs() as _, wait.subsec_micros() as _);
     let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &wait);
-    let running = match Running::spawn(&request) {
+    let running = Running::spawn(&request);
+    drop(setting_up);
+    let running = match running {
         Ok(r) => r,
         Err(e) => {
             let program = request.argv.first().map_or("", String::as_str);
