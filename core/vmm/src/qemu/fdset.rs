@@ -30,6 +30,13 @@ pub(super) fn is_fdset(path: &std::path::Path) -> bool {
     path.starts_with(FDSET_PREFIX)
 }
 
+/// Whether a QEMU argument (as `/proc/PID/cmdline` holds it) names one of
+/// the descriptor sets, as a `-drive ...,file=/dev/fdset/N` does.
+pub(super) fn arg_names_an_fdset(arg: &[u8]) -> bool {
+    arg.windows(FDSET_PREFIX.len())
+        .any(|w| w == FDSET_PREFIX.as_bytes())
+}
+
 /// One disk's descriptors: read-only, and read-write unless the disk is.
 #[derive(Debug)]
 struct DiskFds {

@@ -130,9 +130,7 @@ fn refuse_path_disks_in_a_chroot(process: &VmmProcess) -> Result<(), VmmError> {
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let chrooted = args.iter().any(|a| *a == b"-chroot");
-    let by_fdset = args
-        .iter()
-        .any(|a| a.windows(11).any(|w| w == b"/dev/fdset/"));
+    let by_fdset = args.iter().any(|a| super::fdset::arg_names_an_fdset(a));
     if chrooted && !by_fdset {
         return Err(VmmError::Unsupported(
             "QEMU cannot snapshot this VM: it runs chrooted and was started with its disks named by host paths, which it must reopen at the end of the migration; stop and start the VM (`banger vm stop`, `banger vm start`) so it gets its disks as descriptors, then snapshot it (docs/snapshots.md)".into(),
