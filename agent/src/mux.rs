@@ -10,7 +10,12 @@
 //! in either direction (`Open`/`OpenOk`, or `Rst` when nothing listens on the
 //! port), carry `Data` within a window the receiver grants with `Credit` (so
 //! one slow stream never stalls the pipe), and end with `Shut` (no more data
-//! this way: the peer reads end of file) or `Rst` (gone both ways).
+//! this way: the peer reads end of file) or `Rst` (gone both ways; data
+//! sent before it is still delivered, so a side whose local socket closed
+//! may reset right after its last bytes). A side whose local socket stops
+//! taking data drops what still arrives but resets only once its own data
+//! is all sent: a command's exit status must not be lost to a keepalive
+//! that crossed it.
 //!
 //! Sessions. The guest says `GuestHello` when its service starts; the host
 //! answers `Hello(epoch)`; the guest drops every stream it had and answers
@@ -228,6 +233,9 @@ pub type Accept = dyn Fn(u32) -> io::Result<UnixStream> + Send + Sync;
 enum Inbound {
     Data(Vec<u8>),
     Shut,
+    /// The peer reset the stream: what came before is still delivered,
+    /// then the local socket is shut both ways.
+    Reset,
 }
 
 struct Stream {
@@ -452,7 +460,7 @@ impl Mux {
                     let _ = tx.send(false);
                 }
                 if let Some(s) = lock(&inner.streams).remove(&id) {
-                    close(&s);
+                    reset(&s);
                 }
             }
             // Handshake frames for the other role.
@@ -588,9 +596,18 @@ impl Mux {
                 (c.0 as usize).min(MAX_DATA)
             };
             match local.read(&mut buf[..allowed]) {
+                // The peer reset the stream (and shut the local socket's
+                // reading side): nothing more goes to it, not even `Shut`.
+                Ok(_) if lock(&credit.0).1 => return,
                 Ok(0) => {
                     self.send(&Frame::Shut(id));
-                    self.half_done(id, halves);
+                    let before = halves.fetch_or(OUT_DONE, Ordering::AcqRel);
+                    if before & IN_DONE != 0 {
+                        lock(&self.inner.streams).remove(&id);
+                    } else if before & IN_DEAD != 0 {
+                        // Nobody here reads what the peer still sends.
+                        self.drop_stream(id);
+                    }
                     return;
                 }
                 Ok(n) => {
@@ -607,14 +624,26 @@ impl Mux {
     }
 
     /// Incoming data → local socket, crediting the peer for each piece.
+    ///
+    /// Once the local socket stops taking data (its owner closed it), what
+    /// the peer sends is credited and dropped, but the stream is not reset
+    /// while this side may still have data for the peer: a command's exit
+    /// status written just before its stream closed, followed by a
+    /// keepalive from the host, must still reach the host. The reset waits
+    /// for the outbound direction to end (`pump_out`).
     fn pump_in(&self, id: u32, mut local: UnixStream, inbound: &Incoming, halves: &Halves) {
         let (rx, unacked) = inbound;
+        let mut dead = false;
         while let Ok(msg) = rx.recv() {
             match msg {
                 Inbound::Data(bytes) => {
-                    if local.write_all(&bytes).is_err() {
-                        self.drop_stream(id);
-                        return;
+                    if !dead && local.write_all(&bytes).is_err() {
+                        dead = true;
+                        let before = halves.fetch_or(IN_DEAD, Ordering::AcqRel);
+                        if before & OUT_DONE != 0 {
+                            self.drop_stream(id);
+                            return;
+                        }
                     }
                     let n = bytes.len() as u32;
                     unacked.fetch_sub(n, Ordering::AcqRel);
@@ -622,18 +651,16 @@ impl Mux {
                 }
                 Inbound::Shut => {
                     let _ = local.shutdown(Shutdown::Write);
-                    self.half_done(id, halves);
+                    if halves.fetch_or(IN_DONE, Ordering::AcqRel) & OUT_DONE != 0 {
+                        lock(&self.inner.streams).remove(&id);
+                    }
+                    return;
+                }
+                Inbound::Reset => {
+                    let _ = local.shutdown(Shutdown::Both);
                     return;
                 }
             }
-        }
-    }
-
-    /// One direction of stream `id` ended cleanly; after both it is
-    /// forgotten (its local socket closes with the last descriptor).
-    fn half_done(&self, id: u32, halves: &Halves) {
-        if halves.fetch_add(1, Ordering::AcqRel) == 1 {
-            lock(&self.inner.streams).remove(&id);
         }
     }
 
@@ -667,8 +694,16 @@ struct Pumps {
 /// A stream's incoming queue and its count of bytes not yet credited.
 type Incoming = (Receiver<Inbound>, Arc<AtomicU32>);
 
-/// Directions of a stream that ended cleanly; at two the stream is done.
+/// How a stream's two directions stand: [`OUT_DONE`], [`IN_DONE`],
+/// [`IN_DEAD`]. With both directions done the stream is forgotten (its
+/// local socket closes with the last descriptor).
 type Halves = Arc<AtomicU8>;
+/// The local socket ended and the peer was told `Shut`.
+const OUT_DONE: u8 = 1;
+/// The peer's `Shut` arrived and the local socket was shut for writing.
+const IN_DONE: u8 = 2;
+/// The local socket takes no more data: the peer's is dropped.
+const IN_DEAD: u8 = 4;
 
 impl Pumps {
     fn start(self) {
@@ -688,13 +723,32 @@ impl Pumps {
     }
 }
 
-/// Ends a stream locally: both pumps stop and the local socket's owner sees
-/// the end.
+/// Ends a stream locally at once: both pumps stop and the local socket's
+/// owner sees the end.
 fn close(s: &Stream) {
+    stop_sending(s);
+    let _ = s.local.shutdown(Shutdown::Both);
+}
+
+/// The peer reset the stream: nothing more goes to it, but what it sent
+/// before the reset is still written to the local socket, as a peer that
+/// resets right after its last data (because nobody on its side reads any
+/// more) expects.
+fn reset(s: &Stream) {
+    stop_sending(s);
+    // Wakes `pump_out` in its read, which then stops without a `Shut`.
+    let _ = s.local.shutdown(Shutdown::Read);
+    if s.inbound.send(Inbound::Reset).is_err() {
+        // `pump_in` is gone (it saw a `Shut`): nothing queued.
+        let _ = s.local.shutdown(Shutdown::Both);
+    }
+}
+
+/// `pump_out` stops: at once if it waits for credit, or at its next read.
+fn stop_sending(s: &Stream) {
     let (m, cv) = &*s.credit;
     lock(m).1 = true;
     cv.notify_all();
-    let _ = s.local.shutdown(Shutdown::Both);
 }
 
 /// Writes encoded frames to the pipe, each in one `write` where the pipe
@@ -754,24 +808,47 @@ mod tests {
         assert_eq!(one_by_one, all);
     }
 
-    #[test]
-    fn a_peer_that_sends_beyond_its_window_gets_the_stream_reset() {
+    /// A guest end whose peer is the test, writing and reading raw frames
+    /// on the returned socket, in a session. The first stream the host
+    /// opens to port 1 gets `local`; anything else is refused.
+    fn guest_with_raw_host(local: UnixStream) -> (Mux, UnixStream) {
         let (guest_end, mut host) = UnixStream::pair().unwrap();
-        // The guest's side of stream 5 is a socket nobody reads.
-        let (keep, unread) = UnixStream::pair().unwrap();
-        let unread = Mutex::new(Some(unread));
+        let local = Mutex::new(Some(local));
         let g = Mux::start(
             Role::Guest,
             guest_end.try_clone().unwrap(),
-            Box::new(move |_| {
-                lock(&unread)
+            Box::new(move |port| {
+                lock(&local)
                     .take()
+                    .filter(|_| port == 1)
                     .ok_or_else(|| io::ErrorKind::ConnectionRefused.into())
             }),
         );
         let reader = g.clone();
         std::thread::spawn(move || reader.read_loop(guest_end));
         host.write_all(&Frame::Hello(1).encode()).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        (g, host)
+    }
+
+    /// Frames from the guest up to and including the first `until`.
+    fn read_until(host: &mut UnixStream, until: impl Fn(&Frame) -> bool) -> Vec<Frame> {
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+        let mut d = Decoder::default();
+        while !seen.iter().any(&until) {
+            let n = host.read(&mut buf).unwrap();
+            assert!(n > 0, "the guest closed the pipe; saw {seen:?}");
+            d.feed(&buf[..n], |f| seen.push(f));
+        }
+        seen
+    }
+
+    #[test]
+    fn a_peer_that_sends_beyond_its_window_gets_the_stream_reset() {
+        // The guest's side of stream 5 is a socket nobody reads.
+        let (keep, unread) = UnixStream::pair().unwrap();
+        let (g, mut host) = guest_with_raw_host(unread);
         host.write_all(&Frame::Open { id: 5, port: 1 }.encode())
             .unwrap();
         // Far more than the window and any socket buffer, credit ignored.
@@ -786,18 +863,76 @@ mod tests {
                 }
             }
         });
-        host.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let (mut seen, mut buf, mut d) = (Vec::new(), [0u8; 4096], Decoder::default());
-        while !seen.contains(&Frame::Rst(5)) {
-            let n = host.read(&mut buf).unwrap();
-            assert!(n > 0, "the guest closed the pipe; saw {seen:?}");
-            d.feed(&buf[..n], |f| seen.push(f));
-        }
+        let seen = read_until(&mut host, |f| *f == Frame::Rst(5));
         assert!(seen.contains(&Frame::OpenOk(5)), "{seen:?}");
         flood.join().unwrap();
         assert_eq!(g.stream_count(), 0);
         drop(keep);
+    }
+
+    #[test]
+    fn data_sent_before_a_reset_still_reaches_the_local_socket() {
+        // The local socket takes little at a time, so most of the data is
+        // still queued in the mux when the reset arrives.
+        let (mut app, local) = UnixStream::pair().unwrap();
+        nix::sys::socket::setsockopt(&local, nix::sys::socket::sockopt::SndBuf, &4096).unwrap();
+        let (_g, mut host) = guest_with_raw_host(local);
+        let sent: Vec<u8> = (0..WINDOW).map(|i| (i % 251) as u8).collect();
+        let mut frames = vec![Frame::Open { id: 5, port: 1 }];
+        frames.extend(sent.chunks(MAX_DATA).map(|c| Frame::Data(5, c.to_vec())));
+        // The reset, then an open the guest refuses: its answer says the
+        // reset was taken in, as frames are handled in order.
+        frames.extend([Frame::Rst(5), Frame::Open { id: 6, port: 2 }]);
+        let mut writer = host.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for f in frames {
+                writer.write_all(&f.encode()).unwrap();
+            }
+        });
+        read_until(&mut host, |f| *f == Frame::Rst(6));
+        let mut got = Vec::new();
+        app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        app.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), sent.len(), "bytes delivered before the end");
+        assert!(got == sent);
+        // The reset shut the local socket both ways.
+        assert!(app.write_all(b"late").is_err());
+    }
+
+    #[test]
+    fn a_local_socket_that_stops_reading_still_sends_its_last_data_before_the_reset() {
+        let (mut app, local) = UnixStream::pair().unwrap();
+        let (g, mut host) = guest_with_raw_host(local);
+        host.write_all(&Frame::Open { id: 5, port: 1 }.encode())
+            .unwrap();
+        read_until(&mut host, |f| *f == Frame::OpenOk(5));
+        // The local side reads no more (as a command's stream does once it
+        // ended), then the host sends something anyway: a keepalive.
+        app.shutdown(Shutdown::Read).unwrap();
+        host.write_all(&Frame::Data(5, b"keepalive".to_vec()).encode())
+            .unwrap();
+        // Taken and dropped: credited, the stream kept.
+        let seen = read_until(&mut host, |f| {
+            matches!(f, Frame::Credit(5, _) | Frame::Rst(5))
+        });
+        assert_eq!(seen.last(), Some(&Frame::Credit(5, 9)), "{seen:?}");
+        // What the local side still says reaches the host, then the end.
+        app.write_all(b"exit status").unwrap();
+        drop(app);
+        let seen = read_until(&mut host, |f| *f == Frame::Rst(5));
+        let for_five: Vec<&Frame> = seen
+            .iter()
+            .filter(|f| matches!(f, Frame::Data(5, _) | Frame::Shut(5) | Frame::Rst(5)))
+            .collect();
+        assert_eq!(
+            for_five,
+            [
+                &Frame::Data(5, b"exit status".to_vec()),
+                &Frame::Shut(5),
+                &Frame::Rst(5)
+            ]
+        );
+        assert_eq!(g.stream_count(), 0);
     }
 
     #[test]
