@@ -78,11 +78,14 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// How long the agent waits for the host's `Start` after the upgrade.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves one authorised exec stream on `conn`; `input` is what the host
 /// sends (the connection, after any bytes already read with the head).
 /// Returns when the command has ended and its status was sent, or the
-/// stream broke. `setting_up` is released once the command runs.
-pub fn serve(conn: File, mut input: impl Read + Send + 'static, setting_up: Option<super::Slot>) {
+/// stream broke.
+pub fn serve(conn: File, mut input: impl Read + Send + 'static) {
     let out = match conn.try_clone() {
         Ok(c) => Arc::new(Mutex::new(c)),
         Err(_) => return,
@@ -90,6 +93,21 @@ pub fn serve(conn: File, mut input: impl Read + Send + 'static, setting_up: Opti
     let request = match Frame::read_from(&mut input) {
         Ok(Some(Frame::Start(r))) => r,
         Ok(_) => return send(&out, &Frame::Error("the first frame must be Start".into())),
+        Err(FrameError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            let secs = START_TIMEOUT.as_secs();
+            return send(
+                &out,
+                &Frame::Error(format!("no Start frame within {secs}s")),
+            );
+        }
+        Err(FrameError::Io(e)) => {
+            return send(&out, &Frame::Error(format!("reading Start: {e}")));
+        }
         Err(e) => return send(&out, &Frame::Error(format!("reading Start: {e}"))),
     };
     // The head had a deadline; a command may take as long as it likes,
@@ -102,9 +120,7 @@ pub fn serve(conn: File, mut input: impl Read + Send + 'static, setting_up: Opti
     });
     let wait = TimeVal::new(wait.as_secs() as _, wait.subsec_micros() as _);
     let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &wait);
-    let running = Running::spawn(&request);
-    drop(setting_up);
-    let running = match running {
+    let running = match Running::spawn(&request) {
         Ok(r) => r,
         Err(e) => {
             let program = request.argv.first().map_or("", String::as_str);
@@ -391,6 +407,26 @@ fn host_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stream's reads as the socket's receive timeout makes them.
+    struct TimesOut;
+
+    impl Read for TimesOut {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    #[test]
+    fn a_host_that_sends_no_start_is_told_so_and_nothing_runs() {
+        let (agent, mut host) = std::os::unix::net::UnixStream::pair().unwrap();
+        serve(File::from(OwnedFd::from(agent)), TimesOut);
+        let answer = Frame::read_from(&mut host).unwrap();
+        let want = format!("no Start frame within {}s", START_TIMEOUT.as_secs());
+        assert_eq!(answer, Some(Frame::Error(want)));
+        // Nothing more: the stream ends without an exit status.
+        assert_eq!(Frame::read_from(&mut host).unwrap(), None);
+    }
 
     fn secret_file(contents: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();

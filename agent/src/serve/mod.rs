@@ -12,8 +12,6 @@ use std::io::{Cursor, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
@@ -110,7 +108,7 @@ impl Server {
             };
             let root = self.root.clone();
             let started = self.started;
-            std::thread::spawn(move || handle(conn, &root, started, None));
+            std::thread::spawn(move || handle(conn, &root, started));
         }
     }
 }
@@ -195,22 +193,17 @@ impl SerialServer {
             .open(device)?;
         let root = root.to_path_buf();
         let started = Instant::now();
-        let setting_up = Arc::new(AtomicUsize::new(0));
         let accept = move |p: u32| -> std::io::Result<std::os::unix::net::UnixStream> {
             if p != banger_guest_protocol::api::AGENT_PORT {
                 return Err(std::io::ErrorKind::ConnectionRefused.into());
             }
-            // What the vsock backlog does to a burst of connections: a guest
-            // still setting up this many refuses the next, and the host
-            // retries it before its `OK` (docs/agent-exec.md). Without it a
-            // burst of 64 commands ran at once and some timed out under TCG.
-            let slot = Slot::take(&setting_up)
-                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))?;
+            // Every stream is taken at once, as the vsock listener takes
+            // every connection (docs/agent-exec.md: a limit here, with
+            // the host retrying refused streams, lost more commands of a
+            // burst than it saved).
             let (mine, theirs) = std::os::unix::net::UnixStream::pair()?;
             let root = root.clone();
-            std::thread::spawn(move || {
-                handle(File::from(OwnedFd::from(mine)), &root, started, Some(slot))
-            });
+            std::thread::spawn(move || handle(File::from(OwnedFd::from(mine)), &root, started));
             Ok(theirs)
         };
         let mux =
@@ -294,35 +287,7 @@ fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// Answers one request; I/O errors just drop the connection.
-/// Connections the serial server lets set up at once, as the vsock
-/// listener's backlog.
-const SERIAL_BACKLOG: usize = 8;
-
-/// One of the serial server's [`SERIAL_BACKLOG`] places for a connection
-/// setting up: a request being answered, or an exec until its command
-/// runs. Freed when dropped.
-pub(crate) struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(count: &Arc<AtomicUsize>) -> Option<Slot> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < SERIAL_BACKLOG).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(count.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Answers one request; `slot` (the serial server's) is held until the
-/// answer, or until an exec's command runs.
-fn handle(mut conn: File, root: &Path, started: Instant, slot: Option<Slot>) {
+fn handle(mut conn: File, root: &Path, started: Instant) {
     // A client that never finishes its request must not pin a thread.
     let _ = setsockopt(
         &conn,
@@ -331,7 +296,7 @@ fn handle(mut conn: File, root: &Path, started: Instant, slot: Option<Slot>) {
     );
     let response = match read_head(&mut conn) {
         Some((head, rest)) if is_exec(&head) => {
-            return upgrade_to_exec(conn, &head, rest, root, slot);
+            return upgrade_to_exec(conn, &head, rest, root);
         }
         Some((head, rest)) if is_post(&head, banger_guest_protocol::reidentify::PATH) => {
             reidentify_request(&mut conn, &head, rest, root)
@@ -422,7 +387,7 @@ fn is_exec(head: &str) -> bool {
 
 /// `POST /exec`: checks the secret, then the connection carries the exec
 /// stream (see `banger_guest_protocol::exec`).
-fn upgrade_to_exec(mut conn: File, head: &str, rest: Vec<u8>, root: &Path, slot: Option<Slot>) {
+fn upgrade_to_exec(mut conn: File, head: &str, rest: Vec<u8>, root: &Path) {
     if let Err(refusal) = exec::authorize(head, &exec::secret_path(root)) {
         let status = match refusal {
             exec::Refusal::NoSecret(_) => 403,
@@ -437,8 +402,15 @@ fn upgrade_to_exec(mut conn: File, head: &str, rest: Vec<u8>, root: &Path, slot:
         banger_guest_protocol::exec::UPGRADE
     );
     let Ok(reader) = conn.try_clone() else { return };
+    // The CLI writes its `Start` once the daemon relayed this answer: on a
+    // host busy with a burst of CLIs that took more than the head's 10 s.
+    let _ = setsockopt(
+        &conn,
+        sockopt::ReceiveTimeout,
+        &TimeVal::new(exec::START_TIMEOUT.as_secs() as _, 0),
+    );
     if conn.write_all(upgraded.as_bytes()).is_ok() {
-        exec::serve(conn, Cursor::new(rest).chain(reader), slot);
+        exec::serve(conn, Cursor::new(rest).chain(reader));
     }
 }
 
@@ -582,19 +554,6 @@ mod tests {
             find_serial_port(&ports, &devices, long),
             SerialPort::Found(PathBuf::from("/dev/vport0p1"))
         );
-    }
-
-    #[test]
-    fn the_serial_backlog_gives_out_places_up_to_its_size_and_takes_them_back() {
-        let count = Arc::new(AtomicUsize::new(0));
-        let mut taken: Vec<Slot> = (0..SERIAL_BACKLOG)
-            .map(|_| Slot::take(&count).unwrap())
-            .collect();
-        assert!(Slot::take(&count).is_none(), "full: refused");
-        taken.pop();
-        let again = Slot::take(&count);
-        assert!(again.is_some(), "a freed place is given again");
-        assert!(Slot::take(&count).is_none());
     }
 
     #[test]
