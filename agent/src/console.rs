@@ -10,11 +10,24 @@ pub fn log(msg: &str) {
 
 /// Logs a failed step with its whole error chain.
 pub fn error(step: &str, e: &dyn std::error::Error) {
+    log(&format!("{step} FAILED: {}", chain(e)));
+}
+
+/// An error with its sources, `: `-separated.
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
         text.push_str(&format!(": {s}"));
         source = s.source();
     }
-    log(&format!("{step} FAILED: {text}"));
+    text
+}
+
+/// Says on the console that the host cannot reach the agent this boot, and
+/// why: the daemon fails the start with `reason` when it sees the line
+/// (`banger_guest_protocol::api::UNREACHABLE_MARK`).
+pub fn unreachable(reason: &str) {
+    let mark = banger_guest_protocol::api::UNREACHABLE_MARK;
+    let _ = writeln!(std::io::stderr(), "{mark}{reason}");
 }

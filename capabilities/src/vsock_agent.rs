@@ -30,8 +30,10 @@ use banger_core::capability::{
 use banger_guest_protocol::api::{READY_LINE, READY_RESTORED};
 use banger_vmm::vsock::{AgentClient, EXEC_SECRET_FILE, GUEST_EXEC_SECRET_PATH, ready_socket_path};
 
+use self::console_watch::ConsoleWatch;
 use self::initrd::Built;
 
+mod console_watch;
 pub mod initrd;
 
 /// Name used with `--cap`.
@@ -61,6 +63,25 @@ static READY: Mutex<BTreeMap<PathBuf, UnixListener>> = Mutex::new(BTreeMap::new(
 
 fn ready_listeners() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, UnixListener>> {
     READY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The guest consoles of starts in progress, by vsock socket path, from
+/// the `configure_machine` that notes where the console ends (before the
+/// VMM starts) to the `post_start` that watches it or the teardown.
+static CONSOLES: Mutex<BTreeMap<PathBuf, ConsoleWatch>> = Mutex::new(BTreeMap::new());
+
+fn consoles() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, ConsoleWatch>> {
+    CONSOLES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fails when the agent said on the console that the host cannot reach it.
+fn check_console(console: &mut Option<ConsoleWatch>, vm: &str) -> Result<(), CapError> {
+    match console.as_mut().and_then(ConsoleWatch::unreachable) {
+        Some(reason) => Err(CapError::msg(format!(
+            "The guest agent says the host cannot reach it: {reason} (the guest console: `banger vm logs {vm}`)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Binds the announcement listener for the VM whose vsock socket is `uds`,
@@ -240,6 +261,7 @@ impl Capability for VsockAgent {
         }
         machine.initrd = Some(dest);
         listen_for_announcement(&uds);
+        consoles().insert(uds.clone(), ConsoleWatch::from_end(&machine.serial_log));
         machine.vsock = Some(Vsock {
             guest_cid: GUEST_CID,
             uds_path: uds,
@@ -280,6 +302,7 @@ impl Capability for VsockAgent {
         // answering for good after a burst of those (every `/healthz` of a
         // boot then got no answer for 240 s).
         let mut announced = false;
+        let mut console = consoles().remove(&uds);
         // Never the whole budget: half of it is left for asking.
         let grace = ANNOUNCE_GRACE.min(wait / 2);
         if let Some(listener) = ready_listeners().remove(&uds) {
@@ -303,6 +326,7 @@ impl Capability for VsockAgent {
                         "The VMM exited with {status} before the guest agent announced itself"
                     )));
                 }
+                check_console(&mut console, ctx.vm.name.as_str())?;
                 let now = Instant::now();
                 if now >= started + grace {
                     ctx.log.info(&format!(
@@ -340,6 +364,7 @@ impl Capability for VsockAgent {
                     err,
                 ));
             }
+            check_console(&mut console, ctx.vm.name.as_str())?;
             if Instant::now() + delay >= deadline {
                 return Err(CapError::with(
                     format!(
@@ -366,6 +391,7 @@ impl Capability for VsockAgent {
         // The secret too: the next start draws a new one.
         let uds = socket_path(ctx.vm_dir);
         ready_listeners().remove(&uds);
+        consoles().remove(&uds);
         for path in [
             ready_socket_path(&uds),
             uds,

@@ -89,6 +89,51 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_that_says_it_cannot_be_reached_fails_the_create_at_once_and_not_the_next_start() {
+        let mut env = BangerEnv::new();
+        env.write_config(&format!(
+            "default_caps = [\"work-disk\", \"vsock-agent\"]\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n"
+        ));
+        // What the agent prints under QEMU's serial transport when the
+        // kernel has no virtio_console; no fake agent ever answers.
+        let reason = "no virtio-serial port \"banger.agent\" appeared within 5s (fake)";
+        env.set_env(
+            "FAKE_FC_CONSOLE",
+            &format!("{}{reason}", banger_guest_protocol::api::UNREACHABLE_MARK),
+        );
+        let began = Instant::now();
+        let r = env.create("mute", &[]).failed();
+        let took = began.elapsed();
+        let text = both(&r);
+        assert!(
+            took < Duration::from_secs(10),
+            "the create took {took:?} (agent timeout {AGENT_TIMEOUT_SECS}s):\n{text}"
+        );
+        assert!(text.contains(reason), "the guest's own reason:\n{text}");
+        assert!(text.contains("banger vm logs mute"), "{text}");
+        assert!(!text.contains("did not answer /healthz within"), "{text}");
+        let v = env.show("mute");
+        assert_eq!(v.record.state, VmState::Error);
+        let f = v.record.last_error.expect("a failure is recorded");
+        assert_eq!(f.stage, "post_start:vsock-agent");
+        assert!(v.record.vmm.is_none(), "the VMM was stopped");
+
+        // The fixed guest starts: the old line in the same console log is
+        // not this start's. (The daemon hands its environment to the VMMs:
+        // restart it.)
+        env.banger(&["daemon", "stop"]).ok();
+        env.set_env("FAKE_FC_CONSOLE", "");
+        env.set_env("FAKE_FC_AGENT", "1");
+        env.banger(&["vm", "start", "mute"]).ok();
+        assert_eq!(env.show("mute").record.state, VmState::Running);
+        let console = env.banger(&["vm", "logs", "mute"]).ok().stdout;
+        assert!(
+            console.contains(reason),
+            "the old line is still there:\n{console}"
+        );
+    }
+
+    #[test]
     fn a_vmm_that_fails_after_the_start_leaves_the_vm_in_error_with_its_report() {
         let mut env = BangerEnv::new();
         // Long enough for the create to finish: the VM is running first.

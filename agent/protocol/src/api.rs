@@ -28,6 +28,14 @@ pub const READY_LINE: &str = "READY";
 /// agent is up, and PostStart need not ask `/healthz` again.
 pub const READY_RESTORED: &str = "restored";
 
+/// What the agent prints on the guest console, followed by the reason on
+/// the same line, when no transport the host uses can reach it this boot
+/// (QEMU's serial transport under a kernel without `virtio_console`, a
+/// port it cannot open, a vsock listener it cannot bind). The daemon
+/// watches the console while it waits for the agent, and fails the start
+/// with the reason at once rather than at the end of its agent timeout.
+pub const UNREACHABLE_MARK: &str = "banger-agent: unreachable: ";
+
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {

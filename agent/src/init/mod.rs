@@ -263,32 +263,47 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
                 Path::new("/sys/bus/virtio/devices"),
                 serve::SERIAL_PORT_WAIT,
             );
-            if serial == serve::SerialPort::Missing {
-                console::log(&format!(
-                    "this VM has a virtio-serial device but no port {:?} appeared within {:?}: the kernel needs virtio_console (CONFIG_VIRTIO_CONSOLE) for QEMU's serial transport, or set qemu_agent_transport = \"vsock\"; trying vsock",
-                    banger_guest_protocol::api::SERIAL_PORT_NAME,
-                    serve::SERIAL_PORT_WAIT
-                ));
-            }
-            if let serve::SerialPort::Found(device) = serial {
-                match serve::SerialServer::start(&device, Path::new("/")) {
-                    Ok(server) => {
-                        timeline("agent-listening");
-                        console::log(&format!(
-                            "agent API listening on the serial port {}",
-                            device.display()
-                        ));
-                        let announcer = server.announcer();
-                        std::thread::spawn(move || {
-                            if let Err(e) = announcer.announce_ready() {
-                                console::log(&format!("no host took the ready announcement: {e}"));
-                            }
-                        });
-                        server.run()
-                    }
-                    Err(e) => console::error("open the agent's serial port", &e),
+            let kernel_hint = format!(
+                "no virtio-serial port {:?} appeared within {:?}: the kernel needs virtio_console (CONFIG_VIRTIO_CONSOLE) for QEMU's serial transport, or set qemu_agent_transport = \"vsock\"",
+                banger_guest_protocol::api::SERIAL_PORT_NAME,
+                serve::SERIAL_PORT_WAIT
+            );
+            match serial {
+                serve::SerialPort::Missing { vsock: true } => {
+                    console::log(&format!("{kernel_hint}; trying vsock"));
                 }
-                std::process::exit(1)
+                serve::SerialPort::Missing { vsock: false } => {
+                    console::unreachable(&format!(
+                        "{kernel_hint} (this VM has no vsock device either)"
+                    ));
+                    std::process::exit(1)
+                }
+                serve::SerialPort::Found(device) => {
+                    match serve::SerialServer::start(&device, Path::new("/")) {
+                        Ok(server) => {
+                            timeline("agent-listening");
+                            console::log(&format!(
+                                "agent API listening on the serial port {}",
+                                device.display()
+                            ));
+                            let announcer = server.announcer();
+                            std::thread::spawn(move || {
+                                if let Err(e) = announcer.announce_ready() {
+                                    console::log(&format!(
+                                        "no host took the ready announcement: {e}"
+                                    ));
+                                }
+                            });
+                            server.run()
+                        }
+                        Err(e) => console::unreachable(&format!(
+                            "cannot open the agent's serial port {}: {e}",
+                            device.display()
+                        )),
+                    }
+                    std::process::exit(1)
+                }
+                serve::SerialPort::NoDevice => {}
             }
             let result = serve::Server::bind(serve::Endpoint::Vsock(AGENT_PORT), Path::new("/"))
                 .and_then(|s| {
@@ -302,7 +317,10 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
                     s.run()
                 });
             if let Err(e) = result {
-                console::error("agent API", &e);
+                console::unreachable(&format!(
+                    "the agent API on vsock port {AGENT_PORT}: {}",
+                    console::chain(&e)
+                ));
             }
             std::process::exit(1)
         }

@@ -130,6 +130,9 @@ pub fn serial_port(sys: &Path) -> Option<PathBuf> {
 /// `/sys/bus/virtio/devices/*/device` shows it.
 const VIRTIO_ID_CONSOLE: &str = "0x0003";
 
+/// The virtio device id of a vsock device.
+const VIRTIO_ID_VSOCK: &str = "0x0013";
+
 /// How long the agent waits for its port when the VM has a virtio console
 /// device: the driver adds a port when the host announces it, a moment
 /// after the device probes (later still when `virtio_console` is a module).
@@ -143,8 +146,9 @@ pub enum SerialPort {
     /// No virtio console device: the agent's API goes over vsock.
     NoDevice,
     /// A virtio console device but no port of the agent's name within the
-    /// wait: most likely a kernel without `virtio_console`.
-    Missing,
+    /// wait: most likely a kernel without `virtio_console`. Whether the VM
+    /// has a vsock device to fall back to.
+    Missing { vsock: bool },
 }
 
 /// The agent's virtio-serial port under `ports` (`/sys/class/virtio-ports`),
@@ -156,24 +160,26 @@ pub fn find_serial_port(ports: &Path, devices: &Path, wait: Duration) -> SerialP
         if let Some(port) = serial_port(ports) {
             return SerialPort::Found(port);
         }
-        if !has_console_device(devices) {
+        if !has_device(devices, VIRTIO_ID_CONSOLE) {
             return SerialPort::NoDevice;
         }
         if Instant::now() >= deadline {
-            return SerialPort::Missing;
+            return SerialPort::Missing {
+                vsock: has_device(devices, VIRTIO_ID_VSOCK),
+            };
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-fn has_console_device(devices: &Path) -> bool {
+/// Whether `devices` (`/sys/bus/virtio/devices`) has a device of this id.
+fn has_device(devices: &Path, id: &str) -> bool {
     let Ok(entries) = std::fs::read_dir(devices) else {
         return false;
     };
-    entries.filter_map(Result::ok).any(|e| {
-        std::fs::read_to_string(e.path().join("device"))
-            .is_ok_and(|id| id.trim() == VIRTIO_ID_CONSOLE)
-    })
+    entries
+        .filter_map(Result::ok)
+        .any(|e| std::fs::read_to_string(e.path().join("device")).is_ok_and(|d| d.trim() == id))
 }
 
 /// The agent API over a virtio-serial port: the same requests as over
@@ -546,9 +552,15 @@ mod tests {
         let wait = Duration::from_millis(50);
         assert_eq!(
             find_serial_port(&ports, &devices, wait),
-            SerialPort::Missing
+            SerialPort::Missing { vsock: false }
         );
         assert!(since.elapsed() >= wait, "it waited for the port");
+        // With a vsock device beside it, vsock is there to fall back to.
+        device("virtio3", "0x0013");
+        assert_eq!(
+            find_serial_port(&ports, &devices, wait),
+            SerialPort::Missing { vsock: true }
+        );
         port("vport0p1", banger_guest_protocol::api::SERIAL_PORT_NAME);
         assert_eq!(
             find_serial_port(&ports, &devices, long),

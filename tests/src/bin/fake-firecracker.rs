@@ -28,6 +28,9 @@
 //!   (best effort).
 //!   `POST /reidentify` is recorded like an API call (`"agent": true`, with
 //!   its `authorization` header) and answered as applied.
+//! - `FAKE_FC_CONSOLE=TEXT`: at `InstanceStart`, TEXT (when not empty) is
+//!   printed after the boot lines as one more console line (a guest
+//!   agent's `unreachable:` line, say).
 //! - `FAKE_FC_HOST_KEYS=FILE`: the fake agent's `/ssh-host-keys` answer is
 //!   the JSON array in FILE instead of `[]`, and (a started sshd) `/ports`
 //!   lists sshd on TCP 22.
@@ -672,6 +675,12 @@ fn boot_console() {
     );
     let _ = writeln!(out, "fake-firecracker: Run /init as init process");
     let _ = writeln!(out, "fake-firecracker: guest booted");
+    if let Some(line) = std::env::var("FAKE_FC_CONSOLE")
+        .ok()
+        .filter(|l| !l.is_empty())
+    {
+        let _ = writeln!(out, "{line}");
+    }
     let _ = out.flush();
 }
 
