@@ -451,6 +451,67 @@ mod tests {
         rig.delete_all_and_check_clean(&[vm]);
     }
 
+    /// A kernel whose virtio_console never starts (`initcall_blacklist`,
+    /// as if built without it) under QEMU's default serial transport: the
+    /// agent finds no port and no vsock to fall back to, says so on the
+    /// console, and the create fails with its reason at once instead of at
+    /// the end of the agent timeout (docs/guest-contract.md,
+    /// "Unreachable"). The VM is left in error, its VMM stopped.
+    #[test]
+    fn a_kernel_without_the_serial_transports_driver_fails_the_create_with_the_agents_reason() {
+        let test =
+            "a_kernel_without_the_serial_transports_driver_fails_the_create_with_the_agents_reason";
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // The rig's agent timeout is 240 s.
+        let Some((rig, _a)) = rig(test, "noinit", "") else {
+            return;
+        };
+        let env = &rig.env;
+        let started = std::time::Instant::now();
+        let out = env.banger(&[
+            "vm",
+            "create",
+            "--name",
+            "mute",
+            "--memory",
+            "1024",
+            "--disk-size",
+            "256M",
+            "--image",
+            "noinit",
+            "--boot-args",
+            "initcall_blacklist=virtio_console_init",
+        ]);
+        let took = started.elapsed();
+        assert_ne!(out.code, 0, "the create succeeded:\n{}", out.stdout);
+        for part in [
+            "The guest agent says the host cannot reach it",
+            "CONFIG_VIRTIO_CONSOLE",
+            "qemu_agent_transport = \"vsock\"",
+            "banger vm logs mute",
+        ] {
+            assert!(out.stderr.contains(part), "no {part:?} in:\n{}", out.stderr);
+        }
+        // The agent waits 5 s for its port on a guest booting in a few:
+        // well under a minute, where the rig's agent timeout is 240 s.
+        assert!(
+            took < Duration::from_secs(60),
+            "the create took {took:?}:\n{}",
+            out.stderr
+        );
+        let logs = env.banger(&["vm", "logs", "mute"]).stdout;
+        assert!(
+            logs.contains(banger_guest_protocol::api::UNREACHABLE_MARK),
+            "{logs}"
+        );
+        let vm = env.show("mute");
+        assert_eq!(vm.record.state, VmState::Error);
+        assert!(vm.record.vmm.is_none(), "the VMM was stopped");
+        rig.delete_all_and_check_clean(&[vm]);
+    }
+
     /// Commands without sshd (docs/agent-exec.md): `vm run` and `vm ssh`
     /// through the guest agent on the no-init image, exit codes, stdout and
     /// stderr apart, stdin, and a pty session driven through `script`.
