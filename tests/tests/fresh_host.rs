@@ -69,6 +69,24 @@ mod tests {
         None
     }
 
+    /// What `cargo test` sets for the test binary, which a newcomer's shell
+    /// does not have. Left in, they reached the install's own `cargo
+    /// build`: ring's build script watches `CARGO_MANIFEST_DIR`, so it
+    /// and everything above it (rustls, russh, reqwest, the workspace)
+    /// were compiled again, 66 s of every run, and again by the suite's
+    /// next build.
+    fn set_by_cargo_test(var: &str) -> bool {
+        var == "CARGO"
+            || var == "CARGO_MANIFEST_DIR"
+            || var == "CARGO_MANIFEST_PATH"
+            || var == "CARGO_CRATE_NAME"
+            || var == "CARGO_PRIMARY_PACKAGE"
+            || var == "CARGO_TARGET_TMPDIR"
+            || var == "CARGO_RUSTC_CURRENT_DIR"
+            || var.starts_with("CARGO_PKG_")
+            || var.starts_with("CARGO_BIN_")
+    }
+
     /// A command with a newcomer's environment: HOME at `home`, no XDG
     /// variables, `home/.local/bin` first on PATH; cargo and rustup keep the
     /// real toolchain locations.
@@ -84,7 +102,9 @@ mod tests {
                 .display()
         );
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("XDG_") || k.to_string_lossy().starts_with("BANGER")
+            if k.to_string_lossy().starts_with("XDG_")
+                || k.to_string_lossy().starts_with("BANGER")
+                || set_by_cargo_test(&k.to_string_lossy())
             {
                 cmd.env_remove(k);
             }
