@@ -1,8 +1,9 @@
 //! `vsock-agent`: boots the guest with banger's initramfs (the agent as
 //! `/init`), gives the machine a vsock device whose host side is a Unix
 //! socket in the VM's directory, and after launch waits until the agent
-//! answers `/healthz` through it (or its VMM exits: no waiting out the
-//! timeout for a guest that is gone). Every start also draws a fresh exec
+//! answers `/healthz` through it (or its VMM exits, or the agent says on
+//! the guest console that the host cannot reach it: no waiting out the
+//! timeout for a guest that is gone or unreachable). Every start also draws a fresh exec
 //! secret (32 random bytes, hex) for the agent's `POST /exec`: kept in the
 //! VM's directory for the daemon, and on the config drive for the guest,
 //! which reads it from its `/run` tmpfs; the VM's disk never holds it.
