@@ -12,7 +12,7 @@ use banger_vmm::vsock::AgentClient;
 
 use crate::guest_artifacts::{GuestArtifacts, on_path};
 use crate::registry::Registry;
-use crate::{BangerEnv, wait_until};
+use crate::{BangerEnv, Run, wait_until};
 
 pub fn artifacts(test: &str, flavour: &str) -> Option<GuestArtifacts> {
     let skip = |why: &str| {
@@ -280,6 +280,19 @@ impl Rig {
 
     /// `vm create` that must succeed, with the console in the failure.
     pub fn create(&self, name: &str, args: &[&str]) -> banger_api::api::VmView {
+        let out = self.try_create(name, args);
+        let logs = self.env.banger(&["vm", "logs", name]).stdout;
+        assert_eq!(
+            out.code, 0,
+            "create failed:\n{}\nconsole:\n{logs}",
+            out.stderr
+        );
+        self.env.show(name)
+    }
+
+    /// `vm create` with the rig's shape, as [`Rig::create`], for a test
+    /// that expects it to fail.
+    pub fn try_create(&self, name: &str, args: &[&str]) -> Run {
         let mut all = vec![
             "vm",
             "create",
@@ -291,14 +304,7 @@ impl Rig {
             "256M",
         ];
         all.extend_from_slice(args);
-        let out = self.env.banger(&all);
-        let logs = self.env.banger(&["vm", "logs", name]).stdout;
-        assert_eq!(
-            out.code, 0,
-            "create failed:\n{}\nconsole:\n{logs}",
-            out.stderr
-        );
-        self.env.show(name)
+        self.env.banger(&all)
     }
 
     pub fn resolve(&self, name: &str) -> Vec<std::net::Ipv4Addr> {
