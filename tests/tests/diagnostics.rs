@@ -23,6 +23,29 @@ mod tests {
         format!("{}{}", r.stdout, r.stderr)
     }
 
+    /// Fake firecracker VMs with the agent (waited for up to
+    /// [`AGENT_TIMEOUT_SECS`]) and a work disk.
+    fn agent_waiting_env() -> BangerEnv {
+        let env = BangerEnv::new();
+        env.write_config(&format!(
+            "default_caps = [\"work-disk\", \"vsock-agent\"]\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n"
+        ));
+        env
+    }
+
+    /// `vm create NAME` must fail well before the agent timeout; its output.
+    fn create_fails_at_once(env: &BangerEnv, name: &str) -> String {
+        let began = Instant::now();
+        let r = env.create(name, &[]).failed();
+        let took = began.elapsed();
+        let text = both(&r);
+        assert!(
+            took < Duration::from_secs(10),
+            "the create took {took:?} (agent timeout {AGENT_TIMEOUT_SECS}s):\n{text}"
+        );
+        text
+    }
+
     /// `names` appear in `t`'s stages in this order (others may lie between).
     fn assert_in_order(t: &StartTimings, names: &[&str]) {
         let stages: Vec<&str> = t.stages.iter().map(|s| s.stage.as_str()).collect();
@@ -42,20 +65,10 @@ mod tests {
 
     #[test]
     fn a_firecracker_exiting_during_the_agent_wait_fails_the_create_at_once() {
-        let mut env = BangerEnv::new();
-        env.write_config(&format!(
-            "default_caps = [\"work-disk\", \"vsock-agent\"]\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n"
-        ));
+        let mut env = agent_waiting_env();
         // No fake agent: only the exit can end the wait early.
         env.set_env("FAKE_FC_EXIT_AFTER_START", "1:1000");
-        let began = Instant::now();
-        let r = env.create("doomed", &[]).failed();
-        let took = began.elapsed();
-        let text = both(&r);
-        assert!(
-            took < Duration::from_secs(10),
-            "the create took {took:?} (agent timeout {AGENT_TIMEOUT_SECS}s):\n{text}"
-        );
+        let text = create_fails_at_once(&env, "doomed");
         assert!(text.contains("exited with exit status: 1"), "{text}");
         assert!(
             text.contains("KVM_EXIT_INTERNAL_ERROR, exiting with 1 (FAKE_FC_EXIT_AFTER_START)"),
@@ -90,10 +103,7 @@ mod tests {
 
     #[test]
     fn an_agent_that_says_it_cannot_be_reached_fails_the_create_at_once_and_not_the_next_start() {
-        let mut env = BangerEnv::new();
-        env.write_config(&format!(
-            "default_caps = [\"work-disk\", \"vsock-agent\"]\nagent_timeout_secs = {AGENT_TIMEOUT_SECS}\n"
-        ));
+        let mut env = agent_waiting_env();
         // What the agent prints under QEMU's serial transport when the
         // kernel has no virtio_console; no fake agent ever answers.
         let reason = "no virtio-serial port \"banger.agent\" appeared within 5s (fake)";
@@ -101,14 +111,7 @@ mod tests {
             "FAKE_FC_CONSOLE",
             &format!("{}{reason}", banger_guest_protocol::api::UNREACHABLE_MARK),
         );
-        let began = Instant::now();
-        let r = env.create("mute", &[]).failed();
-        let took = began.elapsed();
-        let text = both(&r);
-        assert!(
-            took < Duration::from_secs(10),
-            "the create took {took:?} (agent timeout {AGENT_TIMEOUT_SECS}s):\n{text}"
-        );
+        let text = create_fails_at_once(&env, "mute");
         assert!(text.contains(reason), "the guest's own reason:\n{text}");
         assert!(text.contains("banger vm logs mute"), "{text}");
         assert!(!text.contains("did not answer /healthz within"), "{text}");

@@ -263,20 +263,20 @@ fn spawn_service(config: Option<&ConfigDrive>, run_commands: bool) -> Option<Pid
                 Path::new("/sys/bus/virtio/devices"),
                 serve::SERIAL_PORT_WAIT,
             );
-            let kernel_hint = format!(
-                "no virtio-serial port {:?} appeared within {:?}: the kernel needs virtio_console (CONFIG_VIRTIO_CONSOLE) for QEMU's serial transport, or set qemu_agent_transport = \"vsock\"",
-                banger_guest_protocol::api::SERIAL_PORT_NAME,
-                serve::SERIAL_PORT_WAIT
-            );
             match serial {
-                serve::SerialPort::Missing { vsock: true } => {
-                    console::log(&format!("{kernel_hint}; trying vsock"));
-                }
-                serve::SerialPort::Missing { vsock: false } => {
-                    console::unreachable(&format!(
-                        "{kernel_hint} (this VM has no vsock device either)"
-                    ));
-                    std::process::exit(1)
+                serve::SerialPort::Missing { vsock } => {
+                    let hint = format!(
+                        "no virtio-serial port {:?} appeared within {:?}: the kernel needs virtio_console (CONFIG_VIRTIO_CONSOLE) for QEMU's serial transport, or set qemu_agent_transport = \"vsock\"",
+                        banger_guest_protocol::api::SERIAL_PORT_NAME,
+                        serve::SERIAL_PORT_WAIT
+                    );
+                    if !vsock {
+                        console::unreachable(&format!(
+                            "{hint} (this VM has no vsock device either)"
+                        ));
+                        std::process::exit(1)
+                    }
+                    console::log(&format!("{hint}; trying vsock"));
                 }
                 serve::SerialPort::Found(device) => {
                     match serve::SerialServer::start(&device, Path::new("/")) {

@@ -105,10 +105,10 @@ pub fn serve(conn: File, mut input: impl Read + Send + 'static) {
                 &Frame::Error(format!("no Start frame within {secs}s")),
             );
         }
-        Err(FrameError::Io(e)) => {
+        Err(e) => {
+            let e = crate::console::chain(&e);
             return send(&out, &Frame::Error(format!("reading Start: {e}")));
         }
-        Err(e) => return send(&out, &Frame::Error(format!("reading Start: {e}"))),
     };
     // The head had a deadline; a command may take as long as it likes,
     // but a host that promised keepalives and sends nothing for their
