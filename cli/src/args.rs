@@ -168,6 +168,14 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show the warm pool: the VMs of the default shape the daemon keeps
+    /// booted for the next `vm create`/`vm run` (config `warm_pool`,
+    /// docs/warm-pool.md).
+    Pool {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show everything about one VM.
     Show {
         /// VM name.
@@ -1090,6 +1098,10 @@ mod tests {
         assert!(matches!(
             parse(&["vm", "list"]).unwrap().command,
             Command::Vm(VmCommand::List { json: false })
+        ));
+        assert!(matches!(
+            parse(&["vm", "pool", "--json"]).unwrap().command,
+            Command::Vm(VmCommand::Pool { json: true })
         ));
         assert!(matches!(
             parse(&["vm", "show", "dev", "--json"]).unwrap().command,

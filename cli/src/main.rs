@@ -128,6 +128,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 VmCommand::Set(a) => vm::set(&client, a).await,
                 VmCommand::Prune { yes, force } => vm::prune(&client, yes, force).await,
                 VmCommand::List { json } => vm::list(&client, json).await,
+                VmCommand::Pool { json } => vm::pool(&client, json).await,
                 VmCommand::Show { name, json } => {
                     vm::show(&client, &refs::resolve(&client, &name).await?, json).await
                 }

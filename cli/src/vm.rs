@@ -537,6 +537,35 @@ pub async fn list(client: &Client, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vm pool`: the warm pool's size, its VMs and its last refill failure.
+pub async fn pool(client: &Client, json: bool) -> Result<ExitCode> {
+    let pool: banger_api::api::PoolView = client.get("/v1/pool").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&pool)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if pool.size == 0 {
+        println!("warm pool: off (set warm_pool = N in config.toml; see docs/warm-pool.md)");
+    } else {
+        let ready = pool
+            .vms
+            .iter()
+            .filter(|v| v.record.state == banger_api::model::VmState::Running)
+            .count();
+        println!(
+            "warm pool: {ready} of {} ready for the next vm create/vm run of the default shape",
+            pool.size
+        );
+    }
+    if !pool.vms.is_empty() {
+        print!("{}", output::vm_table(&pool.vms));
+    }
+    if let Some(e) = &pool.last_error {
+        println!("last refill failed: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vm show`.
 pub async fn show(client: &Client, name: &str, json: bool) -> Result<ExitCode> {
     let vm: VmView = client.get(&vm_path(name)).await?;

@@ -7,7 +7,8 @@
 //! | GET | /v1/status | | [`DaemonStatus`] |
 //! | POST | /v1/shutdown | | 202, daemon exits gracefully |
 //! | GET | /v1/capabilities | | `[CapView]` |
-//! | GET | /v1/vms | | `[VmView]` |
+//! | GET | /v1/vms | | `[VmView]` (not the warm pool's) |
+//! | GET | /v1/pool | | [`PoolView`] |
 //! | POST | /v1/vms | [`CreateVmRequest`] | NDJSON [`Event`]s |
 //! | GET | /v1/vms/{name} | | [`VmView`] |
 //! | PATCH | /v1/vms/{name} | [`SetVmRequest`] | [`VmView`] |
@@ -131,6 +132,20 @@ pub struct VmView {
     /// leased it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<std::net::Ipv4Addr>,
+}
+
+/// The warm pool (`banger vm pool`, `docs/warm-pool.md`): VMs of the
+/// default shape booted ahead of a `vm create`/`vm run` that takes one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    /// How many it keeps (config `warm_pool`).
+    pub size: u32,
+    /// Its VMs, oldest first: `running` ones are ready to be taken, others
+    /// are still booting.
+    pub vms: Vec<VmView>,
+    /// Why the last refill failed, until one succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One listening socket in a guest, as `banger vm ports` shows it.

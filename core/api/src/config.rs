@@ -507,6 +507,11 @@ pub struct Config {
     /// create takes it with a rename instead of copying (`rootfs_spares`;
     /// 0 turns spares off). See `docs/images.md`.
     pub rootfs_spares: u32,
+    /// How many VMs of the default shape the daemon keeps booted ahead, so
+    /// a `vm create`/`vm run` asking for that shape takes one instead of
+    /// booting (`warm_pool`; 0, the default, keeps none). See
+    /// `docs/warm-pool.md`.
+    pub warm_pool: u32,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -543,6 +548,7 @@ const TOP_KEYS: &[&str] = &[
     "default_image_name",
     "ssh_key_path",
     "rootfs_spares",
+    "warm_pool",
 ];
 const FILE_SYNC_KEYS: &[&str] = &["host", "guest", "mode"];
 const NETWORK_KEYS: &[&str] = &["bridge", "subnet", "dns_port", "dns_upstream"];
@@ -618,6 +624,7 @@ impl Config {
             default_image_name: None,
             ssh_key_path: None,
             rootfs_spares: DEFAULT_ROOTFS_SPARES,
+            warm_pool: 0,
         }
     }
 
@@ -1164,6 +1171,10 @@ impl Parser<'_> {
                     cfg.rootfs_spares =
                         self.integer(key, value, 0, 64, "a number of images from 0 (off) to 64")?
                             as u32;
+                }
+                "warm_pool" => {
+                    cfg.warm_pool =
+                        self.integer(key, value, 0, 8, "a number of VMs from 0 (off) to 8")? as u32;
                 }
                 "agent_timeout_secs" => {
                     cfg.agent_timeout_secs =
@@ -2094,6 +2105,13 @@ disk_size = "20G"
         let msg = err("rootfs_spares = 65\n");
         assert!(
             msg.contains("rootfs_spares") && msg.contains("0 (off) to 64"),
+            "{msg}"
+        );
+        assert_eq!(parse("").unwrap().warm_pool, 0);
+        assert_eq!(parse("warm_pool = 2\n").unwrap().warm_pool, 2);
+        let msg = err("warm_pool = 9\n");
+        assert!(
+            msg.contains("warm_pool") && msg.contains("0 (off) to 8"),
             "{msg}"
         );
         let cfg = parse("ssh_max_output = \"256M\"\n").unwrap();

@@ -286,6 +286,11 @@ pub async fn run() -> Result<(), DaemonError> {
         shutdown: shutdown_tx,
     });
 
+    // The warm pool's refill loop (it first deletes the pooled VMs an
+    // earlier daemon left, with `warm_pool = 0` too).
+    let (pool_stop, pool_stopped) = tokio::sync::watch::channel(false);
+    let pool = tokio::spawn(lifecycle.clone().run_pool(pool_stopped));
+
     let monitor_lc = lifecycle.clone();
     let monitor = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -308,7 +313,7 @@ pub async fn run() -> Result<(), DaemonError> {
             _ = tokio::signal::ctrl_c() => {}
             _ = shutdown_rx.wait_for(|v| *v) => {}
         }
-        tracing::info!("shutting down; VMs keep running");
+        tracing::info!("shutting down; VMs keep running (not the warm pool's)");
         let _ = signalled_tx.send(());
     };
     let serve = axum::serve(listener, router(state)).with_graceful_shutdown(stop_signal);
@@ -336,6 +341,19 @@ pub async fn run() -> Result<(), DaemonError> {
     };
     monitor.abort();
     let _ = std::fs::remove_file(&socket);
+    // The pool lives as long as its daemon: the refill under way ends (cut
+    // short after a grace, as a crash would, then deleted like the rest),
+    // then its VMs go.
+    let _ = pool_stop.send(true);
+    let mut pool = pool;
+    if tokio::time::timeout(crate::lifecycle::POOL_STOP_GRACE, &mut pool)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the warm pool's refill did not end in time; cutting it short");
+        pool.abort();
+    }
+    lifecycle.drain_pool().await;
     run_daemon_hooks(&hooks, &host, Vec::new(), false).await;
     result
 }

@@ -124,6 +124,7 @@ pub(crate) fn vm_routes() -> Router<Arc<ApiState>> {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/capabilities", get(capabilities))
         .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/pool", get(show_pool))
         .route(
             "/v1/vms/{name}",
             get(show_vm).patch(set_vm).delete(delete_vm),
@@ -198,8 +199,16 @@ async fn capabilities(State(st): S) -> Result<Json<Vec<CapView>>, ApiError> {
 async fn list_vms(State(st): S) -> Result<Json<Vec<VmView>>, ApiError> {
     let lc = &st.lifecycle;
     Ok(Json(
-        lc.list().await?.into_iter().map(|v| lc.view(v)).collect(),
+        lc.list_user()
+            .await?
+            .into_iter()
+            .map(|v| lc.view(v))
+            .collect(),
     ))
+}
+
+async fn show_pool(State(st): S) -> Result<Json<banger_api::api::PoolView>, ApiError> {
+    Ok(Json(st.lifecycle.pool_view().await?))
 }
 
 async fn show_vm(State(st): S, Path(name): Path<String>) -> Result<Json<VmView>, ApiError> {

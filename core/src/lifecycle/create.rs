@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::capability::Capability;
+use crate::lifecycle::pool::Owner;
 use crate::lifecycle::start::ROOT_DISK;
 use crate::lifecycle::{Lifecycle, OpError, Progress, begin_stage, blocking, crash_point, timings};
 use crate::store::StoreError;
@@ -35,6 +36,19 @@ impl Lifecycle {
         if let Some(snap) = req.from_snapshot.clone() {
             return self.create_from_snapshot(req, &snap, progress).await;
         }
+        if let Some(vm) = self.take_from_pool(&req, progress).await? {
+            return Ok(vm);
+        }
+        self.create_owned(req, progress, Owner::User).await
+    }
+
+    /// The booting create, of a VM for `owner`.
+    pub(super) async fn create_owned(
+        &self,
+        req: CreateVmRequest,
+        progress: &Progress,
+        owner: Owner,
+    ) -> Result<VmRecord, OpError> {
         begin_stage(progress, "validate", "checking the request");
         let mut vm = self.validate_create(&req)?;
         timings::name_vm(vm.name.as_str());
@@ -60,7 +74,7 @@ impl Lifecycle {
         vm.spec.initrd = boot.initrd;
         vm.spec.rootfs_source = boot.rootfs;
 
-        let guard = self.record_new(&vm).await?;
+        let guard = self.record_new(&vm, owner).await?;
 
         let dir = self.vm_dir(&vm.id);
         begin_stage(
@@ -110,19 +124,24 @@ impl Lifecycle {
         Ok(vm)
     }
 
-    /// Records new VM `vm` and takes its lock. Name check and insert are
-    /// serialised so two creates cannot race past each other; the UNIQUE
-    /// constraint backs this up.
+    /// Records new VM `vm` for `owner` and takes its lock. Name check and
+    /// insert are serialised so two creates cannot race past each other;
+    /// the UNIQUE constraint backs this up.
     pub(super) async fn record_new(
         &self,
         vm: &VmRecord,
+        owner: Owner,
     ) -> Result<tokio::sync::OwnedMutexGuard<()>, OpError> {
         let guard = self.locks.lock(&vm.id).await;
         {
             let _create = self.create_lock.lock().await;
             let store = self.store.clone();
             let rec = vm.clone();
-            match blocking(move || store.insert_vm(&rec)).await? {
+            let inserted = blocking(move || match owner {
+                Owner::User => store.insert_vm(&rec),
+                Owner::Pool { image } => store.insert_pooled_vm(&rec, image.as_deref()),
+            });
+            match inserted.await? {
                 Ok(()) => {}
                 Err(StoreError::NameTaken(n)) => return Err(OpError::NameTaken(n.to_string())),
                 Err(e) => return Err(e.into()),
@@ -143,7 +162,7 @@ impl Lifecycle {
         self.locks.forget(&vm.id);
     }
 
-    fn validate_create(&self, req: &CreateVmRequest) -> Result<VmRecord, OpError> {
+    pub(super) fn validate_create(&self, req: &CreateVmRequest) -> Result<VmRecord, OpError> {
         let invalid = |e: &dyn std::fmt::Display| OpError::Invalid(e.to_string());
         let name = match &req.name {
             Some(n) => VmName::parse(n).map_err(|e| invalid(&e))?,

@@ -33,6 +33,7 @@ mod forward;
 mod inspect;
 #[cfg(test)]
 mod lock_tests;
+mod pool;
 mod reconcile;
 mod restore;
 mod set;
@@ -46,6 +47,7 @@ mod vmm_exit;
 pub use banger_api::error::render_chain;
 pub use banger_api::progress::Progress;
 pub use forward::ForwardChange;
+pub use pool::STOP_GRACE as POOL_STOP_GRACE;
 pub use reconcile::Reconciled;
 /// File name of the captured guest console inside a VM's directory.
 pub use start::ROOT_DISK as ROOT_DISK_FILE;
@@ -182,6 +184,8 @@ pub struct Lifecycle {
     locks: VmLocks,
     /// Serialises name checks with inserts during create.
     create_lock: tokio::sync::Mutex<()>,
+    /// The warm pool's refill signal and last failure.
+    pool: pool::PoolState,
 }
 
 impl Lifecycle {
@@ -205,6 +209,7 @@ impl Lifecycle {
             artifacts,
             locks: VmLocks::default(),
             create_lock: tokio::sync::Mutex::new(()),
+            pool: pool::PoolState::default(),
         }
     }
 

@@ -158,7 +158,7 @@ impl Lifecycle {
         let mut spec = view.spec.clone();
         spec.vmm = view.backend;
         let mut vm = VmRecord::new(name, spec, view.caps.clone(), now_unix());
-        let guard = self.record_new(&vm).await?;
+        let guard = self.record_new(&vm, super::pool::Owner::User).await?;
         let dir = self.vm_dir(&vm.id);
         let made = std::fs::create_dir_all(&dir)
             .map_err(|e| OpError::Io(format!("Cannot create {}", dir.display()), e));

@@ -86,6 +86,15 @@ CREATE TABLE vm_deleting (
     r"
 ALTER TABLE vms ADD COLUMN last_start TEXT;
 ",
+    // The warm pool (`docs/warm-pool.md`): VMs the daemon booted ahead of
+    // a `vm create`/`vm run`, each with the image name it was made for.
+    // A VM listed here is the daemon's: not found by name, not listed.
+    r"
+CREATE TABLE vm_pool (
+    id    TEXT PRIMARY KEY NOT NULL,
+    image TEXT
+);
+",
 ];
 
 /// How long a connection waits for another writer before giving up.
@@ -97,6 +106,15 @@ const COLUMNS: &str = "id, name, state, vcpus, memory_mib, disk_size, kernel, in
     last_start";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The statement inserting one VM row ([`EncodedVm::execute`]).
+fn insert_sql() -> String {
+    format!(
+        "INSERT INTO vms ({COLUMNS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+          ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
+    )
+}
 
 /// A database operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -270,12 +288,7 @@ impl Store {
     /// Records a new VM. Fails with [`StoreError::NameTaken`] if the name is in use.
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let row = EncodedVm::new(vm)?;
-        let sql = format!(
-            "INSERT INTO vms ({COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-              ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
-        );
-        let res = row.execute(&self.lock(), &sql);
+        let res = row.execute(&self.lock(), &insert_sql());
         match res {
             Ok(_) => Ok(()),
             Err(e) => Err(match constraint_column(&e) {
@@ -287,6 +300,56 @@ impl Store {
                 },
             }),
         }
+    }
+
+    /// Records a new VM of the warm pool, made for image `image` (`None`:
+    /// the default), in one transaction with its pool entry.
+    pub fn insert_pooled_vm(&self, vm: &VmRecord, image: Option<&str>) -> Result<(), StoreError> {
+        let row = EncodedVm::new(vm)?;
+        let mut conn = self.lock();
+        let done = (|| {
+            let tx = conn.transaction()?;
+            row.execute(&tx, &insert_sql())?;
+            tx.execute(
+                "INSERT INTO vm_pool (id, image) VALUES (?1, ?2)",
+                params![vm.id.as_str(), image],
+            )?;
+            tx.commit()
+        })();
+        done.map_err(|e| match constraint_column(&e) {
+            Some("vms.name") => StoreError::NameTaken(vm.name.clone()),
+            Some("vms.id") => StoreError::IdTaken(vm.id.clone()),
+            _ => StoreError::Insert {
+                id: vm.id.clone(),
+                source: e,
+            },
+        })
+    }
+
+    /// The warm pool's VMs: each id with the image name it was made for.
+    pub fn pooled(&self) -> Result<Vec<(VmId, Option<String>)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, image FROM vm_pool ORDER BY rowid")
+            .map_err(StoreError::Read)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((VmId::from_stored(r.get(0)?), r.get::<_, Option<String>>(1)?))
+            })
+            .map_err(StoreError::Read)?;
+        rows.collect::<Result<_, _>>().map_err(StoreError::Read)
+    }
+
+    /// Takes VM `id` out of the warm pool: from now on it is the user's.
+    /// Returns whether it was in the pool.
+    pub fn unpool(&self, id: &VmId) -> Result<bool, StoreError> {
+        self.lock()
+            .execute("DELETE FROM vm_pool WHERE id = ?1", [id.as_str()])
+            .map(|n| n > 0)
+            .map_err(|source| StoreError::Update {
+                id: id.clone(),
+                source,
+            })
     }
 
     /// Replaces every field of an existing VM. Fails with
@@ -317,9 +380,24 @@ impl Store {
         self.query_one("id", id.as_str())
     }
 
-    /// The VM with this name, if any.
+    /// The VM with this name, if any and not in the warm pool (a pooled
+    /// VM is the daemon's until a create takes it).
     pub fn find_vm(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
-        self.query_one("name", name)
+        Ok(self
+            .query_one("name", name)?
+            .filter(|vm| !self.is_pooled(&vm.id).unwrap_or(false)))
+    }
+
+    /// Whether VM `id` is in the warm pool.
+    pub fn is_pooled(&self, id: &VmId) -> Result<bool, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT COUNT(*) FROM vm_pool WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(StoreError::Read)
     }
 
     /// Every VM, oldest first (ties broken by name).
@@ -349,6 +427,8 @@ impl Store {
             .execute("DELETE FROM vms WHERE id = ?1", [id.as_str()])
             .map_err(err)?;
         conn.execute("DELETE FROM vm_deleting WHERE id = ?1", [id.as_str()])
+            .map_err(err)?;
+        conn.execute("DELETE FROM vm_pool WHERE id = ?1", [id.as_str()])
             .map_err(err)?;
         Ok(n > 0)
     }
@@ -923,6 +1003,42 @@ mod tests {
         store.set_deleting(&a.id, true).unwrap();
         assert!(store.delete_vm(&a.id).unwrap());
         assert!(!store.is_deleting(&a.id).unwrap());
+    }
+
+    #[test]
+    fn a_pooled_vm_is_listed_but_not_found_by_name_until_it_is_taken() {
+        let (_dir, path, store) = open_temp();
+        let a = full("00000000000000aa", "pool-vm");
+        store.insert_pooled_vm(&a, Some("debian")).unwrap();
+        let b = minimal("00000000000000bb", "user-vm", 5);
+        store.insert_vm(&b).unwrap();
+        assert_eq!(store.find_vm("pool-vm").unwrap(), None);
+        assert_eq!(store.find_vm("user-vm").unwrap(), Some(b.clone()));
+        assert_eq!(store.get_vm(&a.id).unwrap(), Some(a.clone()));
+        assert_eq!(store.list_vms().unwrap().len(), 2);
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.pooled().unwrap(),
+            vec![(a.id.clone(), Some("debian".to_string()))]
+        );
+        assert!(store.is_pooled(&a.id).unwrap());
+        // The name is taken while pooled, as any VM's is.
+        let clash = minimal("00000000000000cc", "pool-vm", 6);
+        assert!(matches!(
+            store.insert_pooled_vm(&clash, None),
+            Err(StoreError::NameTaken(_))
+        ));
+        // A failed insert leaves no pool row behind.
+        assert_eq!(store.pooled().unwrap().len(), 1);
+        assert!(store.unpool(&a.id).unwrap());
+        assert!(!store.unpool(&a.id).unwrap());
+        assert_eq!(store.find_vm("pool-vm").unwrap(), Some(a.clone()));
+        // Deleting a pooled VM takes its pool row with it.
+        let c = minimal("00000000000000dd", "pool-vm2", 7);
+        store.insert_pooled_vm(&c, None).unwrap();
+        assert!(store.delete_vm(&c.id).unwrap());
+        assert!(store.pooled().unwrap().is_empty());
     }
 
     #[test]

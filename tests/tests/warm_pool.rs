@@ -1,0 +1,197 @@
+//! The warm pool (`docs/warm-pool.md`) through the real CLI and daemon,
+//! against the fake firecracker: a create of the default shape takes the
+//! pooled VM without booting, the pool refills, other shapes boot, the
+//! pool is the daemon's (not listed, not found by name) and lives as long
+//! as its daemon. The real-guest speed is `cargo bench --bench snapshot`.
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use banger_api::api::PoolView;
+    use banger_api::model::VmState;
+    use test_infra::{BangerEnv, pid_alive, wait_until};
+
+    /// The default shape of these tests: the env's boot files registered
+    /// as image `mine`, a 64M work disk.
+    const SHAPE: &str = "default_image_name = \"mine\"\n[vm_defaults]\ndisk_size = \"64M\"\n";
+
+    fn register_image(env: &BangerEnv) {
+        let (k, r) = env.boot_files();
+        env.banger(&[
+            "image",
+            "register",
+            "--name",
+            "mine",
+            "--rootfs",
+            r.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+        ])
+        .ok();
+    }
+
+    fn pool(env: &BangerEnv) -> PoolView {
+        let out = env.banger(&["vm", "pool", "--json"]).ok();
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    /// Waits until the pool holds `n` running VMs; returns it.
+    fn ready(env: &BangerEnv, n: usize) -> PoolView {
+        let mut last = None;
+        wait_until(
+            Duration::from_secs(60),
+            &format!("the warm pool holds {n} running VM(s)"),
+            || {
+                let p = pool(env);
+                let running = p
+                    .vms
+                    .iter()
+                    .filter(|v| v.record.state == VmState::Running)
+                    .count();
+                let done = running == n && p.vms.len() == n;
+                last = Some(p);
+                done
+            },
+        );
+        last.unwrap()
+    }
+
+    /// `vm create` with `args`; the VM it printed, by `vm show`.
+    fn create(env: &BangerEnv, args: &[&str]) -> (banger_api::api::VmView, String) {
+        let mut all = vec!["vm", "create"];
+        all.extend_from_slice(args);
+        let out = env.banger(&all).ok();
+        let name = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("name:"))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_else(|| panic!("no name in {out:?}"));
+        (env.show(&name), out.stderr)
+    }
+
+    #[test]
+    fn a_create_of_the_default_shape_takes_the_pooled_vm_and_the_pool_refills() {
+        let env = BangerEnv::new();
+        register_image(&env);
+        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
+        env.banger(&["daemon", "stop"]).ok();
+
+        let first = ready(&env, 1).vms.remove(0);
+        let pooled_pid = first.record.vmm.as_ref().unwrap().pid;
+        // The pool's VM is the daemon's: not listed, not found by name.
+        assert!(env.list().is_empty(), "{:?}", env.list());
+        let shown = env
+            .banger(&["vm", "show", first.record.name.as_str()])
+            .failed();
+        assert!(shown.stderr.contains("No VM named"), "{shown:?}");
+        let human = env.banger(&["vm", "pool"]).ok();
+        assert!(
+            human.stdout.contains("1 of 1 ready")
+                && human.stdout.contains(first.record.name.as_str()),
+            "{human:?}"
+        );
+
+        // A create of the default shape takes it, VMM and all.
+        let (taken, stderr) = create(&env, &[]);
+        assert_eq!(taken.record.id, first.record.id, "{stderr}");
+        assert_eq!(taken.record.state, VmState::Running);
+        assert_eq!(taken.record.vmm.as_ref().unwrap().pid, pooled_pid);
+        assert!(stderr.contains("warm pool"), "{stderr}");
+        assert!(
+            !stderr.contains("launch_vmm"),
+            "a taken VM boots nothing: {stderr}"
+        );
+        let listed: Vec<_> = env.list().into_iter().map(|v| v.record.id).collect();
+        assert_eq!(listed, vec![first.record.id.clone()]);
+
+        // The pool refills with a new VM.
+        let second = ready(&env, 1).vms.remove(0);
+        assert_ne!(second.record.id, first.record.id);
+
+        // A name, or another shape, boots as ever and leaves the pool be.
+        let (named, stderr) = create(&env, &["--name", "web"]);
+        assert_ne!(named.record.id, second.record.id);
+        assert!(stderr.contains("launch_vmm"), "{stderr}");
+        let (bigger, stderr) = create(&env, &["--vcpu", "3"]);
+        assert_eq!(bigger.record.spec.vcpus, 3);
+        assert!(stderr.contains("launch_vmm"), "{stderr}");
+        let p = pool(&env);
+        assert_eq!(p.vms.len(), 1);
+        assert_eq!(p.vms[0].record.id, second.record.id);
+
+        // The pool lives as long as its daemon; the user's VMs outlive it.
+        let second_pid = second.record.vmm.as_ref().unwrap().pid as i32;
+        let second_dir = second.dir.clone();
+        env.banger(&["daemon", "stop"]).ok();
+        assert!(!pid_alive(second_pid), "the pooled VM's VMM still runs");
+        assert!(!second_dir.exists(), "{} is left", second_dir.display());
+        for vm in [&taken, &named, &bigger] {
+            assert!(pid_alive(vm.record.vmm.as_ref().unwrap().pid as i32));
+        }
+        let names: Vec<String> = env
+            .list()
+            .into_iter()
+            .map(|v| v.record.name.to_string())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn a_pool_left_by_a_killed_daemon_is_deleted_by_the_next() {
+        let env = BangerEnv::new();
+        register_image(&env);
+        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
+        env.banger(&["daemon", "stop"]).ok();
+        let left = ready(&env, 1).vms.remove(0);
+        env.kill_daemon();
+        let pid = left.record.vmm.as_ref().unwrap().pid as i32;
+        assert!(pid_alive(pid));
+
+        // The next daemon, with the pool off, deletes it.
+        env.write_config(SHAPE);
+        let p = pool(&env);
+        assert_eq!(p.size, 0);
+        wait_until(
+            Duration::from_secs(30),
+            "the old pooled VM is deleted",
+            || pool(&env).vms.is_empty() && !pid_alive(pid) && !left.dir.exists(),
+        );
+        assert!(env.list().is_empty());
+        let human = env.banger(&["vm", "pool"]).ok();
+        assert!(human.stdout.contains("warm pool: off"), "{human:?}");
+    }
+
+    #[test]
+    fn a_refill_that_fails_says_why_and_the_next_create_of_its_shape_retries() {
+        let env = BangerEnv::new();
+        // The default image does not exist yet when the daemon starts.
+        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
+        let mut last = None;
+        wait_until(Duration::from_secs(30), "the first refill fails", || {
+            let p = pool(&env);
+            let failed = p.last_error.is_some();
+            last = Some(p);
+            failed
+        });
+        let p = last.unwrap();
+        let why = p.last_error.as_deref().unwrap_or_default();
+        assert!(why.contains("mine"), "{why}");
+        assert!(p.vms.is_empty(), "a failed refill leaves no VM: {p:?}");
+        let human = env.banger(&["vm", "pool"]).ok();
+        assert!(
+            human.stdout.contains("0 of 1 ready") && human.stdout.contains("last refill failed"),
+            "{human:?}"
+        );
+
+        // With the image there, a create of the pool's shape boots (the
+        // pool is empty) and wakes the refill, which now succeeds.
+        register_image(&env);
+        let (vm, stderr) = create(&env, &[]);
+        assert!(stderr.contains("launch_vmm"), "{stderr}");
+        let p = ready(&env, 1);
+        assert_ne!(p.vms[0].record.id, vm.record.id);
+        assert_eq!(p.last_error, None);
+    }
+}
