@@ -253,4 +253,99 @@ fn cli_round_trip(rounds: usize) {
     );
     env.banger(&["vm", "snapshot", "rm", "s1"]).ok();
     env.banger(&["daemon", "stop"]).ok();
+    warm_pool(&env, rounds, &shape);
+}
+
+/// The warm pool (`docs/warm-pool.md`) on the same env: `warm_pool = 1`
+/// with the pulled image as the default, then alternating rounds of a cold
+/// `vm create --name` against a `vm create` that takes the pooled VM, both
+/// to agent-ready, and of `vm run --rm -- true` (through the agent) cold
+/// against from the pool. Each round starts with the pool refilled (its
+/// refill is not timed, and not running while a round is timed).
+fn warm_pool(env: &BangerEnv, rounds: usize, shape: &[&str]) {
+    let images: Vec<banger_api::model::ImageRecord> =
+        serde_json::from_str(&env.banger(&["image", "list", "--json"]).ok().stdout).unwrap();
+    let image = &images[0].name;
+    let base = std::fs::read_to_string(env.root().join("config/banger/config.toml")).unwrap();
+    // `write_config` appends its own keys first: keep only what the CLI
+    // part set, then the pool's, then the default shape (a table, last).
+    let extra: String = base
+        .lines()
+        .filter(|l| !l.starts_with("firecracker_bin") && !l.starts_with("stop_timeout_secs"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    env.write_config(&format!(
+        "{extra}warm_pool = 1\ndefault_image_name = {image:?}\n[vm_defaults]\nmemory_mib = 1024\ndisk_size = \"256M\"\n"
+    ));
+    // `image list` started a daemon on the old config.
+    env.banger(&["daemon", "stop"]).ok();
+    let ready = || {
+        test_infra::wait_until(READY_TIMEOUT, "the warm pool holds a running VM", || {
+            let p: banger_api::api::PoolView =
+                serde_json::from_str(&env.banger(&["vm", "pool", "--json"]).ok().stdout).unwrap();
+            p.vms.len() == 1 && p.vms[0].record.state == banger_api::model::VmState::Running
+        })
+    };
+    let timed = |args: &[&str]| {
+        let started = Instant::now();
+        let out = env.banger(args);
+        let took = started.elapsed();
+        assert_eq!(out.code, 0, "banger {args:?}: {out:?}");
+        (took, out)
+    };
+    let mut results: [Vec<Duration>; 4] = Default::default();
+    for round in 0..rounds {
+        ready();
+        let name = format!("pcold{round}");
+        let mut cold_args = vec!["vm", "create", "--name", &name];
+        cold_args.extend_from_slice(shape);
+        results[0].push(timed(&cold_args).0);
+        env.banger(&["vm", "delete", &name]).ok();
+        let (took, out) = timed(&["vm", "create"]);
+        assert!(
+            out.stderr.contains("warm pool"),
+            "not taken from the pool: {out:?}"
+        );
+        results[1].push(took);
+        let taken = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("name:"))
+            .map(|n| n.trim().to_string())
+            .unwrap();
+        env.banger(&["vm", "delete", &taken]).ok();
+        ready();
+        let name = format!("rcold{round}");
+        results[2].push(timed(&["vm", "run", "--name", &name, "--rm", "--", "true"]).0);
+        ready();
+        let (took, out) = timed(&["vm", "run", "--rm", "--", "true"]);
+        assert!(
+            out.stderr.contains("warm pool"),
+            "not taken from the pool: {out:?}"
+        );
+        results[3].push(took);
+        let ms = |v: &Vec<Duration>| v[round].as_secs_f64() * 1e3;
+        println!(
+            "pool/cli: round {round}: vm create {:.0} ms, from the pool {:.0} ms; vm run --rm -- true {:.0} ms, from the pool {:.0} ms",
+            ms(&results[0]),
+            ms(&results[1]),
+            ms(&results[2]),
+            ms(&results[3])
+        );
+    }
+    let [c, p, rc, rp] = results.map(median);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "pool/cli: median vm create to agent-ready {:.0} ms, from the warm pool {:.0} ms: {:.1} % of a cold create (target <= 10 %)",
+        ms(c),
+        ms(p),
+        100.0 * p.as_secs_f64() / c.as_secs_f64()
+    );
+    println!(
+        "pool/cli: median vm run --rm -- true {:.0} ms, from the warm pool {:.0} ms: {:.1} %",
+        ms(rc),
+        ms(rp),
+        100.0 * rp.as_secs_f64() / rc.as_secs_f64()
+    );
+    env.banger(&["daemon", "stop"]).ok();
 }

@@ -164,6 +164,33 @@ mod tests {
     }
 
     #[test]
+    fn deleting_the_pools_image_deletes_its_vms_instead_of_refusing() {
+        let env = BangerEnv::new();
+        register_image(&env);
+        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
+        env.banger(&["daemon", "stop"]).ok();
+        let pooled = ready(&env, 1).vms.remove(0);
+        let pid = pooled.record.vmm.as_ref().unwrap().pid as i32;
+        // A VM of the user's still holds the image.
+        let (mine, _) = create(&env, &["--name", "kept"]);
+        let refused = env.banger(&["image", "delete", "mine"]).failed();
+        let said = format!("{}{}", refused.stdout, refused.stderr);
+        assert!(
+            said.contains("used by kept") && !said.contains(pooled.record.name.as_str()),
+            "{refused:?}"
+        );
+        assert!(pid_alive(pid));
+        env.banger(&["vm", "delete", mine.record.name.as_str()])
+            .ok();
+        env.banger(&["image", "delete", "mine"]).ok();
+        assert!(
+            !pid_alive(pid),
+            "the pooled VM of a deleted image still runs"
+        );
+        assert!(pool(&env).vms.is_empty());
+    }
+
+    #[test]
     fn a_refill_that_fails_says_why_and_the_next_create_of_its_shape_retries() {
         let env = BangerEnv::new();
         // The default image does not exist yet when the daemon starts.

@@ -172,7 +172,9 @@ async fn delete_kernel(
     Path(name): Path<String>,
 ) -> Result<Json<KernelView>, ApiError> {
     let lc = st.lifecycle.clone();
-    let vms = lc.list().await?;
+    // The warm pool's VMs do not hold a kernel or an image: they go after
+    // the delete (a refill then boots from what is left, or says why not).
+    let vms = lc.list_user().await?;
     let kernels = lc.artifacts().kernels.clone();
     let library = lc.artifacts().library.clone();
     let k = blocking(move || {
@@ -211,6 +213,8 @@ async fn delete_kernel(
         Ok(k)
     })
     .await?;
+    lc.drop_pooled_where(|vm| vm.spec.kernel.starts_with(&k.dir))
+        .await;
     Ok(Json(kernel_view(k)))
 }
 
@@ -307,9 +311,12 @@ async fn delete_image(
     Path(name): Path<String>,
 ) -> Result<Json<ImageRecord>, ApiError> {
     let lc = st.lifecycle.clone();
-    let vms = lc.list().await?;
+    // As for kernels: the warm pool's VMs go after the delete.
+    let vms = lc.list_user().await?;
     let library = lc.artifacts().library.clone();
     let deleted = blocking(move || Ok(library.delete(&name, &vms)?)).await?;
+    lc.drop_pooled_where(|vm| vm.spec.rootfs_source == deleted.rootfs)
+        .await;
     lc.artifacts().spares.forget(&deleted.rootfs);
     Ok(Json(deleted))
 }

@@ -250,15 +250,18 @@ impl Lifecycle {
     /// Deletes the pooled VMs that are not running (a failed refill, a
     /// guest that stopped).
     async fn prune_pool(&self) {
-        self.delete_pooled(|vm| vm.state != VmState::Running).await;
+        self.drop_pooled_where(|vm| vm.state != VmState::Running)
+            .await;
     }
 
     /// Deletes every pooled VM: at the daemon's start and stop.
     pub async fn drain_pool(&self) {
-        self.delete_pooled(|_| true).await;
+        self.drop_pooled_where(|_| true).await;
     }
 
-    async fn delete_pooled(&self, which: impl Fn(&VmRecord) -> bool) {
+    /// Deletes the pooled VMs `which` picks (also those booted from an
+    /// image or kernel just deleted).
+    pub async fn drop_pooled_where(&self, which: impl Fn(&VmRecord) -> bool) {
         let pooled = match self.pooled().await {
             Ok(p) => p,
             Err(e) => {
