@@ -670,6 +670,69 @@ mod tests {
         rig.delete_all_and_check_clean(&all);
     }
 
+    /// The warm pool on a real guest (`docs/warm-pool.md`): the daemon
+    /// boots one VM of the default shape ahead; `vm run --rm -- CMD` takes
+    /// it (no boot) and runs the command in it, under the pooled VM's own
+    /// name; the refill boots another, which a daemon stop deletes with
+    /// the rest of the pool, leaving no QEMU behind.
+    #[test]
+    fn a_vm_run_takes_a_real_guest_from_the_warm_pool() {
+        let test = "a_vm_run_takes_a_real_guest_from_the_warm_pool";
+        let _turn = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let pool_config = "warm_pool = 1\ndefault_image_name = \"noinit\"\n\
+                           [vm_defaults]\nmemory_mib = 1024\ndisk_size = \"256M\"\n";
+        let Some((rig, _a)) = rig(test, "noinit", pool_config) else {
+            return;
+        };
+        let env = &rig.env;
+        // The rig's daemon started before its image was pulled.
+        env.banger(&["daemon", "stop"]).ok();
+        let pool = || -> banger_api::api::PoolView {
+            serde_json::from_str(&env.banger(&["vm", "pool", "--json"]).ok().stdout).unwrap()
+        };
+        let mut pooled = None;
+        wait_until(
+            Duration::from_secs(240),
+            "the warm pool holds a running guest",
+            || {
+                let p = pool();
+                assert_eq!(p.last_error, None, "{p:?}");
+                pooled = p
+                    .vms
+                    .into_iter()
+                    .find(|v| v.record.state == VmState::Running);
+                pooled.is_some()
+            },
+        );
+        let pooled = pooled.unwrap();
+        let name = pooled.record.name.to_string();
+        let started = std::time::Instant::now();
+        let out = env.banger(&["vm", "run", "--rm", "--", "hostname"]).ok();
+        eprintln!(
+            "{test}: vm run --rm -- hostname from the pool: {:.2?}",
+            started.elapsed()
+        );
+        assert_eq!(out.stdout.trim(), name, "{out:?}");
+        assert!(out.stderr.contains("warm pool"), "{out:?}");
+        // The graceful stop waits for the refill under way, then deletes
+        // the pool; the taken VM went with --rm.
+        env.banger(&["daemon", "stop"]).ok();
+        let left = test_infra::processes_in(env.root());
+        assert!(
+            left.is_empty(),
+            "processes left after the daemon stop: {left:?}"
+        );
+        // Every VM's directory went too (asked without a daemon, which
+        // would start filling the pool again).
+        let dirs: Vec<_> = std::fs::read_dir(env.state_dir().join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(dirs.is_empty(), "{dirs:?}");
+    }
+
     /// A new repository on `main` at `repo`, with the host's (the env's
     /// HOME's) global git identity set.
     fn init_repo(home: &std::path::Path, repo: &std::path::Path) {
