@@ -450,6 +450,23 @@ impl BangerEnv {
         (k, r)
     }
 
+    /// `image register --name NAME` of the env's boot files
+    /// ([`BangerEnv::boot_files`]), which must succeed.
+    pub fn register_boot_files(&self, name: &str) {
+        let (k, r) = self.boot_files();
+        self.banger(&[
+            "image",
+            "register",
+            "--name",
+            name,
+            "--rootfs",
+            r.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+        ])
+        .ok();
+    }
+
     /// `vm create` with the env's boot files plus `extra` args.
     pub fn create(&self, name: &str, extra: &[&str]) -> Run {
         let (k, r) = self.boot_files();

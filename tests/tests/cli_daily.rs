@@ -350,17 +350,7 @@ mod tests {
     fn default_image_name_is_the_image_of_create_and_run() {
         let env = BangerEnv::new();
         let (k, r) = env.boot_files();
-        env.banger(&[
-            "image",
-            "register",
-            "--name",
-            "mine",
-            "--rootfs",
-            r.to_str().unwrap(),
-            "--kernel",
-            k.to_str().unwrap(),
-        ])
-        .ok();
+        env.register_boot_files("mine");
         env.write_config("default_image_name = \"mine\"\n");
         let dry = env.banger(&["vm", "run", "--dry-run"]).ok();
         assert!(dry.stdout.contains("from image mine"), "{dry:?}");
@@ -399,20 +389,9 @@ mod tests {
     #[test]
     fn tab_completes_vm_image_kernel_and_capability_names_from_the_daemon() {
         let mut env = BangerEnv::new();
-        let (k, r) = env.boot_files();
         env.create("web-1", &["--no-start"]).ok();
         env.create("db-2", &["--no-start"]).ok();
-        env.banger(&[
-            "image",
-            "register",
-            "--name",
-            "mine",
-            "--rootfs",
-            r.to_str().unwrap(),
-            "--kernel",
-            k.to_str().unwrap(),
-        ])
-        .ok();
+        env.register_boot_files("mine");
         for shell in ["bash", "zsh", "fish", "powershell"] {
             let got = complete(&mut env, shell, &["banger", "vm", "show", ""]);
             for want in ["web-1", "db-2"] {

@@ -68,18 +68,7 @@ mod tests {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = std::env::var("PATH").unwrap_or_default();
         env.set_env("PATH", &format!("{}:{path}", bin.display()));
-        let (k, r) = env.boot_files();
-        env.banger(&[
-            "image",
-            "register",
-            "--name",
-            "img",
-            "--rootfs",
-            r.to_str().unwrap(),
-            "--kernel",
-            k.to_str().unwrap(),
-        ])
-        .ok();
+        env.register_boot_files("img");
         env
     }
 

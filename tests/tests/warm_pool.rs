@@ -8,7 +8,7 @@
 mod tests {
     use std::time::Duration;
 
-    use banger_api::api::PoolView;
+    use banger_api::api::{PoolView, VmView};
     use banger_api::model::VmState;
     use test_infra::{BangerEnv, pid_alive, wait_until};
 
@@ -16,19 +16,16 @@ mod tests {
     /// as image `mine`, a 64M work disk.
     const SHAPE: &str = "default_image_name = \"mine\"\n[vm_defaults]\ndisk_size = \"64M\"\n";
 
-    fn register_image(env: &BangerEnv) {
-        let (k, r) = env.boot_files();
-        env.banger(&[
-            "image",
-            "register",
-            "--name",
-            "mine",
-            "--rootfs",
-            r.to_str().unwrap(),
-            "--kernel",
-            k.to_str().unwrap(),
-        ])
-        .ok();
+    /// An env with the pool on, its daemon started on that config, and
+    /// the pooled VM once it runs.
+    fn pooled_env() -> (BangerEnv, VmView) {
+        let env = BangerEnv::new();
+        env.register_boot_files("mine");
+        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
+        // `image register` started the daemon on the config before.
+        env.banger(&["daemon", "stop"]).ok();
+        let vm = ready(&env, 1).vms.remove(0);
+        (env, vm)
     }
 
     fn pool(env: &BangerEnv) -> PoolView {
@@ -58,7 +55,7 @@ mod tests {
     }
 
     /// `vm create` with `args`; the VM it printed, by `vm show`.
-    fn create(env: &BangerEnv, args: &[&str]) -> (banger_api::api::VmView, String) {
+    fn create(env: &BangerEnv, args: &[&str]) -> (VmView, String) {
         let mut all = vec!["vm", "create"];
         all.extend_from_slice(args);
         let out = env.banger(&all).ok();
@@ -73,12 +70,7 @@ mod tests {
 
     #[test]
     fn a_create_of_the_default_shape_takes_the_pooled_vm_and_the_pool_refills() {
-        let env = BangerEnv::new();
-        register_image(&env);
-        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
-        env.banger(&["daemon", "stop"]).ok();
-
-        let first = ready(&env, 1).vms.remove(0);
+        let (env, first) = pooled_env();
         let pooled_pid = first.record.vmm.as_ref().unwrap().pid;
         // The pool's VM is the daemon's: not listed, not found by name.
         assert!(env.list().is_empty(), "{:?}", env.list());
@@ -140,11 +132,7 @@ mod tests {
 
     #[test]
     fn a_pool_left_by_a_killed_daemon_is_deleted_by_the_next() {
-        let env = BangerEnv::new();
-        register_image(&env);
-        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
-        env.banger(&["daemon", "stop"]).ok();
-        let left = ready(&env, 1).vms.remove(0);
+        let (env, left) = pooled_env();
         env.kill_daemon();
         let pid = left.record.vmm.as_ref().unwrap().pid as i32;
         assert!(pid_alive(pid));
@@ -164,12 +152,37 @@ mod tests {
     }
 
     #[test]
+    fn a_pooled_vm_whose_vmm_died_is_not_taken_but_replaced() {
+        let (env, dead) = pooled_env();
+        let pid = dead.record.vmm.as_ref().unwrap().pid as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(10), "the pooled VMM dies", || {
+            !pid_alive(pid)
+        });
+        let (vm, stderr) = create(&env, &[]);
+        assert_ne!(vm.record.id, dead.record.id);
+        assert!(stderr.contains("launch_vmm"), "{stderr}");
+        // The refill this create woke deletes the dead one and boots anew.
+        wait_until(
+            Duration::from_secs(60),
+            "a new pooled VM replaces the dead one",
+            || {
+                let p = pool(&env);
+                p.vms.len() == 1
+                    && p.vms[0].record.id != dead.record.id
+                    && p.vms[0].record.state == VmState::Running
+            },
+        );
+        assert!(!dead.dir.exists(), "{} is left", dead.dir.display());
+    }
+
+    #[test]
     fn deleting_the_pools_image_deletes_its_vms_instead_of_refusing() {
-        let env = BangerEnv::new();
-        register_image(&env);
-        env.write_config(&format!("warm_pool = 1\n{SHAPE}"));
-        env.banger(&["daemon", "stop"]).ok();
-        let pooled = ready(&env, 1).vms.remove(0);
+        let (env, pooled) = pooled_env();
         let pid = pooled.record.vmm.as_ref().unwrap().pid as i32;
         // A VM of the user's still holds the image.
         let (mine, _) = create(&env, &["--name", "kept"]);
@@ -214,7 +227,7 @@ mod tests {
 
         // With the image there, a create of the pool's shape boots (the
         // pool is empty) and wakes the refill, which now succeeds.
-        register_image(&env);
+        env.register_boot_files("mine");
         let (vm, stderr) = create(&env, &[]);
         assert!(stderr.contains("launch_vmm"), "{stderr}");
         let p = ready(&env, 1);

@@ -80,6 +80,11 @@ fn same_shape(vm: &VmRecord, want: &VmRecord) -> bool {
         && vm.caps == want.caps
 }
 
+/// Whether `vm` is running with its VMM alive.
+fn running(vm: &VmRecord) -> bool {
+    vm.state == VmState::Running && vm.vmm.as_ref().is_some_and(banger_vmm::process_alive)
+}
+
 impl Lifecycle {
     /// Takes a running pooled VM for `req` when the pool is on and holds
     /// one of its shape; `None` sends the create down the booting path.
@@ -121,11 +126,13 @@ impl Lifecycle {
                 _ => continue,
             }
             let guard = self.locks.lock(&id).await;
-            // Under the lock: it may have been taken, stopped or deleted.
+            // Under the lock: it may have been taken, stopped or deleted,
+            // or its VMM may have died since the last look for dead ones
+            // (the next refill deletes it).
             let Some(mut vm) = self.record(&id).await? else {
                 continue;
             };
-            if vm.state != VmState::Running {
+            if !running(&vm) {
                 continue;
             }
             let store = self.store.clone();
@@ -248,10 +255,9 @@ impl Lifecycle {
     }
 
     /// Deletes the pooled VMs that are not running (a failed refill, a
-    /// guest that stopped).
+    /// guest that stopped, a VMM that died and is not yet marked so).
     async fn prune_pool(&self) {
-        self.drop_pooled_where(|vm| vm.state != VmState::Running)
-            .await;
+        self.drop_pooled_where(|vm| !running(vm)).await;
     }
 
     /// Deletes every pooled VM: at the daemon's start and stop.
