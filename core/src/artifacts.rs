@@ -533,6 +533,44 @@ impl Artifacts {
         }
     }
 
+    /// Whether image `image` (the image catalog's default when `None`) and
+    /// its named kernel are here already. Fetches nothing: the warm pool
+    /// boots only from what is local, so enabling it on a fresh host does
+    /// not start a second build beside the first `vm run`'s.
+    pub async fn boot_is_local(&self, image: Option<&str>) -> Result<(), ArtifactError> {
+        let name = match image {
+            Some(n) => n.to_string(),
+            None => match self.image_catalog.default_entry() {
+                Some(e) => e.name.clone(),
+                None => {
+                    return Err(ArtifactError::Invalid(
+                        "the image catalog has no default image; set default_image_name".into(),
+                    ));
+                }
+            },
+        };
+        let (library, kernels) = (self.library.clone(), self.kernels.clone());
+        tokio::task::spawn_blocking(move || {
+            let not_here = |what: String| {
+                ArtifactError::Invalid(format!(
+                    "{what} is not here yet; the first `vm create` or `vm run` of the default shape fetches it"
+                ))
+            };
+            let image = match library.get(&name) {
+                Ok(i) => i,
+                Err(LibraryError::NotFound(_)) => return Err(not_here(format!("image {name}"))),
+                Err(e) => return Err(e.into()),
+            };
+            if let ImageKernel::Named { name: k } = &image.kernel
+                && kernels.get(k)?.is_none()
+            {
+                return Err(not_here(format!("kernel {k} of image {name}")));
+            }
+            Ok(())
+        })
+        .await?
+    }
+
     /// A local kernel, pulled from the catalog first if it is not local.
     pub async fn ensure_kernel(
         &self,

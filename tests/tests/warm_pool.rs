@@ -203,6 +203,26 @@ mod tests {
         assert!(pool(&env).vms.is_empty());
     }
 
+    /// The pool boots only from what is here: on a fresh host it waits
+    /// for the first run to fetch the catalog's default image, rather than
+    /// building it a second time beside that run.
+    #[test]
+    fn a_refill_fetches_nothing() {
+        let env = BangerEnv::new();
+        env.write_config("warm_pool = 1\n[vm_defaults]\ndisk_size = \"64M\"\n");
+        let mut why = String::new();
+        wait_until(Duration::from_secs(30), "the first refill fails", || {
+            why = pool(&env).last_error.unwrap_or_default();
+            !why.is_empty()
+        });
+        assert!(why.contains("is not here yet"), "{why}");
+        let builds = env.root().join("cache/banger/builds");
+        let started: Vec<_> = std::fs::read_dir(&builds)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        assert!(started.is_empty(), "the pool started a build: {started:?}");
+    }
+
     #[test]
     fn a_refill_that_fails_says_why_and_the_next_create_of_its_shape_retries() {
         let env = BangerEnv::new();
@@ -217,7 +237,7 @@ mod tests {
         });
         let p = last.unwrap();
         let why = p.last_error.as_deref().unwrap_or_default();
-        assert!(why.contains("mine"), "{why}");
+        assert!(why.contains("image mine is not here yet"), "{why}");
         assert!(p.vms.is_empty(), "a failed refill leaves no VM: {p:?}");
         let human = env.banger(&["vm", "pool"]).ok();
         assert!(

@@ -238,9 +238,16 @@ impl Lifecycle {
 
     /// Boots one VM of the default shape into the pool: what the CLI asks
     /// for without options (config `default_image_name`, else the image
-    /// catalog's default).
+    /// catalog's default), from an image and kernel already here.
     async fn create_pooled(&self) -> Result<VmRecord, OpError> {
         let image = self.config.default_image_name.clone();
+        self.artifacts
+            .boot_is_local(image.as_deref())
+            .await
+            .map_err(|e| OpError::Stage {
+                stage: "resolve_boot".into(),
+                source: Box::new(e),
+            })?;
         let req = CreateVmRequest {
             image: image.clone(),
             ..CreateVmRequest::default()
