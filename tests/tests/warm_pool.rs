@@ -130,6 +130,36 @@ mod tests {
         assert_eq!(names.len(), 3, "{names:?}");
     }
 
+    /// A refill whose guest never answers (a fake firecracker without an
+    /// agent, behind `vsock-agent` with a long timeout) is cut short by a
+    /// graceful stop, within `daemon stop`'s own wait, and what it had made
+    /// is deleted.
+    #[test]
+    fn a_daemon_stop_cuts_a_hanging_refill_short_and_leaves_nothing() {
+        let env = BangerEnv::new();
+        env.register_boot_files("mine");
+        env.write_config(&format!(
+            "default_caps = [\"work-disk\", \"vsock-agent\"]\nagent_timeout_secs = 300\n\
+             warm_pool = 1\n{SHAPE}"
+        ));
+        env.banger(&["daemon", "stop"]).ok();
+        wait_until(Duration::from_secs(30), "a refill is under way", || {
+            let p = pool(&env);
+            p.vms.len() == 1 && p.vms[0].record.vmm.is_some()
+        });
+        let began = std::time::Instant::now();
+        env.banger(&["daemon", "stop"]).ok();
+        let took = began.elapsed();
+        assert!(took < Duration::from_secs(30), "daemon stop took {took:?}");
+        let left = test_infra::processes_in(env.root());
+        assert!(left.is_empty(), "processes left: {left:?}");
+        let dirs: Vec<_> = std::fs::read_dir(env.state_dir().join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(dirs.is_empty(), "{dirs:?}");
+    }
+
     #[test]
     fn a_pool_left_by_a_killed_daemon_is_deleted_by_the_next() {
         let (env, left) = pooled_env();

@@ -342,16 +342,17 @@ pub async fn run() -> Result<(), DaemonError> {
     monitor.abort();
     let _ = std::fs::remove_file(&socket);
     // The pool lives as long as its daemon: the refill under way ends (cut
-    // short after a grace, as a crash would, then deleted like the rest),
+    // short after a grace by killing its VMM, then deleted like the rest),
     // then its VMs go.
     let _ = pool_stop.send(true);
+    let grace = crate::lifecycle::POOL_STOP_GRACE;
     let mut pool = pool;
-    if tokio::time::timeout(crate::lifecycle::POOL_STOP_GRACE, &mut pool)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the warm pool's refill did not end in time; cutting it short");
-        pool.abort();
+    if tokio::time::timeout(grace, &mut pool).await.is_err() {
+        tracing::warn!("the warm pool's refill did not end in time; killing its VMM");
+        lifecycle.kill_starting_pooled().await;
+        if tokio::time::timeout(grace, &mut pool).await.is_err() {
+            pool.abort();
+        }
     }
     lifecycle.drain_pool().await;
     run_daemon_hooks(&hooks, &host, Vec::new(), false).await;

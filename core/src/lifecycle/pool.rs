@@ -267,6 +267,27 @@ impl Lifecycle {
         self.drop_pooled_where(|vm| !running(vm)).await;
     }
 
+    /// Kills the VMM of every pooled VM still starting. A stopping daemon
+    /// cuts a refill short this way: a hook waiting on the guest (the
+    /// agent's readiness) cannot be interrupted, but returns once the VMM
+    /// is gone, and the start then fails and rolls back as when a guest
+    /// dies while booting.
+    pub async fn kill_starting_pooled(&self) {
+        let Ok(pooled) = self.pooled().await else {
+            return;
+        };
+        for (id, _) in pooled {
+            let Ok(Some(vm)) = self.record(&id).await else {
+                continue;
+            };
+            if let (false, Some(p)) = (vm.state == VmState::Running, &vm.vmm)
+                && let Err(e) = self.vmm_for(&vm).kill(p)
+            {
+                tracing::warn!(vm = %vm.name, "warm pool: cannot kill the refill's VMM: {e}");
+            }
+        }
+    }
+
     /// Deletes every pooled VM: at the daemon's start and stop.
     pub async fn drain_pool(&self) {
         self.drop_pooled_where(|_| true).await;
@@ -320,8 +341,11 @@ impl Lifecycle {
     }
 }
 
-/// How long a stopping daemon waits for the refill under way.
-pub const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How long a stopping daemon waits for the refill under way before it
+/// kills the refill's VMM ([`Lifecycle::kill_starting_pooled`]), and
+/// again for the start to fail then. With the API's own 10 s for requests
+/// in flight, `banger daemon stop`'s 30 s wait covers the usual case.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
