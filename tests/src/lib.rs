@@ -450,6 +450,14 @@ impl BangerEnv {
         (k, r)
     }
 
+    /// The VM directories under the state dir, read without asking the
+    /// daemon (which a test may have stopped).
+    pub fn vm_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state_dir().join("vms"))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    }
+
     /// `image register --name NAME` of the env's boot files
     /// ([`BangerEnv::boot_files`]), which must succeed.
     pub fn register_boot_files(&self, name: &str) {

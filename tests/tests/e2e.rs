@@ -726,10 +726,7 @@ mod tests {
         );
         // Every VM's directory went too (asked without a daemon, which
         // would start filling the pool again).
-        let dirs: Vec<_> = std::fs::read_dir(env.state_dir().join("vms"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let dirs = env.vm_dirs();
         assert!(dirs.is_empty(), "{dirs:?}");
     }
 

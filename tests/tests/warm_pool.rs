@@ -153,10 +153,7 @@ mod tests {
         assert!(took < Duration::from_secs(30), "daemon stop took {took:?}");
         let left = test_infra::processes_in(env.root());
         assert!(left.is_empty(), "processes left: {left:?}");
-        let dirs: Vec<_> = std::fs::read_dir(env.state_dir().join("vms"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let dirs = env.vm_dirs();
         assert!(dirs.is_empty(), "{dirs:?}");
     }
 

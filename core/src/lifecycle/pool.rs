@@ -280,7 +280,8 @@ impl Lifecycle {
             let Ok(Some(vm)) = self.record(&id).await else {
                 continue;
             };
-            if let (false, Some(p)) = (vm.state == VmState::Running, &vm.vmm)
+            if vm.state != VmState::Running
+                && let Some(p) = &vm.vmm
                 && let Err(e) = self.vmm_for(&vm).kill(p)
             {
                 tracing::warn!(vm = %vm.name, "warm pool: cannot kill the refill's VMM: {e}");
@@ -304,6 +305,12 @@ impl Lifecycle {
             }
         };
         for (id, _) in pooled {
+            // Only the picked ones are locked: a refill holds its VM's lock
+            // for the whole boot, and an image delete need not wait for it.
+            match self.record(&id).await {
+                Ok(Some(vm)) if !which(&vm) => continue,
+                _ => {}
+            }
             let guard = self.locks.lock(&id).await;
             let store = self.store.clone();
             let check = id.clone();
